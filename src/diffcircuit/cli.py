@@ -1,0 +1,170 @@
+"""The ``diffcircuit`` command: parse arguments, build a config, call the Python API, print.
+
+Errors the user can fix (bad arguments, missing files, refused checkpoints) print one line on
+stderr and exit non-zero; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="diffcircuit",
+    help="Circuit-level mechanistic interpretability of diffusion models.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="'embedded', a local diffusers folder, or a hub id.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle (.bin) weights. Only for trusted sources.")]
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False)
+
+
+@app.command()
+def info(
+    model: ModelOpt = "embedded",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """List the model's attention layers and heads."""
+    import torch
+
+    from diffcircuit.instrument.session import probe_registry
+    from diffcircuit.models.loading import load_denoiser
+
+    den = load_denoiser(model, allow_pickle=allow_pickle)
+    sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
+    registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
+    if as_json:
+        layers = [{"layer": i.layer, "heads": i.heads, "head_dim": i.head_dim, "kind": i.kind} for i in registry.layers]
+        print(json.dumps({"model_path": str(den.model_path), "layers": layers}))
+        return
+    table = Table(title=f"{type(den.network).__name__} from {den.model_path}")
+    for col in ("layer", "kind", "heads", "head_dim", "query grid", "keys"):
+        table.add_column(col)
+    for i in registry.layers:
+        grid = "x".join(map(str, i.query_grid)) if i.query_grid else "-"
+        table.add_row(i.layer, i.kind, str(i.heads), str(i.head_dim), grid, str(i.n_keys))
+    Console().print(table)
+    Console().print(f"{len(registry)} heads in {len(registry.layers)} attention layers")
+
+
+def _headline(summary: dict) -> Table:
+    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"]["mean"] for e in summary["entropy"]}
+    table = Table(title="diffcircuit: denoising and attention entropy (means over images)")
+    for col in ("dataset", "t", "ε-MSE", "ε-MSE trivial", "x₀-MSE", "x₀-MSE trivial", "entropy/ln(keys)"):
+        table.add_column(col, justify="right")
+    for d in summary["denoising"]:
+        spec = summary["datasets"][d["dataset"]]["spec"]
+        table.add_row(spec, str(d["timestep"]), f"{d['eps_mse']['mean']:.4g}", f"{d['eps_mse_trivial']['mean']:.4g}",
+                      f"{d['x0_mse']['mean']:.4g}", f"{d['x0_mse_trivial']['mean']:.4g}",
+                      f"{entropy[(d['dataset'], d['timestep'])]:.3f}")
+    return table
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: ModelOpt = "embedded",
+    data_a: Annotated[str, typer.Option("--data-a", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "synthetic",
+    data_b: Annotated[str, typer.Option("--data-b", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "faces",
+    n: Annotated[int, typer.Option("--n", help="Images per dataset.")] = 100,
+    timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated timesteps.")] = "100,500,900",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable image files with a warning.")] = False,
+    allow_pickle: PickleOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
+) -> None:
+    """Run the protocol: observe the model on two datasets; write tables, summary and report."""
+    import diffcircuit
+    from diffcircuit.protocol.config import RunConfig, parse_timesteps
+
+    cfg = RunConfig(model=model, allow_pickle=allow_pickle, data_a=data_a, data_b=data_b, n=n,
+                    timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
+                    skip_bad=skip_bad)
+    with _progress(quiet) as bars:
+        task = bars.add_task("observing heads", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bars.update(task, completed=done, total=total)
+
+        summary = diffcircuit.run(cfg, out, progress=progress)
+    if not quiet:
+        Console().print(_headline(summary))
+        Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Rebuild summary.json and report.html from a run directory's tables."""
+    from diffcircuit.report import finalize_run
+
+    finalize_run(run_dir)
+    Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
+
+
+@app.command("train-tiny")
+def train_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
+    steps: Annotated[int, typer.Option("--steps")] = 6000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    synthetic_pool: Annotated[int, typer.Option("--synthetic-pool", help="Synthetic training images.")] = 10_000,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Train the embedded model (DDPM, ε-prediction, seeded) and write it with its model card."""
+    from diffcircuit.models.tiny import TrainConfig
+    from diffcircuit.models.tiny import train_tiny as train
+
+    if steps < 1 or batch_size < 2 or lr <= 0 or synthetic_pool < 1:
+        raise DiffcircuitError("need --steps >= 1, --batch-size >= 2, --lr > 0 and --synthetic-pool >= 1")
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, synthetic_pool=synthetic_pool,
+                      warmup_steps=min(200, max(1, steps // 10)))
+    with _progress(quiet) as bars:
+        task = bars.add_task("training", total=steps)
+        train(out, cfg, progress=lambda step, loss: bars.update(task, completed=step, description=f"training (loss {loss:.3g})"))
+    Console().print(f"wrote {out} (model card: {out}/README.md)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and a non-zero exit for every user error."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except DiffcircuitError as exc:
+        print(f"diffcircuit: error: {exc}", file=sys.stderr)
+        return 1
+    except click.exceptions.Abort:
+        print("diffcircuit: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

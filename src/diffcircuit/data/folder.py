@@ -1,0 +1,66 @@
+"""Any image folder (recursive; png/jpg/jpeg/webp), prepared the way diffusers pipelines do.
+
+Files are taken in sorted path order (the first ``n``). Each image is centre-cropped to a square,
+resized with Lanczos to the model's size, converted to its channel count (RGB or L), and mapped
+to [-1, 1] as ``x / 127.5 - 1``. CelebA's ``img_align_celeba/`` works as is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["IMAGE_SUFFIXES", "folder_images", "list_images", "prepare_image"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def prepare_image(path: Path, *, size: int, channels: int) -> np.ndarray:
+    """One file as float32 ``[channels, size, size]`` in [-1, 1]; ``DiffcircuitError`` if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+            pixels = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DiffcircuitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def folder_images(folder: Path, *, n: int, size: int, channels: int, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` readable images of ``folder`` and their paths relative to it."""
+    if channels not in (1, 3):
+        raise DiffcircuitError(f"image folders can feed 1- or 3-channel models, not {channels}-channel")
+    files = list_images(folder)
+    if not files:
+        raise DiffcircuitError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    images, names = [], []
+    for path in files:
+        if len(images) == n:
+            break
+        try:
+            images.append(prepare_image(path, size=size, channels=channels))
+        except DiffcircuitError as exc:
+            if not skip_bad:
+                raise DiffcircuitError(f"{exc} (pass --skip-bad to skip unreadable files)") from None
+            warnings.warn(f"skipping {exc}", stacklevel=2)
+            continue
+        names.append(str(path.relative_to(folder)))
+    if len(images) < n:
+        raise DiffcircuitError(f"{folder} has only {len(images)} readable images; asked for {n}")
+    return np.stack(images).astype(np.float32), names

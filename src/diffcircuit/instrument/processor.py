@@ -1,0 +1,103 @@
+"""The capturing and intervening attention processor, installed through diffusers' processor seam.
+
+It follows diffusers' ``AttnProcessor2_0`` step for step, so with nothing to capture and nothing
+to change it *is* the default computation (same SDPA call, same reshapes). When its session asks,
+it also
+
+- captures per-head statistics from the true softmax (this version: attention entropy in nats,
+  ``H_i = -Σ_j p_ij log p_ij`` averaged over query positions i), and
+- applies per-head interventions to each head's slice of the attention output *before* the output
+  projection ``to_out`` mixes heads (zero ablation: the slice is set to 0).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffcircuit.instrument.session import InstrumentSession
+
+__all__ = ["InstrumentedAttnProcessor", "entropy_per_query"]
+
+
+def entropy_per_query(scores: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(scores) along the last dim, computed stably in float32.
+
+    ``scores``: ``[batch, heads, q_pos, k_pos]`` -> ``[batch, heads, q_pos]``.
+    """
+    logp = torch.log_softmax(scores.float(), dim=-1)  # [batch, heads, q_pos, k_pos]
+    return -(logp.exp() * logp).sum(dim=-1)  # [batch, heads, q_pos]
+
+
+class InstrumentedAttnProcessor:
+    """Per-layer processor; all state lives in the shared ``InstrumentSession``."""
+
+    def __init__(self, layer: str, session: InstrumentSession):
+        self.layer = layer
+        self.session = session
+
+    def _project(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        """The default processor's steps up to SDPA: returns q, k, v ``[batch, heads, pos, head_dim]``."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape = hidden_states.shape
+        if hidden_states.ndim == 4:
+            b, c, h, w = shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # [batch, q_pos, channels]
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [batch, heads, q_pos, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [batch, heads, k_pos, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [batch, heads, k_pos, d]
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value, attention_mask, residual, shape
+
+    def _attend(self, query, key, value, attention_mask, capture: bool):
+        """Attention output ``[batch, heads, q_pos, d]``; the true softmax when capturing."""
+        if not capture:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        scale = query.shape[-1] ** -0.5  # what SDPA uses by default, as the default processor does
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # [batch, heads, q_pos, k_pos]
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        self.session._record(self.layer, "entropy_nats", entropy_per_query(scores).mean(dim=-1))  # [batch, heads]
+        probs = torch.softmax(scores, dim=-1)
+        return (probs @ value.float()).to(query.dtype)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self.session._note_geometry(self.layer, shape, key.shape[2])
+        out = self._attend(query, key, value, mask, capture=self.session.captures(self.layer))
+        zeroed = self.session.zeroed_heads(self.layer)
+        if zeroed:
+            keep = torch.ones(attn.heads, dtype=out.dtype, device=out.device)
+            keep[list(zeroed)] = 0
+            out = out * keep.view(1, -1, 1, 1)  # [batch, heads, q_pos, d]
+        batch = out.shape[0]
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if len(shape) == 4:
+            out = out.transpose(-1, -2).reshape(batch, shape[1], shape[2], shape[3])
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

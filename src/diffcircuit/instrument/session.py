@@ -1,0 +1,88 @@
+"""Hook lifetime: install the instrumented processor on every attention layer, restore on exit.
+
+Processors are global state of the model, so they are swapped only inside a context manager and
+put back in ``finally`` (also when the forward pass raises)::
+
+    with instrument(model, capture=True, zero_heads=["mid_block.attentions.0:2"]) as session:
+        model(x_t, t)
+    entropy = session.pop("entropy_nats")   # {layer: tensor [batch, heads]}
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from diffcircuit.instrument.processor import InstrumentedAttnProcessor
+from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
+
+__all__ = ["InstrumentSession", "instrument", "probe_registry"]
+
+
+class InstrumentSession:
+    """What to capture and change, and what was captured, for one instrumented model."""
+
+    def __init__(self, registry: HeadRegistry, *, capture: bool = False, zero_heads: Iterable[HeadAddress] = ()):
+        self.registry = registry
+        self.capture = capture
+        self._zeroed: dict[str, set[int]] = defaultdict(set)
+        for address in zero_heads:
+            self._zeroed[address.layer].add(address.head)
+        self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
+
+    # --- asked by the processor -------------------------------------------------------------
+    def captures(self, layer: str) -> bool:
+        return self.capture
+
+    def zeroed_heads(self, layer: str) -> set[int]:
+        return self._zeroed.get(layer, set())
+
+    def _record(self, layer: str, stat: str, value: torch.Tensor) -> None:
+        self._records[stat][layer].append(value.detach().cpu())
+
+    def _note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
+        grid = (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
+        self.geometry[layer] = (grid, int(n_keys))
+
+    # --- read by the caller ------------------------------------------------------------------
+    def pop(self, stat: str = "entropy_nats") -> dict[str, torch.Tensor]:
+        """Captured values of ``stat`` since the last pop, per layer, concatenated over forwards.
+
+        Each value is ``[batch, heads]`` (rows in the order the images were fed).
+        """
+        recorded = self._records.pop(stat, {})
+        return {layer: torch.cat(chunks) for layer, chunks in recorded.items()}
+
+
+@contextmanager
+def instrument(
+    model: torch.nn.Module,
+    *,
+    registry: HeadRegistry | None = None,
+    capture: bool = False,
+    zero_heads: Iterable[str | HeadAddress] = (),
+) -> Iterator[InstrumentSession]:
+    """Instrument every attention layer of ``model`` for the duration of the ``with`` block."""
+    registry = registry or HeadRegistry.from_model(model)
+    session = InstrumentSession(registry, capture=capture, zero_heads=[registry.parse(a) for a in zero_heads])
+    modules = list(attention_modules(model))
+    originals = [module.processor for _, module in modules]
+    try:
+        for name, module in modules:
+            module.set_processor(InstrumentedAttnProcessor(name, session))
+        yield session
+    finally:
+        for (_, module), original in zip(modules, originals):
+            module.set_processor(original)
+
+
+@torch.no_grad()
+def probe_registry(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **forward_kwargs) -> HeadRegistry:
+    """Registry with query grids and key counts, measured by one idle forward pass on ``sample``."""
+    with instrument(model) as session:
+        model(sample, timestep, **forward_kwargs)
+    return HeadRegistry.from_model(model, geometry=session.geometry)

@@ -1,0 +1,52 @@
+"""Denoising quality: ε-prediction error, the implied x₀ error, and the trivial baseline.
+
+For DDPM's forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, an ε-prediction ε̂ implies
+x̂₀ = (x_t − √(1−ᾱ)·ε̂) / √ᾱ. At large t, ε ≈ x_t·√(1−ᾱ) is nearly free (the *trivial predictor*),
+so a low ε-MSE there says little; the x₀ error is reported next to it everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "add_noise",
+    "eps_mse_per_image",
+    "implied_x0",
+    "trivial_eps",
+    "x0_mse_per_image",
+]
+
+
+def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """√ᾱ_t and √(1−ᾱ_t), broadcastable to an image batch of ``ndim`` dims."""
+    a = alphas_cumprod.to(torch.float64)[t.long().cpu()].view(-1, *([1] * (ndim - 1)))
+    return a.sqrt(), (1 - a).sqrt()
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (same as diffusers' ``DDPMScheduler.add_noise``)."""
+    sa, sb = _coeffs(alphas_cumprod, t, x0.ndim)
+    return (sa * x0.double() + sb * eps.double()).to(x0.dtype)
+
+
+def implied_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The x₀ prediction implied by an ε-prediction."""
+    sa, sb = _coeffs(alphas_cumprod, t, x_t.ndim)
+    return ((x_t.double() - sb * eps_hat.double()) / sa).to(x_t.dtype)
+
+
+def trivial_eps(x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The trivial ε predictor √(1−ᾱ_t)·x_t (assumes x₀ ≈ 0); strong at large t."""
+    _, sb = _coeffs(alphas_cumprod, t, x_t.ndim)
+    return (sb * x_t.double()).to(x_t.dtype)
+
+
+def eps_mse_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Mean squared ε error of each image: ``[batch]``."""
+    return (eps_hat.float() - eps.float()).pow(2).flatten(1).mean(1)
+
+
+def x0_mse_per_image(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Mean squared x₀ error of each image (pixels in [-1, 1]): ``[batch]``."""
+    return (x0_hat.float() - x0.float()).pow(2).flatten(1).mean(1)

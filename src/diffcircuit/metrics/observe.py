@@ -1,0 +1,105 @@
+"""Observe a denoiser on an image set: per-head attention statistics and denoising error.
+
+For every image and timestep the image is noised with its own seeded noise draw (so results do
+not depend on batch size or on which other images run beside it), denoised once with every
+attention head instrumented, and two tidy tables come back:
+
+- head rows: one per image x timestep x head, with ``entropy_nats`` and ``entropy_norm``
+  (entropy / ln n_keys: 1.0 is uniform attention);
+- image rows: one per image x timestep, with ε-MSE and x₀-MSE of the model and of the trivial
+  predictor √(1−ᾱ)·x_t.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.instrument.session import instrument, probe_registry
+from diffcircuit.metrics.denoising import (
+    add_noise,
+    eps_mse_per_image,
+    implied_x0,
+    trivial_eps,
+    x0_mse_per_image,
+)
+
+__all__ = ["image_noise", "observe"]
+
+
+def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int) -> torch.Tensor:
+    """The noise draw for one image at one timestep: a function of its identity alone."""
+    key = [seed, int.from_bytes(dataset.encode(), "little") % (2**31), image, timestep]
+    state = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] % (2**63))
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
+
+
+def _head_rows(entropy: dict[str, torch.Tensor], registry: HeadRegistry, images: np.ndarray, timestep: int) -> pd.DataFrame:
+    frames = []
+    for info in registry.layers:
+        values = entropy[info.layer].numpy()  # [batch, heads]
+        b, h = values.shape
+        n_keys = info.n_keys or 1
+        frames.append(pd.DataFrame({
+            "image": np.repeat(images, h),
+            "timestep": timestep,
+            "layer": info.layer,
+            "head": np.tile(np.arange(h), b),
+            "n_keys": n_keys,
+            "entropy_nats": values.reshape(-1).astype(np.float64),
+            "entropy_norm": values.reshape(-1).astype(np.float64) / math.log(n_keys) if n_keys > 1 else np.nan,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+@torch.no_grad()
+def observe(
+    denoiser,
+    images: np.ndarray,
+    *,
+    timesteps: Sequence[int],
+    seed: int = 0,
+    batch_size: int = 50,
+    dataset: str = "a",
+    registry: HeadRegistry | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1])."""
+    net, acp = denoiser.network, denoiser.alphas_cumprod
+    device = next(net.parameters()).device
+    x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if registry is None or any(info.n_keys is None for info in registry.layers):
+        registry = probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
+    head_frames, image_frames = [], []
+    for start in range(0, len(x_all), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(x_all)))
+        x0 = x_all[idx]
+        for t_val in timesteps:
+            eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
+            t = torch.full((len(idx),), t_val, dtype=torch.long)
+            x_t = add_noise(x0, eps, t, acp)
+            with instrument(net, registry=registry, capture=True) as session:
+                pred = net(x_t.to(device), t.to(device)).sample.float().cpu()
+            head_frames.append(_head_rows(session.pop("entropy_nats"), registry, idx, t_val))
+            base = trivial_eps(x_t, t, acp)
+            image_frames.append(pd.DataFrame({
+                "image": idx,
+                "timestep": t_val,
+                "eps_mse": eps_mse_per_image(pred, eps).double().numpy(),
+                "x0_mse": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().numpy(),
+                "eps_mse_trivial": eps_mse_per_image(base, eps).double().numpy(),
+                "x0_mse_trivial": x0_mse_per_image(implied_x0(x_t, base, t, acp), x0).double().numpy(),
+            }))
+            if progress is not None:
+                progress(len(idx))
+    heads = pd.concat(head_frames, ignore_index=True)
+    per_image = pd.concat(image_frames, ignore_index=True)
+    heads = heads.merge(per_image[["image", "timestep", "eps_mse", "x0_mse"]], on=["image", "timestep"])
+    heads.insert(0, "dataset", dataset)
+    per_image.insert(0, "dataset", dataset)
+    return heads, per_image

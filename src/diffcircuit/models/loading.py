@@ -1,0 +1,164 @@
+"""Load any diffusers denoiser from a hub id or a local folder, safely.
+
+A *denoiser* is the network (``UNet2DModel`` today) plus the noise scheduler that defines its
+timesteps. Two folder layouts are understood, the two diffusers itself writes:
+
+- a pipeline folder: ``model_index.json`` with the network in ``unet/`` (or ``transformer/``) and
+  the scheduler in ``scheduler/``;
+- a model folder: ``config.json`` + weights, with ``scheduler_config.json`` beside them if any.
+
+Without a scheduler config the DDPM default (1,000 linear-β steps) is used. Weights are loaded
+from safetensors only; a folder that has only pickle weights (``.bin``, ``.pt``, ``.ckpt``) is
+refused unless ``allow_pickle=True``, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_denoiser", "save_denoiser"]
+
+EMBEDDED_MODEL = "embedded"
+_EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
+_NETWORK_SUBFOLDERS = ("unet", "transformer")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Denoiser:
+    """A loaded network with its scheduler and where its weights came from."""
+
+    network: torch.nn.Module
+    scheduler: object
+    model_path: Path  # the local folder the network's weights were read from
+    source: str  # what the user asked for: "embedded", a hub id or a folder
+
+    @property
+    def sample_size(self) -> int:
+        size = self.network.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.network.config.in_channels)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+
+def _resolve_folder(source: str) -> Path:
+    """A local folder for ``source``: the embedded model, an existing folder, or a hub download."""
+    if source == EMBEDDED_MODEL:
+        if not (_EMBEDDED_DIR / "model_index.json").exists():
+            raise DiffcircuitError(f"the embedded model is missing from {_EMBEDDED_DIR}; reinstall diffcircuit")
+        return _EMBEDDED_DIR
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DiffcircuitError(f"model {source!r} is a file; give a diffusers model or pipeline folder")
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise DiffcircuitError(f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'")
+    return _download(source)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"]))
+    except Exception as exc:  # network, auth, missing repo: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffcircuitError(f"could not fetch model {repo_id!r} from the hub: {first}") from None
+
+
+def _network_folder(root: Path) -> Path:
+    if (root / "model_index.json").exists():
+        for sub in _NETWORK_SUBFOLDERS:
+            if (root / sub / "config.json").exists():
+                return root / sub
+        raise DiffcircuitError(f"pipeline folder {root} has no unet/ or transformer/ subfolder with a config.json")
+    if (root / "config.json").exists():
+        return root
+    raise DiffcircuitError(f"{root} is not a diffusers folder: no model_index.json or config.json")
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> bool:
+    """Whether to load safetensors; refuses pickle-only folders unless allowed."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return True
+    pickles = [p.name for p in files if p.suffix in _PICKLE_SUFFIXES]
+    if not pickles:
+        raise DiffcircuitError(f"no weights in {folder}: expected a .safetensors file")
+    if not allow_pickle:
+        raise DiffcircuitError(
+            f"{folder} has only pickle weights ({pickles[0]}); convert them to safetensors, "
+            "or pass --allow-pickle if you trust the source"
+        )
+    return False
+
+
+def _network_class(folder: Path):
+    import diffusers
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise DiffcircuitError(f"{folder / 'config.json'} names {name!r}, which is not a diffusers model class")
+    return cls
+
+
+def _load_scheduler(root: Path, network_folder: Path):
+    from diffusers import DDPMScheduler
+
+    for candidate in (root / "scheduler", network_folder, root):
+        config = candidate / "scheduler_config.json"
+        if config.exists():
+            return DDPMScheduler.from_pretrained(candidate)
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
+    """Load a denoiser from ``"embedded"``, a local diffusers folder or a hub id.
+
+    The scheduler is read from the folder when it has one (as ``DDPMScheduler``, whose noise
+    schedule is what the analyses need), else DDPM with 1,000 steps.
+    """
+    root = _resolve_folder(source)
+    folder = _network_folder(root)
+    use_safetensors = _check_weights(folder, allow_pickle)
+    cls = _network_class(folder)
+    try:
+        network = cls.from_pretrained(folder, use_safetensors=use_safetensors)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
+    network.eval().requires_grad_(False).to(device)
+    return Denoiser(network=network, scheduler=_load_scheduler(root, folder), model_path=folder, source=source)
+
+
+def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:
+    """Write a standard diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``)."""
+    import diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    network.save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", type(network).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

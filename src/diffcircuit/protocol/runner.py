@@ -1,0 +1,117 @@
+"""The main job: observe a denoiser on two image distributions and write the run directory.
+
+Everything that can be wrong with the inputs (model, data specs, timesteps, an existing run of
+another config in the directory) is checked before anything is written; files are written
+atomically, so a failed run leaves no half-written table behind.
+
+Run directory::
+
+    manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints
+    tables/head_metrics.parquet one row per dataset x image x timestep x head
+    tables/denoising.parquet    one row per dataset x image x timestep
+
+(``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from diffcircuit.data.spec import ImageSet, load_images
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.instrument.session import probe_registry
+from diffcircuit.metrics.observe import observe
+from diffcircuit.models.loading import Denoiser, load_denoiser
+from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.store import write_json, write_parquet
+
+__all__ = ["RunResult", "run_protocol"]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RunResult:
+    out_dir: Path
+    manifest: dict
+    head_metrics: pd.DataFrame
+    denoising: pd.DataFrame
+
+
+def _versions() -> dict:
+    import diffusers
+    import numpy
+    import torch
+
+    from diffcircuit import __version__
+
+    return {"diffcircuit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "numpy": numpy.__version__}
+
+
+def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
+    manifest = out_dir / "manifest.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DiffcircuitError(f"--out {out_dir} is a file, not a directory")
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())["results_key"]
+        except (ValueError, KeyError):
+            raise DiffcircuitError(f"{manifest} is not a diffcircuit manifest; choose another --out") from None
+        if old != cfg.results_key():
+            raise DiffcircuitError(f"{out_dir} holds a run with a different config; choose another --out")
+
+
+def _manifest(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet]) -> dict:
+    n_params = sum(p.numel() for p in den.network.parameters())
+    return {
+        "config": cfg.to_dict(),
+        "results_key": cfg.results_key(),
+        "versions": _versions(),
+        "seed": cfg.seed,
+        "model": {"source": den.source, "model_path": str(den.model_path), "class": type(den.network).__name__,
+                  "parameters": n_params, "heads": len(registry), "layers": len(registry.layers)},
+        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint} for k, s in sets.items()},
+        "layers": [info.to_dict() for info in registry.layers],
+    }
+
+
+def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
+    """Observe both datasets and write manifest and tables; ``progress(stage, done, total)`` reports."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, cfg)
+    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.device)
+    cfg.check_timesteps(den.scheduler.config.num_train_timesteps)
+    size, channels = den.sample_size, den.in_channels
+    sets = {key: load_images(spec, n=cfg.n, size=size, channels=channels, seed=cfg.seed, skip_bad=cfg.skip_bad)
+            for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
+    import torch
+
+    first = torch.from_numpy(sets["a"].images[:1]).to(cfg.device)
+    registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.device))
+    heads, images = [], []
+    total = sum(len(s) for s in sets.values()) * len(cfg.timesteps)
+    done = 0
+    for key, image_set in sets.items():
+        def step(k: int) -> None:
+            nonlocal done
+            done += k
+            if progress is not None:
+                progress("observe", done, total)
+
+        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
+                       dataset=key, registry=registry, progress=step)
+        heads.append(h)
+        images.append(i)
+    head_metrics = pd.concat(heads, ignore_index=True)
+    denoising = pd.concat(images, ignore_index=True)
+    manifest = _manifest(cfg, den, registry, sets)
+    write_parquet(out_dir / "tables" / "head_metrics.parquet", head_metrics)
+    write_parquet(out_dir / "tables" / "denoising.parquet", denoising)
+    write_json(out_dir / "manifest.json", manifest)
+    return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

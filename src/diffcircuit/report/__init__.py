@@ -1,0 +1,30 @@
+"""Summary, figures and the HTML report, all rebuilt from a run directory's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.protocol.store import write_json
+from diffcircuit.report.html import write_report
+from diffcircuit.report.summary import build_summary
+
+__all__ = ["build_summary", "finalize_run", "write_report"]
+
+
+def finalize_run(run_dir: str | Path) -> dict:
+    """Compute ``summary.json`` and write ``report.html`` from a run directory's manifest and tables."""
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        heads = pd.read_parquet(run_dir / "tables" / "head_metrics.parquet")
+        images = pd.read_parquet(run_dir / "tables" / "denoising.parquet")
+    except (OSError, ValueError) as exc:
+        raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
+    summary = build_summary(manifest=manifest, heads=heads, images=images)
+    write_json(run_dir / "summary.json", summary)
+    write_report(run_dir, summary, heads)
+    return summary

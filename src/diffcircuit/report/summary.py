@@ -1,0 +1,71 @@
+"""``summary.json``: the run's machine-readable headline, computed from the tables alone.
+
+Every mean comes with a 95 % percentile-bootstrap CI over images (the independent unit). Entropy
+is given in nats, normalised (1.0 = uniform attention), and next to the uniform baseline ln(n_keys)
+of each layer, so that "entropy ≈ ln 64" reads as what it is: uniform attention over an 8x8 map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from diffcircuit.stats.bootstrap import mean_ci
+
+__all__ = ["PENDING_ANALYSES", "build_summary"]
+
+PENDING_ANALYSES = ("roles", "divergence", "ablation", "complexity_ratio")
+
+
+def _ci_entry(values, seed: int) -> dict:
+    mean, low, high = mean_ci(values, seed=seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
+def _denoising(images: pd.DataFrame, seed: int) -> list[dict]:
+    out = []
+    for (dataset, t), g in images.groupby(["dataset", "timestep"], sort=True):
+        entry = {"dataset": dataset, "timestep": int(t), "n_images": int(len(g))}
+        for col in ("eps_mse", "eps_mse_trivial", "x0_mse", "x0_mse_trivial"):
+            entry[col] = _ci_entry(g[col].to_numpy(), seed)
+        entry["beats_trivial_eps"] = bool(g["eps_mse"].mean() < g["eps_mse_trivial"].mean())
+        out.append(entry)
+    return out
+
+
+def _entropy(heads: pd.DataFrame, seed: int) -> list[dict]:
+    """Per dataset x timestep: mean over heads of each image's normalised entropy, CI over images."""
+    out = []
+    per_image = heads.groupby(["dataset", "timestep", "image"])["entropy_norm"].mean().reset_index()
+    for (dataset, t), g in per_image.groupby(["dataset", "timestep"], sort=True):
+        out.append({"dataset": dataset, "timestep": int(t), "entropy_norm": _ci_entry(g["entropy_norm"].to_numpy(), seed)})
+    return out
+
+
+def _entropy_by_layer(heads: pd.DataFrame) -> list[dict]:
+    out = []
+    grouped = heads.groupby(["dataset", "timestep", "layer"], sort=False)
+    for (dataset, t, layer), g in grouped:
+        n_keys = int(g["n_keys"].iloc[0])
+        out.append({
+            "dataset": dataset, "timestep": int(t), "layer": layer, "n_keys": n_keys,
+            "entropy_nats": float(g["entropy_nats"].mean()), "uniform_nats": math.log(n_keys),
+            "entropy_norm": float(g["entropy_norm"].mean()),
+        })
+    return out
+
+
+def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame) -> dict:
+    """The headline of a run: what is known so far, with CIs."""
+    seed = int(manifest["config"]["seed"])
+    return {
+        "model": manifest["model"],
+        "seed": seed,
+        "datasets": manifest["datasets"],
+        "timesteps": manifest["config"]["timesteps"],
+        "denoising": _denoising(images, seed),
+        "entropy": _entropy(heads, seed),
+        "entropy_by_layer": _entropy_by_layer(heads),
+        "pending": list(PENDING_ANALYSES),
+    }
