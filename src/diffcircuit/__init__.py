@@ -9,7 +9,7 @@ The notebook API::
     heads.groupby("layer").entropy_norm.mean()
 """
 
-__version__ = "0.1.0"
+from diffcircuit._version import __version__  # noqa: E402
 
 from diffcircuit.data.spec import ImageSet, load_images  # noqa: E402
 from diffcircuit.errors import DiffcircuitError  # noqa: E402

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +19,11 @@ from rich.table import Table
 from diffcircuit.errors import DiffcircuitError
 
 __all__ = ["app", "main"]
+
+try:  # typer >= 0.22 vendors its own click; older typer uses click itself
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exceptions
 
 app = typer.Typer(
     name="diffcircuit",
@@ -154,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
+    except _click_exceptions.UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except DiffcircuitError as exc:
         print(f"diffcircuit: error: {exc}", file=sys.stderr)
         return 1
-    except click.exceptions.Abort:
+    except _click_exceptions.Abort:
         print("diffcircuit: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0

@@ -21,7 +21,7 @@ import torch
 
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
-from diffcircuit.metrics.denoising import (
+from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
     implied_x0,

@@ -28,7 +28,7 @@ import torch
 
 from diffcircuit.data.faces import lfw_images
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.metrics.denoising import (
+from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
     implied_x0,
@@ -73,6 +73,7 @@ class TrainConfig:
     synthetic_pool: int = 10_000
     seed: int = 0
     log_every: int = 50
+    quality_images: int = 100  # held-out images per dataset for the model card (faces: at most 20)
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
 
 
@@ -164,7 +165,7 @@ def train_tiny(
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     save_denoiser(out_dir, unet, scheduler)
-    quality = held_out_quality(unet, scheduler)
+    quality = held_out_quality(unet, scheduler, n=cfg.quality_images)
     _write_model_card(out_dir, cfg, seconds, quality)
     return out_dir
 
@@ -182,11 +183,11 @@ def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTE
     """ε-MSE and x₀-MSE of the model and of the trivial predictor on held-out images.
 
     Held out: synthetic images 0..n-1 of seed 0 (the training pool uses another seed) and LFW
-    faces 80..99. One fixed noise draw per image and timestep.
+    faces 80..99 (at most n of them). One fixed noise draw per image and timestep.
     """
     sets = {
         "synthetic": torch.from_numpy(synthetic_images(n, seed=0)[0]),
-        "faces": torch.from_numpy(lfw_images("faces")[FACES_TRAIN:]),
+        "faces": torch.from_numpy(lfw_images("faces")[FACES_TRAIN:][:n]),
     }
     acp = scheduler.alphas_cumprod
     rows = []

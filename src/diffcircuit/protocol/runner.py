@@ -48,7 +48,7 @@ def _versions() -> dict:
     import numpy
     import torch
 
-    from diffcircuit import __version__
+    from diffcircuit._version import __version__
 
     return {"diffcircuit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "numpy": numpy.__version__}

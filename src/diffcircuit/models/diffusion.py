@@ -1,4 +1,4 @@
-"""Denoising quality: ε-prediction error, the implied x₀ error, and the trivial baseline.
+"""The DDPM forward process and the error of a denoiser's prediction: ε, and the implied x₀.
 
 For DDPM's forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, an ε-prediction ε̂ implies
 x̂₀ = (x_t − √(1−ᾱ)·ε̂) / √ᾱ. At large t, ε ≈ x_t·√(1−ᾱ) is nearly free (the *trivial predictor*),

@@ -1,0 +1,41 @@
+"""Shared fixtures: small random-weight diffusers models built from configs, saved as local folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SMALL_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(16, 32),
+    down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+def make_small_unet(seed: int = 0):
+    """A 16x16 UNet2DModel with attention at 16x16, 8x8 and mid; random weights."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**SMALL_UNET).eval()
+
+
+@pytest.fixture
+def small_unet():
+    return make_small_unet()
+
+
+@pytest.fixture
+def small_model_dir(tmp_path):
+    """A local diffusers pipeline folder (model_index.json, unet/, scheduler/) with safetensors."""
+    from diffusers import DDPMScheduler
+
+    from diffcircuit.models.loading import save_denoiser
+
+    return save_denoiser(tmp_path / "small-model", make_small_unet(), DDPMScheduler(num_train_timesteps=1000))

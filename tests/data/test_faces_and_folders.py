@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffcircuit import DiffcircuitError, load_images
+from diffcircuit.data.faces import lfw_images
+
+
+def test_lfw_faces_and_nonfaces_are_distinct_sets_of_100():
+    from skimage.data import lfw_subset
+
+    faces, nonfaces = lfw_images("faces", size=25), lfw_images("nonfaces", size=25)
+    assert faces.shape == nonfaces.shape == (100, 3, 25, 25)
+    raw = lfw_subset()
+    # at the native size the map is exactly 2x - 1 of scikit-image's pixels
+    np.testing.assert_allclose(faces[:, 0], raw[:100] * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(nonfaces[:, 1], raw[100:] * 2 - 1, atol=1e-6)
+
+
+def test_builtin_specs_and_limits():
+    s = load_images("synthetic", n=5, size=16, channels=3)
+    assert len(s) == 5 and s.masks is not None and s.masks.shape == (5, 16, 16)
+    f = load_images("faces", n=7, size=32, channels=1)
+    assert f.images.shape == (7, 1, 32, 32) and f.masks is None
+    with pytest.raises(DiffcircuitError, match="100"):
+        load_images("faces", n=101, size=32, channels=3)
+    with pytest.raises(DiffcircuitError, match="not one of"):
+        load_images("no-such-spec", n=1, size=32, channels=3)
+
+
+def _save(path, array, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_folder_images_map_pixels_like_diffusers(tmp_path):
+    solid = np.full((8, 8, 3), (200, 0, 255), dtype=np.uint8)
+    _save(tmp_path / "a" / "x.png", solid, "RGB")
+    _save(tmp_path / "b" / "deep" / "y.jpeg", solid, "RGB")
+    (tmp_path / "notes.txt").write_text("not an image")
+    s = load_images(str(tmp_path), n=2, size=8, channels=3)
+    assert s.names == ("a/x.png", "b/deep/y.jpeg")
+    np.testing.assert_allclose(s.images[0, :, 0, 0], np.array([200, 0, 255]) / 127.5 - 1, atol=1e-6)
+
+
+def test_folder_images_are_centre_cropped(tmp_path):
+    # 12 wide x 4 high: left/right thirds black, centre white -> the square crop is all white
+    arr = np.zeros((4, 12), dtype=np.uint8)
+    arr[:, 4:8] = 255
+    _save(tmp_path / "wide.png", arr, "L")
+    s = load_images(str(tmp_path), n=1, size=4, channels=1)
+    np.testing.assert_allclose(s.images, 1.0, atol=1e-6)
+
+
+def test_bad_files_name_the_file_or_are_skipped(tmp_path):
+    _save(tmp_path / "good.png", np.zeros((8, 8, 3), np.uint8), "RGB")
+    (tmp_path / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DiffcircuitError, match="broken.jpg"):
+        load_images(str(tmp_path), n=1, size=8, channels=3)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        s = load_images(str(tmp_path), n=1, size=8, channels=3, skip_bad=True)
+    assert s.names == ("good.png",)
+    with pytest.warns(UserWarning), pytest.raises(DiffcircuitError, match="only 1 readable"):
+        load_images(str(tmp_path), n=2, size=8, channels=3, skip_bad=True)
+
+
+def test_empty_folder_is_refused(tmp_path):
+    with pytest.raises(DiffcircuitError, match="no images"):
+        load_images(str(tmp_path), n=1, size=8, channels=3)

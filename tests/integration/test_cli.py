@@ -1,0 +1,131 @@
+"""The CLI end to end on tiny inputs: outputs, their agreement with a reference, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from diffcircuit.cli import main
+
+
+def _run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_json_lists_layers(small_model_dir, capsys):
+    code, out, _ = _run(["info", "--model", str(small_model_dir), "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["model_path"] == str(small_model_dir / "unet")
+    assert [(l["heads"], l["head_dim"], l["kind"]) for l in info["layers"]][:2] == [(2, 8, "self"), (4, 8, "self")]
+    assert set(info["layers"][0]) == {"layer", "heads", "head_dim", "kind"}
+
+
+@pytest.fixture
+def tiny_run(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--model", str(small_model_dir), "--n", "3", "--timesteps", "20,800",
+            "--batch-size", "2", "--seed", "7", "--quiet"]
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+    return out, args
+
+
+def test_run_writes_the_run_directory(tiny_run, small_model_dir):
+    out, _ = tiny_run
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    n_heads = 2 + 4 + 4 + 4 * 2 + 2 * 2  # down 16x16 (2), down 8x8 (4), mid (4), up 8x8 x2 (4), up 16x16 x2 (2)
+    assert len(heads) == 2 * 3 * 2 * n_heads
+    assert {"dataset", "image", "timestep", "layer", "head", "entropy_nats", "entropy_norm", "eps_mse"} <= set(heads.columns)
+    assert set(heads.dataset) == {"a", "b"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["model"]["model_path"] == str(small_model_dir / "unet")
+    assert manifest["datasets"]["a"]["n"] == 3 and manifest["datasets"]["b"]["spec"] == "faces"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {d["timestep"] for d in summary["denoising"]} == {20, 800}
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and (out / "figures" / "entropy_heatmap.png").exists()
+
+
+def test_reported_entropy_agrees_with_a_plain_pytorch_reference(tiny_run, small_model_dir):
+    """Recompute one layer's entropy for one image from the saved model and the recorded noise."""
+    from diffusers import UNet2DModel
+
+    from diffcircuit.data.synthetic import synthetic_images
+    from diffcircuit.metrics.observe import image_noise
+
+    out, _ = tiny_run
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    net = UNet2DModel.from_pretrained(small_model_dir / "unet").eval()
+    layer = "down_blocks.0.attentions.0"
+    captured = {}
+    net.get_submodule(layer).register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    x0 = torch.from_numpy(synthetic_images(3, size=16, seed=7)[0][2:3])
+    eps = image_noise((3, 16, 16), seed=7, dataset="a", image=2, timestep=800)[None]
+    t = torch.tensor([800])
+    from diffusers import DDPMScheduler
+
+    x_t = DDPMScheduler(num_train_timesteps=1000).add_noise(x0, eps, t)
+    with torch.no_grad():
+        net(x_t, t)
+    attn = net.get_submodule(layer)
+    h = captured["x"]
+    tokens = attn.group_norm(h.flatten(2)).transpose(1, 2)
+    q, k = attn.to_q(tokens), attn.to_k(tokens)
+    d = q.shape[-1] // attn.heads
+    q = q.view(1, -1, attn.heads, d).transpose(1, 2).double()
+    k = k.view(1, -1, attn.heads, d).transpose(1, 2).double()
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1)
+    ref = (-(p * p.log()).sum(-1).mean(-1))[0]
+    got = heads.query("dataset == 'a' and image == 2 and timestep == 800 and layer == @layer").sort_values("head")
+    assert torch.allclose(torch.tensor(got.entropy_nats.to_numpy()), ref, atol=1e-4)
+
+
+def test_rerun_same_config_is_accepted_other_config_refused(tiny_run, capsys):
+    out, args = tiny_run
+    assert _run(args, capsys)[0] == 0
+    code, _, err = _run([*args[:-3], "--seed", "8", "--quiet"], capsys)
+    assert code == 1 and "different config" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/no/such/model"], "neither an existing folder"),
+    (["--timesteps", "1,x"], "comma-separated integers"),
+    (["--timesteps", "1000"], "outside the model's"),
+    (["--n", "0"], "at least 1"),
+    (["--data-b", "nowhere"], "not one of"),
+    (["--data-b", "faces", "--n", "101"], "100"),
+    (["--batch-size", "abc"], "Invalid value for '--batch-size'"),
+])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code, _, err = _run(["run", "--out", str(out), "--quiet", *extra], capsys)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_pickle_checkpoint_refused_from_the_command_line(small_model_dir, small_unet, capsys):
+    unet = small_model_dir / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(small_unet.state_dict(), unet / "diffusion_pytorch_model.bin")
+    code, _, err = _run(["info", "--model", str(small_model_dir)], capsys)
+    assert code == 1 and "--allow-pickle" in err
+    assert _run(["info", "--model", str(small_model_dir), "--allow-pickle", "--json"], capsys)[0] == 0
+
+
+def test_console_script_help_and_error_without_traceback(tmp_path):
+    exe = [sys.executable, "-m", "diffcircuit.cli"]
+    for cmd in ([], ["info"], ["run"], ["report"], ["train-tiny"]):
+        res = subprocess.run([*exe, *cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "Usage" in res.stdout
+    res = subprocess.run([*exe, "report", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

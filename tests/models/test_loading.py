@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from diffcircuit import DiffcircuitError, load_denoiser
+
+
+def test_pipeline_folder_loads_with_its_scheduler(small_model_dir):
+    cfg_path = small_model_dir / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_train_timesteps"] = 500
+    cfg_path.write_text(json.dumps(cfg))
+    den = load_denoiser(str(small_model_dir))
+    assert den.model_path == small_model_dir / "unet"
+    assert den.scheduler.config.num_train_timesteps == 500
+    assert den.sample_size == 16 and den.in_channels == 3
+    assert not any(p.requires_grad for p in den.network.parameters())
+
+
+def test_model_folder_without_scheduler_gets_ddpm_1000(small_model_dir, tmp_path):
+    folder = tmp_path / "bare"
+    shutil.copytree(small_model_dir / "unet", folder)
+    den = load_denoiser(str(folder))
+    assert den.scheduler.config.num_train_timesteps == 1000
+    assert den.scheduler.config.beta_schedule == "linear"
+
+
+def test_loaded_weights_equal_the_saved_ones(small_model_dir, small_unet):
+    den = load_denoiser(str(small_model_dir))
+    for (name, a), b in zip(small_unet.state_dict().items(), den.network.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _make_pickle_only(small_model_dir, small_unet):
+    unet = small_model_dir / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(small_unet.state_dict(), unet / "diffusion_pytorch_model.bin")
+    return small_model_dir
+
+
+def test_pickle_weights_are_refused_unless_allowed(small_model_dir, small_unet):
+    folder = _make_pickle_only(small_model_dir, small_unet)
+    with pytest.raises(DiffcircuitError, match="--allow-pickle"):
+        load_denoiser(str(folder))
+    den = load_denoiser(str(folder), allow_pickle=True)
+    assert torch.equal(den.network.conv_in.weight, small_unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/no/such/folder", "neither an existing folder nor a hub id"),
+    ("not a hub id", "neither an existing folder nor a hub id"),
+])
+def test_bad_sources_give_one_clear_error(source, message):
+    with pytest.raises(DiffcircuitError, match=message):
+        load_denoiser(source)
+
+
+def test_folder_that_is_not_diffusers_is_refused(tmp_path):
+    with pytest.raises(DiffcircuitError, match="not a diffusers folder"):
+        load_denoiser(str(tmp_path))
+
+
+def test_hub_ids_go_through_snapshot_download(monkeypatch, small_model_dir):
+    """A hub id is fetched with huggingface_hub, then loaded like a local folder (offline here)."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, **kwargs):
+        calls.append(repo_id)
+        return str(small_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    den = load_denoiser("google/ddpm-celebahq-256")
+    assert calls == ["google/ddpm-celebahq-256"] and den.source == "google/ddpm-celebahq-256"
+
+
+def test_unreachable_hub_gives_one_line_error(monkeypatch):
+    import huggingface_hub
+
+    def failing(repo_id, **kwargs):
+        raise OSError("We couldn't connect to the hub.\nCheck your connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(DiffcircuitError) as info:
+        load_denoiser("owner/model")
+    assert "\n" not in str(info.value) and "owner/model" in str(info.value)
