@@ -89,3 +89,21 @@ def test_unreachable_hub_gives_one_line_error(monkeypatch):
     with pytest.raises(DiffcircuitError) as info:
         load_denoiser("owner/model")
     assert "\n" not in str(info.value) and "owner/model" in str(info.value)
+
+
+def test_hub_repo_without_safetensors_is_refused_unless_pickle_allowed(monkeypatch, small_model_dir, small_unet):
+    import huggingface_hub
+
+    folder = _make_pickle_only(small_model_dir, small_unet)
+    patterns = []
+
+    def fake_download(repo_id, allow_patterns, **kwargs):
+        patterns.append(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(DiffcircuitError, match="--allow-pickle"):
+        load_denoiser("owner/pickled")
+    assert all("*.bin" not in p for p in patterns)  # nothing pickled was even fetched
+    den = load_denoiser("owner/pickled", allow_pickle=True)
+    assert "*.bin" in patterns[-1] and den.source == "owner/pickled"

@@ -53,7 +53,7 @@ class Denoiser:
         return self.scheduler.alphas_cumprod
 
 
-def _resolve_folder(source: str) -> Path:
+def _resolve_folder(source: str, allow_pickle: bool) -> Path:
     """A local folder for ``source``: the embedded model, an existing folder, or a hub download."""
     if source == EMBEDDED_MODEL:
         if not (_EMBEDDED_DIR / "model_index.json").exists():
@@ -64,30 +64,36 @@ def _resolve_folder(source: str) -> Path:
         if not path.is_dir():
             raise DiffcircuitError(f"model {source!r} is a file; give a diffusers model or pipeline folder")
         return path
-    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if source.count("/") != 1 or source.startswith((".", "/", "~")) or " " in source:
         raise DiffcircuitError(f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'")
-    return _download(source)
+    return _download(source, allow_pickle)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    """Fetch configs and safetensors weights; pickle weights only when allowed and nothing else exists."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        if allow_pickle and not any(folder.rglob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin", "*.md"]))
     except Exception as exc:  # network, auth, missing repo: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcircuitError(f"could not fetch model {repo_id!r} from the hub: {first}") from None
+    if not any(folder.rglob("*.safetensors")) and not allow_pickle:
+        raise DiffcircuitError(f"hub repo {repo_id!r} has no .safetensors weights; if it ships pickle "
+                               "weights (.bin) and you trust it, pass --allow-pickle")
+    return folder
 
 
 def _network_folder(root: Path) -> Path:
-    if (root / "model_index.json").exists():
-        for sub in _NETWORK_SUBFOLDERS:
-            if (root / sub / "config.json").exists():
-                return root / sub
-        raise DiffcircuitError(f"pipeline folder {root} has no unet/ or transformer/ subfolder with a config.json")
+    """``unet/`` or ``transformer/`` of a pipeline folder, else the folder itself if it has a config."""
+    for sub in _NETWORK_SUBFOLDERS:
+        if (root / sub / "config.json").exists():
+            return root / sub
     if (root / "config.json").exists():
         return root
-    raise DiffcircuitError(f"{root} is not a diffusers folder: no model_index.json or config.json")
+    raise DiffcircuitError(f"{root} is not a diffusers folder: no config.json in it or in unet/ or transformer/")
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> bool:
@@ -133,7 +139,7 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     The scheduler is read from the folder when it has one (as ``DDPMScheduler``, whose noise
     schedule is what the analyses need), else DDPM with 1,000 steps.
     """
-    root = _resolve_folder(source)
+    root = _resolve_folder(source, allow_pickle)
     folder = _network_folder(root)
     use_safetensors = _check_weights(folder, allow_pickle)
     cls = _network_class(folder)
