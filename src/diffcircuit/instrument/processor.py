@@ -4,8 +4,8 @@ It follows diffusers' ``AttnProcessor2_0`` step for step, so with nothing to cap
 to change it *is* the default computation (same SDPA call, same reshapes). When its session asks,
 it also
 
-- captures per-head statistics from the true softmax (this version: attention entropy in nats,
-  ``H_i = -Σ_j p_ij log p_ij`` averaged over query positions i), and
+- captures per-head statistics of the true softmax (entropy, perplexity and feature moments; see
+  ``capture.py``), by default through a fused kernel that never materialises the probabilities, and
 - applies per-head interventions to each head's slice of the attention output *before* the output
   projection ``to_out`` mixes heads (zero ablation: the slice is set to 0).
 """
@@ -17,19 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
+
 if TYPE_CHECKING:  # pragma: no cover
     from diffcircuit.instrument.session import InstrumentSession
 
-__all__ = ["InstrumentedAttnProcessor", "entropy_per_query"]
-
-
-def entropy_per_query(scores: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(scores) along the last dim, computed stably in float32.
-
-    ``scores``: ``[batch, heads, q_pos, k_pos]`` -> ``[batch, heads, q_pos]``.
-    """
-    logp = torch.log_softmax(scores.float(), dim=-1)  # [batch, heads, q_pos, k_pos]
-    return -(logp.exp() * logp).sum(dim=-1)  # [batch, heads, q_pos]
+__all__ = ["InstrumentedAttnProcessor"]
 
 
 class InstrumentedAttnProcessor:
@@ -71,22 +64,23 @@ class InstrumentedAttnProcessor:
             key = attn.norm_k(key)
         return query, key, value, attention_mask, residual, shape
 
-    def _attend(self, query, key, value, attention_mask, capture: bool):
-        """Attention output ``[batch, heads, q_pos, d]``; the true softmax when capturing."""
-        if not capture:
+    def _attend(self, query, key, value, attention_mask, shape):
+        """Attention output ``[batch, heads, q_pos, d]``, recording statistics when capturing."""
+        session = self.session
+        if not session.captures(self.layer):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        feats = session.features_for(shape, key.shape[2])  # [batch, k_pos, channels] or None
+        stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
         scale = query.shape[-1] ** -0.5  # what SDPA uses by default, as the default processor does
-        scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # [batch, heads, q_pos, k_pos]
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        self.session._record(self.layer, "entropy_nats", entropy_per_query(scores).mean(dim=-1))  # [batch, heads]
-        probs = torch.softmax(scores, dim=-1)
-        return (probs @ value.float()).to(query.dtype)
+        out, stats = stats_fn(query, key, value, attention_mask, scale, feats)
+        for name, values in stats.items():
+            session._record(self.layer, name, values)
+        return out
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.session._note_geometry(self.layer, shape, key.shape[2])
-        out = self._attend(query, key, value, mask, capture=self.session.captures(self.layer))
+        out = self._attend(query, key, value, mask, shape)
         zeroed = self.session.zeroed_heads(self.layer)
         if zeroed:
             keep = torch.ones(attn.heads, dtype=out.dtype, device=out.device)

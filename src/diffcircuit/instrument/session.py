@@ -11,7 +11,7 @@ put back in ``finally`` (also when the forward pass raises)::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,15 +19,29 @@ import torch
 from diffcircuit.instrument.processor import InstrumentedAttnProcessor
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 
-__all__ = ["InstrumentSession", "instrument", "probe_registry"]
+__all__ = ["InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
+
+KeyFeatures = Callable[[tuple[int, int]], torch.Tensor]  # grid (h, w) -> [batch, channels, h, w]
 
 
 class InstrumentSession:
     """What to capture and change, and what was captured, for one instrumented model."""
 
-    def __init__(self, registry: HeadRegistry, *, capture: bool = False, zero_heads: Iterable[HeadAddress] = ()):
+    def __init__(
+        self,
+        registry: HeadRegistry,
+        *,
+        capture: bool = False,
+        method: str = "fused",
+        key_features: KeyFeatures | None = None,
+        zero_heads: Iterable[HeadAddress] = (),
+    ):
+        if method not in ("fused", "naive"):
+            raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
         self.registry = registry
         self.capture = capture
+        self.method = method
+        self.key_features = key_features
         self._zeroed: dict[str, set[int]] = defaultdict(set)
         for address in zero_heads:
             self._zeroed[address.layer].add(address.head)
@@ -37,6 +51,13 @@ class InstrumentSession:
     # --- asked by the processor -------------------------------------------------------------
     def captures(self, layer: str) -> bool:
         return self.capture
+
+    def features_for(self, shape: torch.Size, n_keys: int) -> torch.Tensor | None:
+        """Key features ``[batch, k_pos, channels]`` for a layer whose keys are its own query grid."""
+        if self.key_features is None or len(shape) != 4 or shape[2] * shape[3] != n_keys:
+            return None  # no features asked for, or keys are not positions on the grid (cross-attention)
+        maps = self.key_features((int(shape[2]), int(shape[3])))  # [batch, channels, height, width]
+        return maps.flatten(2).transpose(1, 2)
 
     def zeroed_heads(self, layer: str) -> set[int]:
         return self._zeroed.get(layer, set())
@@ -52,7 +73,8 @@ class InstrumentSession:
     def pop(self, stat: str = "entropy_nats") -> dict[str, torch.Tensor]:
         """Captured values of ``stat`` since the last pop, per layer, concatenated over forwards.
 
-        Each value is ``[batch, heads]`` (rows in the order the images were fed).
+        ``entropy_nats`` and ``perplexity`` are ``[batch, heads]``; ``moments`` (only for layers
+        given key features) ``[batch, heads, channels, channels]``; rows in the order images were fed.
         """
         recorded = self._records.pop(stat, {})
         return {layer: torch.cat(chunks) for layer, chunks in recorded.items()}
@@ -64,11 +86,19 @@ def instrument(
     *,
     registry: HeadRegistry | None = None,
     capture: bool = False,
+    method: str = "fused",
+    key_features: KeyFeatures | None = None,
     zero_heads: Iterable[str | HeadAddress] = (),
 ) -> Iterator[InstrumentSession]:
-    """Instrument every attention layer of ``model`` for the duration of the ``with`` block."""
+    """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
+
+    ``capture`` records per-head statistics (``method`` "fused": one fused kernel call, or "naive":
+    explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
+    per-key feature maps on a layer's query grid for attention moments. ``zero_heads`` ablates.
+    """
     registry = registry or HeadRegistry.from_model(model)
-    session = InstrumentSession(registry, capture=capture, zero_heads=[registry.parse(a) for a in zero_heads])
+    session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
+                                zero_heads=[registry.parse(a) for a in zero_heads])
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     try:

@@ -5,7 +5,7 @@ not depend on batch size or on which other images run beside it), denoised once 
 attention head instrumented, and two tidy tables come back:
 
 - head rows: one per image x timestep x head, with ``entropy_nats`` and ``entropy_norm``
-  (entropy / ln n_keys: 1.0 is uniform attention);
+  (entropy / ln n_keys: 1.0 is uniform attention) and the metrics of ``metrics.attention``;
 - image rows: one per image x timestep, with ε-MSE and x₀-MSE of the model and of the trivial
   predictor √(1−ᾱ)·x_t.
 """
@@ -21,6 +21,8 @@ import torch
 
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
+from diffcircuit.metrics.attention import HEAD_METRICS, metrics_from_moments, uniform_moments
+from diffcircuit.metrics.probes import ProbeFeatures
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
@@ -39,21 +41,31 @@ def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, ti
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
 
 
-def _head_rows(entropy: dict[str, torch.Tensor], registry: HeadRegistry, images: np.ndarray, timestep: int) -> pd.DataFrame:
+def _layer_metrics(captured: dict, info, features: ProbeFeatures) -> dict[str, torch.Tensor]:
+    """All head metrics of one layer, each ``[batch, heads]``."""
+    entropy = captured["entropy_nats"][info.layer]
+    perplexity = captured["perplexity"][info.layer]
+    moments = captured["moments"].get(info.layer)
+    if moments is None:  # keys are not the query grid (e.g. cross-attention): no spatial probes
+        nan = torch.full_like(entropy, math.nan)
+        out = {name: nan for name in HEAD_METRICS}
+        out |= {"effective_keys": perplexity, "effective_keys_frac": perplexity / info.n_keys}
+    else:
+        out = metrics_from_moments(moments, uniform_moments(features(info.query_grid)), perplexity,
+                                   grid=info.query_grid, has_masks=features.has_masks)
+    n_keys = info.n_keys or 1
+    return {"entropy_nats": entropy, "entropy_norm": entropy / math.log(n_keys) if n_keys > 1 else entropy * math.nan} | out
+
+
+def _head_rows(captured: dict, registry: HeadRegistry, features: ProbeFeatures, images: np.ndarray, timestep: int) -> pd.DataFrame:
     frames = []
     for info in registry.layers:
-        values = entropy[info.layer].numpy()  # [batch, heads]
-        b, h = values.shape
-        n_keys = info.n_keys or 1
-        frames.append(pd.DataFrame({
-            "image": np.repeat(images, h),
-            "timestep": timestep,
-            "layer": info.layer,
-            "head": np.tile(np.arange(h), b),
-            "n_keys": n_keys,
-            "entropy_nats": values.reshape(-1).astype(np.float64),
-            "entropy_norm": values.reshape(-1).astype(np.float64) / math.log(n_keys) if n_keys > 1 else np.nan,
-        }))
+        metrics = _layer_metrics(captured, info, features)
+        b, h = metrics["entropy_nats"].shape
+        frame = {"image": np.repeat(images, h), "timestep": timestep, "layer": info.layer,
+                 "head": np.tile(np.arange(h), b), "n_keys": info.n_keys or 0}
+        frame |= {name: values.double().numpy().reshape(-1) for name, values in metrics.items()}
+        frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -66,10 +78,16 @@ def observe(
     seed: int = 0,
     batch_size: int = 50,
     dataset: str = "a",
+    masks: np.ndarray | None = None,
+    method: str = "fused",
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1])."""
+    """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1]).
+
+    ``masks`` (bool ``[n, H, W]``, synthetic images) enable the object probes; ``method`` picks
+    the fused capture or the naive reference.
+    """
     net, acp = denoiser.network, denoiser.alphas_cumprod
     device = next(net.parameters()).device
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
@@ -79,13 +97,15 @@ def observe(
     for start in range(0, len(x_all), batch_size):
         idx = np.arange(start, min(start + batch_size, len(x_all)))
         x0 = x_all[idx]
+        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(np.asarray(masks)[idx]))
         for t_val in timesteps:
             eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
-            with instrument(net, registry=registry, capture=True) as session:
+            with instrument(net, registry=registry, capture=True, method=method, key_features=features) as session:
                 pred = net(x_t.to(device), t.to(device)).sample.float().cpu()
-            head_frames.append(_head_rows(session.pop("entropy_nats"), registry, idx, t_val))
+            captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
+            head_frames.append(_head_rows(captured, registry, features, idx, t_val))
             base = trivial_eps(x_t, t, acp)
             image_frames.append(pd.DataFrame({
                 "image": idx,

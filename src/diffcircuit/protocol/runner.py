@@ -105,7 +105,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
                 progress("observe", done, total)
 
         h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
-                       dataset=key, registry=registry, progress=step)
+                       dataset=key, masks=image_set.masks, registry=registry, progress=step)
         heads.append(h)
         images.append(i)
     head_metrics = pd.concat(heads, ignore_index=True)

@@ -1,0 +1,58 @@
+"""Fused capture against the naive reference, and both on hand-built attention patterns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
+
+
+def _random(b=2, h=3, q=20, k=20, d=8, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in ((b, h, q, d), (b, h, k, d), (b, h, k, d), (b, k, c))]
+
+
+@pytest.mark.parametrize("scale_up", [1.0, 6.0])  # ordinary and very peaked attention
+def test_fused_matches_naive(scale_up):
+    q, k, v, f = _random()
+    q = q * scale_up
+    out_n, st_n = attention_stats_naive(q, k, v, None, 8**-0.5, f)
+    out_f, st_f = attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    torch.testing.assert_close(out_f, out_n, atol=1e-5, rtol=0)
+    for name in ("entropy_nats", "perplexity", "moments"):
+        torch.testing.assert_close(st_f[name], st_n[name], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_output_equals_sdpa_and_no_features_is_fine():
+    q, k, v, _ = _random(q=7, k=11)
+    out, stats = attention_stats_fused(q, k, v, None, 8**-0.5, None)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=0)
+    assert "moments" not in stats and stats["entropy_nats"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("stats_fn", [attention_stats_naive, attention_stats_fused])
+def test_uniform_and_one_hot_rows(stats_fn):
+    n = 16
+    v = torch.randn(1, 1, n, n)
+    zeros = torch.zeros(1, 1, n, n)
+    _, uniform = stats_fn(zeros, torch.eye(n)[None, None], v, None, 0.25, None)
+    assert uniform["entropy_nats"].item() == pytest.approx(math.log(n), abs=1e-5)
+    assert uniform["perplexity"].item() == pytest.approx(n, rel=1e-5)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    q = 400.0 * torch.eye(n)[perm][None, None]  # query i scores key perm[i] at 100, the rest at 0
+    out, one_hot = stats_fn(q, torch.eye(n)[None, None], v, None, 0.25, None)
+    assert one_hot["entropy_nats"].item() == pytest.approx(0.0, abs=1e-4)
+    torch.testing.assert_close(out[0, 0], v[0, 0, perm], atol=1e-5, rtol=0)
+
+
+def test_masked_attention_uses_the_reference_path():
+    q, k, v, f = _random(q=6, k=6)
+    mask = torch.zeros(2, 3, 6, 6)
+    mask[..., -2:] = -math.inf
+    out_f, st_f = attention_stats_fused(q, k, v, mask, 8**-0.5, f)
+    out_n, st_n = attention_stats_naive(q, k, v, mask, 8**-0.5, f)
+    torch.testing.assert_close(st_f["entropy_nats"], st_n["entropy_nats"])
+    assert (st_n["entropy_nats"] <= math.log(4) + 1e-5).all()
