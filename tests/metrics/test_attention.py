@@ -24,6 +24,7 @@ def _features(h=6, w=6, seed=0, with_mask=True):
 def _metrics(p: torch.Tensor, pf, grid, with_mask=True):
     """Metrics for one head with explicit attention p [Q, K] on the grid."""
     feats = pf(grid)[0].flatten(1).T  # [K, C]
+    feats = torch.cat([torch.ones(feats.shape[0], 1), feats], 1)  # moments are over [1, *features]
     moments = torch.einsum("qk,kf,qg->gf", p, feats, feats) / p.shape[0]
     entropy = torch.special.entr(p).sum(-1)
     return metrics_from_moments(moments[None, None], uniform_moments(pf(grid)), entropy.exp().mean()[None, None],

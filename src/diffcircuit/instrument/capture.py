@@ -5,7 +5,7 @@ Both paths return the attention output (what the layer goes on with) and, per im
 - ``entropy_nats``: mean over queries of H_i = −Σ_j p_ij log p_ij;
 - ``perplexity``: mean over queries of exp(H_i), the effective number of attended keys;
 - ``moments`` (when key features are given): M[g, f] = mean_i g_i · Σ_j p_ij f_j for every pair of
-  feature channels (g on the query, f on the key). Locality, probe affinities and object/intensity
+  channels (g on the query, f on the key) among a constant 1 followed by the given features. Locality, probe affinities and object/intensity
   similarity are all functions of these moments (see ``diffcircuit.metrics.attention``).
 
 ``naive`` materialises the probabilities (the reference). ``fused`` never does: it appends the
@@ -26,7 +26,10 @@ __all__ = ["attention_stats_fused", "attention_stats_naive"]
 
 
 def _moments(weighted: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """M[g, f] = mean_i g_i A_if: ``weighted`` [B, h, Q, C] (A = P F), ``feats`` [B, Q, C] -> [B, h, C, C]."""
+    """M[g, f] = mean_i g_i A_if over channels [1, *features]: ``weighted`` [B, h, Q, C] (A = P F),
+    ``feats`` [B, Q, C] -> [B, h, C+1, C+1]. The constant channel needs no attention: Σ_j p_ij = 1."""
+    weighted = F.pad(weighted, (1, 0), value=1.0)  # A_i,one = Σ_j p_ij = 1
+    feats = F.pad(feats, (1, 0), value=1.0)
     return torch.einsum("bhqf,bqg->bhgf", weighted, feats) / weighted.shape[2]
 
 

@@ -27,18 +27,19 @@ import torch
 
 from diffcircuit.metrics.probes import PROBE_CHANNELS
 
-__all__ = ["HEAD_METRICS", "metrics_from_moments", "uniform_moments"]
+__all__ = ["HEAD_METRICS", "MOMENT_CHANNELS", "metrics_from_moments", "uniform_moments"]
 
 HEAD_METRICS = (
     "effective_keys", "effective_keys_frac", "distance_px", "distance_frac", "edge_affinity",
     "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity",
 )
-_C = {name: i for i, name in enumerate(PROBE_CHANNELS)}
+MOMENT_CHANNELS = ("one", *PROBE_CHANNELS)  # the capture prepends a constant channel
+_C = {name: i for i, name in enumerate(MOMENT_CHANNELS)}
 
 
 def uniform_moments(maps: torch.Tensor) -> torch.Tensor:
-    """U[g, f] = mean_i g_i · mean_j f_j from maps ``[B, C, h, w]`` -> ``[B, C, C]``."""
-    mean = maps.flatten(2).mean(-1)  # [B, C]
+    """U[g, f] = mean_i g_i · mean_j f_j over [1, *maps], from maps ``[B, C, h, w]`` -> ``[B, C+1, C+1]``."""
+    mean = torch.nn.functional.pad(maps.flatten(2).mean(-1), (1, 0), value=1.0)  # [B, C+1]
     return mean[:, :, None] * mean[:, None, :]
 
 

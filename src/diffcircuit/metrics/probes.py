@@ -2,7 +2,6 @@
 
 Channels (``PROBE_CHANNELS``), each a map on the grid:
 
-- ``one``: constant 1 (so moments include plain sums);
 - ``y``, ``x``, ``r2``: the key's row and column (grid pixels, centred) and y² + x² — for locality;
 - ``edge``: Sobel gradient magnitude of luminance, averaged over the grid cell;
 - ``texture``: local high-frequency energy, (L − G₁∗L)² with G₁ a σ = 1 px Gaussian, cell-averaged;
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["PROBE_CHANNELS", "ProbeFeatures", "luminance"]
 
-PROBE_CHANNELS = ("one", "y", "x", "r2", "edge", "texture", "intensity", "intensity_sq", "object")
+PROBE_CHANNELS = ("y", "x", "r2", "edge", "texture", "intensity", "intensity_sq", "object")
 
 
 def luminance(x0: torch.Tensor) -> torch.Tensor:
@@ -77,5 +76,4 @@ class ProbeFeatures:
         cols = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
         y, x = torch.meshgrid(rows, cols, indexing="ij")
         y, x = y.to(pooled.device).expand(b, h, w), x.to(pooled.device).expand(b, h, w)
-        one = torch.ones_like(y)
-        return torch.stack([one, y, x, y**2 + x**2, edge, texture, intensity, intensity**2, obj], 1)
+        return torch.stack([y, x, y**2 + x**2, edge, texture, intensity, intensity**2, obj], 1)

@@ -1,0 +1,77 @@
+"""Cost of capturing every head statistic, relative to the plain forward pass.
+
+Times, in one run, the embedded model's forward on a batch of 64 synthetic images at t = 500:
+the default diffusers processors, the fused capture (entropy, perplexity and all probe moments on
+every head, probe maps included), and the naive reference capture. Medians of repeated runs.
+The last line is ``capture_overhead_ratio: <fused / plain>``.
+
+    .venv/bin/python benchmarks/capture_overhead.py [--batch 64] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from diffcircuit import instrument, load_denoiser, load_images, probe_registry
+from diffcircuit.metrics.probes import ProbeFeatures
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    den = load_denoiser()
+    net = den.network
+    data = load_images("synthetic", n=args.batch, size=den.sample_size, channels=den.in_channels)
+    x0, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks)
+    t = torch.full((args.batch,), 500)
+    x_t = den.scheduler.add_noise(x0, torch.randn_like(x0), t)
+    registry = probe_registry(net, x_t[:1], t[:1])
+
+    @torch.no_grad()
+    def plain():
+        net(x_t, t)
+
+    def capture(method):
+        @torch.no_grad()
+        def run():
+            with instrument(net, registry=registry, capture=True, method=method,
+                            key_features=ProbeFeatures(x0, masks)) as session:
+                net(x_t, t)
+            for stat in ("entropy_nats", "perplexity", "moments"):
+                session.pop(stat)
+        return run
+
+    # interleave the variants so drifts in machine load hit all of them alike
+    rounds = {"plain": [], "fused": [], "naive": []}
+    fns = {"plain": plain, "fused": capture("fused"), "naive": capture("naive")}
+    for _ in range(3):
+        for name, fn in fns.items():
+            rounds[name].append(_median_seconds(fn, max(1, args.repeats // 3)))
+    t_plain, t_fused, t_naive = (statistics.median(rounds[k]) for k in ("plain", "fused", "naive"))
+    print(f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}")
+    print(f"plain forward:         {t_plain * 1000:8.1f} ms")
+    print(f"fused capture forward: {t_fused * 1000:8.1f} ms")
+    print(f"naive capture forward: {t_naive * 1000:8.1f} ms")
+    print(f"naive_overhead_ratio: {t_naive / t_plain:.3f}")
+    print(f"capture_overhead_ratio: {t_fused / t_plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
