@@ -20,10 +20,10 @@ from diffcircuit.errors import DiffcircuitError
 
 __all__ = ["app", "main"]
 
-try:  # typer >= 0.22 vendors its own click; older typer uses click itself
-    from typer._click import exceptions as _click_exceptions
+try:  # newer typer vendors its own click; older typer uses click itself
+    from typer._click.exceptions import UsageError as _UsageError
 except ImportError:  # pragma: no cover
-    from click import exceptions as _click_exceptions
+    from click.exceptions import UsageError as _UsageError
 
 app = typer.Typer(
     name="diffcircuit",
@@ -98,6 +98,7 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable image files with a warning.")] = False,
+    capture: Annotated[str, typer.Option("--capture", help="'fused' (fast, exact) or 'naive' (explicit softmax reference).")] = "fused",
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
 ) -> None:
@@ -107,7 +108,7 @@ def run(
 
     cfg = RunConfig(model=model, allow_pickle=allow_pickle, data_a=data_a, data_b=data_b, n=n,
                     timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
-                    skip_bad=skip_bad)
+                    skip_bad=skip_bad, capture=capture)
     with _progress(quiet) as bars:
         task = bars.add_task("observing heads", total=None)
 
@@ -158,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
-    except _click_exceptions.UsageError as exc:
+    except _UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except DiffcircuitError as exc:
         print(f"diffcircuit: error: {exc}", file=sys.stderr)
         return 1
-    except _click_exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         print("diffcircuit: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0

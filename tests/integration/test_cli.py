@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from diffcircuit.cli import main
+from diffcircuit.metrics.attention import HEAD_METRICS
+from diffcircuit.metrics.roles import ROLES
 
 
 def _run(args, capsys):
@@ -51,6 +53,16 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert manifest["datasets"]["a"]["n"] == 3 and manifest["datasets"]["b"]["spec"] == "faces"
     summary = json.loads((out / "summary.json").read_text())
     assert {d["timestep"] for d in summary["denoising"]} == {20, 800}
+    assert [d["timestep"] for d in summary["entropy_divergence"]] == [20, 800]
+    assert {"value", "ci_low", "ci_high", "null_value", "p_value"} <= set(summary["entropy_divergence"][0])
+    roles = pd.read_parquet(out / "tables" / "head_roles.parquet")
+    assert len(roles) == 2 * n_heads and set(roles.role) <= {*ROLES, "unassigned"}
+    listed = sorted(h for r in summary["roles"] for h in r["heads"])
+    assert listed == sorted(f"{l}:{h}" for l, h in zip(roles.layer, roles["head"]))
+    for metric in HEAD_METRICS:
+        assert metric in heads.columns
+    synthetic = heads[heads.dataset == "a"]
+    assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and (out / "figures" / "entropy_heatmap.png").exists()
 
@@ -129,3 +141,14 @@ def test_console_script_help_and_error_without_traceback(tmp_path):
         assert res.returncode == 0 and "Usage" in res.stdout
     res = subprocess.run([*exe, "report", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_fused_and_naive_capture_give_the_same_tables(tiny_run, tmp_path, capsys):
+    out, args = tiny_run
+    naive = tmp_path / "naive"
+    args = [a if a != str(out) else str(naive) for a in args] + ["--capture", "naive"]
+    assert _run(args, capsys)[0] == 0
+    a = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    b = pd.read_parquet(naive / "tables" / "head_metrics.parquet")
+    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(a[numeric], b[numeric], atol=1e-4, rtol=1e-4)

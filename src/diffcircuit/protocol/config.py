@@ -34,6 +34,7 @@ class RunConfig:
     batch_size: int = 50
     device: str = "cpu"
     skip_bad: bool = False
+    capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
 
     def __post_init__(self):
         if self.n < 1:
@@ -42,6 +43,8 @@ class RunConfig:
             raise DiffcircuitError(f"--batch-size must be at least 1, not {self.batch_size}")
         if len(set(self.timesteps)) != len(self.timesteps):
             raise DiffcircuitError(f"timesteps repeat: {list(self.timesteps)}")
+        if self.capture not in ("fused", "naive"):
+            raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
         if self.seed < 0:
             raise DiffcircuitError(f"--seed must be >= 0, not {self.seed}")
 
@@ -56,8 +59,8 @@ class RunConfig:
         return d
 
     def results_key(self) -> dict:
-        """The settings that change results (not batch size or device, which must not)."""
+        """The settings that change results (not batch size, device or capture path, which must not)."""
         d = self.to_dict()
-        for k in ("batch_size", "device"):
+        for k in ("batch_size", "device", "capture"):
             d.pop(k)
         return d

@@ -9,6 +9,7 @@ Run directory::
     manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints
     tables/head_metrics.parquet one row per dataset x image x timestep x head
     tables/denoising.parquet    one row per dataset x image x timestep
+    tables/head_roles.parquet   one row per timestep x head: mean probe scores and the head's role
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -28,6 +29,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.metrics.observe import observe
+from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.models.loading import Denoiser, load_denoiser
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.store import write_json, write_parquet
@@ -105,7 +107,8 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
                 progress("observe", done, total)
 
         h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
-                       dataset=key, masks=image_set.masks, registry=registry, progress=step)
+                       dataset=key, masks=image_set.masks, method=cfg.capture, registry=registry,
+                       progress=step)
         heads.append(h)
         images.append(i)
     head_metrics = pd.concat(heads, ignore_index=True)
@@ -113,5 +116,6 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     manifest = _manifest(cfg, den, registry, sets)
     write_parquet(out_dir / "tables" / "head_metrics.parquet", head_metrics)
     write_parquet(out_dir / "tables" / "denoising.parquet", denoising)
+    write_parquet(out_dir / "tables" / "head_roles.parquet", assign_roles(head_metrics))
     write_json(out_dir / "manifest.json", manifest)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

@@ -7,11 +7,12 @@ import html
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from diffcircuit.protocol.store import atomic_write_bytes
 
-__all__ = ["entropy_heatmap", "write_report"]
+__all__ = ["divergence_plot", "entropy_heatmap", "role_map", "write_report"]
 
 
 def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
@@ -36,6 +37,51 @@ def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
         for s in starts[1:]:
             ax.axhline(s - 0.5, color="white", lw=0.6)
     fig.colorbar(im, ax=axes[0].tolist(), label="entropy / ln(n_keys)  (1 = uniform)")
+    return fig
+
+
+def role_map(roles: pd.DataFrame):
+    """Each head's role, layers x heads, one panel per timestep."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from diffcircuit.metrics.roles import ROLES
+
+    names = [*ROLES, "unassigned"]
+    tab10 = plt.get_cmap("tab10").colors
+    colours = tuple(tab10[i] for i in (0, 1, 2, 3, 4, 5, 6, 8)) + ((0.88, 0.88, 0.88),)  # no tab10 grey: light grey is 'unassigned'
+    timesteps = sorted(roles.timestep.unique())
+    layers = list(dict.fromkeys(roles.layer))
+    width = int(roles["head"].max()) + 1
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(2.6 * len(timesteps) + 2, 0.35 * len(layers) + 1.5), squeeze=False)
+    for ax, t in zip(axes[0], timesteps):
+        grid = np.full((len(layers), width), np.nan)
+        for row in roles[roles.timestep == t].itertuples():
+            grid[layers.index(row.layer), row.head] = names.index(row.role)
+        ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+        ax.set_title(f"t = {t}", fontsize=9)
+        ax.set_yticks(range(len(layers)), layers if ax is axes[0][0] else [], fontsize=6)
+        ax.set_xlabel("head")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.25)
+    return fig
+
+
+def divergence_plot(divergence: list[dict]):
+    import matplotlib.pyplot as plt
+
+    t = [d["timestep"] for d in divergence]
+    corrected = np.array([d["bias_corrected"] for d in divergence])
+    low, high = np.array([d["ci_low"] for d in divergence]), np.array([d["ci_high"] for d in divergence])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    yerr = [np.clip(corrected - low, 0, None), np.clip(high - corrected, 0, None)]
+    ax.errorbar(t, corrected, yerr=yerr, marker="o", capsize=3, label="bias-corrected (95 % CI)")
+    ax.plot(t, [d["value"] for d in divergence], "x", color="C1", label="plug-in estimate")
+    ax.plot(t, [d["null_value"] for d in divergence], "k--", lw=1, label="label-permutation null")
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("mean JSD of head entropies (bits)")
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -66,6 +112,30 @@ def _headline_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _divergence_rows(summary: dict) -> str:
+    return "\n".join(
+        f"<tr><td>{d['timestep']}</td><td>{d['value']:.4f}</td><td>{d['bias_corrected']:.4f} [{d['ci_low']:.4f}, {d['ci_high']:.4f}]</td>"
+        f"<td>{d['null_value']:.4f}</td><td>{_p(d['p_value'], d['n_permutations'])}</td></tr>"
+        for d in summary["entropy_divergence"])
+
+
+def _p(p: float, n: int) -> str:
+    return f"&lt; {1 / (n + 1):.2g}" if p <= 1 / (n + 1) + 1e-15 else f"{p:.3g}"
+
+
+def _role_rows(summary: dict) -> str:
+    rows = []
+    for r in summary["roles"]:
+        cells = [html.escape(r["role"]), str(r["timestep"]), str(r["n_heads"])]
+        for key in sorted(summary["datasets"]):
+            d = r["per_dataset"].get(key)
+            cells.append("—" if d is None else f"{_fmt(d['entropy_nats'])} (uniform {d['uniform_nats']:.2f}; "
+                                               f"norm. {d['entropy_norm']['mean']:.3f})")
+        cells.append(html.escape(r["definition"]))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "\n".join(rows)
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -91,6 +161,22 @@ Normalised entropy is entropy / ln(n_keys): 1.0 is uniform attention.</p>
 <th>entropy (norm.)</th></tr>
 {headline}
 </table>
+<h2>Head roles</h2>
+<p class="note">Roles are rules on measured probe scores (affinity = attended / uniform), not on entropy alone;
+entropy in nats with 95&nbsp;% CI over images, next to the uniform baseline ln(n_keys) of the role's layers.</p>
+<table><tr><th>role</th><th>t</th><th>heads</th>{role_dataset_headers}<th>rule</th></tr>
+{role_rows}
+</table>
+<img alt="head roles per layer and timestep" src="data:image/png;base64,{role_png}" style="max-width:100%">
+<h2>Synthetic vs natural: divergence of head entropies</h2>
+<p class="note">Per timestep: Jensen–Shannon divergence (bits, 10 bins) between the two datasets' per-image
+entropies of each head, averaged over heads. The plug-in estimate is biased upwards; the bias-corrected
+estimate and its basic-bootstrap CI (images resampled within datasets) estimate the population value; the
+null is the plug-in statistic after shuffling dataset labels over images, and p tests against it.</p>
+<table><tr><th>t</th><th>mean JSD (plug-in)</th><th>bias-corrected [95 % CI]</th><th>permutation null</th><th>p</th></tr>
+{divergence_rows}
+</table>
+<img alt="divergence across timesteps" src="data:image/png;base64,{divergence_png}" style="max-width:60%">
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -103,15 +189,23 @@ Normalised entropy is entropy / ln(n_keys): 1.0 is uniform attention.</p>
 """
 
 
-def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame) -> Path:
-    """Write ``figures/entropy_heatmap.png`` and ``report.html`` into ``run_dir``."""
+def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame) -> Path:
+    """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
-    png = _png(entropy_heatmap(heads, labels))
-    atomic_write_bytes(run_dir / "figures" / "entropy_heatmap.png", png)
+    figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles),
+               "divergence": divergence_plot(summary["entropy_divergence"])}
+    pngs = {}
+    for name, fig in figures.items():
+        pngs[name] = _png(fig)
+        atomic_write_bytes(run_dir / "figures" / f"{name}.png", pngs[name])
+    b64 = {name: base64.b64encode(data).decode() for name, data in pngs.items()}
     page = _PAGE.format(
+        role_dataset_headers="".join(f"<th>{html.escape(labels[k])}: entropy nats</th>" for k in sorted(labels)),
+        role_rows=_role_rows(summary), role_png=b64["role_map"],
+        divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
-        headline=_headline_rows(summary), heatmap=base64.b64encode(png).decode(),
+        headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],
         layer_rows=_layer_rows(summary), pending=", ".join(summary["pending"]),
     )
     path = run_dir / "report.html"

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
+from diffcircuit.metrics.roles import ROLE_DEFINITIONS
 from diffcircuit.stats.bootstrap import mean_ci
+from diffcircuit.stats.divergence import mean_jsd_test
 
 __all__ = ["PENDING_ANALYSES", "build_summary"]
 
-PENDING_ANALYSES = ("roles", "divergence", "ablation", "complexity_ratio")
+PENDING_ANALYSES = ("ablation", "complexity_ratio")
 
 
 def _ci_entry(values, seed: int) -> dict:
@@ -56,7 +59,39 @@ def _entropy_by_layer(heads: pd.DataFrame) -> list[dict]:
     return out
 
 
-def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame) -> dict:
+def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
+    """Per timestep and role: its heads, and per dataset its entropy (nats, normalised) with CIs."""
+    out = []
+    for (t, role), members in roles.groupby(["timestep", "role"], sort=True):
+        keys = set(zip(members.layer, members["head"]))
+        rows = heads[(heads.timestep == t) & pd.Series(list(zip(heads.layer, heads["head"])), index=heads.index).isin(keys)]
+        per_dataset = {}
+        for dataset, g in rows.groupby("dataset", sort=True):
+            per_image = g.groupby("image")[["entropy_nats", "entropy_norm"]].mean()
+            per_dataset[dataset] = {
+                "entropy_nats": _ci_entry(per_image["entropy_nats"].to_numpy(), seed),
+                "entropy_norm": _ci_entry(per_image["entropy_norm"].to_numpy(), seed),
+                "uniform_nats": float(np.log(g["n_keys"]).mean()),
+            }
+        out.append({"role": role, "timestep": int(t), "n_heads": len(keys),
+                    "heads": [f"{layer}:{head}" for layer, head in zip(members.layer, members["head"])],
+                    "definition": ROLE_DEFINITIONS.get(role, ""), "per_dataset": per_dataset})
+    return out
+
+
+def _divergence(heads: pd.DataFrame, seed: int) -> list[dict]:
+    """Per timestep: JSD (bits) between the datasets' per-image head entropies, averaged over heads."""
+    out = []
+    for t, g in heads.groupby("timestep", sort=True):
+        wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values="entropy_nats")
+        a, b = wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy()
+        res = mean_jsd_test(a, b, seed=seed)
+        out.append({"timestep": int(t), "value": res.value, "bias_corrected": res.bias_corrected, "ci_low": res.ci_low, "ci_high": res.ci_high,
+                    "null_value": res.null_value, "p_value": res.p_value, "n_permutations": res.n_permutations})
+    return out
+
+
+def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     return {
@@ -67,5 +102,7 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame) 
         "denoising": _denoising(images, seed),
         "entropy": _entropy(heads, seed),
         "entropy_by_layer": _entropy_by_layer(heads),
+        "roles": _roles(heads, roles, seed),
+        "entropy_divergence": _divergence(heads, seed),
         "pending": list(PENDING_ANALYSES),
     }
