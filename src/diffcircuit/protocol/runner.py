@@ -9,7 +9,10 @@ Run directory::
     manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints
     tables/head_metrics.parquet one row per dataset x image x timestep x head
     tables/denoising.parquet    one row per dataset x image x timestep
+    tables/head_summary.parquet per dataset x timestep x head x metric: mean over images, 95 % CI
     tables/head_roles.parquet   one row per timestep x head: mean probe scores and the head's role
+    tables/divergence.parquet   per timestep: synthetic-vs-natural JSD of head entropies, CI, null
+    tables/divergence_heads.parquet  per timestep x head: that head's JSD
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -29,8 +32,8 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.metrics.observe import observe
-from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.models.loading import Denoiser, load_denoiser
+from diffcircuit.protocol.analyses import derived_tables
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.store import write_json, write_parquet
 
@@ -116,6 +119,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     manifest = _manifest(cfg, den, registry, sets)
     write_parquet(out_dir / "tables" / "head_metrics.parquet", head_metrics)
     write_parquet(out_dir / "tables" / "denoising.parquet", denoising)
-    write_parquet(out_dir / "tables" / "head_roles.parquet", assign_roles(head_metrics))
+    for name, table in derived_tables(head_metrics, seed=cfg.seed).items():
+        write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     write_json(out_dir / "manifest.json", manifest)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

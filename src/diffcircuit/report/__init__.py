@@ -23,9 +23,10 @@ def finalize_run(run_dir: str | Path) -> dict:
         heads = pd.read_parquet(run_dir / "tables" / "head_metrics.parquet")
         images = pd.read_parquet(run_dir / "tables" / "denoising.parquet")
         roles = pd.read_parquet(run_dir / "tables" / "head_roles.parquet")
+        divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
-    summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles)
+    summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles, divergence=divergence)
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary, heads, roles)
     return summary

@@ -14,7 +14,6 @@ import pandas as pd
 
 from diffcircuit.metrics.roles import ROLE_DEFINITIONS
 from diffcircuit.stats.bootstrap import mean_ci
-from diffcircuit.stats.divergence import mean_jsd_test
 
 __all__ = ["PENDING_ANALYSES", "build_summary"]
 
@@ -79,19 +78,8 @@ def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     return out
 
 
-def _divergence(heads: pd.DataFrame, seed: int) -> list[dict]:
-    """Per timestep: JSD (bits) between the datasets' per-image head entropies, averaged over heads."""
-    out = []
-    for t, g in heads.groupby("timestep", sort=True):
-        wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values="entropy_nats")
-        a, b = wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy()
-        res = mean_jsd_test(a, b, seed=seed)
-        out.append({"timestep": int(t), "value": res.value, "bias_corrected": res.bias_corrected, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                    "null_value": res.null_value, "p_value": res.p_value, "n_permutations": res.n_permutations})
-    return out
-
-
-def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame) -> dict:
+def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
+                  divergence: pd.DataFrame) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     return {
@@ -103,6 +91,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "entropy": _entropy(heads, seed),
         "entropy_by_layer": _entropy_by_layer(heads),
         "roles": _roles(heads, roles, seed),
-        "entropy_divergence": _divergence(heads, seed),
+        "entropy_divergence": divergence.sort_values("timestep").to_dict("records"),
         "pending": list(PENDING_ANALYSES),
     }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import stats
 
-__all__ = ["mean_ci"]
+__all__ = ["column_mean_cis", "mean_ci"]
 
 
 def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -24,3 +26,23 @@ def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: 
     res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                           method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0):
+    """Per-column ``(mean, low, high)`` of ``values`` ``[n_units, k]`` with percentile bootstrap CIs.
+
+    All columns share the same resampled units (rows), as one bootstrap of the whole table; NaNs are
+    ignored (``nanmean``). Columns with fewer than two finite values get a zero-width interval.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():  # all-NaN columns (e.g. object probes without masks) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, spread = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+    low, high = mean.copy(), mean.copy()
+    varied = (np.isfinite(x).sum(0) >= 2) & (spread > 0)
+    if varied.any():
+        res = stats.bootstrap((x[:, varied],), lambda s, axis: np.nanmean(s, axis=axis), axis=0, vectorized=True,
+                              confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+                              batch=max(1, min(n_resamples, 200)), random_state=np.random.default_rng(seed))
+        low[varied], high[varied] = res.confidence_interval.low, res.confidence_interval.high
+    return mean, low, high
