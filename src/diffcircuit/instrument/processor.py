@@ -6,8 +6,9 @@ it also
 
 - captures per-head statistics of the true softmax (entropy, perplexity and feature moments; see
   ``capture.py``), by default through a fused kernel that never materialises the probabilities, and
-- applies per-head interventions to each head's slice of the attention output *before* the output
-  projection ``to_out`` mixes heads (zero ablation: the slice is set to 0).
+- caches each head's slice of the attention output *before* the output projection ``to_out``
+  mixes heads, and replaces slices with given values there (zero ablation: the slice is set to 0;
+  mean, resample, noise and activation patching put other tensors in its place).
 """
 
 from __future__ import annotations
@@ -81,11 +82,7 @@ class InstrumentedAttnProcessor:
         query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.session._note_geometry(self.layer, shape, key.shape[2])
         out = self._attend(query, key, value, mask, shape)
-        zeroed = self.session.zeroed_heads(self.layer)
-        if zeroed:
-            keep = torch.ones(attn.heads, dtype=out.dtype, device=out.device)
-            keep[list(zeroed)] = 0
-            out = out * keep.view(1, -1, 1, 1)  # [batch, heads, q_pos, d]
+        out = self.session._head_outputs(self.layer, out)  # [batch, heads, q_pos, d]: cache and/or patch
         batch = out.shape[0]
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         out = attn.to_out[0](out)

@@ -35,6 +35,8 @@ class InstrumentSession:
         method: str = "fused",
         key_features: KeyFeatures | None = None,
         zero_heads: Iterable[HeadAddress] = (),
+        patches: dict[HeadAddress, torch.Tensor] | None = None,
+        cache_heads: Iterable[str] = (),
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -42,9 +44,12 @@ class InstrumentSession:
         self.capture = capture
         self.method = method
         self.key_features = key_features
-        self._zeroed: dict[str, set[int]] = defaultdict(set)
+        self._patches: dict[str, dict[int, torch.Tensor | float]] = defaultdict(dict)
         for address in zero_heads:
-            self._zeroed[address.layer].add(address.head)
+            self._patches[address.layer][address.head] = 0.0
+        for address, value in (patches or {}).items():
+            self._patches[address.layer][address.head] = value
+        self.cache_heads = set(cache_heads)
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
 
@@ -59,8 +64,21 @@ class InstrumentSession:
         maps = self.key_features((int(shape[2]), int(shape[3])))  # [batch, channels, height, width]
         return maps.flatten(2).transpose(1, 2)
 
-    def zeroed_heads(self, layer: str) -> set[int]:
-        return self._zeroed.get(layer, set())
+    def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
+        """Cache the clean per-head output ``[batch, heads, q_pos, d]`` if asked, then apply patches.
+
+        A patch replaces one head's slice by a value broadcastable to ``[batch, q_pos, d]``
+        (0.0 for zero ablation, ``[q_pos, d]`` for a mean, ``[batch, q_pos, d]`` per image).
+        """
+        if layer in self.cache_heads:
+            self._record(layer, "head_out", out)
+        patches = self._patches.get(layer)
+        if not patches:
+            return out
+        out = out.clone()
+        for head, value in patches.items():
+            out[:, head] = value.to(out.dtype) if isinstance(value, torch.Tensor) else value
+        return out
 
     def _record(self, layer: str, stat: str, value: torch.Tensor) -> None:
         self._records[stat][layer].append(value.detach().cpu())
@@ -89,16 +107,22 @@ def instrument(
     method: str = "fused",
     key_features: KeyFeatures | None = None,
     zero_heads: Iterable[str | HeadAddress] = (),
+    patches: dict[str | HeadAddress, torch.Tensor] | None = None,
+    cache_heads: Iterable[str] = (),
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
 
     ``capture`` records per-head statistics (``method`` "fused": one fused kernel call, or "naive":
     explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
-    per-key feature maps on a layer's query grid for attention moments. ``zero_heads`` ablates.
+    per-key feature maps on a layer's query grid for attention moments. ``zero_heads`` zero-ablates
+    heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
+    ``cache_heads`` names layers whose clean per-head outputs are recorded as ``"head_out"``.
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
-                                zero_heads=[registry.parse(a) for a in zero_heads])
+                                zero_heads=[registry.parse(a) for a in zero_heads],
+                                patches={registry.parse(a): v for a, v in (patches or {}).items()},
+                                cache_heads=[registry.layer(name).layer for name in cache_heads])
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     try:

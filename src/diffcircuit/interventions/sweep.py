@@ -1,0 +1,152 @@
+"""Run a set of ablations over images and timesteps and tabulate the degradation they cause.
+
+Per timestep: one pass over the images collects each target's reference mean and standard
+deviation (for ``mean`` and ``noise``); then, per batch, the clean prediction, the partner images'
+activations (for ``resample``) and one intervened forward per target x method. Every random draw
+is keyed by image, timestep and target, so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.instrument.session import instrument, probe_registry
+from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
+from diffcircuit.metrics.observe import image_noise
+from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
+
+__all__ = ["ablation_sweep"]
+
+
+class _Reference:
+    """Running sum and sum of squares of every cached activation, per key."""
+
+    def __init__(self):
+        self.n, self.sums, self.squares = 0, {}, {}
+
+    def add(self, acts: dict[str, torch.Tensor]) -> None:
+        for key, value in acts.items():
+            v = value.double()
+            self.sums[key] = self.sums.get(key, 0) + v.sum(0)
+            self.squares[key] = self.squares.get(key, 0) + v.pow(2).sum(0)
+        self.n += next(iter(acts.values())).shape[0]
+
+    def mean(self, key: str) -> torch.Tensor:
+        return (self.sums[key] / self.n).float()
+
+    def std(self, key: str) -> torch.Tensor:
+        var = self.squares[key] / self.n - (self.sums[key] / self.n) ** 2
+        return var.clamp_min(0).sqrt().float()
+
+
+def _clean_forward(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Prediction and every activation an ablation can target: ``layer`` -> [B, h, Q, d], resnet -> [B, C, H, W]."""
+    records = {name: [] for name, _ in resnets}
+    with ExitStack() as stack:
+        session = stack.enter_context(instrument(net, registry=registry, cache_heads=[i.layer for i in registry.layers]))
+        for name, module in resnets:
+            stack.enter_context(resnet_intervention(module, record=records[name]))
+        pred = net(x_t, t).sample
+    acts = session.pop("head_out")
+    acts |= {name: rec[0].cpu() for name, rec in records.items()}
+    return pred, acts
+
+
+def _noise_like(shape, *, seed: int, images: np.ndarray, timestep: int, tag: str) -> torch.Tensor:
+    return torch.stack([image_noise(shape, seed=seed, dataset=tag, image=int(i), timestep=timestep) for i in images])
+
+
+def _replacement(method: str, key: str, index: int | None, ref: _Reference, partner: dict, draw):
+    """The value that replaces activation ``key`` (its head ``index``, if a head) under ``method``."""
+    if method == "zero":
+        return 0.0
+    if method == "resample":
+        value = partner[key]  # [B, h, Q, d] for a layer, [B, C, H, W] for a ResNet branch
+        return value if index is None else value[:, index]
+    mean, std = ref.mean(key), ref.std(key)
+    if index is not None:
+        mean, std = mean[index], std[index]
+    return mean if method == "mean" else mean + std * draw(tuple(mean.shape))
+
+
+def _intervened(net, registry, x_t, t, target: Target, method, ref, partner, draw, resnet_modules):
+    if target.level == "resnet":
+        value = _replacement(method, target.name, None, ref, partner, draw)
+        replace = (lambda r: torch.zeros_like(r)) if method == "zero" else (lambda r: value.to(r.dtype).expand_as(r))
+        with resnet_intervention(resnet_modules[target.name], replace=replace):
+            return net(x_t, t).sample
+    patches = {a: _replacement(method, a.layer, a.head, ref, partner, draw) for a in target.heads}
+    with instrument(net, registry=registry, patches=patches):
+        return net(x_t, t).sample
+
+
+@torch.no_grad()
+def ablation_sweep(
+    denoiser,
+    images: np.ndarray,
+    *,
+    targets: Sequence[Target],
+    methods: Sequence[str] = ("zero",),
+    timesteps: Sequence[int],
+    seed: int = 0,
+    dataset: str = "a",
+    batch_size: int = 50,
+    registry: HeadRegistry | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """One row per target x method x timestep x image: clean and intervened ε- and x₀-MSE."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown ablation methods {bad}; choose from {METHODS}")
+    net, acp = denoiser.network, denoiser.alphas_cumprod
+    x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    n = len(x_all)
+    registry = registry or probe_registry(net, x_all[:1], torch.zeros(1, dtype=torch.long))
+    resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
+    resnet_modules = dict(resnets)
+    rows = []
+
+    def noisy(idx: np.ndarray, t_val: int):
+        x0 = x_all[idx]
+        eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
+        t = torch.full((len(idx),), t_val, dtype=torch.long)
+        return x0, eps, t, add_noise(x0, eps, t, acp)
+
+    for t_val in timesteps:
+        ref = _Reference()
+        for start in range(0, n, batch_size) if {"mean", "noise"} & set(methods) else ():
+            idx = np.arange(start, min(start + batch_size, n))
+            _, _, t, x_t = noisy(idx, t_val)
+            ref.add(_clean_forward(net, registry, x_t, t, resnets)[1])
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            x0, eps, t, x_t = noisy(idx, t_val)
+            clean = net(x_t, t).sample
+            partner = _clean_forward(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
+            mse_clean = eps_mse_per_image(clean, eps)
+            x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
+            for k, target in enumerate(targets):
+                for method in methods:
+                    def draw(shape, _k=k):
+                        return _noise_like(shape, seed=seed, images=idx, timestep=t_val, tag=f"{dataset}/noise/{_k}")
+                    pred = _intervened(net, registry, x_t, t, target, method, ref, partner, draw, resnet_modules)
+                    mse = eps_mse_per_image(pred, eps)
+                    rows.append(pd.DataFrame({
+                        "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
+                        "target": target.name, "layer": target.layer, "head": target.head, "method": method,
+                        "mse_clean": mse_clean.double().numpy(), "mse_intervened": mse.double().numpy(),
+                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().numpy(),
+                        "x0_mse_clean": x0_clean.double().numpy(),
+                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().numpy(),
+                    }))
+            if progress is not None:
+                progress(len(idx))
+    frame = pd.concat(rows, ignore_index=True)
+    frame["head"] = frame["head"].astype("Int64")
+    return frame

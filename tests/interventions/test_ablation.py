@@ -1,0 +1,136 @@
+"""Ablations against independent implementations (weights and hooks on the untouched modules)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffcircuit import instrument, probe_registry
+from diffcircuit.data.synthetic import synthetic_images
+from diffcircuit.instrument.registry import attention_modules
+from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.models.loading import Denoiser
+
+
+def _den(unet, tmp_path):
+    return Denoiser(network=unet, scheduler=DDPMScheduler(num_train_timesteps=1000), model_path=tmp_path, source="t")
+
+
+def _setup(unet, n=4):
+    images = synthetic_images(n, size=16, seed=0)[0]
+    registry = probe_registry(unet, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    return images, registry
+
+
+def _sweep(den, images, registry, target_list, methods, **kw):
+    return ablation_sweep(den, images, targets=target_list, methods=methods, timesteps=[400], registry=registry, **kw)
+
+
+def test_zero_ablating_a_head_with_zero_output_columns_changes_nothing(small_unet, tmp_path):
+    layer, head = "mid_block.attentions.0", 1
+    attn = dict(attention_modules(small_unet))[layer]
+    d = attn.inner_dim // attn.heads
+    with torch.no_grad():
+        attn.to_out[0].weight[:, head * d:(head + 1) * d] = 0
+    images, registry = _setup(small_unet)
+    target = [t for t in targets(registry, "head") if t.name == f"{layer}:{head}"]
+    rows = _sweep(_den(small_unet, tmp_path), images, registry, target, ["zero", "mean", "resample", "noise"])
+    np.testing.assert_allclose(rows.mse_intervened, rows.mse_clean, rtol=1e-5)
+
+
+def test_zero_ablating_a_layer_equals_zeroing_its_output_projection(small_unet, tmp_path):
+    images, registry = _setup(small_unet)
+    layer = "down_blocks.1.attentions.0"
+    rows = _sweep(_den(small_unet, tmp_path), images, registry, [t for t in targets(registry, "layer") if t.name == layer], ["zero"])
+    edited = copy.deepcopy(small_unet)
+    with torch.no_grad():
+        dict(attention_modules(edited))[layer].to_out[0].weight.zero_()
+    # the edited model's clean error is the ablated model's error
+    rows_edited = _sweep(_den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"])
+    np.testing.assert_allclose(rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5)
+    assert (rows.degradation_pct.abs() > 1e-6).any()
+
+
+def test_every_head_of_a_layer_equals_the_layer(small_unet, tmp_path):
+    images, registry = _setup(small_unet)
+    den = _den(small_unet, tmp_path)
+    layer_target = targets(registry, "layer")[0]
+    by_layer = _sweep(den, images, registry, [layer_target], ["mean"])
+    x_t = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([400, 400])
+    with torch.no_grad(), instrument(small_unet, zero_heads=[str(a) for a in layer_target.heads]):
+        heads_out = small_unet(x_t, t).sample
+    with torch.no_grad(), instrument(small_unet, patches={a: 0.0 for a in layer_target.heads}):
+        patched = small_unet(x_t, t).sample
+    torch.testing.assert_close(heads_out, patched)
+    assert by_layer.target.unique().tolist() == [layer_target.name]
+
+
+def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_unet, tmp_path):
+    images, registry = _setup(small_unet, n=3)
+    den = _den(small_unet, tmp_path)
+    layer, head = "up_blocks.0.attentions.1", 2
+    target = [t for t in targets(registry, "head") if t.name == f"{layer}:{head}"]
+    rows = _sweep(den, images, registry, target, ["mean"], batch_size=2).sort_values("image")
+    # independent: capture to_out's input on clean runs, average the head's slice, write it back by a pre-hook
+    from diffcircuit.metrics.observe import image_noise
+
+    x0 = torch.from_numpy(images)
+    eps = torch.stack([image_noise((3, 16, 16), seed=0, dataset="a", image=i, timestep=400) for i in range(3)])
+    t = torch.full((3,), 400)
+    x_t = den.scheduler.add_noise(x0, eps, t)
+    to_out = dict(attention_modules(small_unet))[layer].to_out[0]
+    d = to_out.in_features // dict(attention_modules(small_unet))[layer].heads
+    seen = {}
+    handle = to_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].clone()))
+    with torch.no_grad():
+        small_unet(x_t, t)
+    handle.remove()
+    mean_slice = seen["x"][..., head * d:(head + 1) * d].mean(0)  # [q_pos, d]
+
+    def replace(module, args):
+        x = args[0].clone()
+        x[..., head * d:(head + 1) * d] = mean_slice
+        return (x,)
+
+    handle = to_out.register_forward_pre_hook(replace)
+    with torch.no_grad():
+        pred = small_unet(x_t, t).sample
+    handle.remove()
+    expected = ((pred - eps) ** 2).flatten(1).mean(1).numpy()
+    np.testing.assert_allclose(rows.mse_intervened.to_numpy(), expected, rtol=1e-4)
+
+
+def test_resampling_an_image_into_itself_changes_nothing(small_unet, tmp_path):
+    images, registry = _setup(small_unet, n=1)  # the partner of the only image is itself
+    some = targets(registry, "head")[:3] + targets(registry, "block") + targets(registry, "resnet", small_unet)[:2]
+    rows = _sweep(_den(small_unet, tmp_path), images, registry, some, ["resample"])
+    np.testing.assert_allclose(rows.mse_intervened, rows.mse_clean, rtol=1e-5)
+
+
+def test_resnet_zero_ablation_equals_zeroing_its_last_convolution(small_unet, tmp_path):
+    images, registry = _setup(small_unet)
+    name = "down_blocks.1.resnets.0"
+    rows = _sweep(_den(small_unet, tmp_path), images, registry, [t for t in targets(registry, "resnet", small_unet) if t.name == name], ["zero"])
+    edited = copy.deepcopy(small_unet)
+    conv2 = edited.get_submodule(name).conv2
+    with torch.no_grad():
+        conv2.weight.zero_()
+        conv2.bias.zero_()
+    rows_edited = _sweep(_den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"])
+    np.testing.assert_allclose(rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["noise", "resample"])
+def test_results_do_not_depend_on_batch_size(small_unet, tmp_path, method):
+    images, registry = _setup(small_unet, n=5)
+    den = _den(small_unet, tmp_path)
+    some = targets(registry, "head")[:2]
+    a = _sweep(den, images, registry, some, [method], batch_size=5).sort_values(["target", "image"])
+    b = _sweep(den, images, registry, some, [method], batch_size=2).sort_values(["target", "image"])
+    np.testing.assert_allclose(a.mse_intervened.to_numpy(), b.mse_intervened.to_numpy(), rtol=1e-5)
