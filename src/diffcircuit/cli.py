@@ -39,9 +39,30 @@ ModelOpt = Annotated[str, typer.Option("--model", help="'embedded', a local diff
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle (.bin) weights. Only for trusted sources.")]
 
 
-def _progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False)
+class _Bars:
+    """Rich progress bars that appear with the first update (after inputs are validated), one per stage."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress, self.tasks = quiet, None, {}
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, stage: str, *, completed: int | None = None, total: int | None = None, advance: int | None = None,
+               description: str | None = None) -> None:
+        if self.quiet:
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+            self.progress.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(description or stage, total=total)
+        self.progress.update(self.tasks[stage], completed=completed, total=total, advance=advance, description=description)
 
 
 @app.command()
@@ -99,6 +120,8 @@ def run(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable image files with a warning.")] = False,
     capture: Annotated[str, typer.Option("--capture", help="'fused' (fast, exact) or 'naive' (explicit softmax reference).")] = "fused",
+    ablate_n: Annotated[int, typer.Option("--ablate-n", help="Images per dataset for the ablation sweep (0: none).")] = 16,
+    ablation_methods: Annotated[str, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero,mean",
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
 ) -> None:
@@ -108,17 +131,55 @@ def run(
 
     cfg = RunConfig(model=model, allow_pickle=allow_pickle, data_a=data_a, data_b=data_b, n=n,
                     timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
-                    skip_bad=skip_bad, capture=capture)
-    with _progress(quiet) as bars:
-        task = bars.add_task("observing heads", total=None)
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
-
-        summary = diffcircuit.run(cfg, out, progress=progress)
+                    skip_bad=skip_bad, capture=capture, ablate_n=ablate_n,
+                    ablation_methods=tuple(m.strip() for m in ablation_methods.split(",") if m.strip()))
+    names = {"observe": "observing heads", "ablate": "ablating"}
+    with _Bars(quiet) as bars:
+        summary = diffcircuit.run(cfg, out, progress=lambda stage, done, total: bars.update(
+            stage, completed=done, total=total, description=names.get(stage, stage)))
     if not quiet:
         Console().print(_headline(summary))
+        if summary.get("ablation"):
+            for level, by_method in summary["ablation"]["degradation_range_pct"].items():
+                text = ", ".join(f"{m} {lo:.1f}% to {hi:.1f}%" for m, (lo, hi) in by_method.items())
+                Console().print(f"ablation degradation range ({level}): {text}")
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
+
+
+@app.command()
+def ablate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
+    target: Annotated[list[str], typer.Option("--target", help="Head address, layer, block or ResNet block (repeatable).")] = [],  # noqa: B006
+    level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet (repeatable).")] = [],  # noqa: B006
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero",
+    model: ModelOpt = "embedded",
+    data: Annotated[str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "faces",
+    n: Annotated[int, typer.Option("--n")] = 16,
+    timesteps: Annotated[str, typer.Option("--timesteps")] = "500",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    allow_pickle: PickleOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Ablate chosen heads, layers, blocks or ResNet blocks and measure the paired degradation."""
+    from diffcircuit.protocol.ablate import AblateConfig, run_ablations
+    from diffcircuit.protocol.config import parse_timesteps
+
+    if n < 1 or batch_size < 1:
+        raise DiffcircuitError("--n and --batch-size must be at least 1")
+    cfg = AblateConfig(model=model, allow_pickle=allow_pickle, data=data, n=n, timesteps=parse_timesteps(timesteps),
+                       seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                       names=tuple(target), levels=tuple(level))
+    with _Bars(quiet) as bars:
+        table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))
+    if not quiet:
+        means = table.groupby(["level", "target", "method", "timestep"], sort=False)[["degradation_pct"]].mean()
+        result = Table(title="mean degradation of ε-MSE (%)")
+        for col in ("level", "target", "method", "t", "Δ%"):
+            result.add_column(col)
+        for (lv, name, method, t), row in means.iterrows():
+            result.add_row(lv, name, method, str(t), f"{row.degradation_pct:.2f}")
+        Console().print(result)
 
 
 @app.command()
@@ -148,9 +209,9 @@ def train_tiny(
         raise DiffcircuitError("need --steps >= 1, --batch-size >= 2, --lr > 0 and --synthetic-pool >= 1")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, synthetic_pool=synthetic_pool,
                       warmup_steps=min(200, max(1, steps // 10)))
-    with _progress(quiet) as bars:
-        task = bars.add_task("training", total=steps)
-        train(out, cfg, progress=lambda step, loss: bars.update(task, completed=step, description=f"training (loss {loss:.3g})"))
+    with _Bars(quiet) as bars:
+        train(out, cfg, progress=lambda step, loss: bars.update("train", completed=step, total=steps,
+                                                                description=f"training (loss {loss:.3g})"))
     Console().print(f"wrote {out} (model card: {out}/README.md)")
 
 

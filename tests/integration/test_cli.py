@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -61,6 +62,15 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert listed == sorted(f"{l}:{h}" for l, h in zip(roles.layer, roles["head"]))
     for metric in HEAD_METRICS:
         assert metric in heads.columns
+    ablations = pd.read_parquet(out / "tables" / "ablations.parquet")
+    expected_cols = {"dataset", "timestep", "image", "level", "layer", "head", "method", "mse_clean", "mse_intervened",
+                     "degradation_pct", "x0_mse_clean", "x0_mse_intervened"}
+    assert expected_cols <= set(ablations.columns)
+    n_layers, n_blocks = 7, 5  # blocks: down_blocks.0, down_blocks.1, mid_block, up_blocks.0, up_blocks.1
+    assert len(ablations) == (n_heads + n_layers + n_blocks) * 2 * 2 * 2 * 3  # targets x methods x datasets x t x images
+    np.testing.assert_allclose(ablations.degradation_pct,
+                               100 * (ablations.mse_intervened - ablations.mse_clean) / ablations.mse_clean, rtol=1e-6)
+    assert summary["ablation"]["degradation_range_pct"]["head"].keys() == {"zero", "mean"}
     synthetic = heads[heads.dataset == "a"]
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()
@@ -152,3 +162,16 @@ def test_fused_and_naive_capture_give_the_same_tables(tiny_run, tmp_path, capsys
     b = pd.read_parquet(naive / "tables" / "head_metrics.parquet")
     numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(a[numeric], b[numeric], atol=1e-4, rtol=1e-4)
+
+
+def test_ablate_command(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "ab"
+    code, stdout, err = _run(["ablate", "--out", str(out), "--model", str(small_model_dir), "--n", "2", "--quiet",
+                              "--target", "mid_block.attentions.0:1", "--level", "block", "--methods", "zero,noise"], capsys)
+    assert code == 0, err
+    table = pd.read_parquet(out / "tables" / "ablations.parquet")
+    assert set(table.target) == {"mid_block.attentions.0:1", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+                                 "up_blocks.1"}
+    assert set(table.method) == {"zero", "noise"} and len(table) == 6 * 2 * 2
+    code, _, err = _run(["ablate", "--out", str(tmp_path / "bad"), "--model", str(small_model_dir), "--target", "x:1"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -35,6 +35,8 @@ class RunConfig:
     device: str = "cpu"
     skip_bad: bool = False
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
+    ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
+    ablation_methods: tuple[str, ...] = ("zero", "mean")
 
     def __post_init__(self):
         if self.n < 1:
@@ -45,6 +47,11 @@ class RunConfig:
             raise DiffcircuitError(f"timesteps repeat: {list(self.timesteps)}")
         if self.capture not in ("fused", "naive"):
             raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
+        if self.ablate_n < 0:
+            raise DiffcircuitError(f"--ablate-n must be >= 0, not {self.ablate_n}")
+        bad = [m for m in self.ablation_methods if m not in ("zero", "mean", "resample", "noise")]
+        if bad or not self.ablation_methods:
+            raise DiffcircuitError(f"ablation methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}")
         if self.seed < 0:
             raise DiffcircuitError(f"--seed must be >= 0, not {self.seed}")
 
@@ -56,6 +63,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
+        d["ablation_methods"] = list(self.ablation_methods)
         return d
 
     def results_key(self) -> dict:

@@ -13,6 +13,7 @@ Run directory::
     tables/head_roles.parquet   one row per timestep x head: mean probe scores and the head's role
     tables/divergence.parquet   per timestep: synthetic-vs-natural JSD of head entropies, CI, null
     tables/divergence_heads.parquet  per timestep x head: that head's JSD
+    tables/ablations.parquet    per target x method x dataset x timestep x image: paired ε/x₀ errors
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -31,6 +32,8 @@ from diffcircuit.data.spec import ImageSet, load_images
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
+from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser, load_denoiser
 from diffcircuit.protocol.analyses import derived_tables
@@ -86,8 +89,45 @@ def _manifest(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[
     }
 
 
+def _stage_progress(progress, stage: str, total: int) -> Callable[[int], None]:
+    done = 0
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(stage, done, total)
+
+    return step
+
+
+def _observe_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+    step = _stage_progress(progress, "observe", sum(len(s) for s in sets.values()) * len(cfg.timesteps))
+    heads, images = [], []
+    for key, image_set in sets.items():
+        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
+                       dataset=key, masks=image_set.masks, method=cfg.capture, registry=registry, progress=step)
+        heads.append(h)
+        images.append(i)
+    return pd.concat(heads, ignore_index=True), pd.concat(images, ignore_index=True)
+
+
+def _ablate_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+    """All single-head ablations and every layer and block ablation, on the first ``ablate_n`` images."""
+    plan = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+    n = min(cfg.ablate_n, cfg.n)
+    step = _stage_progress(progress, "ablate", len(sets) * n * len(cfg.timesteps))
+    frames = [ablation_sweep(den, image_set.images[:n], targets=plan, methods=cfg.ablation_methods,
+                             timesteps=cfg.timesteps, seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
+                             registry=registry, progress=step)
+              for key, image_set in sets.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
-    """Observe both datasets and write manifest and tables; ``progress(stage, done, total)`` reports."""
+    """Observe (and ablate) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
+    import torch
+
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, cfg)
     den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.device)
@@ -95,31 +135,14 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     size, channels = den.sample_size, den.in_channels
     sets = {key: load_images(spec, n=cfg.n, size=size, channels=channels, seed=cfg.seed, skip_bad=cfg.skip_bad)
             for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
-    import torch
-
     first = torch.from_numpy(sets["a"].images[:1]).to(cfg.device)
     registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.device))
-    heads, images = [], []
-    total = sum(len(s) for s in sets.values()) * len(cfg.timesteps)
-    done = 0
-    for key, image_set in sets.items():
-        def step(k: int) -> None:
-            nonlocal done
-            done += k
-            if progress is not None:
-                progress("observe", done, total)
-
-        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
-                       dataset=key, masks=image_set.masks, method=cfg.capture, registry=registry,
-                       progress=step)
-        heads.append(h)
-        images.append(i)
-    head_metrics = pd.concat(heads, ignore_index=True)
-    denoising = pd.concat(images, ignore_index=True)
-    manifest = _manifest(cfg, den, registry, sets)
-    write_parquet(out_dir / "tables" / "head_metrics.parquet", head_metrics)
-    write_parquet(out_dir / "tables" / "denoising.parquet", denoising)
-    for name, table in derived_tables(head_metrics, seed=cfg.seed).items():
+    head_metrics, denoising = _observe_all(cfg, den, registry, sets, progress)
+    tables = {"head_metrics": head_metrics, "denoising": denoising} | derived_tables(head_metrics, seed=cfg.seed)
+    if cfg.ablate_n > 0:
+        tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
+    for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
+    manifest = _manifest(cfg, den, registry, sets)
     write_json(out_dir / "manifest.json", manifest)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

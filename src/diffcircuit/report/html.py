@@ -12,7 +12,7 @@ import pandas as pd
 
 from diffcircuit.protocol.store import atomic_write_bytes
 
-__all__ = ["divergence_plot", "entropy_heatmap", "role_map", "write_report"]
+__all__ = ["ablation_bars", "divergence_plot", "entropy_heatmap", "role_map", "write_report"]
 
 
 def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
@@ -85,6 +85,25 @@ def divergence_plot(divergence: list[dict]):
     return fig
 
 
+def ablation_bars(ablations: pd.DataFrame):
+    """Mean degradation (%) of every single-head ablation, heads in data-flow order, one row per method."""
+    import matplotlib.pyplot as plt
+
+    heads = ablations[ablations.level == "head"]
+    methods = sorted(heads.method.unique())
+    order = list(dict.fromkeys(heads.target))
+    fig, axes = plt.subplots(len(methods), 1, figsize=(11, 2.4 * len(methods) + 0.6), squeeze=False, sharex=True)
+    for ax, method in zip(axes[:, 0], methods):
+        means = heads[heads.method == method].groupby("target")["degradation_pct"].mean().reindex(order)
+        layers = [t.rsplit(":", 1)[0] for t in order]
+        colours = [f"C{list(dict.fromkeys(layers)).index(layer) % 10}" for layer in layers]
+        ax.bar(range(len(order)), means.to_numpy(), color=colours)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_ylabel(f"{method}: Δ ε-MSE %")
+    axes[-1, 0].set_xlabel("head (coloured by layer, data-flow order)")
+    return fig
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -136,6 +155,24 @@ def _role_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _ablation_section(summary: dict, png: str | None) -> str:
+    ab = summary.get("ablation")
+    if not ab:
+        return "<h2>Ablations</h2><p class='note'>Not run (--ablate-n 0).</p>"
+    ranges = "".join(f"<tr><td>{html.escape(level)}</td><td>{html.escape(m)}</td><td>{lo:.2f} %</td><td>{hi:.2f} %</td></tr>"
+                     for level, by_method in ab["degradation_range_pct"].items() for m, (lo, hi) in by_method.items())
+    crit = "".join(f"<tr><td>{html.escape(c['level'])}</td><td>{html.escape(c['method'])}</td><td>{html.escape(c['target'])}</td>"
+                   f"<td>{_fmt(c['degradation_pct'])} %</td><td>{c['x0_mse_ratio']:.3f}</td></tr>" for c in ab["critical"])
+    return f"""<h2>Ablations</h2>
+<p class="note">Paired: the same noisy inputs with and without the intervention, on {ab['n_images']} images per dataset.
+Degradation = 100·(ε-MSE ablated − clean)/clean, averaged over images, datasets and timesteps. "Largest" ranks by that
+mean only; the comparison with random-head nulls is still pending.</p>
+<table><tr><th>level</th><th>method</th><th>smallest mean degradation</th><th>largest</th></tr>{ranges}</table>
+<h3>Largest effects</h3>
+<table><tr><th>level</th><th>method</th><th>target</th><th>degradation [95 % CI]</th><th>x₀-MSE ablated / clean</th></tr>{crit}</table>
+{f'<img alt="single-head ablation effects" src="data:image/png;base64,{png}" style="max-width:100%">' if png else ''}"""
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -177,6 +214,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 {divergence_rows}
 </table>
 <img alt="divergence across timesteps" src="data:image/png;base64,{divergence_png}" style="max-width:60%">
+{ablation_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -189,11 +227,14 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 """
 
 
-def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame) -> Path:
+def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame,
+                 ablations: pd.DataFrame | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles),
                "divergence": divergence_plot(summary["entropy_divergence"])}
+    if ablations is not None:
+        figures["ablation_heads"] = ablation_bars(ablations)
     pngs = {}
     for name, fig in figures.items():
         pngs[name] = _png(fig)
@@ -203,6 +244,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         role_dataset_headers="".join(f"<th>{html.escape(labels[k])}: entropy nats</th>" for k in sorted(labels)),
         role_rows=_role_rows(summary), role_png=b64["role_map"],
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
+        ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

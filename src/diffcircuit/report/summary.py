@@ -17,7 +17,7 @@ from diffcircuit.stats.bootstrap import mean_ci
 
 __all__ = ["PENDING_ANALYSES", "build_summary"]
 
-PENDING_ANALYSES = ("ablation", "complexity_ratio")
+PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "circuits")
 
 
 def _ci_entry(values, seed: int) -> dict:
@@ -78,10 +78,34 @@ def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     return out
 
 
+def _ablation(ablations: pd.DataFrame, seed: int, top: int = 5) -> dict:
+    """Degradation range per level and method, and the components whose ablation hurts most.
+
+    A target's degradation is its mean over images, datasets and timesteps; CIs resample images
+    (each image's degradation averaged over its timesteps first). "Critical" here ranks by that
+    mean; the comparison with random-head nulls is part of the statistics framework (pending).
+    """
+    per_target = ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"].mean().reset_index()
+    ranges = {}
+    for (level, method), g in per_target.groupby(["level", "method"], sort=False):
+        ranges.setdefault(level, {})[method] = [float(g.degradation_pct.min()), float(g.degradation_pct.max())]
+    critical = []
+    for (level, method), g in per_target.groupby(["level", "method"], sort=False):
+        for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target:
+            rows = ablations[(ablations.level == level) & (ablations.method == method) & (ablations.target == target)]
+            per_image = rows.groupby(["dataset", "image"])["degradation_pct"].mean().to_numpy()
+            x0 = rows.x0_mse_intervened.mean() / rows.x0_mse_clean.mean()
+            critical.append({"level": level, "method": method, "target": target,
+                             "degradation_pct": _ci_entry(per_image, seed), "x0_mse_ratio": float(x0)})
+    return {"methods": sorted(ablations.method.unique()), "n_images": int(ablations.groupby("dataset").image.nunique().max()),
+            "degradation_range_pct": ranges, "critical": critical}
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
-                  divergence: pd.DataFrame) -> dict:
+                  divergence: pd.DataFrame, ablations: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
+    pending = [p for p in PENDING_ANALYSES if not (p == "ablation" and ablations is not None)]
     return {
         "model": manifest["model"],
         "seed": seed,
@@ -92,5 +116,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "entropy_by_layer": _entropy_by_layer(heads),
         "roles": _roles(heads, roles, seed),
         "entropy_divergence": divergence.sort_values("timestep").to_dict("records"),
-        "pending": list(PENDING_ANALYSES),
+        "ablation": _ablation(ablations, seed) if ablations is not None else None,
+        "pending": pending,
     }
