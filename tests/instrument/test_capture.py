@@ -56,3 +56,14 @@ def test_masked_attention_uses_the_reference_path():
     out_n, st_n = attention_stats_naive(q, k, v, mask, 8**-0.5, f)
     torch.testing.assert_close(st_f["entropy_nats"], st_n["entropy_nats"])
     assert (st_n["entropy_nats"] <= math.log(4) + 1e-5).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_matches_naive_on_cuda():
+    q, k, v, f = (x.cuda() for x in _random(q=64, k=64))
+    out_n, st_n = attention_stats_naive(q, k, v, None, 8**-0.5, f)
+    out_f, st_f = attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    torch.testing.assert_close(out_f, out_n, atol=1e-4, rtol=0)
+    for name in ("entropy_nats", "perplexity", "moments"):
+        torch.testing.assert_close(st_f[name], st_n[name], atol=1e-3, rtol=1e-3)
