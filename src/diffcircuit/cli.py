@@ -199,6 +199,7 @@ def train_tiny(
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     synthetic_pool: Annotated[int, typer.Option("--synthetic-pool", help="Synthetic training images.")] = 10_000,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Fine-tune from this diffusers folder's weights.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Train the embedded model (DDPM, ε-prediction, seeded) and write it with its model card."""
@@ -208,7 +209,7 @@ def train_tiny(
     if steps < 1 or batch_size < 2 or lr <= 0 or synthetic_pool < 1:
         raise DiffcircuitError("need --steps >= 1, --batch-size >= 2, --lr > 0 and --synthetic-pool >= 1")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, synthetic_pool=synthetic_pool,
-                      warmup_steps=min(200, max(1, steps // 10)))
+                      warmup_steps=min(200, max(1, steps // 10)), init_from=init_from)
     with _Bars(quiet) as bars:
         train(out, cfg, progress=lambda step, loss: bars.update("train", completed=step, total=steps,
                                                                 description=f"training (loss {loss:.3g})"))

@@ -48,3 +48,18 @@ def test_shipped_model_beats_the_trivial_predictor_on_held_out_images(timestep):
         assert mse < trivial, (name, mse, trivial)
         if timestep == 500:
             assert mse < 0.02, (name, mse)
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    from diffcircuit.models.tiny import build_tiny_unet
+    from diffcircuit.models.loading import save_denoiser
+    from diffusers import DDPMScheduler
+
+    base = build_tiny_unet(seed=5)
+    save_denoiser(tmp_path / "base", base, DDPMScheduler())
+    cfg = TrainConfig(steps=1, batch_size=2, synthetic_pool=2, warmup_steps=1, quality_images=2, lr=1e-12,
+                      init_from=str(tmp_path / "base"))
+    tuned = load_denoiser(str(train_tiny(tmp_path / "tuned", cfg))).network
+    for a, b in zip(base.parameters(), tuned.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # lr ~ 0: still the starting weights
+    assert "--init-from" in (tmp_path / "tuned" / "README.md").read_text()

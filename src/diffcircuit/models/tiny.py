@@ -35,7 +35,7 @@ from diffcircuit.models.diffusion import (
     trivial_eps,
     x0_mse_per_image,
 )
-from diffcircuit.models.loading import save_denoiser
+from diffcircuit.models.loading import load_denoiser, save_denoiser
 
 __all__ = [
     "TINY_UNET_CONFIG",
@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     quality_images: int = 100  # held-out images per dataset for the model card (faces: at most 20)
+    init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
 
 
@@ -137,7 +138,10 @@ def train_tiny(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    unet = build_tiny_unet(cfg.seed).train()
+    unet = build_tiny_unet(cfg.seed)
+    if cfg.init_from is not None:
+        unet.load_state_dict(load_denoiser(cfg.init_from).network.state_dict())
+    unet.train().requires_grad_(True)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
@@ -227,7 +231,8 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "",
         "```",
         "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                       if k in ("steps", "batch_size", "lr", "seed")),
+                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from")
+                                                       and v is not None),
         "```",
         "",
         f"{cfg.steps} steps of batch {cfg.batch_size} in {seconds / 60:.1f} min on a 2-core CPU; loss: ε-MSE",
