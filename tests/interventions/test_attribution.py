@@ -1,0 +1,93 @@
+"""Attribution patching against exact ablation effects on a toy whose output is linear in the heads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import Attention
+from scipy.stats import spearmanr
+
+from diffcircuit import instrument, probe_registry
+from diffcircuit.metrics.observe import image_noise
+from diffcircuit.data.synthetic import synthetic_images
+from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.attribution import attribution_scores
+from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.models.loading import Denoiser
+
+
+class LinearToy(torch.nn.Module):
+    """One self-attention layer with a residual: the output is linear in the heads' outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = Attention(query_dim=3, heads=3, dim_head=4, residual_connection=True)
+
+    def forward(self, sample, timestep):
+        return SimpleNamespace(sample=self.attn(sample))
+
+
+def _setup(net, n=4, size=8):
+    den = Denoiser(network=net.eval(), scheduler=DDPMScheduler(), model_path=".", source="toy")
+    images = synthetic_images(n, size=size, seed=2)[0]
+    registry = probe_registry(net, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    return den, images, registry
+
+
+def _by_head(frame):
+    frame = frame.assign(target=frame.layer + ":" + frame["head"].astype(str))
+    return frame.set_index(["target", "image"]).sort_index()
+
+
+def _mean_sq_prediction_change(den, images, method) -> pd.Series:
+    """mean over pixels of (W_h (a'_h − a_h))², per head and image, from the toy's weights."""
+    net = den.network
+    x0 = torch.from_numpy(images)
+    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(len(x0))])
+    t = torch.full((len(x0),), 300)
+    with torch.no_grad(), instrument(net, cache_heads=["attn"]) as session:
+        net(den.scheduler.add_noise(x0, eps, t), t)
+    a = session.pop("head_out")["attn"]  # [B, h, Q, d]
+    target = torch.zeros_like(a) if method == "zero" else a.mean(0, keepdim=True).expand_as(a)
+    w = net.attn.to_out[0].weight  # [C, h*d]
+    d = a.shape[-1]
+    out = {}
+    for h in range(a.shape[1]):
+        change = (target[:, h] - a[:, h]) @ w[:, h * d:(h + 1) * d].T  # [B, Q, C]
+        for i in range(len(x0)):
+            out[(f"attn:{h}", i)] = change[i].pow(2).mean().item()
+    return pd.Series(out)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_first_order_plus_curvature_is_exact_on_a_linear_toy(method):
+    """With pred linear in a head's output, L(a') − L(a) = first-order term + mean(Δpred²), exactly."""
+    den, images, registry = _setup(LinearToy())
+    exact = _by_head(ablation_sweep(den, images, targets=targets(registry, "head"), methods=[method], timesteps=[300],
+                                    registry=registry))
+    first = _by_head(attribution_scores(den, images, timesteps=[300], method=method, registry=registry))
+    remainder = (exact.mse_intervened - exact.mse_clean - first.delta_mse.reindex(exact.index)).to_numpy()
+    # the remainder is the mean squared change of the prediction, computed here from the weights
+    np.testing.assert_allclose(remainder, _mean_sq_prediction_change(den, images, method).reindex(exact.index).to_numpy(),
+                               rtol=1e-3, atol=1e-10)
+    # and IG with one midpoint step is exact for the quadratic loss along the path, summed over heads
+    ig = attribution_scores(den, images, timesteps=[300], method=method, ig_steps=1, registry=registry)
+    layer = ablation_sweep(den, images, targets=targets(registry, "layer"), methods=[method], timesteps=[300],
+                           registry=registry).set_index("image").sort_index()
+    total = ig.groupby("image").delta_mse.sum()
+    np.testing.assert_allclose(total.to_numpy(), (layer.mse_intervened - layer.mse_clean).to_numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_first_order_ranks_heads_like_exhaustive_ablation(small_unet):
+    den, images, registry = _setup(small_unet, n=6, size=16)
+    exact = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=[500], registry=registry)
+    est = attribution_scores(den, images, timesteps=[500], method="mean", registry=registry)
+    e = exact.groupby("target").degradation_pct.mean()
+    a = est.assign(target=est.layer + ":" + est["head"].astype(str)).groupby("target").degradation_pct.mean().reindex(e.index)
+    assert spearmanr(a, e).statistic > 0.8
