@@ -134,3 +134,32 @@ def test_results_do_not_depend_on_batch_size(small_unet, tmp_path, method):
     a = _sweep(den, images, registry, some, [method], batch_size=5).sort_values(["target", "image"])
     b = _sweep(den, images, registry, some, [method], batch_size=2).sort_values(["target", "image"])
     np.testing.assert_allclose(a.mse_intervened.to_numpy(), b.mse_intervened.to_numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample", "noise"])
+def test_prefix_reuse_equals_the_naive_loop(small_unet, tmp_path, method):
+    images, registry = _setup(small_unet, n=3)
+    den = _den(small_unet, tmp_path)
+    every = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+    every += targets(registry, "resnet", small_unet)
+    fast = _sweep(den, images, registry, every, [method], prefix_reuse=True)
+    slow = _sweep(den, images, registry, every, [method], prefix_reuse=False)
+    np.testing.assert_allclose(fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(fast.mse_clean.to_numpy(), slow.mse_clean.to_numpy(), rtol=1e-6)
+
+
+def test_stages_reproduce_the_full_forward(small_unet):
+    from diffcircuit.interventions.prefix import UNetStages
+
+    stages = UNetStages(small_unet)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        record: dict = {}
+        full = small_unet(x, t).sample
+        torch.testing.assert_close(stages.run(x, t, record=record), full, atol=1e-6, rtol=0)
+        for name in record["order"]:  # resuming after any sub-module, untouched, gives the clean output
+            torch.testing.assert_close(stages.resume([name], record), full, atol=1e-6, rtol=0)
+        assert "up_blocks.1.attentions.1" in record["order"]
+        assert all("forward" not in m.__dict__ for m in small_unet.modules())  # replayed modules restored
+    assert stages.names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert stages.stage_of("up_blocks.0.attentions.1") == 3 and stages.stage_of("conv_in") == 0

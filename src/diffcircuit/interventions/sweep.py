@@ -18,6 +18,7 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
+from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
 
@@ -75,15 +76,16 @@ def _replacement(method: str, key: str, index: int | None, ref: _Reference, part
     return mean if method == "mean" else mean + std * draw(tuple(mean.shape))
 
 
-def _intervened(net, registry, x_t, t, target: Target, method, ref, partner, draw, resnet_modules):
+def _intervened(net, registry, target: Target, method, ref, partner, draw, resnet_modules, forward_from):
+    """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
     if target.level == "resnet":
         value = _replacement(method, target.name, None, ref, partner, draw)
         replace = (lambda r: torch.zeros_like(r)) if method == "zero" else (lambda r: value.to(r.dtype).expand_as(r))
         with resnet_intervention(resnet_modules[target.name], replace=replace):
-            return net(x_t, t).sample
+            return forward_from([target.name])
     patches = {a: _replacement(method, a.layer, a.head, ref, partner, draw) for a in target.heads}
     with instrument(net, registry=registry, patches=patches):
-        return net(x_t, t).sample
+        return forward_from([a.layer for a in target.heads])
 
 
 @torch.no_grad()
@@ -98,9 +100,14 @@ def ablation_sweep(
     dataset: str = "a",
     batch_size: int = 50,
     registry: HeadRegistry | None = None,
+    prefix_reuse: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
-    """One row per target x method x timestep x image: clean and intervened ε- and x₀-MSE."""
+    """One row per target x method x timestep x image: clean and intervened ε- and x₀-MSE.
+
+    With ``prefix_reuse`` (UNet2DModel), each intervened forward restarts from the first block the
+    intervention touches, from the clean run's recorded state; results equal the full forward's.
+    """
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown ablation methods {bad}; choose from {METHODS}")
@@ -110,6 +117,7 @@ def ablation_sweep(
     registry = registry or probe_registry(net, x_all[:1], torch.zeros(1, dtype=torch.long))
     resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
     resnet_modules = dict(resnets)
+    stages = UNetStages(net)
     rows = []
 
     def noisy(idx: np.ndarray, t_val: int):
@@ -127,7 +135,14 @@ def ablation_sweep(
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             x0, eps, t, x_t = noisy(idx, t_val)
-            clean = net(x_t, t).sample
+            record: dict = {}
+            clean = stages.run(x_t, t, record=record) if prefix_reuse else net(x_t, t).sample
+
+            def forward_from(names, _record=record, _x=x_t, _t=t):
+                if not (prefix_reuse and stages.supported):
+                    return net(_x, _t).sample
+                return stages.resume(names, _record)
+
             partner = _clean_forward(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
             mse_clean = eps_mse_per_image(clean, eps)
             x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
@@ -135,7 +150,7 @@ def ablation_sweep(
                 for method in methods:
                     def draw(shape, _k=k):
                         return _noise_like(shape, seed=seed, images=idx, timestep=t_val, tag=f"{dataset}/noise/{_k}")
-                    pred = _intervened(net, registry, x_t, t, target, method, ref, partner, draw, resnet_modules)
+                    pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
