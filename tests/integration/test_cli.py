@@ -71,6 +71,10 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     np.testing.assert_allclose(ablations.degradation_pct,
                                100 * (ablations.mse_intervened - ablations.mse_clean) / ablations.mse_clean, rtol=1e-6)
     assert summary["ablation"]["degradation_range_pct"]["head"].keys() == {"zero", "mean"}
+    patching = pd.read_parquet(out / "tables" / "patching.parquet")
+    assert len(patching) == (n_heads + n_layers) * 2 * 3  # targets x timesteps x pairs
+    assert summary["patching"]["source"] == "faces" and summary["patching"]["receiver"] == "synthetic"
+    assert "Activation patching" in (out / "report.html").read_text()
     synthetic = heads[heads.dataset == "a"]
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()

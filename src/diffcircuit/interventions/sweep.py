@@ -22,7 +22,7 @@ from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
 
-__all__ = ["ablation_sweep"]
+__all__ = ["ablation_sweep", "clean_activations"]
 
 
 class _Reference:
@@ -46,7 +46,7 @@ class _Reference:
         return var.clamp_min(0).sqrt().float()
 
 
-def _clean_forward(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Prediction and every activation an ablation can target: ``layer`` -> [B, h, Q, d], resnet -> [B, C, H, W]."""
     records = {name: [] for name, _ in resnets}
     with ExitStack() as stack:
@@ -131,7 +131,7 @@ def ablation_sweep(
         for start in range(0, n, batch_size) if {"mean", "noise"} & set(methods) else ():
             idx = np.arange(start, min(start + batch_size, n))
             _, _, t, x_t = noisy(idx, t_val)
-            ref.add(_clean_forward(net, registry, x_t, t, resnets)[1])
+            ref.add(clean_activations(net, registry, x_t, t, resnets)[1])
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             x0, eps, t, x_t = noisy(idx, t_val)
@@ -143,7 +143,7 @@ def ablation_sweep(
                     return net(_x, _t).sample
                 return stages.resume(names, _record)
 
-            partner = _clean_forward(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
+            partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
             mse_clean = eps_mse_per_image(clean, eps)
             x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
             for k, target in enumerate(targets):

@@ -14,6 +14,7 @@ Run directory::
     tables/divergence.parquet   per timestep: synthetic-vs-natural JSD of head entropies, CI, null
     tables/divergence_heads.parquet  per timestep x head: that head's JSD
     tables/ablations.parquet    per target x method x dataset x timestep x image: paired ε/x₀ errors
+    tables/patching.parquet     per head/layer x timestep x pair: b's activation patched into a
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -33,6 +34,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser, load_denoiser
@@ -124,6 +126,15 @@ def _ablate_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dic
     return pd.concat(frames, ignore_index=True)
 
 
+def _patch_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+    """Every head and layer patched from dataset b (source) into dataset a (receiver), pair by pair."""
+    plan = [t for level in ("head", "layer") for t in targets(registry, level)]
+    n = min(cfg.ablate_n, cfg.n)
+    step = _stage_progress(progress, "patch", n * len(cfg.timesteps))
+    return activation_patching(den, sets["b"].images[:n], sets["a"].images[:n], targets=plan, timesteps=cfg.timesteps,
+                               seed=cfg.seed, batch_size=cfg.batch_size, registry=registry, progress=step)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and ablate) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     import torch
@@ -141,6 +152,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     tables = {"head_metrics": head_metrics, "denoising": denoising} | derived_tables(head_metrics, seed=cfg.seed)
     if cfg.ablate_n > 0:
         tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
+        tables["patching"] = _patch_all(cfg, den, registry, sets, progress)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     manifest = _manifest(cfg, den, registry, sets)

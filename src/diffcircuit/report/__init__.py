@@ -24,12 +24,12 @@ def finalize_run(run_dir: str | Path) -> dict:
         images = pd.read_parquet(run_dir / "tables" / "denoising.parquet")
         roles = pd.read_parquet(run_dir / "tables" / "head_roles.parquet")
         divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
-        ablation_path = run_dir / "tables" / "ablations.parquet"
-        ablations = pd.read_parquet(ablation_path) if ablation_path.exists() else None
+        optional = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
+                    for name in ("ablations", "patching") if (run_dir / "tables" / f"{name}.parquet").exists()}
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
     summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles, divergence=divergence,
-                            ablations=ablations)
+                            ablations=optional.get("ablations"), patching=optional.get("patching"))
     write_json(run_dir / "summary.json", summary)
-    write_report(run_dir, summary, heads, roles, ablations)
+    write_report(run_dir, summary, heads, roles, optional.get("ablations"))
     return summary

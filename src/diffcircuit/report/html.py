@@ -173,6 +173,19 @@ mean only; the comparison with random-head nulls is still pending.</p>
 {f'<img alt="single-head ablation effects" src="data:image/png;base64,{png}" style="max-width:100%">' if png else ''}"""
 
 
+def _patching_section(summary: dict) -> str:
+    pt = summary.get("patching")
+    if not pt:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(r['level'])}</td><td>{html.escape(r['target'])}</td><td>{_fmt(r['moved_frac'])}</td></tr>"
+                   for r in pt["largest"])
+    return f"""<h2>Activation patching: {html.escape(pt['source'])} → {html.escape(pt['receiver'])}</h2>
+<p class="note">{pt['n_pairs']} image pairs, same noise and timestep; a component's activation on the source image replaces
+the receiver's. Moved fraction = projection of the output change onto (source output − receiver output), over its
+length²: 0 = no move, 1 = all the way. Mean over pairs and timesteps, 95&nbsp;% CI over pairs.</p>
+<table><tr><th>level</th><th>target</th><th>moved fraction [95 % CI]</th></tr>{rows}</table>"""
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -215,6 +228,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 </table>
 <img alt="divergence across timesteps" src="data:image/png;base64,{divergence_png}" style="max-width:60%">
 {ablation_section}
+{patching_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -245,6 +259,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         role_rows=_role_rows(summary), role_png=b64["role_map"],
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
+        patching_section=_patching_section(summary),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

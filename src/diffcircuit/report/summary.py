@@ -101,11 +101,25 @@ def _ablation(ablations: pd.DataFrame, seed: int, top: int = 5) -> dict:
             "degradation_range_pct": ranges, "critical": critical}
 
 
+def _patching(patching: pd.DataFrame, manifest: dict, seed: int, top: int = 5) -> dict:
+    """The components whose activation, patched from b into a, moves a's output furthest toward b's."""
+    per_target = patching.groupby(["level", "target"], sort=False)["moved_frac"].mean().reset_index()
+    best = []
+    for level, g in per_target.groupby("level", sort=False):
+        for target in g.nlargest(top, "moved_frac").target:
+            per_pair = patching[patching.target == target].groupby("pair")["moved_frac"].mean().to_numpy()
+            best.append({"level": level, "target": target, "moved_frac": _ci_entry(per_pair, seed)})
+    return {"source": manifest["datasets"]["b"]["spec"], "receiver": manifest["datasets"]["a"]["spec"],
+            "n_pairs": int(patching.pair.nunique()), "largest": best}
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
-                  divergence: pd.DataFrame, ablations: pd.DataFrame | None = None) -> dict:
+                  divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
+                  patching: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
-    pending = [p for p in PENDING_ANALYSES if not (p == "ablation" and ablations is not None)]
+    done = {"ablation": ablations is not None, "patching": patching is not None}
+    pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
         "model": manifest["model"],
         "seed": seed,
@@ -117,5 +131,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "roles": _roles(heads, roles, seed),
         "entropy_divergence": divergence.sort_values("timestep").to_dict("records"),
         "ablation": _ablation(ablations, seed) if ablations is not None else None,
+        "patching": _patching(patching, manifest, seed) if patching is not None else None,
         "pending": pending,
     }
