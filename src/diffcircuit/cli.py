@@ -133,7 +133,7 @@ def run(
                     timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
                     skip_bad=skip_bad, capture=capture, ablate_n=ablate_n,
                     ablation_methods=tuple(m.strip() for m in ablation_methods.split(",") if m.strip()))
-    names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a"}
+    names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a", "attribute": "attribution"}
     with _Bars(quiet) as bars:
         summary = diffcircuit.run(cfg, out, progress=lambda stage, done, total: bars.update(
             stage, completed=done, total=total, description=names.get(stage, stage)))

@@ -75,6 +75,10 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert len(patching) == (n_heads + n_layers) * 2 * 3  # targets x timesteps x pairs
     assert summary["patching"]["source"] == "faces" and summary["patching"]["receiver"] == "synthetic"
     assert "Activation patching" in (out / "report.html").read_text()
+    attribution = pd.read_parquet(out / "tables" / "attribution.parquet")
+    assert set(attribution.estimator) == {"first_order", "ig"} and len(attribution) == n_heads * 2 * 2 * 2 * 2 * 3
+    assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
+        (e, m) for e in ("first_order", "ig") for m in ("zero", "mean")}
     synthetic = heads[heads.dataset == "a"]
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()

@@ -15,6 +15,7 @@ Run directory::
     tables/divergence_heads.parquet  per timestep x head: that head's JSD
     tables/ablations.parquet    per target x method x dataset x timestep x image: paired ε/x₀ errors
     tables/patching.parquet     per head/layer x timestep x pair: b's activation patched into a
+    tables/attribution.parquet  per head x method x estimator x dataset x timestep x image: predicted degradation
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -34,6 +35,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
@@ -135,6 +137,22 @@ def _patch_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict
                                seed=cfg.seed, batch_size=cfg.batch_size, registry=registry, progress=step)
 
 
+def _attribute_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+    """First-order and IG (4 steps) attribution scores of every head, for each ablation method that supports it."""
+    n = min(cfg.ablate_n, cfg.n)
+    methods = [m for m in cfg.ablation_methods if m in ("zero", "mean")]
+    step = _stage_progress(progress, "attribute", len(sets) * len(methods) * 2)
+    frames = []
+    for key, image_set in sets.items():
+        for method in methods:
+            for ig_steps in (0, 4):
+                frames.append(attribution_scores(den, image_set.images[:n], timesteps=cfg.timesteps, method=method,
+                                                 ig_steps=ig_steps, seed=cfg.seed, dataset=key,
+                                                 batch_size=cfg.batch_size, registry=registry))
+                step(1)
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and ablate) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     import torch
@@ -153,6 +171,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     if cfg.ablate_n > 0:
         tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
         tables["patching"] = _patch_all(cfg, den, registry, sets, progress)
+        tables["attribution"] = _attribute_all(cfg, den, registry, sets, progress)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     manifest = _manifest(cfg, den, registry, sets)

@@ -186,6 +186,20 @@ length²: 0 = no move, 1 = all the way. Mean over pairs and timesteps, 95&nbsp;%
 <table><tr><th>level</th><th>target</th><th>moved fraction [95 % CI]</th></tr>{rows}</table>"""
 
 
+def _attribution_section(summary: dict) -> str:
+    at = summary.get("attribution")
+    if not at:
+        return ""
+    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    rows = "".join(f"<tr><td>{html.escape(r['estimator'])}</td><td>{html.escape(r['method'])}</td>"
+                   f"<td>{html.escape(labels.get(r['dataset'], r['dataset']))}</td><td>{r['timestep']}</td>"
+                   f"<td>{r['spearman']:.3f}</td><td>{r['top5_overlap']}/5</td></tr>" for r in at)
+    return f"""<h2>Attribution patching against exhaustive ablation</h2>
+<p class="note">Gradient estimates of every head's ablation effect (first order: one forward and one backward per
+batch; IG: 4 interpolation steps, all heads moved together), ranked against the exhaustive sweep on the same images.</p>
+<table><tr><th>estimator</th><th>method</th><th>dataset</th><th>t</th><th>Spearman ρ</th><th>top-5 overlap</th></tr>{rows}</table>"""
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -229,6 +243,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 <img alt="divergence across timesteps" src="data:image/png;base64,{divergence_png}" style="max-width:60%">
 {ablation_section}
 {patching_section}
+{attribution_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -259,7 +274,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         role_rows=_role_rows(summary), role_png=b64["role_map"],
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
-        patching_section=_patching_section(summary),
+        patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

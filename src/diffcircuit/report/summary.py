@@ -113,12 +113,31 @@ def _patching(patching: pd.DataFrame, manifest: dict, seed: int, top: int = 5) -
             "n_pairs": int(patching.pair.nunique()), "largest": best}
 
 
+def _attribution(attribution: pd.DataFrame, ablations: pd.DataFrame) -> list[dict]:
+    """How well each estimator ranks heads like the exhaustive sweep: Spearman ρ per method, dataset, timestep."""
+    from scipy.stats import spearmanr
+
+    exact = (ablations[ablations.level == "head"].groupby(["method", "dataset", "timestep", "target"])
+             ["degradation_pct"].mean())
+    est = attribution.assign(target=attribution.layer + ":" + attribution["head"].astype(str))
+    est = est.groupby(["estimator", "method", "dataset", "timestep", "target"])["degradation_pct"].mean()
+    out = []
+    for (estimator, method, dataset, t), g in est.groupby(level=[0, 1, 2, 3], sort=True):
+        truth = exact.loc[(method, dataset, t)]
+        guess = g.droplevel([0, 1, 2, 3]).reindex(truth.index)
+        top = len(set(truth.nlargest(5).index) & set(guess.nlargest(5).index))
+        out.append({"estimator": estimator, "method": method, "dataset": dataset, "timestep": int(t),
+                    "spearman": float(spearmanr(guess, truth).statistic), "top5_overlap": top})
+    return out
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
                   divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
-                  patching: pd.DataFrame | None = None) -> dict:
+                  patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
-    done = {"ablation": ablations is not None, "patching": patching is not None}
+    done = {"ablation": ablations is not None, "patching": patching is not None,
+            "attribution": attribution is not None and ablations is not None}
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
         "model": manifest["model"],
@@ -132,5 +151,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "entropy_divergence": divergence.sort_values("timestep").to_dict("records"),
         "ablation": _ablation(ablations, seed) if ablations is not None else None,
         "patching": _patching(patching, manifest, seed) if patching is not None else None,
+        "attribution": _attribution(attribution, ablations) if done["attribution"] else None,
         "pending": pending,
     }
