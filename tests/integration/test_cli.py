@@ -77,6 +77,13 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert "Activation patching" in (out / "report.html").read_text()
     attribution = pd.read_parquet(out / "tables" / "attribution.parquet")
     assert set(attribution.estimator) == {"first_order", "ig"} and len(attribution) == n_heads * 2 * 2 * 2 * 2 * 3
+    assert set(summary["complexity_ratio"]) >= {"measure", "value", "ci_low", "ci_high", "p_value"}
+    assert summary["complexity_ratio"]["measure"] == "ablation_participation_ratio"
+    assert len(summary["complexity_measures"]) == 4
+    tests = pd.read_parquet(out / "tables" / "tests.parquet")
+    assert {"family", "what", "statistic", "p_value", "p_corrected", "effect_size", "n_a", "n_b"} <= set(tests.columns)
+    assert (tests.p_value > 0).all() and (tests.p_corrected >= tests.p_value - 1e-12).all()
+    assert summary["tests"]["n_tests"] == len(tests)
     assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
         (e, m) for e in ("first_order", "ig") for m in ("zero", "mean")}
     synthetic = heads[heads.dataset == "a"]

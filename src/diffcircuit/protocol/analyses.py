@@ -4,19 +4,31 @@
   percentile-bootstrap CI (images resampled, one bootstrap per dataset and timestep for all heads);
 - ``head_roles``: each head's role per timestep (``metrics.roles``);
 - ``divergence`` / ``divergence_heads``: per timestep, the JSD between the datasets' per-image head
-  entropies averaged over heads with CI and permutation null; and each head's own JSD.
+  entropies averaged over heads with CI and permutation null; and each head's own JSD;
+- ``complexity``: each complexity measure per dataset and the b/a ratio with CI and p-value
+  (``stats.complexity``); the primary measure is the participation ratio of single-head mean-ablation
+  effects — causal, and the effective number of heads that matter;
+- ``tests``: every hypothesis test performed, with p, Benjamini–Hochberg-corrected p within its
+  family, effect size and n.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.stats.bootstrap import column_mean_cis
+from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
 from diffcircuit.stats.divergence import mean_jsd_test
+from diffcircuit.stats.tests import correct_pvalues, paired_test, two_sample_test
 
-__all__ = ["SUMMARY_METRICS", "derived_tables", "divergence_tables", "head_summary_table"]
+__all__ = ["PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "derived_tables", "divergence_tables",
+           "head_summary_table", "tests_table"]
+
+PRIMARY_COMPLEXITY = "ablation_participation_ratio"
+_N_RESAMPLES = 2000
 
 SUMMARY_METRICS = ("entropy_nats", "entropy_norm", *HEAD_METRICS)
 
@@ -49,12 +61,81 @@ def divergence_tables(heads: pd.DataFrame, *, seed: int = 0) -> tuple[pd.DataFra
     return pd.DataFrame(rows), pd.concat(per_head, ignore_index=True)
 
 
-def derived_tables(heads: pd.DataFrame, *, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Every table derived from ``head_metrics``, by file stem."""
+def _per_image(frame: pd.DataFrame, columns: list[str], value: str) -> dict[str, pd.DataFrame]:
+    """dataset -> [images x columns] of ``value`` averaged over timesteps (one row per independent unit)."""
+    wide = frame.pivot_table(index=["dataset", "image"], columns=columns, values=value, aggfunc="mean")
+    return {d: wide.loc[d] for d in ("a", "b")}
+
+
+def _ablation_method(ablations: pd.DataFrame) -> str:
+    methods = set(ablations.method)
+    return "mean" if "mean" in methods else sorted(methods)[0]
+
+
+def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, seed: int = 0) -> pd.DataFrame:
+    """One row per complexity measure: value on a and b, ratio b/a, 95 % CI, permutation p."""
+    plans = []
+    if ablations is not None:
+        single = ablations[(ablations.level == "head") & (ablations.method == _ablation_method(ablations))]
+        effects = _per_image(single, ["target"], "degradation_pct")
+        plans += [(PRIMARY_COMPLEXITY, effects, participation_ratio), ("ablation_heads_for_90pct", effects, heads_for_fraction)]
+    plans += [("mean_entropy_norm", _per_image(heads, ["layer", "head"], "entropy_norm"), mean_value),
+              ("mean_effective_keys_frac", _per_image(heads, ["layer", "head"], "effective_keys_frac"), mean_value)]
+    rows = []
+    for name, per_image, measure in plans:
+        res = ratio_test(per_image["a"].to_numpy(), per_image["b"].to_numpy(), measure, seed=seed)
+        rows.append({"measure": name, "primary": name == PRIMARY_COMPLEXITY, **res.to_dict()})
+    return pd.DataFrame(rows)
+
+
+def _family(rows: list[dict], family: str) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame.insert(0, "family", family)
+    frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), "fdr_bh")
+    return frame
+
+
+def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence: pd.DataFrame,
+                complexity: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """Every test performed; p corrected by Benjamini–Hochberg within each family."""
+    families = []
+    entropy_rows = []
+    for (t, layer, head), g in heads.groupby(["timestep", "layer", "head"], sort=False):
+        res = two_sample_test(g.entropy_nats[g.dataset == "b"], g.entropy_nats[g.dataset == "a"], n_resamples=_N_RESAMPLES, seed=seed)
+        entropy_rows.append({"what": f"entropy_nats b vs a, t={t}, {layer}:{head}", **res.to_dict()})
+    families.append(_family(entropy_rows, "entropy_difference"))
+    if ablations is not None:
+        paired_rows = []
+        for (level, target, method, dataset, t), g in ablations.groupby(["level", "target", "method", "dataset", "timestep"], sort=False):
+            res = paired_test(g.mse_intervened, g.mse_clean, n_resamples=_N_RESAMPLES, seed=seed)
+            paired_rows.append({"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
+                                **res.to_dict()})
+        families.append(_family(paired_rows, "ablation_paired"))
+    families.append(_family([{"what": f"entropy JSD a vs b, t={r.timestep}", "test": "permutation (labels over images)",
+                              "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
+                              "effect_size": r.bias_corrected, "effect_size_kind": "jsd_bias_corrected_bits",
+                              "n_a": int(heads[heads.dataset == "a"].image.nunique()),
+                              "n_b": int(heads[heads.dataset == "b"].image.nunique()),
+                              "n_resamples": r.n_permutations} for r in divergence.itertuples()], "divergence"))
+    families.append(_family([{"what": f"complexity ratio b/a: {r.measure}", "test": "permutation (labels over images)",
+                              "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
+                              "effect_size": float(np.log(r.value)) if r.value > 0 else float("nan"),
+                              "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b,
+                              "n_resamples": r.n_permutations} for r in complexity.itertuples()], "complexity_ratio"))
+    return pd.concat([f for f in families if not f.empty], ignore_index=True)
+
+
+def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem."""
     divergence, divergence_heads = divergence_tables(heads, seed=seed)
+    complexity = complexity_table(heads, ablations, seed=seed)
     return {
         "head_summary": head_summary_table(heads, seed=seed),
         "head_roles": assign_roles(heads),
         "divergence": divergence,
         "divergence_heads": divergence_heads,
+        "complexity": complexity,
+        "tests": tests_table(heads, ablations, divergence, complexity, seed=seed),
     }

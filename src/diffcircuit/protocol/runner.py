@@ -16,6 +16,8 @@ Run directory::
     tables/ablations.parquet    per target x method x dataset x timestep x image: paired ε/x₀ errors
     tables/patching.parquet     per head/layer x timestep x pair: b's activation patched into a
     tables/attribution.parquet  per head x method x estimator x dataset x timestep x image: predicted degradation
+    tables/complexity.parquet   per complexity measure: a, b, ratio b/a with CI and permutation p
+    tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -167,11 +169,12 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     first = torch.from_numpy(sets["a"].images[:1]).to(cfg.device)
     registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.device))
     head_metrics, denoising = _observe_all(cfg, den, registry, sets, progress)
-    tables = {"head_metrics": head_metrics, "denoising": denoising} | derived_tables(head_metrics, seed=cfg.seed)
+    tables = {"head_metrics": head_metrics, "denoising": denoising}
     if cfg.ablate_n > 0:
         tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
         tables["patching"] = _patch_all(cfg, den, registry, sets, progress)
         tables["attribution"] = _attribute_all(cfg, den, registry, sets, progress)
+    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     manifest = _manifest(cfg, den, registry, sets)

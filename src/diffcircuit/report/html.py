@@ -200,6 +200,28 @@ batch; IG: 4 interpolation steps, all heads moved together), ranked against the 
 <table><tr><th>estimator</th><th>method</th><th>dataset</th><th>t</th><th>Spearman ρ</th><th>top-5 overlap</th></tr>{rows}</table>"""
 
 
+def _complexity_section(summary: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(r['measure'])}{' (primary)' if r['primary'] else ''}</td><td>{r['value_a']:.4g}</td>"
+        f"<td>{r['value_b']:.4g}</td><td>{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]</td>"
+        f"<td>{_p(r['p_value'], r['n_permutations'])}</td></tr>" for r in summary.get("complexity_measures", []))
+    if not rows:
+        return ""
+    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    tests = summary.get("tests") or {"n_tests": 0, "families": {}}
+    fam = "".join(f"<tr><td>{html.escape(f)}</td><td>{d['n_tests']}</td><td>{d['significant_bh_0.05']}</td></tr>"
+                  for f, d in tests["families"].items())
+    return f"""<h2>Circuit complexity: {html.escape(labels['b'])} / {html.escape(labels['a'])}</h2>
+<p class="note">Ratio b/a with a percentile-bootstrap 95&nbsp;% CI (images resampled within each dataset) and a permutation
+p-value (dataset labels shuffled over images). The primary measure is the participation ratio of single-head ablation
+effects: the effective number of heads whose removal matters.</p>
+<table><tr><th>measure</th><th>{html.escape(labels['a'])}</th><th>{html.escape(labels['b'])}</th><th>ratio [95 % CI]</th><th>p</th></tr>{rows}</table>
+<h3>Statistics appendix</h3>
+<p class="note">{tests['n_tests']} tests (tables/tests.parquet lists each with its statistic, p, BH-corrected p, effect size
+and n); Benjamini–Hochberg correction within each family.</p>
+<table><tr><th>family</th><th>tests</th><th>significant after correction (q &lt; 0.05)</th></tr>{fam}</table>"""
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -244,6 +266,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 {ablation_section}
 {patching_section}
 {attribution_section}
+{complexity_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -275,6 +298,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
         patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
+        complexity_section=_complexity_section(summary),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

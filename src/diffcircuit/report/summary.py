@@ -17,7 +17,8 @@ from diffcircuit.stats.bootstrap import mean_ci
 
 __all__ = ["PENDING_ANALYSES", "build_summary"]
 
-PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "circuits")
+PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "random_head_null", "calibration",
+                    "circuits")
 
 
 def _ci_entry(values, seed: int) -> dict:
@@ -131,13 +132,31 @@ def _attribution(attribution: pd.DataFrame, ablations: pd.DataFrame) -> list[dic
     return out
 
 
+def _complexity(complexity: pd.DataFrame) -> tuple[dict, list[dict]]:
+    rows = complexity.to_dict("records")
+    primary = next((r for r in rows if r["primary"]), rows[0])
+    headline = {k: primary[k] for k in ("measure", "value", "ci_low", "ci_high", "p_value")}
+    headline["n_permutations"] = primary["n_permutations"]
+    return headline, rows
+
+
+def _tests(tests: pd.DataFrame) -> dict:
+    families = {}
+    for family, g in tests.groupby("family", sort=False):
+        families[family] = {"n_tests": int(len(g)), "significant_bh_0.05": int((g.p_corrected < 0.05).sum())}
+    return {"n_tests": int(len(tests)), "correction": "Benjamini-Hochberg within each family", "families": families}
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
                   divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
-                  patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None) -> dict:
+                  patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None,
+                  complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     done = {"ablation": ablations is not None, "patching": patching is not None,
-            "attribution": attribution is not None and ablations is not None}
+            "attribution": attribution is not None and ablations is not None,
+            "complexity_ratio": complexity is not None and bool(complexity.primary.any())}
+    headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
         "model": manifest["model"],
@@ -152,5 +171,8 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "ablation": _ablation(ablations, seed) if ablations is not None else None,
         "patching": _patching(patching, manifest, seed) if patching is not None else None,
         "attribution": _attribution(attribution, ablations) if done["attribution"] else None,
+        "complexity_ratio": headline,
+        "complexity_measures": measures,
+        "tests": _tests(tests) if tests is not None else None,
         "pending": pending,
     }
