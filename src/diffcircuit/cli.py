@@ -183,6 +183,29 @@ def ablate(
 
 
 @app.command()
+def calibrate(
+    model: ModelOpt = "embedded",
+    data: Annotated[str, typer.Option("--data", help="One distribution: 'synthetic', 'faces', 'nonfaces' or a folder.")] = "faces",
+    n: Annotated[int, typer.Option("--n")] = 100,
+    timestep: Annotated[int, typer.Option("--timestep")] = 500,
+    splits: Annotated[int, typer.Option("--splits", help="Random half-vs-half splits.")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Split one distribution in random halves many times; print the false-positive rate and CI coverage."""
+    from diffcircuit.protocol.calibrate import calibrate as run_calibration
+
+    if n < 4 or splits < 1:
+        raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
+    res = run_calibration(model=model, data=data, n=n, timestep=timestep, splits=splits, seed=seed,
+                          allow_pickle=allow_pickle)
+    print(f"{res.splits} random splits of {res.n_images} images into halves; ratio of mean normalised entropy, "
+          f"alpha {res.alpha}; nominal false-positive rate {res.alpha}, nominal coverage 0.95")
+    print(f"false_positive_rate: {res.false_positive_rate:.3f}")
+    print(f"coverage: {res.coverage:.3f}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Rebuild summary.json and report.html from a run directory's tables."""
     from diffcircuit.report import finalize_run

@@ -190,3 +190,17 @@ def test_ablate_command(small_model_dir, tmp_path, capsys):
     assert set(table.method) == {"zero", "noise"} and len(table) == 6 * 2 * 2
     code, _, err = _run(["ablate", "--out", str(tmp_path / "bad"), "--model", str(small_model_dir), "--target", "x:1"], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_calibrate_prints_rates_within_binomial_tolerance(small_model_dir, capsys):
+    from scipy import stats
+
+    code, out, err = _run(["calibrate", "--model", str(small_model_dir), "--data", "synthetic", "--n", "40",
+                           "--splits", "100"], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    fpr = float(lines[-2].removeprefix("false_positive_rate: "))
+    coverage = float(lines[-1].removeprefix("coverage: "))
+    lo, hi = stats.binom.ppf([0.0005, 0.9995], 100, 0.05) / 100
+    assert lo <= fpr <= hi
+    assert 0.85 <= coverage <= 1.0

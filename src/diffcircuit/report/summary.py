@@ -17,7 +17,7 @@ from diffcircuit.stats.bootstrap import mean_ci
 
 __all__ = ["PENDING_ANALYSES", "build_summary"]
 
-PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "random_head_null", "calibration",
+PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "random_head_null", "seed_variance",
                     "circuits")
 
 
