@@ -67,7 +67,12 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
                      "degradation_pct", "x0_mse_clean", "x0_mse_intervened"}
     assert expected_cols <= set(ablations.columns)
     n_layers, n_blocks = 7, 5  # blocks: down_blocks.0, down_blocks.1, mid_block, up_blocks.0, up_blocks.1
-    assert len(ablations) == (n_heads + n_layers + n_blocks) * 2 * 2 * 2 * 3  # targets x methods x datasets x t x images
+    sizes = ablations[ablations.level.isin(["layer", "block"])].drop_duplicates("target").n_heads.nunique()
+    n_random = sizes * 10  # 10 random head sets per distinct layer/block size (the null control)
+    assert len(ablations) == (n_heads + n_layers + n_blocks + n_random) * 2 * 2 * 2 * 3  # targets x methods x datasets x t x images
+    critical = pd.read_parquet(out / "tables" / "critical.parquet")
+    assert len(critical) == (n_heads + n_layers + n_blocks) * 2 and critical.p_corrected.between(0, 1).all()
+    assert "critical" in summary["ablation"] and summary["ablation"]["n_tested"]["head/zero"] == n_heads
     np.testing.assert_allclose(ablations.degradation_pct,
                                100 * (ablations.mse_intervened - ablations.mse_clean) / ablations.mse_clean, rtol=1e-6)
     assert summary["ablation"]["degradation_range_pct"]["head"].keys() == {"zero", "mean"}

@@ -6,7 +6,9 @@ Targets (``Target.level``):
 - ``layer``: every head of one attention layer (the output projection's bias and the residual
   connection remain, so the layer then adds only a constant);
 - ``block``: every head of every attention layer in one UNet block (``down_blocks.1``, ``mid_block``…);
-- ``resnet``: one ResNet block's residual branch r, in out = (shortcut(x) + r) / output_scale_factor.
+- ``resnet``: one ResNet block's residual branch r, in out = (shortcut(x) + r) / output_scale_factor;
+- ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
+  component of the same number of heads.
 
 Methods, applied to the targeted activation a (a head slice ``[q_pos, d]`` or a residual branch):
 
@@ -28,12 +30,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
-__all__ = ["LEVELS", "METHODS", "Target", "resnet_blocks", "resnet_intervention", "targets"]
+__all__ = ["LEVELS", "METHODS", "Target", "random_head_sets", "resnet_blocks", "resnet_intervention", "targets"]
 
 LEVELS = ("head", "layer", "block", "resnet")
 METHODS = ("zero", "mean", "resample", "noise")
@@ -82,6 +85,17 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
             raise ValueError("resnet targets need the model")
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
+
+
+def random_head_sets(registry: HeadRegistry, size: int, count: int, *, seed: int = 0) -> list[Target]:
+    """``count`` sets of ``size`` heads drawn uniformly without replacement from all heads (the null control)."""
+    heads = list(registry)
+    if not 1 <= size <= len(heads):
+        raise ValueError(f"a random set needs 1..{len(heads)} heads, not {size}")
+    rng = np.random.default_rng([seed, size])
+    return [Target(level="random", name=f"random{size}.{r}",
+                   heads=tuple(sorted(heads[i] for i in rng.choice(len(heads), size, replace=False))))
+            for r in range(count)]
 
 
 @contextmanager

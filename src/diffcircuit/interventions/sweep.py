@@ -154,7 +154,8 @@ def ablation_sweep(
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
-                        "target": target.name, "layer": target.layer, "head": target.head, "method": method,
+                        "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
+                        "method": method,
                         "mse_clean": mse_clean.double().numpy(), "mse_intervened": mse.double().numpy(),
                         "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().numpy(),
                         "x0_mse_clean": x0_clean.double().numpy(),

@@ -8,6 +8,7 @@
 - ``complexity``: each complexity measure per dataset and the b/a ratio with CI and p-value
   (``stats.complexity``); the primary measure is the participation ratio of single-head mean-ablation
   effects — causal, and the effective number of heads that matter;
+- ``critical``: every head, layer and block ablation against random heads of the same count;
 - ``tests``: every hypothesis test performed, with p, Benjamini–Hochberg-corrected p within its
   family, effect size and n.
 """
@@ -19,7 +20,7 @@ import pandas as pd
 
 from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.metrics.roles import assign_roles
-from diffcircuit.stats.bootstrap import column_mean_cis
+from diffcircuit.stats.bootstrap import column_mean_cis, mean_ci
 from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
 from diffcircuit.stats.divergence import mean_jsd_test
 from diffcircuit.stats.tests import correct_pvalues, paired_test, two_sample_test
@@ -88,6 +89,45 @@ def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, see
     return pd.DataFrame(rows)
 
 
+def critical_table(ablations: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """Each head, layer and block ablation against random heads of the same count, paired over images.
+
+    Unit: an image (of either dataset), its degradation averaged over timesteps. Null for a head: the
+    mean degradation of all single heads on that image (the expectation for a random head); for a
+    layer or block of k heads: the mean over the random k-head sets on that image. A component is
+    critical when its excess over the null is positive and significant (sign-flip permutation test,
+    Benjamini–Hochberg over the components of its level and method, q < 0.05).
+    """
+    units = ["dataset", "image"]
+    per_unit = (ablations.groupby(["level", "target", "n_heads", "method", *units], sort=False)["degradation_pct"]
+                .mean().unstack(units))  # rows: components; columns: images
+    index = per_unit.index.to_frame(index=False)
+    rows = []
+    for i, comp in index.iterrows():
+        if comp.level not in ("head", "layer", "block"):
+            continue
+        same_method = index.method == comp.method
+        if comp.level == "head":
+            null_rows = same_method & (index.level == "head")
+        else:
+            null_rows = same_method & (index.level == "random") & (index.n_heads == comp.n_heads)
+        if not null_rows.any():
+            continue
+        values, null = per_unit.iloc[i].to_numpy(), per_unit[null_rows.to_numpy()].mean(axis=0).to_numpy()
+        res = paired_test(values, null, n_resamples=_N_RESAMPLES, seed=seed)
+        _, low, high = mean_ci(values - null, seed=seed)
+        rows.append({"level": comp.level, "method": comp.method, "target": comp.target, "n_heads": int(comp.n_heads),
+                     "degradation_pct": float(values.mean()), "null_degradation_pct": float(null.mean()),
+                     "excess_pct": res.statistic, "ci_low": low, "ci_high": high, "p_value": res.p_value,
+                     "p_floor": res.p_floor, "effect_size": res.effect_size, "n_units": len(values)})
+    frame = pd.DataFrame(rows)
+    frame["p_corrected"] = np.nan
+    for _, idx in frame.groupby(["level", "method"]).groups.items():
+        frame.loc[idx, "p_corrected"] = correct_pvalues(frame.loc[idx, "p_value"].to_numpy(), "fdr_bh")
+    frame["critical"] = (frame.p_corrected < 0.05) & (frame.excess_pct > 0)
+    return frame
+
+
 def _family(rows: list[dict], family: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -98,7 +138,7 @@ def _family(rows: list[dict], family: str) -> pd.DataFrame:
 
 
 def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence: pd.DataFrame,
-                complexity: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+                complexity: pd.DataFrame, critical: pd.DataFrame | None = None, *, seed: int = 0) -> pd.DataFrame:
     """Every test performed; p corrected by Benjamini–Hochberg within each family."""
     families = []
     entropy_rows = []
@@ -113,6 +153,13 @@ def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence:
             paired_rows.append({"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
                                 **res.to_dict()})
         families.append(_family(paired_rows, "ablation_paired"))
+    if critical is not None and len(critical):
+        families.append(critical.assign(
+            family="critical_vs_random_heads", test="permutation (paired sign-flip)",
+            what=critical.method + " ablation of " + critical.level + " " + critical.target + " vs random heads of the same count",
+            statistic=critical.excess_pct, effect_size_kind="cohens_dz", n_a=critical.n_units, n_b=critical.n_units,
+            n_resamples=_N_RESAMPLES)[["family", "what", "test", "statistic", "p_value", "p_floor", "effect_size",
+                                       "effect_size_kind", "n_a", "n_b", "n_resamples", "p_corrected"]])
     families.append(_family([{"what": f"entropy JSD a vs b, t={r.timestep}", "test": "permutation (labels over images)",
                               "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
                               "effect_size": r.bias_corrected, "effect_size_kind": "jsd_bias_corrected_bits",
@@ -131,11 +178,12 @@ def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *
     """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem."""
     divergence, divergence_heads = divergence_tables(heads, seed=seed)
     complexity = complexity_table(heads, ablations, seed=seed)
-    return {
+    extra = {"critical": critical_table(ablations, seed=seed)} if ablations is not None else {}
+    return extra | {
         "head_summary": head_summary_table(heads, seed=seed),
         "head_roles": assign_roles(heads),
         "divergence": divergence,
         "divergence_heads": divergence_heads,
         "complexity": complexity,
-        "tests": tests_table(heads, ablations, divergence, complexity, seed=seed),
+        "tests": tests_table(heads, ablations, divergence, complexity, extra.get("critical"), seed=seed),
     }

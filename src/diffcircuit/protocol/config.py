@@ -37,6 +37,7 @@ class RunConfig:
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
     ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
     ablation_methods: tuple[str, ...] = ("zero", "mean")
+    null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
 
     def __post_init__(self):
         if self.n < 1:
@@ -47,6 +48,8 @@ class RunConfig:
             raise DiffcircuitError(f"timesteps repeat: {list(self.timesteps)}")
         if self.capture not in ("fused", "naive"):
             raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
+        if self.null_sets < 1:
+            raise DiffcircuitError(f"--null-sets must be at least 1, not {self.null_sets}")
         if self.ablate_n < 0:
             raise DiffcircuitError(f"--ablate-n must be >= 0, not {self.ablate_n}")
         bad = [m for m in self.ablation_methods if m not in ("zero", "mean", "resample", "noise")]

@@ -36,7 +36,7 @@ from diffcircuit.data.spec import ImageSet, load_images
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
-from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.ablation import random_head_sets, targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
@@ -119,8 +119,11 @@ def _observe_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: di
 
 
 def _ablate_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
-    """All single-head ablations and every layer and block ablation, on the first ``ablate_n`` images."""
+    """All single-head ablations, every layer and block ablation, and random head sets of the layers' and
+    blocks' sizes (the null control), on the first ``ablate_n`` images."""
     plan = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+    sizes = sorted({len(t.heads) for t in plan if t.level in ("layer", "block")})
+    plan += [r for k in sizes for r in random_head_sets(registry, k, cfg.null_sets, seed=cfg.seed)]
     n = min(cfg.ablate_n, cfg.n)
     step = _stage_progress(progress, "ablate", len(sets) * n * len(cfg.timesteps))
     frames = [ablation_sweep(den, image_set.images[:n], targets=plan, methods=cfg.ablation_methods,

@@ -162,14 +162,23 @@ def _ablation_section(summary: dict, png: str | None) -> str:
     ranges = "".join(f"<tr><td>{html.escape(level)}</td><td>{html.escape(m)}</td><td>{lo:.2f} %</td><td>{hi:.2f} %</td></tr>"
                      for level, by_method in ab["degradation_range_pct"].items() for m, (lo, hi) in by_method.items())
     crit = "".join(f"<tr><td>{html.escape(c['level'])}</td><td>{html.escape(c['method'])}</td><td>{html.escape(c['target'])}</td>"
-                   f"<td>{_fmt(c['degradation_pct'])} %</td><td>{c['x0_mse_ratio']:.3f}</td></tr>" for c in ab["critical"])
+                   f"<td>{_fmt(c['degradation_pct'])} %</td><td>{c['x0_mse_ratio']:.3f}</td></tr>" for c in ab["largest"])
+    sig = "".join(f"<tr><td>{html.escape(c['level'])}</td><td>{html.escape(c['method'])}</td><td>{html.escape(c['target'])}</td>"
+                  f"<td>{c['degradation_pct']:.2f} %</td><td>{c['null_degradation_pct']:.2f} %</td>"
+                  f"<td>{c['excess_pct']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]</td><td>{c['p_corrected']:.3g}</td></tr>"
+                  for c in ab.get("critical", []))
+    counts = ", ".join(f"{k}: {v} of {ab['n_tested'][k]}" for k, v in ab.get("n_critical", {}).items())
     return f"""<h2>Ablations</h2>
 <p class="note">Paired: the same noisy inputs with and without the intervention, on {ab['n_images']} images per dataset.
 Degradation = 100·(ε-MSE ablated − clean)/clean, averaged over images, datasets and timesteps. "Largest" ranks by that
-mean only; the comparison with random-head nulls is still pending.</p>
+mean only; "critical" components are significantly worse than ablating random heads of the same count (paired over
+images, BH-corrected within level and method).</p>
 <table><tr><th>level</th><th>method</th><th>smallest mean degradation</th><th>largest</th></tr>{ranges}</table>
 <h3>Largest effects</h3>
 <table><tr><th>level</th><th>method</th><th>target</th><th>degradation [95 % CI]</th><th>x₀-MSE ablated / clean</th></tr>{crit}</table>
+<h3>Critical: worse than random heads of the same count</h3>
+<p class="note">Critical / tested — {html.escape(counts)}.</p>
+<table><tr><th>level</th><th>method</th><th>target</th><th>degradation</th><th>random-head null</th><th>excess [95 % CI]</th><th>q (BH)</th></tr>{sig}</table>
 {f'<img alt="single-head ablation effects" src="data:image/png;base64,{png}" style="max-width:100%">' if png else ''}"""
 
 

@@ -79,27 +79,36 @@ def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     return out
 
 
-def _ablation(ablations: pd.DataFrame, seed: int, top: int = 5) -> dict:
-    """Degradation range per level and method, and the components whose ablation hurts most.
+def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int, top: int = 5) -> dict:
+    """Degradation range per level and method, the largest effects, and the critical components.
 
     A target's degradation is its mean over images, datasets and timesteps; CIs resample images
-    (each image's degradation averaged over its timesteps first). "Critical" here ranks by that
-    mean; the comparison with random-head nulls is part of the statistics framework (pending).
+    (each image's degradation averaged over its timesteps first). ``critical``: components whose
+    excess degradation over random heads of the same count is significant after BH correction.
     """
+    ablations = ablations[ablations.level != "random"]
     per_target = ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"].mean().reset_index()
     ranges = {}
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
         ranges.setdefault(level, {})[method] = [float(g.degradation_pct.min()), float(g.degradation_pct.max())]
-    critical = []
+    largest = []
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
         for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target:
             rows = ablations[(ablations.level == level) & (ablations.method == method) & (ablations.target == target)]
             per_image = rows.groupby(["dataset", "image"])["degradation_pct"].mean().to_numpy()
             x0 = rows.x0_mse_intervened.mean() / rows.x0_mse_clean.mean()
-            critical.append({"level": level, "method": method, "target": target,
-                             "degradation_pct": _ci_entry(per_image, seed), "x0_mse_ratio": float(x0)})
-    return {"methods": sorted(ablations.method.unique()), "n_images": int(ablations.groupby("dataset").image.nunique().max()),
-            "degradation_range_pct": ranges, "critical": critical}
+            largest.append({"level": level, "method": method, "target": target,
+                            "degradation_pct": _ci_entry(per_image, seed), "x0_mse_ratio": float(x0)})
+    out = {"methods": sorted(ablations.method.unique()), "n_images": int(ablations.groupby("dataset").image.nunique().max()),
+           "degradation_range_pct": ranges, "largest": largest}
+    if critical is not None:
+        hits = critical[critical.critical].sort_values("excess_pct", ascending=False)
+        out["critical"] = [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                           for row in hits[["level", "method", "target", "degradation_pct", "null_degradation_pct",
+                                            "excess_pct", "ci_low", "ci_high", "p_corrected"]].to_dict("records")]
+        out["n_critical"] = {f"{lv}/{m}": int(g.critical.sum()) for (lv, m), g in critical.groupby(["level", "method"])}
+        out["n_tested"] = {f"{lv}/{m}": int(len(g)) for (lv, m), g in critical.groupby(["level", "method"])}
+    return out
 
 
 def _patching(patching: pd.DataFrame, manifest: dict, seed: int, top: int = 5) -> dict:
@@ -150,12 +159,14 @@ def _tests(tests: pd.DataFrame) -> dict:
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
                   divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
                   patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None,
-                  complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None) -> dict:
+                  complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None,
+                  critical: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     done = {"ablation": ablations is not None, "patching": patching is not None,
             "attribution": attribution is not None and ablations is not None,
-            "complexity_ratio": complexity is not None and bool(complexity.primary.any())}
+            "complexity_ratio": complexity is not None and bool(complexity.primary.any()),
+            "random_head_null": critical is not None}
     headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
@@ -168,7 +179,7 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "entropy_by_layer": _entropy_by_layer(heads),
         "roles": _roles(heads, roles, seed),
         "entropy_divergence": divergence.sort_values("timestep").to_dict("records"),
-        "ablation": _ablation(ablations, seed) if ablations is not None else None,
+        "ablation": _ablation(ablations, critical, seed) if ablations is not None else None,
         "patching": _patching(patching, manifest, seed) if patching is not None else None,
         "attribution": _attribution(attribution, ablations) if done["attribution"] else None,
         "complexity_ratio": headline,
