@@ -122,6 +122,8 @@ def run(
     capture: Annotated[str, typer.Option("--capture", help="'fused' (fast, exact) or 'naive' (explicit softmax reference).")] = "fused",
     ablate_n: Annotated[int, typer.Option("--ablate-n", help="Images per dataset for the ablation sweep (0: none).")] = 16,
     ablation_methods: Annotated[str, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero,mean",
+    null_sets: Annotated[int, typer.Option("--null-sets", help="Random head sets per layer/block size (null control).")] = 10,
+    seed_repeats: Annotated[int, typer.Option("--seed-repeats", help="Extra noise seeds for the seed-variance check.")] = 2,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
 ) -> None:
@@ -132,7 +134,8 @@ def run(
     cfg = RunConfig(model=model, allow_pickle=allow_pickle, data_a=data_a, data_b=data_b, n=n,
                     timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
                     skip_bad=skip_bad, capture=capture, ablate_n=ablate_n,
-                    ablation_methods=tuple(m.strip() for m in ablation_methods.split(",") if m.strip()))
+                    ablation_methods=tuple(m.strip() for m in ablation_methods.split(",") if m.strip()),
+                    null_sets=null_sets, seed_repeats=seed_repeats)
     names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a", "attribute": "attribution"}
     with _Bars(quiet) as bars:
         summary = diffcircuit.run(cfg, out, progress=lambda stage, done, total: bars.update(

@@ -89,6 +89,13 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert {"family", "what", "statistic", "p_value", "p_corrected", "effect_size", "n_a", "n_b"} <= set(tests.columns)
     assert (tests.p_value > 0).all() and (tests.p_corrected >= tests.p_value - 1e-12).all()
     assert summary["tests"]["n_tests"] == len(tests)
+    seeds = pd.read_parquet(out / "tables" / "seed_variance.parquet")
+    assert sorted(seeds.seed.unique()) == [7, 8, 9]  # the run's seed and two more noise seeds
+    main_seed = seeds[(seeds.seed == 7) & (seeds.quantity == "mean_entropy_norm")]
+    for row in main_seed.itertuples():  # the main seed's value is the head table's own mean
+        expected = heads[(heads.dataset == row.dataset) & (heads.timestep == row.timestep)].entropy_norm.mean()
+        assert row.value == pytest.approx(expected)
+    assert summary["pending"] == ["circuits"]
     assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
         (e, m) for e in ("first_order", "ig") for m in ("zero", "mean")}
     synthetic = heads[heads.dataset == "a"]

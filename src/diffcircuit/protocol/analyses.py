@@ -22,11 +22,11 @@ from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.stats.bootstrap import column_mean_cis, mean_ci
 from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
-from diffcircuit.stats.divergence import mean_jsd_test
+from diffcircuit.stats.divergence import head_jsd, mean_jsd_test
 from diffcircuit.stats.tests import correct_pvalues, paired_test, two_sample_test
 
-__all__ = ["PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "derived_tables", "divergence_tables",
-           "head_summary_table", "tests_table"]
+__all__ = ["PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table", "derived_tables",
+           "divergence_tables", "head_summary_table", "seed_quantities", "tests_table"]
 
 PRIMARY_COMPLEXITY = "ablation_participation_ratio"
 _N_RESAMPLES = 2000
@@ -172,6 +172,18 @@ def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence:
                               "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b,
                               "n_resamples": r.n_permutations} for r in complexity.itertuples()], "complexity_ratio"))
     return pd.concat([f for f in families if not f.empty], ignore_index=True)
+
+
+def seed_quantities(heads: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Headline quantities of one noise seed: mean normalised entropy per dataset and timestep, and
+    the plug-in entropy divergence per timestep (for the spread across seeds)."""
+    rows = [{"seed": seed, "quantity": "mean_entropy_norm", "dataset": d, "timestep": int(t), "value": float(g.entropy_norm.mean())}
+            for (d, t), g in heads.groupby(["dataset", "timestep"], sort=True)]
+    for t, g in heads.groupby("timestep", sort=True):
+        wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values="entropy_nats")
+        rows.append({"seed": seed, "quantity": "entropy_divergence_bits", "dataset": "a|b", "timestep": int(t),
+                     "value": float(head_jsd(wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy()).mean())})
+    return pd.DataFrame(rows)
 
 
 def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *, seed: int = 0) -> dict[str, pd.DataFrame]:

@@ -37,6 +37,7 @@ class RunConfig:
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
     ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
     ablation_methods: tuple[str, ...] = ("zero", "mean")
+    seed_repeats: int = 2  # extra noise seeds (seed+1..) for the seed-variance check (0: none)
     null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
 
     def __post_init__(self):
@@ -48,6 +49,8 @@ class RunConfig:
             raise DiffcircuitError(f"timesteps repeat: {list(self.timesteps)}")
         if self.capture not in ("fused", "naive"):
             raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
+        if self.seed_repeats < 0:
+            raise DiffcircuitError(f"--seed-repeats must be >= 0, not {self.seed_repeats}")
         if self.null_sets < 1:
             raise DiffcircuitError(f"--null-sets must be at least 1, not {self.null_sets}")
         if self.ablate_n < 0:

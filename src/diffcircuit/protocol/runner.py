@@ -18,6 +18,8 @@ Run directory::
     tables/attribution.parquet  per head x method x estimator x dataset x timestep x image: predicted degradation
     tables/complexity.parquet   per complexity measure: a, b, ratio b/a with CI and permutation p
     tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
+    tables/critical.parquet     every head/layer/block ablation against random heads of the same count
+    tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -42,7 +44,7 @@ from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser, load_denoiser
-from diffcircuit.protocol.analyses import derived_tables
+from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.store import write_json, write_parquet
 
@@ -107,11 +109,13 @@ def _stage_progress(progress, stage: str, total: int) -> Callable[[int], None]:
     return step
 
 
-def _observe_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
-    step = _stage_progress(progress, "observe", sum(len(s) for s in sets.values()) * len(cfg.timesteps))
+def _observe_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress,
+                 *, seed: int | None = None, stage: str = "observe"):
+    seed = cfg.seed if seed is None else seed
+    step = _stage_progress(progress, stage, sum(len(s) for s in sets.values()) * len(cfg.timesteps))
     heads, images = [], []
     for key, image_set in sets.items():
-        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
+        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=seed, batch_size=cfg.batch_size,
                        dataset=key, masks=image_set.masks, method=cfg.capture, registry=registry, progress=step)
         heads.append(h)
         images.append(i)
@@ -173,6 +177,10 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.device))
     head_metrics, denoising = _observe_all(cfg, den, registry, sets, progress)
     tables = {"head_metrics": head_metrics, "denoising": denoising}
+    if cfg.seed_repeats > 0:  # the same images under other noise draws: how much do the headline numbers move?
+        extra = [seed_quantities(_observe_all(cfg, den, registry, sets, progress, seed=cfg.seed + k, stage=f"seed {cfg.seed + k}")[0],
+                                 cfg.seed + k) for k in range(1, cfg.seed_repeats + 1)]
+        tables["seed_variance"] = pd.concat([seed_quantities(head_metrics, cfg.seed), *extra], ignore_index=True)
     if cfg.ablate_n > 0:
         tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
         tables["patching"] = _patch_all(cfg, den, registry, sets, progress)

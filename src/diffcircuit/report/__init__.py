@@ -25,13 +25,14 @@ def finalize_run(run_dir: str | Path) -> dict:
         roles = pd.read_parquet(run_dir / "tables" / "head_roles.parquet")
         divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
         optional = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
-                    for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical") if (run_dir / "tables" / f"{name}.parquet").exists()}
+                    for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance") if (run_dir / "tables" / f"{name}.parquet").exists()}
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
     summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles, divergence=divergence,
                             ablations=optional.get("ablations"), patching=optional.get("patching"),
                             attribution=optional.get("attribution"), complexity=optional.get("complexity"),
-                            tests=optional.get("tests"), critical=optional.get("critical"))
+                            tests=optional.get("tests"), critical=optional.get("critical"),
+                            seed_variance=optional.get("seed_variance"))
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary, heads, roles, optional.get("ablations"))
     return summary

@@ -231,6 +231,19 @@ and n); Benjamini–Hochberg correction within each family.</p>
 <table><tr><th>family</th><th>tests</th><th>significant after correction (q &lt; 0.05)</th></tr>{fam}</table>"""
 
 
+def _seed_section(summary: dict) -> str:
+    sv = summary.get("seed_variance")
+    if not sv:
+        return ""
+    labels = {k: v["spec"] for k, v in summary["datasets"].items()} | {"a|b": "a vs b"}
+    rows = "".join(f"<tr><td>{html.escape(r['quantity'])}</td><td>{html.escape(labels.get(r['dataset'], r['dataset']))}</td>"
+                   f"<td>{r['timestep']}</td><td>{r['mean']:.4f}</td><td>{r['sd']:.4f}</td><td>{r['min']:.4f} – {r['max']:.4f}</td></tr>"
+                   for r in sv)
+    return f"""<h3>Seed variance</h3>
+<p class="note">The same images under {len(sv[0]['seeds'])} noise seeds ({', '.join(map(str, sv[0]['seeds']))}).</p>
+<table><tr><th>quantity</th><th>dataset</th><th>t</th><th>mean</th><th>sd</th><th>range</th></tr>{rows}</table>"""
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -276,6 +289,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 {patching_section}
 {attribution_section}
 {complexity_section}
+{seed_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
 <h2>Entropy per layer against the uniform baseline</h2>
@@ -307,7 +321,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
         patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
-        complexity_section=_complexity_section(summary),
+        complexity_section=_complexity_section(summary), seed_section=_seed_section(summary),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

@@ -156,17 +156,27 @@ def _tests(tests: pd.DataFrame) -> dict:
     return {"n_tests": int(len(tests)), "correction": "Benjamini-Hochberg within each family", "families": families}
 
 
+def _seed_variance(table: pd.DataFrame) -> list[dict]:
+    out = []
+    for (quantity, dataset, t), g in table.groupby(["quantity", "dataset", "timestep"], sort=True):
+        v = g.value.to_numpy()
+        out.append({"quantity": quantity, "dataset": dataset, "timestep": int(t), "seeds": [int(x) for x in g.seed],
+                    "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "min": float(v.min()), "max": float(v.max())})
+    return out
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
                   divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
                   patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None,
                   complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None,
-                  critical: pd.DataFrame | None = None) -> dict:
+                  critical: pd.DataFrame | None = None, seed_variance: pd.DataFrame | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     done = {"ablation": ablations is not None, "patching": patching is not None,
             "attribution": attribution is not None and ablations is not None,
             "complexity_ratio": complexity is not None and bool(complexity.primary.any()),
-            "random_head_null": critical is not None}
+            "random_head_null": critical is not None, "seed_variance": seed_variance is not None}
     headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
@@ -185,5 +195,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "complexity_ratio": headline,
         "complexity_measures": measures,
         "tests": _tests(tests) if tests is not None else None,
+        "seed_variance": _seed_variance(seed_variance) if seed_variance is not None else None,
         "pending": pending,
     }
