@@ -149,6 +149,17 @@ def run(
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
 
 
+def _window(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    from diffcircuit.protocol.config import parse_timesteps
+
+    bounds = parse_timesteps(text)
+    if len(bounds) != 2:
+        raise DiffcircuitError(f"--window takes two timesteps LO,HI, not {text!r}")
+    return bounds[0], bounds[1]
+
+
 @app.command()
 def ablate(
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
@@ -161,6 +172,9 @@ def ablate(
     timesteps: Annotated[str, typer.Option("--timesteps")] = "500",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    sample: Annotated[int, typer.Option("--sample", help="Also sample N images (DDIM) with each target zero-ablated.")] = 0,
+    sample_steps: Annotated[int, typer.Option("--sample-steps")] = 50,
+    window: Annotated[str | None, typer.Option("--window", help="Ablate only at sampling timesteps LO,HI.")] = None,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
@@ -172,7 +186,8 @@ def ablate(
         raise DiffcircuitError("--n and --batch-size must be at least 1")
     cfg = AblateConfig(model=model, allow_pickle=allow_pickle, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                       names=tuple(target), levels=tuple(level))
+                       names=tuple(target), levels=tuple(level), sample=sample, sample_steps=sample_steps,
+                       window=_window(window))
     with _Bars(quiet) as bars:
         table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))
     if not quiet:

@@ -200,6 +200,11 @@ def test_ablate_command(small_model_dir, tmp_path, capsys):
     assert set(table.target) == {"mid_block.attentions.0:1", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
                                  "up_blocks.1"}
     assert set(table.method) == {"zero", "noise"} and len(table) == 6 * 2 * 2
+    code, _, err = _run(["ablate", "--out", str(out), "--model", str(small_model_dir), "--n", "2", "--quiet",
+                         "--target", "mid_block.attentions.0", "--sample", "2", "--sample-steps", "4", "--window", "0,500"], capsys)
+    assert code == 0, err
+    sampled = pd.read_parquet(out / "tables" / "sampling.parquet")
+    assert len(sampled) == 2 and set(sampled.window) == {"0-500"} and sampled.ssim.between(-1, 1).all()
     code, _, err = _run(["ablate", "--out", str(tmp_path / "bad"), "--model", str(small_model_dir), "--target", "x:1"], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 

@@ -12,6 +12,7 @@ from diffcircuit.data.spec import load_images
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets
+from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import load_denoiser
 from diffcircuit.protocol.store import write_parquet
@@ -31,6 +32,9 @@ class AblateConfig:
     methods: tuple[str, ...] = ("zero",)
     names: tuple[str, ...] = ()  # head addresses, layer paths, block names or ResNet paths
     levels: tuple[str, ...] = ()  # every target of these levels
+    sample: int = 0  # also sample this many images with each target zero-ablated (0: no sampling)
+    sample_steps: int = 50
+    window: tuple[int, int] | None = None  # ablate only at sampling steps with timestep in [lo, hi]
 
 
 def _chosen(cfg: AblateConfig, registry, model) -> list[Target]:
@@ -50,7 +54,9 @@ def _chosen(cfg: AblateConfig, registry, model) -> list[Target]:
 
 
 def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> pd.DataFrame:
-    """Run the chosen ablations and write ``out_dir/tables/ablations.parquet``; returns the table."""
+    """Run the chosen ablations and write ``out_dir/tables/ablations.parquet`` (and ``sampling.parquet``)."""
+    if cfg.sample < 0 or cfg.sample_steps < 1 or (cfg.window is not None and cfg.window[0] > cfg.window[1]):
+        raise DiffcircuitError("need --sample >= 0, --sample-steps >= 1 and a window LO,HI with LO <= HI")
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise DiffcircuitError(f"methods must be among {', '.join(METHODS)}; got {list(cfg.methods)}")
@@ -65,4 +71,8 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
                            seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
                            progress=progress)
     write_parquet(Path(out_dir) / "tables" / "ablations.parquet", table)
+    if cfg.sample > 0:
+        effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window)
+                   for t in chosen]
+        write_parquet(Path(out_dir) / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
     return table
