@@ -22,16 +22,11 @@ import torch
 
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
+from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
 __all__ = ["attribution_scores"]
-
-
-def _clean_heads(net, registry, x_t, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    with torch.no_grad(), instrument(net, registry=registry, cache_heads=[i.layer for i in registry.layers]) as session:
-        pred = net(x_t, t).sample
-    return pred, session.pop("head_out")  # layer -> [B, h, Q, d]
 
 
 def _gradients(net, registry, x_t, t, eps, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,7 +41,8 @@ def _gradients(net, registry, x_t, t, eps, values: dict[str, torch.Tensor]) -> d
 
 def _batch_scores(net, registry, x_t, t, eps, ablated: Callable[[str, torch.Tensor], torch.Tensor], ig_steps: int):
     """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``."""
-    clean_pred, clean = _clean_heads(net, registry, x_t, t)
+    with torch.no_grad():
+        clean_pred, clean = clean_activations(net, registry, x_t, t, [])  # layer -> [B, h, Q, d]
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
     if ig_steps <= 0:
         grads = _gradients(net, registry, x_t, t, eps, clean)
@@ -91,8 +87,12 @@ def attribution_scores(
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             return add_noise(x_all[idx], eps, t, acp), t, eps
 
-        means = _reference_means(net, registry, batches, noisy) if method == "mean" else {}
-        ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means[layer].expand_as(a))
+        means = ActivationMoments()
+        for idx in batches if method == "mean" else ():
+            x_t, t, _ = noisy(idx)
+            with torch.no_grad():
+                means.add(clean_activations(net, registry, x_t, t, [])[1])
+        ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).expand_as(a))
         for idx in batches:
             x_t, t, eps = noisy(idx)
             scores, loss = _batch_scores(net, registry, x_t, t, eps, ablated, ig_steps)
@@ -106,13 +106,3 @@ def attribution_scores(
                     "degradation_pct": (100 * s / loss[:, None]).reshape(-1).double().numpy(),
                 }))
     return pd.concat(rows, ignore_index=True)
-
-
-def _reference_means(net, registry, batches, noisy) -> dict[str, torch.Tensor]:
-    sums, count = {}, 0
-    for idx in batches:
-        x_t, t, _ = noisy(idx)
-        for layer, a in _clean_heads(net, registry, x_t, t)[1].items():
-            sums[layer] = sums.get(layer, 0) + a.double().sum(0)
-        count += len(idx)
-    return {layer: (s / count).float() for layer, s in sums.items()}

@@ -22,10 +22,10 @@ from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
 
-__all__ = ["ablation_sweep", "clean_activations"]
+__all__ = ["ActivationMoments", "ablation_sweep", "clean_activations"]
 
 
-class _Reference:
+class ActivationMoments:
     """Running sum and sum of squares of every cached activation, per key."""
 
     def __init__(self):
@@ -63,7 +63,7 @@ def _noise_like(shape, *, seed: int, images: np.ndarray, timestep: int, tag: str
     return torch.stack([image_noise(shape, seed=seed, dataset=tag, image=int(i), timestep=timestep) for i in images])
 
 
-def _replacement(method: str, key: str, index: int | None, ref: _Reference, partner: dict, draw):
+def _replacement(method: str, key: str, index: int | None, ref: ActivationMoments, partner: dict, draw):
     """The value that replaces activation ``key`` (its head ``index``, if a head) under ``method``."""
     if method == "zero":
         return 0.0
@@ -127,7 +127,7 @@ def ablation_sweep(
         return x0, eps, t, add_noise(x0, eps, t, acp)
 
     for t_val in timesteps:
-        ref = _Reference()
+        ref = ActivationMoments()
         for start in range(0, n, batch_size) if {"mean", "noise"} & set(methods) else ():
             idx = np.arange(start, min(start + batch_size, n))
             _, _, t, x_t = noisy(idx, t_val)
