@@ -37,6 +37,8 @@ class InstrumentSession:
         zero_heads: Iterable[HeadAddress] = (),
         patches: dict[HeadAddress, torch.Tensor] | None = None,
         cache_heads: Iterable[str] = (),
+        shifts: dict[str, torch.Tensor] | None = None,
+        keep_graph: bool = False,
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -50,6 +52,8 @@ class InstrumentSession:
         for address, value in (patches or {}).items():
             self._patches[address.layer][address.head] = value
         self.cache_heads = set(cache_heads)
+        self._shifts = dict(shifts or {})
+        self.keep_graph = keep_graph
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
 
@@ -65,13 +69,22 @@ class InstrumentSession:
         return maps.flatten(2).transpose(1, 2)
 
     def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
-        """Cache the clean per-head output ``[batch, heads, q_pos, d]`` if asked, then apply patches.
+        """Shift, cache and patch the per-head output ``[batch, heads, q_pos, d]``, in that order.
 
-        A patch replaces one head's slice by a value broadcastable to ``[batch, q_pos, d]``
-        (0.0 for zero ablation, ``[q_pos, d]`` for a mean, ``[batch, q_pos, d]`` per image).
+        A shift is added to the whole layer's output. A patch replaces one head's slice by a value
+        broadcastable to ``[batch, q_pos, d]`` (0.0 for zero ablation, ``[q_pos, d]`` for a mean,
+        ``[batch, q_pos, d]`` per image).
         """
+        shift = self._shifts.get(layer)
+        if shift is not None:  # additive: downstream still depends on what came before
+            out = out + shift.to(out.dtype)
         if layer in self.cache_heads:
-            self._record(layer, "head_out", out)
+            if self.keep_graph:  # kept attached, so gradients can be taken with respect to it
+                if not out.requires_grad:
+                    out.requires_grad_(True)
+                self._records["head_out"][layer].append(out)
+            else:
+                self._record(layer, "head_out", out)
         patches = self._patches.get(layer)
         if not patches:
             return out
@@ -95,7 +108,8 @@ class InstrumentSession:
         given key features) ``[batch, heads, channels, channels]``; rows in the order images were fed.
         """
         recorded = self._records.pop(stat, {})
-        return {layer: torch.cat(chunks) for layer, chunks in recorded.items()}
+        # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
+        return {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
 
 
 @contextmanager
@@ -109,6 +123,8 @@ def instrument(
     zero_heads: Iterable[str | HeadAddress] = (),
     patches: dict[str | HeadAddress, torch.Tensor] | None = None,
     cache_heads: Iterable[str] = (),
+    shifts: dict[str, torch.Tensor] | None = None,
+    keep_graph: bool = False,
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
 
@@ -116,13 +132,17 @@ def instrument(
     explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
     per-key feature maps on a layer's query grid for attention moments. ``zero_heads`` zero-ablates
     heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
-    ``cache_heads`` names layers whose clean per-head outputs are recorded as ``"head_out"``.
+    ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` (attached to
+    the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
+    a layer's per-head output.
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
                                 zero_heads=[registry.parse(a) for a in zero_heads],
                                 patches={registry.parse(a): v for a, v in (patches or {}).items()},
-                                cache_heads=[registry.layer(name).layer for name in cache_heads])
+                                cache_heads=[registry.layer(name).layer for name in cache_heads],
+                                shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
+                                keep_graph=keep_graph)
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     try:

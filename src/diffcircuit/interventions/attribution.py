@@ -5,7 +5,10 @@ For image i, head h with clean output slice a (before the output projection) and
 
 - first order:   ΔL ≈ (a' − a) · ∂L/∂a |_clean                  (1 forward + 1 backward per batch)
 - integrated gradients (EAP-IG style):  ΔL ≈ (a' − a) · mean_k ∂L/∂a |_{a + α_k (a' − a)}, with
-  α_k = (k + ½)/m, every head moved along the path together (m forwards + m backwards).
+  α_k = (k + ½)/m, every head shifted along the path together (m more forwards and backwards).
+
+Gradients are total derivatives taken on the head outputs themselves (no activation is frozen), so
+an early head's score includes its effect through the heads after it.
 
 Images do not interact in the forward pass (GroupNorm is per sample), so one backward of the
 batch's summed loss gives each image's own gradient. Scores are reported as predicted
@@ -29,32 +32,34 @@ from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 __all__ = ["attribution_scores"]
 
 
-def _gradients(net, registry, x_t, t, eps, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """∂(Σ_i L_i)/∂(head outputs) with every layer's heads set to ``values`` (layer -> [B, h, Q, d])."""
-    leaves = {layer: v.detach().clone().requires_grad_(True) for layer, v in values.items()}
-    patches = {f"{layer}:{h}": leaf[:, h] for layer, leaf in leaves.items() for h in range(leaf.shape[1])}
-    with torch.enable_grad(), instrument(net, registry=registry, patches=patches):
-        loss = eps_mse_per_image(net(x_t, t).sample, eps).sum()
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(zip(leaves, grads))
+def _graded_pass(net, registry, x_t, t, eps, shifts: dict[str, torch.Tensor] | None = None):
+    """One forward and one backward: each layer's head outputs (after ``shifts``) and ∂(Σ_i L_i)/∂ them.
+
+    The gradients are total derivatives: later heads keep responding to earlier ones.
+    """
+    layers = [i.layer for i in registry.layers]
+    with torch.enable_grad(), instrument(net, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True) as session:
+        pred = net(x_t, t).sample
+        outs = session.pop("head_out")  # layer -> [B, h, Q, d], attached to the graph
+        loss_per_image = eps_mse_per_image(pred, eps)
+        grads = torch.autograd.grad(loss_per_image.sum(), [outs[layer] for layer in layers])
+    values = {layer: outs[layer].detach() for layer in layers}
+    return values, dict(zip(layers, grads)), loss_per_image.detach()
 
 
 def _batch_scores(net, registry, x_t, t, eps, ablated: Callable[[str, torch.Tensor], torch.Tensor], ig_steps: int):
     """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``."""
-    with torch.no_grad():
-        clean_pred, clean = clean_activations(net, registry, x_t, t, [])  # layer -> [B, h, Q, d]
+    clean, grads, loss = _graded_pass(net, registry, x_t, t, eps)
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
-    if ig_steps <= 0:
-        grads = _gradients(net, registry, x_t, t, eps, clean)
-    else:
+    if ig_steps > 0:
         grads = {layer: torch.zeros_like(a) for layer, a in clean.items()}
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
-            step = _gradients(net, registry, x_t, t, eps, {layer: a + alpha * delta[layer] for layer, a in clean.items()})
+            _, step, _ = _graded_pass(net, registry, x_t, t, eps, {layer: alpha * d for layer, d in delta.items()})
             for layer in grads:
                 grads[layer] += step[layer] / ig_steps
     scores = {layer: (delta[layer] * grads[layer]).flatten(2).sum(-1) for layer in clean}  # [B, h]
-    return scores, eps_mse_per_image(clean_pred, eps)
+    return scores, loss
 
 
 def attribution_scores(
