@@ -46,9 +46,9 @@ def test_folder_images_map_pixels_like_diffusers(tmp_path):
 
 
 def test_folder_images_are_centre_cropped(tmp_path):
-    # 12 wide x 4 high: left/right thirds black, centre white -> the square crop is all white
-    arr = np.zeros((4, 12), dtype=np.uint8)
-    arr[:, 4:8] = 255
+    # 24 wide x 8 high: left/right thirds black, centre white -> the square crop is all white
+    arr = np.zeros((8, 24), dtype=np.uint8)
+    arr[:, 8:16] = 255
     _save(tmp_path / "wide.png", arr, "L")
     s = load_images(str(tmp_path), n=1, size=4, channels=1)
     np.testing.assert_allclose(s.images, 1.0, atol=1e-6)

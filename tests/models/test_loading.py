@@ -107,3 +107,15 @@ def test_hub_repo_without_safetensors_is_refused_unless_pickle_allowed(monkeypat
     assert all("*.bin" not in p for p in patterns)  # nothing pickled was even fetched
     den = load_denoiser("owner/pickled", allow_pickle=True)
     assert "*.bin" in patterns[-1] and den.source == "owner/pickled"
+
+
+def test_non_finite_weights_are_refused(small_model_dir, small_unet):
+    from diffusers import DDPMScheduler
+
+    from diffcircuit.models.loading import save_denoiser
+
+    with torch.no_grad():
+        small_unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+    folder = save_denoiser(small_model_dir.parent / "nan-model", small_unet, DDPMScheduler())
+    with pytest.raises(DiffcircuitError, match="NaN or infinite values.*conv_out.weight"):
+        load_denoiser(str(folder))

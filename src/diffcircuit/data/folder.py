@@ -1,8 +1,11 @@
 """Any image folder (recursive; png/jpg/jpeg/webp), prepared the way diffusers pipelines do.
 
-Files are taken in sorted path order (the first ``n``). Each image is centre-cropped to a square,
-resized with Lanczos to the model's size, converted to its channel count (RGB or L), and mapped
-to [-1, 1] as ``x / 127.5 - 1``. CelebA's ``img_align_celeba/`` works as is.
+Files are taken in sorted path order (the first ``n``). Each image is converted to the model's
+channel count (RGB or L: palette, CMYK and grayscale images are converted; an alpha channel is
+dropped; 16-bit images are scaled to 8-bit range, not clipped), centre-cropped to a square,
+resized with Lanczos to the model's size, and mapped to [-1, 1] as ``x / 127.5 - 1``. CelebA's
+``img_align_celeba/`` works as is. Images smaller than ``MIN_SIDE`` pixels on a side, or larger
+than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), are refused.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import numpy as np
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["IMAGE_SUFFIXES", "folder_images", "list_images", "prepare_image"]
+__all__ = ["IMAGE_SUFFIXES", "MIN_SIDE", "folder_images", "list_images", "prepare_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MIN_SIDE = 8  # pixels; smaller images carry too little to resize meaningfully
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -24,19 +29,41 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _to_mode(im, channels: int):
+    """Convert to 8-bit RGB or L; 16-bit grayscale is rescaled (Pillow's own convert would clip it)."""
+    from PIL import Image
+
+    if im.mode in _HIGH_BIT_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode != "I" or wide.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(wide / peak * 255), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB" if channels == 3 else "L")
+
+
 def prepare_image(path: Path, *, size: int, channels: int) -> np.ndarray:
-    """One file as float32 ``[channels, size, size]`` in [-1, 1]; ``DiffcircuitError`` if unreadable."""
+    """One file as float32 ``[channels, size, size]`` in [-1, 1]; ``DiffcircuitError`` if unusable."""
+    import warnings as _warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            w, h = im.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-            pixels = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if min(w, h) < MIN_SIDE:
+                    raise DiffcircuitError(f"image {path} is {w}x{h}; the minimum is {MIN_SIDE}x{MIN_SIDE} pixels")
+                im = _to_mode(im, channels)
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+                pixels = np.asarray(im, dtype=np.float32)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DiffcircuitError(f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
+                               "limit); refusing to decode it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DiffcircuitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return pixels / 127.5 - 1.0

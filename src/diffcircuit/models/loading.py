@@ -133,6 +133,13 @@ def _load_scheduler(root: Path, network_folder: Path):
     return DDPMScheduler(num_train_timesteps=1000)
 
 
+def _check_finite(network: torch.nn.Module, folder: Path) -> None:
+    """Refuse weights with NaN or infinity: they would propagate silently into every table."""
+    for name, tensor in network.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DiffcircuitError(f"model weights in {folder} contain NaN or infinite values (first in {name})")
+
+
 def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
     """Load a denoiser from ``"embedded"``, a local diffusers folder or a hub id.
 
@@ -148,6 +155,7 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
+    _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
     return Denoiser(network=network, scheduler=_load_scheduler(root, folder), model_path=folder, source=source)
 
