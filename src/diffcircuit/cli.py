@@ -110,32 +110,34 @@ def _headline(summary: dict) -> Table:
 @app.command()
 def run(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    model: ModelOpt = "embedded",
-    data_a: Annotated[str, typer.Option("--data-a", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "synthetic",
-    data_b: Annotated[str, typer.Option("--data-b", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "faces",
-    n: Annotated[int, typer.Option("--n", help="Images per dataset.")] = 100,
-    timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated timesteps.")] = "100,500,900",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable image files with a warning.")] = False,
-    capture: Annotated[str, typer.Option("--capture", help="'fused' (fast, exact) or 'naive' (explicit softmax reference).")] = "fused",
-    ablate_n: Annotated[int, typer.Option("--ablate-n", help="Images per dataset for the ablation sweep (0: none).")] = 16,
-    ablation_methods: Annotated[str, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero,mean",
-    null_sets: Annotated[int, typer.Option("--null-sets", help="Random head sets per layer/block size (null control).")] = 10,
-    seed_repeats: Annotated[int, typer.Option("--seed-repeats", help="Extra noise seeds for the seed-variance check.")] = 2,
-    allow_pickle: PickleOpt = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (see init-config); flags override it.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="'embedded' (default), a local diffusers folder, or a hub id.")] = None,
+    data_a: Annotated[str | None, typer.Option("--data-a", help="'synthetic' (default), 'faces', 'nonfaces' or a folder.")] = None,
+    data_b: Annotated[str | None, typer.Option("--data-b", help="'faces' (default), 'synthetic', 'nonfaces' or a folder.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Images per dataset [100].")] = None,
+    timesteps: Annotated[str | None, typer.Option("--timesteps", help="Comma-separated timesteps [100,500,900].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Noise seed [0].")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="[50]")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu (default) or cuda.")] = None,
+    skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images with a warning.")] = None,
+    capture: Annotated[str | None, typer.Option("--capture", help="'fused' (default) or 'naive' (explicit softmax reference).")] = None,
+    ablate_n: Annotated[int | None, typer.Option("--ablate-n", help="Images per dataset for ablations (0: none) [16].")] = None,
+    ablation_methods: Annotated[str | None, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise [zero,mean].")] = None,
+    null_sets: Annotated[int | None, typer.Option("--null-sets", help="Random head sets per layer/block size [10].")] = None,
+    seed_repeats: Annotated[int | None, typer.Option("--seed-repeats", help="Extra noise seeds for seed variance [2].")] = None,
+    allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
 ) -> None:
-    """Run the protocol: observe the model on two datasets; write tables, summary and report."""
+    """Run the protocol on two datasets; write tables, summary and report. Defaults: see init-config."""
     import diffcircuit
-    from diffcircuit.protocol.config import RunConfig, parse_timesteps
+    from diffcircuit.protocol.config import RunConfig, load_config_file
 
-    cfg = RunConfig(model=model, allow_pickle=allow_pickle, data_a=data_a, data_b=data_b, n=n,
-                    timesteps=parse_timesteps(timesteps), seed=seed, batch_size=batch_size, device=device,
-                    skip_bad=skip_bad, capture=capture, ablate_n=ablate_n,
-                    ablation_methods=tuple(m.strip() for m in ablation_methods.split(",") if m.strip()),
-                    null_sets=null_sets, seed_repeats=seed_repeats)
+    flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
+                 device=device, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
+                 null_sets=null_sets, seed_repeats=seed_repeats, allow_pickle=allow_pickle)
+    values = load_config_file(config) if config is not None else {}
+    cfg = RunConfig.from_mapping(values, source=str(config or "config"))  # validates the file alone first
+    cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")
     names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a", "attribute": "attribution"}
     with _Bars(quiet) as bars:
         summary = diffcircuit.run(cfg, out, progress=lambda stage, done, total: bars.update(
@@ -147,6 +149,20 @@ def run(
                 text = ", ".join(f"{m} {lo:.1f}% to {hi:.1f}%" for m, (lo, hi) in by_method.items())
                 Console().print(f"ablation degradation range ({level}): {text}")
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
+
+
+@app.command("init-config")
+def init_config(
+    path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented YAML config with every key at its default."""
+    from diffcircuit.protocol.config import default_config_yaml
+
+    if path.exists() and not force:
+        raise DiffcircuitError(f"{path} exists; pass --force to overwrite it")
+    path.write_text(default_config_yaml())
+    Console().print(f"wrote {path}")
 
 
 def _window(text: str | None) -> tuple[int, int] | None:

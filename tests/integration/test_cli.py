@@ -148,6 +148,7 @@ def test_rerun_same_config_is_accepted_other_config_refused(tiny_run, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--model", "/no/such/model"], "neither an existing folder"),
     (["--timesteps", "1,x"], "comma-separated integers"),
+    (["--config", "/no/such.yaml"], "cannot read config"),
     (["--timesteps", "1000"], "outside the model's"),
     (["--n", "0"], "at least 1"),
     (["--data-b", "nowhere"], "not one of"),
@@ -221,3 +222,23 @@ def test_calibrate_prints_rates_within_binomial_tolerance(small_model_dir, capsy
     lo, hi = stats.binom.ppf([0.0005, 0.9995], 100, 0.05) / 100
     assert lo <= fpr <= hi
     assert 0.85 <= coverage <= 1.0
+
+
+def test_config_file_and_flag_override(tmp_path, small_model_dir, capsys):
+    cfg = tmp_path / "run.yaml"
+    assert _run(["init-config", str(cfg)], capsys)[0] == 0
+    text = cfg.read_text().replace("n: 100", "n: 2").replace("model: embedded", f"model: {small_model_dir}")
+    text = text.replace("timesteps: [100, 500, 900]", "timesteps: [10]").replace("ablate_n: 16", "ablate_n: 0")
+    cfg.write_text(text.replace("seed_repeats: 2", "seed_repeats: 0"))
+    out = tmp_path / "run"
+    code, _, err = _run(["run", "--out", str(out), "--config", str(cfg), "--seed", "3", "--quiet"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["n"] == 2 and manifest["config"]["seed"] == 3 and manifest["config"]["timesteps"] == [10]
+    assert _run(["init-config", str(cfg)], capsys)[0] == 1  # refuses to overwrite without --force
+    cfg.write_text("n: 2\nbogus_key: 1\n")
+    code, _, err = _run(["run", "--out", str(tmp_path / "r2"), "--config", str(cfg)], capsys)
+    assert code == 1 and "bogus_key" in err and len(err.strip().splitlines()) == 1
+    cfg.write_text("n: many\n")
+    code, _, err = _run(["run", "--out", str(tmp_path / "r3"), "--config", str(cfg)], capsys)
+    assert code == 1 and "'n' must be an integer" in err

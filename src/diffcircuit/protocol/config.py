@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["RunConfig", "parse_timesteps"]
+__all__ = ["RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
@@ -72,9 +74,101 @@ class RunConfig:
         d["ablation_methods"] = list(self.ablation_methods)
         return d
 
+    @classmethod
+    def from_mapping(cls, values: dict, *, source: str = "config") -> RunConfig:
+        """A validated config from plain values (YAML, CLI); unknown or ill-typed keys are named."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DiffcircuitError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
+
     def results_key(self) -> dict:
         """The settings that change results (not batch size, device or capture path, which must not)."""
         d = self.to_dict()
         for k in ("batch_size", "device", "capture"):
             d.pop(k)
         return d
+
+
+def _coerce(key: str, value, hint, source: str):
+    """Check one value against its field type; lists become tuples, "100,500" strings become tuples."""
+    bad = DiffcircuitError(f"{source}: {key!r} must be {_describe(hint)}, not {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    inner = typing.get_args(hint)[0]  # tuple[int, ...] or tuple[str, ...]
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise bad
+    try:
+        return tuple(_coerce(key, inner(v) if inner is int and isinstance(v, str) else v, inner, source) for v in value)
+    except (ValueError, DiffcircuitError):
+        raise bad from None
+
+
+def _describe(hint) -> str:
+    simple = {bool: "true or false", int: "an integer", str: "a string"}
+    if hint in simple:
+        return simple[hint]
+    inner = typing.get_args(hint)[0]
+    return "comma-separated integers like 100,500,900" if inner is int else "a comma-separated list of names"
+
+
+def load_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file; a clear error if it is missing or not a mapping."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DiffcircuitError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise DiffcircuitError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DiffcircuitError(f"config {path} must be a mapping of keys to values")
+    return values
+
+
+_COMMENTS = {
+    "model": "'embedded', a local diffusers folder, or a hub id such as google/ddpm-celebahq-256",
+    "allow_pickle": "allow pickle (.bin) weights; only for sources you trust",
+    "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
+    "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
+    "n": "images per dataset (the paper: 2,000; 'faces' has 100)",
+    "timesteps": "timesteps analysed",
+    "seed": "noise seed; same seed, same results",
+    "batch_size": "images per forward pass (does not change results)",
+    "device": "cpu or cuda",
+    "skip_bad": "skip unreadable image files with a warning instead of stopping",
+    "capture": "fused (one fused attention call) or naive (explicit softmax, the reference)",
+    "ablate_n": "images per dataset for ablations, patching and attribution (0: none)",
+    "ablation_methods": "zero, mean, resample, noise",
+    "seed_repeats": "extra noise seeds for the seed-variance check",
+    "null_sets": "random head sets per layer/block size, the null control",
+}
+
+
+def default_config_yaml() -> str:
+    """A commented config with every key at its default (``diffcircuit init-config``)."""
+    import yaml
+
+    lines = ["# diffcircuit run configuration. Command-line flags override these keys.", ""]
+    for key, value in RunConfig().to_dict().items():
+        lines.append(f"# {_COMMENTS.get(key, '')}")
+        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip().strip("{}"))
+    return "\n".join(lines) + "\n"
