@@ -76,6 +76,7 @@ class TrainConfig:
     quality_images: int = 100  # held-out images per dataset for the model card (faces: at most 20)
     init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
     t_min: int = 0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
+    loss: str = "v"  # "v": ε-MSE weighted by 1/ᾱ_t (the v-prediction loss); "eps": plain ε-MSE
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
 
 
@@ -109,13 +110,13 @@ def _training_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(synth), torch.from_numpy(faces)
 
 
-def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0) -> float:
+def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str = "v") -> float:
     acp = scheduler.alphas_cumprod
     t = torch.randint(t_min, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=gen)
     eps = torch.randn(batch.shape, generator=gen)
     x_t = add_noise(batch, eps, t, acp)
     pred = unet(x_t, t).sample
-    weight = (1.0 / acp[t]).float()  # 1/ᾱ_t: the v-prediction loss for an ε-network
+    weight = (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t))  # 1/ᾱ_t: v-prediction loss
     loss = (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -156,7 +157,7 @@ def train_tiny(
             s_idx = torch.randint(0, len(synth), (half,), generator=gen)
             f_idx = torch.randint(0, len(faces), (cfg.batch_size - half,), generator=gen)
             batch = _augment(torch.cat([synth[s_idx], faces[f_idx]]), gen)
-            loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min)
+            loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min, cfg.loss)
             sched.step()
             ema.step(unet.parameters())
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -232,7 +233,7 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "",
         "```",
         "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min")
+                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss")
                                                        and v is not None),
         "```",
         "",
