@@ -17,8 +17,10 @@ def _denoiser(unet, tmp_path):
 
 def test_noise_depends_only_on_the_images_identity():
     a = image_noise((3, 4, 4), seed=0, dataset="a", image=5, timestep=100)
+    long1 = image_noise((3, 4, 4), seed=0, dataset="abcdefgh1", image=5, timestep=100)
+    assert not torch.equal(long1, image_noise((3, 4, 4), seed=0, dataset="abcdefgh2", image=5, timestep=100))
     assert torch.equal(a, image_noise((3, 4, 4), seed=0, dataset="a", image=5, timestep=100))
-    for other in (dict(seed=1), dict(dataset="b"), dict(image=6), dict(timestep=101)):
+    for other in (dict(seed=1), dict(dataset="b"), dict(image=6), dict(timestep=101), dict(dataset="abcdefgh1")):
         kw = dict(seed=0, dataset="a", image=5, timestep=100) | other
         assert not torch.equal(a, image_noise((3, 4, 4), **kw))
 

@@ -146,10 +146,10 @@ def ablation_sweep(
             partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
             mse_clean = eps_mse_per_image(clean, eps)
             x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
-            for k, target in enumerate(targets):
+            for target in targets:
                 for method in methods:
-                    def draw(shape, _k=k):
-                        return _noise_like(shape, seed=seed, images=idx, timestep=t_val, tag=f"{dataset}/noise/{_k}")
+                    def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
+                        return _noise_like(shape, seed=seed, images=idx, timestep=t_val, tag=f"{dataset}/noise/{_name}")
                     pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({

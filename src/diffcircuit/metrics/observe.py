@@ -12,6 +12,7 @@ attention head instrumented, and two tidy tables come back:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -35,8 +36,12 @@ __all__ = ["image_noise", "observe"]
 
 
 def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int) -> torch.Tensor:
-    """The noise draw for one image at one timestep: a function of its identity alone."""
-    key = [seed, int.from_bytes(dataset.encode(), "little") % (2**31), image, timestep]
+    """The noise draw for one image at one timestep: a function of its identity alone.
+
+    ``dataset`` is any label (hashed whole, so "a/noise/x" and "a/noise/y" draw different noise).
+    """
+    label = int.from_bytes(hashlib.sha256(dataset.encode()).digest()[:8], "little")
+    key = [seed, label, image, timestep]
     state = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] % (2**63))
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
 
