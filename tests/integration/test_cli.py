@@ -95,7 +95,12 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     for row in main_seed.itertuples():  # the main seed's value is the head table's own mean
         expected = heads[(heads.dataset == row.dataset) & (heads.timestep == row.timestep)].entropy_norm.mean()
         assert row.value == pytest.approx(expected)
-    assert summary["pending"] == ["circuits"]
+    assert summary["pending"] == []
+    circuit = json.loads((out / "circuits" / "a_t20.json").read_text())
+    assert {"dataset", "timesteps", "method", "tau", "heads", "faithfulness", "completeness",
+            "selection_frequency"} <= set(circuit)
+    table = pd.read_parquet(out / "tables" / "circuits.parquet")
+    assert len(table) == 2 * 2 * 3 * n_heads  # datasets x windows x taus x heads
     assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
         (e, m) for e in ("first_order", "ig") for m in ("zero", "mean")}
     synthetic = heads[heads.dataset == "a"]

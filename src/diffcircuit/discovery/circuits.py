@@ -29,7 +29,7 @@ from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
-__all__ = ["Circuit", "CircuitLoss", "grow_circuit", "prune_circuit", "ranking_auc"]
+__all__ = ["Circuit", "CircuitLoss", "grow_circuit", "jaccard", "prune_circuit", "ranking_auc"]
 
 
 class CircuitLoss:
@@ -77,13 +77,18 @@ class Circuit:
     loss_circuit: float  # everything outside the circuit ablated
     loss_without_circuit: float  # only the circuit ablated
 
+    def _recovered(self, loss: float) -> float:
+        gap = self.loss_empty - self.loss_full
+        return (self.loss_empty - loss) / gap if abs(gap) > 1e-9 * abs(self.loss_full) else float("nan")
+
     @property
     def faithfulness(self) -> float:
-        return (self.loss_empty - self.loss_circuit) / (self.loss_empty - self.loss_full)
+        """NaN when ablating every head does not change the loss (nothing to recover)."""
+        return self._recovered(self.loss_circuit)
 
     @property
     def completeness(self) -> float:
-        return (self.loss_empty - self.loss_without_circuit) / (self.loss_empty - self.loss_full)
+        return self._recovered(self.loss_without_circuit)
 
 
 def _circuit(loss: CircuitLoss, kept: list[HeadAddress], tau: float, full: float, empty: float) -> Circuit:
@@ -120,3 +125,8 @@ def ranking_auc(importance: dict[HeadAddress, float], positives: set[HeadAddress
     pos = [v for a, v in importance.items() if a in positives]
     neg = [v for a, v in importance.items() if a not in positives]
     return float(mannwhitneyu(pos, neg, alternative="two-sided").statistic / (len(pos) * len(neg)))
+
+
+def jaccard(a: Sequence[HeadAddress], b: Sequence[HeadAddress]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0

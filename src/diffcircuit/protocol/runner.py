@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffcircuit.data.spec import ImageSet, load_images
+from diffcircuit.discovery.run import discover_circuits
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
@@ -162,6 +163,13 @@ def _attribute_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: 
     return pd.concat(frames, ignore_index=True)
 
 
+def _discover_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], ablations, progress):
+    n = min(cfg.ablate_n, cfg.n)
+    step = _stage_progress(progress, "discover", len(sets) * len(cfg.timesteps))
+    return discover_circuits(den, {k: s.images[:n] for k, s in sets.items()}, ablations, registry=registry,
+                             timesteps=cfg.timesteps, resamples=cfg.circuit_resamples, seed=cfg.seed, progress=step)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and ablate) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     import torch
@@ -185,9 +193,14 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
         tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
         tables["patching"] = _patch_all(cfg, den, registry, sets, progress)
         tables["attribution"] = _attribute_all(cfg, den, registry, sets, progress)
+    circuits = []
+    if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
+        tables["circuits"], circuits = _discover_all(cfg, den, registry, sets, tables["ablations"], progress)
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
+    for circuit in circuits:
+        write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['timesteps'][0]}.json", circuit)
     manifest = _manifest(cfg, den, registry, sets)
     write_json(out_dir / "manifest.json", manifest)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

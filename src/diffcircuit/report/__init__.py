@@ -28,11 +28,12 @@ def finalize_run(run_dir: str | Path) -> dict:
                     for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance") if (run_dir / "tables" / f"{name}.parquet").exists()}
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
+    circuits = [json.loads(p.read_text()) for p in sorted((run_dir / "circuits").glob("*.json"))]
     summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles, divergence=divergence,
                             ablations=optional.get("ablations"), patching=optional.get("patching"),
                             attribution=optional.get("attribution"), complexity=optional.get("complexity"),
                             tests=optional.get("tests"), critical=optional.get("critical"),
-                            seed_variance=optional.get("seed_variance"))
+                            seed_variance=optional.get("seed_variance"), circuits=circuits)
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary, heads, roles, optional.get("ablations"))
     return summary

@@ -166,17 +166,32 @@ def _seed_variance(table: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _circuits(found: list[dict]) -> dict:
+    """Circuit size, faithfulness, completeness and cross-dataset overlap per dataset and window."""
+    out = {"tau": None, "windows": []}
+    for c in found:
+        out["tau"] = c["tau"]
+        entry = {k: c[k] for k in ("dataset", "timesteps", "method", "faithfulness", "completeness")}
+        entry["size"] = len(c["heads"])
+        entry["overlap_with_other"] = {k: v for k, v in c.get("overlap_with_other", {}).items()
+                                       if k in ("jaccard", "boot_low", "boot_high", "resamples")}
+        out["windows"].append(entry)
+    return out
+
+
 def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
                   divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
                   patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None,
                   complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None,
-                  critical: pd.DataFrame | None = None, seed_variance: pd.DataFrame | None = None) -> dict:
+                  critical: pd.DataFrame | None = None, seed_variance: pd.DataFrame | None = None,
+                  circuits: list[dict] | None = None) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     done = {"ablation": ablations is not None, "patching": patching is not None,
             "attribution": attribution is not None and ablations is not None,
             "complexity_ratio": complexity is not None and bool(complexity.primary.any()),
-            "random_head_null": critical is not None, "seed_variance": seed_variance is not None}
+            "random_head_null": critical is not None, "seed_variance": seed_variance is not None,
+            "circuits": bool(circuits)}
     headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     return {
@@ -196,5 +211,6 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "complexity_measures": measures,
         "tests": _tests(tests) if tests is not None else None,
         "seed_variance": _seed_variance(seed_variance) if seed_variance is not None else None,
+        "circuits": _circuits(circuits) if circuits else None,
         "pending": pending,
     }
