@@ -42,3 +42,14 @@ def test_divergence_finds_the_head_that_differs():
     div = tables["divergence"]
     assert list(div.timestep) == [100, 900] and (div.p_value < 0.05).all()
     assert div.value.iloc[0] == pytest.approx(per_head.mean())
+
+
+def test_holm_correction_on_request():
+    from statsmodels.stats.multitest import multipletests
+
+    heads = _heads(n=20)
+    bh = derived_tables(heads)["tests"]
+    holm = derived_tables(heads, correction="holm")["tests"]
+    for family, g in holm.groupby("family"):
+        np.testing.assert_allclose(g.p_corrected, multipletests(g.p_value, method="holm")[1])
+    assert (holm.p_corrected >= bh.p_corrected - 1e-12).all()  # Holm is the more conservative

@@ -9,8 +9,8 @@
   (``stats.complexity``); the primary measure is the participation ratio of single-head mean-ablation
   effects — causal, and the effective number of heads that matter;
 - ``critical``: every head, layer and block ablation against random heads of the same count;
-- ``tests``: every hypothesis test performed, with p, Benjamini–Hochberg-corrected p within its
-  family, effect size and n.
+- ``tests``: every hypothesis test performed, with p, corrected p within its family
+  (Benjamini–Hochberg by default, Holm with ``correction="holm"``), effect size and n.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, see
     return pd.DataFrame(rows)
 
 
-def critical_table(ablations: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def critical_table(ablations: pd.DataFrame, *, seed: int = 0, correction: str = "fdr_bh") -> pd.DataFrame:
     """Each head, layer and block ablation against random heads of the same count, paired over images.
 
     Unit: an image (of either dataset), its degradation averaged over timesteps. Null for a head: the
@@ -123,36 +123,37 @@ def critical_table(ablations: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["p_corrected"] = np.nan
     for _, idx in frame.groupby(["level", "method"]).groups.items():
-        frame.loc[idx, "p_corrected"] = correct_pvalues(frame.loc[idx, "p_value"].to_numpy(), "fdr_bh")
+        frame.loc[idx, "p_corrected"] = correct_pvalues(frame.loc[idx, "p_value"].to_numpy(), correction)
     frame["critical"] = (frame.p_corrected < 0.05) & (frame.excess_pct > 0)
     return frame
 
 
-def _family(rows: list[dict], family: str) -> pd.DataFrame:
+def _family(rows: list[dict], family: str, correction: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     frame.insert(0, "family", family)
-    frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), "fdr_bh")
+    frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), correction)
     return frame
 
 
 def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence: pd.DataFrame,
-                complexity: pd.DataFrame, critical: pd.DataFrame | None = None, *, seed: int = 0) -> pd.DataFrame:
+                complexity: pd.DataFrame, critical: pd.DataFrame | None = None, *, seed: int = 0,
+                correction: str = "fdr_bh") -> pd.DataFrame:
     """Every test performed; p corrected by Benjamini–Hochberg within each family."""
     families = []
     entropy_rows = []
     for (t, layer, head), g in heads.groupby(["timestep", "layer", "head"], sort=False):
         res = two_sample_test(g.entropy_nats[g.dataset == "b"], g.entropy_nats[g.dataset == "a"], n_resamples=_N_RESAMPLES, seed=seed)
         entropy_rows.append({"what": f"entropy_nats b vs a, t={t}, {layer}:{head}", **res.to_dict()})
-    families.append(_family(entropy_rows, "entropy_difference"))
+    families.append(_family(entropy_rows, "entropy_difference", correction))
     if ablations is not None:
         paired_rows = []
         for (level, target, method, dataset, t), g in ablations.groupby(["level", "target", "method", "dataset", "timestep"], sort=False):
             res = paired_test(g.mse_intervened, g.mse_clean, n_resamples=_N_RESAMPLES, seed=seed)
             paired_rows.append({"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
                                 **res.to_dict()})
-        families.append(_family(paired_rows, "ablation_paired"))
+        families.append(_family(paired_rows, "ablation_paired", correction))
     if critical is not None and len(critical):
         families.append(critical.assign(
             family="critical_vs_random_heads", test="permutation (paired sign-flip)",
@@ -165,12 +166,12 @@ def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence:
                               "effect_size": r.bias_corrected, "effect_size_kind": "jsd_bias_corrected_bits",
                               "n_a": int(heads[heads.dataset == "a"].image.nunique()),
                               "n_b": int(heads[heads.dataset == "b"].image.nunique()),
-                              "n_resamples": r.n_permutations} for r in divergence.itertuples()], "divergence"))
+                              "n_resamples": r.n_permutations} for r in divergence.itertuples()], "divergence", correction))
     families.append(_family([{"what": f"complexity ratio b/a: {r.measure}", "test": "permutation (labels over images)",
                               "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
                               "effect_size": float(np.log(r.value)) if r.value > 0 else float("nan"),
                               "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b,
-                              "n_resamples": r.n_permutations} for r in complexity.itertuples()], "complexity_ratio"))
+                              "n_resamples": r.n_permutations} for r in complexity.itertuples()], "complexity_ratio", correction))
     return pd.concat([f for f in families if not f.empty], ignore_index=True)
 
 
@@ -186,16 +187,18 @@ def seed_quantities(heads: pd.DataFrame, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *, seed: int = 0) -> dict[str, pd.DataFrame]:
+def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *, seed: int = 0,
+                   correction: str = "fdr_bh") -> dict[str, pd.DataFrame]:
     """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem."""
     divergence, divergence_heads = divergence_tables(heads, seed=seed)
     complexity = complexity_table(heads, ablations, seed=seed)
-    extra = {"critical": critical_table(ablations, seed=seed)} if ablations is not None else {}
+    extra = {"critical": critical_table(ablations, seed=seed, correction=correction)} if ablations is not None else {}
     return extra | {
         "head_summary": head_summary_table(heads, seed=seed),
         "head_roles": assign_roles(heads),
         "divergence": divergence,
         "divergence_heads": divergence_heads,
         "complexity": complexity,
-        "tests": tests_table(heads, ablations, divergence, complexity, extra.get("critical"), seed=seed),
+        "tests": tests_table(heads, ablations, divergence, complexity, extra.get("critical"), seed=seed,
+                             correction=correction),
     }

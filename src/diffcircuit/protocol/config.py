@@ -41,6 +41,7 @@ class RunConfig:
     ablation_methods: tuple[str, ...] = ("zero", "mean")
     seed_repeats: int = 2  # extra noise seeds (seed+1..) for the seed-variance check (0: none)
     null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
+    correction: str = "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
     circuit_resamples: int = 3  # bootstrap resamples of images for circuit stability (selection frequency)
 
     def __post_init__(self):
@@ -54,6 +55,8 @@ class RunConfig:
             raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
         if self.seed_repeats < 0:
             raise DiffcircuitError(f"--seed-repeats must be >= 0, not {self.seed_repeats}")
+        if self.correction not in ("fdr_bh", "holm"):
+            raise DiffcircuitError(f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}")
         if self.circuit_resamples < 0:
             raise DiffcircuitError(f"--circuit-resamples must be >= 0, not {self.circuit_resamples}")
         if self.null_sets < 1:
@@ -164,6 +167,7 @@ _COMMENTS = {
     "seed_repeats": "extra noise seeds for the seed-variance check",
     "null_sets": "random head sets per layer/block size, the null control",
     "circuit_resamples": "bootstrap resamples of images for circuit stability",
+    "correction": "multiple-comparison correction within each test family: fdr_bh (Benjamini-Hochberg) or holm",
 }
 
 

@@ -196,7 +196,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     circuits = []
     if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
         tables["circuits"], circuits = _discover_all(cfg, den, registry, sets, tables["ablations"], progress)
-    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed)
+    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:

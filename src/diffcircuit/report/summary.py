@@ -153,7 +153,8 @@ def _tests(tests: pd.DataFrame) -> dict:
     families = {}
     for family, g in tests.groupby("family", sort=False):
         families[family] = {"n_tests": int(len(g)), "significant_bh_0.05": int((g.p_corrected < 0.05).sum())}
-    return {"n_tests": int(len(tests)), "correction": "Benjamini-Hochberg within each family", "families": families}
+    return {"n_tests": int(len(tests)), "correction": "within each family (see the run's config: fdr_bh or holm)",
+            "families": families}
 
 
 def _seed_variance(table: pd.DataFrame) -> list[dict]:
