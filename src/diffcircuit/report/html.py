@@ -61,6 +61,7 @@ def role_map(roles: pd.DataFrame):
         ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
         ax.set_title(f"t = {t}", fontsize=9)
         ax.set_yticks(range(len(layers)), layers if ax is axes[0][0] else [], fontsize=6)
+        ax.set_xticks(range(0, width, 2))
         ax.set_xlabel("head")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
