@@ -26,7 +26,7 @@ import torch
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
 __all__ = ["Circuit", "CircuitLoss", "grow_circuit", "jaccard", "prune_circuit", "ranking_auc"]
@@ -46,8 +46,7 @@ class CircuitLoss:
         self.inputs, self.means = [], []
         with torch.no_grad():
             for t_val in timesteps:
-                eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=i, timestep=t_val)
-                                   for i in range(len(x0))])
+                eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=t_val)
                 t = torch.full((len(x0),), t_val, dtype=torch.long)
                 x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
                 moments = ActivationMoments()

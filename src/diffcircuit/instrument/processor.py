@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 
 from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive

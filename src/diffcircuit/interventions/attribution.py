@@ -26,7 +26,7 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
 __all__ = ["attribution_scores"]
@@ -88,7 +88,7 @@ def attribution_scores(
     rows = []
     for t_val in timesteps:
         def noisy(idx):
-            eps = torch.stack([image_noise(x_all.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
+            eps = batch_noise(x_all.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             return add_noise(x_all[idx], eps, t, acp), t, eps
 

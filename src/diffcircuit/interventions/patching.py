@@ -23,7 +23,7 @@ from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.interventions.sweep import clean_activations
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise
 
 __all__ = ["activation_patching"]
@@ -61,7 +61,7 @@ def activation_patching(
     for t_val in timesteps:
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            eps = torch.stack([image_noise(rcv.shape[1:], seed=seed, dataset="pair", image=int(i), timestep=t_val) for i in idx])
+            eps = batch_noise(rcv.shape[1:], seed=seed, dataset="pair", images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             pred_a, source = clean_activations(net, registry, add_noise(src[idx], eps, t, acp), t, resnets)
             record: dict = {}

@@ -19,7 +19,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import UNetStages
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
 
 __all__ = ["ActivationMoments", "ablation_sweep", "clean_activations"]
@@ -57,10 +57,6 @@ def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dic
     acts = session.pop("head_out")
     acts |= {name: rec[0].cpu() for name, rec in records.items()}
     return pred, acts
-
-
-def _noise_like(shape, *, seed: int, images: np.ndarray, timestep: int, tag: str) -> torch.Tensor:
-    return torch.stack([image_noise(shape, seed=seed, dataset=tag, image=int(i), timestep=timestep) for i in images])
 
 
 def _replacement(method: str, key: str, index: int | None, ref: ActivationMoments, partner: dict, draw):
@@ -122,7 +118,7 @@ def ablation_sweep(
 
     def noisy(idx: np.ndarray, t_val: int):
         x0 = x_all[idx]
-        eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
+        eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
         t = torch.full((len(idx),), t_val, dtype=torch.long)
         return x0, eps, t, add_noise(x0, eps, t, acp)
 
@@ -149,7 +145,7 @@ def ablation_sweep(
             for target in targets:
                 for method in methods:
                     def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
-                        return _noise_like(shape, seed=seed, images=idx, timestep=t_val, tag=f"{dataset}/noise/{_name}")
+                        return batch_noise(shape, seed=seed, dataset=f"{dataset}/noise/{_name}", images=idx, timestep=t_val)
                     pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({

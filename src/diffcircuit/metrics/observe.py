@@ -32,7 +32,7 @@ from diffcircuit.models.diffusion import (
     x0_mse_per_image,
 )
 
-__all__ = ["image_noise", "observe"]
+__all__ = ["batch_noise", "image_noise", "observe"]
 
 
 def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int) -> torch.Tensor:
@@ -44,6 +44,11 @@ def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, ti
     key = [seed, label, image, timestep]
     state = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] % (2**63))
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
+
+
+def batch_noise(shape: Sequence[int], *, seed: int, dataset: str, images, timestep: int) -> torch.Tensor:
+    """``image_noise`` for each image index in ``images``, stacked: ``[len(images), *shape]``."""
+    return torch.stack([image_noise(shape, seed=seed, dataset=dataset, image=int(i), timestep=timestep) for i in images])
 
 
 def _layer_metrics(captured: dict, info, features: ProbeFeatures) -> dict[str, torch.Tensor]:
@@ -104,7 +109,7 @@ def observe(
         x0 = x_all[idx]
         features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(np.asarray(masks)[idx]))
         for t_val in timesteps:
-            eps = torch.stack([image_noise(x0.shape[1:], seed=seed, dataset=dataset, image=int(i), timestep=t_val) for i in idx])
+            eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
             with instrument(net, registry=registry, capture=True, method=method, key_features=features) as session:
