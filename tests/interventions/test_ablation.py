@@ -163,3 +163,23 @@ def test_stages_reproduce_the_full_forward(small_unet):
         assert all("forward" not in m.__dict__ for m in small_unet.modules())  # replayed modules restored
     assert stages.names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
     assert stages.stage_of("up_blocks.0.attentions.1") == 3 and stages.stage_of("conv_in") == 0
+
+
+def test_v_prediction_sweep_scores_the_implied_eps(small_unet, tmp_path):
+    # the sweep's clean error must equal observe()'s (a separate code path), and the intervened one
+    # an edited model's clean error, both measured on the ε a v-prediction output implies
+    from diffcircuit.metrics.observe import observe
+
+    v_sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    den = Denoiser(network=small_unet, scheduler=v_sched, model_path=tmp_path, source="t")
+    images, registry = _setup(small_unet, n=3)
+    layer = "mid_block.attentions.0"
+    rows = _sweep(den, images, registry, [t for t in targets(registry, "layer") if t.name == layer], ["zero"], dataset="a")
+    _, per_image = observe(den, images, timesteps=[400], dataset="a")
+    np.testing.assert_allclose(rows.sort_values("image").mse_clean, per_image.sort_values("image").eps_mse, rtol=1e-5)
+    edited = copy.deepcopy(small_unet)
+    with torch.no_grad():
+        dict(attention_modules(edited))[layer].to_out[0].weight.zero_()
+    _, per_edited = observe(Denoiser(network=edited, scheduler=v_sched, model_path=tmp_path, source="t"), images,
+                            timesteps=[400], dataset="a")
+    np.testing.assert_allclose(rows.sort_values("image").mse_intervened, per_edited.sort_values("image").eps_mse, rtol=1e-4)

@@ -54,3 +54,23 @@ def test_tables_are_tidy_and_consistent(small_unet, tmp_path):
     with torch.no_grad():
         pred = small_unet(sched.add_noise(x0, eps, t), t).sample
     assert math.isclose(row.eps_mse, torch.mean((pred - eps) ** 2).item(), rel_tol=1e-4)
+
+
+def test_v_prediction_models_are_scored_by_the_eps_they_imply(small_unet, tmp_path):
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    den = Denoiser(network=small_unet, scheduler=sched, model_path=tmp_path, source="test")
+    images = synthetic_images(2, size=16, seed=0)[0]
+    _, per_image = observe(den, images, timesteps=[900], dataset="a")
+    row = per_image.iloc[1]
+    x0 = torch.from_numpy(images[int(row.image)])[None]
+    eps = image_noise(x0.shape[1:], seed=0, dataset="a", image=int(row.image), timestep=900)[None]
+    t = torch.tensor([900])
+    x_t = sched.add_noise(x0, eps, t)
+    with torch.no_grad():
+        v_hat = small_unet(x_t, t).sample
+    # independent: v = √ᾱ·ε − √(1−ᾱ)·x₀ and x_t = √ᾱ·x₀ + √(1−ᾱ)·ε give ε − ε̂ = √ᾱ·(v − v̂)
+    a = sched.alphas_cumprod[900]
+    v = sched.get_velocity(x0, eps, t)
+    assert math.isclose(row.eps_mse, (a * (v - v_hat) ** 2).mean().item(), rel_tol=1e-3)
+    x0_hat = a.sqrt() * x_t - (1 - a).sqrt() * v_hat
+    assert math.isclose(row.x0_mse, ((x0_hat - x0) ** 2).mean().item(), rel_tol=1e-3)

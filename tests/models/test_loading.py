@@ -119,3 +119,12 @@ def test_non_finite_weights_are_refused(small_model_dir, small_unet):
     folder = save_denoiser(small_model_dir.parent / "nan-model", small_unet, DDPMScheduler())
     with pytest.raises(DiffcircuitError, match="NaN or infinite values.*conv_out.weight"):
         load_denoiser(str(folder))
+
+
+def test_unsupported_prediction_type_is_refused(small_model_dir):
+    cfg_path = small_model_dir / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "flow_prediction"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DiffcircuitError, match="prediction_type"):
+        load_denoiser(str(small_model_dir))

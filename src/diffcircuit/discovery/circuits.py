@@ -39,7 +39,7 @@ class CircuitLoss:
                  dataset: str = "a", registry: HeadRegistry | None = None):
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
-        self.net, self.method = denoiser.network, method
+        self.net, self.method, self.eps_hat = denoiser.network, method, denoiser.eps_hat
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
         self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long))
         self.heads = list(self.registry)
@@ -62,7 +62,7 @@ class CircuitLoss:
         for (x_t, t, eps), means in zip(self.inputs, self.means):
             patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in ablated}
             with instrument(self.net, registry=self.registry, patches=patches):
-                total += eps_mse_per_image(self.net(x_t, t).sample, eps).mean().item()
+                total += eps_mse_per_image(self.eps_hat(self.net(x_t, t).sample, x_t, t), eps).mean().item()
         return total / len(self.inputs)
 
 

@@ -32,7 +32,7 @@ from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 __all__ = ["attribution_scores"]
 
 
-def _graded_pass(net, registry, x_t, t, eps, shifts: dict[str, torch.Tensor] | None = None):
+def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Tensor] | None = None):
     """One forward and one backward: each layer's head outputs (after ``shifts``) and ∂(Σ_i L_i)/∂ them.
 
     The gradients are total derivatives: later heads keep responding to earlier ones.
@@ -41,21 +41,21 @@ def _graded_pass(net, registry, x_t, t, eps, shifts: dict[str, torch.Tensor] | N
     with torch.enable_grad(), instrument(net, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True) as session:
         pred = net(x_t, t).sample
         outs = session.pop("head_out")  # layer -> [B, h, Q, d], attached to the graph
-        loss_per_image = eps_mse_per_image(pred, eps)
+        loss_per_image = eps_mse_per_image(to_eps(pred, x_t, t), eps)
         grads = torch.autograd.grad(loss_per_image.sum(), [outs[layer] for layer in layers])
     values = {layer: outs[layer].detach() for layer in layers}
     return values, dict(zip(layers, grads)), loss_per_image.detach()
 
 
-def _batch_scores(net, registry, x_t, t, eps, ablated: Callable[[str, torch.Tensor], torch.Tensor], ig_steps: int):
+def _batch_scores(net, registry, x_t, t, eps, to_eps, ablated: Callable[[str, torch.Tensor], torch.Tensor], ig_steps: int):
     """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``."""
-    clean, grads, loss = _graded_pass(net, registry, x_t, t, eps)
+    clean, grads, loss = _graded_pass(net, registry, x_t, t, eps, to_eps)
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
     if ig_steps > 0:
         grads = {layer: torch.zeros_like(a) for layer, a in clean.items()}
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
-            _, step, _ = _graded_pass(net, registry, x_t, t, eps, {layer: alpha * d for layer, d in delta.items()})
+            _, step, _ = _graded_pass(net, registry, x_t, t, eps, to_eps, {layer: alpha * d for layer, d in delta.items()})
             for layer in grads:
                 grads[layer] += step[layer] / ig_steps
     scores = {layer: (delta[layer] * grads[layer]).flatten(2).sum(-1) for layer in clean}  # [B, h]
@@ -100,7 +100,7 @@ def attribution_scores(
         ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).expand_as(a))
         for idx in batches:
             x_t, t, eps = noisy(idx)
-            scores, loss = _batch_scores(net, registry, x_t, t, eps, ablated, ig_steps)
+            scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps)
             for info in registry.layers:
                 s = scores[info.layer]
                 rows.append(pd.DataFrame({

@@ -50,7 +50,12 @@ def activation_patching(
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
-    """One row per target x timestep x pair: ``moved_frac`` and ``delta_mse``."""
+    """One row per target x timestep x pair: ``moved_frac`` and ``delta_mse``.
+
+    Both are measured in the network's own output space (its ``prediction_type``): the receiver's
+    output moved toward the source's. Converting to ε would add √(1−ᾱ)·(x_a − x_b), an input
+    difference no internal patch can move, and make ``moved_frac`` depend on the parametrisation.
+    """
     net, acp = denoiser.network, denoiser.alphas_cumprod
     src = torch.from_numpy(np.asarray(source_images, dtype=np.float32))
     rcv = torch.from_numpy(np.asarray(receiver_images, dtype=np.float32))

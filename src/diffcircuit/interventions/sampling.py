@@ -43,8 +43,8 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
         active = target is not None and (window is None or window[0] <= int(t) <= window[1])
         with ExitStack() as stack:
             stack.enter_context(_zero_ablation(net, target) if active else nullcontext())
-            eps = net(x, t.expand(n)).sample
-        x = scheduler.step(eps, t, x).prev_sample
+            out = net(x, t.expand(n)).sample  # in the model's prediction_type; the scheduler knows it
+        x = scheduler.step(out, t, x).prev_sample
     return x.clamp(-1, 1)
 
 

@@ -140,6 +140,7 @@ def ablation_sweep(
                 return stages.resume(names, _record)
 
             partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
+            clean = denoiser.eps_hat(clean, x_t, t)
             mse_clean = eps_mse_per_image(clean, eps)
             x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
             for target in targets:
@@ -147,6 +148,7 @@ def ablation_sweep(
                     def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
                         return batch_noise(shape, seed=seed, dataset=f"{dataset}/noise/{_name}", images=idx, timestep=t_val)
                     pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
+                    pred = denoiser.eps_hat(pred, x_t, t)
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,

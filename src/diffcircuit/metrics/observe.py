@@ -113,7 +113,7 @@ def observe(
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
             with instrument(net, registry=registry, capture=True, method=method, key_features=features) as session:
-                pred = net(x_t.to(device), t.to(device)).sample.float().cpu()
+                pred = denoiser.eps_hat(net(x_t.to(device), t.to(device)).sample.float().cpu(), x_t, t)
             captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
             head_frames.append(_head_rows(captured, registry, features, idx, t_val))
             base = trivial_eps(x_t, t, acp)

@@ -1,5 +1,9 @@
 """The DDPM forward process and the error of a denoiser's prediction: ε, and the implied x₀.
 
+A network may predict ε, v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022) or x₀ itself (diffusers'
+``prediction_type`` "epsilon", "v_prediction", "sample"); :func:`eps_from_output` turns any of
+them into the ε-prediction they imply, so every error below is measured the same way.
+
 For DDPM's forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, an ε-prediction ε̂ implies
 x̂₀ = (x_t − √(1−ᾱ)·ε̂) / √ᾱ. At large t, ε ≈ x_t·√(1−ᾱ) is nearly free (the *trivial predictor*),
 so a low ε-MSE there says little; the x₀ error is reported next to it everywhere.
@@ -10,12 +14,17 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "PREDICTION_TYPES",
     "add_noise",
+    "eps_from_output",
     "eps_mse_per_image",
     "implied_x0",
     "trivial_eps",
     "x0_mse_per_image",
 ]
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +37,23 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumpr
     """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (same as diffusers' ``DDPMScheduler.add_noise``)."""
     sa, sb = _coeffs(alphas_cumprod, t, x0.ndim)
     return (sa * x0.double() + sb * eps.double()).to(x0.dtype)
+
+
+def eps_from_output(
+    output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """The ε-prediction implied by a network output of the given ``prediction_type``.
+
+    v: ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂; sample: ε̂ = (x_t − √ᾱ·x̂₀)/√(1−ᾱ). Differentiable in ``output``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    sa, sb = (c.to(output.dtype).to(output.device) for c in _coeffs(alphas_cumprod, t, output.ndim))
+    if prediction_type == "v_prediction":
+        return sb * x_t.to(output.dtype) + sa * output
+    if prediction_type == "sample":
+        return (x_t.to(output.dtype) - sa * output) / sb
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def implied_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_denoiser", "save_denoiser"]
 
@@ -51,6 +52,15 @@ class Denoiser:
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
+
+    @property
+    def prediction_type(self) -> str:
+        """What the network outputs: "epsilon", "v_prediction" or "sample" (the scheduler's setting)."""
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    def eps_hat(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε."""
+        return eps_from_output(output, x_t, t, self.alphas_cumprod, self.prediction_type)
 
 
 def _resolve_folder(source: str, allow_pickle: bool) -> Path:
@@ -157,7 +167,11 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
         raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
-    return Denoiser(network=network, scheduler=_load_scheduler(root, folder), model_path=folder, source=source)
+    scheduler = _load_scheduler(root, folder)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
+    return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source)
 
 
 def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:

@@ -30,6 +30,7 @@ from diffcircuit.data.faces import lfw_images
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.models.diffusion import (
     add_noise,
+    eps_from_output,
     eps_mse_per_image,
     implied_x0,
     trivial_eps,
@@ -77,6 +78,7 @@ class TrainConfig:
     init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
     t_min: int = 0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
     loss: str = "v"  # "v": ε-MSE weighted by 1/ᾱ_t (the v-prediction loss); "eps": plain ε-MSE
+    prediction: str = "v_prediction"  # what the network outputs: "v_prediction" or "epsilon" (diffusers' prediction_type)
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
 
 
@@ -115,9 +117,9 @@ def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str
     t = torch.randint(t_min, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=gen)
     eps = torch.randn(batch.shape, generator=gen)
     x_t = add_noise(batch, eps, t, acp)
-    pred = unet(x_t, t).sample
+    eps_hat = eps_from_output(unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type)
     weight = (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t))  # 1/ᾱ_t: v-prediction loss
-    loss = (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
+    loss = (weight * (eps_hat - eps).pow(2).flatten(1).mean(1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -139,7 +141,7 @@ def train_tiny(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=cfg.prediction)
     unet = build_tiny_unet(cfg.seed)
     if cfg.init_from is not None:
         unet.load_state_dict(load_denoiser(cfg.init_from).network.state_dict())
@@ -203,7 +205,7 @@ def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTE
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
-            pred = unet(x_t, t).sample
+            pred = eps_from_output(unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type)
             base = trivial_eps(x_t, t, acp)
             rows.append(
                 dict(
@@ -233,7 +235,7 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "",
         "```",
         "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss")
+                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss", "prediction")
                                                        and v is not None),
         "```",
         "",
