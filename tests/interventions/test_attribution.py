@@ -84,6 +84,20 @@ def test_first_order_plus_curvature_is_exact_on_a_linear_toy(method):
     np.testing.assert_allclose(total.to_numpy(), (layer.mse_intervened - layer.mse_clean).to_numpy(), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_gauss_newton_probes_estimate_the_curvature_term_without_bias(method):
+    """On the linear toy the +gn score minus the first-order score estimates mean(Δpred²) (from the weights)."""
+    den, images, registry = _setup(LinearToy())
+    first = _by_head(attribution_scores(den, images, timesteps=[300], method=method, registry=registry))
+    gn = _by_head(attribution_scores(den, images, timesteps=[300], method=method, probes=1000, registry=registry))
+    assert set(gn.estimator) == {"first_order+gn"}
+    exact = _mean_sq_prediction_change(den, images, method).reindex(gn.index).to_numpy()
+    ratio = (gn.delta_mse - first.delta_mse).to_numpy() / exact
+    # (z·v)² has relative sd √2, so 1,000 probes give ~4.5 % per estimate
+    assert np.all(np.abs(ratio - 1) < 0.25), ratio
+    assert abs(ratio.mean() - 1) < 0.05
+
+
 def test_first_order_ranks_heads_like_exhaustive_ablation(small_unet):
     den, images, registry = _setup(small_unet, n=6, size=16)
     exact = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=[500], registry=registry)

@@ -148,17 +148,19 @@ def _patch_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict
 
 
 def _attribute_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
-    """First-order and IG (4 steps) attribution scores of every head, for each ablation method that supports it."""
+    """Attribution scores of every head (first order, IG with 4 steps, first order + Gauss-Newton with
+    2 probes), for each ablation method that supports it."""
     n = min(cfg.ablate_n, cfg.n)
     methods = [m for m in cfg.ablation_methods if m in ("zero", "mean")]
-    step = _stage_progress(progress, "attribute", len(sets) * len(methods) * 2)
+    estimators = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=2))
+    step = _stage_progress(progress, "attribute", len(sets) * len(methods) * len(estimators))
     frames = []
     for key, image_set in sets.items():
         for method in methods:
-            for ig_steps in (0, 4):
+            for options in estimators:
                 frames.append(attribution_scores(den, image_set.images[:n], timesteps=cfg.timesteps, method=method,
-                                                 ig_steps=ig_steps, seed=cfg.seed, dataset=key,
-                                                 batch_size=cfg.batch_size, registry=registry))
+                                                 seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
+                                                 registry=registry, **options))
                 step(1)
     return pd.concat(frames, ignore_index=True)
 
