@@ -65,7 +65,11 @@ def test_dead_heads_rank_last(planted):
     assert ranking_auc({a: magnitude[a] for a in live | dead}, live) == 1.0
 
 
-@pytest.mark.parametrize("search", [prune_circuit, grow_circuit])
+def _sequential_prune(loss, importance, tau):
+    return prune_circuit(loss, importance, tau, search="sequential")
+
+
+@pytest.mark.parametrize("search", [prune_circuit, _sequential_prune, grow_circuit])
 def test_discovery_selects_the_essential_head_and_no_dead_one(planted, search):
     den, images, registry, importance, dead, essential = planted
     loss = CircuitLoss(den, images, timesteps=[T], registry=registry)
@@ -79,3 +83,64 @@ def test_discovery_selects_the_essential_head_and_no_dead_one(planted, search):
                           methods=["mean"], timesteps=[T], registry=registry)
     expected = (circuit.loss_empty - rows.mse_intervened.mean()) / (circuit.loss_empty - circuit.loss_full)
     assert circuit.faithfulness == pytest.approx(expected, rel=1e-4)
+
+
+class _MonotoneLoss:
+    """A stand-in for CircuitLoss: L(S) = 1 + Σ w_h + Σ pairwise interactions ≥ 0 over S (monotone in S).
+
+    ``important`` of the heads carry most of the loss, as in a real model's few critical heads.
+    """
+
+    method = "mean"
+
+    def __init__(self, n, seed, important=0.2):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.heads = [f"l:{i}" for i in range(n)]
+        self.w = dict(zip(self.heads, rng.exponential(0.01, n) * np.where(rng.random(n) < important, 1.0, 0.02)))
+        self.pair = {(a, b): rng.exponential(0.002) for a in self.heads for b in self.heads if a < b and rng.random() < 0.01}
+        self.evaluations = 0
+
+    def __call__(self, ablated):
+        self.evaluations += 1
+        s = set(ablated)
+        return 1 + sum(self.w[a] for a in s) + sum(v for (a, b), v in self.pair.items() if a in s and b in s)
+
+
+def _both_searches(n, seed, important, tau):
+    import numpy as np
+
+    grouped, sequential = _MonotoneLoss(n, seed, important), _MonotoneLoss(n, seed, important)
+    noise = np.random.default_rng(100 + seed).normal(0, 0.003, n)
+    importance = {a: grouped.w[a] + e for a, e in zip(grouped.heads, noise)}  # an imperfect ranking
+    return (prune_circuit(grouped, importance, tau), prune_circuit(sequential, importance, tau, search="sequential"),
+            grouped.evaluations, sequential.evaluations)
+
+
+@pytest.mark.parametrize("important", [0.1, 0.5])
+@pytest.mark.parametrize("seed", range(10))
+def test_grouped_pruning_equals_one_at_a_time_when_the_loss_is_monotone(seed, important):
+    a, b, _, _ = _both_searches(40, seed, important, 0.02)
+    assert a.heads == b.heads and a.loss_circuit == b.loss_circuit
+
+
+def test_grouped_pruning_needs_fewer_evaluations_when_few_heads_matter():
+    counts = [_both_searches(72, seed, 0.1, 0.05)[2:] for seed in range(10)]
+    grouped, sequential = map(sum, zip(*counts))
+    assert grouped < 0.6 * sequential, (grouped, sequential)
+
+
+def test_circuit_curve_runs_from_nothing_recovered_to_everything():
+    from diffcircuit.discovery.circuits import circuit_curve, curve_sizes
+
+    loss = _MonotoneLoss(30, 0)
+    curve = circuit_curve(loss, dict(loss.w))
+    assert [c["size"] for c in curve] == curve_sizes(30) and curve_sizes(30)[:5] == [0, 1, 2, 3, 4]
+    assert curve[0]["faithfulness"] == pytest.approx(0) and curve[0]["completeness"] == pytest.approx(1)
+    assert curve[-1]["faithfulness"] == pytest.approx(1) and curve[-1]["completeness"] == pytest.approx(0)
+    # by hand for k = 3: the three heads with the largest weights kept, everything else ablated
+    top = sorted(loss.heads, key=lambda a: (-loss.w[a], a))[:3]
+    full, empty = loss([]), loss(loss.heads)
+    row = next(c for c in curve if c["size"] == 3)
+    assert row["faithfulness"] == pytest.approx((empty - loss([a for a in loss.heads if a not in top])) / (empty - full))
