@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from diffcircuit.cli import main
+from diffcircuit.discovery.circuits import curve_sizes
+from diffcircuit.protocol.config import RunConfig
 from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.metrics.roles import ROLES
 
@@ -81,7 +83,8 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert summary["patching"]["source"] == "faces" and summary["patching"]["receiver"] == "synthetic"
     assert "Activation patching" in (out / "report.html").read_text()
     attribution = pd.read_parquet(out / "tables" / "attribution.parquet")
-    assert set(attribution.estimator) == {"first_order", "ig"} and len(attribution) == n_heads * 2 * 2 * 2 * 2 * 3
+    estimators = ("first_order", "ig", "first_order+gn")
+    assert set(attribution.estimator) == set(estimators) and len(attribution) == n_heads * 3 * 2 * 2 * 2 * 3
     assert set(summary["complexity_ratio"]) >= {"measure", "value", "ci_low", "ci_high", "p_value"}
     assert summary["complexity_ratio"]["measure"] == "ablation_participation_ratio"
     assert len(summary["complexity_measures"]) == 4
@@ -101,8 +104,15 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
             "selection_frequency"} <= set(circuit)
     table = pd.read_parquet(out / "tables" / "circuits.parquet")
     assert len(table) == 2 * 2 * 3 * n_heads  # datasets x windows x taus x heads
+    curves = pd.read_parquet(out / "tables" / "circuit_curves.parquet")
+    assert len(curves) == 2 * 2 * len(curve_sizes(n_heads))
+    ends = curves[curves["size"].isin([0, n_heads])].sort_values("size")
+    np.testing.assert_allclose(ends.faithfulness, [0] * 4 + [1] * 4, atol=1e-9)  # nothing kept / everything kept
+    overlap = circuit["overlap_with_other"]
+    assert overlap["resamples"] == RunConfig.__dataclass_fields__["circuit_resamples"].default and overlap["ci_low"] <= overlap["ci_high"]
+    assert (out / "figures" / "circuits.png").exists() and (out / "figures" / "circuit_curves.png").exists()
     assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
-        (e, m) for e in ("first_order", "ig") for m in ("zero", "mean")}
+        (e, m) for e in estimators for m in ("zero", "mean")}
     synthetic = heads[heads.dataset == "a"]
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()

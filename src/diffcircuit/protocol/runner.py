@@ -20,6 +20,9 @@ Run directory::
     tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
     tables/critical.parquet     every head/layer/block ablation against random heads of the same count
     tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
+    tables/circuits.parquet     per dataset x timestep x τ x head: in the circuit?, importance, selection frequency
+    tables/circuit_curves.parquet  per dataset x timestep x size k: faithfulness/completeness of the top-k heads
+    circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffcircuit.data.spec import ImageSet, load_images
-from diffcircuit.discovery.run import discover_circuits
+from diffcircuit.discovery.run import discover_circuits, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
@@ -168,7 +171,7 @@ def _attribute_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: 
 def _discover_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], ablations, progress):
     n = min(cfg.ablate_n, cfg.n)
     step = _stage_progress(progress, "discover", len(sets) * len(cfg.timesteps))
-    return discover_circuits(den, {k: s.images[:n] for k, s in sets.items()}, ablations, registry=registry,
+    return discover_circuits(den, {k: s.images[:n] for k, s in sets.items()}, importance_rows(ablations), registry=registry,
                              timesteps=cfg.timesteps, resamples=cfg.circuit_resamples, seed=cfg.seed, progress=step)
 
 
@@ -197,7 +200,8 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
         tables["attribution"] = _attribute_all(cfg, den, registry, sets, progress)
     circuits = []
     if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
-        tables["circuits"], circuits = _discover_all(cfg, den, registry, sets, tables["ablations"], progress)
+        tables["circuits"], circuits, tables["circuit_curves"] = _discover_all(cfg, den, registry, sets, tables["ablations"],
+                                                                                progress)
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)

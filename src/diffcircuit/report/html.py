@@ -12,7 +12,8 @@ import pandas as pd
 
 from diffcircuit.protocol.store import atomic_write_bytes
 
-__all__ = ["ablation_bars", "divergence_plot", "entropy_heatmap", "role_map", "write_report"]
+__all__ = ["ablation_bars", "circuit_curves_plot", "circuit_map", "divergence_plot", "entropy_heatmap", "role_map",
+           "write_report"]
 
 
 def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
@@ -40,16 +41,23 @@ def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
     return fig
 
 
-def role_map(roles: pd.DataFrame):
-    """Each head's role, layers x heads, one panel per timestep."""
+def _role_colours():
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
 
     from diffcircuit.metrics.roles import ROLES
 
     names = [*ROLES, "unassigned"]
     tab10 = plt.get_cmap("tab10").colors
     colours = tuple(tab10[i] for i in (0, 1, 2, 3, 4, 5, 6, 8)) + ((0.88, 0.88, 0.88),)  # no tab10 grey: light grey is 'unassigned'
+    return names, colours
+
+
+def role_map(roles: pd.DataFrame):
+    """Each head's role, layers x heads, one panel per timestep."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    names, colours = _role_colours()
     timesteps = sorted(roles.timestep.unique())
     layers = list(dict.fromkeys(roles.layer))
     width = int(roles["head"].max()) + 1
@@ -66,6 +74,59 @@ def role_map(roles: pd.DataFrame):
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
     fig.subplots_adjust(bottom=0.25)
+    return fig
+
+
+def circuit_map(circuits: list[dict], roles: pd.DataFrame):
+    """Each primary-τ circuit on the layer x head grid: circuit heads filled with their role's colour
+    at that timestep, the rest hollow; one panel per dataset x window."""
+    import matplotlib.pyplot as plt
+
+    names, colours = _role_colours()
+    layers = list(dict.fromkeys(roles.layer))
+    width = int(roles["head"].max()) + 1
+    role_of = {(r.timestep, r.layer, int(r.head)): r.role for r in roles.itertuples()}
+    fig, axes = plt.subplots(1, len(circuits), figsize=(2.4 * len(circuits) + 2, 0.35 * len(layers) + 1.8),
+                             squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], circuits):
+        t = c["timesteps"][0]
+        heads = {tuple(h.rsplit(":", 1)) for h in c["heads"]}
+        for row in roles[roles.timestep == t].itertuples():
+            y, x = layers.index(row.layer), int(row.head)
+            inside = (row.layer, str(x)) in heads
+            colour = colours[names.index(role_of.get((t, row.layer, x), "unassigned"))]
+            ax.add_patch(plt.Rectangle((x - 0.42, y - 0.42), 0.84, 0.84, facecolor=colour if inside else "none",
+                                       edgecolor=colour if inside else (0.8, 0.8, 0.8), lw=0.8))
+        ax.set_xlim(-0.6, width - 0.4)
+        ax.set_ylim(len(layers) - 0.5, -0.5)
+        ax.set_title(f"{c.get('label', c['dataset'])}, t = {t}\n{len(c['heads'])} heads (τ = {c['tau']})", fontsize=8)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        ax.set_xticks(range(0, width, 2))
+        ax.set_xlabel("head")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=col) for col in colours]
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.28)
+    return fig
+
+
+def circuit_curves_plot(curves: pd.DataFrame, labels: dict[str, str]):
+    """Faithfulness and completeness of the top-k heads against k, one panel per timestep."""
+    import matplotlib.pyplot as plt
+
+    timesteps = sorted(curves.timestep.unique())
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(3.4 * len(timesteps), 3), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], timesteps):
+        for i, (ds, g) in enumerate(curves[curves.timestep == t].groupby("dataset", sort=True)):
+            g = g.sort_values("size")
+            ax.plot(g["size"], g.faithfulness, "-o", ms=3, color=f"C{i}", label=f"{labels.get(ds, ds)}: faithfulness")
+            ax.plot(g["size"], g.completeness, "--", color=f"C{i}", label=f"{labels.get(ds, ds)}: completeness")
+        ax.axhline(1, color="k", lw=0.5)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("symlog", linthresh=4)
+        ax.set_title(f"t = {t}", fontsize=9)
+        ax.set_xlabel("circuit size k (top-k heads)")
+    axes[0][0].set_ylabel("loss recovered")
+    axes[0][-1].legend(fontsize=7)
     return fig
 
 
@@ -233,6 +294,45 @@ and n); Benjamini–Hochberg correction within each family.</p>
 <table><tr><th>family</th><th>tests</th><th>significant after correction (q &lt; 0.05)</th></tr>{fam}</table>"""
 
 
+def _ci(low, high) -> str:
+    return "" if low is None else f" [{low:.3g}, {high:.3g}]"
+
+
+def _circuit_section(summary: dict, pngs: dict[str, str]) -> str:
+    found = summary.get("circuits")
+    if not found:
+        return ""
+    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    rows = []
+    for w in found["windows"]:
+        o = w.get("overlap_with_other") or {}
+        rows.append(
+            f"<tr><td>{html.escape(labels.get(w['dataset'], w['dataset']))}</td><td>{w['timesteps'][0]}</td>"
+            f"<td>{w['size']}{_ci(*(w.get('size_ci') or (None, None)))}</td>"
+            f"<td>{_fmt_num(w['faithfulness'])}</td><td>{_fmt_num(w['completeness'])}</td>"
+            f"<td>{_fmt_num(o.get('jaccard'))}{_ci(o.get('ci_low'), o.get('ci_high'))}</td>"
+            f"<td style='text-align:left'>{html.escape(', '.join(w.get('unique', [])) or '–')}</td></tr>")
+    figures = "".join(f'<img alt="{alt}" src="data:image/png;base64,{pngs[name]}" style="max-width:100%">'
+                      for name, alt in (("circuits", "circuits on the layer x head grid"),
+                                        ("circuit_curves", "faithfulness and completeness against circuit size"))
+                      if name in pngs)
+    resamples = found["windows"][0].get("overlap_with_other", {}).get("resamples", 0)
+    return f"""<h2>Circuits</h2>
+<p class="note">Minimal circuits by ACDC-style pruning ({html.escape(found.get('method') or 'mean')} ablation; heads ranked by
+{html.escape(found.get('ranking') or 'exhaustive mean ablation')}), τ = {found['tau']}: the smallest head set whose ablation of everything
+else keeps ε-MSE within τ (relative) of the full model. Faithfulness = loss recovered by the circuit alone; completeness =
+loss recovered with only the circuit ablated (near 0: the circuit carries everything). Sizes and the synthetic/natural
+Jaccard overlap carry 95&nbsp;% percentile intervals over {resamples} bootstrap resamples of the images (discovery rerun on
+each). Heads only in this dataset's circuit are listed.</p>
+<table><tr><th>dataset</th><th>t</th><th>size [CI]</th><th>faithfulness</th><th>completeness</th><th>Jaccard [CI]</th>
+<th>heads only here</th></tr>{''.join(rows)}</table>
+{figures}"""
+
+
+def _fmt_num(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def _seed_section(summary: dict) -> str:
     sv = summary.get("seed_variance")
     if not sv:
@@ -291,6 +391,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 {patching_section}
 {attribution_section}
 {complexity_section}
+{circuit_section}
 {seed_section}
 <h2>Attention entropy per head</h2>
 <img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
@@ -305,13 +406,18 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 
 
 def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame,
-                 ablations: pd.DataFrame | None = None) -> Path:
+                 ablations: pd.DataFrame | None = None, circuits: list[dict] | None = None,
+                 curves: pd.DataFrame | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles),
                "divergence": divergence_plot(summary["entropy_divergence"])}
     if ablations is not None:
         figures["ablation_heads"] = ablation_bars(ablations)
+    if circuits:
+        figures["circuits"] = circuit_map([c | {"label": labels.get(c["dataset"], c["dataset"])} for c in circuits], roles)
+    if curves is not None and len(curves):
+        figures["circuit_curves"] = circuit_curves_plot(curves, labels)
     pngs = {}
     for name, fig in figures.items():
         pngs[name] = _png(fig)
@@ -324,6 +430,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
         patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
         complexity_section=_complexity_section(summary), seed_section=_seed_section(summary),
+        circuit_section=_circuit_section(summary, b64),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],

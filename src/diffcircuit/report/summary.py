@@ -168,14 +168,16 @@ def _seed_variance(table: pd.DataFrame) -> list[dict]:
 
 
 def _circuits(found: list[dict]) -> dict:
-    """Circuit size, faithfulness, completeness and cross-dataset overlap per dataset and window."""
-    out = {"tau": None, "windows": []}
+    """Circuit size (with its bootstrap interval), faithfulness, completeness and cross-dataset overlap per window."""
+    out = {"tau": None, "method": None, "ranking": None, "windows": []}
     for c in found:
-        out["tau"] = c["tau"]
+        out["tau"], out["method"], out["ranking"] = c["tau"], c["method"], c.get("ranking")
         entry = {k: c[k] for k in ("dataset", "timesteps", "method", "faithfulness", "completeness")}
         entry["size"] = len(c["heads"])
-        entry["overlap_with_other"] = {k: v for k, v in c.get("overlap_with_other", {}).items()
-                                       if k in ("jaccard", "boot_low", "boot_high", "resamples")}
+        entry["size_ci"] = c.get("size_ci")
+        overlap = c.get("overlap_with_other", {})
+        entry["overlap_with_other"] = {k: v for k, v in overlap.items() if k in ("jaccard", "ci_low", "ci_high", "resamples")}
+        entry["unique"] = overlap.get("only_a" if c["dataset"] == "a" else "only_b", [])
         out["windows"].append(entry)
     return out
 
