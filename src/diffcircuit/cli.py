@@ -220,6 +220,60 @@ def ablate(
 
 
 @app.command()
+def discover(
+    out: Annotated[Path, typer.Option("--out", help="Directory for circuits/, tables/ and figures/.")],
+    model: ModelOpt = "embedded",
+    data_a: Annotated[str, typer.Option("--data-a", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "synthetic",
+    data_b: Annotated[str, typer.Option("--data-b", help="Second distribution, or 'none' for one distribution only.")] = "faces",
+    n: Annotated[int, typer.Option("--n", help="Images per distribution.")] = 16,
+    timesteps: Annotated[str, typer.Option("--timesteps")] = "100,500,900",
+    ranking: Annotated[str, typer.Option("--ranking", help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).")] = "attribution",
+    probes: Annotated[int, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking.")] = 2,
+    taus: Annotated[str, typer.Option("--taus", help="Comma-separated relative loss increases; must include 0.05.")] = "0.02,0.05,0.1",
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    allow_pickle: PickleOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Find minimal circuits (ACDC-style pruning, mean ablation) for one or two distributions."""
+    from diffcircuit.protocol.config import parse_timesteps
+    from diffcircuit.protocol.discover import DiscoverConfig, run_discovery
+    from diffcircuit.report.html import circuit_curves_plot, circuit_map, save_figure
+
+    try:
+        tau_values = tuple(float(x) for x in taus.split(",") if x.strip())
+    except ValueError:
+        raise DiffcircuitError(f"--taus must be comma-separated numbers, not {taus!r}") from None
+    cfg = DiscoverConfig(model=model, allow_pickle=allow_pickle, data_a=data_a,
+                         data_b=None if data_b.lower() == "none" else data_b, n=n, timesteps=parse_timesteps(timesteps),
+                         seed=seed, batch_size=batch_size, ranking=ranking, probes=probes, taus=tau_values,
+                         resamples=resamples)
+    with _Bars(quiet) as bars:
+        result = run_discovery(cfg, out, progress=lambda stage, done, total: bars.update(stage, completed=done, total=total,
+                                                                                         description=stage))
+    labelled = [c | {"label": result.labels[c["dataset"]]} for c in result.circuits]
+    save_figure(out / "figures" / "circuits.png", circuit_map(labelled, result.roles))
+    save_figure(out / "figures" / "circuit_curves.png", circuit_curves_plot(result.curves, result.labels))
+    if not quiet:
+        table = Table(title=f"circuits (τ = {labelled[0]['tau']}, mean ablation)")
+        for col in ("dataset", "t", "heads", "size CI", "faithfulness", "completeness", "Jaccard [CI]"):
+            table.add_column(col)
+        for c in labelled:
+            o, ci = c.get("overlap_with_other") or {}, c.get("size_ci") or (None, None)
+            jac = "–" if not o else f"{o['jaccard']:.2f}" + ("" if o["ci_low"] is None else f" [{o['ci_low']:.2f}, {o['ci_high']:.2f}]")
+            table.add_row(c["label"], str(c["timesteps"][0]), str(len(c["heads"])),
+                          "–" if ci[0] is None else f"[{ci[0]:.0f}, {ci[1]:.0f}]", _num(c["faithfulness"]),
+                          _num(c["completeness"]), jac)
+        Console().print(table)
+        Console().print(f"wrote {out}/discover.json, circuits/, tables/ and figures/")
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+@app.command()
 def calibrate(
     model: ModelOpt = "embedded",
     data: Annotated[str, typer.Option("--data", help="One distribution: 'synthetic', 'faces', 'nonfaces' or a folder.")] = "faces",

@@ -13,7 +13,7 @@ import pandas as pd
 from diffcircuit.protocol.store import atomic_write_bytes
 
 __all__ = ["ablation_bars", "circuit_curves_plot", "circuit_map", "divergence_plot", "entropy_heatmap", "role_map",
-           "write_report"]
+           "save_figure", "write_report"]
 
 
 def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
@@ -79,7 +79,7 @@ def role_map(roles: pd.DataFrame):
 
 def circuit_map(circuits: list[dict], roles: pd.DataFrame):
     """Each primary-τ circuit on the layer x head grid: circuit heads filled with their role's colour
-    at that timestep, the rest hollow; one panel per dataset x window."""
+    at that timestep (black edge), the rest hollow; one panel per dataset x window."""
     import matplotlib.pyplot as plt
 
     names, colours = _role_colours()
@@ -96,7 +96,7 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
             inside = (row.layer, str(x)) in heads
             colour = colours[names.index(role_of.get((t, row.layer, x), "unassigned"))]
             ax.add_patch(plt.Rectangle((x - 0.42, y - 0.42), 0.84, 0.84, facecolor=colour if inside else "none",
-                                       edgecolor=colour if inside else (0.8, 0.8, 0.8), lw=0.8))
+                                       edgecolor="black" if inside else (0.85, 0.85, 0.85), lw=1.2 if inside else 0.6))
         ax.set_xlim(-0.6, width - 0.4)
         ax.set_ylim(len(layers) - 0.5, -0.5)
         ax.set_title(f"{c.get('label', c['dataset'])}, t = {t}\n{len(c['heads'])} heads (τ = {c['tau']})", fontsize=8)
@@ -122,7 +122,11 @@ def circuit_curves_plot(curves: pd.DataFrame, labels: dict[str, str]):
             ax.plot(g["size"], g.completeness, "--", color=f"C{i}", label=f"{labels.get(ds, ds)}: completeness")
         ax.axhline(1, color="k", lw=0.5)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_xscale("symlog", linthresh=4)
+        ax.set_xscale("symlog", linthresh=2, linscale=0.5)
+        ticks = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k <= curves["size"].max()]
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(left=0)
         ax.set_title(f"t = {t}", fontsize=9)
         ax.set_xlabel("circuit size k (top-k heads)")
     axes[0][0].set_ylabel("loss recovered")
@@ -173,6 +177,12 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def save_figure(path: Path, fig) -> Path:
+    """Write ``fig`` as a PNG, atomically, and close it."""
+    atomic_write_bytes(path, _png(fig))
+    return path
 
 
 def _fmt(entry: dict) -> str:

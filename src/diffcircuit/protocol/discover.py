@@ -1,0 +1,138 @@
+"""``diffcircuit discover``: minimal circuits for one or two distributions, without the rest of the protocol.
+
+Heads are ranked by attribution (first order + Gauss-Newton term, mean ablation: one forward and
+a few backwards per batch) or by the exhaustive single-head mean-ablation sweep, then pruned
+ACDC-style at several τ, traced along circuit size, and rerun on bootstrap resamples of the images.
+Head roles (from one observation pass) colour the circuit figure.
+
+Output directory::
+
+    discover.json                  the config, the model path and the circuits' headline
+    circuits/<dataset>_t<t>.json   the primary-τ circuit per dataset and window
+    tables/importance.parquet      per dataset x timestep x image x head: the ranking's degradation
+    tables/circuits.parquet        per dataset x timestep x τ x head: in circuit, importance, selection frequency
+    tables/circuit_curves.parquet  per dataset x timestep x size: faithfulness and completeness of the top-k heads
+    tables/head_roles.parquet      per timestep x head: probe scores and role
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from diffcircuit.data.spec import load_images
+from diffcircuit.discovery.run import PRIMARY_TAU, discover_circuits, importance_rows
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.instrument.session import probe_registry
+from diffcircuit.interventions.ablation import targets
+from diffcircuit.interventions.attribution import attribution_scores
+from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.metrics.observe import observe
+from diffcircuit.metrics.roles import assign_roles
+from diffcircuit.models.loading import EMBEDDED_MODEL, load_denoiser
+from diffcircuit.protocol.store import write_json, write_parquet
+
+__all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
+
+RANKINGS = ("attribution", "exhaustive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoverConfig:
+    model: str = EMBEDDED_MODEL
+    allow_pickle: bool = False
+    data_a: str = "synthetic"
+    data_b: str | None = "faces"  # None: one distribution only (no overlap)
+    n: int = 16
+    timesteps: tuple[int, ...] = (100, 500, 900)
+    seed: int = 0
+    batch_size: int = 50
+    ranking: str = "attribution"
+    probes: int = 2  # Gauss-Newton probes of the attribution ranking
+    taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
+    resamples: int = 10  # bootstrap resamples of the images at the primary τ
+
+    def validate(self) -> None:
+        if self.ranking not in RANKINGS:
+            raise DiffcircuitError(f"--ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}")
+        if self.n < 2 or self.batch_size < 1 or self.resamples < 0 or self.probes < 0:
+            raise DiffcircuitError("need --n >= 2, --batch-size >= 1, --resamples >= 0 and --probes >= 0")
+        if not self.taus or any(not 0 < t < 10 for t in self.taus):
+            raise DiffcircuitError(f"every τ must be a relative loss increase in (0, 10); got {list(self.taus)}")
+        if PRIMARY_TAU not in self.taus:
+            raise DiffcircuitError(f"--taus must include the primary τ {PRIMARY_TAU}")
+
+
+@dataclass
+class DiscoveryResult:
+    circuits: list[dict]
+    table: pd.DataFrame
+    curves: pd.DataFrame
+    roles: pd.DataFrame
+    labels: dict[str, str]  # dataset key -> data spec
+
+
+def _rank(cfg: DiscoverConfig, den, registry, key: str, images, progress) -> pd.DataFrame:
+    if cfg.ranking == "attribution":
+        scores = attribution_scores(den, images, timesteps=cfg.timesteps, method="mean", probes=cfg.probes, seed=cfg.seed,
+                                    dataset=key, batch_size=cfg.batch_size, registry=registry)
+        return importance_rows(scores, estimator=scores.estimator.iloc[0])
+    table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=cfg.timesteps,
+                           seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=registry, progress=progress)
+    return importance_rows(table)
+
+
+def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
+                  progress: Callable[[str, int, int], None] | None = None) -> DiscoveryResult:
+    """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
+    cfg.validate()
+    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle)
+    n_train = den.scheduler.config.num_train_timesteps
+    if not cfg.timesteps or any(not 0 <= t < n_train for t in cfg.timesteps):
+        raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")
+    specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
+    sets = {k: load_images(s, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed) for k, s in specs.items()}
+    registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
+
+    def stage(name: str, total: int) -> Callable[[int], None]:
+        done = [0]
+
+        def step(k: int) -> None:
+            done[0] += k
+            if progress is not None:
+                progress(name, done[0], total)
+        return step
+
+    observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
+    heads = pd.concat([observe(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size, dataset=k,
+                               masks=s.masks, registry=registry, progress=observe_step)[0] for k, s in sets.items()],
+                      ignore_index=True)
+    roles = assign_roles(heads)
+    rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
+    importance = []
+    for key, image_set in sets.items():
+        importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step))
+        if cfg.ranking == "attribution":
+            rank_step(cfg.n * len(cfg.timesteps))
+    importance = pd.concat(importance, ignore_index=True)
+    table, circuits, curves = discover_circuits(
+        den, {k: s.images for k, s in sets.items()}, importance, registry=registry, timesteps=cfg.timesteps,
+        taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(cfg.timesteps)),
+        ranking="attribution (first order + Gauss-Newton, mean ablation)" if cfg.ranking == "attribution"
+        else "exhaustive mean ablation")
+    out = Path(out_dir)
+    for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles)):
+        write_parquet(out / "tables" / f"{name}.parquet", frame)
+    for c in circuits:
+        write_json(out / "circuits" / f"{c['dataset']}_t{c['timesteps'][0]}.json", c)
+    write_json(out / "discover.json", {
+        "config": asdict(cfg), "model_path": str(den.model_path),
+        "datasets": {k: {"spec": s.spec, "n_images": len(s)} for k, s in sets.items()},
+        "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "tau", "heads", "faithfulness", "completeness",
+                                            "size_ci", "overlap_with_other")} for c in circuits],
+    })
+    return DiscoveryResult(circuits=circuits, table=table, curves=curves, roles=roles, labels=specs)
