@@ -227,6 +227,7 @@ def discover(
     data_b: Annotated[str, typer.Option("--data-b", help="Second distribution, or 'none' for one distribution only.")] = "faces",
     n: Annotated[int, typer.Option("--n", help="Images per distribution.")] = 16,
     timesteps: Annotated[str, typer.Option("--timesteps")] = "100,500,900",
+    window: Annotated[list[str], typer.Option("--window", help="Timesteps pooled into one window, e.g. 100,300 (repeatable; default: each timestep alone).")] = [],  # noqa: B006
     ranking: Annotated[str, typer.Option("--ranking", help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).")] = "attribution",
     probes: Annotated[int, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking.")] = 2,
     taus: Annotated[str, typer.Option("--taus", help="Comma-separated relative loss increases; must include 0.05.")] = "0.02,0.05,0.1",
@@ -247,6 +248,7 @@ def discover(
         raise DiffcircuitError(f"--taus must be comma-separated numbers, not {taus!r}") from None
     cfg = DiscoverConfig(model=model, allow_pickle=allow_pickle, data_a=data_a,
                          data_b=None if data_b.lower() == "none" else data_b, n=n, timesteps=parse_timesteps(timesteps),
+                         windows=tuple(parse_timesteps(w) for w in window),
                          seed=seed, batch_size=batch_size, ranking=ranking, probes=probes, taus=tau_values,
                          resamples=resamples)
     with _Bars(quiet) as bars:
@@ -262,7 +264,7 @@ def discover(
         for c in labelled:
             o, ci = c.get("overlap_with_other") or {}, c.get("size_ci") or (None, None)
             jac = "–" if not o else f"{o['jaccard']:.2f}" + ("" if o["ci_low"] is None else f" [{o['ci_low']:.2f}, {o['ci_high']:.2f}]")
-            table.add_row(c["label"], str(c["timesteps"][0]), str(len(c["heads"])),
+            table.add_row(c["label"], c["window"], str(len(c["heads"])),
                           "–" if ci[0] is None else f"[{ci[0]:.0f}, {ci[1]:.0f}]", _num(c["faithfulness"]),
                           _num(c["completeness"]), jac)
         Console().print(table)

@@ -8,14 +8,13 @@ head; discovery must select it.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from diffcircuit import load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, grow_circuit, prune_circuit, ranking_auc
-from diffcircuit.instrument.registry import attention_modules
+from diffcircuit.discovery.planted import plant
 from diffcircuit.interventions.ablation import Target, targets
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import Denoiser
@@ -24,16 +23,6 @@ DEAD = ["down_blocks.1.attentions.0:1", "mid_block.attentions.0:0", "up_blocks.0
         "up_blocks.1.attentions.0:5", "down_blocks.2.attentions.0:7"]
 ESSENTIAL_HEAD = 2
 T, TAU = 300, 0.02
-
-
-def _zero_heads(net, addresses):
-    layers = dict(attention_modules(net))
-    with torch.no_grad():
-        for address in addresses:
-            layer, head = address.rsplit(":", 1)
-            attn, h = layers[layer], int(head)
-            d = attn.inner_dim // attn.heads
-            attn.to_out[0].weight[:, h * d:(h + 1) * d] = 0
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +34,9 @@ def planted():
                             registry=registry).groupby("target").degradation_pct.mean()
     layer = layers.idxmax()
     assert layers.max() > 200 * TAU  # the chosen layer matters: its loss increase (%) is far above τ
-    essential = f"{layer}:{ESSENTIAL_HEAD}"
-    net = copy.deepcopy(base.network)
-    heads = dict(attention_modules(net))[layer].heads
-    dead = [a for a in DEAD if not a.startswith(layer + ":")]
-    _zero_heads(net, dead + [f"{layer}:{h}" for h in range(heads) if h != ESSENTIAL_HEAD])
-    den = Denoiser(network=net, scheduler=base.scheduler, model_path=base.model_path, source="planted")
+    planted_model = plant(base.network, dead=DEAD, essential_layer=layer, essential_head=ESSENTIAL_HEAD)
+    dead, essential = list(planted_model.dead), planted_model.essential
+    den = Denoiser(network=planted_model.network, scheduler=base.scheduler, model_path=base.model_path, source="planted")
     table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=[T], registry=registry)
     importance = {registry.parse(t): v for t, v in table.groupby("target").degradation_pct.mean().items()}
     return den, images, registry, importance, dead, essential
@@ -144,3 +130,20 @@ def test_circuit_curve_runs_from_nothing_recovered_to_everything():
     full, empty = loss([]), loss(loss.heads)
     row = next(c for c in curve if c["size"] == 3)
     assert row["faithfulness"] == pytest.approx((empty - loss([a for a in loss.heads if a not in top])) / (empty - full))
+
+
+def test_planting_edits_a_copy_and_leaves_one_live_head_in_the_essential_layer(small_unet):
+    from diffcircuit.instrument.registry import attention_modules
+
+    before = {k: v.clone() for k, v in small_unet.state_dict().items()}
+    layer = "down_blocks.1.attentions.0"
+    p = plant(small_unet, dead=["down_blocks.0.attentions.0:1", f"{layer}:0"], essential_layer=layer, essential_head=2)
+    assert all(torch.equal(before[k], v) for k, v in small_unet.state_dict().items())  # the original is untouched
+    assert p.dead == ("down_blocks.0.attentions.0:1",) and p.essential == f"{layer}:2"
+    attn = dict(attention_modules(p.network))[layer]
+    d = attn.inner_dim // attn.heads
+    w = attn.to_out[0].weight
+    live = [h for h in range(attn.heads) if w[:, h * d:(h + 1) * d].abs().sum() > 0]
+    assert live == [2]
+    dead_attn = dict(attention_modules(p.network))["down_blocks.0.attentions.0"]
+    assert dead_attn.to_out[0].weight[:, d:2 * d].abs().sum() == 0

@@ -262,16 +262,19 @@ def test_config_file_and_flag_override(tmp_path, small_model_dir, capsys):
 def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, capsys):
     out = tmp_path / "disc"
     code, _, err = _run(["discover", "--out", str(out), "--model", str(small_model_dir), "--n", "3", "--timesteps", "20,700",
-                         "--resamples", "2", "--quiet"], capsys)
+                         "--window", "20,700", "--window", "700", "--resamples", "2", "--quiet"], capsys)
     assert code == 0, err
     n_heads = 22
+    assert sorted(p.name for p in (out / "circuits").iterdir()) == ["a_t20-700.json", "a_t700.json", "b_t20-700.json",
+                                                                   "b_t700.json"]
+    assert json.loads((out / "circuits" / "a_t20-700.json").read_text())["timesteps"] == [20, 700]
     circuit = json.loads((out / "circuits" / "b_t700.json").read_text())
     assert circuit["ranking"].startswith("attribution") and circuit["overlap_with_other"]["resamples"] == 2
     assert set(circuit["heads"]) <= {f"{l}:{h}" for l, h in pd.read_parquet(out / "tables" / "head_roles.parquet")[["layer", "head"]].itertuples(index=False)}
     importance = pd.read_parquet(out / "tables" / "importance.parquet")
     assert len(importance) == 2 * 2 * 3 * n_heads  # datasets x timesteps x images x heads
     table = pd.read_parquet(out / "tables" / "circuits.parquet")
-    primary = table[(table.tau == 0.05) & (table.dataset == "b") & (table.timestep == 700)]
+    primary = table[(table.tau == 0.05) & (table.dataset == "b") & (table.window == "700")]
     assert sorted(primary[primary.in_circuit]["head"]) == sorted(circuit["heads"])
     assert (out / "figures" / "circuits.png").stat().st_size > 1000 and (out / "figures" / "circuit_curves.png").exists()
     assert json.loads((out / "discover.json").read_text())["config"]["ranking"] == "attribution"
@@ -283,6 +286,7 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
     (["--taus", "a,b"], "--taus must be comma-separated numbers"),
     (["--n", "1"], "need --n >= 2"),
     (["--timesteps", "5000"], "timesteps must lie in"),
+    (["--timesteps", "100,500", "--window", "100,900"], "every window must be"),
 ])
 def test_discover_refuses_bad_input_in_one_line_and_writes_nothing(small_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "disc"

@@ -5,7 +5,8 @@ images: the run's exhaustive mean-ablation rows, or attribution scores where an 
 not affordable (``diffcircuit discover --ranking attribution``). Any table with columns
 ``dataset``, ``timestep``, ``image``, ``target``, ``degradation_pct`` will do.
 
-For each dataset and window (one analysed timestep each), ``prune_circuit`` is run at every τ and
+A window is a set of timesteps whose losses are averaged (by default each analysed timestep is its
+own window). For each dataset and window, ``prune_circuit`` is run at every τ and
 ``circuit_curve`` traces faithfulness and completeness against circuit size. The primary τ is
 rerun on bootstrap resamples of the images (importance recomputed from the resampled rows, the same
 draws for both datasets) to give each head's selection frequency and a percentile bootstrap
@@ -22,7 +23,7 @@ import pandas as pd
 from diffcircuit.discovery.circuits import Circuit, CircuitLoss, circuit_curve, jaccard, prune_circuit
 from diffcircuit.instrument.registry import HeadRegistry
 
-__all__ = ["PRIMARY_TAU", "discover_circuits", "importance_rows"]
+__all__ = ["PRIMARY_TAU", "discover_circuits", "importance_rows", "window_name"]
 
 PRIMARY_TAU = 0.05
 
@@ -42,16 +43,22 @@ def importance_rows(table: pd.DataFrame, *, method: str = "mean", estimator: str
     return rows[["dataset", "timestep", "image", "target", "degradation_pct"]]
 
 
+def window_name(window: Sequence[int]) -> str:
+    """``"500"`` for one timestep, ``"100-300"`` for a window of several."""
+    return "-".join(str(int(t)) for t in window)
+
+
 def _importance(rows: pd.DataFrame, registry: HeadRegistry) -> dict:
     return {registry.parse(t): v for t, v in rows.groupby("target").degradation_pct.mean().items()}
 
 
 def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.DataFrame, *, registry: HeadRegistry,
-                      timesteps: Sequence[int], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
+                      windows: Sequence[Sequence[int]], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
                       seed: int = 0, ranking: str = "exhaustive mean ablation",
                       progress: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
-    per dataset x window; one curve row per dataset x window x circuit size.
+    per dataset x window; one curve row per dataset x window x circuit size. ``windows``: tuples of
+    timesteps (each a window whose losses and importances are averaged).
 
     ``importance``: per-image single-head degradations (see :func:`importance_rows`); ``ranking``
     names where they came from, for the record.
@@ -59,30 +66,31 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     rows, circuits, curves, boot_sets = [], [], [], {}
     rng = np.random.default_rng(seed)
     n_common = min(len(v) for v in images.values())
-    for t in timesteps:
+    for window in windows:
+        window, name = [int(t) for t in window], window_name(window)
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
-            here = importance[(importance.dataset == dataset) & (importance.timestep == t)]
-            loss = CircuitLoss(denoiser, x, timesteps=[t], dataset=dataset, seed=seed, registry=registry)
+            here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
+            loss = CircuitLoss(denoiser, x, timesteps=window, dataset=dataset, seed=seed, registry=registry)
             scores = _importance(here, registry)
             found: dict[float, Circuit] = {tau: prune_circuit(loss, scores, tau) for tau in taus}
-            curves += [{"dataset": dataset, "timestep": int(t), "method": loss.method, **point}
+            curves += [{"dataset": dataset, "window": name, "method": loss.method, **point}
                        for point in circuit_curve(loss, scores)]
             boot = []
             for draw in draws:  # the same resampled image indices for both datasets
-                boot_loss = CircuitLoss(denoiser, x[draw], timesteps=[t], dataset=f"{dataset}/boot", seed=seed,
+                boot_loss = CircuitLoss(denoiser, x[draw], timesteps=window, dataset=f"{dataset}/boot", seed=seed,
                                         registry=registry)
                 boot_rows = pd.concat([here[here.image == i] for i in draw])
                 boot.append(prune_circuit(boot_loss, _importance(boot_rows, registry), PRIMARY_TAU).heads)
-            boot_sets[(dataset, t)] = boot
+            boot_sets[(dataset, name)] = boot
             frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
             for tau, c in found.items():
-                rows += [{"dataset": dataset, "timestep": int(t), "tau": tau, "head": str(a), "in_circuit": a in c.heads,
+                rows += [{"dataset": dataset, "window": name, "tau": tau, "head": str(a), "in_circuit": a in c.heads,
                           "importance_pct": scores.get(a, float("nan")), "selection_frequency": frequency[a]}
                          for a in registry]
             primary = found[PRIMARY_TAU]
             circuits.append({
-                "dataset": dataset, "timesteps": [int(t)], "method": loss.method, "tau": PRIMARY_TAU, "ranking": ranking,
+                "dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "tau": PRIMARY_TAU, "ranking": ranking,
                 "heads": [str(a) for a in primary.heads], "faithfulness": _finite(primary.faithfulness),
                 "completeness": _finite(primary.completeness), "loss_full": primary.loss_full, "loss_empty": primary.loss_empty,
                 "selection_frequency": {str(a): f for a, f in frequency.items() if f > 0},
@@ -106,9 +114,9 @@ def _percentile_interval(values: list[float]) -> tuple[float | None, float | Non
 
 def _add_overlaps(circuits: list[dict], boot_sets: dict) -> None:
     """Jaccard overlap of the two datasets' circuits per window, with its bootstrap percentile interval."""
-    by_window: dict[int, dict[str, dict]] = {}
+    by_window: dict[str, dict[str, dict]] = {}
     for c in circuits:
-        by_window.setdefault(c["timesteps"][0], {})[c["dataset"]] = c
+        by_window.setdefault(c["window"], {})[c["dataset"]] = c
     for t, pair in by_window.items():
         if set(pair) != {"a", "b"}:
             continue

@@ -8,10 +8,10 @@ Head roles (from one observation pass) colour the circuit figure.
 Output directory::
 
     discover.json                  the config, the model path and the circuits' headline
-    circuits/<dataset>_t<t>.json   the primary-τ circuit per dataset and window
+    circuits/<dataset>_t<window>.json  the primary-τ circuit per dataset and window (``t500``, ``t100-300``)
     tables/importance.parquet      per dataset x timestep x image x head: the ranking's degradation
-    tables/circuits.parquet        per dataset x timestep x τ x head: in circuit, importance, selection frequency
-    tables/circuit_curves.parquet  per dataset x timestep x size: faithfulness and completeness of the top-k heads
+    tables/circuits.parquet        per dataset x window x τ x head: in circuit, importance, selection frequency
+    tables/circuit_curves.parquet  per dataset x window x size: faithfulness and completeness of the top-k heads
     tables/head_roles.parquet      per timestep x head: probe scores and role
 """
 
@@ -49,6 +49,7 @@ class DiscoverConfig:
     data_b: str | None = "faces"  # None: one distribution only (no overlap)
     n: int = 16
     timesteps: tuple[int, ...] = (100, 500, 900)
+    windows: tuple[tuple[int, ...], ...] = ()  # timestep windows; () = each timestep its own window
     seed: int = 0
     batch_size: int = 50
     ranking: str = "attribution"
@@ -63,6 +64,8 @@ class DiscoverConfig:
             raise DiffcircuitError("need --n >= 2, --batch-size >= 1, --resamples >= 0 and --probes >= 0")
         if not self.taus or any(not 0 < t < 10 for t in self.taus):
             raise DiffcircuitError(f"every τ must be a relative loss increase in (0, 10); got {list(self.taus)}")
+        if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
+            raise DiffcircuitError("every window must be a non-empty set of the analysed --timesteps")
         if PRIMARY_TAU not in self.taus:
             raise DiffcircuitError(f"--taus must include the primary τ {PRIMARY_TAU}")
 
@@ -107,6 +110,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                 progress(name, done[0], total)
         return step
 
+    windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
     observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
     heads = pd.concat([observe(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size, dataset=k,
                                masks=s.masks, registry=registry, progress=observe_step)[0] for k, s in sets.items()],
@@ -120,15 +124,15 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
             rank_step(cfg.n * len(cfg.timesteps))
     importance = pd.concat(importance, ignore_index=True)
     table, circuits, curves = discover_circuits(
-        den, {k: s.images for k, s in sets.items()}, importance, registry=registry, timesteps=cfg.timesteps,
-        taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(cfg.timesteps)),
+        den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
+        taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
         ranking="attribution (first order + Gauss-Newton, mean ablation)" if cfg.ranking == "attribution"
         else "exhaustive mean ablation")
     out = Path(out_dir)
     for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles)):
         write_parquet(out / "tables" / f"{name}.parquet", frame)
     for c in circuits:
-        write_json(out / "circuits" / f"{c['dataset']}_t{c['timesteps'][0]}.json", c)
+        write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
     write_json(out / "discover.json", {
         "config": asdict(cfg), "model_path": str(den.model_path),
         "datasets": {k: {"spec": s.spec, "n_images": len(s)} for k, s in sets.items()},

@@ -20,8 +20,8 @@ Run directory::
     tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
     tables/critical.parquet     every head/layer/block ablation against random heads of the same count
     tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
-    tables/circuits.parquet     per dataset x timestep x τ x head: in the circuit?, importance, selection frequency
-    tables/circuit_curves.parquet  per dataset x timestep x size k: faithfulness/completeness of the top-k heads
+    tables/circuits.parquet     per dataset x window x τ x head: in the circuit?, importance, selection frequency
+    tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/completeness of the top-k heads
     circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
 
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
@@ -172,7 +172,7 @@ def _discover_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: d
     n = min(cfg.ablate_n, cfg.n)
     step = _stage_progress(progress, "discover", len(sets) * len(cfg.timesteps))
     return discover_circuits(den, {k: s.images[:n] for k, s in sets.items()}, importance_rows(ablations), registry=registry,
-                             timesteps=cfg.timesteps, resamples=cfg.circuit_resamples, seed=cfg.seed, progress=step)
+                             windows=[(t,) for t in cfg.timesteps], resamples=cfg.circuit_resamples, seed=cfg.seed, progress=step)
 
 
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
@@ -206,7 +206,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:
-        write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['timesteps'][0]}.json", circuit)
+        write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit)
     manifest = _manifest(cfg, den, registry, sets)
     write_json(out_dir / "manifest.json", manifest)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)

@@ -89,7 +89,7 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
     fig, axes = plt.subplots(1, len(circuits), figsize=(2.4 * len(circuits) + 2, 0.35 * len(layers) + 1.8),
                              squeeze=False, sharey=True)
     for ax, c in zip(axes[0], circuits):
-        t = c["timesteps"][0]
+        t = c["timesteps"][0]  # a window's heads take their roles at its first timestep
         heads = {tuple(h.rsplit(":", 1)) for h in c["heads"]}
         for row in roles[roles.timestep == t].itertuples():
             y, x = layers.index(row.layer), int(row.head)
@@ -99,7 +99,7 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
                                        edgecolor="black" if inside else (0.85, 0.85, 0.85), lw=1.2 if inside else 0.6))
         ax.set_xlim(-0.6, width - 0.4)
         ax.set_ylim(len(layers) - 0.5, -0.5)
-        ax.set_title(f"{c.get('label', c['dataset'])}, t = {t}\n{len(c['heads'])} heads (τ = {c['tau']})", fontsize=8)
+        ax.set_title(f"{c.get('label', c['dataset'])}, t = {c['window']}\n{len(c['heads'])} heads (τ = {c['tau']})", fontsize=8)
         ax.set_yticks(range(len(layers)), layers, fontsize=6)
         ax.set_xticks(range(0, width, 2))
         ax.set_xlabel("head")
@@ -110,13 +110,13 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
 
 
 def circuit_curves_plot(curves: pd.DataFrame, labels: dict[str, str]):
-    """Faithfulness and completeness of the top-k heads against k, one panel per timestep."""
+    """Faithfulness and completeness of the top-k heads against k, one panel per timestep window."""
     import matplotlib.pyplot as plt
 
-    timesteps = sorted(curves.timestep.unique())
-    fig, axes = plt.subplots(1, len(timesteps), figsize=(3.4 * len(timesteps), 3), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], timesteps):
-        for i, (ds, g) in enumerate(curves[curves.timestep == t].groupby("dataset", sort=True)):
+    windows = list(dict.fromkeys(curves.window))
+    fig, axes = plt.subplots(1, len(windows), figsize=(3.4 * len(windows), 3), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], windows):
+        for i, (ds, g) in enumerate(curves[curves.window == t].groupby("dataset", sort=True)):
             g = g.sort_values("size")
             ax.plot(g["size"], g.faithfulness, "-o", ms=3, color=f"C{i}", label=f"{labels.get(ds, ds)}: faithfulness")
             ax.plot(g["size"], g.completeness, "--", color=f"C{i}", label=f"{labels.get(ds, ds)}: completeness")
@@ -317,7 +317,7 @@ def _circuit_section(summary: dict, pngs: dict[str, str]) -> str:
     for w in found["windows"]:
         o = w.get("overlap_with_other") or {}
         rows.append(
-            f"<tr><td>{html.escape(labels.get(w['dataset'], w['dataset']))}</td><td>{w['timesteps'][0]}</td>"
+            f"<tr><td>{html.escape(labels.get(w['dataset'], w['dataset']))}</td><td>{html.escape(w['window'])}</td>"
             f"<td>{w['size']}{_ci(*(w.get('size_ci') or (None, None)))}</td>"
             f"<td>{_fmt_num(w['faithfulness'])}</td><td>{_fmt_num(w['completeness'])}</td>"
             f"<td>{_fmt_num(o.get('jaccard'))}{_ci(o.get('ci_low'), o.get('ci_high'))}</td>"

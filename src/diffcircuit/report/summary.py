@@ -172,7 +172,7 @@ def _circuits(found: list[dict]) -> dict:
     out = {"tau": None, "method": None, "ranking": None, "windows": []}
     for c in found:
         out["tau"], out["method"], out["ranking"] = c["tau"], c["method"], c.get("ranking")
-        entry = {k: c[k] for k in ("dataset", "timesteps", "method", "faithfulness", "completeness")}
+        entry = {k: c[k] for k in ("dataset", "window", "timesteps", "method", "faithfulness", "completeness")}
         entry["size"] = len(c["heads"])
         entry["size_ci"] = c.get("size_ci")
         overlap = c.get("overlap_with_other", {})
