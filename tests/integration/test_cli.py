@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from diffcircuit import probe_registry
 from diffcircuit.cli import main
 from diffcircuit.discovery.circuits import curve_sizes
 from diffcircuit.protocol.config import RunConfig
@@ -293,3 +294,39 @@ def test_discover_refuses_bad_input_in_one_line_and_writes_nothing(small_model_d
     code, _, err = _run(["discover", "--out", str(out), "--model", str(small_model_dir), *args], capsys)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_generate_writes_a_grid_and_metrics_that_match_the_samples(small_model_dir, tmp_path, capsys):
+    from diffcircuit import load_denoiser
+    from diffcircuit.interventions.ablation import Target
+    from diffcircuit.interventions.sampling import sample_images
+
+    out = tmp_path / "gen" / "grid.png"
+    code, printed, err = _run(["generate", "--out", str(out), "--model", str(small_model_dir), "--ablate",
+                               "down_blocks.0.attentions.0:1,mid_block.attentions.0", "--n", "3", "--steps", "4",
+                               "--seed", "2"], capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert len(record["heads"]) == 1 + 4 and len(record["samples"]) == 3
+    den = load_denoiser(str(small_model_dir))
+    registry = probe_registry(den.network, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    target = Target(level="set", name="x", heads=tuple(registry.parse(a) for a in record["heads"]))
+    clean = sample_images(den, n=3, steps=4, seed=2)
+    changed = sample_images(den, n=3, steps=4, seed=2, target=target)
+    expected = ((clean - changed) ** 2).flatten(1).mean(1)
+    np.testing.assert_allclose([s["pixel_mse"] for s in record["samples"]], expected.numpy(), rtol=1e-5)
+    assert "pixel MSE" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ablate", "nope:3"], "is not a head address"),
+    (["--ablate", "mid_block.attentions.0", "--scale", "2"], "--scale F goes with --method scale"),
+    (["--ablate", "mid_block.attentions.0", "--method", "blur"], "--method must be one of"),
+    (["--ablate", "mid_block.attentions.0", "--window", "900,100"], "LO <= HI"),
+])
+def test_generate_refuses_bad_input_in_one_line_and_writes_nothing(small_model_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "gen" / "grid.png"
+    code, _, err = _run(["generate", "--out", str(out), "--model", str(small_model_dir), "--steps", "2", *args], capsys)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.parent.exists()

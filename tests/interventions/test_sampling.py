@@ -45,3 +45,64 @@ def test_window_limits_where_the_intervention_acts(den):
     expected = structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False)
     assert every.ssim.iloc[0] == pytest.approx(expected)
+
+
+def _head(den, index=1):
+    registry = probe_registry(den.network, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    return targets(registry, "head")[index]
+
+
+def test_scaling_by_zero_is_zero_ablation_and_by_one_changes_nothing(den):
+    from diffcircuit.interventions.sampling import controlled_samples
+
+    target = _head(den, 3)
+    clean, zeroed = controlled_samples(den, target, n=2, steps=4, seed=2)
+    _, scaled0 = controlled_samples(den, target, n=2, steps=4, seed=2, method="scale", scale=0.0)
+    _, scaled1 = controlled_samples(den, target, n=2, steps=4, seed=2, method="scale", scale=1.0)
+    torch.testing.assert_close(scaled0, zeroed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(scaled1, clean, atol=1e-6, rtol=0)
+    _, amplified = controlled_samples(den, target, n=2, steps=4, seed=2, method="scale", scale=3.0)
+    assert not torch.allclose(amplified, clean)
+
+
+def test_mean_ablation_while_sampling_matches_hooks_on_the_untouched_output_projection(den):
+    """Independent: record to_out's input on the clean run, then overwrite the head's columns by their mean."""
+    from diffusers import DDIMScheduler
+
+    from diffcircuit.instrument.registry import attention_modules
+    from diffcircuit.interventions.sampling import controlled_samples
+
+    target = _head(den, 3)
+    (address,) = target.heads
+    attn = dict(attention_modules(den.network))[address.layer]
+    d = attn.inner_dim // attn.heads
+    cols = slice(address.head * d, (address.head + 1) * d)
+
+    def run(hook):
+        scheduler = DDIMScheduler.from_config(den.scheduler.config)
+        scheduler.set_timesteps(4)
+        x = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+        for i, t in enumerate(scheduler.timesteps):
+            handle = attn.to_out[0].register_forward_pre_hook(lambda m, args, i=i: hook(i, args))
+            with torch.no_grad():
+                out = den.network(x, t.expand(2)).sample
+            handle.remove()
+            x = scheduler.step(out, t, x).prev_sample
+        return x.clamp(-1, 1)
+
+    means = {}
+
+    def record(i, args):
+        means[i] = args[0][..., cols].mean(0)  # [q_pos, d]
+
+    def replace(i, args):
+        h = args[0].clone()
+        h[..., cols] = means[i]
+        return (h,)
+
+    clean_ref = run(record)
+    ablated_ref = run(replace)
+    clean, ablated = controlled_samples(den, target, n=2, steps=4, seed=5, method="mean")
+    torch.testing.assert_close(clean, clean_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ablated, ablated_ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, clean)

@@ -39,6 +39,7 @@ class InstrumentSession:
         cache_heads: Iterable[str] = (),
         shifts: dict[str, torch.Tensor] | None = None,
         keep_graph: bool = False,
+        scales: dict[HeadAddress, float] | None = None,
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -53,6 +54,9 @@ class InstrumentSession:
             self._patches[address.layer][address.head] = value
         self.cache_heads = set(cache_heads)
         self._shifts = dict(shifts or {})
+        self._scales: dict[str, dict[int, float]] = defaultdict(dict)
+        for address, factor in (scales or {}).items():
+            self._scales[address.layer][address.head] = float(factor)
         self.keep_graph = keep_graph
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
@@ -69,7 +73,7 @@ class InstrumentSession:
         return maps.flatten(2).transpose(1, 2)
 
     def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
-        """Shift, cache and patch the per-head output ``[batch, heads, q_pos, d]``, in that order.
+        """Shift, cache, scale and patch the per-head output ``[batch, heads, q_pos, d]``, in that order.
 
         A shift is added to the whole layer's output. A patch replaces one head's slice by a value
         broadcastable to ``[batch, q_pos, d]`` (0.0 for zero ablation, ``[q_pos, d]`` for a mean,
@@ -85,6 +89,12 @@ class InstrumentSession:
                 self._records["head_out"][layer].append(out)
             else:
                 self._record(layer, "head_out", out)
+        scales = self._scales.get(layer)
+        if scales:
+            factor = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
+            for head, value in scales.items():
+                factor[head] = value
+            out = out * factor.view(1, -1, 1, 1)
         patches = self._patches.get(layer)
         if not patches:
             return out
@@ -125,6 +135,7 @@ def instrument(
     cache_heads: Iterable[str] = (),
     shifts: dict[str, torch.Tensor] | None = None,
     keep_graph: bool = False,
+    scales: dict[str | HeadAddress, float] | None = None,
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
 
@@ -134,7 +145,8 @@ def instrument(
     heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
     ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` (attached to
     the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
-    a layer's per-head output.
+    a layer's per-head output; ``scales`` multiplies heads' output slices by a factor (after shifts
+    and caching, before patches).
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
@@ -142,7 +154,7 @@ def instrument(
                                 patches={registry.parse(a): v for a, v in (patches or {}).items()},
                                 cache_heads=[registry.layer(name).layer for name in cache_heads],
                                 shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
-                                keep_graph=keep_graph)
+                                keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()})
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     try:

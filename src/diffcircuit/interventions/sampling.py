@@ -19,48 +19,105 @@ import torch
 from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 
-__all__ = ["sample_images", "sampling_effect"]
+__all__ = ["SAMPLING_METHODS", "controlled_samples", "sample_images", "sample_metrics", "sampling_effect"]
 
 
-def _zero_ablation(net, target: Target):
+SAMPLING_METHODS = ("zero", "mean", "scale")
+
+
+def _intervention(net, target: Target, method: str, scale: float, means: dict | None):
+    """The context that applies ``method`` to ``target`` for one denoising step."""
     if target.level == "resnet":
+        if method != "zero":
+            raise ValueError("ResNet blocks can only be zero-ablated during sampling")
         return resnet_intervention(dict(resnet_blocks(net))[target.name], replace=torch.zeros_like)
-    return instrument(net, zero_heads=list(target.heads))
+    if method == "zero":
+        return instrument(net, zero_heads=list(target.heads))
+    if method == "scale":
+        return instrument(net, scales={a: scale for a in target.heads})
+    return instrument(net, patches={a: means[a.layer][a.head] for a in target.heads})
+
+
+def _check(target: Target | None, method: str, scale: float | None) -> None:
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"sampling intervention must be one of {SAMPLING_METHODS}, not {method!r}")
+    if (method == "scale") != (scale is not None):
+        raise ValueError("give a scale factor exactly when the method is 'scale'")
+    if target is None and method != "zero":
+        raise ValueError("mean and scale interventions need a target")
 
 
 @torch.no_grad()
 def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: Target | None = None,
-                  window: tuple[int, int] | None = None) -> torch.Tensor:
-    """``n`` images ``[n, C, H, W]`` in [-1, 1] by DDIM (η = 0) from seeded noise."""
+                  window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
+                  step_means: dict | None = None, record_layers: tuple[str, ...] = ()) -> torch.Tensor:
+    """``n`` images ``[n, C, H, W]`` in [-1, 1] by DDIM (η = 0) from seeded noise.
+
+    With a ``target``, while the step's timestep lies in ``window`` (inclusive; None = every step),
+    its heads are zeroed ("zero"), multiplied by ``scale`` ("scale") or replaced by ``step_means``
+    ("mean": step index -> layer -> ``[heads, q_pos, d]``, see :func:`clean_step_means`).
+    ``record_layers`` stores each step's mean head outputs of those layers into ``step_means``.
+    """
     from diffusers import DDIMScheduler
 
+    _check(target, method, scale)
     net = denoiser.network
     scheduler = DDIMScheduler.from_config(denoiser.scheduler.config)
     scheduler.set_timesteps(steps)
     shape = (n, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         active = target is not None and (window is None or window[0] <= int(t) <= window[1])
         with ExitStack() as stack:
-            stack.enter_context(_zero_ablation(net, target) if active else nullcontext())
+            if active:
+                stack.enter_context(_intervention(net, target, method, scale, None if step_means is None else step_means[i]))
+            session = stack.enter_context(instrument(net, cache_heads=record_layers)) if record_layers else None
             out = net(x, t.expand(n)).sample  # in the model's prediction_type; the scheduler knows it
+        if session is not None:
+            step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
         x = scheduler.step(out, t, x).prev_sample
     return x.clamp(-1, 1)
 
 
-def sampling_effect(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
-                    window: tuple[int, int] | None = None) -> pd.DataFrame:
-    """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise."""
+def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
+                       window: tuple[int, int] | None = None, method: str = "zero",
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clean, intervened)`` samples from the same seeded noise.
+
+    Mean ablation replaces a head's output, at each step, by its mean over the clean samples at
+    that step (same position): the clean run is the reference set.
+    """
+    _check(target, method, scale)
+    means: dict = {}
+    layers = tuple(dict.fromkeys(a.layer for a in target.heads)) if method == "mean" else ()
+    clean = sample_images(denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers)
+    changed = sample_images(denoiser, n=n, steps=steps, seed=seed, target=target, window=window, method=method,
+                            scale=scale, step_means=means if method == "mean" else None)
+    return clean, changed
+
+
+def sample_metrics(clean: torch.Tensor, changed: torch.Tensor) -> pd.DataFrame:
+    """Per sample: pixel MSE on [-1, 1] and SSIM on [0, 1] (Wang et al. settings) between two batches."""
     from skimage.metrics import structural_similarity
 
-    clean = sample_images(denoiser, n=n, steps=steps, seed=seed)
-    ablated = sample_images(denoiser, n=n, steps=steps, seed=seed, target=target, window=window)
     rows = []
-    for i in range(n):
+    for i in range(len(clean)):
         a = ((clean[i].numpy() + 1) / 2).transpose(1, 2, 0)
-        b = ((ablated[i].numpy() + 1) / 2).transpose(1, 2, 0)
+        b = ((changed[i].numpy() + 1) / 2).transpose(1, 2, 0)
         ssim = structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False)
-        rows.append({"sample": i, "target": target.name, "window": "all" if window is None else f"{window[0]}-{window[1]}",
-                     "steps": steps, "pixel_mse": float(((clean[i] - ablated[i]) ** 2).mean()), "ssim": float(ssim)})
+        rows.append({"sample": i, "pixel_mse": float(((clean[i] - changed[i]) ** 2).mean()), "ssim": float(ssim)})
     return pd.DataFrame(rows).astype({"pixel_mse": np.float64, "ssim": np.float64})
+
+
+def sampling_effect(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
+                    window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None) -> pd.DataFrame:
+    """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise."""
+    clean, changed = controlled_samples(denoiser, target, n=n, steps=steps, seed=seed, window=window, method=method,
+                                        scale=scale)
+    frame = sample_metrics(clean, changed)
+    frame.insert(1, "target", target.name)
+    frame.insert(2, "window", "all" if window is None else f"{window[0]}-{window[1]}")
+    frame.insert(3, "steps", steps)
+    frame.insert(4, "method", method if scale is None else f"scale {scale:g}")
+    return frame
