@@ -39,3 +39,13 @@ def small_model_dir(tmp_path):
     from diffcircuit.models.loading import save_denoiser
 
     return save_denoiser(tmp_path / "small-model", make_small_unet(), DDPMScheduler(num_train_timesteps=1000))
+
+
+@pytest.fixture(scope="module")
+def small_model_dir_module(tmp_path_factory):
+    """``small_model_dir``, shared by a module's tests."""
+    from diffusers import DDPMScheduler
+
+    from diffcircuit.models.loading import save_denoiser
+
+    return save_denoiser(tmp_path_factory.mktemp("model") / "small-model", make_small_unet(), DDPMScheduler(num_train_timesteps=1000))

@@ -64,10 +64,10 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     names where they came from, for the record.
     """
     rows, circuits, curves, boot_sets = [], [], [], {}
-    rng = np.random.default_rng(seed)
     n_common = min(len(v) for v in images.values())
     for window in windows:
         window, name = [int(t) for t in window], window_name(window)
+        rng = np.random.default_rng([seed, *window])  # per window: one window's draws do not depend on the others
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]

@@ -24,13 +24,21 @@ Run directory::
     tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/completeness of the top-k heads
     circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
 
+    run.json                    written first: claims the directory for this config (another config is refused)
+    run.log                     what ran, when, how long; which shards were computed and which resumed
+    shards/                     the finished pieces (per stage x dataset x timestep); re-running the same
+                                command resumes from them, and a run killed at any moment (SIGKILL included)
+                                then ends with the same tables and summary as an uninterrupted one
+
 (``summary.json``, ``report.html`` and ``figures/`` are added from these by ``diffcircuit.report``.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +58,7 @@ from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser, load_denoiser
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.config import RunConfig
-from diffcircuit.protocol.store import write_json, write_parquet
+from diffcircuit.protocol.store import Shards, write_json, write_parquet
 
 __all__ = ["RunResult", "run_protocol"]
 
@@ -75,16 +83,17 @@ def _versions() -> dict:
 
 
 def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
-    manifest = out_dir / "manifest.json"
+    """The directory must be new, or hold (part of) a run of the same config: then the run resumes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DiffcircuitError(f"--out {out_dir} is a file, not a directory")
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text())["results_key"]
-        except (ValueError, KeyError):
-            raise DiffcircuitError(f"{manifest} is not a diffcircuit manifest; choose another --out") from None
-        if old != cfg.results_key():
-            raise DiffcircuitError(f"{out_dir} holds a run with a different config; choose another --out")
+    for claim in (out_dir / "run.json", out_dir / "manifest.json"):
+        if claim.exists():
+            try:
+                old = json.loads(claim.read_text())["results_key"]
+            except (ValueError, KeyError):
+                raise DiffcircuitError(f"{claim} is not a diffcircuit run file; choose another --out") from None
+            if old != cfg.results_key():
+                raise DiffcircuitError(f"{out_dir} holds a run with a different config; choose another --out")
 
 
 def _manifest(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet]) -> dict:
@@ -113,66 +122,121 @@ def _stage_progress(progress, stage: str, total: int) -> Callable[[int], None]:
     return step
 
 
-def _observe_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress,
-                 *, seed: int | None = None, stage: str = "observe"):
+@dataclass
+class _Job:
+    """What every stage needs: the config, model, registry, datasets, shards and progress."""
+
+    cfg: RunConfig
+    den: Denoiser
+    registry: HeadRegistry
+    sets: dict[str, ImageSet]
+    shards: Shards
+    progress: Callable[[str, int, int], None] | None
+
+    @property
+    def n_ablate(self) -> int:
+        return min(self.cfg.ablate_n, self.cfg.n)
+
+
+def _observe_all(job: _Job, *, seed: int | None = None, stage: str = "observe"):
+    """Head and image tables of both datasets; one shard per dataset x timestep."""
+    cfg = job.cfg
     seed = cfg.seed if seed is None else seed
-    step = _stage_progress(progress, stage, sum(len(s) for s in sets.values()) * len(cfg.timesteps))
+    step = _stage_progress(job.progress, stage, sum(len(s) for s in job.sets.values()) * len(cfg.timesteps))
     heads, images = [], []
-    for key, image_set in sets.items():
-        h, i = observe(den, image_set.images, timesteps=cfg.timesteps, seed=seed, batch_size=cfg.batch_size,
-                       dataset=key, masks=image_set.masks, method=cfg.capture, registry=registry, progress=step)
-        heads.append(h)
-        images.append(i)
+    for key, image_set in job.sets.items():
+        for t in cfg.timesteps:
+            h, i = job.shards.frames(
+                f"observe_s{seed}_{key}_t{t}", ["heads", "images"],
+                lambda key=key, image_set=image_set, t=t: observe(
+                    job.den, image_set.images, timesteps=[t], seed=seed, batch_size=cfg.batch_size, dataset=key,
+                    masks=image_set.masks, method=cfg.capture, registry=job.registry, progress=step),
+                on_resume=lambda image_set=image_set: step(len(image_set)))
+            heads.append(h)
+            images.append(i)
     return pd.concat(heads, ignore_index=True), pd.concat(images, ignore_index=True)
 
 
-def _ablate_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
-    """All single-head ablations, every layer and block ablation, and random head sets of the layers' and
-    blocks' sizes (the null control), on the first ``ablate_n`` images."""
-    plan = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+def _ablation_plan(job: _Job) -> list:
+    """All single heads, every layer and block, and random head sets of the layers' and blocks' sizes."""
+    plan = [t for level in ("head", "layer", "block") for t in targets(job.registry, level)]
     sizes = sorted({len(t.heads) for t in plan if t.level in ("layer", "block")})
-    plan += [r for k in sizes for r in random_head_sets(registry, k, cfg.null_sets, seed=cfg.seed)]
-    n = min(cfg.ablate_n, cfg.n)
-    step = _stage_progress(progress, "ablate", len(sets) * n * len(cfg.timesteps))
-    frames = [ablation_sweep(den, image_set.images[:n], targets=plan, methods=cfg.ablation_methods,
-                             timesteps=cfg.timesteps, seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
-                             registry=registry, progress=step)
-              for key, image_set in sets.items()]
+    return plan + [r for k in sizes for r in random_head_sets(job.registry, k, job.cfg.null_sets, seed=job.cfg.seed)]
+
+
+def _ablate_all(job: _Job):
+    """The ablation plan on the first ``ablate_n`` images of each dataset; one shard per dataset x timestep."""
+    cfg, n, plan = job.cfg, job.n_ablate, _ablation_plan(job)
+    step = _stage_progress(job.progress, "ablate", len(job.sets) * n * len(cfg.timesteps))
+    frames = [job.shards.frame(f"ablate_{key}_t{t}",
+                               lambda key=key, image_set=image_set, t=t: ablation_sweep(
+                                   job.den, image_set.images[:n], targets=plan, methods=cfg.ablation_methods, timesteps=[t],
+                                   seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=job.registry,
+                                   progress=step),
+                               on_resume=lambda: step(n))
+              for key, image_set in job.sets.items() for t in cfg.timesteps]
     return pd.concat(frames, ignore_index=True)
 
 
-def _patch_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+def _patch_all(job: _Job):
     """Every head and layer patched from dataset b (source) into dataset a (receiver), pair by pair."""
-    plan = [t for level in ("head", "layer") for t in targets(registry, level)]
-    n = min(cfg.ablate_n, cfg.n)
-    step = _stage_progress(progress, "patch", n * len(cfg.timesteps))
-    return activation_patching(den, sets["b"].images[:n], sets["a"].images[:n], targets=plan, timesteps=cfg.timesteps,
-                               seed=cfg.seed, batch_size=cfg.batch_size, registry=registry, progress=step)
+    cfg, n = job.cfg, job.n_ablate
+    plan = [t for level in ("head", "layer") for t in targets(job.registry, level)]
+    step = _stage_progress(job.progress, "patch", n * len(cfg.timesteps))
+    frames = [job.shards.frame(f"patch_t{t}",
+                               lambda t=t: activation_patching(
+                                   job.den, job.sets["b"].images[:n], job.sets["a"].images[:n], targets=plan, timesteps=[t],
+                                   seed=cfg.seed, batch_size=cfg.batch_size, registry=job.registry, progress=step),
+                               on_resume=lambda: step(n))
+              for t in cfg.timesteps]
+    return pd.concat(frames, ignore_index=True)
 
 
-def _attribute_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], progress):
+ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=2))
+
+
+def _attribute_all(job: _Job):
     """Attribution scores of every head (first order, IG with 4 steps, first order + Gauss-Newton with
-    2 probes), for each ablation method that supports it."""
-    n = min(cfg.ablate_n, cfg.n)
+    2 probes), for each ablation method that supports it; one shard per dataset x method x estimator."""
+    cfg, n = job.cfg, job.n_ablate
     methods = [m for m in cfg.ablation_methods if m in ("zero", "mean")]
-    estimators = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=2))
-    step = _stage_progress(progress, "attribute", len(sets) * len(methods) * len(estimators))
+    step = _stage_progress(job.progress, "attribute", len(job.sets) * len(methods) * len(ATTRIBUTION_ESTIMATORS))
     frames = []
-    for key, image_set in sets.items():
+    for key, image_set in job.sets.items():
         for method in methods:
-            for options in estimators:
-                frames.append(attribution_scores(den, image_set.images[:n], timesteps=cfg.timesteps, method=method,
-                                                 seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
-                                                 registry=registry, **options))
+            for options in ATTRIBUTION_ESTIMATORS:
+                name = "_".join(f"{k}{v}" for k, v in options.items())
+                frames.append(job.shards.frame(
+                    f"attribute_{key}_{method}_{name}",
+                    lambda image_set=image_set, method=method, options=options, key=key: attribution_scores(
+                        job.den, image_set.images[:n], timesteps=cfg.timesteps, method=method, seed=cfg.seed,
+                        dataset=key, batch_size=cfg.batch_size, registry=job.registry, **options)))
                 step(1)
     return pd.concat(frames, ignore_index=True)
 
 
-def _discover_all(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet], ablations, progress):
-    n = min(cfg.ablate_n, cfg.n)
-    step = _stage_progress(progress, "discover", len(sets) * len(cfg.timesteps))
-    return discover_circuits(den, {k: s.images[:n] for k, s in sets.items()}, importance_rows(ablations), registry=registry,
-                             windows=[(t,) for t in cfg.timesteps], resamples=cfg.circuit_resamples, seed=cfg.seed, progress=step)
+def _discover_all(job: _Job, ablations: pd.DataFrame):
+    """Circuits per timestep window (one shard each): table, curves and the circuits' JSON."""
+    cfg, n = job.cfg, job.n_ablate
+    step = _stage_progress(job.progress, "discover", len(job.sets) * len(cfg.timesteps))
+    importance = importance_rows(ablations)
+    tables, curves, circuits = [], [], []
+    for t in cfg.timesteps:
+        found: list = []
+
+        def compute(t=t, found=found):
+            if not found:
+                found.extend(discover_circuits(job.den, {k: s.images[:n] for k, s in job.sets.items()}, importance,
+                                               registry=job.registry, windows=[(t,)], resamples=cfg.circuit_resamples,
+                                               seed=cfg.seed, progress=step))
+            return found
+
+        table, curve = job.shards.frames(f"discover_t{t}", ["circuits", "curves"], lambda: [compute()[0], compute()[2]],
+                                         on_resume=lambda: step(len(job.sets)))
+        circuits += job.shards.json(f"discover_t{t}.circuits", lambda: compute()[1])
+        tables.append(table)
+        curves.append(curve)
+    return pd.concat(tables, ignore_index=True), circuits, pd.concat(curves, ignore_index=True)
 
 
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
@@ -188,20 +252,44 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
             for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
     first = torch.from_numpy(sets["a"].images[:1]).to(cfg.device)
     registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.device))
-    head_metrics, denoising = _observe_all(cfg, den, registry, sets, progress)
+    # inputs are valid: from here on the directory is this run's (run.json claims it for this config)
+    write_json(out_dir / "run.json", {"results_key": cfg.results_key()})
+    for stale in out_dir.rglob(".*.tmp"):  # writes a killed run never finished: never read, so remove them
+        stale.unlink(missing_ok=True)
+    log = logging.getLogger("diffcircuit.run")
+    log.setLevel(logging.INFO)
+    handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _run_stages(cfg, out_dir, den, registry, sets, log, progress)
+    except BaseException as exc:
+        log.error("stopped: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run_stages(cfg: RunConfig, out_dir: Path, den: Denoiser, registry: HeadRegistry, sets: dict[str, ImageSet],
+                log: logging.Logger, progress) -> RunResult:
+    start = time.perf_counter()
+    log.info("run started: model %s, datasets %s, %s images each, timesteps %s, seed %d", den.source,
+             {k: s.spec for k, s in sets.items()}, cfg.n, list(cfg.timesteps), cfg.seed)
+    job = _Job(cfg=cfg, den=den, registry=registry, sets=sets, shards=Shards(out_dir / "shards", log), progress=progress)
+    head_metrics, denoising = _observe_all(job)
     tables = {"head_metrics": head_metrics, "denoising": denoising}
     if cfg.seed_repeats > 0:  # the same images under other noise draws: how much do the headline numbers move?
-        extra = [seed_quantities(_observe_all(cfg, den, registry, sets, progress, seed=cfg.seed + k, stage=f"seed {cfg.seed + k}")[0],
-                                 cfg.seed + k) for k in range(1, cfg.seed_repeats + 1)]
+        extra = [seed_quantities(_observe_all(job, seed=cfg.seed + k, stage=f"seed {cfg.seed + k}")[0], cfg.seed + k)
+                 for k in range(1, cfg.seed_repeats + 1)]
         tables["seed_variance"] = pd.concat([seed_quantities(head_metrics, cfg.seed), *extra], ignore_index=True)
     if cfg.ablate_n > 0:
-        tables["ablations"] = _ablate_all(cfg, den, registry, sets, progress)
-        tables["patching"] = _patch_all(cfg, den, registry, sets, progress)
-        tables["attribution"] = _attribute_all(cfg, den, registry, sets, progress)
+        tables["ablations"] = _ablate_all(job)
+        tables["patching"] = _patch_all(job)
+        tables["attribution"] = _attribute_all(job)
     circuits = []
     if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
-        tables["circuits"], circuits, tables["circuit_curves"] = _discover_all(cfg, den, registry, sets, tables["ablations"],
-                                                                                progress)
+        tables["circuits"], circuits, tables["circuit_curves"] = _discover_all(job, tables["ablations"])
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
@@ -209,4 +297,6 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
         write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit)
     manifest = _manifest(cfg, den, registry, sets)
     write_json(out_dir / "manifest.json", manifest)
+    log.info("run finished in %.1f s: %d shards computed, %d resumed from disk", time.perf_counter() - start,
+             job.shards.computed, job.shards.resumed)
     return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=denoising)
