@@ -118,6 +118,18 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and (out / "figures" / "entropy_heatmap.png").exists()
+    figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert figures == ["ablation_heads", "attention_gallery", "circuit_curves", "circuits", "divergence",
+                       "entropy_heatmap", "role_map"]
+    assert html.count("data:image/png;base64,") == len(figures)
+    gallery = pd.read_parquet(out / "tables" / "gallery.parquet")
+    assert len(gallery) == 2 * 3 * 4 and gallery.timestep.unique().tolist() == [800]  # datasets x images x heads
+    np.testing.assert_allclose([m.sum() for m in gallery["map"]], 1, atol=1e-5)
+    cmp = summary["paper_comparison"]
+    divergence = pd.read_parquet(out / "tables" / "divergence.parquet")
+    assert cmp["divergence_range"]["low"]["bias_corrected"] == pytest.approx(divergence.bias_corrected.min())
+    assert cmp["complexity_ratio"]["value"] == summary["complexity_ratio"]["value"]
+    assert "The paper's claims, measured here" in html and "25.6 – 128.3" in html
 
 
 def test_reported_entropy_agrees_with_a_plain_pytorch_reference(tiny_run, small_model_dir):

@@ -20,6 +20,8 @@ Run directory::
     tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
     tables/critical.parquet     every head/layer/block ablation against random heads of the same count
     tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
+    tables/gallery.parquet      attention maps of a few heads (most focal, most important) on a few images
+    tables/gallery_images.parquet  those images (for the report's overlays)
     tables/circuits.parquet     per dataset x window x τ x head: in the circuit?, importance, selection frequency
     tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/completeness of the top-k heads
     circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
@@ -54,6 +56,7 @@ from diffcircuit.interventions.ablation import random_head_sets, targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.metrics.gallery import attention_maps, object_queries
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser, load_denoiser
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
@@ -239,6 +242,39 @@ def _discover_all(job: _Job, ablations: pd.DataFrame):
     return pd.concat(tables, ignore_index=True), circuits, pd.concat(curves, ignore_index=True)
 
 
+def _gallery_heads(job: _Job, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
+    """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
+    ablation effect; else the most uniform), at timestep ``t``."""
+    entropy = heads[heads.timestep == t].groupby(["layer", "head"], sort=False).entropy_norm.mean().sort_values()
+    chosen = [f"{layer}:{head}" for layer, head in entropy.index[:k]]
+    if ablations is not None and ((ablations.level == "head") & (ablations.method == "zero")).any():
+        rows = ablations[(ablations.level == "head") & (ablations.method == "zero") & (ablations.timestep == t)]
+        ranked = rows.groupby("target").degradation_pct.mean().sort_values(ascending=False).index
+    else:
+        ranked = [f"{layer}:{head}" for layer, head in entropy.index[::-1]]
+    chosen += [a for a in ranked if a not in chosen][:k]
+    return [job.registry.parse(a) for a in chosen]
+
+
+def _gallery(job: _Job, heads: pd.DataFrame, ablations: pd.DataFrame | None, n_images: int = 3):
+    """Attention maps of a few heads on a few images per dataset (the middle analysed timestep), and those images."""
+    t = job.cfg.timesteps[len(job.cfg.timesteps) // 2]
+    chosen = _gallery_heads(job, heads, ablations, t)
+
+    def compute():
+        maps, pictures = [], []
+        for key, image_set in job.sets.items():
+            x = image_set.images[:n_images]
+            masks = None if image_set.masks is None else image_set.masks[:n_images]
+            maps.append(attention_maps(job.den, x, heads=chosen, timestep=t, seed=job.cfg.seed, dataset=key,
+                                       queries=object_queries(masks, len(x), x.shape[-1])))
+            pictures += [{"dataset": key, "image": i, "size": int(x.shape[-1]), "channels": int(x.shape[1]),
+                          "pixels": x[i].reshape(-1).astype("float32")} for i in range(len(x))]
+        return [pd.concat(maps, ignore_index=True), pd.DataFrame(pictures)]
+
+    return job.shards.frames("gallery", ["maps", "images"], compute)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and ablate) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     import torch
@@ -290,6 +326,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, den: Denoiser, registry: HeadRegi
     circuits = []
     if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
         tables["circuits"], circuits, tables["circuit_curves"] = _discover_all(job, tables["ablations"])
+    tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)

@@ -25,7 +25,8 @@ def finalize_run(run_dir: str | Path) -> dict:
         roles = pd.read_parquet(run_dir / "tables" / "head_roles.parquet")
         divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
         optional = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
-                    for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance", "circuit_curves") if (run_dir / "tables" / f"{name}.parquet").exists()}
+                    for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance", "circuit_curves", "gallery",
+                                 "gallery_images") if (run_dir / "tables" / f"{name}.parquet").exists()}
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
     circuits = [json.loads(p.read_text()) for p in sorted((run_dir / "circuits").glob("*.json"))]
@@ -36,5 +37,6 @@ def finalize_run(run_dir: str | Path) -> dict:
                             seed_variance=optional.get("seed_variance"), circuits=circuits)
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
-                 curves=optional.get("circuit_curves"))
+                 curves=optional.get("circuit_curves"),
+                 gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None)
     return summary
