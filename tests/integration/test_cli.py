@@ -342,3 +342,33 @@ def test_generate_refuses_bad_input_in_one_line_and_writes_nothing(small_model_d
     code, _, err = _run(["generate", "--out", str(out), "--model", str(small_model_dir), "--steps", "2", *args], capsys)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1
     assert not out.parent.exists()
+
+
+def _corpus_folder(folder):
+    """Unusual but valid images: RGBA, 16-bit, CMYK JPEG, palette and grayscale."""
+    from PIL import Image
+
+    folder.mkdir()
+    rgb = (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)]), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "deep.png")
+    Image.fromarray(rgb, "RGB").convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb, "RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(rgb[..., 1], "L").save(folder / "grey.png")
+    return folder
+
+
+def test_a_run_on_unusual_valid_images_succeeds_and_a_corrupt_one_is_named(small_model_dir, tmp_path, capsys):
+    folder = _corpus_folder(tmp_path / "images")
+    base = ["run", "--model", str(small_model_dir), "--data-b", str(folder), "--n", "5", "--timesteps", "500",
+            "--ablate-n", "0", "--seed-repeats", "0", "--quiet"]
+    code, _, err = _run([*base, "--out", str(tmp_path / "ok")], capsys)
+    assert code == 0, err
+    assert pd.read_parquet(tmp_path / "ok" / "tables" / "denoising.parquet").eps_mse.notna().all()
+    (folder / "aa_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    code, _, err = _run([*base, "--out", str(tmp_path / "bad")], capsys)
+    assert code == 1 and "aa_broken.png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    with pytest.warns(UserWarning, match="aa_broken.png"):
+        code, _, err = _run([*base, "--skip-bad", "--out", str(tmp_path / "skipped")], capsys)
+    assert code == 0, err
