@@ -158,13 +158,15 @@ def run(
 def init_config(
     path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    preset: Annotated[str, typer.Option("--preset", help="'demo' (the defaults) or 'paper' (2,000 images, 10 timesteps, GPU).")] = "demo",
 ) -> None:
-    """Write a commented YAML config with every key at its default."""
+    """Write a commented YAML config with every key at its default (or a preset's values)."""
     from diffcircuit.protocol.config import default_config_yaml
 
     if path.exists() and not force:
         raise DiffcircuitError(f"{path} exists; pass --force to overwrite it")
-    path.write_text(default_config_yaml())
+    text = default_config_yaml(preset)
+    path.write_text(text)
     Console().print(f"wrote {path}")
 
 

@@ -28,3 +28,15 @@ def test_timesteps_checked_against_the_schedule():
 def test_results_key_ignores_batch_size_and_device():
     assert RunConfig(batch_size=3).results_key() == RunConfig(batch_size=7, device="cuda").results_key()
     assert RunConfig(seed=1).results_key() != RunConfig(seed=2).results_key()
+
+
+def test_the_paper_preset_round_trips_through_the_config_loader(tmp_path):
+    from diffcircuit.protocol.config import PRESETS, default_config_yaml, load_config_file
+
+    path = tmp_path / "paper.yaml"
+    path.write_text(default_config_yaml("paper"))
+    loaded = RunConfig.from_mapping(load_config_file(path), source=str(path))
+    assert loaded.n == 2000 and len(loaded.timesteps) == 10 and loaded.model == "google/ddpm-celebahq-256"
+    assert loaded == RunConfig(**PRESETS["paper"])
+    with pytest.raises(DiffcircuitError, match="unknown preset"):
+        default_config_yaml("huge")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
+__all__ = ["PRESETS", "RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
@@ -171,12 +171,25 @@ _COMMENTS = {
 }
 
 
-def default_config_yaml() -> str:
-    """A commented config with every key at its default (``diffcircuit init-config``)."""
+# The paper's protocol (arXiv 2506.17237): its model, 2,000 images per distribution, 10 timesteps; for a GPU.
+PRESETS = {
+    "demo": {},
+    "paper": dict(model="google/ddpm-celebahq-256", data_b="data/celeba", n=2000,
+                  timesteps=tuple(range(50, 1000, 100)), device="cuda", batch_size=64, ablate_n=200,
+                  circuit_resamples=20),
+}
+
+
+def default_config_yaml(preset: str = "demo") -> str:
+    """A commented config with every key at its default, or at a preset's values (``diffcircuit init-config``)."""
     import yaml
 
-    lines = ["# diffcircuit run configuration. Command-line flags override these keys.", ""]
-    for key, value in RunConfig().to_dict().items():
+    if preset not in PRESETS:
+        raise DiffcircuitError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    lines = ["# diffcircuit run configuration. Command-line flags override these keys.",
+             f"# preset: {preset}" + ("  (the paper's scale: point data_b at your CelebA folder; meant for a GPU)"
+                                      if preset == "paper" else "  (the embedded default that `make demo` runs)"), ""]
+    for key, value in RunConfig(**PRESETS[preset]).to_dict().items():
         lines.append(f"# {_COMMENTS.get(key, '')}")
         lines.append(yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip().strip("{}"))
     return "\n".join(lines) + "\n"
