@@ -60,21 +60,28 @@ class Shards:
     def _paths(self, name: str, parts: Sequence[str], suffix: str) -> list[Path]:
         return [self.root / f"{name}.{part}{suffix}" for part in parts]
 
-    def frames(self, name: str, parts: Sequence[str], compute: Callable[[], Sequence[pd.DataFrame]],
-               on_resume: Callable[[], None] | None = None) -> list[pd.DataFrame]:
-        paths = self._paths(name, parts, ".parquet")
+    def _done_or_compute(self, name: str, paths: Sequence[Path], compute: Callable[[], None],
+                         on_resume: Callable[[], None] | None) -> None:
         if all(p.exists() for p in paths):
             self.resumed += 1
             self.log.info("shard %s: resumed from disk", name)
             if on_resume is not None:
                 on_resume()
-        else:
-            start = time.perf_counter()
-            frames = compute()
-            for path, frame in zip(paths, frames, strict=True):
+            return
+        start = time.perf_counter()
+        compute()
+        self.computed += 1
+        self.log.info("shard %s: computed in %.1f s", name, time.perf_counter() - start)
+
+    def frames(self, name: str, parts: Sequence[str], compute: Callable[[], Sequence[pd.DataFrame]],
+               on_resume: Callable[[], None] | None = None) -> list[pd.DataFrame]:
+        paths = self._paths(name, parts, ".parquet")
+
+        def write() -> None:
+            for path, frame in zip(paths, compute(), strict=True):
                 write_parquet(path, frame)
-            self.computed += 1
-            self.log.info("shard %s: computed in %.1f s", name, time.perf_counter() - start)
+
+        self._done_or_compute(name, paths, write, on_resume)
         return [pd.read_parquet(p) for p in paths]
 
     def frame(self, name: str, compute: Callable[[], pd.DataFrame], on_resume: Callable[[], None] | None = None) -> pd.DataFrame:
@@ -82,14 +89,5 @@ class Shards:
 
     def json(self, name: str, compute: Callable[[], object], on_resume: Callable[[], None] | None = None):
         path = self.root / f"{name}.json"
-        if path.exists():
-            self.resumed += 1
-            self.log.info("shard %s: resumed from disk", name)
-            if on_resume is not None:
-                on_resume()
-        else:
-            start = time.perf_counter()
-            write_json(path, compute())
-            self.computed += 1
-            self.log.info("shard %s: computed in %.1f s", name, time.perf_counter() - start)
+        self._done_or_compute(name, [path], lambda: write_json(path, compute()), on_resume)
         return json.loads(path.read_text())

@@ -52,6 +52,14 @@ def _role_colours():
     return names, colours
 
 
+def _role_legend(fig, names, colours, *, bottom: float) -> None:
+    import matplotlib.pyplot as plt
+
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=bottom)
+
+
 def role_map(roles: pd.DataFrame):
     """Each head's role, layers x heads, one panel per timestep."""
     import matplotlib.pyplot as plt
@@ -71,9 +79,7 @@ def role_map(roles: pd.DataFrame):
         ax.set_yticks(range(len(layers)), layers if ax is axes[0][0] else [], fontsize=6)
         ax.set_xticks(range(0, width, 2))
         ax.set_xlabel("head")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.25)
+    _role_legend(fig, names, colours, bottom=0.25)
     return fig
 
 
@@ -103,9 +109,7 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
         ax.set_yticks(range(len(layers)), layers, fontsize=6)
         ax.set_xticks(range(0, width, 2))
         ax.set_xlabel("head")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=col) for col in colours]
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.28)
+    _role_legend(fig, names, colours, bottom=0.28)
     return fig
 
 
