@@ -345,6 +345,7 @@ def train_tiny(
     t_min: Annotated[int, typer.Option("--t-min", help="Draw training timesteps from t-min..999.")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="'v' (ε-MSE weighted by 1/ᾱ, default) or 'eps' (plain ε-MSE).")] = "v",
     prediction: Annotated[str, typer.Option("--prediction", help="Network output: 'v_prediction' (default) or 'epsilon'.")] = "v_prediction",
+    faces_share: Annotated[float, typer.Option("--faces-share", help="Fraction of each batch drawn from the faces.")] = 0.2,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Train the embedded model (DDPM, seeded) and write it with its model card."""
@@ -355,11 +356,13 @@ def train_tiny(
         raise DiffcircuitError(f"--loss must be 'v' or 'eps', not {loss!r}")
     if prediction not in ("v_prediction", "epsilon"):
         raise DiffcircuitError(f"--prediction must be 'v_prediction' or 'epsilon', not {prediction!r}")
+    if not 0 <= faces_share <= 1:
+        raise DiffcircuitError(f"--faces-share must lie in [0, 1], not {faces_share}")
     if steps < 1 or batch_size < 2 or lr <= 0 or synthetic_pool < 1 or not 0 <= t_min < 1000:
         raise DiffcircuitError("need --steps >= 1, --batch-size >= 2, --lr > 0, --synthetic-pool >= 1, 0 <= --t-min < 1000")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, synthetic_pool=synthetic_pool,
                       warmup_steps=min(200, max(1, steps // 10)), init_from=init_from, t_min=t_min, loss=loss,
-                      prediction=prediction)
+                      prediction=prediction, faces_share=faces_share)
     with _Bars(quiet) as bars:
         train(out, cfg, progress=lambda step, loss: bars.update("train", completed=step, total=steps,
                                                                 description=f"training (loss {loss:.3g})"))

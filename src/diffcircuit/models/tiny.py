@@ -4,13 +4,19 @@ Architecture: 32x32 RGB, channels (32, 64, 96), one ResNet per down block, atten
 and 8x8 (down, mid and up blocks), head_dim 8: 7 attention layers, 72 heads, ~1.9M parameters.
 
 Training data: the synthetic distribution (a pool drawn with a training seed the analyses never
-use, so seed-0 synthetic images are held out) and LFW faces 0-79 (80-99 held out), half of each
-batch from each, with random flips and +-2 px shifts.
+use, so seed-0 synthetic images are held out) and LFW faces 0-79 (80-99 held out), a share
+``faces_share`` of each batch from the faces, with random flips and +-2 px shifts.
 
-Objective: ε-prediction, but the squared ε error is weighted by 1/ᾱ_t, which is exactly the
-v-prediction loss (Salimans & Ho 2022) written for an ε-network. Plain ε-MSE gives large t almost
-no gradient (errors there are ~1e-4), so an ε-MSE-trained small net ends up *worse* than the
-trivial predictor √(1−ᾱ)·x_t at t = 900; the 1/ᾱ weight makes the net get x₀ right there.
+Objective: the v-prediction loss (Salimans & Ho 2022), ‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖², for a network
+that outputs v (``prediction="v_prediction"``, the default) or ε. Plain ε-MSE gives large t almost
+no gradient (errors there are ~1e-4), and an ε-output network must reproduce its input to ~0.5 %
+rms to beat the trivial predictor √(1−ᾱ)·x_t at t = 900, which a small net does not manage; a
+v-output network predicts x₀ there directly (ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂ is exact in x_t).
+
+At large t the best a network can do for an image is the posterior mean of x₀ over the *training
+mixture*: when it cannot tell a synthetic image from a face (at t = 900, √ᾱ ≈ 0.016), it predicts
+a blend that includes the mean face, which is worse than predicting 0 on synthetic images. The
+share of faces sets that blend; ``faces_share`` = 0.2 keeps it small.
 An exponential moving average of the weights is what gets saved.
 """
 
@@ -78,6 +84,7 @@ class TrainConfig:
     init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
     t_min: int = 0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
     loss: str = "v"  # "v": ε-MSE weighted by 1/ᾱ_t (the v-prediction loss); "eps": plain ε-MSE
+    faces_share: float = 0.2  # fraction of each batch drawn from the faces (the rest: synthetic)
     prediction: str = "v_prediction"  # what the network outputs: "v_prediction" or "epsilon" (diffusers' prediction_type)
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
 
@@ -150,14 +157,14 @@ def train_tiny(
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     synth, faces = _training_data(cfg)
-    half = cfg.batch_size // 2
+    n_synth = cfg.batch_size - round(cfg.batch_size * cfg.faces_share)
     start = time.perf_counter()
     with open(out_dir / "train_log.csv", "w", newline="") as log_file:
         log = csv.writer(log_file)
         log.writerow(["step", "loss", "lr", "seconds"])
         for step in range(cfg.steps):
-            s_idx = torch.randint(0, len(synth), (half,), generator=gen)
-            f_idx = torch.randint(0, len(faces), (cfg.batch_size - half,), generator=gen)
+            s_idx = torch.randint(0, len(synth), (n_synth,), generator=gen)
+            f_idx = torch.randint(0, len(faces), (cfg.batch_size - n_synth,), generator=gen)
             batch = _augment(torch.cat([synth[s_idx], faces[f_idx]]), gen)
             loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min, cfg.loss)
             sched.step()
@@ -228,25 +235,27 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "# tiny-ddpm-32: diffcircuit's embedded default model",
         "",
         f"A DDPM `UNet2DModel` ({n_params:,} parameters; 32x32 RGB; attention at 16x16 and 8x8,",
-        "7 attention layers, 72 heads of dim 8), ε-prediction, 1,000 linear-β steps.",
+        f"7 attention layers, 72 heads of dim 8), {cfg.prediction} (diffusers' prediction_type), 1,000 linear-β steps.",
         "Trained by diffcircuit on its synthetic shapes and 80 LFW faces; see `diffcircuit.models.tiny`.",
         "",
         "## Training",
         "",
         "```",
         "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss", "prediction")
+                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss", "prediction",
+                                                                "faces_share")
                                                        and v is not None),
         "```",
         "",
-        f"{cfg.steps} steps of batch {cfg.batch_size} in {seconds / 60:.1f} min on a 2-core CPU; loss: ε-MSE",
-        "weighted by 1/ᾱ_t (the v-prediction loss), AdamW, cosine LR, EMA of weights",
+        f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.faces_share:.0%} faces) in {seconds / 60:.1f} min on a 2-core CPU;",
+        "loss: " + ("‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖² (the v-prediction loss)" if cfg.loss == "v" else "plain ε-MSE")
+        + ", AdamW, cosine LR, EMA of weights",
         f"(decay {cfg.ema_decay}). Full settings: `" + json.dumps(asdict(cfg)) + "`.",
         "",
         "## Held-out quality",
         "",
         "Synthetic: seed-0 images 0-99 (never trained on). Faces: LFW faces 80-99 (held out).",
-        "Trivial predictor: ε̂ = √(1−ᾱ_t)·x_t. x₀ error is that of the x₀ implied by ε̂.",
+        "Trivial predictor: ε̂ = √(1−ᾱ_t)·x_t. ε̂ and x̂₀ of the model are those its output implies.",
         "",
         "| dataset | t | ε-MSE | ε-MSE trivial | x₀-MSE | x₀-MSE trivial |",
         "|---|---|---|---|---|---|",
