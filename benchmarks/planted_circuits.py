@@ -54,7 +54,7 @@ def main() -> None:
         rankings = {
             "exhaustive": importance_rows(ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"],
                                                          timesteps=[t], registry=registry)),
-            "attribution": importance_rows(scores := attribution_scores(den, images, timesteps=[t], method="mean", probes=2,
+            "attribution": importance_rows(scores := attribution_scores(den, images, timesteps=[t], method="mean", probes=1,
                                                                         registry=registry),
                                            estimator=scores.estimator.iloc[0]),
         }

@@ -231,7 +231,7 @@ def discover(
     timesteps: Annotated[str, typer.Option("--timesteps")] = "100,500,900",
     window: Annotated[list[str], typer.Option("--window", help="Timesteps pooled into one window, e.g. 100,300 (repeatable; default: each timestep alone).")] = [],  # noqa: B006
     ranking: Annotated[str, typer.Option("--ranking", help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).")] = "attribution",
-    probes: Annotated[int, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking.")] = 2,
+    probes: Annotated[int, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking.")] = 1,
     taus: Annotated[str, typer.Option("--taus", help="Comma-separated relative loss increases; must include 0.05.")] = "0.02,0.05,0.1",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -265,7 +265,8 @@ def discover(
             table.add_column(col)
         for c in labelled:
             o, ci = c.get("overlap_with_other") or {}, c.get("size_ci") or (None, None)
-            jac = "–" if not o else f"{o['jaccard']:.2f}" + ("" if o["ci_low"] is None else f" [{o['ci_low']:.2f}, {o['ci_high']:.2f}]")
+            jac = "–" if not o or o["jaccard"] is None else (
+                f"{o['jaccard']:.2f}" + ("" if o["ci_low"] is None else f" [{o['ci_low']:.2f}, {o['ci_high']:.2f}]"))
             table.add_row(c["label"], c["window"], str(len(c["heads"])),
                           "–" if ci[0] is None else f"[{ci[0]:.0f}, {ci[1]:.0f}]", _num(c["faithfulness"]),
                           _num(c["completeness"]), jac)

@@ -147,3 +147,12 @@ def test_planting_edits_a_copy_and_leaves_one_live_head_in_the_essential_layer(s
     assert live == [2]
     dead_attn = dict(attention_modules(p.network))["down_blocks.0.attentions.0"]
     assert dead_attn.to_out[0].weight[:, d:2 * d].abs().sum() == 0
+
+
+def test_jaccard_is_undefined_for_two_empty_circuits():
+    import math
+
+    from diffcircuit.discovery.circuits import jaccard
+
+    assert math.isnan(jaccard([], []))
+    assert jaccard(["l:1"], ["l:1", "l:2"]) == 0.5 and jaccard(["l:1"], []) == 0.0

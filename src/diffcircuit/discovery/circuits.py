@@ -179,5 +179,6 @@ def ranking_auc(importance: dict[HeadAddress, float], positives: set[HeadAddress
 
 
 def jaccard(a: Sequence[HeadAddress], b: Sequence[HeadAddress]) -> float:
+    """|A ∩ B| / |A ∪ B|; NaN when both are empty (no circuit on either side: overlap undefined)."""
     sa, sb = set(a), set(b)
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+    return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")

@@ -105,7 +105,8 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
 
 
 def _percentile_interval(values: list[float]) -> tuple[float | None, float | None]:
-    """The 2.5th and 97.5th percentiles of bootstrap replicates (None with fewer than 2)."""
+    """The 2.5th and 97.5th percentiles of the defined bootstrap replicates (None with fewer than 2)."""
+    values = [v for v in values if v == v]
     if len(values) < 2:
         return None, None
     low, high = np.percentile(values, [2.5, 97.5])
@@ -123,8 +124,11 @@ def _add_overlaps(circuits: list[dict], boot_sets: dict) -> None:
         value = jaccard(pair["a"]["heads"], pair["b"]["heads"])
         boot = [jaccard(x, y) for x, y in zip(boot_sets[("a", t)], boot_sets[("b", t)])]
         low, high = _percentile_interval(boot)
-        overlap = {"jaccard": value, "ci_low": low, "ci_high": high, "resamples": len(boot),
-                   "boot_min": float(np.min(boot)) if boot else None, "boot_max": float(np.max(boot)) if boot else None,
+        defined = [v for v in boot if v == v]
+        overlap = {"jaccard": _finite(value), "ci_low": low, "ci_high": high, "resamples": len(boot),
+                   "resamples_defined": len(defined),
+                   "boot_min": float(np.min(defined)) if defined else None,
+                   "boot_max": float(np.max(defined)) if defined else None,
                    "only_a": sorted(set(pair["a"]["heads"]) - set(pair["b"]["heads"])),
                    "only_b": sorted(set(pair["b"]["heads"]) - set(pair["a"]["heads"]))}
         for c in pair.values():

@@ -42,7 +42,7 @@ class RunConfig:
     seed_repeats: int = 2  # extra noise seeds (seed+1..) for the seed-variance check (0: none)
     null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
     correction: str = "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
-    circuit_resamples: int = 3  # bootstrap resamples of images for circuit stability (selection frequency)
+    circuit_resamples: int = 10  # bootstrap resamples of images: circuit stability and the CIs of sizes and overlap
 
     def __post_init__(self):
         if self.n < 1:

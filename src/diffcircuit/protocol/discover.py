@@ -53,7 +53,7 @@ class DiscoverConfig:
     seed: int = 0
     batch_size: int = 50
     ranking: str = "attribution"
-    probes: int = 2  # Gauss-Newton probes of the attribution ranking
+    probes: int = 1  # Gauss-Newton probes of the attribution ranking
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
 

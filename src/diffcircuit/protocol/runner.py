@@ -195,12 +195,12 @@ def _patch_all(job: _Job):
     return pd.concat(frames, ignore_index=True)
 
 
-ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=2))
+ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=1))
 
 
 def _attribute_all(job: _Job):
     """Attribution scores of every head (first order, IG with 4 steps, first order + Gauss-Newton with
-    2 probes), for each ablation method that supports it; one shard per dataset x method x estimator."""
+    1 probe), for each ablation method that supports it; one shard per dataset x method x estimator."""
     cfg, n = job.cfg, job.n_ablate
     methods = [m for m in cfg.ablation_methods if m in ("zero", "mean")]
     step = _stage_progress(job.progress, "attribute", len(job.sets) * len(methods) * len(ATTRIBUTION_ESTIMATORS))

@@ -346,7 +346,7 @@ def _attribution_section(summary: dict) -> str:
     return f"""<h2>Attribution patching against exhaustive ablation</h2>
 <p class="note">Gradient estimates of every head's ablation effect (first order: one forward and one backward per
 batch; IG: 4 interpolation steps, all heads moved together; +gn: first order plus the Gauss-Newton term ‖J·Δa‖²/P from
-2 random output probes), ranked against the exhaustive sweep on the same images.</p>
+1 random output probe), ranked against the exhaustive sweep on the same images.</p>
 <table><tr><th>estimator</th><th>method</th><th>dataset</th><th>t</th><th>Spearman ρ</th><th>top-5 overlap</th></tr>{rows}</table>"""
 
 
