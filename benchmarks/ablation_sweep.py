@@ -31,7 +31,8 @@ def naive_loop(den, images, registry, timestep: int) -> np.ndarray:
     out = []
     for address in registry:
         with instrument(den.network, registry=registry, zero_heads=[address]):
-            out.append(((den.network(x_t, t).sample - eps) ** 2).flatten(1).mean(1).numpy())
+            eps_hat = den.eps_hat(den.network(x_t, t).sample, x_t, t)  # the ε the model's output implies
+            out.append(((eps_hat - eps) ** 2).flatten(1).mean(1).numpy())
     return np.concatenate(out)
 
 
