@@ -183,3 +183,24 @@ def test_v_prediction_sweep_scores_the_implied_eps(small_unet, tmp_path):
     _, per_edited = observe(Denoiser(network=edited, scheduler=v_sched, model_path=tmp_path, source="t"), images,
                             timesteps=[400], dataset="a")
     np.testing.assert_allclose(rows.sort_values("image").mse_intervened, per_edited.sort_values("image").eps_mse, rtol=1e-4)
+
+
+def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from diffcircuit.models.diffusion import implied_x0
+    from diffcircuit.metrics.observe import image_noise
+
+    den = _den(small_unet, tmp_path)
+    images, registry = _setup(small_unet, n=2)
+    rows = _sweep(den, images, registry, targets(registry, "layer")[:1], ["zero"], dataset="a")
+    row = rows[rows.image == 1].iloc[0]
+    x0 = torch.from_numpy(images[1:2])
+    eps = image_noise(x0.shape[1:], seed=0, dataset="a", image=1, timestep=400)[None]
+    t = torch.tensor([400])
+    x_t = den.scheduler.add_noise(x0, eps, t)
+    with torch.no_grad():
+        x0_hat = implied_x0(x_t, small_unet(x_t, t).sample, t, den.alphas_cumprod)
+    expected = peak_signal_noise_ratio(x0.numpy().astype(np.float64), x0_hat.numpy().astype(np.float64), data_range=2.0)
+    assert row.x0_psnr_clean == pytest.approx(expected, abs=1e-3)
+    assert row.x0_psnr_intervened == pytest.approx(10 * np.log10(4 / row.x0_mse_intervened))

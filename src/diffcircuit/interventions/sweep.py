@@ -22,7 +22,7 @@ from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
 
-__all__ = ["ActivationMoments", "ablation_sweep", "clean_activations"]
+__all__ = ["ActivationMoments", "ablation_sweep", "clean_activations", "x0_psnr"]
 
 
 class ActivationMoments:
@@ -44,6 +44,11 @@ class ActivationMoments:
     def std(self, key: str) -> torch.Tensor:
         var = self.squares[key] / self.n - (self.sums[key] / self.n) ** 2
         return var.clamp_min(0).sqrt().float()
+
+
+def x0_psnr(mse):
+    """PSNR in dB of an x₀ prediction with pixels in [-1, 1] (data range 2): 10·log10(4 / MSE)."""
+    return 10 * np.log10(4.0 / np.asarray(mse, dtype=np.float64))
 
 
 def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -159,6 +164,8 @@ def ablation_sweep(
                         "x0_mse_clean": x0_clean.double().numpy(),
                         "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().numpy(),
                     }))
+                    rows[-1]["x0_psnr_clean"] = x0_psnr(rows[-1]["x0_mse_clean"])
+                    rows[-1]["x0_psnr_intervened"] = x0_psnr(rows[-1]["x0_mse_intervened"])
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)
