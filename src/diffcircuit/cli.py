@@ -231,7 +231,8 @@ def discover(
     timesteps: Annotated[str, typer.Option("--timesteps")] = "100,500,900",
     window: Annotated[list[str], typer.Option("--window", help="Timesteps pooled into one window, e.g. 100,300 (repeatable; default: each timestep alone).")] = [],  # noqa: B006
     ranking: Annotated[str, typer.Option("--ranking", help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).")] = "attribution",
-    probes: Annotated[int, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking.")] = 1,
+    probes: Annotated[int | None, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking (default 1; 0 with --ig-steps).")] = None,
+    ig_steps: Annotated[int, typer.Option("--ig-steps", help="Integrated-gradient steps of the attribution ranking (0: first order).")] = 0,
     taus: Annotated[str, typer.Option("--taus", help="Comma-separated relative loss increases; must include 0.05.")] = "0.02,0.05,0.1",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -251,7 +252,8 @@ def discover(
     cfg = DiscoverConfig(model=model, allow_pickle=allow_pickle, data_a=data_a,
                          data_b=None if data_b.lower() == "none" else data_b, n=n, timesteps=parse_timesteps(timesteps),
                          windows=tuple(parse_timesteps(w) for w in window),
-                         seed=seed, batch_size=batch_size, ranking=ranking, probes=probes, taus=tau_values,
+                         seed=seed, batch_size=batch_size, ranking=ranking, ig_steps=ig_steps, taus=tau_values,
+                         probes=(0 if ig_steps else 1) if probes is None else probes,
                          resamples=resamples)
     with _Bars(quiet) as bars:
         result = run_discovery(cfg, out, progress=lambda stage, done, total: bars.update(stage, completed=done, total=total,

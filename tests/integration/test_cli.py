@@ -286,7 +286,8 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
                                                                    "b_t700.json"]
     assert json.loads((out / "circuits" / "a_t20-700.json").read_text())["timesteps"] == [20, 700]
     circuit = json.loads((out / "circuits" / "b_t700.json").read_text())
-    assert circuit["ranking"].startswith("attribution") and circuit["overlap_with_other"]["resamples"] == 2
+    assert circuit["ranking"] == "attribution: first order + Gauss-Newton (1 probe), mean ablation"
+    assert circuit["overlap_with_other"]["resamples"] == 2
     assert set(circuit["heads"]) <= {f"{l}:{h}" for l, h in pd.read_parquet(out / "tables" / "head_roles.parquet")[["layer", "head"]].itertuples(index=False)}
     importance = pd.read_parquet(out / "tables" / "importance.parquet")
     assert len(importance) == 2 * 2 * 3 * n_heads  # datasets x timesteps x images x heads
@@ -299,6 +300,8 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
 
 @pytest.mark.parametrize("args, message", [
     (["--ranking", "magic"], "--ranking must be one of"),
+    (["--ig-steps", "-1"], "--ig-steps >= 0"),
+    (["--ig-steps", "2", "--probes", "1"], "alternatives"),
     (["--taus", "0.02,0.1"], "must include the primary"),
     (["--taus", "a,b"], "--taus must be comma-separated numbers"),
     (["--n", "1"], "need --n >= 2"),

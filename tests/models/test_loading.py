@@ -128,3 +128,14 @@ def test_unsupported_prediction_type_is_refused(small_model_dir):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(DiffcircuitError, match="prediction_type"):
         load_denoiser(str(small_model_dir))
+
+
+def test_weights_hash_identifies_the_weights(small_model_dir, small_unet):
+    import hashlib
+
+    den = load_denoiser(str(small_model_dir))
+    assert den.weights_sha256() == load_denoiser(str(small_model_dir)).weights_sha256()
+    with torch.no_grad():
+        next(den.network.parameters()).view(-1)[0] += 1e-3
+    assert den.weights_sha256() != load_denoiser(str(small_model_dir)).weights_sha256()
+    assert len(den.weights_sha256()) == len(hashlib.sha256().hexdigest())

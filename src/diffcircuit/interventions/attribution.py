@@ -83,8 +83,7 @@ def _batch_scores(net, registry, x_t, t, eps, to_eps, ablated: Callable[[str, to
 
 
 def _estimator_name(ig_steps: int, probes: int) -> str:
-    name = "ig" if ig_steps > 0 else "first_order"
-    return name + "+gn" if probes > 0 else name
+    return "ig" if ig_steps > 0 else "first_order+gn" if probes > 0 else "first_order"
 
 
 def attribution_scores(
@@ -108,6 +107,8 @@ def attribution_scores(
     """
     if ig_steps < 0 or probes < 0:
         raise ValueError("ig_steps and probes must be >= 0")
+    if ig_steps and probes:
+        raise ValueError("integrated gradients already include the curvature along their path: use ig_steps or probes")
     if method not in ("zero", "mean"):
         raise ValueError("attribution supports zero and mean ablation")
     net, acp = denoiser.network, denoiser.alphas_cumprod

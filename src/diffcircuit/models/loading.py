@@ -53,6 +53,17 @@ class Denoiser:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
 
+    def weights_sha256(self) -> str:
+        """A hash of the network's weights (names, dtypes, shapes and bytes): which model a run analysed."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
     @property
     def prediction_type(self) -> str:
         """What the network outputs: "epsilon", "v_prediction" or "sample" (the scheduler's setting)."""

@@ -1,7 +1,7 @@
 """``diffcircuit discover``: minimal circuits for one or two distributions, without the rest of the protocol.
 
 Heads are ranked by attribution (first order + Gauss-Newton term, mean ablation: one forward and
-a few backwards per batch) or by the exhaustive single-head mean-ablation sweep, then pruned
+two backwards per batch; ``ig_steps`` adds integrated gradients) or by the exhaustive single-head mean-ablation sweep, then pruned
 ACDC-style at several τ, traced along circuit size, and rerun on bootstrap resamples of the images.
 Head roles (from one observation pass) colour the circuit figure.
 
@@ -54,14 +54,18 @@ class DiscoverConfig:
     batch_size: int = 50
     ranking: str = "attribution"
     probes: int = 1  # Gauss-Newton probes of the attribution ranking
+    ig_steps: int = 0  # > 0: integrated gradients with this many steps (with or without probes)
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
 
     def validate(self) -> None:
         if self.ranking not in RANKINGS:
             raise DiffcircuitError(f"--ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}")
-        if self.n < 2 or self.batch_size < 1 or self.resamples < 0 or self.probes < 0:
-            raise DiffcircuitError("need --n >= 2, --batch-size >= 1, --resamples >= 0 and --probes >= 0")
+        if self.n < 2 or self.batch_size < 1 or self.resamples < 0 or self.probes < 0 or self.ig_steps < 0:
+            raise DiffcircuitError("need --n >= 2, --batch-size >= 1, --resamples >= 0, --probes >= 0 and --ig-steps >= 0")
+        if self.ig_steps and self.probes:
+            raise DiffcircuitError("--ig-steps and --probes are alternatives (integrated gradients already include the "
+                                   "curvature along their path); give one of them")
         if not self.taus or any(not 0 < t < 10 for t in self.taus):
             raise DiffcircuitError(f"every τ must be a relative loss increase in (0, 10); got {list(self.taus)}")
         if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
@@ -81,12 +85,23 @@ class DiscoveryResult:
 
 def _rank(cfg: DiscoverConfig, den, registry, key: str, images, progress) -> pd.DataFrame:
     if cfg.ranking == "attribution":
-        scores = attribution_scores(den, images, timesteps=cfg.timesteps, method="mean", probes=cfg.probes, seed=cfg.seed,
+        scores = attribution_scores(den, images, timesteps=cfg.timesteps, method="mean", probes=cfg.probes,
+                                    ig_steps=cfg.ig_steps, seed=cfg.seed,
                                     dataset=key, batch_size=cfg.batch_size, registry=registry)
         return importance_rows(scores, estimator=scores.estimator.iloc[0])
     table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=cfg.timesteps,
                            seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=registry, progress=progress)
     return importance_rows(table)
+
+
+def _ranking_name(cfg: DiscoverConfig) -> str:
+    if cfg.ranking == "exhaustive":
+        return "exhaustive mean ablation"
+    if cfg.ig_steps:
+        return f"attribution: integrated gradients ({cfg.ig_steps} steps), mean ablation"
+    if cfg.probes:
+        return f"attribution: first order + Gauss-Newton ({cfg.probes} probe{'s' if cfg.probes > 1 else ''}), mean ablation"
+    return "attribution: first order, mean ablation"
 
 
 def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
@@ -126,8 +141,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     table, circuits, curves = discover_circuits(
         den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
         taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-        ranking="attribution (first order + Gauss-Newton, mean ablation)" if cfg.ranking == "attribution"
-        else "exhaustive mean ablation")
+        ranking=_ranking_name(cfg))
     out = Path(out_dir)
     for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles)):
         write_parquet(out / "tables" / f"{name}.parquet", frame)

@@ -107,7 +107,8 @@ def _manifest(cfg: RunConfig, den: Denoiser, registry: HeadRegistry, sets: dict[
         "versions": _versions(),
         "seed": cfg.seed,
         "model": {"source": den.source, "model_path": str(den.model_path), "class": type(den.network).__name__,
-                  "parameters": n_params, "heads": len(registry), "layers": len(registry.layers)},
+                  "parameters": n_params, "heads": len(registry), "layers": len(registry.layers),
+                  "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type},
         "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint} for k, s in sets.items()},
         "layers": [info.to_dict() for info in registry.layers],
     }

@@ -38,5 +38,6 @@ def finalize_run(run_dir: str | Path) -> dict:
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
                  curves=optional.get("circuit_curves"),
-                 gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None)
+                 gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None,
+                 tests=optional.get("tests"))
     return summary

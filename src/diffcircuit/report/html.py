@@ -350,7 +350,21 @@ batch; IG: 4 interpolation steps, all heads moved together; +gn: first order plu
 <table><tr><th>estimator</th><th>method</th><th>dataset</th><th>t</th><th>Spearman ρ</th><th>top-5 overlap</th></tr>{rows}</table>"""
 
 
-def _complexity_section(summary: dict) -> str:
+def _tests_details(tests: pd.DataFrame | None) -> str:
+    """Every hypothesis test, collapsed: what, test, statistic, p, p-floor, corrected p, effect size, n."""
+    if tests is None or tests.empty:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r.family))}</td><td style='text-align:left'>{html.escape(str(r.what))}</td>"
+        f"<td>{html.escape(str(r.test))}</td><td>{r.statistic:.4g}</td><td>{r.p_value:.3g}</td><td>{r.p_floor:.2g}</td>"
+        f"<td>{r.p_corrected:.3g}</td><td>{r.effect_size:.3g} ({html.escape(str(r.effect_size_kind))})</td>"
+        f"<td>{r.n_a}</td><td>{r.n_b}</td></tr>" for r in tests.itertuples())
+    return f"""<details><summary>All {len(tests)} tests</summary>
+<table><tr><th>family</th><th>what</th><th>test</th><th>statistic</th><th>p</th><th>smallest attainable p</th>
+<th>corrected p</th><th>effect size</th><th>n a</th><th>n b</th></tr>{rows}</table></details>"""
+
+
+def _complexity_section(summary: dict, test_table: pd.DataFrame | None = None) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['measure'])}{' (primary)' if r['primary'] else ''}</td><td>{r['value_a']:.4g}</td>"
         f"<td>{r['value_b']:.4g}</td><td>{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]</td>"
@@ -367,9 +381,10 @@ p-value (dataset labels shuffled over images). The primary measure is the partic
 effects: the effective number of heads whose removal matters.</p>
 <table><tr><th>measure</th><th>{html.escape(labels['a'])}</th><th>{html.escape(labels['b'])}</th><th>ratio [95 % CI]</th><th>p</th></tr>{rows}</table>
 <h3>Statistics appendix</h3>
-<p class="note">{tests['n_tests']} tests (tables/tests.parquet lists each with its statistic, p, BH-corrected p, effect size
-and n); Benjamini–Hochberg correction within each family.</p>
-<table><tr><th>family</th><th>tests</th><th>significant after correction (q &lt; 0.05)</th></tr>{fam}</table>"""
+<p class="note">{tests['n_tests']} tests (listed below and in tables/tests.parquet with statistic, p, corrected p, effect
+size and n); the run's correction (Benjamini–Hochberg by default, Holm on request) within each family.</p>
+<table><tr><th>family</th><th>tests</th><th>significant after correction (q &lt; 0.05)</th></tr>{fam}</table>
+{_tests_details(test_table)}"""
 
 
 def _paper_section(summary: dict) -> str:
@@ -532,7 +547,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame,
                  ablations: pd.DataFrame | None = None, circuits: list[dict] | None = None,
                  curves: pd.DataFrame | None = None,
-                 gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
+                 gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None, tests: pd.DataFrame | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles),
@@ -556,7 +571,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         divergence_rows=_divergence_rows(summary), divergence_png=b64["divergence"],
         ablation_section=_ablation_section(summary, b64.get("ablation_heads")),
         patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
-        complexity_section=_complexity_section(summary), seed_section=_seed_section(summary),
+        complexity_section=_complexity_section(summary, tests), seed_section=_seed_section(summary),
         circuit_section=_circuit_section(summary, b64), paper_section=_paper_section(summary),
         gallery_section="" if "attention_gallery" not in b64 else (
             "<h2>Attention maps</h2><p class='note'>The two most focal heads (lowest normalised entropy) and the two whose "
