@@ -125,7 +125,9 @@ def run(
     ablation_methods: Annotated[str | None, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise [zero,mean].")] = None,
     null_sets: Annotated[int | None, typer.Option("--null-sets", help="Random head sets per layer/block size [10].")] = None,
     seed_repeats: Annotated[int | None, typer.Option("--seed-repeats", help="Extra noise seeds for seed variance [2].")] = None,
-    circuit_resamples: Annotated[int | None, typer.Option("--circuit-resamples", help="Image resamples for circuit stability [3].")] = None,
+    circuit_resamples: Annotated[int | None, typer.Option("--circuit-resamples", help="Image resamples for circuit stability and CIs [10].")] = None,
+    circuit_taus: Annotated[str | None, typer.Option("--circuit-taus", help="Comma-separated relative loss increases, with 0.05 [0.02,0.05,0.1].")] = None,
+    analyses: Annotated[str | None, typer.Option("--analyses", help="Comma-separated: ablation, patching, attribution, discovery [all].")] = None,
     correction: Annotated[str | None, typer.Option("--correction", help="fdr_bh (default, Benjamini-Hochberg) or holm.")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
@@ -137,7 +139,7 @@ def run(
     flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
                  device=device, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
                  null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
-                 correction=correction, allow_pickle=allow_pickle)
+                 circuit_taus=circuit_taus, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(values, source=str(config or "config"))  # validates the file alone first
     cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")

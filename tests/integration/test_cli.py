@@ -379,3 +379,14 @@ def test_a_run_on_unusual_valid_images_succeeds_and_a_corrupt_one_is_named(small
     with pytest.warns(UserWarning, match="aa_broken.png"):
         code, _, err = _run([*base, "--skip-bad", "--out", str(tmp_path / "skipped")], capsys)
     assert code == 0, err
+
+
+def test_analyses_select_what_runs(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(["run", "--out", str(out), "--model", str(small_model_dir), "--n", "3", "--timesteps", "20",
+                         "--ablate-n", "2", "--seed-repeats", "0", "--analyses", "ablation,attribution", "--quiet"], capsys)
+    assert code == 0, err
+    tables = {p.stem for p in (out / "tables").glob("*.parquet")}
+    assert {"ablations", "attribution"} <= tables and not {"patching", "circuits", "circuit_curves"} & tables
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"patching", "circuits"} <= set(summary["pending"]) and "ablation" not in summary["pending"]

@@ -40,3 +40,15 @@ def test_the_paper_preset_round_trips_through_the_config_loader(tmp_path):
     assert loaded == RunConfig(**PRESETS["paper"])
     with pytest.raises(DiffcircuitError, match="unknown preset"):
         default_config_yaml("huge")
+
+
+def test_analyses_and_circuit_taus_are_validated_and_read_from_strings():
+    cfg = RunConfig.from_mapping({"analyses": "ablation,discovery", "circuit_taus": "0.05, 0.2"})
+    assert cfg.analyses == ("ablation", "discovery") and cfg.circuit_taus == (0.05, 0.2)
+    assert cfg.runs("discovery") and not cfg.runs("patching")
+    assert not RunConfig(ablate_n=0).runs("ablation")
+    assert not RunConfig(ablation_methods=("zero",)).runs("discovery")  # circuits use mean ablation
+    for bad, message in [({"analyses": "ablation,tea"}, "unknown analyses"), ({"analyses": "discovery"}, "include 'ablation'"),
+                         ({"circuit_taus": "0.02,0.1"}, "including 0.05"), ({"circuit_taus": "a"}, "comma-separated numbers")]:
+        with pytest.raises(DiffcircuitError, match=message):
+            RunConfig.from_mapping(bad)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["PRESETS", "RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
+__all__ = ["ANALYSES", "PRESETS", "RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
@@ -20,6 +20,9 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
     if not values:
         raise DiffcircuitError("give at least one timestep")
     return values
+
+
+ANALYSES = ("ablation", "patching", "attribution", "discovery")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +46,8 @@ class RunConfig:
     null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
     correction: str = "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
     circuit_resamples: int = 10  # bootstrap resamples of images: circuit stability and the CIs of sizes and overlap
+    circuit_taus: tuple[float, ...] = (0.02, 0.05, 0.1)  # relative loss increases a circuit may cost (0.05 is primary)
+    analyses: tuple[str, ...] = ANALYSES  # which intervention analyses run (on the first ablate_n images)
 
     def __post_init__(self):
         if self.n < 1:
@@ -68,6 +73,20 @@ class RunConfig:
             raise DiffcircuitError(f"ablation methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}")
         if self.seed < 0:
             raise DiffcircuitError(f"--seed must be >= 0, not {self.seed}")
+        unknown = [a for a in self.analyses if a not in ANALYSES]
+        if unknown:
+            raise DiffcircuitError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
+        if "discovery" in self.analyses and not {"ablation"} <= set(self.analyses):
+            raise DiffcircuitError("discovery ranks heads by the ablation sweep: include 'ablation' in analyses")
+        if not self.circuit_taus or 0.05 not in self.circuit_taus or any(not 0 < t < 10 for t in self.circuit_taus):
+            raise DiffcircuitError(f"circuit_taus must be relative loss increases in (0, 10) including 0.05, "
+                                   f"not {list(self.circuit_taus)}")
+
+    def runs(self, analysis: str) -> bool:
+        """Whether an intervention analysis runs (it needs ablate_n > 0; discovery also mean ablation)."""
+        if self.ablate_n == 0 or analysis not in self.analyses:
+            return False
+        return analysis != "discovery" or "mean" in self.ablation_methods
 
     def check_timesteps(self, num_train_timesteps: int) -> None:
         bad = [t for t in self.timesteps if not 0 <= t < num_train_timesteps]
@@ -78,6 +97,8 @@ class RunConfig:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
         d["ablation_methods"] = list(self.ablation_methods)
+        d["circuit_taus"] = list(self.circuit_taus)
+        d["analyses"] = list(self.analyses)
         return d
 
     @classmethod
@@ -113,23 +134,29 @@ def _coerce(key: str, value, hint, source: str):
         if not isinstance(value, str):
             raise bad
         return value
-    inner = typing.get_args(hint)[0]  # tuple[int, ...] or tuple[str, ...]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    inner = typing.get_args(hint)[0]  # tuple[int, ...], tuple[float, ...] or tuple[str, ...]
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
         raise bad
     try:
-        return tuple(_coerce(key, inner(v) if inner is int and isinstance(v, str) else v, inner, source) for v in value)
+        return tuple(_coerce(key, inner(v) if inner in (int, float) and isinstance(v, str) else v, inner, source)
+                     for v in value)
     except (ValueError, DiffcircuitError):
         raise bad from None
 
 
 def _describe(hint) -> str:
-    simple = {bool: "true or false", int: "an integer", str: "a string"}
+    simple = {bool: "true or false", int: "an integer", str: "a string", float: "a number"}
     if hint in simple:
         return simple[hint]
     inner = typing.get_args(hint)[0]
-    return "comma-separated integers like 100,500,900" if inner is int else "a comma-separated list of names"
+    return {int: "comma-separated integers like 100,500,900", float: "comma-separated numbers like 0.02,0.05"}.get(
+        inner, "a comma-separated list of names")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -167,6 +194,8 @@ _COMMENTS = {
     "seed_repeats": "extra noise seeds for the seed-variance check",
     "null_sets": "random head sets per layer/block size, the null control",
     "circuit_resamples": "bootstrap resamples of images for circuit stability",
+    "circuit_taus": "relative ε-MSE increases a circuit may cost, one circuit each; 0.05 is the primary",
+    "analyses": "intervention analyses: ablation, patching, attribution, discovery (discovery needs ablation)",
     "correction": "multiple-comparison correction within each test family: fdr_bh (Benjamini-Hochberg) or holm",
 }
 

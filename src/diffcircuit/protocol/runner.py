@@ -232,6 +232,7 @@ def _discover_all(job: _Job, ablations: pd.DataFrame):
             if not found:
                 found.extend(discover_circuits(job.den, {k: s.images[:n] for k, s in job.sets.items()}, importance,
                                                registry=job.registry, windows=[(t,)], resamples=cfg.circuit_resamples,
+                                               taus=cfg.circuit_taus,
                                                seed=cfg.seed, progress=step))
             return found
 
@@ -320,12 +321,14 @@ def _run_stages(cfg: RunConfig, out_dir: Path, den: Denoiser, registry: HeadRegi
         extra = [seed_quantities(_observe_all(job, seed=cfg.seed + k, stage=f"seed {cfg.seed + k}")[0], cfg.seed + k)
                  for k in range(1, cfg.seed_repeats + 1)]
         tables["seed_variance"] = pd.concat([seed_quantities(head_metrics, cfg.seed), *extra], ignore_index=True)
-    if cfg.ablate_n > 0:
+    if cfg.runs("ablation"):
         tables["ablations"] = _ablate_all(job)
+    if cfg.runs("patching"):
         tables["patching"] = _patch_all(job)
+    if cfg.runs("attribution"):
         tables["attribution"] = _attribute_all(job)
     circuits = []
-    if cfg.ablate_n > 0 and "mean" in cfg.ablation_methods:
+    if cfg.runs("discovery"):
         tables["circuits"], circuits, tables["circuit_curves"] = _discover_all(job, tables["ablations"])
     tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)

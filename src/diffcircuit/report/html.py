@@ -539,7 +539,7 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 <th>normalised</th></tr>
 {layer_rows}
 </table>
-<p class="note">Not yet computed in this version: {pending}.</p>
+<p class="note">Not computed in this run (not selected, or not applicable): {pending}.</p>
 </body></html>
 """
 
