@@ -75,9 +75,9 @@ def info(
     import torch
 
     from diffcircuit.instrument.session import probe_registry
-    from diffcircuit.models.loading import load_denoiser
+    from diffcircuit.models.loading import load_unconditional
 
-    den = load_denoiser(model, allow_pickle=allow_pickle)
+    den = load_unconditional(model, allow_pickle=allow_pickle)
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
     registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
     if as_json:

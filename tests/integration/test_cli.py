@@ -390,3 +390,20 @@ def test_analyses_select_what_runs(small_model_dir, tmp_path, capsys):
     assert {"ablations", "attribution"} <= tables and not {"patching", "circuits", "circuit_curves"} & tables
     summary = json.loads((out / "summary.json").read_text())
     assert {"patching", "circuits"} <= set(summary["pending"]) and "ablation" not in summary["pending"]
+
+
+def test_a_conditional_model_is_refused_by_the_commands_in_one_line(tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from diffcircuit.models.loading import save_denoiser
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                               attention_head_dim=8, norm_num_groups=8)
+    folder = save_denoiser(tmp_path / "cond", net, DDPMScheduler())
+    for args in (["info", "--model", str(folder)], ["run", "--out", str(tmp_path / "run"), "--model", str(folder)]):
+        code, _, err = _run(args, capsys)
+        assert code == 1 and "is conditional (encoder_hidden_states)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

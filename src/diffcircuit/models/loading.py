@@ -23,7 +23,7 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 
-__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_denoiser", "save_denoiser"]
+__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_denoiser", "load_unconditional", "save_denoiser"]
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
@@ -183,6 +183,22 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     if kind not in PREDICTION_TYPES:
         raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
     return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source)
+
+
+def load_unconditional(source: str = EMBEDDED_MODEL, **kwargs) -> Denoiser:
+    """``load_denoiser`` for the commands, which feed no text or class conditioning (yet): a model whose
+    forward needs it (e.g. UNet2DConditionModel) is refused in one line; the Python API takes it."""
+    import inspect
+
+    den = load_denoiser(source, **kwargs)
+    params = inspect.signature(den.network.forward).parameters
+    needs = [n for n in ("encoder_hidden_states", "class_labels")
+             if n in params and params[n].default is inspect.Parameter.empty]
+    if needs or getattr(den.network.config, "num_class_embeds", None):
+        raise DiffcircuitError(f"model {source!r} ({type(den.network).__name__}) is conditional "
+                               f"({', '.join(needs) or 'class labels'}); diffcircuit's commands analyse unconditional "
+                               "denoisers for now: use the Python API (instrument, probe_registry) and pass the conditioning")
+    return den
 
 
 def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:

@@ -14,7 +14,7 @@ from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import load_denoiser
+from diffcircuit.models.loading import load_unconditional
 from diffcircuit.protocol.store import write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
@@ -60,7 +60,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise DiffcircuitError(f"methods must be among {', '.join(METHODS)}; got {list(cfg.methods)}")
-    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
     n_train = den.scheduler.config.num_train_timesteps
     if any(not 0 <= t < n_train for t in cfg.timesteps):
         raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")

@@ -17,7 +17,7 @@ import torch
 from diffcircuit.data.spec import load_images
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.metrics.observe import observe
-from diffcircuit.models.loading import load_denoiser
+from diffcircuit.models.loading import load_unconditional
 from diffcircuit.stats.complexity import mean_value, ratio_test
 
 __all__ = ["CalibrationResult", "calibrate", "split_half_calibration"]
@@ -51,7 +51,7 @@ def split_half_calibration(rows: np.ndarray, *, splits: int = 200, alpha: float 
 def calibrate(*, model: str = "embedded", data: str = "faces", n: int = 100, timestep: int = 500, splits: int = 200,
               seed: int = 0, allow_pickle: bool = False) -> CalibrationResult:
     """Split-half calibration on real model outputs (per-image normalised entropy of every head)."""
-    den = load_denoiser(model, allow_pickle=allow_pickle)
+    den = load_unconditional(model, allow_pickle=allow_pickle)
     images = load_images(data, n=n, size=den.sample_size, channels=den.in_channels, seed=seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)

@@ -33,7 +33,7 @@ from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.metrics.roles import assign_roles
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_denoiser
+from diffcircuit.models.loading import EMBEDDED_MODEL, load_unconditional
 from diffcircuit.protocol.store import write_json, write_parquet
 
 __all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
@@ -108,7 +108,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                   progress: Callable[[str, int, int], None] | None = None) -> DiscoveryResult:
     """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
     cfg.validate()
-    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
     n_train = den.scheduler.config.num_train_timesteps
     if not cfg.timesteps or any(not 0 <= t < n_train for t in cfg.timesteps):
         raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")

@@ -19,7 +19,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_denoiser
+from diffcircuit.models.loading import EMBEDDED_MODEL, load_unconditional
 from diffcircuit.protocol.store import atomic_write_bytes, write_json
 
 __all__ = ["GenerateConfig", "GenerateResult", "run_generate"]
@@ -109,7 +109,7 @@ def run_generate(cfg: GenerateConfig, out: str | Path) -> GenerateResult:
     if out.suffix.lower() != ".png":
         raise DiffcircuitError(f"--out must name a .png file, not {str(out)!r}")
     _check(cfg)
-    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
     size, channels = den.sample_size, den.in_channels
     registry = probe_registry(den.network, torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     target = _target(cfg.ablate, registry, den.network)

@@ -58,7 +58,7 @@ from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.gallery import attention_maps, object_queries
 from diffcircuit.metrics.observe import observe
-from diffcircuit.models.loading import Denoiser, load_denoiser
+from diffcircuit.models.loading import Denoiser, load_unconditional
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.store import Shards, write_json, write_parquet
@@ -283,7 +283,7 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, cfg)
-    den = load_denoiser(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.device)
+    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.device)
     cfg.check_timesteps(den.scheduler.config.num_train_timesteps)
     size, channels = den.sample_size, den.in_channels
     sets = {key: load_images(spec, n=cfg.n, size=size, channels=channels, seed=cfg.seed, skip_bad=cfg.skip_bad)
