@@ -1,7 +1,8 @@
-"""Instrumentation on a text-conditioned UNet (UNet2DConditionModel): self- and cross-attention heads.
+"""Instrumentation beyond UNet2DModel: a text-conditioned UNet (self- and cross-attention heads) and a
+class-conditional DiT.
 
-A first slice of conditional-model support: registry kinds, idle exactness, fused = naive capture, and the
-cross-attention entropy against a plain-PyTorch reference. (The CLI and runner do not feed prompts yet.)
+A first slice of issue 9: registry kinds, idle exactness, fused = naive capture, and the cross-attention
+entropy against a plain-PyTorch reference. (The commands do not feed prompts or class labels yet.)
 """
 
 from __future__ import annotations
@@ -79,3 +80,25 @@ def test_fused_capture_equals_naive_and_a_plain_reference_on_cross_attention(con
     p = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
     reference = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)  # [batch, heads]
     torch.testing.assert_close(captured["fused"][layer], reference, atol=1e-4, rtol=0)
+
+
+def test_dit_idle_exactness_and_fused_equals_naive():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 3])
+    registry = probe_registry(net, x, t, class_labels=y)
+    assert [(i.kind, i.heads, i.n_keys) for i in registry.layers] == [("self", 2, 16)] * 2  # 4x4 patches
+    with torch.no_grad():
+        ref = net(x, timestep=t, class_labels=y).sample
+        with instrument(net, registry=registry):
+            torch.testing.assert_close(net(x, timestep=t, class_labels=y).sample, ref, atol=1e-5, rtol=0)
+        captured = {}
+        for method in ("fused", "naive"):
+            with instrument(net, registry=registry, capture=True, method=method) as session:
+                net(x, timestep=t, class_labels=y)
+            captured[method] = session.pop("entropy_nats")
+    for layer in captured["fused"]:
+        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
