@@ -164,10 +164,10 @@ def ablation_sweep(
                         "x0_mse_clean": x0_clean.double().numpy(),
                         "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().numpy(),
                     }))
-                    rows[-1]["x0_psnr_clean"] = x0_psnr(rows[-1]["x0_mse_clean"])
-                    rows[-1]["x0_psnr_intervened"] = x0_psnr(rows[-1]["x0_mse_intervened"])
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)
     frame["head"] = frame["head"].astype("Int64")
+    frame["x0_psnr_clean"] = x0_psnr(frame.x0_mse_clean)
+    frame["x0_psnr_intervened"] = x0_psnr(frame.x0_mse_intervened)
     return frame
