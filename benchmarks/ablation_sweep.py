@@ -24,7 +24,7 @@ from diffcircuit.metrics.observe import image_noise
 
 @torch.no_grad()
 def naive_loop(den, images, registry, timestep: int) -> np.ndarray:
-    x0 = torch.from_numpy(images)
+    x0 = torch.from_numpy(np.asarray(images))
     eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=timestep) for i in range(len(x0))])
     t = torch.full((len(x0),), timestep)
     x_t = den.scheduler.add_noise(x0, eps, t)

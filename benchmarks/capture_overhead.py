@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from diffcircuit import instrument, load_denoiser, load_images, probe_registry
@@ -39,7 +40,7 @@ def main() -> None:
     den = load_denoiser()
     net = den.network
     data = load_images("synthetic", n=args.batch, size=den.sample_size, channels=den.in_channels)
-    x0, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks)
+    x0, masks = torch.from_numpy(np.asarray(data.images)), torch.from_numpy(np.asarray(data.masks))
     t = torch.full((args.batch,), 500)
     x_t = den.scheduler.add_noise(x0, torch.randn_like(x0), t)
     registry = probe_registry(net, x_t[:1], t[:1])
