@@ -37,7 +37,7 @@ from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
+from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
 __all__ = ["Circuit", "CircuitLoss", "circuit_curve", "curve_sizes", "grow_circuit", "jaccard", "prune_circuit",
            "ranking_auc"]
@@ -51,14 +51,15 @@ class CircuitLoss:
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
         self.net, self.method, self.eps_hat = denoiser.network, method, denoiser.eps_hat
-        x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
-        self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long))
+        device = model_device(self.net)
+        x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
+        self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
         self.heads = list(self.registry)
         self.inputs, self.means = [], []
         with torch.no_grad():
             for t_val in timesteps:
-                eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=t_val)
-                t = torch.full((len(x0),), t_val, dtype=torch.long)
+                eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=t_val).to(device)
+                t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
                 x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
                 moments = ActivationMoments()
                 moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])

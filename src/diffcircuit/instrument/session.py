@@ -81,7 +81,7 @@ class InstrumentSession:
         """
         shift = self._shifts.get(layer)
         if shift is not None:  # additive: downstream still depends on what came before
-            out = out + shift.to(out.dtype)
+            out = out + shift.to(out)
         if layer in self.cache_heads:
             if self.keep_graph:  # kept attached, so gradients can be taken with respect to it
                 if not out.requires_grad:
@@ -100,7 +100,7 @@ class InstrumentSession:
             return out
         out = out.clone()
         for head, value in patches.items():
-            out[:, head] = value.to(out.dtype) if isinstance(value, torch.Tensor) else value
+            out[:, head] = value.to(out) if isinstance(value, torch.Tensor) else value
         return out
 
     def _record(self, layer: str, stat: str, value: torch.Tensor) -> None:

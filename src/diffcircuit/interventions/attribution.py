@@ -32,7 +32,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
+from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
 __all__ = ["attribution_scores"]
 
@@ -112,22 +112,22 @@ def attribution_scores(
     if method not in ("zero", "mean"):
         raise ValueError("attribution supports zero and mean ablation")
     net, acp = denoiser.network, denoiser.alphas_cumprod
-    x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    registry = registry or probe_registry(net, x_all[:1], torch.zeros(1, dtype=torch.long))
+    x_all, device = torch.from_numpy(np.asarray(images, dtype=np.float32)), model_device(net)
+    registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     batches = [np.arange(s, min(s + batch_size, len(x_all))) for s in range(0, len(x_all), batch_size)]
     rows = []
     for t_val in timesteps:
         def noisy(idx):
-            eps = batch_noise(x_all.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
-            t = torch.full((len(idx),), t_val, dtype=torch.long)
-            return add_noise(x_all[idx], eps, t, acp), t, eps
+            eps = batch_noise(x_all.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
+            t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
+            return add_noise(x_all[idx].to(device), eps, t, acp), t, eps
 
         means = ActivationMoments()
         for idx in batches if method == "mean" else ():
             x_t, t, _ = noisy(idx)
             with torch.no_grad():
                 means.add(clean_activations(net, registry, x_t, t, [])[1])
-        ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).expand_as(a))
+        ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).to(a).expand_as(a))
         for idx in batches:
             x_t, t, eps = noisy(idx)
             scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps, probes,
@@ -138,7 +138,7 @@ def attribution_scores(
                     "dataset": dataset, "timestep": t_val, "image": np.repeat(idx, info.heads), "layer": info.layer,
                     "head": np.tile(np.arange(info.heads), len(idx)), "method": method,
                     "estimator": _estimator_name(ig_steps, probes),
-                    "delta_mse": s.reshape(-1).double().numpy(),
-                    "degradation_pct": (100 * s / loss[:, None]).reshape(-1).double().numpy(),
+                    "delta_mse": s.reshape(-1).double().cpu().numpy(),
+                    "degradation_pct": (100 * s / loss[:, None]).reshape(-1).double().cpu().numpy(),
                 }))
     return pd.concat(rows, ignore_index=True)

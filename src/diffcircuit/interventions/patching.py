@@ -24,14 +24,14 @@ from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_int
 from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.interventions.sweep import clean_activations
 from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.diffusion import add_noise
+from diffcircuit.models.diffusion import add_noise, model_device
 
 __all__ = ["activation_patching"]
 
 
 def _patched(net, registry, target: Target, source: dict, modules: dict, forward_from):
     if target.level == "resnet":
-        with resnet_intervention(modules[target.name], replace=lambda r: source[target.name].to(r.dtype)):
+        with resnet_intervention(modules[target.name], replace=lambda r: source[target.name].to(r)):
             return forward_from([target.name])
     with instrument(net, registry=registry, patches={a: source[a.layer][:, a.head] for a in target.heads}):
         return forward_from([a.layer for a in target.heads])
@@ -59,18 +59,18 @@ def activation_patching(
     net, acp = denoiser.network, denoiser.alphas_cumprod
     src = torch.from_numpy(np.asarray(source_images, dtype=np.float32))
     rcv = torch.from_numpy(np.asarray(receiver_images, dtype=np.float32))
-    n = min(len(src), len(rcv))
-    registry = registry or probe_registry(net, rcv[:1], torch.zeros(1, dtype=torch.long))
+    n, device = min(len(src), len(rcv)), model_device(net)
+    registry = registry or probe_registry(net, rcv[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
     stages, rows = UNetStages(net), []
     for t_val in timesteps:
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            eps = batch_noise(rcv.shape[1:], seed=seed, dataset="pair", images=idx, timestep=t_val)
-            t = torch.full((len(idx),), t_val, dtype=torch.long)
-            pred_a, source = clean_activations(net, registry, add_noise(src[idx], eps, t, acp), t, resnets)
+            eps = batch_noise(rcv.shape[1:], seed=seed, dataset="pair", images=idx, timestep=t_val).to(device)
+            t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
+            pred_a, source = clean_activations(net, registry, add_noise(src[idx].to(device), eps, t, acp), t, resnets)
             record: dict = {}
-            x_b = add_noise(rcv[idx], eps, t, acp)
+            x_b = add_noise(rcv[idx].to(device), eps, t, acp)
             pred_b = stages.run(x_b, t, record=record)
 
             def forward_from(names, _r=record, _x=x_b, _t=t):
@@ -85,7 +85,7 @@ def activation_patching(
                 rows.append(pd.DataFrame({
                     "timestep": t_val, "pair": idx, "level": target.level, "target": target.name,
                     "layer": target.layer, "head": target.head,
-                    "moved_frac": frac.double().numpy(), "delta_mse": moved.pow(2).mean(1).double().numpy(),
+                    "moved_frac": frac.double().cpu().numpy(), "delta_mse": moved.pow(2).mean(1).double().cpu().numpy(),
                 }))
             if progress is not None:
                 progress(len(idx))

@@ -20,7 +20,7 @@ from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, x0_mse_per_image
+from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, model_device, x0_mse_per_image
 
 __all__ = ["ActivationMoments", "ablation_sweep", "clean_activations", "x0_psnr"]
 
@@ -81,7 +81,7 @@ def _intervened(net, registry, target: Target, method, ref, partner, draw, resne
     """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
     if target.level == "resnet":
         value = _replacement(method, target.name, None, ref, partner, draw)
-        replace = (lambda r: torch.zeros_like(r)) if method == "zero" else (lambda r: value.to(r.dtype).expand_as(r))
+        replace = (lambda r: torch.zeros_like(r)) if method == "zero" else (lambda r: value.to(r).expand_as(r))
         with resnet_intervention(resnet_modules[target.name], replace=replace):
             return forward_from([target.name])
     patches = {a: _replacement(method, a.layer, a.head, ref, partner, draw) for a in target.heads}
@@ -114,17 +114,17 @@ def ablation_sweep(
         raise ValueError(f"unknown ablation methods {bad}; choose from {METHODS}")
     net, acp = denoiser.network, denoiser.alphas_cumprod
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    n = len(x_all)
-    registry = registry or probe_registry(net, x_all[:1], torch.zeros(1, dtype=torch.long))
+    n, device = len(x_all), model_device(net)
+    registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
     resnet_modules = dict(resnets)
     stages = UNetStages(net)
     rows = []
 
     def noisy(idx: np.ndarray, t_val: int):
-        x0 = x_all[idx]
-        eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
-        t = torch.full((len(idx),), t_val, dtype=torch.long)
+        x0 = x_all[idx].to(device)
+        eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
+        t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
         return x0, eps, t, add_noise(x0, eps, t, acp)
 
     for t_val in timesteps:
@@ -159,10 +159,10 @@ def ablation_sweep(
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
                         "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
                         "method": method,
-                        "mse_clean": mse_clean.double().numpy(), "mse_intervened": mse.double().numpy(),
-                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().numpy(),
-                        "x0_mse_clean": x0_clean.double().numpy(),
-                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().numpy(),
+                        "mse_clean": mse_clean.double().cpu().numpy(), "mse_intervened": mse.double().cpu().numpy(),
+                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().cpu().numpy(),
+                        "x0_mse_clean": x0_clean.double().cpu().numpy(),
+                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().cpu().numpy(),
                     }))
             if progress is not None:
                 progress(len(idx))

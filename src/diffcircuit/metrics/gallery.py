@@ -15,7 +15,7 @@ import torch
 
 from diffcircuit.instrument.registry import HeadAddress, attention_modules
 from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.diffusion import add_noise
+from diffcircuit.models.diffusion import add_noise, model_device
 
 __all__ = ["attention_maps", "object_queries"]
 
@@ -41,9 +41,10 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
     net = denoiser.network
     modules = dict(attention_modules(net))
     layers = list(dict.fromkeys(a.layer for a in heads))
-    x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=timestep)
-    t = torch.full((len(x0),), timestep, dtype=torch.long)
+    device = model_device(net)
+    x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
+    eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=timestep).to(device)
+    t = torch.full((len(x0),), timestep, dtype=torch.long, device=device)
     records: dict[tuple[str, str], torch.Tensor] = {}
     handles = []
     for layer in layers:
@@ -73,5 +74,5 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
             logits = kh[i] @ qh[i, row * side + col] * d ** -0.5  # SDPA's default scale, as the default processor uses
             rows.append({"dataset": dataset, "image": i, "timestep": timestep, "layer": address.layer,
                          "head": address.head, "grid": side, "query_y": row, "query_x": col,
-                         "map": torch.softmax(logits.double(), 0).float().numpy()})
+                         "map": torch.softmax(logits.double(), 0).float().cpu().numpy()})
     return pd.DataFrame(rows)

@@ -92,11 +92,13 @@ def observe(
     method: str = "fused",
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
+    first: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1]).
 
     ``masks`` (bool ``[n, H, W]``, synthetic images) enable the object probes; ``method`` picks
-    the fused capture or the naive reference.
+    the fused capture or the naive reference. ``first`` is the dataset index of ``images[0]``
+    (a slice of a larger set): it names the rows and picks each image's noise draw.
     """
     net, acp = denoiser.network, denoiser.alphas_cumprod
     device = next(net.parameters()).device
@@ -105,9 +107,10 @@ def observe(
         registry = probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     head_frames, image_frames = [], []
     for start in range(0, len(x_all), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(x_all)))
-        x0 = x_all[idx]
-        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(np.asarray(masks)[idx]))
+        local = np.arange(start, min(start + batch_size, len(x_all)))
+        idx = local + first
+        x0 = x_all[local]
+        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(np.asarray(masks)[local]))
         for t_val in timesteps:
             eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)

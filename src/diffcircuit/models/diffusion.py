@@ -19,6 +19,7 @@ __all__ = [
     "eps_from_output",
     "eps_mse_per_image",
     "implied_x0",
+    "model_device",
     "trivial_eps",
     "x0_mse_per_image",
 ]
@@ -27,16 +28,22 @@ __all__ = [
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """√ᾱ_t and √(1−ᾱ_t), broadcastable to an image batch of ``ndim`` dims."""
-    a = alphas_cumprod.to(torch.float64)[t.long().cpu()].view(-1, *([1] * (ndim - 1)))
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Where a network's weights live: inputs are moved there, results come back to the CPU."""
+    return next(module.parameters()).device
+
+
+def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """√ᾱ_t and √(1−ᾱ_t) in float64 on ``like``'s device, broadcastable to the image batch ``like``."""
+    a = alphas_cumprod.to(torch.float64)[t.long().cpu()].view(-1, *([1] * (like.ndim - 1)))
+    a = a.to(like.device) if like.device.type != "mps" else a.float().to(like.device)  # MPS has no float64
     return a.sqrt(), (1 - a).sqrt()
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (same as diffusers' ``DDPMScheduler.add_noise``)."""
-    sa, sb = _coeffs(alphas_cumprod, t, x0.ndim)
-    return (sa * x0.double() + sb * eps.double()).to(x0.dtype)
+    sa, sb = _coeffs(alphas_cumprod, t, x0)
+    return (sa * x0.to(sa.dtype) + sb * eps.to(sa.dtype)).to(x0.dtype)
 
 
 def eps_from_output(
@@ -48,7 +55,7 @@ def eps_from_output(
     """
     if prediction_type == "epsilon":
         return output
-    sa, sb = (c.to(output.dtype).to(output.device) for c in _coeffs(alphas_cumprod, t, output.ndim))
+    sa, sb = (c.to(output.dtype) for c in _coeffs(alphas_cumprod, t, output))
     if prediction_type == "v_prediction":
         return sb * x_t.to(output.dtype) + sa * output
     if prediction_type == "sample":
@@ -58,14 +65,14 @@ def eps_from_output(
 
 def implied_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The x₀ prediction implied by an ε-prediction."""
-    sa, sb = _coeffs(alphas_cumprod, t, x_t.ndim)
-    return ((x_t.double() - sb * eps_hat.double()) / sa).to(x_t.dtype)
+    sa, sb = _coeffs(alphas_cumprod, t, x_t)
+    return ((x_t.to(sa.dtype) - sb * eps_hat.to(sa)) / sa).to(x_t.dtype)
 
 
 def trivial_eps(x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The trivial ε predictor √(1−ᾱ_t)·x_t (assumes x₀ ≈ 0); strong at large t."""
-    _, sb = _coeffs(alphas_cumprod, t, x_t.ndim)
-    return (sb * x_t.double()).to(x_t.dtype)
+    _, sb = _coeffs(alphas_cumprod, t, x_t)
+    return (sb * x_t.to(sb.dtype)).to(x_t.dtype)
 
 
 def eps_mse_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,9 @@ class Denoiser:
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
     def eps_hat(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε."""
-        return eps_from_output(output, x_t, t, self.alphas_cumprod, self.prediction_type)
+        """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε,
+        in fp32 (an fp16/bf16 output under autocast is widened first)."""
+        return eps_from_output(output.float(), x_t, t, self.alphas_cumprod, self.prediction_type)
 
 
 def _resolve_folder(source: str, allow_pickle: bool) -> Path:
