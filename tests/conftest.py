@@ -49,3 +49,39 @@ def small_model_dir_module(tmp_path_factory):
     from diffcircuit.models.loading import save_denoiser
 
     return save_denoiser(tmp_path_factory.mktemp("model") / "small-model", make_small_unet(), DDPMScheduler(num_train_timesteps=1000))
+
+
+def _run_outputs(run_dir):
+    """Every table and JSON result of a run directory (not run.log, whose times differ)."""
+    import json
+
+    import pandas as pd
+
+    out = {f"tables/{p.name}": pd.read_parquet(p) for p in sorted((run_dir / "tables").glob("*.parquet"))}
+    for p in [run_dir / "summary.json", run_dir / "manifest.json", *sorted((run_dir / "circuits").glob("*.json"))]:
+        out[str(p.relative_to(run_dir))] = json.loads(p.read_text())
+    return out
+
+
+def _assert_same_outputs(a: dict, b: dict) -> None:
+    """Two runs' outputs are identical: tables exactly (bit for bit), JSON equal."""
+    import pandas as pd
+
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+        else:
+            assert a[name] == b[name], name
+
+
+@pytest.fixture(scope="session")
+def run_outputs():
+    """``run_outputs(run_dir)``: every table and JSON result of a run directory."""
+    return _run_outputs
+
+
+@pytest.fixture(scope="session")
+def assert_same_outputs():
+    """``assert_same_outputs(a, b)``: two runs' outputs are identical."""
+    return _assert_same_outputs

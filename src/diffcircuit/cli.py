@@ -118,7 +118,13 @@ def run(
     timesteps: Annotated[str | None, typer.Option("--timesteps", help="Comma-separated timesteps [100,500,900].")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Noise seed [0].")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="[50]")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu (default) or cuda.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda when available), cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32 (default), or bf16/fp16 autocast; statistics stay fp32.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="local (default) or ray (needs diffcircuit[ray]).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Ray workers (0: one per CPU, or per GPU) [0].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads per process (0: torch's default) [0].")] = None,
+    shard_images: Annotated[int | None, typer.Option("--shard-images", help="Images per observation shard [256].")] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images with a warning.")] = None,
     capture: Annotated[str | None, typer.Option("--capture", help="'fused' (default) or 'naive' (explicit softmax reference).")] = None,
     ablate_n: Annotated[int | None, typer.Option("--ablate-n", help="Images per dataset for ablations (0: none) [16].")] = None,
@@ -137,7 +143,8 @@ def run(
     from diffcircuit.protocol.config import RunConfig, load_config_file
 
     flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
-                 device=device, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
+                 device=device, precision=precision, backend=backend, ray_address=address, workers=workers,
+                 threads=threads, shard_images=shard_images, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
                  null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
                  circuit_taus=circuit_taus, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
     values = load_config_file(config) if config is not None else {}

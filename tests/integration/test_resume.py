@@ -3,7 +3,6 @@ one, and the same seed gives the same results bit for bit (CPU), in another proc
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from diffcircuit.cli import main
@@ -23,28 +21,11 @@ def _run_args(small_model_dir, out: Path) -> list[str]:
     return ["run", "--out", str(out), "--model", str(small_model_dir), *ARGS]
 
 
-def _outputs(run_dir: Path) -> dict[str, object]:
-    """Every table and JSON result of a run directory (not run.log, whose times differ)."""
-    out = {f"tables/{p.name}": pd.read_parquet(p) for p in sorted((run_dir / "tables").glob("*.parquet"))}
-    for p in [run_dir / "summary.json", run_dir / "manifest.json", *sorted((run_dir / "circuits").glob("*.json"))]:
-        out[str(p.relative_to(run_dir))] = json.loads(p.read_text())
-    return out
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], pd.DataFrame):
-            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
-        else:
-            assert a[name] == b[name], name
-
-
 @pytest.fixture(scope="module")
-def reference(small_model_dir_module, tmp_path_factory):
+def reference(small_model_dir_module, tmp_path_factory, run_outputs):
     out = tmp_path_factory.mktemp("reference") / "run"
     assert main(_run_args(small_model_dir_module, out)) == 0
-    return _outputs(out)
+    return run_outputs(out)
 
 
 def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
@@ -64,8 +45,9 @@ def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
             proc.kill()
 
 
-@pytest.mark.parametrize("first", ["observe_s3_a_t800.images.parquet", "ablate_b_t20.table.parquet"])  # mid-observation, mid-interventions
-def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_module, tmp_path, reference, first):
+@pytest.mark.parametrize("first", ["observe_s3_a_t800_0-3.images.parquet", "ablate_b_t20.table.parquet"])  # mid-observation, mid-interventions
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_module, tmp_path, reference, first,
+                                                               run_outputs, assert_same_outputs):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffcircuit.cli", *_run_args(small_model_dir_module, out)]
     written = _kill_when(cmd, out / "shards", first)
@@ -74,14 +56,15 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_m
     log = (out / "run.log").read_text()
     assert "resumed from disk" in log and f"shard {first.split('.')[0]}: resumed from disk" in log
     assert not list(out.glob("**/*.tmp"))  # temporary files of the killed writes are cleared
-    _assert_same(reference, _outputs(out))
+    assert_same_outputs(reference, run_outputs(out))
 
 
-def test_the_same_seed_gives_the_same_results_bit_for_bit_in_another_process(small_model_dir_module, tmp_path, reference):
+def test_the_same_seed_gives_the_same_results_bit_for_bit_in_another_process(small_model_dir_module, tmp_path, reference,
+                                                                             run_outputs, assert_same_outputs):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffcircuit.cli", *_run_args(small_model_dir_module, out)]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    _assert_same(reference, _outputs(out))
+    assert_same_outputs(reference, run_outputs(out))
     # and a finished run re-run with the same command recomputes nothing
     assert main(_run_args(small_model_dir_module, out)) == 0
     assert "0 shards computed" in (out / "run.log").read_text().splitlines()[-1]

@@ -23,6 +23,33 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
 
 
 ANALYSES = ("ablation", "patching", "attribution", "discovery")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = "auto" if device == "auto" else _device_type(device)
+    except RuntimeError:
+        kind = None
+    if kind not in ("auto", "cpu", "cuda"):
+        raise DiffcircuitError(f"--device must be cpu, cuda, cuda:N or auto, not {device!r}")
+
+
+def _device_type(device: str) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
+def _resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu; an unavailable cuda is refused in one line."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if _device_type(device) == "cuda" and not torch.cuda.is_available():
+        raise DiffcircuitError(f"--device {device}: this machine has no CUDA device (use cpu or auto)")
+    return device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +64,13 @@ class RunConfig:
     timesteps: tuple[int, ...] = (100, 500, 900)
     seed: int = 0
     batch_size: int = 50
-    device: str = "cpu"
+    device: str = "auto"  # "auto": cuda when available, else cpu (``torch_device``)
+    precision: str = "fp32"  # forward passes in fp32, or autocast to bf16/fp16 (statistics stay fp32)
+    backend: str = "local"  # where shards are computed: this process, or Ray workers
+    ray_address: str = ""  # join this Ray cluster ("" : start a local instance sized to this machine)
+    workers: int = 0  # Ray workers (0: one per CPU, or per GPU on cuda)
+    threads: int = 0  # intra-op threads per process (0: torch's default; Ray workers then use the driver's)
+    shard_images: int = 256  # images per observation shard (the unit of resume, parallelism and memory)
     skip_bad: bool = False
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
     ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
@@ -50,6 +83,13 @@ class RunConfig:
     analyses: tuple[str, ...] = ANALYSES  # which intervention analyses run (on the first ablate_n images)
 
     def __post_init__(self):
+        _check_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise DiffcircuitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.backend not in ("local", "ray"):
+            raise DiffcircuitError(f"--backend must be 'local' or 'ray', not {self.backend!r}")
+        if self.workers < 0 or self.threads < 0 or self.shard_images < 1:
+            raise DiffcircuitError("--workers and --threads must be >= 0 and --shard-images >= 1")
         if self.n < 1:
             raise DiffcircuitError(f"--n must be at least 1, not {self.n}")
         if self.batch_size < 1:
@@ -82,6 +122,11 @@ class RunConfig:
             raise DiffcircuitError(f"circuit_taus must be relative loss increases in (0, 10) including 0.05, "
                                    f"not {list(self.circuit_taus)}")
 
+    @property
+    def torch_device(self) -> str:
+        """The device the run uses: ``device`` with "auto" resolved (cuda without CUDA is refused here)."""
+        return _resolve_device(self.device)
+
     def runs(self, analysis: str) -> bool:
         """Whether an intervention analysis runs (it needs ablate_n > 0; discovery also mean ablation)."""
         if self.ablate_n == 0 or analysis not in self.analyses:
@@ -112,9 +157,10 @@ class RunConfig:
         return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
 
     def results_key(self) -> dict:
-        """The settings that change results (not batch size, device or capture path, which must not)."""
+        """The settings that change results (not batch size, device, capture path, backend, workers or
+        sharding, which must not; CPU results are bit-identical for the same thread count)."""
         d = self.to_dict()
-        for k in ("batch_size", "device", "capture"):
+        for k in ("batch_size", "device", "capture", "backend", "ray_address", "workers", "threads", "shard_images"):
             d.pop(k)
         return d
 
@@ -186,7 +232,13 @@ _COMMENTS = {
     "timesteps": "timesteps analysed",
     "seed": "noise seed; same seed, same results",
     "batch_size": "images per forward pass (does not change results)",
-    "device": "cpu or cuda",
+    "device": "auto (cuda when available), cpu, cuda or cuda:N",
+    "precision": "fp32, or bf16/fp16 autocast for the forward passes (statistics accumulate in fp32)",
+    "backend": "local (this process) or ray (shards as Ray tasks; pip install 'diffcircuit[ray]')",
+    "ray_address": "an existing Ray cluster to join; empty: start a local instance",
+    "workers": "Ray workers, each holding the model once (0: one per CPU, or per GPU on cuda)",
+    "threads": "intra-op threads per process (0: torch's default)",
+    "shard_images": "images per observation shard: the unit of resume, parallelism and memory",
     "skip_bad": "skip unreadable image files with a warning instead of stopping",
     "capture": "fused (one fused attention call) or naive (explicit softmax, the reference)",
     "ablate_n": "images per dataset for ablations, patching and attribution (0: none)",
@@ -204,7 +256,7 @@ _COMMENTS = {
 PRESETS = {
     "demo": {},
     "paper": dict(model="google/ddpm-celebahq-256", data_b="data/celeba", n=2000,
-                  timesteps=tuple(range(50, 1000, 100)), device="cuda", batch_size=64, ablate_n=200,
+                  timesteps=tuple(range(50, 1000, 100)), batch_size=64, ablate_n=200,
                   circuit_resamples=20),
 }
 

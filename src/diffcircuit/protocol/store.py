@@ -8,12 +8,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["Shards", "atomic_write_bytes", "write_json", "write_parquet"]
+__all__ = ["Shards", "atomic_write_bytes", "encode_part", "write_json", "write_parquet"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -35,21 +35,35 @@ def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     import io
 
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False, engine="pyarrow")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_bytes(path, _parquet_bytes(frame))
+
+
+def encode_part(part: str, value) -> bytes:
+    """A shard part's bytes: a table as Parquet (``*.parquet``), anything else as JSON."""
+    return _parquet_bytes(value) if part.endswith(".parquet") else (json.dumps(value, indent=2) + "\n").encode()
+
+
+def _read_part(path: Path):
+    return pd.read_parquet(path) if path.suffix == ".parquet" else json.loads(path.read_text())
 
 
 class Shards:
-    """Finished pieces of a run under ``root``: a shard is a few named files, done when all exist.
+    """Finished pieces of a run under ``root``: a shard is a few named parts, done when all exist.
 
-    ``frames(name, parts, compute)`` returns the shard's tables, computing and writing them (each
-    atomically) only when some file is missing, then reading them back from disk, so a fresh and a
+    ``ensure(name, parts, compute)`` returns the shard's parts, computing and writing them (each
+    atomically) only when some part is missing, then reading them back from disk, so a fresh and a
     resumed run process exactly the same bytes. A run killed at any moment loses at most the shards
-    it was computing; everything the shards feed is recomputed from them at the end.
+    it was computing; everything the shards feed is recomputed from them at the end. Parts ending in
+    ``.parquet`` are tables; others are JSON.
     """
 
     def __init__(self, root: Path, log: logging.Logger | None = None):
@@ -57,37 +71,42 @@ class Shards:
         self.log = log or logging.getLogger("diffcircuit")
         self.computed = self.resumed = 0
 
-    def _paths(self, name: str, parts: Sequence[str], suffix: str) -> list[Path]:
-        return [self.root / f"{name}.{part}{suffix}" for part in parts]
+    def path(self, name: str, part: str) -> Path:
+        return self.root / f"{name}.{part}"
 
-    def _done_or_compute(self, name: str, paths: Sequence[Path], compute: Callable[[], None],
-                         on_resume: Callable[[], None] | None) -> None:
-        if all(p.exists() for p in paths):
-            self.resumed += 1
-            self.log.info("shard %s: resumed from disk", name)
+    def done(self, name: str, parts: Sequence[str]) -> bool:
+        return all(self.path(name, part).exists() for part in parts)
+
+    def write(self, name: str, encoded: Mapping[str, bytes], seconds: float, where: str = "") -> None:
+        """Store a computed shard's parts (already encoded, ``encode_part``), each atomically."""
+        for part, data in encoded.items():
+            atomic_write_bytes(self.path(name, part), data)
+        self.computed += 1
+        self.log.info("shard %s: computed in %.1f s%s", name, seconds, where)
+
+    def read(self, name: str, parts: Sequence[str]) -> dict:
+        return {part: _read_part(self.path(name, part)) for part in parts}
+
+    def note_resumed(self, name: str) -> None:
+        self.resumed += 1
+        self.log.info("shard %s: resumed from disk", name)
+
+    def ensure(self, name: str, parts: Sequence[str], compute: Callable[[], Mapping[str, object]],
+               on_resume: Callable[[], None] | None = None) -> dict:
+        """The shard's parts by name: read from disk, after computing them if any part is missing."""
+        if self.done(name, parts):
+            self.note_resumed(name)
             if on_resume is not None:
                 on_resume()
-            return
-        start = time.perf_counter()
-        compute()
-        self.computed += 1
-        self.log.info("shard %s: computed in %.1f s", name, time.perf_counter() - start)
+        else:
+            start = time.perf_counter()
+            values = compute()
+            self.write(name, {part: encode_part(part, values[part]) for part in parts}, time.perf_counter() - start)
+        return self.read(name, parts)
 
     def frames(self, name: str, parts: Sequence[str], compute: Callable[[], Sequence[pd.DataFrame]],
                on_resume: Callable[[], None] | None = None) -> list[pd.DataFrame]:
-        paths = self._paths(name, parts, ".parquet")
-
-        def write() -> None:
-            for path, frame in zip(paths, compute(), strict=True):
-                write_parquet(path, frame)
-
-        self._done_or_compute(name, paths, write, on_resume)
-        return [pd.read_parquet(p) for p in paths]
-
-    def frame(self, name: str, compute: Callable[[], pd.DataFrame], on_resume: Callable[[], None] | None = None) -> pd.DataFrame:
-        return self.frames(name, ["table"], lambda: [compute()], on_resume)[0]
-
-    def json(self, name: str, compute: Callable[[], object], on_resume: Callable[[], None] | None = None):
-        path = self.root / f"{name}.json"
-        self._done_or_compute(name, [path], lambda: write_json(path, compute()), on_resume)
-        return json.loads(path.read_text())
+        """``ensure`` for a shard of tables given by bare part names, as a list in ``parts`` order."""
+        files = [f"{part}.parquet" for part in parts]
+        got = self.ensure(name, files, lambda: dict(zip(files, compute(), strict=True)), on_resume)
+        return [got[f] for f in files]

@@ -1,0 +1,145 @@
+"""Where a run's shards are computed: in this process (``local``) or by Ray workers (``ray``).
+
+Both backends take the same ``Task`` list and leave the same files in the shard store; the driver
+then reads every shard back from disk, merges, computes the statistics and writes the report, so
+the two backends give identical tables (Ray workers use the driver's number of intra-op threads,
+since CPU kernels sum in a thread-dependent order).
+
+Ray: each worker is an actor that builds the model, registry and images once and computes shards
+on request, returning their encoded parts; the driver writes them atomically, so a worker can die
+at any moment without leaving a half-written shard. Actors restart and their tasks are retried
+(``max_restarts`` / ``max_task_retries``), so a killed worker costs time, not results. With
+``address`` the run joins an existing cluster (every node needs diffcircuit installed; the model
+path and image folders must be readable there); without it a local Ray instance sized to this
+machine is started and stopped. Each worker asks for one GPU when the device is cuda.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.store import Shards, encode_part
+from diffcircuit.protocol.tasks import Context, Task, compute
+
+__all__ = ["BACKENDS", "LocalBackend", "RayBackend", "make_backend"]
+
+BACKENDS = ("local", "ray")
+Progress = Callable[[Task, int], None]
+
+
+class LocalBackend:
+    """Computes shards one after another in this process, with the driver's context."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def run(self, tasks: Sequence[Task], shards: Shards, progress: Progress) -> None:
+        for task in tasks:
+            if shards.done(task.name, task.parts):
+                shards.note_resumed(task.name)
+                progress(task, task.units)
+                continue
+            start = time.perf_counter()
+            values = compute(self.ctx, task, lambda k, task=task: progress(task, k))
+            shards.write(task.name, {p: encode_part(p, values[p]) for p in task.parts}, time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass
+
+
+class _ShardWorker:
+    """A Ray actor: one model, registry and image sets, many shards."""
+
+    def __init__(self, config: dict, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.ctx = Context.build(RunConfig.from_mapping(config, source="ray worker"))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def compute(self, task: Task) -> tuple[dict[str, bytes], float]:
+        start = time.perf_counter()
+        values = compute(self.ctx, task)
+        return {p: encode_part(p, values[p]) for p in task.parts}, time.perf_counter() - start
+
+
+class RayBackend:
+    """Shards as Ray actor tasks: one actor per worker, each holding the model once."""
+
+    def __init__(self, cfg: RunConfig, log: logging.Logger):
+        try:
+            import ray
+        except ImportError:
+            raise DiffcircuitError("the ray backend needs Ray: pip install 'diffcircuit[ray]'") from None
+        import torch
+
+        self.ray, self.log = ray, log
+        self.started = not ray.is_initialized()
+        if self.started:
+            try:
+                ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise DiffcircuitError(f"cannot start or join Ray at {cfg.ray_address or 'a local instance'}: "
+                                       f"{str(exc).splitlines()[0]}") from None
+        cuda = torch.device(cfg.torch_device).type == "cuda"
+        resources = ray.cluster_resources()
+        count = cfg.workers or max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
+        threads = cfg.threads or torch.get_num_threads()
+        actor = ray.remote(_ShardWorker).options(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=-1,
+                                                 max_task_retries=-1)
+        self.workers = [actor.remote(cfg.to_dict(), threads) for _ in range(count)]
+        for i, pid in enumerate(self._get([w.pid.remote() for w in self.workers])):
+            log.info("ray worker %d: pid %d (%d threads)", i, pid, threads)
+
+    def _get(self, refs):
+        """``ray.get``, with an input error raised in a worker re-raised here as itself (one line, no traceback)."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, DiffcircuitError):
+                raise cause from None
+            raise
+
+    def run(self, tasks: Sequence[Task], shards: Shards, progress: Progress) -> None:
+        ray = self.ray
+        queue = deque()
+        for task in tasks:
+            if shards.done(task.name, task.parts):
+                shards.note_resumed(task.name)
+                progress(task, task.units)
+            else:
+                queue.append(task)
+        running = {}  # object ref -> (task, worker)
+        idle = list(self.workers)
+        while queue or running:
+            while queue and idle:
+                task, worker = queue.popleft(), idle.pop()
+                running[worker.compute.remote(task)] = (task, worker)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            task, worker = running.pop(ready[0])
+            encoded, seconds = self._get(ready[0])
+            shards.write(task.name, encoded, seconds, " (ray worker)")
+            progress(task, task.units)
+            idle.append(worker)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_backend(ctx: Context, log: logging.Logger):
+    if ctx.cfg.backend == "ray":
+        return RayBackend(ctx.cfg, log)
+    return LocalBackend(ctx)

@@ -1,0 +1,174 @@
+"""The pieces a run is split into (shards), and how each is computed, whichever backend runs it.
+
+A ``Task`` names its shard (file stem and parts), its stage, what it is worth in progress units
+and its arguments: plain values, so that it pickles to a Ray worker on another machine. ``Context``
+is what computing needs (config, model, head registry, both image sets); the local backend builds
+one, a Ray worker builds its own once (``Context.build``) and keeps it for every task it runs.
+``compute`` returns the shard's parts by name; the backend writes them through the shard store.
+
+Shards: observation per dataset x timestep x slice of ``shard_images`` images (so no process ever
+holds one stage's rows for all images), ablations per dataset x timestep, patching per timestep,
+attribution per dataset x method x estimator, discovery per timestep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from diffcircuit.data.spec import ImageSet, load_images
+from diffcircuit.discovery.run import discover_circuits
+from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.instrument.session import probe_registry
+from diffcircuit.interventions.ablation import random_head_sets, targets
+from diffcircuit.interventions.attribution import attribution_scores
+from diffcircuit.interventions.patching import activation_patching
+from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.metrics.observe import observe
+from diffcircuit.models.loading import Denoiser, load_unconditional
+from diffcircuit.protocol.config import RunConfig
+
+__all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "attribute_tasks", "compute", "discover_tasks",
+           "observe_tasks", "patch_tasks"]
+
+ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=1))
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One shard: ``stage`` computes it from ``args``; its files are ``<name>.<part>`` for each part."""
+
+    stage: str
+    name: str
+    parts: tuple[str, ...]  # "heads.parquet" (a table) or "circuits.json" (JSON)
+    units: int  # progress units (images or pieces) it is worth
+    label: str  # the progress bar it advances
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Context:
+    """What computing a shard needs; built once per process."""
+
+    cfg: RunConfig
+    den: Denoiser
+    registry: HeadRegistry
+    sets: dict[str, ImageSet]
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> Context:
+        """Load the model and both image sets of ``cfg`` and probe the head registry (inputs are checked here)."""
+        den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.torch_device)
+        cfg.check_timesteps(den.scheduler.config.num_train_timesteps)
+        sets = {key: load_images(spec, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed,
+                                 skip_bad=cfg.skip_bad)
+                for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
+        first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
+        registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
+        return cls(cfg=cfg, den=den, registry=registry, sets=sets)
+
+    @property
+    def n_ablate(self) -> int:
+        return min(self.cfg.ablate_n, self.cfg.n)
+
+    def autocast(self):
+        """Mixed precision for the forward passes when the config asks (statistics stay fp32)."""
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(self.cfg.torch_device).type, dtype=dtype)
+
+
+def observe_tasks(ctx: Context, *, seed: int, label: str = "observe") -> list[Task]:
+    cfg, step = ctx.cfg, ctx.cfg.shard_images
+    return [Task("observe", f"observe_s{seed}_{key}_t{t}_{lo}-{min(lo + step, len(s))}", ("heads.parquet", "images.parquet"),
+                 units=min(lo + step, len(s)) - lo, label=label,
+                 args=dict(key=key, t=t, seed=seed, lo=lo, hi=min(lo + step, len(s))))
+            for key, s in ctx.sets.items() for t in cfg.timesteps for lo in range(0, len(s), step)]
+
+
+def ablate_tasks(ctx: Context) -> list[Task]:
+    return [Task("ablate", f"ablate_{key}_t{t}", ("table.parquet",), units=ctx.n_ablate, label="ablate",
+                 args=dict(key=key, t=t)) for key in ctx.sets for t in ctx.cfg.timesteps]
+
+
+def patch_tasks(ctx: Context) -> list[Task]:
+    return [Task("patch", f"patch_t{t}", ("table.parquet",), units=ctx.n_ablate, label="patch", args=dict(t=t))
+            for t in ctx.cfg.timesteps]
+
+
+def attribute_tasks(ctx: Context) -> list[Task]:
+    """First order, IG with 4 steps and first order + Gauss-Newton with 1 probe, for zero and mean ablation."""
+    methods = [m for m in ctx.cfg.ablation_methods if m in ("zero", "mean")]
+    return [Task("attribute", f"attribute_{key}_{method}_" + "_".join(f"{k}{v}" for k, v in options.items()),
+                 ("table.parquet",), units=1, label="attribute", args=dict(key=key, method=method, options=options))
+            for key in ctx.sets for method in methods for options in ATTRIBUTION_ESTIMATORS]
+
+
+def discover_tasks(ctx: Context, importance: pd.DataFrame) -> list[Task]:
+    """One circuit search per timestep, ranked by the ablation sweep's ``importance`` rows."""
+    return [Task("discover", f"discover_t{t}", ("circuits.parquet", "curves.parquet", "circuits.json"),
+                 units=len(ctx.sets), label="discover", args=dict(t=t, importance=importance[importance.timestep == t]))
+            for t in ctx.cfg.timesteps]
+
+
+def _ablation_plan(ctx: Context) -> list:
+    """All single heads, every layer and block, and random head sets of the layers' and blocks' sizes."""
+    plan = [t for level in ("head", "layer", "block") for t in targets(ctx.registry, level)]
+    sizes = sorted({len(t.heads) for t in plan if t.level in ("layer", "block")})
+    return plan + [r for k in sizes for r in random_head_sets(ctx.registry, k, ctx.cfg.null_sets, seed=ctx.cfg.seed)]
+
+
+def compute(ctx: Context, task: Task, progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """The shard's parts by name (tables or JSON values). ``progress(k)`` reports images done, where known."""
+    with ctx.autocast():
+        return _COMPUTE[task.stage](ctx, progress, **task.args)
+
+
+def _observe(ctx: Context, progress, *, key: str, t: int, seed: int, lo: int, hi: int) -> dict:
+    cfg, s = ctx.cfg, ctx.sets[key]
+    heads, images = observe(ctx.den, s.images[lo:hi], timesteps=[t], seed=seed, batch_size=cfg.batch_size, dataset=key,
+                            masks=None if s.masks is None else s.masks[lo:hi], method=cfg.capture,
+                            registry=ctx.registry, progress=progress, first=lo)
+    return {"heads.parquet": heads, "images.parquet": images}
+
+
+def _ablate(ctx: Context, progress, *, key: str, t: int) -> dict:
+    cfg = ctx.cfg
+    return {"table.parquet": ablation_sweep(ctx.den, ctx.sets[key].images[:ctx.n_ablate], targets=_ablation_plan(ctx),
+                                            methods=cfg.ablation_methods, timesteps=[t], seed=cfg.seed, dataset=key,
+                                            batch_size=cfg.batch_size, registry=ctx.registry, progress=progress)}
+
+
+def _patch(ctx: Context, progress, *, t: int) -> dict:
+    """Every head and layer patched from dataset b (source) into dataset a (receiver), pair by pair."""
+    plan = [target for level in ("head", "layer") for target in targets(ctx.registry, level)]
+    n = ctx.n_ablate
+    return {"table.parquet": activation_patching(ctx.den, ctx.sets["b"].images[:n], ctx.sets["a"].images[:n],
+                                                 targets=plan, timesteps=[t], seed=ctx.cfg.seed,
+                                                 batch_size=ctx.cfg.batch_size, registry=ctx.registry,
+                                                 progress=progress)}
+
+
+def _attribute(ctx: Context, progress, *, key: str, method: str, options: dict) -> dict:
+    cfg = ctx.cfg
+    table = attribution_scores(ctx.den, ctx.sets[key].images[:ctx.n_ablate], timesteps=cfg.timesteps, method=method,
+                               seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=ctx.registry, **options)
+    if progress is not None:
+        progress(1)
+    return {"table.parquet": table}
+
+
+def _discover(ctx: Context, progress, *, t: int, importance: pd.DataFrame) -> dict:
+    cfg, n = ctx.cfg, ctx.n_ablate
+    table, circuits, curves = discover_circuits(ctx.den, {k: s.images[:n] for k, s in ctx.sets.items()}, importance,
+                                                registry=ctx.registry, windows=[(t,)], resamples=cfg.circuit_resamples,
+                                                taus=cfg.circuit_taus, seed=cfg.seed, progress=progress)
+    return {"circuits.parquet": table, "curves.parquet": curves, "circuits.json": circuits}
+
+
+_COMPUTE = {"observe": _observe, "ablate": _ablate, "patch": _patch, "attribute": _attribute, "discover": _discover}
