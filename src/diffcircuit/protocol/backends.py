@@ -71,6 +71,19 @@ class _ShardWorker:
         return {p: encode_part(p, values[p]) for p in task.parts}, time.perf_counter() - start
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line, at once, when a given cluster address does not answer (Ray itself retries for minutes)."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        raise DiffcircuitError(f"cannot reach the Ray cluster at {address} (expected HOST:PORT or ray://HOST:PORT)") from None
+
+
 class RayBackend:
     """Shards as Ray actor tasks: one actor per worker, each holding the model once."""
 
@@ -84,6 +97,7 @@ class RayBackend:
         self.ray, self.log = ray, log
         self.started = not ray.is_initialized()
         if self.started:
+            _check_reachable(cfg.ray_address)
             try:
                 ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR, configure_logging=False)
