@@ -28,6 +28,14 @@ def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: 
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+_BATCH_BYTES = 2**28  # resamples are drawn in batches of at most this much float64 memory
+
+
+def _batch(n_resamples: int, n_units: int, n_columns: int) -> int:
+    """Resamples per batch: up to 200, fewer when one batch ([batch, units, columns]) would pass 256 MiB."""
+    return max(1, min(n_resamples, 200, _BATCH_BYTES // (8 * max(1, n_units * n_columns))))
+
+
 def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0):
     """Per-column ``(mean, low, high)`` of ``values`` ``[n_units, k]`` with percentile bootstrap CIs.
 
@@ -43,6 +51,7 @@ def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000
     if varied.any():
         res = stats.bootstrap((x[:, varied],), lambda s, axis: np.nanmean(s, axis=axis), axis=0, vectorized=True,
                               confidence_level=confidence, n_resamples=n_resamples, method="percentile",
-                              batch=max(1, min(n_resamples, 200)), random_state=np.random.default_rng(seed))
+                              batch=_batch(n_resamples, x.shape[0], int(varied.sum())),
+                              random_state=np.random.default_rng(seed))
         low[varied], high[varied] = res.confidence_interval.low, res.confidence_interval.high
     return mean, low, high
