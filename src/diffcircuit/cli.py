@@ -37,6 +37,9 @@ console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="'embedded', a local diffusers folder, or a hub id.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle (.bin) weights. Only for trusted sources.")]
+PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Text-conditioned models: the prompt (default: the empty prompt).")]
+PromptEmbedsOpt = Annotated[str | None, typer.Option("--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'.")]
+ClassLabelOpt = Annotated[int | None, typer.Option("--class-label", help="Class-conditional models (DiT): the class (default: the null class).")]
 
 
 class _Bars:
@@ -70,19 +73,24 @@ def info(
     model: ModelOpt = "embedded",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     allow_pickle: PickleOpt = False,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
 ) -> None:
-    """List the model's attention layers and heads."""
+    """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
     import torch
 
     from diffcircuit.instrument.session import probe_registry
-    from diffcircuit.models.loading import load_unconditional
+    from diffcircuit.models.loading import load_conditioned
 
-    den = load_unconditional(model, allow_pickle=allow_pickle)
+    den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
+                           class_label=class_label)
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
     registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
     if as_json:
-        layers = [{"layer": i.layer, "heads": i.heads, "head_dim": i.head_dim, "kind": i.kind} for i in registry.layers]
-        print(json.dumps({"model_path": str(den.model_path), "layers": layers}))
+        print(json.dumps({"model_path": str(den.model_path), "class": type(den.network).__name__,
+                          "conditioning": den.conditioning.description if den.conditioning else None,
+                          "layers": [i.to_dict() for i in registry.layers]}))
         return
     table = Table(title=f"{type(den.network).__name__} from {den.model_path}")
     for col in ("layer", "kind", "heads", "head_dim", "query grid", "keys"):
@@ -119,6 +127,9 @@ def run(
     seed: Annotated[int | None, typer.Option("--seed", help="Noise seed [0].")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="[50]")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda when available), cpu, cuda or cuda:N.")] = None,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 (default), or bf16/fp16 autocast; statistics stay fp32.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="local (default) or ray (needs diffcircuit[ray]).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")] = None,
@@ -143,7 +154,7 @@ def run(
     from diffcircuit.protocol.config import RunConfig, load_config_file
 
     flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
-                 device=device, precision=precision, backend=backend, ray_address=address, workers=workers,
+                 device=device, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label, precision=precision, backend=backend, ray_address=address, workers=workers,
                  threads=threads, shard_images=shard_images, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
                  null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
                  circuit_taus=circuit_taus, analyses=analyses, correction=correction, allow_pickle=allow_pickle)

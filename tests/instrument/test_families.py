@@ -1,8 +1,9 @@
 """Instrumentation beyond UNet2DModel: a text-conditioned UNet (self- and cross-attention heads) and a
 class-conditional DiT.
 
-A first slice of issue 9: registry kinds, idle exactness, fused = naive capture, and the cross-attention
-entropy against a plain-PyTorch reference. (The commands do not feed prompts or class labels yet.)
+Registry kinds and query grids (token sequences mapped back onto the image grid), idle exactness,
+fused = naive capture, and the cross-attention entropy against a plain-PyTorch reference. The commands
+(prompts, class labels) are tested in tests/integration/test_families_cli.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def test_registry_knows_self_and_cross_attention(conditional):
         assert kind == ("cross" if layer.endswith("attn2") else "self")
         if kind == "cross":
             assert n_keys == TOKENS  # keys are the text tokens
+    for info in registry.layers:  # queries of transformer blocks are token sequences over the 16x16 or 8x8 grid
+        assert info.query_grid in ((16, 16), (8, 8))
+        assert info.kind == "cross" or info.query_grid[0] * info.query_grid[1] == info.n_keys
 
 
 def test_idle_instrumentation_reproduces_the_untouched_model(conditional):
@@ -90,7 +94,7 @@ def test_dit_idle_exactness_and_fused_equals_naive():
                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 3])
     registry = probe_registry(net, x, t, class_labels=y)
-    assert [(i.kind, i.heads, i.n_keys) for i in registry.layers] == [("self", 2, 16)] * 2  # 4x4 patches
+    assert [(i.kind, i.heads, i.n_keys, i.query_grid) for i in registry.layers] == [("self", 2, 16, (4, 4))] * 2  # 4x4 patches
     with torch.no_grad():
         ref = net(x, timestep=t, class_labels=y).sample
         with instrument(net, registry=registry):
@@ -102,3 +106,20 @@ def test_dit_idle_exactness_and_fused_equals_naive():
             captured[method] = session.pop("entropy_nats")
     for layer in captured["fused"]:
         torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
+
+
+def test_joint_attention_is_refused_rather_than_computed_wrongly():
+    from diffusers import SD3Transformer2DModel
+
+    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit.instrument.registry import HeadRegistry
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).eval()
+    assert {i.kind for i in HeadRegistry.from_model(net).layers} == {"joint"}  # the registry knows what it is
+    with pytest.raises(DiffcircuitError, match="JointAttnProcessor2_0"):
+        with instrument(net):
+            pass
+    assert all(type(m.processor).__name__ == "JointAttnProcessor2_0" for _, m in attention_modules(net))  # untouched

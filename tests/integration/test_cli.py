@@ -32,7 +32,7 @@ def test_info_json_lists_layers(small_model_dir, capsys):
     info = json.loads(out)
     assert info["model_path"] == str(small_model_dir / "unet")
     assert [(l["heads"], l["head_dim"], l["kind"]) for l in info["layers"]][:2] == [(2, 8, "self"), (4, 8, "self")]
-    assert set(info["layers"][0]) == {"layer", "heads", "head_dim", "kind"}
+    assert set(info["layers"][0]) == {"layer", "heads", "head_dim", "kind", "query_grid", "n_keys"}
 
 
 @pytest.fixture
@@ -392,8 +392,9 @@ def test_analyses_select_what_runs(small_model_dir, tmp_path, capsys):
     assert {"patching", "circuits"} <= set(summary["pending"]) and "ablation" not in summary["pending"]
 
 
-def test_a_conditional_model_is_refused_by_the_commands_in_one_line(tmp_path, capsys):
+def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, capsys):
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
 
     from diffcircuit.models.loading import save_denoiser
 
@@ -402,8 +403,18 @@ def test_a_conditional_model_is_refused_by_the_commands_in_one_line(tmp_path, ca
                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
                                attention_head_dim=8, norm_num_groups=8)
-    folder = save_denoiser(tmp_path / "cond", net, DDPMScheduler())
+    folder = save_denoiser(tmp_path / "cond", net, DDPMScheduler())  # a UNet alone: no tokenizer, no text encoder
     for args in (["info", "--model", str(folder)], ["run", "--out", str(tmp_path / "run"), "--model", str(folder)]):
         code, _, err = _run(args, capsys)
-        assert code == 1 and "is conditional (encoder_hidden_states)" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
+        assert code == 1 and "give --prompt-embeds" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(["ablate", "--out", str(tmp_path / "ab"), "--model", str(folder), "--level", "head"], capsys)
+    assert code == 1 and "is conditional (encoder_hidden_states)" in err  # the other commands stay unconditional
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ab").exists()
+    save_file({"prompt_embeds": torch.randn(5, 24)}, str(tmp_path / "embeds.safetensors"))
+    code, out, _ = _run(["info", "--json", "--model", str(folder), "--prompt-embeds", str(tmp_path / "embeds.safetensors")],
+                        capsys)
+    layers = json.loads(out)["layers"]
+    assert code == 0 and {l["n_keys"] for l in layers if l["kind"] == "cross"} == {5}  # keys: the 5 given tokens
+    save_file({"other": torch.randn(5, 24)}, str(tmp_path / "bad.safetensors"))
+    code, _, err = _run(["info", "--model", str(folder), "--prompt-embeds", str(tmp_path / "bad.safetensors")], capsys)
+    assert code == 1 and "no tensor named 'prompt_embeds'" in err

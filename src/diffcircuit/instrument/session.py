@@ -16,10 +16,14 @@ from contextlib import contextmanager
 
 import torch
 
+from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.processor import InstrumentedAttnProcessor
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 
 __all__ = ["InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
+
+# processors whose computation InstrumentedAttnProcessor reproduces exactly (it follows AttnProcessor2_0)
+_REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "InstrumentedAttnProcessor")
 
 KeyFeatures = Callable[[tuple[int, int]], torch.Tensor]  # grid (h, w) -> [batch, channels, h, w]
 
@@ -40,6 +44,7 @@ class InstrumentSession:
         shifts: dict[str, torch.Tensor] | None = None,
         keep_graph: bool = False,
         scales: dict[HeadAddress, float] | None = None,
+        sample_hw: tuple[int, int] | None = None,
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -58,6 +63,7 @@ class InstrumentSession:
         for address, factor in (scales or {}).items():
             self._scales[address.layer][address.head] = float(factor)
         self.keep_graph = keep_graph
+        self.sample_hw = sample_hw  # the model's input (height, width): finds the grid of token sequences
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
 
@@ -65,11 +71,26 @@ class InstrumentSession:
     def captures(self, layer: str) -> bool:
         return self.capture
 
+    def grid_of(self, shape: torch.Size) -> tuple[int, int] | None:
+        """The query grid (height, width) of a layer input: a feature map ``[B, C, h, w]``, or a token
+        sequence ``[B, N, C]`` (transformer blocks, DiT patches) whose N positions tile the model's input
+        at one scale (N = (H/s)·(W/s) for an integer s); None when they do not."""
+        if len(shape) == 4:
+            return int(shape[2]), int(shape[3])
+        if len(shape) != 3 or self.sample_hw is None:
+            return None
+        (height, width), n = self.sample_hw, int(shape[1])
+        scale = round((height * width / n) ** 0.5) if n else 0
+        if scale < 1 or height % scale or width % scale or (height // scale) * (width // scale) != n:
+            return None
+        return height // scale, width // scale
+
     def features_for(self, shape: torch.Size, n_keys: int) -> torch.Tensor | None:
         """Key features ``[batch, k_pos, channels]`` for a layer whose keys are its own query grid."""
-        if self.key_features is None or len(shape) != 4 or shape[2] * shape[3] != n_keys:
+        grid = self.grid_of(shape)
+        if self.key_features is None or grid is None or grid[0] * grid[1] != n_keys:
             return None  # no features asked for, or keys are not positions on the grid (cross-attention)
-        maps = self.key_features((int(shape[2]), int(shape[3])))  # [batch, channels, height, width]
+        maps = self.key_features(grid)  # [batch, channels, height, width]
         return maps.flatten(2).transpose(1, 2)
 
     def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
@@ -107,8 +128,7 @@ class InstrumentSession:
         self._records[stat][layer].append(value.detach().cpu())
 
     def _note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
-        grid = (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
-        self.geometry[layer] = (grid, int(n_keys))
+        self.geometry[layer] = (self.grid_of(shape), int(n_keys))
 
     # --- read by the caller ------------------------------------------------------------------
     def pop(self, stat: str = "entropy_nats") -> dict[str, torch.Tensor]:
@@ -120,6 +140,16 @@ class InstrumentSession:
         recorded = self._records.pop(stat, {})
         # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
         return {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
+
+
+def _sample_hw(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The (height, width) of the model's input, from its diffusers config."""
+    size = getattr(getattr(model, "config", None), "sample_size", None)
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return None
 
 
 @contextmanager
@@ -154,9 +184,14 @@ def instrument(
                                 patches={registry.parse(a): v for a, v in (patches or {}).items()},
                                 cache_heads=[registry.layer(name).layer for name in cache_heads],
                                 shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
-                                keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()})
+                                keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()},
+                                sample_hw=_sample_hw(model))
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
+    for (name, _), original in zip(modules, originals):
+        if type(original).__name__ not in _REPLACEABLE:
+            raise DiffcircuitError(f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet "
+                                   "(joint attention of SD3/Flux is open work); its heads cannot be instrumented")
     try:
         for name, module in modules:
             module.set_processor(InstrumentedAttnProcessor(name, session))

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.conditioning import Conditioning, attach, make_conditioning, needed_inputs
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 
-__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_denoiser", "load_unconditional", "save_denoiser"]
+__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser"]
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
@@ -39,6 +40,7 @@ class Denoiser:
     scheduler: object
     model_path: Path  # the local folder the network's weights were read from
     source: str  # what the user asked for: "embedded", a hub id or a folder
+    conditioning: Conditioning | None = None  # fed to every forward of a conditional network (``attach``)
 
     @property
     def sample_size(self) -> int:
@@ -71,7 +73,10 @@ class Denoiser:
 
     def eps_hat(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε,
-        in fp32 (an fp16/bf16 output under autocast is widened first)."""
+        in fp32 (an fp16/bf16 output under autocast is widened first). A network that also predicts its
+        variance (DiT: twice the input's channels) contributes its first half."""
+        if output.shape[1] == 2 * x_t.shape[1]:
+            output = output[:, : x_t.shape[1]]
         return eps_from_output(output.float(), x_t, t, self.alphas_cumprod, self.prediction_type)
 
 
@@ -187,19 +192,31 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
 
 
 def load_unconditional(source: str = EMBEDDED_MODEL, **kwargs) -> Denoiser:
-    """``load_denoiser`` for the commands, which feed no text or class conditioning (yet): a model whose
-    forward needs it (e.g. UNet2DConditionModel) is refused in one line; the Python API takes it."""
-    import inspect
-
+    """``load_denoiser`` for the commands that feed no text or class conditioning: a model whose forward
+    needs it (e.g. UNet2DConditionModel) is refused in one line; ``load_conditioned`` takes it."""
     den = load_denoiser(source, **kwargs)
-    params = inspect.signature(den.network.forward).parameters
-    needs = [n for n in ("encoder_hidden_states", "class_labels")
-             if n in params and params[n].default is inspect.Parameter.empty]
-    if needs or getattr(den.network.config, "num_class_embeds", None):
-        raise DiffcircuitError(f"model {source!r} ({type(den.network).__name__}) is conditional "
-                               f"({', '.join(needs) or 'class labels'}); diffcircuit's commands analyse unconditional "
-                               "denoisers for now: use the Python API (instrument, probe_registry) and pass the conditioning")
+    needs = needed_inputs(den.network)
+    if needs:
+        raise DiffcircuitError(f"model {source!r} ({type(den.network).__name__}) is conditional ({', '.join(needs)}); "
+                               "this command analyses unconditional denoisers: `diffcircuit run` and `info` take "
+                               "--prompt / --prompt-embeds / --class-label")
     return den
+
+
+def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None, prompt_embeds: str | None = None,
+                     class_label: int | None = None, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
+    """``load_denoiser``, with a conditional network's conditioning attached to its forward
+    (``models.conditioning``; default: the unconditional input, the empty prompt or the null class)."""
+    import dataclasses
+
+    den = load_denoiser(source, allow_pickle=allow_pickle, device=device)
+    root = den.model_path.parent if den.model_path.name in _NETWORK_SUBFOLDERS else den.model_path
+    cond = make_conditioning(den.network, root, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label,
+                             allow_pickle=allow_pickle)
+    if cond is None:
+        return den
+    attach(den.network, cond)
+    return dataclasses.replace(den, conditioning=cond)
 
 
 def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:

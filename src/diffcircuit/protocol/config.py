@@ -58,6 +58,9 @@ class RunConfig:
 
     model: str = "embedded"
     allow_pickle: bool = False
+    prompt: str = ""  # a text-conditioned model's prompt ("": the empty prompt, the unconditional branch)
+    prompt_embeds: str = ""  # or a safetensors file with its embeddings (tensor "prompt_embeds")
+    class_label: int = -1  # a class-conditional model's class (-1: its null class, the unconditional branch)
     data_a: str = "synthetic"
     data_b: str = "faces"
     n: int = 100
@@ -90,6 +93,8 @@ class RunConfig:
             raise DiffcircuitError(f"--backend must be 'local' or 'ray', not {self.backend!r}")
         if self.workers < 0 or self.threads < 0 or self.shard_images < 1:
             raise DiffcircuitError("--workers and --threads must be >= 0 and --shard-images >= 1")
+        if self.class_label < -1:
+            raise DiffcircuitError(f"--class-label must be >= 0, not {self.class_label}")
         if self.n < 1:
             raise DiffcircuitError(f"--n must be at least 1, not {self.n}")
         if self.batch_size < 1:
@@ -226,6 +231,9 @@ def load_config_file(path: str | Path) -> dict:
 _COMMENTS = {
     "model": "'embedded', a local diffusers folder, or a hub id such as google/ddpm-celebahq-256",
     "allow_pickle": "allow pickle (.bin) weights; only for sources you trust",
+    "prompt": "text-conditioned models: the prompt for every image (empty: the unconditional branch)",
+    "prompt_embeds": "text-conditioned models: a safetensors file of prompt embeddings instead of a prompt",
+    "class_label": "class-conditional models (DiT): the class for every image (-1: the null class)",
     "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
     "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
     "n": "images per dataset (the paper: 2,000; 'faces' has 100)",

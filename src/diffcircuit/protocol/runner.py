@@ -113,7 +113,8 @@ def _manifest(ctx: Context) -> dict:
         "device": cfg.torch_device,
         "model": {"source": den.source, "model_path": str(den.model_path), "class": type(den.network).__name__,
                   "parameters": n_params, "heads": len(registry), "layers": len(registry.layers),
-                  "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type},
+                  "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type,
+                  "conditioning": den.conditioning.description if den.conditioning else None},
         "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint} for k, s in sets.items()},
         "layers": [info.to_dict() for info in registry.layers],
     }
@@ -155,7 +156,12 @@ class _Job:
 
 def _gallery_heads(ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
     """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
-    ablation effect; else the most uniform), at timestep ``t``."""
+    ablation effect; else the most uniform), at timestep ``t``, among self-attention heads on a grid."""
+    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self-attention over the query grid
+               if i.kind == "self" and i.query_grid and i.query_grid[0] * i.query_grid[1] == i.n_keys]
+    heads = heads[heads.layer.isin(on_grid)]
+    if ablations is not None:
+        ablations = ablations[ablations.layer.isin(on_grid)]
     entropy = heads[heads.timestep == t].groupby(["layer", "head"], sort=False).entropy_norm.mean().sort_values()
     chosen = [f"{layer}:{head}" for layer, head in entropy.index[:k]]
     if ablations is not None and ((ablations.level == "head") & (ablations.method == "zero")).any():

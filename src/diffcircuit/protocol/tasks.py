@@ -29,7 +29,7 @@ from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
-from diffcircuit.models.loading import Denoiser, load_unconditional
+from diffcircuit.models.loading import Denoiser, load_conditioned
 from diffcircuit.protocol.config import RunConfig
 
 __all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "attribute_tasks", "compute", "discover_tasks",
@@ -62,7 +62,9 @@ class Context:
     @classmethod
     def build(cls, cfg: RunConfig) -> Context:
         """Load the model and both image sets of ``cfg`` and probe the head registry (inputs are checked here)."""
-        den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.torch_device)
+        den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.torch_device,
+                               prompt=cfg.prompt or None, prompt_embeds=cfg.prompt_embeds or None,
+                               class_label=None if cfg.class_label < 0 else cfg.class_label)
         cfg.check_timesteps(den.scheduler.config.num_train_timesteps)
         sets = {key: load_images(spec, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed,
                                  skip_bad=cfg.skip_bad)

@@ -1,0 +1,149 @@
+"""Conditioning for conditional denoisers: what their forward needs besides (x_t, t).
+
+- A text-conditioned UNet (``UNet2DConditionModel``) needs ``encoder_hidden_states``: a prompt encoded
+  by the pipeline folder's own ``tokenizer/`` and ``text_encoder/`` (through transformers: the
+  ``text`` extra), or embeddings given as a safetensors file (tensor ``prompt_embeds``,
+  ``[tokens, dim]`` or ``[1, tokens, dim]``).
+- A class-conditional model (DiT, or a UNet with ``num_class_embeds``) needs ``class_labels``.
+
+The default is the model's *unconditional* input, the branch classifier-free guidance contrasts
+with: the empty prompt, and DiT's null class. ``attach`` adds the conditioning to every forward call
+of the network (a forward pre-hook), expanded to the batch, so every analysis runs unchanged on a
+conditional model; its head registry then includes the cross-attention layers, whose keys are the
+prompt's tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["Conditioning", "attach", "make_conditioning", "needed_inputs"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Forward keyword inputs with a batch dimension of 1, and what they are, in words."""
+
+    kwargs: dict[str, torch.Tensor]
+    description: str
+
+
+def needed_inputs(network: torch.nn.Module) -> list[str]:
+    """The conditioning inputs ``network``'s forward cannot run without."""
+    params = inspect.signature(network.forward).parameters
+    needs = [n for n in ("encoder_hidden_states", "class_labels")
+             if n in params and params[n].default is inspect.Parameter.empty]
+    config = network.config
+    labelled = getattr(config, "num_class_embeds", None) or (  # DiT: class labels drive its adaLN-Zero
+        getattr(config, "num_embeds_ada_norm", None) and getattr(config, "norm_type", None) == "ada_norm_zero")
+    if labelled and "class_labels" in params and "class_labels" not in needs:
+        needs.append("class_labels")
+    return needs
+
+
+def attach(network: torch.nn.Module, conditioning: Conditioning):
+    """Feed ``conditioning`` to every forward of ``network`` that does not pass it; returns the hook handle."""
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        for name, value in conditioning.kwargs.items():
+            if kwargs.get(name) is None:
+                value = value.to(sample.device)
+                kwargs[name] = value.expand(sample.shape[0], *value.shape[1:])
+        return args, kwargs
+
+    return network.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _null_class(network: torch.nn.Module) -> int | None:
+    """DiT's null class (the last row of its label table when trained with label dropout), else None."""
+    for module in network.modules():
+        table = getattr(module, "embedding_table", None)
+        classes = getattr(module, "num_classes", None)
+        if isinstance(table, torch.nn.Embedding) and classes is not None and table.num_embeddings == classes + 1:
+            return int(classes)
+    return None
+
+
+def _class_labels(network: torch.nn.Module, class_label: int | None) -> Conditioning:
+    classes = getattr(network.config, "num_embeds_ada_norm", None) or getattr(network.config, "num_class_embeds", None)
+    if class_label is None:
+        null = _null_class(network)
+        if null is None:
+            raise DiffcircuitError(f"{type(network).__name__} needs a class label and has no null class: pass --class-label K")
+        return Conditioning({"class_labels": torch.tensor([null])}, f"null class {null} (unconditional)")
+    if classes is not None and not 0 <= class_label < int(classes):
+        raise DiffcircuitError(f"--class-label must be in 0..{int(classes) - 1}, not {class_label}")
+    return Conditioning({"class_labels": torch.tensor([class_label])}, f"class {class_label}")
+
+
+def _prompt_embeds(path: Path, dim: int) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    try:
+        embeds = load_file(str(path))["prompt_embeds"]
+    except KeyError:
+        raise DiffcircuitError(f"{path} has no tensor named 'prompt_embeds'") from None
+    except Exception as exc:  # missing, unreadable or not safetensors
+        raise DiffcircuitError(f"cannot read prompt embeddings from {path}: {str(exc).splitlines()[0]}") from None
+    embeds = embeds[None] if embeds.ndim == 2 else embeds
+    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != dim:
+        raise DiffcircuitError(f"prompt_embeds in {path} must be [tokens, {dim}] or [1, tokens, {dim}], "
+                               f"not {list(embeds.shape)}")
+    return embeds.float()
+
+
+def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> torch.Tensor:
+    """The pipeline's text encoder's last hidden state for ``prompt``: ``[1, tokens, dim]``."""
+    if not (root / "tokenizer").is_dir() or not (root / "text_encoder" / "config.json").exists():
+        raise DiffcircuitError(f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
+                               "give --prompt-embeds FILE.safetensors instead")
+    try:
+        from transformers import AutoTokenizer, CLIPTextModel
+    except ImportError:
+        raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=not allow_pickle).eval()
+    except Exception as exc:
+        raise DiffcircuitError(f"could not load the text encoder of {root}: {str(exc).strip().splitlines()[0]}") from None
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0].float()
+
+
+def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | None = None,
+                      prompt_embeds: str | None = None, class_label: int | None = None,
+                      allow_pickle: bool = False) -> Conditioning | None:
+    """The conditioning ``network`` needs (None for an unconditional model), from the options given."""
+    needs = needed_inputs(network)
+    given = [flag for flag, value in (("--prompt", prompt), ("--prompt-embeds", prompt_embeds),
+                                      ("--class-label", class_label)) if value is not None]
+    if not needs:
+        if given:
+            raise DiffcircuitError(f"{type(network).__name__} is unconditional: {given[0]} does not apply")
+        return None
+    if "class_labels" in needs:
+        if prompt is not None or prompt_embeds is not None:
+            raise DiffcircuitError(f"{type(network).__name__} is class-conditional: give --class-label, not a prompt")
+        return _class_labels(network, class_label)
+    if class_label is not None:
+        raise DiffcircuitError(f"{type(network).__name__} is text-conditioned: give --prompt or --prompt-embeds")
+    if prompt is not None and prompt_embeds is not None:
+        raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
+    dim = int(network.config.cross_attention_dim)
+    if prompt_embeds is not None:
+        return Conditioning({"encoder_hidden_states": _prompt_embeds(Path(prompt_embeds), dim)},
+                            f"prompt embeddings from {prompt_embeds}")
+    text = prompt or ""
+    embeds = _encode_prompt(root, text, allow_pickle)
+    if embeds.shape[-1] != dim:
+        raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the UNet expects {dim}")
+    return Conditioning({"encoder_hidden_states": embeds},
+                        f"prompt {text!r}" if text else "the empty prompt (unconditional)")

@@ -1,0 +1,129 @@
+"""Issue 9 through the commands: a text-conditioned UNet pipeline folder (tiny UNet2DConditionModel, tiny
+CLIP tokenizer and text encoder, random weights) and a DiT folder, loaded by the same ``from_pretrained``
+path a user's Stable Diffusion or DiT folder takes: ``info --json`` lists self and cross layers with their
+query grids, and ``run`` completes, with the prompt's tokens as the cross-attention keys."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from diffcircuit.cli import main
+
+TEXT_DIM, MAX_TOKENS = 24, 8
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory):
+    transformers = pytest.importorskip("transformers", reason="the text extra is not installed")
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (root.parent / "vocab.json").write_text(json.dumps(vocab))
+    (root.parent / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(root.parent / "vocab.json"), str(root.parent / "merges.txt"),
+                                           model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=8, norm_num_groups=8)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    root = tmp_path_factory.mktemp("dit") / "tiny-dit"
+    torch.manual_seed(0)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                          sample_size=16, patch_size=2, num_embeds_ada_norm=10).save_pretrained(
+        root / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return root
+
+
+def _info(capsys, *args) -> dict:
+    capsys.readouterr()
+    assert main(["info", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_lists_self_and_cross_layers_of_a_text_conditioned_unet(text_pipeline, capsys):
+    info = _info(capsys, "--model", str(text_pipeline), "--prompt", "a face")
+    assert info["class"] == "UNet2DConditionModel" and info["conditioning"] == "prompt 'a face'"
+    layers = {l["layer"]: l for l in info["layers"]}
+    assert {l["kind"] for l in layers.values()} == {"self", "cross"}
+    for name, layer in layers.items():
+        assert layer["kind"] == ("cross" if name.endswith("attn2") else "self")
+        side = 16 if name.startswith("down_blocks.0") or name.startswith("up_blocks.1") else 8
+        assert layer["query_grid"] == [side, side]  # token sequences mapped back onto the image grid
+        assert layer["n_keys"] == (MAX_TOKENS if layer["kind"] == "cross" else side * side)
+
+
+def test_info_lists_a_dit_with_its_patch_grid_and_null_class(dit_folder, capsys):
+    info = _info(capsys, "--model", str(dit_folder))
+    assert info["class"] == "DiTTransformer2DModel" and info["conditioning"] == "null class 10 (unconditional)"
+    assert [(l["kind"], l["heads"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", 2, [8, 8], 64)] * 2
+
+
+def _run(model, out, *extra) -> int:
+    return main(["run", "--out", str(out), "--model", str(model), "--n", "3", "--timesteps", "20,800", "--batch-size", "2",
+                 "--ablate-n", "2", "--seed-repeats", "0", "--circuit-resamples", "2", "--quiet", *extra])
+
+
+@pytest.mark.slow
+def test_run_completes_on_a_text_conditioned_unet_with_the_prompt_as_cross_attention_keys(text_pipeline, tmp_path):
+    out = tmp_path / "run"
+    assert _run(text_pipeline, out, "--prompt", "a face") == 0
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    cross = heads[heads.layer.str.endswith("attn2")]
+    assert len(cross) and (cross.n_keys == MAX_TOKENS).all() and cross.entropy_nats.notna().all()
+    selfs = heads[heads.layer.str.endswith("attn1")]
+    assert selfs.distance_frac.notna().all()  # spatial probes work on transformer-block self-attention
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["conditioning"] == "prompt 'a face'"
+    ablations = pd.read_parquet(out / "tables" / "ablations.parquet")
+    assert ablations.target.str.contains("attn2").any()  # cross-attention heads are ablated like any other
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_run_completes_on_a_dit_with_a_class_label(dit_folder, tmp_path):
+    out = tmp_path / "run"
+    assert _run(dit_folder, out, "--class-label", "3") == 0
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    assert set(heads.n_keys) == {64} and heads.distance_frac.notna().all()
+    assert json.loads((out / "manifest.json").read_text())["model"]["conditioning"] == "class 3"
+
+
+def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(dit_folder, small_model_dir_module,
+                                                                               tmp_path, capsys):
+    for model, extra, words in ((small_model_dir_module, ["--prompt", "x"], "is unconditional"),
+                                (dit_folder, ["--prompt", "x"], "give --class-label"),
+                                (dit_folder, ["--class-label", "10"], "0..9")):
+        assert _run(model, tmp_path / "run", *extra) != 0
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+        assert not (tmp_path / "run").exists()
