@@ -22,6 +22,9 @@ def test_lazy_synthetic_slices_equal_the_eager_images_and_fingerprint():
     np.testing.assert_array_equal(np.asarray(s.images, dtype=np.float64), eager.astype(np.float64))
     assert s.fingerprint == hashlib.sha256(eager.tobytes()).hexdigest()[:16]
     assert s.images[20:40].shape == (3, 3, 16, 16)  # slices clip like NumPy's
+    draw = np.array([4, 0, 4, 22])  # bootstrap resampling indexes with integer arrays
+    np.testing.assert_array_equal(s.images[draw], eager[draw])
+    np.testing.assert_array_equal(s.images[::5], eager[::5])
 
 
 def test_lazy_images_refuse_what_they_cannot_slice():
@@ -29,4 +32,4 @@ def test_lazy_images_refuse_what_they_cannot_slice():
     with pytest.raises(IndexError):
         lazy[4]
     with pytest.raises(TypeError):
-        lazy[::2]
+        lazy[np.array([0.5])]

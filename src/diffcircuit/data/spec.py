@@ -26,7 +26,8 @@ BUILTIN_SPECS = ("synthetic", "faces", "nonfaces")
 class LazyImages:
     """An array ``[n, *item_shape]`` whose slices are computed when asked for (``load(lo, hi)``).
 
-    Slicing with step 1 gives a NumPy array of just that slice; ``np.asarray`` gives the whole array.
+    Slicing with step 1 gives a NumPy array of just that slice (made in one call); other slices and
+    integer arrays pick rows one by one; ``np.asarray`` gives the whole array.
     """
 
     def __init__(self, n: int, item_shape: tuple[int, ...], dtype, load: Callable[[int, int], np.ndarray]):
@@ -48,7 +49,13 @@ class LazyImages:
         if isinstance(key, slice) and key.step in (None, 1):
             lo, hi, _ = key.indices(self._n)
             return self._load(lo, max(lo, hi))
-        raise TypeError("lazy images support integer indices and slices with step 1")
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self._n)
+            key = np.arange(lo, hi, step)
+        index = np.asarray(key)
+        if index.dtype.kind in "iu" and index.ndim == 1:  # fancy indexing (resampling): row by row
+            return np.stack([self[int(i)] for i in index]) if len(index) else self._load(0, 0)
+        raise TypeError("lazy images take integer indices, slices and 1-D integer arrays")
 
     def __array__(self, dtype=None, copy=None):
         whole = self[:]

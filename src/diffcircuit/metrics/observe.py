@@ -103,6 +103,7 @@ def observe(
     net, acp = denoiser.network, denoiser.alphas_cumprod
     device = next(net.parameters()).device
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    masks = None if masks is None else np.asarray(masks)  # once: a lazy set is made here, not per batch
     if registry is None or any(info.n_keys is None for info in registry.layers):
         registry = probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     head_frames, image_frames = [], []
@@ -110,7 +111,7 @@ def observe(
         local = np.arange(start, min(start + batch_size, len(x_all)))
         idx = local + first
         x0 = x_all[local]
-        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(np.asarray(masks)[local]))
+        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(masks[local]))
         for t_val in timesteps:
             eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)
