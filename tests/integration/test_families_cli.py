@@ -106,7 +106,11 @@ def test_run_completes_on_a_text_conditioned_unet_with_the_prompt_as_cross_atten
     assert manifest["model"]["conditioning"] == "prompt 'a face'"
     ablations = pd.read_parquet(out / "tables" / "ablations.parquet")
     assert ablations.target.str.contains("attn2").any()  # cross-attention heads are ablated like any other
-    assert (out / "report.html").exists()
+    tokens = pd.read_parquet(out / "tables" / "token_heatmaps.parquet")
+    assert tokens.text.iloc[0] == "<|startoftext|>" and "<|endoftext|>" in set(tokens.text)  # the prompt's real tokens
+    per_head = pd.read_parquet(out / "tables" / "token_maps.parquet")
+    assert set(per_head.layer) == set(cross.layer) and set(per_head.timestep) == {20, 800}
+    assert (out / "figures" / "token_maps.png").exists() and "Prompt token maps" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow

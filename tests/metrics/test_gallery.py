@@ -50,3 +50,47 @@ def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     first = maps.iloc[0]
     scale = 16 // first.grid
     assert masks[0][first.query_y * scale:(first.query_y + 1) * scale, first.query_x * scale:(first.query_x + 1) * scale].any()
+
+
+def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_by_mean():
+    from diffusers import UNet2DConditionModel
+
+    from diffcircuit.metrics.gallery import token_heatmaps, token_maps
+    from diffcircuit.models.conditioning import Conditioning, attach
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+                               attention_head_dim=8, norm_num_groups=8).eval()
+    enc = torch.randn(1, 5, 12)
+    attach(net, Conditioning({"encoder_hidden_states": enc}, "test", ("<s>", "a", "b", "</s>")))
+    den = Denoiser(network=net, scheduler=DDPMScheduler(), model_path=".", source="t")
+    images = synthetic_images(2, size=8, seed=1)[0]
+    registry = probe_registry(net, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    maps = token_maps(den, images, registry=registry, tokens=("<s>", "a", "b", "</s>"), timesteps=[300], dataset="a")
+    cross = [i.layer for i in registry.layers if i.kind == "cross"]
+    assert set(maps.layer) == set(cross) and set(maps.token) == {0, 1, 2, 3}  # the 5th key is not a listed token
+    probs, modules = {}, dict(attention_modules(net))
+    for name in cross:
+        attn = modules[name]
+        attn.set_processor(AttnProcessor())
+        get = attn.get_attention_scores
+
+        def record(query, key, mask=None, name=name, get=get):
+            probs[name] = get(query, key, mask)
+            return probs[name]
+        attn.get_attention_scores = record
+    x0 = torch.from_numpy(images)
+    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(2)])
+    t = torch.full((2,), 300)
+    with torch.no_grad():
+        net(den.scheduler.add_noise(x0, eps, t), t)
+    for row in maps.itertuples():
+        ref = probs[row.layer].view(2, modules[row.layer].heads, *probs[row.layer].shape[1:])[row.image, row.head]
+        np.testing.assert_allclose(row.map, ref[:, row.token].numpy(), atol=1e-5)
+    same_size = maps[maps.grid_h == 8]  # maps already at the image's size: the aggregate is their plain mean
+    heat = token_heatmaps(same_size, 8)
+    for row in heat.itertuples():
+        g = same_size[(same_size.image == row.image) & (same_size.token == row.token)]
+        np.testing.assert_allclose(row.heatmap, np.mean(np.stack(g["map"].to_numpy()), 0), atol=1e-6)

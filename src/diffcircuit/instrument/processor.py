@@ -8,7 +8,8 @@ it also
   ``capture.py``), by default through a fused kernel that never materialises the probabilities, and
 - caches each head's slice of the attention output *before* the output projection ``to_out``
   mixes heads, and replaces slices with given values there (zero ablation: the slice is set to 0;
-  mean, resample, noise and activation patching put other tensors in its place).
+  mean, resample, noise and activation patching put other tensors in its place), and
+- reweights chosen keys (prompt tokens) in chosen heads by an additive bias on their logits.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class InstrumentedAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.session._note_geometry(self.layer, shape, key.shape[2])
+        bias = self.session.key_bias(self.layer, attn.heads, key.shape[2], query)
+        if bias is not None:  # token interventions: an additive bias on the chosen heads' logits
+            mask = bias.to(query.dtype) if mask is None else mask + bias.to(mask.dtype)
         out = self._attend(query, key, value, mask, shape)
         out = self.session._head_outputs(self.layer, out)  # [batch, heads, q_pos, d]: cache and/or patch
         batch = out.shape[0]

@@ -10,6 +10,7 @@ put back in ``finally`` (also when the forward pass raises)::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ class InstrumentSession:
         keep_graph: bool = False,
         scales: dict[HeadAddress, float] | None = None,
         sample_hw: tuple[int, int] | None = None,
+        token_scales: dict[HeadAddress, dict[int, float]] | None = None,
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -62,6 +64,11 @@ class InstrumentSession:
         self._scales: dict[str, dict[int, float]] = defaultdict(dict)
         for address, factor in (scales or {}).items():
             self._scales[address.layer][address.head] = float(factor)
+        self._token_scales: dict[str, dict[int, dict[int, float]]] = defaultdict(dict)
+        for address, tokens in (token_scales or {}).items():
+            if any(w < 0 for w in tokens.values()):
+                raise ValueError("token attention scales must be >= 0 (0 removes the token)")
+            self._token_scales[address.layer][address.head] = {int(k): float(w) for k, w in tokens.items()}
         self.keep_graph = keep_graph
         self.sample_hw = sample_hw  # the model's input (height, width): finds the grid of token sequences
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
@@ -70,6 +77,21 @@ class InstrumentSession:
     # --- asked by the processor -------------------------------------------------------------
     def captures(self, layer: str) -> bool:
         return self.capture
+
+    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Additive logit bias ``[1, heads, 1, n_keys]`` reweighting keys (tokens) in chosen heads: adding
+        log w to a key's logits multiplies its attention by w before the softmax renormalises (w = 0
+        removes the key). None when this layer has no token intervention."""
+        chosen = self._token_scales.get(layer)
+        if not chosen:
+            return None
+        bias = torch.zeros(1, heads, 1, n_keys, dtype=torch.float32, device=like.device)
+        for head, tokens in chosen.items():
+            for token, weight in tokens.items():
+                if not 0 <= token < n_keys:
+                    raise ValueError(f"{layer} has keys 0..{n_keys - 1}; cannot reweight key {token}")
+                bias[0, head, 0, token] = math.log(weight) if weight > 0 else -math.inf
+        return bias
 
     def grid_of(self, shape: torch.Size) -> tuple[int, int] | None:
         """The query grid (height, width) of a layer input: a feature map ``[B, C, h, w]``, or a token
@@ -166,6 +188,7 @@ def instrument(
     shifts: dict[str, torch.Tensor] | None = None,
     keep_graph: bool = False,
     scales: dict[str | HeadAddress, float] | None = None,
+    token_scales: dict[str | HeadAddress, dict[int, float]] | None = None,
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
 
@@ -176,7 +199,8 @@ def instrument(
     ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` (attached to
     the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
     a layer's per-head output; ``scales`` multiplies heads' output slices by a factor (after shifts
-    and caching, before patches).
+    and caching, before patches); ``token_scales`` maps a head to ``{key index: w}``: its attention to
+    that key (a prompt token, in cross-attention) is multiplied by w and renormalised (0 ablates it).
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
@@ -185,7 +209,8 @@ def instrument(
                                 cache_heads=[registry.layer(name).layer for name in cache_heads],
                                 shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
                                 keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()},
-                                sample_hw=_sample_hw(model))
+                                sample_hw=_sample_hw(model),
+                                token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()})
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     for (name, _), original in zip(modules, originals):

@@ -28,10 +28,12 @@ __all__ = ["Conditioning", "attach", "make_conditioning", "needed_inputs"]
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Forward keyword inputs with a batch dimension of 1, and what they are, in words."""
+    """Forward keyword inputs with a batch dimension of 1, what they are in words, and the prompt's tokens
+    (the cross-attention keys that carry text: start, words, end; padding left out)."""
 
     kwargs: dict[str, torch.Tensor]
     description: str
+    tokens: tuple[str, ...] = ()
 
 
 def needed_inputs(network: torch.nn.Module) -> list[str]:
@@ -98,8 +100,8 @@ def _prompt_embeds(path: Path, dim: int) -> torch.Tensor:
     return embeds.float()
 
 
-def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> torch.Tensor:
-    """The pipeline's text encoder's last hidden state for ``prompt``: ``[1, tokens, dim]``."""
+def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The pipeline's text encoder's last hidden state for ``prompt`` (``[1, tokens, dim]``) and its tokens."""
     if not (root / "tokenizer").is_dir() or not (root / "text_encoder" / "config.json").exists():
         raise DiffcircuitError(f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
                                "give --prompt-embeds FILE.safetensors instead")
@@ -112,10 +114,11 @@ def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> torch.Tensor:
         encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=not allow_pickle).eval()
     except Exception as exc:
         raise DiffcircuitError(f"could not load the text encoder of {root}: {str(exc).strip().splitlines()[0]}") from None
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    encoded = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+    real = int(encoded.attention_mask[0].sum())
     with torch.no_grad():
-        return encoder(ids)[0].float()
+        return encoder(encoded.input_ids)[0].float(), tuple(tokenizer.convert_ids_to_tokens(encoded.input_ids[0, :real]))
 
 
 def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | None = None,
@@ -139,11 +142,12 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
         raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
     dim = int(network.config.cross_attention_dim)
     if prompt_embeds is not None:
-        return Conditioning({"encoder_hidden_states": _prompt_embeds(Path(prompt_embeds), dim)},
-                            f"prompt embeddings from {prompt_embeds}")
+        embeds = _prompt_embeds(Path(prompt_embeds), dim)
+        return Conditioning({"encoder_hidden_states": embeds}, f"prompt embeddings from {prompt_embeds}",
+                            tuple(f"<{i}>" for i in range(embeds.shape[1])))
     text = prompt or ""
-    embeds = _encode_prompt(root, text, allow_pickle)
+    embeds, tokens = _encode_prompt(root, text, allow_pickle)
     if embeds.shape[-1] != dim:
         raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the UNet expects {dim}")
     return Conditioning({"encoder_hidden_states": embeds},
-                        f"prompt {text!r}" if text else "the empty prompt (unconditional)")
+                        f"prompt {text!r}" if text else "the empty prompt (unconditional)", tokens)

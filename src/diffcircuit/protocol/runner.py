@@ -22,6 +22,9 @@ Run directory::
     tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
     tables/gallery.parquet      attention maps of a few heads (most focal, most important) on a few images
     tables/gallery_images.parquet  those images (for the report's overlays)
+    tables/token_maps.parquet   text-conditioned models: per image x timestep x cross-attention head x prompt token,
+                                the token's attention map on the layer's grid (DAAM-style)
+    tables/token_heatmaps.parquet  per image x token: those maps upsampled and averaged over layers, heads, timesteps
     tables/circuits.parquet     per dataset x window x τ x head: in the circuit?, importance, selection frequency
     tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/completeness of the top-k heads
     circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
@@ -51,7 +54,7 @@ import pandas as pd
 
 from diffcircuit.discovery.run import importance_rows
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.metrics.gallery import attention_maps, object_queries
+from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
@@ -194,6 +197,24 @@ def _gallery(job: _Job, heads: pd.DataFrame, ablations: pd.DataFrame | None, n_i
     return job.shards.frames("gallery", ["maps", "images"], compute)
 
 
+def _token_maps(job: _Job, n_images: int = 3):
+    """DAAM-style maps of the prompt's tokens in every cross-attention head, on a few images per dataset at
+    every timestep, and their aggregate over layers, heads and timesteps; None without cross-attention."""
+    ctx = job.ctx
+    cond = ctx.den.conditioning
+    if cond is None or not cond.tokens or not any(i.kind == "cross" for i in ctx.registry.layers):
+        return None
+
+    def compute():
+        with ctx.autocast():
+            maps = pd.concat([token_maps(ctx.den, s.images[:n_images], registry=ctx.registry, tokens=cond.tokens,
+                                         timesteps=ctx.cfg.timesteps, seed=ctx.cfg.seed, dataset=key)
+                              for key, s in ctx.sets.items()], ignore_index=True)
+        return [maps, token_heatmaps(maps, ctx.den.sample_size)]
+
+    return job.shards.frames("token_maps", ["maps", "heatmaps"], compute)
+
+
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and intervene on) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     import torch
@@ -254,6 +275,9 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
         tables["circuits"], tables["circuit_curves"] = job.table(found, "circuits.parquet"), job.table(found, "curves.parquet")
         circuits = [c for task in found for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]]
     tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
+    tokens = _token_maps(job)
+    if tokens is not None:
+        tables["token_maps"], tables["token_heatmaps"] = tokens
     tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)

@@ -26,7 +26,7 @@ def finalize_run(run_dir: str | Path) -> dict:
         divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
         optional = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
                     for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance", "circuit_curves", "gallery",
-                                 "gallery_images") if (run_dir / "tables" / f"{name}.parquet").exists()}
+                                 "gallery_images", "token_heatmaps") if (run_dir / "tables" / f"{name}.parquet").exists()}
     except (OSError, ValueError) as exc:
         raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
     circuits = [json.loads(p.read_text()) for p in sorted((run_dir / "circuits").glob("*.json"))]
@@ -39,5 +39,5 @@ def finalize_run(run_dir: str | Path) -> dict:
     write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
                  curves=optional.get("circuit_curves"),
                  gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None,
-                 tests=optional.get("tests"))
+                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"))
     return summary

@@ -12,7 +12,7 @@ import pandas as pd
 
 from diffcircuit.protocol.store import atomic_write_bytes
 
-__all__ = ["ablation_bars", "attention_gallery", "circuit_curves_plot", "circuit_map", "divergence_plot", "entropy_heatmap", "role_map",
+__all__ = ["ablation_bars", "attention_gallery", "token_heatmap_figure", "circuit_curves_plot", "circuit_map", "divergence_plot", "entropy_heatmap", "role_map",
            "save_figure", "write_report"]
 
 
@@ -169,6 +169,39 @@ def attention_gallery(maps: pd.DataFrame, pictures: pd.DataFrame, labels: dict[s
     axes[0][0].set_title("image", fontsize=7)
     t = int(maps.timestep.iloc[0])
     fig.suptitle(f"attention from the red query (object centre on synthetic images, else the centre), t = {t}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def token_heatmap_figure(heatmaps: pd.DataFrame, pictures: pd.DataFrame, labels: dict[str, str]):
+    """Rows: the first image of each dataset; columns: the prompt's tokens. Each token's DAAM heat map
+    (mean over cross-attention layers, heads and timesteps) overlaid on the image, on a shared scale."""
+    import matplotlib.pyplot as plt
+
+    first = heatmaps.groupby("dataset").image.min()
+    shown = heatmaps[heatmaps.image == heatmaps.dataset.map(first)]
+    tokens = list(dict.fromkeys(zip(shown.token, shown.text)))
+    rows = list(first.items())
+    fig, axes = plt.subplots(len(rows), len(tokens) + 1, figsize=(1.6 * (len(tokens) + 1), 1.7 * len(rows)), squeeze=False)
+    pics = {(r.dataset, r.image): r for r in pictures.itertuples()}
+    top = float(np.max(np.stack(shown.heatmap.to_numpy())))
+    for i, (ds, image) in enumerate(rows):
+        pic = pics[(ds, image)]
+        img = ((np.asarray(pic.pixels).reshape(pic.channels, pic.size, pic.size).transpose(1, 2, 0) + 1) / 2).clip(0, 1)
+        grey = img.mean(-1)
+        axes[i][0].imshow(img if pic.channels == 3 else grey, cmap="gray", vmin=0, vmax=1)
+        axes[i][0].set_ylabel(f"{labels.get(ds, ds)} {image}", fontsize=7)
+        for j, (token, text) in enumerate(tokens, start=1):
+            row = shown[(shown.dataset == ds) & (shown.token == token)].iloc[0]
+            axes[i][j].imshow(grey, cmap="gray", vmin=0, vmax=1)
+            axes[i][j].imshow(np.asarray(row["heatmap"]).reshape(int(row["size"]), int(row["size"])), cmap="magma", alpha=0.6, vmin=0, vmax=top)
+            if i == 0:
+                axes[i][j].set_title(text, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"attention to each prompt token (0 to {top:.2f}), mean over cross-attention heads and timesteps",
+                 fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -547,7 +580,8 @@ null is the plug-in statistic after shuffling dataset labels over images, and p 
 def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame,
                  ablations: pd.DataFrame | None = None, circuits: list[dict] | None = None,
                  curves: pd.DataFrame | None = None,
-                 gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None, tests: pd.DataFrame | None = None) -> Path:
+                 gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None, tests: pd.DataFrame | None = None,
+                 token_heatmaps: pd.DataFrame | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles),
@@ -556,6 +590,8 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         figures["ablation_heads"] = ablation_bars(ablations)
     if gallery is not None:
         figures["attention_gallery"] = attention_gallery(*gallery, labels)
+    if gallery is not None and token_heatmaps is not None and len(token_heatmaps):
+        figures["token_maps"] = token_heatmap_figure(token_heatmaps, gallery[1], labels)
     if circuits:
         figures["circuits"] = circuit_map([c | {"label": labels.get(c["dataset"], c["dataset"])} for c in circuits], roles)
     if curves is not None and len(curves):
@@ -577,7 +613,12 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
             "<h2>Attention maps</h2><p class='note'>The two most focal heads (lowest normalised entropy) and the two whose "
             "single-head zero ablation costs most, on the first images of each dataset: where each looks from one query "
             "position (tables/gallery.parquet).</p>"
-            f'<img alt="attention map gallery" src="data:image/png;base64,{b64["attention_gallery"]}" style="max-width:100%">'),
+            f'<img alt="attention map gallery" src="data:image/png;base64,{b64["attention_gallery"]}" style="max-width:100%">'
+            + ("" if "token_maps" not in b64 else
+               "<h2>Prompt token maps</h2><p class='note'>DAAM-style: where the image attends to each prompt token, "
+               "averaged over every cross-attention head and timestep (tables/token_heatmaps.parquet; per head and "
+               "timestep in tables/token_maps.parquet).</p>"
+               f'<img alt="prompt token maps" src="data:image/png;base64,{b64["token_maps"]}" style="max-width:100%">')),
         model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],
