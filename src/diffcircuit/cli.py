@@ -348,6 +348,48 @@ def calibrate(
 
 
 @app.command()
+def cache(
+    out: Annotated[Path, typer.Option("--out", help="New directory for the cache (safetensors shards + index.json).")],
+    model: ModelOpt = "embedded",
+    data: Annotated[str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or a folder.")] = "faces",
+    n: Annotated[int, typer.Option("--n")] = 16,
+    timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated timesteps.")] = "500",
+    layers: Annotated[list[str] | None, typer.Option("--layer", help="An attention layer (repeatable; default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward and per shard file.")] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
+    import torch
+
+    from diffcircuit.data.spec import load_images
+    from diffcircuit.instrument.session import probe_registry
+    from diffcircuit.models.loading import load_conditioned
+    from diffcircuit.protocol.activations import cache_activations
+    from diffcircuit.protocol.config import parse_timesteps
+
+    if out.exists():
+        raise DiffcircuitError(f"--out {out} exists; the cache goes into a new directory")
+    if n < 1 or batch_size < 1:
+        raise DiffcircuitError("--n and --batch-size must be at least 1")
+    steps = parse_timesteps(timesteps)
+    den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
+                           class_label=class_label)
+    bad = [t for t in steps if not 0 <= t < den.scheduler.config.num_train_timesteps]
+    if bad:
+        raise DiffcircuitError(f"timesteps {bad} are outside the model's 0..{den.scheduler.config.num_train_timesteps - 1}")
+    images = load_images(data, n=n, size=den.sample_size, channels=den.in_channels, seed=seed)
+    registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+    chosen = [registry.layer(name).layer for name in layers or []] or None
+    result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed, batch_size=batch_size,
+                               registry=registry)
+    Console().print(f"wrote {sum(len(result.files(t)) for t in steps)} shards of {len(result.layers)} layers to {out}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Rebuild summary.json and report.html from a run directory's tables."""
     from diffcircuit.report import finalize_run
