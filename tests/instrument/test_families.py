@@ -123,3 +123,27 @@ def test_joint_attention_is_refused_rather_than_computed_wrongly():
         with instrument(net):
             pass
     assert all(type(m.processor).__name__ == "JointAttnProcessor2_0" for _, m in attention_modules(net))  # untouched
+
+
+def test_pixart_style_transformer_registry_idle_exactness_and_fused_equals_naive():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                                   sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                                   norm_num_groups=8).eval()
+    x, t, enc = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 5, 12)
+    kw = dict(encoder_hidden_states=enc, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    registry = probe_registry(net, x, t, **kw)
+    assert [(i.kind, i.query_grid, i.n_keys) for i in registry.layers] == [("self", (8, 8), 64), ("cross", (8, 8), 5)] * 2
+    with torch.no_grad():
+        ref = net(x, timestep=t, **kw).sample
+        with instrument(net, registry=registry):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+        captured = {}
+        for method in ("fused", "naive"):
+            with instrument(net, registry=registry, capture=True, method=method) as session:
+                net(x, timestep=t, **kw)
+            captured[method] = session.pop("entropy_nats")
+    for layer in captured["fused"]:
+        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)

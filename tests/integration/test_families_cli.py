@@ -64,6 +64,24 @@ def dit_folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def pixart_folder(tmp_path_factory):
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("pixart") / "tiny-pixart"
+    torch.manual_seed(0)
+    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                             sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                             norm_num_groups=8).save_pretrained(root / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    save_file({"prompt_embeds": torch.randn(1, 5, 12)}, str(root.parent / "embeds.safetensors"))  # e.g. T5's, precomputed
+    return root
+
+
 def _info(capsys, *args) -> dict:
     capsys.readouterr()
     assert main(["info", "--json", *args]) == 0
@@ -86,6 +104,11 @@ def test_info_lists_a_dit_with_its_patch_grid_and_null_class(dit_folder, capsys)
     info = _info(capsys, "--model", str(dit_folder))
     assert info["class"] == "DiTTransformer2DModel" and info["conditioning"] == "null class 10 (unconditional)"
     assert [(l["kind"], l["heads"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", 2, [8, 8], 64)] * 2
+
+
+def test_info_lists_a_pixart_transformer_with_self_and_cross_layers(pixart_folder, capsys):
+    info = _info(capsys, "--model", str(pixart_folder), "--prompt-embeds", str(pixart_folder.parent / "embeds.safetensors"))
+    assert [(l["kind"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", [8, 8], 64), ("cross", [8, 8], 5)] * 2
 
 
 def _run(model, out, *extra) -> int:
@@ -120,6 +143,14 @@ def test_run_completes_on_a_dit_with_a_class_label(dit_folder, tmp_path):
     heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
     assert set(heads.n_keys) == {64} and heads.distance_frac.notna().all()
     assert json.loads((out / "manifest.json").read_text())["model"]["conditioning"] == "class 3"
+
+
+@pytest.mark.slow
+def test_run_completes_on_a_pixart_transformer_with_prompt_embeddings(pixart_folder, tmp_path):
+    out = tmp_path / "run"
+    assert _run(pixart_folder, out, "--prompt-embeds", str(pixart_folder.parent / "embeds.safetensors")) == 0
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    assert set(heads.n_keys) == {64, 5} and (out / "tables" / "token_heatmaps.parquet").exists()
 
 
 def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(dit_folder, small_model_dir_module,

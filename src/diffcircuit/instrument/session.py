@@ -230,5 +230,5 @@ def instrument(
 def probe_registry(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **forward_kwargs) -> HeadRegistry:
     """Registry with query grids and key counts, measured by one idle forward pass on ``sample``."""
     with instrument(model) as session:
-        model(sample, timestep, **forward_kwargs)
+        model(sample, timestep=timestep, **forward_kwargs)
     return HeadRegistry.from_model(model, geometry=session.geometry)

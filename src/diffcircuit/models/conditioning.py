@@ -31,7 +31,7 @@ class Conditioning:
     """Forward keyword inputs with a batch dimension of 1, what they are in words, and the prompt's tokens
     (the cross-attention keys that carry text: start, words, end; padding left out)."""
 
-    kwargs: dict[str, torch.Tensor]
+    kwargs: dict[str, torch.Tensor | dict]
     description: str
     tokens: tuple[str, ...] = ()
 
@@ -42,6 +42,8 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
     needs = [n for n in ("encoder_hidden_states", "class_labels")
              if n in params and params[n].default is inspect.Parameter.empty]
     config = network.config
+    if getattr(config, "cross_attention_dim", None) and "encoder_hidden_states" in params and "encoder_hidden_states" not in needs:
+        needs.append("encoder_hidden_states")  # PixArt-style transformers: optional in the signature, needed in fact
     labelled = getattr(config, "num_class_embeds", None) or (  # DiT: class labels drive its adaLN-Zero
         getattr(config, "num_embeds_ada_norm", None) and getattr(config, "norm_type", None) == "ada_norm_zero")
     if labelled and "class_labels" in params and "class_labels" not in needs:
@@ -50,13 +52,27 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
 
 
 def attach(network: torch.nn.Module, conditioning: Conditioning):
-    """Feed ``conditioning`` to every forward of ``network`` that does not pass it; returns the hook handle."""
+    """Feed ``conditioning`` to every forward of ``network`` that does not pass it; returns the hook handle.
+    A call ``network(x_t, t)`` works for every family (the timestep goes by name where it is not second)."""
+    def expand(value, like: torch.Tensor):
+        if isinstance(value, dict):
+            return {k: expand(v, like) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            value = value.to(like.device)
+            return value.expand(like.shape[0], *value.shape[1:])
+        return value
+
+    params = list(inspect.signature(network.forward).parameters)
+    # the analyses call net(x_t, t); PixArt's forward takes encoder_hidden_states second: pass t by name there
+    timestep_by_name = len(params) > 1 and params[1] != "timestep" and "timestep" in params
+
     def hook(module, args, kwargs):
+        if timestep_by_name and len(args) == 2:
+            args, kwargs = args[:1], {**kwargs, "timestep": args[1]}
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         for name, value in conditioning.kwargs.items():
             if kwargs.get(name) is None:
-                value = value.to(sample.device)
-                kwargs[name] = value.expand(sample.shape[0], *value.shape[1:])
+                kwargs[name] = expand(value, sample)
         return args, kwargs
 
     return network.register_forward_pre_hook(hook, with_kwargs=True)
@@ -106,12 +122,18 @@ def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.T
         raise DiffcircuitError(f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
                                "give --prompt-embeds FILE.safetensors instead")
     try:
-        from transformers import AutoTokenizer, CLIPTextModel
+        import transformers
     except ImportError:
         raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
+    import json
+
+    arch = (json.loads((root / "text_encoder" / "config.json").read_text()).get("architectures") or ["CLIPTextModel"])[0]
+    cls = getattr(transformers, arch, None)  # CLIPTextModel (Stable Diffusion), T5EncoderModel (PixArt), ...
+    if cls is None:
+        raise DiffcircuitError(f"{root / 'text_encoder'} names {arch!r}, which transformers does not have")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=not allow_pickle).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+        encoder = cls.from_pretrained(root / "text_encoder", use_safetensors=not allow_pickle).eval()
     except Exception as exc:
         raise DiffcircuitError(f"could not load the text encoder of {root}: {str(exc).strip().splitlines()[0]}") from None
     encoded = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -140,14 +162,28 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
         raise DiffcircuitError(f"{type(network).__name__} is text-conditioned: give --prompt or --prompt-embeds")
     if prompt is not None and prompt_embeds is not None:
         raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
-    dim = int(network.config.cross_attention_dim)
+    dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
+    extra = _added_conditions(network)
     if prompt_embeds is not None:
         embeds = _prompt_embeds(Path(prompt_embeds), dim)
-        return Conditioning({"encoder_hidden_states": embeds}, f"prompt embeddings from {prompt_embeds}",
+        return Conditioning({"encoder_hidden_states": embeds, **extra}, f"prompt embeddings from {prompt_embeds}",
                             tuple(f"<{i}>" for i in range(embeds.shape[1])))
     text = prompt or ""
     embeds, tokens = _encode_prompt(root, text, allow_pickle)
     if embeds.shape[-1] != dim:
         raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the UNet expects {dim}")
-    return Conditioning({"encoder_hidden_states": embeds},
+    return Conditioning({"encoder_hidden_states": embeds, **extra},
                         f"prompt {text!r}" if text else "the empty prompt (unconditional)", tokens)
+
+
+def _added_conditions(network: torch.nn.Module) -> dict:
+    """PixArt's micro-conditions (``added_cond_kwargs``): the pixel resolution and aspect ratio when the model
+    uses them (its sample size x the VAE's factor 8), else none."""
+    config = network.config
+    if getattr(config, "norm_type", None) != "ada_norm_single":
+        return {}
+    size = config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    if not getattr(network, "use_additional_conditions", False):
+        return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return {"added_cond_kwargs": {"resolution": torch.tensor([[h * 8.0, w * 8.0]]), "aspect_ratio": torch.tensor([[h / w]])}}
