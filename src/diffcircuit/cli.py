@@ -348,6 +348,52 @@ def calibrate(
 
 
 @app.command()
+def guidance(
+    out: Annotated[Path, typer.Option("--out", help="New directory: conditional/, unconditional/ and guidance.parquet.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The conditional branch's prompt.")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML run config (see init-config) for everything else.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A text-conditioned pipeline folder or hub id.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
+) -> None:
+    """Both branches of classifier-free guidance, analysed separately (the prompt, and the empty prompt: the
+    unconditional branch), then compared head by head on the same images and noise."""
+    import dataclasses
+
+    import pandas as pd
+
+    import diffcircuit
+    from diffcircuit.protocol.analyses import guidance_table
+    from diffcircuit.protocol.config import RunConfig, load_config_file
+    from diffcircuit.protocol.store import write_parquet
+
+    values = load_config_file(config) if config is not None else {}
+    values |= {"model": model} if model is not None else {}
+    if not prompt:
+        raise DiffcircuitError("--prompt must not be empty: the empty prompt is the unconditional branch")
+    if out.exists():
+        raise DiffcircuitError(f"--out {out} exists; the comparison goes into a new directory")
+    cfg = RunConfig.from_mapping(values | {"prompt": prompt, "prompt_embeds": ""}, source=str(config or "options"))
+    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt="")}
+    with _Bars(quiet) as bars:
+        for name, branch in branches.items():
+            diffcircuit.run(branch, out / name, progress=lambda stage, done, total, name=name: bars.update(
+                f"{name} {stage}", completed=done, total=total, description=f"{name}: {stage}"))
+    heads = {name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches}
+    table = guidance_table(heads["conditional"], heads["unconditional"], seed=cfg.seed, correction=cfg.correction)
+    write_parquet(out / "guidance.parquet", table)
+    if not quiet:
+        top = table.reindex(table.difference.abs().sort_values(ascending=False).index).head(8)
+        view = Table(title="heads the prompt changes most (normalised entropy, conditional − unconditional)")
+        for col in ("dataset", "t", "head", "difference", "95 % CI", "p (BH)"):
+            view.add_column(col, justify="right")
+        for r in top.itertuples():
+            view.add_row(r.dataset, str(r.timestep), f"{r.layer}:{r.head}", f"{r.difference:+.4f}",
+                         f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]", f"{r.p_corrected:.3g}")
+        Console().print(view)
+    Console().print(f"wrote {out}/conditional, {out}/unconditional and {out}/guidance.parquet")
+
+
+@app.command()
 def cache(
     out: Annotated[Path, typer.Option("--out", help="New directory for the cache (safetensors shards + index.json).")],
     model: ModelOpt = "embedded",

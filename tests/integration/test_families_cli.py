@@ -1,7 +1,8 @@
 """Issue 9 through the commands: a text-conditioned UNet pipeline folder (tiny UNet2DConditionModel, tiny
 CLIP tokenizer and text encoder, random weights) and a DiT folder, loaded by the same ``from_pretrained``
-path a user's Stable Diffusion or DiT folder takes: ``info --json`` lists self and cross layers with their
-query grids, and ``run`` completes, with the prompt's tokens as the cross-attention keys."""
+path a user's Stable Diffusion, PixArt or DiT folder takes: ``info --json`` lists self and cross layers with
+their query grids, ``run`` completes (the prompt's tokens are the cross-attention keys, with token maps), and
+``guidance`` compares the two branches of classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -162,3 +163,27 @@ def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_guidance_analyses_both_branches_and_compares_them_head_by_head(text_pipeline, tmp_path):
+    import numpy as np
+
+    config = tmp_path / "run.yaml"
+    config.write_text("n: 3\ntimesteps: [20, 800]\nbatch_size: 2\nablate_n: 0\nseed_repeats: 0\n")
+    out = tmp_path / "cmp"
+    assert main(["guidance", "--out", str(out), "--prompt", "a face", "--model", str(text_pipeline), "--config", str(config),
+                 "--quiet"]) == 0
+    conds = {b: json.loads((out / b / "manifest.json").read_text())["model"]["conditioning"]
+             for b in ("conditional", "unconditional")}
+    assert conds == {"conditional": "prompt 'a face'", "unconditional": "the empty prompt (unconditional)"}
+    table = pd.read_parquet(out / "guidance.parquet")
+    heads = {b: pd.read_parquet(out / b / "tables" / "head_metrics.parquet") for b in conds}
+    assert len(table) == heads["conditional"].groupby(["dataset", "timestep", "layer", "head"]).ngroups
+    row = table.iloc[len(table) // 2]
+    sel = {b: h[(h.dataset == row.dataset) & (h.timestep == row.timestep) & (h.layer == row.layer) & (h["head"] == row["head"])]
+           .sort_values("image").entropy_norm.to_numpy() for b, h in heads.items()}
+    assert row.difference == pytest.approx(float(np.mean(sel["conditional"] - sel["unconditional"])), abs=1e-12)
+    cross = table[table.layer.str.endswith("attn2")]
+    assert (cross.difference.abs() > 0).all() and table.p_corrected.between(0, 1).all()
+    assert main(["guidance", "--out", str(out), "--prompt", "x", "--model", str(text_pipeline)]) != 0  # exists: refused

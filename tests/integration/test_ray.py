@@ -41,13 +41,13 @@ def local_reference(small_model_dir_module, tmp_path_factory, run_outputs):
 
 
 @pytest.mark.slow
-def test_ray_backend_with_two_workers_gives_the_local_results_bit_for_bit(small_model_dir_module, tmp_path, local_reference,
-        run_outputs, assert_same_outputs):
+def test_ray_backend_with_three_workers_gives_the_local_results_bit_for_bit(
+        small_model_dir_module, tmp_path, local_reference, run_outputs, assert_same_outputs):
     out = tmp_path / "run"
-    args = ["run", "--out", str(out), "--model", str(small_model_dir_module), *ARGS, "--backend", "ray", "--workers", "2"]
-    assert main(args) == 0
+    args = ["run", "--out", str(out), "--model", str(small_model_dir_module), *ARGS, "--backend", "ray", "--workers", "3"]
+    assert main(args) == 0  # on a 2-core machine, 3 workers share the CPUs instead of one waiting forever
     log = (out / "run.log").read_text()
-    assert log.count("(ray worker)") >= 20 and "ray worker 1: pid" in log  # shards really were computed by workers
+    assert log.count("(ray worker)") >= 20 and "ray worker 2: pid" in log  # shards really were computed by workers
     assert_same_outputs(local_reference, _comparable(run_outputs(out)))
     assert not ray.is_initialized()  # the local instance it started was shut down
 

@@ -26,7 +26,7 @@ from diffcircuit.stats.divergence import head_jsd, mean_jsd_test
 from diffcircuit.stats.tests import correct_pvalues, paired_test, two_sample_test
 
 __all__ = ["PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table", "derived_tables",
-           "divergence_tables", "head_summary_table", "seed_quantities", "tests_table"]
+           "divergence_tables", "guidance_table", "head_summary_table", "seed_quantities", "tests_table"]
 
 PRIMARY_COMPLEXITY = "ablation_participation_ratio"
 _N_RESAMPLES = 2000
@@ -202,3 +202,26 @@ def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *
         "tests": tests_table(heads, ablations, divergence, complexity, extra.get("critical"), seed=seed,
                              correction=correction),
     }
+
+
+def guidance_table(conditional: pd.DataFrame, unconditional: pd.DataFrame, *, metric: str = "entropy_norm", seed: int = 0,
+                   correction: str = "fdr_bh", n_resamples: int = 2000) -> pd.DataFrame:
+    """What the prompt changes, head by head: per dataset x timestep x head, the paired difference of ``metric``
+    between the conditional and the unconditional branch of classifier-free guidance (same images, same noise),
+    with a bootstrap CI, a sign-flip permutation p and its correction over all heads of the table."""
+    keys = ["dataset", "timestep", "layer", "head", "image"]
+    both = conditional[keys + [metric]].merge(unconditional[keys + [metric]], on=keys, suffixes=("_cond", "_uncond"))
+    rows = []
+    for (dataset, t, layer, head), g in both.groupby(keys[:4], sort=True):
+        a, b = g[f"{metric}_cond"].to_numpy(), g[f"{metric}_uncond"].to_numpy()
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            continue
+        res = paired_test(a, b, n_resamples=n_resamples, seed=seed)
+        mean, low, high = mean_ci(a - b, seed=seed)
+        rows.append({"dataset": dataset, "timestep": int(t), "layer": layer, "head": int(head), "metric": metric,
+                     "conditional": float(a.mean()), "unconditional": float(b.mean()), "difference": mean,
+                     "ci_low": low, "ci_high": high, "p_value": res.p_value, "p_floor": res.p_floor,
+                     "effect_size": res.effect_size, "n_images": len(a)})
+    frame = pd.DataFrame(rows)
+    frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), correction) if len(frame) else []
+    return frame

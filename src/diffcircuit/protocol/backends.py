@@ -105,11 +105,14 @@ class RayBackend:
                 raise DiffcircuitError(f"cannot start or join Ray at {cfg.ray_address or 'a local instance'}: "
                                        f"{str(exc).splitlines()[0]}") from None
         cuda = torch.device(cfg.torch_device).type == "cuda"
-        resources = ray.cluster_resources()
-        count = cfg.workers or max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
+        available = float(ray.cluster_resources().get("GPU" if cuda else "CPU", 0))
+        if available <= 0:
+            raise DiffcircuitError(f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for --device {cfg.torch_device}")
+        count = cfg.workers or max(1, int(available))
+        share = min(1.0, available / count)  # more workers than devices share them, rather than wait forever
         threads = cfg.threads or torch.get_num_threads()
-        actor = ray.remote(_ShardWorker).options(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=-1,
-                                                 max_task_retries=-1)
+        actor = ray.remote(_ShardWorker).options(num_cpus=0 if cuda else share, num_gpus=share if cuda else 0,
+                                                 max_restarts=-1, max_task_retries=-1)
         self.workers = [actor.remote(cfg.to_dict(), threads) for _ in range(count)]
         for i, pid in enumerate(self._get([w.pid.remote() for w in self.workers])):
             log.info("ray worker %d: pid %d (%d threads)", i, pid, threads)
