@@ -12,24 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 from diffcircuit import instrument, load_denoiser, load_images, probe_registry
 from diffcircuit.metrics.probes import ProbeFeatures
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,7 +53,7 @@ def main() -> None:
     fns = {"plain": plain, "fused": capture("fused"), "naive": capture("naive")}
     for _ in range(3):
         for name, fn in fns.items():
-            rounds[name].append(_median_seconds(fn, max(1, args.repeats // 3)))
+            rounds[name].append(median_seconds(fn, max(1, args.repeats // 3)))
     t_plain, t_fused, t_naive = (statistics.median(rounds[k]) for k in ("plain", "fused", "naive"))
     print(f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}")
     print(f"plain forward:         {t_plain * 1000:8.1f} ms")

@@ -46,6 +46,7 @@ from importlib.metadata import version
 import nnsight
 import numpy as np
 import torch
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 from diffusers.models.attention_processor import AttnProcessor
 from nnsight import NNsight
 
@@ -58,17 +59,6 @@ from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
 TIMESTEP = 500
 SEED, DATASET = 0, "a"  # the noise draws ablation_sweep makes, reproduced for nnsight
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _entropy_from_probs(probs: torch.Tensor, heads: int) -> torch.Tensor:
@@ -215,7 +205,7 @@ def main() -> None:
     rounds = {name: [] for name in fns}
     for _ in range(3):  # interleaved, so drifts in machine load hit all of them alike
         for name, fn in fns.items():
-            rounds[name].append(_median_seconds(fn, max(1, args.repeats // 3)))
+            rounds[name].append(median_seconds(fn, max(1, args.repeats // 3)))
     t_ent = {name: statistics.median(values) for name, values in rounds.items()}
 
     # --- single-head zero ablations -----------------------------------------------------------

@@ -26,6 +26,23 @@ def make_small_unet(seed: int = 0):
     return UNet2DModel(**SMALL_UNET).eval()
 
 
+def make_text_unet(*, text_dim: int, in_channels: int = 4, sample_size: int = 16, channels=(32, 64), seed: int = 0):
+    """A small UNet2DConditionModel (cross-attention in the first down and last up block); random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+                                block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_dim,
+                                attention_head_dim=8, norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="session")
+def text_unet():
+    """``make_text_unet(text_dim=...)``: small text-conditioned UNets for tests."""
+    return make_text_unet
+
+
 @pytest.fixture
 def small_unet():
     return make_small_unet()

@@ -18,14 +18,8 @@ TOKENS, TEXT_DIM = 7, 24
 
 
 @pytest.fixture(scope="module")
-def conditional():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-                               attention_head_dim=8, norm_num_groups=8).eval()
+def conditional(text_unet):
+    net = text_unet(text_dim=TEXT_DIM)
     g = torch.Generator().manual_seed(1)
     x, enc = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, TOKENS, TEXT_DIM, generator=g)
     t = torch.tensor([10, 500])

@@ -49,14 +49,8 @@ def test_a_reweighted_token_equals_a_plain_renormalised_softmax(weight):
     assert weight == 1.0 or not torch.allclose(got, untouched, atol=1e-4)  # the intervention did something
 
 
-def test_removing_a_token_from_every_cross_attention_head_equals_dropping_it_from_the_prompt():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-                               attention_head_dim=8, norm_num_groups=8).eval()
+def test_removing_a_token_from_every_cross_attention_head_equals_dropping_it_from_the_prompt(text_unet):
+    net = text_unet(text_dim=TEXT_DIM)
     x, t, enc = torch.randn(2, 4, 16, 16), torch.tensor([10, 600]), torch.randn(2, TOKENS, TEXT_DIM)
     registry = probe_registry(net, x, t, encoder_hidden_states=enc)
     drop = 2

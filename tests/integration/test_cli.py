@@ -392,17 +392,13 @@ def test_analyses_select_what_runs(small_model_dir, tmp_path, capsys):
     assert {"patching", "circuits"} <= set(summary["pending"]) and "ablation" not in summary["pending"]
 
 
-def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, capsys):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, capsys, text_unet):
+    from diffusers import DDPMScheduler
     from safetensors.torch import save_file
 
     from diffcircuit.models.loading import save_denoiser
 
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-                               attention_head_dim=8, norm_num_groups=8)
+    net = text_unet(text_dim=24)
     folder = save_denoiser(tmp_path / "cond", net, DDPMScheduler())  # a UNet alone: no tokenizer, no text encoder
     for args in (["info", "--model", str(folder)], ["run", "--out", str(tmp_path / "run"), "--model", str(folder)]):
         code, _, err = _run(args, capsys)

@@ -18,9 +18,9 @@ TEXT_DIM, MAX_TOKENS = 24, 8
 
 
 @pytest.fixture(scope="module")
-def text_pipeline(tmp_path_factory):
+def text_pipeline(tmp_path_factory, text_unet):
     transformers = pytest.importorskip("transformers", reason="the text extra is not installed")
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("sd") / "tiny-sd"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -36,10 +36,7 @@ def text_pipeline(tmp_path_factory):
         vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-                                attention_head_dim=8, norm_num_groups=8)
+    unet = text_unet(text_dim=TEXT_DIM, in_channels=3, channels=(16, 32))
     unet.save_pretrained(root / "unet", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
@@ -49,36 +46,38 @@ def text_pipeline(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
+def _transformer_folder(root, net, pipeline: str):
+    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/, model_index.json."""
+    from diffusers import DDPMScheduler
 
-    root = tmp_path_factory.mktemp("dit") / "tiny-dit"
-    torch.manual_seed(0)
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
-                          sample_size=16, patch_size=2, num_embeds_ada_norm=10).save_pretrained(
-        root / "transformer", safe_serialization=True)
+    net.save_pretrained(root / "transformer", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "_class_name": pipeline, "transformer": ["diffusers", type(net).__name__],
         "scheduler": ["diffusers", "DDPMScheduler"]}))
     return root
 
 
 @pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                                sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    return _transformer_folder(tmp_path_factory.mktemp("dit") / "tiny-dit", net, "DiTPipeline")
+
+
+@pytest.fixture(scope="module")
 def pixart_folder(tmp_path_factory):
-    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("pixart") / "tiny-pixart"
     torch.manual_seed(0)
-    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
-                             sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
-                             norm_num_groups=8).save_pretrained(root / "transformer", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                                   sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                                   norm_num_groups=8)
+    root = _transformer_folder(tmp_path_factory.mktemp("pixart") / "tiny-pixart", net, "PixArtAlphaPipeline")
     save_file({"prompt_embeds": torch.randn(1, 5, 12)}, str(root.parent / "embeds.safetensors"))  # e.g. T5's, precomputed
     return root
 

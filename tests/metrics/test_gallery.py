@@ -15,6 +15,22 @@ from diffcircuit.metrics.observe import image_noise
 from diffcircuit.models.loading import Denoiser
 
 
+def _record_probabilities(modules: dict, names) -> dict:
+    """Switch ``names`` to diffusers' AttnProcessor, which materialises softmax(QKᵀ/√d) in get_attention_scores,
+    and record what it computes there: the independent reference (filled by the next forward)."""
+    probs = {}
+    for name in names:
+        attn = modules[name]
+        attn.set_processor(AttnProcessor())
+        get = attn.get_attention_scores
+
+        def record(query, key, mask=None, name=name, get=get):
+            probs[name] = get(query, key, mask)
+            return probs[name]
+        attn.get_attention_scores = record
+    return probs
+
+
 def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     den = Denoiser(network=small_unet, scheduler=DDPMScheduler(), model_path=".", source="t")
     images, masks, _ = synthetic_images(3, size=16, seed=4)
@@ -23,18 +39,8 @@ def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     queries = object_queries(masks, 3, 16)
     maps = attention_maps(den, images, heads=heads, timestep=300, queries=queries, dataset="a")
     # reference: diffusers' AttnProcessor materialises softmax(QKᵀ/√d) in get_attention_scores
-    probs = {}
     modules = dict(attention_modules(small_unet))
-    for name in ("down_blocks.0.attentions.0", "mid_block.attentions.0"):
-        attn = modules[name]
-        original = attn.processor
-        attn.set_processor(AttnProcessor())
-        get = attn.get_attention_scores
-
-        def record(query, key, mask=None, name=name, get=get):
-            probs[name] = get(query, key, mask)
-            return probs[name]
-        attn.get_attention_scores = record
+    probs = _record_probabilities(modules, ("down_blocks.0.attentions.0", "mid_block.attentions.0"))
     x0 = torch.from_numpy(images)
     eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(3)])
     t = torch.full((3,), 300)
@@ -52,17 +58,11 @@ def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     assert masks[0][first.query_y * scale:(first.query_y + 1) * scale, first.query_x * scale:(first.query_x + 1) * scale].any()
 
 
-def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_by_mean():
-    from diffusers import UNet2DConditionModel
-
+def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_by_mean(text_unet):
     from diffcircuit.metrics.gallery import token_heatmaps, token_maps
     from diffcircuit.models.conditioning import Conditioning, attach
 
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                               attention_head_dim=8, norm_num_groups=8).eval()
+    net = text_unet(text_dim=12, in_channels=3, sample_size=8, channels=(16, 32))
     enc = torch.randn(1, 5, 12)
     attach(net, Conditioning({"encoder_hidden_states": enc}, "test", ("<s>", "a", "b", "</s>")))
     den = Denoiser(network=net, scheduler=DDPMScheduler(), model_path=".", source="t")
@@ -71,16 +71,8 @@ def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_
     maps = token_maps(den, images, registry=registry, tokens=("<s>", "a", "b", "</s>"), timesteps=[300], dataset="a")
     cross = [i.layer for i in registry.layers if i.kind == "cross"]
     assert set(maps.layer) == set(cross) and set(maps.token) == {0, 1, 2, 3}  # the 5th key is not a listed token
-    probs, modules = {}, dict(attention_modules(net))
-    for name in cross:
-        attn = modules[name]
-        attn.set_processor(AttnProcessor())
-        get = attn.get_attention_scores
-
-        def record(query, key, mask=None, name=name, get=get):
-            probs[name] = get(query, key, mask)
-            return probs[name]
-        attn.get_attention_scores = record
+    modules = dict(attention_modules(net))
+    probs = _record_probabilities(modules, cross)
     x0 = torch.from_numpy(images)
     eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(2)])
     t = torch.full((2,), 300)

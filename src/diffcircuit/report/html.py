@@ -138,6 +138,15 @@ def circuit_curves_plot(curves: pd.DataFrame, labels: dict[str, str]):
     return fig
 
 
+def _show_picture(ax, pic, label: str) -> np.ndarray:
+    """Draw a gallery picture (pixels in [-1, 1]) with its label; returns its grey version for overlays."""
+    img = ((np.asarray(pic.pixels).reshape(pic.channels, pic.size, pic.size).transpose(1, 2, 0) + 1) / 2).clip(0, 1)
+    grey = img.mean(-1)
+    ax.imshow(img if pic.channels == 3 else grey, cmap="gray", vmin=0, vmax=1)
+    ax.set_ylabel(label, fontsize=7)
+    return grey
+
+
 def attention_gallery(maps: pd.DataFrame, pictures: pd.DataFrame, labels: dict[str, str]):
     """Rows: images of each dataset; columns: heads. The head's attention from the query (red dot),
     upsampled to the image and overlaid on it."""
@@ -149,10 +158,7 @@ def attention_gallery(maps: pd.DataFrame, pictures: pd.DataFrame, labels: dict[s
     pics = {(r.dataset, r.image): r for r in pictures.itertuples()}
     for i, (ds, image) in enumerate(rows):
         pic = pics[(ds, image)]
-        img = ((np.asarray(pic.pixels).reshape(pic.channels, pic.size, pic.size).transpose(1, 2, 0) + 1) / 2).clip(0, 1)
-        grey = img.mean(-1)
-        axes[i][0].imshow(img if pic.channels == 3 else grey, cmap="gray", vmin=0, vmax=1)
-        axes[i][0].set_ylabel(f"{labels.get(ds, ds)} {image}", fontsize=7)
+        grey = _show_picture(axes[i][0], pic, f"{labels.get(ds, ds)} {image}")
         for j, (layer, head) in enumerate(heads, start=1):
             row = maps[(maps.dataset == ds) & (maps.image == image) & (maps.layer == layer) & (maps["head"] == head)].iloc[0]
             grid = np.asarray(row["map"]).reshape(row.grid, row.grid)
@@ -187,10 +193,7 @@ def token_heatmap_figure(heatmaps: pd.DataFrame, pictures: pd.DataFrame, labels:
     top = float(np.max(np.stack(shown.heatmap.to_numpy())))
     for i, (ds, image) in enumerate(rows):
         pic = pics[(ds, image)]
-        img = ((np.asarray(pic.pixels).reshape(pic.channels, pic.size, pic.size).transpose(1, 2, 0) + 1) / 2).clip(0, 1)
-        grey = img.mean(-1)
-        axes[i][0].imshow(img if pic.channels == 3 else grey, cmap="gray", vmin=0, vmax=1)
-        axes[i][0].set_ylabel(f"{labels.get(ds, ds)} {image}", fontsize=7)
+        grey = _show_picture(axes[i][0], pic, f"{labels.get(ds, ds)} {image}")
         for j, (token, text) in enumerate(tokens, start=1):
             row = shown[(shown.dataset == ds) & (shown.token == token)].iloc[0]
             axes[i][j].imshow(grey, cmap="gray", vmin=0, vmax=1)
