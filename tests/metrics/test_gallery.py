@@ -31,6 +31,15 @@ def _record_probabilities(modules: dict, names) -> dict:
     return probs
 
 
+def _forward_as_the_gallery_does(den, images, timestep: int) -> None:
+    """One forward on the images noised as every analysis noises them (per-image seeded draws, dataset "a")."""
+    x0 = torch.from_numpy(images)
+    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=timestep) for i in range(len(x0))])
+    t = torch.full((len(x0),), timestep)
+    with torch.no_grad():
+        den.network(den.scheduler.add_noise(x0, eps, t), t)
+
+
 def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     den = Denoiser(network=small_unet, scheduler=DDPMScheduler(), model_path=".", source="t")
     images, masks, _ = synthetic_images(3, size=16, seed=4)
@@ -41,11 +50,7 @@ def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
     # reference: diffusers' AttnProcessor materialises softmax(QKᵀ/√d) in get_attention_scores
     modules = dict(attention_modules(small_unet))
     probs = _record_probabilities(modules, ("down_blocks.0.attentions.0", "mid_block.attentions.0"))
-    x0 = torch.from_numpy(images)
-    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(3)])
-    t = torch.full((3,), 300)
-    with torch.no_grad():
-        small_unet(den.scheduler.add_noise(x0, eps, t), t)
+    _forward_as_the_gallery_does(den, images, 300)
     for row in maps.itertuples():
         attn = modules[row.layer]
         ref = probs[row.layer].view(3, attn.heads, *probs[row.layer].shape[1:])[row.image, row.head]
@@ -73,11 +78,7 @@ def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_
     assert set(maps.layer) == set(cross) and set(maps.token) == {0, 1, 2, 3}  # the 5th key is not a listed token
     modules = dict(attention_modules(net))
     probs = _record_probabilities(modules, cross)
-    x0 = torch.from_numpy(images)
-    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=300) for i in range(2)])
-    t = torch.full((2,), 300)
-    with torch.no_grad():
-        net(den.scheduler.add_noise(x0, eps, t), t)
+    _forward_as_the_gallery_does(den, images, 300)
     for row in maps.itertuples():
         ref = probs[row.layer].view(2, modules[row.layer].heads, *probs[row.layer].shape[1:])[row.image, row.head]
         np.testing.assert_allclose(row.map, ref[:, row.token].numpy(), atol=1e-5)
