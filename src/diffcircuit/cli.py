@@ -80,13 +80,19 @@ def info(
     """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
     import torch
 
+    from diffcircuit.instrument.registry import HeadRegistry
     from diffcircuit.instrument.session import probe_registry
     from diffcircuit.models.loading import load_conditioned
 
     den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                            class_label=class_label)
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
-    registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
+    try:
+        registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
+    except DiffcircuitError:
+        registry = HeadRegistry.from_model(den.network)  # listed without geometry: joint attention is not run
+        if not any(i.kind == "joint" for i in registry.layers):
+            raise
     if as_json:
         print(json.dumps({"model_path": str(den.model_path), "class": type(den.network).__name__,
                           "conditioning": den.conditioning.description if den.conditioning else None,

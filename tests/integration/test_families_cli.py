@@ -111,6 +111,22 @@ def test_info_lists_a_pixart_transformer_with_self_and_cross_layers(pixart_folde
     assert [(l["kind"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", [8, 8], 64), ("cross", [8, 8], 5)] * 2
 
 
+def test_info_lists_the_joint_layers_of_sd3_and_run_refuses_them_in_one_line(tmp_path, capsys):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
+    folder = _transformer_folder(tmp_path / "tiny-sd3", net, "StableDiffusion3Pipeline")
+    info = _info(capsys, "--model", str(folder))
+    assert info["class"] == "SD3Transformer2DModel"
+    assert [(l["kind"], l["heads"]) for l in info["layers"]] == [("joint", 2)] * 2
+    assert _run(folder, tmp_path / "run") != 0
+    err = capsys.readouterr().err
+    assert "JointAttnProcessor2_0" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def _run(model, out, *extra) -> int:
     return main(["run", "--out", str(out), "--model", str(model), "--n", "3", "--timesteps", "20,800", "--batch-size", "2",
                  "--ablate-n", "2", "--seed-repeats", "0", "--circuit-resamples", "2", "--quiet", *extra])
