@@ -160,8 +160,9 @@ class _Job:
 def _gallery_heads(ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
     """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
     ablation effect; else the most uniform), at timestep ``t``, among self-attention heads on a grid."""
-    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self-attention over the query grid
-               if i.kind == "self" and i.query_grid and i.query_grid[0] * i.query_grid[1] == i.n_keys]
+    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self-attention over a square query grid
+               if i.kind == "self" and i.query_grid and i.query_grid[0] == i.query_grid[1]
+               and i.query_grid[0] * i.query_grid[1] == i.n_keys]
     heads = heads[heads.layer.isin(on_grid)]
     if ablations is not None:
         ablations = ablations[ablations.layer.isin(on_grid)]
