@@ -211,7 +211,7 @@ def _window(text: str | None) -> tuple[int, int] | None:
 def ablate(
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
     target: Annotated[list[str], typer.Option("--target", help="Head address, layer, block or ResNet block (repeatable).")] = [],  # noqa: B006
-    level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet (repeatable).")] = [],  # noqa: B006
+    level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet, token (repeatable).")] = [],  # noqa: B006
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero",
     model: ModelOpt = "embedded",
     data: Annotated[str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "faces",
@@ -222,16 +222,20 @@ def ablate(
     sample: Annotated[int, typer.Option("--sample", help="Also sample N images (DDIM) with each target zero-ablated.")] = 0,
     sample_steps: Annotated[int, typer.Option("--sample-steps")] = 50,
     window: Annotated[str | None, typer.Option("--window", help="Ablate only at sampling timesteps LO,HI.")] = None,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
-    """Ablate chosen heads, layers, blocks or ResNet blocks and measure the paired degradation."""
+    """Ablate chosen heads, layers, blocks, ResNet blocks or prompt tokens and measure the paired degradation."""
     from diffcircuit.protocol.ablate import AblateConfig, run_ablations
     from diffcircuit.protocol.config import parse_timesteps
 
     if n < 1 or batch_size < 1:
         raise DiffcircuitError("--n and --batch-size must be at least 1")
-    cfg = AblateConfig(model=model, allow_pickle=allow_pickle, data=data, n=n, timesteps=parse_timesteps(timesteps),
+    cfg = AblateConfig(model=model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
+                       class_label=class_label, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                        names=tuple(target), levels=tuple(level), sample=sample, sample_steps=sample_steps,
                        window=_window(window))

@@ -403,8 +403,8 @@ def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, c
     for args in (["info", "--model", str(folder)], ["run", "--out", str(tmp_path / "run"), "--model", str(folder)]):
         code, _, err = _run(args, capsys)
         assert code == 1 and "give --prompt-embeds" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run(["ablate", "--out", str(tmp_path / "ab"), "--model", str(folder), "--level", "head"], capsys)
-    assert code == 1 and "is conditional (encoder_hidden_states)" in err  # the other commands stay unconditional
+    code, _, err = _run(["discover", "--out", str(tmp_path / "ab"), "--model", str(folder)], capsys)
+    assert code == 1 and "is conditional (encoder_hidden_states)" in err  # discover stays unconditional
     assert not (tmp_path / "run").exists() and not (tmp_path / "ab").exists()
     save_file({"prompt_embeds": torch.randn(5, 24)}, str(tmp_path / "embeds.safetensors"))
     code, out, _ = _run(["info", "--json", "--model", str(folder), "--prompt-embeds", str(tmp_path / "embeds.safetensors")],

@@ -169,6 +169,33 @@ def test_run_completes_on_a_pixart_transformer_with_prompt_embeddings(pixart_fol
     assert set(heads.n_keys) == {64, 5} and (out / "tables" / "token_heatmaps.parquet").exists()
 
 
+def test_ablating_a_prompt_token_equals_dropping_it_from_the_prompt(text_pipeline, tmp_path):
+    import numpy as np
+
+    from diffcircuit.data.spec import load_images
+    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
+    from diffcircuit.models.loading import load_conditioned
+
+    out = tmp_path / "ab"
+    assert main(["ablate", "--out", str(out), "--model", str(text_pipeline), "--prompt", "ab", "--data", "synthetic",
+                 "--n", "2", "--timesteps", "300", "--level", "token", "--quiet"]) == 0
+    table = pd.read_parquet(out / "tables" / "ablations.parquet")
+    assert sorted(set(table.target)) == ["token:0", "token:1", "token:2", "token:3"]  # <start> a b </w>-end
+    den = load_conditioned(str(text_pipeline), prompt="ab")
+    enc = den.conditioning.kwargs["encoder_hidden_states"]
+    x0 = torch.from_numpy(np.asarray(load_images("synthetic", n=2, size=16, channels=3).images))
+    eps = batch_noise(x0.shape[1:], seed=0, dataset="synthetic", images=np.arange(2), timestep=300)
+    t = torch.full((2,), 300)
+    x_t = add_noise(x0, eps, t, den.alphas_cumprod)
+    for j in (1, 3):
+        dropped = torch.cat([enc[:, :j], enc[:, j + 1:]], 1).expand(2, -1, -1)
+        with torch.no_grad():
+            mse = eps_mse_per_image(den.eps_hat(den.network(x_t, t, encoder_hidden_states=dropped).sample, x_t, t), eps)
+        rows = table[table.target == f"token:{j}"].sort_values("image")
+        np.testing.assert_allclose(rows.mse_intervened, mse.double().numpy(), rtol=1e-4)
+
+
 def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(dit_folder, small_model_dir_module,
                                                                                tmp_path, capsys):
     for model, extra, words in ((small_model_dir_module, ["--prompt", "x"], "is unconditional"),

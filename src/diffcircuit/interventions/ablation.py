@@ -7,6 +7,8 @@ Targets (``Target.level``):
   connection remain, so the layer then adds only a constant);
 - ``block``: every head of every attention layer in one UNet block (``down_blocks.1``, ``mid_block``…);
 - ``resnet``: one ResNet block's residual branch r, in out = (shortcut(x) + r) / output_scale_factor;
+- ``token``: one prompt token (key ``j`` of every cross-attention head), named ``token:j``: removed from
+  every cross-attention softmax (zero ablation only; equal to dropping it from the prompt's embeddings);
 - ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
   component of the same number of heads.
 
@@ -38,7 +40,7 @@ from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
 __all__ = ["LEVELS", "METHODS", "Target", "random_head_sets", "resnet_blocks", "resnet_intervention", "targets"]
 
-LEVELS = ("head", "layer", "block", "resnet")
+LEVELS = ("head", "layer", "block", "resnet", "token")
 METHODS = ("zero", "mean", "resample", "noise")
 
 
@@ -70,8 +72,9 @@ def resnet_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ResnetBlock2D)]
 
 
-def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = None) -> list[Target]:
-    """Every target of one level, in data-flow order."""
+def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = None,
+            tokens: tuple[str, ...] = ()) -> list[Target]:
+    """Every target of one level, in data-flow order (``tokens``: the prompt's tokens, for level ``token``)."""
     if level == "head":
         return [Target(level="head", name=str(a), heads=(a,)) for a in registry]
     if level == "layer":
@@ -84,6 +87,9 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
         if model is None:
             raise ValueError("resnet targets need the model")
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
+    if level == "token":
+        cross = tuple(a for a in registry if registry.layer(a.layer).kind == "cross")
+        return [Target(level="token", name=f"token:{j}", heads=cross) for j in range(len(tokens))] if cross else []
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 
 

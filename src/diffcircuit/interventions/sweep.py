@@ -79,6 +79,12 @@ def _replacement(method: str, key: str, index: int | None, ref: ActivationMoment
 
 def _intervened(net, registry, target: Target, method, ref, partner, draw, resnet_modules, forward_from):
     """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
+    if target.level == "token":
+        if method != "zero":
+            raise ValueError("a token can only be zero-ablated (removed from the softmax)")
+        token = int(target.name.split(":")[1])
+        with instrument(net, registry=registry, token_scales={a: {token: 0.0} for a in target.heads}):
+            return forward_from(list(dict.fromkeys(a.layer for a in target.heads)))
     if target.level == "resnet":
         value = _replacement(method, target.name, None, ref, partner, draw)
         replace = (lambda r: torch.zeros_like(r)) if method == "zero" else (lambda r: value.to(r).expand_as(r))

@@ -198,8 +198,8 @@ def load_unconditional(source: str = EMBEDDED_MODEL, **kwargs) -> Denoiser:
     needs = needed_inputs(den.network)
     if needs:
         raise DiffcircuitError(f"model {source!r} ({type(den.network).__name__}) is conditional ({', '.join(needs)}); "
-                               "this command analyses unconditional denoisers: `diffcircuit run` and `info` take "
-                               "--prompt / --prompt-embeds / --class-label")
+                               "this command analyses unconditional denoisers: run, info, ablate, cache and guidance "
+                               "take --prompt / --prompt-embeds / --class-label")
     return den
 
 

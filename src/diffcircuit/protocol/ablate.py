@@ -14,7 +14,7 @@ from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import load_unconditional
+from diffcircuit.models.loading import load_conditioned
 from diffcircuit.protocol.store import write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
@@ -24,6 +24,9 @@ __all__ = ["AblateConfig", "run_ablations"]
 class AblateConfig:
     model: str = "embedded"
     allow_pickle: bool = False
+    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional branch)
+    prompt_embeds: str | None = None
+    class_label: int | None = None
     data: str = "faces"
     n: int = 16
     timesteps: tuple[int, ...] = (500,)
@@ -37,19 +40,22 @@ class AblateConfig:
     window: tuple[int, int] | None = None  # ablate only at sampling steps with timestep in [lo, hi]
 
 
-def _chosen(cfg: AblateConfig, registry, model) -> list[Target]:
+def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list[Target]:
     bad = [lv for lv in cfg.levels if lv not in LEVELS]
     if bad:
         raise DiffcircuitError(f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}")
-    chosen = [t for lv in cfg.levels for t in targets(registry, lv, model)]
-    every = {t.name: t for lv in LEVELS for t in targets(registry, lv, model)}
+    chosen = [t for lv in cfg.levels for t in targets(registry, lv, model, tokens)]
+    every = {t.name: t for lv in LEVELS for t in targets(registry, lv, model, tokens)}
     for name in cfg.names:
         if name not in every:
-            raise DiffcircuitError(f"{name!r} is not a head address, attention layer, block or ResNet block of this "
-                                   "model; `diffcircuit info` lists them")
+            raise DiffcircuitError(f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
+                                   "token (token:J) of this model; `diffcircuit info` lists them")
         chosen.append(every[name])
     if not chosen:
-        raise DiffcircuitError("nothing to ablate: give --target NAME (repeatable) or --level head|layer|block|resnet")
+        raise DiffcircuitError("nothing to ablate: give --target NAME (repeatable) or --level head|layer|block|resnet|token"
+                               " (token: a model with a prompt)")
+    if any(t.level == "token" for t in chosen) and set(cfg.methods) != {"zero"}:
+        raise DiffcircuitError("prompt tokens can only be zero-ablated: use --methods zero")
     return list({t.name: t for t in chosen}.values())
 
 
@@ -60,13 +66,16 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise DiffcircuitError(f"methods must be among {', '.join(METHODS)}; got {list(cfg.methods)}")
-    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
+                           class_label=cfg.class_label)
+    if den.conditioning is not None and cfg.sample > 0:
+        raise DiffcircuitError("--sample is for unconditional models; sampling conditional ones is not supported yet")
     n_train = den.scheduler.config.num_train_timesteps
     if any(not 0 <= t < n_train for t in cfg.timesteps):
         raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")
     images = load_images(cfg.data, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
-    chosen = _chosen(cfg, registry, den.network)
+    chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
                            seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
                            progress=progress)
