@@ -81,12 +81,13 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
         side = int(round(q.shape[1] ** 0.5))
         if side * side != q.shape[1] or k.shape[1] != q.shape[1]:
             raise ValueError(f"{address.layer} is not self-attention on a square grid")
-        probs = _head_probs(modules[address.layer], q, k, address.head)
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
+            at = row * side + col  # only this query's row of the softmax is needed, not all N x N
+            probs = _head_probs(modules[address.layer], q[i:i + 1, at:at + 1], k[i:i + 1], address.head)
             rows.append({"dataset": dataset, "image": i, "timestep": timestep, "layer": address.layer,
                          "head": address.head, "grid": side, "query_y": row, "query_x": col,
-                         "map": probs[i, row * side + col].float().cpu().numpy()})
+                         "map": probs[0, 0].float().cpu().numpy()})
     return pd.DataFrame(rows)
 
 
