@@ -434,9 +434,7 @@ def cache(
     steps = parse_timesteps(timesteps)
     den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                            class_label=class_label)
-    bad = [t for t in steps if not 0 <= t < den.scheduler.config.num_train_timesteps]
-    if bad:
-        raise DiffcircuitError(f"timesteps {bad} are outside the model's 0..{den.scheduler.config.num_train_timesteps - 1}")
+    den.check_timesteps(steps)
     images = load_images(data, n=n, size=den.sample_size, channels=den.in_channels, seed=seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = [registry.layer(name).layer for name in layers or []] or None

@@ -1,5 +1,5 @@
-"""Instrumentation beyond UNet2DModel: a text-conditioned UNet (self- and cross-attention heads) and a
-class-conditional DiT.
+"""Instrumentation beyond UNet2DModel: a text-conditioned UNet (self- and cross-attention heads), a
+class-conditional DiT, a PixArt-style transformer and SD3's joint attention.
 
 Registry kinds and query grids (token sequences mapped back onto the image grid), idle exactness,
 fused = naive capture, and the cross-attention entropy against a plain-PyTorch reference. The commands
@@ -102,21 +102,105 @@ def test_dit_idle_exactness_and_fused_equals_naive():
         torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
 
 
-def test_joint_attention_is_refused_rather_than_computed_wrongly():
+@pytest.fixture(scope="module")
+def joint():
+    """A tiny SD3 transformer (joint attention; qk RMS norms; block 0 also has a second, image-only attention)."""
     from diffusers import SD3Transformer2DModel
 
-    from diffcircuit.errors import DiffcircuitError
-    from diffcircuit.instrument.registry import HeadRegistry
-
     torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).eval()
-    assert {i.kind for i in HeadRegistry.from_model(net).layers} == {"joint"}  # the registry knows what it is
-    with pytest.raises(DiffcircuitError, match="JointAttnProcessor2_0"):
-        with instrument(net):
-            pass
-    assert all(type(m.processor).__name__ == "JointAttnProcessor2_0" for _, m in attention_modules(net))  # untouched
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8, qk_norm="rms_norm",
+                                dual_attention_layers=(0,)).eval()
+    for name, p in net.named_parameters():  # the norms start at 1: perturb them so a skipped norm shows
+        if "norm_" in name:
+            p.data.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 16, generator=g), pooled_projections=torch.randn(2, 8, generator=g))
+    return net, torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0]), kw
+
+
+def _joint_qk(net, layer, x, t, kw):
+    """Plain reference: a joint layer's per-head queries of the image and keys [image | text], normalised as SD3 does."""
+    attn = dict(attention_modules(net))[layer]
+    seen = {}
+    hooks = [getattr(attn, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o))
+             for n in ("to_q", "to_k", "add_k_proj")]
+    with torch.no_grad():
+        net(x, timestep=t, **kw)
+    for h in hooks:
+        h.remove()
+    split = lambda y: y.view(y.shape[0], -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+    q = attn.norm_q(split(seen["to_q"]))
+    k = torch.cat([attn.norm_k(split(seen["to_k"])), attn.norm_added_k(split(seen["add_k_proj"]))], dim=2)
+    return q, k
+
+
+def test_joint_attention_registry_idle_exactness_fused_naive_and_a_plain_reference(joint):
+    net, x, t, kw = joint
+    registry = probe_registry(net, x, t, **kw)
+    assert [(i.layer, i.kind, i.query_grid, i.n_keys) for i in registry.layers] == [
+        ("transformer_blocks.0.attn", "joint", (4, 4), 16 + 5), ("transformer_blocks.0.attn2", "self", (4, 4), 16),
+        ("transformer_blocks.1.attn", "joint", (4, 4), 16 + 5)]
+    feats = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net(x, timestep=t, **kw).sample
+        with instrument(net, registry=registry):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+        captured = {}
+        for method in ("fused", "naive"):
+            with instrument(net, registry=registry, capture=True, method=method, key_features=lambda grid: feats) as s:
+                torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)  # capturing changes nothing
+            captured[method] = {stat: s.pop(stat) for stat in ("entropy_nats", "moments")}
+    for stat in ("entropy_nats", "moments"):
+        for layer in captured["fused"][stat]:
+            torch.testing.assert_close(captured["fused"][stat][layer], captured["naive"][stat][layer], atol=1e-4, rtol=0)
+    # reference: the image queries' softmax over all keys; moments of its image part renormalised
+    layer = "transformer_blocks.1.attn"
+    q, k = _joint_qk(net, layer, x, t, kw)
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # [batch, heads, 16, 21]
+    entropy = -(p * p.log()).sum(-1).mean(-1)
+    torch.testing.assert_close(captured["fused"]["entropy_nats"][layer], entropy, atol=1e-4, rtol=0)
+    image = p[..., :16] / p[..., :16].sum(-1, keepdim=True)
+    f = torch.cat([torch.ones(2, 1, 16), feats.flatten(2)], 1)  # [batch, 1 + channels, keys]
+    moments = torch.einsum("bhqk,bfk,bgq->bhgf", image, f, f) / 16  # M[g, f] = mean_i g_i Σ_j p_ij f_j
+    torch.testing.assert_close(captured["fused"]["moments"][layer], moments, atol=1e-4, rtol=0)
+
+
+def test_zero_ablating_a_joint_head_equals_zeroing_its_columns_of_both_output_projections(joint):
+    import copy
+
+    net, x, t, kw = joint
+    layer, head, d = "transformer_blocks.0.attn", 1, 8
+    edited = copy.deepcopy(net)
+    attn = dict(attention_modules(edited))[layer]
+    with torch.no_grad():
+        for proj in (attn.to_out[0], attn.to_add_out):  # the head's slice enters the image and the text stream
+            proj.weight[:, head * d:(head + 1) * d] = 0
+        expected = edited(x, timestep=t, **kw).sample
+        with instrument(net, zero_heads=[f"{layer}:{head}"]):
+            out = net(x, timestep=t, **kw).sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert (out - net(x, timestep=t, **kw).sample).abs().max() > 1e-3  # the ablation did something
+
+
+def test_removing_a_text_token_from_every_joint_softmax_equals_dropping_it_from_the_prompt(joint):
+    net, x, t, kw = joint
+    registry = probe_registry(net, x, t, **kw)
+    token = 2
+    scales = {str(a): {token: 0.0} for a in registry if registry.layer(str(a.layer)).kind == "joint"}
+    dropped = dict(kw, encoder_hidden_states=torch.cat([kw["encoder_hidden_states"][:, :token],
+                                                         kw["encoder_hidden_states"][:, token + 1:]], 1))
+    with torch.no_grad():
+        expected = net(x, timestep=t, **dropped).sample
+        with instrument(net, registry=registry, token_scales=scales):
+            out = net(x, timestep=t, **kw).sample
+        half = {a: {token: 0.5} for a in scales}
+        with instrument(net, registry=registry, token_scales=half):  # reweighting lies between
+            between = net(x, timestep=t, **kw).sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    full = net(x, timestep=t, **kw).sample
+    assert 0 < (between - full).abs().max() < (out - full).abs().max()
 
 
 def test_pixart_style_transformer_registry_idle_exactness_and_fused_equals_naive():

@@ -305,7 +305,7 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
     (["--taus", "0.02,0.1"], "must include the primary"),
     (["--taus", "a,b"], "--taus must be comma-separated numbers"),
     (["--n", "1"], "need --n >= 2"),
-    (["--timesteps", "5000"], "timesteps must lie in"),
+    (["--timesteps", "5000"], "outside the model's"),
     (["--timesteps", "100,500", "--window", "100,900"], "every window must be"),
 ])
 def test_discover_refuses_bad_input_in_one_line_and_writes_nothing(small_model_dir, tmp_path, capsys, args, message):

@@ -46,15 +46,16 @@ def text_pipeline(tmp_path_factory, text_unet):
     return root
 
 
-def _transformer_folder(root, net, pipeline: str):
-    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/, model_index.json."""
+def _transformer_folder(root, net, pipeline: str, scheduler=None):
+    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/ (DDPM by default), model_index.json."""
     from diffusers import DDPMScheduler
 
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
     net.save_pretrained(root / "transformer", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    scheduler.save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": pipeline, "transformer": ["diffusers", type(net).__name__],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
+        "scheduler": ["diffusers", type(scheduler).__name__]}))
     return root
 
 
@@ -111,20 +112,43 @@ def test_info_lists_a_pixart_transformer_with_self_and_cross_layers(pixart_folde
     assert [(l["kind"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", [8, 8], 64), ("cross", [8, 8], 5)] * 2
 
 
-def test_info_lists_the_joint_layers_of_sd3_and_run_refuses_them_in_one_line(tmp_path, capsys):
-    from diffusers import SD3Transformer2DModel
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    """A tiny SD3 pipeline folder: joint attention, a flow-matching scheduler, and precomputed prompt embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                 pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
-    folder = _transformer_folder(tmp_path / "tiny-sd3", net, "StableDiffusion3Pipeline")
-    info = _info(capsys, "--model", str(folder))
+    root = _transformer_folder(tmp_path_factory.mktemp("sd3") / "tiny-sd3", net, "StableDiffusion3Pipeline",
+                               FlowMatchEulerDiscreteScheduler(shift=3.0))
+    save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
+              str(root.parent / "embeds.safetensors"))
+    return root
+
+
+def test_sd3_info_lists_joint_layers_and_run_completes_with_joint_heads_analysed(sd3_folder, tmp_path, capsys):
+    embeds = str(sd3_folder.parent / "embeds.safetensors")
+    info = _info(capsys, "--model", str(sd3_folder), "--prompt-embeds", embeds)
     assert info["class"] == "SD3Transformer2DModel"
-    assert [(l["kind"], l["heads"]) for l in info["layers"]] == [("joint", 2)] * 2
-    assert _run(folder, tmp_path / "run") != 0
+    assert [(l["kind"], l["heads"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("joint", 2, [4, 4], 16 + 5)] * 2
+    assert _run(sd3_folder, tmp_path / "run", "--prompt-embeds", embeds) == 0
+    tables = tmp_path / "run" / "tables"
+    heads = pd.read_parquet(tables / "head_metrics.parquet")
+    assert set(heads.n_keys) == {21} and heads.distance_px.notna().all()  # spatial probes on the image keys
+    assert heads.entropy_norm.between(0, 1).all()
+    ablations = pd.read_parquet(tables / "ablations.parquet")
+    assert {"head", "layer"} <= set(ablations.level)
+    assert set(pd.read_parquet(tables / "token_maps.parquet").token) == set(range(5))  # DAAM maps from joint heads
+    assert len(pd.read_parquet(tables / "gallery.parquet"))
+
+
+def test_sd3_without_prompt_embeddings_is_refused_in_one_line(sd3_folder, tmp_path, capsys):
+    assert _run(sd3_folder, tmp_path / "run") != 0
     err = capsys.readouterr().err
-    assert "JointAttnProcessor2_0" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert "--prompt-embeds" in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def _run(model, out, *extra) -> int:

@@ -10,12 +10,21 @@ it also
   mixes heads, and replaces slices with given values there (zero ablation: the slice is set to 0;
   mean, resample, noise and activation patching put other tensors in its place), and
 - reweights chosen keys (prompt tokens) in chosen heads by an additive bias on their logits.
+
+``InstrumentedJointAttnProcessor`` does the same for SD3's joint attention (``JointAttnProcessor2_0``):
+image and text tokens are projected separately, attend together over the concatenated keys
+[image | text], and are split again after. A joint head's statistics are those of its *image* queries:
+entropy and perplexity over all keys (image and text), and the spatial moments of its attention
+renormalised over the image keys (where in the image it looks, given that it looks at the image; an
+extra fused call over the image keys alone). Interventions act on the head's whole output slice,
+image and text queries alike; token reweighting addresses text token j as key n_image + j.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 
 from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
@@ -23,7 +32,7 @@ from diffcircuit.instrument.capture import attention_stats_fused, attention_stat
 if TYPE_CHECKING:  # pragma: no cover
     from diffcircuit.instrument.session import InstrumentSession
 
-__all__ = ["InstrumentedAttnProcessor"]
+__all__ = ["InstrumentedAttnProcessor", "InstrumentedJointAttnProcessor"]
 
 
 class InstrumentedAttnProcessor:
@@ -78,16 +87,25 @@ class InstrumentedAttnProcessor:
             session._record(self.layer, name, values)
         return out
 
+    def _with_bias(self, mask, heads: int, n_keys: int, query, offset: int = 0):
+        """``mask`` plus the token interventions' additive bias on the chosen heads' logits (if any)."""
+        bias = self.session.key_bias(self.layer, heads, n_keys, query, offset=offset)
+        if bias is None:
+            return mask
+        return bias.to(query.dtype) if mask is None else mask + bias.to(mask.dtype)
+
+    def _merged(self, out, heads: int, dtype):
+        """Cache/patch the per-head output ``[batch, heads, q_pos, d]``, then merge heads: ``[batch, q_pos, heads*d]``."""
+        out = self.session._head_outputs(self.layer, out)
+        return out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1]).to(dtype)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.session._note_geometry(self.layer, shape, key.shape[2])
-        bias = self.session.key_bias(self.layer, attn.heads, key.shape[2], query)
-        if bias is not None:  # token interventions: an additive bias on the chosen heads' logits
-            mask = bias.to(query.dtype) if mask is None else mask + bias.to(mask.dtype)
+        mask = self._with_bias(mask, attn.heads, key.shape[2], query)
         out = self._attend(query, key, value, mask, shape)
-        out = self.session._head_outputs(self.layer, out)  # [batch, heads, q_pos, d]: cache and/or patch
         batch = out.shape[0]
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = self._merged(out, attn.heads, query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if len(shape) == 4:
@@ -95,3 +113,54 @@ class InstrumentedAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
+    """Follows diffusers' ``JointAttnProcessor2_0`` (SD3) step for step; see the module docstring."""
+
+    @staticmethod
+    def _heads(x, proj, norm, heads: int):
+        batch = x.shape[0]
+        y = proj(x)
+        y = y.view(batch, -1, heads, y.shape[-1] // heads).transpose(1, 2)  # [batch, heads, pos, d]
+        return norm(y) if norm is not None else y
+
+    def _attend_joint(self, query, key, value, mask, shape, n_image: int):
+        """Output ``[batch, heads, q_pos, d]``; captures statistics of the image queries (module docstring)."""
+        session = self.session
+        if not session.captures(self.layer) or query.shape[2] == n_image:
+            return self._attend(query, key, value, mask, shape)
+        stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
+        scale = query.shape[-1] ** -0.5
+        rows = None if mask is None else mask[:, :, :n_image]
+        image_out, stats = stats_fn(query[:, :, :n_image], key, value, rows, scale, None)
+        feats = session.features_for(shape, n_image)  # [batch, image keys, channels] or None
+        if feats is not None:  # moments of the attention renormalised over the image keys
+            image_rows = None if mask is None else rows[..., :n_image]
+            _, spatial = stats_fn(query[:, :, :n_image], key[:, :, :n_image], value[:, :, :n_image], image_rows, scale, feats)
+            stats["moments"] = spatial["moments"]
+        for name, values in stats.items():
+            session._record(self.layer, name, values)
+        text_rows = None if mask is None else mask[:, :, n_image:]
+        text_out = F.scaled_dot_product_attention(query[:, :, n_image:], key, value, attn_mask=text_rows)
+        return torch.cat([image_out, text_out.to(image_out.dtype)], dim=2)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        n_image = hidden_states.shape[1]  # [batch, image tokens, channels]
+        query = self._heads(hidden_states, attn.to_q, attn.norm_q, attn.heads)
+        key = self._heads(hidden_states, attn.to_k, attn.norm_k, attn.heads)
+        value = self._heads(hidden_states, attn.to_v, None, attn.heads)
+        if encoder_hidden_states is not None:  # text tokens, projected by the context projections, appended
+            query = torch.cat([query, self._heads(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q, attn.heads)], 2)
+            key = torch.cat([key, self._heads(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k, attn.heads)], 2)
+            value = torch.cat([value, self._heads(encoder_hidden_states, attn.add_v_proj, None, attn.heads)], 2)
+        self.session._note_geometry(self.layer, hidden_states.shape, key.shape[2])
+        mask = self._with_bias(None, attn.heads, key.shape[2], query, offset=n_image)  # the default ignores masks
+        out = self._attend_joint(query, key, value, mask, hidden_states.shape, n_image)
+        out = self._merged(out, attn.heads, query.dtype)  # [batch, image + text, heads*d]
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        image, text = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text

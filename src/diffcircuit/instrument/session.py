@@ -18,13 +18,14 @@ from contextlib import contextmanager
 import torch
 
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.processor import InstrumentedAttnProcessor
+from diffcircuit.instrument.processor import InstrumentedAttnProcessor, InstrumentedJointAttnProcessor
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 
 __all__ = ["InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
 
-# processors whose computation InstrumentedAttnProcessor reproduces exactly (it follows AttnProcessor2_0)
-_REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "InstrumentedAttnProcessor")
+# processors whose computation diffcircuit reproduces exactly, and the instrumented processor that does
+_REPLACEMENTS = {"AttnProcessor2_0": InstrumentedAttnProcessor, "AttnProcessor": InstrumentedAttnProcessor,
+                 "JointAttnProcessor2_0": InstrumentedJointAttnProcessor}
 
 KeyFeatures = Callable[[tuple[int, int]], torch.Tensor]  # grid (h, w) -> [batch, channels, h, w]
 
@@ -78,19 +79,20 @@ class InstrumentSession:
     def captures(self, layer: str) -> bool:
         return self.capture
 
-    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor) -> torch.Tensor | None:
+    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
         """Additive logit bias ``[1, heads, 1, n_keys]`` reweighting keys (tokens) in chosen heads: adding
         log w to a key's logits multiplies its attention by w before the softmax renormalises (w = 0
-        removes the key). None when this layer has no token intervention."""
+        removes the key). Token j is key ``offset + j`` (joint attention: the text keys follow the image's).
+        None when this layer has no token intervention."""
         chosen = self._token_scales.get(layer)
         if not chosen:
             return None
         bias = torch.zeros(1, heads, 1, n_keys, dtype=torch.float32, device=like.device)
         for head, tokens in chosen.items():
             for token, weight in tokens.items():
-                if not 0 <= token < n_keys:
-                    raise ValueError(f"{layer} has keys 0..{n_keys - 1}; cannot reweight key {token}")
-                bias[0, head, 0, token] = math.log(weight) if weight > 0 else -math.inf
+                if not 0 <= offset + token < n_keys or token < 0:
+                    raise ValueError(f"{layer} has tokens 0..{n_keys - offset - 1}; cannot reweight token {token}")
+                bias[0, head, 0, offset + token] = math.log(weight) if weight > 0 else -math.inf
         return bias
 
     def grid_of(self, shape: torch.Size) -> tuple[int, int] | None:
@@ -213,13 +215,18 @@ def instrument(
                                 token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()})
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
+    kinds = []
     for (name, _), original in zip(modules, originals):
-        if type(original).__name__ not in _REPLACEABLE:
-            raise DiffcircuitError(f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet "
-                                   "(joint attention of SD3/Flux is open work); its heads cannot be instrumented")
+        kind = _REPLACEMENTS.get(type(original).__name__)
+        if isinstance(original, InstrumentedAttnProcessor):  # already instrumented (nested): same kind again
+            kind = type(original)
+        if kind is None:
+            raise DiffcircuitError(f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet; "
+                                   "its heads cannot be instrumented")
+        kinds.append(kind)
     try:
-        for name, module in modules:
-            module.set_processor(InstrumentedAttnProcessor(name, session))
+        for (name, module), kind in zip(modules, kinds):
+            module.set_processor(kind(name, session))
         yield session
     finally:
         for (_, module), original in zip(modules, originals):

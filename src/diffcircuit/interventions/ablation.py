@@ -7,8 +7,9 @@ Targets (``Target.level``):
   connection remain, so the layer then adds only a constant);
 - ``block``: every head of every attention layer in one UNet block (``down_blocks.1``, ``mid_block``…);
 - ``resnet``: one ResNet block's residual branch r, in out = (shortcut(x) + r) / output_scale_factor;
-- ``token``: one prompt token (key ``j`` of every cross-attention head), named ``token:j``: removed from
-  every cross-attention softmax (zero ablation only; equal to dropping it from the prompt's embeddings);
+- ``token``: one prompt token (key ``j`` of every cross-attention head, or text key ``j`` of every joint one),
+  named ``token:j``: removed from every such softmax (zero ablation only; equal to dropping it from the
+  prompt's embeddings — in joint attention too, where nothing then reads the token's own stream);
 - ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
   component of the same number of heads.
 
@@ -88,7 +89,7 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
             raise ValueError("resnet targets need the model")
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     if level == "token":
-        cross = tuple(a for a in registry if registry.layer(a.layer).kind == "cross")
+        cross = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint"))
         return [Target(level="token", name=f"token:{j}", heads=cross) for j in range(len(tokens))] if cross else []
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 

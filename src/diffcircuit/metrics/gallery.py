@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
+from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.diffusion import add_noise, model_device
 
@@ -34,7 +34,8 @@ def object_queries(masks: np.ndarray | None, n: int, size: int) -> list[tuple[fl
 
 def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timestep: int, seed: int,
                  dataset: str) -> dict[tuple[str, str], torch.Tensor]:
-    """``to_q`` / ``to_k`` outputs ``[B, N, heads*d]`` of ``layers`` on the noised ``images`` (one forward)."""
+    """``to_q`` / ``to_k`` outputs ``[B, N, heads*d]`` of ``layers`` on the noised ``images`` (one forward), and
+    ``add_k_proj`` (the text keys) of joint-attention layers."""
     net = denoiser.network
     modules = dict(attention_modules(net))
     device = model_device(net)
@@ -44,7 +45,8 @@ def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timeste
     records: dict[tuple[str, str], torch.Tensor] = {}
     handles = []
     for layer in layers:
-        for part in ("to_q", "to_k"):
+        parts = ("to_q", "to_k") + (("add_k_proj",) if layer_kind(modules[layer]) == "joint" else ())
+        for part in parts:
             def hook(module, args, output, key=(layer, part)):
                 records[key] = output.detach().float()
             handles.append(getattr(modules[layer], part).register_forward_hook(hook))
@@ -56,12 +58,20 @@ def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timeste
     return records
 
 
-def _head_probs(attn, q: torch.Tensor, k: torch.Tensor, head: int) -> torch.Tensor:
-    """softmax(q_h · K_hᵀ / √d) of one head: ``[B, N_q, N_k]`` (float64)."""
-    d = q.shape[-1] // attn.heads
-    qh, kh = q[..., head * d:(head + 1) * d], k[..., head * d:(head + 1) * d]
+def _head_probs(attn, records: dict, layer: str, head: int, rows=slice(None)) -> torch.Tensor:
+    """softmax(q_h · K_hᵀ / √d) of one head for the queries ``rows``: ``[B, N_q, N_k]`` (float64). Keys of a
+    joint-attention layer are [image | text], each normalised by its own norm, as the processor does."""
+    d = records[(layer, "to_q")].shape[-1] // attn.heads
+
+    def part(name):
+        return records[(layer, name)][..., head * d:(head + 1) * d]
+
+    qh, kh = part("to_q")[:, rows], part("to_k")
     if attn.norm_q is not None:
         qh, kh = attn.norm_q(qh), attn.norm_k(kh)
+    if (layer, "add_k_proj") in records:
+        text = part("add_k_proj")
+        kh = torch.cat([kh, attn.norm_added_k(text) if attn.norm_added_k is not None else text], 1)
     return torch.softmax((qh @ kh.transpose(-1, -2)).double() * d ** -0.5, -1)  # SDPA's default scale
 
 
@@ -70,47 +80,50 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
                    queries: Sequence[tuple[float, float]], seed: int = 0, dataset: str = "a") -> pd.DataFrame:
     """One row per image x head: the attention map (keys on the layer's grid, row-major) from ``queries[i]``.
 
-    Self-attention layers on a square grid only. Images are noised as everywhere else (per-image seeded noise).
+    Self- and joint-attention layers on a square grid only; a joint head's map is the attention its image query
+    gives the image keys (the rest of the row goes to the text). Images are noised as everywhere else.
     """
     modules = dict(attention_modules(denoiser.network))
     records = _projections(denoiser, images, list(dict.fromkeys(a.layer for a in heads)), timestep=timestep, seed=seed,
                            dataset=dataset)
     rows = []
     for address in heads:
-        q, k = records[(address.layer, "to_q")], records[(address.layer, "to_k")]  # [B, N, heads*d]
-        side = int(round(q.shape[1] ** 0.5))
-        if side * side != q.shape[1] or k.shape[1] != q.shape[1]:
-            raise ValueError(f"{address.layer} is not self-attention on a square grid")
+        attn = modules[address.layer]
+        n = records[(address.layer, "to_q")].shape[1]  # query positions [B, N, heads*d]
+        side = int(round(n ** 0.5))
+        if side * side != n or layer_kind(attn) == "cross":
+            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid")
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N
-            probs = _head_probs(modules[address.layer], q[i:i + 1, at:at + 1], k[i:i + 1], address.head)
+            probs = _head_probs(attn, records, address.layer, address.head, rows=slice(at, at + 1))[i, 0, :n]
             rows.append({"dataset": dataset, "image": i, "timestep": timestep, "layer": address.layer,
                          "head": address.head, "grid": side, "query_y": row, "query_x": col,
-                         "map": probs[0, 0].float().cpu().numpy()})
+                         "map": probs.float().cpu().numpy()})
     return pd.DataFrame(rows)
 
 
 @torch.no_grad()
 def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: Sequence[str], timesteps: Sequence[int],
                seed: int = 0, dataset: str = "a") -> pd.DataFrame:
-    """DAAM-style cross-attention maps: one row per image x timestep x cross-attention head x prompt token,
+    """DAAM-style cross-attention maps: one row per image x timestep x cross- (or joint-) attention head x prompt token,
     with ``map`` the attention every query position gives that token (its column of the head's softmax over
     all keys, on the layer's query grid, row-major). ``tokens`` are the prompt's tokens (keys 0..len-1)."""
     modules = dict(attention_modules(denoiser.network))
-    cross = [i for i in registry.layers if i.kind == "cross" and i.query_grid]
+    cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid]
     rows = []
     for t in timesteps:
         records = _projections(denoiser, images, [i.layer for i in cross], timestep=t, seed=seed, dataset=dataset)
         for info in cross:
-            q, k = records[(info.layer, "to_q")], records[(info.layer, "to_k")]
+            n_image = info.query_grid[0] * info.query_grid[1]
+            first = n_image if info.kind == "joint" else 0  # joint keys are [image | text]
             for head in range(info.heads):
-                probs = _head_probs(modules[info.layer], q, k, head)  # [B, N_q, N_k]
-                for i in range(len(q)):
+                probs = _head_probs(modules[info.layer], records, info.layer, head)  # [B, N_q, N_k]
+                for i in range(len(probs)):
                     for j, text in enumerate(tokens):
                         rows.append({"dataset": dataset, "image": i, "timestep": int(t), "layer": info.layer,
                                      "head": head, "token": j, "text": text, "grid_h": info.query_grid[0],
-                                     "grid_w": info.query_grid[1], "map": probs[i, :, j].float().cpu().numpy()})
+                                     "grid_w": info.query_grid[1], "map": probs[i, :, first + j].float().cpu().numpy()})
     return pd.DataFrame(rows)
 
 

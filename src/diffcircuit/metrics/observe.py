@@ -63,6 +63,7 @@ def _layer_metrics(captured: dict, info, features: ProbeFeatures) -> dict[str, t
     else:
         out = metrics_from_moments(moments, uniform_moments(features(info.query_grid)), perplexity,
                                    grid=info.query_grid, has_masks=features.has_masks)
+        out["effective_keys_frac"] = perplexity / info.n_keys  # joint attention: its keys include the text's
     n_keys = info.n_keys or 1
     return {"entropy_nats": entropy, "entropy_norm": entropy / math.log(n_keys) if n_keys > 1 else entropy * math.nan} | out
 

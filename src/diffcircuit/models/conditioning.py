@@ -44,6 +44,8 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
     config = network.config
     if getattr(config, "cross_attention_dim", None) and "encoder_hidden_states" in params and "encoder_hidden_states" not in needs:
         needs.append("encoder_hidden_states")  # PixArt-style transformers: optional in the signature, needed in fact
+    if getattr(config, "pooled_projection_dim", None) and "pooled_projections" in params:  # SD3: text and its pooled summary
+        needs += [n for n in ("encoder_hidden_states", "pooled_projections") if n not in needs]
     labelled = getattr(config, "num_class_embeds", None) or (  # DiT: class labels drive its adaLN-Zero
         getattr(config, "num_embeds_ada_norm", None) and getattr(config, "norm_type", None) == "ada_norm_zero")
     if labelled and "class_labels" in params and "class_labels" not in needs:
@@ -100,20 +102,41 @@ def _class_labels(network: torch.nn.Module, class_label: int | None) -> Conditio
     return Conditioning({"class_labels": torch.tensor([class_label])}, f"class {class_label}")
 
 
-def _prompt_embeds(path: Path, dim: int) -> torch.Tensor:
+def _read_embeds(path: Path, name: str, dim: int, ndim: int) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file, ``[*shape, dim]`` with ``ndim`` axes after a batch axis of 1."""
     from safetensors.torch import load_file
 
     try:
-        embeds = load_file(str(path))["prompt_embeds"]
+        embeds = load_file(str(path))[name]
     except KeyError:
-        raise DiffcircuitError(f"{path} has no tensor named 'prompt_embeds'") from None
+        raise DiffcircuitError(f"{path} has no tensor named {name!r}") from None
     except Exception as exc:  # missing, unreadable or not safetensors
         raise DiffcircuitError(f"cannot read prompt embeddings from {path}: {str(exc).splitlines()[0]}") from None
-    embeds = embeds[None] if embeds.ndim == 2 else embeds
-    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != dim:
-        raise DiffcircuitError(f"prompt_embeds in {path} must be [tokens, {dim}] or [1, tokens, {dim}], "
+    embeds = embeds[None] if embeds.ndim == ndim else embeds
+    if embeds.ndim != ndim + 1 or embeds.shape[0] != 1 or embeds.shape[-1] != dim:
+        shape = "[tokens, dim]" if ndim == 2 else "[dim]"
+        raise DiffcircuitError(f"{name} in {path} must be {shape} with dim {dim} (a batch axis of 1 allowed), "
                                f"not {list(embeds.shape)}")
     return embeds.float()
+
+
+def _prompt_embeds(path: Path, dim: int) -> torch.Tensor:
+    return _read_embeds(path, "prompt_embeds", dim, 2)
+
+
+def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: str | None) -> Conditioning:
+    """SD3: the text tokens' embeddings and their pooled summary, both from a safetensors file (the pipeline's
+    ``encode_prompt`` output: ``prompt_embeds`` and ``pooled_prompt_embeds``). Its three text encoders are not
+    run here, and its unconditional input is the encoded empty prompt, not zeros: the embeddings are required."""
+    if prompt_embeds is None:
+        why = "--prompt is not encoded for it yet" if prompt is not None else "it has no built-in unconditional input"
+        raise DiffcircuitError(f"{type(network).__name__} needs --prompt-embeds FILE.safetensors (tensors prompt_embeds "
+                               f"and pooled_prompt_embeds, from its pipeline's encode_prompt): {why}")
+    config, path = network.config, Path(prompt_embeds)
+    embeds = _read_embeds(path, "prompt_embeds", int(config.joint_attention_dim), 2)
+    pooled = _read_embeds(path, "pooled_prompt_embeds", int(config.pooled_projection_dim), 1)
+    return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled},
+                        f"prompt embeddings from {prompt_embeds}", tuple(f"<{i}>" for i in range(embeds.shape[1])))
 
 
 def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -162,6 +185,8 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
         raise DiffcircuitError(f"{type(network).__name__} is text-conditioned: give --prompt or --prompt-embeds")
     if prompt is not None and prompt_embeds is not None:
         raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
+    if "pooled_projections" in needs:
+        return _joint_embeds(network, prompt_embeds, prompt)
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     extra = _added_conditions(network)
     if prompt_embeds is not None:

@@ -23,6 +23,7 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.conditioning import Conditioning, attach, make_conditioning, needed_inputs
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
+from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser"]
 
@@ -54,6 +55,16 @@ class Denoiser:
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
+
+    def check_timesteps(self, timesteps) -> None:
+        """Refuse timesteps outside the model's range, or where x₀ cannot be inferred (ᾱ = 0: pure noise)."""
+        n = int(self.scheduler.config.num_train_timesteps)
+        bad = [int(t) for t in timesteps if not 0 <= int(t) < n]
+        if not list(timesteps) or bad:
+            raise DiffcircuitError(f"timesteps {bad or '(none)'} are outside the model's 0..{n - 1}")
+        pure = [int(t) for t in timesteps if float(self.alphas_cumprod[int(t)]) == 0.0]
+        if pure:
+            raise DiffcircuitError(f"timesteps {pure} are pure noise for this model (ᾱ = 0): x₀ cannot be inferred there")
 
     def weights_sha256(self) -> str:
         """A hash of the network's weights (names, dtypes, shapes and bytes): which model a run analysed."""
@@ -151,13 +162,27 @@ def _network_class(folder: Path):
 
 
 def _load_scheduler(root: Path, network_folder: Path):
+    """The DDPM scheduler defining the model's noise levels, and the flow σ grid if it is a flow model.
+
+    Schedulers of the DDPM family (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...) share their β schedule,
+    which is all the analyses need; a flow-matching one becomes its exact DDPM equivalent (``models.flow``).
+    """
     from diffusers import DDPMScheduler
 
     for candidate in (root / "scheduler", network_folder, root):
-        config = candidate / "scheduler_config.json"
-        if config.exists():
-            return DDPMScheduler.from_pretrained(candidate)
-    return DDPMScheduler(num_train_timesteps=1000)
+        path = candidate / "scheduler_config.json"
+        if not path.exists():
+            continue
+        config = json.loads(path.read_text())
+        if is_flow_matching(config):
+            sigmas = flow_sigmas(config)
+            return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=flow_betas(sigmas).numpy(),
+                                 prediction_type="epsilon", clip_sample=False), sigmas
+        if "beta_schedule" not in config and "trained_betas" not in config:
+            raise DiffcircuitError(f"{path} defines {config.get('_class_name', 'a scheduler')}, which has no DDPM "
+                                   "noise schedule (β); diffcircuit analyses DDPM-family and flow-matching models")
+        return DDPMScheduler.from_pretrained(candidate), None
+    return DDPMScheduler(num_train_timesteps=1000), None
 
 
 def _check_finite(network: torch.nn.Module, folder: Path) -> None:
@@ -184,7 +209,9 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
         raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
-    scheduler = _load_scheduler(root, folder)
+    scheduler, sigmas = _load_scheduler(root, folder)
+    if sigmas is not None:  # a velocity-predicting flow model, wrapped into the ε-predicting DDPM it equals
+        attach_flow(network, sigmas)
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")

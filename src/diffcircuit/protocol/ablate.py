@@ -70,9 +70,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
                            class_label=cfg.class_label)
     if den.conditioning is not None and cfg.sample > 0:
         raise DiffcircuitError("--sample is for unconditional models; sampling conditional ones is not supported yet")
-    n_train = den.scheduler.config.num_train_timesteps
-    if any(not 0 <= t < n_train for t in cfg.timesteps):
-        raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")
+    den.check_timesteps(cfg.timesteps)
     images = load_images(cfg.data, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())

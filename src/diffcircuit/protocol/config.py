@@ -138,11 +138,6 @@ class RunConfig:
             return False
         return analysis != "discovery" or "mean" in self.ablation_methods
 
-    def check_timesteps(self, num_train_timesteps: int) -> None:
-        bad = [t for t in self.timesteps if not 0 <= t < num_train_timesteps]
-        if bad:
-            raise DiffcircuitError(f"timesteps {bad} are outside the model's 0..{num_train_timesteps - 1}")
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)

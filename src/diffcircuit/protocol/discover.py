@@ -109,9 +109,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
     cfg.validate()
     den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
-    n_train = den.scheduler.config.num_train_timesteps
-    if not cfg.timesteps or any(not 0 <= t < n_train for t in cfg.timesteps):
-        raise DiffcircuitError(f"timesteps must lie in 0..{n_train - 1}")
+    den.check_timesteps(cfg.timesteps)
     specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
     sets = {k: load_images(s, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed) for k, s in specs.items()}
     registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))

@@ -159,10 +159,10 @@ class _Job:
 
 def _gallery_heads(ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
     """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
-    ablation effect; else the most uniform), at timestep ``t``, among self-attention heads on a grid."""
-    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self-attention over a square query grid
-               if i.kind == "self" and i.query_grid and i.query_grid[0] == i.query_grid[1]
-               and i.query_grid[0] * i.query_grid[1] == i.n_keys]
+    ablation effect; else the most uniform), at timestep ``t``, among self- and joint-attention heads on a grid."""
+    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self/joint attention over a square query grid
+               if i.kind in ("self", "joint") and i.query_grid and i.query_grid[0] == i.query_grid[1]
+               and (i.kind == "joint" or i.query_grid[0] * i.query_grid[1] == i.n_keys)]
     heads = heads[heads.layer.isin(on_grid)]
     if ablations is not None:
         ablations = ablations[ablations.layer.isin(on_grid)]
@@ -203,7 +203,7 @@ def _token_maps(job: _Job, n_images: int = 3):
     every timestep, and their aggregate over layers, heads and timesteps; None without cross-attention."""
     ctx = job.ctx
     cond = ctx.den.conditioning
-    if cond is None or not cond.tokens or not any(i.kind == "cross" for i in ctx.registry.layers):
+    if cond is None or not cond.tokens or not any(i.kind in ("cross", "joint") for i in ctx.registry.layers):
         return None
 
     def compute():

@@ -65,7 +65,7 @@ class Context:
         den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.torch_device,
                                prompt=cfg.prompt or None, prompt_embeds=cfg.prompt_embeds or None,
                                class_label=None if cfg.class_label < 0 else cfg.class_label)
-        cfg.check_timesteps(den.scheduler.config.num_train_timesteps)
+        den.check_timesteps(cfg.timesteps)
         sets = {key: load_images(spec, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed,
                                  skip_bad=cfg.skip_bad)
                 for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}

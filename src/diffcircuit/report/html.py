@@ -591,7 +591,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
                "divergence": divergence_plot(summary["entropy_divergence"])}
     if ablations is not None:
         figures["ablation_heads"] = ablation_bars(ablations)
-    if gallery is not None:
+    if gallery is not None and len(gallery[0]):  # no maps when no head has a square query grid
         figures["attention_gallery"] = attention_gallery(*gallery, labels)
     if gallery is not None and token_heatmaps is not None and len(token_heatmaps):
         figures["token_maps"] = token_heatmap_figure(token_heatmaps, gallery[1], labels)

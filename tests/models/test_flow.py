@@ -1,0 +1,83 @@
+"""Flow-matching (SD3-style) denoisers read as the ε-predicting DDPM they equal (``models.flow``).
+
+Checked against diffusers' own ``FlowMatchEulerDiscreteScheduler`` σ grid and against the raw velocity network
+called with the flow's own inputs, x_σ = (1−σ)·x₀ + σ·ε and timestep σ·N.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.diffusion import add_noise, implied_x0
+from diffcircuit.models.flow import flow_sigmas
+from diffcircuit.models.loading import load_denoiser
+
+
+def test_the_sigma_grid_is_the_schedulers_own():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift in (1.0, 3.0):
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        torch.testing.assert_close(flow_sigmas(dict(sched.config)).float(), sched.sigmas.flip(0), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
+    root = tmp_path_factory.mktemp("flow") / "sd3"
+    net.save_pretrained(root / "transformer", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    return root
+
+
+def test_the_wrapped_flow_model_is_an_eps_predictor_on_the_equivalent_ddpm_process(sd3_folder):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    den = load_denoiser(str(sd3_folder))
+    raw = SD3Transformer2DModel.from_pretrained(sd3_folder / "transformer").eval()  # no hooks
+    sigmas = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_folder / "scheduler").sigmas.flip(0).double()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 400, 950])
+    kw = dict(encoder_hidden_states=torch.randn(3, 4, 16, generator=g), pooled_projections=torch.randn(3, 8, generator=g))
+    sigma = sigmas[t].view(-1, 1, 1, 1)
+    x_flow = ((1 - sigma) * x0 + sigma * eps).float()
+    x_t = add_noise(x0, eps, t, den.alphas_cumprod)  # the DDPM view of the same noisy image
+    scale = ((1 - sigma) ** 2 + sigma**2).sqrt().float()
+    torch.testing.assert_close(x_t * scale, x_flow, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        v = raw(x_flow, timestep=(sigma.flatten() * 1000).float(), **kw).sample
+        eps_hat = den.eps_hat(den.network(x_t, t, **kw).sample, x_t, t)
+    torch.testing.assert_close(eps_hat, x_flow + (1 - sigma.float()) * v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(implied_x0(x_t, eps_hat, t, den.alphas_cumprod), x_flow - sigma.float() * v,
+                               atol=1e-4, rtol=1e-4)  # x̂₀ as the flow defines it
+
+
+def test_pure_noise_timesteps_and_schedulers_without_a_noise_schedule_are_refused(sd3_folder, tmp_path):
+    den = load_denoiser(str(sd3_folder))
+    den.check_timesteps([0, 998])
+    with pytest.raises(DiffcircuitError, match="pure noise"):
+        den.check_timesteps([999])
+    with pytest.raises(DiffcircuitError, match="outside"):
+        den.check_timesteps([1000])
+    import shutil
+
+    other = tmp_path / "edm"
+    shutil.copytree(sd3_folder, other)
+    (other / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EDMEulerScheduler",
+                                                                            "sigma_min": 0.002}))
+    with pytest.raises(DiffcircuitError, match="no DDPM noise schedule"):
+        load_denoiser(str(other))
+    config = json.loads((sd3_folder / "scheduler" / "scheduler_config.json").read_text())
+    (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"use_dynamic_shifting": True}))
+    with pytest.raises(DiffcircuitError, match="use_dynamic_shifting"):
+        load_denoiser(str(other))
