@@ -210,7 +210,8 @@ def _window(text: str | None) -> tuple[int, int] | None:
 @app.command()
 def ablate(
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
-    target: Annotated[list[str], typer.Option("--target", help="Head address, layer, block or ResNet block (repeatable).")] = [],  # noqa: B006
+    target: Annotated[list[str], typer.Option("--target", help="Head address, layer, block, ResNet block, or prompt token "
+                                              "token:J (token:J*W reweights it) (repeatable).")] = [],  # noqa: B006
     level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet, token (repeatable).")] = [],  # noqa: B006
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero",
     model: ModelOpt = "embedded",
@@ -219,6 +220,8 @@ def ablate(
     timesteps: Annotated[str, typer.Option("--timesteps")] = "500",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    token_weight: Annotated[float, typer.Option("--token-weight", help="With --level token: multiply each token's "
+                                                "attention by W and renormalise (0 removes it).")] = 0.0,
     sample: Annotated[int, typer.Option("--sample", help="Also sample N images (DDIM) with each target zero-ablated.")] = 0,
     sample_steps: Annotated[int, typer.Option("--sample-steps")] = 50,
     window: Annotated[str | None, typer.Option("--window", help="Ablate only at sampling timesteps LO,HI.")] = None,
@@ -237,7 +240,8 @@ def ablate(
     cfg = AblateConfig(model=model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                        class_label=class_label, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                       names=tuple(target), levels=tuple(level), sample=sample, sample_steps=sample_steps,
+                       names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
+                       sample_steps=sample_steps,
                        window=_window(window))
     with _Bars(quiet) as bars:
         table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))

@@ -220,6 +220,43 @@ def test_ablating_a_prompt_token_equals_dropping_it_from_the_prompt(text_pipelin
         np.testing.assert_allclose(rows.mse_intervened, mse.double().numpy(), rtol=1e-4)
 
 
+def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_mask(text_pipeline, tmp_path):
+    """token:J*W adds log W to token J's logits in every cross-attention head; diffusers adds (1 − m)·(−10000)
+    for an encoder_attention_mask m, so m = 1 + log(W)/10000 on token J is the same intervention, done by diffusers."""
+    import math
+
+    import numpy as np
+
+    from diffcircuit.data.spec import load_images
+    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
+    from diffcircuit.models.loading import load_conditioned
+
+    out = tmp_path / "rw"
+    assert main(["ablate", "--out", str(out), "--model", str(text_pipeline), "--prompt", "ab", "--data", "synthetic",
+                 "--n", "2", "--timesteps", "300", "--level", "token", "--token-weight", "3", "--target", "token:2*0.25",
+                 "--quiet"]) == 0
+    table = pd.read_parquet(out / "tables" / "ablations.parquet")
+    assert sorted(set(table.target)) == ["token:0*3", "token:1*3", "token:2*0.25", "token:2*3", "token:3*3"]
+    assert set(table.method) == {"reweight"}
+    den = load_conditioned(str(text_pipeline), prompt="ab")
+    x0 = torch.from_numpy(np.asarray(load_images("synthetic", n=2, size=16, channels=3).images))
+    eps = batch_noise(x0.shape[1:], seed=0, dataset="synthetic", images=np.arange(2), timestep=300)
+    t = torch.full((2,), 300)
+    x_t = add_noise(x0, eps, t, den.alphas_cumprod)
+    n_keys = den.conditioning.kwargs["encoder_hidden_states"].shape[1]
+    for j, w in ((1, 3.0), (2, 0.25)):
+        mask = torch.ones(2, n_keys, dtype=torch.float64)
+        mask[:, j] += math.log(w) / 10000
+        with torch.no_grad():
+            pred = den.network(x_t, t, encoder_attention_mask=mask.float()).sample
+        rows = table[table.target == f"token:{j}*{w:g}"].sort_values("image")
+        expected = eps_mse_per_image(den.eps_hat(pred, x_t, t), eps).double().numpy()
+        # the change the reweighting makes, compared (the MSEs themselves differ little with random weights)
+        np.testing.assert_allclose(rows.mse_intervened - rows.mse_clean, expected - rows.mse_clean, rtol=0.02)
+        assert (rows.mse_intervened != rows.mse_clean).all()
+
+
 def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(dit_folder, small_model_dir_module,
                                                                                tmp_path, capsys):
     for model, extra, words in ((small_model_dir_module, ["--prompt", "x"], "is unconditional"),

@@ -10,6 +10,8 @@ Targets (``Target.level``):
 - ``token``: one prompt token (key ``j`` of every cross-attention head, or text key ``j`` of every joint one),
   named ``token:j``: removed from every such softmax (zero ablation only; equal to dropping it from the
   prompt's embeddings — in joint attention too, where nothing then reads the token's own stream);
+  ``token:j*w`` instead multiplies the token's attention by w ≥ 0 and renormalises (reweighting;
+  rows say method ``reweight``);
 - ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
   component of the same number of heads.
 
@@ -39,7 +41,8 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
-__all__ = ["LEVELS", "METHODS", "Target", "random_head_sets", "resnet_blocks", "resnet_intervention", "targets"]
+__all__ = ["LEVELS", "METHODS", "Target", "random_head_sets", "resnet_blocks", "resnet_intervention", "targets",
+           "token_target"]
 
 LEVELS = ("head", "layer", "block", "resnet", "token")
 METHODS = ("zero", "mean", "resample", "noise")
@@ -52,6 +55,11 @@ class Target:
     level: str
     name: str
     heads: tuple[HeadAddress, ...] = ()
+    weight: float = 0.0  # token targets: the factor on the token's attention (0 removes it)
+
+    @property
+    def token(self) -> int | None:
+        return int(self.name.split(":")[1].split("*")[0]) if self.level == "token" else None
 
     @property
     def layer(self) -> str | None:
@@ -73,9 +81,25 @@ def resnet_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ResnetBlock2D)]
 
 
+def token_target(registry: HeadRegistry, name: str, n_tokens: int) -> Target | None:
+    """The target ``token:J`` (removal) or ``token:J*W`` (attention to token J times W) in every cross- and
+    joint-attention head; None when ``name`` is not of that form or J is not a prompt token."""
+    body = name.removeprefix("token:")
+    index, _, weight = body.partition("*")
+    try:
+        j, w = int(index), float(weight) if weight else 0.0
+    except ValueError:
+        return None
+    heads = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint"))
+    if body == name or not heads or not 0 <= j < n_tokens or not w >= 0 or w == float("inf"):
+        return None
+    return Target(level="token", name=f"token:{j}" if w == 0 else f"token:{j}*{w:g}", heads=heads, weight=w)
+
+
 def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = None,
-            tokens: tuple[str, ...] = ()) -> list[Target]:
-    """Every target of one level, in data-flow order (``tokens``: the prompt's tokens, for level ``token``)."""
+            tokens: tuple[str, ...] = (), token_weight: float = 0.0) -> list[Target]:
+    """Every target of one level, in data-flow order (``tokens``: the prompt's tokens, for level ``token``,
+    each removed, or reweighted by ``token_weight``)."""
     if level == "head":
         return [Target(level="head", name=str(a), heads=(a,)) for a in registry]
     if level == "layer":
@@ -89,8 +113,9 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
             raise ValueError("resnet targets need the model")
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     if level == "token":
-        cross = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint"))
-        return [Target(level="token", name=f"token:{j}", heads=cross) for j in range(len(tokens))] if cross else []
+        suffix = f"*{token_weight:g}" if token_weight else ""
+        found = [token_target(registry, f"token:{j}{suffix}", len(tokens)) for j in range(len(tokens))]
+        return [t for t in found if t is not None]
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 
 

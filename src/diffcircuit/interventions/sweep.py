@@ -81,9 +81,8 @@ def _intervened(net, registry, target: Target, method, ref, partner, draw, resne
     """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
     if target.level == "token":
         if method != "zero":
-            raise ValueError("a token can only be zero-ablated (removed from the softmax)")
-        token = int(target.name.split(":")[1])
-        with instrument(net, registry=registry, token_scales={a: {token: 0.0} for a in target.heads}):
+            raise ValueError("a token can only be removed (method zero) or reweighted (target token:J*W)")
+        with instrument(net, registry=registry, token_scales={a: {target.token: target.weight} for a in target.heads}):
             return forward_from(list(dict.fromkeys(a.layer for a in target.heads)))
     if target.level == "resnet":
         value = _replacement(method, target.name, None, ref, partner, draw)
@@ -164,7 +163,7 @@ def ablation_sweep(
                     rows.append(pd.DataFrame({
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
                         "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
-                        "method": method,
+                        "method": "reweight" if target.weight else method,
                         "mse_clean": mse_clean.double().cpu().numpy(), "mse_intervened": mse.double().cpu().numpy(),
                         "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().cpu().numpy(),
                         "x0_mse_clean": x0_clean.double().cpu().numpy(),

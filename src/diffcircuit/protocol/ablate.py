@@ -11,7 +11,7 @@ import torch
 from diffcircuit.data.spec import load_images
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
-from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets
+from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets, token_target
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import load_conditioned
@@ -33,8 +33,9 @@ class AblateConfig:
     seed: int = 0
     batch_size: int = 50
     methods: tuple[str, ...] = ("zero",)
-    names: tuple[str, ...] = ()  # head addresses, layer paths, block names or ResNet paths
+    names: tuple[str, ...] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W]
     levels: tuple[str, ...] = ()  # every target of these levels
+    token_weight: float = 0.0  # level token: multiply each token's attention by this (0 removes it)
     sample: int = 0  # also sample this many images with each target zero-ablated (0: no sampling)
     sample_steps: int = 50
     window: tuple[int, int] | None = None  # ablate only at sampling steps with timestep in [lo, hi]
@@ -44,18 +45,21 @@ def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list
     bad = [lv for lv in cfg.levels if lv not in LEVELS]
     if bad:
         raise DiffcircuitError(f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}")
-    chosen = [t for lv in cfg.levels for t in targets(registry, lv, model, tokens)]
+    if not cfg.token_weight >= 0 or cfg.token_weight == float("inf"):
+        raise DiffcircuitError(f"--token-weight must be a finite number >= 0, not {cfg.token_weight}")
+    chosen = [t for lv in cfg.levels for t in targets(registry, lv, model, tokens, cfg.token_weight)]
     every = {t.name: t for lv in LEVELS for t in targets(registry, lv, model, tokens)}
     for name in cfg.names:
-        if name not in every:
+        target = every.get(name) or token_target(registry, name, len(tokens))
+        if target is None:
             raise DiffcircuitError(f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
-                                   "token (token:J) of this model; `diffcircuit info` lists them")
-        chosen.append(every[name])
+                                   "token (token:J, or token:J*W to reweight) of this model; `diffcircuit info` lists them")
+        chosen.append(target)
     if not chosen:
         raise DiffcircuitError("nothing to ablate: give --target NAME (repeatable) or --level head|layer|block|resnet|token"
                                " (token: a model with a prompt)")
     if any(t.level == "token" for t in chosen) and set(cfg.methods) != {"zero"}:
-        raise DiffcircuitError("prompt tokens can only be zero-ablated: use --methods zero")
+        raise DiffcircuitError("prompt tokens are removed or reweighted, not replaced: use --methods zero")
     return list({t.name: t for t in chosen}.values())
 
 
