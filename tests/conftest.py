@@ -37,6 +37,24 @@ def make_text_unet(*, text_dim: int, in_channels: int = 4, sample_size: int = 16
                                 attention_head_dim=8, norm_num_groups=8).eval()
 
 
+def make_autoencoder(kind: str = "vae", latent_channels: int = 4):
+    """A tiny 32x32 -> 16x16 autoencoder: AutoencoderKL (scaling 0.5, shift 0.1) or VQModel (``kind`` "vqvae")."""
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(0)
+    blocks = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=latent_channels,
+                  norm_num_groups=4, sample_size=32)
+    if kind == "vqvae":
+        return VQModel(**blocks, num_vq_embeddings=16, vq_embed_dim=latent_channels)
+    return AutoencoderKL(**blocks, scaling_factor=0.5, shift_factor=0.1)
+
+
+@pytest.fixture(scope="session")
+def autoencoder():
+    return make_autoencoder
+
+
 @pytest.fixture(scope="session")
 def text_unet():
     """``make_text_unet(text_dim=...)``: small text-conditioned UNets for tests."""

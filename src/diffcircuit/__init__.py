@@ -4,8 +4,8 @@ The notebook API::
 
     import diffcircuit as dc
     den = dc.load_denoiser()                                   # the embedded model
-    faces = dc.load_images("faces", n=16, size=den.sample_size, channels=den.in_channels)
-    heads, images = dc.observe(den, faces.images, timesteps=[100, 500])
+    faces = dc.model_images(den, "faces", n=16)                # latent models: encoded by their VAE
+    heads, images = dc.observe(den, faces.images, timesteps=[100, 500], pictures=faces.pixels)
     heads.groupby("layer").entropy_norm.mean()
 """
 
@@ -16,6 +16,7 @@ from diffcircuit.errors import DiffcircuitError  # noqa: E402
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry  # noqa: E402
 from diffcircuit.instrument.session import instrument, probe_registry  # noqa: E402
 from diffcircuit.metrics.observe import observe  # noqa: E402
+from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
 from diffcircuit.protocol.config import RunConfig  # noqa: E402
 
@@ -30,6 +31,7 @@ __all__ = [
     "instrument",
     "load_denoiser",
     "load_images",
+    "model_images",
     "observe",
     "probe_registry",
     "run",

@@ -425,8 +425,8 @@ def cache(
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
     import torch
 
-    from diffcircuit.data.spec import load_images
     from diffcircuit.instrument.session import probe_registry
+    from diffcircuit.models.latent import model_images
     from diffcircuit.models.loading import load_conditioned
     from diffcircuit.protocol.activations import cache_activations
     from diffcircuit.protocol.config import parse_timesteps
@@ -439,7 +439,7 @@ def cache(
     den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                            class_label=class_label)
     den.check_timesteps(steps)
-    images = load_images(data, n=n, size=den.sample_size, channels=den.in_channels, seed=seed)
+    images = model_images(den, data, n=n, seed=seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = [registry.layer(name).layer for name in layers or []] or None
     result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed, batch_size=batch_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -149,6 +150,36 @@ def test_sd3_without_prompt_embeddings_is_refused_in_one_line(sd3_folder, tmp_pa
     assert _run(sd3_folder, tmp_path / "run") != 0
     err = capsys.readouterr().err
     assert "--prompt-embeds" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(tmp_path, autoencoder):
+    """DiT-style folder with vae/: the network sees 4x16x16 latents of 32x32 images; probes and figures see pixels."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffcircuit.metrics.observe import observe
+    from diffcircuit.models.latent import model_images
+    from diffcircuit.models.loading import load_conditioned
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                                sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    folder = _transformer_folder(tmp_path / "latent-dit", net, "DiTPipeline")
+    autoencoder("vae", 4).save_pretrained(folder / "vae", safe_serialization=True)
+    assert _run(folder, tmp_path / "run") == 0
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["latent"]["autoencoder"] == "AutoencoderKL" and manifest["model"]["latent"]["image_size"] == 32
+    pictures = pd.read_parquet(run / "tables" / "gallery_images.parquet")
+    assert set(pictures["size"]) == {32} and set(pictures.channels) == {3}
+    heads = pd.read_parquet(run / "tables" / "head_metrics.parquet")
+    den = load_conditioned(str(folder))
+    images = model_images(den, "synthetic", n=3)
+    direct, _ = observe(den, images.images, timesteps=[20], masks=images.masks, pictures=images.pixels, dataset="a")
+    mine = heads[(heads.dataset == "a") & (heads.timestep == 20)].sort_values(["image", "layer", "head"])
+    direct = direct.sort_values(["image", "layer", "head"])
+    for column in ("entropy_nats", "edge_affinity", "object_affinity"):  # object masks are 32x32, pooled onto 8x8
+        np.testing.assert_allclose(mine[column], direct[column], rtol=1e-5)
 
 
 def _run(model, out, *extra) -> int:

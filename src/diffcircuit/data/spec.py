@@ -81,21 +81,28 @@ class _SyntheticSource:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ImageSet:
-    """Images ``[n, channels, size, size]`` in [-1, 1], with where they came from."""
+    """Images ``[n, channels, size, size]`` in [-1, 1], with where they came from. For a latent model,
+    ``images`` are the autoencoder's latents (what the network sees) and ``pixels`` the images they encode."""
 
     spec: str
     images: np.ndarray | LazyImages
     names: tuple[str, ...]  # one label per image: its index or its path in the folder
-    masks: np.ndarray | LazyImages | None = None  # [n, size, size] object masks (synthetic only)
+    masks: np.ndarray | LazyImages | None = None  # [n, size, size] object masks (synthetic only), in pixels
+    pixels: np.ndarray | LazyImages | None = None  # latent models: the images ``images`` encode
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
+    def pictures(self) -> np.ndarray | LazyImages:
+        """The images as pixels (what probes and figures look at): ``pixels`` for a latent model, else ``images``."""
+        return self.images if self.pixels is None else self.pixels
+
+    @property
     def fingerprint(self) -> str:
         """SHA-256 of the prepared pixels: two runs saw the same data iff these match."""
         digest = hashlib.sha256()
-        chunks = self.images.chunks() if isinstance(self.images, LazyImages) else [self.images]
+        chunks = self.pictures.chunks() if isinstance(self.pictures, LazyImages) else [self.pictures]
         for chunk in chunks:
             digest.update(np.ascontiguousarray(chunk).tobytes())
         return digest.hexdigest()[:16]

@@ -10,7 +10,7 @@ documents them.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 
 import numpy as np
 import pandas as pd
@@ -76,7 +76,7 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
         if session is not None:
             step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
         x = scheduler.step(out, t, x).prev_sample
-    return x.clamp(-1, 1)
+    return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1)  # pixels either way
 
 
 def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,

@@ -94,17 +94,20 @@ def observe(
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
     first: int = 0,
+    pictures: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1]).
 
     ``masks`` (bool ``[n, H, W]``, synthetic images) enable the object probes; ``method`` picks
     the fused capture or the naive reference. ``first`` is the dataset index of ``images[0]``
-    (a slice of a larger set): it names the rows and picks each image's noise draw.
+    (a slice of a larger set): it names the rows and picks each image's noise draw. ``pictures``
+    (latent models: the pixel images ``images`` encode) are what the probes look at; default ``images``.
     """
     net, acp = denoiser.network, denoiser.alphas_cumprod
     device = next(net.parameters()).device
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
     masks = None if masks is None else np.asarray(masks)  # once: a lazy set is made here, not per batch
+    pictures = x_all if pictures is None else torch.from_numpy(np.asarray(pictures, dtype=np.float32))
     if registry is None or any(info.n_keys is None for info in registry.layers):
         registry = probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     head_frames, image_frames = [], []
@@ -112,7 +115,7 @@ def observe(
         local = np.arange(start, min(start + batch_size, len(x_all)))
         idx = local + first
         x0 = x_all[local]
-        features = ProbeFeatures(x0.to(device), None if masks is None else torch.from_numpy(masks[local]))
+        features = ProbeFeatures(pictures[local].to(device), None if masks is None else torch.from_numpy(masks[local]))
         for t_val in timesteps:
             eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)

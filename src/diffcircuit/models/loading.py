@@ -7,7 +7,9 @@ timesteps. Two folder layouts are understood, the two diffusers itself writes:
   the scheduler in ``scheduler/``;
 - a model folder: ``config.json`` + weights, with ``scheduler_config.json`` beside them if any.
 
-Without a scheduler config the DDPM default (1,000 linear-β steps) is used. Weights are loaded
+Without a scheduler config the DDPM default (1,000 linear-β steps) is used; a flow-matching scheduler
+(SD3) is read as its exact DDPM equivalent (``models.flow``). A pipeline folder's ``vae/`` or ``vqvae/``
+makes it a latent model (``models.latent``). Weights are loaded
 from safetensors only; a folder that has only pickle weights (``.bin``, ``.pt``, ``.ckpt``) is
 refused unless ``allow_pickle=True``, because unpickling runs arbitrary code.
 """
@@ -24,6 +26,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.conditioning import Conditioning, attach, make_conditioning, needed_inputs
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
+from diffcircuit.models.latent import LatentCodec
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser"]
 
@@ -42,6 +45,8 @@ class Denoiser:
     model_path: Path  # the local folder the network's weights were read from
     source: str  # what the user asked for: "embedded", a hub id or a folder
     conditioning: Conditioning | None = None  # fed to every forward of a conditional network (``attach``)
+    codec: LatentCodec | None = None  # latent models: the pipeline's autoencoder, images' way in (``models.latent``)
+    process: str = "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``models.flow``)
 
     @property
     def sample_size(self) -> int:
@@ -51,6 +56,11 @@ class Denoiser:
     @property
     def in_channels(self) -> int:
         return int(self.network.config.in_channels)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images analysed, in pixels (a latent model's are its autoencoder's)."""
+        return self.sample_size * (self.codec.factor if self.codec else 1)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -212,10 +222,31 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     scheduler, sigmas = _load_scheduler(root, folder)
     if sigmas is not None:  # a velocity-predicting flow model, wrapped into the ε-predicting DDPM it equals
         attach_flow(network, sigmas)
+    codec = _load_codec(root if folder != root else None, network, allow_pickle, device)
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
-    return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source)
+    return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source, codec=codec,
+                    process="ddpm" if sigmas is None else "flow-matching")
+
+
+def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool, device: str) -> LatentCodec | None:
+    """The pipeline's autoencoder (``vae/`` or ``vqvae/``) when the network works in its latent space, else None."""
+    folder = next((root / sub for sub in ("vae", "vqvae") if root and (root / sub / "config.json").exists()), None)
+    if folder is None:
+        return None
+    cls = _network_class(folder)
+    try:
+        vae = cls.from_pretrained(folder, use_safetensors=_check_weights(folder, allow_pickle))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
+    _check_finite(vae, folder)
+    codec = LatentCodec.from_vae(vae.eval().requires_grad_(False).to(device))
+    if codec.latent_channels != int(network.config.in_channels):
+        raise DiffcircuitError(f"{folder.name}/ gives {codec.latent_channels}-channel latents but the network takes "
+                               f"{network.config.in_channels} channels (e.g. an inpainting model): not supported")
+    return codec
 
 
 def load_unconditional(source: str = EMBEDDED_MODEL, **kwargs) -> Denoiser:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.data.spec import load_images
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets, token_target
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_conditioned
 from diffcircuit.protocol.store import write_parquet
 
@@ -75,7 +75,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
     if den.conditioning is not None and cfg.sample > 0:
         raise DiffcircuitError("--sample is for unconditional models; sampling conditional ones is not supported yet")
     den.check_timesteps(cfg.timesteps)
-    images = load_images(cfg.data, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed)
+    images = model_images(den, cfg.data, n=cfg.n, seed=cfg.seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffcircuit.data.spec import load_images
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.metrics.observe import observe
+from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_unconditional
 from diffcircuit.stats.complexity import mean_value, ratio_test
 
@@ -52,7 +52,7 @@ def calibrate(*, model: str = "embedded", data: str = "faces", n: int = 100, tim
               seed: int = 0, allow_pickle: bool = False) -> CalibrationResult:
     """Split-half calibration on real model outputs (per-image normalised entropy of every head)."""
     den = load_unconditional(model, allow_pickle=allow_pickle)
-    images = load_images(data, n=n, size=den.sample_size, channels=den.in_channels, seed=seed)
+    images = model_images(den, data, n=n, seed=seed)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
     rows = heads.pivot_table(index="image", columns=["layer", "head"], values="entropy_norm").to_numpy()

@@ -24,7 +24,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.data.spec import load_images
 from diffcircuit.discovery.run import PRIMARY_TAU, discover_circuits, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
@@ -33,6 +32,7 @@ from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.metrics.roles import assign_roles
+from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import EMBEDDED_MODEL, load_unconditional
 from diffcircuit.protocol.store import write_json, write_parquet
 
@@ -111,7 +111,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
     den.check_timesteps(cfg.timesteps)
     specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
-    sets = {k: load_images(s, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed) for k, s in specs.items()}
+    sets = {k: model_images(den, s, n=cfg.n, seed=cfg.seed) for k, s in specs.items()}
     registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
 
     def stage(name: str, total: int) -> Callable[[int], None]:
@@ -126,7 +126,8 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
     observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
     heads = pd.concat([observe(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size, dataset=k,
-                               masks=s.masks, registry=registry, progress=observe_step)[0] for k, s in sets.items()],
+                               masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels)[0]
+                       for k, s in sets.items()],
                       ignore_index=True)
     roles = assign_roles(heads)
     rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))

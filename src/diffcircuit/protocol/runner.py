@@ -105,6 +105,15 @@ def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
                 raise DiffcircuitError(f"{out_dir} holds a run with a different config; choose another --out")
 
 
+def _latent(den) -> dict | None:
+    """A latent model's autoencoder: what the images went through before the network saw them."""
+    codec = den.codec
+    if codec is None:
+        return None
+    return {"autoencoder": type(codec.vae).__name__, "scaling_factor": codec.scale, "shift_factor": codec.shift,
+            "pixels_per_latent": codec.factor, "image_size": den.image_size, "encoding": "posterior mean"}
+
+
 def _manifest(ctx: Context) -> dict:
     cfg, den, registry, sets = ctx.cfg, ctx.den, ctx.registry, ctx.sets
     n_params = sum(p.numel() for p in den.network.parameters())
@@ -117,7 +126,8 @@ def _manifest(ctx: Context) -> dict:
         "model": {"source": den.source, "model_path": str(den.model_path), "class": type(den.network).__name__,
                   "parameters": n_params, "heads": len(registry), "layers": len(registry.layers),
                   "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type,
-                  "conditioning": den.conditioning.description if den.conditioning else None},
+                  "conditioning": den.conditioning.description if den.conditioning else None,
+                  "process": den.process, "latent": _latent(den)},
         "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint} for k, s in sets.items()},
         "layers": [info.to_dict() for info in registry.layers],
     }
@@ -186,13 +196,13 @@ def _gallery(job: _Job, heads: pd.DataFrame, ablations: pd.DataFrame | None, n_i
     def compute():
         maps, pictures = [], []
         for key, image_set in ctx.sets.items():
-            x = image_set.images[:n_images]
+            x, shown = image_set.images[:n_images], image_set.pictures[:n_images]  # model input; pixels
             masks = None if image_set.masks is None else image_set.masks[:n_images]
             with ctx.autocast():
                 maps.append(attention_maps(ctx.den, x, heads=chosen, timestep=t, seed=ctx.cfg.seed, dataset=key,
-                                           queries=object_queries(masks, len(x), x.shape[-1])))
-            pictures += [{"dataset": key, "image": i, "size": int(x.shape[-1]), "channels": int(x.shape[1]),
-                          "pixels": x[i].reshape(-1).astype("float32")} for i in range(len(x))]
+                                           queries=object_queries(masks, len(x), shown.shape[-1])))
+            pictures += [{"dataset": key, "image": i, "size": int(shown.shape[-1]), "channels": int(shown.shape[1]),
+                          "pixels": shown[i].reshape(-1).astype("float32")} for i in range(len(x))]
         return [pd.concat(maps, ignore_index=True), pd.DataFrame(pictures)]
 
     return job.shards.frames("gallery", ["maps", "images"], compute)
@@ -211,7 +221,7 @@ def _token_maps(job: _Job, n_images: int = 3):
             maps = pd.concat([token_maps(ctx.den, s.images[:n_images], registry=ctx.registry, tokens=cond.tokens,
                                          timesteps=ctx.cfg.timesteps, seed=ctx.cfg.seed, dataset=key)
                               for key, s in ctx.sets.items()], ignore_index=True)
-        return [maps, token_heatmaps(maps, ctx.den.sample_size)]
+        return [maps, token_heatmaps(maps, ctx.den.image_size)]
 
     return job.shards.frames("token_maps", ["maps", "heatmaps"], compute)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from diffcircuit.data.spec import ImageSet, load_images
+from diffcircuit.data.spec import ImageSet
 from diffcircuit.discovery.run import discover_circuits
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
@@ -29,6 +29,7 @@ from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
+from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import Denoiser, load_conditioned
 from diffcircuit.protocol.config import RunConfig
 
@@ -66,8 +67,7 @@ class Context:
                                prompt=cfg.prompt or None, prompt_embeds=cfg.prompt_embeds or None,
                                class_label=None if cfg.class_label < 0 else cfg.class_label)
         den.check_timesteps(cfg.timesteps)
-        sets = {key: load_images(spec, n=cfg.n, size=den.sample_size, channels=den.in_channels, seed=cfg.seed,
-                                 skip_bad=cfg.skip_bad)
+        sets = {key: model_images(den, spec, n=cfg.n, seed=cfg.seed, skip_bad=cfg.skip_bad, batch_size=cfg.batch_size)
                 for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
         first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
         registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
@@ -135,7 +135,8 @@ def _observe(ctx: Context, progress, *, key: str, t: int, seed: int, lo: int, hi
     cfg, s = ctx.cfg, ctx.sets[key]
     heads, images = observe(ctx.den, s.images[lo:hi], timesteps=[t], seed=seed, batch_size=cfg.batch_size, dataset=key,
                             masks=None if s.masks is None else s.masks[lo:hi], method=cfg.capture,
-                            registry=ctx.registry, progress=progress, first=lo)
+                            registry=ctx.registry, progress=progress, first=lo,
+                            pictures=None if s.pixels is None else s.pixels[lo:hi])
     return {"heads.parquet": heads, "images.parquet": images}
 
 

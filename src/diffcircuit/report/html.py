@@ -519,6 +519,22 @@ def _seed_section(summary: dict) -> str:
 <table><tr><th>quantity</th><th>dataset</th><th>t</th><th>mean</th><th>sd</th><th>range</th></tr>{rows}</table>"""
 
 
+def _model_note(model: dict) -> str:
+    """What the model was fed and how its errors are measured, where that is not a plain pixel-space DDPM."""
+    notes = []
+    if model.get("conditioning"):
+        notes.append(f"Conditioning: {model['conditioning']}.")
+    if model.get("process") == "flow-matching":
+        notes.append("A flow-matching (velocity) model, read exactly as its equivalent ε-predicting DDPM: timestep t "
+                     "is the scheduler's σ grid, ε and x₀ are those its velocity implies.")
+    latent = model.get("latent")
+    if latent:
+        notes.append(f"A latent model: images of {latent['image_size']} px were encoded by its {latent['autoencoder']} "
+                     f"(posterior mean, scale {latent['scaling_factor']:g}, shift {latent['shift_factor']:g}); ε- and "
+                     "x₀-errors are in latent units, attention probes look at the pixels.")
+    return "".join(f" {html.escape(n)}" for n in notes)
+
+
 def _layer_rows(summary: dict) -> str:
     rows = []
     for e in summary["entropy_by_layer"]:
@@ -535,7 +551,7 @@ _PAGE = """<!doctype html>
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child{{text-align:left}}.note{{color:#555;font-size:13px}}</style></head>
 <body><h1>diffcircuit report</h1>
-<p>Model: <code>{model}</code> ({heads} heads in {layers} attention layers). Seed {seed}.</p>
+<p>Model: <code>{model}</code> ({heads} heads in {layers} attention layers). Seed {seed}.{model_note}</p>
 <h2>Denoising and attention, per dataset and timestep</h2>
 <p class="note">Means over images with 95&nbsp;% percentile-bootstrap CIs (resampled over images).
 Trivial predictor: ε̂ = √(1−ᾱ)·x<sub>t</sub>. x₀ error is that of the x₀ implied by ε̂.
@@ -612,17 +628,18 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         patching_section=_patching_section(summary), attribution_section=_attribution_section(summary),
         complexity_section=_complexity_section(summary, tests), seed_section=_seed_section(summary),
         circuit_section=_circuit_section(summary, b64), paper_section=_paper_section(summary),
-        gallery_section="" if "attention_gallery" not in b64 else (
+        gallery_section=("" if "attention_gallery" not in b64 else (
             "<h2>Attention maps</h2><p class='note'>The two most focal heads (lowest normalised entropy) and the two whose "
             "single-head zero ablation costs most, on the first images of each dataset: where each looks from one query "
             "position (tables/gallery.parquet).</p>"
-            f'<img alt="attention map gallery" src="data:image/png;base64,{b64["attention_gallery"]}" style="max-width:100%">'
-            + ("" if "token_maps" not in b64 else
-               "<h2>Prompt token maps</h2><p class='note'>DAAM-style: where the image attends to each prompt token, "
-               "averaged over every cross-attention head and timestep (tables/token_heatmaps.parquet; per head and "
-               "timestep in tables/token_maps.parquet).</p>"
-               f'<img alt="prompt token maps" src="data:image/png;base64,{b64["token_maps"]}" style="max-width:100%">')),
-        model=html.escape(summary["model"]["source"]), heads=summary["model"]["heads"],
+            f'<img alt="attention map gallery" src="data:image/png;base64,{b64["attention_gallery"]}" style="max-width:100%">'))
+        + ("" if "token_maps" not in b64 else
+           "<h2>Prompt token maps</h2><p class='note'>DAAM-style: where the image attends to each prompt token, "
+           "averaged over every cross- (or joint-) attention head and timestep (tables/token_heatmaps.parquet; per head "
+           "and timestep in tables/token_maps.parquet).</p>"
+           f'<img alt="prompt token maps" src="data:image/png;base64,{b64["token_maps"]}" style="max-width:100%">'),
+        model=html.escape(summary["model"]["source"]), model_note=_model_note(summary["model"]),
+        heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],
         layer_rows=_layer_rows(summary), pending=", ".join(summary["pending"]),
