@@ -387,7 +387,7 @@ def guidance(
     if out.exists():
         raise DiffcircuitError(f"--out {out} exists; the comparison goes into a new directory")
     cfg = RunConfig.from_mapping(values | {"prompt": prompt, "prompt_embeds": ""}, source=str(config or "options"))
-    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt="")}
+    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt="", captions=False)}
     with _Bars(quiet) as bars:
         for name, branch in branches.items():
             diffcircuit.run(branch, out / name, progress=lambda stage, done, total, name=name: bars.update(
@@ -427,7 +427,7 @@ def cache(
 
     from diffcircuit.instrument.session import probe_registry
     from diffcircuit.models.latent import model_images
-    from diffcircuit.models.loading import load_conditioned
+    from diffcircuit.models.loading import load_conditioned, use_captions
     from diffcircuit.protocol.activations import cache_activations
     from diffcircuit.protocol.config import parse_timesteps
 
@@ -440,6 +440,7 @@ def cache(
                            class_label=class_label)
     den.check_timesteps(steps)
     images = model_images(den, data, n=n, seed=seed)
+    use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = [registry.layer(name).layer for name in layers or []] or None
     result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed, batch_size=batch_size,

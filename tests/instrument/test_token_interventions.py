@@ -70,6 +70,6 @@ def test_token_interventions_refuse_bad_weights_and_keys():
     with pytest.raises(ValueError, match=">= 0"):
         with instrument(model, token_scales={"attn:0": {1: -1.0}}):
             pass
-    with pytest.raises(ValueError, match="keys 0..5"):
+    with pytest.raises(ValueError, match="tokens 0..5"):
         with torch.no_grad(), instrument(model, token_scales={"attn:0": {TOKENS: 0.0}}):
             model(x, enc)

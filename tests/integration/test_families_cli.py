@@ -182,6 +182,63 @@ def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(t
         np.testing.assert_allclose(mine[column], direct[column], rtol=1e-5)
 
 
+def _captioned_folder(root, captions: dict[str, str], size: int = 16):
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in captions:
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name)
+    pd.DataFrame({"file": list(captions), "caption": list(captions.values())}).to_csv(root / "captions.csv", index=False)
+    return root
+
+
+@pytest.mark.slow
+def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tmp_path):
+    """A folder with captions.csv: image i's cross-attention keys are its caption's tokens, checked against the
+    network fed that caption's embeddings (from the text encoder called directly) one image at a time."""
+    import transformers
+
+    from diffcircuit.instrument.session import instrument
+    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.diffusion import add_noise
+    from diffcircuit.models.loading import load_conditioned
+    from diffcircuit.models.latent import model_images
+
+    captions = {"0.png": "a", "1.png": "bcd", "2.png": "ee"}  # different lengths: a mix-up would show
+    folder = _captioned_folder(tmp_path / "pairs", captions)
+    out = tmp_path / "run"
+    assert _run(text_pipeline, out, "--data-b", str(folder), "--prompt", "z") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["datasets"]["b"]["captions"] == "each image's own caption" and manifest["datasets"]["a"]["captions"] is None
+    heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(text_pipeline / "tokenizer")
+    encoder = transformers.CLIPTextModel.from_pretrained(text_pipeline / "text_encoder").eval()
+    den = load_conditioned(str(text_pipeline), prompt="z")
+    images = model_images(den, str(folder), n=3)
+    for i, caption in enumerate(captions.values()):
+        ids = tokenizer(caption, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+        with torch.no_grad():
+            embeds = encoder(ids)[0]
+            x0 = torch.from_numpy(np.asarray(images.images[i:i + 1]))
+            eps = batch_noise(x0.shape[1:], seed=0, dataset="b", images=[i], timestep=800)
+            t = torch.tensor([800])
+            with instrument(den.network, capture=True) as session:
+                den.network(add_noise(x0, eps, t, den.alphas_cumprod), t, encoder_hidden_states=embeds)
+        entropy = session.pop("entropy_nats")
+        rows = heads[(heads.dataset == "b") & (heads.image == i) & (heads.timestep == 800)]
+        for layer, values in entropy.items():
+            got = rows[rows.layer == layer].sort_values("head").entropy_nats.to_numpy()
+            np.testing.assert_allclose(got, values[0].double().numpy(), atol=1e-5)
+    # the ablation sweep's clean forwards saw the same captions as the observation (checked above)
+    clean = pd.read_parquet(out / "tables" / "ablations.parquet").groupby(["dataset", "image", "timestep"]).mse_clean.first()
+    seen = pd.read_parquet(out / "tables" / "denoising.parquet").set_index(["dataset", "image", "timestep"]).eps_mse
+    np.testing.assert_allclose(clean.to_numpy(), seen.loc[clean.index].to_numpy(), rtol=1e-5)
+    maps = pd.read_parquet(out / "tables" / "token_maps.parquet")
+    texts = maps[(maps.dataset == "b") & (maps.image == 1)].drop_duplicates("token").sort_values("token").text.tolist()
+    assert texts == ["<|startoftext|>", "b", "c", "d</w>", "<|endoftext|>"]  # image 1's caption, tokenised
+
+
 def _run(model, out, *extra) -> int:
     return main(["run", "--out", str(out), "--model", str(model), "--n", "3", "--timesteps", "20,800", "--batch-size", "2",
                  "--ablate-n", "2", "--seed-repeats", "0", "--circuit-resamples", "2", "--quiet", *extra])

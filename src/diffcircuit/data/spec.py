@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffcircuit.data.captions import captions_for
 from diffcircuit.data.faces import LFW_FACES, lfw_images
 from diffcircuit.data.folder import folder_images
 from diffcircuit.data.synthetic import synthetic_images
@@ -89,6 +90,7 @@ class ImageSet:
     names: tuple[str, ...]  # one label per image: its index or its path in the folder
     masks: np.ndarray | LazyImages | None = None  # [n, size, size] object masks (synthetic only), in pixels
     pixels: np.ndarray | LazyImages | None = None  # latent models: the images ``images`` encode
+    captions: tuple[str, ...] | None = None  # one prompt per image (an image folder's captions.csv / .jsonl)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -100,11 +102,13 @@ class ImageSet:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the prepared pixels: two runs saw the same data iff these match."""
+        """SHA-256 of the prepared pixels (and captions): two runs saw the same data iff these match."""
         digest = hashlib.sha256()
         chunks = self.pictures.chunks() if isinstance(self.pictures, LazyImages) else [self.pictures]
         for chunk in chunks:
             digest.update(np.ascontiguousarray(chunk).tobytes())
+        for caption in self.captions or ():
+            digest.update(caption.encode() + b"\0")
         return digest.hexdigest()[:16]
 
 
@@ -126,5 +130,6 @@ def load_images(spec: str, *, n: int, size: int, channels: int, seed: int = 0, s
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise DiffcircuitError(f"data spec {spec!r} is not one of {', '.join(BUILTIN_SPECS)} nor an existing folder")
+    captions_for(folder, [])  # a malformed caption file fails before any image is read
     images, names = folder_images(folder, n=n, size=size, channels=channels, skip_bad=skip_bad)
-    return ImageSet(spec=str(folder), images=images, names=tuple(names))
+    return ImageSet(spec=str(folder), images=images, names=tuple(names), captions=captions_for(folder, names))

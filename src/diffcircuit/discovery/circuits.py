@@ -37,6 +37,7 @@ from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
 __all__ = ["Circuit", "CircuitLoss", "circuit_curve", "curve_sizes", "grow_circuit", "jaccard", "prune_circuit",
@@ -50,7 +51,7 @@ class CircuitLoss:
                  dataset: str = "a", registry: HeadRegistry | None = None):
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
-        self.net, self.method, self.eps_hat = denoiser.network, method, denoiser.eps_hat
+        self.net, self.method, self.eps_hat, self.dataset = denoiser.network, method, denoiser.eps_hat, dataset
         device = model_device(self.net)
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
         self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
@@ -62,7 +63,8 @@ class CircuitLoss:
                 t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
                 x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
                 moments = ActivationMoments()
-                moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
+                with images_of(self.net, dataset, np.arange(len(x0))):
+                    moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
                 self.inputs.append((x_t, t, eps))
                 self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
         self.evaluations = 0
@@ -73,7 +75,8 @@ class CircuitLoss:
         total = 0.0
         for (x_t, t, eps), means in zip(self.inputs, self.means):
             patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in ablated}
-            with instrument(self.net, registry=self.registry, patches=patches):
+            with images_of(self.net, self.dataset, np.arange(len(x_t))), instrument(self.net, registry=self.registry,
+                                                                                   patches=patches):
                 total += eps_mse_per_image(self.eps_hat(self.net(x_t, t).sample, x_t, t), eps).mean().item()
         return total / len(self.inputs)
 

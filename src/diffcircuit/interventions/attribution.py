@@ -32,6 +32,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
 __all__ = ["attribution_scores"]
@@ -125,13 +126,14 @@ def attribution_scores(
         means = ActivationMoments()
         for idx in batches if method == "mean" else ():
             x_t, t, _ = noisy(idx)
-            with torch.no_grad():
+            with torch.no_grad(), images_of(net, dataset, idx):
                 means.add(clean_activations(net, registry, x_t, t, [])[1])
         ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).to(a).expand_as(a))
         for idx in batches:
             x_t, t, eps = noisy(idx)
-            scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps, probes,
-                                         probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]))
+            with images_of(net, dataset, idx):
+                scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps, probes,
+                                             probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]))
             for info in registry.layers:
                 s = scores[info.layer]
                 rows.append(pd.DataFrame({

@@ -24,6 +24,7 @@ from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_int
 from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.interventions.sweep import clean_activations
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, model_device
 
 __all__ = ["activation_patching"]
@@ -49,8 +50,10 @@ def activation_patching(
     batch_size: int = 50,
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
+    datasets: tuple[str, str] = ("b", "a"),
 ) -> pd.DataFrame:
-    """One row per target x timestep x pair: ``moved_frac`` and ``delta_mse``.
+    """One row per target x timestep x pair: ``moved_frac`` and ``delta_mse``. ``datasets`` names the source's
+    and the receiver's dataset (captioned datasets feed each image its own caption).
 
     Both are measured in the network's own output space (its ``prediction_type``): the receiver's
     output moved toward the source's. Converting to ε would add √(1−ᾱ)·(x_a − x_b), an input
@@ -68,17 +71,20 @@ def activation_patching(
             idx = np.arange(start, min(start + batch_size, n))
             eps = batch_noise(rcv.shape[1:], seed=seed, dataset="pair", images=idx, timestep=t_val).to(device)
             t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
-            pred_a, source = clean_activations(net, registry, add_noise(src[idx].to(device), eps, t, acp), t, resnets)
+            with images_of(net, datasets[0], idx):
+                pred_a, source = clean_activations(net, registry, add_noise(src[idx].to(device), eps, t, acp), t, resnets)
             record: dict = {}
             x_b = add_noise(rcv[idx].to(device), eps, t, acp)
-            pred_b = stages.run(x_b, t, record=record)
+            with images_of(net, datasets[1], idx):
+                pred_b = stages.run(x_b, t, record=record)
 
             def forward_from(names, _r=record, _x=x_b, _t=t):
                 return stages.resume(names, _r) if stages.supported else net(_x, _t).sample
 
             toward = (pred_a - pred_b).flatten(1)
             for target in targets:
-                pred = _patched(net, registry, target, source, dict(resnets), forward_from)
+                with images_of(net, datasets[1], idx):
+                    pred = _patched(net, registry, target, source, dict(resnets), forward_from)
                 moved = (pred - pred_b).flatten(1)
                 norm = toward.pow(2).sum(1)
                 frac = torch.where(norm > 0, (moved * toward).sum(1) / norm.clamp_min(1e-30), torch.zeros_like(norm))

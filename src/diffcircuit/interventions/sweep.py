@@ -20,6 +20,7 @@ from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import UNetStages
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, model_device, x0_mse_per_image
 
 __all__ = ["ActivationMoments", "ablation_sweep", "clean_activations", "x0_psnr"]
@@ -137,19 +138,24 @@ def ablation_sweep(
         for start in range(0, n, batch_size) if {"mean", "noise"} & set(methods) else ():
             idx = np.arange(start, min(start + batch_size, n))
             _, _, t, x_t = noisy(idx, t_val)
-            ref.add(clean_activations(net, registry, x_t, t, resnets)[1])
+            with images_of(net, dataset, idx):
+                ref.add(clean_activations(net, registry, x_t, t, resnets)[1])
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             x0, eps, t, x_t = noisy(idx, t_val)
             record: dict = {}
-            clean = stages.run(x_t, t, record=record) if prefix_reuse else net(x_t, t).sample
+            with images_of(net, dataset, idx):
+                clean = stages.run(x_t, t, record=record) if prefix_reuse else net(x_t, t).sample
 
             def forward_from(names, _record=record, _x=x_t, _t=t):
                 if not (prefix_reuse and stages.supported):
                     return net(_x, _t).sample
                 return stages.resume(names, _record)
 
-            partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1] if "resample" in methods else {}
+            partner = {}
+            if "resample" in methods:  # image i takes image i+1's activation (its own caption, if any)
+                with images_of(net, dataset, (idx + 1) % n):
+                    partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1]
             clean = denoiser.eps_hat(clean, x_t, t)
             mse_clean = eps_mse_per_image(clean, eps)
             x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
@@ -157,7 +163,8 @@ def ablation_sweep(
                 for method in methods:
                     def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
                         return batch_noise(shape, seed=seed, dataset=f"{dataset}/noise/{_name}", images=idx, timestep=t_val)
-                    pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
+                    with images_of(net, dataset, idx):
+                        pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules, forward_from)
                     pred = denoiser.eps_hat(pred, x_t, t)
                     mse = eps_mse_per_image(pred, eps)
                     rows.append(pd.DataFrame({

@@ -16,6 +16,7 @@ import torch
 
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, model_device
 
 __all__ = ["attention_maps", "object_queries", "token_heatmaps", "token_maps"]
@@ -51,7 +52,8 @@ def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timeste
                 records[key] = output.detach().float()
             handles.append(getattr(modules[layer], part).register_forward_hook(hook))
     try:
-        net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
+        with images_of(net, dataset, np.arange(len(x0))):
+            net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
     finally:
         for h in handles:
             h.remove()
@@ -104,11 +106,13 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
 
 
 @torch.no_grad()
-def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: Sequence[str], timesteps: Sequence[int],
-               seed: int = 0, dataset: str = "a") -> pd.DataFrame:
+def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: Sequence[str] | Sequence[Sequence[str]],
+               timesteps: Sequence[int], seed: int = 0, dataset: str = "a") -> pd.DataFrame:
     """DAAM-style cross-attention maps: one row per image x timestep x cross- (or joint-) attention head x prompt token,
     with ``map`` the attention every query position gives that token (its column of the head's softmax over
-    all keys, on the layer's query grid, row-major). ``tokens`` are the prompt's tokens (keys 0..len-1)."""
+    all keys, on the layer's query grid, row-major). ``tokens`` are the prompt's tokens (keys 0..len-1), or each
+    image's own (captioned images)."""
+    per_image = len(tokens) > 0 and not isinstance(tokens[0], str)
     modules = dict(attention_modules(denoiser.network))
     cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid]
     rows = []
@@ -120,7 +124,7 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
             for head in range(info.heads):
                 probs = _head_probs(modules[info.layer], records, info.layer, head)  # [B, N_q, N_k]
                 for i in range(len(probs)):
-                    for j, text in enumerate(tokens):
+                    for j, text in enumerate(tokens[i] if per_image else tokens):
                         rows.append({"dataset": dataset, "image": i, "timestep": int(t), "layer": info.layer,
                                      "head": head, "token": j, "text": text, "grid_h": info.query_grid[0],
                                      "grid_w": info.query_grid[1], "map": probs[i, :, first + j].float().cpu().numpy()})

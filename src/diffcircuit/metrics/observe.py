@@ -24,6 +24,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import HEAD_METRICS, metrics_from_moments, uniform_moments
 from diffcircuit.metrics.probes import ProbeFeatures
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
@@ -120,7 +121,8 @@ def observe(
             eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
             t = torch.full((len(idx),), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
-            with instrument(net, registry=registry, capture=True, method=method, key_features=features) as session:
+            with images_of(net, dataset, idx), instrument(net, registry=registry, capture=True, method=method,
+                                                          key_features=features) as session:
                 pred = denoiser.eps_hat(net(x_t.to(device), t.to(device)).sample.float().cpu(), x_t, t)
             captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
             head_frames.append(_head_rows(captured, registry, features, idx, t_val))

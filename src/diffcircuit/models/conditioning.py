@@ -16,14 +16,18 @@ prompt's tokens.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["Conditioning", "attach", "make_conditioning", "needed_inputs"]
+__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "image_tokens", "images_of",
+           "make_conditioning", "needed_inputs"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,30 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
     return needs
 
 
+class _Feed:
+    """What the forward pre-hook feeds a network: one conditioning for every image, and per-image conditioning
+    (captions) for datasets that have it, used while ``images_of`` names the dataset and rows of the batch."""
+
+    def __init__(self, shared: Conditioning):
+        self.shared = shared
+        self.per_image: dict[str, Conditioning] = {}  # dataset -> kwargs with one row per image
+        self.tokens: dict[str, tuple[tuple[str, ...], ...]] = {}  # dataset -> each image's prompt tokens
+        self.active: tuple[str, torch.Tensor] | None = None
+
+
 def attach(network: torch.nn.Module, conditioning: Conditioning):
     """Feed ``conditioning`` to every forward of ``network`` that does not pass it; returns the hook handle.
     A call ``network(x_t, t)`` works for every family (the timestep goes by name where it is not second)."""
-    def expand(value, like: torch.Tensor):
+    feed = _Feed(conditioning)
+    network._diffcircuit_feed = feed
+
+    def expand(value, like: torch.Tensor, rows: torch.Tensor | None):
         if isinstance(value, dict):
-            return {k: expand(v, like) for k, v in value.items()}
+            return {k: expand(v, like, rows) for k, v in value.items()}
         if isinstance(value, torch.Tensor):
+            value = value[rows] if rows is not None else value
             value = value.to(like.device)
-            return value.expand(like.shape[0], *value.shape[1:])
+            return value if rows is not None else value.expand(like.shape[0], *value.shape[1:])
         return value
 
     params = list(inspect.signature(network.forward).parameters)
@@ -72,12 +91,47 @@ def attach(network: torch.nn.Module, conditioning: Conditioning):
         if timestep_by_name and len(args) == 2:
             args, kwargs = args[:1], {**kwargs, "timestep": args[1]}
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        for name, value in conditioning.kwargs.items():
+        source, rows = feed.shared, None
+        if feed.active is not None and feed.active[0] in feed.per_image:
+            source, rows = feed.per_image[feed.active[0]], feed.active[1]
+            if len(rows) != sample.shape[0]:
+                raise RuntimeError(f"a batch of {sample.shape[0]} images was fed as {len(rows)} captioned images")
+        for name, value in source.kwargs.items():
             if kwargs.get(name) is None:
-                kwargs[name] = expand(value, sample)
+                kwargs[name] = expand(value, sample, rows)
         return args, kwargs
 
     return network.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def add_captions(network: torch.nn.Module, dataset: str, conditioning: Conditioning,
+                 tokens: tuple[tuple[str, ...], ...]) -> None:
+    """Give the images of ``dataset`` their own conditioning (``conditioning.kwargs``: one row per image)."""
+    feed = network._diffcircuit_feed
+    feed.per_image[dataset] = conditioning
+    feed.tokens[dataset] = tokens
+
+
+def image_tokens(network: torch.nn.Module, dataset: str) -> tuple[tuple[str, ...], ...] | None:
+    """Each image's prompt tokens for a captioned ``dataset``; None when its images share the conditioning."""
+    feed = getattr(network, "_diffcircuit_feed", None)
+    return None if feed is None else feed.tokens.get(dataset)
+
+
+@contextmanager
+def images_of(network: torch.nn.Module, dataset: str, rows) -> Iterator[None]:
+    """The forwards inside are of images ``rows`` (dataset indices, in batch order) of ``dataset``: a captioned
+    dataset's images get their own captions; otherwise nothing changes."""
+    feed = getattr(network, "_diffcircuit_feed", None)
+    if feed is None or dataset not in feed.per_image:
+        yield
+        return
+    previous = feed.active
+    feed.active = (dataset, torch.as_tensor(np.asarray(rows), dtype=torch.long))
+    try:
+        yield
+    finally:
+        feed.active = previous
 
 
 def _null_class(network: torch.nn.Module) -> int | None:
@@ -141,6 +195,12 @@ def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: s
 
 def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
     """The pipeline's text encoder's last hidden state for ``prompt`` (``[1, tokens, dim]``) and its tokens."""
+    embeds, tokens = _encode_prompts(root, [prompt], allow_pickle)
+    return embeds, tokens[0]
+
+
+def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 32):
+    """``[n, tokens, dim]`` for ``prompts`` (padded to the tokenizer's length) and each prompt's tokens."""
     if not (root / "tokenizer").is_dir() or not (root / "text_encoder" / "config.json").exists():
         raise DiffcircuitError(f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
                                "give --prompt-embeds FILE.safetensors instead")
@@ -159,11 +219,15 @@ def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.T
         encoder = cls.from_pretrained(root / "text_encoder", use_safetensors=not allow_pickle).eval()
     except Exception as exc:
         raise DiffcircuitError(f"could not load the text encoder of {root}: {str(exc).strip().splitlines()[0]}") from None
-    encoded = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
-    real = int(encoded.attention_mask[0].sum())
-    with torch.no_grad():
-        return encoder(encoded.input_ids)[0].float(), tuple(tokenizer.convert_ids_to_tokens(encoded.input_ids[0, :real]))
+    embeds, tokens = [], []
+    for lo in range(0, len(prompts), batch_size):
+        encoded = tokenizer(list(prompts[lo:lo + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            embeds.append(encoder(encoded.input_ids)[0].float())
+        for ids, mask in zip(encoded.input_ids, encoded.attention_mask):
+            tokens.append(tuple(tokenizer.convert_ids_to_tokens(ids[: int(mask.sum())])))
+    return torch.cat(embeds), tokens
 
 
 def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | None = None,
@@ -212,3 +276,22 @@ def _added_conditions(network: torch.nn.Module) -> dict:
     if not getattr(network, "use_additional_conditions", False):
         return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     return {"added_cond_kwargs": {"resolution": torch.tensor([[h * 8.0, w * 8.0]]), "aspect_ratio": torch.tensor([[h / w]])}}
+
+
+def caption_conditioning(network: torch.nn.Module, root: Path, captions, *, allow_pickle: bool = False,
+                         spec: str = "") -> tuple[Conditioning, tuple[tuple[str, ...], ...]]:
+    """Per-image conditioning of a text-conditioned ``network`` from one caption per image, encoded by the
+    pipeline's text encoder, and each caption's tokens."""
+    needs = needed_inputs(network)
+    if "encoder_hidden_states" not in needs or "pooled_projections" in needs:
+        kind = "is not text-conditioned" if "encoder_hidden_states" not in needs else "needs precomputed embeddings"
+        raise DiffcircuitError(f"{spec or 'the data'} has captions, but {type(network).__name__} {kind}; "
+                               "use a folder without captions.csv / captions.jsonl")
+    embeds, tokens = _encode_prompts(root, list(captions), allow_pickle)
+    dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
+    if embeds.shape[-1] != dim:
+        raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the model expects {dim}")
+    rows = len(captions)  # every input gets one row per image (PixArt's micro-conditions are shared)
+    extra = {k: {n: v.expand(rows, *v.shape[1:]) if isinstance(v, torch.Tensor) else v for n, v in d.items()}
+             for k, d in _added_conditions(network).items()}
+    return Conditioning({"encoder_hidden_states": embeds, **extra}, f"{rows} captions"), tuple(tokens)

@@ -23,12 +23,20 @@ from pathlib import Path
 import torch
 
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.models.conditioning import Conditioning, attach, make_conditioning, needed_inputs
+from diffcircuit.models.conditioning import (
+    Conditioning,
+    add_captions,
+    attach,
+    caption_conditioning,
+    make_conditioning,
+    needed_inputs,
+)
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
 
-__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser"]
+__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser",
+           "use_captions"]
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
@@ -268,13 +276,28 @@ def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None,
     import dataclasses
 
     den = load_denoiser(source, allow_pickle=allow_pickle, device=device)
-    root = den.model_path.parent if den.model_path.name in _NETWORK_SUBFOLDERS else den.model_path
-    cond = make_conditioning(den.network, root, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label,
+    cond = make_conditioning(den.network, _pipeline_root(den), prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label,
                              allow_pickle=allow_pickle)
     if cond is None:
         return den
     attach(den.network, cond)
     return dataclasses.replace(den, conditioning=cond)
+
+
+def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = "") -> str | None:
+    """Feed each image of ``dataset`` its own caption (encoded by the pipeline's text encoder) in every forward
+    inside ``images_of(network, dataset, rows)``; returns what was done, for the manifest (None: no captions)."""
+    if not captions:
+        return None
+    if "encoder_hidden_states" not in needed_inputs(den.network):
+        return "captions ignored: the model is not text-conditioned"
+    cond, tokens = caption_conditioning(den.network, _pipeline_root(den), captions, allow_pickle=allow_pickle, spec=spec)
+    add_captions(den.network, dataset, cond, tokens)
+    return "each image's own caption"
+
+
+def _pipeline_root(den: Denoiser) -> Path:
+    return den.model_path.parent if den.model_path.name in _NETWORK_SUBFOLDERS else den.model_path
 
 
 def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:

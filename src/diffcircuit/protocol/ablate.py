@@ -14,7 +14,7 @@ from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets,
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_conditioned
+from diffcircuit.models.loading import load_conditioned, use_captions
 from diffcircuit.protocol.store import write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
@@ -76,6 +76,10 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
         raise DiffcircuitError("--sample is for unconditional models; sampling conditional ones is not supported yet")
     den.check_timesteps(cfg.timesteps)
     images = model_images(den, cfg.data, n=cfg.n, seed=cfg.seed)
+    if use_captions(den, cfg.data, images.captions, allow_pickle=cfg.allow_pickle, spec=cfg.data) and "token" in (
+            *cfg.levels, *(name.split(":")[0] for name in cfg.names)):
+        raise DiffcircuitError(f"{cfg.data} has a caption per image: token J is a different word in each, so token "
+                               "ablation needs one shared --prompt and a folder without captions")
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,

@@ -20,6 +20,7 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, model_device
 from diffcircuit.protocol.store import atomic_write_bytes, write_json
 
@@ -77,7 +78,8 @@ def cache_activations(denoiser, images, out_dir: str | Path, *, timesteps: Seque
             eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
             t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
             with instrument(net, registry=registry, cache_heads=layers) as session:
-                net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
+                with images_of(net, dataset, idx):
+                    net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
             cached = session.pop("head_out")
             tensors = {layer: cached[layer].to(dtype).contiguous() for layer in layers}
             tensors["images"] = torch.from_numpy(idx)

@@ -61,6 +61,7 @@ class RunConfig:
     prompt: str = ""  # a text-conditioned model's prompt ("": the empty prompt, the unconditional branch)
     prompt_embeds: str = ""  # or a safetensors file with its embeddings (tensor "prompt_embeds")
     class_label: int = -1  # a class-conditional model's class (-1: its null class, the unconditional branch)
+    captions: bool = True  # text-conditioned models: an image folder's captions.csv/.jsonl prompts its images
     data_a: str = "synthetic"
     data_b: str = "faces"
     n: int = 100
@@ -229,6 +230,7 @@ _COMMENTS = {
     "prompt": "text-conditioned models: the prompt for every image (empty: the unconditional branch)",
     "prompt_embeds": "text-conditioned models: a safetensors file of prompt embeddings instead of a prompt",
     "class_label": "class-conditional models (DiT): the class for every image (-1: the null class)",
+    "captions": "text-conditioned models: each image of a folder with captions.csv/.jsonl gets its own caption",
     "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
     "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
     "n": "images per dataset (the paper: 2,000; 'faces' has 100)",

@@ -55,6 +55,7 @@ import pandas as pd
 from diffcircuit.discovery.run import importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
+from diffcircuit.models.conditioning import image_tokens
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
@@ -128,7 +129,8 @@ def _manifest(ctx: Context) -> dict:
                   "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type,
                   "conditioning": den.conditioning.description if den.conditioning else None,
                   "process": den.process, "latent": _latent(den)},
-        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint} for k, s in sets.items()},
+        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint, "captions": ctx.captions.get(k)}
+                     for k, s in sets.items()},
         "layers": [info.to_dict() for info in registry.layers],
     }
 
@@ -216,9 +218,13 @@ def _token_maps(job: _Job, n_images: int = 3):
     if cond is None or not cond.tokens or not any(i.kind in ("cross", "joint") for i in ctx.registry.layers):
         return None
 
+    def tokens(key: str):  # a captioned dataset's images each have their own prompt
+        own = image_tokens(ctx.den.network, key)
+        return cond.tokens if own is None else own[:n_images]
+
     def compute():
         with ctx.autocast():
-            maps = pd.concat([token_maps(ctx.den, s.images[:n_images], registry=ctx.registry, tokens=cond.tokens,
+            maps = pd.concat([token_maps(ctx.den, s.images[:n_images], registry=ctx.registry, tokens=tokens(key),
                                          timesteps=ctx.cfg.timesteps, seed=ctx.cfg.seed, dataset=key)
                               for key, s in ctx.sets.items()], ignore_index=True)
         return [maps, token_heatmaps(maps, ctx.den.image_size)]

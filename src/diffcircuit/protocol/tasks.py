@@ -30,7 +30,7 @@ from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import Denoiser, load_conditioned
+from diffcircuit.models.loading import Denoiser, load_conditioned, use_captions
 from diffcircuit.protocol.config import RunConfig
 
 __all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "attribute_tasks", "compute", "discover_tasks",
@@ -59,6 +59,7 @@ class Context:
     den: Denoiser
     registry: HeadRegistry
     sets: dict[str, ImageSet]
+    captions: dict[str, str | None] = field(default_factory=dict)  # per dataset: how its captions were used
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Context:
@@ -69,9 +70,11 @@ class Context:
         den.check_timesteps(cfg.timesteps)
         sets = {key: model_images(den, spec, n=cfg.n, seed=cfg.seed, skip_bad=cfg.skip_bad, batch_size=cfg.batch_size)
                 for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
+        captions = {key: use_captions(den, key, s.captions if cfg.captions else None, allow_pickle=cfg.allow_pickle,
+                                      spec=s.spec) for key, s in sets.items()}
         first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
         registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
-        return cls(cfg=cfg, den=den, registry=registry, sets=sets)
+        return cls(cfg=cfg, den=den, registry=registry, sets=sets, captions=captions)
 
     @property
     def n_ablate(self) -> int:
