@@ -40,6 +40,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading p
 PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Text-conditioned models: the prompt (default: the empty prompt).")]
 PromptEmbedsOpt = Annotated[str | None, typer.Option("--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'.")]
 ClassLabelOpt = Annotated[int | None, typer.Option("--class-label", help="Class-conditional models (DiT): the class (default: the null class).")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Sampling a conditional model: classifier-free guidance scale (1: none).")]
 
 
 class _Bars:
@@ -223,6 +224,7 @@ def ablate(
     token_weight: Annotated[float, typer.Option("--token-weight", help="With --level token: multiply each token's "
                                                 "attention by W and renormalise (0 removes it).")] = 0.0,
     sample: Annotated[int, typer.Option("--sample", help="Also sample N images (DDIM) with each target zero-ablated.")] = 0,
+    guidance: GuidanceOpt = 1.0,
     sample_steps: Annotated[int, typer.Option("--sample-steps")] = 50,
     window: Annotated[str | None, typer.Option("--window", help="Ablate only at sampling timesteps LO,HI.")] = None,
     prompt: PromptOpt = None,
@@ -241,8 +243,7 @@ def ablate(
                        class_label=class_label, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                        names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
-                       sample_steps=sample_steps,
-                       window=_window(window))
+                       sample_steps=sample_steps, window=_window(window), guidance=guidance)
     with _Bars(quiet) as bars:
         table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))
     if not quiet:
@@ -271,6 +272,9 @@ def discover(
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
@@ -288,7 +292,7 @@ def discover(
                          windows=tuple(parse_timesteps(w) for w in window),
                          seed=seed, batch_size=batch_size, ranking=ranking, ig_steps=ig_steps, taus=tau_values,
                          probes=(0 if ig_steps else 1) if probes is None else probes,
-                         resamples=resamples)
+                         resamples=resamples, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
     with _Bars(quiet) as bars:
         result = run_discovery(cfg, out, progress=lambda stage, done, total: bars.update(stage, completed=done, total=total,
                                                                                          description=stage))
@@ -325,6 +329,10 @@ def generate(
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     window: Annotated[str | None, typer.Option("--window", help="Intervene only at timesteps LO,HI.")] = None,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
+    guidance: GuidanceOpt = 1.0,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Sample the same seeds with and without an intervention and save a side-by-side grid."""
@@ -332,7 +340,8 @@ def generate(
 
     names = tuple(a.strip() for a in ablate.split(",") if a.strip())
     cfg = GenerateConfig(model=model, allow_pickle=allow_pickle, ablate=names, method=method, scale=scale, n=n,
-                         steps=steps, seed=seed, window=_window(window))
+                         steps=steps, seed=seed, window=_window(window), prompt=prompt, prompt_embeds=prompt_embeds,
+                         class_label=class_label, guidance=guidance)
     result = run_generate(cfg, out)
     print(f"{result.target.name}: pixel MSE {result.metrics.pixel_mse.mean():.4g}, SSIM {result.metrics.ssim.mean():.3f} "
           f"over {n} samples; wrote {out} and {out.with_suffix('.json')}")
@@ -346,6 +355,9 @@ def calibrate(
     timestep: Annotated[int, typer.Option("--timestep")] = 500,
     splits: Annotated[int, typer.Option("--splits", help="Random half-vs-half splits.")] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    prompt: PromptOpt = None,
+    prompt_embeds: PromptEmbedsOpt = None,
+    class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Split one distribution in random halves many times; print the false-positive rate and CI coverage."""
@@ -354,7 +366,7 @@ def calibrate(
     if n < 4 or splits < 1:
         raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
     res = run_calibration(model=model, data=data, n=n, timestep=timestep, splits=splits, seed=seed,
-                          allow_pickle=allow_pickle)
+                          allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
     print(f"{res.splits} random splits of {res.n_images} images into halves; ratio of mean normalised entropy, "
           f"alpha {res.alpha}; nominal false-positive rate {res.alpha}, nominal coverage 0.95")
     print(f"false_positive_rate: {res.false_positive_rate:.3f}")

@@ -404,7 +404,7 @@ def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, c
         code, _, err = _run(args, capsys)
         assert code == 1 and "give --prompt-embeds" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(["discover", "--out", str(tmp_path / "ab"), "--model", str(folder)], capsys)
-    assert code == 1 and "is conditional (encoder_hidden_states)" in err  # discover stays unconditional
+    assert code == 1 and "give --prompt-embeds" in err  # discover takes conditional models the same way
     assert not (tmp_path / "run").exists() and not (tmp_path / "ab").exists()
     save_file({"prompt_embeds": torch.randn(5, 24)}, str(tmp_path / "embeds.safetensors"))
     code, out, _ = _run(["info", "--json", "--model", str(folder), "--prompt-embeds", str(tmp_path / "embeds.safetensors")],

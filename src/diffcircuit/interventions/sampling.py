@@ -18,6 +18,8 @@ import torch
 
 from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
+from diffcircuit.models.conditioning import conditioned_as
+from diffcircuit.models.diffusion import model_device
 
 __all__ = ["SAMPLING_METHODS", "controlled_samples", "sample_images", "sample_metrics", "sampling_effect"]
 
@@ -31,6 +33,10 @@ def _intervention(net, target: Target, method: str, scale: float, means: dict | 
         if method != "zero":
             raise ValueError("ResNet blocks can only be zero-ablated during sampling")
         return resnet_intervention(dict(resnet_blocks(net))[target.name], replace=torch.zeros_like)
+    if target.level == "token":  # a prompt token removed (or reweighted) in every cross/joint head
+        if method != "zero":
+            raise ValueError("a prompt token can only be removed or reweighted while sampling")
+        return instrument(net, token_scales={a: {target.token: target.weight} for a in target.heads})
     if method == "zero":
         return instrument(net, zero_heads=list(target.heads))
     if method == "scale":
@@ -47,16 +53,32 @@ def _check(target: Target | None, method: str, scale: float | None) -> None:
         raise ValueError("mean and scale interventions need a target")
 
 
+def _guided(net, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int) -> torch.Tensor:
+    """One step's model output: conditional (recorded by ``session``), moved by classifier-free guidance
+    out_u + g·(out_c − out_u) when g ≠ 1; a learned-variance half (DiT) is dropped, as DDIM ignores it."""
+    out = net(x, t.expand(len(x))).sample[:, : x.shape[1]]  # in the model's prediction_type; the scheduler knows it
+    if session is not None:  # mean-ablation references: the conditional branch's mean head outputs
+        step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
+    if guidance == 1.0:
+        return out
+    with conditioned_as(net, unconditional):
+        plain = net(x, t.expand(len(x))).sample[:, : x.shape[1]]
+    return plain + guidance * (out - plain)
+
+
 @torch.no_grad()
 def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: Target | None = None,
                   window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
-                  step_means: dict | None = None, record_layers: tuple[str, ...] = ()) -> torch.Tensor:
+                  step_means: dict | None = None, record_layers: tuple[str, ...] = (), guidance: float = 1.0,
+                  unconditional=None) -> torch.Tensor:
     """``n`` images ``[n, C, H, W]`` in [-1, 1] by DDIM (η = 0) from seeded noise.
 
     With a ``target``, while the step's timestep lies in ``window`` (inclusive; None = every step),
     its heads are zeroed ("zero"), multiplied by ``scale`` ("scale") or replaced by ``step_means``
     ("mean": step index -> layer -> ``[heads, q_pos, d]``, see :func:`clean_step_means`).
-    ``record_layers`` stores each step's mean head outputs of those layers into ``step_means``.
+    ``record_layers`` stores each step's mean head outputs of those layers into ``step_means``. A conditional
+    model samples with its attached conditioning; ``guidance`` g ≠ 1 adds classifier-free guidance towards it
+    from ``unconditional`` (the interventions act on both branches).
     """
     from diffusers import DDIMScheduler
 
@@ -65,23 +87,22 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
     scheduler = DDIMScheduler.from_config(denoiser.scheduler.config)
     scheduler.set_timesteps(steps)
     shape = (n, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model_device(net))
     for i, t in enumerate(scheduler.timesteps):
         active = target is not None and (window is None or window[0] <= int(t) <= window[1])
         with ExitStack() as stack:
             if active:
                 stack.enter_context(_intervention(net, target, method, scale, None if step_means is None else step_means[i]))
             session = stack.enter_context(instrument(net, cache_heads=record_layers)) if record_layers else None
-            out = net(x, t.expand(n)).sample  # in the model's prediction_type; the scheduler knows it
-        if session is not None:
-            step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
+            out = _guided(net, x, t.to(x.device), guidance, unconditional, session, step_means, i)
         x = scheduler.step(out, t, x).prev_sample
-    return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1)  # pixels either way
+    return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1).cpu()  # pixels either way
 
 
 def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
                        window: tuple[int, int] | None = None, method: str = "zero",
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None = None, guidance: float = 1.0,
+                       unconditional=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(clean, intervened)`` samples from the same seeded noise.
 
     Mean ablation replaces a head's output, at each step, by its mean over the clean samples at
@@ -90,9 +111,10 @@ def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50,
     _check(target, method, scale)
     means: dict = {}
     layers = tuple(dict.fromkeys(a.layer for a in target.heads)) if method == "mean" else ()
-    clean = sample_images(denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers)
+    guide = dict(guidance=guidance, unconditional=unconditional)
+    clean = sample_images(denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers, **guide)
     changed = sample_images(denoiser, n=n, steps=steps, seed=seed, target=target, window=window, method=method,
-                            scale=scale, step_means=means if method == "mean" else None)
+                            scale=scale, step_means=means if method == "mean" else None, **guide)
     return clean, changed
 
 
@@ -111,13 +133,15 @@ def sample_metrics(clean: torch.Tensor, changed: torch.Tensor) -> pd.DataFrame:
 
 
 def sampling_effect(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
-                    window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None) -> pd.DataFrame:
+                    window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
+                    guidance: float = 1.0, unconditional=None) -> pd.DataFrame:
     """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise."""
     clean, changed = controlled_samples(denoiser, target, n=n, steps=steps, seed=seed, window=window, method=method,
-                                        scale=scale)
+                                        scale=scale, guidance=guidance, unconditional=unconditional)
     frame = sample_metrics(clean, changed)
     frame.insert(1, "target", target.name)
     frame.insert(2, "window", "all" if window is None else f"{window[0]}-{window[1]}")
     frame.insert(3, "steps", steps)
-    frame.insert(4, "method", method if scale is None else f"scale {scale:g}")
+    frame.insert(4, "method", "reweight" if target.weight else method if scale is None else f"scale {scale:g}")
+    frame.insert(5, "guidance", float(guidance))
     return frame

@@ -26,7 +26,7 @@ import torch
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "image_tokens", "images_of",
+__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_tokens", "images_of",
            "make_conditioning", "needed_inputs"]
 
 
@@ -116,6 +116,18 @@ def image_tokens(network: torch.nn.Module, dataset: str) -> tuple[tuple[str, ...
     """Each image's prompt tokens for a captioned ``dataset``; None when its images share the conditioning."""
     feed = getattr(network, "_diffcircuit_feed", None)
     return None if feed is None else feed.tokens.get(dataset)
+
+
+@contextmanager
+def conditioned_as(network: torch.nn.Module, conditioning: Conditioning) -> Iterator[None]:
+    """The forwards inside get ``conditioning`` instead of the attached one (e.g. guidance's unconditional branch)."""
+    feed = network._diffcircuit_feed
+    previous = feed.shared
+    feed.shared = conditioning
+    try:
+        yield
+    finally:
+        feed.shared = previous
 
 
 @contextmanager

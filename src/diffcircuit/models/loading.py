@@ -35,8 +35,8 @@ from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
 
-__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "load_unconditional", "save_denoiser",
-           "use_captions"]
+__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "save_denoiser",
+           "unconditional_input", "use_captions"]
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
@@ -257,18 +257,6 @@ def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool,
     return codec
 
 
-def load_unconditional(source: str = EMBEDDED_MODEL, **kwargs) -> Denoiser:
-    """``load_denoiser`` for the commands that feed no text or class conditioning: a model whose forward
-    needs it (e.g. UNet2DConditionModel) is refused in one line; ``load_conditioned`` takes it."""
-    den = load_denoiser(source, **kwargs)
-    needs = needed_inputs(den.network)
-    if needs:
-        raise DiffcircuitError(f"model {source!r} ({type(den.network).__name__}) is conditional ({', '.join(needs)}); "
-                               "this command analyses unconditional denoisers: run, info, ablate, cache and guidance "
-                               "take --prompt / --prompt-embeds / --class-label")
-    return den
-
-
 def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None, prompt_embeds: str | None = None,
                      class_label: int | None = None, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
     """``load_denoiser``, with a conditional network's conditioning attached to its forward
@@ -282,6 +270,13 @@ def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None,
         return den
     attach(den.network, cond)
     return dataclasses.replace(den, conditioning=cond)
+
+
+def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditioning:
+    """A conditional model's unconditional input (the empty prompt, or the null class): guidance's other branch."""
+    if den.conditioning is None:
+        raise DiffcircuitError(f"{type(den.network).__name__} is unconditional: guidance does not apply")
+    return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
 
 
 def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = "") -> str | None:

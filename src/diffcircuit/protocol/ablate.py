@@ -14,7 +14,7 @@ from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets,
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_conditioned, use_captions
+from diffcircuit.models.loading import load_conditioned, unconditional_input, use_captions
 from diffcircuit.protocol.store import write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
@@ -39,6 +39,7 @@ class AblateConfig:
     sample: int = 0  # also sample this many images with each target zero-ablated (0: no sampling)
     sample_steps: int = 50
     window: tuple[int, int] | None = None  # ablate only at sampling steps with timestep in [lo, hi]
+    guidance: float = 1.0  # sampling a conditional model: classifier-free guidance scale (1: none)
 
 
 def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list[Target]:
@@ -72,8 +73,9 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
         raise DiffcircuitError(f"methods must be among {', '.join(METHODS)}; got {list(cfg.methods)}")
     den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
                            class_label=cfg.class_label)
-    if den.conditioning is not None and cfg.sample > 0:
-        raise DiffcircuitError("--sample is for unconditional models; sampling conditional ones is not supported yet")
+    if not cfg.guidance >= 0 or cfg.guidance == float("inf"):
+        raise DiffcircuitError(f"--guidance must be a finite number >= 0, not {cfg.guidance}")
+    unconditional = None if cfg.guidance == 1.0 or cfg.sample == 0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
     den.check_timesteps(cfg.timesteps)
     images = model_images(den, cfg.data, n=cfg.n, seed=cfg.seed)
     if use_captions(den, cfg.data, images.captions, allow_pickle=cfg.allow_pickle, spec=cfg.data) and "token" in (
@@ -87,7 +89,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
                            progress=progress)
     write_parquet(Path(out_dir) / "tables" / "ablations.parquet", table)
     if cfg.sample > 0:
-        effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window)
-                   for t in chosen]
+        effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window,
+                                   guidance=cfg.guidance, unconditional=unconditional) for t in chosen]
         write_parquet(Path(out_dir) / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
     return table

@@ -17,7 +17,7 @@ import torch
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_unconditional
+from diffcircuit.models.loading import load_conditioned, use_captions
 from diffcircuit.stats.complexity import mean_value, ratio_test
 
 __all__ = ["CalibrationResult", "calibrate", "split_half_calibration"]
@@ -49,10 +49,13 @@ def split_half_calibration(rows: np.ndarray, *, splits: int = 200, alpha: float 
 
 
 def calibrate(*, model: str = "embedded", data: str = "faces", n: int = 100, timestep: int = 500, splits: int = 200,
-              seed: int = 0, allow_pickle: bool = False) -> CalibrationResult:
-    """Split-half calibration on real model outputs (per-image normalised entropy of every head)."""
-    den = load_unconditional(model, allow_pickle=allow_pickle)
+              seed: int = 0, allow_pickle: bool = False, **conditioning) -> CalibrationResult:
+    """Split-half calibration on real model outputs (per-image normalised entropy of every head). ``conditioning``:
+    ``prompt``, ``prompt_embeds`` or ``class_label`` of a conditional model, as in ``load_conditioned``."""
+    den = load_conditioned(model, allow_pickle=allow_pickle, **conditioning)
+    den.check_timesteps([timestep])
     images = model_images(den, data, n=n, seed=seed)
+    use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
     registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
     rows = heads.pivot_table(index="image", columns=["layer", "head"], values="entropy_norm").to_numpy()

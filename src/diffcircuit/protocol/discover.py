@@ -33,7 +33,7 @@ from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_unconditional
+from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, use_captions
 from diffcircuit.protocol.store import write_json, write_parquet
 
 __all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
@@ -57,6 +57,9 @@ class DiscoverConfig:
     ig_steps: int = 0  # > 0: integrated gradients with this many steps (with or without probes)
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
+    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
+    prompt_embeds: str | None = None
+    class_label: int | None = None
 
     def validate(self) -> None:
         if self.ranking not in RANKINGS:
@@ -108,10 +111,12 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                   progress: Callable[[str, int, int], None] | None = None) -> DiscoveryResult:
     """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
     cfg.validate()
-    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
+                           class_label=cfg.class_label)
     den.check_timesteps(cfg.timesteps)
     specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
     sets = {k: model_images(den, s, n=cfg.n, seed=cfg.seed) for k, s in specs.items()}
+    captions = {k: use_captions(den, k, s.captions, allow_pickle=cfg.allow_pickle, spec=s.spec) for k, s in sets.items()}
     registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
 
     def stage(name: str, total: int) -> Callable[[int], None]:
@@ -148,7 +153,8 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
         write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
     write_json(out / "discover.json", {
         "config": asdict(cfg), "model_path": str(den.model_path),
-        "datasets": {k: {"spec": s.spec, "n_images": len(s)} for k, s in sets.items()},
+        "conditioning": den.conditioning.description if den.conditioning else None,
+        "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k]} for k, s in sets.items()},
         "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "tau", "heads", "faithfulness", "completeness",
                                             "size_ci", "overlap_with_other")} for c in circuits],
     })

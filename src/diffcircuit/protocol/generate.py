@@ -19,7 +19,7 @@ from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_unconditional
+from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, unconditional_input
 from diffcircuit.protocol.store import atomic_write_bytes, write_json
 
 __all__ = ["GenerateConfig", "GenerateResult", "run_generate"]
@@ -36,6 +36,10 @@ class GenerateConfig:
     steps: int = 50
     seed: int = 0
     window: tuple[int, int] | None = None  # intervene only at steps whose timestep is in [lo, hi]
+    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
+    prompt_embeds: str | None = None
+    class_label: int | None = None
+    guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model alone)
 
 
 @dataclass
@@ -74,6 +78,8 @@ def _check(cfg: GenerateConfig) -> None:
         raise DiffcircuitError("need 1 <= --n <= 64 and --steps >= 1")
     if cfg.window is not None and cfg.window[0] > cfg.window[1]:
         raise DiffcircuitError("--window LO,HI needs LO <= HI")
+    if not cfg.guidance >= 0 or cfg.guidance == float("inf"):
+        raise DiffcircuitError(f"--guidance must be a finite number >= 0, not {cfg.guidance}")
 
 
 def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
@@ -109,19 +115,24 @@ def run_generate(cfg: GenerateConfig, out: str | Path) -> GenerateResult:
     if out.suffix.lower() != ".png":
         raise DiffcircuitError(f"--out must name a .png file, not {str(out)!r}")
     _check(cfg)
-    den = load_unconditional(cfg.model, allow_pickle=cfg.allow_pickle)
+    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
+                           class_label=cfg.class_label)
+    unconditional = None if cfg.guidance == 1.0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
     size, channels = den.sample_size, den.in_channels
     registry = probe_registry(den.network, torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     target = _target(cfg.ablate, registry, den.network)
     if target.level == "resnet" and cfg.method != "zero":
         raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")
     clean, changed = controlled_samples(den, target, n=cfg.n, steps=cfg.steps, seed=cfg.seed, window=cfg.window,
-                                        method=cfg.method, scale=cfg.scale)
+                                        method=cfg.method, scale=cfg.scale, guidance=cfg.guidance,
+                                        unconditional=unconditional)
     metrics = sample_metrics(clean, changed)
     what = f"{cfg.method}" + (f" x{cfg.scale:g}" if cfg.scale is not None else "")
     window = "every step" if cfg.window is None else f"t in [{cfg.window[0]}, {cfg.window[1]}]"
+    given = den.conditioning.description if den.conditioning else ""
+    given += f", guidance {cfg.guidance:g}" if cfg.guidance != 1.0 else ""
     title = (f"{target.name} ({len(target.heads) or 'ResNet'} heads): {what}, {window}; DDIM {cfg.steps} steps, seed {cfg.seed}; "
-             f"pixel MSE {metrics.pixel_mse.mean():.4g}, SSIM {metrics.ssim.mean():.3f}")
+             + (f"{given}; " if given else "") + f"pixel MSE {metrics.pixel_mse.mean():.4g}, SSIM {metrics.ssim.mean():.3f}")
     atomic_write_bytes(out, _grid_png(clean, changed, title))
     write_json(out.with_suffix(".json"), {"config": asdict(cfg), "target": target.name,
                                           "heads": [str(a) for a in target.heads],
