@@ -146,6 +146,29 @@ def test_sd3_info_lists_joint_layers_and_run_completes_with_joint_heads_analysed
     assert len(pd.read_parquet(tables / "gallery.parquet"))
 
 
+def test_sd3_guidance_takes_its_unconditional_branch_from_the_embeddings_file(sd3_folder, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from diffcircuit.models.loading import load_conditioned, unconditional_input
+
+    given = load_file(str(sd3_folder.parent / "embeds.safetensors"))
+    negative = {"negative_prompt_embeds": torch.randn(1, 5, 16), "negative_pooled_prompt_embeds": torch.randn(1, 8)}
+    save_file(given | negative, str(tmp_path / "both.safetensors"))
+    den = load_conditioned(str(sd3_folder), prompt_embeds=str(tmp_path / "both.safetensors"))
+    branch = unconditional_input(den).kwargs
+    assert torch.equal(branch["encoder_hidden_states"], negative["negative_prompt_embeds"])
+    assert torch.equal(branch["pooled_projections"], negative["negative_pooled_prompt_embeds"])
+    grid = tmp_path / "g.png"
+    assert main(["generate", "--out", str(grid), "--model", str(sd3_folder), "--prompt-embeds",
+                 str(tmp_path / "both.safetensors"), "--guidance", "4", "--ablate", "transformer_blocks.0.attn:1",
+                 "--n", "2", "--steps", "3"]) == 0
+    assert main(["generate", "--out", str(grid), "--model", str(sd3_folder), "--prompt-embeds",
+                 str(sd3_folder.parent / "embeds.safetensors"), "--guidance", "4", "--ablate",
+                 "transformer_blocks.0.attn:1", "--n", "2", "--steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "negative_prompt_embeds" in err and "Traceback" not in err
+
+
 def test_sd3_without_prompt_embeddings_is_refused_in_one_line(sd3_folder, tmp_path, capsys):
     assert _run(sd3_folder, tmp_path / "run") != 0
     err = capsys.readouterr().err

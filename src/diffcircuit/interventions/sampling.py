@@ -119,15 +119,19 @@ def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50,
 
 
 def sample_metrics(clean: torch.Tensor, changed: torch.Tensor) -> pd.DataFrame:
-    """Per sample: pixel MSE on [-1, 1] and SSIM on [0, 1] (Wang et al. settings) between two batches."""
+    """Per sample: pixel MSE on [-1, 1] and SSIM on [0, 1] (Wang et al. settings; images under 11 pixels a side
+    use the largest odd window that fits) between two batches."""
     from skimage.metrics import structural_similarity
 
     rows = []
     for i in range(len(clean)):
         a = ((clean[i].numpy() + 1) / 2).transpose(1, 2, 0)
         b = ((changed[i].numpy() + 1) / 2).transpose(1, 2, 0)
-        ssim = structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)
+        side = min(a.shape[:2])  # the 11-pixel window of Wang et al., narrowed (odd) for images smaller than that
+        window = min(11, side if side % 2 else side - 1)
+        ssim = float("nan") if window < 3 else structural_similarity(
+            a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            win_size=window)
         rows.append({"sample": i, "pixel_mse": float(((clean[i] - changed[i]) ** 2).mean()), "ssim": float(ssim)})
     return pd.DataFrame(rows).astype({"pixel_mse": np.float64, "ssim": np.float64})
 

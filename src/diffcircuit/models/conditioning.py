@@ -5,6 +5,10 @@
   ``text`` extra), or embeddings given as a safetensors file (tensor ``prompt_embeds``,
   ``[tokens, dim]`` or ``[1, tokens, dim]``).
 - A class-conditional model (DiT, or a UNet with ``num_class_embeds``) needs ``class_labels``.
+- SD3 needs its joint-attention text tokens and their pooled summary: a safetensors file with
+  ``prompt_embeds`` and ``pooled_prompt_embeds`` (``negative_*`` too, for guidance).
+- A data folder with captions gives each of its images its own prompt (``caption_conditioning``): the
+  hook then feeds the rows of the batch named by ``images_of(network, dataset, rows)``.
 
 The default is the model's *unconditional* input, the branch classifier-free guidance contrasts
 with: the empty prompt, and DiT's null class. ``attach`` adds the conditioning to every forward call
@@ -38,6 +42,7 @@ class Conditioning:
     kwargs: dict[str, torch.Tensor | dict]
     description: str
     tokens: tuple[str, ...] = ()
+    unconditional: Conditioning | None = None  # guidance's other branch, when the embeddings file gives it
 
 
 def needed_inputs(network: torch.nn.Module) -> list[str]:
@@ -190,19 +195,35 @@ def _prompt_embeds(path: Path, dim: int) -> torch.Tensor:
     return _read_embeds(path, "prompt_embeds", dim, 2)
 
 
+def _has(path: Path, name: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return name in f.keys()
+
+
 def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: str | None) -> Conditioning:
     """SD3: the text tokens' embeddings and their pooled summary, both from a safetensors file (the pipeline's
-    ``encode_prompt`` output: ``prompt_embeds`` and ``pooled_prompt_embeds``). Its three text encoders are not
+    ``encode_prompt`` output: ``prompt_embeds`` and ``pooled_prompt_embeds``, and for guidance's unconditional
+    branch ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``). Its three text encoders are not
     run here, and its unconditional input is the encoded empty prompt, not zeros: the embeddings are required."""
     if prompt_embeds is None:
         why = "--prompt is not encoded for it yet" if prompt is not None else "it has no built-in unconditional input"
         raise DiffcircuitError(f"{type(network).__name__} needs --prompt-embeds FILE.safetensors (tensors prompt_embeds "
                                f"and pooled_prompt_embeds, from its pipeline's encode_prompt): {why}")
     config, path = network.config, Path(prompt_embeds)
-    embeds = _read_embeds(path, "prompt_embeds", int(config.joint_attention_dim), 2)
-    pooled = _read_embeds(path, "pooled_prompt_embeds", int(config.pooled_projection_dim), 1)
-    return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled},
-                        f"prompt embeddings from {prompt_embeds}", tuple(f"<{i}>" for i in range(embeds.shape[1])))
+    dims = int(config.joint_attention_dim), int(config.pooled_projection_dim)
+
+    def read(prefix: str) -> dict:
+        return {"encoder_hidden_states": _read_embeds(path, f"{prefix}prompt_embeds", dims[0], 2),
+                "pooled_projections": _read_embeds(path, f"{prefix}pooled_prompt_embeds", dims[1], 1)}
+
+    given = read("")
+    negative = None
+    if _has(path, "negative_prompt_embeds"):  # the pipeline's encode_prompt gives the unconditional branch too
+        negative = Conditioning(read("negative_"), f"negative prompt embeddings from {prompt_embeds}")
+    return Conditioning(given, f"prompt embeddings from {prompt_embeds}",
+                        tuple(f"<{i}>" for i in range(given["encoder_hidden_states"].shape[1])), negative)
 
 
 def _encode_prompt(root: Path, prompt: str, allow_pickle: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -266,9 +287,14 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     extra = _added_conditions(network)
     if prompt_embeds is not None:
-        embeds = _prompt_embeds(Path(prompt_embeds), dim)
+        path = Path(prompt_embeds)
+        embeds = _prompt_embeds(path, dim)
+        negative = None
+        if _has(path, "negative_prompt_embeds"):
+            negative = Conditioning({"encoder_hidden_states": _read_embeds(path, "negative_prompt_embeds", dim, 2), **extra},
+                                    f"negative prompt embeddings from {prompt_embeds}")
         return Conditioning({"encoder_hidden_states": embeds, **extra}, f"prompt embeddings from {prompt_embeds}",
-                            tuple(f"<{i}>" for i in range(embeds.shape[1])))
+                            tuple(f"<{i}>" for i in range(embeds.shape[1])), negative)
     text = prompt or ""
     embeds, tokens = _encode_prompt(root, text, allow_pickle)
     if embeds.shape[-1] != dim:

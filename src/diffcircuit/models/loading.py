@@ -273,9 +273,15 @@ def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None,
 
 
 def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditioning:
-    """A conditional model's unconditional input (the empty prompt, or the null class): guidance's other branch."""
+    """A conditional model's unconditional input: guidance's other branch. The embeddings file's negative prompt
+    (``negative_prompt_embeds``) when it has one, else the empty prompt or the null class."""
     if den.conditioning is None:
         raise DiffcircuitError(f"{type(den.network).__name__} is unconditional: guidance does not apply")
+    if den.conditioning.unconditional is not None:
+        return den.conditioning.unconditional
+    if "pooled_projections" in needed_inputs(den.network):
+        raise DiffcircuitError("guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
+                               "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file")
     return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
 
 
