@@ -203,6 +203,82 @@ def test_removing_a_text_token_from_every_joint_softmax_equals_dropping_it_from_
     assert 0 < (between - full).abs().max() < (out - full).abs().max()
 
 
+@pytest.fixture(scope="module")
+def flux():
+    """A tiny Flux transformer: one double-stream (joint) block and two single-stream blocks, rotary embeddings."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                 axes_dims_rope=(2, 2, 4)).eval()
+    side, tokens = 4, 5
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    g = torch.Generator().manual_seed(3)
+    kw = dict(encoder_hidden_states=torch.randn(2, tokens, 16, generator=g), pooled_projections=torch.randn(2, 8, generator=g),
+              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(tokens, 3))
+    return net, torch.randn(2, side * side, 8, generator=g), torch.tensor([0.3, 0.7]), kw
+
+
+def test_flux_registry_idle_exactness_fused_naive_and_a_plain_reference_with_rotary_embeddings(flux):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    net, x, t, kw = flux
+    registry = probe_registry(net, x, t, **kw)
+    assert [(i.layer, i.kind, i.query_grid, i.n_keys) for i in registry.layers] == [
+        ("transformer_blocks.0.attn", "joint", (4, 4), 21), ("single_transformer_blocks.0.attn", "joint", (4, 4), 21),
+        ("single_transformer_blocks.1.attn", "joint", (4, 4), 21)]
+    with torch.no_grad():
+        ref = net(x, timestep=t, **kw).sample
+        with instrument(net, registry=registry):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+        captured = {}
+        for method in ("fused", "naive"):
+            with instrument(net, registry=registry, capture=True, method=method) as session:
+                torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+            captured[method] = session.pop("entropy_nats")
+    for layer in captured["fused"]:
+        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
+    # reference for a single-stream block: its input [text | image], normalised, rotated, softmax over all keys
+    attn = dict(attention_modules(net))["single_transformer_blocks.1.attn"]
+    seen = {}
+    hook = attn.register_forward_hook(lambda m, a, k, o: seen.update(h=k["hidden_states"], rope=k["image_rotary_emb"]),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        net(x, timestep=t, **kw)
+        hook.remove()
+        q = apply_rotary_emb(attn.norm_q(attn.to_q(seen["h"]).unflatten(-1, (2, 8))), seen["rope"], sequence_dim=1)
+        k = apply_rotary_emb(attn.norm_k(attn.to_k(seen["h"]).unflatten(-1, (2, 8))), seen["rope"], sequence_dim=1)
+    p = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / 8 ** 0.5, dim=-1)[:, :, 5:]  # image queries
+    torch.testing.assert_close(captured["fused"]["single_transformer_blocks.1.attn"], -(p * p.log()).sum(-1).mean(-1),
+                               atol=1e-4, rtol=0)
+
+
+def test_flux_head_ablation_equals_zeroing_its_output_columns_and_token_removal_equals_dropping_it(flux):
+    import copy
+
+    net, x, t, kw = flux
+    registry = probe_registry(net, x, t, **kw)
+    edited = copy.deepcopy(net)
+    with torch.no_grad():
+        double = edited.transformer_blocks[0].attn
+        for proj in (double.to_out[0], double.to_add_out):
+            proj.weight[:, 8:16] = 0  # head 1 of the double-stream block
+        edited.single_transformer_blocks[1].proj_out.weight[:, 0:8] = 0  # head 0 of a single-stream block
+        expected = edited(x, timestep=t, **kw).sample
+        with instrument(net, zero_heads=["transformer_blocks.0.attn:1", "single_transformer_blocks.1.attn:0"]):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, expected, atol=1e-5, rtol=0)
+        token = 3
+        dropped = dict(kw, encoder_hidden_states=torch.cat([kw["encoder_hidden_states"][:, :token],
+                                                             kw["encoder_hidden_states"][:, token + 1:]], 1),
+                       txt_ids=kw["txt_ids"][:-1])
+        without = net(x, timestep=t, **dropped).sample
+        removed = {str(a): {token: 0.0} for a in registry}
+        with instrument(net, registry=registry, token_scales=removed):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, without, atol=1e-5, rtol=0)
+
+
 def test_pixart_style_transformer_registry_idle_exactness_and_fused_equals_naive():
     from diffusers import PixArtTransformer2DModel
 

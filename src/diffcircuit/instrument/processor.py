@@ -32,7 +32,7 @@ from diffcircuit.instrument.capture import attention_stats_fused, attention_stat
 if TYPE_CHECKING:  # pragma: no cover
     from diffcircuit.instrument.session import InstrumentSession
 
-__all__ = ["InstrumentedAttnProcessor", "InstrumentedJointAttnProcessor"]
+__all__ = ["InstrumentedAttnProcessor", "InstrumentedFluxAttnProcessor", "InstrumentedJointAttnProcessor"]
 
 
 class InstrumentedAttnProcessor:
@@ -87,9 +87,9 @@ class InstrumentedAttnProcessor:
             session._record(self.layer, name, values)
         return out
 
-    def _with_bias(self, mask, heads: int, n_keys: int, query, offset: int = 0):
+    def _with_bias(self, mask, heads: int, n_keys: int, query, offset: int = 0, n_tokens: int | None = None):
         """``mask`` plus the token interventions' additive bias on the chosen heads' logits (if any)."""
-        bias = self.session.key_bias(self.layer, heads, n_keys, query, offset=offset)
+        bias = self.session.key_bias(self.layer, heads, n_keys, query, offset=offset, n_tokens=n_tokens)
         if bias is None:
             return mask
         return bias.to(query.dtype) if mask is None else mask + bias.to(mask.dtype)
@@ -125,25 +125,28 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
         y = y.view(batch, -1, heads, y.shape[-1] // heads).transpose(1, 2)  # [batch, heads, pos, d]
         return norm(y) if norm is not None else y
 
-    def _attend_joint(self, query, key, value, mask, shape, n_image: int):
-        """Output ``[batch, heads, q_pos, d]``; captures statistics of the image queries (module docstring)."""
+    def _attend_joint(self, query, key, value, mask, shape, image: slice):
+        """Output ``[batch, heads, q_pos, d]``; captures statistics of the image queries ``image`` (module docstring)."""
         session = self.session
-        if not session.captures(self.layer) or query.shape[2] == n_image:
+        n_total = query.shape[2]
+        if not session.captures(self.layer) or (image.start, image.stop) == (0, n_total):
             return self._attend(query, key, value, mask, shape)
         stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
         scale = query.shape[-1] ** -0.5
-        rows = None if mask is None else mask[:, :, :n_image]
-        image_out, stats = stats_fn(query[:, :, :n_image], key, value, rows, scale, None)
-        feats = session.features_for(shape, n_image)  # [batch, image keys, channels] or None
+        rows = None if mask is None else mask[:, :, image]
+        image_out, stats = stats_fn(query[:, :, image], key, value, rows, scale, None)
+        feats = session.features_for(shape, image.stop - image.start)  # [batch, image keys, channels] or None
         if feats is not None:  # moments of the attention renormalised over the image keys
-            image_rows = None if mask is None else rows[..., :n_image]
-            _, spatial = stats_fn(query[:, :, :n_image], key[:, :, :n_image], value[:, :, :n_image], image_rows, scale, feats)
+            image_rows = None if mask is None else rows[..., image]
+            _, spatial = stats_fn(query[:, :, image], key[:, :, image], value[:, :, image], image_rows, scale, feats)
             stats["moments"] = spatial["moments"]
         for name, values in stats.items():
             session._record(self.layer, name, values)
-        text_rows = None if mask is None else mask[:, :, n_image:]
-        text_out = F.scaled_dot_product_attention(query[:, :, n_image:], key, value, attn_mask=text_rows)
-        return torch.cat([image_out, text_out.to(image_out.dtype)], dim=2)
+        text = torch.cat([torch.arange(image.start), torch.arange(image.stop, n_total)]).to(query.device)
+        text_rows = None if mask is None else mask.index_select(2, text)
+        text_out = F.scaled_dot_product_attention(query.index_select(2, text), key, value, attn_mask=text_rows)
+        pieces = [text_out[:, :, : image.start], image_out, text_out[:, :, image.start:]]  # back in sequence order
+        return torch.cat([p.to(image_out.dtype) for p in pieces], dim=2)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         n_image = hidden_states.shape[1]  # [batch, image tokens, channels]
@@ -156,7 +159,7 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
             value = torch.cat([value, self._heads(encoder_hidden_states, attn.add_v_proj, None, attn.heads)], 2)
         self.session._note_geometry(self.layer, hidden_states.shape, key.shape[2])
         mask = self._with_bias(None, attn.heads, key.shape[2], query, offset=n_image)  # the default ignores masks
-        out = self._attend_joint(query, key, value, mask, hidden_states.shape, n_image)
+        out = self._attend_joint(query, key, value, mask, hidden_states.shape, slice(0, n_image))
         out = self._merged(out, attn.heads, query.dtype)  # [batch, image + text, heads*d]
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))
@@ -164,3 +167,46 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
         if not attn.context_pre_only:
             text = attn.to_add_out(text)
         return attn.to_out[1](attn.to_out[0](image)), text
+
+
+class InstrumentedFluxAttnProcessor(InstrumentedJointAttnProcessor):
+    """Follows diffusers' ``FluxAttnProcessor`` (native attention backend) step for step.
+
+    Flux's sequence is [text | image]: the double-stream blocks project the two separately (as SD3, text
+    first), the single-stream blocks receive the concatenated sequence; rotary position embeddings act on
+    queries and keys. The text length a single-stream block cannot see is the one its forward's double-stream
+    blocks last saw. Token j is key j.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x, proj, norm):
+            y = proj(x).unflatten(-1, (-1, attn.head_dim))  # [batch, pos, heads, d]
+            return norm(y) if norm is not None else y
+
+        query = heads(hidden_states, attn.to_q, attn.norm_q)
+        key = heads(hidden_states, attn.to_k, attn.norm_k)
+        value = heads(hidden_states, attn.to_v, None)
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            self.session.text_tokens = n_text
+            query = torch.cat([heads(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q), query], 1)
+            key = torch.cat([heads(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k), key], 1)
+            value = torch.cat([heads(encoder_hidden_states, attn.add_v_proj, None), value], 1)
+        else:  # a single-stream block: hidden_states is already [text | image]
+            n_text = self.session.text_tokens if encoder_hidden_states is None else 0
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # [batch, heads, pos, d]
+        n_total = query.shape[2]
+        image_shape = torch.Size((query.shape[0], n_total - n_text, hidden_states.shape[-1]))  # the image tokens
+        self.session._note_geometry(self.layer, image_shape, n_total)
+        mask = self._with_bias(attention_mask, attn.heads, n_total, query, offset=0, n_tokens=n_text)
+        out = self._attend_joint(query, key, value, mask, image_shape, slice(n_text, n_total))
+        out = self._merged(out, attn.heads, query.dtype)  # [batch, text + image, heads*d]
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split([encoder_hidden_states.shape[1], n_total - encoder_hidden_states.shape[1]], dim=1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())

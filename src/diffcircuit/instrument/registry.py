@@ -26,21 +26,26 @@ def _flow_rank(name: str) -> int:
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every diffusers ``Attention`` module of ``model`` with its module path, in data-flow order.
+    """Every diffusers attention module (``Attention``, or another with the attention mixin and a processor, such
+    as ``FluxAttention``) of ``model`` with its module path, in data-flow order.
 
     (``UNet2DModel`` registers ``mid_block`` after ``up_blocks``; sorting puts it between.)
     """
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (Attention, AttentionModuleMixin)) and hasattr(m, "processor") and hasattr(m, "to_q")]
     return sorted(found, key=lambda item: _flow_rank(item[0]))  # stable: module order within a rank
 
 
 def layer_kind(module: torch.nn.Module) -> str:
-    """``"joint"`` (MMDiT-style, with context projections), ``"cross"`` or ``"self"``."""
+    """``"joint"`` (MMDiT-style: text and image tokens attend together), ``"cross"`` or ``"self"``."""
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    return "cross" if module.is_cross_attention else "self"
+    if type(module).__name__ == "FluxAttention":  # Flux's single-stream blocks: one [text | image] sequence
+        return "joint"
+    return "cross" if getattr(module, "is_cross_attention", False) else "self"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,14 +18,18 @@ from contextlib import contextmanager
 import torch
 
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.processor import InstrumentedAttnProcessor, InstrumentedJointAttnProcessor
+from diffcircuit.instrument.processor import (
+    InstrumentedAttnProcessor,
+    InstrumentedFluxAttnProcessor,
+    InstrumentedJointAttnProcessor,
+)
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 
 __all__ = ["InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
 
 # processors whose computation diffcircuit reproduces exactly, and the instrumented processor that does
 _REPLACEMENTS = {"AttnProcessor2_0": InstrumentedAttnProcessor, "AttnProcessor": InstrumentedAttnProcessor,
-                 "JointAttnProcessor2_0": InstrumentedJointAttnProcessor}
+                 "JointAttnProcessor2_0": InstrumentedJointAttnProcessor, "FluxAttnProcessor": InstrumentedFluxAttnProcessor}
 
 KeyFeatures = Callable[[tuple[int, int]], torch.Tensor]  # grid (h, w) -> [batch, channels, h, w]
 
@@ -74,24 +78,28 @@ class InstrumentSession:
         self.sample_hw = sample_hw  # the model's input (height, width): finds the grid of token sequences
         self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
+        self.text_tokens = 0  # Flux: the text length of the current forward, for its single-stream blocks
 
     # --- asked by the processor -------------------------------------------------------------
     def captures(self, layer: str) -> bool:
         return self.capture
 
-    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
+    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor, offset: int = 0,
+                 n_tokens: int | None = None) -> torch.Tensor | None:
         """Additive logit bias ``[1, heads, 1, n_keys]`` reweighting keys (tokens) in chosen heads: adding
         log w to a key's logits multiplies its attention by w before the softmax renormalises (w = 0
-        removes the key). Token j is key ``offset + j`` (joint attention: the text keys follow the image's).
+        removes the key). Token j is key ``offset + j`` of ``n_tokens`` (default: the keys from ``offset`` on; in
+        SD3's joint attention the text keys follow the image's, in Flux's they come first).
         None when this layer has no token intervention."""
         chosen = self._token_scales.get(layer)
         if not chosen:
             return None
+        n_tokens = n_keys - offset if n_tokens is None else n_tokens
         bias = torch.zeros(1, heads, 1, n_keys, dtype=torch.float32, device=like.device)
         for head, tokens in chosen.items():
             for token, weight in tokens.items():
-                if not 0 <= offset + token < n_keys or token < 0:
-                    raise ValueError(f"{layer} has tokens 0..{n_keys - offset - 1}; cannot reweight token {token}")
+                if not 0 <= token < n_tokens:
+                    raise ValueError(f"{layer} has tokens 0..{n_tokens - 1}; cannot reweight token {token}")
                 bias[0, head, 0, offset + token] = math.log(weight) if weight > 0 else -math.inf
         return bias
 
@@ -101,9 +109,13 @@ class InstrumentSession:
         at one scale (N = (H/s)·(W/s) for an integer s); None when they do not."""
         if len(shape) == 4:
             return int(shape[2]), int(shape[3])
-        if len(shape) != 3 or self.sample_hw is None:
+        if len(shape) != 3:
             return None
-        (height, width), n = self.sample_hw, int(shape[1])
+        n = int(shape[1])
+        if self.sample_hw is None:  # no input size in the config (Flux): a square grid when N is a square
+            side = math.isqrt(n)
+            return (side, side) if side * side == n and n else None
+        height, width = self.sample_hw
         scale = round((height * width / n) ** 0.5) if n else 0
         if scale < 1 or height % scale or width % scale or (height // scale) * (width // scale) != n:
             return None
@@ -220,6 +232,8 @@ def instrument(
         kind = _REPLACEMENTS.get(type(original).__name__)
         if isinstance(original, InstrumentedAttnProcessor):  # already instrumented (nested): same kind again
             kind = type(original)
+        if getattr(original, "_attention_backend", None) not in (None, "native"):  # e.g. flash: not what we run
+            kind = None
         if kind is None:
             raise DiffcircuitError(f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet; "
                                    "its heads cannot be instrumented")
