@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -120,3 +122,27 @@ def run_outputs():
 def assert_same_outputs():
     """``assert_same_outputs(a, b)``: two runs' outputs are identical."""
     return _assert_same_outputs
+
+
+@pytest.fixture(scope="session")
+def flux_folder(tmp_path_factory, autoencoder):
+    """A tiny Flux pipeline folder: packed latents of a 4-channel autoencoder, resolution-shifted σ, distilled guidance."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                 axes_dims_rope=(2, 2, 4), guidance_embeds=True)
+    root = tmp_path_factory.mktemp("flux") / "flux"
+    net.save_pretrained(root / "transformer", safe_serialization=True)
+    autoencoder("vae", 4).save_pretrained(root / "vae", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256).save_pretrained(
+        root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
+              str(root.parent / "embeds.safetensors"))  # T5 tokens and CLIP's pooled summary, precomputed
+    return root

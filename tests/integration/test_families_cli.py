@@ -302,6 +302,22 @@ def test_generate_ablate_sample_and_discover_take_conditional_models(dit_folder,
     assert json.loads((disc / "discover.json").read_text())["conditioning"] == "class 3"
 
 
+@pytest.mark.slow
+def test_flux_run_completes_with_its_double_and_single_stream_heads_analysed(flux_folder, tmp_path, capsys):
+    embeds = str(flux_folder.parent / "embeds.safetensors")
+    info = _info(capsys, "--model", str(flux_folder), "--prompt-embeds", embeds)
+    assert [(l["layer"], l["kind"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [
+        ("transformer_blocks.0.attn", "joint", [8, 8], 64 + 5), ("single_transformer_blocks.0.attn", "joint", [8, 8], 69)]
+    assert _run(flux_folder, tmp_path / "run", "--prompt-embeds", embeds) == 0
+    run = tmp_path / "run"
+    heads = pd.read_parquet(run / "tables" / "head_metrics.parquet")
+    assert set(heads.layer) == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
+    assert heads.distance_px.notna().all() and heads.entropy_norm.between(0, 1).all()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["process"] == "flow-matching" and manifest["model"]["latent"]["image_size"] == 32
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def _run(model, out, *extra) -> int:
     return main(["run", "--out", str(out), "--model", str(model), "--n", "3", "--timesteps", "20,800", "--batch-size", "2",
                  "--ablate-n", "2", "--seed-repeats", "0", "--circuit-resamples", "2", "--quiet", *extra])

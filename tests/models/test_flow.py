@@ -81,3 +81,33 @@ def test_pure_noise_timesteps_and_schedulers_without_a_noise_schedule_are_refuse
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"use_dynamic_shifting": True}))
     with pytest.raises(DiffcircuitError, match="use_dynamic_shifting"):
         load_denoiser(str(other))
+
+
+def test_a_flux_model_is_read_as_flux_pipeline_feeds_it(flux_folder):
+    """Reference: FluxPipeline's own packing, position ids, resolution shift (calculate_shift + the scheduler's
+    set_timesteps(mu=...)), timestep σ and guidance 3.5, on the raw network."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    den = load_denoiser(str(flux_folder))
+    assert (den.sample_size, den.in_channels, den.image_size) == (16, 4, 32)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(flux_folder / "scheduler")
+    mu = calculate_shift(64, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
+                         scheduler.config.base_shift, scheduler.config.max_shift)  # 8x8 packed tokens
+    scheduler.set_timesteps(1000, mu=mu)
+    sigmas = scheduler.sigmas[:-1].flip(0).double()  # ascending, without the final 0
+    raw = FluxTransformer2DModel.from_pretrained(flux_folder / "transformer").eval()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 700])
+    text = dict(encoder_hidden_states=torch.randn(2, 5, 16, generator=g), pooled_projections=torch.randn(2, 8, generator=g))
+    sigma = sigmas[t].view(-1, 1, 1, 1)
+    x_flow = ((1 - sigma) * x0 + sigma * eps).float()
+    x_t = add_noise(x0, eps, t, den.alphas_cumprod)
+    with torch.no_grad():
+        v = raw(FluxPipeline._pack_latents(x_flow, 2, 4, 16, 16), timestep=sigma.flatten().float(),
+                img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32), txt_ids=torch.zeros(5, 3),
+                guidance=torch.full((2,), 3.5), **text).sample
+        v = FluxPipeline._unpack_latents(v, 16 * 8, 16 * 8, 8)  # as the pipeline calls it: pixels and the VAE's 8
+        eps_hat = den.eps_hat(den.network(x_t, t, **text).sample, x_t, t)
+    torch.testing.assert_close(eps_hat, x_flow + (1 - sigma.float()) * v, atol=1e-4, rtol=1e-4)

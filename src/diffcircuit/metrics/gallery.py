@@ -19,7 +19,13 @@ from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, model_device
 
-__all__ = ["attention_maps", "object_queries", "token_heatmaps", "token_maps"]
+__all__ = ["attention_maps", "mappable_layers", "object_queries", "token_heatmaps", "token_maps"]
+
+
+def mappable_layers(network: torch.nn.Module) -> set[str]:
+    """Layers whose maps these functions compute from ``to_q`` / ``to_k`` alone: not Flux's, whose rotary position
+    embeddings act between the projections and the softmax."""
+    return {name for name, module in attention_modules(network) if type(module).__name__ != "FluxAttention"}
 
 
 def object_queries(masks: np.ndarray | None, n: int, size: int) -> list[tuple[float, float]]:
@@ -93,8 +99,8 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
         attn = modules[address.layer]
         n = records[(address.layer, "to_q")].shape[1]  # query positions [B, N, heads*d]
         side = int(round(n ** 0.5))
-        if side * side != n or layer_kind(attn) == "cross":
-            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid")
+        if side * side != n or layer_kind(attn) == "cross" or address.layer not in mappable_layers(denoiser.network):
+            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid without rotary embeddings")
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N
@@ -114,7 +120,8 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
     image's own (captioned images)."""
     per_image = len(tokens) > 0 and not isinstance(tokens[0], str)
     modules = dict(attention_modules(denoiser.network))
-    cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid]
+    mappable = mappable_layers(denoiser.network)
+    cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid and i.layer in mappable]
     rows = []
     for t in timesteps:
         records = _projections(denoiser, images, [i.layer for i in cross], timestep=t, seed=seed, dataset=dataset)

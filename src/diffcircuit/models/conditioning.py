@@ -106,7 +106,7 @@ def attach(network: torch.nn.Module, conditioning: Conditioning):
                 kwargs[name] = expand(value, sample, rows)
         return args, kwargs
 
-    return network.register_forward_pre_hook(hook, with_kwargs=True)
+    return network.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)  # before input adapters (Flux)
 
 
 def add_captions(network: torch.nn.Module, dataset: str, conditioning: Conditioning,

@@ -16,6 +16,8 @@ cannot be inferred, so it is refused.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffcircuit.errors import DiffcircuitError
@@ -27,18 +29,26 @@ def is_flow_matching(scheduler_config: dict) -> bool:
     return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
 
 
-def flow_sigmas(scheduler_config: dict) -> torch.Tensor:
-    """σ_t for t = 0..N−1 (ascending, float64), the scheduler's training grid."""
-    if scheduler_config.get("use_dynamic_shifting"):
-        raise DiffcircuitError("this flow-matching scheduler shifts σ by image resolution (use_dynamic_shifting, "
-                               "as Flux does); diffcircuit supports fixed-shift flow models (SD3) so far")
+def flow_sigmas(scheduler_config: dict, image_tokens: int | None = None) -> torch.Tensor:
+    """σ_t for t = 0..N−1 (ascending, float64), the scheduler's grid: a fixed shift (SD3), or the shift Flux's
+    pipeline derives from the number of image tokens (``use_dynamic_shifting``: μ linear in ``image_tokens``)."""
     if any(scheduler_config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                                               "invert_sigmas", "shift_terminal")):
         raise DiffcircuitError("this flow-matching scheduler uses a non-default σ grid, which diffcircuit does not map yet")
     n = int(scheduler_config.get("num_train_timesteps", 1000))
-    shift = float(scheduler_config.get("shift", 1.0))
     s = torch.arange(1, n + 1, dtype=torch.float64) / n
-    return shift * s / (1 + (shift - 1) * s)
+    if not scheduler_config.get("use_dynamic_shifting"):
+        shift = float(scheduler_config.get("shift", 1.0))
+        return shift * s / (1 + (shift - 1) * s)
+    if image_tokens is None:
+        raise DiffcircuitError("this flow-matching scheduler shifts σ by image size (use_dynamic_shifting), which "
+                               "diffcircuit reads from a packed (Flux-style) model and its autoencoder")
+    lo, hi = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    base, top = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    mu = base + (top - base) * (image_tokens - lo) / (hi - lo)  # FluxPipeline's calculate_shift
+    if scheduler_config.get("time_shift_type", "exponential") == "linear":
+        return mu / (mu + (1 / s - 1))
+    return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
 
 
 def flow_betas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -48,11 +58,12 @@ def flow_betas(sigmas: torch.Tensor) -> torch.Tensor:
     return 1 - acp / previous
 
 
-def attach_flow(network: torch.nn.Module, sigmas: torch.Tensor) -> None:
+def attach_flow(network: torch.nn.Module, sigmas: torch.Tensor, timestep_scale: float | None = None) -> None:
     """Make ``network`` (a velocity predictor) take DDPM inputs (x_t, t index) and return ε̂ (module docstring).
 
+    Its timestep input is σ·``timestep_scale`` (default N, as SD3 takes it; Flux takes σ and scales it itself).
     Two hooks on the network itself, so module paths (head addresses) stay the network's own."""
-    n = len(sigmas)
+    n = float(len(sigmas) if timestep_scale is None else timestep_scale)
     table = sigmas.float()
 
     def split(args, kwargs):

@@ -34,6 +34,7 @@ from diffcircuit.models.conditioning import (
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
+from diffcircuit.models.packing import attach_packing, is_packed
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "save_denoiser",
            "unconditional_input", "use_captions"]
@@ -55,15 +56,20 @@ class Denoiser:
     conditioning: Conditioning | None = None  # fed to every forward of a conditional network (``attach``)
     codec: LatentCodec | None = None  # latent models: the pipeline's autoencoder, images' way in (``models.latent``)
     process: str = "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``models.flow``)
+    latent_size: int | None = None  # packed (Flux) models, whose config has no sample size: the autoencoder's
 
     @property
     def sample_size(self) -> int:
+        """The side of the network's input map (latent models: in latent cells)."""
+        if self.latent_size is not None:
+            return self.latent_size
         size = self.network.config.sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
     def in_channels(self) -> int:
-        return int(self.network.config.in_channels)
+        """Channels of the input map (a packed model's tokens hold 2x2 patches of it)."""
+        return int(self.network.config.in_channels) // (4 if is_packed(self.network) else 1)
 
     @property
     def image_size(self) -> int:
@@ -179,7 +185,7 @@ def _network_class(folder: Path):
     return cls
 
 
-def _load_scheduler(root: Path, network_folder: Path):
+def _load_scheduler(root: Path, network_folder: Path, image_tokens: int | None = None):
     """The DDPM scheduler defining the model's noise levels, and the flow σ grid if it is a flow model.
 
     Schedulers of the DDPM family (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...) share their β schedule,
@@ -193,7 +199,7 @@ def _load_scheduler(root: Path, network_folder: Path):
             continue
         config = json.loads(path.read_text())
         if is_flow_matching(config):
-            sigmas = flow_sigmas(config)
+            sigmas = flow_sigmas(config, image_tokens)
             return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=flow_betas(sigmas).numpy(),
                                  prediction_type="epsilon", clip_sample=False), sigmas
         if "beta_schedule" not in config and "trained_betas" not in config:
@@ -227,15 +233,21 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
         raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
-    scheduler, sigmas = _load_scheduler(root, folder)
-    if sigmas is not None:  # a velocity-predicting flow model, wrapped into the ε-predicting DDPM it equals
-        attach_flow(network, sigmas)
     codec = _load_codec(root if folder != root else None, network, allow_pickle, device)
+    packed = is_packed(network)  # Flux: 2x2 latent patches as tokens, its size given by the autoencoder
+    if packed and codec is None:
+        raise DiffcircuitError(f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/")
+    size = codec.vae.config.sample_size // codec.factor if packed else None
+    scheduler, sigmas = _load_scheduler(root, folder, image_tokens=(size // 2) ** 2 if packed else None)
+    if sigmas is not None:  # a velocity-predicting flow model, wrapped into the ε-predicting DDPM it equals
+        attach_flow(network, sigmas, timestep_scale=1.0 if packed else None)
+    if packed:
+        attach_packing(network)
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
     return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source, codec=codec,
-                    process="ddpm" if sigmas is None else "flow-matching")
+                    process="ddpm" if sigmas is None else "flow-matching", latent_size=size)
 
 
 def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool, device: str) -> LatentCodec | None:
@@ -251,9 +263,10 @@ def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool,
         raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(vae, folder)
     codec = LatentCodec.from_vae(vae.eval().requires_grad_(False).to(device))
-    if codec.latent_channels != int(network.config.in_channels):
+    takes = int(network.config.in_channels) // (4 if is_packed(network) else 1)
+    if codec.latent_channels != takes:
         raise DiffcircuitError(f"{folder.name}/ gives {codec.latent_channels}-channel latents but the network takes "
-                               f"{network.config.in_channels} channels (e.g. an inpainting model): not supported")
+                               f"{takes} channels (e.g. an inpainting model): not supported")
     return codec
 
 
