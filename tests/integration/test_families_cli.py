@@ -315,6 +315,8 @@ def test_flux_run_completes_with_its_double_and_single_stream_heads_analysed(flu
     assert heads.distance_px.notna().all() and heads.entropy_norm.between(0, 1).all()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["model"]["process"] == "flow-matching" and manifest["model"]["latent"]["image_size"] == 32
+    assert set(pd.read_parquet(run / "tables" / "token_maps.parquet").token) == set(range(5))  # DAAM on Flux
+    assert len(pd.read_parquet(run / "tables" / "gallery.parquet")) and (run / "figures" / "attention_gallery.png").exists()
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -87,3 +87,35 @@ def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_
     for row in heat.itertuples():
         g = same_size[(same_size.image == row.image) & (same_size.token == row.token)]
         np.testing.assert_allclose(row.heatmap, np.mean(np.stack(g["map"].to_numpy()), 0), atol=1e-6)
+
+
+def test_flux_maps_equal_the_probabilities_of_diffusers_flux_processor(flux_folder, monkeypatch):
+    """Flux's rotary embeddings act between the projections and the softmax; the reference is diffusers'
+    FluxAttnProcessor itself, its attention call replaced by an explicit softmax that records the probabilities."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from diffcircuit.metrics.gallery import token_maps
+    from diffcircuit.models.loading import load_conditioned
+
+    den = load_conditioned(str(flux_folder), prompt_embeds=str(flux_folder.parent / "embeds.safetensors"))
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    registry = probe_registry(den.network, torch.from_numpy(latents[:1]), torch.zeros(1, dtype=torch.long))
+    recorded = []
+
+    def explicit(query, key, value, attn_mask=None, **kwargs):  # [B, S, heads, d], as the native backend takes them
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        recorded.append(p)
+        return (p @ v).transpose(1, 2)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", explicit)
+    _forward_as_the_gallery_does(den, latents, timestep=300)
+    double, single = recorded  # [B, heads, 5 + 64, 5 + 64] each: [text | image]
+    maps = attention_maps(den, latents, heads=[registry.parse("single_transformer_blocks.0.attn:1")], timestep=300,
+                          queries=[(0.3, 0.6)] * 2)
+    at = 2 * 8 + 4  # row 2, column 4 of the 8x8 token grid
+    for i, row in enumerate(maps.itertuples()):
+        np.testing.assert_allclose(row.map, single[i, 1, 5 + at, 5:].numpy(), atol=1e-5)
+    tokens = token_maps(den, latents, registry=registry, tokens=[f"<{j}>" for j in range(5)], timesteps=[300])
+    for r in tokens[(tokens.layer == "transformer_blocks.0.attn") & (tokens.head == 0)].itertuples():
+        np.testing.assert_allclose(r.map, double[r.image, 0, 5:, r.token].numpy(), atol=1e-5)

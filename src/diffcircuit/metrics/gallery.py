@@ -9,6 +9,7 @@ untouched modules; the default processor runs), so it is independent of the inst
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,13 +20,7 @@ from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, model_device
 
-__all__ = ["attention_maps", "mappable_layers", "object_queries", "token_heatmaps", "token_maps"]
-
-
-def mappable_layers(network: torch.nn.Module) -> set[str]:
-    """Layers whose maps these functions compute from ``to_q`` / ``to_k`` alone: not Flux's, whose rotary position
-    embeddings act between the projections and the softmax."""
-    return {name for name, module in attention_modules(network) if type(module).__name__ != "FluxAttention"}
+__all__ = ["attention_maps", "object_queries", "token_heatmaps", "token_maps"]
 
 
 def object_queries(masks: np.ndarray | None, n: int, size: int) -> list[tuple[float, float]]:
@@ -39,48 +34,100 @@ def object_queries(masks: np.ndarray | None, n: int, size: int) -> list[tuple[fl
     return out
 
 
+@dataclass(frozen=True)
+class _LayerQK:
+    """One layer's queries of the image ``[B, N_img, heads, d]`` and all its keys ``[B, N_k, heads, d]``, as its
+    softmax sees them (normalised, rotated); where the image's and the text's keys lie among the keys."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    image_keys: slice | None  # None: cross-attention (keys are text only)
+    text_keys: slice | None  # None: self-attention
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1))  # [B, N, heads*d] -> [B, N, heads, d]
+
+
+def _norm(norm, x):
+    return norm(x) if norm is not None else x
+
+
+def _standard_qk(attn, got: dict) -> _LayerQK:
+    """From the ``to_q`` / ``to_k`` (and ``add_k_proj``) outputs of a self, cross or SD3 joint layer."""
+    q = _norm(attn.norm_q, _split_heads(got["to_q"], attn.heads))
+    k = _norm(attn.norm_k, _split_heads(got["to_k"], attn.heads))
+    n = q.shape[1]
+    if "add_k_proj" in got:  # SD3: [image | text]
+        text = _norm(attn.norm_added_k, _split_heads(got["add_k_proj"], attn.heads))
+        return _LayerQK(q, torch.cat([k, text], 1), slice(0, n), slice(n, n + text.shape[1]))
+    if layer_kind(attn) == "cross":
+        return _LayerQK(q, k, None, slice(0, k.shape[1]))
+    return _LayerQK(q, k, slice(0, n), None)
+
+
+def _flux_qk(attn, inputs: dict, n_text: int) -> _LayerQK:
+    """From a Flux attention's inputs: the [text | image] sequence, projected, normalised and rotated as the
+    processor does (rotary embeddings act after the projections, so the outputs of to_q / to_k are not enough)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def proj(x, linear, norm):
+        return _norm(norm, linear(x).unflatten(-1, (-1, attn.head_dim)))  # [B, S, heads, d]
+
+    hidden, text = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+    q, k = proj(hidden, attn.to_q, attn.norm_q), proj(hidden, attn.to_k, attn.norm_k)
+    if text is not None and attn.added_kv_proj_dim is not None:
+        n_text = text.shape[1]
+        q = torch.cat([proj(text, attn.add_q_proj, attn.norm_added_q), q], 1)
+        k = torch.cat([proj(text, attn.add_k_proj, attn.norm_added_k), k], 1)
+    rope = inputs.get("image_rotary_emb")
+    if rope is not None:
+        q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    return _LayerQK(q[:, n_text:], k, slice(n_text, k.shape[1]), slice(0, n_text))
+
+
 def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timestep: int, seed: int,
-                 dataset: str) -> dict[tuple[str, str], torch.Tensor]:
-    """``to_q`` / ``to_k`` outputs ``[B, N, heads*d]`` of ``layers`` on the noised ``images`` (one forward), and
-    ``add_k_proj`` (the text keys) of joint-attention layers."""
+                 dataset: str) -> dict[str, _LayerQK]:
+    """Each of ``layers``' queries and keys on the noised ``images`` (one forward of the untouched model)."""
     net = denoiser.network
     modules = dict(attention_modules(net))
     device = model_device(net)
     x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
     eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=timestep).to(device)
     t = torch.full((len(x0),), timestep, dtype=torch.long, device=device)
-    records: dict[tuple[str, str], torch.Tensor] = {}
+    got: dict[str, dict] = {layer: {} for layer in layers}
+    text_length = [0]  # Flux: the text length its double-stream blocks see, for the single-stream ones after
     handles = []
-    for layer in layers:
-        parts = ("to_q", "to_k") + (("add_k_proj",) if layer_kind(modules[layer]) == "joint" else ())
-        for part in parts:
-            def hook(module, args, output, key=(layer, part)):
-                records[key] = output.detach().float()
-            handles.append(getattr(modules[layer], part).register_forward_hook(hook))
+    for name, module in modules.items():
+        if type(module).__name__ == "FluxAttention":
+            def inputs(module, args, kwargs, layer=name):
+                text = kwargs.get("encoder_hidden_states")
+                if text is not None:
+                    text_length[0] = text.shape[1]
+                if layer in got:
+                    got[layer] = {k: (v.detach().float() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                    got[layer]["n_text"] = text_length[0]
+            handles.append(module.register_forward_pre_hook(inputs, with_kwargs=True))
+        elif name in got:
+            parts = ("to_q", "to_k") + (("add_k_proj",) if getattr(module, "add_k_proj", None) is not None else ())
+            for part in parts:
+                def output(module, args, out, layer=name, part=part):
+                    got[layer][part] = out.detach().float()
+                handles.append(getattr(module, part).register_forward_hook(output))
     try:
         with images_of(net, dataset, np.arange(len(x0))):
             net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
     finally:
         for h in handles:
             h.remove()
-    return records
+    return {layer: _flux_qk(modules[layer], got[layer], got[layer]["n_text"]) if "n_text" in got[layer]
+            else _standard_qk(modules[layer], got[layer]) for layer in layers}
 
 
-def _head_probs(attn, records: dict, layer: str, head: int, rows=slice(None)) -> torch.Tensor:
-    """softmax(q_h · K_hᵀ / √d) of one head for the queries ``rows``: ``[B, N_q, N_k]`` (float64). Keys of a
-    joint-attention layer are [image | text], each normalised by its own norm, as the processor does."""
-    d = records[(layer, "to_q")].shape[-1] // attn.heads
-
-    def part(name):
-        return records[(layer, name)][..., head * d:(head + 1) * d]
-
-    qh, kh = part("to_q")[:, rows], part("to_k")
-    if attn.norm_q is not None:
-        qh, kh = attn.norm_q(qh), attn.norm_k(kh)
-    if (layer, "add_k_proj") in records:
-        text = part("add_k_proj")
-        kh = torch.cat([kh, attn.norm_added_k(text) if attn.norm_added_k is not None else text], 1)
-    return torch.softmax((qh @ kh.transpose(-1, -2)).double() * d ** -0.5, -1)  # SDPA's default scale
+def _head_probs(qk: _LayerQK, head: int, rows=slice(None)) -> torch.Tensor:
+    """softmax(q_h · K_hᵀ / √d) of one head for the image queries ``rows``: ``[B, N_q, N_k]`` (float64)."""
+    q, k = qk.queries[:, rows, head].double(), qk.keys[:, :, head].double()
+    return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)  # SDPA's default scale
 
 
 @torch.no_grad()
@@ -91,20 +138,19 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
     Self- and joint-attention layers on a square grid only; a joint head's map is the attention its image query
     gives the image keys (the rest of the row goes to the text). Images are noised as everywhere else.
     """
-    modules = dict(attention_modules(denoiser.network))
-    records = _projections(denoiser, images, list(dict.fromkeys(a.layer for a in heads)), timestep=timestep, seed=seed,
-                           dataset=dataset)
+    layers = _projections(denoiser, images, list(dict.fromkeys(a.layer for a in heads)), timestep=timestep, seed=seed,
+                          dataset=dataset)
     rows = []
     for address in heads:
-        attn = modules[address.layer]
-        n = records[(address.layer, "to_q")].shape[1]  # query positions [B, N, heads*d]
+        qk = layers[address.layer]
+        n = qk.queries.shape[1]  # image query positions
         side = int(round(n ** 0.5))
-        if side * side != n or layer_kind(attn) == "cross" or address.layer not in mappable_layers(denoiser.network):
-            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid without rotary embeddings")
+        if side * side != n or qk.image_keys is None:
+            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid")
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N
-            probs = _head_probs(attn, records, address.layer, address.head, rows=slice(at, at + 1))[i, 0, :n]
+            probs = _head_probs(qk, address.head, rows=slice(at, at + 1))[i, 0, qk.image_keys]
             rows.append({"dataset": dataset, "image": i, "timestep": timestep, "layer": address.layer,
                          "head": address.head, "grid": side, "query_y": row, "query_x": col,
                          "map": probs.float().cpu().numpy()})
@@ -119,22 +165,20 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
     all keys, on the layer's query grid, row-major). ``tokens`` are the prompt's tokens (keys 0..len-1), or each
     image's own (captioned images)."""
     per_image = len(tokens) > 0 and not isinstance(tokens[0], str)
-    modules = dict(attention_modules(denoiser.network))
-    mappable = mappable_layers(denoiser.network)
-    cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid and i.layer in mappable]
+    cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid]
     rows = []
     for t in timesteps:
-        records = _projections(denoiser, images, [i.layer for i in cross], timestep=t, seed=seed, dataset=dataset)
+        layers = _projections(denoiser, images, [i.layer for i in cross], timestep=t, seed=seed, dataset=dataset)
         for info in cross:
-            n_image = info.query_grid[0] * info.query_grid[1]
-            first = n_image if info.kind == "joint" else 0  # joint keys are [image | text]
+            qk = layers[info.layer]
             for head in range(info.heads):
-                probs = _head_probs(modules[info.layer], records, info.layer, head)  # [B, N_q, N_k]
+                probs = _head_probs(qk, head)  # [B, N_q, N_k]
                 for i in range(len(probs)):
                     for j, text in enumerate(tokens[i] if per_image else tokens):
                         rows.append({"dataset": dataset, "image": i, "timestep": int(t), "layer": info.layer,
                                      "head": head, "token": j, "text": text, "grid_h": info.query_grid[0],
-                                     "grid_w": info.query_grid[1], "map": probs[i, :, first + j].float().cpu().numpy()})
+                                     "grid_w": info.query_grid[1],
+                                     "map": probs[i, :, qk.text_keys.start + j].float().cpu().numpy()})
     return pd.DataFrame(rows)
 
 

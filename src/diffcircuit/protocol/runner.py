@@ -54,7 +54,7 @@ import pandas as pd
 
 from diffcircuit.discovery.run import importance_rows
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.metrics.gallery import attention_maps, mappable_layers, object_queries, token_heatmaps, token_maps
+from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.models.conditioning import image_tokens
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
@@ -172,10 +172,9 @@ class _Job:
 def _gallery_heads(ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
     """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
     ablation effect; else the most uniform), at timestep ``t``, among self- and joint-attention heads on a grid."""
-    mappable = mappable_layers(ctx.den.network)
     on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self/joint attention over a square query grid
                if i.kind in ("self", "joint") and i.query_grid and i.query_grid[0] == i.query_grid[1]
-               and (i.kind == "joint" or i.query_grid[0] * i.query_grid[1] == i.n_keys) and i.layer in mappable]
+               and (i.kind == "joint" or i.query_grid[0] * i.query_grid[1] == i.n_keys)]
     heads = heads[heads.layer.isin(on_grid)]
     if ablations is not None:
         ablations = ablations[ablations.layer.isin(on_grid)]
@@ -216,9 +215,7 @@ def _token_maps(job: _Job, n_images: int = 3):
     every timestep, and their aggregate over layers, heads and timesteps; None without cross-attention."""
     ctx = job.ctx
     cond = ctx.den.conditioning
-    mappable = mappable_layers(ctx.den.network)
-    if cond is None or not cond.tokens or not any(i.kind in ("cross", "joint") and i.layer in mappable
-                                                  for i in ctx.registry.layers):
+    if cond is None or not cond.tokens or not any(i.kind in ("cross", "joint") for i in ctx.registry.layers):
         return None
 
     def tokens(key: str):  # a captioned dataset's images each have their own prompt
