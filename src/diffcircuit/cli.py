@@ -212,7 +212,7 @@ def _window(text: str | None) -> tuple[int, int] | None:
 def ablate(
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
     target: Annotated[list[str], typer.Option("--target", help="Head address, layer, block, ResNet block, or prompt token "
-                                              "token:J (token:J*W reweights it) (repeatable).")] = [],  # noqa: B006
+                                              "token:J (token:J*W reweights it; @LAYER[:HEAD] only there) (repeatable).")] = [],  # noqa: B006
     level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet, token (repeatable).")] = [],  # noqa: B006
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero",
     model: ModelOpt = "embedded",

@@ -424,6 +424,33 @@ def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_
         # the change the reweighting makes, compared (the MSEs themselves differ little with random weights)
         np.testing.assert_allclose(rows.mse_intervened - rows.mse_clean, expected - rows.mse_clean, rtol=0.02)
         assert (rows.mse_intervened != rows.mse_clean).all()
+    # one layer only (@LAYER): diffusers' own processor on that layer, given the bias as its attention mask
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from diffcircuit.instrument.registry import attention_modules
+
+    layer = next(name for name, m in attention_modules(den.network) if name.endswith("attn2"))
+    out = tmp_path / "one"
+    assert main(["ablate", "--out", str(out), "--model", str(text_pipeline), "--prompt", "ab", "--data", "synthetic",
+                 "--n", "2", "--timesteps", "300", "--target", f"token:1*3@{layer}", "--quiet"]) == 0
+    rows = pd.read_parquet(out / "tables" / "ablations.parquet").sort_values("image")
+    assert set(rows.target) == {f"token:1*3@{layer}"} and set(rows.n_heads) == {dict(attention_modules(den.network))[layer].heads}
+    bias = torch.zeros(2, 1, n_keys)
+    bias[..., 1] = math.log(3.0)
+    attn = dict(attention_modules(den.network))[layer]
+    original = attn.processor
+    class Biased:  # diffusers' processor, with the bias as its (additive) attention mask
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, bias, temb)
+
+    attn.set_processor(Biased())
+    try:
+        with torch.no_grad():
+            pred = den.network(x_t, t).sample
+    finally:
+        attn.set_processor(original)
+    expected = eps_mse_per_image(den.eps_hat(pred, x_t, t), eps).double().numpy()
+    np.testing.assert_allclose(rows.mse_intervened - rows.mse_clean, expected - rows.mse_clean, rtol=0.02)
 
 
 def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(dit_folder, small_model_dir_module,

@@ -11,7 +11,7 @@ Targets (``Target.level``):
   named ``token:j``: removed from every such softmax (zero ablation only; equal to dropping it from the
   prompt's embeddings — in joint attention too, where nothing then reads the token's own stream);
   ``token:j*w`` instead multiplies the token's attention by w ≥ 0 and renormalises (reweighting;
-  rows say method ``reweight``);
+  rows say method ``reweight``); ``token:j@<layer>`` or ``token:j*w@<layer>:<head>`` acts in those heads only;
 - ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
   component of the same number of heads.
 
@@ -59,7 +59,7 @@ class Target:
 
     @property
     def token(self) -> int | None:
-        return int(self.name.split(":")[1].split("*")[0]) if self.level == "token" else None
+        return int(self.name.removeprefix("token:").split("@")[0].split("*")[0]) if self.level == "token" else None
 
     @property
     def layer(self) -> str | None:
@@ -83,17 +83,20 @@ def resnet_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def token_target(registry: HeadRegistry, name: str, n_tokens: int) -> Target | None:
     """The target ``token:J`` (removal) or ``token:J*W`` (attention to token J times W) in every cross- and
-    joint-attention head; None when ``name`` is not of that form or J is not a prompt token."""
-    body = name.removeprefix("token:")
+    joint-attention head, or with ``@WHERE`` only in the heads of one layer (``@<layer>``) or one head
+    (``@<layer>:<head>``); None when ``name`` is not of that form, J is not a prompt token or WHERE has none."""
+    body, _, where = name.removeprefix("token:").partition("@")
     index, _, weight = body.partition("*")
     try:
         j, w = int(index), float(weight) if weight else 0.0
     except ValueError:
         return None
-    heads = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint"))
-    if body == name or not heads or not 0 <= j < n_tokens or not w >= 0 or w == float("inf"):
+    heads = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint")
+                  and (not where or where in (a.layer, str(a))))
+    if not name.startswith("token:") or not heads or not 0 <= j < n_tokens or not w >= 0 or w == float("inf"):
         return None
-    return Target(level="token", name=f"token:{j}" if w == 0 else f"token:{j}*{w:g}", heads=heads, weight=w)
+    label = f"token:{j}" + (f"*{w:g}" if w else "") + (f"@{where}" if where else "")
+    return Target(level="token", name=label, heads=heads, weight=w)
 
 
 def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = None,

@@ -33,7 +33,7 @@ class AblateConfig:
     seed: int = 0
     batch_size: int = 50
     methods: tuple[str, ...] = ("zero",)
-    names: tuple[str, ...] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W]
+    names: tuple[str, ...] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W][@LAYER[:HEAD]]
     levels: tuple[str, ...] = ()  # every target of these levels
     token_weight: float = 0.0  # level token: multiply each token's attention by this (0 removes it)
     sample: int = 0  # also sample this many images with each target zero-ablated (0: no sampling)
@@ -54,7 +54,8 @@ def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list
         target = every.get(name) or token_target(registry, name, len(tokens))
         if target is None:
             raise DiffcircuitError(f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
-                                   "token (token:J, or token:J*W to reweight) of this model; `diffcircuit info` lists them")
+                                   "token (token:J, token:J*W to reweight, @LAYER[:HEAD] to act there only) of this model; "
+                                   "`diffcircuit info` lists them")
         chosen.append(target)
     if not chosen:
         raise DiffcircuitError("nothing to ablate: give --target NAME (repeatable) or --level head|layer|block|resnet|token"
