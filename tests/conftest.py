@@ -146,3 +146,90 @@ def flux_folder(tmp_path_factory, autoencoder):
     save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
               str(root.parent / "embeds.safetensors"))  # T5 tokens and CLIP's pooled summary, precomputed
     return root
+
+
+def write_clip_tokenizer(folder, max_length: int):
+    """A CLIP tokenizer whose words are single letters (offline: vocabulary and merges written here)."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_t5(root, *, d_model: int, max_length: int):
+    """A T5 tokenizer (letters as Unigram pieces) in ``root/tokenizer_*`` and its encoder, for pipelines that read T5."""
+    import transformers
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    torch.manual_seed(2)
+    encoder = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(pieces), d_model=d_model, d_kv=8, d_ff=32,
+                                                                num_layers=1, num_heads=2))
+    return tokenizer, encoder
+
+
+@pytest.fixture(scope="session")
+def flux_text_folder(tmp_path_factory, flux_folder):
+    """``flux_folder`` with its pipeline's text encoders: CLIP (pooled summary) and T5 (the tokens)."""
+    import shutil
+
+    import transformers
+
+    root = tmp_path_factory.mktemp("flux-text") / "flux"
+    shutil.copytree(flux_folder, root)
+    write_clip_tokenizer(root / "tokenizer", 8)
+    torch.manual_seed(1)
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=54, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
+    tokenizer, encoder = write_t5(root, d_model=16, max_length=6)
+    tokenizer.save_pretrained(root / "tokenizer_2")
+    encoder.save_pretrained(root / "text_encoder_2")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_writer():
+    return write_clip_tokenizer
+
+
+@pytest.fixture(scope="session")
+def sd3_text_folder(tmp_path_factory):
+    """A tiny SD3 pipeline with its three text encoders (two CLIPs with projections, T5) and a flow scheduler."""
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    root = tmp_path_factory.mktemp("sd3-text") / "sd3"
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                          pooled_projection_dim=16, out_channels=3, pos_embed_max_size=8).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    for i, sub in enumerate(("", "_2")):
+        write_clip_tokenizer(root / f"tokenizer{sub}", 8)
+        torch.manual_seed(10 + i)
+        transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=54, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=8, projection_dim=8, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1)).save_pretrained(root / f"text_encoder{sub}")
+    tokenizer, encoder = write_t5(root, d_model=16, max_length=6)
+    tokenizer.save_pretrained(root / "tokenizer_3")
+    encoder.save_pretrained(root / "text_encoder_3")
+    clip = ["transformers", "CLIPTextModelWithProjection"]
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": clip, "text_encoder_2": clip,
+        "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": ["transformers", "T5TokenizerFast"]}))
+    return root

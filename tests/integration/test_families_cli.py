@@ -19,22 +19,15 @@ TEXT_DIM, MAX_TOKENS = 24, 8
 
 
 @pytest.fixture(scope="module")
-def text_pipeline(tmp_path_factory, text_unet):
+def text_pipeline(tmp_path_factory, text_unet, clip_tokenizer_writer):
     transformers = pytest.importorskip("transformers", reason="the text extra is not installed")
     from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (root.parent / "vocab.json").write_text(json.dumps(vocab))
-    (root.parent / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(root.parent / "vocab.json"), str(root.parent / "merges.txt"),
-                                           model_max_length=MAX_TOKENS)
-    tokenizer.save_pretrained(root / "tokenizer")
+    tokenizer = clip_tokenizer_writer(root / "tokenizer", MAX_TOKENS)
     torch.manual_seed(0)
     encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     unet = text_unet(text_dim=TEXT_DIM, in_channels=3, channels=(16, 32))
@@ -318,6 +311,28 @@ def test_flux_run_completes_with_its_double_and_single_stream_heads_analysed(flu
     assert set(pd.read_parquet(run / "tables" / "token_maps.parquet").token) == set(range(5))  # DAAM on Flux
     assert len(pd.read_parquet(run / "tables" / "gallery.parquet")) and (run / "figures" / "attention_gallery.png").exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sd3_prompts_are_encoded_by_its_three_text_encoders_and_mapped_token_by_token(sd3_text_folder, tmp_path):
+    """Keys: CLIP's 8 positions (padding unnamed), then T5's 6; the T5 part is checked against T5 called directly."""
+    import transformers
+
+    from diffcircuit.models.loading import load_conditioned
+
+    den = load_conditioned(str(sd3_text_folder), prompt="ab")
+    cond = den.conditioning
+    assert cond.tokens == ("<|startoftext|>", "a", "b</w>", "<|endoftext|>", None, None, None, None,
+                           "\u2581", "a", "b", "</s>", None, None)
+    t5 = transformers.AutoTokenizer.from_pretrained(sd3_text_folder / "tokenizer_3")
+    with torch.no_grad():
+        direct = transformers.T5EncoderModel.from_pretrained(sd3_text_folder / "text_encoder_3")(
+            t5("ab", padding="max_length", max_length=6, return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(cond.kwargs["encoder_hidden_states"][:, 8:], direct, atol=1e-5, rtol=0)
+    assert cond.kwargs["pooled_projections"].shape == (1, 16) and cond.unconditional is not None
+    assert _run(sd3_text_folder, tmp_path / "run", "--prompt", "ab") == 0
+    maps = pd.read_parquet(tmp_path / "run" / "tables" / "token_maps.parquet")
+    assert sorted(set(maps.token)) == [0, 1, 2, 3, 8, 9, 10, 11]  # every named key, none of the padding
 
 
 def _run(model, out, *extra) -> int:

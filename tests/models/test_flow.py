@@ -111,3 +111,24 @@ def test_a_flux_model_is_read_as_flux_pipeline_feeds_it(flux_folder):
         v = FluxPipeline._unpack_latents(v, 16 * 8, 16 * 8, 8)  # as the pipeline calls it: pixels and the VAE's 8
         eps_hat = den.eps_hat(den.network(x_t, t, **text).sample, x_t, t)
     torch.testing.assert_close(eps_hat, x_flow + (1 - sigma.float()) * v, atol=1e-4, rtol=1e-4)
+
+
+def test_flux_prompts_are_encoded_by_its_pipelines_t5_and_clip(flux_text_folder):
+    """Reference: the T5 encoder's last hidden state (the tokens) and CLIP's pooled output, called directly."""
+    import transformers
+
+    from diffcircuit.models.loading import load_conditioned, unconditional_input
+
+    den = load_conditioned(str(flux_text_folder), prompt="ab c")
+    cond = den.conditioning
+    t5 = transformers.AutoTokenizer.from_pretrained(flux_text_folder / "tokenizer_2")
+    clip = transformers.AutoTokenizer.from_pretrained(flux_text_folder / "tokenizer")
+    with torch.no_grad():
+        tokens = transformers.T5EncoderModel.from_pretrained(flux_text_folder / "text_encoder_2")(
+            t5("ab c", padding="max_length", max_length=6, return_tensors="pt").input_ids)[0]
+        pooled = transformers.CLIPTextModel.from_pretrained(flux_text_folder / "text_encoder")(
+            clip("ab c", padding="max_length", max_length=8, return_tensors="pt").input_ids).pooler_output
+    torch.testing.assert_close(cond.kwargs["encoder_hidden_states"], tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cond.kwargs["pooled_projections"], pooled, atol=1e-5, rtol=0)
+    assert cond.tokens == ("\u2581", "a", "b", "\u2581", "c", "</s>") and cond.description == "prompt 'ab c'"
+    assert unconditional_input(den).description == "the empty prompt (unconditional)"  # guidance's other branch

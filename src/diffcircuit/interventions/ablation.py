@@ -117,7 +117,8 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     if level == "token":
         suffix = f"*{token_weight:g}" if token_weight else ""
-        found = [token_target(registry, f"token:{j}{suffix}", len(tokens)) for j in range(len(tokens))]
+        found = [token_target(registry, f"token:{j}{suffix}", len(tokens)) for j, name in enumerate(tokens)
+                 if name is not None]  # padding positions are keys too, but no word
         return [t for t in found if t is not None]
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 

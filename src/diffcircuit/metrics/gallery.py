@@ -175,6 +175,8 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
                 probs = _head_probs(qk, head)  # [B, N_q, N_k]
                 for i in range(len(probs)):
                     for j, text in enumerate(tokens[i] if per_image else tokens):
+                        if text is None:  # a padding position
+                            continue
                         rows.append({"dataset": dataset, "image": i, "timestep": int(t), "layer": info.layer,
                                      "head": head, "token": j, "text": text, "grid_h": info.query_grid[0],
                                      "grid_w": info.query_grid[1],

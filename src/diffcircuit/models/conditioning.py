@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.pipeline_text import encode_with_pipeline
 
 __all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_tokens", "images_of",
            "make_conditioning", "needed_inputs"]
@@ -37,7 +38,8 @@ __all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "co
 @dataclass(frozen=True)
 class Conditioning:
     """Forward keyword inputs with a batch dimension of 1, what they are in words, and the prompt's tokens
-    (the cross-attention keys that carry text: start, words, end; padding left out)."""
+    (the cross-attention keys that carry text: start, words, end; padding left out, or named None where real
+    tokens follow it, as SD3's T5 tokens follow CLIP's padded 77)."""
 
     kwargs: dict[str, torch.Tensor | dict]
     description: str
@@ -202,15 +204,21 @@ def _has(path: Path, name: str) -> bool:
         return name in f.keys()
 
 
-def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: str | None) -> Conditioning:
-    """SD3: the text tokens' embeddings and their pooled summary, both from a safetensors file (the pipeline's
-    ``encode_prompt`` output: ``prompt_embeds`` and ``pooled_prompt_embeds``, and for guidance's unconditional
-    branch ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``). Its three text encoders are not
-    run here, and its unconditional input is the encoded empty prompt, not zeros: the embeddings are required."""
+def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: str | None, root: Path,
+                  allow_pickle: bool) -> Conditioning:
+    """SD3 / Flux: the text tokens' embeddings and their pooled summary, encoded by the pipeline's own
+    ``encode_prompt`` (``models.pipeline_text``; unconditional: the empty prompt), or read from a safetensors
+    file: ``prompt_embeds`` and ``pooled_prompt_embeds``, and for guidance's unconditional branch
+    ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``."""
     if prompt_embeds is None:
-        why = "--prompt is not encoded for it yet" if prompt is not None else "it has no built-in unconditional input"
-        raise DiffcircuitError(f"{type(network).__name__} needs --prompt-embeds FILE.safetensors (tensors prompt_embeds "
-                               f"and pooled_prompt_embeds, from its pipeline's encode_prompt): {why}")
+        text = prompt or ""
+        (embeds, pooled, names) = encode_with_pipeline(root, [text, ""] if text else [""], allow_pickle=allow_pickle)
+        _check_dims(network, embeds, pooled)
+        kwargs = [{"encoder_hidden_states": embeds[i:i + 1], "pooled_projections": pooled[i:i + 1]} for i in range(len(embeds))]
+        empty = Conditioning(kwargs[-1], "the empty prompt (unconditional)", tuple(names[-1]))
+        if not text:
+            return empty
+        return Conditioning(kwargs[0], f"prompt {text!r}", tuple(names[0]), empty)
     config, path = network.config, Path(prompt_embeds)
     dims = int(config.joint_attention_dim), int(config.pooled_projection_dim)
 
@@ -283,7 +291,7 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
     if prompt is not None and prompt_embeds is not None:
         raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
     if "pooled_projections" in needs:
-        return _joint_embeds(network, prompt_embeds, prompt)
+        return _joint_embeds(network, prompt_embeds, prompt, root, allow_pickle)
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     extra = _added_conditions(network)
     if prompt_embeds is not None:
@@ -316,15 +324,26 @@ def _added_conditions(network: torch.nn.Module) -> dict:
     return {"added_cond_kwargs": {"resolution": torch.tensor([[h * 8.0, w * 8.0]]), "aspect_ratio": torch.tensor([[h / w]])}}
 
 
+def _check_dims(network: torch.nn.Module, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    want = int(network.config.joint_attention_dim), int(network.config.pooled_projection_dim)
+    if (embeds.shape[-1], pooled.shape[-1]) != want:
+        raise DiffcircuitError(f"the pipeline's text encoders give {embeds.shape[-1]}-dim tokens and a "
+                               f"{pooled.shape[-1]}-dim summary; the model expects {want[0]} and {want[1]}")
+
+
 def caption_conditioning(network: torch.nn.Module, root: Path, captions, *, allow_pickle: bool = False,
                          spec: str = "") -> tuple[Conditioning, tuple[tuple[str, ...], ...]]:
     """Per-image conditioning of a text-conditioned ``network`` from one caption per image, encoded by the
     pipeline's text encoder, and each caption's tokens."""
     needs = needed_inputs(network)
-    if "encoder_hidden_states" not in needs or "pooled_projections" in needs:
-        kind = "is not text-conditioned" if "encoder_hidden_states" not in needs else "needs precomputed embeddings"
-        raise DiffcircuitError(f"{spec or 'the data'} has captions, but {type(network).__name__} {kind}; "
+    if "encoder_hidden_states" not in needs:
+        raise DiffcircuitError(f"{spec or 'the data'} has captions, but {type(network).__name__} is not text-conditioned; "
                                "use a folder without captions.csv / captions.jsonl")
+    if "pooled_projections" in needs:  # SD3 / Flux: the pipeline's own encoders
+        embeds, pooled, names = encode_with_pipeline(root, list(captions), allow_pickle=allow_pickle)
+        _check_dims(network, embeds, pooled)
+        return (Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, f"{len(captions)} captions"),
+                tuple(tuple(n) for n in names))
     embeds, tokens = _encode_prompts(root, list(captions), allow_pickle)
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     if embeds.shape[-1] != dim:

@@ -1,0 +1,82 @@
+"""Prompts for joint-attention models (SD3, Flux), encoded by their own pipeline's ``encode_prompt``.
+
+These models read several text encoders at once: SD3 two CLIPs (their penultimate hidden states side by
+side, and their pooled outputs) followed by T5's tokens; Flux T5's tokens and CLIP's pooled output. The
+pipeline class named in the folder's ``model_index.json`` is loaded without its transformer and VAE, and its
+own ``encode_prompt`` does the work, so the embeddings are exactly those its pipeline would feed.
+
+Each key position is named by the tokenizer that made it (real tokens only; padding positions are None),
+in the order the model sees them, so DAAM maps and token interventions address the right keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["encode_with_pipeline"]
+
+
+def _load_pipeline(root: Path, allow_pickle: bool):
+    import diffusers
+
+    index = root / "model_index.json"
+    if not index.exists():
+        raise DiffcircuitError(f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
+                               "give --prompt-embeds FILE.safetensors instead")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "encode_prompt"):
+        raise DiffcircuitError(f"{index} names {name!r}, which has no encode_prompt; give --prompt-embeds instead")
+    optional = set(getattr(cls, "_optional_components", []) or [])
+    needed = [name for name in inspect.signature(cls.__init__).parameters
+              if name.startswith(("text_encoder", "tokenizer")) and name not in optional]
+    missing = [name for name in needed if not (root / name).is_dir()]
+    if missing:
+        raise DiffcircuitError(f"{root} has no {missing[0]}/ to encode a prompt with; give --prompt-embeds "
+                               "FILE.safetensors (prompt_embeds and pooled_prompt_embeds) instead")
+    try:
+        return cls.from_pretrained(root, transformer=None, vae=None, use_safetensors=not allow_pickle)
+    except ImportError:
+        raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
+    except Exception as exc:
+        raise DiffcircuitError(f"could not load the text encoders of {root}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _names(tokenizer, prompt: str, length: int) -> list[str | None]:
+    """The tokens of ``prompt`` as ``tokenizer`` pads it to ``length`` keys: names, then None for padding."""
+    encoded = tokenizer(prompt, padding="max_length", max_length=length, truncation=True)
+    real = int(sum(encoded["attention_mask"]))
+    return tokenizer.convert_ids_to_tokens(encoded["input_ids"][:real]) + [None] * (length - real)
+
+
+def encode_with_pipeline(root: Path, prompts: list[str], *, allow_pickle: bool = False):
+    """``(embeds [n, keys, dim], pooled [n, dim'], names)``: ``names[i]`` names prompt i's keys (None: padding)."""
+    pipe = _load_pipeline(root, allow_pickle)
+    params = inspect.signature(pipe.encode_prompt).parameters
+    kwargs = {"prompt": prompts, "device": "cpu", "num_images_per_prompt": 1}
+    kwargs |= {name: None for name in ("prompt_2", "prompt_3") if name in params}
+    if "do_classifier_free_guidance" in params:
+        kwargs["do_classifier_free_guidance"] = False
+    if "max_sequence_length" in params and getattr(pipe, "tokenizer_max_length", None):
+        t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+        if t5 is not None and t5.model_max_length < params["max_sequence_length"].default:
+            kwargs["max_sequence_length"] = t5.model_max_length  # a tokenizer shorter than the pipeline's default
+    with torch.no_grad():
+        out = pipe.encode_prompt(**kwargs)
+    embeds, pooled = (out[0], out[2]) if len(out) == 4 else (out[0], out[1])  # SD3: (pe, npe, pooled, npooled)
+    names = []
+    for prompt in prompts:
+        if getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith("StableDiffusion3"):
+            clip = _names(pipe.tokenizer, prompt, pipe.tokenizer_max_length)  # CLIP positions, then T5's
+            rest = embeds.shape[1] - len(clip)
+            t5 = _names(pipe.tokenizer_3, prompt, rest) if getattr(pipe, "tokenizer_3", None) is not None else [None] * rest
+            names.append(clip + t5)
+        else:  # Flux: T5's tokens are the keys
+            names.append(_names(pipe.tokenizer_2, prompt, embeds.shape[1]))
+    return embeds.float(), pooled.float(), names
