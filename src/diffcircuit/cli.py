@@ -137,6 +137,7 @@ def run(
     prompt: PromptOpt = None,
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
+    captions: Annotated[bool | None, typer.Option("--captions/--no-captions", help="Prompt each image of a folder with captions.csv/.jsonl by its caption [on].")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32 (default), or bf16/fp16 autocast; statistics stay fp32.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="local (default) or ray (needs diffcircuit[ray]).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")] = None,
@@ -161,7 +162,7 @@ def run(
     from diffcircuit.protocol.config import RunConfig, load_config_file
 
     flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
-                 device=device, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label, precision=precision, backend=backend, ray_address=address, workers=workers,
+                 device=device, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label, captions=captions, precision=precision, backend=backend, ray_address=address, workers=workers,
                  threads=threads, shard_images=shard_images, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
                  null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
                  circuit_taus=circuit_taus, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
