@@ -233,3 +233,24 @@ def sd3_text_folder(tmp_path_factory):
         "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": ["transformers", "T5TokenizerFast"]}))
     return root
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    """A tiny SD3 pipeline folder: joint attention, a flow-matching scheduler (shift 3), and precomputed prompt
+    embeddings beside it (``embeds.safetensors``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                          pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
+              str(root.parent / "embeds.safetensors"))
+    return root

@@ -80,6 +80,25 @@ def test_fused_capture_equals_naive_and_a_plain_reference_on_cross_attention(con
     torch.testing.assert_close(captured["fused"][layer], reference, atol=1e-4, rtol=0)
 
 
+def _idle_exact_and_fused_equals_naive(net, registry, x, t, kw, key_features=None, stats=("entropy_nats",)) -> dict:
+    """Instrumented idle, and capturing by either method, the output is the untouched model's; fused and naive
+    capture agree. Returns the fused capture: ``{stat: {layer: tensor}}``."""
+    with torch.no_grad():
+        ref = net(x, timestep=t, **kw).sample
+        with instrument(net, registry=registry):
+            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+        captured = {}
+        for method in ("fused", "naive"):
+            with instrument(net, registry=registry, capture=True, method=method, key_features=key_features) as session:
+                torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
+            captured[method] = {stat: session.pop(stat) for stat in stats}
+    for stat in stats:
+        assert captured["fused"][stat]  # something was captured
+        for layer in captured["fused"][stat]:
+            torch.testing.assert_close(captured["fused"][stat][layer], captured["naive"][stat][layer], atol=1e-4, rtol=0)
+    return captured["fused"]
+
+
 def test_dit_idle_exactness_and_fused_equals_naive():
     from diffusers import DiTTransformer2DModel
 
@@ -89,17 +108,7 @@ def test_dit_idle_exactness_and_fused_equals_naive():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 3])
     registry = probe_registry(net, x, t, class_labels=y)
     assert [(i.kind, i.heads, i.n_keys, i.query_grid) for i in registry.layers] == [("self", 2, 16, (4, 4))] * 2  # 4x4 patches
-    with torch.no_grad():
-        ref = net(x, timestep=t, class_labels=y).sample
-        with instrument(net, registry=registry):
-            torch.testing.assert_close(net(x, timestep=t, class_labels=y).sample, ref, atol=1e-5, rtol=0)
-        captured = {}
-        for method in ("fused", "naive"):
-            with instrument(net, registry=registry, capture=True, method=method) as session:
-                net(x, timestep=t, class_labels=y)
-            captured[method] = session.pop("entropy_nats")
-    for layer in captured["fused"]:
-        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
+    _idle_exact_and_fused_equals_naive(net, registry, x, t, dict(class_labels=y))
 
 
 @pytest.fixture(scope="module")
@@ -143,28 +152,18 @@ def test_joint_attention_registry_idle_exactness_fused_naive_and_a_plain_referen
         ("transformer_blocks.0.attn", "joint", (4, 4), 16 + 5), ("transformer_blocks.0.attn2", "self", (4, 4), 16),
         ("transformer_blocks.1.attn", "joint", (4, 4), 16 + 5)]
     feats = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = net(x, timestep=t, **kw).sample
-        with instrument(net, registry=registry):
-            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
-        captured = {}
-        for method in ("fused", "naive"):
-            with instrument(net, registry=registry, capture=True, method=method, key_features=lambda grid: feats) as s:
-                torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)  # capturing changes nothing
-            captured[method] = {stat: s.pop(stat) for stat in ("entropy_nats", "moments")}
-    for stat in ("entropy_nats", "moments"):
-        for layer in captured["fused"][stat]:
-            torch.testing.assert_close(captured["fused"][stat][layer], captured["naive"][stat][layer], atol=1e-4, rtol=0)
+    fused = _idle_exact_and_fused_equals_naive(net, registry, x, t, kw, key_features=lambda grid: feats,
+                                               stats=("entropy_nats", "moments"))
     # reference: the image queries' softmax over all keys; moments of its image part renormalised
     layer = "transformer_blocks.1.attn"
     q, k = _joint_qk(net, layer, x, t, kw)
     p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # [batch, heads, 16, 21]
     entropy = -(p * p.log()).sum(-1).mean(-1)
-    torch.testing.assert_close(captured["fused"]["entropy_nats"][layer], entropy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused["entropy_nats"][layer], entropy, atol=1e-4, rtol=0)
     image = p[..., :16] / p[..., :16].sum(-1, keepdim=True)
     f = torch.cat([torch.ones(2, 1, 16), feats.flatten(2)], 1)  # [batch, 1 + channels, keys]
     moments = torch.einsum("bhqk,bfk,bgq->bhgf", image, f, f) / 16  # M[g, f] = mean_i g_i Σ_j p_ij f_j
-    torch.testing.assert_close(captured["fused"]["moments"][layer], moments, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused["moments"][layer], moments, atol=1e-4, rtol=0)
 
 
 def test_zero_ablating_a_joint_head_equals_zeroing_its_columns_of_both_output_projections(joint):
@@ -229,17 +228,7 @@ def test_flux_registry_idle_exactness_fused_naive_and_a_plain_reference_with_rot
     assert [(i.layer, i.kind, i.query_grid, i.n_keys) for i in registry.layers] == [
         ("transformer_blocks.0.attn", "joint", (4, 4), 21), ("single_transformer_blocks.0.attn", "joint", (4, 4), 21),
         ("single_transformer_blocks.1.attn", "joint", (4, 4), 21)]
-    with torch.no_grad():
-        ref = net(x, timestep=t, **kw).sample
-        with instrument(net, registry=registry):
-            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
-        captured = {}
-        for method in ("fused", "naive"):
-            with instrument(net, registry=registry, capture=True, method=method) as session:
-                torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
-            captured[method] = session.pop("entropy_nats")
-    for layer in captured["fused"]:
-        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
+    fused = _idle_exact_and_fused_equals_naive(net, registry, x, t, kw)["entropy_nats"]
     # reference for a single-stream block: its input [text | image], normalised, rotated, softmax over all keys
     attn = dict(attention_modules(net))["single_transformer_blocks.1.attn"]
     seen = {}
@@ -251,7 +240,7 @@ def test_flux_registry_idle_exactness_fused_naive_and_a_plain_reference_with_rot
         q = apply_rotary_emb(attn.norm_q(attn.to_q(seen["h"]).unflatten(-1, (2, 8))), seen["rope"], sequence_dim=1)
         k = apply_rotary_emb(attn.norm_k(attn.to_k(seen["h"]).unflatten(-1, (2, 8))), seen["rope"], sequence_dim=1)
     p = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / 8 ** 0.5, dim=-1)[:, :, 5:]  # image queries
-    torch.testing.assert_close(captured["fused"]["single_transformer_blocks.1.attn"], -(p * p.log()).sum(-1).mean(-1),
+    torch.testing.assert_close(fused["single_transformer_blocks.1.attn"], -(p * p.log()).sum(-1).mean(-1),
                                atol=1e-4, rtol=0)
 
 
@@ -290,14 +279,4 @@ def test_pixart_style_transformer_registry_idle_exactness_and_fused_equals_naive
     kw = dict(encoder_hidden_states=enc, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     registry = probe_registry(net, x, t, **kw)
     assert [(i.kind, i.query_grid, i.n_keys) for i in registry.layers] == [("self", (8, 8), 64), ("cross", (8, 8), 5)] * 2
-    with torch.no_grad():
-        ref = net(x, timestep=t, **kw).sample
-        with instrument(net, registry=registry):
-            torch.testing.assert_close(net(x, timestep=t, **kw).sample, ref, atol=1e-5, rtol=0)
-        captured = {}
-        for method in ("fused", "naive"):
-            with instrument(net, registry=registry, capture=True, method=method) as session:
-                net(x, timestep=t, **kw)
-            captured[method] = session.pop("entropy_nats")
-    for layer in captured["fused"]:
-        torch.testing.assert_close(captured["fused"][layer], captured["naive"][layer], atol=1e-4, rtol=0)
+    _idle_exact_and_fused_equals_naive(net, registry, x, t, kw)

@@ -40,16 +40,15 @@ def text_pipeline(tmp_path_factory, text_unet, clip_tokenizer_writer):
     return root
 
 
-def _transformer_folder(root, net, pipeline: str, scheduler=None):
-    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/ (DDPM by default), model_index.json."""
+def _transformer_folder(root, net, pipeline: str):
+    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/ (DDPM), model_index.json."""
     from diffusers import DDPMScheduler
 
-    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
     net.save_pretrained(root / "transformer", safe_serialization=True)
-    scheduler.save_pretrained(root / "scheduler")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": pipeline, "transformer": ["diffusers", type(net).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__]}))
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
     return root
 
 
@@ -104,23 +103,6 @@ def test_info_lists_a_dit_with_its_patch_grid_and_null_class(dit_folder, capsys)
 def test_info_lists_a_pixart_transformer_with_self_and_cross_layers(pixart_folder, capsys):
     info = _info(capsys, "--model", str(pixart_folder), "--prompt-embeds", str(pixart_folder.parent / "embeds.safetensors"))
     assert [(l["kind"], l["query_grid"], l["n_keys"]) for l in info["layers"]] == [("self", [8, 8], 64), ("cross", [8, 8], 5)] * 2
-
-
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory):
-    """A tiny SD3 pipeline folder: joint attention, a flow-matching scheduler, and precomputed prompt embeddings."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
-    root = _transformer_folder(tmp_path_factory.mktemp("sd3") / "tiny-sd3", net, "StableDiffusion3Pipeline",
-                               FlowMatchEulerDiscreteScheduler(shift=3.0))
-    save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
-              str(root.parent / "embeds.safetensors"))
-    return root
 
 
 def test_sd3_info_lists_joint_layers_and_run_completes_with_joint_heads_analysed(sd3_folder, tmp_path, capsys):

@@ -25,20 +25,6 @@ def test_the_sigma_grid_is_the_schedulers_own():
         torch.testing.assert_close(flow_sigmas(dict(sched.config)).float(), sched.sigmas.flip(0), atol=1e-6, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
-    root = tmp_path_factory.mktemp("flow") / "sd3"
-    net.save_pretrained(root / "transformer", safe_serialization=True)
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    return root
-
-
 def test_the_wrapped_flow_model_is_an_eps_predictor_on_the_equivalent_ddpm_process(sd3_folder):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
