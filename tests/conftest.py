@@ -204,18 +204,24 @@ def clip_tokenizer_writer():
     return write_clip_tokenizer
 
 
+def write_sd3(root, *, pooled_dim: int) -> None:
+    """A tiny SD3 transformer (2 joint blocks on 4x4 patches of 8x8 inputs) and its flow scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                          pooled_projection_dim=pooled_dim, out_channels=3, pos_embed_max_size=8).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+
+
 @pytest.fixture(scope="session")
 def sd3_text_folder(tmp_path_factory):
     """A tiny SD3 pipeline with its three text encoders (two CLIPs with projections, T5) and a flow scheduler."""
     import transformers
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     root = tmp_path_factory.mktemp("sd3-text") / "sd3"
-    torch.manual_seed(0)
-    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
-                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                          pooled_projection_dim=16, out_channels=3, pos_embed_max_size=8).save_pretrained(root / "transformer")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    write_sd3(root, pooled_dim=16)  # the two CLIPs' pooled outputs side by side
     for i, sub in enumerate(("", "_2")):
         write_clip_tokenizer(root / f"tokenizer{sub}", 8)
         torch.manual_seed(10 + i)
@@ -239,15 +245,10 @@ def sd3_text_folder(tmp_path_factory):
 def sd3_folder(tmp_path_factory):
     """A tiny SD3 pipeline folder: joint attention, a flow-matching scheduler (shift 3), and precomputed prompt
     embeddings beside it (``embeds.safetensors``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
-    torch.manual_seed(0)
-    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, num_layers=2, attention_head_dim=8,
-                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                          pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8).save_pretrained(root / "transformer")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    write_sd3(root, pooled_dim=8)
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
