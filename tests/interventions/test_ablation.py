@@ -204,3 +204,38 @@ def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
     expected = peak_signal_noise_ratio(x0.numpy().astype(np.float64), x0_hat.numpy().astype(np.float64), data_range=2.0)
     assert row.x0_psnr_clean == pytest.approx(expected, abs=1e-3)
     assert row.x0_psnr_intervened == pytest.approx(10 * np.log10(4 / row.x0_mse_intervened))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "dit"])
+def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd3_folder, flux_folder, tmp_path):
+    """Every head, layer and block ablated with blocks memoised equals the full forwards, and the first block is
+    not recomputed for targets after it."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    from diffcircuit.interventions.prefix import BlockMemo, prefix_runner
+    from diffcircuit.models.latent import model_images
+    from diffcircuit.models.loading import load_conditioned
+
+    if family == "dit":
+        torch.manual_seed(0)
+        DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=3,
+                              sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(tmp_path / "transformer")
+        DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+        den = load_conditioned(str(tmp_path), class_label=2)
+    else:
+        folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
+        den = load_conditioned(str(folder), prompt_embeds=str(folder.parent / "embeds.safetensors"))
+    assert isinstance(prefix_runner(den.network), BlockMemo)
+    images = model_images(den, "synthetic", n=3).images
+    registry = probe_registry(den.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    every = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+    first = dict(attention_modules(den.network))[registry.layers[0].layer]
+    calls = []
+    hook = first.to_q.register_forward_hook(lambda *a: calls.append(1))
+    fast = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=True)
+    n_fast, calls[:] = len(calls), []
+    slow = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=False)
+    hook.remove()
+    np.testing.assert_allclose(fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(fast.mse_clean.to_numpy(), slow.mse_clean.to_numpy(), rtol=1e-6)
+    assert n_fast < len(calls)  # intervened forwards after the first block skipped it

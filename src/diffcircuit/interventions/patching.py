@@ -21,7 +21,7 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
-from diffcircuit.interventions.prefix import UNetStages
+from diffcircuit.interventions.prefix import prefix_runner
 from diffcircuit.interventions.sweep import clean_activations
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
@@ -65,7 +65,7 @@ def activation_patching(
     n, device = min(len(src), len(rcv)), model_device(net)
     registry = registry or probe_registry(net, rcv[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
-    stages, rows = UNetStages(net), []
+    stages, rows = prefix_runner(net), []
     for t_val in timesteps:
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))

@@ -9,6 +9,13 @@ intervened run restarts from the first block it touches, and inside that block t
 that ran before the first touched one return their recorded outputs instead of recomputing.
 Models it does not cover (other classes, skip-conv blocks, Fourier time embeddings, class
 conditioning) fall back to the full forward.
+
+``BlockMemo`` does the same for any other denoiser (text-conditioned UNets, DiT, PixArt, SD3, Flux) at
+the granularity of its top-level blocks (each element of the network's top-level module lists, and
+``mid_block``): the clean run records each block's output in execution order; an intervened run calls
+the whole forward again, but every block that ran before the first touched one returns its recorded
+output instead of computing (the embeddings and the output head are recomputed; they are cheap).
+``prefix_runner(net)`` picks the one that applies.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StageState", "UNetStages"]
+__all__ = ["BlockMemo", "StageState", "UNetStages", "prefix_runner"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +127,62 @@ class UNetStages:
                 hidden, res = block(hidden, res[-k:], emb), res[:-k]
         hidden = net.conv_out(net.conv_act(net.conv_norm_out(hidden)))
         return hidden
+
+
+class BlockMemo:
+    """Prefix reuse by memoised top-level blocks; the same ``run`` / ``resume`` interface as ``UNetStages``."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.blocks: dict[str, torch.nn.Module] = {}
+        for name, child in net.named_children():
+            if isinstance(child, torch.nn.ModuleList):
+                self.blocks |= {f"{name}.{i}": block for i, block in enumerate(child)}
+            elif name == "mid_block" and child is not None:
+                self.blocks[name] = child
+        self.supported = bool(self.blocks)
+
+    def block_of(self, module_name: str) -> str | None:
+        return next((b for b in self.blocks if module_name == b or module_name.startswith(b + ".")), None)
+
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, record: dict | None = None) -> torch.Tensor:
+        """The full forward; ``record`` receives the inputs and each block's output, in execution order."""
+        if record is None or not self.supported:
+            return self.net(sample, timestep).sample
+        record.update(inputs=(sample, timestep), outputs={}, order=[])
+
+        def keep(name):
+            def hook(module, args, out):
+                record["order"].append(name)
+                record["outputs"][name] = out
+            return hook
+
+        hooks = [block.register_forward_hook(keep(name)) for name, block in self.blocks.items()]
+        try:
+            return self.net(sample, timestep).sample
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def resume(self, touched: list[str], record: dict) -> torch.Tensor:
+        """The forward with every block before the first touched one replaced by its recorded output."""
+        sample, timestep = record["inputs"]
+        order = record["order"]
+        if len(order) != len(set(order)):  # a block called twice per forward: its outputs are not one thing
+            return self.net(sample, timestep).sample
+        firsts = [order.index(b) for b in (self.block_of(name) for name in touched) if b in order]
+        first = min(firsts) if len(firsts) == len(touched) else 0  # a touched module outside the blocks: nothing
+        replay = order[:first]
+        try:
+            for name in replay:
+                self.blocks[name].forward = lambda *args, _out=record["outputs"][name], **kwargs: _out
+            return self.net(sample, timestep).sample
+        finally:
+            for name in replay:
+                del self.blocks[name].forward
+
+
+def prefix_runner(net: torch.nn.Module) -> UNetStages | BlockMemo:
+    """``UNetStages`` for the UNet2DModels it reproduces, else ``BlockMemo``."""
+    stages = UNetStages(net)
+    return stages if stages.supported else BlockMemo(net)

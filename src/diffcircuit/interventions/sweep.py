@@ -18,7 +18,7 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
-from diffcircuit.interventions.prefix import UNetStages
+from diffcircuit.interventions.prefix import prefix_runner
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, model_device, x0_mse_per_image
@@ -124,7 +124,7 @@ def ablation_sweep(
     registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
     resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
     resnet_modules = dict(resnets)
-    stages = UNetStages(net)
+    stages = prefix_runner(net)
     rows = []
 
     def noisy(idx: np.ndarray, t_val: int):
