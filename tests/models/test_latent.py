@@ -65,3 +65,14 @@ def test_samples_of_a_latent_model_are_decoded_to_pixels(tmp_path, autoencoder):
     den = load_denoiser(str(latent_folder(tmp_path / "ldm", autoencoder, "vqvae")))
     samples = sample_images(den, n=2, steps=3, seed=0)
     assert samples.shape == (2, 3, 32, 32) and samples.abs().max() <= 1
+
+
+def test_a_pipelines_network_subfolder_is_read_with_the_pipelines_scheduler_and_autoencoder(tmp_path, autoencoder):
+    from diffusers import DDPMScheduler
+
+    folder = latent_folder(tmp_path / "ldm", autoencoder)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    whole, part = load_denoiser(str(folder)), load_denoiser(str(folder / "unet"))
+    assert part.codec is not None and part.image_size == whole.image_size == 32
+    torch.testing.assert_close(part.alphas_cumprod, whole.alphas_cumprod)  # not the DDPM default's
+    assert not torch.allclose(part.alphas_cumprod, DDPMScheduler().alphas_cumprod)

@@ -5,7 +5,8 @@
   ``text`` extra), or embeddings given as a safetensors file (tensor ``prompt_embeds``,
   ``[tokens, dim]`` or ``[1, tokens, dim]``).
 - A class-conditional model (DiT, or a UNet with ``num_class_embeds``) needs ``class_labels``.
-- SD3 needs its joint-attention text tokens and their pooled summary: a safetensors file with
+- SD3 and Flux need their joint-attention text tokens and a pooled summary: a prompt encoded by their
+  pipeline's own ``encode_prompt`` (``models.pipeline_text``), or a safetensors file with
   ``prompt_embeds`` and ``pooled_prompt_embeds`` (``negative_*`` too, for guidance).
 - A data folder with captions gives each of its images its own prompt (``caption_conditioning``): the
   hook then feeds the rows of the batch named by ``images_of(network, dataset, rows)``.
@@ -43,7 +44,7 @@ class Conditioning:
 
     kwargs: dict[str, torch.Tensor | dict]
     description: str
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str | None, ...] = ()
     unconditional: Conditioning | None = None  # guidance's other branch, when the embeddings file gives it
 
 
@@ -71,7 +72,7 @@ class _Feed:
     def __init__(self, shared: Conditioning):
         self.shared = shared
         self.per_image: dict[str, Conditioning] = {}  # dataset -> kwargs with one row per image
-        self.tokens: dict[str, tuple[tuple[str, ...], ...]] = {}  # dataset -> each image's prompt tokens
+        self.tokens: dict[str, tuple[tuple[str | None, ...], ...]] = {}  # dataset -> each image's prompt tokens
         self.active: tuple[str, torch.Tensor] | None = None
 
 

@@ -125,6 +125,8 @@ def _resolve_folder(source: str, allow_pickle: bool) -> Path:
     if path.exists():
         if not path.is_dir():
             raise DiffcircuitError(f"model {source!r} is a file; give a diffusers model or pipeline folder")
+        if path.resolve().name in _NETWORK_SUBFOLDERS and (path / ".." / "model_index.json").exists():
+            return path.resolve().parent  # a pipeline's unet/ or transformer/: its scheduler and VAE are beside it
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or " " in source:
         raise DiffcircuitError(f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'")
@@ -292,10 +294,14 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
         raise DiffcircuitError(f"{type(den.network).__name__} is unconditional: guidance does not apply")
     if den.conditioning.unconditional is not None:
         return den.conditioning.unconditional
-    if "pooled_projections" in needed_inputs(den.network):
+    try:
+        return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
+    except DiffcircuitError:
+        if "pooled_projections" not in needed_inputs(den.network):
+            raise
         raise DiffcircuitError("guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
-                               "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file")
-    return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
+                               "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file, "
+                               "or give a pipeline folder with its text encoders") from None
 
 
 def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = "") -> str | None:
