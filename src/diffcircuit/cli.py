@@ -88,16 +88,16 @@ def info(
     den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                            class_label=class_label)
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
+    note = None
     try:
         registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
-    except DiffcircuitError:
-        registry = HeadRegistry.from_model(den.network)  # listed without geometry: joint attention is not run
-        if not any(i.kind == "joint" for i in registry.layers):
-            raise
+    except DiffcircuitError as exc:  # an attention processor diffcircuit does not reproduce: listed, not measured
+        registry, note = HeadRegistry.from_model(den.network), str(exc)
     if as_json:
         print(json.dumps({"model_path": str(den.model_path), "class": type(den.network).__name__,
                           "conditioning": den.conditioning.description if den.conditioning else None,
-                          "layers": [i.to_dict() for i in registry.layers]}))
+                          "process": den.process, "latent": den.codec is not None, "image_size": den.image_size,
+                          "layers": [i.to_dict() for i in registry.layers], "note": note}))
         return
     table = Table(title=f"{type(den.network).__name__} from {den.model_path}")
     for col in ("layer", "kind", "heads", "head_dim", "query grid", "keys"):
@@ -106,7 +106,8 @@ def info(
         grid = "x".join(map(str, i.query_grid)) if i.query_grid else "-"
         table.add_row(i.layer, i.kind, str(i.heads), str(i.head_dim), grid, str(i.n_keys))
     Console().print(table)
-    Console().print(f"{len(registry)} heads in {len(registry.layers)} attention layers")
+    Console().print(f"{len(registry)} heads in {len(registry.layers)} attention layers"
+                    + (f"; geometry unknown: {note}" if note else ""))
 
 
 def _headline(summary: dict) -> Table:

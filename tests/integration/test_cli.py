@@ -414,3 +414,28 @@ def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, c
     save_file({"other": torch.randn(5, 24)}, str(tmp_path / "bad.safetensors"))
     code, _, err = _run(["info", "--model", str(folder), "--prompt-embeds", str(tmp_path / "bad.safetensors")], capsys)
     assert code == 1 and "no tensor named 'prompt_embeds'" in err
+
+
+def test_a_processor_diffcircuit_does_not_reproduce_is_listed_by_info_and_refused_by_run(tmp_path, capsys):
+    """UnCLIP-style blocks run AttnAddedKVProcessor2_0: info lists their heads without geometry, run stops in one line."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from diffcircuit.models.loading import save_denoiser
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                               down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+                               up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D"),
+                               mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=8, attention_head_dim=8,
+                               norm_num_groups=8)
+    folder = save_denoiser(tmp_path / "kv", net, DDPMScheduler())
+    save_file({"prompt_embeds": torch.randn(3, 8)}, str(tmp_path / "embeds.safetensors"))
+    embeds = ["--prompt-embeds", str(tmp_path / "embeds.safetensors")]
+    code, out, _ = _run(["info", "--json", "--model", str(folder), *embeds], capsys)
+    info = json.loads(out)
+    assert code == 0 and len(info["layers"]) == 4 and all(l["query_grid"] is None for l in info["layers"])
+    assert "AttnAddedKVProcessor2_0" in info["note"]
+    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder), *embeds, "--n", "2"], capsys)
+    assert code == 1 and "AttnAddedKVProcessor2_0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
