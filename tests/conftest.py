@@ -204,6 +204,11 @@ def clip_tokenizer_writer():
     return write_clip_tokenizer
 
 
+@pytest.fixture(scope="session")
+def t5_writer():
+    return write_t5
+
+
 def write_sd3(root, *, pooled_dim: int) -> None:
     """A tiny SD3 transformer (2 joint blocks on 4x4 patches of 8x8 inputs) and its flow scheduler (shift 3)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel

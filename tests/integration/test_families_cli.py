@@ -76,6 +76,48 @@ def pixart_folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def pixart_text_folder(tmp_path_factory, pixart_folder, t5_writer):
+    """``pixart_folder`` with its pipeline's T5 tokenizer and encoder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("pixart-text") / "pixart"
+    shutil.copytree(pixart_folder, root)
+    tokenizer, encoder = t5_writer(root, d_model=12, max_length=10)
+    tokenizer.save_pretrained(root / "tokenizer")
+    encoder.save_pretrained(root / "text_encoder")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_pixart_prompts_are_encoded_as_its_pipeline_does_and_padding_keys_dropped_exactly(pixart_text_folder):
+    """PixArt's pipeline pads T5 tokens to a fixed length and masks the padding; dropping the masked keys gives the
+    same prediction as the padded, masked input (reference: T5 called directly with the mask, and the network
+    fed padded embeddings with encoder_attention_mask)."""
+    import transformers
+
+    from diffcircuit.models.loading import load_conditioned
+
+    den = load_conditioned(str(pixart_text_folder), prompt="ab")
+    t5 = transformers.AutoTokenizer.from_pretrained(pixart_text_folder / "tokenizer")
+    ids = t5("ab", padding="max_length", max_length=10, return_tensors="pt")
+    with torch.no_grad():
+        padded = transformers.T5EncoderModel.from_pretrained(pixart_text_folder / "text_encoder")(
+            ids.input_ids, attention_mask=ids.attention_mask)[0]
+    real = int(ids.attention_mask.sum())
+    assert den.conditioning.tokens == ("\u2581", "a", "b", "</s>") and real == 4
+    torch.testing.assert_close(den.conditioning.kwargs["encoder_hidden_states"], padded[:, :real], atol=1e-5, rtol=0)
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
+    with torch.no_grad():
+        mine = den.network(x, t).sample
+        theirs = den.network(x, t, encoder_hidden_states=padded.expand(2, -1, -1),
+                             encoder_attention_mask=ids.attention_mask.expand(2, -1)).sample
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
 def _info(capsys, *args) -> dict:
     capsys.readouterr()
     assert main(["info", "--json", *args]) == 0

@@ -21,6 +21,7 @@ prompt's tokens.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -250,7 +251,6 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
         import transformers
     except ImportError:
         raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
-    import json
 
     arch = (json.loads((root / "text_encoder" / "config.json").read_text()).get("architectures") or ["CLIPTextModel"])[0]
     cls = getattr(transformers, arch, None)  # CLIPTextModel (Stable Diffusion), T5EncoderModel (PixArt), ...
@@ -305,6 +305,12 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
         return Conditioning({"encoder_hidden_states": embeds, **extra}, f"prompt embeddings from {prompt_embeds}",
                             tuple(f"<{i}>" for i in range(embeds.shape[1])), negative)
     text = prompt or ""
+    if _pixart_pipeline(root):  # T5 with a padding mask, as its pipeline encodes prompts
+        embeds, _, names = _masked_prompts(root, [text], allow_pickle)
+        if embeds.shape[-1] != dim:
+            raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the model expects {dim}")
+        return Conditioning({"encoder_hidden_states": embeds, **extra},
+                            f"prompt {text!r}" if text else "the empty prompt (unconditional)", tuple(names[0]))
     embeds, tokens = _encode_prompt(root, text, allow_pickle)
     if embeds.shape[-1] != dim:
         raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the UNet expects {dim}")
@@ -323,6 +329,20 @@ def _added_conditions(network: torch.nn.Module) -> dict:
     if not getattr(network, "use_additional_conditions", False):
         return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     return {"added_cond_kwargs": {"resolution": torch.tensor([[h * 8.0, w * 8.0]]), "aspect_ratio": torch.tensor([[h / w]])}}
+
+
+def _pixart_pipeline(root: Path) -> bool:
+    index = root / "model_index.json"
+    return index.exists() and str(json.loads(index.read_text()).get("_class_name", "")).startswith("PixArt")
+
+
+def _masked_prompts(root: Path, prompts: list[str], allow_pickle: bool):
+    """PixArt: ``(embeds, mask, names)`` cut to the longest prompt's tokens. Its pipeline pads every prompt to
+    120 T5 tokens and masks the padding out of the attention; a masked key gets exactly no attention, so the
+    keys after the longest prompt are dropped (the output is unchanged) and the rest stay masked per prompt."""
+    embeds, mask, names = encode_with_pipeline(root, prompts, allow_pickle=allow_pickle)
+    longest = int(mask.sum(1).max())
+    return embeds[:, :longest], mask[:, :longest].float(), [n[:longest] for n in names]
 
 
 def _check_dims(network: torch.nn.Module, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
@@ -345,11 +365,16 @@ def caption_conditioning(network: torch.nn.Module, root: Path, captions, *, allo
         _check_dims(network, embeds, pooled)
         return (Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, f"{len(captions)} captions"),
                 tuple(tuple(n) for n in names))
-    embeds, tokens = _encode_prompts(root, list(captions), allow_pickle)
+    masked = {}
+    if _pixart_pipeline(root):
+        embeds, mask, tokens = _masked_prompts(root, list(captions), allow_pickle)
+        masked = {"encoder_attention_mask": mask} if (mask < 1).any() else {}
+    else:
+        embeds, tokens = _encode_prompts(root, list(captions), allow_pickle)
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     if embeds.shape[-1] != dim:
         raise DiffcircuitError(f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the model expects {dim}")
     rows = len(captions)  # every input gets one row per image (PixArt's micro-conditions are shared)
     extra = {k: {n: v.expand(rows, *v.shape[1:]) if isinstance(v, torch.Tensor) else v for n, v in d.items()}
              for k, d in _added_conditions(network).items()}
-    return Conditioning({"encoder_hidden_states": embeds, **extra}, f"{rows} captions"), tuple(tokens)
+    return Conditioning({"encoder_hidden_states": embeds, **masked, **extra}, f"{rows} captions"), tuple(map(tuple, tokens))

@@ -1,7 +1,8 @@
-"""Prompts for joint-attention models (SD3, Flux), encoded by their own pipeline's ``encode_prompt``.
+"""Prompts for SD3, Flux and PixArt, encoded by their own pipeline's ``encode_prompt``.
 
-These models read several text encoders at once: SD3 two CLIPs (their penultimate hidden states side by
-side, and their pooled outputs) followed by T5's tokens; Flux T5's tokens and CLIP's pooled output. The
+SD3 and Flux read several text encoders at once: SD3 two CLIPs (their penultimate hidden states side by
+side, and their pooled outputs) followed by T5's tokens; Flux T5's tokens and CLIP's pooled output.
+PixArt reads T5's tokens with an attention mask over the padding. The
 pipeline class named in the folder's ``model_index.json`` is loaded without its transformer and VAE, and its
 own ``encode_prompt`` does the work, so the embeddings are exactly those its pipeline would feed.
 
@@ -56,23 +57,32 @@ def _names(tokenizer, prompt: str, length: int) -> list[str | None]:
 
 
 def encode_with_pipeline(root: Path, prompts: list[str], *, allow_pickle: bool = False):
-    """``(embeds [n, keys, dim], pooled [n, dim'], names)``: ``names[i]`` names prompt i's keys (None: padding)."""
+    """``(embeds [n, keys, dim], pooled [n, dim'] or a mask [n, keys], names)``: ``names[i]`` names prompt i's keys
+    (None: padding). PixArt's pipeline gives an attention mask over its T5 tokens instead of a pooled summary."""
     pipe = _load_pipeline(root, allow_pickle)
     params = inspect.signature(pipe.encode_prompt).parameters
     kwargs = {"prompt": prompts, "device": "cpu", "num_images_per_prompt": 1}
     kwargs |= {name: None for name in ("prompt_2", "prompt_3") if name in params}
     if "do_classifier_free_guidance" in params:
         kwargs["do_classifier_free_guidance"] = False
-    if "max_sequence_length" in params and getattr(pipe, "tokenizer_max_length", None):
-        t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+    if "clean_caption" in params:
+        kwargs["clean_caption"] = False  # the pipeline's caption cleaning needs bs4 and ftfy; prompts go in as given
+    if "max_sequence_length" in params:
+        t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
         if t5 is not None and t5.model_max_length < params["max_sequence_length"].default:
             kwargs["max_sequence_length"] = t5.model_max_length  # a tokenizer shorter than the pipeline's default
     with torch.no_grad():
         out = pipe.encode_prompt(**kwargs)
-    embeds, pooled = (out[0], out[2]) if len(out) == 4 else (out[0], out[1])  # SD3: (pe, npe, pooled, npooled)
+    pixart = type(pipe).__name__.startswith("PixArt")
+    if pixart or len(out) != 4:  # PixArt: (pe, mask, npe, nmask); Flux: (pe, pooled, text ids)
+        embeds, pooled = out[0], out[1]
+    else:  # SD3: (pe, npe, pooled, npooled)
+        embeds, pooled = out[0], out[2]
     names = []
     for prompt in prompts:
-        if getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith("StableDiffusion3"):
+        if pixart:
+            names.append(_names(pipe.tokenizer, prompt, embeds.shape[1]))
+        elif getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith("StableDiffusion3"):
             clip = _names(pipe.tokenizer, prompt, pipe.tokenizer_max_length)  # CLIP positions, then T5's
             rest = embeds.shape[1] - len(clip)
             t5 = _names(pipe.tokenizer_3, prompt, rest) if getattr(pipe, "tokenizer_3", None) is not None else [None] * rest
