@@ -118,6 +118,35 @@ def test_pixart_prompts_are_encoded_as_its_pipeline_does_and_padding_keys_droppe
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
 
 
+def test_captions_of_different_lengths_are_masked_per_image_and_normalised_by_their_own_token_count(
+        pixart_text_folder, tmp_path):
+    """PixArt captions keep the pipeline's padding mask per image: each image's cross-attention entropy is measured
+    over its own caption's tokens (checked against the network fed that caption alone) and normalised by their
+    number."""
+    from diffcircuit.instrument.session import instrument
+    from diffcircuit.metrics.observe import batch_noise, observe
+    from diffcircuit.models.diffusion import add_noise
+    from diffcircuit.models.latent import model_images
+    from diffcircuit.models.loading import load_conditioned, use_captions
+
+    folder = _captioned_folder(tmp_path / "pairs", {"0.png": "a", "1.png": "bcdef"})
+    den = load_conditioned(str(pixart_text_folder))
+    images = model_images(den, str(folder), n=2)
+    assert use_captions(den, "b", images.captions) == "each image's own caption"
+    heads, _ = observe(den, images.images, timesteps=[300], dataset="b")
+    cross = heads[heads.layer.str.endswith("attn2")]
+    assert dict(cross.groupby("image").n_keys.first()) == {0: 3, 1: 7}  # ▁ a </s>; ▁ b c d e f </s>
+    np.testing.assert_allclose(cross.entropy_norm, cross.entropy_nats / np.log(cross.n_keys), rtol=1e-6)
+    alone = load_conditioned(str(pixart_text_folder), prompt="bcdef")  # image 1 with its caption as the only prompt
+    x0 = torch.from_numpy(np.asarray(images.images[1:2]))
+    eps = batch_noise(x0.shape[1:], seed=0, dataset="b", images=[1], timestep=300)
+    with torch.no_grad(), instrument(alone.network, capture=True) as session:
+        alone.network(add_noise(x0, eps, torch.tensor([300]), alone.alphas_cumprod), torch.tensor([300]))
+    for layer, values in session.pop("entropy_nats").items():
+        got = heads[(heads.image == 1) & (heads.layer == layer)].sort_values("head").entropy_nats.to_numpy()
+        np.testing.assert_allclose(got, values[0].double().numpy(), atol=1e-5)
+
+
 def _info(capsys, *args) -> dict:
     capsys.readouterr()
     assert main(["info", "--json", *args]) == 0

@@ -24,7 +24,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import HEAD_METRICS, metrics_from_moments, uniform_moments
 from diffcircuit.metrics.probes import ProbeFeatures
-from diffcircuit.models.conditioning import images_of
+from diffcircuit.models.conditioning import image_key_counts, images_of
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
@@ -52,30 +52,37 @@ def batch_noise(shape: Sequence[int], *, seed: int, dataset: str, images, timest
     return torch.stack([image_noise(shape, seed=seed, dataset=dataset, image=int(i), timestep=timestep) for i in images])
 
 
-def _layer_metrics(captured: dict, info, features: ProbeFeatures) -> dict[str, torch.Tensor]:
-    """All head metrics of one layer, each ``[batch, heads]``."""
+def _layer_metrics(captured: dict, info, features: ProbeFeatures, n_keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All head metrics of one layer, each ``[batch, heads]``; ``n_keys`` ``[batch, 1]``: keys each image attends over."""
     entropy = captured["entropy_nats"][info.layer]
     perplexity = captured["perplexity"][info.layer]
     moments = captured["moments"].get(info.layer)
     if moments is None:  # keys are not the query grid (e.g. cross-attention): no spatial probes
         nan = torch.full_like(entropy, math.nan)
         out = {name: nan for name in HEAD_METRICS}
-        out |= {"effective_keys": perplexity, "effective_keys_frac": perplexity / info.n_keys}
+        out |= {"effective_keys": perplexity, "effective_keys_frac": perplexity / n_keys}
     else:
         out = metrics_from_moments(moments, uniform_moments(features(info.query_grid)), perplexity,
                                    grid=info.query_grid, has_masks=features.has_masks)
-        out["effective_keys_frac"] = perplexity / info.n_keys  # joint attention: its keys include the text's
-    n_keys = info.n_keys or 1
-    return {"entropy_nats": entropy, "entropy_norm": entropy / math.log(n_keys) if n_keys > 1 else entropy * math.nan} | out
+        out["effective_keys_frac"] = perplexity / n_keys  # joint attention: its keys include the text's
+    uniform = n_keys.double().log()  # ln(n_keys): the entropy of uniform attention (NaN for a single key)
+    norm = torch.where(n_keys > 1, entropy.double() / uniform.clamp_min(1e-12), torch.full_like(uniform, math.nan))
+    return {"entropy_nats": entropy, "entropy_norm": norm} | out
 
 
-def _head_rows(captured: dict, registry: HeadRegistry, features: ProbeFeatures, images: np.ndarray, timestep: int) -> pd.DataFrame:
+def _head_rows(captured: dict, registry: HeadRegistry, features: ProbeFeatures, images: np.ndarray, timestep: int,
+               text_keys: torch.Tensor | None = None) -> pd.DataFrame:
+    """Head rows of a batch; ``text_keys`` ``[batch]``: each image's unmasked prompt tokens (masked captions)."""
     frames = []
     for info in registry.layers:
-        metrics = _layer_metrics(captured, info, features)
-        b, h = metrics["entropy_nats"].shape
+        b = len(images)
+        n_keys = torch.full((b, 1), float(info.n_keys or 1))
+        if text_keys is not None and info.kind == "cross":  # each image attends over its own caption's tokens
+            n_keys = text_keys.double().view(b, 1)
+        metrics = _layer_metrics(captured, info, features, n_keys)
+        h = metrics["entropy_nats"].shape[1]
         frame = {"image": np.repeat(images, h), "timestep": timestep, "layer": info.layer,
-                 "head": np.tile(np.arange(h), b), "n_keys": info.n_keys or 0}
+                 "head": np.tile(np.arange(h), b), "n_keys": np.repeat(n_keys.view(-1).numpy().astype(np.int64), h)}
         frame |= {name: values.double().numpy().reshape(-1) for name, values in metrics.items()}
         frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True)
@@ -125,7 +132,7 @@ def observe(
                                                           key_features=features) as session:
                 pred = denoiser.eps_hat(net(x_t.to(device), t.to(device)).sample.float().cpu(), x_t, t)
             captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
-            head_frames.append(_head_rows(captured, registry, features, idx, t_val))
+            head_frames.append(_head_rows(captured, registry, features, idx, t_val, image_key_counts(net, dataset, idx)))
             base = trivial_eps(x_t, t, acp)
             image_frames.append(pd.DataFrame({
                 "image": idx,

@@ -33,8 +33,8 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.pipeline_text import encode_with_pipeline
 
-__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_tokens", "images_of",
-           "make_conditioning", "needed_inputs"]
+__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_key_counts",
+           "image_tokens", "images_of", "make_conditioning", "needed_inputs"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,15 @@ def image_tokens(network: torch.nn.Module, dataset: str) -> tuple[tuple[str, ...
     """Each image's prompt tokens for a captioned ``dataset``; None when its images share the conditioning."""
     feed = getattr(network, "_diffcircuit_feed", None)
     return None if feed is None else feed.tokens.get(dataset)
+
+
+def image_key_counts(network: torch.nn.Module, dataset: str, rows) -> torch.Tensor | None:
+    """Each image's number of unmasked text keys, for a captioned dataset whose captions are masked per image
+    (PixArt); None where every image has all its keys."""
+    feed = getattr(network, "_diffcircuit_feed", None)
+    cond = None if feed is None else feed.per_image.get(dataset)
+    mask = None if cond is None else cond.kwargs.get("encoder_attention_mask")
+    return None if mask is None else mask[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum(1)
 
 
 @contextmanager
