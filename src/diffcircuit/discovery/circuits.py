@@ -48,10 +48,13 @@ class CircuitLoss:
     """L(S): mean ε-MSE with the heads in S ablated, on fixed noisy inputs (clean statistics cached)."""
 
     def __init__(self, denoiser, images: np.ndarray, *, timesteps: Sequence[int], method: str = "mean", seed: int = 0,
-                 dataset: str = "a", registry: HeadRegistry | None = None):
+                 dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None):
+        """``dataset`` labels the noise draws; ``which`` = (dataset, indices) says which images of which dataset
+        ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``)."""
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
-        self.net, self.method, self.eps_hat, self.dataset = denoiser.network, method, denoiser.eps_hat, dataset
+        self.net, self.method, self.eps_hat = denoiser.network, method, denoiser.eps_hat
+        self.which = which or (dataset, np.arange(len(images)))
         device = model_device(self.net)
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
         self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
@@ -63,7 +66,7 @@ class CircuitLoss:
                 t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
                 x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
                 moments = ActivationMoments()
-                with images_of(self.net, dataset, np.arange(len(x0))):
+                with images_of(self.net, *self.which):
                     moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
                 self.inputs.append((x_t, t, eps))
                 self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
@@ -75,8 +78,7 @@ class CircuitLoss:
         total = 0.0
         for (x_t, t, eps), means in zip(self.inputs, self.means):
             patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in ablated}
-            with images_of(self.net, self.dataset, np.arange(len(x_t))), instrument(self.net, registry=self.registry,
-                                                                                   patches=patches):
+            with images_of(self.net, *self.which), instrument(self.net, registry=self.registry, patches=patches):
                 total += eps_mse_per_image(self.eps_hat(self.net(x_t, t).sample, x_t, t), eps).mean().item()
         return total / len(self.inputs)
 

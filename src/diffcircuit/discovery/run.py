@@ -79,7 +79,7 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
             boot = []
             for draw in draws:  # the same resampled image indices for both datasets
                 boot_loss = CircuitLoss(denoiser, x[draw], timesteps=window, dataset=f"{dataset}/boot", seed=seed,
-                                        registry=registry)
+                                        registry=registry, which=(dataset, draw))  # captions follow the resampled images
                 boot_rows = pd.concat([here[here.image == i] for i in draw])
                 boot.append(prune_circuit(boot_loss, _importance(boot_rows, registry), PRIMARY_TAU).heads)
             boot_sets[(dataset, name)] = boot
