@@ -55,6 +55,10 @@ def test_pure_noise_timesteps_and_schedulers_without_a_noise_schedule_are_refuse
         den.check_timesteps([999])
     with pytest.raises(DiffcircuitError, match="outside"):
         den.check_timesteps([1000])
+    from diffcircuit.interventions.sampling import sample_images
+
+    with pytest.raises(DiffcircuitError, match="pure noise"):  # 1,000 DDIM steps would start at σ = 1
+        sample_images(den, n=1, steps=1000)
     import shutil
 
     other = tmp_path / "edm"

@@ -86,6 +86,7 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
     net = denoiser.network
     scheduler = DDIMScheduler.from_config(denoiser.scheduler.config)
     scheduler.set_timesteps(steps)
+    denoiser.check_timesteps([int(t) for t in scheduler.timesteps])  # a flow model's σ = 1: no x₀ to step towards
     shape = (n, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model_device(net))
     for i, t in enumerate(scheduler.timesteps):
