@@ -20,6 +20,13 @@ def _config(model_dir, **kw) -> RunConfig:
                      circuit_resamples=2, **kw)
 
 
+def _agree(cpu: dict, gpu: dict) -> None:
+    for stage in cpu:
+        a, b = cpu[stage], gpu[stage]
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), stage
+        np.testing.assert_allclose(_numeric(b), _numeric(a), rtol=2e-3, atol=2e-4, equal_nan=True, err_msg=stage)
+
+
 def _tables(ctx: Context) -> dict[str, pd.DataFrame]:
     """Every stage's shards computed in this process, by stage."""
     out = {}
@@ -66,12 +73,19 @@ def test_an_unavailable_or_unknown_device_is_refused_in_one_line(small_model_dir
 @pytest.mark.gpu
 @cuda
 def test_every_stage_on_cuda_agrees_with_the_cpu(small_model_dir_module):
-    on_cpu = _tables(Context.build(_config(small_model_dir_module, device="cpu")))
-    on_gpu = _tables(Context.build(_config(small_model_dir_module, device="cuda")))
-    for stage in on_cpu:
-        a, b = on_cpu[stage], on_gpu[stage]
-        assert list(a.columns) == list(b.columns) and len(a) == len(b), stage
-        np.testing.assert_allclose(_numeric(b), _numeric(a), rtol=2e-3, atol=2e-4, equal_nan=True, err_msg=stage)
+    _agree(_tables(Context.build(_config(small_model_dir_module, device="cpu"))),
+           _tables(Context.build(_config(small_model_dir_module, device="cuda"))))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_flow_and_latent_models_on_cuda_agree_with_the_cpu(family, sd3_folder, flux_folder):
+    """SD3 (flow matching, joint attention) and Flux (packed latents through its VAE, rotary embeddings)."""
+    folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
+    embeds = str(folder.parent / "embeds.safetensors")
+    _agree(_tables(Context.build(_config(folder, device="cpu", prompt_embeds=embeds))),
+           _tables(Context.build(_config(folder, device="cuda", prompt_embeds=embeds))))
 
 
 @pytest.mark.gpu
