@@ -388,6 +388,24 @@ def test_sd3_prompts_are_encoded_by_its_three_text_encoders_and_mapped_token_by_
     assert sorted(set(maps.token)) == [0, 1, 2, 3, 8, 9, 10, 11]  # every named key, none of the padding
 
 
+@pytest.mark.slow
+def test_flux_guidance_and_generation_with_prompts_encoded_by_its_pipeline(flux_text_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("n: 2\ntimesteps: [300]\nbatch_size: 2\nanalyses: []\nseed_repeats: 0\n")
+    out = tmp_path / "cmp"
+    assert main(["guidance", "--out", str(out), "--prompt", "ab", "--model", str(flux_text_folder), "--config", str(config),
+                 "--quiet"]) == 0
+    conds = {b: json.loads((out / b / "manifest.json").read_text())["model"]["conditioning"]
+             for b in ("conditional", "unconditional")}
+    assert conds == {"conditional": "prompt 'ab'", "unconditional": "the empty prompt (unconditional)"}
+    assert (pd.read_parquet(out / "guidance.parquet").difference.abs() > 0).any()
+    grid = tmp_path / "g.png"
+    assert main(["generate", "--out", str(grid), "--model", str(flux_text_folder), "--prompt", "ab", "--guidance", "2",
+                 "--ablate", "single_transformer_blocks.0.attn", "--n", "2", "--steps", "3"]) == 0
+    record = json.loads(grid.with_suffix(".json").read_text())
+    assert len(record["samples"]) == 2 and all(s["pixel_mse"] > 0 for s in record["samples"])
+
+
 def _run(model, out, *extra) -> int:
     return main(["run", "--out", str(out), "--model", str(model), "--n", "3", "--timesteps", "20,800", "--batch-size", "2",
                  "--ablate-n", "2", "--seed-repeats", "0", "--circuit-resamples", "2", "--quiet", *extra])
