@@ -390,13 +390,8 @@ def test_sd3_prompts_are_encoded_by_its_three_text_encoders_and_mapped_token_by_
 
 @pytest.mark.slow
 def test_flux_guidance_and_generation_with_prompts_encoded_by_its_pipeline(flux_text_folder, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("n: 2\ntimesteps: [300]\nbatch_size: 2\nanalyses: []\nseed_repeats: 0\n")
     out = tmp_path / "cmp"
-    assert main(["guidance", "--out", str(out), "--prompt", "ab", "--model", str(flux_text_folder), "--config", str(config),
-                 "--quiet"]) == 0
-    conds = {b: json.loads((out / b / "manifest.json").read_text())["model"]["conditioning"]
-             for b in ("conditional", "unconditional")}
+    conds = _guidance(flux_text_folder, out, "ab", "n: 2\ntimesteps: [300]\nbatch_size: 2\nanalyses: []\nseed_repeats: 0\n")
     assert conds == {"conditional": "prompt 'ab'", "unconditional": "the empty prompt (unconditional)"}
     assert (pd.read_parquet(out / "guidance.parquet").difference.abs() > 0).any()
     grid = tmp_path / "g.png"
@@ -404,6 +399,16 @@ def test_flux_guidance_and_generation_with_prompts_encoded_by_its_pipeline(flux_
                  "--ablate", "single_transformer_blocks.0.attn", "--n", "2", "--steps", "3"]) == 0
     record = json.loads(grid.with_suffix(".json").read_text())
     assert len(record["samples"]) == 2 and all(s["pixel_mse"] > 0 for s in record["samples"])
+
+
+def _guidance(model, out, prompt: str, config_text: str) -> dict:
+    """``diffcircuit guidance`` with a config file beside ``out``; each branch's recorded conditioning."""
+    config = out.parent / "run.yaml"
+    config.write_text(config_text)
+    assert main(["guidance", "--out", str(out), "--prompt", prompt, "--model", str(model), "--config", str(config),
+                 "--quiet"]) == 0
+    return {b: json.loads((out / b / "manifest.json").read_text())["model"]["conditioning"]
+            for b in ("conditional", "unconditional")}
 
 
 def _run(model, out, *extra) -> int:
@@ -554,13 +559,8 @@ def test_conditioning_options_that_do_not_fit_the_model_are_refused_in_one_line(
 def test_guidance_analyses_both_branches_and_compares_them_head_by_head(text_pipeline, tmp_path):
     import numpy as np
 
-    config = tmp_path / "run.yaml"
-    config.write_text("n: 3\ntimesteps: [20, 800]\nbatch_size: 2\nablate_n: 0\nseed_repeats: 0\n")
     out = tmp_path / "cmp"
-    assert main(["guidance", "--out", str(out), "--prompt", "a face", "--model", str(text_pipeline), "--config", str(config),
-                 "--quiet"]) == 0
-    conds = {b: json.loads((out / b / "manifest.json").read_text())["model"]["conditioning"]
-             for b in ("conditional", "unconditional")}
+    conds = _guidance(text_pipeline, out, "a face", "n: 3\ntimesteps: [20, 800]\nbatch_size: 2\nablate_n: 0\nseed_repeats: 0\n")
     assert conds == {"conditional": "prompt 'a face'", "unconditional": "the empty prompt (unconditional)"}
     table = pd.read_parquet(out / "guidance.parquet")
     heads = {b: pd.read_parquet(out / b / "tables" / "head_metrics.parquet") for b in conds}
