@@ -260,3 +260,33 @@ def sd3_folder(tmp_path_factory):
     save_file({"prompt_embeds": torch.randn(1, 5, 16), "pooled_prompt_embeds": torch.randn(1, 8)},
               str(root.parent / "embeds.safetensors"))
     return root
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory, autoencoder):
+    """A tiny SDXL pipeline: a UNet with text-time added conditions on a 4-channel VAE's latents, two CLIP text
+    encoders (the second with a projection: the pooled summary) and an Euler scheduler config."""
+    import transformers
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("sdxl") / "sdxl"
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=8,
+                         norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+                         projection_class_embeddings_input_dim=8 + 6 * 4).save_pretrained(root / "unet")
+    autoencoder("vae", 4).save_pretrained(root / "vae")
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    config = dict(vocab_size=54, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    for i, (sub, cls) in enumerate((("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection))):
+        write_clip_tokenizer(root / f"tokenizer{sub}", 8)
+        torch.manual_seed(20 + i)
+        cls(transformers.CLIPTextConfig(**config, projection_dim=8)).save_pretrained(root / f"text_encoder{sub}")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}))
+    return root

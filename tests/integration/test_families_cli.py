@@ -401,6 +401,36 @@ def test_flux_guidance_and_generation_with_prompts_encoded_by_its_pipeline(flux_
     assert len(record["samples"]) == 2 and all(s["pixel_mse"] > 0 for s in record["samples"])
 
 
+@pytest.mark.slow
+def test_sdxl_prompts_feed_both_clips_the_pooled_summary_and_size_conditions_and_a_run_completes(sdxl_folder, tmp_path):
+    """Reference: both CLIPs' penultimate hidden states side by side, the second's projected pooled output, and the
+    pipeline's default size conditions (h, w, 0, 0, h, w) for 32-pixel images."""
+    import transformers
+
+    from diffcircuit.models.loading import load_conditioned
+
+    den = load_conditioned(str(sdxl_folder), prompt="ab")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(sdxl_folder / "tokenizer")
+    ids = tokenizer("ab", padding="max_length", max_length=8, return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = transformers.CLIPTextModel.from_pretrained(sdxl_folder / "text_encoder")(ids, output_hidden_states=True)
+        second = transformers.CLIPTextModelWithProjection.from_pretrained(sdxl_folder / "text_encoder_2")(
+            ids, output_hidden_states=True)
+    kwargs = den.conditioning.kwargs
+    torch.testing.assert_close(kwargs["encoder_hidden_states"],
+                               torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kwargs["added_cond_kwargs"]["text_embeds"], second.text_embeds, atol=1e-5, rtol=0)
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+    assert den.conditioning.tokens[:4] == ("<|startoftext|>", "a", "b</w>", "<|endoftext|>")
+    empty = den.conditioning.unconditional  # SDXL's pipeline feeds zeros for the empty prompt
+    assert empty.description == "the empty prompt (unconditional), as zeros"
+    assert not empty.kwargs["encoder_hidden_states"].any() and not empty.kwargs["added_cond_kwargs"]["text_embeds"].any()
+    assert _run(sdxl_folder, tmp_path / "run", "--prompt", "ab") == 0
+    heads = pd.read_parquet(tmp_path / "run" / "tables" / "head_metrics.parquet")
+    assert set(heads[heads.layer.str.endswith("attn2")].n_keys) == {8}
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["model"]["latent"]["image_size"] == 32
+
+
 def _guidance(model, out, prompt: str, config_text: str) -> dict:
     """``diffcircuit guidance`` with a config file beside ``out``; each branch's recorded conditioning."""
     config = out.parent / "run.yaml"

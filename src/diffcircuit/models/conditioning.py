@@ -5,7 +5,7 @@
   ``text`` extra), or embeddings given as a safetensors file (tensor ``prompt_embeds``,
   ``[tokens, dim]`` or ``[1, tokens, dim]``).
 - A class-conditional model (DiT, or a UNet with ``num_class_embeds``) needs ``class_labels``.
-- SD3 and Flux need their joint-attention text tokens and a pooled summary: a prompt encoded by their
+- SD3, Flux and SDXL need the text tokens and a pooled summary (SDXL also its size conditions): a prompt encoded by their
   pipeline's own ``encode_prompt`` (``models.pipeline_text``), or a safetensors file with
   ``prompt_embeds`` and ``pooled_prompt_embeds`` (``negative_*`` too, for guidance).
 - A data folder with captions gives each of its images its own prompt (``caption_conditioning``): the
@@ -31,7 +31,13 @@ import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.models.pipeline_text import encode_with_pipeline
+from diffcircuit.models.pipeline_text import (
+    encode_with_pipeline,
+    is_pooled,
+    pooled_dims,
+    pooled_kwargs,
+    zeros_for_empty_prompt,
+)
 
 __all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_key_counts",
            "image_tokens", "images_of", "make_conditioning", "needed_inputs"]
@@ -57,8 +63,9 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
     config = network.config
     if getattr(config, "cross_attention_dim", None) and "encoder_hidden_states" in params and "encoder_hidden_states" not in needs:
         needs.append("encoder_hidden_states")  # PixArt-style transformers: optional in the signature, needed in fact
-    if getattr(config, "pooled_projection_dim", None) and "pooled_projections" in params:  # SD3: text and its pooled summary
-        needs += [n for n in ("encoder_hidden_states", "pooled_projections") if n not in needs]
+    if is_pooled(network):  # SD3, Flux, SDXL: the text tokens and a pooled summary
+        pooled = "pooled_projections" if "pooled_projections" in params else "added_cond_kwargs"
+        needs += [n for n in ("encoder_hidden_states", pooled) if n not in needs]
     labelled = getattr(config, "num_class_embeds", None) or (  # DiT: class labels drive its adaLN-Zero
         getattr(config, "num_embeds_ada_norm", None) and getattr(config, "norm_type", None) == "ada_norm_zero")
     if labelled and "class_labels" in params and "class_labels" not in needs:
@@ -217,25 +224,27 @@ def _has(path: Path, name: str) -> bool:
 
 def _joint_embeds(network: torch.nn.Module, prompt_embeds: str | None, prompt: str | None, root: Path,
                   allow_pickle: bool) -> Conditioning:
-    """SD3 / Flux: the text tokens' embeddings and their pooled summary, encoded by the pipeline's own
+    """SD3 / Flux / SDXL: the text tokens' embeddings and their pooled summary, encoded by the pipeline's own
     ``encode_prompt`` (``models.pipeline_text``; unconditional: the empty prompt), or read from a safetensors
     file: ``prompt_embeds`` and ``pooled_prompt_embeds``, and for guidance's unconditional branch
     ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``."""
     if prompt_embeds is None:
         text = prompt or ""
         (embeds, pooled, names) = encode_with_pipeline(root, [text, ""] if text else [""], allow_pickle=allow_pickle)
-        _check_dims(network, embeds, pooled)
-        kwargs = [{"encoder_hidden_states": embeds[i:i + 1], "pooled_projections": pooled[i:i + 1]} for i in range(len(embeds))]
-        empty = Conditioning(kwargs[-1], "the empty prompt (unconditional)", tuple(names[-1]))
+        if zeros_for_empty_prompt(root):  # SDXL's unconditional input: zeros in place of the encoded empty prompt
+            embeds[-1], pooled[-1], names[-1] = 0.0, 0.0, [None] * len(names[-1])
+        kwargs = [pooled_kwargs(network, root, embeds[i:i + 1], pooled[i:i + 1]) for i in range(len(embeds))]
+        empty = Conditioning(kwargs[-1], "the empty prompt (unconditional)"
+                             + (", as zeros" if zeros_for_empty_prompt(root) else ""), tuple(names[-1]))
         if not text:
             return empty
         return Conditioning(kwargs[0], f"prompt {text!r}", tuple(names[0]), empty)
-    config, path = network.config, Path(prompt_embeds)
-    dims = int(config.joint_attention_dim), int(config.pooled_projection_dim)
+    path = Path(prompt_embeds)
+    dims = pooled_dims(network)
 
     def read(prefix: str) -> dict:
-        return {"encoder_hidden_states": _read_embeds(path, f"{prefix}prompt_embeds", dims[0], 2),
-                "pooled_projections": _read_embeds(path, f"{prefix}pooled_prompt_embeds", dims[1], 1)}
+        return pooled_kwargs(network, root, _read_embeds(path, f"{prefix}prompt_embeds", dims[0], 2),
+                             _read_embeds(path, f"{prefix}pooled_prompt_embeds", dims[1], 1))
 
     given = read("")
     negative = None
@@ -300,7 +309,7 @@ def make_conditioning(network: torch.nn.Module, root: Path, *, prompt: str | Non
         raise DiffcircuitError(f"{type(network).__name__} is text-conditioned: give --prompt or --prompt-embeds")
     if prompt is not None and prompt_embeds is not None:
         raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
-    if "pooled_projections" in needs:
+    if is_pooled(network):
         return _joint_embeds(network, prompt_embeds, prompt, root, allow_pickle)
     dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
     extra = _added_conditions(network)
@@ -354,13 +363,6 @@ def _masked_prompts(root: Path, prompts: list[str], allow_pickle: bool):
     return embeds[:, :longest], mask[:, :longest].float(), [n[:longest] for n in names]
 
 
-def _check_dims(network: torch.nn.Module, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    want = int(network.config.joint_attention_dim), int(network.config.pooled_projection_dim)
-    if (embeds.shape[-1], pooled.shape[-1]) != want:
-        raise DiffcircuitError(f"the pipeline's text encoders give {embeds.shape[-1]}-dim tokens and a "
-                               f"{pooled.shape[-1]}-dim summary; the model expects {want[0]} and {want[1]}")
-
-
 def caption_conditioning(network: torch.nn.Module, root: Path, captions, *, allow_pickle: bool = False,
                          spec: str = "") -> tuple[Conditioning, tuple[tuple[str, ...], ...]]:
     """Per-image conditioning of a text-conditioned ``network`` from one caption per image, encoded by the
@@ -369,10 +371,9 @@ def caption_conditioning(network: torch.nn.Module, root: Path, captions, *, allo
     if "encoder_hidden_states" not in needs:
         raise DiffcircuitError(f"{spec or 'the data'} has captions, but {type(network).__name__} is not text-conditioned; "
                                "use a folder without captions.csv / captions.jsonl")
-    if "pooled_projections" in needs:  # SD3 / Flux: the pipeline's own encoders
+    if is_pooled(network):  # SD3 / Flux / SDXL: the pipeline's own encoders
         embeds, pooled, names = encode_with_pipeline(root, list(captions), allow_pickle=allow_pickle)
-        _check_dims(network, embeds, pooled)
-        return (Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, f"{len(captions)} captions"),
+        return (Conditioning(pooled_kwargs(network, root, embeds, pooled), f"{len(captions)} captions"),
                 tuple(tuple(n) for n in names))
     masked = {}
     if _pixart_pipeline(root):

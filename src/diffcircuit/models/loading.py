@@ -35,6 +35,7 @@ from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
 from diffcircuit.models.packing import attach_packing, is_packed
+from diffcircuit.models.pipeline_text import is_pooled
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "save_denoiser",
            "unconditional_input", "use_captions"]
@@ -297,7 +298,7 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
     try:
         return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
     except DiffcircuitError:
-        if "pooled_projections" not in needed_inputs(den.network):
+        if not is_pooled(den.network):
             raise
         raise DiffcircuitError("guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
                                "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file, "

@@ -20,7 +20,57 @@ import torch
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["encode_with_pipeline"]
+__all__ = ["encode_with_pipeline", "is_pooled", "pooled_dims", "pooled_kwargs", "zeros_for_empty_prompt"]
+
+
+def is_pooled(network: torch.nn.Module) -> bool:
+    """Whether ``network`` reads a pooled text summary beside the text tokens: SD3 and Flux
+    (``pooled_projections``), SDXL (``added_cond_kwargs`` text embeddings and size conditions)."""
+    config = network.config
+    params = inspect.signature(network.forward).parameters
+    return bool((getattr(config, "pooled_projection_dim", None) and "pooled_projections" in params)
+                or (getattr(config, "addition_embed_type", None) == "text_time" and "added_cond_kwargs" in params))
+
+
+def pooled_dims(network: torch.nn.Module) -> tuple[int, int]:
+    """(token dim, pooled dim) ``network`` expects."""
+    config = network.config
+    if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and 6 size numbers, embedded
+        return int(config.cross_attention_dim), int(config.projection_class_embeddings_input_dim) - 6 * int(
+            config.addition_time_embed_dim)
+    return int(config.joint_attention_dim), int(config.pooled_projection_dim)
+
+
+def zeros_for_empty_prompt(root: Path) -> bool:
+    """SDXL pipelines feed zeros, not the encoded empty prompt, as their unconditional input
+    (``force_zeros_for_empty_prompt``, on unless the folder's model_index.json turns it off)."""
+    index = root / "model_index.json"
+    if not index.exists():
+        return False
+    config = json.loads(index.read_text())
+    return str(config.get("_class_name", "")).startswith("StableDiffusionXL") and config.get("force_zeros_for_empty_prompt", True)
+
+
+def _pixels(root: Path, network: torch.nn.Module) -> int:
+    """The pixel side of the model's images: its sample size times the VAE's downsampling."""
+    vae = root / "vae" / "config.json"
+    levels = len(json.loads(vae.read_text()).get("block_out_channels", [0])) if vae.exists() else 1
+    size = network.config.sample_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size) * 2 ** (levels - 1)
+
+
+def pooled_kwargs(network: torch.nn.Module, root: Path, embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
+    """The forward inputs of a pooled model, one row per prompt. SDXL's size conditions are those its pipeline
+    uses by default: the image's own size, uncropped, (h, w, 0, 0, h, w)."""
+    dims = pooled_dims(network)
+    if (embeds.shape[-1], pooled.shape[-1]) != dims:
+        raise DiffcircuitError(f"the text encoders give {embeds.shape[-1]}-dim tokens and a {pooled.shape[-1]}-dim "
+                               f"summary; the model expects {dims[0]} and {dims[1]}")
+    if getattr(network.config, "addition_embed_type", None) != "text_time":
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    side = float(_pixels(root, network))
+    time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(len(pooled), 6)
+    return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def _load_pipeline(root: Path, allow_pickle: bool):
@@ -80,7 +130,7 @@ def encode_with_pipeline(root: Path, prompts: list[str], *, allow_pickle: bool =
         embeds, pooled = out[0], out[2]
     names = []
     for prompt in prompts:
-        if pixart:
+        if pixart or type(pipe).__name__.startswith("StableDiffusionXL"):  # one tokenizer's positions (SDXL: both CLIPs')
             names.append(_names(pipe.tokenizer, prompt, embeds.shape[1]))
         elif getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith("StableDiffusion3"):
             clip = _names(pipe.tokenizer, prompt, pipe.tokenizer_max_length)  # CLIP positions, then T5's
