@@ -6,6 +6,8 @@ Targets (``Target.level``):
 - ``layer``: every head of one attention layer (the output projection's bias and the residual
   connection remain, so the layer then adds only a constant);
 - ``block``: every head of every attention layer in one UNet block (``down_blocks.1``, ``mid_block``…);
+- ``all``: every head of the network at once (``all_heads``): the joint ablation that integrated
+  gradients along the all-heads path estimates;
 - ``resnet``: one ResNet block's residual branch r, in out = (shortcut(x) + r) / output_scale_factor;
 - ``token``: one prompt token (key ``j`` of every cross-attention head, or text key ``j`` of every joint one),
   named ``token:j``: removed from every such softmax (zero ablation only; equal to dropping it from the
@@ -14,6 +16,9 @@ Targets (``Target.level``):
   rows say method ``reweight``); ``token:j@<layer>`` or ``token:j*w@<layer>:<head>`` acts in those heads only;
 - ``random``: a set of heads drawn at random (``random_head_sets``), the null control for a
   component of the same number of heads.
+
+Targets that name the same heads (a block holding one attention layer *is* that layer) are one
+intervention: ``distinct_targets`` keeps the first and lists the others as its aliases.
 
 Methods, applied to the targeted activation a (a head slice ``[q_pos, d]`` or a residual branch):
 
@@ -41,10 +46,10 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
-__all__ = ["LEVELS", "METHODS", "Target", "random_head_sets", "resnet_blocks", "resnet_intervention", "targets",
-           "token_target"]
+__all__ = ["LEVELS", "METHODS", "Target", "distinct_targets", "random_head_sets", "resnet_blocks", "resnet_intervention",
+           "targets", "token_target"]
 
-LEVELS = ("head", "layer", "block", "resnet", "token")
+LEVELS = ("head", "layer", "block", "all", "resnet", "token")
 METHODS = ("zero", "mean", "resample", "noise")
 
 
@@ -111,6 +116,8 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
     if level == "block":
         blocks = list(dict.fromkeys(_block_of(i.layer) for i in registry.layers))
         return [Target(level="block", name=b, heads=tuple(a for a in registry if _block_of(a.layer) == b)) for b in blocks]
+    if level == "all":
+        return [Target(level="all", name="all_heads", heads=tuple(registry))]
     if level == "resnet":
         if model is None:
             raise ValueError("resnet targets need the model")
@@ -121,6 +128,21 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
                  if name is not None]  # padding positions are keys too, but no word
         return [t for t in found if t is not None]
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
+
+
+def distinct_targets(named: list[Target]) -> tuple[list[Target], dict[str, tuple[str, ...]]]:
+    """``named`` without the head-set targets that repeat an earlier one's heads, and per kept target
+    the names of those it stands for (e.g. ``{"down_blocks.1.attentions.0": ("down_blocks.1",)}``)."""
+    kept, first, aliases = [], {}, {}
+    for target in named:
+        key = frozenset(target.heads) if target.level in ("head", "layer", "block") else None
+        if key is not None and key in first:
+            aliases.setdefault(first[key], []).append(target.name)
+            continue
+        if key is not None:
+            first[key] = target.name
+        kept.append(target)
+    return kept, {name: tuple(names) for name, names in aliases.items()}
 
 
 def random_head_sets(registry: HeadRegistry, size: int, count: int, *, seed: int = 0) -> list[Target]:

@@ -3,9 +3,20 @@
 Architecture: 32x32 RGB, channels (32, 64, 96), one ResNet per down block, attention at 16x16
 and 8x8 (down, mid and up blocks), head_dim 8: 7 attention layers, 72 heads, ~1.9M parameters.
 
-Training data: the synthetic distribution (a pool drawn with a training seed the analyses never
-use, so seed-0 synthetic images are held out) and LFW faces 0-79 (80-99 held out), a share
-``faces_share`` of each batch from the faces, with random flips and +-2 px shifts.
+Training data (``TrainConfig.composition``), with random flips and +-2 px shifts:
+
+- ``"disjoint"`` (the default): disjoint from every image a run analyses. Synthetic shapes from the
+  training namespace (generators ``(seed, i, TRAIN_NAMESPACE)``, which no analysed image's generator
+  ``(seed, i)`` can equal: ``data.synthetic``), a share ``gray_share`` rendered grayscale; and random
+  crops of scikit-image's sample photographs (``data.photos``), the "natural" share ``natural_share``
+  of each batch. No LFW image, face or non-face, is used: all 100 faces and the non-face control stay
+  held out.
+- ``"faces80"``: the recipe of the model shipped before (synthetic shapes of seed 1,000,003, in
+  colour, and LFW faces 0-79 as the natural share), for reproducing it.
+
+Every training writes ``training_data.json`` (``data.provenance``) into the model folder: the sources,
+seeds and index ranges it used, plus those of the model it was fine-tuned from; a run's manifest
+counts from it how many analysed images the model was trained on (``in_training_set``).
 
 Objective: the v-prediction loss (Salimans & Ho 2022), ‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖², for a network
 that outputs v (``prediction="v_prediction"``, the default) or ε. Plain ε-MSE gives large t almost
@@ -14,9 +25,9 @@ rms to beat the trivial predictor √(1−ᾱ)·x_t at t = 900, which a small ne
 v-output network predicts x₀ there directly (ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂ is exact in x_t).
 
 At large t the best a network can do for an image is the posterior mean of x₀ over the *training
-mixture*: when it cannot tell a synthetic image from a face (at t = 900, √ᾱ ≈ 0.016), it predicts
-a blend that includes the mean face, which is worse than predicting 0 on synthetic images. The
-share of faces sets that blend; ``faces_share`` = 0.2 keeps it small.
+mixture*: when it cannot tell a synthetic image from a natural one (at t = 900, √ᾱ ≈ 0.016), it
+predicts a blend that includes the mean natural image, which is worse than predicting 0 on synthetic
+images. The natural share sets that blend; ``natural_share`` = 0.2 keeps it small.
 An exponential moving average of the weights is what gets saved.
 """
 
@@ -30,10 +41,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from diffcircuit.data.faces import lfw_images
+from diffcircuit.data.faces import LFW_FACES, lfw_images
+from diffcircuit.data.photos import BASE_SIDE, MIN_FRACTION, PHOTO_NAMESPACE, TRAIN_PHOTOS, photo_crops
+from diffcircuit.data.provenance import RECORD_FORMAT, TRAINING_RECORD, read_training_record
 from diffcircuit.data.synthetic import synthetic_images
+from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_from_output,
@@ -45,11 +60,15 @@ from diffcircuit.models.diffusion import (
 from diffcircuit.models.loading import load_denoiser, save_denoiser
 
 __all__ = [
+    "COMPOSITIONS",
     "TINY_UNET_CONFIG",
+    "TRAIN_NAMESPACE",
     "TrainConfig",
     "build_tiny_unet",
     "held_out_quality",
     "train_tiny",
+    "training_pool",
+    "training_sources",
 ]
 
 TINY_UNET_CONFIG = dict(
@@ -63,8 +82,10 @@ TINY_UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
-TRAIN_SYNTHETIC_SEED = 1_000_003  # the analyses use seed 0; this pool never overlaps them
-FACES_TRAIN = 80  # faces 0..79 train, 80..99 are held out
+TRAIN_SYNTHETIC_SEED = 1_000_003  # "faces80": generators (1000003, i), which a run with --seed 1000003 would analyse
+TRAIN_NAMESPACE = 0x74726169  # "trai": the third seed word of the "disjoint" synthetic pool's generators
+FACES_TRAIN = 80  # "faces80": faces 0..79 train, 80..99 are held out
+COMPOSITIONS = ("disjoint", "faces80")
 QUALITY_TIMESTEPS = (100, 500, 900)
 
 
@@ -84,9 +105,20 @@ class TrainConfig:
     init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
     t_min: int = 0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
     loss: str = "v"  # "v": ε-MSE weighted by 1/ᾱ_t (the v-prediction loss); "eps": plain ε-MSE
-    faces_share: float = 0.2  # fraction of each batch drawn from the faces (the rest: synthetic)
+    natural_share: float = 0.2  # fraction of each batch from the natural pool (photo crops, or faces 0-79 in faces80)
     prediction: str = "v_prediction"  # what the network outputs: "v_prediction" or "epsilon" (diffusers' prediction_type)
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
+    composition: str = "disjoint"  # "disjoint": no analysed image (shapes + photo crops); "faces80": the old recipe
+    photo_pool: int = 10_000  # photo crops in the natural pool ("disjoint")
+    gray_share: float = 0.5  # fraction of the synthetic pool and of colour photo crops rendered grayscale ("disjoint")
+
+    def __post_init__(self):
+        if self.composition not in COMPOSITIONS:
+            raise DiffcircuitError(f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}")
+        if not (0 <= self.natural_share <= 1 and 0 <= self.gray_share <= 1):
+            raise DiffcircuitError("natural_share and gray_share must lie in [0, 1]")
+        if self.synthetic_pool < 1 or self.photo_pool < 1:
+            raise DiffcircuitError("synthetic_pool and photo_pool must be at least 1")
 
 
 def build_tiny_unet(seed: int = 0):
@@ -113,10 +145,47 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _training_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    synth, _, _ = synthetic_images(cfg.synthetic_pool, seed=TRAIN_SYNTHETIC_SEED)
-    faces = lfw_images("faces")[:FACES_TRAIN]
-    return torch.from_numpy(synth), torch.from_numpy(faces)
+def _gray_flags(cfg: TrainConfig) -> np.ndarray:
+    """Which synthetic pool images are rendered grayscale: a seeded Bernoulli(gray_share) draw per image."""
+    return np.random.default_rng([cfg.seed, TRAIN_NAMESPACE, 1]).random(cfg.synthetic_pool) < cfg.gray_share
+
+
+def training_pool(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The two pools batches are drawn from, float32 ``[N, 3, 32, 32]``: synthetic shapes and natural images."""
+    if cfg.composition == "faces80":
+        synth, _, _ = synthetic_images(cfg.synthetic_pool, seed=TRAIN_SYNTHETIC_SEED)
+        return synth, lfw_images("faces")[:FACES_TRAIN]
+    synth = np.concatenate([synthetic_images(1, seed=cfg.seed, start=i, gray=bool(g), namespace=TRAIN_NAMESPACE)[0]
+                            for i, g in enumerate(_gray_flags(cfg))])
+    return synth, photo_crops(cfg.photo_pool, seed=cfg.seed, gray_share=cfg.gray_share)
+
+
+def training_sources(cfg: TrainConfig) -> list[dict]:
+    """What ``training_pool(cfg)`` holds, as ``training_data.json`` sources (``data.provenance``)."""
+    if cfg.composition == "faces80":
+        return [{"kind": "synthetic", "seed": TRAIN_SYNTHETIC_SEED, "namespace": 0, "indices": [0, cfg.synthetic_pool],
+                 "rendering": "color"},
+                {"kind": "lfw", "which": "faces", "indices": [0, FACES_TRAIN]}]
+    return [{"kind": "synthetic", "seed": cfg.seed, "namespace": TRAIN_NAMESPACE, "indices": [0, cfg.synthetic_pool],
+             "rendering": f"gray with probability {cfg.gray_share} (per-image draw), else color"},
+            {"kind": "photo_crops", "library": "scikit-image", "photos": list(TRAIN_PHOTOS), "seed": cfg.seed,
+             "namespace": PHOTO_NAMESPACE, "indices": [0, cfg.photo_pool], "base_side": BASE_SIDE,
+             "min_fraction": MIN_FRACTION, "gray_share": cfg.gray_share}]
+
+
+def _training_record(cfg: TrainConfig) -> dict:
+    """This training's sources, and those of the weights it started from (unknown ones make it incomplete)."""
+    record = {"format": RECORD_FORMAT, "complete": True, "image_size": TINY_UNET_CONFIG["sample_size"],
+              "composition": cfg.composition, "sources": training_sources(cfg)}
+    if cfg.init_from is not None:
+        parent = read_training_record(Path(cfg.init_from), Path(cfg.init_from) / "unet")
+        if parent is None:
+            record["complete"] = False
+            record["note"] = f"fine-tuned from {cfg.init_from}, which has no {TRAINING_RECORD}: its training data are unknown"
+        else:
+            record["complete"] = bool(parent.get("complete", False))
+            record["sources"] += [s | {"inherited_from": str(cfg.init_from)} for s in parent.get("sources", [])]
+    return record
 
 
 def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str = "v") -> float:
@@ -156,16 +225,16 @@ def train_tiny(
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    synth, faces = _training_data(cfg)
-    n_synth = cfg.batch_size - round(cfg.batch_size * cfg.faces_share)
+    synth, natural = (torch.from_numpy(p) for p in training_pool(cfg))
+    n_synth = cfg.batch_size - round(cfg.batch_size * cfg.natural_share)
     start = time.perf_counter()
     with open(out_dir / "train_log.csv", "w", newline="") as log_file:
         log = csv.writer(log_file)
         log.writerow(["step", "loss", "lr", "seconds"])
         for step in range(cfg.steps):
             s_idx = torch.randint(0, len(synth), (n_synth,), generator=gen)
-            f_idx = torch.randint(0, len(faces), (cfg.batch_size - n_synth,), generator=gen)
-            batch = _augment(torch.cat([synth[s_idx], faces[f_idx]]), gen)
+            f_idx = torch.randint(0, len(natural), (cfg.batch_size - n_synth,), generator=gen)
+            batch = _augment(torch.cat([synth[s_idx], natural[f_idx]]), gen)
             loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min, cfg.loss)
             sched.step()
             ema.step(unet.parameters())
@@ -180,8 +249,10 @@ def train_tiny(
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     save_denoiser(out_dir, unet, scheduler)
-    quality = held_out_quality(unet, scheduler, n=cfg.quality_images)
-    _write_model_card(out_dir, cfg, seconds, quality)
+    record = _training_record(cfg)
+    (out_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    quality = held_out_quality(unet, scheduler, n=cfg.quality_images, record=record)
+    _write_model_card(out_dir, cfg, seconds, quality, record)
     return out_dir
 
 
@@ -193,20 +264,37 @@ def _snapshot(folder: Path, unet, ema, scheduler) -> None:
     ema.restore(unet.parameters())
 
 
+def _held_out_lfw(record: dict | None, which: str) -> np.ndarray:
+    """LFW rows of ``which`` that no source of ``record`` lists (faces 80..99 without a record: the old recipe)."""
+    if record is None:
+        return np.arange(FACES_TRAIN if which == "faces" else 0, LFW_FACES)
+    used = np.zeros(LFW_FACES, dtype=bool)
+    for source in record.get("sources", []):
+        if source["kind"] == "lfw" and source["which"] == which:
+            used[source["indices"][0]:source["indices"][1]] = True
+    return np.flatnonzero(~used)
+
+
 @torch.no_grad()
-def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTEPS, seed: int = 12345) -> list[dict]:
+def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTEPS, seed: int = 12345,
+                     record: dict | None = None) -> list[dict]:
     """ε-MSE and x₀-MSE of the model and of the trivial predictor on held-out images.
 
-    Held out: synthetic images 0..n-1 of seed 0 (the training pool uses another seed) and LFW
-    faces 80..99 (at most n of them). One fixed noise draw per image and timestep.
+    Held out: synthetic images 0..n-1 of seed 0 in colour and in gray (the training pools use other
+    generators), and the LFW faces and non-faces ``record`` does not list (at most n of each). One
+    fixed noise draw per image and timestep.
     """
     sets = {
         "synthetic": torch.from_numpy(synthetic_images(n, seed=0)[0]),
-        "faces": torch.from_numpy(lfw_images("faces")[FACES_TRAIN:][:n]),
+        "synthetic_gray": torch.from_numpy(synthetic_images(n, seed=0, gray=True)[0]),
+        "faces": torch.from_numpy(lfw_images("faces")[_held_out_lfw(record, "faces")][:n]),
+        "nonfaces": torch.from_numpy(lfw_images("nonfaces")[_held_out_lfw(record, "nonfaces")][:n]),
     }
     acp = scheduler.alphas_cumprod
     rows = []
     for name, x0 in sets.items():
+        if len(x0) == 0:
+            continue
         for t_val in timesteps:
             gen = torch.Generator().manual_seed(seed + t_val)
             eps = torch.randn(x0.shape, generator=gen)
@@ -228,7 +316,33 @@ def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTE
     return rows
 
 
-def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: list[dict]) -> None:
+def _ranges(indices: np.ndarray) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (``"none"`` when empty)."""
+    if len(indices) == 0:
+        return "none"
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts, ends = np.r_[indices[0], indices[breaks + 1]], np.r_[indices[breaks], indices[-1]]
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
+
+
+def _data_lines(cfg: TrainConfig, record: dict) -> list[str]:
+    """The model card's account of the training data and of what stayed held out."""
+    if cfg.composition == "faces80":
+        data = "its synthetic shapes (seed 1,000,003, colour) and LFW faces 0-79"
+    else:
+        data = (f"{cfg.synthetic_pool:,} synthetic shapes of the training namespace ({cfg.gray_share:.0%} gray) and "
+                f"{cfg.photo_pool:,} random crops of {len(TRAIN_PHOTOS)} scikit-image sample photographs")
+    lines = [f"Trained by diffcircuit on {data}; see `diffcircuit.models.tiny` and `{TRAINING_RECORD}`."]
+    if len(record["sources"]) > len(training_sources(cfg)):
+        lines.append(f"Fine-tuned from `{cfg.init_from}`, whose training data (listed in `{TRAINING_RECORD}`) it inherits.")
+    if not record["complete"]:
+        lines.append(f"Its training data are not fully known: {record.get('note', '')}.")
+    return lines
+
+
+def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: list[dict],
+                      record: dict | None = None) -> None:
+    record = record or _training_record(cfg)
     n_params = sum(p.numel() for p in build_tiny_unet().parameters())
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     lines = [
@@ -236,25 +350,28 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "",
         f"A DDPM `UNet2DModel` ({n_params:,} parameters; 32x32 RGB; attention at 16x16 and 8x8,",
         f"7 attention layers, 72 heads of dim 8), {cfg.prediction} (diffusers' prediction_type), 1,000 linear-β steps.",
-        "Trained by diffcircuit on its synthetic shapes and 80 LFW faces; see `diffcircuit.models.tiny`.",
+        *_data_lines(cfg, record),
         "",
         "## Training",
         "",
         "```",
         "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
                                                        if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss", "prediction",
-                                                                "faces_share")
+                                                                "natural_share", "composition", "synthetic_pool",
+                                                                "photo_pool", "gray_share")
                                                        and v is not None),
         "```",
         "",
-        f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.faces_share:.0%} faces) in {seconds / 60:.1f} min on a 2-core CPU;",
+        f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.natural_share:.0%} natural) in {seconds / 60:.1f} min on a 2-core CPU;",
         "loss: " + ("‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖² (the v-prediction loss)" if cfg.loss == "v" else "plain ε-MSE")
         + ", AdamW, cosine LR, EMA of weights",
         f"(decay {cfg.ema_decay}). Full settings: `" + json.dumps(asdict(cfg)) + "`.",
         "",
         "## Held-out quality",
         "",
-        "Synthetic: seed-0 images 0-99 (never trained on). Faces: LFW faces 80-99 (held out).",
+        "Synthetic: seed-0 images 0-99, in colour and gray (never trained on). Faces and non-faces: the LFW images",
+        f"no source in `{TRAINING_RECORD}` lists ("
+        + ", ".join(f"{w} {_ranges(_held_out_lfw(record, w))}" for w in ("faces", "nonfaces")) + ").",
         "Trivial predictor: ε̂ = √(1−ᾱ_t)·x_t. ε̂ and x̂₀ of the model are those its output implies.",
         "",
         "| dataset | t | ε-MSE | ε-MSE trivial | x₀-MSE | x₀-MSE trivial |",
