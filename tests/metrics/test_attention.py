@@ -103,3 +103,18 @@ def test_probe_maps_are_what_they_say():
     assert torch.allclose(maps[_col("intensity_sq")], lum**2)
     ys = maps[_col("y")][:, 0]
     assert torch.allclose(ys, torch.arange(8.0) - 3.5)
+
+
+def test_percentiles_are_the_attended_mean_rank_of_the_keys_energy():
+    grid = (6, 6)
+    pf, feats = _features(seed=3)
+    p = _random_attention(36, 3)
+    m = _metrics(p, pf, grid)
+    from scipy.stats import rankdata
+
+    P = p.double().numpy()
+    for name in ("edge", "texture"):
+        values = feats[:, _col(name)].double().numpy()
+        rank = (rankdata(values) - 1) / (len(values) - 1)
+        assert m[f"{name}_percentile"].item() == pytest.approx((P @ rank).mean(), rel=1e-5)
+    assert _metrics(torch.full((36, 36), 1 / 36), pf, grid)["edge_percentile"].item() == pytest.approx(0.5)

@@ -15,6 +15,11 @@ so that in one pass
     out   = P V,    PK = P K,    A = P F,    H_i = logsumexp_j(s_ij) − scale · q_i · (PK)_i,
 
 exactly (s_ij = scale · q_i · k_j), with memory linear in the number of keys.
+
+``partner_moments`` scores the same attention against the features of *other* images (partners, for
+the role null of ``metrics.roles``): for each partner j, M_j[g, f] = mean_i g_i^(j) Σ_k p_ik f_k^(j), with
+g and f the partner's own feature maps (queries and keys share the grid). It materialises the
+probabilities in chunks of images.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_stats_fused", "attention_stats_naive"]
+__all__ = ["attention_stats_fused", "attention_stats_naive", "partner_moments"]
 
 
 def _moments(weighted: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -86,3 +91,37 @@ def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Te
         stats["moments"] = _moments(out[..., 2 * d :], feats.float())
     return out[..., :d].to(query.dtype), stats
 
+
+
+def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, paired: tuple[int, ...] = (),
+                    max_elements: int = 1 << 23):
+    """Each head's attention scored against every partner's features: q [B, h, Q, d], k [B, h, K, d], partners
+    [n, K, C] (their maps on this layer's grid, Q = K) -> [B, h, n, C+1, C+1] over channels [1, *C].
+
+    Filled: M[1, f] = Σ_k ā_k f_k (ā: the attention each key receives, averaged over queries), M[g, 1] = mean_i
+    g_i, and M[c, c] = mean_i c_i Σ_k p_ik c_k for the channels in ``paired``; the rest is NaN. Only the paired
+    channels need the full attention matrix against every partner, so only they cost Q·K per partner.
+    """
+    b, h, n_q, _ = query.shape
+    n, n_k, c = partners.shape
+    feats = partners.float()
+    pairs = list(paired)
+    flat = feats[:, :, pairs].permute(1, 0, 2).reshape(n_k, n * len(pairs))  # [K, n*P]
+    out = torch.full((b, h, n, c + 1, c + 1), float("nan"), device=query.device)
+    out[..., 0, 0] = 1.0
+    out[..., 1:, 0] = feats.mean(1)  # [n, C]: query-side means need no attention
+    step = max(1, max_elements // (h * n_q * max(n_k, n * max(1, len(pairs)))))
+    for lo in range(0, b, step):
+        hi = min(b, lo + step)
+        scores = (query[lo:hi].float() @ key[lo:hi].float().transpose(-1, -2)) * scale  # [b, h, Q, K]
+        if mask is not None:
+            scores = scores + (mask if mask.shape[0] == 1 else mask[lo:hi]).float()
+        probs = scores.softmax(-1)
+        out[lo:hi, :, :, 0, 1:] = torch.einsum("bhk,nkc->bhnc", probs.mean(2), feats)  # Σ_k ā_k f_k
+        if pairs:
+            attended = (probs @ flat).view(hi - lo, h, n_q, n, len(pairs))  # Σ_k p_ik c_k^(j)  [b, h, Q, n, P]
+            own = feats[:, :, pairs]  # [n, Q, P]: the partner's query-side values of the same channels
+            diag = torch.einsum("bhqnp,nqp->bhnp", attended, own) / n_q
+            for k, channel in enumerate(pairs):
+                out[lo:hi, :, :, channel + 1, channel + 1] = diag[..., k]
+    return out

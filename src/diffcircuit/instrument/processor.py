@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
+from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive, partner_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffcircuit.instrument.session import InstrumentSession
@@ -83,6 +83,10 @@ class InstrumentedAttnProcessor:
         stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
         scale = query.shape[-1] ** -0.5  # what SDPA uses by default, as the default processor does
         out, stats = stats_fn(query, key, value, attention_mask, scale, feats)
+        partners = session.partners_for(shape, key.shape[2])  # [n, k_pos, channels] or None
+        if partners is not None:
+            stats["partner_moments"] = partner_moments(query, key, attention_mask, scale, partners,
+                                                       paired=session.partner_paired)
         for name, values in stats.items():
             session._record(self.layer, name, values)
         return out
@@ -140,6 +144,10 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
             image_rows = None if mask is None else rows[..., image]
             _, spatial = stats_fn(query[:, :, image], key[:, :, image], value[:, :, image], image_rows, scale, feats)
             stats["moments"] = spatial["moments"]
+            partners = session.partners_for(shape, image.stop - image.start)
+            if partners is not None:
+                stats["partner_moments"] = partner_moments(query[:, :, image], key[:, :, image], image_rows, scale,
+                                                           partners, paired=session.partner_paired)
         for name, values in stats.items():
             session._record(self.layer, name, values)
         text = torch.cat([torch.arange(image.start), torch.arange(image.stop, n_total)]).to(query.device)

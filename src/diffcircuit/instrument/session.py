@@ -44,6 +44,8 @@ class InstrumentSession:
         capture: bool = False,
         method: str = "fused",
         key_features: KeyFeatures | None = None,
+        partner_features: KeyFeatures | None = None,
+        partner_paired: tuple[int, ...] = (),
         zero_heads: Iterable[HeadAddress] = (),
         patches: dict[HeadAddress, torch.Tensor] | None = None,
         cache_heads: Iterable[str] = (),
@@ -59,6 +61,8 @@ class InstrumentSession:
         self.capture = capture
         self.method = method
         self.key_features = key_features
+        self.partner_features = partner_features
+        self.partner_paired = tuple(partner_paired)
         self._patches: dict[str, dict[int, torch.Tensor | float]] = defaultdict(dict)
         for address in zero_heads:
             self._patches[address.layer][address.head] = 0.0
@@ -129,6 +133,13 @@ class InstrumentSession:
         maps = self.key_features(grid)  # [batch, channels, height, width]
         return maps.flatten(2).transpose(1, 2)
 
+    def partners_for(self, shape: torch.Size, n_keys: int) -> torch.Tensor | None:
+        """Partner images' features ``[n, k_pos, channels]`` (the role null), where keys are the query grid."""
+        grid = self.grid_of(shape)
+        if self.partner_features is None or grid is None or grid[0] * grid[1] != n_keys:
+            return None
+        return self.partner_features(grid).flatten(2).transpose(1, 2)
+
     def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
         """Shift, cache, scale and patch the per-head output ``[batch, heads, q_pos, d]``, in that order.
 
@@ -196,6 +207,8 @@ def instrument(
     capture: bool = False,
     method: str = "fused",
     key_features: KeyFeatures | None = None,
+    partner_features: KeyFeatures | None = None,
+    partner_paired: tuple[int, ...] = (),
     zero_heads: Iterable[str | HeadAddress] = (),
     patches: dict[str | HeadAddress, torch.Tensor] | None = None,
     cache_heads: Iterable[str] = (),
@@ -208,7 +221,10 @@ def instrument(
 
     ``capture`` records per-head statistics (``method`` "fused": one fused kernel call, or "naive":
     explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
-    per-key feature maps on a layer's query grid for attention moments. ``zero_heads`` zero-ablates
+    per-key feature maps on a layer's query grid for attention moments; ``partner_features(grid) -> [n, channels,
+    h, w]`` the maps of n other images, against which each head's attention is also scored (recorded as
+    ``"partner_moments"`` ``[batch, heads, n, channels+1, channels+1]``, the query-weighted moments filled for the
+    channel indices in ``partner_paired`` only; see ``capture.partner_moments``; the role null). ``zero_heads`` zero-ablates
     heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
     ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` (attached to
     the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
@@ -218,6 +234,7 @@ def instrument(
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
+                                partner_features=partner_features, partner_paired=partner_paired,
                                 zero_heads=[registry.parse(a) for a in zero_heads],
                                 patches={registry.parse(a): v for a, v in (patches or {}).items()},
                                 cache_heads=[registry.layer(name).layer for name in cache_heads],

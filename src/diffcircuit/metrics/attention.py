@@ -17,6 +17,15 @@ affinity below is "attended / uniform": 1 means no preference, 2 twice as much a
 - ``background_affinity``: mass on background keys over the background's share of keys.
 - ``intensity_affinity``: mean squared luminance difference query–key under uniform attention over
   the same under the head's attention (> 1: attends to keys of similar intensity).
+- ``edge_percentile`` / ``texture_percentile``: attention-weighted mean percentile rank of the key's edge /
+  texture energy within its image (0.5 under uniform attention, 1 on the image's top keys alone): which of
+  the two correlated energy maps a head selects on.
+
+Content scores (``content_log_scores``), one per probe of ``CONTENT_PROBES``: the log of the affinity
+(edge, texture, object, background, intensity), the robust per-image statistic that the role null
+compares with the same head's attention scored against *other* images' features (``metrics.roles``).
+The attended quantity is floored at 1e-6 of its baseline (|score| ≤ 13.8); a score is NaN where the
+baseline is 0 (e.g. the edge score of a flat image).
 """
 
 from __future__ import annotations
@@ -27,14 +36,21 @@ import torch
 
 from diffcircuit.metrics.probes import PROBE_CHANNELS
 
-__all__ = ["HEAD_METRICS", "MOMENT_CHANNELS", "metrics_from_moments", "uniform_moments"]
+__all__ = ["CONTENT_PROBES", "HEAD_METRICS", "MOMENT_CHANNELS", "PARTNER_CHANNELS", "content_log_scores",
+           "metrics_from_moments", "uniform_moments"]
 
 HEAD_METRICS = (
     "effective_keys", "effective_keys_frac", "distance_px", "distance_frac", "edge_affinity",
-    "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity",
+    "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity", "edge_percentile",
+    "texture_percentile",
 )
 MOMENT_CHANNELS = ("one", *PROBE_CHANNELS)  # the capture prepends a constant channel
 _C = {name: i for i, name in enumerate(MOMENT_CHANNELS)}
+CONTENT_PROBES = ("edge", "texture", "intensity", "object", "background")
+# the key channels content scores need (positions are the same on every image: the null needs no others)
+PARTNER_CHANNELS = ("edge", "texture", "intensity", "intensity_sq", "object")
+_MASKED = ("object", "background")  # probes that need a ground-truth mask
+_FLOOR = 1e-6
 
 
 def uniform_moments(maps: torch.Tensor) -> torch.Tensor:
@@ -43,8 +59,8 @@ def uniform_moments(maps: torch.Tensor) -> torch.Tensor:
     return mean[:, :, None] * mean[:, None, :]
 
 
-def _m(moments: torch.Tensor, g: str, f: str) -> torch.Tensor:
-    return moments[..., _C[g], _C[f]]
+def _m(moments: torch.Tensor, g: str, f: str, index: dict[str, int] = _C) -> torch.Tensor:
+    return moments[..., index[g], index[f]]
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -53,14 +69,47 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan))
 
 
-def _same_region(m: torch.Tensor) -> torch.Tensor:
+def _same_region(m: torch.Tensor, index: dict[str, int] = _C) -> torch.Tensor:
     # mean_i Σ_j p_ij [m_i m_j + (1 − m_i)(1 − m_j)] = 1 − mean m_i − mean a_i + 2 mean m_i a_i
-    return 1 - _m(m, "object", "one") - _m(m, "one", "object") + 2 * _m(m, "object", "object")
+    return 1 - _m(m, "object", "one", index) - _m(m, "one", "object", index) + 2 * _m(m, "object", "object", index)
 
 
-def _sq_intensity_gap(m: torch.Tensor) -> torch.Tensor:
+def _sq_intensity_gap(m: torch.Tensor, index: dict[str, int] = _C) -> torch.Tensor:
     # mean_i Σ_j p_ij (L_j − L_i)² = M[1, L²] − 2 M[L, L] + M[L², 1]
-    return _m(m, "one", "intensity_sq") - 2 * _m(m, "intensity", "intensity") + _m(m, "intensity_sq", "one")
+    return (_m(m, "one", "intensity_sq", index) - 2 * _m(m, "intensity", "intensity", index)
+            + _m(m, "intensity_sq", "one", index))
+
+
+def _attended_and_baseline(m: torch.Tensor, u: torch.Tensor, index: dict[str, int]) -> dict[str, tuple]:
+    """Per content probe: (what the head's attention gives, the same under uniform attention), oriented so
+    that more is more preference (intensity: the baseline's squared gap over the attended one)."""
+    return {
+        "edge": (_m(m, "one", "edge", index), _m(u, "one", "edge", index)),
+        "texture": (_m(m, "one", "texture", index), _m(u, "one", "texture", index)),
+        "intensity": (_sq_intensity_gap(u, index), _sq_intensity_gap(m, index)),
+        "object": (_same_region(m, index), _same_region(u, index)),
+        "background": (1 - _m(m, "one", "object", index), 1 - _m(u, "one", "object", index)),
+    }
+
+
+def content_log_scores(moments: torch.Tensor, uniform: torch.Tensor, *, has_masks: bool,
+                       channels: tuple[str, ...] = PROBE_CHANNELS) -> dict[str, torch.Tensor]:
+    """Log content scores (module docstring) from moments ``[..., C+1, C+1]`` over ``("one", *channels)`` and
+    the uniform moments of the *same* features (broadcastable). Object and background are NaN without masks."""
+    index = {name: i for i, name in enumerate(("one", *channels))}
+    out = {}
+    for probe, (num, den) in _attended_and_baseline(moments.double(), uniform.double(), index).items():
+        num, den = torch.broadcast_tensors(num, den)
+        if probe == "intensity":  # num is the baseline here: valid where it is positive
+            ok = num > 1e-12
+            score = num.clamp_min(1e-300).log() - torch.maximum(den, _FLOOR * num).clamp_min(1e-300).log()
+        else:
+            ok = den > 1e-12
+            score = torch.maximum(num, _FLOOR * den).clamp_min(1e-300).log() - den.clamp_min(1e-300).log()
+        if probe in _MASKED and not has_masks:
+            ok = torch.zeros_like(ok)
+        out[probe] = torch.where(ok, score, torch.full_like(score, math.nan))
+    return out
 
 
 def metrics_from_moments(
@@ -86,6 +135,8 @@ def metrics_from_moments(
         "edge_affinity": _ratio(_m(moments, "one", "edge"), _m(u, "one", "edge").expand_as(distance)),
         "texture_affinity": _ratio(_m(moments, "one", "texture"), _m(u, "one", "texture").expand_as(distance)),
         "intensity_affinity": _ratio(_sq_intensity_gap(u).expand_as(distance), _sq_intensity_gap(moments)),
+        "edge_percentile": _m(moments, "one", "edge_rank"),
+        "texture_percentile": _m(moments, "one", "texture_rank"),
         "object_affinity": nan,
         "background_affinity": nan,
     }

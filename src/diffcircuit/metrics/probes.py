@@ -6,7 +6,9 @@ Channels (``PROBE_CHANNELS``), each a map on the grid:
 - ``edge``: Sobel gradient magnitude of luminance, averaged over the grid cell;
 - ``texture``: local high-frequency energy, (L − G₁∗L)² with G₁ a σ = 1 px Gaussian, cell-averaged;
 - ``intensity``, ``intensity_sq``: cell-mean luminance L ∈ [0, 1] and its square;
-- ``object``: fraction of the cell inside the ground-truth object mask (0 where no mask exists).
+- ``object``: fraction of the cell inside the ground-truth object mask (0 where no mask exists);
+- ``edge_rank``, ``texture_rank``: the cell's edge / texture energy as a percentile rank among the image's
+  cells on this grid, in [0, 1] (ties share their mean rank), so that their mean over the cells is 0.5.
 
 Luminance is 0.299 R + 0.587 G + 0.114 B of the image mapped back to [0, 1].
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["PROBE_CHANNELS", "ProbeFeatures", "luminance"]
 
-PROBE_CHANNELS = ("y", "x", "r2", "edge", "texture", "intensity", "intensity_sq", "object")
+PROBE_CHANNELS = ("y", "x", "r2", "edge", "texture", "intensity", "intensity_sq", "object", "edge_rank", "texture_rank")
 
 
 def luminance(x0: torch.Tensor) -> torch.Tensor:
@@ -76,4 +78,14 @@ class ProbeFeatures:
         cols = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
         y, x = torch.meshgrid(rows, cols, indexing="ij")
         y, x = y.to(pooled.device).expand(b, h, w), x.to(pooled.device).expand(b, h, w)
-        return torch.stack([y, x, y**2 + x**2, edge, texture, intensity, intensity**2, obj], 1)
+        return torch.stack([y, x, y**2 + x**2, edge, texture, intensity, intensity**2, obj, _percentile(edge),
+                            _percentile(texture)], 1)
+
+
+def _percentile(maps: torch.Tensor) -> torch.Tensor:
+    """``[B, h, w]`` -> each cell's mean rank among its image's cells, scaled to [0, 1] (ties share a rank)."""
+    flat = maps.flatten(1)  # [B, K]
+    below = (flat[:, :, None] > flat[:, None, :]).sum(-1).float()  # [B, K]: cells with a smaller value
+    ties = (flat[:, :, None] == flat[:, None, :]).sum(-1).float()
+    rank = below + (ties - 1) / 2  # 0-based mean rank
+    return (rank / max(flat.shape[1] - 1, 1)).view_as(maps)

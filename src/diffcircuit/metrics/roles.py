@@ -1,83 +1,125 @@
-"""Eight functional head roles, each a documented rule on measured probe scores.
+"""Functional head roles per dataset and timestep: content roles tested against a null, geometric roles by rule.
 
-A head's scores at a timestep are its metrics averaged over every image of both datasets (object
-and background probes over the images that have masks, i.e. synthetic ones). Affinities are
-"attended / uniform" (1 = no preference; see ``metrics.attention``). Rules, with the defaults of
-``RoleRules``:
+A **content role** says a head prefers keys with some property of *the image it is looking at*. Its raw score
+(an affinity, "attended / uniform") cannot say that alone: a head that always looks at the centre has a
+high texture affinity on any set whose objects sit in the centre. So each content probe is tested against
+the same head's attention scored on *other* images' features (``protocol.roles``: the per-image log score
+S[i, i] against mean_{j≠i} S[i, j], a matched-pairing permutation test over images, Benjamini–Hochberg over
+heads). A content role needs a significant positive excess (q < ``RoleRules.q``) of at least
+``RoleRules.min_excess`` (log units; log 1.1 ≈ 10 % above the null):
 
-content roles — the head prefers keys with some property of the clean image:
-- ``semantic``: object_affinity ≥ 1.15 and distance_frac ≥ 0.15 — groups keys of the query's own
-  object or background region beyond its neighbourhood (object-level);
-- ``edge``: edge_affinity ≥ 1.25 — attends to high-gradient keys;
-- ``texture``: texture_affinity ≥ 1.25 — attends to keys with high local high-frequency energy;
-- ``intensity``: intensity_affinity ≥ 1.5 — attends to keys of similar brightness;
-- ``background``: background_affinity ≥ 1.2 — attends to background keys more than their share;
+- ``semantic``: the object probe (attention mass on the query's own region, object or background, by the
+  ground-truth mask) at distance_frac ≥ 0.15 — groups its region's keys beyond its neighbourhood;
+- ``edge``: high-gradient keys; ``texture``: keys of high local high-frequency energy;
+- ``intensity``: keys of similar brightness to the query; ``background``: background keys.
 
-geometric roles — no content preference met; the head is defined by where it looks:
-- ``local``: distance_frac ≤ 0.12 — attends near the query (local smoothing);
-- ``focal``: effective_keys_frac ≤ 0.1 and distance_frac > 0.12 — a few distant keys take most
-  of the mass (sink-like / positional);
-- ``global``: effective_keys_frac ≥ 0.8 — spreads attention over most of the map (global context;
-  note: near-uniform attention, ``entropy_norm`` ≈ 1);
+When several qualify: edge and texture are two energy maps of the same luminance that peak on nearly the
+same keys, so between them the map whose attended keys rank higher within their image wins
+(``edge_percentile`` vs ``texture_percentile``: a head on the image's highest-gradient keys is at the top of
+the edge ranking, not quite of the texture one); among the rest, the largest effect size d_z (mean / SD of
+the per-image excess: the preference the head keeps image after image). ``also`` names the other probes that
+qualify; where it is not empty the images may not fully tell those probes apart. Object and background need
+masks (synthetic images only).
 
-otherwise ``unassigned``. When several content rules hold, the one whose score exceeds its
-threshold by the largest relative margin, (score − 1) / (threshold − 1), wins.
+**Geometric roles** describe where a head looks (mean scores over the dataset's images):
+
+- ``local``: distance_frac ≤ 0.12; ``focal``: effective_keys_frac ≤ 0.1 (a few distant keys take the mass);
+- ``global``: effective_keys_frac ≥ 0.8 (near-uniform attention, ``entropy_norm`` ≈ 1).
+
+A head with no content role and no geometric role whose raw mean affinity passes the raw thresholds of
+``RoleRules`` (e.g. texture affinity ≥ 1.25) is **positional**: its content score is explained by where it
+looks, not by what it sees. ``raw_only`` lists, for every head, the probes whose raw score passes while
+the null test does not. Otherwise ``unassigned``. ``role_basis`` says which kind of evidence gave the role.
+Attention weights are not importance: roles say where a head looks; interventions say whether it matters.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["ROLES", "ROLE_DEFINITIONS", "RoleRules", "assign_roles", "head_scores"]
+from diffcircuit.metrics.attention import CONTENT_PROBES
 
-ROLES = ("semantic", "edge", "texture", "intensity", "background", "local", "focal", "global")
+__all__ = ["CONTENT_ROLES", "ROLES", "ROLE_DEFINITIONS", "RoleRules", "assign_roles", "head_scores"]
+
+CONTENT_ROLES = ("semantic", "edge", "texture", "intensity", "background")
+ROLES = (*CONTENT_ROLES, "local", "focal", "global")
+_PROBE_OF = {"semantic": "object", "edge": "edge", "texture": "texture", "intensity": "intensity",
+             "background": "background"}
+_RAW_OF = {"object": "object_affinity", "edge": "edge_affinity", "texture": "texture_affinity",
+           "intensity": "intensity_affinity", "background": "background_affinity"}
 ROLE_DEFINITIONS = {
-    "semantic": "object_affinity >= 1.15 and distance_frac >= 0.15",
-    "edge": "edge_affinity >= 1.25",
-    "texture": "texture_affinity >= 1.25",
-    "intensity": "intensity_affinity >= 1.5",
-    "background": "background_affinity >= 1.2",
-    "local": "no content rule; distance_frac <= 0.12",
-    "focal": "no content rule; effective_keys_frac <= 0.1",
-    "global": "no content rule; effective_keys_frac >= 0.8 (near-uniform attention)",
+    "semantic": "object probe's excess over its null significant (q < 0.05) and >= log 1.1; distance_frac >= 0.15",
+    "edge": "edge probe's excess over its null significant (q < 0.05) and >= log 1.1",
+    "texture": "texture probe's excess over its null significant (q < 0.05) and >= log 1.1",
+    "intensity": "intensity probe's excess over its null significant (q < 0.05) and >= log 1.1",
+    "background": "background probe's excess over its null significant (q < 0.05) and >= log 1.1",
+    "local": "no content role; distance_frac <= 0.12",
+    "focal": "no content role; effective_keys_frac <= 0.1",
+    "global": "no content role; effective_keys_frac >= 0.8 (near-uniform attention)",
+    "positional": "no content or geometric role; a raw affinity passes its raw threshold but not its null",
     "unassigned": "no rule holds",
 }  # with the default RoleRules
 SCORE_COLUMNS = ("entropy_nats", "entropy_norm", "effective_keys_frac", "distance_frac", "edge_affinity",
-                 "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity")
+                 "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity",
+                 "edge_percentile", "texture_percentile")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoleRules:
-    semantic_object: float = 1.15
+    q: float = 0.05  # a content role's corrected p must be below this
+    min_excess: float = math.log(1.1)  # ... and its excess over the null at least this (log units)
     semantic_distance: float = 0.15
-    edge: float = 1.25
-    texture: float = 1.25
-    intensity: float = 1.5
-    background: float = 1.2
     local_distance: float = 0.12
     focal_keys: float = 0.1
     global_keys: float = 0.8
+    # raw thresholds: only to say that a head *would* have scored as content without the null (positional)
+    raw_object: float = 1.15
+    raw_edge: float = 1.25
+    raw_texture: float = 1.25
+    raw_intensity: float = 1.5
+    raw_background: float = 1.2
 
 
 def head_scores(heads: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each score per timestep x layer x head, over all images of both datasets."""
-    return heads.groupby(["timestep", "layer", "head"], sort=False)[list(SCORE_COLUMNS)].mean().reset_index()
+    """Mean of each raw score per dataset x timestep x layer x head, over that dataset's images."""
+    keys = ["dataset", "timestep", "layer", "head"]
+    return heads.groupby(keys, sort=False)[list(SCORE_COLUMNS)].mean().reset_index()
 
 
-def _content_role(row, rules: RoleRules) -> str | None:
-    candidates = {
-        "semantic": (row.object_affinity, rules.semantic_object) if row.distance_frac >= rules.semantic_distance else None,
-        "edge": (row.edge_affinity, rules.edge),
-        "texture": (row.texture_affinity, rules.texture),
-        "intensity": (row.intensity_affinity, rules.intensity),
-        "background": (row.background_affinity, rules.background),
-    }
-    margins = {role: (score - 1) / (threshold - 1) for role, c in candidates.items() if c is not None
-               for score, threshold in [c] if np.isfinite(score) and score >= threshold}
-    return max(margins, key=margins.get) if margins else None
+def _get(row, name: str) -> float:
+    value = getattr(row, name, math.nan)
+    return math.nan if value is None else float(value)
+
+
+def _content_candidates(row, rules: RoleRules) -> dict[str, float]:
+    """Content roles whose probe beats its null, with the effect size d_z that ranks them."""
+    candidates = {}
+    for role, probe in _PROBE_OF.items():
+        q, excess = _get(row, f"{probe}_q"), _get(row, f"{probe}_excess")
+        if not (q < rules.q and excess >= rules.min_excess):
+            continue  # NaN (no test) fails too: a label is withheld when its test cannot be run
+        if role == "semantic" and not row.distance_frac >= rules.semantic_distance:
+            continue
+        dz = _get(row, f"{probe}_dz")
+        candidates[role] = dz if dz == dz else 0.0
+    return candidates
+
+
+def _raw_only(row, rules: RoleRules) -> list[str]:
+    """Probes whose raw mean affinity passes its raw threshold while the null test does not support it."""
+    out = []
+    for probe, column in _RAW_OF.items():
+        raw = _get(row, column)
+        if not raw >= getattr(rules, f"raw_{probe}"):
+            continue
+        q, excess = _get(row, f"{probe}_q"), _get(row, f"{probe}_excess")
+        if not (q < rules.q and excess >= rules.min_excess):
+            out.append(probe)
+    return out
 
 
 def _geometric_role(row, rules: RoleRules) -> str | None:
@@ -90,9 +132,33 @@ def _geometric_role(row, rules: RoleRules) -> str | None:
     return None
 
 
-def assign_roles(heads: pd.DataFrame, rules: RoleRules = RoleRules()) -> pd.DataFrame:
-    """One row per timestep x layer x head: its scores and its ``role``."""
-    scores = head_scores(heads)
-    roles = [_content_role(row, rules) or _geometric_role(row, rules) or "unassigned" for row in scores.itertuples()]
-    scores.insert(3, "role", roles)
+def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
+    raw_only = ",".join(_raw_only(row, rules))
+    candidates = _content_candidates(row, rules)
+    if {"edge", "texture"} <= set(candidates):  # the two energy maps: the one the head selects on higher
+        loser = "texture" if _get(row, "edge_percentile") >= _get(row, "texture_percentile") else "edge"
+        candidates[loser] = -math.inf
+    if candidates:
+        ranked = sorted(candidates, key=lambda r: (-candidates[r], r))
+        return ranked[0], "content: excess over the null", ",".join(ranked[1:]), raw_only
+    geometric = _geometric_role(row, rules)
+    if geometric is not None:
+        return geometric, "geometry", "", raw_only
+    if raw_only:
+        return "positional", "raw content score not above its null", "", raw_only
+    return "unassigned", "none", "", raw_only
+
+
+def assign_roles(scores: pd.DataFrame, rules: RoleRules = RoleRules()) -> pd.DataFrame:
+    """``scores`` (``head_scores`` joined with per-probe ``<probe>_excess``/``_dz``/``_q`` columns; missing
+    columns mean no test) with ``role``, ``role_basis``, ``also`` and ``raw_only`` added."""
+    scores = scores.copy()
+    for probe in CONTENT_PROBES:
+        for suffix in ("excess", "excess_ci_low", "excess_ci_high", "dz", "p", "q"):
+            if f"{probe}_{suffix}" not in scores:
+                scores[f"{probe}_{suffix}"] = np.nan
+    decided = [_role(row, rules) for row in scores.itertuples()]
+    where = list(scores.columns).index("head") + 1
+    for offset, name in enumerate(("role", "role_basis", "also", "raw_only")):
+        scores.insert(where + offset, name, [d[offset] for d in decided])
     return scores

@@ -1,0 +1,164 @@
+"""The role null in the protocol: blocks, permutation sums per shard, role tests and roles per dataset.
+
+Within each block of a dataset's images (``null_blocks``: ``role_null_block`` consecutive images), every
+head's attention on image i is scored against the content features of every image j of the block (S[i, j],
+``metrics.observe.observe_with_null``). Per dataset x timestep x head x content probe:
+
+- ``mean_log``: the mean over images of S[i, i], the log content score (log of the affinity);
+- ``excess``: the mean over images of S[i, i] − mean_{j≠i} S[i, j] — how much better the head's attention
+  fits its own image's features than other images' (log units: 0.1 ≈ 10 % more), with a percentile
+  bootstrap CI over images (``ci_low``/``ci_high``, ``ci_resamples``; withheld, NaN, below 5 images), and ``effect_size``: Cohen's d_z of the
+  per-image excess (mean / SD: how consistently the head prefers its own image's features);
+- ``p_value``: the matched-pairing permutation test (``stats.matching``), one-sided, R permutations of the
+  images within each block (floor 1/(R + 1)); ``q_value``: Benjamini–Hochberg (or Holm) over the heads of
+  one dataset x timestep x probe.
+
+A head whose attention sits at fixed positions scores the same against any image's features: its excess is
+0 and its p uniform, however large its raw affinity (e.g. a head that looks at the centre, where synthetic
+objects are). ``metrics.roles.assign_roles`` turns these tests into roles.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from diffcircuit.metrics.attention import CONTENT_PROBES
+from diffcircuit.metrics.observe import BlockScores
+from diffcircuit.metrics.roles import RoleRules, assign_roles, head_scores
+from diffcircuit.stats.bootstrap import MIN_UNITS_FOR_CI, column_mean_cis
+from diffcircuit.stats.matching import permutation_excess, permutation_p
+from diffcircuit.stats.tests import correct_pvalues
+
+__all__ = ["head_roles_table", "null_blocks", "permutation_table", "role_tests_table", "shard_slices"]
+
+_CI_RESAMPLES = 2000
+
+
+def null_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """Consecutive blocks of ``block`` images covering ``range(n)``; a remainder under half a block joins the last."""
+    edges = list(range(0, n, block)) + [n]
+    if len(edges) > 2 and edges[-1] - edges[-2] < block / 2:
+        del edges[-2]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def shard_slices(n: int, step: int, block: int) -> list[tuple[int, int]]:
+    """Observation shards of whole null blocks, each of at least ``step`` images (the last may be smaller)."""
+    out, lo = [], 0
+    for b_lo, b_hi in null_blocks(n, block):
+        if b_hi - lo >= step or b_hi == n:
+            out.append((lo, b_hi))
+            lo = b_hi
+    return out
+
+
+def _label(dataset: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(dataset.encode()).digest()[:8], "little")
+
+
+def permutation_table(blocks: list[BlockScores], *, seed: int, dataset: str, n_permutations: int) -> pd.DataFrame:
+    """One row per timestep x layer x head x probe: ``observed`` T = Σ S[i, i], ``scale`` Σ |S[i, i]|, ``n_images``
+    and ``excess`` (T_π − T for each of R permutations, float32), summed over the given blocks. Each block's
+    permutations are drawn from ``(seed, dataset, timestep, block start, layer, probe)``, so the sums do not
+    depend on how blocks are grouped into shards."""
+    total: dict[tuple, list] = {}
+    for b in blocks:
+        rng = np.random.default_rng([seed, _label(dataset), b.timestep, b.block_start, _label(b.layer),
+                                     CONTENT_PROBES.index(b.probe)])
+        perm = permutation_excess(b.scores, n_permutations, rng)  # [R, heads]
+        diag = np.diagonal(b.scores, axis1=1, axis2=2)  # [heads, n]
+        parts = [diag.sum(1), np.abs(diag).sum(1), np.full(len(diag), diag.shape[1]), perm]
+        key = (b.timestep, b.layer, b.probe)
+        total[key] = parts if key not in total else [x + y for x, y in zip(total[key], parts)]
+    return pd.DataFrame([{"timestep": int(t), "layer": layer, "head": h, "probe": probe, "observed": float(obs[h]),
+                          "scale": float(scale[h]), "n_images": int(n[h]), "n_permutations": n_permutations,
+                          "excess": perm[:, h].astype(np.float32)}
+                         for (t, layer, probe), (obs, scale, n, perm) in total.items() for h in range(len(obs))],
+                        columns=["timestep", "layer", "head", "probe", "observed", "scale", "n_images",
+                                 "n_permutations", "excess"])
+
+
+def _pvalues(perms: pd.DataFrame) -> pd.DataFrame:
+    """Shards' permutation rows (one dataset) summed per unit, and the one-sided p of each."""
+    keys = ["timestep", "layer", "head", "probe"]
+    rows = []
+    for key, g in perms.groupby(keys, sort=False):
+        excess = np.sum(np.stack(list(g.excess)), axis=0) if len(g) > 1 else np.asarray(g.excess.iloc[0])
+        rows.append(dict(zip(keys, key)) | {
+            "p_value": float(permutation_p(excess[:, None], g.scale.sum())[0]),
+            "n_null_images": int(g.n_images.sum()), "n_permutations": int(g.n_permutations.iloc[0])})
+    return pd.DataFrame(rows, columns=[*keys, "p_value", "n_null_images", "n_permutations"])
+
+
+def role_tests_table(heads: pd.DataFrame, permutations: dict[str, pd.DataFrame], *, seed: int = 0,
+                     correction: str = "fdr_bh") -> pd.DataFrame:
+    """Per dataset x timestep x head x probe: ``mean_log``, ``excess`` with CI, ``p_value``, ``q_value`` (module
+    docstring). ``permutations``: per dataset, the shards' ``permutation_table`` rows concatenated."""
+    frames = []
+    for dataset, perms in permutations.items():
+        if perms.empty:
+            continue
+        pvals = _pvalues(perms)
+        here = heads[heads.dataset == dataset]
+        for t, g in here.groupby("timestep", sort=True):
+            frames.append(_effects(g, int(t), seed).merge(pvals, on=["timestep", "layer", "head", "probe"], how="left")
+                          .assign(dataset=dataset))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    out["q_value"] = np.nan
+    for _, idx in out.groupby(["dataset", "timestep", "probe"]).groups.items():
+        p = out.loc[idx, "p_value"]
+        ok = p.notna()
+        out.loc[p[ok].index, "q_value"] = correct_pvalues(p[ok].to_numpy(), correction)
+    order = ["dataset", "timestep", "layer", "head", "probe", "mean_log", "excess", "ci_low", "ci_high",
+             "ci_resamples", "effect_size", "n_images", "p_value", "q_value", "n_null_images", "n_permutations"]
+    return out[order]
+
+
+def _effects(g: pd.DataFrame, t: int, seed: int) -> pd.DataFrame:
+    """Mean log score and mean excess with its bootstrap CI per head and probe, over one timestep's images."""
+    cols = [f"{p}_excess" for p in CONTENT_PROBES] + [f"{p}_log" for p in CONTENT_PROBES]
+    wide = g.pivot_table(index="image", columns=["layer", "head"], values=cols, dropna=False)
+    exists = set(zip(g.layer, g["head"]))  # pivot_table(dropna=False) makes every layer x head: keep real heads
+    wide = wide.loc[:, [(layer, head) in exists for _, layer, head in wide.columns]]
+    mean, low, high = column_mean_cis(wide.to_numpy(), n_resamples=_CI_RESAMPLES, seed=seed)
+    index = wide.columns.to_frame(index=False)
+    index.columns = ["column", "layer", "head"]
+    index["probe"] = index.column.str.rsplit("_", n=1).str[0]
+    index["kind"] = index.column.str.rsplit("_", n=1).str[1]
+    index["value"], index["ci_low"], index["ci_high"] = mean, low, high
+    values = wide.to_numpy()
+    index["n_images"] = np.isfinite(values).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: probes without masks
+        sd = np.nanstd(values, axis=0, ddof=1)
+        index["effect_size"] = np.where(sd > 0, mean / sd, np.nan)
+    ex = index[index.kind == "excess"].rename(columns={"value": "excess"})  # effect size: Cohen's d_z of the excess
+    lg = index[index.kind == "log"].rename(columns={"value": "mean_log"})[["layer", "head", "probe", "mean_log"]]
+    out = ex.merge(lg, on=["layer", "head", "probe"])
+    few = out.n_images < MIN_UNITS_FOR_CI  # a percentile interval over so few images is not a 95 % interval
+    out.loc[few, ["ci_low", "ci_high"]] = np.nan
+    return out.assign(timestep=t, ci_resamples=_CI_RESAMPLES)[
+        ["timestep", "layer", "head", "probe", "mean_log", "excess", "ci_low", "ci_high", "ci_resamples", "effect_size",
+         "n_images"]]
+
+
+def head_roles_table(heads: pd.DataFrame, tests: pd.DataFrame, rules: RoleRules = RoleRules()) -> pd.DataFrame:
+    """One row per dataset x timestep x head: mean raw scores, per probe ``<probe>_excess`` (with CI),
+    ``<probe>_p``, ``<probe>_q``, and the head's ``role`` with its ``role_basis`` (``metrics.roles``)."""
+    scores = head_scores(heads)
+    if tests is not None and len(tests):
+        wide = tests.pivot_table(index=["dataset", "timestep", "layer", "head"], columns="probe",
+                                 values=["excess", "ci_low", "ci_high", "effect_size", "p_value", "q_value"],
+                                 dropna=False)
+        names = {"excess": "excess", "ci_low": "excess_ci_low", "ci_high": "excess_ci_high", "effect_size": "dz",
+                 "p_value": "p", "q_value": "q"}
+        wide.columns = [f"{probe}_{names[kind]}" for kind, probe in wide.columns]
+        scores = scores.merge(wide.reset_index(), on=["dataset", "timestep", "layer", "head"], how="left")
+    return assign_roles(scores, rules)
