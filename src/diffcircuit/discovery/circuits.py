@@ -1,128 +1,240 @@
 """Minimal circuits: the smallest set of heads that carries the model's denoising.
 
-Loss L(S) is the mean ε-MSE over the given images and timesteps with every head in S ablated
-(mean ablation by default: each removed head's output slice is replaced by its mean over the same
-images at the same position and timestep). With all heads H:
+Loss L(S) is a per-image loss averaged over the given images and the timesteps of a window, with
+every head in S ablated (mean ablation by default: each removed head's output slice is replaced by
+its mean over the same images at the same position and timestep). Two losses (``metric``):
 
-- L_full = L(∅), L_empty = L(H), L_circuit = L(H \\ C) (everything outside the circuit C ablated);
-- faithfulness  = (L_empty − L_circuit) / (L_empty − L_full): loss recovered by the circuit alone;
-- completeness  = (L_empty − L(C)) / (L_empty − L_full) with only the circuit ablated: near 0 when
-  the circuit carries (almost) everything, near 1 when the rest of the model can stand in for it.
+- ``"eps"``: the ε-MSE against the true noise (how well the ablated model still denoises);
+- ``"output"``: ACDC's criterion, the mean squared distance of the ablated model's ε̂ to the *full*
+  model's ε̂ on the same inputs (how far the ablation moves the output; L_full = 0 exactly).
+
+With all heads H: L_full = L(∅), L_empty = L(H), the gap = L_empty − L_full (what ablating every
+head costs), L_circuit = L(H \\ C) (everything outside the circuit C ablated), and
+
+- faithfulness = (L_empty − L_circuit) / gap: the share of the gap the circuit alone recovers;
+- recovered_without_circuit = (L_empty − L(C)) / gap with only the circuit ablated: the share the
+  rest of the model recovers without it (near 0 when the circuit carries everything, near 1 when the
+  heads outside it can stand in for it).
+
+τ is a fraction of the gap: a circuit C passes when L_circuit − L_full ≤ τ · gap, i.e. when its
+faithfulness is at least 1 − τ. When the gap is not positive there is nothing to recover and no
+circuit to find; :func:`gap_test` tests the gap over images (one-sided sign-flip permutation test
+of the per-image gaps), and callers claim no circuit where it is not significantly positive.
 
 ``prune_circuit`` is ACDC-style: starting from the full model it removes heads in increasing order
-of importance, keeping a removal while (L − L_full)/L_full stays ≤ τ. ``grow_circuit`` is the
-greedy forward variant: starting from the empty circuit it adds heads in decreasing order of
-importance until the relative loss gap to L_full is ≤ τ.
+of importance, keeping a removal while the circuit passes τ. ``grow_circuit`` is the greedy
+forward variant: starting from the empty circuit it adds heads in decreasing order of importance
+until the circuit passes τ.
 
 ``prune_circuit`` tests removals in groups by default: it tries to remove a run of consecutive
 heads (in importance order) at once, doubling the run after a success and halving it (from the
-same head) after a failure; only a single head's failure keeps that head. When removing more heads
-never lowers the loss (monotone L), this keeps exactly the heads the one-at-a-time search keeps,
-with fewer evaluations (low-importance heads pass in large groups); ``search="sequential"`` is the
-literal one-at-a-time search.
+same head) after a failure; only a single head's failure keeps that head. Whatever the loss, the
+result passes τ (every accepted removal set passed), but it equals the one-at-a-time search's
+(``search="sequential"``) only where the loss is monotone (removing more heads never lowers it):
+where removing a group lowers the loss below what removing its first member alone costs, a group
+can pass where the one-at-a-time search would have kept that member (tested), so the grouped
+circuit can be smaller. Where the loss is monotone it keeps exactly the same heads, with fewer
+evaluations (low-importance heads pass in large groups).
 
-``circuit_curve`` gives faithfulness and completeness of the top-k heads (by importance) for a
-range of k: how much of the model's denoising the k most important heads carry.
+Minimality: a head of a circuit is *individually necessary* when ablating it, on top of
+everything outside the circuit, breaks τ (:func:`necessary_heads`). Two heads that duplicate each
+other are both kept only if each alone is unnecessary; a pruned circuit keeps one of them.
+
+``circuit_curve`` gives faithfulness and recovered_without_circuit of the top-k heads (by
+importance) for a range of k: how much of the gap the k most important heads carry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
-from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
+from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, clean_activations, reference_moments
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
-__all__ = ["Circuit", "CircuitLoss", "circuit_curve", "curve_sizes", "grow_circuit", "jaccard", "prune_circuit",
-           "ranking_auc"]
+__all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "circuit_curve", "curve_sizes", "gap_test",
+           "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "ranking_auc"]
+
+METRICS = ("eps", "output")
+GAP_ALPHA = 0.05  # one-sided level of the gap test (one test per dataset x window, uncorrected)
 
 
 class CircuitLoss:
-    """L(S): mean ε-MSE with the heads in S ablated, on fixed noisy inputs (clean statistics cached)."""
+    """L(S): per-image loss with the heads in S ablated, on fixed noisy inputs (clean statistics cached).
+
+    ``per_image(S)`` is ``[n_images]`` (the mean over the window's timesteps); calling the loss gives
+    its mean. Evaluations are cached by head set; ``evaluations`` counts the forward passes made.
+    """
 
     def __init__(self, denoiser, images: np.ndarray, *, timesteps: Sequence[int], method: str = "mean", seed: int = 0,
-                 dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None):
+                 dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None,
+                 metric: str = "eps", reference: Sequence[ReferenceImages] | None = None):
         """``dataset`` labels the noise draws; ``which`` = (dataset, indices) says which images of which dataset
-        ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``)."""
+        ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``). ``reference``: the
+        images mean ablation takes its means from (None: ``images`` themselves, in-sample)."""
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
-        self.net, self.method, self.eps_hat = denoiser.network, method, denoiser.eps_hat
+        if metric not in METRICS:
+            raise ValueError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
+        self.net, self.method, self.metric, self.eps_hat = denoiser.network, method, metric, denoiser.eps_hat
         self.which = which or (dataset, np.arange(len(images)))
         device = model_device(self.net)
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
+        self.n_images = len(x0)
         self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
         self.heads = list(self.registry)
-        self.inputs, self.means = [], []
+        self.inputs, self.means, self.targets = [], [], []
         with torch.no_grad():
             for t_val in timesteps:
                 eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=t_val).to(device)
                 t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
                 x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
                 moments = ActivationMoments()
-                with images_of(self.net, *self.which):
-                    moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
-                self.inputs.append((x_t, t, eps))
+                if reference is not None:  # e.g. held-out images: no evaluated image is part of its own mean
+                    moments = reference_moments(denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0))
+                else:
+                    with images_of(self.net, *self.which):
+                        moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
+                self.inputs.append((x_t, t))
                 self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
+                # what ε̂ is compared with: the true noise, or the full model's own ε̂ (ACDC's output distance)
+                self.targets.append(eps if metric == "eps" else self._eps_hat(len(self.inputs) - 1, {}))
+        self._cache: dict[frozenset, np.ndarray] = {}
         self.evaluations = 0
 
+    def _eps_hat(self, i: int, patches: dict) -> torch.Tensor:
+        x_t, t = self.inputs[i]
+        with images_of(self.net, *self.which), instrument(self.net, registry=self.registry, patches=patches):
+            return self.eps_hat(self.net(x_t, t).sample, x_t, t)  # [batch, C, H, W]
+
     @torch.no_grad()
+    def per_image(self, ablated: Sequence[HeadAddress]) -> np.ndarray:
+        """``[n_images]``: each image's loss with ``ablated`` removed, averaged over the window's timesteps."""
+        key = frozenset(ablated)
+        if key not in self._cache:
+            self.evaluations += 1
+            total = np.zeros(self.n_images)
+            for i, means in enumerate(self.means):
+                patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in key}
+                total += eps_mse_per_image(self._eps_hat(i, patches), self.targets[i]).double().cpu().numpy()
+            self._cache[key] = total / len(self.means)
+        return self._cache[key]
+
     def __call__(self, ablated: Sequence[HeadAddress]) -> float:
-        self.evaluations += 1
-        total = 0.0
-        for (x_t, t, eps), means in zip(self.inputs, self.means):
-            patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in ablated}
-            with images_of(self.net, *self.which), instrument(self.net, registry=self.registry, patches=patches):
-                total += eps_mse_per_image(self.eps_hat(self.net(x_t, t).sample, x_t, t), eps).mean().item()
-        return total / len(self.inputs)
+        return float(self.per_image(ablated).mean())
+
+
+@dataclass(frozen=True, kw_only=True)
+class GapTest:
+    """Is ablating every head worse than ablating none? One-sided, over images (the unit)."""
+
+    mean: float  # mean per-image gap L_empty − L_full
+    ci_low: float  # 95 % percentile bootstrap interval of the mean over images
+    ci_high: float
+    relative: float | None  # mean gap / mean L_full (None when L_full is 0, as for the output metric)
+    p_value: float  # H0: the per-image gaps are symmetric about 0 (sign-flip permutation), H1: mean > 0
+    p_floor: float  # the smallest p this test can give at this n
+    effect_size: float  # Cohen's d_z of the per-image gaps
+    n_images: int
+    alpha: float
+    test: str = "one-sided paired sign-flip permutation test of the per-image gap L_empty − L_full (uncorrected)"
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < self.alpha
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()} | {
+            "significant": self.significant}
+
+
+def gap_test(loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 9999, seed: int = 0) -> GapTest:
+    """The gap's mean with its CI and a one-sided sign-flip p-value (exact when 2^n ≤ ``n_resamples``)."""
+    from scipy import stats
+
+    from diffcircuit.stats.bootstrap import mean_ci
+
+    full, empty = loss.per_image([]), loss.per_image(loss.heads)
+    diff = empty - full  # [n_images]
+    mean, low, high = mean_ci(diff, seed=seed)
+    res = stats.permutation_test((diff,), np.mean, permutation_type="samples", alternative="greater", vectorized=True,
+                                 n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+    exact = len(diff) <= 62 and 2 ** len(diff) <= n_resamples
+    sd = diff.std(ddof=1) if len(diff) > 1 else 0.0
+    return GapTest(mean=mean, ci_low=low, ci_high=high,
+                   relative=float(mean / full.mean()) if full.mean() > 0 else None, p_value=float(res.pvalue),
+                   p_floor=2.0 ** -len(diff) if exact else 1.0 / (n_resamples + 1),
+                   effect_size=float(diff.mean() / sd) if sd > 0 else float("nan"), n_images=len(diff), alpha=alpha)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Circuit:
     heads: tuple[HeadAddress, ...]
-    tau: float
+    tau: float  # a fraction of the gap L_empty − L_full
     method: str
+    metric: str
     loss_full: float
     loss_empty: float
     loss_circuit: float  # everything outside the circuit ablated
     loss_without_circuit: float  # only the circuit ablated
+    necessary: tuple[HeadAddress, ...] | None = None  # individually necessary heads (None: not computed)
+
+    @property
+    def gap(self) -> float:
+        return self.loss_empty - self.loss_full
 
     def _recovered(self, loss: float) -> float:
-        gap = self.loss_empty - self.loss_full
-        return (self.loss_empty - loss) / gap if abs(gap) > 1e-9 * abs(self.loss_full) else float("nan")
+        return (self.loss_empty - loss) / self.gap if self.gap > 1e-9 * abs(self.loss_empty) else float("nan")
 
     @property
     def faithfulness(self) -> float:
-        """NaN when ablating every head does not change the loss (nothing to recover)."""
+        """NaN when ablating every head does not raise the loss (nothing to recover)."""
         return self._recovered(self.loss_circuit)
 
     @property
-    def completeness(self) -> float:
+    def recovered_without_circuit(self) -> float:
         return self._recovered(self.loss_without_circuit)
 
 
-def _circuit(loss: CircuitLoss, kept: list[HeadAddress], tau: float, full: float, empty: float) -> Circuit:
+def passes_tau(value: float, full: float, empty: float, tau: float) -> bool:
+    """L − L_full ≤ τ · (L_empty − L_full): the loss is within τ of the gap from the full model."""
+    return value - full <= tau * (empty - full)
+
+
+def _circuit(loss, kept: Sequence[HeadAddress], tau: float, full: float, empty: float) -> Circuit:
     outside = [a for a in loss.heads if a not in kept]
-    return Circuit(heads=tuple(sorted(kept)), tau=tau, method=loss.method, loss_full=full, loss_empty=empty,
-                   loss_circuit=loss(outside), loss_without_circuit=loss(kept))
+    return Circuit(heads=tuple(sorted(kept)), tau=tau, method=loss.method, metric=getattr(loss, "metric", "eps"),
+                   loss_full=full, loss_empty=empty, loss_circuit=loss(outside), loss_without_circuit=loss(list(kept)))
 
 
-def prune_circuit(loss: CircuitLoss, importance: dict[HeadAddress, float], tau: float, *,
-                  search: str = "grouped") -> Circuit:
-    """Remove heads, least important first, while the relative loss increase stays ≤ τ."""
+def necessary_heads(loss, heads: Sequence[HeadAddress], tau: float) -> tuple[HeadAddress, ...]:
+    """The heads of ``heads`` whose ablation, on top of everything outside ``heads``, breaks τ."""
+    full, empty = loss([]), loss(loss.heads)
+    outside = [a for a in loss.heads if a not in heads]
+    return tuple(sorted(h for h in heads if not passes_tau(loss([*outside, h]), full, empty, tau)))
+
+
+def prune_circuit(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped") -> Circuit:
+    """Remove heads, least important first, while the circuit stays within τ of the gap.
+
+    With no positive gap (ablating every head costs nothing) the circuit is empty: nothing to recover.
+    """
     if search not in ("grouped", "sequential"):
         raise ValueError(f"search must be 'grouped' or 'sequential', not {search!r}")
     full, empty = loss([]), loss(loss.heads)
+    if empty <= full:
+        return _circuit(loss, [], tau, full, empty)
     removed: list[HeadAddress] = []
 
     def passes(extra: Sequence[HeadAddress]) -> bool:
-        return (loss([*removed, *extra]) - full) / full <= tau
+        return passes_tau(loss([*removed, *extra]), full, empty, tau)
 
     order = sorted(loss.heads, key=lambda a: (importance.get(a, 0.0), str(a)))
     if search == "sequential":
@@ -137,7 +249,7 @@ def prune_circuit(loss: CircuitLoss, importance: dict[HeadAddress, float], tau: 
                 removed.extend(run)
                 i, size = i + len(run), 2 * size
             elif size == 1:
-                i += 1  # this head stays in the circuit, decided exactly as one-at-a-time would
+                i += 1  # this head stays, decided as one-at-a-time decides it given the removals so far
             else:
                 size //= 2
     return _circuit(loss, [a for a in loss.heads if a not in removed], tau, full, empty)
@@ -152,24 +264,25 @@ def curve_sizes(n_heads: int) -> list[int]:
     return sorted(s for s in sizes if s <= n_heads)
 
 
-def circuit_curve(loss: CircuitLoss, importance: dict[HeadAddress, float], sizes: Sequence[int] | None = None) -> list[dict]:
-    """Faithfulness and completeness of the top-k heads by importance, for each size k."""
+def circuit_curve(loss, importance: dict[HeadAddress, float], sizes: Sequence[int] | None = None) -> list[dict]:
+    """Faithfulness and recovered_without_circuit of the top-k heads by importance, for each size k."""
     order = sorted(loss.heads, key=lambda a: (-importance.get(a, 0.0), str(a)))
     full, empty = loss([]), loss(loss.heads)
     out = []
     for k in curve_sizes(len(order)) if sizes is None else sizes:
         c = _circuit(loss, order[:k], float("nan"), full, empty)
-        out.append({"size": int(k), "loss_circuit": c.loss_circuit, "loss_without_circuit": c.loss_without_circuit,
-                     "faithfulness": c.faithfulness, "completeness": c.completeness})
+        out.append({"size": int(k), "loss_full": full, "loss_empty": empty, "loss_circuit": c.loss_circuit,
+                    "loss_without_circuit": c.loss_without_circuit, "faithfulness": c.faithfulness,
+                    "recovered_without_circuit": c.recovered_without_circuit})
     return out
 
 
-def grow_circuit(loss: CircuitLoss, importance: dict[HeadAddress, float], tau: float) -> Circuit:
-    """Add heads, most important first, until the circuit alone is within τ of the full model."""
+def grow_circuit(loss, importance: dict[HeadAddress, float], tau: float) -> Circuit:
+    """Add heads, most important first, until the circuit alone is within τ of the gap."""
     full, empty = loss([]), loss(loss.heads)
     kept: list[HeadAddress] = []
     for head in sorted(loss.heads, key=lambda a: (-importance.get(a, 0.0), str(a))):
-        if (loss([a for a in loss.heads if a not in kept]) - full) / full <= tau:
+        if passes_tau(loss([a for a in loss.heads if a not in kept]), full, empty, tau):
             break
         kept.append(head)
     return _circuit(loss, kept, tau, full, empty)

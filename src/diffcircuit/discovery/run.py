@@ -6,11 +6,24 @@ not affordable (``diffcircuit discover --ranking attribution``). Any table with 
 ``dataset``, ``timestep``, ``image``, ``target``, ``degradation_pct`` will do.
 
 A window is a set of timesteps whose losses are averaged (by default each analysed timestep is its
-own window). For each dataset and window, ``prune_circuit`` is run at every τ and
-``circuit_curve`` traces faithfulness and completeness against circuit size. The primary τ is
-rerun on bootstrap resamples of the images (importance recomputed from the resampled rows, the same
-draws for both datasets) to give each head's selection frequency and a percentile bootstrap
-interval for the synthetic-vs-natural overlap (Jaccard) of the circuits.
+own window). For each dataset and window the gap L_empty − L_full is tested first
+(:func:`~diffcircuit.discovery.circuits.gap_test`); where it is not significantly positive no
+circuit is claimed (``claimed`` false, ``heads`` and ``faithfulness`` null, ``claim`` saying so)
+and nothing else is computed. Otherwise ``prune_circuit`` runs at every τ (fractions of the gap),
+the primary circuit's individually necessary heads are counted, ``circuit_curve`` traces
+faithfulness against circuit size, and the primary τ is rerun on bootstrap resamples of the images
+(importance recomputed from the resampled rows, the same draws for both datasets) for each head's
+selection frequency and the variability of sizes, overlap and size ratio.
+
+Intervals say what they are: with R ≥ 200 resamples a 2.5–97.5 percentile interval is reported as
+a 95 % interval (``*_ci``) when it contains its own estimate; otherwise only the range of the
+replicates (``*_range``) is given, with R and a note saying why.
+
+Circuit complexity (the second complexity measure): per window where both datasets have a claimed
+circuit, the circuit size at matched gap-normalised faithfulness — the pruned circuit at the primary
+τ has faithfulness ≥ 1 − τ by construction, on each dataset's own gap — and the ratio b/a, with
+the ratio over the paired bootstrap replicates; also the smallest traced top-k size reaching the
+same faithfulness (:func:`circuit_complexity` tabulates them).
 """
 
 from __future__ import annotations
@@ -20,16 +33,28 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from diffcircuit.discovery.circuits import Circuit, CircuitLoss, circuit_curve, jaccard, prune_circuit
+from diffcircuit.discovery.circuits import (
+    Circuit,
+    CircuitLoss,
+    GapTest,
+    circuit_curve,
+    gap_test,
+    jaccard,
+    necessary_heads,
+    prune_circuit,
+)
 from diffcircuit.instrument.registry import HeadRegistry
 
-__all__ = ["PRIMARY_TAU", "discover_circuits", "importance_rows", "window_name"]
+__all__ = ["COMPLEXITY_COLUMNS", "CURVE_COLUMNS", "MIN_CI_RESAMPLES", "NO_CIRCUIT", "PRIMARY_TAU", "bootstrap_interval", "circuit_complexity",
+           "discover_circuits", "importance_rows", "window_name"]
 
 PRIMARY_TAU = 0.05
+MIN_CI_RESAMPLES = 200  # fewer bootstrap replicates: their range is reported, never a "95 % interval"
+NO_CIRCUIT = "no circuit: ablating every head does not hurt"
 
 
-def _finite(x: float) -> float | None:
-    return None if x != x else x  # JSON has no NaN
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x else float(x)  # JSON has no NaN
 
 
 def importance_rows(table: pd.DataFrame, *, method: str = "mean", estimator: str | None = None) -> pd.DataFrame:
@@ -52,87 +77,206 @@ def _importance(rows: pd.DataFrame, registry: HeadRegistry) -> dict:
     return {registry.parse(t): v for t, v in rows.groupby("target").degradation_pct.mean().items()}
 
 
+def bootstrap_interval(values: Sequence[float], estimate: float | None) -> tuple[list | None, list | None, str]:
+    """``(range, ci, note)`` of bootstrap replicates: ``range`` = [min, max] of the defined replicates;
+    ``ci`` = the 2.5–97.5 percentiles, only with ≥ ``MIN_CI_RESAMPLES`` replicates and when it contains
+    ``estimate``; ``note`` says which was given and why."""
+    values = [float(v) for v in values if v is not None and v == v]
+    r = len(values)
+    if r == 0:
+        return None, None, "no bootstrap replicates"
+    span = [min(values), max(values)]
+    if r < MIN_CI_RESAMPLES:
+        return span, None, (f"range (min, max) of {r} bootstrap replicates, not a 95 % interval "
+                            f"(that needs at least {MIN_CI_RESAMPLES})")
+    low, high = (float(v) for v in np.percentile(values, [2.5, 97.5]))
+    if estimate is not None and not low <= estimate <= high:
+        return span, None, (f"the 95 % percentile interval [{low:.3g}, {high:.3g}] of {r} replicates excludes the "
+                            f"estimate {estimate:.3g} (the resampled circuits differ systematically), so only the "
+                            "range is given")
+    return span, [low, high], f"95 % percentile interval over {r} bootstrap replicates"
+
+
+def _claim(test: GapTest, size: int | None, tau: float) -> str:
+    gap = (f"gap {100 * test.relative:+.1f} % of the full model's loss" if test.relative is not None
+           else f"gap {test.mean:.3g}")
+    stats = f"{gap}, one-sided p = {test.p_value:.3g}, n = {test.n_images} images"
+    if test.significant:
+        return f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap ({stats})"
+    if test.p_floor >= test.alpha:
+        return (f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images the gap test cannot reach "
+                f"p < {test.alpha} (smallest p {test.p_floor:.3g}; {gap})")
+    return f"{NO_CIRCUIT} ({stats})"
+
+
+def _topk_size(curve: list[dict], faithfulness: float) -> int | None:
+    """The smallest traced top-k size whose faithfulness reaches ``faithfulness`` (on the curve's grid)."""
+    sizes = [p["size"] for p in curve if p["faithfulness"] == p["faithfulness"] and p["faithfulness"] >= faithfulness]
+    return min(sizes) if sizes else None
+
+
+def _no_circuit(record: dict) -> dict:
+    return record | {"heads": None, "size": None, "faithfulness": None, "recovered_without_circuit": None,
+                     "loss_circuit": None, "loss_without_circuit": None, "n_necessary": None, "necessary": None,
+                     "selection_frequency": {}, "boot_sizes": [], "resamples": 0, "size_range": None, "size_ci": None,
+                     "size_interval": "no circuit claimed", "by_tau": [], "topk_size": None}
+
+
+def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple, curve: list[dict],
+                    frequency: dict, boot: list) -> dict:
+    primary = found[PRIMARY_TAU]
+    size = len(primary.heads)
+    span, ci, note = bootstrap_interval([float(len(b)) for b in boot], float(size))
+    return record | {
+        "heads": [str(a) for a in primary.heads], "size": size, "faithfulness": _finite(primary.faithfulness),
+        "recovered_without_circuit": _finite(primary.recovered_without_circuit),
+        "loss_circuit": primary.loss_circuit, "loss_without_circuit": primary.loss_without_circuit,
+        "n_necessary": len(necessary), "necessary": [str(a) for a in necessary],
+        "selection_frequency": {str(a): f for a, f in frequency.items() if f > 0},
+        "boot_sizes": [len(b) for b in boot], "resamples": len(boot),
+        "size_range": span, "size_ci": ci, "size_interval": note,
+        "by_tau": [{"tau": tau, "size": len(c.heads), "faithfulness": _finite(c.faithfulness),
+                    "recovered_without_circuit": _finite(c.recovered_without_circuit), "loss_circuit": c.loss_circuit}
+                   for tau, c in found.items()],
+        "topk_size": _topk_size(curve, 1 - PRIMARY_TAU),
+    }
+
+
+def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, dataset: str, window: list[int],
+                  registry: HeadRegistry, taus: Sequence[float], seed: int, ranking: str, metric: str, reference=None):
+    """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window."""
+    name = window_name(window)
+    loss = CircuitLoss(denoiser, x, timesteps=window, dataset=dataset, seed=seed, registry=registry, metric=metric,
+                       reference=reference)
+    test = gap_test(loss, seed=seed)
+    scores = _importance(here, registry)
+    record = {"dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "metric": metric,
+              "tau": PRIMARY_TAU, "ranking": ranking, "claimed": test.significant, "gap": test.to_dict(),
+              "loss_full": loss([]), "loss_empty": loss(loss.heads)}
+    base = [{"dataset": dataset, "window": name, "head": str(a), "importance_pct": scores.get(a, float("nan")),
+             "claimed": test.significant} for a in registry]
+    if not test.significant:
+        rows = [r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")} for tau in taus for r in base]
+        return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
+    found = {tau: prune_circuit(loss, scores, tau) for tau in taus}
+    necessary = necessary_heads(loss, found[PRIMARY_TAU].heads, PRIMARY_TAU)
+    curve = circuit_curve(loss, scores)
+    boot = []
+    for draw in draws:  # the same resampled image indices for both datasets
+        boot_loss = CircuitLoss(denoiser, x[draw], timesteps=window, dataset=f"{dataset}/boot", seed=seed, metric=metric,
+                                registry=registry, which=(dataset, draw),  # captions follow the resampled images
+                                reference=reference)
+        boot_rows = pd.concat([here[here.image == i] for i in draw])
+        boot.append(prune_circuit(boot_loss, _importance(boot_rows, registry), PRIMARY_TAU).heads)
+    frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
+    rows = [r | {"tau": tau, "in_circuit": registry.parse(r["head"]) in c.heads,
+                 "selection_frequency": frequency[registry.parse(r["head"])]} for tau, c in found.items() for r in base]
+    curves = [{"dataset": dataset, "window": name, "method": loss.method, "metric": metric, **p} for p in curve]
+    record = _circuit_record(record, found, necessary, curve, frequency, boot)
+    return rows, record | {"claim": _claim(test, record["size"], PRIMARY_TAU)}, curves, boot
+
+
 def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.DataFrame, *, registry: HeadRegistry,
                       windows: Sequence[Sequence[int]], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
-                      seed: int = 0, ranking: str = "exhaustive mean ablation",
-                      progress: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+                      seed: int = 0, ranking: str = "exhaustive mean ablation", metric: str = "eps",
+                      progress: Callable[[int], None] | None = None,
+                      references: dict | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
-    per dataset x window; one curve row per dataset x window x circuit size. ``windows``: tuples of
-    timesteps (each a window whose losses and importances are averaged).
+    per dataset x window; one curve row per dataset x window x circuit size (claimed circuits only).
+    ``windows``: tuples of timesteps (each a window whose losses and importances are averaged).
 
     ``importance``: per-image single-head degradations (see :func:`importance_rows`); ``ranking``
-    names where they came from, for the record.
+    names where they came from, for the record. ``metric``: ``"eps"`` or ``"output"`` (see
+    :class:`~diffcircuit.discovery.circuits.CircuitLoss`). ``references``: per dataset, the ``ReferenceImages``
+    mean ablation takes its means from (the same for every bootstrap resample); None: in-sample means.
     """
+    references = references or {}
     rows, circuits, curves, boot_sets = [], [], [], {}
     n_common = min(len(v) for v in images.values())
     for window in windows:
-        window, name = [int(t) for t in window], window_name(window)
+        window = [int(t) for t in window]
         rng = np.random.default_rng([seed, *window])  # per window: one window's draws do not depend on the others
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
-            loss = CircuitLoss(denoiser, x, timesteps=window, dataset=dataset, seed=seed, registry=registry)
-            scores = _importance(here, registry)
-            found: dict[float, Circuit] = {tau: prune_circuit(loss, scores, tau) for tau in taus}
-            curves += [{"dataset": dataset, "window": name, "method": loss.method, **point}
-                       for point in circuit_curve(loss, scores)]
-            boot = []
-            for draw in draws:  # the same resampled image indices for both datasets
-                boot_loss = CircuitLoss(denoiser, x[draw], timesteps=window, dataset=f"{dataset}/boot", seed=seed,
-                                        registry=registry, which=(dataset, draw))  # captions follow the resampled images
-                boot_rows = pd.concat([here[here.image == i] for i in draw])
-                boot.append(prune_circuit(boot_loss, _importance(boot_rows, registry), PRIMARY_TAU).heads)
-            boot_sets[(dataset, name)] = boot
-            frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
-            for tau, c in found.items():
-                rows += [{"dataset": dataset, "window": name, "tau": tau, "head": str(a), "in_circuit": a in c.heads,
-                          "importance_pct": scores.get(a, float("nan")), "selection_frequency": frequency[a]}
-                         for a in registry]
-            primary = found[PRIMARY_TAU]
-            circuits.append({
-                "dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "tau": PRIMARY_TAU, "ranking": ranking,
-                "heads": [str(a) for a in primary.heads], "faithfulness": _finite(primary.faithfulness),
-                "completeness": _finite(primary.completeness), "loss_full": primary.loss_full, "loss_empty": primary.loss_empty,
-                "selection_frequency": {str(a): f for a, f in frequency.items() if f > 0},
-                "boot_sizes": [len(b) for b in boot],
-                "by_tau": [{"tau": tau, "size": len(c.heads), "faithfulness": _finite(c.faithfulness),
-                            "completeness": _finite(c.completeness)} for tau, c in found.items()],
-            })
+            r, record, curve, boot = _discover_one(denoiser, x, here, draws, dataset=dataset, window=window,
+                                                   registry=registry, taus=taus, seed=seed, ranking=ranking, metric=metric,
+                                                   reference=(references or {}).get(dataset))
+            rows, curves = rows + r, curves + curve
+            circuits.append(record)
+            boot_sets[(dataset, record["window"])] = boot
             if progress is not None:
                 progress(1)
-    _add_overlaps(circuits, boot_sets)
-    return pd.DataFrame(rows), circuits, pd.DataFrame(curves)
+    _add_pairs(circuits, boot_sets)
+    return pd.DataFrame(rows), circuits, pd.DataFrame(curves, columns=CURVE_COLUMNS)
 
 
-def _percentile_interval(values: list[float]) -> tuple[float | None, float | None]:
-    """The 2.5th and 97.5th percentiles of the defined bootstrap replicates (None with fewer than 2)."""
-    values = [v for v in values if v == v]
-    if len(values) < 2:
-        return None, None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+def _overlap(a: dict, b: dict, boot_a: list | None, boot_b: list | None) -> dict:
+    """Jaccard overlap of two datasets' circuits with its bootstrap interval (null where either has no circuit)."""
+    if not (a["claimed"] and b["claimed"]):
+        missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
+        return {"jaccard": None, "resamples": 0, "resamples_defined": 0, "range_low": None, "range_high": None,
+                "ci_low": None, "ci_high": None, "interval": f"no overlap: no circuit claimed for {missing}",
+                "only_a": [], "only_b": []}
+    value = _finite(jaccard(a["heads"], b["heads"]))
+    boot = [jaccard(x, y) for x, y in zip(boot_a, boot_b)]
+    span, ci, note = bootstrap_interval(boot, value)
+    return {"jaccard": value, "resamples": len(boot), "resamples_defined": sum(v == v for v in boot),
+            "range_low": span and span[0], "range_high": span and span[1],
+            "ci_low": ci and ci[0], "ci_high": ci and ci[1], "interval": note,
+            "only_a": sorted(set(a["heads"]) - set(b["heads"])), "only_b": sorted(set(b["heads"]) - set(a["heads"]))}
 
 
-def _add_overlaps(circuits: list[dict], boot_sets: dict) -> None:
-    """Jaccard overlap of the two datasets' circuits per window, with its bootstrap percentile interval."""
+def _size_ratio(a: dict, b: dict) -> dict:
+    """Circuit size at matched faithfulness (≥ 1 − τ on each dataset's own gap) and its ratio b/a."""
+    out = {"measure": f"circuit size at faithfulness >= {1 - PRIMARY_TAU:g} (pruned at tau = {PRIMARY_TAU})",
+           "faithfulness_target": 1 - PRIMARY_TAU}
+    if not (a["claimed"] and b["claimed"]):
+        missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
+        return out | {"skipped": f"no circuit claimed for {missing}"}
+    ratio = b["size"] / a["size"] if a["size"] else None
+    boot = [sb / sa for sa, sb in zip(a["boot_sizes"], b["boot_sizes"]) if sa > 0]
+    span, ci, note = bootstrap_interval(boot, ratio)
+    top_a, top_b = a["topk_size"], b["topk_size"]
+    return out | {"size_a": a["size"], "size_b": b["size"], "ratio_b_over_a": ratio, "ratio_range": span,
+                  "ratio_ci": ci, "ratio_interval": note, "resamples": len(boot),
+                  "topk_size_a": top_a, "topk_size_b": top_b,
+                  "topk_ratio_b_over_a": top_b / top_a if top_a and top_b is not None else None}
+
+
+def _add_pairs(circuits: list[dict], boot_sets: dict) -> None:
+    """Per window with both datasets: their overlap and size ratio, added to both circuits."""
     by_window: dict[str, dict[str, dict]] = {}
     for c in circuits:
         by_window.setdefault(c["window"], {})[c["dataset"]] = c
     for t, pair in by_window.items():
         if set(pair) != {"a", "b"}:
             continue
-        value = jaccard(pair["a"]["heads"], pair["b"]["heads"])
-        boot = [jaccard(x, y) for x, y in zip(boot_sets[("a", t)], boot_sets[("b", t)])]
-        low, high = _percentile_interval(boot)
-        defined = [v for v in boot if v == v]
-        overlap = {"jaccard": _finite(value), "ci_low": low, "ci_high": high, "resamples": len(boot),
-                   "resamples_defined": len(defined),
-                   "boot_min": float(np.min(defined)) if defined else None,
-                   "boot_max": float(np.max(defined)) if defined else None,
-                   "only_a": sorted(set(pair["a"]["heads"]) - set(pair["b"]["heads"])),
-                   "only_b": sorted(set(pair["b"]["heads"]) - set(pair["a"]["heads"]))}
+        overlap = _overlap(pair["a"], pair["b"], boot_sets[("a", t)], boot_sets[("b", t)])
+        complexity = _size_ratio(pair["a"], pair["b"])
         for c in pair.values():
-            c["overlap_with_other"] = overlap
-        sizes = {k: _percentile_interval([float(s) for s in pair[k]["boot_sizes"]]) for k in ("a", "b")}
-        for k, c in pair.items():
-            c["size_ci"] = sizes[k]
+            c["overlap_with_other"], c["complexity"] = overlap, complexity
+
+
+CURVE_COLUMNS = ["dataset", "window", "method", "metric", "size", "loss_full", "loss_empty", "loss_circuit",
+                 "loss_without_circuit", "faithfulness", "recovered_without_circuit"]
+COMPLEXITY_COLUMNS = ["window", "timesteps", "metric", "tau", "faithfulness_target", "size_a", "size_b", "ratio_b_over_a",
+                      "ratio_range_low", "ratio_range_high", "ratio_ci_low", "ratio_ci_high", "resamples",
+                      "topk_size_a", "topk_size_b", "topk_ratio_b_over_a"]
+
+
+def circuit_complexity(circuits: list[dict]) -> pd.DataFrame:
+    """One row per window where both datasets have a claimed circuit: sizes at matched faithfulness, ratio b/a."""
+    rows = []
+    for c in circuits:
+        k = c.get("complexity")
+        if c["dataset"] != "a" or not k or "skipped" in k:
+            continue
+        span, ci = k["ratio_range"] or [None, None], k["ratio_ci"] or [None, None]
+        rows.append({"window": c["window"], "timesteps": ",".join(map(str, c["timesteps"])), "metric": c["metric"],
+                     "tau": c["tau"], "faithfulness_target": k["faithfulness_target"], "size_a": k["size_a"],
+                     "size_b": k["size_b"], "ratio_b_over_a": k["ratio_b_over_a"], "ratio_range_low": span[0],
+                     "ratio_range_high": span[1], "ratio_ci_low": ci[0], "ratio_ci_high": ci[1],
+                     "resamples": k["resamples"], "topk_size_a": k["topk_size_a"], "topk_size_b": k["topk_size_b"],
+                     "topk_ratio_b_over_a": k["topk_ratio_b_over_a"]})
+    return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS).astype({c: float for c in COMPLEXITY_COLUMNS[4:]})

@@ -1,4 +1,11 @@
-"""Bootstrap confidence intervals over independent units (images), via ``scipy.stats.bootstrap``."""
+"""Bootstrap confidence intervals over independent units (images), via ``scipy.stats.bootstrap``.
+
+When an interval is given at all: a percentile interval is withheld (``interval_withheld`` says why)
+when a set has fewer than ``MIN_UNITS_FOR_CI`` units — a bootstrap of 2 images has 3 distinct
+resamples and covers far less than its nominal 95 % — or when fewer than ``MIN_RESAMPLES_FOR_CI``
+resamples were drawn, and (``contains_estimate``) when the interval excludes its own estimate: the
+statistic is then biased at this n by more than its spread, and the interval is not a CI for it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,28 @@ import warnings
 import numpy as np
 from scipy import stats
 
-__all__ = ["column_mean_cis", "mean_ci"]
+__all__ = ["MIN_RESAMPLES_FOR_CI", "MIN_UNITS_FOR_CI", "column_mean_cis", "contains_estimate", "interval_withheld",
+           "mean_ci"]
+
+MIN_UNITS_FOR_CI = 5  # per set; at n = 5 a percentile interval of a mean already covers only ≈ 85 %
+MIN_RESAMPLES_FOR_CI = 200  # below this, 2.5 % / 97.5 % quantiles rest on a handful of resamples
+
+
+def interval_withheld(n_units, n_resamples: int) -> str | None:
+    """Why a bootstrap interval over sets of ``n_units`` (one count per set) is not given, or None."""
+    few = min(int(n) for n in n_units)
+    if few < MIN_UNITS_FOR_CI:
+        return f"{few} images in a set (< {MIN_UNITS_FOR_CI})"
+    if n_resamples < MIN_RESAMPLES_FOR_CI:
+        return f"{n_resamples} bootstrap resamples (< {MIN_RESAMPLES_FOR_CI})"
+    return None
+
+
+def contains_estimate(estimate, low, high) -> np.ndarray:
+    """Whether each interval [low, high] contains its estimate (with a relative tolerance of 1e-9)."""
+    est, low, high = (np.asarray(x, float) for x in (estimate, low, high))
+    tol = 1e-9 * np.maximum(1.0, np.abs(est))
+    return (low <= est + tol) & (est - tol <= high)
 
 
 def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
