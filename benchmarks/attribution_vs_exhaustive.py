@@ -46,7 +46,10 @@ def main() -> None:
     registry = probe_registry(den.network, torch.from_numpy(data.images[:1]), torch.zeros(1, dtype=torch.long))
     heads = targets(registry, "head")
     common = dict(seed=0, batch_size=args.n, registry=registry)
-    estimators = {"first_order": dict(ig_steps=0), "ig": dict(ig_steps=args.ig_steps)}
+    # ig_joint moves every head along one path (its scores split the all-heads ablation: its ranking against single
+    # heads is shown for what it is); ig_per_head integrates along each head's own path (slower than exhaustive)
+    estimators = {"first_order": dict(ig_steps=0), "ig_joint": dict(ig_steps=args.ig_steps),
+                  "ig_per_head": dict(ig_steps=args.ig_steps, ig_path="per_head")}
     estimators |= {f"first_order+gn{k}": dict(probes=int(k)) for k in args.probes.split(",")}
     if args.headline not in estimators:
         parser.error(f"--headline must be one of {', '.join(estimators)}")

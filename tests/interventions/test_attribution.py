@@ -76,12 +76,20 @@ def test_first_order_plus_curvature_is_exact_on_a_linear_toy(method):
     # the remainder is the mean squared change of the prediction, computed here from the weights
     np.testing.assert_allclose(remainder, _mean_sq_prediction_change(den, images, method).reindex(exact.index).to_numpy(),
                                rtol=1e-3, atol=1e-10)
-    # and IG with one midpoint step is exact for the quadratic loss along the path, summed over heads
+    # and joint IG with one midpoint step is exact for the quadratic loss along the path, summed over heads: with
+    # one layer, the path's end is the all-heads ablation it estimates
     ig = attribution_scores(den, images, timesteps=[300], method=method, ig_steps=1, registry=registry)
-    layer = ablation_sweep(den, images, targets=targets(registry, "layer"), methods=[method], timesteps=[300],
+    assert set(ig.estimator) == {"ig_joint"}
+    every = ablation_sweep(den, images, targets=targets(registry, "all"), methods=[method], timesteps=[300],
                            registry=registry).set_index("image").sort_index()
     total = ig.groupby("image").delta_mse.sum()
-    np.testing.assert_allclose(total.to_numpy(), (layer.mse_intervened - layer.mse_clean).to_numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(total.to_numpy(), (every.mse_intervened - every.mse_clean).to_numpy(), rtol=1e-4, atol=1e-9)
+    # per-head IG with one midpoint step is each head's own single-head ablation, exactly
+    own = _by_head(attribution_scores(den, images, timesteps=[300], method=method, ig_steps=1, ig_path="per_head",
+                                      registry=registry, head_chunk=2))
+    assert set(own.estimator) == {"ig_per_head"}
+    np.testing.assert_allclose(own.delta_mse.reindex(exact.index).to_numpy(),
+                               (exact.mse_intervened - exact.mse_clean).to_numpy(), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["zero", "mean"])
@@ -105,3 +113,18 @@ def test_first_order_ranks_heads_like_exhaustive_ablation(small_unet):
     e = exact.groupby("target").degradation_pct.mean()
     a = est.assign(target=est.layer + ":" + est["head"].astype(str)).groupby("target").degradation_pct.mean().reindex(e.index)
     assert spearmanr(a, e).statistic > 0.8
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_per_head_integrated_gradients_converge_to_single_head_ablation(small_unet, method):
+    """Along head h's own path the integral of its gradient is L(h ablated) − L(clean) (fundamental theorem);
+    8 midpoint steps on the small UNet match the exhaustive sweep, heads stacked 5 per forward."""
+    den, images, registry = _setup(small_unet, n=3, size=16)
+    exact = _by_head(ablation_sweep(den, images, targets=targets(registry, "head"), methods=[method], timesteps=[300],
+                                    registry=registry))
+    ig = _by_head(attribution_scores(den, images, timesteps=[300], method=method, ig_steps=8, ig_path="per_head",
+                                     registry=registry, head_chunk=5))
+    truth = (exact.mse_intervened - exact.mse_clean).to_numpy()
+    np.testing.assert_allclose(ig.delta_mse.reindex(exact.index).to_numpy(), truth, rtol=1e-2, atol=1e-4 * np.abs(truth).max())
+    with pytest.raises(ValueError, match="ig_path"):
+        attribution_scores(den, images, timesteps=[300], method=method, ig_steps=2, ig_path="diagonal", registry=registry)

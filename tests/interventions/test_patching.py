@@ -46,6 +46,7 @@ def test_moved_fraction_matches_a_direct_computation(small_unet):
             p = small_unet(x_b, t).sample
     toward, moved = (p_a - p_b).flatten(1), (p - p_b).flatten(1)
     expected = ((moved * toward).sum(1) / toward.pow(2).sum(1)).numpy()
-    np.testing.assert_allclose(rows.moved_frac.to_numpy(), expected, rtol=1e-4, atol=1e-7)
+    # float32 forwards: the projection of a tiny move carries ~1e-6 of summation-order noise (thread count)
+    np.testing.assert_allclose(rows.moved_frac.to_numpy(), expected, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(rows.delta_mse.to_numpy(), moved.pow(2).mean(1).numpy(), rtol=1e-4)
     assert rows.delta_mse.max() > 0

@@ -4,8 +4,18 @@ For image i, head h with clean output slice a (before the output projection) and
 (0 for zero ablation, the reference mean for mean ablation), the effect on the image's ε-MSE L_i is
 
 - first order:   ΔL ≈ (a' − a) · ∂L/∂a |_clean                  (1 forward + 1 backward per batch)
-- integrated gradients (EAP-IG style):  ΔL ≈ (a' − a) · mean_k ∂L/∂a |_{a + α_k (a' − a)}, with
-  α_k = (k + ½)/m, every head shifted along the path together (m more forwards and backwards).
+- integrated gradients, ``ig_path="joint"`` (EAP-IG style, estimator ``ig_joint``):
+  ΔL ≈ (a' − a) · mean_k ∂L/∂a |_{a + α_k (a' − a)}, with α_k = (k + ½)/m, every head shifted along the
+  path *together* (m more forwards and backwards). Its scores split a joint intervention among the heads
+  (they sum to L(end of path) − L(clean), up to the m-point quadrature), so they are compared with the
+  all-heads ablation, not with single-head ablations. The path's end adds each head's clean Δa; where a
+  later head's input depends on an earlier one, that end differs from ablating every head (exact for one
+  layer), so even the total is an approximation of the joint ablation;
+- integrated gradients, ``ig_path="per_head"`` (estimator ``ig_per_head``): for each head h alone, the
+  path from clean to h ablated, ΔL_h ≈ (a'_h − a_h) · mean_k ∂L/∂a_h |_{a + α_k (a'_h − a_h) e_h}:
+  an estimate of h's single-head ablation. Heads are stacked as copies of the batch (each copy shifts one
+  head), ``head_chunk`` at a time; it costs m forwards and backwards per head — more than the
+  exhaustive sweep it estimates, so it is a check of the estimator, not a shortcut.
 - Gauss-Newton ("+gn"): L is a mean of squares, L = ‖ε̂ − ε‖²/P, so with Δε̂ ≈ J·Δa exactly
   ΔL ≈ 2(ε̂ − ε)·JΔa/P + ‖JΔa‖²/P. The first term is the first-order score; the second, which
   dominates when the model is accurate (small ε̂ − ε, e.g. at large t), is estimated for every head
@@ -30,12 +40,14 @@ import torch
 
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
-from diffcircuit.interventions.sweep import ActivationMoments, clean_activations
+from diffcircuit.interventions.sweep import ReferenceImages, reference_moments
 from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
-__all__ = ["attribution_scores"]
+__all__ = ["ESTIMATES", "IG_PATHS", "attribution_scores"]
+
+IG_PATHS = ("joint", "per_head")
 
 
 def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Tensor] | None = None,
@@ -61,12 +73,39 @@ def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Ten
     return values, dict(zip(layers, grads)), loss_per_image.detach(), probe_grads
 
 
+def _per_head_path_grads(net, registry, x_t, t, eps, to_eps, delta: dict[str, torch.Tensor], ig_steps: int,
+                         chunk: int, stacked) -> dict[str, torch.Tensor]:
+    """Per layer ``[B, h, Q, d]``: for each head, ∂L/∂a_h averaged over the points of *its own* path
+    a + α_k Δa_h e_h. Heads are stacked as copies of the batch (copy j shifts head j only), ``chunk`` at once;
+    ``stacked(copies)`` enters the per-image conditioning of the stacked batch."""
+    heads = [(i.layer, h) for i in registry.layers for h in range(i.heads)]
+    out = {layer: torch.zeros_like(d) for layer, d in delta.items()}
+    b = x_t.shape[0]
+    for start in range(0, len(heads), chunk):
+        group = heads[start:start + chunk]
+        c = len(group)
+        x_rep, t_rep, eps_rep = x_t.repeat(c, *[1] * (x_t.ndim - 1)), t.repeat(c), eps.repeat(c, *[1] * (eps.ndim - 1))
+        for k in range(ig_steps):
+            alpha = (k + 0.5) / ig_steps
+            shifts = {layer: torch.zeros((c * b, *d.shape[1:]), dtype=d.dtype, device=d.device) for layer, d in delta.items()}
+            for j, (layer, h) in enumerate(group):  # copy j moves head h of its layer along its own path
+                shifts[layer][j * b:(j + 1) * b, h] = alpha * delta[layer][:, h]
+            with stacked(c):
+                _, grads, _, _ = _graded_pass(net, registry, x_rep, t_rep, eps_rep, to_eps, shifts)
+            for j, (layer, h) in enumerate(group):
+                out[layer][:, h] += grads[layer][j * b:(j + 1) * b, h] / ig_steps
+    return out
+
+
 def _batch_scores(net, registry, x_t, t, eps, to_eps, ablated: Callable[[str, torch.Tensor], torch.Tensor],
-                  ig_steps: int, probes: int = 0, probe_seed: int = 0):
+                  ig_steps: int, probes: int = 0, probe_seed: int = 0, ig_path: str = "joint", head_chunk: int = 8,
+                  stacked=None):
     """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``."""
     clean, grads, loss, probe_grads = _graded_pass(net, registry, x_t, t, eps, to_eps, probes=probes, probe_seed=probe_seed)
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
-    if ig_steps > 0:
+    if ig_steps > 0 and ig_path == "per_head":
+        grads = _per_head_path_grads(net, registry, x_t, t, eps, to_eps, delta, ig_steps, head_chunk, stacked)
+    elif ig_steps > 0:
         grads = {layer: torch.zeros_like(a) for layer, a in clean.items()}
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
@@ -83,8 +122,14 @@ def _batch_scores(net, registry, x_t, t, eps, to_eps, ablated: Callable[[str, to
     return scores, loss
 
 
-def _estimator_name(ig_steps: int, probes: int) -> str:
-    return "ig" if ig_steps > 0 else "first_order+gn" if probes > 0 else "first_order"
+ESTIMATES = {"first_order": "single-head ablation", "first_order+gn": "single-head ablation",
+             "ig_per_head": "single-head ablation", "ig_joint": "all-heads ablation (its share of it, per head)"}
+
+
+def _estimator_name(ig_steps: int, probes: int, ig_path: str) -> str:
+    if ig_steps > 0:
+        return f"ig_{ig_path}"
+    return "first_order+gn" if probes > 0 else "first_order"
 
 
 def attribution_scores(
@@ -94,17 +139,23 @@ def attribution_scores(
     timesteps: Sequence[int],
     method: str = "zero",
     ig_steps: int = 0,
+    ig_path: str = "joint",
     probes: int = 0,
     seed: int = 0,
     dataset: str = "a",
     batch_size: int = 50,
     registry: HeadRegistry | None = None,
+    head_chunk: int = 8,
+    reference: Sequence[ReferenceImages] | None = None,
 ) -> pd.DataFrame:
     """One row per timestep x image x head: the predicted ``degradation_pct`` of ablating that head.
 
-    ``method``: "zero" or "mean" (the mean over ``images`` at the same position and timestep).
-    ``ig_steps`` = 0 gives the first-order estimate, m > 0 integrated gradients with m steps.
-    ``probes`` = K > 0 adds the Gauss-Newton term ‖J·Δa‖²/P, estimated from K random output probes.
+    ``method``: "zero" or "mean" (the mean over the ``reference`` images at the same position and timestep;
+    None: over ``images`` themselves, in-sample).
+    ``ig_steps`` = 0 gives the first-order estimate, m > 0 integrated gradients with m steps, along the
+    all-heads path (``ig_path`` "joint") or along each head's own path ("per_head", ``head_chunk`` heads
+    stacked per forward). ``probes`` = K > 0 adds the Gauss-Newton term ‖J·Δa‖²/P from K random probes.
+    The ``estimator`` column names the estimate; ``ESTIMATES`` says which ablation each one estimates.
     """
     if ig_steps < 0 or probes < 0:
         raise ValueError("ig_steps and probes must be >= 0")
@@ -112,6 +163,8 @@ def attribution_scores(
         raise ValueError("integrated gradients already include the curvature along their path: use ig_steps or probes")
     if method not in ("zero", "mean"):
         raise ValueError("attribution supports zero and mean ablation")
+    if ig_path not in IG_PATHS or head_chunk < 1:
+        raise ValueError(f"ig_path must be one of {IG_PATHS} and head_chunk >= 1")
     net, acp = denoiser.network, denoiser.alphas_cumprod
     x_all, device = torch.from_numpy(np.asarray(images, dtype=np.float32)), model_device(net)
     registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
@@ -123,23 +176,25 @@ def attribution_scores(
             t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
             return add_noise(x_all[idx].to(device), eps, t, acp), t, eps
 
-        means = ActivationMoments()
-        for idx in batches if method == "mean" else ():
-            x_t, t, _ = noisy(idx)
-            with torch.no_grad(), images_of(net, dataset, idx):
-                means.add(clean_activations(net, registry, x_t, t, [])[1])
+        if method == "mean":
+            refs = reference or [ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(len(x_all)))]
+            means = reference_moments(denoiser, registry, refs, t_val, seed=seed, batch_size=batch_size)
         ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).to(a).expand_as(a))
         for idx in batches:
             x_t, t, eps = noisy(idx)
+            def stacked(copies, _idx=idx):  # the stacked batch of per-head IG: ``copies`` copies of these images
+                return images_of(net, dataset, np.tile(_idx, copies))
+
             with images_of(net, dataset, idx):
                 scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps, probes,
-                                             probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]))
+                                             probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]), ig_path=ig_path,
+                                             head_chunk=head_chunk, stacked=stacked)
             for info in registry.layers:
                 s = scores[info.layer]
                 rows.append(pd.DataFrame({
                     "dataset": dataset, "timestep": t_val, "image": np.repeat(idx, info.heads), "layer": info.layer,
                     "head": np.tile(np.arange(info.heads), len(idx)), "method": method,
-                    "estimator": _estimator_name(ig_steps, probes),
+                    "estimator": _estimator_name(ig_steps, probes, ig_path),
                     "delta_mse": s.reshape(-1).double().cpu().numpy(),
                     "degradation_pct": (100 * s / loss[:, None]).reshape(-1).double().cpu().numpy(),
                 }))

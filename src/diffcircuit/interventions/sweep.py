@@ -1,7 +1,9 @@
 """Run a set of ablations over images and timesteps and tabulate the degradation they cause.
 
-Per timestep: one pass over the images collects each target's reference mean and standard
-deviation (for ``mean`` and ``noise``); then, per batch, the clean prediction, the partner images'
+Per timestep: one pass over the reference images collects each target's mean and standard deviation
+(for ``mean`` and ``noise``) — by default the evaluated images themselves (in-sample), or any other
+images (``reference``: e.g. held-out images of the same dataset, so that no evaluated image's own
+activation is part of the value that replaces it); then, per batch, the clean prediction, the partner images'
 activations (for ``resample``) and one intervened forward per target x method. Every random draw
 is keyed by image, timestep and target, so results do not depend on the batch size.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -23,7 +26,17 @@ from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, model_device, x0_mse_per_image
 
-__all__ = ["ActivationMoments", "ablation_sweep", "clean_activations", "x0_psnr"]
+__all__ = ["ActivationMoments", "ReferenceImages", "ablation_sweep", "clean_activations", "reference_moments", "x0_psnr"]
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceImages:
+    """Images whose activations give mean ablation's mean: ``images`` ``[m, C, H, W]`` are rows ``index`` of
+    ``dataset`` (their noise draws and captions are those of these rows)."""
+
+    dataset: str
+    images: np.ndarray
+    index: np.ndarray
 
 
 class ActivationMoments:
@@ -63,6 +76,24 @@ def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dic
     acts = session.pop("head_out")
     acts |= {name: rec[0].cpu() for name, rec in records.items()}
     return pred, acts
+
+
+@torch.no_grad()
+def reference_moments(denoiser, registry, references: Sequence[ReferenceImages], t_val: int, *, seed: int,
+                      batch_size: int, resnets=()) -> ActivationMoments:
+    """Mean and SD of every cached activation over all ``references`` images at timestep ``t_val``."""
+    net, acp = denoiser.network, denoiser.alphas_cumprod
+    device, moments = model_device(net), ActivationMoments()
+    for ref in references:
+        x_all = torch.from_numpy(np.asarray(ref.images, dtype=np.float32))
+        for start in range(0, len(x_all), batch_size):
+            rows = np.asarray(ref.index)[start:start + batch_size]
+            x0 = x_all[start:start + batch_size].to(device)
+            eps = batch_noise(x0.shape[1:], seed=seed, dataset=ref.dataset, images=rows, timestep=t_val).to(device)
+            t = torch.full((len(rows),), t_val, dtype=torch.long, device=device)
+            with images_of(net, ref.dataset, rows):
+                moments.add(clean_activations(net, registry, add_noise(x0, eps, t, acp), t, resnets)[1])
+    return moments
 
 
 def _replacement(method: str, key: str, index: int | None, ref: ActivationMoments, partner: dict, draw):
@@ -109,10 +140,12 @@ def ablation_sweep(
     registry: HeadRegistry | None = None,
     prefix_reuse: bool = True,
     progress: Callable[[int], None] | None = None,
+    reference: Sequence[ReferenceImages] | None = None,
 ) -> pd.DataFrame:
     """One row per target x method x timestep x image: clean and intervened ε- and x₀-MSE.
 
-    With ``prefix_reuse`` (UNet2DModel), each intervened forward restarts from the first block the
+    ``reference``: the images whose mean (and SD) ``mean`` and ``noise`` ablation use; None: ``images``
+    themselves (rows 0..n-1 of ``dataset``, in-sample). With ``prefix_reuse`` (UNet2DModel), each intervened forward restarts from the first block the
     intervention touches, from the clean run's recorded state; results equal the full forward's.
     """
     bad = [m for m in methods if m not in METHODS]
@@ -133,13 +166,13 @@ def ablation_sweep(
         t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
         return x0, eps, t, add_noise(x0, eps, t, acp)
 
+    if reference is None:
+        reference = [ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(n))]
     for t_val in timesteps:
         ref = ActivationMoments()
-        for start in range(0, n, batch_size) if {"mean", "noise"} & set(methods) else ():
-            idx = np.arange(start, min(start + batch_size, n))
-            _, _, t, x_t = noisy(idx, t_val)
-            with images_of(net, dataset, idx):
-                ref.add(clean_activations(net, registry, x_t, t, resnets)[1])
+        if {"mean", "noise"} & set(methods):
+            ref = reference_moments(denoiser, registry, reference, t_val, seed=seed, batch_size=batch_size,
+                                    resnets=resnets)
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             x0, eps, t, x_t = noisy(idx, t_val)
