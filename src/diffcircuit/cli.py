@@ -123,6 +123,37 @@ def _headline(summary: dict) -> Table:
     return table
 
 
+def _interval_text(est, low, high, withheld, p, floor, can_reject) -> str:
+    ci = f"no interval ({withheld})" if low is None else f"[{low:.4g}, {high:.4g}]"
+    flag = "" if can_reject else f", cannot reach p < 0.05 at this n (smallest p {floor:.2g})"
+    return f"{est:.4g} {ci}, p = {p:.3g}{flag}"
+
+
+def _claim_lines(summary: dict) -> list[str]:
+    """The headline divergence and complexity per timestep, each with its interval and flags."""
+    excluded = set((summary.get("paper_comparison") or {}).get("excluded_timesteps", []))
+
+    def flag(t) -> str:
+        return " [uninformative timestep: not a headline claim]" if int(t) in excluded else ""
+
+    lines = [f"entropy b − a (mean over heads, nats), t = {d['timestep']}: "
+             + _interval_text(d["entropy_diff_nats"], d["ci_low_nats"], d["ci_high_nats"], d["ci_withheld"],
+                              d["p_value"], d["p_floor"], d["can_reject"])
+             + f"; {d['n_heads_differ']}/{d['n_heads']} heads differ" + flag(d["timestep"])
+             for d in summary["entropy_divergence"]]
+    ratio = summary.get("complexity_ratio")
+    for r in (ratio or {}).get("per_timestep", []):
+        mde = "unknown" if r["mde_ratio"] is None else f"{r['mde_ratio']:.3g}"
+        lines.append(f"complexity {ratio['measure']}{' (stand-in)' if ratio['stand_in_for'] else ''}, t = {r['timestep']}: "
+                     + _interval_text(r["value"], r["ci_low"], r["ci_high"], r["ci_withheld"], r["p_value"],
+                                      r["p_floor"], r["can_reject"])
+                     + f"; smallest detectable ratio {mde}" + (
+                         " (not the paper's measure)" if ratio["stand_in_for"] else
+                         f" (underpowered vs the paper's {ratio['paper_ratio']})" if r["underpowered"] else "")
+                     + flag(r["timestep"]))
+    return lines
+
+
 @app.command()
 def run(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
@@ -131,6 +162,8 @@ def run(
     data_a: Annotated[str | None, typer.Option("--data-a", help="'synthetic' (default), 'faces', 'nonfaces' or a folder.")] = None,
     data_b: Annotated[str | None, typer.Option("--data-b", help="'faces' (default), 'synthetic', 'nonfaces' or a folder.")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Images per dataset [100].")] = None,
+    synthetic_color: Annotated[str | None, typer.Option("--synthetic-color", help="auto (default: gray when the other set is grayscale), color or gray.")] = None,
+    match_histogram: Annotated[bool | None, typer.Option("--match-histogram/--no-match-histogram", help="Match each synthetic image's luminance histogram to the other set's [off].")] = None,
     timesteps: Annotated[str | None, typer.Option("--timesteps", help="Comma-separated timesteps [100,500,900].")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Noise seed [0].")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="[50]")] = None,
@@ -149,10 +182,14 @@ def run(
     capture: Annotated[str | None, typer.Option("--capture", help="'fused' (default) or 'naive' (explicit softmax reference).")] = None,
     ablate_n: Annotated[int | None, typer.Option("--ablate-n", help="Images per dataset for ablations (0: none) [16].")] = None,
     ablation_methods: Annotated[str | None, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise [zero,mean].")] = None,
-    null_sets: Annotated[int | None, typer.Option("--null-sets", help="Random head sets per layer/block size [10].")] = None,
+    role_null_block: Annotated[int | None, typer.Option("--role-null-block", help="Role null: images per block whose features each head is scored against [100].")] = None,
+    role_permutations: Annotated[int | None, typer.Option("--role-permutations", help="Role null: permutations per test [4999].")] = None,
+    mean_reference: Annotated[str | None, typer.Option("--mean-reference", help="Mean ablation's reference: heldout (default), pooled or insample.")] = None,
+    null_sets: Annotated[int | None, typer.Option("--null-sets", help="Random head sets per layer/block size, the null distribution of critical components [100].")] = None,
     seed_repeats: Annotated[int | None, typer.Option("--seed-repeats", help="Extra noise seeds for seed variance [2].")] = None,
     circuit_resamples: Annotated[int | None, typer.Option("--circuit-resamples", help="Image resamples for circuit stability and CIs [10].")] = None,
-    circuit_taus: Annotated[str | None, typer.Option("--circuit-taus", help="Comma-separated relative loss increases, with 0.05 [0.02,0.05,0.1].")] = None,
+    circuit_taus: Annotated[str | None, typer.Option("--circuit-taus", help="Comma-separated fractions of the gap L_empty - L_full a circuit may lose, with 0.05 [0.02,0.05,0.1].")] = None,
+    circuit_metric: Annotated[str | None, typer.Option("--circuit-metric", help="Circuit loss: 'eps' (ε-MSE, default) or 'output' (distance to the full model's ε̂, as ACDC).")] = None,
     analyses: Annotated[str | None, typer.Option("--analyses", help="Comma-separated: ablation, patching, attribution, discovery [all].")] = None,
     correction: Annotated[str | None, typer.Option("--correction", help="fdr_bh (default, Benjamini-Hochberg) or holm.")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights.")] = None,
@@ -162,11 +199,13 @@ def run(
     import diffcircuit
     from diffcircuit.protocol.config import RunConfig, load_config_file
 
-    flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, timesteps=timesteps, seed=seed, batch_size=batch_size,
+    flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, synthetic_color=synthetic_color,
+                 match_histogram=match_histogram, mean_reference=mean_reference, timesteps=timesteps, seed=seed, batch_size=batch_size,
                  device=device, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label, captions=captions, precision=precision, backend=backend, ray_address=address, workers=workers,
                  threads=threads, shard_images=shard_images, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
+                 role_null_block=role_null_block, role_permutations=role_permutations,
                  null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
-                 circuit_taus=circuit_taus, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
+                 circuit_taus=circuit_taus, circuit_metric=circuit_metric, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(values, source=str(config or "config"))  # validates the file alone first
     cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")
@@ -180,6 +219,11 @@ def run(
             for level, by_method in summary["ablation"]["degradation_range_pct"].items():
                 text = ", ".join(f"{m} {lo:.1f}% to {hi:.1f}%" for m, (lo, hi) in by_method.items())
                 Console().print(f"ablation degradation range ({level}): {text}")
+        if summary.get("uninformative"):
+            pairs = ", ".join(f"{d['dataset']} t={d['timestep']}" for d in summary["uninformative"])
+            Console().print(f"uninformative (the model does not beat the trivial predictor; left out of the headline): {pairs}")
+        for line in _claim_lines(summary):
+            Console().print(line, highlight=False)
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
 
 
@@ -270,7 +314,8 @@ def discover(
     ranking: Annotated[str, typer.Option("--ranking", help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).")] = "attribution",
     probes: Annotated[int | None, typer.Option("--probes", help="Gauss-Newton probes of the attribution ranking (default 1; 0 with --ig-steps).")] = None,
     ig_steps: Annotated[int, typer.Option("--ig-steps", help="Integrated-gradient steps of the attribution ranking (0: first order).")] = 0,
-    taus: Annotated[str, typer.Option("--taus", help="Comma-separated relative loss increases; must include 0.05.")] = "0.02,0.05,0.1",
+    taus: Annotated[str, typer.Option("--taus", help="Comma-separated fractions of the gap L_empty - L_full; must include 0.05.")] = "0.02,0.05,0.1",
+    circuit_metric: Annotated[str, typer.Option("--circuit-metric", help="'eps' (ε-MSE) or 'output' (distance to the full model's ε̂, as ACDC).")] = "eps",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
@@ -283,7 +328,7 @@ def discover(
     """Find minimal circuits (ACDC-style pruning, mean ablation) for one or two distributions."""
     from diffcircuit.protocol.config import parse_timesteps
     from diffcircuit.protocol.discover import DiscoverConfig, run_discovery
-    from diffcircuit.report.html import circuit_curves_plot, circuit_map, save_figure
+    from diffcircuit.report.figures import circuit_curves_plot, circuit_map, save_figure
 
     try:
         tau_values = tuple(float(x) for x in taus.split(",") if x.strip())
@@ -294,7 +339,7 @@ def discover(
                          windows=tuple(parse_timesteps(w) for w in window),
                          seed=seed, batch_size=batch_size, ranking=ranking, ig_steps=ig_steps, taus=tau_values,
                          probes=(0 if ig_steps else 1) if probes is None else probes,
-                         resamples=resamples, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
+                         resamples=resamples, metric=circuit_metric, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
     with _Bars(quiet) as bars:
         result = run_discovery(cfg, out, progress=lambda stage, done, total: bars.update(stage, completed=done, total=total,
                                                                                          description=stage))
@@ -302,18 +347,42 @@ def discover(
     save_figure(out / "figures" / "circuits.png", circuit_map(labelled, result.roles))
     save_figure(out / "figures" / "circuit_curves.png", circuit_curves_plot(result.curves, result.labels))
     if not quiet:
-        table = Table(title=f"circuits (τ = {labelled[0]['tau']}, mean ablation)")
-        for col in ("dataset", "t", "heads", "size CI", "faithfulness", "completeness", "Jaccard [CI]"):
-            table.add_column(col)
+        Console().print(_circuit_table(labelled))
         for c in labelled:
-            o, ci = c.get("overlap_with_other") or {}, c.get("size_ci") or (None, None)
-            jac = "–" if not o or o["jaccard"] is None else (
-                f"{o['jaccard']:.2f}" + ("" if o["ci_low"] is None else f" [{o['ci_low']:.2f}, {o['ci_high']:.2f}]"))
-            table.add_row(c["label"], c["window"], str(len(c["heads"])),
-                          "–" if ci[0] is None else f"[{ci[0]:.0f}, {ci[1]:.0f}]", _num(c["faithfulness"]),
-                          _num(c["completeness"]), jac)
-        Console().print(table)
+            if not c["claimed"]:
+                Console().print(f"{c['label']}, t = {c['window']}: {c['claim']}")
         Console().print(f"wrote {out}/discover.json, circuits/, tables/ and figures/")
+
+
+def _interval(span, ci) -> str:
+    """``[lo, hi]`` for a 95 % interval, ``range lo–hi`` for the bare range of too few replicates."""
+    if ci:
+        return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    return "–" if not span else f"range {span[0]:.3g}–{span[1]:.3g}"
+
+
+def _circuit_table(circuits: list[dict]) -> Table:
+    c0 = circuits[0]
+    table = Table(title=f"circuits (τ = {c0['tau']} of the gap, {c0['method']} ablation, {c0['metric']} loss)")
+    for col in ("dataset", "t", "gap [95% CI], p", "heads", "size range/CI (R)", "faithfulness",
+                "recovered w/o circuit", "necessary", "Jaccard"):
+        table.add_column(col)
+    for c in circuits:
+        g, o = c["gap"], c.get("overlap_with_other") or {}
+        full = c["loss_full"] / 100 if g["relative"] is not None else 1.0  # the gap in % of L_full where L_full > 0
+        unit = "%" if g["relative"] is not None else ""
+        gap = (f"{g['mean'] / full:+.3g}{unit} [{g['ci_low'] / full:+.3g}, {g['ci_high'] / full:+.3g}], "
+               f"p {g['p_value']:.3g}")
+        if not c["claimed"]:
+            table.add_row(c["label"], c["window"], gap, "no circuit", "–", "–", "–", "–", "–")
+            continue
+        jac = "–" if o.get("jaccard") is None else (
+            f"{o['jaccard']:.2f} " + _interval([o["range_low"], o["range_high"]] if o["range_low"] is not None else None,
+                                               [o["ci_low"], o["ci_high"]] if o["ci_low"] is not None else None))
+        table.add_row(c["label"], c["window"], gap, str(c["size"]),
+                      f"{_interval(c['size_range'], c['size_ci'])} ({c['resamples']})", _num(c["faithfulness"]),
+                      _num(c["recovered_without_circuit"]), f"{c['n_necessary']}/{c['size']}", jac)
+    return table
 
 
 def _num(x) -> str:
@@ -357,22 +426,29 @@ def calibrate(
     timestep: Annotated[int, typer.Option("--timestep")] = 500,
     splits: Annotated[int, typer.Option("--splits", help="Random half-vs-half splits.")] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Also check the ablation measures (the primary one) [on].")] = True,
     prompt: PromptOpt = None,
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
 ) -> None:
-    """Split one distribution in random halves many times; print the false-positive rate and CI coverage."""
+    """Split one distribution in random halves many times; for every complexity measure (the primary first), print
+    the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
     from diffcircuit.protocol.calibrate import calibrate as run_calibration
 
     if n < 4 or splits < 1:
         raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
-    res = run_calibration(model=model, data=data, n=n, timestep=timestep, splits=splits, seed=seed,
+    res = run_calibration(model=model, data=data, n=n, timestep=timestep, splits=splits, seed=seed, ablation=ablation,
                           allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
-    print(f"{res.splits} random splits of {res.n_images} images into halves; ratio of mean normalised entropy, "
-          f"alpha {res.alpha}; nominal false-positive rate {res.alpha}, nominal coverage 0.95")
-    print(f"false_positive_rate: {res.false_positive_rate:.3f}")
-    print(f"coverage: {res.coverage:.3f}")
+    print(f"{res.splits} random splits of {res.n_images} images into halves of {res.measures[0].n_per_half}, t = {timestep}; "
+          f"nominal false-positive rate {res.alpha} (tolerated up to {2 * res.alpha:g}), nominal coverage 0.95 (tolerated "
+          "down to 0.90); [Clopper-Pearson 95 % intervals over splits]")
+    for m in res.measures:
+        fp, cov = m.false_positive, m.coverage
+        rate = lambda r: "–" if r.n == 0 else f"{r.rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] of {r.n}"  # noqa: E731
+        print(f"{m.measure}{' (primary)' if m.primary else ''}: false_positive_rate {rate(fp)}: {fp.verdict}; "
+              f"coverage {rate(cov)}: {cov.verdict}")
+    print(f"verdict: {res.verdict}")
 
 
 @app.command()
@@ -483,7 +559,10 @@ def train_tiny(
     t_min: Annotated[int, typer.Option("--t-min", help="Draw training timesteps from t-min..999.")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="'v' (ε-MSE weighted by 1/ᾱ, default) or 'eps' (plain ε-MSE).")] = "v",
     prediction: Annotated[str, typer.Option("--prediction", help="Network output: 'v_prediction' (default) or 'epsilon'.")] = "v_prediction",
-    faces_share: Annotated[float, typer.Option("--faces-share", help="Fraction of each batch drawn from the faces.")] = 0.2,
+    natural_share: Annotated[float, typer.Option("--natural-share", "--faces-share", help="Fraction of each batch from the natural pool (photo crops; faces 0-79 with --composition faces80).")] = 0.2,
+    composition: Annotated[str, typer.Option("--composition", help="'disjoint' (default: shapes and photo crops, no analysed image) or 'faces80' (the old recipe: LFW faces 0-79).")] = "disjoint",
+    photo_pool: Annotated[int, typer.Option("--photo-pool", help="Photo crops in the natural pool (disjoint).")] = 10_000,
+    gray_share: Annotated[float, typer.Option("--gray-share", help="Fraction of synthetic and colour photo images rendered gray (disjoint).")] = 0.5,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Train the embedded model (DDPM, seeded) and write it with its model card."""
@@ -494,13 +573,16 @@ def train_tiny(
         raise DiffcircuitError(f"--loss must be 'v' or 'eps', not {loss!r}")
     if prediction not in ("v_prediction", "epsilon"):
         raise DiffcircuitError(f"--prediction must be 'v_prediction' or 'epsilon', not {prediction!r}")
-    if not 0 <= faces_share <= 1:
-        raise DiffcircuitError(f"--faces-share must lie in [0, 1], not {faces_share}")
+    if not 0 <= natural_share <= 1 or not 0 <= gray_share <= 1:
+        raise DiffcircuitError(f"--natural-share and --gray-share must lie in [0, 1], not {natural_share} and {gray_share}")
+    if composition not in ("disjoint", "faces80") or photo_pool < 1:
+        raise DiffcircuitError(f"--composition must be 'disjoint' or 'faces80' (not {composition!r}) and --photo-pool >= 1")
     if steps < 1 or batch_size < 2 or lr <= 0 or synthetic_pool < 1 or not 0 <= t_min < 1000:
         raise DiffcircuitError("need --steps >= 1, --batch-size >= 2, --lr > 0, --synthetic-pool >= 1, 0 <= --t-min < 1000")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, synthetic_pool=synthetic_pool,
                       warmup_steps=min(200, max(1, steps // 10)), init_from=init_from, t_min=t_min, loss=loss,
-                      prediction=prediction, faces_share=faces_share)
+                      prediction=prediction, natural_share=natural_share, composition=composition,
+                      photo_pool=photo_pool, gray_share=gray_share)
     with _Bars(quiet) as bars:
         train(out, cfg, progress=lambda step, loss: bars.update("train", completed=step, total=steps,
                                                                 description=f"training (loss {loss:.3g})"))

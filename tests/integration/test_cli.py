@@ -14,8 +14,6 @@ import torch
 
 from diffcircuit import probe_registry
 from diffcircuit.cli import main
-from diffcircuit.discovery.circuits import curve_sizes
-from diffcircuit.protocol.config import RunConfig
 from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.metrics.roles import ROLES
 
@@ -24,6 +22,36 @@ def _run(args, capsys):
     code = main(args)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+_ESTIMATES = {"": ("mean", "value", "difference", "excess_pct", "jaccard", "diff_nats"), "_nats": ("entropy_diff_nats", "diff_nats"),
+              "_norm": ("entropy_diff_norm", "diff_norm")}
+
+
+def _assert_intervals_contain_estimates(summary: dict, run_dir) -> None:
+    """No interval in summary.json or the run's tables excludes its own estimate (issue 15, section 8)."""
+    def pairs(keys):
+        for suffix, names in _ESTIMATES.items():
+            if {f"ci_low{suffix}", f"ci_high{suffix}"} <= set(keys):
+                yield from ((e, f"ci_low{suffix}", f"ci_high{suffix}") for e in names if e in keys)
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for est, low, high in pairs(node):
+                if node[low] is not None and node[est] is not None:
+                    assert node[low] - 1e-9 <= node[est] <= node[high] + 1e-9, (where, est, node)
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(summary, "summary")
+    for path in sorted((run_dir / "tables").glob("*.parquet")):
+        table = pd.read_parquet(path)
+        for est, low, high in pairs(table.columns):
+            t = table.dropna(subset=[low, est])
+            assert ((t[low] <= t[est] + 1e-9) & (t[est] <= t[high] + 1e-9)).all(), (path.name, est)
 
 
 def test_info_json_lists_layers(small_model_dir, capsys):
@@ -38,8 +66,8 @@ def test_info_json_lists_layers(small_model_dir, capsys):
 @pytest.fixture
 def tiny_run(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--out", str(out), "--model", str(small_model_dir), "--n", "3", "--timesteps", "20,800",
-            "--batch-size", "2", "--seed", "7", "--quiet"]
+    args = ["run", "--out", str(out), "--model", str(small_model_dir), "--n", "3", "--ablate-n", "2",  # image 2: mean reference
+            "--timesteps", "20,800", "--batch-size", "2", "--seed", "7", "--quiet"]
     code, _, err = _run(args, capsys)
     assert code == 0, err
     return out, args
@@ -58,9 +86,15 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert {d["timestep"] for d in summary["denoising"]} == {20, 800}
     assert [d["timestep"] for d in summary["entropy_divergence"]] == [20, 800]
-    assert {"value", "ci_low", "ci_high", "null_value", "p_value"} <= set(summary["entropy_divergence"][0])
+    assert {"entropy_diff_nats", "ci_low_nats", "ci_high_nats", "p_value", "p_floor", "can_reject", "wasserstein_excess_nats",
+            "wasserstein_p", "legacy_jsd_bits_10bins"} <= set(summary["entropy_divergence"][0])
+    first = summary["entropy_divergence"][0]  # 3 images a dataset: 20 splits, no interval, p ≥ 0.1
+    assert first["ci_low_nats"] is None and first["ci_withheld"] and not first["can_reject"]
+    assert first["p_floor"] == pytest.approx(2 / 20)
     roles = pd.read_parquet(out / "tables" / "head_roles.parquet")
-    assert len(roles) == 2 * n_heads and set(roles.role) <= {*ROLES, "unassigned"}
+    assert len(roles) == 2 * 2 * n_heads and set(roles.role) <= {*ROLES, "positional", "unassigned"}  # per dataset
+    tests = pd.read_parquet(out / "tables" / "role_tests.parquet")
+    assert set(tests.dataset) == {"a", "b"} and tests.n_permutations.dropna().eq(4999).all()
     listed = sorted(h for r in summary["roles"] for h in r["heads"])
     assert listed == sorted(f"{l}:{h}" for l, h in zip(roles.layer, roles["head"]))
     for metric in HEAD_METRICS:
@@ -69,26 +103,47 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     expected_cols = {"dataset", "timestep", "image", "level", "layer", "head", "method", "mse_clean", "mse_intervened",
                      "degradation_pct", "x0_mse_clean", "x0_mse_intervened"}
     assert expected_cols <= set(ablations.columns)
-    n_layers, n_blocks = 7, 5  # blocks: down_blocks.0, down_blocks.1, mid_block, up_blocks.0, up_blocks.1
-    sizes = ablations[ablations.level.isin(["layer", "block"])].drop_duplicates("target").n_heads.nunique()
-    n_random = sizes * 10  # 10 random head sets per distinct layer/block size (the null control)
-    assert len(ablations) == (n_heads + n_layers + n_blocks + n_random) * 2 * 2 * 2 * 3  # targets x methods x datasets x t x images
+    # blocks: down_blocks.0, down_blocks.1 and mid_block hold one layer each (tested once, as the layer), so
+    # up_blocks.0 (8 heads) and up_blocks.1 (4 heads) remain; plus all heads at once
+    n_layers, n_blocks = 7, 2
+    assert set(ablations[ablations.level == "block"].target) == {"up_blocks.0", "up_blocks.1"}
+    assert set(ablations[ablations.target == "down_blocks.0.attentions.0"].also_named) == {"down_blocks.0"}
+    # random sets per size: max(100, 20 x 7 layers) for the layer sizes 2 and 4, 100 for the block size 8
+    n_random = 140 + 140 + 100
+    assert ablations[ablations.level == "random"].groupby("n_heads").target.nunique().to_dict() == {2: 140, 4: 140, 8: 100}
+    assert len(ablations) == (n_heads + n_layers + n_blocks + 1 + n_random) * 2 * 2 * 2 * 2  # targets x methods x datasets x t x images
+    # the random-weight model beats the trivial predictor nowhere: no timestep is informative, so no component is
+    # tested (critical claims are withheld) and the ablation headline says what it left out
+    informative = pd.read_parquet(out / "tables" / "denoising_tests.parquet")
+    assert len(informative) == 2 * 2 and not informative.informative.any()
+    assert {(d["dataset"], d["timestep"]) for d in summary["uninformative"]} == {(d, t) for d in "ab" for t in (20, 800)}
+    assert len(summary["ablation"]["excluded"]) == 4 and summary["ablation"]["degradation_range_pct"] == {}
     critical = pd.read_parquet(out / "tables" / "critical.parquet")
+    assert critical.empty and summary["ablation"]["n_tested"] == {}
+    from diffcircuit.protocol.analyses import critical_table
+
+    critical = critical_table(ablations, seed=7)  # every timestep, as if informative
     assert len(critical) == (n_heads + n_layers + n_blocks) * 2 and critical.p_corrected.between(0, 1).all()
-    assert "critical" in summary["ablation"] and summary["ablation"]["n_tested"]["head/zero"] == n_heads
+    sets = critical[critical.level != "head"]  # floor: the rank among >= 100 sets, or the 2^6 sign flips of 6 images
+    np.testing.assert_allclose(sets.p_floor, np.maximum(1 / (sets.n_null_sets + 1), 1 / 2 ** sets.n_units))
+    assert (sets.n_null_sets >= 100).all() and (1 / (sets.n_null_sets + 1) < 1 / 11).all()
     np.testing.assert_allclose(ablations.degradation_pct,
                                100 * (ablations.mse_intervened - ablations.mse_clean) / ablations.mse_clean, rtol=1e-6)
-    assert summary["ablation"]["degradation_range_pct"]["head"].keys() == {"zero", "mean"}
+    assert set(ablations[ablations.level == "head"].method) == {"zero", "mean"}
     patching = pd.read_parquet(out / "tables" / "patching.parquet")
-    assert len(patching) == (n_heads + n_layers) * 2 * 3  # targets x timesteps x pairs
+    assert len(patching) == (n_heads + n_layers) * 2 * 2  # targets x timesteps x pairs
     assert summary["patching"]["source"] == "faces" and summary["patching"]["receiver"] == "synthetic"
     assert "Activation patching" in (out / "report.html").read_text()
     attribution = pd.read_parquet(out / "tables" / "attribution.parquet")
-    estimators = ("first_order", "ig", "first_order+gn")
-    assert set(attribution.estimator) == set(estimators) and len(attribution) == n_heads * 3 * 2 * 2 * 2 * 3
-    assert set(summary["complexity_ratio"]) >= {"measure", "value", "ci_low", "ci_high", "p_value"}
+    estimators = ("first_order", "ig_joint", "first_order+gn")
+    assert set(attribution.estimator) == set(estimators) and len(attribution) == n_heads * 3 * 2 * 2 * 2 * 2
+    assert set(summary["complexity_ratio"]) >= {"measure", "stand_in_for", "per_timestep", "pooled", "paper_ratio"}
     assert summary["complexity_ratio"]["measure"] == "ablation_participation_ratio"
-    assert len(summary["complexity_measures"]) == 4
+    assert summary["complexity_ratio"]["stand_in_for"] is None
+    assert [r["timestep"] for r in summary["complexity_ratio"]["per_timestep"]] == [20, 800]
+    assert len(summary["complexity_measures"]) == 4 * 3  # measures x (2 timesteps + pooled)
+    assert all(r["underpowered"] and r["mde_ratio"] is None for r in summary["complexity_measures"])  # n = 3
+    _assert_intervals_contain_estimates(summary, out)
     tests = pd.read_parquet(out / "tables" / "tests.parquet")
     assert {"family", "what", "statistic", "p_value", "p_corrected", "effect_size", "n_a", "n_b"} <= set(tests.columns)
     assert (tests.p_value > 0).all() and (tests.p_corrected >= tests.p_value - 1e-12).all()
@@ -101,20 +156,18 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
         assert row.value == pytest.approx(expected)
     assert summary["pending"] == []
     circuit = json.loads((out / "circuits" / "a_t20.json").read_text())
-    assert {"dataset", "timesteps", "method", "tau", "heads", "faithfulness", "completeness",
-            "selection_frequency"} <= set(circuit)
+    assert {"dataset", "timesteps", "method", "metric", "tau", "heads", "faithfulness", "recovered_without_circuit",
+            "claimed", "claim", "gap", "loss_full", "loss_empty", "n_necessary", "selection_frequency"} <= set(circuit)
     table = pd.read_parquet(out / "tables" / "circuits.parquet")
     assert len(table) == 2 * 2 * 3 * n_heads  # datasets x windows x taus x heads
-    curves = pd.read_parquet(out / "tables" / "circuit_curves.parquet")
-    assert len(curves) == 2 * 2 * len(curve_sizes(n_heads))
-    ends = curves[curves["size"].isin([0, n_heads])].sort_values("size")
-    np.testing.assert_allclose(ends.faithfulness, [0] * 4 + [1] * 4, atol=1e-9)  # nothing kept / everything kept
-    overlap = circuit["overlap_with_other"]
-    assert overlap["resamples"] == RunConfig.__dataclass_fields__["circuit_resamples"].default
-    if overlap["resamples_defined"] >= 2:  # replicates where both circuits are empty have no Jaccard
-        assert overlap["ci_low"] <= overlap["ci_high"]
-    else:
-        assert overlap["ci_low"] is None and overlap["ci_high"] is None
+    for path in (out / "circuits").glob("*.json"):  # 2 images: 4 sign patterns, p >= 1/4, so nothing is claimed
+        c = json.loads(path.read_text())
+        assert c["gap"]["n_images"] == 2 and c["gap"]["p_floor"] == 1 / 4
+        assert not c["claimed"] and "cannot reach p < 0.05" in c["claim"] and c["heads"] is None
+        assert c["faithfulness"] is None and c["overlap_with_other"]["jaccard"] is None
+    assert not table.claimed.any() and len(pd.read_parquet(out / "tables" / "circuit_curves.parquet")) == 0
+    assert len(pd.read_parquet(out / "tables" / "circuit_complexity.parquet")) == 0  # no window with two circuits
+    assert all(not w["claimed"] for w in summary["circuits"]["windows"]) and summary["circuits"]["tau"] == 0.05
     assert (out / "figures" / "circuits.png").exists() and (out / "figures" / "circuit_curves.png").exists()
     assert {(r["estimator"], r["method"]) for r in summary["attribution"]} == {
         (e, m) for e in estimators for m in ("zero", "mean")}
@@ -122,6 +175,7 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert synthetic.object_affinity.notna().all() and heads[heads.dataset == "b"].object_affinity.isna().all()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and (out / "figures" / "entropy_heatmap.png").exists()
+    assert "no circuit: ablating every head does not hurt significantly at this n" in html
     figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert figures == ["ablation_heads", "attention_gallery", "circuit_curves", "circuits", "divergence",
                        "entropy_heatmap", "role_map"]
@@ -131,9 +185,15 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     np.testing.assert_allclose([m.sum() for m in gallery["map"]], 1, atol=1e-5)
     cmp = summary["paper_comparison"]
     divergence = pd.read_parquet(out / "tables" / "divergence.parquet")
-    assert cmp["divergence_range"]["low"]["bias_corrected"] == pytest.approx(divergence.bias_corrected.min())
-    assert cmp["complexity_ratio"]["value"] == summary["complexity_ratio"]["value"]
+    low = cmp["divergence_range"]["entropy_difference_nats"]["low"]
+    assert low["entropy_diff_nats"] == pytest.approx(divergence.entropy_diff_nats.min())
+    assert cmp["divergence_range"]["paper_definition"].startswith("unknown")
+    assert "definition of divergence is unknown" in html
+    assert cmp["complexity_ratio"]["per_timestep"] == summary["complexity_ratio"]["per_timestep"]
     assert "The paper's claims, measured here" in html and "25.6 – 128.3" in html
+    datasets = pd.read_parquet(out / "tables" / "datasets.parquet")
+    assert len(datasets) == 5 and len(summary["dataset_differences"]) == 5 and "What else differs" in html
+    assert manifest["datasets"]["a"]["rendering"] == "gray" and manifest["datasets"]["b"]["in_training_set"] is None
 
 
 def test_reported_entropy_agrees_with_a_plain_pytorch_reference(tiny_run, small_model_dir):
@@ -149,7 +209,7 @@ def test_reported_entropy_agrees_with_a_plain_pytorch_reference(tiny_run, small_
     layer = "down_blocks.0.attentions.0"
     captured = {}
     net.get_submodule(layer).register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
-    x0 = torch.from_numpy(synthetic_images(3, size=16, seed=7)[0][2:3])
+    x0 = torch.from_numpy(synthetic_images(3, size=16, seed=7, gray=True)[0][2:3])  # gray: the faces (b) are
     eps = image_noise((3, 16, 16), seed=7, dataset="a", image=2, timestep=800)[None]
     t = torch.tensor([800])
     from diffusers import DDPMScheduler
@@ -249,11 +309,16 @@ def test_calibrate_prints_rates_within_binomial_tolerance(small_model_dir, capsy
                            "--splits", "100"], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
-    fpr = float(lines[-2].removeprefix("false_positive_rate: "))
-    coverage = float(lines[-1].removeprefix("coverage: "))
+    assert lines[1].startswith("ablation_participation_ratio (primary): false_positive_rate ")  # the primary first
+    assert [line.split(":")[0].split(" ")[0] for line in lines[1:5]] == [
+        "ablation_participation_ratio", "ablation_heads_for_90pct", "mean_entropy_norm", "mean_effective_keys_frac"]
     lo, hi = stats.binom.ppf([0.0005, 0.9995], 100, 0.05) / 100
-    assert lo <= fpr <= hi
-    assert 0.85 <= coverage <= 1.0
+    for line in lines[1:5]:
+        fpr = float(line.split("false_positive_rate ")[1].split(" ")[0])
+        coverage = float(line.split("coverage ")[1].split(" ")[0])
+        assert lo <= fpr <= hi and 0.85 <= coverage <= 1.0, line
+        assert line.count("consistent with nominal") + line.count("too few splits to tell") == 2, line
+    assert lines[-1].startswith("verdict: ")
 
 
 def test_config_file_and_flag_override(tmp_path, small_model_dir, capsys):
@@ -267,6 +332,11 @@ def test_config_file_and_flag_override(tmp_path, small_model_dir, capsys):
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["n"] == 2 and manifest["config"]["seed"] == 3 and manifest["config"]["timesteps"] == [10]
+    summary = json.loads((out / "summary.json").read_text())  # no ablation: the complexity row is a labelled stand-in
+    assert summary["complexity_ratio"]["stand_in_for"] == "ablation_participation_ratio"
+    assert "withheld" in summary["paper_comparison"]["complexity_ratio"]
+    assert "(stand-in: ablation not run)" in (out / "report.html").read_text()
+    _assert_intervals_contain_estimates(summary, out)
     assert _run(["init-config", str(cfg)], capsys)[0] == 1  # refuses to overwrite without --force
     cfg.write_text("n: 2\nbogus_key: 1\n")
     code, _, err = _run(["run", "--out", str(tmp_path / "r2"), "--config", str(cfg)], capsys)
@@ -287,19 +357,35 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
     assert json.loads((out / "circuits" / "a_t20-700.json").read_text())["timesteps"] == [20, 700]
     circuit = json.loads((out / "circuits" / "b_t700.json").read_text())
     assert circuit["ranking"] == "attribution: first order + Gauss-Newton (1 probe), mean ablation"
-    assert circuit["overlap_with_other"]["resamples"] == 2
-    assert set(circuit["heads"]) <= {f"{l}:{h}" for l, h in pd.read_parquet(out / "tables" / "head_roles.parquet")[["layer", "head"]].itertuples(index=False)}
+    assert not circuit["claimed"] and circuit["heads"] is None  # 3 images cannot show a positive gap at p < 0.05
     importance = pd.read_parquet(out / "tables" / "importance.parquet")
     assert len(importance) == 2 * 2 * 3 * n_heads  # datasets x timesteps x images x heads
     table = pd.read_parquet(out / "tables" / "circuits.parquet")
     primary = table[(table.tau == 0.05) & (table.dataset == "b") & (table.window == "700")]
-    assert sorted(primary[primary.in_circuit]["head"]) == sorted(circuit["heads"])
+    assert len(primary) == n_heads and not primary.in_circuit.any()
     assert (out / "figures" / "circuits.png").stat().st_size > 1000 and (out / "figures" / "circuit_curves.png").exists()
     assert json.loads((out / "discover.json").read_text())["config"]["ranking"] == "attribution"
 
 
+def test_discover_claims_a_circuit_with_its_gap_necessity_and_labelled_range(tmp_path, capsys):
+    out = tmp_path / "disc"
+    code, printed, err = _run(["discover", "--out", str(out), "--n", "6", "--timesteps", "300", "--data-b", "none",
+                               "--resamples", "2", "--circuit-metric", "output"], capsys)
+    assert code == 0, err
+    c = json.loads((out / "circuits" / "a_t300.json").read_text())
+    assert c["metric"] == "output" and c["loss_full"] == 0  # distance to the full model's own output
+    assert c["claimed"] and c["gap"]["p_value"] == 1 / 64 and len(c["heads"]) == c["size"] > 0  # all 6 images agree
+    assert c["size_ci"] is None and c["size_range"] == [min(c["boot_sizes"]), max(c["boot_sizes"])]
+    assert 0 <= c["n_necessary"] <= c["size"] and c["faithfulness"] >= 0.95
+    assert "range" in printed  # two resamples: their range, not a CI
+    record = json.loads((out / "discover.json").read_text())
+    assert record["config"]["metric"] == "output" and record["circuits"][0]["claimed"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ranking", "magic"], "--ranking must be one of"),
+    (["--circuit-metric", "kl"], "--circuit-metric must be one of"),
+    (["--taus", "0.05,1.5"], "a fraction of the gap"),
     (["--ig-steps", "-1"], "--ig-steps >= 0"),
     (["--ig-steps", "2", "--probes", "1"], "alternatives"),
     (["--taus", "0.02,0.1"], "must include the primary"),
@@ -436,6 +522,6 @@ def test_a_processor_diffcircuit_does_not_reproduce_is_listed_by_info_and_refuse
     info = json.loads(out)
     assert code == 0 and len(info["layers"]) == 4 and all(l["query_grid"] is None for l in info["layers"])
     assert "AttnAddedKVProcessor2_0" in info["note"]
-    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder), *embeds, "--n", "2"], capsys)
+    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder), *embeds, "--n", "2", "--ablate-n", "1"], capsys)
     assert code == 1 and "AttnAddedKVProcessor2_0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

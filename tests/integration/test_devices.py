@@ -60,7 +60,7 @@ def test_bf16_autocast_changes_the_forward_but_keeps_statistics_fp32_and_close(s
 def test_an_unavailable_or_unknown_device_is_refused_in_one_line(small_model_dir_module, tmp_path, capsys):
     from diffcircuit.cli import main
 
-    base = ["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir_module), "--n", "2", "--quiet"]
+    base = ["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir_module), "--n", "2", "--ablate-n", "1", "--quiet"]
     assert main([*base, "--device", "tpu"]) != 0
     assert "--device must be" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -243,7 +243,7 @@ def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(t
     assert set(pictures["size"]) == {32} and set(pictures.channels) == {3}
     heads = pd.read_parquet(run / "tables" / "head_metrics.parquet")
     den = load_conditioned(str(folder))
-    images = model_images(den, "synthetic", n=3)
+    images = model_images(den, "synthetic", n=3, gray=True)  # rendered gray: the run's other set, faces, is
     direct, _ = observe(den, images.images, timesteps=[20], masks=images.masks, pictures=images.pixels, dataset="a")
     mine = heads[(heads.dataset == "a") & (heads.timestep == 20)].sort_values(["image", "layer", "head"])
     direct = direct.sort_values(["image", "layer", "head"])

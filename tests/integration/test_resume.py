@@ -45,7 +45,7 @@ def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
             proc.kill()
 
 
-@pytest.mark.parametrize("first", ["observe_s3_a_t800_0-3.images.parquet", "ablate_b_t20.table.parquet"])  # mid-observation, mid-interventions
+@pytest.mark.parametrize("first", ["observe_s3_a_t800_0-3.null.parquet", "ablate_b_t20.table.parquet"])  # mid-observation, mid-interventions
 def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_module, tmp_path, reference, first,
                                                                run_outputs, assert_same_outputs):
     out = tmp_path / "run"

@@ -36,12 +36,53 @@ def test_head_summary_means_and_cis():
 
 
 def test_divergence_finds_the_head_that_differs():
-    tables = derived_tables(_heads(n=80))
-    per_head = tables["divergence_heads"].query("timestep == 100").set_index("head").jsd_bits
-    assert per_head.idxmax() == 0
-    div = tables["divergence"]
-    assert list(div.timestep) == [100, 900] and (div.p_value < 0.05).all()
-    assert div.value.iloc[0] == pytest.approx(per_head.mean())
+    heads = _heads(n=40)
+    tables = derived_tables(heads)
+    per_head = tables["divergence_heads"].query("timestep == 100").set_index("head")
+    assert per_head.differs.tolist() == [True, False, False] and per_head.q_value[0] < 0.01
+    g = heads.query("timestep == 100 and head == 0")
+    expected = g[g.dataset == "b"].entropy_nats.mean() - g[g.dataset == "a"].entropy_nats.mean()
+    assert per_head.diff_nats[0] == pytest.approx(expected) and per_head.ci_low_nats[0] > 0.6  # planted: 0.8
+    assert per_head.diff_norm[0] == pytest.approx(expected / np.log(64))
+    div = tables["divergence"].set_index("timestep")
+    assert list(div.index) == [100, 900] and div.n_heads_differ.tolist() == [1, 1]  # head 0 differs at both
+    assert div.entropy_diff_nats[100] == pytest.approx(per_head.diff_nats.mean())
+    assert div.p_value[100] < 0.01 and div.wasserstein_p[100] < 0.01 and div.wasserstein_excess_nats[100] > 0.1
+    assert div.wasserstein_nats[100] == pytest.approx(per_head.wasserstein_nats.mean())
+    # the figure draws W1 against the critical value: it is above exactly when p < 0.05
+    assert ((div.wasserstein_nats > div.wasserstein_null_critical_nats) == (div.wasserstein_p < 0.05)).all()
+    tests = tables["tests"]
+    assert set(tests.family) >= {"entropy_difference t=100", "entropy_difference t=900", "divergence_wasserstein"}
+    assert len(tests[tests.family == "entropy_difference t=100"]) == 3 and tests.can_reject.all()
+
+
+def test_complexity_per_timestep_against_plain_means():
+    heads = _heads(n=30)
+    table = derived_tables(heads)["complexity"]
+    rows = table[table.measure == "mean_entropy_norm"].set_index("scope")
+    assert list(table[table.measure == "mean_entropy_norm"].timestep.astype("object").fillna(-1)) == [100, 900, -1]
+    for t in (100, 900):
+        row = table.query("measure == 'mean_entropy_norm' and timestep == @t").iloc[0]
+        g = heads[heads.timestep == t]
+        assert row.value == pytest.approx(g[g.dataset == "b"].entropy_norm.mean() / g[g.dataset == "a"].entropy_norm.mean())
+        assert row.ci_low < row.value < row.ci_high and row.can_reject and row.mde_ratio > 1
+    assert rows.loc["pooled_over_timesteps", "value"] == pytest.approx(
+        heads[heads.dataset == "b"].entropy_norm.mean() / heads[heads.dataset == "a"].entropy_norm.mean())
+    assert not table.primary.any()  # no ablations: no primary measure here
+
+
+def test_no_derived_interval_excludes_its_estimate():
+    from diffcircuit.stats.bootstrap import contains_estimate
+
+    tables = derived_tables(_heads(n=12, seed=3))
+    checks = [("divergence", "entropy_diff_nats", "ci_low_nats", "ci_high_nats"),
+              ("divergence", "entropy_diff_norm", "ci_low_norm", "ci_high_norm"),
+              ("divergence_heads", "diff_nats", "ci_low_nats", "ci_high_nats"),
+              ("divergence_heads", "diff_norm", "ci_low_norm", "ci_high_norm"),
+              ("complexity", "value", "ci_low", "ci_high"), ("head_summary", "mean", "ci_low", "ci_high")]
+    for name, est, low, high in checks:
+        t = tables[name].dropna(subset=[low])
+        assert len(t) and contains_estimate(t[est], t[low], t[high]).all(), name
 
 
 def test_holm_correction_on_request():

@@ -73,13 +73,16 @@ def _encoded(codec: LatentCodec, pixels, batch_size: int, progress: Callable[[in
 
 
 def model_images(den, spec: str, *, n: int, seed: int = 0, skip_bad: bool = False, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None) -> ImageSet:
+                 progress: Callable[[int], None] | None = None, gray: bool = False,
+                 match_to: np.ndarray | None = None) -> ImageSet:
     """``n`` images of ``spec`` prepared for ``den``'s network: pixels at its size and channels, or, for a latent
-    model, pixels at the autoencoder's size encoded to latents (``pixels`` keeps the images)."""
+    model, pixels at the autoencoder's size encoded to latents (``pixels`` keeps the images). ``gray`` and
+    ``match_to`` (pixels of another set) render the synthetic set grayscale or histogram-matched (``data.spec``)."""
     codec = den.codec
     if codec is None:
-        return load_images(spec, n=n, size=den.sample_size, channels=den.in_channels, seed=seed, skip_bad=skip_bad)
+        return load_images(spec, n=n, size=den.sample_size, channels=den.in_channels, seed=seed, skip_bad=skip_bad,
+                           gray=gray, match_to=match_to)
     pixels = load_images(spec, n=n, size=den.sample_size * codec.factor, channels=codec.pixel_channels, seed=seed,
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, gray=gray, match_to=match_to)
     latents = _encoded(codec, pixels.images, batch_size, progress)
     return dataclasses.replace(pixels, images=latents, pixels=pixels.images)

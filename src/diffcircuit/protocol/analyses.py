@@ -2,13 +2,21 @@
 
 - ``head_summary``: per dataset x timestep x head x metric, the mean over images with a 95 %
   percentile-bootstrap CI (images resampled, one bootstrap per dataset and timestep for all heads);
-- ``head_roles``: each head's role per timestep (``metrics.roles``);
-- ``divergence`` / ``divergence_heads``: per timestep, the JSD between the datasets' per-image head
-  entropies averaged over heads with CI and permutation null; and each head's own JSD;
-- ``complexity``: each complexity measure per dataset and the b/a ratio with CI and p-value
-  (``stats.complexity``); the primary measure is the participation ratio of single-head mean-ablation
-  effects — causal, and the effective number of heads that matter;
-- ``critical``: every head, layer and block ablation against random heads of the same count;
+- ``role_tests`` / ``head_roles``: each content probe of each head against its null, and each head's role
+  per dataset and timestep (``protocol.roles``, ``metrics.roles``);
+- ``divergence_heads``: per timestep x head, the entropy difference b − a (nats and normalised) with
+  a bootstrap CI over images, permutation p and BH q over the heads of the timestep; its
+  Wasserstein-1 divergence against the permutation null; the legacy 10-bin JSD (``stats.divergence``);
+- ``divergence``: per timestep, the same averaged over heads (each with CI / null and p), and how many
+  heads differ (q < 0.05);
+- ``complexity``: each complexity measure per dataset and the b/a ratio with CI, p-value and the
+  smallest detectable ratio (``stats.complexity``), per timestep and, labelled ``scope =
+  "pooled_over_timesteps"``, pooled; the primary measure is the participation ratio of single-head
+  mean-ablation effects — causal, and the effective number of heads that matter;
+- ``denoising_tests``: per dataset x timestep, whether the model beats the trivial predictor (paired,
+  one-sided, corrected over the family); ``informative_timesteps`` is the set of pairs where it does;
+- ``critical``: every distinct head, layer and block ablation against the distribution of random head
+  sets of its size (rank among them and a sign-flip test over images), at informative timesteps;
 - ``tests``: every hypothesis test performed, with p, corrected p within its family
   (Benjamini–Hochberg by default, Holm with ``correction="holm"``), effect size and n.
 """
@@ -19,16 +27,19 @@ import numpy as np
 import pandas as pd
 
 from diffcircuit.metrics.attention import HEAD_METRICS
-from diffcircuit.metrics.roles import assign_roles
 from diffcircuit.stats.bootstrap import column_mean_cis, mean_ci
 from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
-from diffcircuit.stats.divergence import head_jsd, mean_jsd_test
-from diffcircuit.stats.tests import correct_pvalues, paired_test, two_sample_test
+from diffcircuit.stats.divergence import head_jsd, mean_difference_test, wasserstein_per_head, wasserstein_test
+from diffcircuit.protocol.roles import head_roles_table, role_tests_table
+from diffcircuit.stats.tests import cohens_d, correct_pvalues, paired_test, random_set_test
 
-__all__ = ["PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table", "derived_tables",
-           "divergence_tables", "guidance_table", "head_summary_table", "seed_quantities", "tests_table"]
+__all__ = ["ALPHA", "PAPER_COMPLEXITY_RATIO", "PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table",
+           "denoising_tests", "derived_tables", "divergence_tables", "guidance_table", "head_summary_table",
+           "informative_timesteps", "seed_quantities", "tests_table"]
 
 PRIMARY_COMPLEXITY = "ablation_participation_ratio"
+PAPER_COMPLEXITY_RATIO = 1.084  # arXiv 2506.17237's abstract; only compared with each ratio's detectable size
+ALPHA = 0.05
 _N_RESAMPLES = 2000
 
 SUMMARY_METRICS = ("entropy_nats", "entropy_norm", *HEAD_METRICS)
@@ -39,6 +50,8 @@ def head_summary_table(heads: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     frames = []
     for (dataset, t), g in heads.groupby(["dataset", "timestep"], sort=True):
         wide = g.pivot_table(index="image", columns=["layer", "head"], values=list(SUMMARY_METRICS), dropna=False)
+        exists = set(zip(g.layer, g["head"]))  # dropna=False makes every layer x head pair: keep the real heads
+        wide = wide.loc[:, [(layer, head) in exists for _, layer, head in wide.columns]]
         mean, low, high = column_mean_cis(wide.to_numpy(), seed=seed)
         cols = wide.columns.to_frame(index=False).rename(columns={None: "metric"})
         cols.columns = ["metric", "layer", "head"]
@@ -48,22 +61,68 @@ def head_summary_table(heads: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[order]
 
 
+def _entropy_wide(g: pd.DataFrame, value: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """One timestep's rows -> a [n_a, H], b [n_b, H] of ``value`` and the (layer, head) of each column."""
+    wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values=value)
+    return wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy(), wide.columns.to_frame(index=False)
+
+
+def _heads_rows(t: int, cols: pd.DataFrame, nats, norm, w, a: np.ndarray, b: np.ndarray) -> pd.DataFrame:
+    """divergence_heads rows of one timestep: per head the entropy difference, W1 and legacy JSD."""
+    return cols.assign(
+        timestep=t, n_a=nats.n_a, n_b=nats.n_b, mean_a_nats=nats.mean_a, mean_b_nats=nats.mean_b,
+        diff_nats=nats.difference, ci_low_nats=nats.ci_low, ci_high_nats=nats.ci_high,
+        diff_norm=norm.difference, ci_low_norm=norm.ci_low, ci_high_norm=norm.ci_high, ci_withheld=nats.ci_withheld,
+        p_value=nats.p_value, q_value=nats.q_value, differs=nats.q_value < ALPHA, p_floor=nats.p_floor,
+        n_permutations=nats.n_permutations,
+        can_reject=nats.can_reject, cohens_d=[cohens_d(b[:, h], a[:, h]) for h in range(a.shape[1])],
+        wasserstein_nats=w.per_head, wasserstein_excess_nats=w.per_head - w.per_head_null_mean,
+        wasserstein_p=w.per_head_p, wasserstein_q=w.per_head_q, wasserstein_can_reject=w.heads_can_reject,
+        legacy_jsd_bits_10bins=head_jsd(a, b))[
+        ["timestep", "layer", "head", *_HEAD_COLUMNS]]
+
+
+_HEAD_COLUMNS = ("n_a", "n_b", "mean_a_nats", "mean_b_nats", "diff_nats", "ci_low_nats", "ci_high_nats", "diff_norm",
+                 "ci_low_norm", "ci_high_norm", "ci_withheld", "p_value", "q_value", "differs", "p_floor", "n_permutations", "can_reject",
+                 "cohens_d", "wasserstein_nats", "wasserstein_excess_nats", "wasserstein_p", "wasserstein_q",
+                 "wasserstein_can_reject", "legacy_jsd_bits_10bins")
+
+
+def _timestep_row(t: int, nats, norm, mean_nats, mean_norm, w, legacy) -> dict:
+    """The divergence row of one timestep: means over heads, each with its interval or null."""
+    scalar = lambda x: float(np.asarray(x).ravel()[0])  # noqa: E731  (one-column MeanDifference)
+    return {"timestep": t, "n_a": nats.n_a, "n_b": nats.n_b, "n_heads": len(nats.difference),
+            "entropy_diff_nats": scalar(mean_nats.difference), "ci_low_nats": scalar(mean_nats.ci_low),
+            "ci_high_nats": scalar(mean_nats.ci_high), "p_value": scalar(mean_nats.p_value),
+            "entropy_diff_norm": scalar(mean_norm.difference), "ci_low_norm": scalar(mean_norm.ci_low),
+            "ci_high_norm": scalar(mean_norm.ci_high), "p_value_norm": scalar(mean_norm.p_value),
+            "ci_withheld": mean_nats.ci_withheld, "p_floor": mean_nats.p_floor, "can_reject": mean_nats.can_reject,
+            "n_resamples": mean_nats.n_resamples, "n_permutations": mean_nats.n_permutations,
+            "n_heads_differ": int((nats.q_value < ALPHA).sum()), "heads_can_reject": nats.can_reject,
+            "wasserstein_nats": w.value, "wasserstein_null_mean_nats": w.null_mean,
+            "wasserstein_excess_nats": w.excess, "wasserstein_null_critical_nats": w.null_critical,
+            "wasserstein_p": w.p_value, "wasserstein_p_floor": w.p_floor, "wasserstein_can_reject": w.can_reject,
+            "wasserstein_n_permutations": w.n_permutations, "legacy_jsd_bits_10bins": float(legacy.mean())}
+
+
 def divergence_tables(heads: pd.DataFrame, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per timestep (mean over heads, with CI and null) and per head, JSD in bits of entropies a vs b."""
+    """Per timestep and per timestep x head: how the two datasets' head entropies differ (``stats.divergence``)."""
     rows, per_head = [], []
     for t, g in heads.groupby("timestep", sort=True):
-        wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values="entropy_nats")
-        res = mean_jsd_test(wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy(), seed=seed)
-        rows.append({"timestep": int(t), "value": res.value, "bias_corrected": res.bias_corrected,
-                     "ci_low": res.ci_low, "ci_high": res.ci_high, "null_value": res.null_value,
-                     "p_value": res.p_value, "n_permutations": res.n_permutations})
-        cols = wide.columns.to_frame(index=False)
-        per_head.append(cols.assign(timestep=int(t), jsd_bits=res.per_head)[["timestep", "layer", "head", "jsd_bits"]])
+        a, b, cols = _entropy_wide(g, "entropy_nats")
+        a_norm, b_norm, _ = _entropy_wide(g, "entropy_norm")
+        nats = mean_difference_test(a, b, seed=seed)
+        norm = mean_difference_test(a_norm, b_norm, seed=seed)
+        mean_nats = mean_difference_test(a.mean(1), b.mean(1), seed=seed)  # each image's mean over heads
+        mean_norm = mean_difference_test(a_norm.mean(1), b_norm.mean(1), seed=seed)
+        w = wasserstein_test(a, b, alpha=ALPHA, seed=seed)
+        per_head.append(_heads_rows(int(t), cols, nats, norm, w, a, b))
+        rows.append(_timestep_row(int(t), nats, norm, mean_nats, mean_norm, w, per_head[-1].legacy_jsd_bits_10bins))
     return pd.DataFrame(rows), pd.concat(per_head, ignore_index=True)
 
 
 def _per_image(frame: pd.DataFrame, columns: list[str], value: str) -> dict[str, pd.DataFrame]:
-    """dataset -> [images x columns] of ``value`` averaged over timesteps (one row per independent unit)."""
+    """dataset -> [images x columns] of ``value`` averaged over the frame's timesteps (one row per image)."""
     wide = frame.pivot_table(index=["dataset", "image"], columns=columns, values=value, aggfunc="mean")
     return {d: wide.loc[d] for d in ("a", "b")}
 
@@ -73,58 +132,134 @@ def _ablation_method(ablations: pd.DataFrame) -> str:
     return "mean" if "mean" in methods else sorted(methods)[0]
 
 
-def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, seed: int = 0) -> pd.DataFrame:
-    """One row per complexity measure: value on a and b, ratio b/a, 95 % CI, permutation p."""
+def _complexity_plans(heads: pd.DataFrame, ablations: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame, list, object]]:
+    """(measure, rows, columns that identify a head, measure function): the ablation measures first."""
     plans = []
     if ablations is not None:
         single = ablations[(ablations.level == "head") & (ablations.method == _ablation_method(ablations))]
-        effects = _per_image(single, ["target"], "degradation_pct")
-        plans += [(PRIMARY_COMPLEXITY, effects, participation_ratio), ("ablation_heads_for_90pct", effects, heads_for_fraction)]
-    plans += [("mean_entropy_norm", _per_image(heads, ["layer", "head"], "entropy_norm"), mean_value),
-              ("mean_effective_keys_frac", _per_image(heads, ["layer", "head"], "effective_keys_frac"), mean_value)]
+        plans += [(PRIMARY_COMPLEXITY, single, ["target"], participation_ratio),
+                  ("ablation_heads_for_90pct", single, ["target"], heads_for_fraction)]
+    return plans + [("mean_entropy_norm", heads, ["layer", "head"], mean_value),
+                    ("mean_effective_keys_frac", heads, ["layer", "head"], mean_value)]
+
+
+_VALUE = {PRIMARY_COMPLEXITY: "degradation_pct", "ablation_heads_for_90pct": "degradation_pct",
+          "mean_entropy_norm": "entropy_norm", "mean_effective_keys_frac": "effective_keys_frac"}
+
+
+def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, seed: int = 0) -> pd.DataFrame:
+    """Per complexity measure and timestep (and pooled over timesteps, labelled so): the value on a and b,
+    the ratio b/a with its CI, permutation p, the smallest ratio this run could detect, and its flags."""
     rows = []
-    for name, per_image, measure in plans:
-        res = ratio_test(per_image["a"].to_numpy(), per_image["b"].to_numpy(), measure, seed=seed)
-        rows.append({"measure": name, "primary": name == PRIMARY_COMPLEXITY, **res.to_dict()})
-    return pd.DataFrame(rows)
+    for name, frame, columns, measure in _complexity_plans(heads, ablations):
+        scopes = [("timestep", int(t), g) for t, g in frame.groupby("timestep", sort=True)]
+        for scope, t, g in scopes + [("pooled_over_timesteps", pd.NA, frame)]:
+            per_image = _per_image(g, columns, _VALUE[name])
+            res = ratio_test(per_image["a"].to_numpy(), per_image["b"].to_numpy(), measure, alpha=ALPHA, seed=seed)
+            rows.append({"measure": name, "primary": name == PRIMARY_COMPLEXITY, "scope": scope, "timestep": t,
+                         **res.to_dict(), "underpowered": not res.mde_ratio <= PAPER_COMPLEXITY_RATIO})
+    frame = pd.DataFrame(rows)
+    frame["timestep"] = frame.timestep.astype("Int64")
+    return frame
 
 
-def critical_table(ablations: pd.DataFrame, *, seed: int = 0, correction: str = "fdr_bh") -> pd.DataFrame:
-    """Each head, layer and block ablation against random heads of the same count, paired over images.
+def denoising_tests(denoising: pd.DataFrame, *, correction: str = "fdr_bh", seed: int = 0,
+                    n_resamples: int = _N_RESAMPLES) -> pd.DataFrame:
+    """Per dataset x timestep: does the model beat the trivial predictor ε̂ = √(1−ᾱ_t)·x_t?
 
-    Unit: an image (of either dataset), its degradation averaged over timesteps. Null for a head: the
-    mean degradation of all single heads on that image (the expectation for a random head); for a
-    layer or block of k heads: the mean over the random k-head sets on that image. A component is
-    critical when its excess over the null is positive and significant (sign-flip permutation test,
-    Benjamini–Hochberg over the components of its level and method, q < 0.05).
+    Paired over images (``tables/denoising.parquet``: one row per dataset x image x timestep): a one-sided
+    sign-flip test that eps_mse_trivial − eps_mse > 0 on average, corrected over the run's dataset x timestep
+    family (``correction``: Benjamini–Hochberg by default). ``informative`` = corrected p < 0.05; at an
+    uninformative timestep the model's ε is no better than a constant rescaling of its input, so effects
+    measured there are not the model's computation and leave headline claims."""
+    rows = []
+    for (dataset, t), g in denoising.groupby(["dataset", "timestep"], sort=True):
+        res = paired_test(g.eps_mse_trivial, g.eps_mse, alternative="greater", n_resamples=n_resamples, seed=seed)
+        rows.append({"dataset": dataset, "timestep": int(t), "n_images": int(len(g)), "eps_mse": float(g.eps_mse.mean()),
+                     "eps_mse_trivial": float(g.eps_mse_trivial.mean()),
+                     "ratio_to_trivial": float(g.eps_mse.mean() / g.eps_mse_trivial.mean()),
+                     "frac_images_worse": float((g.eps_mse >= g.eps_mse_trivial).mean()),
+                     "p_value": res.p_value, "p_floor": res.p_floor, "effect_size": res.effect_size})
+    frame = pd.DataFrame(rows, columns=["dataset", "timestep", "n_images", "eps_mse", "eps_mse_trivial",
+                                        "ratio_to_trivial", "frac_images_worse", "p_value", "p_floor", "effect_size"])
+    frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), correction) if len(frame) else []
+    frame["informative"] = frame.p_corrected < 0.05
+    return frame
+
+
+def informative_timesteps(denoising: pd.DataFrame, *, correction: str = "fdr_bh", seed: int = 0) -> frozenset[tuple[str, int]]:
+    """The (dataset, timestep) pairs at which the model significantly beats the trivial predictor
+    (``denoising_tests``); headline claims use these only."""
+    tests = denoising_tests(denoising, correction=correction, seed=seed)
+    return frozenset((str(r.dataset), int(r.timestep)) for r in tests.itertuples() if r.informative)
+
+
+def _informative_rows(frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None) -> pd.DataFrame:
+    """Rows of (dataset, timestep) pairs in ``informative`` (all rows when it is None)."""
+    if informative is None:
+        return frame
+    keep = pd.Series(list(zip(frame.dataset, frame.timestep.astype(int))), index=frame.index).isin(informative)
+    return frame[keep]
+
+
+_CRITICAL_COLUMNS = ["level", "method", "target", "also_named", "n_heads", "degradation_pct", "null_degradation_pct",
+                     "null_q95_pct", "excess_pct", "ci_low", "ci_high", "frac_sets_beaten", "frac_sets_beaten_ci_low",
+                     "frac_sets_beaten_ci_high", "n_null_sets", "null", "p_sets", "p_images", "p_value", "p_floor",
+                     "effect_size", "n_units", "timesteps", "p_corrected", "q_floor", "critical"]
+
+
+def critical_table(ablations: pd.DataFrame, *, seed: int = 0, correction: str = "fdr_bh",
+                   informative: frozenset[tuple[str, int]] | None = None, n_resamples: int = _N_RESAMPLES) -> pd.DataFrame:
+    """Each distinct head, layer and block ablation against the *distribution* of random head sets of its size.
+
+    Unit: an image (of either dataset), its degradation averaged over the ``informative`` (dataset, timestep)
+    pairs (all when None). Null for a layer or block of k heads: the random k-head sets of the sweep; for a
+    head: every other single head (all heads are the random 1-sets). ``stats.random_set_test`` gives the
+    rank p of the component among them (set-to-set variation; floor 1/(R + 1)) and a one-sided sign-flip
+    p over images of its excess over their mean (image-level uncertainty); p is the larger (both must hold).
+    ``frac_sets_beaten``: the fraction of null sets whose mean degradation the component's exceeds.
+    Critical = corrected p < 0.05 (one-sided: more harmful), correction within level x method.
+    ``q_floor``: the corrected p of a component alone at ``p_floor`` (m·p_floor): below 0.05 a lone
+    component can be critical. A head's rank among the other heads makes the head family's p-values at
+    least j/m for the j-th smallest, so its corrected p is never below 1: single heads are ranked
+    (``frac_sets_beaten``), not called critical, by this null.
     """
+    rows = _informative_rows(ablations, informative)
+    if "also_named" not in rows:
+        rows = rows.assign(also_named="")
     units = ["dataset", "image"]
-    per_unit = (ablations.groupby(["level", "target", "n_heads", "method", *units], sort=False)["degradation_pct"]
-                .mean().unstack(units))  # rows: components; columns: images
+    per_unit = (rows.groupby(["level", "target", "n_heads", "method", "also_named", *units], sort=False)
+                ["degradation_pct"].mean().unstack(units).dropna(axis=1))  # rows: components; columns: images
     index = per_unit.index.to_frame(index=False)
-    rows = []
+    used = ",".join(f"{d}@{t}" for d, t in sorted(set(zip(rows.dataset, rows.timestep.astype(int)))))
+    out = []
     for i, comp in index.iterrows():
         if comp.level not in ("head", "layer", "block"):
             continue
-        same_method = index.method == comp.method
+        same = (index.method == comp.method).to_numpy()
         if comp.level == "head":
-            null_rows = same_method & (index.level == "head")
+            null_rows, null = same & (index.level == "head").to_numpy() & (index.index != i), "other single heads"
         else:
-            null_rows = same_method & (index.level == "random") & (index.n_heads == comp.n_heads)
-        if not null_rows.any():
+            null_rows = same & (index.level == "random").to_numpy() & (index.n_heads == comp.n_heads).to_numpy()
+            null = f"random {int(comp.n_heads)}-head sets"
+        if not null_rows.any() or per_unit.shape[1] < 2:
             continue
-        values, null = per_unit.iloc[i].to_numpy(), per_unit[null_rows.to_numpy()].mean(axis=0).to_numpy()
-        res = paired_test(values, null, n_resamples=_N_RESAMPLES, seed=seed)
-        _, low, high = mean_ci(values - null, seed=seed)
-        rows.append({"level": comp.level, "method": comp.method, "target": comp.target, "n_heads": int(comp.n_heads),
-                     "degradation_pct": float(values.mean()), "null_degradation_pct": float(null.mean()),
-                     "excess_pct": res.statistic, "ci_low": low, "ci_high": high, "p_value": res.p_value,
-                     "p_floor": res.p_floor, "effect_size": res.effect_size, "n_units": len(values)})
-    frame = pd.DataFrame(rows)
-    frame["p_corrected"] = np.nan
+        res = random_set_test(per_unit.iloc[i].to_numpy(), per_unit[null_rows].to_numpy().T, n_resamples=n_resamples,
+                              seed=seed)
+        out.append({"level": comp.level, "method": comp.method, "target": comp.target, "also_named": comp.also_named,
+                    "n_heads": int(comp.n_heads), "degradation_pct": res.degradation, "null_degradation_pct": res.null_mean,
+                    "null_q95_pct": res.null_q95, "excess_pct": res.excess, "ci_low": res.ci_low, "ci_high": res.ci_high,
+                    "frac_sets_beaten": res.frac_beaten, "frac_sets_beaten_ci_low": res.frac_beaten_ci_low,
+                    "frac_sets_beaten_ci_high": res.frac_beaten_ci_high, "n_null_sets": res.n_null, "null": null,
+                    "p_sets": res.p_sets, "p_images": res.p_units, "p_value": res.p_value, "p_floor": res.p_floor,
+                    "effect_size": res.effect_size, "n_units": res.n_units, "timesteps": used})
+    frame = pd.DataFrame(out, columns=_CRITICAL_COLUMNS[:-3])
+    frame["p_corrected"], frame["q_floor"] = np.nan, np.nan
     for _, idx in frame.groupby(["level", "method"]).groups.items():
         frame.loc[idx, "p_corrected"] = correct_pvalues(frame.loc[idx, "p_value"].to_numpy(), correction)
-    frame["critical"] = (frame.p_corrected < 0.05) & (frame.excess_pct > 0)
+        alone = np.r_[frame.loc[idx, "p_floor"].min(), np.ones(len(idx) - 1)]
+        frame.loc[idx, "q_floor"] = correct_pvalues(alone, correction)[0]
+    frame["critical"] = frame.p_corrected < 0.05
     return frame
 
 
@@ -133,74 +268,135 @@ def _family(rows: list[dict], family: str, correction: str) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame.insert(0, "family", family)
+    if "alternative" not in frame:
+        frame["alternative"] = "two-sided"
     frame["p_corrected"] = correct_pvalues(frame.p_value.to_numpy(), correction)
     return frame
 
 
+def _entropy_families(divergence_heads: pd.DataFrame, correction: str) -> list[pd.DataFrame]:
+    """One family per timestep (the heads' entropy differences, corrected over that timestep's heads)."""
+    out = []
+    for t, g in divergence_heads.groupby("timestep", sort=True):
+        out.append(_family([{"what": f"entropy_nats b − a, t={t}, {r.layer}:{r.head}",
+                             "test": "permutation (independent, two-sided)", "statistic": r.diff_nats,
+                             "p_value": r.p_value, "p_floor": r.p_floor, "effect_size": r.cohens_d,
+                             "effect_size_kind": "cohens_d", "n_a": r.n_a, "n_b": r.n_b,
+                             "n_resamples": r.n_permutations} for r in g.itertuples()], f"entropy_difference t={t}", correction))
+    return out
+
+
+def _divergence_families(divergence: pd.DataFrame, correction: str) -> list[pd.DataFrame]:
+    """Per timestep: the mean over heads of the entropy difference, and the Wasserstein-1 divergence."""
+    mean = [{"what": f"mean over heads of entropy_nats b − a, t={r.timestep}",
+             "test": "permutation (independent, two-sided)", "statistic": r.entropy_diff_nats, "p_value": r.p_value,
+             "p_floor": r.p_floor, "effect_size": r.entropy_diff_norm, "effect_size_kind": "entropy_norm_difference",
+             "n_a": r.n_a, "n_b": r.n_b, "n_resamples": r.n_permutations} for r in divergence.itertuples()]
+    wass = [{"what": f"Wasserstein-1 of entropy_nats a vs b, mean over heads, t={r.timestep}",
+             "test": "permutation (independent, one-sided: larger than the null)", "statistic": r.wasserstein_nats,
+             "p_value": r.wasserstein_p, "p_floor": r.wasserstein_p_floor, "effect_size": r.wasserstein_excess_nats,
+             "effect_size_kind": "excess_over_null_nats", "n_a": r.n_a, "n_b": r.n_b,
+             "n_resamples": r.wasserstein_n_permutations} for r in divergence.itertuples()]
+    return [_family(mean, "entropy_difference_mean_over_heads", correction),
+            _family(wass, "divergence_wasserstein", correction)]
+
+
+def _complexity_family(complexity: pd.DataFrame, correction: str) -> pd.DataFrame:
+    rows = [{"what": f"complexity ratio b/a: {r.measure}, "
+                     + ("pooled over timesteps" if r.scope == "pooled_over_timesteps" else f"t={r.timestep}"),
+             "test": "permutation (labels over images)", "statistic": r.value, "p_value": r.p_value,
+             "p_floor": r.p_floor, "effect_size": float(np.log(r.value)) if r.value > 0 else float("nan"),
+             "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b, "n_resamples": r.n_permutations}
+            for r in complexity.itertuples() if np.isfinite(r.p_value)]
+    return _family(rows, "complexity_ratio", correction)
+
+
 def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence: pd.DataFrame,
                 complexity: pd.DataFrame, critical: pd.DataFrame | None = None, *, seed: int = 0,
-                correction: str = "fdr_bh") -> pd.DataFrame:
-    """Every test performed; p corrected by Benjamini–Hochberg within each family."""
+                correction: str = "fdr_bh", divergence_heads: pd.DataFrame | None = None,
+                beats_trivial: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every test performed; p corrected (Benjamini–Hochberg by default) within each family. ``beats_trivial``:
+    the ``denoising_tests`` table. ``alternative`` says which direction a test tests: a one-sided family's
+    significant tests are all in its direction.
+
+    ``can_reject``: whether a lone effect in its family could reach a corrected p below 0.05 at this n and
+    number of permutations — family size x smallest attainable p < 0.05 (the first BH / Holm step).
+    """
+    if divergence_heads is None:
+        divergence_heads = divergence_tables(heads, seed=seed)[1]
     families = []
-    entropy_rows = []
-    for (t, layer, head), g in heads.groupby(["timestep", "layer", "head"], sort=False):
-        res = two_sample_test(g.entropy_nats[g.dataset == "b"], g.entropy_nats[g.dataset == "a"], n_resamples=_N_RESAMPLES, seed=seed)
-        entropy_rows.append({"what": f"entropy_nats b vs a, t={t}, {layer}:{head}", **res.to_dict()})
-    families.append(_family(entropy_rows, "entropy_difference", correction))
-    if ablations is not None:
+    if beats_trivial is not None and len(beats_trivial):
+        d = beats_trivial
+        families.append(d.assign(
+            family="beats_trivial", test="permutation (paired sign-flip, one-sided)",
+            what="ε-MSE trivial − model > 0, dataset " + d.dataset + ", t=" + d.timestep.astype(str),
+            statistic=d.eps_mse_trivial - d.eps_mse, effect_size_kind="cohens_dz", n_a=d.n_images, n_b=d.n_images,
+            n_resamples=_N_RESAMPLES, alternative="greater")[
+                ["family", "what", "test", "statistic", "p_value", "p_floor", "effect_size", "effect_size_kind", "n_a",
+                 "n_b", "n_resamples", "alternative", "p_corrected"]])
+    families += _entropy_families(divergence_heads, correction)
+    if ablations is not None:  # the random sets are the null of the critical family, not claims of their own
         paired_rows = []
-        for (level, target, method, dataset, t), g in ablations.groupby(["level", "target", "method", "dataset", "timestep"], sort=False):
+        named = ablations[ablations.level != "random"]
+        for (level, target, method, dataset, t), g in named.groupby(["level", "target", "method", "dataset", "timestep"], sort=False):
             res = paired_test(g.mse_intervened, g.mse_clean, n_resamples=_N_RESAMPLES, seed=seed)
             paired_rows.append({"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
                                 **res.to_dict()})
         families.append(_family(paired_rows, "ablation_paired", correction))
     if critical is not None and len(critical):
         families.append(critical.assign(
-            family="critical_vs_random_heads", test="permutation (paired sign-flip)",
-            what=critical.method + " ablation of " + critical.level + " " + critical.target + " vs random heads of the same count",
-            statistic=critical.excess_pct, effect_size_kind="cohens_dz", n_a=critical.n_units, n_b=critical.n_units,
-            n_resamples=_N_RESAMPLES)[["family", "what", "test", "statistic", "p_value", "p_floor", "effect_size",
-                                       "effect_size_kind", "n_a", "n_b", "n_resamples", "p_corrected"]])
-    families.append(_family([{"what": f"entropy JSD a vs b, t={r.timestep}", "test": "permutation (labels over images)",
-                              "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
-                              "effect_size": r.bias_corrected, "effect_size_kind": "jsd_bias_corrected_bits",
-                              "n_a": int(heads[heads.dataset == "a"].image.nunique()),
-                              "n_b": int(heads[heads.dataset == "b"].image.nunique()),
-                              "n_resamples": r.n_permutations} for r in divergence.itertuples()], "divergence", correction))
-    families.append(_family([{"what": f"complexity ratio b/a: {r.measure}", "test": "permutation (labels over images)",
-                              "statistic": r.value, "p_value": r.p_value, "p_floor": 1 / (r.n_permutations + 1),
-                              "effect_size": float(np.log(r.value)) if r.value > 0 else float("nan"),
-                              "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b,
-                              "n_resamples": r.n_permutations} for r in complexity.itertuples()], "complexity_ratio", correction))
-    return pd.concat([f for f in families if not f.empty], ignore_index=True)
+            family="critical_vs_random_heads", test="rank among null sets ∩ sign-flip over images (one-sided)",
+            what=critical.method + " ablation of " + critical.level + " " + critical.target + " vs " + critical.null,
+            statistic=critical.excess_pct, effect_size_kind="cohens_dz", n_a=critical.n_units, n_b=critical.n_null_sets,
+            n_resamples=_N_RESAMPLES, alternative="greater")[
+                ["family", "what", "test", "statistic", "p_value", "p_floor", "effect_size", "effect_size_kind", "n_a",
+                 "n_b", "n_resamples", "alternative", "p_corrected"]])
+    families += [*_divergence_families(divergence, correction), _complexity_family(complexity, correction)]
+    out = pd.concat([f for f in families if not f.empty], ignore_index=True)
+    size = out.groupby("family").family.transform("size")
+    out["can_reject"] = (size * out.p_floor).clip(upper=1.0) < ALPHA
+    return out
 
 
 def seed_quantities(heads: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Headline quantities of one noise seed: mean normalised entropy per dataset and timestep, and
-    the plug-in entropy divergence per timestep (for the spread across seeds)."""
+    """Headline quantities of one noise seed (for the spread across seeds): mean normalised entropy per
+    dataset and timestep, and per timestep the mean over heads of the entropy difference b − a (nats) and
+    the plug-in Wasserstein-1 divergence (nats)."""
     rows = [{"seed": seed, "quantity": "mean_entropy_norm", "dataset": d, "timestep": int(t), "value": float(g.entropy_norm.mean())}
             for (d, t), g in heads.groupby(["dataset", "timestep"], sort=True)]
     for t, g in heads.groupby("timestep", sort=True):
-        wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values="entropy_nats")
-        rows.append({"seed": seed, "quantity": "entropy_divergence_bits", "dataset": "a|b", "timestep": int(t),
-                     "value": float(head_jsd(wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy()).mean())})
+        a, b, _ = _entropy_wide(g, "entropy_nats")
+        rows += [{"seed": seed, "quantity": "entropy_difference_nats", "dataset": "b-a", "timestep": int(t),
+                  "value": float(b.mean(1).mean() - a.mean(1).mean())},
+                 {"seed": seed, "quantity": "wasserstein_nats", "dataset": "a|b", "timestep": int(t),
+                  "value": float(wasserstein_per_head(a, b).mean())}]
     return pd.DataFrame(rows)
 
 
 def derived_tables(heads: pd.DataFrame, ablations: pd.DataFrame | None = None, *, seed: int = 0,
-                   correction: str = "fdr_bh") -> dict[str, pd.DataFrame]:
-    """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem."""
+                   correction: str = "fdr_bh", role_permutations: dict[str, pd.DataFrame] | None = None,
+                   denoising: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem. ``role_permutations``:
+    per dataset, the observation shards' role-null permutation rows (without them no content role is tested);
+    with the ``denoising`` table, critical components are tested at informative timesteps only."""
     divergence, divergence_heads = divergence_tables(heads, seed=seed)
     complexity = complexity_table(heads, ablations, seed=seed)
-    extra = {"critical": critical_table(ablations, seed=seed, correction=correction)} if ablations is not None else {}
+    trivial = None if denoising is None else denoising_tests(denoising, correction=correction, seed=seed)
+    informative = None if trivial is None else frozenset(
+        (str(r.dataset), int(r.timestep)) for r in trivial.itertuples() if r.informative)
+    extra = {} if trivial is None else {"denoising_tests": trivial}
+    if ablations is not None:
+        extra["critical"] = critical_table(ablations, seed=seed, correction=correction, informative=informative)
+    role_tests = role_tests_table(heads, role_permutations or {}, seed=seed, correction=correction)
     return extra | {
         "head_summary": head_summary_table(heads, seed=seed),
-        "head_roles": assign_roles(heads),
+        "role_tests": role_tests,
+        "head_roles": head_roles_table(heads, role_tests),
         "divergence": divergence,
         "divergence_heads": divergence_heads,
         "complexity": complexity,
         "tests": tests_table(heads, ablations, divergence, complexity, extra.get("critical"), seed=seed,
-                             correction=correction),
+                             correction=correction, divergence_heads=divergence_heads, beats_trivial=trivial),
     }
 
 

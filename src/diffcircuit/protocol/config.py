@@ -8,7 +8,8 @@ from pathlib import Path
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["ANALYSES", "PRESETS", "RunConfig", "default_config_yaml", "load_config_file", "parse_timesteps"]
+__all__ = ["ANALYSES", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COLORS", "default_config_yaml",
+           "load_config_file", "parse_timesteps"]
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
@@ -24,6 +25,8 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
 
 ANALYSES = ("ablation", "patching", "attribution", "discovery")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SYNTHETIC_COLORS = ("auto", "color", "gray")  # auto: gray when the other dataset is grayscale (R = G = B)
+MEAN_REFERENCES = ("heldout", "pooled", "insample")
 
 
 def _check_device(device: str) -> None:
@@ -65,6 +68,8 @@ class RunConfig:
     data_a: str = "synthetic"
     data_b: str = "faces"
     n: int = 100
+    synthetic_color: str = "auto"  # render the synthetic set in colour or gray ("auto": as the other set)
+    match_histogram: bool = False  # match each synthetic image's luminance histogram to the other set's image
     timesteps: tuple[int, ...] = (100, 500, 900)
     seed: int = 0
     batch_size: int = 50
@@ -79,11 +84,15 @@ class RunConfig:
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
     ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
     ablation_methods: tuple[str, ...] = ("zero", "mean")
+    mean_reference: str = "heldout"  # mean/noise ablation's reference images: held out, pooled over both, or in-sample
     seed_repeats: int = 2  # extra noise seeds (seed+1..) for the seed-variance check (0: none)
-    null_sets: int = 10  # random head sets per component size, the null control for layer/block ablations
+    role_null_block: int = 100  # the role null scores each head against the other images of its block of this many
+    role_permutations: int = 4999  # permutations of the images per role test (p floor 1/(R + 1))
+    null_sets: int = 100  # random head sets per layer/block size: the null distribution a component must beat
     correction: str = "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
     circuit_resamples: int = 10  # bootstrap resamples of images: circuit stability and the CIs of sizes and overlap
-    circuit_taus: tuple[float, ...] = (0.02, 0.05, 0.1)  # relative loss increases a circuit may cost (0.05 is primary)
+    circuit_taus: tuple[float, ...] = (0.02, 0.05, 0.1)  # fractions of the gap L_empty − L_full a circuit may lose (0.05 is primary)
+    circuit_metric: str = "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
     analyses: tuple[str, ...] = ANALYSES  # which intervention analyses run (on the first ablate_n images)
 
     def __post_init__(self):
@@ -110,6 +119,10 @@ class RunConfig:
             raise DiffcircuitError(f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}")
         if self.circuit_resamples < 0:
             raise DiffcircuitError(f"--circuit-resamples must be >= 0, not {self.circuit_resamples}")
+        if self.role_null_block < 2:
+            raise DiffcircuitError(f"--role-null-block must be at least 2, not {self.role_null_block}")
+        if self.role_permutations < 19:
+            raise DiffcircuitError(f"--role-permutations must be at least 19, not {self.role_permutations}")
         if self.null_sets < 1:
             raise DiffcircuitError(f"--null-sets must be at least 1, not {self.null_sets}")
         if self.ablate_n < 0:
@@ -124,9 +137,33 @@ class RunConfig:
             raise DiffcircuitError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
         if "discovery" in self.analyses and not {"ablation"} <= set(self.analyses):
             raise DiffcircuitError("discovery ranks heads by the ablation sweep: include 'ablation' in analyses")
-        if not self.circuit_taus or 0.05 not in self.circuit_taus or any(not 0 < t < 10 for t in self.circuit_taus):
-            raise DiffcircuitError(f"circuit_taus must be relative loss increases in (0, 10) including 0.05, "
+        self._check_data_options()
+        if not self.circuit_taus or 0.05 not in self.circuit_taus or any(not 0 < t < 1 for t in self.circuit_taus):
+            raise DiffcircuitError(f"circuit_taus must be fractions of the gap L_empty − L_full in (0, 1) including 0.05, "
                                    f"not {list(self.circuit_taus)}")
+        if self.circuit_metric not in ("eps", "output"):
+            raise DiffcircuitError(f"circuit_metric must be 'eps' or 'output', not {self.circuit_metric!r}")
+
+    def _check_data_options(self) -> None:
+        if self.synthetic_color not in SYNTHETIC_COLORS:
+            raise DiffcircuitError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}")
+        if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
+            raise DiffcircuitError("match_histogram matches the synthetic set to the other dataset: exactly one of "
+                                   f"data_a, data_b must be 'synthetic', not {self.data_a!r} and {self.data_b!r}")
+        if self.mean_reference not in MEAN_REFERENCES:
+            raise DiffcircuitError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {self.mean_reference!r}")
+        if self.mean_reference != "insample" and self.uses_mean_reference and self.n <= self.ablate_n:
+            raise DiffcircuitError(f"mean_reference {self.mean_reference!r} takes the mean from images outside the ablate_n "
+                                   f"evaluated ones, but n = {self.n} <= ablate_n = {self.ablate_n}: raise n, lower "
+                                   "ablate_n, or set mean_reference insample")
+
+    @property
+    def uses_mean_reference(self) -> bool:
+        """Whether an analysis replaces activations by a reference mean (mean/noise ablation, mean attribution,
+        circuit discovery)."""
+        means = {"mean", "noise"} & set(self.ablation_methods)
+        return bool((means and self.runs("ablation")) or ("mean" in self.ablation_methods and self.runs("attribution"))
+                    or self.runs("discovery"))
 
     @property
     def torch_device(self) -> str:
@@ -234,6 +271,8 @@ _COMMENTS = {
     "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
     "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
     "n": "images per dataset (the paper: 2,000; 'faces' has 100)",
+    "synthetic_color": "auto (grayscale when the other dataset is, as LFW's faces are), color or gray",
+    "match_histogram": "match each synthetic image's luminance histogram to the other dataset's image of its index",
     "timesteps": "timesteps analysed",
     "seed": "noise seed; same seed, same results",
     "batch_size": "images per forward pass (does not change results)",
@@ -248,10 +287,14 @@ _COMMENTS = {
     "capture": "fused (one fused attention call) or naive (explicit softmax, the reference)",
     "ablate_n": "images per dataset for ablations, patching and attribution (0: none)",
     "ablation_methods": "zero, mean, resample, noise",
+    "mean_reference": "mean/noise ablation's reference: heldout (the next ablate_n images), pooled (both sets' held-out), insample",
     "seed_repeats": "extra noise seeds for the seed-variance check",
-    "null_sets": "random head sets per layer/block size, the null control",
+    "role_null_block": "role null: each head's attention is scored against the features of the other images of its block",
+    "role_permutations": "role null: permutations of the images per test (p floor 1/(R+1))",
+    "null_sets": "random head sets per layer/block size: the distribution a critical component must beat (p floor 1/(N+1))",
     "circuit_resamples": "bootstrap resamples of images for circuit stability",
-    "circuit_taus": "relative ε-MSE increases a circuit may cost, one circuit each; 0.05 is the primary",
+    "circuit_taus": "fractions of the gap L_empty - L_full (all heads ablated vs none) a circuit may lose; 0.05 is the primary",
+    "circuit_metric": "circuit loss: eps (ε-MSE against the true noise) or output (distance to the full model's ε̂, as ACDC)",
     "analyses": "intervention analyses: ablation, patching, attribution, discovery (discovery needs ablation)",
     "correction": "multiple-comparison correction within each test family: fdr_bh (Benjamini-Hochberg) or holm",
 }

@@ -2,16 +2,22 @@
 
 Heads are ranked by attribution (first order + Gauss-Newton term, mean ablation: one forward and
 two backwards per batch; ``ig_steps`` adds integrated gradients) or by the exhaustive single-head mean-ablation sweep, then pruned
-ACDC-style at several τ, traced along circuit size, and rerun on bootstrap resamples of the images.
+ACDC-style at several τ (fractions of the gap L_empty − L_full, on the ε-MSE or, with
+``metric="output"``, on the distance to the full model's output), traced along circuit size, and
+rerun on bootstrap resamples of the images; where the gap is not significantly positive no circuit
+is claimed.
 Head roles (from one observation pass) colour the circuit figure.
 
 Output directory::
 
     discover.json                  the config, the model path and the circuits' headline
-    circuits/<dataset>_t<window>.json  the primary-τ circuit per dataset and window (``t500``, ``t100-300``)
+    circuits/<dataset>_t<window>.json  the primary-τ circuit (or the claim that there is none) per dataset
+                                   and window (``t500``, ``t100-300``): gap test, losses, heads, necessity
     tables/importance.parquet      per dataset x timestep x image x head: the ranking's degradation
-    tables/circuits.parquet        per dataset x window x τ x head: in circuit, importance, selection frequency
-    tables/circuit_curves.parquet  per dataset x window x size: faithfulness and completeness of the top-k heads
+    tables/circuits.parquet        per dataset x window x τ x head: claimed, in circuit, importance, selection frequency
+    tables/circuit_curves.parquet  per dataset x window x size: faithfulness and recovered_without_circuit of the
+                                   top-k heads (claimed circuits only)
+    tables/circuit_complexity.parquet  per window: circuit sizes at matched faithfulness and their ratio b/a
     tables/head_roles.parquet      per timestep x head: probe scores and role
 """
 
@@ -24,16 +30,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.discovery.run import PRIMARY_TAU, discover_circuits, importance_rows
+from diffcircuit.discovery.circuits import METRICS
+from diffcircuit.discovery.run import PRIMARY_TAU, circuit_complexity, discover_circuits, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.metrics.observe import observe
-from diffcircuit.metrics.roles import assign_roles
+from diffcircuit.metrics.observe import observe_with_null
 from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, use_captions
+from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table
 from diffcircuit.protocol.store import write_json, write_parquet
 
 __all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
@@ -57,6 +65,7 @@ class DiscoverConfig:
     ig_steps: int = 0  # > 0: integrated gradients with this many steps (with or without probes)
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
+    metric: str = "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
     prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
     prompt_embeds: str | None = None
     class_label: int | None = None
@@ -69,8 +78,10 @@ class DiscoverConfig:
         if self.ig_steps and self.probes:
             raise DiffcircuitError("--ig-steps and --probes are alternatives (integrated gradients already include the "
                                    "curvature along their path); give one of them")
-        if not self.taus or any(not 0 < t < 10 for t in self.taus):
-            raise DiffcircuitError(f"every τ must be a relative loss increase in (0, 10); got {list(self.taus)}")
+        if not self.taus or any(not 0 < t < 1 for t in self.taus):
+            raise DiffcircuitError(f"every τ must be a fraction of the gap L_empty − L_full in (0, 1); got {list(self.taus)}")
+        if self.metric not in METRICS:
+            raise DiffcircuitError(f"--circuit-metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
             raise DiffcircuitError("every window must be a non-empty set of the analysed --timesteps")
         if PRIMARY_TAU not in self.taus:
@@ -130,11 +141,14 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
 
     windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
     observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
-    heads = pd.concat([observe(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size, dataset=k,
-                               masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels)[0]
-                       for k, s in sets.items()],
-                      ignore_index=True)
-    roles = assign_roles(heads)
+    found = {k: observe_with_null(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  dataset=k, masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels,
+                                  blocks=null_blocks(len(s), RunConfig().role_null_block))
+             for k, s in sets.items()}
+    heads = pd.concat([f.heads for f in found.values()], ignore_index=True)
+    perms = {k: permutation_table(f.blocks, seed=cfg.seed, dataset=k, n_permutations=RunConfig().role_permutations)
+             for k, f in found.items()}
+    roles = head_roles_table(heads, role_tests_table(heads, perms, seed=cfg.seed))
     rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
     importance = []
     for key, image_set in sets.items():
@@ -145,9 +159,10 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     table, circuits, curves = discover_circuits(
         den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
         taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-        ranking=_ranking_name(cfg))
+        ranking=_ranking_name(cfg), metric=cfg.metric)
     out = Path(out_dir)
-    for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles)):
+    for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
+                        ("circuit_complexity", circuit_complexity(circuits))):
         write_parquet(out / "tables" / f"{name}.parquet", frame)
     for c in circuits:
         write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
@@ -155,7 +170,9 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
         "config": asdict(cfg), "model_path": str(den.model_path),
         "conditioning": den.conditioning.description if den.conditioning else None,
         "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k]} for k, s in sets.items()},
-        "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "tau", "heads", "faithfulness", "completeness",
-                                            "size_ci", "overlap_with_other")} for c in circuits],
+        "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "metric", "tau", "claimed", "claim", "gap", "heads",
+                                            "faithfulness", "recovered_without_circuit", "n_necessary", "size_range",
+                                            "size_ci", "resamples", "overlap_with_other", "complexity")}
+                     for c in circuits],
     })
     return DiscoveryResult(circuits=circuits, table=table, curves=curves, roles=roles, labels=specs)

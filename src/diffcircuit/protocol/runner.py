@@ -6,19 +6,24 @@ atomically, so a failed run leaves no half-written table behind.
 
 Run directory::
 
-    manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints
+    manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints, how each
+                                dataset was rendered and how many of its images the model was trained on
+    tables/datasets.parquet     per image property (colour, edges, texture, intensity): both datasets' means, d, p
     tables/head_metrics.parquet one row per dataset x image x timestep x head
     tables/denoising.parquet    one row per dataset x image x timestep
     tables/head_summary.parquet per dataset x timestep x head x metric: mean over images, 95 % CI
-    tables/head_roles.parquet   one row per timestep x head: mean probe scores and the head's role
-    tables/divergence.parquet   per timestep: synthetic-vs-natural JSD of head entropies, CI, null
-    tables/divergence_heads.parquet  per timestep x head: that head's JSD
+    tables/role_tests.parquet   per dataset x timestep x head x content probe: excess over the null with CI, p, q
+    tables/head_roles.parquet   one row per dataset x timestep x head: mean probe scores, tests and the head's role
+    tables/divergence.parquet   per timestep: entropy difference b − a averaged over heads (CI, p), heads that
+                                differ, null-corrected Wasserstein-1 divergence (p), legacy 10-bin JSD
+    tables/divergence_heads.parquet  per timestep x head: its entropy difference (CI, p, BH q), W1, legacy JSD
     tables/ablations.parquet    per target x method x dataset x timestep x image: paired ε/x₀ errors
     tables/patching.parquet     per head/layer x timestep x pair: b's activation patched into a
     tables/attribution.parquet  per head x method x estimator x dataset x timestep x image: predicted degradation
-    tables/complexity.parquet   per complexity measure: a, b, ratio b/a with CI and permutation p
+    tables/complexity.parquet   per complexity measure x timestep (and pooled): a, b, ratio b/a with CI,
+                                permutation p, p floor and the smallest detectable ratio
     tables/tests.parquet        every hypothesis test: statistic, p, BH-corrected p, effect size, n
-    tables/critical.parquet     every head/layer/block ablation against random heads of the same count
+    tables/critical.parquet     every distinct head/layer/block ablation against the random head sets of its size
     tables/seed_variance.parquet  headline quantities under other noise seeds (same images)
     tables/gallery.parquet      attention maps of a few heads (most focal, most important) on a few images
     tables/gallery_images.parquet  those images (for the report's overlays)
@@ -26,8 +31,10 @@ Run directory::
                                 the token's attention map on the layer's grid (DAAM-style)
     tables/token_heatmaps.parquet  per image x token: those maps upsampled and averaged over layers, heads, timesteps
     tables/circuits.parquet     per dataset x window x τ x head: in the circuit?, importance, selection frequency
-    tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/completeness of the top-k heads
-    circuits/<dataset>_t<t>.json  the primary-τ circuit: heads, faithfulness, completeness, overlap with its CI
+    tables/circuit_curves.parquet  per dataset x window x size k: faithfulness/recovered_without_circuit of the top-k heads
+    tables/circuit_complexity.parquet  per timestep: circuit sizes at matched faithfulness and their ratio b/a
+    circuits/<dataset>_t<t>.json  the primary-τ circuit, or the claim that there is none: gap test, losses, heads,
+                                  faithfulness, recovered_without_circuit, necessary heads, overlap
 
     run.json                    written first: claims the directory for this config (another config is refused)
     run.log                     what ran, when, how long; which shards were computed and which resumed
@@ -52,13 +59,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcircuit.discovery.run import importance_rows
+from diffcircuit.data.provenance import in_training_set
+from diffcircuit.discovery.run import circuit_complexity, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.models.conditioning import image_tokens
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.datasets import datasets_table, training_overlap
 from diffcircuit.protocol.store import Shards, write_json, write_parquet
 from diffcircuit.protocol.tasks import (
     Context,
@@ -115,9 +124,19 @@ def _latent(den) -> dict | None:
             "pixels_per_latent": codec.factor, "image_size": den.image_size, "encoding": "posterior mean"}
 
 
+def _training_data(record: dict | None) -> dict:
+    """What the model's ``training_data.json`` says (or that it has none)."""
+    if record is None:
+        return {"record": None, "complete": False, "note": "the model folder has no training_data.json: unknown"}
+    return {"record": "training_data.json", "complete": bool(record.get("complete")),
+            "composition": record.get("composition"), "sources": record.get("sources", []),
+            "note": record.get("note")}
+
+
 def _manifest(ctx: Context) -> dict:
     cfg, den, registry, sets = ctx.cfg, ctx.den, ctx.registry, ctx.sets
     n_params = sum(p.numel() for p in den.network.parameters())
+    overlap, record = training_overlap(den, sets, cfg.seed)
     return {
         "config": cfg.to_dict(),
         "results_key": cfg.results_key(),
@@ -129,8 +148,11 @@ def _manifest(ctx: Context) -> dict:
                   "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type,
                   "conditioning": den.conditioning.description if den.conditioning else None,
                   "process": den.process, "latent": _latent(den)},
-        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint, "captions": ctx.captions.get(k)}
+        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint, "captions": ctx.captions.get(k),
+                         "rendering": s.rendering, "in_training_set": overlap[k],
+                         "intervened_in_training_set": in_training_set(record, s.spec, n=ctx.n_ablate, seed=cfg.seed)}
                      for k, s in sets.items()},
+        "training_data": _training_data(record),
         "layers": [info.to_dict() for info in registry.layers],
     }
 
@@ -271,7 +293,7 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
     log.info("run started: model %s, datasets %s, %s images each, timesteps %s, seed %d, backend %s, device %s",
              ctx.den.source, {k: s.spec for k, s in ctx.sets.items()}, cfg.n, list(cfg.timesteps), cfg.seed,
              cfg.backend, cfg.torch_device)
-    observed = observe_tasks(ctx, seed=cfg.seed)
+    observed = observe_tasks(ctx, seed=cfg.seed, null=True)
     repeats = [observe_tasks(ctx, seed=cfg.seed + k, label=f"seed {cfg.seed + k}") for k in range(1, cfg.seed_repeats + 1)]
     groups = {name: make(ctx) for name, make in (("ablations", ablate_tasks), ("patching", patch_tasks),
                                                  ("attribution", attribute_tasks))
@@ -291,11 +313,15 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
         job.run(found)
         tables["circuits"], tables["circuit_curves"] = job.table(found, "circuits.parquet"), job.table(found, "curves.parquet")
         circuits = [c for task in found for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]]
+        tables["circuit_complexity"] = circuit_complexity(circuits)
     tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
+    tables["datasets"] = datasets_table(ctx.sets, seed=cfg.seed, correction=cfg.correction)
     tokens = _token_maps(job)
     if tokens is not None:
         tables["token_maps"], tables["token_heatmaps"] = tokens
-    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction)
+    permutations = {key: job.table([t for t in observed if t.args["key"] == key], "null.parquet") for key in ctx.sets}
+    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction,
+                             role_permutations=permutations, denoising=tables["denoising"])
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -24,19 +25,20 @@ from diffcircuit.data.spec import ImageSet
 from diffcircuit.discovery.run import discover_circuits
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
-from diffcircuit.interventions.ablation import random_head_sets, targets
+from diffcircuit.interventions.ablation import Target, distinct_targets, random_head_sets, targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
-from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.metrics.observe import observe
-from diffcircuit.models.latent import model_images
+from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
+from diffcircuit.metrics.observe import observe, observe_with_null
 from diffcircuit.models.loading import Denoiser, load_conditioned, use_captions
 from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.datasets import load_datasets
+from diffcircuit.protocol.roles import null_blocks, permutation_table, shard_slices
 
-__all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "attribute_tasks", "compute", "discover_tasks",
-           "observe_tasks", "patch_tasks"]
+__all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "ablation_plan", "attribute_tasks", "compute",
+           "discover_tasks", "null_set_counts", "observe_tasks", "patch_tasks"]
 
-ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=1))
+ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=1))  # IG: the joint (all-heads) path
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,8 +70,7 @@ class Context:
                                prompt=cfg.prompt or None, prompt_embeds=cfg.prompt_embeds or None,
                                class_label=None if cfg.class_label < 0 else cfg.class_label)
         den.check_timesteps(cfg.timesteps)
-        sets = {key: model_images(den, spec, n=cfg.n, seed=cfg.seed, skip_bad=cfg.skip_bad, batch_size=cfg.batch_size)
-                for key, spec in (("a", cfg.data_a), ("b", cfg.data_b))}
+        sets = load_datasets(den, cfg)
         captions = {key: use_captions(den, key, s.captions if cfg.captions else None, allow_pickle=cfg.allow_pickle,
                                       spec=s.spec) for key, s in sets.items()}
         first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
@@ -80,6 +81,17 @@ class Context:
     def n_ablate(self) -> int:
         return min(self.cfg.ablate_n, self.cfg.n)
 
+    def references(self, key: str) -> list[ReferenceImages] | None:
+        """Mean ablation's reference for dataset ``key`` (``mean_reference``): "heldout", the next ``n_ablate``
+        images of the same dataset after the evaluated ones (fewer when n < 2·ablate_n); "pooled", those of both
+        datasets; "insample" (None), the evaluated images themselves."""
+        if self.cfg.mean_reference == "insample":
+            return None
+        lo, hi = self.n_ablate, min(self.cfg.n, 2 * self.n_ablate)
+        keys = [key] if self.cfg.mean_reference == "heldout" else list(self.sets)
+        return [ReferenceImages(dataset=k, images=np.asarray(self.sets[k].images[lo:hi]), index=np.arange(lo, hi))
+                for k in keys]
+
     def autocast(self):
         """Mixed precision for the forward passes when the config asks (statistics stay fp32)."""
         if self.cfg.precision == "fp32":
@@ -88,12 +100,15 @@ class Context:
         return torch.autocast(device_type=torch.device(self.cfg.torch_device).type, dtype=dtype)
 
 
-def observe_tasks(ctx: Context, *, seed: int, label: str = "observe") -> list[Task]:
-    cfg, step = ctx.cfg, ctx.cfg.shard_images
-    return [Task("observe", f"observe_s{seed}_{key}_t{t}_{lo}-{min(lo + step, len(s))}", ("heads.parquet", "images.parquet"),
-                 units=min(lo + step, len(s)) - lo, label=label,
-                 args=dict(key=key, t=t, seed=seed, lo=lo, hi=min(lo + step, len(s))))
-            for key, s in ctx.sets.items() for t in cfg.timesteps for lo in range(0, len(s), step)]
+def observe_tasks(ctx: Context, *, seed: int, label: str = "observe", null: bool = False) -> list[Task]:
+    """Observation shards: whole role-null blocks of at least ``shard_images`` images; ``null``: with the role null
+    (its permutation sums in ``null.parquet``)."""
+    cfg = ctx.cfg
+    parts = ("heads.parquet", "images.parquet") + (("null.parquet",) if null else ())
+    return [Task("observe", f"observe_s{seed}_{key}_t{t}_{lo}-{hi}", parts, units=hi - lo, label=label,
+                 args=dict(key=key, t=t, seed=seed, lo=lo, hi=hi, null=null))
+            for key, s in ctx.sets.items() for t in cfg.timesteps
+            for lo, hi in shard_slices(len(s), cfg.shard_images, cfg.role_null_block)]
 
 
 def ablate_tasks(ctx: Context) -> list[Task]:
@@ -121,11 +136,28 @@ def discover_tasks(ctx: Context, importance: pd.DataFrame) -> list[Task]:
             for t in ctx.cfg.timesteps]
 
 
-def _ablation_plan(ctx: Context) -> list:
-    """All single heads, every layer and block, and random head sets of the layers' and blocks' sizes."""
-    plan = [t for level in ("head", "layer", "block") for t in targets(ctx.registry, level)]
-    sizes = sorted({len(t.heads) for t in plan if t.level in ("layer", "block")})
-    return plan + [r for k in sizes for r in random_head_sets(ctx.registry, k, ctx.cfg.null_sets, seed=ctx.cfg.seed)]
+def null_set_counts(plan: list[Target], null_sets: int) -> dict[int, int]:
+    """Random sets per head count: at least ``null_sets``, and at least 20·m for a size that a level of m components
+    uses, so that one component beating every set (rank p = 1/(R + 1)) can reach q < 0.05 after correction over
+    its level (m/(R + 1) < 0.05)."""
+    counts: dict[int, int] = {}
+    for level in ("layer", "block"):
+        members = [t for t in plan if t.level == level]
+        for size in {len(t.heads) for t in members}:
+            counts[size] = max(counts.get(size, 0), null_sets, 20 * len(members))
+    return dict(sorted(counts.items()))
+
+
+def ablation_plan(registry: HeadRegistry, *, null_sets: int, seed: int) -> tuple[list[Target], dict[str, tuple[str, ...]]]:
+    """Every single head, every distinct layer and block (a block that is one layer is tested once, as the
+    layer; its name is kept among the aliases), all heads at once, and random head sets of each size the
+    distinct layers and blocks have (only those: the null costs one forward per set and method), as many as
+    ``null_set_counts`` says."""
+    named = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
+    plan, aliases = distinct_targets(named)
+    counts = null_set_counts(plan, null_sets)
+    plan += targets(registry, "all")
+    return plan + [r for k, count in counts.items() for r in random_head_sets(registry, k, count, seed=seed)], aliases
 
 
 def compute(ctx: Context, task: Task, progress: Callable[[int], None] | None = None) -> dict[str, object]:
@@ -134,20 +166,28 @@ def compute(ctx: Context, task: Task, progress: Callable[[int], None] | None = N
         return _COMPUTE[task.stage](ctx, progress, **task.args)
 
 
-def _observe(ctx: Context, progress, *, key: str, t: int, seed: int, lo: int, hi: int) -> dict:
+def _observe(ctx: Context, progress, *, key: str, t: int, seed: int, lo: int, hi: int, null: bool = False) -> dict:
     cfg, s = ctx.cfg, ctx.sets[key]
-    heads, images = observe(ctx.den, s.images[lo:hi], timesteps=[t], seed=seed, batch_size=cfg.batch_size, dataset=key,
-                            masks=None if s.masks is None else s.masks[lo:hi], method=cfg.capture,
-                            registry=ctx.registry, progress=progress, first=lo,
-                            pictures=None if s.pixels is None else s.pixels[lo:hi])
-    return {"heads.parquet": heads, "images.parquet": images}
+    common = dict(timesteps=[t], seed=seed, batch_size=cfg.batch_size, dataset=key,
+                  masks=None if s.masks is None else s.masks[lo:hi], method=cfg.capture, registry=ctx.registry,
+                  progress=progress, first=lo, pictures=None if s.pixels is None else s.pixels[lo:hi])
+    if not null:
+        heads, images = observe(ctx.den, s.images[lo:hi], **common)
+        return {"heads.parquet": heads, "images.parquet": images}
+    blocks = [(b_lo - lo, b_hi - lo) for b_lo, b_hi in null_blocks(len(s), cfg.role_null_block) if lo <= b_lo < hi]
+    found = observe_with_null(ctx.den, s.images[lo:hi], blocks=blocks, **common)
+    perms = permutation_table(found.blocks, seed=seed, dataset=key, n_permutations=cfg.role_permutations)
+    return {"heads.parquet": found.heads, "images.parquet": found.images, "null.parquet": perms}
 
 
 def _ablate(ctx: Context, progress, *, key: str, t: int) -> dict:
     cfg = ctx.cfg
-    return {"table.parquet": ablation_sweep(ctx.den, ctx.sets[key].images[:ctx.n_ablate], targets=_ablation_plan(ctx),
-                                            methods=cfg.ablation_methods, timesteps=[t], seed=cfg.seed, dataset=key,
-                                            batch_size=cfg.batch_size, registry=ctx.registry, progress=progress)}
+    plan, aliases = ablation_plan(ctx.registry, null_sets=cfg.null_sets, seed=cfg.seed)
+    table = ablation_sweep(ctx.den, ctx.sets[key].images[:ctx.n_ablate], targets=plan, methods=cfg.ablation_methods,
+                           timesteps=[t], seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=ctx.registry,
+                           progress=progress, reference=ctx.references(key))
+    table["also_named"] = table.target.map(lambda name: ",".join(aliases.get(name, ())))  # the same heads, other names
+    return {"table.parquet": table}
 
 
 def _patch(ctx: Context, progress, *, t: int) -> dict:
@@ -163,7 +203,8 @@ def _patch(ctx: Context, progress, *, t: int) -> dict:
 def _attribute(ctx: Context, progress, *, key: str, method: str, options: dict) -> dict:
     cfg = ctx.cfg
     table = attribution_scores(ctx.den, ctx.sets[key].images[:ctx.n_ablate], timesteps=cfg.timesteps, method=method,
-                               seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=ctx.registry, **options)
+                               seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=ctx.registry,
+                               reference=ctx.references(key), **options)
     if progress is not None:
         progress(1)
     return {"table.parquet": table}
@@ -173,7 +214,8 @@ def _discover(ctx: Context, progress, *, t: int, importance: pd.DataFrame) -> di
     cfg, n = ctx.cfg, ctx.n_ablate
     table, circuits, curves = discover_circuits(ctx.den, {k: s.images[:n] for k, s in ctx.sets.items()}, importance,
                                                 registry=ctx.registry, windows=[(t,)], resamples=cfg.circuit_resamples,
-                                                taus=cfg.circuit_taus, seed=cfg.seed, progress=progress)
+                                                taus=cfg.circuit_taus, seed=cfg.seed, metric=cfg.circuit_metric,
+                                                progress=progress, references={k: ctx.references(k) for k in ctx.sets})
     return {"circuits.parquet": table, "curves.parquet": curves, "circuits.json": circuits}
 
 
