@@ -261,6 +261,7 @@ def ablate(
                                               "token:J (token:J*W reweights it; @LAYER[:HEAD] only there) (repeatable).")] = [],  # noqa: B006
     level: Annotated[list[str], typer.Option("--level", help="Ablate every target of: head, layer, block, resnet, token (repeatable).")] = [],  # noqa: B006
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")] = "zero",
+    mean_reference: Annotated[str, typer.Option("--mean-reference", help="Mean/noise ablation's reference: heldout (default: the n images after the evaluated ones) or insample.")] = "heldout",
     model: ModelOpt = "embedded",
     data: Annotated[str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or an image folder.")] = "faces",
     n: Annotated[int, typer.Option("--n")] = 16,
@@ -288,7 +289,7 @@ def ablate(
     cfg = AblateConfig(model=model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
                        class_label=class_label, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                       names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
+                       mean_reference=mean_reference, names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
                        sample_steps=sample_steps, window=_window(window), guidance=guidance)
     with _Bars(quiet) as bars:
         table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))
@@ -317,6 +318,9 @@ def discover(
     taus: Annotated[str, typer.Option("--taus", help="Comma-separated fractions of the gap L_empty - L_full; must include 0.05.")] = "0.02,0.05,0.1",
     circuit_metric: Annotated[str, typer.Option("--circuit-metric", help="'eps' (ε-MSE) or 'output' (distance to the full model's ε̂, as ACDC).")] = "eps",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")] = 10,
+    synthetic_color: Annotated[str, typer.Option("--synthetic-color", help="auto (default: gray when the other set is grayscale), color or gray.")] = "auto",
+    match_histogram: Annotated[bool, typer.Option("--match-histogram/--no-match-histogram", help="Match each synthetic image's luminance histogram to the other set's.")] = False,
+    mean_reference: Annotated[str, typer.Option("--mean-reference", help="Mean ablation's reference: heldout (default: the n images after the evaluated ones), pooled (both sets' held-out) or insample.")] = "heldout",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
     prompt: PromptOpt = None,
@@ -339,7 +343,8 @@ def discover(
                          windows=tuple(parse_timesteps(w) for w in window),
                          seed=seed, batch_size=batch_size, ranking=ranking, ig_steps=ig_steps, taus=tau_values,
                          probes=(0 if ig_steps else 1) if probes is None else probes,
-                         resamples=resamples, metric=circuit_metric, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
+                         resamples=resamples, metric=circuit_metric, synthetic_color=synthetic_color,
+                         match_histogram=match_histogram, mean_reference=mean_reference, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
     with _Bars(quiet) as bars:
         result = run_discovery(cfg, out, progress=lambda stage, done, total: bars.update(stage, completed=done, total=total,
                                                                                          description=stage))

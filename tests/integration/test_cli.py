@@ -185,11 +185,19 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     np.testing.assert_allclose([m.sum() for m in gallery["map"]], 1, atol=1e-5)
     cmp = summary["paper_comparison"]
     divergence = pd.read_parquet(out / "tables" / "divergence.parquet")
-    low = cmp["divergence_range"]["entropy_difference_nats"]["low"]
-    assert low["entropy_diff_nats"] == pytest.approx(divergence.entropy_diff_nats.min())
-    assert cmp["divergence_range"]["paper_definition"].startswith("unknown")
-    assert "definition of divergence is unknown" in html
-    assert cmp["complexity_ratio"]["per_timestep"] == summary["complexity_ratio"]["per_timestep"]
+    # headline claims at informative timesteps only: both datasets beat the trivial predictor (paired test)
+    informative = {t for t in (20, 800) if all(d["informative"] for d in summary["denoising"] if d["timestep"] == t)}
+    assert cmp["excluded_timesteps"] == sorted({20, 800} - informative)
+    if informative:
+        low = cmp["divergence_range"]["entropy_difference_nats"]["low"]
+        kept = divergence[divergence.timestep.isin(informative)]
+        assert low["entropy_diff_nats"] == pytest.approx(kept.entropy_diff_nats.min())
+        assert cmp["divergence_range"]["paper_definition"].startswith("unknown")
+        assert "definition of divergence is unknown" in html
+    else:
+        assert "divergence_range" not in cmp and "<b>Left out</b> of the complexity, divergence and role rows" in html
+    assert cmp["complexity_ratio"]["per_timestep"] == [r for r in summary["complexity_ratio"]["per_timestep"]
+                                                       if r["timestep"] in informative]
     assert "The paper's claims, measured here" in html and "25.6 – 128.3" in html
     datasets = pd.read_parquet(out / "tables" / "datasets.parquet")
     assert len(datasets) == 5 and len(summary["dataset_differences"]) == 5 and "What else differs" in html
@@ -364,7 +372,11 @@ def test_discover_writes_circuits_curves_and_figures(small_model_dir, tmp_path, 
     primary = table[(table.tau == 0.05) & (table.dataset == "b") & (table.window == "700")]
     assert len(primary) == n_heads and not primary.in_circuit.any()
     assert (out / "figures" / "circuits.png").stat().st_size > 1000 and (out / "figures" / "circuit_curves.png").exists()
-    assert json.loads((out / "discover.json").read_text())["config"]["ranking"] == "attribution"
+    record = json.loads((out / "discover.json").read_text())
+    assert record["config"]["ranking"] == "attribution" and record["config"]["mean_reference"] == "heldout"
+    # the synthetic set in gray beside LFW's grayscale faces; the mean from images 3..5, not the evaluated 0..2
+    assert record["datasets"]["a"]["rendering"] == "gray" and record["datasets"]["b"]["in_training_set"] is None
+    assert record["datasets"]["b"]["mean_reference"] == [{"dataset": "b", "images": [3, 6]}]
 
 
 def test_discover_claims_a_circuit_with_its_gap_necessity_and_labelled_range(tmp_path, capsys):
@@ -393,6 +405,10 @@ def test_discover_claims_a_circuit_with_its_gap_necessity_and_labelled_range(tmp
     (["--n", "1"], "need --n >= 2"),
     (["--timesteps", "5000"], "outside the model's"),
     (["--timesteps", "100,500", "--window", "100,900"], "every window must be"),
+    (["--mean-reference", "median"], "--mean-reference must be one of"),
+    (["--synthetic-color", "blue"], "--synthetic-color must be one of"),
+    (["--match-histogram", "--data-a", "nonfaces"], "exactly one of"),
+    (["--n", "60"], "needs 2 x --n images"),
 ])
 def test_discover_refuses_bad_input_in_one_line_and_writes_nothing(small_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "disc"

@@ -107,7 +107,7 @@ def test_a_significantly_harmless_component_is_not_counted_significant():
     row = crit.set_index("target").loc["L0"]
     assert row.p_value > 0.9 and not row.critical
     heads = pd.DataFrame({"dataset": ["a", "b"] * 4, "image": [0, 0, 1, 1, 2, 2, 3, 3], "timestep": 500, "layer": "L",
-                          "head": 0, "entropy_nats": np.arange(8.0)})
+                          "head": 0, "entropy_nats": np.arange(8.0), "entropy_norm": np.arange(8.0) / 8})
     empty = pd.DataFrame(columns=["timestep", "value", "p_value", "n_permutations", "bias_corrected", "measure", "n_a",
                                   "n_b"])
     tests = build_tests_table(heads, None, empty, empty, crit)

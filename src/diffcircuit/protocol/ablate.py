@@ -1,4 +1,7 @@
-"""``diffcircuit ablate``: a chosen set of ablations on one dataset, as a table."""
+"""``diffcircuit ablate``: a chosen set of ablations on one dataset, as a table.
+
+Mean and noise ablation take their reference (mean, SD) from held-out images: the ``n`` images after
+the evaluated ones (``mean_reference="insample"``: the evaluated images themselves)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_conditioned, unconditional_input, use_captions
+from diffcircuit.protocol.datasets import reference_split
 from diffcircuit.protocol.store import write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
@@ -33,6 +37,7 @@ class AblateConfig:
     seed: int = 0
     batch_size: int = 50
     methods: tuple[str, ...] = ("zero",)
+    mean_reference: str = "heldout"  # mean/noise ablation's reference: the n images after the evaluated ones, or "insample"
     names: tuple[str, ...] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W][@LAYER[:HEAD]]
     levels: tuple[str, ...] = ()  # every target of these levels
     token_weight: float = 0.0  # level token: multiply each token's attention by this (0 removes it)
@@ -78,7 +83,18 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
         raise DiffcircuitError(f"--guidance must be a finite number >= 0, not {cfg.guidance}")
     unconditional = None if cfg.guidance == 1.0 or cfg.sample == 0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
     den.check_timesteps(cfg.timesteps)
-    images = model_images(den, cfg.data, n=cfg.n, seed=cfg.seed)
+    if cfg.mean_reference not in ("heldout", "insample"):
+        raise DiffcircuitError(f"--mean-reference must be heldout or insample (one dataset), not {cfg.mean_reference!r}")
+    held_out = cfg.mean_reference == "heldout" and bool({"mean", "noise"} & set(cfg.methods))
+    try:
+        loaded = model_images(den, cfg.data, n=2 * cfg.n if held_out else cfg.n, seed=cfg.seed)
+    except DiffcircuitError as err:
+        if not held_out:
+            raise
+        raise DiffcircuitError(f"{err} (mean and noise ablation take their reference from the n images after the "
+                               "evaluated ones, 2 x --n in all: lower --n or give --mean-reference insample)") from None
+    images, references = reference_split({cfg.data: loaded}, cfg.n, "heldout" if held_out else "insample")
+    images, reference = images[cfg.data], (references or {}).get(cfg.data)
     if use_captions(den, cfg.data, images.captions, allow_pickle=cfg.allow_pickle, spec=cfg.data) and "token" in (
             *cfg.levels, *(name.split(":")[0] for name in cfg.names)):
         raise DiffcircuitError(f"{cfg.data} has a caption per image: token J is a different word in each, so token "
@@ -87,7 +103,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
                            seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
-                           progress=progress)
+                           progress=progress, reference=reference)
     write_parquet(Path(out_dir) / "tables" / "ablations.parquet", table)
     if cfg.sample > 0:
         effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window,

@@ -15,6 +15,8 @@ over the properties. ``differs``: q < 0.05.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -22,11 +24,14 @@ from scipy import stats
 from diffcircuit.data.provenance import in_training_set, read_training_record
 from diffcircuit.data.spec import ImageSet, is_grayscale
 from diffcircuit.metrics.image_stats import IMAGE_PROPERTIES, image_properties
+from diffcircuit.errors import DiffcircuitError
+from diffcircuit.interventions.sweep import ReferenceImages
 from diffcircuit.models.latent import model_images
+from diffcircuit.protocol.config import MEAN_REFERENCES
 from diffcircuit.stats.bootstrap import mean_ci
 from diffcircuit.stats.tests import cohens_d, correct_pvalues, two_sample_test
 
-__all__ = ["PROPERTY_DEFINITIONS", "datasets_table", "load_datasets", "training_overlap"]
+__all__ = ["PROPERTY_DEFINITIONS", "datasets_table", "first_images", "load_datasets", "reference_split", "training_overlap"]
 
 PROPERTY_DEFINITIONS = {
     "color_deviation": "mean |channel − pixel's channel mean| over pixels and channels, in [0, 1] units (0: grayscale)",
@@ -38,18 +43,48 @@ PROPERTY_DEFINITIONS = {
 _N_RESAMPLES = 2000
 
 
-def load_datasets(den, cfg) -> dict[str, ImageSet]:
-    """Both image sets of ``cfg`` (a ``RunConfig``) prepared for ``den``, the synthetic one matched as configured."""
-    specs = {"a": cfg.data_a, "b": cfg.data_b}
-    common = dict(n=cfg.n, seed=cfg.seed, skip_bad=cfg.skip_bad, batch_size=cfg.batch_size)
+def load_datasets(den, cfg, *, n: int | None = None) -> dict[str, ImageSet]:
+    """The image sets of ``cfg`` (a ``RunConfig`` or ``DiscoverConfig``: ``data_a``, ``data_b`` (None: one set),
+    ``synthetic_color``, ``match_histogram``) prepared for ``den``, the synthetic one matched as configured;
+    ``n`` images each (default ``cfg.n``)."""
+    specs = {k: spec for k, spec in (("a", cfg.data_a), ("b", cfg.data_b)) if spec is not None}
+    common = dict(n=cfg.n if n is None else n, seed=cfg.seed, skip_bad=getattr(cfg, "skip_bad", False),
+                  batch_size=cfg.batch_size)
     sets = {k: model_images(den, spec, **common) for k, spec in specs.items() if spec != "synthetic"}
     for key in [k for k, spec in specs.items() if spec == "synthetic"]:
-        other = sets.get("b" if key == "a" else "a")  # None when both are synthetic
+        other = sets.get("b" if key == "a" else "a")  # None when both are synthetic or there is one set
         gray = cfg.synthetic_color == "gray" or (cfg.synthetic_color == "auto" and other is not None
                                                  and is_grayscale(other.pictures))
         match_to = np.asarray(other.pictures) if cfg.match_histogram and other is not None else None
         sets[key] = model_images(den, "synthetic", **common, gray=gray, match_to=match_to)
-    return {"a": sets["a"], "b": sets["b"]}
+    return {k: sets[k] for k in specs}
+
+
+def first_images(image_set: ImageSet, n: int) -> ImageSet:
+    """The first ``n`` images of ``image_set`` (every per-image field sliced)."""
+    def head(x):
+        return None if x is None else x[:n]
+    return dataclasses.replace(image_set, images=head(image_set.images), names=image_set.names[:n],
+                               masks=head(image_set.masks), pixels=head(image_set.pixels), captions=head(image_set.captions))
+
+
+def reference_split(sets: dict[str, ImageSet], n: int, mean_reference: str
+                    ) -> tuple[dict[str, ImageSet], dict[str, list[ReferenceImages]] | None]:
+    """Evaluated images and mean ablation's reference (``mean_reference``): "heldout", each set's images after
+    its first ``n`` (the evaluated ones); "pooled", those of every set; "insample" (None), the evaluated images
+    themselves. Every set must hold more than ``n`` images unless "insample"."""
+    if mean_reference not in MEAN_REFERENCES:
+        raise DiffcircuitError(f"--mean-reference must be one of {', '.join(MEAN_REFERENCES)}, not {mean_reference!r}")
+    evaluated = {k: first_images(s, n) for k, s in sets.items()}
+    if mean_reference == "insample":
+        return evaluated, None
+    short = [s.spec for s in sets.values() if len(s) <= n]
+    if short:
+        raise DiffcircuitError(f"mean_reference {mean_reference!r} takes the mean from images after the first {n} "
+                               f"evaluated ones, and {short[0]} has no more: lower --n or use --mean-reference insample")
+    held = {k: ReferenceImages(dataset=k, images=np.asarray(s.images[n:]), index=np.arange(n, len(s)))
+            for k, s in sets.items()}
+    return evaluated, {k: [held[k]] if mean_reference == "heldout" else list(held.values()) for k in sets}
 
 
 def training_overlap(den, sets: dict[str, ImageSet], seed: int) -> tuple[dict[str, int | None], dict | None]:

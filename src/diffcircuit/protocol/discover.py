@@ -5,12 +5,15 @@ two backwards per batch; ``ig_steps`` adds integrated gradients) or by the exhau
 ACDC-style at several τ (fractions of the gap L_empty − L_full, on the ε-MSE or, with
 ``metric="output"``, on the distance to the full model's output), traced along circuit size, and
 rerun on bootstrap resamples of the images; where the gap is not significantly positive no circuit
-is claimed.
+is claimed. As in ``run``: the synthetic set is rendered gray when the other set is grayscale
+(``synthetic_color``), and mean ablation's mean comes from held-out images of the same dataset (the
+``n`` images after the evaluated ones; ``mean_reference``: "pooled" over both datasets, or "insample").
 Head roles (from one observation pass) colour the circuit figure.
 
 Output directory::
 
-    discover.json                  the config, the model path and the circuits' headline
+    discover.json                  the config, the model path, the datasets (rendering, images the model
+                                   trained on) and the circuits' headline
     circuits/<dataset>_t<window>.json  the primary-τ circuit (or the claim that there is none) per dataset
                                    and window (``t500``, ``t100-300``): gap test, losses, heads, necessity
     tables/importance.parquet      per dataset x timestep x image x head: the ranking's degradation
@@ -38,9 +41,9 @@ from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe_with_null
-from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, use_captions
-from diffcircuit.protocol.config import RunConfig
+from diffcircuit.protocol.config import SYNTHETIC_COLORS, RunConfig
+from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table
 from diffcircuit.protocol.store import write_json, write_parquet
 
@@ -69,6 +72,9 @@ class DiscoverConfig:
     prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
     prompt_embeds: str | None = None
     class_label: int | None = None
+    synthetic_color: str = "auto"  # as in `run`: gray when the other set is grayscale
+    match_histogram: bool = False  # match each synthetic image's luminance histogram to the other set's
+    mean_reference: str = "heldout"  # mean ablation's reference: "heldout", "pooled" or "insample"
 
     def validate(self) -> None:
         if self.ranking not in RANKINGS:
@@ -84,6 +90,11 @@ class DiscoverConfig:
             raise DiffcircuitError(f"--circuit-metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
             raise DiffcircuitError("every window must be a non-empty set of the analysed --timesteps")
+        if self.synthetic_color not in SYNTHETIC_COLORS:
+            raise DiffcircuitError(f"--synthetic-color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}")
+        if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
+            raise DiffcircuitError("--match-histogram matches the synthetic set to the other dataset: exactly one of "
+                                   "--data-a and --data-b must be 'synthetic'")
         if PRIMARY_TAU not in self.taus:
             raise DiffcircuitError(f"--taus must include the primary τ {PRIMARY_TAU}")
 
@@ -97,14 +108,15 @@ class DiscoveryResult:
     labels: dict[str, str]  # dataset key -> data spec
 
 
-def _rank(cfg: DiscoverConfig, den, registry, key: str, images, progress) -> pd.DataFrame:
+def _rank(cfg: DiscoverConfig, den, registry, key: str, images, progress, reference) -> pd.DataFrame:
     if cfg.ranking == "attribution":
         scores = attribution_scores(den, images, timesteps=cfg.timesteps, method="mean", probes=cfg.probes,
-                                    ig_steps=cfg.ig_steps, seed=cfg.seed,
-                                    dataset=key, batch_size=cfg.batch_size, registry=registry)
+                                    ig_steps=cfg.ig_steps, seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
+                                    registry=registry, reference=reference)
         return importance_rows(scores, estimator=scores.estimator.iloc[0])
     table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=cfg.timesteps,
-                           seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=registry, progress=progress)
+                           seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=registry, progress=progress,
+                           reference=reference)
     return importance_rows(table)
 
 
@@ -126,7 +138,17 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                            class_label=cfg.class_label)
     den.check_timesteps(cfg.timesteps)
     specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
-    sets = {k: model_images(den, s, n=cfg.n, seed=cfg.seed) for k, s in specs.items()}
+    n_load = cfg.n if cfg.mean_reference == "insample" else 2 * cfg.n
+    try:
+        loaded = load_datasets(den, cfg, n=n_load)
+    except DiffcircuitError as err:
+        if n_load == cfg.n:
+            raise
+        raise DiffcircuitError(f"{err} (the held-out mean reference needs 2 x --n images: lower --n or give "
+                               "--mean-reference insample)") from None
+    sets, references = reference_split(loaded, cfg.n, cfg.mean_reference)
+    references = references or {}
+    in_training, _ = training_overlap(den, sets, cfg.seed)
     captions = {k: use_captions(den, k, s.captions, allow_pickle=cfg.allow_pickle, spec=s.spec) for k, s in sets.items()}
     registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
 
@@ -152,14 +174,14 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
     importance = []
     for key, image_set in sets.items():
-        importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step))
+        importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step, references.get(key)))
         if cfg.ranking == "attribution":
             rank_step(cfg.n * len(cfg.timesteps))
     importance = pd.concat(importance, ignore_index=True)
     table, circuits, curves = discover_circuits(
         den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
         taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-        ranking=_ranking_name(cfg), metric=cfg.metric)
+        ranking=_ranking_name(cfg), metric=cfg.metric, references=references)
     out = Path(out_dir)
     for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
                         ("circuit_complexity", circuit_complexity(circuits))):
@@ -169,7 +191,11 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     write_json(out / "discover.json", {
         "config": asdict(cfg), "model_path": str(den.model_path),
         "conditioning": den.conditioning.description if den.conditioning else None,
-        "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k]} for k, s in sets.items()},
+        "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k], "rendering": s.rendering,
+                         "in_training_set": in_training[k],
+                         "mean_reference": None if not references else [
+                             {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in references[k]]}
+                     for k, s in sets.items()},
         "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "metric", "tau", "claimed", "claim", "gap", "heads",
                                             "faithfulness", "recovered_without_circuit", "n_necessary", "size_range",
                                             "size_ci", "resamples", "overlap_with_other", "complexity")}
