@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from statsmodels.stats.multitest import multipletests
 
 from diffcircuit import load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, gap_test
 from diffcircuit.discovery.planted import zero_heads
-from diffcircuit.discovery.run import NO_CIRCUIT, discover_circuits
+from diffcircuit.discovery.run import NO_CIRCUIT, _gap_tests, discover_circuits
 from diffcircuit.interventions.ablation import Target
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import batch_noise
@@ -92,6 +93,23 @@ def test_output_metric_is_the_distance_to_the_full_models_output(embedded):
     assert gap_test(loss).relative is None  # L_full = 0: no relative gap
 
 
+def test_gap_tests_are_corrected_as_one_family():
+    """Three windows' gaps: strong, p = 0.04 alone, and none. BH over the three withdraws the p = 0.04 claim."""
+    full = np.ones(12)
+    gaps = [np.full(12, 0.3) + np.random.default_rng(0).normal(0, 0.05, 12),
+            np.random.default_rng(4).normal(0.12, 0.2, 12), np.random.default_rng(1).normal(0.0, 0.2, 12)]
+    losses = {("a", (t,)): _Fixed(full, full + g) for t, g in zip((1, 2, 3), gaps)}
+    raw = {k: gap_test(v) for k, v in losses.items()}
+    tests = _gap_tests(losses, seed=0, correction="fdr_bh")
+    q = multipletests([t.p_value for t in raw.values()], method="fdr_bh")[1]
+    for (key, t), qk in zip(raw.items(), q):
+        assert tests[key].p_value == t.p_value and tests[key].p_corrected == pytest.approx(qk)
+        assert tests[key].significant == (qk < 0.05) and tests[key].family_size == 3
+        assert tests[key].q_floor == pytest.approx(3 * 2.0 ** -12)
+    assert raw[("a", (2,))].significant and not tests[("a", (2,))].significant  # 0.04 alone, 0.06 corrected
+    assert tests[("a", (1,))].significant
+
+
 def _zero_importance(registry, datasets, timestep):
     return pd.DataFrame([{"dataset": d, "timestep": timestep, "image": i, "target": str(h), "degradation_pct": 0.0}
                          for d in datasets for i in range(6) for h in registry])
@@ -119,7 +137,8 @@ def test_no_circuit_is_claimed_where_ablating_every_head_does_not_hurt(embedded)
 def test_too_few_images_to_reach_significance_are_named_in_the_claim(embedded):
     den, faces, registry = embedded
     _, circuits, _ = discover_circuits(den, {"b": faces[:3]}, _zero_importance(registry, "b", 300),
-                                       registry=registry, windows=[(300,)], resamples=0)
-    (c,) = circuits
+                                       registry=registry, windows=[(300,)], resamples=0, test_windows=[(300,), (900,)])
+    (c,) = circuits  # discovered at 300 only, corrected with 900's gap test too
     assert c["gap"]["mean"] > 0 and c["gap"]["p_floor"] == 1 / 8  # 3 images: 8 sign patterns
-    assert not c["claimed"] and "cannot reach p < 0.05" in c["claim"] and c["heads"] is None
+    assert c["gap"]["family_size"] == 2 and c["gap"]["q_floor"] == 2 / 8 and c["gap"]["correction"] == "fdr_bh"
+    assert not c["claimed"] and "cannot go below 0.05" in c["claim"] and c["heads"] is None

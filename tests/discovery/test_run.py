@@ -12,6 +12,7 @@ from diffcircuit.discovery.circuits import CircuitLoss
 from diffcircuit.discovery.run import (
     MIN_CI_RESAMPLES,
     PRIMARY_TAU,
+    _size_ratio,
     bootstrap_interval,
     circuit_complexity,
     discover_circuits,
@@ -122,3 +123,11 @@ def test_the_circuit_metric_and_gap_shares_are_validated_config_fields():
         RunConfig(circuit_metric="kl")
     with pytest.raises(DiffcircuitError, match="fractions of the gap"):
         RunConfig(circuit_taus=(0.05, 2.0))  # τ is a share of the gap: 1 or more would allow the empty circuit
+
+
+def test_a_resample_with_an_empty_circuit_on_either_side_gives_no_ratio():
+    a = {"claimed": True, "size": 3, "boot_sizes": [3, 0, 2, 4], "topk_size": 3}
+    b = {"claimed": True, "size": 6, "boot_sizes": [0, 4, 4, 4], "topk_size": 5}
+    out = _size_ratio(a, b)
+    assert out["ratio_b_over_a"] == 2.0 and out["resamples"] == 2 and out["resamples_with_an_empty_circuit"] == 2
+    assert out["ratio_range"] == [1.0, 2.0]  # 4/4 and 4/2: neither 0 (b empty) nor a division by a's 0

@@ -91,6 +91,11 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     first = summary["entropy_divergence"][0]  # 3 images a dataset: 20 splits, no interval, p ≥ 0.1
     assert first["ci_low_nats"] is None and first["ci_withheld"] and not first["can_reject"]
     assert first["p_floor"] == pytest.approx(2 / 20)
+    from statsmodels.stats.multitest import multipletests  # the mean's q: BH across the run's timesteps
+
+    rows = summary["entropy_divergence"]
+    np.testing.assert_allclose([r["q_value"] for r in rows], multipletests([r["p_value"] for r in rows], method="fdr_bh")[1])
+    assert {r["family"] for r in rows} == {"entropy_difference_mean_over_heads"}
     roles = pd.read_parquet(out / "tables" / "head_roles.parquet")
     assert len(roles) == 2 * 2 * n_heads and set(roles.role) <= {*ROLES, "positional", "unassigned"}  # per dataset
     tests = pd.read_parquet(out / "tables" / "role_tests.parquet")
@@ -163,7 +168,8 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     for path in (out / "circuits").glob("*.json"):  # 2 images: 4 sign patterns, p >= 1/4, so nothing is claimed
         c = json.loads(path.read_text())
         assert c["gap"]["n_images"] == 2 and c["gap"]["p_floor"] == 1 / 4
-        assert not c["claimed"] and "cannot reach p < 0.05" in c["claim"] and c["heads"] is None
+        assert c["gap"]["family_size"] == 4 and c["gap"]["q_floor"] == 1.0  # 2 datasets x 2 timesteps, corrected
+        assert not c["claimed"] and "cannot go below 0.05" in c["claim"] and c["heads"] is None
         assert c["faithfulness"] is None and c["overlap_with_other"]["jaccard"] is None
     assert not table.claimed.any() and len(pd.read_parquet(out / "tables" / "circuit_curves.parquet")) == 0
     assert len(pd.read_parquet(out / "tables" / "circuit_complexity.parquet")) == 0  # no window with two circuits

@@ -44,13 +44,20 @@ def test_each_rule_picks_its_role_and_nothing_is_forced():
 
 def test_a_content_role_needs_a_significant_and_large_enough_excess():
     roles = assign_roles(_frame([_test("edge", q=0.06), _test("edge", excess=math.log(1.05)),
-                                 _test("edge", q=math.nan), dict(edge_affinity=3.0)]))
+                                 _test("edge", q=math.nan), dict(edge_affinity=3.0, **_test("edge", q=0.4))]))
     assert list(roles.role) == ["unassigned"] * 3 + ["positional"]
     assert roles.raw_only.iloc[3] == "edge"
 
 
+def test_a_raw_score_nothing_tested_is_neither_content_nor_positional():
+    roles = assign_roles(_frame([dict(edge_affinity=3.0), dict(edge_affinity=3.0, **_test("edge", q=math.nan))]))
+    assert list(roles.role) == ["unassigned", "unassigned"]
+    assert list(roles.raw_only) == ["", ""]
+    assert all("edge" in b and "not run" in b for b in roles.role_basis)
+
+
 def test_a_raw_score_its_null_explains_keeps_a_geometric_role_and_says_so():
-    roles = assign_roles(_frame([dict(distance_frac=0.05, texture_affinity=1.6)]))
+    roles = assign_roles(_frame([dict(distance_frac=0.05, texture_affinity=1.6, **_test("texture", q=0.3))]))
     assert roles.role.item() == "local" and roles.raw_only.item() == "texture"
 
 

@@ -111,8 +111,12 @@ def test_a_significantly_harmless_component_is_not_counted_significant():
     empty = pd.DataFrame(columns=["timestep", "value", "p_value", "n_permutations", "bias_corrected", "measure", "n_a",
                                   "n_b"])
     tests = build_tests_table(heads, None, empty, empty, crit)
-    family = tests[tests.family == "critical_vs_random_heads"]
+    family = tests[tests.family.str.startswith("critical_vs_random_sets ")]
     assert (family.alternative == "greater").all() and len(family) == len(crit)
+    assert set(family.family) == {f"critical_vs_random_sets {lv}/{m}" for lv, m in zip(crit.level, crit.method)}
+    for name, g in family.groupby("family"):  # each family's correction is the table's, and its size its own
+        assert np.allclose(g.p_corrected, multipletests(g.p_value, method="fdr_bh")[1])
+        assert (g.can_reject == ((len(g) * g.p_floor).clip(upper=1) < 0.05)).all()
     assert not (family.set_index("what").filter(like="layer L0", axis=0).p_corrected < 0.05).any()
 
 

@@ -37,7 +37,7 @@ def test_a_clean_run_has_no_threats_and_every_claim_its_test():
 def test_each_detected_threat_reaches_the_claims_it_concerns():
     summary = _summary(dataset_differences=[{"property": "edge_energy", "differs": True, "cohens_d": 3.3,
                                              "p_corrected": 0.001}],
-                       ablation={"n_images": 16, "n_critical": {"head/mean": 2}, "n_tested": {"head/mean": 72}},
+                       ablation={"n_images": 16, "n_critical": {"layer/mean": 2}, "n_tested": {"layer/mean": 7}},
                        circuits={"windows": [{"dataset": "a", "window": "900", "timesteps": [900], "claimed": True,
                                               "gap": {"n_images": 16, "p_floor": 1e-4, "alpha": 0.05}}]})
     summary["denoising"][1]["informative"] = False  # a at t = 900
@@ -70,3 +70,42 @@ def test_tests_that_cannot_reject_are_withheld_not_negative():
     found = validity(summary, manifest)
     assert _claims(found, "divergence")[0]["status"] == "withheld"
     assert _claims(found, "roles")[0]["status"] == "withheld"
+
+
+def test_a_family_that_cannot_reject_alone_is_withheld_and_its_real_null_is_quoted():
+    summary = _summary(ablation={"n_images": 16, "n_critical": {"head/mean": 0, "layer/mean": 0},
+                                 "n_tested": {"head/mean": 72, "layer/mean": 7},
+                                 "q_floor": {"head/mean": 1.0, "layer/mean": 0.049},
+                                 "lone_critical_possible": {"head/mean": False, "layer/mean": True},
+                                 "null_sets": {"head/mean": 71, "layer/mean": 140}})
+    critical = {c["claim"]: c for c in _claims(validity(summary, _manifest()), "critical")}
+    head, layer = critical["critical head components, mean ablation"], critical["critical layer components, mean ablation"]
+    assert head["status"] == "withheld" and "71 null sets" in head["test"] and "other single heads" in head["test"]
+    assert layer["status"] == "not supported" and "140 null sets" in layer["test"]
+
+
+def test_a_role_family_whose_lone_q_cannot_reach_alpha_is_withheld():
+    """19 permutations: p >= 1/20 = 0.05, never below; 99 permutations over 72 heads: a lone q >= 72/100."""
+    for permutations, heads in ((19, 1), (99, 72)):
+        summary = _summary()
+        summary["role_evidence"] = [{"dataset": "a", "timestep": 100, "n_heads": heads, "n_positional": 0,
+                                     "probes": {"edge": {"labelled": 0}}}]
+        claim = _claims(validity(summary, _manifest(role_permutations=permutations)), "roles")[0]
+        assert claim["status"] == "withheld", (permutations, heads)
+    summary["role_evidence"][0]["n_heads"] = 4  # 99 permutations over 4 heads: q can reach 0.04
+    assert _claims(validity(summary, _manifest(role_permutations=99)), "roles")[0]["status"] == "not supported"
+
+
+def test_divergence_and_complexity_claims_follow_the_family_corrected_q():
+    rows = [{"timestep": t, "n_a": 50, "n_b": 50, "p_value": 0.01, "q_value": q, "can_reject": True}
+            for t, q in ((100, 0.03), (900, 0.2))]
+    ratio = {"measure": "ablation_participation_ratio", "stand_in_for": None,
+             "per_timestep": [{"timestep": 100, "value": 1.2, "p_value": 0.02, "q_value": 0.08, "can_reject": True}]}
+    found = validity(_summary(entropy_divergence=rows, complexity_ratio=ratio), _manifest())
+    assert [c["status"] for c in _claims(found, "divergence")] == ["supported", "not supported"]
+    assert all("across timesteps" in c["correction"] for c in _claims(found, "divergence"))
+    complexity = _claims(found, "complexity")[0]
+    assert complexity["status"] == "not supported" and "its q" in complexity["correction"]
+    uncorrected = validity(_summary(complexity_ratio=ratio | {"per_timestep": [
+        {"timestep": 100, "value": 1.2, "p_value": 0.02, "can_reject": True}]}), _manifest())
+    assert _claims(uncorrected, "complexity")[0]["correction"] == "none (no tests table)"

@@ -59,6 +59,26 @@ def test_two_images_per_set_give_an_exact_p_no_interval_and_no_claim():
     assert np.isnan(res.ci_low) and res.ci_withheld == "2 images in a set (< 5)" and np.isnan(res.mde_ratio)
 
 
+def test_relabellings_with_an_undefined_ratio_count_as_extreme():
+    """Exact enumeration: a split whose participation ratio is undefined on one side (all its effects <= 0)
+    counts as at least as extreme as the observed ratio, never as less."""
+    a = np.array([[4.0, 1.0], [3.0, 1.0], [5.0, 2.0]])
+    b = np.array([[-9.0, -9.0], [2.0, 2.0], [8.0, 9.0]])
+    res = ratio_test(a, b, participation_ratio, n_perm=1000)
+    pooled = np.concatenate([a, b])
+    observed = abs(np.log(participation_ratio(b) / participation_ratio(a)))
+    count, total = 0, 0
+    for ia in itertools.combinations(range(6), 3):
+        ib = [i for i in range(6) if i not in ia]
+        va, vb = participation_ratio(pooled[list(ia)]), participation_ratio(pooled[ib])
+        undefined = not (va > 0 and vb > 0)  # NaN ratio
+        count += undefined or abs(np.log(vb / va)) >= observed - 1e-12
+        total += 1
+    assert res.exact and res.n_permutations == total == 20
+    assert 0 < count - 1 < total  # some splits are undefined, and the test is not trivial
+    assert res.p_value == pytest.approx(count / total)
+
+
 def test_minimal_detectable_ratio_has_the_stated_power():
     for se in (0.01, 0.05, 0.2):
         delta = np.log(minimal_detectable_ratio(se))

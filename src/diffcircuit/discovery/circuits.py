@@ -47,7 +47,7 @@ importance) for a range of k: how much of the gap the k most important heads car
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ __all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "circuit
            "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "ranking_auc"]
 
 METRICS = ("eps", "output")
-GAP_ALPHA = 0.05  # one-sided level of the gap test (one test per dataset x window, uncorrected)
+GAP_ALPHA = 0.05  # one-sided level of the gap test (Benjamini–Hochberg over a run's dataset x window tests)
 
 
 class CircuitLoss:
@@ -144,15 +144,26 @@ class GapTest:
     effect_size: float  # Cohen's d_z of the per-image gaps
     n_images: int
     alpha: float
-    test: str = "one-sided paired sign-flip permutation test of the per-image gap L_empty − L_full (uncorrected)"
+    test: str = "one-sided paired sign-flip permutation test of the per-image gap L_empty − L_full"
+    p_corrected: float | None = None  # p corrected over the family of gap tests (None: a lone test, uncorrected)
+    family_size: int = 1  # how many gap tests that correction covers (datasets x windows)
+    correction: str = "none"
 
     @property
     def significant(self) -> bool:
-        return self.p_value < self.alpha
+        return (self.p_value if self.p_corrected is None else self.p_corrected) < self.alpha
+
+    @property
+    def q_floor(self) -> float:
+        """The corrected p of a lone positive gap at the floor (the first BH / Holm step: m · p_floor)."""
+        return min(1.0, self.family_size * self.p_floor)
+
+    def corrected(self, p_corrected: float, family_size: int, correction: str) -> "GapTest":
+        return replace(self, p_corrected=float(p_corrected), family_size=int(family_size), correction=correction)
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()} | {
-            "significant": self.significant}
+            "significant": self.significant, "q_floor": self.q_floor}
 
 
 def gap_test(loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 9999, seed: int = 0) -> GapTest:

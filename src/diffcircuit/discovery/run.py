@@ -7,7 +7,8 @@ not affordable (``diffcircuit discover --ranking attribution``). Any table with 
 
 A window is a set of timesteps whose losses are averaged (by default each analysed timestep is its
 own window). For each dataset and window the gap L_empty − L_full is tested first
-(:func:`~diffcircuit.discovery.circuits.gap_test`); where it is not significantly positive no
+(:func:`~diffcircuit.discovery.circuits.gap_test`; the run's dataset x window gap tests are corrected
+together, Benjamini–Hochberg by default); where it is not significantly positive no
 circuit is claimed (``claimed`` false, ``heads`` and ``faithfulness`` null, ``claim`` saying so)
 and nothing else is computed. Otherwise ``prune_circuit`` runs at every τ (fractions of the gap),
 the primary circuit's individually necessary heads are counted, ``circuit_curve`` traces
@@ -44,6 +45,7 @@ from diffcircuit.discovery.circuits import (
     prune_circuit,
 )
 from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.stats.tests import correct_pvalues
 
 __all__ = ["COMPLEXITY_COLUMNS", "CURVE_COLUMNS", "MIN_CI_RESAMPLES", "NO_CIRCUIT", "PRIMARY_TAU", "bootstrap_interval", "circuit_complexity",
            "discover_circuits", "importance_rows", "window_name"]
@@ -100,12 +102,15 @@ def bootstrap_interval(values: Sequence[float], estimate: float | None) -> tuple
 def _claim(test: GapTest, size: int | None, tau: float) -> str:
     gap = (f"gap {100 * test.relative:+.1f} % of the full model's loss" if test.relative is not None
            else f"gap {test.mean:.3g}")
-    stats = f"{gap}, one-sided p = {test.p_value:.3g}, n = {test.n_images} images"
+    stats = f"{gap}, one-sided p = {test.p_value:.3g}"
+    if test.p_corrected is not None and test.family_size > 1:
+        stats += f", q = {test.p_corrected:.3g} ({test.correction} over {test.family_size} dataset x window gap tests)"
+    stats += f", n = {test.n_images} images"
     if test.significant:
         return f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap ({stats})"
-    if test.p_floor >= test.alpha:
-        return (f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images the gap test cannot reach "
-                f"p < {test.alpha} (smallest p {test.p_floor:.3g}; {gap})")
+    if test.q_floor >= test.alpha:
+        return (f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images and {test.family_size} gap "
+                f"test(s) the corrected p cannot go below {test.alpha} (smallest {test.q_floor:.3g}; {gap})")
     return f"{NO_CIRCUIT} ({stats})"
 
 
@@ -142,13 +147,12 @@ def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple,
     }
 
 
-def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, dataset: str, window: list[int],
-                  registry: HeadRegistry, taus: Sequence[float], seed: int, ranking: str, metric: str, reference=None):
-    """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window."""
+def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, test: GapTest,
+                  dataset: str, window: list[int], registry: HeadRegistry, taus: Sequence[float], seed: int, ranking: str,
+                  metric: str, reference=None):
+    """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window, whose loss and
+    (family-corrected) gap test are given."""
     name = window_name(window)
-    loss = CircuitLoss(denoiser, x, timesteps=window, dataset=dataset, seed=seed, registry=registry, metric=metric,
-                       reference=reference)
-    test = gap_test(loss, seed=seed)
     scores = _importance(here, registry)
     record = {"dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "metric": metric,
               "tau": PRIMARY_TAU, "ranking": ranking, "claimed": test.significant, "gap": test.to_dict(),
@@ -176,11 +180,19 @@ def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, d
     return rows, record | {"claim": _claim(test, record["size"], PRIMARY_TAU)}, curves, boot
 
 
+def _gap_tests(losses: dict, *, seed: int, correction: str) -> dict:
+    """Every dataset x window's gap test, corrected together: each is a claim that a circuit exists."""
+    raw = {key: gap_test(loss, seed=seed) for key, loss in losses.items()}
+    q = correct_pvalues([t.p_value for t in raw.values()], correction)
+    return {key: t.corrected(qk, len(raw), correction) for (key, t), qk in zip(raw.items(), q)}
+
+
 def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.DataFrame, *, registry: HeadRegistry,
                       windows: Sequence[Sequence[int]], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
                       seed: int = 0, ranking: str = "exhaustive mean ablation", metric: str = "eps",
-                      progress: Callable[[int], None] | None = None,
-                      references: dict | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+                      progress: Callable[[int], None] | None = None, references: dict | None = None,
+                      correction: str = "fdr_bh",
+                      test_windows: Sequence[Sequence[int]] | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
     per dataset x window; one curve row per dataset x window x circuit size (claimed circuits only).
     ``windows``: tuples of timesteps (each a window whose losses and importances are averaged).
@@ -189,19 +201,30 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     names where they came from, for the record. ``metric``: ``"eps"`` or ``"output"`` (see
     :class:`~diffcircuit.discovery.circuits.CircuitLoss`). ``references``: per dataset, the ``ReferenceImages``
     mean ablation takes its means from (the same for every bootstrap resample); None: in-sample means.
+    ``correction``: how the dataset x window gap tests are corrected together (``fdr_bh`` or ``holm``);
+    ``test_windows`` (default ``windows``): the windows whose gap tests form that family — a superset of
+    ``windows``, so that a run discovering one window per task still corrects over all of them.
     """
     references = references or {}
     rows, circuits, curves, boot_sets = [], [], [], {}
     n_common = min(len(v) for v in images.values())
+    windows = [[int(t) for t in window] for window in windows]
+    family = [[int(t) for t in w] for w in (test_windows or windows)]
+    if not {tuple(w) for w in windows} <= {tuple(w) for w in family}:
+        raise ValueError("test_windows must include every window discovered")
+    losses = {(d, tuple(w)): CircuitLoss(denoiser, x, timesteps=w, dataset=d, seed=seed, registry=registry, metric=metric,
+                                         reference=references.get(d)) for w in family for d, x in images.items()}
+    tests = _gap_tests(losses, seed=seed, correction=correction)
     for window in windows:
-        window = [int(t) for t in window]
         rng = np.random.default_rng([seed, *window])  # per window: one window's draws do not depend on the others
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
-            r, record, curve, boot = _discover_one(denoiser, x, here, draws, dataset=dataset, window=window,
-                                                   registry=registry, taus=taus, seed=seed, ranking=ranking, metric=metric,
-                                                   reference=(references or {}).get(dataset))
+            key = (dataset, tuple(window))
+            r, record, curve, boot = _discover_one(denoiser, x, here, draws, loss=losses[key], test=tests[key],
+                                                   dataset=dataset, window=window, registry=registry, taus=taus,
+                                                   seed=seed, ranking=ranking, metric=metric,
+                                                   reference=references.get(dataset))
             rows, curves = rows + r, curves + curve
             circuits.append(record)
             boot_sets[(dataset, record["window"])] = boot
@@ -235,11 +258,13 @@ def _size_ratio(a: dict, b: dict) -> dict:
         missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
         return out | {"skipped": f"no circuit claimed for {missing}"}
     ratio = b["size"] / a["size"] if a["size"] else None
-    boot = [sb / sa for sa, sb in zip(a["boot_sizes"], b["boot_sizes"]) if sa > 0]
+    pairs = list(zip(a["boot_sizes"], b["boot_sizes"]))
+    boot = [sb / sa for sa, sb in pairs if sa > 0 and sb > 0]  # an empty circuit on either side: no ratio
     span, ci, note = bootstrap_interval(boot, ratio)
     top_a, top_b = a["topk_size"], b["topk_size"]
     return out | {"size_a": a["size"], "size_b": b["size"], "ratio_b_over_a": ratio, "ratio_range": span,
                   "ratio_ci": ci, "ratio_interval": note, "resamples": len(boot),
+                  "resamples_with_an_empty_circuit": len(pairs) - len(boot),
                   "topk_size_a": top_a, "topk_size_b": top_b,
                   "topk_ratio_b_over_a": top_b / top_a if top_a and top_b is not None else None}
 

@@ -29,7 +29,8 @@ masks (synthetic images only).
 A head with no content role and no geometric role whose raw mean affinity passes the raw thresholds of
 ``RoleRules`` (e.g. texture affinity ≥ 1.25) is **positional**: its content score is explained by where it
 looks, not by what it sees. ``raw_only`` lists, for every head, the probes whose raw score passes while
-the null test does not. Otherwise ``unassigned``. ``role_basis`` says which kind of evidence gave the role.
+the null test does not. Otherwise ``unassigned`` (its ``role_basis`` names a raw score that passes where no
+null was run: that head is neither content nor positional, its label is withheld). ``role_basis`` says which kind of evidence gave the role.
 Attention weights are not importance: roles say where a head looks; interventions say whether it matters.
 """
 
@@ -109,17 +110,20 @@ def _content_candidates(row, rules: RoleRules) -> dict[str, float]:
     return candidates
 
 
-def _raw_only(row, rules: RoleRules) -> list[str]:
-    """Probes whose raw mean affinity passes its raw threshold while the null test does not support it."""
-    out = []
+def _raw_only(row, rules: RoleRules) -> tuple[list[str], list[str]]:
+    """Probes whose raw mean affinity passes its raw threshold while the null test does not support it, and
+    those whose raw affinity passes but whose null could not be run (q is NaN: no verdict either way)."""
+    failed, untested = [], []
     for probe, column in _RAW_OF.items():
         raw = _get(row, column)
         if not raw >= getattr(rules, f"raw_{probe}"):
             continue
         q, excess = _get(row, f"{probe}_q"), _get(row, f"{probe}_excess")
-        if not (q < rules.q and excess >= rules.min_excess):
-            out.append(probe)
-    return out
+        if q != q:
+            untested.append(probe)
+        elif not (q < rules.q and excess >= rules.min_excess):
+            failed.append(probe)
+    return failed, untested
 
 
 def _geometric_role(row, rules: RoleRules) -> str | None:
@@ -133,7 +137,8 @@ def _geometric_role(row, rules: RoleRules) -> str | None:
 
 
 def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
-    raw_only = ",".join(_raw_only(row, rules))
+    failed, untested = _raw_only(row, rules)
+    raw_only = ",".join(failed)
     candidates = _content_candidates(row, rules)
     if {"edge", "texture"} <= set(candidates):  # the two energy maps: the one the head selects on higher
         loser = "texture" if _get(row, "edge_percentile") >= _get(row, "texture_percentile") else "edge"
@@ -146,6 +151,8 @@ def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
         return geometric, "geometry", "", raw_only
     if raw_only:
         return "positional", "raw content score not above its null", "", raw_only
+    if untested:  # a raw score passes but nothing tested it: neither a content role nor "positional"
+        return "unassigned", f"raw {','.join(untested)} score passes; its null was not run (withheld)", "", raw_only
     return "unassigned", "none", "", raw_only
 
 

@@ -35,7 +35,7 @@ from diffcircuit.stats.tests import cohens_d, correct_pvalues, paired_test, rand
 
 __all__ = ["ALPHA", "PAPER_COMPLEXITY_RATIO", "PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table",
            "denoising_tests", "derived_tables", "divergence_tables", "guidance_table", "head_summary_table",
-           "informative_timesteps", "seed_quantities", "tests_table"]
+           "informative_timesteps", "mean_divergence_test", "complexity_test", "seed_quantities", "tests_table"]
 
 PRIMARY_COMPLEXITY = "ablation_participation_ratio"
 PAPER_COMPLEXITY_RATIO = 1.084  # arXiv 2506.17237's abstract; only compared with each ratio's detectable size
@@ -286,9 +286,19 @@ def _entropy_families(divergence_heads: pd.DataFrame, correction: str) -> list[p
     return out
 
 
+def mean_divergence_test(timestep) -> str:
+    """The ``what`` of the tests-table row that tests the mean entropy difference at ``timestep``."""
+    return f"mean over heads of entropy_nats b − a, t={timestep}"
+
+
+def complexity_test(measure: str, timestep=None) -> str:
+    """The ``what`` of the tests-table row of a complexity ratio (``timestep`` None: pooled over timesteps)."""
+    return f"complexity ratio b/a: {measure}, " + ("pooled over timesteps" if timestep is None else f"t={timestep}")
+
+
 def _divergence_families(divergence: pd.DataFrame, correction: str) -> list[pd.DataFrame]:
     """Per timestep: the mean over heads of the entropy difference, and the Wasserstein-1 divergence."""
-    mean = [{"what": f"mean over heads of entropy_nats b − a, t={r.timestep}",
+    mean = [{"what": mean_divergence_test(r.timestep),
              "test": "permutation (independent, two-sided)", "statistic": r.entropy_diff_nats, "p_value": r.p_value,
              "p_floor": r.p_floor, "effect_size": r.entropy_diff_norm, "effect_size_kind": "entropy_norm_difference",
              "n_a": r.n_a, "n_b": r.n_b, "n_resamples": r.n_permutations} for r in divergence.itertuples()]
@@ -302,8 +312,7 @@ def _divergence_families(divergence: pd.DataFrame, correction: str) -> list[pd.D
 
 
 def _complexity_family(complexity: pd.DataFrame, correction: str) -> pd.DataFrame:
-    rows = [{"what": f"complexity ratio b/a: {r.measure}, "
-                     + ("pooled over timesteps" if r.scope == "pooled_over_timesteps" else f"t={r.timestep}"),
+    rows = [{"what": complexity_test(r.measure, None if r.scope == "pooled_over_timesteps" else r.timestep),
              "test": "permutation (labels over images)", "statistic": r.value, "p_value": r.p_value,
              "p_floor": r.p_floor, "effect_size": float(np.log(r.value)) if r.value > 0 else float("nan"),
              "effect_size_kind": "log_ratio", "n_a": r.n_a, "n_b": r.n_b, "n_resamples": r.n_permutations}
@@ -344,8 +353,9 @@ def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence:
                                 **res.to_dict()})
         families.append(_family(paired_rows, "ablation_paired", correction))
     if critical is not None and len(critical):
-        families.append(critical.assign(
-            family="critical_vs_random_heads", test="rank among null sets ∩ sign-flip over images (one-sided)",
+        families.append(critical.assign(  # one family per level x method, as critical_table corrects them
+            family="critical_vs_random_sets " + critical.level + "/" + critical.method,
+            test="rank among null sets ∩ sign-flip over images (one-sided)",
             what=critical.method + " ablation of " + critical.level + " " + critical.target + " vs " + critical.null,
             statistic=critical.excess_pct, effect_size_kind="cohens_dz", n_a=critical.n_units, n_b=critical.n_null_sets,
             n_resamples=_N_RESAMPLES, alternative="greater")[

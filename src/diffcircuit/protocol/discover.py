@@ -181,7 +181,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     table, circuits, curves = discover_circuits(
         den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
         taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-        ranking=_ranking_name(cfg), metric=cfg.metric, references=references)
+        ranking=_ranking_name(cfg), metric=cfg.metric, references=references, correction="fdr_bh")
     out = Path(out_dir)
     for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
                         ("circuit_complexity", circuit_complexity(circuits))):

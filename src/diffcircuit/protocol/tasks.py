@@ -215,7 +215,9 @@ def _discover(ctx: Context, progress, *, t: int, importance: pd.DataFrame) -> di
     table, circuits, curves = discover_circuits(ctx.den, {k: s.images[:n] for k, s in ctx.sets.items()}, importance,
                                                 registry=ctx.registry, windows=[(t,)], resamples=cfg.circuit_resamples,
                                                 taus=cfg.circuit_taus, seed=cfg.seed, metric=cfg.circuit_metric,
-                                                progress=progress, references={k: ctx.references(k) for k in ctx.sets})
+                                                progress=progress, references={k: ctx.references(k) for k in ctx.sets},
+                                                correction=cfg.correction,  # over every timestep's gap tests
+                                                test_windows=[(int(s),) for s in cfg.timesteps])
     return {"circuits.parquet": table, "curves.parquet": curves, "circuits.json": circuits}
 
 

@@ -354,7 +354,11 @@ def _paper_complexity(r: dict | None, labels: dict) -> str:
         mde = "–" if e["mde_ratio"] is None else f"{e['mde_ratio']:.3f}"
         flag = _flag(f"the paper's {r['paper_ratio']} could not have been detected") if e["underpowered"] else ""
         lines.append(f"t = {e['timestep']}: {_interval(e['value'], e['ci_low'], e['ci_high'], e['ci_withheld'], 3)}, "
-                     f"p = {_p_cell(e['p_value'], e['p_floor'], e['can_reject'])}; smallest detectable ratio {mde}{flag}")
+                     f"p = {_p_cell(e['p_value'], e['p_floor'], e['can_reject'])}"
+                     + (f", q = {e['q_value']:.3g} (within the complexity family)" if e.get("q_value") is not None else "")
+                     + f"; smallest detectable ratio {mde}{flag}")
+    if r.get("pooled_withheld"):
+        lines.append(f"pooled: <span class='flag'>withheld: it {html.escape(r['pooled_withheld'])}</span>")
     return ("<br>".join(lines) + f"<br><span class='note'>{html.escape(r['measure'])}, "
             f"{html.escape(labels['b'])} / {html.escape(labels['a'])}</span>")
 

@@ -13,7 +13,8 @@ import pandas as pd
 
 from diffcircuit.interventions.attribution import ESTIMATES
 from diffcircuit.metrics.roles import CONTENT_ROLES, ROLE_DEFINITIONS
-from diffcircuit.protocol.analyses import PAPER_COMPLEXITY_RATIO, PRIMARY_COMPLEXITY, denoising_tests
+from diffcircuit.protocol.analyses import (PAPER_COMPLEXITY_RATIO, PRIMARY_COMPLEXITY, complexity_test, denoising_tests,
+                                           mean_divergence_test)
 from diffcircuit.report.validity import validity
 from diffcircuit.stats.bootstrap import mean_ci
 from diffcircuit.stats.tests import bootstrap_spearman, paired_spearman_ci
@@ -306,6 +307,28 @@ def _divergence(divergence: pd.DataFrame, heads: pd.DataFrame | None, top: int =
     return rows, out
 
 
+def _attach_family_q(headline: dict | None, divergence_rows: list[dict], tests: pd.DataFrame | None) -> None:
+    """Give each headline ratio and mean-divergence row the p corrected within its family of the tests table
+    (``q_value``, ``family``) and whether a lone effect in that family could reach q < 0.05 (``can_reject``)."""
+    if tests is None or not len(tests):
+        return
+    by_what = {r.what: r for r in tests.itertuples()}
+
+    def attach(row: dict, what: str) -> None:
+        found = by_what.get(what)
+        if found is not None:
+            row["q_value"], row["family"] = _clean(found.p_corrected), found.family
+            row["can_reject"] = bool(row.get("can_reject", True)) and bool(found.can_reject)
+
+    for row in divergence_rows:
+        attach(row, mean_divergence_test(int(row["timestep"])))
+    if headline is not None:
+        for row in headline["per_timestep"]:
+            attach(row, complexity_test(headline["measure"], int(row["timestep"])))
+        if headline["pooled"] is not None:
+            attach(headline["pooled"], complexity_test(headline["measure"]))
+
+
 def _tests(tests: pd.DataFrame) -> dict:
     """Tests per family and how many survive correction, counted in the direction the family tests: a one-sided
     family's p already is; a two-sided family's significant tests are split by the sign of their statistic."""
@@ -428,6 +451,10 @@ def _paper_comparison(summary: dict) -> dict:
     if ratio and not ratio["stand_in_for"]:
         out["complexity_ratio"] = {k: ratio[k] for k in ("measure", "paper_ratio", "pooled")}
         out["complexity_ratio"]["per_timestep"] = [r for r in ratio["per_timestep"] if int(r["timestep"]) in both]
+        if out["excluded_timesteps"] and ratio["pooled"] is not None:  # the pool includes them: not comparable
+            out["complexity_ratio"]["pooled"] = None
+            out["complexity_ratio"]["pooled_withheld"] = ("pools the uninformative timesteps "
+                                                          + ", ".join(map(str, out["excluded_timesteps"])))
     elif ratio:
         out["complexity_ratio"] = {"withheld": ratio["note"] + "; no comparison with the paper's number"}
     divergence = [r for r in summary["entropy_divergence"] if int(r["timestep"]) in both]
@@ -466,6 +493,7 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
             "circuits": bool(circuits)}
     headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
     divergence_rows, differing = _divergence(divergence, divergence_heads)
+    _attach_family_q(headline, divergence_rows, tests)
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     described, differences = _datasets(manifest, datasets)
     summary = {

@@ -97,8 +97,9 @@ def _role_claims(summary: dict, manifest: dict, informative: dict) -> list[dict]
                     "correction": f"{cfg.get('correction')} over the {e['n_heads']} heads per probe",
                     "effect_size": "excess of the log content score over its null (log units), with d_z",
                     "result": {"labelled": labelled, "n_positional": e["n_positional"]},
-                    "p_floor": floor,
-                    "status": "supported" if labelled else "withheld" if floor > 0.05 else "not supported",
+                    "p_floor": floor, "q_floor": min(1.0, e["n_heads"] * floor),  # a lone head's q at the floor
+                    "status": ("supported" if labelled else
+                               "withheld" if e["n_heads"] * floor >= 0.05 else "not supported"),
                     "headline": informative.get((e["dataset"], e["timestep"]), True)})
     return out
 
@@ -107,14 +108,16 @@ def _divergence_claims(summary: dict, manifest: dict, informative: dict) -> list
     out = []
     for r in summary.get("entropy_divergence") or []:
         t = int(r["timestep"])
-        p = r.get("p_value")
+        corrected = "q_value" in r
+        p = r["q_value"] if corrected else r.get("p_value")
         out.append({"claim": f"head entropies differ between the datasets, t = {t}", "kind": "divergence",
                     "timestep": t,
                     "test": "permutation test of the mean entropy difference b − a over heads (dataset labels shuffled "
                             "over images, two-sided); per head the same, and Wasserstein-1 against its null",
                     "n": {"a": r.get("n_a"), "b": r.get("n_b")},
-                    "correction": f"{manifest['config'].get('correction')} over heads within the timestep; none across "
-                                  "timesteps for the mean",
+                    "correction": (f"{manifest['config'].get('correction')} across timesteps for the mean (its q); "
+                                   "over heads within the timestep per head") if corrected else
+                                  "none for the mean (no tests table); per head over heads within the timestep",
                     "effect_size": {"entropy_diff_nats": r.get("entropy_diff_nats"), "ci_low": r.get("ci_low_nats"),
                                     "ci_high": r.get("ci_high_nats"), "n_heads_differ": r.get("n_heads_differ")},
                     "status": _status(p, r.get("can_reject", True)),
@@ -134,14 +137,23 @@ def _critical_claims(summary: dict, manifest: dict) -> list[dict]:
     ablation = summary.get("ablation")
     if not ablation:
         return []
-    n_null = manifest["config"].get("null_sets")
-    return [{"claim": f"critical {key.replace('/', ' components, ')} ablation", "kind": "critical",
-             "test": f"against {n_null} random head sets of the same size per component (one-sided), paired over images",
-             "n": ablation.get("n_images"), "correction": f"{manifest['config'].get('correction')} within level x method",
-             "effect_size": "excess degradation over the random sets, % of the clean ε-MSE",
-             "result": {"n_critical": ablation["n_critical"].get(key), "n_tested": ablation["n_tested"].get(key)},
-             "status": "supported" if ablation["n_critical"].get(key) else "not supported", "headline": True}
-            for key in sorted(ablation.get("n_critical") or {})]
+    out = []
+    for key in sorted(ablation.get("n_critical") or {}):
+        n_null = (ablation.get("null_sets") or {}).get(key, manifest["config"].get("null_sets"))
+        null = "the other single heads" if key.startswith("head/") else "random head sets of the same size"
+        possible = (ablation.get("lone_critical_possible") or {}).get(key, True)
+        out.append({"claim": f"critical {key.replace('/', ' components, ')} ablation", "kind": "critical",
+                    "test": f"rank among {n_null} null sets ({null}) per component and a sign-flip test over images "
+                            "(one-sided)",
+                    "n": ablation.get("n_images"),
+                    "correction": f"{manifest['config'].get('correction')} within level x method",
+                    "effect_size": "excess degradation over the null sets, % of the clean ε-MSE",
+                    "result": {"n_critical": ablation["n_critical"].get(key), "n_tested": ablation["n_tested"].get(key),
+                               "q_floor": (ablation.get("q_floor") or {}).get(key)},
+                    "status": ("supported" if ablation["n_critical"].get(key) else
+                               "not supported" if possible else "withheld"),
+                    "headline": True})
+    return out
 
 
 def _circuit_claims(summary: dict, informative: dict) -> list[dict]:
@@ -156,11 +168,14 @@ def _circuit_claims(summary: dict, informative: dict) -> list[dict]:
                     "dataset": c["dataset"], "timestep": ts[0] if len(ts) == 1 else None,
                     "test": "one-sided sign-flip permutation test over images that ablating every head hurts "
                             "(the gap L_empty − L_full > 0)",
-                    "n": gap.get("n_images"), "correction": "none across windows",
+                    "n": gap.get("n_images"),
+                    "correction": (f"{gap['correction']} over the {gap.get('family_size')} dataset x window gap tests"
+                                   if gap.get("correction", "none") != "none" else "none across windows"),
                     "effect_size": {"gap_rel": gap.get("relative"), "size": c.get("size"),
                                     "faithfulness": c.get("faithfulness")},
                     "status": ("supported" if c.get("claimed") else
-                               "withheld" if (gap.get("p_floor") or 0) >= gap.get("alpha", 0.05) else "not supported"),
+                               "withheld" if (gap.get("q_floor", gap.get("p_floor")) or 0) >= gap.get("alpha", 0.05)
+                               else "not supported"),
                     "headline": all(informative.get((c["dataset"], t), True) for t in ts)})
     return out
 
@@ -172,13 +187,16 @@ def _complexity_claims(summary: dict, informative: dict) -> list[dict]:
     out = []
     for r in ratio.get("per_timestep") or []:
         t = int(r["timestep"])
+        corrected = "q_value" in r
         out.append({"claim": f"complexity ratio b/a ({ratio['measure']}) differs from 1, t = {t}", "kind": "complexity",
                     "timestep": t, "stand_in_for": ratio.get("stand_in_for"),
                     "test": "permutation test of the ratio (dataset labels shuffled over images)",
-                    "n": {"a": r.get("n_a"), "b": r.get("n_b")}, "correction": "within the complexity family",
+                    "n": {"a": r.get("n_a"), "b": r.get("n_b")},
+                    "correction": ("within the complexity family (every measure, every timestep and pooled; its q)"
+                                   if corrected else "none (no tests table)"),
                     "effect_size": {"ratio": r.get("value"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high"),
                                     "smallest_detectable_ratio": r.get("mde_ratio")},
-                    "status": _status(r.get("p_value"), r.get("can_reject", True)),
+                    "status": _status(r["q_value"] if corrected else r.get("p_value"), r.get("can_reject", True)),
                     "underpowered": r.get("underpowered"),
                     "headline": informative.get(("a", t), True) and informative.get(("b", t), True)})
     return out

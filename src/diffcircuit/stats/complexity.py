@@ -103,11 +103,19 @@ def _log_ratio(measure, a, b):
 
 
 def _permutation(a, b, measure, n_perm, rng) -> tuple[float, int]:
-    """Two-sided p on |log ratio| with the labels shuffled over the pooled images; the null's size."""
+    """Two-sided p on |log ratio| with the labels shuffled over the pooled images; the null's size.
+
+    A relabelling on which the ratio is undefined (a measure ≤ 0 or NaN on one side) counts as at least as
+    extreme as the observed ratio (+inf): conservative, where NaN would silently count as less extreme."""
     pooled = np.concatenate([a, b])
     log_ratio = _log_ratio(measure, pooled, pooled)
+
+    def extremeness(ia, ib):
+        value = abs(log_ratio(ia, ib))
+        return value if value == value else math.inf
+
     res = stats.permutation_test((np.arange(len(a)), np.arange(len(a), len(pooled))),
-                                 lambda ia, ib: abs(log_ratio(ia, ib)), permutation_type="independent",
+                                 extremeness, permutation_type="independent",
                                  vectorized=False, n_resamples=n_perm, alternative="greater", random_state=rng)
     return float(res.pvalue), len(res.null_distribution)
 
