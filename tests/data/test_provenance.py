@@ -12,14 +12,14 @@ from diffcircuit.data.provenance import RECORD_FORMAT, in_training_set, read_tra
 EMBEDDED = Path(__file__).resolve().parents[2] / "src" / "diffcircuit" / "models" / "embedded" / "tiny-ddpm-32"
 
 
-def test_the_shipped_models_record_says_it_trained_on_faces_0_to_79():
+def test_the_shipped_model_never_trained_on_an_analysed_image():
     record = read_training_record(EMBEDDED)
-    assert record is not None and record["complete"]
-    assert in_training_set(record, "faces", n=100) == 80
-    assert in_training_set(record, "faces", n=30) == 30
-    assert in_training_set(record, "nonfaces", n=100) == 0
-    assert in_training_set(record, "synthetic", n=2000, seed=0) == 0
-    assert in_training_set(record, "synthetic", n=50, seed=1_000_003) == 50  # its pool's generators (1000003, i)
+    assert record is not None and record["complete"] and record["composition"] == "disjoint"
+    assert {s["kind"] for s in record["sources"]} == {"synthetic", "photo_crops"}
+    for spec in ("faces", "nonfaces"):
+        assert in_training_set(record, spec, n=100) == 0
+    for seed in (0, 1, 1_000_003):  # 1,000,003: the old recipe's pool, no longer trained on
+        assert in_training_set(record, "synthetic", n=2000, seed=seed) == 0
     assert in_training_set(record, "/some/folder", n=10) is None
 
 

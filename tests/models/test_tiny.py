@@ -32,8 +32,8 @@ def test_train_tiny_few_steps_writes_a_loadable_model(tmp_path):
 
 
 def _held_out():
-    """Synthetic (colour) images, faces and non-faces, minus what the shipped model's record lists. (Gray synthetic
-    images at t = 900 are a tie for the shipped model: 0.98x or 1.004x the trivial error, by noise draw.)"""
+    """Synthetic images in colour and in gray (the default run's rendering beside the faces), faces and non-faces,
+    minus what the shipped model's record lists."""
     record = read_training_record(load_denoiser().model_path.parent)
     trained = {w: set() for w in ("faces", "nonfaces")}
     for source in record["sources"]:
@@ -42,6 +42,7 @@ def _held_out():
     held = {w: [i for i in range(100) if i not in trained[w]] for w in trained}
     assert len(held["faces"]) >= 20 and len(held["nonfaces"]) == 100
     return {"synthetic": torch.from_numpy(synthetic_images(100, seed=0)[0]),
+            "synthetic_gray": torch.from_numpy(synthetic_images(100, seed=0, gray=True)[0]),
             **{w: torch.from_numpy(lfw_images(w)[held[w]]) for w in held}}
 
 
