@@ -9,6 +9,10 @@ The notebook API::
     heads.groupby("layer").entropy_norm.mean()
 """
 
+from diffcircuit._threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before anything imports torch: idle OpenMP threads sleep (see diffcircuit._threads)
+
 from diffcircuit._version import __version__  # noqa: E402
 
 from diffcircuit.data.spec import ImageSet, load_images  # noqa: E402

@@ -41,6 +41,16 @@ PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Text-conditione
 PromptEmbedsOpt = Annotated[str | None, typer.Option("--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'.")]
 ClassLabelOpt = Annotated[int | None, typer.Option("--class-label", help="Class-conditional models (DiT): the class (default: the null class).")]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Sampling a conditional model: classifier-free guidance scale (1: none).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for this process (0: one per core). On a shared node "
+                                         "give each job its share of the cores.")]
+
+
+def _threads(threads: int) -> None:
+    if threads < 0:
+        raise DiffcircuitError(f"--threads must be >= 0, not {threads}")
+    from diffcircuit._threads import set_threads
+
+    set_threads(threads)
 
 
 class _Bars:
@@ -77,8 +87,10 @@ def info(
     prompt: PromptOpt = None,
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
+    _threads(threads)
     import torch
 
     from diffcircuit.instrument.registry import HeadRegistry
@@ -176,7 +188,7 @@ def run(
     backend: Annotated[str | None, typer.Option("--backend", help="local (default) or ray (needs diffcircuit[ray]).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Ray workers (0: one per CPU, or per GPU) [0].")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads per process (0: torch's default) [0].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per process (0: one per core; Ray CPU workers share the cores) [0].")] = None,
     shard_images: Annotated[int | None, typer.Option("--shard-images", help="Images per observation shard [256].")] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images with a warning.")] = None,
     capture: Annotated[str | None, typer.Option("--capture", help="'fused' (default) or 'naive' (explicit softmax reference).")] = None,
@@ -279,8 +291,10 @@ def ablate(
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Ablate chosen heads, layers, blocks, ResNet blocks or prompt tokens and measure the paired degradation."""
+    _threads(threads)
     from diffcircuit.protocol.ablate import AblateConfig, run_ablations
     from diffcircuit.protocol.config import parse_timesteps
 
@@ -328,8 +342,10 @@ def discover(
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Find minimal circuits (ACDC-style pruning, mean ablation) for one or two distributions."""
+    _threads(threads)
     from diffcircuit.protocol.config import parse_timesteps
     from diffcircuit.protocol.discover import DiscoverConfig, run_discovery
     from diffcircuit.report.figures import circuit_curves_plot, circuit_map, save_figure
@@ -410,8 +426,10 @@ def generate(
     class_label: ClassLabelOpt = None,
     guidance: GuidanceOpt = 1.0,
     allow_pickle: PickleOpt = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Sample the same seeds with and without an intervention and save a side-by-side grid."""
+    _threads(threads)
     from diffcircuit.protocol.generate import GenerateConfig, run_generate
 
     names = tuple(a.strip() for a in ablate.split(",") if a.strip())
@@ -436,9 +454,11 @@ def calibrate(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Split one distribution in random halves many times; for every complexity measure (the primary first), print
     the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
+    _threads(threads)
     from diffcircuit.protocol.calibrate import calibrate as run_calibration
 
     if n < 4 or splits < 1:
@@ -463,9 +483,11 @@ def guidance(
     config: Annotated[Path | None, typer.Option("--config", help="YAML run config (see init-config) for everything else.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="A text-conditioned pipeline folder or hub id.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Both branches of classifier-free guidance, analysed separately (the prompt, and the empty prompt: the
     unconditional branch), then compared head by head on the same images and noise."""
+    _threads(threads)
     import dataclasses
 
     import pandas as pd
@@ -516,8 +538,10 @@ def cache(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
+    _threads(threads)
     import torch
 
     from diffcircuit.instrument.session import probe_registry
@@ -569,8 +593,10 @@ def train_tiny(
     photo_pool: Annotated[int, typer.Option("--photo-pool", help="Photo crops in the natural pool (disjoint).")] = 10_000,
     gray_share: Annotated[float, typer.Option("--gray-share", help="Fraction of synthetic and colour photo images rendered gray (disjoint).")] = 0.5,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Train the embedded model (DDPM, seeded) and write it with its model card."""
+    _threads(threads)
     from diffcircuit.models.tiny import TrainConfig
     from diffcircuit.models.tiny import train_tiny as train
 

@@ -250,3 +250,35 @@ def test_on_a_monotone_loss_every_head_one_at_a_time_pruning_keeps_is_necessary(
     outside = [a for a in loss.heads if a not in c.heads]
     for h in c.heads:  # by hand: ablating h on top of everything outside breaks τ
         assert loss([*outside, h]) - full > 0.05 * (empty - full)
+
+
+def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_one_shared_evaluation(planted):
+    """L_resample(S) = the mean over the drawn images (repeats counted) of each image's loss with S mean-ablated,
+    computed here independently: a plain loop that zeroes nothing but patches the heads by hand, image by image
+    with that image's own noise; and a second resample asking for the same head set runs no new forward."""
+    from diffcircuit.instrument.session import instrument
+    from diffcircuit.metrics.observe import image_noise
+
+    den, images, registry, _, _, _ = planted
+    x = images[:6]
+    loss = CircuitLoss(den, x, timesteps=[T], registry=registry)
+    ablated = [registry.parse("mid_block.attentions.0:1"), registry.parse("up_blocks.1.attentions.0:2")]
+    draw = [4, 0, 4, 2, 2, 2]
+    first, second = loss.resampled(draw), loss.resampled([1, 1, 3, 5, 0, 0])
+    got = first(ablated)
+    evaluations = loss.evaluations
+    second(ablated)
+    assert loss.evaluations == evaluations  # shared: the parent evaluated this head set for all its images once
+
+    x0 = torch.from_numpy(x)
+    t = torch.full((len(x),), T)
+    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=T) for i in range(len(x))])
+    x_t = den.scheduler.add_noise(x0, eps, t)
+    with torch.no_grad(), instrument(den.network, registry=registry, cache_heads=[a.layer for a in ablated]) as s:
+        den.network(x_t, t)
+    acts = s.pop("head_out")
+    patches = {a: acts[a.layer][:, a.head].mean(0) for a in ablated}  # in-sample mean of each head's output
+    with torch.no_grad(), instrument(den.network, registry=registry, patches=patches):
+        eps_hat = den.eps_hat(den.network(x_t, t).sample, x_t, t)
+    per_image = ((eps_hat - eps) ** 2).flatten(1).mean(1).double().numpy()
+    assert got == pytest.approx(per_image[draw].mean(), rel=1e-5)

@@ -59,7 +59,7 @@ from diffcircuit.metrics.observe import batch_noise
 from diffcircuit.models.conditioning import images_of
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
 
-__all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "circuit_curve", "curve_sizes", "gap_test",
+__all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "ResampledLoss", "circuit_curve", "curve_sizes", "gap_test",
            "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "ranking_auc"]
 
 METRICS = ("eps", "output")
@@ -126,6 +126,28 @@ class CircuitLoss:
                 total += eps_mse_per_image(self._eps_hat(i, patches), self.targets[i]).double().cpu().numpy()
             self._cache[key] = total / len(self.means)
         return self._cache[key]
+
+    def __call__(self, ablated: Sequence[HeadAddress]) -> float:
+        return float(self.per_image(ablated).mean())
+
+    def resampled(self, draw: Sequence[int]) -> ResampledLoss:
+        """The loss on a bootstrap resample ``draw`` of the images (indices, with repeats)."""
+        return ResampledLoss(self, draw)
+
+
+class ResampledLoss:
+    """A bootstrap resample of a ``CircuitLoss``'s images: L(S) is the mean of the parent's per-image losses
+    over the drawn images, repeats counted. The unit resampled is the image with its noise draw (keyed by the
+    image, not by its position in the resample) and the ablation's mean stays the parent's reference, so every
+    head set is evaluated once, by the parent, for all its images, and shared by every resample."""
+
+    def __init__(self, base: CircuitLoss, draw: Sequence[int]):
+        self.base, self.draw = base, np.asarray(draw, dtype=np.int64)
+        self.heads, self.method, self.metric, self.registry = base.heads, base.method, base.metric, base.registry
+        self.n_images = len(self.draw)
+
+    def per_image(self, ablated: Sequence[HeadAddress]) -> np.ndarray:
+        return self.base.per_image(ablated)[self.draw]
 
     def __call__(self, ablated: Sequence[HeadAddress]) -> float:
         return float(self.per_image(ablated).mean())

@@ -14,7 +14,11 @@ and nothing else is computed. Otherwise ``prune_circuit`` runs at every τ (frac
 the primary circuit's individually necessary heads are counted, ``circuit_curve`` traces
 faithfulness against circuit size, and the primary τ is rerun on bootstrap resamples of the images
 (importance recomputed from the resampled rows, the same draws for both datasets) for each head's
-selection frequency and the variability of sizes, overlap and size ratio.
+selection frequency and the variability of sizes, overlap and size ratio. The unit resampled is the
+image with its own noise draw: a resample's loss is the mean of the drawn images' per-image losses
+(repeats counted), from the same evaluations as the point estimate (``CircuitLoss.resampled``), and the
+mean ablation's reference stays the analysed images' (held-out by default), so a head set that one
+search has evaluated costs no other search a forward.
 
 Intervals say what they are: with R ≥ 200 resamples a 2.5–97.5 percentile interval is reported as
 a 95 % interval (``*_ci``) when it contains its own estimate; otherwise only the range of the
@@ -147,9 +151,9 @@ def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple,
     }
 
 
-def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, test: GapTest,
-                  dataset: str, window: list[int], registry: HeadRegistry, taus: Sequence[float], seed: int, ranking: str,
-                  metric: str, reference=None):
+def _discover_one(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, test: GapTest,
+                  dataset: str, window: list[int], registry: HeadRegistry, taus: Sequence[float], ranking: str,
+                  metric: str):
     """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window, whose loss and
     (family-corrected) gap test are given."""
     name = window_name(window)
@@ -166,12 +170,13 @@ def _discover_one(denoiser, x: np.ndarray, here: pd.DataFrame, draws: list, *, l
     necessary = necessary_heads(loss, found[PRIMARY_TAU].heads, PRIMARY_TAU)
     curve = circuit_curve(loss, scores)
     boot = []
+    # each head's mean degradation per image (over the window's timesteps): [targets, images], image i in column i
+    per_image = here.groupby(["target", "image"]).degradation_pct.mean().unstack("image").reindex(columns=range(len(x)))
+    targets, matrix = [registry.parse(t) for t in per_image.index], per_image.to_numpy()
     for draw in draws:  # the same resampled image indices for both datasets
-        boot_loss = CircuitLoss(denoiser, x[draw], timesteps=window, dataset=f"{dataset}/boot", seed=seed, metric=metric,
-                                registry=registry, which=(dataset, draw),  # captions follow the resampled images
-                                reference=reference)
-        boot_rows = pd.concat([here[here.image == i] for i in draw])
-        boot.append(prune_circuit(boot_loss, _importance(boot_rows, registry), PRIMARY_TAU).heads)
+        counts = np.bincount(draw, minlength=len(x))
+        scores_b = dict(zip(targets, matrix @ counts / counts.sum()))  # importance on the resample, repeats counted
+        boot.append(prune_circuit(loss.resampled(draw), scores_b, PRIMARY_TAU).heads)
     frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
     rows = [r | {"tau": tau, "in_circuit": registry.parse(r["head"]) in c.heads,
                  "selection_frequency": frequency[registry.parse(r["head"])]} for tau, c in found.items() for r in base]
@@ -221,10 +226,9 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
             key = (dataset, tuple(window))
-            r, record, curve, boot = _discover_one(denoiser, x, here, draws, loss=losses[key], test=tests[key],
-                                                   dataset=dataset, window=window, registry=registry, taus=taus,
-                                                   seed=seed, ranking=ranking, metric=metric,
-                                                   reference=references.get(dataset))
+            r, record, curve, boot = _discover_one(x, here, draws, loss=losses[key], test=tests[key], dataset=dataset,
+                                                   window=window, registry=registry, taus=taus, ranking=ranking,
+                                                   metric=metric)
             rows, curves = rows + r, curves + curve
             circuits.append(record)
             boot_sets[(dataset, record["window"])] = boot

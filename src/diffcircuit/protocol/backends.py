@@ -2,8 +2,9 @@
 
 Both backends take the same ``Task`` list and leave the same files in the shard store; the driver
 then reads every shard back from disk, merges, computes the statistics and writes the report, so
-the two backends give identical tables (Ray workers use the driver's number of intra-op threads,
-since CPU kernels sum in a thread-dependent order).
+the two backends give identical tables for the same number of intra-op threads (CPU kernels sum in a
+thread-dependent order): Ray workers use ``--threads``, or by default their share of the driver's
+(cores ÷ workers on CPU, so that workers x threads never exceed the cores; the driver's on GPU).
 
 Ray: each worker is an actor that builds the model, registry and images once and computes shards
 on request, returning their encoded parts; the driver writes them atomically, so a worker can die
@@ -110,7 +111,9 @@ class RayBackend:
             raise DiffcircuitError(f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for --device {cfg.torch_device}")
         count = cfg.workers or max(1, int(available))
         share = min(1.0, available / count)  # more workers than devices share them, rather than wait forever
-        threads = cfg.threads or torch.get_num_threads()
+        # on CPU, workers x threads stay within the cores unless --threads asks for more (oversubscribed OpenMP
+        # threads slow every worker down several-fold); on GPU each worker keeps the driver's threads
+        threads = cfg.threads or (torch.get_num_threads() if cuda else max(1, torch.get_num_threads() // count))
         actor = ray.remote(_ShardWorker).options(num_cpus=0 if cuda else share, num_gpus=share if cuda else 0,
                                                  max_restarts=-1, max_task_retries=-1)
         self.workers = [actor.remote(cfg.to_dict(), threads) for _ in range(count)]

@@ -78,7 +78,7 @@ class RunConfig:
     backend: str = "local"  # where shards are computed: this process, or Ray workers
     ray_address: str = ""  # join this Ray cluster ("" : start a local instance sized to this machine)
     workers: int = 0  # Ray workers (0: one per CPU, or per GPU on cuda)
-    threads: int = 0  # intra-op threads per process (0: torch's default; Ray workers then use the driver's)
+    threads: int = 0  # intra-op threads per process (0: one per core; Ray CPU workers then share the cores)
     shard_images: int = 256  # images per observation shard (the unit of resume, parallelism and memory)
     skip_bad: bool = False
     capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
@@ -281,7 +281,7 @@ _COMMENTS = {
     "backend": "local (this process) or ray (shards as Ray tasks; pip install 'diffcircuit[ray]')",
     "ray_address": "an existing Ray cluster to join; empty: start a local instance",
     "workers": "Ray workers, each holding the model once (0: one per CPU, or per GPU on cuda)",
-    "threads": "intra-op threads per process (0: torch's default)",
+    "threads": "intra-op threads per process (0: one per core; Ray CPU workers share the cores)",
     "shard_images": "images per observation shard: the unit of resume, parallelism and memory",
     "skip_bad": "skip unreadable image files with a warning instead of stopping",
     "capture": "fused (one fused attention call) or naive (explicit softmax, the reference)",
