@@ -83,6 +83,13 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 7 and manifest["model"]["model_path"] == str(small_model_dir / "unet")
     assert manifest["datasets"]["a"]["n"] == 3 and manifest["datasets"]["b"]["spec"] == "faces"
+    cost = manifest["cost"]  # observation: one capturing forward per batch of 2 (+ 1) images, per dataset x timestep
+    assert cost["observe"]["forward_calls"] == 2 * 2 * 2 and cost["observe"]["image_forwards"] == 2 * 2 * 3
+    assert cost["observe"]["shards"] == 2 * 2 and {"ablate", "discover", "seed 8", "seed 9"} <= set(cost)
+    assert all(c["forward_calls"] > 0 and c["seconds"] >= 0 for label, c in cost.items() if "statistics" not in label)
+    assert cost["statistics (this invocation)"]["forward_calls"] == 0  # statistics run no model
+    assert "what this run cost" in (out / "report.html").read_text()
+    assert "cost: ablate:" in (out / "run.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert {d["timestep"] for d in summary["denoising"]} == {20, 800}
     assert [d["timestep"] for d in summary["entropy_divergence"]] == [20, 800]

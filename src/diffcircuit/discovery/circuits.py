@@ -83,7 +83,7 @@ class CircuitLoss:
             raise ValueError("circuit losses use mean or zero ablation")
         if metric not in METRICS:
             raise ValueError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
-        self.net, self.method, self.metric, self.eps_hat = denoiser.network, method, metric, denoiser.eps_hat
+        self.den, self.net, self.method, self.metric = denoiser, denoiser.network, method, metric
         self.which = which or (dataset, np.arange(len(images)))
         device = model_device(self.net)
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
@@ -111,8 +111,8 @@ class CircuitLoss:
 
     def _eps_hat(self, i: int, patches: dict) -> torch.Tensor:
         x_t, t = self.inputs[i]
-        with images_of(self.net, *self.which), instrument(self.net, registry=self.registry, patches=patches):
-            return self.eps_hat(self.net(x_t, t).sample, x_t, t)  # [batch, C, H, W]
+        with instrument(self.net, registry=self.registry, patches=patches):
+            return self.den.predict_eps(x_t, t, rows=self.which)  # [batch, C, H, W]
 
     @torch.no_grad()
     def per_image(self, ablated: Sequence[HeadAddress]) -> np.ndarray:

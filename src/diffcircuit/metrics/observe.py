@@ -38,7 +38,7 @@ from diffcircuit.metrics.attention import (
     uniform_moments,
 )
 from diffcircuit.metrics.probes import PROBE_CHANNELS, ProbeFeatures
-from diffcircuit.models.conditioning import image_key_counts, images_of
+from diffcircuit.models.conditioning import image_key_counts
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_mse_per_image,
@@ -132,10 +132,9 @@ def _batch(inp: _Inputs, local: np.ndarray, idx: np.ndarray, t_val: int, feature
     t = torch.full((len(idx),), t_val, dtype=torch.long)
     x_t = add_noise(x0, eps, t, acp)
     partner_maps = None if partners is None else (lambda grid: partners(grid)[:, _PARTNER_INDEX])
-    with images_of(net, dataset, idx), instrument(net, registry=inp.registry, capture=True, method=method,
-                                                  key_features=features, partner_features=partner_maps,
-                                                  partner_paired=_paired(partners)) as session:
-        pred = inp.den.eps_hat(net(x_t.to(inp.device), t.to(inp.device)).sample.float().cpu(), x_t, t)
+    with instrument(net, registry=inp.registry, capture=True, method=method, key_features=features,
+                    partner_features=partner_maps, partner_paired=_paired(partners)) as session:
+        pred = inp.den.predict_eps(x_t, t, rows=(dataset, idx)).cpu()
     captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
     heads = _head_rows(captured, inp.registry, features, idx, t_val, image_key_counts(net, dataset, idx))
     base = trivial_eps(x_t, t, acp)

@@ -17,6 +17,7 @@ refused unless ``allow_pickle=True``, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from diffcircuit.models.conditioning import (
     add_captions,
     attach,
     caption_conditioning,
+    conditioned_as,
+    images_of,
     make_conditioning,
     needed_inputs,
 )
-from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output
+from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
 from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
 from diffcircuit.models.packing import attach_packing, is_packed
@@ -106,6 +109,23 @@ class Denoiser:
     def prediction_type(self) -> str:
         """What the network outputs: "epsilon", "v_prediction" or "sample" (the scheduler's setting)."""
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
+                    rows: tuple[str, object] | None = None) -> torch.Tensor:
+        """The model's ε-prediction at ``x_t`` ``[batch, C, H, W]`` and timestep indices ``t`` ``[batch]``, in fp32
+        on the network's device, whatever the network outputs (ε, v or x₀; a flow model's velocity; a packed
+        model's tokens). ``conditioning``: the input of a conditional model for this call (default: the one it
+        was loaded with, e.g. its prompt; guidance's other branch is ``unconditional_input(den)``); ``rows`` =
+        (dataset, image indices in batch order): a captioned dataset's images each get their own caption.
+        Inside ``instrument(den.network, ...)`` the heads are captured or intervened on as that context says."""
+        if conditioning is not None and self.conditioning is None:
+            raise DiffcircuitError(f"{type(self.network).__name__} is unconditional: a conditioning does not apply")
+        device = model_device(self.network)
+        x_t, t = x_t.to(device), t.to(device)
+        with (conditioned_as(self.network, conditioning) if conditioning is not None else nullcontext()), \
+                (images_of(self.network, *rows) if rows is not None else nullcontext()):
+            output = self.network(x_t, t).sample
+        return self.eps_hat(output, x_t, t)
 
     def eps_hat(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε,

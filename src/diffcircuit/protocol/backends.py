@@ -42,13 +42,13 @@ class LocalBackend:
 
     def run(self, tasks: Sequence[Task], shards: Shards, progress: Progress) -> None:
         for task in tasks:
-            if shards.done(task.name, task.parts):
+            if shards.done(task.name, task.files):
                 shards.note_resumed(task.name)
                 progress(task, task.units)
                 continue
             start = time.perf_counter()
             values = compute(self.ctx, task, lambda k, task=task: progress(task, k))
-            shards.write(task.name, {p: encode_part(p, values[p]) for p in task.parts}, time.perf_counter() - start)
+            shards.write(task.name, {p: encode_part(p, values[p]) for p in task.files}, time.perf_counter() - start)
 
     def close(self) -> None:
         pass
@@ -69,7 +69,7 @@ class _ShardWorker:
     def compute(self, task: Task) -> tuple[dict[str, bytes], float]:
         start = time.perf_counter()
         values = compute(self.ctx, task)
-        return {p: encode_part(p, values[p]) for p in task.parts}, time.perf_counter() - start
+        return {p: encode_part(p, values[p]) for p in task.files}, time.perf_counter() - start
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -134,7 +134,7 @@ class RayBackend:
         ray = self.ray
         queue = deque()
         for task in tasks:
-            if shards.done(task.name, task.parts):
+            if shards.done(task.name, task.files):
                 shards.note_resumed(task.name)
                 progress(task, task.units)
             else:

@@ -7,7 +7,8 @@ atomically, so a failed run leaves no half-written table behind.
 Run directory::
 
     manifest.json               config, package versions, seed, model path, dataset sizes/fingerprints, how each
-                                dataset was rendered and how many of its images the model was trained on
+                                dataset was rendered and how many of its images the model was trained on; ``cost``:
+                                per stage, forward calls (full or partial), images through them, seconds, shards
     tables/datasets.parquet     per image property (colour, edges, texture, intensity): both datasets' means, d, p
     tables/head_metrics.parquet one row per dataset x image x timestep x head
     tables/denoising.parquet    one row per dataset x image x timestep
@@ -62,6 +63,7 @@ import pandas as pd
 from diffcircuit.data.provenance import in_training_set
 from diffcircuit.discovery.run import circuit_complexity, importance_rows
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.models.conditioning import image_tokens
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
@@ -186,6 +188,18 @@ class _Job:
         steps = {label: _stage_progress(self.progress, label, total) for label, total in totals.items()}
         self.backend.run(tasks, self.shards, lambda task, k: steps[task.label](k))
 
+    def cost(self, tasks: list[Task]) -> dict[str, dict]:
+        """Per progress label: forward calls, images through them and seconds, summed over the tasks' shards
+        (a resumed shard's as measured when it was computed), and how many shards."""
+        out: dict[str, dict] = {}
+        for task in tasks:
+            spent = self.shards.read(task.name, ["cost.json"])["cost.json"]
+            entry = out.setdefault(task.label, {"forward_calls": 0, "image_forwards": 0, "seconds": 0.0, "shards": 0})
+            for key in ("forward_calls", "image_forwards", "seconds"):
+                entry[key] += spent[key]
+            entry["shards"] += 1
+        return {label: e | {"seconds": round(e["seconds"], 1)} for label, e in out.items()}
+
     def table(self, tasks: list[Task], part: str) -> pd.DataFrame:
         """One part of every task's shard, read back from disk and concatenated in task order."""
         return pd.concat([self.shards.read(task.name, [part])[part] for task in tasks], ignore_index=True)
@@ -307,26 +321,35 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
             + [seed_quantities(job.table(tasks, "heads.parquet"), tasks[0].args["seed"]) for tasks in repeats],
             ignore_index=True)
     tables |= {name: job.table(tasks, "table.parquet") for name, tasks in groups.items()}
-    circuits = []
+    circuits, found = [], []
     if cfg.runs("discovery"):
         found = discover_tasks(ctx, importance_rows(tables["ablations"]))
         job.run(found)
         tables["circuits"], tables["circuit_curves"] = job.table(found, "circuits.parquet"), job.table(found, "curves.parquet")
         circuits = [c for task in found for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]]
         tables["circuit_complexity"] = circuit_complexity(circuits)
-    tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
+    cost = job.cost(observed + [t for tasks in repeats for t in tasks] + [t for ts in groups.values() for t in ts]
+                    + found)
+    with count_forwards(ctx.den.network) as maps:
+        tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
+        tokens = _token_maps(job)
+    cost["attention maps (this invocation)"] = maps.to_dict()
     tables["datasets"] = datasets_table(ctx.sets, seed=cfg.seed, correction=cfg.correction)
-    tokens = _token_maps(job)
     if tokens is not None:
         tables["token_maps"], tables["token_heatmaps"] = tokens
     permutations = {key: job.table([t for t in observed if t.args["key"] == key], "null.parquet") for key in ctx.sets}
-    tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction,
-                             role_permutations=permutations, denoising=tables["denoising"])
+    with count_forwards(ctx.den.network) as statistics:
+        tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction,
+                                 role_permutations=permutations, denoising=tables["denoising"])
+    cost["statistics (this invocation)"] = statistics.to_dict()
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:
         write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit)
-    manifest = _manifest(ctx)
+    manifest = _manifest(ctx) | {"cost": cost}
+    for label, spent in cost.items():
+        log.info("cost: %s: %d forward calls, %d image forwards, %.1f s", label, spent["forward_calls"],
+                 spent["image_forwards"], spent["seconds"])
     write_json(out_dir / "manifest.json", manifest)
     log.info("run finished in %.1f s: %d shards computed, %d resumed from disk", time.perf_counter() - start,
              job.shards.computed, job.shards.resumed)

@@ -23,6 +23,7 @@ import torch
 
 from diffcircuit.data.spec import ImageSet
 from diffcircuit.discovery.run import discover_circuits
+from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import Target, distinct_targets, random_head_sets, targets
@@ -51,6 +52,11 @@ class Task:
     units: int  # progress units (images or pieces) it is worth
     label: str  # the progress bar it advances
     args: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every part written: the results, and ``cost.json`` (forwards, images through them, seconds)."""
+        return (*self.parts, "cost.json")
 
 
 @dataclass(eq=False)
@@ -161,9 +167,11 @@ def ablation_plan(registry: HeadRegistry, *, null_sets: int, seed: int) -> tuple
 
 
 def compute(ctx: Context, task: Task, progress: Callable[[int], None] | None = None) -> dict[str, object]:
-    """The shard's parts by name (tables or JSON values). ``progress(k)`` reports images done, where known."""
-    with ctx.autocast():
-        return _COMPUTE[task.stage](ctx, progress, **task.args)
+    """The shard's parts by name (tables or JSON values) and its ``cost.json``. ``progress(k)`` reports images
+    done, where known."""
+    with count_forwards(ctx.den.network) as cost, ctx.autocast():
+        values = _COMPUTE[task.stage](ctx, progress, **task.args)
+    return values | {"cost.json": cost.to_dict()}
 
 
 def _observe(ctx: Context, progress, *, key: str, t: int, seed: int, lo: int, hi: int, null: bool = False) -> dict:

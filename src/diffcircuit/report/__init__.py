@@ -41,5 +41,5 @@ def finalize_run(run_dir: str | Path) -> dict:
     write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
                  curves=optional.get("circuit_curves"),
                  gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None,
-                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"))
+                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"), cost=manifest.get("cost"))
     return summary

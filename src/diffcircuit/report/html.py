@@ -606,6 +606,19 @@ def _seed_section(summary: dict) -> str:
 <table><tr><th>quantity</th><th>dataset</th><th>t</th><th>mean</th><th>sd</th><th>range</th></tr>{rows}</table>"""
 
 
+def _cost_section(cost: dict | None) -> str:
+    """What the run cost per stage (the manifest's ``cost``): forwards, images through them, seconds."""
+    if not cost:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{c['forward_calls']:,}</td><td>{c['image_forwards']:,}</td>"
+                   f"<td>{c['seconds']:.1f}</td><td>{c.get('shards', '–')}</td></tr>" for label, c in cost.items())
+    return f"""<h3>Appendix: what this run cost</h3>
+<p class="note">Per stage: forward calls through the network (a partial forward of prefix reuse counts as one), the
+images they carried, and seconds of computing, summed over the stage's shards (a shard resumed from disk counts as
+measured when it was computed); manifest.json → cost.</p>
+<table><tr><th>stage</th><th>forward calls</th><th>image forwards</th><th>seconds</th><th>shards</th></tr>{rows}</table>"""
+
+
 def _model_note(model: dict) -> str:
     """What the model was fed and how its errors are measured, where that is not a plain pixel-space DDPM."""
     notes = []
@@ -679,6 +692,7 @@ the uniform baseline ln(n_keys) of the role's layers.</p>
 {layer_rows}
 </table>
 <p class="note">Not computed in this run (not selected, or not applicable): {pending}.</p>
+{cost_section}
 </body></html>
 """
 
@@ -687,7 +701,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
                  ablations: pd.DataFrame | None = None, circuits: list[dict] | None = None,
                  curves: pd.DataFrame | None = None,
                  gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None, tests: pd.DataFrame | None = None,
-                 token_heatmaps: pd.DataFrame | None = None) -> Path:
+                 token_heatmaps: pd.DataFrame | None = None, cost: dict | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles, labels),
@@ -730,7 +744,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],
-        layer_rows=_layer_rows(summary), pending=", ".join(summary["pending"]),
+        layer_rows=_layer_rows(summary), pending=", ".join(summary["pending"]), cost_section=_cost_section(cost),
     )
     path = run_dir / "report.html"
     atomic_write_bytes(path, page.encode())
