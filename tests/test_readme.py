@@ -30,3 +30,15 @@ def test_the_readme_python_blocks_run_as_written_and_predict_eps_is_the_eps_the_
     with torch.no_grad():
         assert not torch.allclose(den.predict_eps(x_t, t), eps_hat, atol=1e-4)  # the ablation changed ε̂
     assert set(namespace["entropy"]) and all(e.shape[0] == len(x_t) for e in namespace["entropy"].values())
+    edited = __import__("copy").deepcopy(den.network)  # the README's user hook, by hand: the heads' columns of to_out
+    from diffcircuit.instrument.registry import attention_modules
+
+    modules = dict(attention_modules(edited))
+    for layer, head, factor in (("mid_block.attentions.0", 3, -1.0), ("up_blocks.1.attentions.0", 0, 2.0)):
+        d = modules[layer].inner_dim // modules[layer].heads
+        with torch.no_grad():
+            modules[layer].to_out[0].weight[:, head * d:(head + 1) * d] *= factor
+    with torch.no_grad():
+        v = edited(x_t, t).sample
+    torch.testing.assert_close(namespace["eps_flipped"], ((1 - acp).sqrt() * x_t + acp.sqrt() * v).float(),
+                               rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ from diffcircuit._version import __version__  # noqa: E402
 from diffcircuit.data.spec import ImageSet, load_images  # noqa: E402
 from diffcircuit.errors import DiffcircuitError  # noqa: E402
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry  # noqa: E402
-from diffcircuit.instrument.session import instrument, probe_registry  # noqa: E402
+from diffcircuit.instrument.session import HookContext, instrument, probe_registry  # noqa: E402
+from diffcircuit.instrument import hooks  # noqa: E402
 from diffcircuit.metrics.observe import observe  # noqa: E402
 from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
@@ -29,9 +30,11 @@ __all__ = [
     "DiffcircuitError",
     "HeadAddress",
     "HeadRegistry",
+    "HookContext",
     "ImageSet",
     "RunConfig",
     "__version__",
+    "hooks",
     "instrument",
     "load_denoiser",
     "load_images",

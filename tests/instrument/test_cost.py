@@ -35,6 +35,11 @@ def test_a_sweep_with_prefix_reuse_counts_one_clean_and_one_partial_forward_per_
     registry = probe_registry(small_unet, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
     heads = targets(registry, "head")[:3]
     with count_forwards(small_unet) as cost:
-        ablation_sweep(den, images, targets=heads, methods=["zero"], timesteps=[10], batch_size=2, registry=registry)
+        ablation_sweep(den, images, targets=heads, methods=["zero"], timesteps=[10], batch_size=2, registry=registry,
+                       stack_rows=1)
     assert cost.forward_calls == 2 * (1 + 3)  # per batch of 2: the clean run, then one (partial) run per target
     assert cost.image_forwards == 2 * cost.forward_calls
+    with count_forwards(small_unet) as stacked:  # the three targets stacked: one forward of 3 x 2 rows per batch
+        ablation_sweep(den, images, targets=heads, methods=["zero"], timesteps=[10], batch_size=2, registry=registry,
+                       stack_rows=6)
+    assert (stacked.forward_calls, stacked.image_forwards) == (2 * (1 + 1), 2 * (2 + 6))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -210,21 +211,10 @@ def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
 def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd3_folder, flux_folder, tmp_path):
     """Every head, layer and block ablated with blocks memoised equals the full forwards, and the first block is
     not recomputed for targets after it."""
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
-
     from diffcircuit.interventions.prefix import BlockMemo, prefix_runner
     from diffcircuit.models.latent import model_images
-    from diffcircuit.models.loading import load_conditioned
 
-    if family == "dit":
-        torch.manual_seed(0)
-        DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=3,
-                              sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(tmp_path / "transformer")
-        DDPMScheduler().save_pretrained(tmp_path / "scheduler")
-        den = load_conditioned(str(tmp_path), class_label=2)
-    else:
-        folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
-        den = load_conditioned(str(folder), prompt_embeds=str(folder.parent / "embeds.safetensors"))
+    den = _transformer(family, sd3_folder, flux_folder, tmp_path)
     assert isinstance(prefix_runner(den.network), BlockMemo)
     images = model_images(den, "synthetic", n=3).images
     registry = probe_registry(den.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
@@ -232,10 +222,58 @@ def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd
     first = dict(attention_modules(den.network))[registry.layers[0].layer]
     calls = []
     hook = first.to_q.register_forward_hook(lambda *a: calls.append(1))
-    fast = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=True)
+    fast = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=True, stack_rows=1)  # one per forward
     n_fast, calls[:] = len(calls), []
-    slow = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=False)
+    slow = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=False, stack_rows=1)
     hook.remove()
     np.testing.assert_allclose(fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(fast.mse_clean.to_numpy(), slow.mse_clean.to_numpy(), rtol=1e-6)
     assert n_fast < len(calls)  # intervened forwards after the first block skipped it
+
+
+def _transformer(family: str, sd3_folder, flux_folder, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    from diffcircuit.models.loading import load_conditioned
+
+    if family == "dit":
+        torch.manual_seed(0)
+        DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=3,
+                              sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(tmp_path / "transformer")
+        DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+        return load_conditioned(str(tmp_path), class_label=2)
+    folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
+    return load_conditioned(str(folder), prompt_embeds=str(folder.parent / "embeds.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["unet", "unet-full-forwards", "sd3", "flux", "dit"])
+def test_stacked_variants_equal_one_forward_per_variant(family, small_unet, sd3_folder, flux_folder, tmp_path):
+    """Heads, layers, blocks, all heads and random sets under zero and mean ablation, stacked several variants to
+    a forward (prefix reuse from the tiled record, or full forwards), equal one forward per variant to 1e-5; and
+    they really were stacked (fewer forwards)."""
+    from diffcircuit.instrument.cost import count_forwards
+    from diffcircuit.interventions.ablation import random_head_sets
+    from diffcircuit.models.latent import model_images
+
+    if family.startswith("unet"):
+        den = _den(small_unet, tmp_path)
+        images, registry = _setup(small_unet, n=3)
+    else:
+        den = _transformer(family, sd3_folder, flux_folder, tmp_path)
+        images = model_images(den, "synthetic", n=3).images
+        registry = probe_registry(den.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    plan = [t for level in ("head", "layer", "block", "all") for t in targets(registry, level)]
+    plan += random_head_sets(registry, 2, 3, seed=1)
+    reuse = family != "unet-full-forwards"
+    with count_forwards(den.network) as stacked_cost:
+        stacked = _sweep(den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=12)
+    with count_forwards(den.network) as single_cost:
+        single = _sweep(den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=1)
+    pd.testing.assert_frame_equal(stacked.drop(columns=["mse_intervened", "degradation_pct", "x0_mse_intervened",
+                                                        "x0_psnr_intervened"]),
+                                  single.drop(columns=["mse_intervened", "degradation_pct", "x0_mse_intervened",
+                                                       "x0_psnr_intervened"]))
+    np.testing.assert_allclose(stacked.mse_intervened.to_numpy(), single.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(stacked.x0_mse_intervened.to_numpy(), single.x0_mse_intervened.to_numpy(), rtol=1e-5,
+                               atol=1e-8)
+    assert stacked_cost.forward_calls < single_cost.forward_calls / 2  # 4 variants a forward (12 rows / 3 images)

@@ -88,7 +88,7 @@ class InstrumentedAttnProcessor:
             stats["partner_moments"] = partner_moments(query, key, attention_mask, scale, partners,
                                                        paired=session.partner_paired)
         for name, values in stats.items():
-            session._record(self.layer, name, values)
+            session.record(self.layer, name, values)
         return out
 
     def _with_bias(self, mask, heads: int, n_keys: int, query, offset: int = 0, n_tokens: int | None = None):
@@ -100,12 +100,12 @@ class InstrumentedAttnProcessor:
 
     def _merged(self, out, heads: int, dtype):
         """Cache/patch the per-head output ``[batch, heads, q_pos, d]``, then merge heads: ``[batch, q_pos, heads*d]``."""
-        out = self.session._head_outputs(self.layer, out)
+        out = self.session.head_outputs(self.layer, out)
         return out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1]).to(dtype)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         query, key, value, mask, residual, shape = self._project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        self.session._note_geometry(self.layer, shape, key.shape[2])
+        self.session.note_geometry(self.layer, shape, key.shape[2])
         mask = self._with_bias(mask, attn.heads, key.shape[2], query)
         out = self._attend(query, key, value, mask, shape)
         batch = out.shape[0]
@@ -149,7 +149,7 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
                 stats["partner_moments"] = partner_moments(query[:, :, image], key[:, :, image], image_rows, scale,
                                                            partners, paired=session.partner_paired)
         for name, values in stats.items():
-            session._record(self.layer, name, values)
+            session.record(self.layer, name, values)
         text = torch.cat([torch.arange(image.start), torch.arange(image.stop, n_total)]).to(query.device)
         text_rows = None if mask is None else mask.index_select(2, text)
         text_out = F.scaled_dot_product_attention(query.index_select(2, text), key, value, attn_mask=text_rows)
@@ -165,7 +165,7 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
             query = torch.cat([query, self._heads(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q, attn.heads)], 2)
             key = torch.cat([key, self._heads(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k, attn.heads)], 2)
             value = torch.cat([value, self._heads(encoder_hidden_states, attn.add_v_proj, None, attn.heads)], 2)
-        self.session._note_geometry(self.layer, hidden_states.shape, key.shape[2])
+        self.session.note_geometry(self.layer, hidden_states.shape, key.shape[2])
         mask = self._with_bias(None, attn.heads, key.shape[2], query, offset=n_image)  # the default ignores masks
         out = self._attend_joint(query, key, value, mask, hidden_states.shape, slice(0, n_image))
         out = self._merged(out, attn.heads, query.dtype)  # [batch, image + text, heads*d]
@@ -210,7 +210,7 @@ class InstrumentedFluxAttnProcessor(InstrumentedJointAttnProcessor):
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # [batch, heads, pos, d]
         n_total = query.shape[2]
         image_shape = torch.Size((query.shape[0], n_total - n_text, hidden_states.shape[-1]))  # the image tokens
-        self.session._note_geometry(self.layer, image_shape, n_total)
+        self.session.note_geometry(self.layer, image_shape, n_total)
         mask = self._with_bias(attention_mask, attn.heads, n_total, query, offset=0, n_tokens=n_text)
         out = self._attend_joint(query, key, value, mask, image_shape, slice(n_text, n_total))
         out = self._merged(out, attn.heads, query.dtype)  # [batch, text + image, heads*d]

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.instrument.hooks import Hook, HookContext, replace, scale
 from diffcircuit.instrument.processor import (
     InstrumentedAttnProcessor,
     InstrumentedFluxAttnProcessor,
@@ -25,7 +26,7 @@ from diffcircuit.instrument.processor import (
 )
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 
-__all__ = ["InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
+__all__ = ["Hook", "HookContext", "InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
 
 # processors whose computation diffcircuit reproduces exactly, and the instrumented processor that does
 _REPLACEMENTS = {"AttnProcessor2_0": InstrumentedAttnProcessor, "AttnProcessor": InstrumentedAttnProcessor,
@@ -54,6 +55,7 @@ class InstrumentSession:
         scales: dict[HeadAddress, float] | None = None,
         sample_hw: tuple[int, int] | None = None,
         token_scales: dict[HeadAddress, dict[int, float]] | None = None,
+        hooks: dict[HeadAddress | str, Hook] | None = None,
     ):
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
@@ -63,16 +65,22 @@ class InstrumentSession:
         self.key_features = key_features
         self.partner_features = partner_features
         self.partner_paired = tuple(partner_paired)
-        self._patches: dict[str, dict[int, torch.Tensor | float]] = defaultdict(dict)
-        for address in zero_heads:
-            self._patches[address.layer][address.head] = 0.0
-        for address, value in (patches or {}).items():
-            self._patches[address.layer][address.head] = value
         self.cache_heads = set(cache_heads)
         self._shifts = dict(shifts or {})
-        self._scales: dict[str, dict[int, float]] = defaultdict(dict)
+        # the keyword interventions are hooks, in this order per head: scale, then replace (zero, mean, patch);
+        # the user's hooks run after them
+        self._layer_hooks: dict[str, list[Hook]] = defaultdict(list)
+        self._head_hooks: dict[str, dict[int, list[Hook]]] = defaultdict(lambda: defaultdict(list))
         for address, factor in (scales or {}).items():
-            self._scales[address.layer][address.head] = float(factor)
+            self._head_hooks[address.layer][address.head].append(scale(float(factor)))
+        replacements = {address: 0.0 for address in zero_heads} | dict(patches or {})
+        for address, value in replacements.items():
+            self._head_hooks[address.layer][address.head].append(replace(value))
+        for address, fn in (hooks or {}).items():
+            if isinstance(address, HeadAddress):
+                self._head_hooks[address.layer][address.head].append(fn)
+            else:
+                self._layer_hooks[address].append(fn)
         self._token_scales: dict[str, dict[int, dict[int, float]]] = defaultdict(dict)
         for address, tokens in (token_scales or {}).items():
             if any(w < 0 for w in tokens.values()):
@@ -84,7 +92,7 @@ class InstrumentSession:
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
         self.text_tokens = 0  # Flux: the text length of the current forward, for its single-stream blocks
 
-    # --- asked by the processor -------------------------------------------------------------
+    # --- the protocol the processors use (public: a processor talks to no private method) ----
     def captures(self, layer: str) -> bool:
         return self.capture
 
@@ -140,12 +148,12 @@ class InstrumentSession:
             return None
         return self.partner_features(grid).flatten(2).transpose(1, 2)
 
-    def _head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
-        """Shift, cache, scale and patch the per-head output ``[batch, heads, q_pos, d]``, in that order.
+    def head_outputs(self, layer: str, out: torch.Tensor) -> torch.Tensor:
+        """Shift, cache, then the hooks of the per-head output ``[batch, heads, q_pos, d]``, in that order.
 
-        A shift is added to the whole layer's output. A patch replaces one head's slice by a value
-        broadcastable to ``[batch, q_pos, d]`` (0.0 for zero ablation, ``[q_pos, d]`` for a mean,
-        ``[batch, q_pos, d]`` per image).
+        A shift is added to the whole layer's output. The hooks: the layer's (``fn(out, ctx)``), then each
+        head's on its slice ``[batch, q_pos, d]`` (scale, then replacement — 0.0 for zero ablation, ``[q_pos, d]``
+        for a mean, ``[batch, q_pos, d]`` per image —, then the user's); a hook returns the replacement or None.
         """
         shift = self._shifts.get(layer)
         if shift is not None:  # additive: downstream still depends on what came before
@@ -156,25 +164,29 @@ class InstrumentSession:
                     out.requires_grad_(True)
                 self._records["head_out"][layer].append(out)
             else:
-                self._record(layer, "head_out", out)
-        scales = self._scales.get(layer)
-        if scales:
-            factor = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
-            for head, value in scales.items():
-                factor[head] = value
-            out = out * factor.view(1, -1, 1, 1)
-        patches = self._patches.get(layer)
-        if not patches:
+                self.record(layer, "head_out", out)
+        for hook in self._layer_hooks.get(layer, ()):
+            new = hook(out, HookContext(address=layer, layer=layer, head=None, batch=out.shape[0]))
+            if new is not None:
+                if tuple(new.shape) != tuple(out.shape):
+                    raise DiffcircuitError(f"the hook on {layer} returned shape {list(new.shape)}, not {list(out.shape)}")
+                out = new.to(out)
+        heads = self._head_hooks.get(layer)
+        if not heads:
             return out
-        out = out.clone()
-        for head, value in patches.items():
-            out[:, head] = value.to(out) if isinstance(value, torch.Tensor) else value
-        return out
+        slices = list(out.unbind(1))  # [batch, q_pos, d] per head
+        for head, hooks in heads.items():
+            ctx = HookContext(address=f"{layer}:{head}", layer=layer, head=head, batch=out.shape[0])
+            for hook in hooks:
+                new = hook(slices[head], ctx)
+                if new is not None:
+                    slices[head] = torch.as_tensor(new).to(out).expand_as(slices[head])
+        return torch.stack(slices, dim=1)
 
-    def _record(self, layer: str, stat: str, value: torch.Tensor) -> None:
+    def record(self, layer: str, stat: str, value: torch.Tensor) -> None:
         self._records[stat][layer].append(value.detach().cpu())
 
-    def _note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
+    def note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
         self.geometry[layer] = (self.grid_of(shape), int(n_keys))
 
     # --- read by the caller ------------------------------------------------------------------
@@ -199,6 +211,20 @@ def _sample_hw(model: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _hook_addresses(registry: HeadRegistry, hooks: dict | None) -> dict:
+    """Hooks keyed by HeadAddress (a head) or by layer path (a layer); unknown addresses refused in one line."""
+    out = {}
+    for address, fn in (hooks or {}).items():
+        if not callable(fn):
+            raise DiffcircuitError(f"the hook for {address} is not callable")
+        text = str(address)
+        if isinstance(address, HeadAddress) or ":" in text:
+            out[registry.parse(address)] = fn
+        else:
+            out[registry.layer(text).layer] = fn
+    return out
+
+
 @contextmanager
 def instrument(
     model: torch.nn.Module,
@@ -216,6 +242,7 @@ def instrument(
     keep_graph: bool = False,
     scales: dict[str | HeadAddress, float] | None = None,
     token_scales: dict[str | HeadAddress, dict[int, float]] | None = None,
+    hooks: dict[str | HeadAddress, Hook] | None = None,
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
 
@@ -231,6 +258,10 @@ def instrument(
     a layer's per-head output; ``scales`` multiplies heads' output slices by a factor (after shifts
     and caching, before patches); ``token_scales`` maps a head to ``{key index: w}``: its attention to
     that key (a prompt token, in cross-attention) is multiplied by w and renormalised (0 ablates it).
+    ``hooks`` maps addresses to ``fn(value, ctx) -> replacement or None`` (the extension point; factories in
+    ``diffcircuit.instrument.hooks``, ``dc.hooks``): at a head address ``layer:head`` the value is that head's output slice
+    before ``to_out``, ``[batch, q_pos, head_dim]``; at a layer address the whole ``[batch, heads, q_pos,
+    head_dim]``. They run after the keyword interventions above, layer hooks before head hooks.
     """
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
@@ -241,7 +272,8 @@ def instrument(
                                 shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
                                 keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()},
                                 sample_hw=_sample_hw(model),
-                                token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()})
+                                token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()},
+                                hooks=_hook_addresses(registry, hooks))
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     kinds = []
