@@ -14,8 +14,10 @@ torch (the CLI always is); in a notebook that imported torch first, export it be
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["prefer_passive_wait", "set_threads"]
+__all__ = ["prefer_passive_wait", "set_threads", "threads_restored"]
 
 
 def prefer_passive_wait() -> None:
@@ -29,3 +31,16 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+@contextmanager
+def threads_restored() -> Iterator[None]:
+    """Whatever sets the thread count inside, the process's count is what it was afterwards (a command run
+    in-process, e.g. from a notebook or a test, leaves no global state behind)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

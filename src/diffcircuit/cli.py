@@ -622,9 +622,12 @@ def train_tiny(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a non-zero exit for every user error."""
+    from diffcircuit._threads import threads_restored
+
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
+        with threads_restored():  # --threads holds for this command only
+            result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
     except _UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2

@@ -45,8 +45,9 @@ def planted():
 def test_dead_heads_rank_last(planted):
     _, _, registry, importance, dead, _ = planted
     dead = {registry.parse(a) for a in dead}
-    assert all(importance[a] == 0 for a in dead)
-    live = {a for a in importance if a not in dead and abs(importance[a]) > 0}
+    # zero up to float rounding: stacked variants run at another batch shape than the clean forward
+    assert all(abs(importance[a]) < 1e-4 for a in dead)  # percent of the clean loss
+    live = {a for a in importance if a not in dead and abs(importance[a]) > 1e-3}
     magnitude = {a: abs(v) for a, v in importance.items()}
     assert ranking_auc({a: magnitude[a] for a in live | dead}, live) == 1.0
 

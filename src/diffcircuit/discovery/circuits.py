@@ -123,7 +123,7 @@ class CircuitLoss:
             total = np.zeros(self.n_images)
             for i, means in enumerate(self.means):
                 patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in key}
-                total += eps_mse_per_image(self._eps_hat(i, patches), self.targets[i]).double().cpu().numpy()
+                total += eps_mse_per_image(self._eps_hat(i, patches), self.targets[i]).cpu().double().numpy()
             self._cache[key] = total / len(self.means)
         return self._cache[key]
 

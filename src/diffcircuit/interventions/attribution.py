@@ -195,7 +195,7 @@ def attribution_scores(
                     "dataset": dataset, "timestep": t_val, "image": np.repeat(idx, info.heads), "layer": info.layer,
                     "head": np.tile(np.arange(info.heads), len(idx)), "method": method,
                     "estimator": _estimator_name(ig_steps, probes, ig_path),
-                    "delta_mse": s.reshape(-1).double().cpu().numpy(),
-                    "degradation_pct": (100 * s / loss[:, None]).reshape(-1).double().cpu().numpy(),
+                    "delta_mse": s.reshape(-1).cpu().double().numpy(),
+                    "degradation_pct": (100 * s / loss[:, None]).reshape(-1).cpu().double().numpy(),
                 }))
     return pd.concat(rows, ignore_index=True)

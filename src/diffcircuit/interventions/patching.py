@@ -91,7 +91,7 @@ def activation_patching(
                 rows.append(pd.DataFrame({
                     "timestep": t_val, "pair": idx, "level": target.level, "target": target.name,
                     "layer": target.layer, "head": target.head,
-                    "moved_frac": frac.double().cpu().numpy(), "delta_mse": moved.pow(2).mean(1).double().cpu().numpy(),
+                    "moved_frac": frac.cpu().double().numpy(), "delta_mse": moved.pow(2).mean(1).cpu().double().numpy(),
                 }))
             if progress is not None:
                 progress(len(idx))

@@ -288,10 +288,10 @@ def ablation_sweep(
                         "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
                         "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
                         "method": "reweight" if target.weight else method,
-                        "mse_clean": mse_clean.double().cpu().numpy(), "mse_intervened": mse.double().cpu().numpy(),
-                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).double().cpu().numpy(),
-                        "x0_mse_clean": x0_clean.double().cpu().numpy(),
-                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).double().cpu().numpy(),
+                        "mse_clean": mse_clean.cpu().double().numpy(), "mse_intervened": mse.cpu().double().numpy(),
+                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).cpu().double().numpy(),
+                        "x0_mse_clean": x0_clean.cpu().double().numpy(),
+                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).cpu().double().numpy(),
                     }))
             if progress is not None:
                 progress(len(idx))

@@ -34,10 +34,13 @@ def model_device(module: torch.nn.Module) -> torch.device:
 
 
 def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """√ᾱ_t and √(1−ᾱ_t) in float64 on ``like``'s device, broadcastable to the image batch ``like``."""
+    """√ᾱ_t and √(1−ᾱ_t), broadcastable to the image batch ``like``, on its device: float64 on the CPU, float32
+    (computed in float64 first) on an accelerator, where float64 arithmetic over whole images is slow (MPS has none)."""
     a = alphas_cumprod.to(torch.float64)[t.long().cpu()].view(-1, *([1] * (like.ndim - 1)))
-    a = a.to(like.device) if like.device.type != "mps" else a.float().to(like.device)  # MPS has no float64
-    return a.sqrt(), (1 - a).sqrt()
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    if like.device.type != "cpu":
+        sa, sb = sa.float(), sb.float()
+    return sa.to(like.device), sb.to(like.device)
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffcircuit._threads import set_threads, threads_restored
 from diffcircuit.data.provenance import in_training_set
 from diffcircuit.discovery.run import circuit_complexity, importance_rows
 from diffcircuit.errors import DiffcircuitError
@@ -270,12 +271,13 @@ def _token_maps(job: _Job, n_images: int = 3):
 
 def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Observe (and intervene on) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
-    import torch
+    with threads_restored():  # the config's thread count holds for this run only
+        set_threads(cfg.threads)
+        return _run_protocol(cfg, Path(out_dir), progress)
 
-    out_dir = Path(out_dir)
+
+def _run_protocol(cfg: RunConfig, out_dir: Path, progress) -> RunResult:
     _check_out_dir(out_dir, cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     ctx = Context.build(cfg)
     # inputs are valid: from here on the directory is this run's (run.json claims it for this config)
     write_json(out_dir / "run.json", {"results_key": cfg.results_key()})
