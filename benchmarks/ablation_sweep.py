@@ -23,7 +23,7 @@ from diffcircuit import instrument, load_denoiser, load_images, probe_registry
 from diffcircuit.models.loading import load_conditioned
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.models.noise import image_noise
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def main() -> None:
 
     den = load_denoiser() if args.family == "embedded" else dit(Path(tempfile.mkdtemp()))
     data = load_images("faces", n=args.n, size=den.sample_size, channels=den.in_channels)
-    registry = probe_registry(den.network, torch.from_numpy(data.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(data.images[:1]), torch.zeros(1, dtype=torch.long))
     heads = targets(registry, "head")
     naive_loop(den, data.images[:4], registry, args.timestep)  # warm-up
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     den = load_denoiser()
     data = load_images(args.data, n=args.n, size=den.sample_size, channels=den.in_channels)
-    registry = probe_registry(den.network, torch.from_numpy(data.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(data.images[:1]), torch.zeros(1, dtype=torch.long))
     heads = targets(registry, "head")
     common = dict(seed=0, batch_size=args.n, registry=registry)
     # ig_joint moves every head along one path (its scores split the all-heads ablation: its ranking against single

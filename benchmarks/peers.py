@@ -54,7 +54,7 @@ from diffcircuit import instrument, load_denoiser, load_images, probe_registry
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
 
 TIMESTEP = 500

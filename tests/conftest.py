@@ -291,3 +291,45 @@ def sdxl_folder(tmp_path_factory, autoencoder):
         "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}))
     return root
+
+
+def write_transformer_folder(root, net, pipeline: str):
+    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/ (DDPM), model_index.json."""
+    from diffusers import DDPMScheduler
+
+    net.save_pretrained(root / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": pipeline, "transformer": ["diffusers", type(net).__name__],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def dit_folder(tmp_path_factory):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                                sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    return write_transformer_folder(tmp_path_factory.mktemp("dit") / "tiny-dit", net, "DiTPipeline")
+
+
+@pytest.fixture(scope="session")
+def pixart_folder(tmp_path_factory):
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
+                                   sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                                   norm_num_groups=8)
+    root = write_transformer_folder(tmp_path_factory.mktemp("pixart") / "tiny-pixart", net, "PixArtAlphaPipeline")
+    save_file({"prompt_embeds": torch.randn(1, 5, 12)}, str(root.parent / "embeds.safetensors"))  # e.g. T5's, precomputed
+    return root
+
+
+@pytest.fixture(scope="session")
+def transformer_folder():
+    """``transformer_folder(root, net, pipeline)``: a pipeline folder for a transformer denoiser."""
+    return write_transformer_folder

@@ -102,7 +102,7 @@ def info(
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
     note = None
     try:
-        registry = probe_registry(den.network, sample, torch.zeros(1, dtype=torch.long))
+        registry = probe_registry(den, sample, torch.zeros(1, dtype=torch.long))
     except DiffcircuitError as exc:  # an attention processor diffcircuit does not reproduce: listed, not measured
         registry, note = HeadRegistry.from_model(den.network), str(exc)
     if as_json:
@@ -560,7 +560,7 @@ def cache(
     den.check_timesteps(steps)
     images = model_images(den, data, n=n, seed=seed)
     use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
-    registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = [registry.layer(name).layer for name in layers or []] or None
     result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed, batch_size=batch_size,
                                registry=registry)

@@ -258,7 +258,7 @@ def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_on
     computed here independently: a plain loop that zeroes nothing but patches the heads by hand, image by image
     with that image's own noise; and a second resample asking for the same head set runs no new forward."""
     from diffcircuit.instrument.session import instrument
-    from diffcircuit.metrics.observe import image_noise
+    from diffcircuit.models.noise import image_noise
 
     den, images, registry, _, _, _ = planted
     x = images[:6]

@@ -22,7 +22,7 @@ from diffcircuit.discovery.planted import zero_heads
 from diffcircuit.discovery.run import NO_CIRCUIT, _gap_tests, discover_circuits
 from diffcircuit.interventions.ablation import Target
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise
 from diffcircuit.models.loading import Denoiser
 
@@ -31,7 +31,7 @@ from diffcircuit.models.loading import Denoiser
 def embedded():
     den = load_denoiser()
     faces = load_images("faces", n=6, size=32, channels=3).images
-    registry = probe_registry(den.network, torch.from_numpy(faces[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(faces[:1]), torch.zeros(1, dtype=torch.long))
     return den, faces, registry
 
 

@@ -41,7 +41,7 @@ def found():
     den = load_denoiser()
     images = {"a": load_images("synthetic", n=5, size=32, channels=3).images,
               "b": load_images("faces", n=5, size=32, channels=3).images}
-    registry = probe_registry(den.network, torch.from_numpy(images["a"][:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images["a"][:1]), torch.zeros(1, dtype=torch.long))
     importance = pd.concat([importance_rows(ablation_sweep(den, x, targets=targets(registry, "head"), methods=["mean"],
                                                            timesteps=[T], dataset=k, registry=registry))
                             for k, x in images.items()], ignore_index=True)

@@ -222,7 +222,7 @@ def test_reported_entropy_agrees_with_a_plain_pytorch_reference(tiny_run, small_
     from diffusers import UNet2DModel
 
     from diffcircuit.data.synthetic import synthetic_images
-    from diffcircuit.metrics.observe import image_noise
+    from diffcircuit.models.noise import image_noise
 
     out, _ = tiny_run
     heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
@@ -444,7 +444,7 @@ def test_generate_writes_a_grid_and_metrics_that_match_the_samples(small_model_d
     record = json.loads(out.with_suffix(".json").read_text())
     assert len(record["heads"]) == 1 + 4 and len(record["samples"]) == 3
     den = load_denoiser(str(small_model_dir))
-    registry = probe_registry(den.network, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
     target = Target(level="set", name="x", heads=tuple(registry.parse(a) for a in record["heads"]))
     clean = sample_images(den, n=3, steps=4, seed=2)
     changed = sample_images(den, n=3, steps=4, seed=2, target=target)

@@ -40,42 +40,6 @@ def text_pipeline(tmp_path_factory, text_unet, clip_tokenizer_writer):
     return root
 
 
-def _transformer_folder(root, net, pipeline: str):
-    """A diffusers pipeline folder for a transformer denoiser: transformer/, scheduler/ (DDPM), model_index.json."""
-    from diffusers import DDPMScheduler
-
-    net.save_pretrained(root / "transformer", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": pipeline, "transformer": ["diffusers", type(net).__name__],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
-    return root
-
-
-@pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
-                                sample_size=16, patch_size=2, num_embeds_ada_norm=10)
-    return _transformer_folder(tmp_path_factory.mktemp("dit") / "tiny-dit", net, "DiTPipeline")
-
-
-@pytest.fixture(scope="module")
-def pixart_folder(tmp_path_factory):
-    from diffusers import PixArtTransformer2DModel
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    net = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=2,
-                                   sample_size=16, patch_size=2, cross_attention_dim=16, caption_channels=12,
-                                   norm_num_groups=8)
-    root = _transformer_folder(tmp_path_factory.mktemp("pixart") / "tiny-pixart", net, "PixArtAlphaPipeline")
-    save_file({"prompt_embeds": torch.randn(1, 5, 12)}, str(root.parent / "embeds.safetensors"))  # e.g. T5's, precomputed
-    return root
-
-
 @pytest.fixture(scope="module")
 def pixart_text_folder(tmp_path_factory, pixart_folder, t5_writer):
     """``pixart_folder`` with its pipeline's T5 tokenizer and encoder."""
@@ -112,9 +76,10 @@ def test_pixart_prompts_are_encoded_as_its_pipeline_does_and_padding_keys_droppe
     torch.testing.assert_close(den.conditioning.kwargs["encoder_hidden_states"], padded[:, :real], atol=1e-5, rtol=0)
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
     with torch.no_grad():
-        mine = den.network(x, t).sample
-        theirs = den.network(x, t, encoder_hidden_states=padded.expand(2, -1, -1),
-                             encoder_attention_mask=ids.attention_mask.expand(2, -1)).sample
+        mine = den.predict(x, t)
+        theirs = den.network(x, timestep=t, encoder_hidden_states=padded.expand(2, -1, -1),
+                             encoder_attention_mask=ids.attention_mask.expand(2, -1),
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
 
 
@@ -124,7 +89,8 @@ def test_captions_of_different_lengths_are_masked_per_image_and_normalised_by_th
     over its own caption's tokens (checked against the network fed that caption alone) and normalised by their
     number."""
     from diffcircuit.instrument.session import instrument
-    from diffcircuit.metrics.observe import batch_noise, observe
+    from diffcircuit.models.noise import batch_noise
+    from diffcircuit.metrics.observe import observe
     from diffcircuit.models.diffusion import add_noise
     from diffcircuit.models.latent import model_images
     from diffcircuit.models.loading import load_conditioned, use_captions
@@ -140,8 +106,8 @@ def test_captions_of_different_lengths_are_masked_per_image_and_normalised_by_th
     alone = load_conditioned(str(pixart_text_folder), prompt="bcdef")  # image 1 with its caption as the only prompt
     x0 = torch.from_numpy(np.asarray(images.images[1:2]))
     eps = batch_noise(x0.shape[1:], seed=0, dataset="b", images=[1], timestep=300)
-    with torch.no_grad(), instrument(alone.network, capture=True) as session:
-        alone.network(add_noise(x0, eps, torch.tensor([300]), alone.alphas_cumprod), torch.tensor([300]))
+    with torch.no_grad(), instrument(alone, capture=True) as session:
+        alone.predict(add_noise(x0, eps, torch.tensor([300]), alone.alphas_cumprod), torch.tensor([300]))
     for layer, values in session.pop("entropy_nats").items():
         got = heads[(heads.image == 1) & (heads.layer == layer)].sort_values("head").entropy_nats.to_numpy()
         np.testing.assert_allclose(got, values[0].double().numpy(), atol=1e-5)
@@ -222,7 +188,8 @@ def test_sd3_without_prompt_embeddings_is_refused_in_one_line(sd3_folder, tmp_pa
 
 
 @pytest.mark.slow
-def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(tmp_path, autoencoder):
+def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(tmp_path, autoencoder,
+                                                                               transformer_folder):
     """DiT-style folder with vae/: the network sees 4x16x16 latents of 32x32 images; probes and figures see pixels."""
     from diffusers import DiTTransformer2DModel
 
@@ -233,7 +200,7 @@ def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(t
     torch.manual_seed(0)
     net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                                 sample_size=16, patch_size=2, num_embeds_ada_norm=10)
-    folder = _transformer_folder(tmp_path / "latent-dit", net, "DiTPipeline")
+    folder = transformer_folder(tmp_path / "latent-dit", net, "DiTPipeline")
     autoencoder("vae", 4).save_pretrained(folder / "vae", safe_serialization=True)
     assert _run(folder, tmp_path / "run") == 0
     run = tmp_path / "run"
@@ -269,7 +236,7 @@ def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tm
     import transformers
 
     from diffcircuit.instrument.session import instrument
-    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.noise import batch_noise
     from diffcircuit.models.diffusion import add_noise
     from diffcircuit.models.loading import load_conditioned
     from diffcircuit.models.latent import model_images
@@ -487,7 +454,7 @@ def test_ablating_a_prompt_token_equals_dropping_it_from_the_prompt(text_pipelin
     import numpy as np
 
     from diffcircuit.data.spec import load_images
-    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.noise import batch_noise
     from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
     from diffcircuit.models.loading import load_conditioned
 
@@ -518,7 +485,7 @@ def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_
     import numpy as np
 
     from diffcircuit.data.spec import load_images
-    from diffcircuit.metrics.observe import batch_noise
+    from diffcircuit.models.noise import batch_noise
     from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
     from diffcircuit.models.loading import load_conditioned
 
@@ -534,12 +501,14 @@ def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_
     eps = batch_noise(x0.shape[1:], seed=0, dataset="synthetic", images=np.arange(2), timestep=300)
     t = torch.full((2,), 300)
     x_t = add_noise(x0, eps, t, den.alphas_cumprod)
-    n_keys = den.conditioning.kwargs["encoder_hidden_states"].shape[1]
+    enc = den.conditioning.kwargs["encoder_hidden_states"]
+    n_keys = enc.shape[1]
     for j, w in ((1, 3.0), (2, 0.25)):
         mask = torch.ones(2, n_keys, dtype=torch.float64)
         mask[:, j] += math.log(w) / 10000
         with torch.no_grad():
-            pred = den.network(x_t, t, encoder_attention_mask=mask.float()).sample
+            pred = den.network(x_t, t, encoder_hidden_states=enc.expand(2, -1, -1),
+                               encoder_attention_mask=mask.float()).sample
         rows = table[table.target == f"token:{j}*{w:g}"].sort_values("image")
         expected = eps_mse_per_image(den.eps_hat(pred, x_t, t), eps).double().numpy()
         # the change the reweighting makes, compared (the MSEs themselves differ little with random weights)
@@ -567,7 +536,7 @@ def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_
     attn.set_processor(Biased())
     try:
         with torch.no_grad():
-            pred = den.network(x_t, t).sample
+            pred = den.network(x_t, t, encoder_hidden_states=enc.expand(2, -1, -1)).sample
     finally:
         attn.set_processor(original)
     expected = eps_mse_per_image(den.eps_hat(pred, x_t, t), eps).double().numpy()

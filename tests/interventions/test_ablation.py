@@ -79,7 +79,7 @@ def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_u
     target = [t for t in targets(registry, "head") if t.name == f"{layer}:{head}"]
     rows = _sweep(den, images, registry, target, ["mean"], batch_size=2).sort_values("image")
     # independent: capture to_out's input on clean runs, average the head's slice, write it back by a pre-hook
-    from diffcircuit.metrics.observe import image_noise
+    from diffcircuit.models.noise import image_noise
 
     x0 = torch.from_numpy(images)
     eps = torch.stack([image_noise((3, 16, 16), seed=0, dataset="a", image=i, timestep=400) for i in range(3)])
@@ -152,7 +152,7 @@ def test_prefix_reuse_equals_the_naive_loop(small_unet, tmp_path, method):
 def test_stages_reproduce_the_full_forward(small_unet):
     from diffcircuit.interventions.prefix import UNetStages
 
-    stages = UNetStages(small_unet)
+    stages = UNetStages(Denoiser(network=small_unet, scheduler=DDPMScheduler(), model_path=".", source="t"))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     with torch.no_grad():
         record: dict = {}
@@ -190,7 +190,7 @@ def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
     from skimage.metrics import peak_signal_noise_ratio
 
     from diffcircuit.models.diffusion import implied_x0
-    from diffcircuit.metrics.observe import image_noise
+    from diffcircuit.models.noise import image_noise
 
     den = _den(small_unet, tmp_path)
     images, registry = _setup(small_unet, n=2)
@@ -215,9 +215,9 @@ def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd
     from diffcircuit.models.latent import model_images
 
     den = _transformer(family, sd3_folder, flux_folder, tmp_path)
-    assert isinstance(prefix_runner(den.network), BlockMemo)
+    assert isinstance(prefix_runner(den), BlockMemo)
     images = model_images(den, "synthetic", n=3).images
-    registry = probe_registry(den.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images[:1]))
     every = [t for level in ("head", "layer", "block") for t in targets(registry, level)]
     first = dict(attention_modules(den.network))[registry.layers[0].layer]
     calls = []
@@ -261,7 +261,7 @@ def test_stacked_variants_equal_one_forward_per_variant(family, small_unet, sd3_
     else:
         den = _transformer(family, sd3_folder, flux_folder, tmp_path)
         images = model_images(den, "synthetic", n=3).images
-        registry = probe_registry(den.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+        registry = probe_registry(den, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
     plan = [t for level in ("head", "layer", "block", "all") for t in targets(registry, level)]
     plan += random_head_sets(registry, 2, 3, seed=1)
     reuse = family != "unet-full-forwards"

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 from scipy.stats import spearmanr
 
 from diffcircuit import instrument, probe_registry
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.models.noise import image_noise
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores

@@ -28,7 +28,7 @@ def test_patching_an_image_into_itself_changes_nothing(small_unet):
 
 def test_moved_fraction_matches_a_direct_computation(small_unet):
     from diffcircuit import instrument
-    from diffcircuit.metrics.observe import image_noise
+    from diffcircuit.models.noise import image_noise
 
     den, a, b, registry, every = _setup(small_unet)
     target = every[1]  # one head

@@ -13,7 +13,7 @@ from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.models.noise import image_noise
 from diffcircuit.models.loading import Denoiser
 
 LAYER, HEAD, T = "up_blocks.0.attentions.1", 2, 400

@@ -18,7 +18,7 @@ def den(small_unet):
 
 
 def _layer(den):
-    registry = probe_registry(den.network, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
     return targets(registry, "layer")[2]
 
 
@@ -48,7 +48,7 @@ def test_window_limits_where_the_intervention_acts(den):
 
 
 def _head(den, index=1):
-    registry = probe_registry(den.network, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
     return targets(registry, "head")[index]
 
 

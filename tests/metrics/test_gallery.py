@@ -11,7 +11,7 @@ from diffcircuit import probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.metrics.gallery import attention_maps, object_queries
-from diffcircuit.metrics.observe import image_noise
+from diffcircuit.models.noise import image_noise
 from diffcircuit.models.loading import Denoiser
 
 
@@ -37,7 +37,7 @@ def _forward_as_the_gallery_does(den, images, timestep: int) -> None:
     eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=timestep) for i in range(len(x0))])
     t = torch.full((len(x0),), timestep)
     with torch.no_grad():
-        den.network(den.scheduler.add_noise(x0, eps, t), t)
+        den.predict(den.scheduler.add_noise(x0, eps, t), t)  # with the model's conditioning and adapters
 
 
 def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
@@ -65,14 +65,14 @@ def test_maps_equal_the_probabilities_of_diffusers_attn_processor(small_unet):
 
 def test_token_maps_equal_diffusers_cross_attention_probabilities_and_aggregate_by_mean(text_unet):
     from diffcircuit.metrics.gallery import token_heatmaps, token_maps
-    from diffcircuit.models.conditioning import Conditioning, attach
+    from diffcircuit.models.conditioning import Conditioning
 
     net = text_unet(text_dim=12, in_channels=3, sample_size=8, channels=(16, 32))
     enc = torch.randn(1, 5, 12)
-    attach(net, Conditioning({"encoder_hidden_states": enc}, "test", ("<s>", "a", "b", "</s>")))
-    den = Denoiser(network=net, scheduler=DDPMScheduler(), model_path=".", source="t")
+    den = Denoiser(network=net, scheduler=DDPMScheduler(), model_path=".", source="t",
+                   conditioning=Conditioning({"encoder_hidden_states": enc}, "test", ("<s>", "a", "b", "</s>")))
     images = synthetic_images(2, size=8, seed=1)[0]
-    registry = probe_registry(net, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images[:1]))
     maps = token_maps(den, images, registry=registry, tokens=("<s>", "a", "b", "</s>"), timesteps=[300], dataset="a")
     cross = [i.layer for i in registry.layers if i.kind == "cross"]
     assert set(maps.layer) == set(cross) and set(maps.token) == {0, 1, 2, 3}  # the 5th key is not a listed token
@@ -99,7 +99,7 @@ def test_flux_maps_equal_the_probabilities_of_diffusers_flux_processor(flux_fold
 
     den = load_conditioned(str(flux_folder), prompt_embeds=str(flux_folder.parent / "embeds.safetensors"))
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).numpy()
-    registry = probe_registry(den.network, torch.from_numpy(latents[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den)
     recorded = []
 
     def explicit(query, key, value, attn_mask=None, **kwargs):  # [B, S, heads, d], as the native backend takes them

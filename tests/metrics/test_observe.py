@@ -7,7 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.metrics.observe import image_noise, observe
+from diffcircuit.models.noise import image_noise
+from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser
 
 

@@ -16,7 +16,8 @@ from scipy import stats
 import diffcircuit as dc
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import CONTENT_PROBES, metrics_from_moments, uniform_moments
-from diffcircuit.metrics.observe import batch_noise, observe, observe_with_null
+from diffcircuit.models.noise import batch_noise
+from diffcircuit.metrics.observe import observe, observe_with_null
 from diffcircuit.metrics.probes import ProbeFeatures
 from diffcircuit.metrics.roles import CONTENT_ROLES
 from diffcircuit.models.diffusion import add_noise
@@ -50,7 +51,7 @@ def test_scores_equal_separate_forwards_with_another_images_features(den):
     x0 = torch.from_numpy(syn.images[:1])
     t = torch.full((1,), 500)
     x_t = add_noise(x0, batch_noise(x0.shape[1:], seed=0, dataset="a", images=[0], timestep=500), t, den.alphas_cumprod)
-    grid = probe_registry(den.network, x_t, t).layer(LAYER).query_grid
+    grid = probe_registry(den, x_t, t).layer(LAYER).query_grid
     logs = []
     for j in range(6):
         pf = ProbeFeatures(torch.from_numpy(syn.images[j:j + 1]), torch.from_numpy(syn.masks[j:j + 1]))

@@ -7,11 +7,13 @@ called with the flow's own inputs, x_σ = (1−σ)·x₀ + σ·ε and timestep �
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.diffusion import add_noise, implied_x0
 from diffcircuit.models.flow import flow_sigmas
 from diffcircuit.models.loading import load_denoiser
@@ -42,7 +44,7 @@ def test_the_wrapped_flow_model_is_an_eps_predictor_on_the_equivalent_ddpm_proce
     torch.testing.assert_close(x_t * scale, x_flow, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         v = raw(x_flow, timestep=(sigma.flatten() * 1000).float(), **kw).sample
-        eps_hat = den.eps_hat(den.network(x_t, t, **kw).sample, x_t, t)
+        eps_hat = replace(den, conditioning=Conditioning(kw, "test")).predict_eps(x_t, t)
     torch.testing.assert_close(eps_hat, x_flow + (1 - sigma.float()) * v, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(implied_x0(x_t, eps_hat, t, den.alphas_cumprod), x_flow - sigma.float() * v,
                                atol=1e-4, rtol=1e-4)  # x̂₀ as the flow defines it
@@ -99,7 +101,7 @@ def test_a_flux_model_is_read_as_flux_pipeline_feeds_it(flux_folder):
                 img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32), txt_ids=torch.zeros(5, 3),
                 guidance=torch.full((2,), 3.5), **text).sample
         v = FluxPipeline._unpack_latents(v, 16 * 8, 16 * 8, 8)  # as the pipeline calls it: pixels and the VAE's 8
-        eps_hat = den.eps_hat(den.network(x_t, t, **text).sample, x_t, t)
+        eps_hat = replace(den, conditioning=Conditioning(text, "test")).predict_eps(x_t, t)
     torch.testing.assert_close(eps_hat, x_flow + (1 - sigma.float()) * v, atol=1e-4, rtol=1e-4)
 
 

@@ -22,7 +22,7 @@ N, T = 3, 400
 def test_held_out_reference_is_the_next_n_images(small_model_dir, tmp_path):
     den = load_denoiser(small_model_dir)
     six = model_images(den, "synthetic", n=2 * N, seed=0)
-    registry = probe_registry(den.network, torch.from_numpy(six.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(six.images[:1]), torch.zeros(1, dtype=torch.long))
     block = [t for t in targets(registry, "block") if t.name == "mid_block"]
     # what the held-out reference means, spelt out: evaluate rows 0..N-1, take the mean over rows N..2N-1
     expected = ablation_sweep(den, np.asarray(six.images[:N]), targets=block, methods=["mean"], timesteps=[T], seed=0,

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from diffcircuit import instrument, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.metrics.observe import batch_noise
+from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise
 from diffcircuit.models.loading import Denoiser
 from diffcircuit.protocol.activations import ActivationCache, cache_activations

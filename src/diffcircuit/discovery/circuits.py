@@ -55,9 +55,8 @@ import torch
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, clean_activations, reference_moments
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
+from diffcircuit.models.diffusion import eps_mse_per_image
+from diffcircuit.models.noise import noisy_batch
 
 __all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "ResampledLoss", "circuit_curve", "curve_sizes", "gap_test",
            "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "ranking_auc"]
@@ -85,23 +84,20 @@ class CircuitLoss:
             raise ValueError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
         self.den, self.net, self.method, self.metric = denoiser, denoiser.network, method, metric
         self.which = which or (dataset, np.arange(len(images)))
-        device = model_device(self.net)
-        x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
+        x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
         self.n_images = len(x0)
-        self.registry = registry or probe_registry(self.net, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
+        self.registry = registry or probe_registry(denoiser, x0[:1])
         self.heads = list(self.registry)
         self.inputs, self.means, self.targets = [], [], []
         with torch.no_grad():
-            for t_val in timesteps:
-                eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=t_val).to(device)
-                t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
-                x_t = add_noise(x0, eps, t, denoiser.alphas_cumprod)
+            for t_val in timesteps:  # the noise is keyed by ``dataset`` and the position in ``images``
+                b = noisy_batch(denoiser, x0, np.arange(len(x0)), t_val, seed=seed, dataset=dataset)
+                eps, t, x_t = b.eps, b.t, b.x_t
                 moments = ActivationMoments()
                 if reference is not None:  # e.g. held-out images: no evaluated image is part of its own mean
                     moments = reference_moments(denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0))
                 else:
-                    with images_of(self.net, *self.which):
-                        moments.add(clean_activations(self.net, self.registry, x_t, t, [])[1])
+                    moments.add(clean_activations(denoiser, self.registry, x_t, t, [], rows=self.which)[1])
                 self.inputs.append((x_t, t))
                 self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
                 # what ε̂ is compared with: the true noise, or the full model's own ε̂ (ACDC's output distance)
@@ -111,7 +107,7 @@ class CircuitLoss:
 
     def _eps_hat(self, i: int, patches: dict) -> torch.Tensor:
         x_t, t = self.inputs[i]
-        with instrument(self.net, registry=self.registry, patches=patches):
+        with instrument(self.den, registry=self.registry, patches=patches):
             return self.den.predict_eps(x_t, t, rows=self.which)  # [batch, C, H, W]
 
     @torch.no_grad()

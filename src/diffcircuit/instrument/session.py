@@ -25,6 +25,7 @@ from diffcircuit.instrument.processor import (
     InstrumentedJointAttnProcessor,
 )
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
+from diffcircuit.models.loading import Denoiser
 
 __all__ = ["Hook", "HookContext", "InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
 
@@ -244,7 +245,7 @@ def instrument(
     token_scales: dict[str | HeadAddress, dict[int, float]] | None = None,
     hooks: dict[str | HeadAddress, Hook] | None = None,
 ) -> Iterator[InstrumentSession]:
-    """Instrument every attention layer of ``model`` for the duration of the ``with`` block.
+    """Instrument every attention layer of ``model`` (a ``Denoiser`` or its network) for the ``with`` block.
 
     ``capture`` records per-head statistics (``method`` "fused": one fused kernel call, or "naive":
     explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
@@ -263,6 +264,7 @@ def instrument(
     before ``to_out``, ``[batch, q_pos, head_dim]``; at a layer address the whole ``[batch, heads, q_pos,
     head_dim]``. They run after the keyword interventions above, layer hooks before head hooks.
     """
+    model = _network(model)  # a Denoiser's network
     registry = registry or HeadRegistry.from_model(model)
     session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
                                 partner_features=partner_features, partner_paired=partner_paired,
@@ -296,9 +298,28 @@ def instrument(
             module.set_processor(original)
 
 
+def _network(model) -> torch.nn.Module:
+    """The network of a ``Denoiser``, or ``model`` itself when it is a network."""
+    return model.network if isinstance(model, Denoiser) else model
+
+
 @torch.no_grad()
-def probe_registry(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **forward_kwargs) -> HeadRegistry:
-    """Registry with query grids and key counts, measured by one idle forward pass on ``sample``."""
-    with instrument(model) as session:
-        model(sample, timestep=timestep, **forward_kwargs)
-    return HeadRegistry.from_model(model, geometry=session.geometry)
+def probe_registry(model, sample: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                   **forward_kwargs) -> HeadRegistry:
+    """Registry with query grids and key counts, measured by one idle forward pass on ``sample`` (default: one
+    zero input of the model's size at t = 0). ``model``: a ``Denoiser`` (run through ``predict``, with its
+    conditioning and adapters) or a bare network (called as ``model(sample, timestep=..., **forward_kwargs)``)."""
+    net = _network(model)
+    if sample is None:
+        if not isinstance(model, Denoiser):
+            raise DiffcircuitError("probe_registry on a bare network needs a sample input")
+        sample = torch.zeros(1, model.in_channels, model.sample_size, model.sample_size)
+    device = next(net.parameters()).device
+    sample = sample.to(device)
+    timestep = torch.zeros(len(sample), dtype=torch.long, device=device) if timestep is None else timestep.to(device)
+    with instrument(net) as session:
+        if isinstance(model, Denoiser):
+            model.predict(sample, timestep)
+        else:
+            net(sample, timestep=timestep, **forward_kwargs)
+    return HeadRegistry.from_model(net, geometry=session.geometry)

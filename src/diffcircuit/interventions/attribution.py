@@ -41,16 +41,15 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ReferenceImages, reference_moments
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, model_device
+from diffcircuit.models.diffusion import eps_mse_per_image
+from diffcircuit.models.noise import batch_rows, noisy_batch
 
 __all__ = ["ESTIMATES", "IG_PATHS", "attribution_scores"]
 
 IG_PATHS = ("joint", "per_head")
 
 
-def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Tensor] | None = None,
+def _graded_pass(den, registry, x_t, t, eps, rows, shifts: dict[str, torch.Tensor] | None = None,
                  probes: int = 0, probe_seed: int = 0):
     """One forward and backward: each layer's head outputs (after ``shifts``), ∂(Σ_i L_i)/∂ them and
     the clean per-image loss; plus, per probe k, ∂(Σ_i z_ik · ε̂_i)/∂ them for seeded z_ik ~ N(0, I).
@@ -58,8 +57,8 @@ def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Ten
     The gradients are total derivatives: later heads keep responding to earlier ones.
     """
     layers = [i.layer for i in registry.layers]
-    with torch.enable_grad(), instrument(net, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True) as session:
-        eps_hat = to_eps(net(x_t, t).sample, x_t, t)
+    with torch.enable_grad(), instrument(den, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True) as session:
+        eps_hat = den.predict_eps(x_t, t, rows=rows)
         cached = session.pop("head_out")
         outs = [cached[layer] for layer in layers]  # [B, h, Q, d] each, attached to the graph
         loss_per_image = eps_mse_per_image(eps_hat, eps)
@@ -73,11 +72,11 @@ def _graded_pass(net, registry, x_t, t, eps, to_eps, shifts: dict[str, torch.Ten
     return values, dict(zip(layers, grads)), loss_per_image.detach(), probe_grads
 
 
-def _per_head_path_grads(net, registry, x_t, t, eps, to_eps, delta: dict[str, torch.Tensor], ig_steps: int,
-                         chunk: int, stacked) -> dict[str, torch.Tensor]:
+def _per_head_path_grads(den, registry, x_t, t, eps, rows, delta: dict[str, torch.Tensor], ig_steps: int,
+                         chunk: int) -> dict[str, torch.Tensor]:
     """Per layer ``[B, h, Q, d]``: for each head, ∂L/∂a_h averaged over the points of *its own* path
-    a + α_k Δa_h e_h. Heads are stacked as copies of the batch (copy j shifts head j only), ``chunk`` at once;
-    ``stacked(copies)`` enters the per-image conditioning of the stacked batch."""
+    a + α_k Δa_h e_h. Heads are stacked as copies of the batch (copy j shifts head j only, each copy with the
+    images' own conditioning rows), ``chunk`` at once."""
     heads = [(i.layer, h) for i in registry.layers for h in range(i.heads)]
     out = {layer: torch.zeros_like(d) for layer, d in delta.items()}
     b = x_t.shape[0]
@@ -90,26 +89,25 @@ def _per_head_path_grads(net, registry, x_t, t, eps, to_eps, delta: dict[str, to
             shifts = {layer: torch.zeros((c * b, *d.shape[1:]), dtype=d.dtype, device=d.device) for layer, d in delta.items()}
             for j, (layer, h) in enumerate(group):  # copy j moves head h of its layer along its own path
                 shifts[layer][j * b:(j + 1) * b, h] = alpha * delta[layer][:, h]
-            with stacked(c):
-                _, grads, _, _ = _graded_pass(net, registry, x_rep, t_rep, eps_rep, to_eps, shifts)
+            rows_rep = None if rows is None else (rows[0], np.tile(rows[1], c))
+            _, grads, _, _ = _graded_pass(den, registry, x_rep, t_rep, eps_rep, rows_rep, shifts)
             for j, (layer, h) in enumerate(group):
                 out[layer][:, h] += grads[layer][j * b:(j + 1) * b, h] / ig_steps
     return out
 
 
-def _batch_scores(net, registry, x_t, t, eps, to_eps, ablated: Callable[[str, torch.Tensor], torch.Tensor],
-                  ig_steps: int, probes: int = 0, probe_seed: int = 0, ig_path: str = "joint", head_chunk: int = 8,
-                  stacked=None):
-    """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``."""
-    clean, grads, loss, probe_grads = _graded_pass(net, registry, x_t, t, eps, to_eps, probes=probes, probe_seed=probe_seed)
+def _batch_scores(den, registry, x_t, t, eps, rows, ablated: Callable[[str, torch.Tensor], torch.Tensor],
+                  ig_steps: int, probes: int = 0, probe_seed: int = 0, ig_path: str = "joint", head_chunk: int = 8):
+    """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``; ``rows`` = (dataset, indices)."""
+    clean, grads, loss, probe_grads = _graded_pass(den, registry, x_t, t, eps, rows, probes=probes, probe_seed=probe_seed)
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
     if ig_steps > 0 and ig_path == "per_head":
-        grads = _per_head_path_grads(net, registry, x_t, t, eps, to_eps, delta, ig_steps, head_chunk, stacked)
+        grads = _per_head_path_grads(den, registry, x_t, t, eps, rows, delta, ig_steps, head_chunk)
     elif ig_steps > 0:
         grads = {layer: torch.zeros_like(a) for layer, a in clean.items()}
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
-            _, step, _, _ = _graded_pass(net, registry, x_t, t, eps, to_eps, {layer: alpha * d for layer, d in delta.items()})
+            _, step, _, _ = _graded_pass(den, registry, x_t, t, eps, rows, {layer: alpha * d for layer, d in delta.items()})
             for layer in grads:
                 grads[layer] += step[layer] / ig_steps
     scores = {layer: (delta[layer] * grads[layer]).flatten(2).sum(-1) for layer in clean}  # [B, h]
@@ -165,30 +163,19 @@ def attribution_scores(
         raise ValueError("attribution supports zero and mean ablation")
     if ig_path not in IG_PATHS or head_chunk < 1:
         raise ValueError(f"ig_path must be one of {IG_PATHS} and head_chunk >= 1")
-    net, acp = denoiser.network, denoiser.alphas_cumprod
-    x_all, device = torch.from_numpy(np.asarray(images, dtype=np.float32)), model_device(net)
-    registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
-    batches = [np.arange(s, min(s + batch_size, len(x_all))) for s in range(0, len(x_all), batch_size)]
+    x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    registry = registry or probe_registry(denoiser, x_all[:1])
     rows = []
     for t_val in timesteps:
-        def noisy(idx):
-            eps = batch_noise(x_all.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
-            t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
-            return add_noise(x_all[idx].to(device), eps, t, acp), t, eps
-
         if method == "mean":
             refs = reference or [ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(len(x_all)))]
             means = reference_moments(denoiser, registry, refs, t_val, seed=seed, batch_size=batch_size)
         ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).to(a).expand_as(a))
-        for idx in batches:
-            x_t, t, eps = noisy(idx)
-            def stacked(copies, _idx=idx):  # the stacked batch of per-head IG: ``copies`` copies of these images
-                return images_of(net, dataset, np.tile(_idx, copies))
-
-            with images_of(net, dataset, idx):
-                scores, loss = _batch_scores(net, registry, x_t, t, eps, denoiser.eps_hat, ablated, ig_steps, probes,
-                                             probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]), ig_path=ig_path,
-                                             head_chunk=head_chunk, stacked=stacked)
+        for idx in batch_rows(len(x_all), batch_size):
+            b = noisy_batch(denoiser, x_all[idx], idx, t_val, seed=seed, dataset=dataset)
+            scores, loss = _batch_scores(denoiser, registry, b.x_t, b.t, b.eps, b.which, ablated, ig_steps, probes,
+                                         probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]), ig_path=ig_path,
+                                         head_chunk=head_chunk)
             for info in registry.layers:
                 s = scores[info.layer]
                 rows.append(pd.DataFrame({

@@ -23,19 +23,28 @@ from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import prefix_runner
 from diffcircuit.interventions.sweep import clean_activations
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, model_device
+from diffcircuit.models.noise import batch_rows, noisy_batch
 
 __all__ = ["activation_patching"]
 
 
-def _patched(net, registry, target: Target, source: dict, modules: dict, forward_from):
+def _patched(den, registry, target: Target, source: dict, modules: dict, forward_from):
     if target.level == "resnet":
         with resnet_intervention(modules[target.name], replace=lambda r: source[target.name].to(r)):
             return forward_from([target.name])
-    with instrument(net, registry=registry, patches={a: source[a.layer][:, a.head] for a in target.heads}):
+    with instrument(den, registry=registry, patches={a: source[a.layer][:, a.head] for a in target.heads}):
         return forward_from([a.layer for a in target.heads])
+
+
+def _pair_rows(t_val: int, idx: np.ndarray, target: Target, pred_a, pred_b, pred) -> pd.DataFrame:
+    """``moved_frac`` and ``delta_mse`` of each pair, from the source's, the receiver's and the patched output."""
+    toward = (pred_a - pred_b).flatten(1)
+    moved = (pred - pred_b).flatten(1)
+    norm = toward.pow(2).sum(1)
+    frac = torch.where(norm > 0, (moved * toward).sum(1) / norm.clamp_min(1e-30), torch.zeros_like(norm))
+    return pd.DataFrame({"timestep": t_val, "pair": idx, "level": target.level, "target": target.name,
+                         "layer": target.layer, "head": target.head, "moved_frac": frac.cpu().double().numpy(),
+                         "delta_mse": moved.pow(2).mean(1).cpu().double().numpy()})
 
 
 @torch.no_grad()
@@ -59,40 +68,27 @@ def activation_patching(
     output moved toward the source's. Converting to ε would add √(1−ᾱ)·(x_a − x_b), an input
     difference no internal patch can move, and make ``moved_frac`` depend on the parametrisation.
     """
-    net, acp = denoiser.network, denoiser.alphas_cumprod
     src = torch.from_numpy(np.asarray(source_images, dtype=np.float32))
     rcv = torch.from_numpy(np.asarray(receiver_images, dtype=np.float32))
-    n, device = min(len(src), len(rcv)), model_device(net)
-    registry = registry or probe_registry(net, rcv[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
-    resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
-    stages, rows = prefix_runner(net), []
+    n = min(len(src), len(rcv))
+    registry = registry or probe_registry(denoiser, rcv[:1])
+    resnets = [(name, m) for name, m in resnet_blocks(denoiser.network) if any(t.name == name for t in targets)]
+    stages, rows = prefix_runner(denoiser), []
     for t_val in timesteps:
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            eps = batch_noise(rcv.shape[1:], seed=seed, dataset="pair", images=idx, timestep=t_val).to(device)
-            t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
-            with images_of(net, datasets[0], idx):
-                pred_a, source = clean_activations(net, registry, add_noise(src[idx].to(device), eps, t, acp), t, resnets)
+        for idx in batch_rows(n, batch_size):
+            # the source and its receiver share one noise draw (keyed "pair"), each with its own captions
+            a = noisy_batch(denoiser, src[idx], idx, t_val, seed=seed, dataset=datasets[0], noise="pair")
+            b = noisy_batch(denoiser, rcv[idx], idx, t_val, seed=seed, dataset=datasets[1], noise="pair")
+            pred_a, source = clean_activations(denoiser, registry, a.x_t, a.t, resnets, rows=a.which)
             record: dict = {}
-            x_b = add_noise(rcv[idx].to(device), eps, t, acp)
-            with images_of(net, datasets[1], idx):
-                pred_b = stages.run(x_b, t, record=record)
+            pred_b = stages.run(b.x_t, b.t, rows=b.which, record=record)
 
-            def forward_from(names, _r=record, _x=x_b, _t=t):
-                return stages.resume(names, _r) if stages.supported else net(_x, _t).sample
+            def forward_from(names, _r=record, _b=b):
+                return stages.resume(names, _r) if stages.supported else denoiser.predict(_b.x_t, _b.t, rows=_b.which)
 
-            toward = (pred_a - pred_b).flatten(1)
-            for target in targets:
-                with images_of(net, datasets[1], idx):
-                    pred = _patched(net, registry, target, source, dict(resnets), forward_from)
-                moved = (pred - pred_b).flatten(1)
-                norm = toward.pow(2).sum(1)
-                frac = torch.where(norm > 0, (moved * toward).sum(1) / norm.clamp_min(1e-30), torch.zeros_like(norm))
-                rows.append(pd.DataFrame({
-                    "timestep": t_val, "pair": idx, "level": target.level, "target": target.name,
-                    "layer": target.layer, "head": target.head,
-                    "moved_frac": frac.cpu().double().numpy(), "delta_mse": moved.pow(2).mean(1).cpu().double().numpy(),
-                }))
+            rows += [_pair_rows(t_val, idx, target, pred_a, pred_b,
+                                _patched(denoiser, registry, target, source, dict(resnets), forward_from))
+                     for target in targets]
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)

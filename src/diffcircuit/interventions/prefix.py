@@ -13,9 +13,10 @@ conditioning) fall back to the full forward.
 ``BlockMemo`` does the same for any other denoiser (text-conditioned UNets, DiT, PixArt, SD3, Flux) at
 the granularity of its top-level blocks (each element of the network's top-level module lists, and
 ``mid_block``): the clean run records each block's output in execution order; an intervened run calls
-the whole forward again, but every block that ran before the first touched one returns its recorded
-output instead of computing (the embeddings and the output head are recomputed; they are cheap).
-``prefix_runner(net)`` picks the one that applies.
+the whole forward (``Denoiser.predict``, with the run's conditioning rows) again, but every block that ran
+before the first touched one returns its recorded output instead of computing (the embeddings and the
+output head are recomputed; they are cheap). ``prefix_runner(denoiser)`` picks the one that applies; both
+return what ``Denoiser.predict`` returns.
 """
 
 from __future__ import annotations
@@ -35,19 +36,21 @@ class StageState:
 
 
 class UNetStages:
-    def __init__(self, net: torch.nn.Module):
-        self.net = net
+    def __init__(self, denoiser):
+        self.den = denoiser
+        self.net = net = denoiser.network
         self.names = [f"down_blocks.{i}" for i in range(len(getattr(net, "down_blocks", [])))]
         self.names += ["mid_block"] if getattr(net, "mid_block", None) is not None else []
         self.names += [f"up_blocks.{i}" for i in range(len(getattr(net, "up_blocks", [])))]
-        self.supported = self._supported(net)
+        self.supported = self._supported(denoiser)
 
     @staticmethod
-    def _supported(net) -> bool:
+    def _supported(denoiser) -> bool:
         from diffusers import UNet2DModel
 
-        if type(net) is not UNet2DModel:
-            return False
+        net = denoiser.network
+        if type(net) is not UNet2DModel or denoiser.flow is not None or denoiser.conditioning is not None:
+            return False  # stage by stage is the bare network's forward: no adapter, no conditioning
         cfg = net.config
         blocks = [*net.down_blocks, *net.up_blocks]
         return (not cfg.center_input_sample and cfg.time_embedding_type != "fourier" and net.class_embedding is None
@@ -68,10 +71,10 @@ class UNetStages:
                 out.append((f"{self.names[stage]}.{group}.{i}", module))
         return out
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, record: dict | None = None) -> torch.Tensor:
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None) -> torch.Tensor:
         """The full forward; ``record`` (a dict) receives the block states and the sub-module outputs."""
         if not self.supported:
-            return self.net(sample, timestep).sample
+            return self.den.predict(sample, timestep, rows=rows)
         net = self.net
         t = timestep * torch.ones(sample.shape[0], dtype=timestep.dtype, device=timestep.device)
         emb = net.time_embedding(net.time_proj(t).to(dtype=net.dtype))
@@ -132,8 +135,9 @@ class UNetStages:
 class BlockMemo:
     """Prefix reuse by memoised top-level blocks; the same ``run`` / ``resume`` interface as ``UNetStages``."""
 
-    def __init__(self, net: torch.nn.Module):
-        self.net = net
+    def __init__(self, denoiser):
+        self.den = denoiser
+        net = denoiser.network
         self.blocks: dict[str, torch.nn.Module] = {}
         for name, child in net.named_children():
             if isinstance(child, torch.nn.ModuleList):
@@ -145,11 +149,11 @@ class BlockMemo:
     def block_of(self, module_name: str) -> str | None:
         return next((b for b in self.blocks if module_name == b or module_name.startswith(b + ".")), None)
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, record: dict | None = None) -> torch.Tensor:
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None) -> torch.Tensor:
         """The full forward; ``record`` receives the inputs and each block's output, in execution order."""
         if record is None or not self.supported:
-            return self.net(sample, timestep).sample
-        record.update(inputs=(sample, timestep), outputs={}, order=[])
+            return self.den.predict(sample, timestep, rows=rows)
+        record.update(inputs=(sample, timestep), rows=rows, outputs={}, order=[])
 
         def keep(name):
             def hook(module, args, out):
@@ -159,7 +163,7 @@ class BlockMemo:
 
         hooks = [block.register_forward_hook(keep(name)) for name, block in self.blocks.items()]
         try:
-            return self.net(sample, timestep).sample
+            return self.den.predict(sample, timestep, rows=rows)
         finally:
             for h in hooks:
                 h.remove()
@@ -167,22 +171,22 @@ class BlockMemo:
     def resume(self, touched: list[str], record: dict) -> torch.Tensor:
         """The forward with every block before the first touched one replaced by its recorded output."""
         sample, timestep = record["inputs"]
-        order = record["order"]
+        rows, order = record["rows"], record["order"]
         if len(order) != len(set(order)):  # a block called twice per forward: its outputs are not one thing
-            return self.net(sample, timestep).sample
+            return self.den.predict(sample, timestep, rows=rows)
         firsts = [order.index(b) for b in (self.block_of(name) for name in touched) if b in order]
         first = min(firsts) if len(firsts) == len(touched) else 0  # a touched module outside the blocks: nothing
         replay = order[:first]
         try:
             for name in replay:
                 self.blocks[name].forward = lambda *args, _out=record["outputs"][name], **kwargs: _out
-            return self.net(sample, timestep).sample
+            return self.den.predict(sample, timestep, rows=rows)
         finally:
             for name in replay:
                 del self.blocks[name].forward
 
 
-def prefix_runner(net: torch.nn.Module) -> UNetStages | BlockMemo:
-    """``UNetStages`` for the UNet2DModels it reproduces, else ``BlockMemo``."""
-    stages = UNetStages(net)
-    return stages if stages.supported else BlockMemo(net)
+def prefix_runner(denoiser) -> UNetStages | BlockMemo:
+    """``UNetStages`` for the bare UNet2DModels it reproduces, else ``BlockMemo``."""
+    stages = UNetStages(denoiser)
+    return stages if stages.supported else BlockMemo(denoiser)

@@ -18,7 +18,6 @@ import torch
 
 from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
-from diffcircuit.models.conditioning import conditioned_as
 from diffcircuit.models.diffusion import model_device
 
 __all__ = ["SAMPLING_METHODS", "controlled_samples", "sample_images", "sample_metrics", "sampling_effect"]
@@ -53,16 +52,15 @@ def _check(target: Target | None, method: str, scale: float | None) -> None:
         raise ValueError("mean and scale interventions need a target")
 
 
-def _guided(net, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int) -> torch.Tensor:
+def _guided(den, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int) -> torch.Tensor:
     """One step's model output: conditional (recorded by ``session``), moved by classifier-free guidance
     out_u + g·(out_c − out_u) when g ≠ 1; a learned-variance half (DiT) is dropped, as DDIM ignores it."""
-    out = net(x, t.expand(len(x))).sample[:, : x.shape[1]]  # in the model's prediction_type; the scheduler knows it
+    out = den.predict(x, t.expand(len(x)))[:, : x.shape[1]]  # in the model's prediction_type; the scheduler knows it
     if session is not None:  # mean-ablation references: the conditional branch's mean head outputs
         step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
     if guidance == 1.0:
         return out
-    with conditioned_as(net, unconditional):
-        plain = net(x, t.expand(len(x))).sample[:, : x.shape[1]]
+    plain = den.predict(x, t.expand(len(x)), conditioning=unconditional)[:, : x.shape[1]]
     return plain + guidance * (out - plain)
 
 
@@ -95,7 +93,7 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
             if active:
                 stack.enter_context(_intervention(net, target, method, scale, None if step_means is None else step_means[i]))
             session = stack.enter_context(instrument(net, cache_heads=record_layers)) if record_layers else None
-            out = _guided(net, x, t.to(x.device), guidance, unconditional, session, step_means, i)
+            out = _guided(denoiser, x, t.to(x.device), guidance, unconditional, session, step_means, i)
         x = scheduler.step(out, t, x).prev_sample
     return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1).cpu()  # pixels either way
 

@@ -24,9 +24,8 @@ from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
 from diffcircuit.instrument.hooks import rows_where
 from diffcircuit.interventions.prefix import prefix_runner
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, eps_mse_per_image, implied_x0, model_device, x0_mse_per_image
+from diffcircuit.models.diffusion import eps_mse_per_image, implied_x0, x0_mse_per_image
+from diffcircuit.models.noise import batch_noise, batch_rows, noisy_batch
 
 __all__ = ["ActivationMoments", "ReferenceImages", "ablation_sweep", "clean_activations", "reference_moments", "x0_psnr"]
 
@@ -67,14 +66,15 @@ def x0_psnr(mse):
     return 10 * np.log10(4.0 / np.asarray(mse, dtype=np.float64))
 
 
-def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Prediction and every activation an ablation can target: ``layer`` -> [B, h, Q, d], resnet -> [B, C, H, W]."""
+def clean_activations(denoiser, registry, x_t, t, resnets, *, rows=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Prediction (``Denoiser.predict``'s, for images ``rows``) and every activation an ablation can target:
+    ``layer`` -> [B, h, Q, d], resnet -> [B, C, H, W]."""
     records = {name: [] for name, _ in resnets}
     with ExitStack() as stack:
-        session = stack.enter_context(instrument(net, registry=registry, cache_heads=[i.layer for i in registry.layers]))
+        session = stack.enter_context(instrument(denoiser, registry=registry, cache_heads=[i.layer for i in registry.layers]))
         for name, module in resnets:
             stack.enter_context(resnet_intervention(module, record=records[name]))
-        pred = net(x_t, t).sample
+        pred = denoiser.predict(x_t, t, rows=rows)
     acts = session.pop("head_out")
     acts |= {name: rec[0].cpu() for name, rec in records.items()}
     return pred, acts
@@ -84,17 +84,12 @@ def clean_activations(net, registry, x_t, t, resnets) -> tuple[torch.Tensor, dic
 def reference_moments(denoiser, registry, references: Sequence[ReferenceImages], t_val: int, *, seed: int,
                       batch_size: int, resnets=()) -> ActivationMoments:
     """Mean and SD of every cached activation over all ``references`` images at timestep ``t_val``."""
-    net, acp = denoiser.network, denoiser.alphas_cumprod
-    device, moments = model_device(net), ActivationMoments()
+    moments = ActivationMoments()
     for ref in references:
         x_all = torch.from_numpy(np.asarray(ref.images, dtype=np.float32))
-        for start in range(0, len(x_all), batch_size):
-            rows = np.asarray(ref.index)[start:start + batch_size]
-            x0 = x_all[start:start + batch_size].to(device)
-            eps = batch_noise(x0.shape[1:], seed=seed, dataset=ref.dataset, images=rows, timestep=t_val).to(device)
-            t = torch.full((len(rows),), t_val, dtype=torch.long, device=device)
-            with images_of(net, ref.dataset, rows):
-                moments.add(clean_activations(net, registry, add_noise(x0, eps, t, acp), t, resnets)[1])
+        for local in batch_rows(len(x_all), batch_size):
+            b = noisy_batch(denoiser, x_all[local], np.asarray(ref.index)[local], t_val, seed=seed, dataset=ref.dataset)
+            moments.add(clean_activations(denoiser, registry, b.x_t, b.t, resnets, rows=b.which)[1])
     return moments
 
 
@@ -111,12 +106,12 @@ def _replacement(method: str, key: str, index: int | None, ref: ActivationMoment
     return mean if method == "mean" else mean + std * draw(tuple(mean.shape))
 
 
-def _intervened(net, registry, target: Target, method, ref, partner, draw, resnet_modules, forward_from):
+def _intervened(den, registry, target: Target, method, ref, partner, draw, resnet_modules, forward_from):
     """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
     if target.level == "token":
         if method != "zero":
             raise ValueError("a token can only be removed (method zero) or reweighted (target token:J*W)")
-        with instrument(net, registry=registry, token_scales={a: {target.token: target.weight} for a in target.heads}):
+        with instrument(den, registry=registry, token_scales={a: {target.token: target.weight} for a in target.heads}):
             return forward_from(list(dict.fromkeys(a.layer for a in target.heads)))
     if target.level == "resnet":
         value = _replacement(method, target.name, None, ref, partner, draw)
@@ -124,7 +119,7 @@ def _intervened(net, registry, target: Target, method, ref, partner, draw, resne
         with resnet_intervention(resnet_modules[target.name], replace=replace):
             return forward_from([target.name])
     patches = {a: _replacement(method, a.layer, a.head, ref, partner, draw) for a in target.heads}
-    with instrument(net, registry=registry, patches=patches):
+    with instrument(den, registry=registry, patches=patches):
         return forward_from([a.layer for a in target.heads])
 
 
@@ -149,10 +144,12 @@ def _stack_plan(registry: HeadRegistry, targets: Sequence[Target], methods: Sequ
 
 
 def _tile(obj, copies: int, batch: int):
-    """``obj`` (tensors, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor repeated
-    ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
+    """``obj`` (tensors, arrays, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor or
+    array repeated ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
     if isinstance(obj, torch.Tensor):
         return obj.repeat(copies, *([1] * (obj.ndim - 1))) if obj.ndim and obj.shape[0] == batch else obj
+    if isinstance(obj, np.ndarray):
+        return np.tile(obj, (copies, *([1] * (obj.ndim - 1)))) if obj.ndim and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
         return {k: _tile(v, copies, batch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -167,18 +164,18 @@ class _TiledForward:
     """One batch's forward for ``copies`` stacked variants: the images repeated (each copy with the images' own
     captions), restarted with prefix reuse from the clean run's record, tiled once per number of copies."""
 
-    def __init__(self, net, stages, record: dict, x_t, t, dataset: str, idx: np.ndarray, reuse: bool):
-        self.net, self.stages, self.record, self.x_t, self.t = net, stages, record, x_t, t
+    def __init__(self, den, stages, record: dict, x_t, t, dataset: str, idx: np.ndarray, reuse: bool):
+        self.den, self.stages, self.record, self.x_t, self.t = den, stages, record, x_t, t
         self.dataset, self.idx, self.reuse, self.batch = dataset, idx, reuse, len(idx)
         self._records: dict[int, dict] = {}
 
     def __call__(self, copies: int, touched: list[str]) -> torch.Tensor:
-        with images_of(self.net, self.dataset, np.tile(self.idx, copies)):
-            if not self.reuse:
-                return self.net(_tile(self.x_t, copies, self.batch), _tile(self.t, copies, self.batch)).sample
-            if copies not in self._records:
-                self._records[copies] = _tile(self.record, copies, self.batch)
-            return self.stages.resume(touched, self._records[copies])
+        if not self.reuse:
+            return self.den.predict(_tile(self.x_t, copies, self.batch), _tile(self.t, copies, self.batch),
+                                    rows=(self.dataset, np.tile(self.idx, copies)))
+        if copies not in self._records:
+            self._records[copies] = _tile(self.record, copies, self.batch)
+        return self.stages.resume(touched, self._records[copies])
 
 
 def _stacked_predictions(forward: _TiledForward, registry: HeadRegistry, chunk: list[tuple[int, Target]],
@@ -193,9 +190,51 @@ def _stacked_predictions(forward: _TiledForward, registry: HeadRegistry, chunk: 
             mask = masks.setdefault(a.layer, torch.zeros(rows, registry.layer(a.layer).heads, dtype=torch.bool))
             mask[v * batch:(v + 1) * batch, a.head] = True
     hooks = {layer: rows_where(mask, 0.0 if method == "zero" else ref.mean(layer)) for layer, mask in masks.items()}
-    with instrument(forward.net, registry=registry, hooks=hooks):
+    with instrument(forward.den, registry=registry, hooks=hooks):
         out = forward(len(chunk), list(masks))  # [variants x batch, ...]
     return {(k, method): out[v * batch:(v + 1) * batch] for v, (k, _) in enumerate(chunk)}
+
+
+def _batch_rows(den, registry, batch, targets, methods, ref, partner, stages, resnets, *, seed: int,
+                prefix_reuse: bool, stack_rows: int) -> list[pd.DataFrame]:
+    """One batch's rows: its clean prediction (recording the prefix state), then every target x method,
+    stacked where they stack, one (partial) forward each otherwise."""
+    acp, x_t, t, idx = den.alphas_cumprod, batch.x_t, batch.t, batch.rows
+    reuse = prefix_reuse and stages.supported
+    record: dict = {}
+    clean = stages.run(x_t, t, rows=batch.which, record=record) if prefix_reuse else den.predict(x_t, t, rows=batch.which)
+
+    def forward_from(names):
+        return stages.resume(names, record) if reuse else den.predict(x_t, t, rows=batch.which)
+
+    clean = den.eps_hat(clean, x_t, t)
+    mse_clean = eps_mse_per_image(clean, batch.eps)
+    x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), batch.x0)
+    tiled = _TiledForward(den, stages, record, x_t, t, batch.dataset, idx, reuse)
+    preds = {}
+    for method, chunk in _stack_plan(registry, targets, methods, len(idx), stack_rows):
+        preds |= _stacked_predictions(tiled, registry, chunk, method, ref)
+    out = []
+    for k, target in enumerate(targets):
+        for method in methods:
+            def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
+                return batch_noise(shape, seed=seed, dataset=f"{batch.dataset}/noise/{_name}", images=idx,
+                                   timestep=batch.timestep)
+            pred = preds.get((k, method))
+            if pred is None:
+                pred = _intervened(den, registry, target, method, ref, partner, draw, dict(resnets), forward_from)
+            pred = den.eps_hat(pred, x_t, t)
+            mse = eps_mse_per_image(pred, batch.eps)
+            out.append(pd.DataFrame({
+                "dataset": batch.dataset, "timestep": batch.timestep, "image": idx, "level": target.level,
+                "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
+                "method": "reweight" if target.weight else method,
+                "mse_clean": mse_clean.cpu().double().numpy(), "mse_intervened": mse.cpu().double().numpy(),
+                "degradation_pct": (100 * (mse - mse_clean) / mse_clean).cpu().double().numpy(),
+                "x0_mse_clean": x0_clean.cpu().double().numpy(),
+                "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), batch.x0).cpu().double().numpy(),
+            }))
+    return out
 
 
 @torch.no_grad()
@@ -228,71 +267,27 @@ def ablation_sweep(
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown ablation methods {bad}; choose from {METHODS}")
-    net, acp = denoiser.network, denoiser.alphas_cumprod
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    n, device = len(x_all), model_device(net)
-    registry = registry or probe_registry(net, x_all[:1].to(device), torch.zeros(1, dtype=torch.long, device=device))
-    resnets = [(name, m) for name, m in resnet_blocks(net) if any(t.name == name for t in targets)]
-    resnet_modules = dict(resnets)
-    stages = prefix_runner(net)
-    rows = []
-
-    def noisy(idx: np.ndarray, t_val: int):
-        x0 = x_all[idx].to(device)
-        eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
-        t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
-        return x0, eps, t, add_noise(x0, eps, t, acp)
-
+    n = len(x_all)
+    registry = registry or probe_registry(denoiser, x_all[:1])
+    resnets = [(name, m) for name, m in resnet_blocks(denoiser.network) if any(t.name == name for t in targets)]
+    stages = prefix_runner(denoiser)
     if reference is None:
         reference = [ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(n))]
+    rows = []
     for t_val in timesteps:
         ref = ActivationMoments()
         if {"mean", "noise"} & set(methods):
             ref = reference_moments(denoiser, registry, reference, t_val, seed=seed, batch_size=batch_size,
                                     resnets=resnets)
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            x0, eps, t, x_t = noisy(idx, t_val)
-            record: dict = {}
-            with images_of(net, dataset, idx):
-                clean = stages.run(x_t, t, record=record) if prefix_reuse else net(x_t, t).sample
-
-            def forward_from(names, _record=record, _x=x_t, _t=t):
-                if not (prefix_reuse and stages.supported):
-                    return net(_x, _t).sample
-                return stages.resume(names, _record)
-
+        for idx in batch_rows(n, batch_size):
+            batch = noisy_batch(denoiser, x_all[idx], idx, t_val, seed=seed, dataset=dataset)
             partner = {}
             if "resample" in methods:  # image i takes image i+1's activation (its own caption, if any)
-                with images_of(net, dataset, (idx + 1) % n):
-                    partner = clean_activations(net, registry, noisy((idx + 1) % n, t_val)[3], t, resnets)[1]
-            clean = denoiser.eps_hat(clean, x_t, t)
-            mse_clean = eps_mse_per_image(clean, eps)
-            x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), x0)
-            tiled = _TiledForward(net, stages, record, x_t, t, dataset, idx, prefix_reuse and stages.supported)
-            preds = {}
-            for method, chunk in _stack_plan(registry, targets, methods, len(idx), stack_rows):
-                preds |= _stacked_predictions(tiled, registry, chunk, method, ref)
-            for k, target in enumerate(targets):
-                for method in methods:
-                    def draw(shape, _name=target.name):  # keyed by the target's identity, not its position
-                        return batch_noise(shape, seed=seed, dataset=f"{dataset}/noise/{_name}", images=idx, timestep=t_val)
-                    pred = preds.get((k, method))
-                    if pred is None:
-                        with images_of(net, dataset, idx):
-                            pred = _intervened(net, registry, target, method, ref, partner, draw, resnet_modules,
-                                               forward_from)
-                    pred = denoiser.eps_hat(pred, x_t, t)
-                    mse = eps_mse_per_image(pred, eps)
-                    rows.append(pd.DataFrame({
-                        "dataset": dataset, "timestep": t_val, "image": idx, "level": target.level,
-                        "target": target.name, "n_heads": len(target.heads), "layer": target.layer, "head": target.head,
-                        "method": "reweight" if target.weight else method,
-                        "mse_clean": mse_clean.cpu().double().numpy(), "mse_intervened": mse.cpu().double().numpy(),
-                        "degradation_pct": (100 * (mse - mse_clean) / mse_clean).cpu().double().numpy(),
-                        "x0_mse_clean": x0_clean.cpu().double().numpy(),
-                        "x0_mse_intervened": x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).cpu().double().numpy(),
-                    }))
+                other = noisy_batch(denoiser, x_all[(idx + 1) % n], (idx + 1) % n, t_val, seed=seed, dataset=dataset)
+                partner = clean_activations(denoiser, registry, other.x_t, batch.t, resnets, rows=other.which)[1]
+            rows += _batch_rows(denoiser, registry, batch, targets, methods, ref, partner, stages, resnets,
+                                seed=seed, prefix_reuse=prefix_reuse, stack_rows=stack_rows)
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)

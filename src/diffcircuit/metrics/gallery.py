@@ -16,9 +16,7 @@ import pandas as pd
 import torch
 
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, model_device
+from diffcircuit.models.noise import noisy_batch
 
 __all__ = ["attention_maps", "object_queries", "token_heatmaps", "token_maps"]
 
@@ -89,12 +87,8 @@ def _flux_qk(attn, inputs: dict, n_text: int) -> _LayerQK:
 def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timestep: int, seed: int,
                  dataset: str) -> dict[str, _LayerQK]:
     """Each of ``layers``' queries and keys on the noised ``images`` (one forward of the untouched model)."""
-    net = denoiser.network
-    modules = dict(attention_modules(net))
-    device = model_device(net)
-    x0 = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
-    eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=range(len(x0)), timestep=timestep).to(device)
-    t = torch.full((len(x0),), timestep, dtype=torch.long, device=device)
+    modules = dict(attention_modules(denoiser.network))
+    batch = noisy_batch(denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset)
     got: dict[str, dict] = {layer: {} for layer in layers}
     text_length = [0]  # Flux: the text length its double-stream blocks see, for the single-stream ones after
     handles = []
@@ -115,8 +109,7 @@ def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timeste
                     got[layer][part] = out.detach().float()
                 handles.append(getattr(module, part).register_forward_hook(output))
     try:
-        with images_of(net, dataset, np.arange(len(x0))):
-            net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
+        denoiser.predict(batch.x_t, batch.t, rows=batch.which)
     finally:
         for h in handles:
             h.remove()

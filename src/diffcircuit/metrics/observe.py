@@ -18,7 +18,6 @@ and the blocks' score matrices come back for the matched-pairing permutation tes
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,35 +37,10 @@ from diffcircuit.metrics.attention import (
     uniform_moments,
 )
 from diffcircuit.metrics.probes import PROBE_CHANNELS, ProbeFeatures
-from diffcircuit.models.conditioning import image_key_counts
-from diffcircuit.models.diffusion import (
-    add_noise,
-    eps_mse_per_image,
-    implied_x0,
-    trivial_eps,
-    x0_mse_per_image,
-)
+from diffcircuit.models.diffusion import eps_mse_per_image, implied_x0, trivial_eps, x0_mse_per_image
+from diffcircuit.models.noise import batch_rows, noisy_batch
 
-__all__ = ["BlockScores", "NullObservation", "batch_noise", "image_noise", "observe", "observe_with_null"]
-
-
-def _label(dataset: str) -> int:
-    return int.from_bytes(hashlib.sha256(dataset.encode()).digest()[:8], "little")
-
-
-def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int) -> torch.Tensor:
-    """The noise draw for one image at one timestep: a function of its identity alone.
-
-    ``dataset`` is any label (hashed whole, so "a/noise/x" and "a/noise/y" draw different noise).
-    """
-    key = [seed, _label(dataset), image, timestep]
-    state = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] % (2**63))
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
-
-
-def batch_noise(shape: Sequence[int], *, seed: int, dataset: str, images, timestep: int) -> torch.Tensor:
-    """``image_noise`` for each image index in ``images``, stacked: ``[len(images), *shape]``."""
-    return torch.stack([image_noise(shape, seed=seed, dataset=dataset, image=int(i), timestep=timestep) for i in images])
+__all__ = ["BlockScores", "NullObservation", "observe", "observe_with_null"]
 
 
 def _layer_metrics(captured: dict, info, features: ProbeFeatures, n_keys: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,7 +89,7 @@ class _Inputs:
         self.masks = None if masks is None else np.asarray(masks)  # once: a lazy set is made here, not per batch
         self.pictures = self.x if pictures is None else torch.from_numpy(np.asarray(pictures, dtype=np.float32))
         if registry is None or any(info.n_keys is None for info in registry.layers):
-            registry = probe_registry(self.net, self.x[:1].to(self.device), torch.zeros(1, dtype=torch.long, device=self.device))
+            registry = probe_registry(denoiser, self.x[:1])
         self.registry = registry
 
     def features(self, local: np.ndarray) -> ProbeFeatures:
@@ -126,17 +100,15 @@ class _Inputs:
 def _batch(inp: _Inputs, local: np.ndarray, idx: np.ndarray, t_val: int, features: ProbeFeatures, *, seed: int,
            dataset: str, method: str, partners: ProbeFeatures | None = None):
     """One batch at one timestep: ``(head rows, image rows, partner moments {layer: [B, h, n, C+1, C+1]})``."""
-    net, acp = inp.net, inp.den.alphas_cumprod
-    x0 = inp.x[local]
-    eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val)
-    t = torch.full((len(idx),), t_val, dtype=torch.long)
-    x_t = add_noise(x0, eps, t, acp)
+    acp = inp.den.alphas_cumprod
+    batch = noisy_batch(inp.den, inp.x[local], idx, t_val, seed=seed, dataset=dataset)
+    x0, eps, t, x_t = batch.x0.cpu(), batch.eps.cpu(), batch.t.cpu(), batch.x_t.cpu()
     partner_maps = None if partners is None else (lambda grid: partners(grid)[:, _PARTNER_INDEX])
-    with instrument(net, registry=inp.registry, capture=True, method=method, key_features=features,
+    with instrument(inp.den, registry=inp.registry, capture=True, method=method, key_features=features,
                     partner_features=partner_maps, partner_paired=_paired(partners)) as session:
-        pred = inp.den.predict_eps(x_t, t, rows=(dataset, idx)).cpu()
+        pred = inp.den.predict_eps(batch.x_t, batch.t, rows=batch.which).cpu()
     captured = {stat: session.pop(stat) for stat in ("entropy_nats", "perplexity", "moments")}
-    heads = _head_rows(captured, inp.registry, features, idx, t_val, image_key_counts(net, dataset, idx))
+    heads = _head_rows(captured, inp.registry, features, idx, t_val, inp.den.caption_key_counts(dataset, idx))
     base = trivial_eps(x_t, t, acp)
     images = pd.DataFrame({
         "image": idx,
@@ -183,8 +155,7 @@ def observe(
     """
     inp = _Inputs(denoiser, images, masks, pictures, registry)
     head_frames, image_frames = [], []
-    for start in range(0, len(inp.x), batch_size):
-        local = np.arange(start, min(start + batch_size, len(inp.x)))
+    for local in batch_rows(len(inp.x), batch_size):
         features = inp.features(local)
         for t_val in timesteps:
             heads, rows, _ = _batch(inp, local, local + first, t_val, features, seed=seed, dataset=dataset, method=method)
@@ -290,8 +261,7 @@ def observe_with_null(
             block = np.arange(lo, hi)
             partners = inp.features(block)
             parts = []
-            for start in range(lo, hi, batch_size):
-                local = np.arange(start, min(start + batch_size, hi))
+            for local in batch_rows(hi - lo, batch_size, first=lo):
                 heads, rows, moments = _batch(inp, local, local + first, t_val, inp.features(local), seed=seed,
                                               dataset=dataset, method=method, partners=partners)
                 head_frames.append(heads)

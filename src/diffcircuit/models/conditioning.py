@@ -8,22 +8,20 @@
 - SD3, Flux and SDXL need the text tokens and a pooled summary (SDXL also its size conditions): a prompt encoded by their
   pipeline's own ``encode_prompt`` (``models.pipeline_text``), or a safetensors file with
   ``prompt_embeds`` and ``pooled_prompt_embeds`` (``negative_*`` too, for guidance).
-- A data folder with captions gives each of its images its own prompt (``caption_conditioning``): the
-  hook then feeds the rows of the batch named by ``images_of(network, dataset, rows)``.
+- A data folder with captions gives each of its images its own prompt (``caption_conditioning``,
+  kept as ``Captions`` by the ``Denoiser``): a forward of rows ``rows`` of that dataset gets those rows.
 
 The default is the model's *unconditional* input, the branch classifier-free guidance contrasts
-with: the empty prompt, and DiT's null class. ``attach`` adds the conditioning to every forward call
-of the network (a forward pre-hook), expanded to the batch, so every analysis runs unchanged on a
-conditional model; its head registry then includes the cross-attention layers, whose keys are the
-prompt's tokens.
+with: the empty prompt, and DiT's null class. The ``Denoiser`` passes the conditioning explicitly to
+every forward (``conditioning_kwargs``: expanded to the batch, or one row per image), so every analysis
+runs unchanged on a conditional model while the network stays as diffusers built it; its head registry
+then includes the cross-attention layers, whose keys are the prompt's tokens.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +37,7 @@ from diffcircuit.models.pipeline_text import (
     zeros_for_empty_prompt,
 )
 
-__all__ = ["Conditioning", "add_captions", "attach", "caption_conditioning", "conditioned_as", "image_key_counts",
-           "image_tokens", "images_of", "make_conditioning", "needed_inputs"]
+__all__ = ["Captions", "Conditioning", "caption_conditioning", "conditioning_kwargs", "make_conditioning", "needed_inputs"]
 
 
 @dataclass(frozen=True)
@@ -73,102 +70,37 @@ def needed_inputs(network: torch.nn.Module) -> list[str]:
     return needs
 
 
-class _Feed:
-    """What the forward pre-hook feeds a network: one conditioning for every image, and per-image conditioning
-    (captions) for datasets that have it, used while ``images_of`` names the dataset and rows of the batch."""
+@dataclass(frozen=True)
+class Captions:
+    """A captioned dataset's per-image conditioning: ``conditioning.kwargs`` with one row per image, and each
+    image's prompt tokens."""
 
-    def __init__(self, shared: Conditioning):
-        self.shared = shared
-        self.per_image: dict[str, Conditioning] = {}  # dataset -> kwargs with one row per image
-        self.tokens: dict[str, tuple[tuple[str | None, ...], ...]] = {}  # dataset -> each image's prompt tokens
-        self.active: tuple[str, torch.Tensor] | None = None
+    conditioning: Conditioning
+    tokens: tuple[tuple[str | None, ...], ...]
+
+    def key_counts(self, rows) -> torch.Tensor | None:
+        """Each image's number of unmasked text keys where captions are masked per image (PixArt), else None."""
+        mask = self.conditioning.kwargs.get("encoder_attention_mask")
+        return None if mask is None else mask[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum(1)
 
 
-def attach(network: torch.nn.Module, conditioning: Conditioning):
-    """Feed ``conditioning`` to every forward of ``network`` that does not pass it; returns the hook handle.
-    A call ``network(x_t, t)`` works for every family (the timestep goes by name where it is not second)."""
-    feed = _Feed(conditioning)
-    network._diffcircuit_feed = feed
-
-    def expand(value, like: torch.Tensor, rows: torch.Tensor | None):
+def conditioning_kwargs(conditioning: Conditioning, batch: int, device: torch.device,
+                        rows: torch.Tensor | None = None) -> dict:
+    """The forward keyword inputs of ``conditioning`` for a batch: its rows ``rows`` (per-image conditioning,
+    one row per batch row), or its one row expanded to ``batch`` rows; nested dicts (SDXL's
+    ``added_cond_kwargs``) likewise."""
+    def expand(value):
         if isinstance(value, dict):
-            return {k: expand(v, like, rows) for k, v in value.items()}
-        if isinstance(value, torch.Tensor):
-            value = value[rows] if rows is not None else value
-            value = value.to(like.device)
-            return value if rows is not None else value.expand(like.shape[0], *value.shape[1:])
-        return value
+            return {k: expand(v) for k, v in value.items()}
+        if not isinstance(value, torch.Tensor):
+            return value
+        if rows is not None:
+            return value[rows.to(value.device)].to(device)
+        return value.to(device).expand(batch, *value.shape[1:])
 
-    params = list(inspect.signature(network.forward).parameters)
-    # the analyses call net(x_t, t); PixArt's forward takes encoder_hidden_states second: pass t by name there
-    timestep_by_name = len(params) > 1 and params[1] != "timestep" and "timestep" in params
-
-    def hook(module, args, kwargs):
-        if timestep_by_name and len(args) == 2:
-            args, kwargs = args[:1], {**kwargs, "timestep": args[1]}
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        source, rows = feed.shared, None
-        if feed.active is not None and feed.active[0] in feed.per_image:
-            source, rows = feed.per_image[feed.active[0]], feed.active[1]
-            if len(rows) != sample.shape[0]:
-                raise RuntimeError(f"a batch of {sample.shape[0]} images was fed as {len(rows)} captioned images")
-        for name, value in source.kwargs.items():
-            if kwargs.get(name) is None:
-                kwargs[name] = expand(value, sample, rows)
-        return args, kwargs
-
-    return network.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)  # before input adapters (Flux)
-
-
-def add_captions(network: torch.nn.Module, dataset: str, conditioning: Conditioning,
-                 tokens: tuple[tuple[str, ...], ...]) -> None:
-    """Give the images of ``dataset`` their own conditioning (``conditioning.kwargs``: one row per image)."""
-    feed = network._diffcircuit_feed
-    feed.per_image[dataset] = conditioning
-    feed.tokens[dataset] = tokens
-
-
-def image_tokens(network: torch.nn.Module, dataset: str) -> tuple[tuple[str, ...], ...] | None:
-    """Each image's prompt tokens for a captioned ``dataset``; None when its images share the conditioning."""
-    feed = getattr(network, "_diffcircuit_feed", None)
-    return None if feed is None else feed.tokens.get(dataset)
-
-
-def image_key_counts(network: torch.nn.Module, dataset: str, rows) -> torch.Tensor | None:
-    """Each image's number of unmasked text keys, for a captioned dataset whose captions are masked per image
-    (PixArt); None where every image has all its keys."""
-    feed = getattr(network, "_diffcircuit_feed", None)
-    cond = None if feed is None else feed.per_image.get(dataset)
-    mask = None if cond is None else cond.kwargs.get("encoder_attention_mask")
-    return None if mask is None else mask[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum(1)
-
-
-@contextmanager
-def conditioned_as(network: torch.nn.Module, conditioning: Conditioning) -> Iterator[None]:
-    """The forwards inside get ``conditioning`` instead of the attached one (e.g. guidance's unconditional branch)."""
-    feed = network._diffcircuit_feed
-    previous = feed.shared
-    feed.shared = conditioning
-    try:
-        yield
-    finally:
-        feed.shared = previous
-
-
-@contextmanager
-def images_of(network: torch.nn.Module, dataset: str, rows) -> Iterator[None]:
-    """The forwards inside are of images ``rows`` (dataset indices, in batch order) of ``dataset``: a captioned
-    dataset's images get their own captions; otherwise nothing changes."""
-    feed = getattr(network, "_diffcircuit_feed", None)
-    if feed is None or dataset not in feed.per_image:
-        yield
-        return
-    previous = feed.active
-    feed.active = (dataset, torch.as_tensor(np.asarray(rows), dtype=torch.long))
-    try:
-        yield
-    finally:
-        feed.active = previous
+    if rows is not None and len(rows) != batch:
+        raise DiffcircuitError(f"a batch of {batch} images was given {len(rows)} captioned rows")
+    return {name: expand(value) for name, value in conditioning.kwargs.items()}
 
 
 def _null_class(network: torch.nn.Module) -> int | None:

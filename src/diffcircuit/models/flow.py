@@ -6,8 +6,8 @@ is the DDPM one, x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, up to a scale of the inp
     x_σ = c·x_t   with   ᾱ = (1−σ)² / ((1−σ)² + σ²),   c = √((1−σ)² + σ²),
 
 and a velocity implies the ε-prediction ε̂ = x_σ + (1−σ)·v̂ (then x̂₀ = x_σ − σ·v̂, as the flow has it).
-So a flow network wrapped by ``attach_flow`` — its input multiplied by c, its timestep replaced by
-σ·N, its velocity turned into ε̂ — *is* an ε-predicting DDPM denoiser with the schedule ``flow_betas``,
+So a flow network read through ``FlowAdapter`` — its input multiplied by c, its timestep replaced by
+σ·N, its velocity turned into ε̂ (``Denoiser.predict`` does this on every call) — *is* an ε-predicting DDPM denoiser with the schedule ``flow_betas``,
 and every analysis (noising, ε and x₀ errors, the trivial predictor, DDIM sampling) applies unchanged
 and measures the flow model's own prediction. Timestep index t ∈ 0..N−1 is the scheduler's training
 grid σ_t = shift·s/(1 + (shift−1)·s), s = (t+1)/N; t = N−1 is pure noise (σ = 1, ᾱ = 0), where x₀
@@ -17,12 +17,13 @@ cannot be inferred, so it is refused.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from diffcircuit.errors import DiffcircuitError
 
-__all__ = ["attach_flow", "flow_betas", "flow_sigmas", "is_flow_matching"]
+__all__ = ["FlowAdapter", "flow_betas", "flow_sigmas", "is_flow_matching"]
 
 
 def is_flow_matching(scheduler_config: dict) -> bool:
@@ -58,38 +59,23 @@ def flow_betas(sigmas: torch.Tensor) -> torch.Tensor:
     return 1 - acp / previous
 
 
-def attach_flow(network: torch.nn.Module, sigmas: torch.Tensor, timestep_scale: float | None = None) -> None:
-    """Make ``network`` (a velocity predictor) take DDPM inputs (x_t, t index) and return ε̂ (module docstring).
+@dataclass(frozen=True)
+class FlowAdapter:
+    """A velocity-predicting flow network read as the ε-predicting DDPM it equals (module docstring): its input
+    is c·x_t, its timestep input σ_t·``timestep_scale`` (N, as SD3 takes it; 1 for Flux, which scales σ itself),
+    and its velocity v̂ gives ε̂ = c·x_t + (1−σ_t)·v̂."""
 
-    Its timestep input is σ·``timestep_scale`` (default N, as SD3 takes it; Flux takes σ and scales it itself).
-    Two hooks on the network itself, so module paths (head addresses) stay the network's own."""
-    n = float(len(sigmas) if timestep_scale is None else timestep_scale)
-    table = sigmas.float()
+    sigmas: torch.Tensor  # σ_t for t = 0..N−1, float64
+    timestep_scale: float
 
-    def split(args, kwargs):
-        """(sample, timestep) wherever the call put them: ``net(x, t)`` or by name (conditioning passes t by name)."""
-        sample = args[0] if args else kwargs["hidden_states"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        return sample, t
-
-    def before(module, args, kwargs):
-        sample, t = split(args, kwargs)
-        sigma = table.to(sample.device)[t.long()].view(-1, *([1] * (sample.ndim - 1)))
+    def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_σ, timestep input, σ)``: the flow model's input ``[B, C, H, W]`` for DDPM's ``x_t`` at index ``t``."""
+        sigma = self.sigmas.float().to(x_t.device)[t.long()].view(-1, *([1] * (x_t.ndim - 1)))  # [B, 1, 1, 1]
         scale = ((1 - sigma) ** 2 + sigma**2).sqrt()
-        x_flow = sample * scale.to(sample.dtype)
-        args = (x_flow, *args[1:]) if args else args
-        kwargs = kwargs if args else {**kwargs, "hidden_states": x_flow}
-        kwargs = {**kwargs, "timestep": (sigma.flatten() * n).to(sample.dtype)}
-        return args[:1] if len(args) > 1 else args, kwargs
+        return x_t * scale.to(x_t.dtype), (sigma.flatten() * self.timestep_scale).to(x_t.dtype), sigma
 
-    def after(module, args, kwargs, output):
-        x_flow = args[0] if args else kwargs["hidden_states"]
-        sigma = (kwargs["timestep"].float() / n).view(-1, *([1] * (x_flow.ndim - 1)))
-        v = output.sample if hasattr(output, "sample") else output[0]
-        eps = x_flow.to(v.dtype) + (1 - sigma).to(v.dtype) * v[:, : x_flow.shape[1]]
-        if hasattr(output, "sample"):
-            return type(output)(sample=eps)
-        return (eps, *output[1:])
-
-    network.register_forward_pre_hook(before, with_kwargs=True)
-    network.register_forward_hook(after, with_kwargs=True)
+    @staticmethod
+    def eps(x_flow: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """ε̂ = x_σ + (1−σ)·v̂ (a learned-variance half of the output, if any, is dropped)."""
+        v = velocity[:, : x_flow.shape[1]]
+        return x_flow.to(v.dtype) + (1 - sigma).to(v.dtype) * v

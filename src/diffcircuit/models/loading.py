@@ -17,27 +17,26 @@ refused unless ``allow_pickle=True``, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.conditioning import (
+    Captions,
     Conditioning,
-    add_captions,
-    attach,
     caption_conditioning,
-    conditioned_as,
-    images_of,
+    conditioning_kwargs,
     make_conditioning,
     needed_inputs,
 )
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
-from diffcircuit.models.flow import attach_flow, flow_betas, flow_sigmas, is_flow_matching
+from diffcircuit.models.flow import FlowAdapter, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
-from diffcircuit.models.packing import attach_packing, is_packed
+from diffcircuit.models.packing import is_packed, packed_inputs, unpack
 from diffcircuit.models.pipeline_text import is_pooled
 
 __all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "save_denoiser",
@@ -49,18 +48,25 @@ _NETWORK_SUBFOLDERS = ("unet", "transformer")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-@dataclass(frozen=True, kw_only=True)
+Rows = tuple[str, "np.ndarray | Sequence[int]"]  # (dataset, image indices in batch order)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Denoiser:
-    """A loaded network with its scheduler and where its weights came from."""
+    """A loaded network with its scheduler, where its weights came from, and everything its forward needs besides
+    (x_t, t): the conditioning, the flow-matching and packing adapters, each captioned dataset's captions. The
+    network itself stays as diffusers built it; ``predict`` / ``predict_eps`` pass all of it explicitly."""
 
     network: torch.nn.Module
     scheduler: object
     model_path: Path  # the local folder the network's weights were read from
     source: str  # what the user asked for: "embedded", a hub id or a folder
-    conditioning: Conditioning | None = None  # fed to every forward of a conditional network (``attach``)
+    conditioning: Conditioning | None = None  # a conditional network's input for every forward (``load_conditioned``)
     codec: LatentCodec | None = None  # latent models: the pipeline's autoencoder, images' way in (``models.latent``)
-    process: str = "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``models.flow``)
+    process: str = "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``flow``)
     latent_size: int | None = None  # packed (Flux) models, whose config has no sample size: the autoencoder's
+    flow: FlowAdapter | None = None  # flow-matching models: how DDPM's (x_t, t) map to the flow's and v to ε
+    captions: dict[str, Captions] = field(default_factory=dict)  # dataset -> its images' own conditioning
 
     @property
     def sample_size(self) -> int:
@@ -110,22 +116,53 @@ class Denoiser:
         """What the network outputs: "epsilon", "v_prediction" or "sample" (the scheduler's setting)."""
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
+                rows: Rows | None = None) -> torch.Tensor:
+        """The network's prediction at ``x_t`` ``[batch, C, H, W]`` and timestep indices ``t`` (``[batch]`` or a
+        scalar), in the scheduler's parametrisation (``prediction_type``; a flow model's ε, a packed model's
+        latent map), on the network's device. ``conditioning``: a conditional model's input for this call
+        (default: the one it was loaded with; guidance's other branch is ``unconditional_input(den)``);
+        ``rows`` = (dataset, image indices in batch order): a captioned dataset's images each get their own
+        caption. Inside ``instrument(den, ...)`` the heads are captured or intervened on as that context says."""
+        device = model_device(self.network)
+        x_t = x_t.to(device)
+        t = t.to(device).expand(len(x_t)) if t.ndim == 0 else t.to(device)
+        kwargs = self._conditioning_kwargs(len(x_t), device, conditioning, rows)
+        x_in, timestep, sigma = self.flow.inputs(x_t, t) if self.flow is not None else (x_t, t, None)
+        if is_packed(self.network):  # Flux: 2x2 latent patches as tokens
+            tokens, kwargs = packed_inputs(x_in, kwargs, distilled=bool(getattr(self.network.config, "guidance_embeds", False)))
+            output = unpack(self.network(tokens, timestep=timestep, **kwargs).sample, *x_in.shape[-2:])
+        else:
+            output = self.network(x_in, timestep=timestep, **kwargs).sample
+        return output if self.flow is None else self.flow.eps(x_in, sigma, output)
+
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
-                    rows: tuple[str, object] | None = None) -> torch.Tensor:
-        """The model's ε-prediction at ``x_t`` ``[batch, C, H, W]`` and timestep indices ``t`` ``[batch]``, in fp32
-        on the network's device, whatever the network outputs (ε, v or x₀; a flow model's velocity; a packed
-        model's tokens). ``conditioning``: the input of a conditional model for this call (default: the one it
-        was loaded with, e.g. its prompt; guidance's other branch is ``unconditional_input(den)``); ``rows`` =
-        (dataset, image indices in batch order): a captioned dataset's images each get their own caption.
-        Inside ``instrument(den.network, ...)`` the heads are captured or intervened on as that context says."""
+                    rows: Rows | None = None) -> torch.Tensor:
+        """The ε-prediction ``predict`` implies, in fp32, whatever the network outputs (ε, v or x₀; a flow model's
+        velocity; a packed model's tokens): the one way the analyses run the model."""
+        t = t.expand(len(x_t)) if t.ndim == 0 else t
+        output = self.predict(x_t, t, conditioning=conditioning, rows=rows)
+        return self.eps_hat(output, x_t.to(output.device), t.to(output.device))
+
+    def _conditioning_kwargs(self, batch: int, device, conditioning: Conditioning | None, rows: Rows | None) -> dict:
+        """The forward's conditioning inputs: a captioned dataset's rows, else the given or loaded conditioning."""
         if conditioning is not None and self.conditioning is None:
             raise DiffcircuitError(f"{type(self.network).__name__} is unconditional: a conditioning does not apply")
-        device = model_device(self.network)
-        x_t, t = x_t.to(device), t.to(device)
-        with (conditioned_as(self.network, conditioning) if conditioning is not None else nullcontext()), \
-                (images_of(self.network, *rows) if rows is not None else nullcontext()):
-            output = self.network(x_t, t).sample
-        return self.eps_hat(output, x_t, t)
+        if rows is not None and rows[0] in self.captions and conditioning is None:
+            index = torch.as_tensor(np.asarray(rows[1]), dtype=torch.long)
+            return conditioning_kwargs(self.captions[rows[0]].conditioning, batch, device, index)
+        given = conditioning or self.conditioning
+        return {} if given is None else conditioning_kwargs(given, batch, device)
+
+    def caption_tokens(self, dataset: str) -> tuple[tuple[str | None, ...], ...] | None:
+        """Each image's prompt tokens for a captioned ``dataset``; None when its images share the conditioning."""
+        captions = self.captions.get(dataset)
+        return None if captions is None else captions.tokens
+
+    def caption_key_counts(self, dataset: str, rows) -> torch.Tensor | None:
+        """Each image's number of unmasked text keys for a dataset whose captions are masked per image (PixArt)."""
+        captions = self.captions.get(dataset)
+        return None if captions is None else captions.key_counts(rows)
 
     def eps_hat(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The ε-prediction implied by the network's ``output`` at ``x_t``: every error is measured in ε,
@@ -262,15 +299,13 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
         raise DiffcircuitError(f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/")
     size = codec.vae.config.sample_size // codec.factor if packed else None
     scheduler, sigmas = _load_scheduler(root, folder, image_tokens=(size // 2) ** 2 if packed else None)
-    if sigmas is not None:  # a velocity-predicting flow model, wrapped into the ε-predicting DDPM it equals
-        attach_flow(network, sigmas, timestep_scale=1.0 if packed else None)
-    if packed:
-        attach_packing(network)
+    # a velocity-predicting flow model, read as the ε-predicting DDPM it equals (Flux takes σ, SD3 σ·N)
+    flow = None if sigmas is None else FlowAdapter(sigmas, 1.0 if packed else float(len(sigmas)))
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
     return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source, codec=codec,
-                    process="ddpm" if sigmas is None else "flow-matching", latent_size=size)
+                    process="ddpm" if sigmas is None else "flow-matching", latent_size=size, flow=flow)
 
 
 def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool, device: str) -> LatentCodec | None:
@@ -295,17 +330,14 @@ def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool,
 
 def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None, prompt_embeds: str | None = None,
                      class_label: int | None = None, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
-    """``load_denoiser``, with a conditional network's conditioning attached to its forward
-    (``models.conditioning``; default: the unconditional input, the empty prompt or the null class)."""
+    """``load_denoiser``, with a conditional network's conditioning for its forwards (``models.conditioning``;
+    default: the unconditional input, the empty prompt or the null class)."""
     import dataclasses
 
     den = load_denoiser(source, allow_pickle=allow_pickle, device=device)
     cond = make_conditioning(den.network, _pipeline_root(den), prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label,
                              allow_pickle=allow_pickle)
-    if cond is None:
-        return den
-    attach(den.network, cond)
-    return dataclasses.replace(den, conditioning=cond)
+    return den if cond is None else dataclasses.replace(den, conditioning=cond)
 
 
 def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditioning:
@@ -326,14 +358,15 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
 
 
 def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = "") -> str | None:
-    """Feed each image of ``dataset`` its own caption (encoded by the pipeline's text encoder) in every forward
-    inside ``images_of(network, dataset, rows)``; returns what was done, for the manifest (None: no captions)."""
+    """Give each image of ``dataset`` its own caption (encoded by the pipeline's text encoder) in every forward of
+    its rows (``den.predict(..., rows=(dataset, rows))``); returns what was done, for the manifest (None: no
+    captions)."""
     if not captions:
         return None
     if "encoder_hidden_states" not in needed_inputs(den.network):
         return "captions ignored: the model is not text-conditioned"
     cond, tokens = caption_conditioning(den.network, _pipeline_root(den), captions, allow_pickle=allow_pickle, spec=spec)
-    add_captions(den.network, dataset, cond, tokens)
+    den.captions[dataset] = Captions(cond, tokens)
     return "each image's own caption"
 
 

@@ -2,15 +2,15 @@
 
 ``FluxTransformer2DModel`` reads ``[batch, (h/2)·(w/2), 4·C]`` tokens, each token's position as ``img_ids``
 (row, column) and the text's as ``txt_ids`` (zeros), plus, in guidance-distilled models, the guidance scale
-as an input. ``attach_packing`` makes such a network take and return latent maps ``[batch, C, h, w]`` like
-every other denoiser, packing and unpacking exactly as ``FluxPipeline`` does, so the analyses run unchanged.
+as an input. ``Denoiser.predict`` packs a latent map ``[batch, C, h, w]`` going in (``packed_inputs``) and
+unpacks the prediction coming out, exactly as ``FluxPipeline`` does, so the analyses run unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["DISTILLED_GUIDANCE", "attach_packing", "is_packed", "pack", "unpack"]
+__all__ = ["DISTILLED_GUIDANCE", "is_packed", "pack", "packed_inputs", "unpack"]
 
 DISTILLED_GUIDANCE = 3.5  # what FluxPipeline feeds a guidance-distilled model by default
 
@@ -39,34 +39,16 @@ def _image_ids(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=like.device, dtype=like.dtype)
 
 
-def attach_packing(network: torch.nn.Module, *, guidance: float = DISTILLED_GUIDANCE) -> None:
-    """Hooks that pack the latent map going in and unpack the prediction coming out (module docstring)."""
-    distilled = bool(getattr(network.config, "guidance_embeds", False))
-
-    def before(module, args, kwargs):
-        sample = args[0] if args else kwargs["hidden_states"]
-        if sample.ndim != 4:
-            return None  # already tokens: the caller packed them
-        if len(args) > 1:  # net(x, t): the timestep goes by name once x is not the first positional
-            kwargs = {**kwargs, "timestep": args[1]}
-        h, w = sample.shape[-2:]
-        ids = _image_ids(h, w, sample)
-        ids._diffcircuit_unpack_to = (h, w)  # tells the output hook that this call was packed here, and the size
-        kwargs = {**kwargs, "hidden_states": pack(sample), "img_ids": ids}
-        text = kwargs.get("encoder_hidden_states")
-        if text is not None and kwargs.get("txt_ids") is None:
-            kwargs["txt_ids"] = torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype)
-        if distilled and kwargs.get("guidance") is None:
-            kwargs["guidance"] = torch.full((sample.shape[0],), guidance, device=sample.device, dtype=sample.dtype)
-        return (), kwargs
-
-    def after(module, args, kwargs, output):
-        size = getattr(kwargs.get("img_ids"), "_diffcircuit_unpack_to", None)
-        if size is None:
-            return None
-        if hasattr(output, "sample"):
-            return type(output)(sample=unpack(output.sample, *size))
-        return (unpack(output[0], *size), *output[1:])
-
-    network.register_forward_pre_hook(before, with_kwargs=True)
-    network.register_forward_hook(after, with_kwargs=True)
+def packed_inputs(latents: torch.Tensor, kwargs: dict, *, distilled: bool,
+                  guidance: float = DISTILLED_GUIDANCE) -> tuple[torch.Tensor, dict]:
+    """``(tokens, kwargs)`` for a packed model from a latent map ``[B, C, h, w]``: the tokens, their positions
+    (``img_ids``), the text's (``txt_ids``: zeros) and, for a guidance-distilled model, the guidance scale, as
+    ``FluxPipeline`` feeds them; ``kwargs`` are the call's other inputs (its text embeddings among them)."""
+    h, w = latents.shape[-2:]
+    kwargs = {**kwargs, "img_ids": _image_ids(h, w, latents)}
+    text = kwargs.get("encoder_hidden_states")
+    if text is not None and kwargs.get("txt_ids") is None:
+        kwargs["txt_ids"] = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
+    if distilled and kwargs.get("guidance") is None:
+        kwargs["guidance"] = torch.full((latents.shape[0],), guidance, device=latents.device, dtype=latents.dtype)
+    return pack(latents), kwargs

@@ -99,7 +99,7 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
             *cfg.levels, *(name.split(":")[0] for name in cfg.names)):
         raise DiffcircuitError(f"{cfg.data} has a caption per image: token J is a different word in each, so token "
                                "ablation needs one shared --prompt and a folder without captions")
-    registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
                            seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,

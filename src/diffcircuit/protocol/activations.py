@@ -19,9 +19,7 @@ import torch
 
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
-from diffcircuit.metrics.observe import batch_noise
-from diffcircuit.models.conditioning import images_of
-from diffcircuit.models.diffusion import add_noise, model_device
+from diffcircuit.models.noise import noisy_batches
 from diffcircuit.protocol.store import atomic_write_bytes, write_json
 
 __all__ = ["ActivationCache", "cache_activations"]
@@ -65,29 +63,21 @@ def cache_activations(denoiser, images, out_dir: str | Path, *, timesteps: Seque
     """Write every chosen layer's per-head output for ``images`` at ``timesteps`` under ``out_dir``."""
     from safetensors.torch import save
 
-    net, out = denoiser.network, Path(out_dir)
-    device, n = model_device(net), len(images)
-    first = torch.from_numpy(np.asarray(images[:1], dtype=np.float32)).to(device)
-    registry = registry or probe_registry(net, first, torch.zeros(1, dtype=torch.long, device=device))
+    out, n = Path(out_dir), len(images)
+    registry = registry or probe_registry(denoiser, torch.from_numpy(np.asarray(images[:1], dtype=np.float32)))
     layers = [registry.layer(name).layer for name in (layers or [i.layer for i in registry.layers])]
     files: dict[str, list[str]] = {}
-    for t_val in timesteps:
-        for lo in range(0, n, batch_size):
-            idx = np.arange(lo, min(lo + batch_size, n))
-            x0 = torch.from_numpy(np.asarray(images[lo:lo + batch_size], dtype=np.float32)).to(device)
-            eps = batch_noise(x0.shape[1:], seed=seed, dataset=dataset, images=idx, timestep=t_val).to(device)
-            t = torch.full((len(idx),), t_val, dtype=torch.long, device=device)
-            with instrument(net, registry=registry, cache_heads=layers) as session:
-                with images_of(net, dataset, idx):
-                    net(add_noise(x0, eps, t, denoiser.alphas_cumprod), t)
-            cached = session.pop("head_out")
-            tensors = {layer: cached[layer].to(dtype).contiguous() for layer in layers}
-            tensors["images"] = torch.from_numpy(idx)
-            name = f"{dataset}_t{t_val}_{lo:07d}.safetensors"
-            atomic_write_bytes(out / name, save(tensors))
-            files.setdefault(str(t_val), []).append(name)
-            if progress is not None:
-                progress(len(idx))
+    for batch in noisy_batches(denoiser, images, timesteps=timesteps, seed=seed, dataset=dataset, batch_size=batch_size):
+        with instrument(denoiser, registry=registry, cache_heads=layers) as session:
+            denoiser.predict(batch.x_t, batch.t, rows=batch.which)
+        cached = session.pop("head_out")
+        tensors = {layer: cached[layer].to(dtype).contiguous() for layer in layers}
+        tensors["images"] = torch.from_numpy(batch.rows)
+        name = f"{dataset}_t{batch.timestep}_{int(batch.rows[0]):07d}.safetensors"
+        atomic_write_bytes(out / name, save(tensors))
+        files.setdefault(str(batch.timestep), []).append(name)
+        if progress is not None:
+            progress(len(batch.rows))
     write_json(out / "index.json", {"n": n, "dataset": dataset, "seed": seed, "timesteps": list(map(int, timesteps)),
                                     "layers": layers, "dtype": str(dtype).removeprefix("torch."), "files": files})
     return ActivationCache(out)

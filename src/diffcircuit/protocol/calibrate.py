@@ -160,7 +160,7 @@ def calibrate(*, model: str = "embedded", data: str = "faces", n: int = 100, tim
     den.check_timesteps([timestep])
     images = model_images(den, data, n=n, seed=seed)
     use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
-    registry = probe_registry(den.network, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
     rows = {m: heads.pivot_table(index="image", columns=["layer", "head"], values=v).to_numpy()
             for m, v in (("mean_entropy_norm", "entropy_norm"), ("mean_effective_keys_frac", "effective_keys_frac"))}

@@ -150,7 +150,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
     references = references or {}
     in_training, _ = training_overlap(den, sets, cfg.seed)
     captions = {k: use_captions(den, k, s.captions, allow_pickle=cfg.allow_pickle, spec=s.spec) for k, s in sets.items()}
-    registry = probe_registry(den.network, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
 
     def stage(name: str, total: int) -> Callable[[int], None]:
         done = [0]

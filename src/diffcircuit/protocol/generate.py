@@ -119,7 +119,7 @@ def run_generate(cfg: GenerateConfig, out: str | Path) -> GenerateResult:
                            class_label=cfg.class_label)
     unconditional = None if cfg.guidance == 1.0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
     size, channels = den.sample_size, den.in_channels
-    registry = probe_registry(den.network, torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(den, torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     target = _target(cfg.ablate, registry, den.network)
     if target.level == "resnet" and cfg.method != "zero":
         raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")

@@ -66,7 +66,6 @@ from diffcircuit.discovery.run import circuit_complexity, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
-from diffcircuit.models.conditioning import image_tokens
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
@@ -256,7 +255,7 @@ def _token_maps(job: _Job, n_images: int = 3):
         return None
 
     def tokens(key: str):  # a captioned dataset's images each have their own prompt
-        own = image_tokens(ctx.den.network, key)
+        own = ctx.den.caption_tokens(key)
         return cond.tokens if own is None else own[:n_images]
 
     def compute():

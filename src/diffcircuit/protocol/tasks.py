@@ -80,7 +80,7 @@ class Context:
         captions = {key: use_captions(den, key, s.captions if cfg.captions else None, allow_pickle=cfg.allow_pickle,
                                       spec=s.spec) for key, s in sets.items()}
         first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
-        registry = probe_registry(den.network, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
+        registry = probe_registry(den, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
         return cls(cfg=cfg, den=den, registry=registry, sets=sets, captions=captions)
 
     @property
