@@ -50,3 +50,15 @@ def test_moved_fraction_matches_a_direct_computation(small_unet):
     np.testing.assert_allclose(rows.moved_frac.to_numpy(), expected, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(rows.delta_mse.to_numpy(), moved.pow(2).mean(1).numpy(), rtol=1e-4)
     assert rows.delta_mse.max() > 0
+
+
+def test_stacked_patches_equal_one_forward_per_target(small_unet):
+    """Head and layer patches stacked as copies of the batch (prefix reuse on) equal one forward per target."""
+    den, a, b, registry, every = _setup(small_unet)
+    every = every + targets(registry, "head")[4:]
+    stacked = activation_patching(den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=12)
+    single = activation_patching(den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=1)
+    assert len(stacked) == len(single) == 2 * 3 * len(every)
+    np.testing.assert_allclose(stacked.delta_mse, single.delta_mse, rtol=1e-4, atol=1e-9)  # a squared difference: float noise
+    # the projection of a tiny move on a small p_a − p_b: float32 summation-order noise of a few 1e-6
+    np.testing.assert_allclose(stacked.moved_frac, single.moved_frac, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import prefix_runner
+from diffcircuit.interventions.stack import TiledForward, rows_per_forward, stack_chunks, stacked_outputs, tile
 from diffcircuit.interventions.sweep import clean_activations
 from diffcircuit.models.noise import batch_rows, noisy_batch
 
@@ -60,6 +61,8 @@ def activation_patching(
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
     datasets: tuple[str, str] = ("b", "a"),
+    stack_rows: int | None = None,
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """One row per target x timestep x pair: ``moved_frac`` and ``delta_mse``. ``datasets`` names the source's
     and the receiver's dataset (captioned datasets feed each image its own caption).
@@ -67,6 +70,9 @@ def activation_patching(
     Both are measured in the network's own output space (its ``prediction_type``): the receiver's
     output moved toward the source's. Converting to ε would add √(1−ᾱ)·(x_a − x_b), an input
     difference no internal patch can move, and make ``moved_frac`` depend on the parametrisation.
+
+    Head and layer patches run stacked (``interventions.stack``: several targets' copies of the batch in one
+    forward, ``stack_rows`` / ``memory_budget`` bound its rows), equal to one forward per target (tested).
     """
     src = torch.from_numpy(np.asarray(source_images, dtype=np.float32))
     rcv = torch.from_numpy(np.asarray(receiver_images, dtype=np.float32))
@@ -86,9 +92,17 @@ def activation_patching(
             def forward_from(names, _r=record, _b=b):
                 return stages.resume(names, _r) if stages.supported else denoiser.predict(_b.x_t, _b.t, rows=_b.which)
 
-            rows += [_pair_rows(t_val, idx, target, pred_a, pred_b,
-                                _patched(denoiser, registry, target, source, dict(resnets), forward_from))
-                     for target in targets]
+            tiled = TiledForward(denoiser, stages, record, b.x_t, b.t, b.dataset, idx, stages.supported)
+            cap = rows_per_forward(record, len(idx), b.x_t.device, stack_rows=stack_rows, memory_budget=memory_budget)
+            jobs = [(k, tg.heads) for k, tg in enumerate(targets) if tg.level in ("head", "layer")]
+            preds = {}
+            for chunk in stack_chunks(registry, jobs, len(idx), cap):  # the source's activation, per copy
+                preds |= stacked_outputs(tiled, registry, chunk, lambda layer, copies: tile(source[layer], copies, len(idx)))
+            for k, target in enumerate(targets):
+                pred = preds.get(k)
+                if pred is None:
+                    pred = _patched(denoiser, registry, target, source, dict(resnets), forward_from)
+                rows.append(_pair_rows(t_val, idx, target, pred_a, pred_b, pred))
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)

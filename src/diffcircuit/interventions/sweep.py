@@ -10,7 +10,6 @@ is keyed by image, timestep and target, so results do not depend on the batch si
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ import torch
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
-from diffcircuit.instrument.hooks import rows_where
 from diffcircuit.interventions.prefix import prefix_runner
+from diffcircuit.interventions.stack import TiledForward, rows_per_forward, stack_chunks, stacked_outputs
 from diffcircuit.models.diffusion import eps_mse_per_image, implied_x0, x0_mse_per_image
 from diffcircuit.models.noise import batch_noise, batch_rows, noisy_batch
 
@@ -127,76 +126,14 @@ _STACKABLE = ("head", "layer", "block", "all", "random")  # head-set targets; ze
 
 
 def _stack_plan(registry: HeadRegistry, targets: Sequence[Target], methods: Sequence[str], batch: int,
-                stack_rows: int) -> list[tuple[str, list[tuple[int, Target]]]]:
-    """Chunks of (target index, target) that run stacked in one forward, per method: head-set targets under zero
-    or mean ablation, ordered by the first layer they touch (so a chunk restarts where its members do), at most
-    ``stack_rows // batch`` variants a chunk (a chunk of one runs as before)."""
-    per = max(1, stack_rows // max(1, batch))
-    if per == 1:
-        return []
-    order = {info.layer: i for i, info in enumerate(registry.layers)}
-    chunks = []
-    for method in (m for m in methods if m in ("zero", "mean")):
-        jobs = sorted(((k, tg) for k, tg in enumerate(targets) if tg.level in _STACKABLE and tg.heads),
-                      key=lambda job: (min(order[a.layer] for a in job[1].heads), job[0]))
-        chunks += [(method, jobs[i:i + per]) for i in range(0, len(jobs), per) if len(jobs[i:i + per]) > 1]
-    return chunks
-
-
-def _tile(obj, copies: int, batch: int):
-    """``obj`` (tensors, arrays, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor or
-    array repeated ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
-    if isinstance(obj, torch.Tensor):
-        return obj.repeat(copies, *([1] * (obj.ndim - 1))) if obj.ndim and obj.shape[0] == batch else obj
-    if isinstance(obj, np.ndarray):
-        return np.tile(obj, (copies, *([1] * (obj.ndim - 1)))) if obj.ndim and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: _tile(v, copies, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_tile(v, copies, batch) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _tile(getattr(obj, f.name), copies, batch)
-                                           for f in dataclasses.fields(obj)})
-    return obj
-
-
-class _TiledForward:
-    """One batch's forward for ``copies`` stacked variants: the images repeated (each copy with the images' own
-    captions), restarted with prefix reuse from the clean run's record, tiled once per number of copies."""
-
-    def __init__(self, den, stages, record: dict, x_t, t, dataset: str, idx: np.ndarray, reuse: bool):
-        self.den, self.stages, self.record, self.x_t, self.t = den, stages, record, x_t, t
-        self.dataset, self.idx, self.reuse, self.batch = dataset, idx, reuse, len(idx)
-        self._records: dict[int, dict] = {}
-
-    def __call__(self, copies: int, touched: list[str]) -> torch.Tensor:
-        if not self.reuse:
-            return self.den.predict(_tile(self.x_t, copies, self.batch), _tile(self.t, copies, self.batch),
-                                    rows=(self.dataset, np.tile(self.idx, copies)))
-        if copies not in self._records:
-            self._records[copies] = _tile(self.record, copies, self.batch)
-        return self.stages.resume(touched, self._records[copies])
-
-
-def _stacked_predictions(forward: _TiledForward, registry: HeadRegistry, chunk: list[tuple[int, Target]],
-                         method: str, ref: ActivationMoments) -> dict[tuple[int, str], torch.Tensor]:
-    """Raw predictions ``{(target index, method): [batch, ...]}`` of a chunk's variants, from one forward whose
-    rows are the variants' copies of the batch; per touched layer a mask ``[rows, heads]`` says which heads each
-    row ablates (to 0, or to the reference mean of that head's output)."""
-    batch, rows = forward.batch, forward.batch * len(chunk)
-    masks: dict[str, torch.Tensor] = {}
-    for v, (_, target) in enumerate(chunk):
-        for a in target.heads:
-            mask = masks.setdefault(a.layer, torch.zeros(rows, registry.layer(a.layer).heads, dtype=torch.bool))
-            mask[v * batch:(v + 1) * batch, a.head] = True
-    hooks = {layer: rows_where(mask, 0.0 if method == "zero" else ref.mean(layer)) for layer, mask in masks.items()}
-    with instrument(forward.den, registry=registry, hooks=hooks):
-        out = forward(len(chunk), list(masks))  # [variants x batch, ...]
-    return {(k, method): out[v * batch:(v + 1) * batch] for v, (k, _) in enumerate(chunk)}
+                rows: int) -> list[tuple[str, list]]:
+    """(method, chunk of (target index, heads)) that run stacked: head-set targets under zero or mean ablation."""
+    jobs = [(k, tg.heads) for k, tg in enumerate(targets) if tg.level in _STACKABLE]
+    return [(m, chunk) for m in methods if m in ("zero", "mean") for chunk in stack_chunks(registry, jobs, batch, rows)]
 
 
 def _batch_rows(den, registry, batch, targets, methods, ref, partner, stages, resnets, *, seed: int,
-                prefix_reuse: bool, stack_rows: int) -> list[pd.DataFrame]:
+                prefix_reuse: bool, stack_rows: int | None, memory_budget: int | None) -> list[pd.DataFrame]:
     """One batch's rows: its clean prediction (recording the prefix state), then every target x method,
     stacked where they stack, one (partial) forward each otherwise."""
     acp, x_t, t, idx = den.alphas_cumprod, batch.x_t, batch.t, batch.rows
@@ -210,10 +147,12 @@ def _batch_rows(den, registry, batch, targets, methods, ref, partner, stages, re
     clean = den.eps_hat(clean, x_t, t)
     mse_clean = eps_mse_per_image(clean, batch.eps)
     x0_clean = x0_mse_per_image(implied_x0(x_t, clean, t, acp), batch.x0)
-    tiled = _TiledForward(den, stages, record, x_t, t, batch.dataset, idx, reuse)
+    tiled = TiledForward(den, stages, record, x_t, t, batch.dataset, idx, reuse)
+    rows = rows_per_forward(record, len(idx), x_t.device, stack_rows=stack_rows, memory_budget=memory_budget)
     preds = {}
-    for method, chunk in _stack_plan(registry, targets, methods, len(idx), stack_rows):
-        preds |= _stacked_predictions(tiled, registry, chunk, method, ref)
+    for method, chunk in _stack_plan(registry, targets, methods, len(idx), rows):
+        value = (lambda layer, copies: 0.0) if method == "zero" else (lambda layer, copies: ref.mean(layer))
+        preds |= {(k, method): pred for k, pred in stacked_outputs(tiled, registry, chunk, value).items()}
     out = []
     for k, target in enumerate(targets):
         for method in methods:
@@ -252,13 +191,16 @@ def ablation_sweep(
     prefix_reuse: bool = True,
     progress: Callable[[int], None] | None = None,
     reference: Sequence[ReferenceImages] | None = None,
-    stack_rows: int = 64,
+    stack_rows: int | None = None,
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """One row per target x method x timestep x image: clean and intervened ε- and x₀-MSE.
 
     Head-set targets (heads, layers, blocks, all heads, random sets) under zero and mean ablation run stacked:
-    up to ``stack_rows // batch`` variants share one forward, each on its own copy of the batch (per-row head
-    masks), equal to one forward per variant (tested to 1e-5); ``stack_rows`` below twice the batch turns it off.
+    as many variants as the rows of one forward allow share it, each on its own copy of the batch (per-row head
+    masks), equal to one forward per variant (tested to 1e-5). Rows per forward: ``stack_rows`` (default 64 on a
+    CPU) within ``memory_budget`` bytes on an accelerator (``interventions.stack``); ``stack_rows`` below twice the
+    batch turns stacking off.
 
     ``reference``: the images whose mean (and SD) ``mean`` and ``noise`` ablation use; None: ``images``
     themselves (rows 0..n-1 of ``dataset``, in-sample). With ``prefix_reuse`` (UNet2DModel), each intervened forward restarts from the first block the
@@ -287,7 +229,8 @@ def ablation_sweep(
                 other = noisy_batch(denoiser, x_all[(idx + 1) % n], (idx + 1) % n, t_val, seed=seed, dataset=dataset)
                 partner = clean_activations(denoiser, registry, other.x_t, batch.t, resnets, rows=other.which)[1]
             rows += _batch_rows(denoiser, registry, batch, targets, methods, ref, partner, stages, resnets,
-                                seed=seed, prefix_reuse=prefix_reuse, stack_rows=stack_rows)
+                                seed=seed, prefix_reuse=prefix_reuse, stack_rows=stack_rows,
+                                memory_budget=memory_budget)
             if progress is not None:
                 progress(len(idx))
     frame = pd.concat(rows, ignore_index=True)
