@@ -1,4 +1,8 @@
-"""Bootstrap confidence intervals over independent units (images), via ``scipy.stats.bootstrap``.
+"""Percentile bootstrap confidence intervals over independent units (images).
+
+Resampled means come from bootstrap counts (``stats.resampling``): one matrix product for every
+resample and column, on scipy's draws for the seed (``scipy.stats.bootstrap`` with that seed and no
+batching gives the same resamples).
 
 When an interval is given at all: a percentile interval is withheld (``interval_withheld`` says why)
 when a set has fewer than ``MIN_UNITS_FOR_CI`` units — a bootstrap of 2 images has 3 distinct
@@ -12,7 +16,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
+
+from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval, resampled_means
 
 __all__ = ["MIN_RESAMPLES_FOR_CI", "MIN_UNITS_FOR_CI", "column_mean_cis", "contains_estimate", "interval_withheld",
            "mean_ci"]
@@ -39,7 +44,8 @@ def contains_estimate(estimate, low, high) -> np.ndarray:
 
 
 def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean of ``values`` (one per image) with a percentile bootstrap CI.
+    """``(mean, low, high)``: the mean of ``values`` (one per image) with the percentile interval of its
+    ``n_resamples`` bootstrap resamples (``stats.resampling``: scipy's draws for ``seed``).
 
     Percentile rather than BCa: BCa's jackknife costs n extra evaluations and fails on constant
     samples; with one value per image the percentile interval is the documented default here.
@@ -51,24 +57,17 @@ def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: 
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return mean, mean, mean
-    res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
-    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-_BATCH_BYTES = 2**28  # resamples are drawn in batches of at most this much float64 memory
-
-
-def _batch(n_resamples: int, n_units: int, n_columns: int) -> int:
-    """Resamples per batch: up to 200, fewer when one batch ([batch, units, columns]) would pass 256 MiB."""
-    return max(1, min(n_resamples, 200, _BATCH_BYTES // (8 * max(1, n_units * n_columns))))
+    (counts,) = bootstrap_counts((x.size,), n_resamples, seed)
+    low, high = percentile_interval(counts @ x / x.size, confidence)
+    return mean, float(low), float(high)
 
 
 def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0):
-    """Per-column ``(mean, low, high)`` of ``values`` ``[n_units, k]`` with percentile bootstrap CIs.
+    """Per-column ``(mean, low, high)`` of ``values`` ``[n_units, k]``: percentile interval of ``n_resamples``
+    bootstrap resamples of the rows (units), all columns on the same resamples (one matrix product).
 
-    All columns share the same resampled units (rows), as one bootstrap of the whole table; NaNs are
-    ignored (``nanmean``). Columns with fewer than two finite values get a zero-width interval.
+    NaNs are ignored (``nanmean``, on each resample too). Columns with fewer than two finite values, or
+    no spread, get a zero-width interval.
     """
     x = np.asarray(values, dtype=np.float64)
     with warnings.catch_warnings():  # all-NaN columns (e.g. object probes without masks) are expected
@@ -77,9 +76,6 @@ def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000
     low, high = mean.copy(), mean.copy()
     varied = (np.isfinite(x).sum(0) >= 2) & (spread > 0)
     if varied.any():
-        res = stats.bootstrap((x[:, varied],), lambda s, axis: np.nanmean(s, axis=axis), axis=0, vectorized=True,
-                              confidence_level=confidence, n_resamples=n_resamples, method="percentile",
-                              batch=_batch(n_resamples, x.shape[0], int(varied.sum())),
-                              random_state=np.random.default_rng(seed))
-        low[varied], high[varied] = res.confidence_interval.low, res.confidence_interval.high
+        (counts,) = bootstrap_counts((x.shape[0],), n_resamples, seed)
+        low[varied], high[varied] = percentile_interval(resampled_means(counts, x[:, varied]), confidence)
     return mean, low, high

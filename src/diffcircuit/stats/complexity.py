@@ -9,13 +9,17 @@ Measures of a set of images (rows) x heads (columns) of per-image head values:
 - ``mean_value``: the mean over rows and columns (for attention statistics such as normalised
   entropy or effective-keys fraction).
 
+Each depends on the rows only through the columns' sums and finite counts (``ColumnMeasure``), so its
+value on every resample or relabelling comes from two matrix products (counts @ rows).
+
 ``ratio_test`` compares a measure between two image sets, r = measure(b) / measure(a):
 
-- p: label permutation over images (``scipy.stats.permutation_test``), two-sided on |log r| —
-  exact when every split of the images fits in the permutations, else (count + 1)/(R + 1);
+- p: label permutation over images (``scipy.stats.permutation_test``'s draws and rule,
+  ``stats.resampling``), two-sided on |log r| — exact when every split of the images fits in the
+  permutations, else (count + 1)/(R + 1);
   ``p_floor`` is the smallest p this n and R allow (two sets of 2 images: 6 splits, the observed
   one and its mirror tie, so p ≥ 1/3) and ``can_reject`` whether it is below α;
-- CI: percentile bootstrap resampling images within each set; withheld (``ci_withheld`` says why)
+- CI: the percentile interval of bootstrap resamples of the images within each set; withheld (``ci_withheld`` says why)
   with fewer than 5 images in a set, fewer than 200 resamples, a ratio undefined in a resample, or
   an interval that excludes its own estimate (``stats.bootstrap``);
 - ``se_log_ratio``: the bootstrap standard deviation of log r, and ``mde_ratio`` = exp((z₀.₉₇₅ +
@@ -27,7 +31,6 @@ Measures of a set of images (rows) x heads (columns) of per-image head values:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -35,32 +38,56 @@ import numpy as np
 from scipy import stats
 
 from diffcircuit.stats.bootstrap import contains_estimate, interval_withheld
+from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval, permutation_pvalue, relabellings
 from diffcircuit.stats.tests import independent_p_floor
 
-__all__ = ["RatioResult", "heads_for_fraction", "mean_value", "minimal_detectable_ratio", "participation_ratio",
-           "ratio_test"]
+__all__ = ["ColumnMeasure", "RatioResult", "heads_for_fraction", "mean_value", "minimal_detectable_ratio",
+           "participation_ratio", "ratio_test"]
 
 
-def _effects(rows: np.ndarray) -> np.ndarray:
-    return np.clip(np.nanmean(rows, axis=0), 0, None)
+@dataclass(frozen=True)
+class ColumnMeasure:
+    """A measure of a set of rows that depends on them only through each column's sum and count of finite
+    values (NaNs ignored): ``of_sums(sums [..., H], counts [..., H]) -> [...]``, so that it can be evaluated on
+    every resample or relabelling at once from matrix products. Called on ``rows`` ``[n, H]`` it gives a float."""
+
+    name: str
+    of_sums: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def __call__(self, rows) -> float:
+        rows = np.asarray(rows, dtype=np.float64)
+        finite = np.isfinite(rows)
+        return float(self.of_sums(np.where(finite, rows, 0.0).sum(0), finite.sum(0).astype(np.float64)))
 
 
-def participation_ratio(rows: np.ndarray) -> float:
-    e = _effects(rows)
-    total = e.sum()
-    return float(total**2 / (e**2).sum()) if total > 0 else float("nan")
+def _effects(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The heads' mean effects, clipped at 0 (NaN for a column without finite values)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(sums / counts, 0, None)
 
 
-def heads_for_fraction(rows: np.ndarray, fraction: float = 0.9) -> float:
-    e = np.sort(_effects(rows))[::-1]
-    total = e.sum()
-    if total <= 0:
-        return float("nan")
-    return float(np.searchsorted(np.cumsum(e), fraction * total - 1e-12 * total) + 1)
+def _participation(sums, counts):
+    e = _effects(sums, counts)
+    total = e.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, total**2 / (e**2).sum(-1), np.nan)
 
 
-def mean_value(rows: np.ndarray) -> float:
-    return float(np.nanmean(rows))
+def _heads_for_90pct(sums, counts, fraction: float = 0.9):
+    e = -np.sort(-_effects(sums, counts), axis=-1)  # largest first
+    total = e.sum(-1)
+    needed = (np.cumsum(e, axis=-1) < (fraction * total - 1e-12 * total)[..., None]).sum(-1) + 1.0
+    return np.where(total > 0, needed, np.nan)
+
+
+def _overall_mean(sums, counts):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums.sum(-1) / counts.sum(-1)
+
+
+participation_ratio = ColumnMeasure("participation_ratio", _participation)
+heads_for_fraction = ColumnMeasure("heads_for_fraction", _heads_for_90pct)  # the fraction is 0.9
+mean_value = ColumnMeasure("mean_value", _overall_mean)
 
 
 def minimal_detectable_ratio(se_log_ratio: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -93,62 +120,64 @@ class RatioResult:
         return asdict(self)
 
 
-def _log_ratio(measure, a, b):
-    """statistic(ia, ib): log measure(b[ib]) / measure(a[ia]) (NaN where undefined)."""
-    def stat(ia, ib):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            va, vb = measure(a[ia]), measure(b[ib])
-            return float(np.log(vb / va)) if va > 0 and vb > 0 else float("nan")
-    return stat
+def _weighted(measure: ColumnMeasure, weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``measure`` of ``rows`` ``[n, H]`` with unit i counted ``weights[r, i]`` times, for every row r of the weights:
+    column sums ``weights @ rows`` (NaN as 0) and finite counts ``weights @ mask`` (row sums when all finite)."""
+    finite = np.isfinite(rows)
+    if finite.all():
+        return measure.of_sums(weights @ rows, np.broadcast_to(weights.sum(1)[:, None], (len(weights), rows.shape[1])))
+    return measure.of_sums(weights @ np.where(finite, rows, 0.0), weights @ finite.astype(np.float64))
 
 
-def _permutation(a, b, measure, n_perm, rng) -> tuple[float, int]:
+def _log_ratios(measure: ColumnMeasure, weights_a, rows_a, weights_b, rows_b) -> np.ndarray:
+    """log measure(b) / measure(a) for each row of the weights (counts of each unit, ``[R, n]``); NaN where
+    undefined (a measure ≤ 0 or NaN on either side)."""
+    va, vb = _weighted(measure, weights_a, rows_a), _weighted(measure, weights_b, rows_b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((va > 0) & (vb > 0), np.log(vb / va), np.nan)
+
+
+def _bootstrap(a, b, measure, ratio, n_boot, confidence, seed) -> tuple[float, float, float, str | None]:
+    """Percentile interval of the ratio over ``n_boot`` resamples of the images within each set (bootstrap
+    counts, a's drawn first), and the SD of log ratio."""
+    counts_a, counts_b = bootstrap_counts((len(a), len(b)), n_boot, seed)
+    boot = _log_ratios(measure, counts_a, a, counts_b, b)
+    if not np.isfinite(boot).all():
+        return np.nan, np.nan, np.nan, f"ratio undefined in {int((~np.isfinite(boot)).sum())} of {n_boot} resamples"
+    low, high = np.exp(percentile_interval(boot, confidence))
+    se = float(boot.std(ddof=1))
+    if not contains_estimate(ratio, low, high):
+        return np.nan, np.nan, se, "bootstrap interval excludes the estimate (statistic biased at this n)"
+    return float(low), float(high), se, None
+
+
+def _permutation(a, b, measure, n_perm, seed) -> tuple[float, int]:
     """Two-sided p on |log ratio| with the labels shuffled over the pooled images; the null's size.
 
     A relabelling on which the ratio is undefined (a measure ≤ 0 or NaN on one side) counts as at least as
     extreme as the observed ratio (+inf): conservative, where NaN would silently count as less extreme."""
+    is_a, exact = relabellings(len(a), len(b), n_perm, seed)
     pooled = np.concatenate([a, b])
-    log_ratio = _log_ratio(measure, pooled, pooled)
-
-    def extremeness(ia, ib):
-        value = abs(log_ratio(ia, ib))
-        return value if value == value else math.inf
-
-    res = stats.permutation_test((np.arange(len(a)), np.arange(len(a), len(pooled))),
-                                 extremeness, permutation_type="independent",
-                                 vectorized=False, n_resamples=n_perm, alternative="greater", random_state=rng)
-    return float(res.pvalue), len(res.null_distribution)
+    extreme = np.abs(_log_ratios(measure, is_a.astype(np.float64), pooled, (~is_a).astype(np.float64), pooled))
+    observed = np.abs(_log_ratios(measure, np.ones((1, len(a))), a, np.ones((1, len(b))), b))[0]
+    return float(permutation_pvalue(np.where(np.isnan(extreme), np.inf, extreme), observed, "greater", exact)), len(is_a)
 
 
-def _bootstrap(a, b, measure, ratio, n_boot, confidence, rng) -> tuple[float, float, float, str | None]:
-    """Percentile interval of the ratio and the SD of log ratio, from resampling images within each set."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = stats.bootstrap((np.arange(len(a)), np.arange(len(b))), _log_ratio(measure, a, b), paired=False,
-                              vectorized=False, n_resamples=n_boot, method="percentile", confidence_level=confidence,
-                              random_state=rng)
-    boot = np.asarray(res.bootstrap_distribution)
-    if not np.isfinite(boot).all():
-        return np.nan, np.nan, np.nan, f"ratio undefined in {int((~np.isfinite(boot)).sum())} of {n_boot} resamples"
-    low, high = float(np.exp(res.confidence_interval.low)), float(np.exp(res.confidence_interval.high))
-    se = float(boot.std(ddof=1))
-    if not contains_estimate(ratio, low, high):
-        return np.nan, np.nan, se, "bootstrap interval excludes the estimate (statistic biased at this n)"
-    return low, high, se, None
-
-
-def ratio_test(a: np.ndarray, b: np.ndarray, measure: Callable[[np.ndarray], float], *, n_boot: int = 1000,
-               n_perm: int = 1000, confidence: float = 0.95, alpha: float = 0.05, seed: int = 0) -> RatioResult:
-    """measure(b) / measure(a) with a bootstrap CI over images, a label-permutation p and its power."""
+def ratio_test(a: np.ndarray, b: np.ndarray, measure: ColumnMeasure, *, n_boot: int = 1000, n_perm: int = 1000,
+               confidence: float = 0.95, alpha: float = 0.05, seed: int = 0) -> RatioResult:
+    """measure(b) / measure(a) with a bootstrap CI over images (percentile interval of ``n_boot`` resamples,
+    draws of ``seed``), a label-permutation p (``n_perm`` relabellings, draws of ``seed + 1``) and its power."""
+    if not isinstance(measure, ColumnMeasure):
+        raise TypeError("ratio_test needs a ColumnMeasure (a measure of the columns' sums and counts), "
+                        f"not {type(measure).__name__}")
     a, b = np.asarray(a, float), np.asarray(b, float)
-    rng = np.random.default_rng(seed)
     va, vb = measure(a), measure(b)
     ratio = vb / va if va > 0 and vb > 0 else float("nan")
     withheld = interval_withheld((len(a), len(b)), n_boot)
     low = high = se = float("nan")
     if withheld is None and np.isfinite(ratio):
-        low, high, se, withheld = _bootstrap(a, b, measure, ratio, n_boot, confidence, rng)
-    p, drawn = _permutation(a, b, measure, n_perm, rng) if np.isfinite(ratio) else (float("nan"), 0)
+        low, high, se, withheld = _bootstrap(a, b, measure, ratio, n_boot, confidence, seed)
+    p, drawn = _permutation(a, b, measure, n_perm, seed + 1) if np.isfinite(ratio) else (float("nan"), 0)
     floor = independent_p_floor(len(a), len(b), n_perm, two_sided=False, swap_ties=True)
     return RatioResult(value_a=va, value_b=vb, value=float(ratio), ci_low=low, ci_high=high,
                        ci_withheld=withheld if np.isfinite(ratio) else "ratio undefined", se_log_ratio=se,

@@ -3,9 +3,11 @@
 Conventions:
 - the independent unit is the image: callers pass one value per image (averaging repeated
   measures of the same image — timesteps, noise draws — first, or use ``cluster_bootstrap_ci``);
-- permutation p-values come from ``scipy.stats.permutation_test``: exact when every permutation
-  can be enumerated within ``n_resamples``, else randomized with the (count + 1)/(n + 1) rule, so a
-  p-value is never 0 — its floor (the smallest p the test could report) is reported next to it;
+- permutation p-values follow ``scipy.stats.permutation_test`` on its own draws (``stats.resampling``):
+  exact when every permutation can be enumerated within ``n_resamples``, else randomized with the
+  (count + 1)/(n + 1) rule, so a p-value is never 0 — its floor (the smallest p the test could
+  report) is reported next to it. The null of every column (head, component) comes from one matrix
+  of relabellings or sign flips, so testing many columns costs one matrix product (``*_tests``);
 - ``alternative``: "two-sided" (default), or one-sided "greater" / "less" (the statistic — after −
   before, a − b — is larger / smaller than under the null); a family that tests one direction counts
   only that direction as significant;
@@ -22,6 +24,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from diffcircuit.stats.resampling import (bootstrap_counts, percentile_interval, permutation_pvalue,
+                                          relabelled_mean_differences, sign_flipped_means)
+
 __all__ = [
     "ALTERNATIVES",
     "SetTestResult",
@@ -34,9 +39,12 @@ __all__ = [
     "correct_pvalues",
     "independent_p_floor",
     "paired_test",
+    "paired_tests",
     "random_set_test",
+    "random_set_tests",
     "rank_p_value",
     "two_sample_test",
+    "two_sample_tests",
 ]
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -73,10 +81,6 @@ def cliffs_delta(a, b) -> float:
     return float(2 * u / (len(a) * len(b)) - 1)
 
 
-def _mean_diff(x, y, axis=-1):
-    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
-
-
 def independent_p_floor(n_a: int, n_b: int, n_resamples: int, *, two_sided: bool, swap_ties: bool = False) -> float:
     """The smallest p a label-permutation test of two independent sets can give (scipy's conventions).
 
@@ -105,34 +109,67 @@ def _floor(n_null: int, exact: bool, alternative: str) -> float:
     return min(1.0, 2 * one_sided) if alternative == "two-sided" else one_sided
 
 
+def _columns(x) -> np.ndarray:
+    """A sample as ``[n, k]`` columns (a 1-D sample is one column)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x[:, None] if x.ndim == 1 else x
+
+
+def _cohens_d_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``cohens_d`` of every column pair of ``a`` ``[n_a, k]`` and ``b`` ``[n_b, k]``."""
+    n_a, n_b = len(a), len(b)
+    pooled = np.sqrt(((n_a - 1) * a.var(0, ddof=1) + (n_b - 1) * b.var(0, ddof=1)) / (n_a + n_b - 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pooled > 0, (a.mean(0) - b.mean(0)) / pooled, np.nan)
+
+
+def _dz_columns(diff: np.ndarray) -> np.ndarray:
+    """Cohen's d_z (mean / SD, ddof 1) of every column of paired differences ``[n, k]``."""
+    sd = diff.std(0, ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sd > 0, diff.mean(0) / sd, np.nan)
+
+
+def two_sample_tests(a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> list[TestResult]:
+    """``two_sample_test`` of every column of ``a`` ``[n_a, k]`` against the same column of ``b`` ``[n_b, k]``,
+    all on the same relabellings of the units (one matrix product)."""
+    _check_alternative(alternative)
+    a, b = _columns(a), _columns(b)
+    null, exact = relabelled_mean_differences(a, b, n_resamples, seed)
+    null = -null  # mean(a') − mean(b')
+    observed = a.mean(0) - b.mean(0)
+    p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
+    floor, d = _floor(len(null), exact, alternative), _cohens_d_columns(a, b)
+    return [TestResult(test="permutation (independent)", statistic=float(observed[j]), p_value=float(p[j]),
+                       p_floor=floor, effect_size=float(d[j]), effect_size_kind="cohens_d", n_a=len(a), n_b=len(b),
+                       n_resamples=len(null), alternative=alternative) for j in range(a.shape[1])]
+
+
 def two_sample_test(a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> TestResult:
     """Permutation test of a difference in means between independent samples (labels shuffled over units)."""
+    return two_sample_tests(np.asarray(a, float)[:, None], np.asarray(b, float)[:, None], alternative=alternative,
+                            n_resamples=n_resamples, seed=seed)[0]
+
+
+def paired_tests(after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> list[TestResult]:
+    """``paired_test`` of every column of ``after`` ``[n, k]`` against ``before`` ``[n, k]``, all on the same sign
+    flips (one matrix product)."""
     _check_alternative(alternative)
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    res = stats.permutation_test((a, b), _mean_diff, permutation_type="independent", vectorized=True,
-                                 n_resamples=n_resamples, alternative=alternative, random_state=np.random.default_rng(seed))
-    n_null = len(res.null_distribution)
-    exact = math.comb(len(a) + len(b), len(a)) <= n_resamples  # scipy enumerates every relabelling then
-    return TestResult(test="permutation (independent)", statistic=float(res.statistic), p_value=float(res.pvalue),
-                      p_floor=_floor(n_null, exact, alternative), effect_size=cohens_d(a, b),
-                      effect_size_kind="cohens_d", n_a=len(a), n_b=len(b), n_resamples=n_null, alternative=alternative)
+    diff = _columns(after) - _columns(before)
+    null, exact = sign_flipped_means(diff, n_resamples, seed)
+    observed = diff.mean(0)
+    p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
+    floor, dz = _floor(len(null), exact, alternative), _dz_columns(diff)
+    return [TestResult(test="permutation (paired sign-flip)", statistic=float(observed[j]), p_value=float(p[j]),
+                       p_floor=floor, effect_size=float(dz[j]), effect_size_kind="cohens_dz", n_a=len(diff),
+                       n_b=len(diff), n_resamples=len(null), alternative=alternative) for j in range(diff.shape[1])]
 
 
 def paired_test(after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> TestResult:
     """Sign-flip permutation test of the mean paired difference (after − before, same inputs);
     ``alternative`` "greater": after − before > 0 on average."""
-    _check_alternative(alternative)
-    after, before = np.asarray(after, float), np.asarray(before, float)
-    diff = after - before
-    res = stats.permutation_test((after, before), _mean_diff, permutation_type="samples", vectorized=True,
-                                 n_resamples=n_resamples, alternative=alternative, random_state=np.random.default_rng(seed))
-    sd = diff.std(ddof=1)
-    n_null = len(res.null_distribution)
-    exact = 2 ** len(diff) <= n_resamples  # scipy enumerates every sign flip then
-    return TestResult(test="permutation (paired sign-flip)", statistic=float(res.statistic), p_value=float(res.pvalue),
-                      p_floor=_floor(n_null, exact, alternative),
-                      effect_size=float(diff.mean() / sd) if sd > 0 else float("nan"), effect_size_kind="cohens_dz",
-                      n_a=len(after), n_b=len(before), n_resamples=n_null, alternative=alternative)
+    return paired_tests(np.asarray(after, float)[:, None], np.asarray(before, float)[:, None], alternative=alternative,
+                        n_resamples=n_resamples, seed=seed)[0]
 
 
 def rank_p_value(observed: float, null) -> float:
@@ -182,35 +219,45 @@ def random_set_test(values, null, *, n_resamples: int = 2000, confidence: float 
     - image-level uncertainty: a sign-flip test over units that the paired excess over the null
       members' mean is positive (the claim holds for images, not only for these images).
 
-    ``frac_beaten`` and its bootstrap CI over units say how much of the null the component beats.
+    ``frac_beaten`` and its percentile interval over ``n_resamples`` bootstrap resamples of the units say
+    how much of the null the component beats; ``ci_low``/``ci_high``: the same interval of ``excess``.
     """
     x, z = np.asarray(values, float), np.asarray(null, float)
     if z.ndim != 2 or z.shape[0] != x.size or z.shape[1] < 1 or x.size < 2:
         raise ValueError("random_set_test needs values [n >= 2] and null [n, R >= 1] on the same units")
-    member_means = z.mean(0)  # [R]
-    excess = x - z.mean(1)  # [n] paired excess over the null members' mean
-    images = paired_test(x, z.mean(1), alternative="greater", n_resamples=n_resamples, seed=seed)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(x.size, np.full(x.size, 1 / x.size), size=n_resamples) / x.size  # [B, n]
-    frac = ((weights @ x)[:, None] > weights @ z).mean(1)  # [B]: fraction beaten on each resample
-    _, low, high = _percentile_mean_ci(excess, weights, confidence)
-    alpha = 1 - confidence
+    return random_set_tests(np.column_stack([x, z]), [0], [np.arange(1, z.shape[1] + 1)], n_resamples=n_resamples,
+                            confidence=confidence, seed=seed)[0]
+
+
+def random_set_tests(units, tested, nulls, *, n_resamples: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> list[SetTestResult]:
+    """``random_set_test`` of several components on the same units, sharing every draw: ``units`` ``[n, J]``
+    holds each component's and null member's values per unit, ``tested`` the components' columns and
+    ``nulls`` each one's null members' columns. One sign-flip matrix tests every excess, one matrix of
+    bootstrap counts resamples every column."""
+    u = np.asarray(units, float)
+    n = len(u)
+    excess = np.column_stack([u[:, c] - u[:, list(m)].mean(1) for c, m in zip(tested, nulls)])  # [n, C]
+    images = paired_tests(excess, np.zeros_like(excess), alternative="greater", n_resamples=n_resamples, seed=seed)
+    (counts,) = bootstrap_counts((n,), n_resamples, seed)
+    boot = counts @ u / n  # [B, J]: each column's mean on each resample
+    low, high = percentile_interval(counts @ excess / n, confidence)
+    means = u.mean(0)
+    return [_set_result(u[:, c], u[:, list(m)], boot[:, c, None] > boot[:, list(m)], (low[j], high[j]), images[j],
+                        excess[:, j], means[list(m)], confidence) for j, (c, m) in enumerate(zip(tested, nulls))]
+
+
+def _set_result(x, z, beaten, interval, images: TestResult, excess, member_means, confidence) -> SetTestResult:
+    """One component's ``SetTestResult``; ``beaten`` ``[B, R]``: whether it beats each member on each resample."""
+    frac_low, frac_high = percentile_interval(beaten.mean(1), confidence)
     p_sets = rank_p_value(x.mean(), member_means)
-    sd = excess.std(ddof=1)
     return SetTestResult(
         degradation=float(x.mean()), null_mean=float(z.mean()), null_q95=float(np.quantile(member_means, 0.95)),
-        excess=float(excess.mean()), ci_low=low, ci_high=high, frac_beaten=float(np.mean(x.mean() > member_means)),
-        frac_beaten_ci_low=float(np.quantile(frac, alpha / 2)), frac_beaten_ci_high=float(np.quantile(frac, 1 - alpha / 2)),
-        p_sets=p_sets, p_units=images.p_value, p_value=max(p_sets, images.p_value),
-        p_floor=max(1 / (z.shape[1] + 1), images.p_floor), effect_size=float(excess.mean() / sd) if sd > 0 else float("nan"),
-        n_units=int(x.size), n_null=int(z.shape[1]))
-
-
-def _percentile_mean_ci(values: np.ndarray, weights: np.ndarray, confidence: float) -> tuple[float, float, float]:
-    """Mean and percentile CI of ``values`` under the resampling ``weights`` ``[B, n]`` (rows sum to 1)."""
-    boot = weights @ values
-    alpha = 1 - confidence
-    return float(values.mean()), float(np.quantile(boot, alpha / 2)), float(np.quantile(boot, 1 - alpha / 2))
+        excess=float(excess.mean()), ci_low=float(interval[0]), ci_high=float(interval[1]),
+        frac_beaten=float(np.mean(x.mean() > member_means)), frac_beaten_ci_low=float(frac_low),
+        frac_beaten_ci_high=float(frac_high), p_sets=p_sets, p_units=images.p_value,
+        p_value=max(p_sets, images.p_value), p_floor=max(1 / (z.shape[1] + 1), images.p_floor),
+        effect_size=images.effect_size, n_units=int(x.size), n_null=int(z.shape[1]))
 
 
 def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0):
@@ -226,9 +273,8 @@ def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     rho = float(stats.spearmanr(x.mean(0), y.mean(0)).statistic) if x.shape[1] >= 2 else float("nan")
     if x.shape[0] < 2 or x.shape[1] < 3:
         return rho, float("nan"), float("nan"), 0
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(x.shape[0], np.full(x.shape[0], 1 / x.shape[0]), size=n_resamples)  # [B, n]
-    boot = _row_spearman(weights @ x, weights @ y)  # column sums ∝ means on each resample: same ranks
+    (counts,) = bootstrap_counts((x.shape[0],), n_resamples, seed)  # [B, n]
+    boot = _row_spearman(counts @ x, counts @ y)  # column sums ∝ means on each resample: same ranks
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
         return rho, float("nan"), float("nan"), 0
@@ -283,9 +329,6 @@ def cluster_bootstrap_ci(values, clusters, *, confidence: float = 0.95, n_resamp
     labels, inverse = np.unique(clusters, return_inverse=True)
     sums = np.bincount(inverse, weights=values, minlength=len(labels))
     counts = np.bincount(inverse, minlength=len(labels)).astype(float)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=n_resamples)  # [R, clusters]
-    boot = (weights @ sums) / (weights @ counts)
-    alpha = 1 - confidence
-    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    (weights,) = bootstrap_counts((len(labels),), n_resamples, seed)  # [R, clusters]: times each is drawn
+    low, high = percentile_interval((weights @ sums) / (weights @ counts), confidence)
     return float(values.mean()), float(low), float(high)
