@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
 
@@ -46,6 +47,33 @@ def test_uniform_and_one_hot_rows(stats_fn):
     out, one_hot = stats_fn(q, torch.eye(n)[None, None], v, None, 0.25, None)
     assert one_hot["entropy_nats"].item() == pytest.approx(0.0, abs=1e-4)
     torch.testing.assert_close(out[0, 0], v[0, 0, perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("stats_fn", [attention_stats_naive, attention_stats_fused])
+def test_only_the_statistics_asked_for_are_computed_and_equal_plain_softmax(stats_fn):
+    q, k, v, f = _random()
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 8**-0.5, -1)  # [B, h, Q, K]
+    out, only_entropy = stats_fn(q, k, v, None, 8**-0.5, f, ("entropy_nats",))
+    assert set(only_entropy) == {"entropy_nats"}
+    torch.testing.assert_close(only_entropy["entropy_nats"], torch.special.entr(p).sum(-1).mean(-1).float(),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, (p @ v.double()).float(), atol=1e-5, rtol=0)
+    no_output, only_moments = stats_fn(q, k, None, None, 8**-0.5, f, ("moments",))  # no values: no output
+    ones = F.pad(f.double(), (1, 0), value=1.0)  # [B, K, 1 + C]; queries and keys share the positions here
+    expected = torch.einsum("bhqk,bkf,bqg->bhgf", p, ones, ones) / q.shape[2]
+    assert no_output is None and set(only_moments) == {"moments"}
+    torch.testing.assert_close(only_moments["moments"], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_nan_feature_spoils_its_own_moments_only():
+    q, k, v, f = _random()
+    f[0, 3, 1] = math.nan  # image 0, key 3, channel 1
+    out_f, st_f = attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    out_n, st_n = attention_stats_naive(q, k, v, None, 8**-0.5, f)
+    torch.testing.assert_close(out_f, F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=0)
+    torch.testing.assert_close(st_f["entropy_nats"], st_n["entropy_nats"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st_f["moments"], st_n["moments"], atol=1e-4, rtol=1e-4, equal_nan=True)
+    assert st_f["moments"][1].isfinite().all() and st_f["moments"][0, :, 0, 0].isfinite().all()
 
 
 def test_masked_attention_uses_the_reference_path():

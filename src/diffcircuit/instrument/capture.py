@@ -1,6 +1,8 @@
 """Per-head attention statistics, computed inside the attention call.
 
-Both paths return the attention output (what the layer goes on with) and, per image and head,
+Both paths return the attention output (what the layer goes on with; None when no values are given) and,
+per image and head, the statistics asked for (``stats``, a subset of ``CAPTURE_STATISTICS``; the others are
+not computed):
 
 - ``entropy_nats``: mean over queries of H_i = −Σ_j p_ij log p_ij;
 - ``perplexity``: mean over queries of exp(H_i), the effective number of attended keys;
@@ -8,13 +10,15 @@ Both paths return the attention output (what the layer goes on with) and, per im
   channels (g on the query, f on the key) among a constant 1 followed by the given features. Locality, probe affinities and object/intensity
   similarity are all functions of these moments (see ``diffcircuit.metrics.attention``).
 
-``naive`` materialises the probabilities (the reference). ``fused`` never does: it appends the
-keys and the features to the values and calls a fused kernel that also returns the log-sum-exp,
-so that in one pass
+``naive`` materialises the probabilities (the reference). ``fused`` never does: it lays the keys, values and
+features side by side in one fp32 buffer [k | v | f] (the values of one fused kernel call that also returns
+the log-sum-exp), so that in one pass
 
-    out   = P V,    PK = P K,    A = P F,    H_i = logsumexp_j(s_ij) − scale · q_i · (PK)_i,
+    PK = P K,    out = P V,    A = P F,    H_i = logsumexp_j(s_ij) − scale · q_i · (PK)_i,
 
-exactly (s_ij = scale · q_i · k_j), with memory linear in the number of keys.
+exactly (s_ij = scale · q_i · k_j), with memory linear in the number of keys. Where the kernel allows values
+wider than queries and keys (CUDA's memory-efficient kernel) q and k go in as they are; ATen's CPU flash kernel
+needs one head size, so q gets zero channels and the buffer itself serves as the keys (the zeros meet v and f).
 
 ``partner_moments`` scores the same attention against the features of *other* images (partners, for
 the role null of ``metrics.roles``): for each partner j, M_j[g, f] = mean_i g_i^(j) Σ_k p_ik f_k^(j), with
@@ -24,10 +28,15 @@ probabilities in chunks of images.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_stats_fused", "attention_stats_naive", "partner_moments"]
+__all__ = ["CAPTURE_STATISTICS", "attention_stats_fused", "attention_stats_naive", "partner_moments"]
+
+CAPTURE_STATISTICS = ("entropy_nats", "perplexity", "moments", "partner_moments")  # what a capture can record
+_ENTROPY = ("entropy_nats", "perplexity")  # both come from the per-query entropy H_i
 
 
 def _moments(weighted: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -38,59 +47,95 @@ def _moments(weighted: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhqf,bqg->bhgf", weighted, feats) / weighted.shape[2]
 
 
-def attention_stats_naive(query, key, value, mask, scale: float, feats: torch.Tensor | None):
+def _entropy_stats(h_query: torch.Tensor, stats: Collection[str]) -> dict[str, torch.Tensor]:
+    """Entropy and perplexity ``[B, h]`` (those asked for) from the per-query entropy ``[B, h, Q]``."""
+    out = {}
+    if "entropy_nats" in stats:
+        out["entropy_nats"] = h_query.mean(-1)
+    if "perplexity" in stats:
+        out["perplexity"] = h_query.exp().mean(-1)
+    return out
+
+
+def attention_stats_naive(query, key, value, mask, scale: float, feats: torch.Tensor | None,
+                          stats: Collection[str] = CAPTURE_STATISTICS):
     """Reference path: explicit softmax. Shapes: q [B, h, Q, d], k/v [B, h, K, d], feats [B, K, C]."""
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # [B, h, Q, K]
     if mask is not None:
         scores = scores + mask.float()
     logp = torch.log_softmax(scores, dim=-1)  # [B, h, Q, K]
     probs = logp.exp()
-    h_query = -torch.where(probs > 0, probs * logp, 0.0).sum(-1)  # [B, h, Q]; masked keys add 0, not nan
-    stats = {"entropy_nats": h_query.mean(-1), "perplexity": h_query.exp().mean(-1)}
+    out = {}
+    if any(name in stats for name in _ENTROPY):
+        h_query = -torch.where(probs > 0, probs * logp, 0.0).sum(-1)  # [B, h, Q]; masked keys add 0, not nan
+        out = _entropy_stats(h_query, stats)
+    if feats is not None and "moments" in stats:
+        out["moments"] = _moments(probs @ feats.float()[:, None], feats.float())
+    return None if value is None else (probs @ value.float()).to(query.dtype), out
+
+
+def _value_buffer(key, value, feats) -> torch.Tensor:
+    """The fused call's values ``[B, h, K, W]`` in fp32, channels [k | v | f] (v, f when given; features
+    [B, K, C] repeated for every head), written once, token-major as the projections lay out k and v."""
+    b, h, n_k, d = key.shape
+    pieces = [key.transpose(1, 2)] + ([] if value is None else [value.transpose(1, 2)])  # [B, K, h, d]
     if feats is not None:
-        stats["moments"] = _moments(probs @ feats.float()[:, None], feats.float())
-    return (probs @ value.float()).to(query.dtype), stats
+        pieces.append(feats[:, :, None].expand(b, n_k, h, feats.shape[-1]))  # [B, K, h, C]
+    width = sum(p.shape[-1] for p in pieces)
+    buffer = torch.empty(b, n_k, h, width, dtype=torch.float32, device=key.device)
+    return torch.cat(pieces, dim=-1, out=buffer).transpose(1, 2)
 
 
-def _fused_kernel(q, k, v, scale):
-    """(out, logsumexp) from a fused kernel; q, k, v share one head size here.
+def _fused_kernel(q, k, kv, scale: float, *, kv_as_keys: bool):
+    """(out ``[B, h, Q, W]``, logsumexp ``[B, h, Q]``) of queries q and keys k ``[..., d]`` over values kv (fp32).
 
-    CPU: ATen's flash kernel for CPU. CUDA: the memory-efficient kernel (fp32-capable), whose
-    log-sum-exp is padded along the query axis. Other devices: the naive path is used instead.
+    CPU: ATen's flash kernel for CPU, which needs one head size: q gets zero channels, and kv, whose first d
+    channels are k, serves as the keys when ``kv_as_keys`` (its other channels finite, so they meet the zeros
+    as 0); else k gets zero channels too. CUDA: the memory-efficient kernel, whose values may be wider than
+    q and k; its log-sum-exp is padded along the query axis.
     """
     if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        width, d = kv.shape[-1], q.shape[-1]
+        keys = kv if kv_as_keys else F.pad(k, (0, width - d))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(F.pad(q, (0, width - d)), keys, kv, 0.0,
+                                                                         False, scale=scale)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, kv, None, True, 0.0, False,
+                                                                            scale=scale)
     return out, lse[..., : q.shape[2]]
 
 
-def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Tensor | None):
-    """One fused attention call over padded buffers; same results as the naive path to ~1e-5.
+def _fused_moments(weighted: torch.Tensor, feats: torch.Tensor, mean_feats: torch.Tensor) -> torch.Tensor:
+    """``_moments`` without padding ``weighted`` (the wide one); ``mean_feats`` [B, C] is its constant column."""
+    b, h, n_q, c = weighted.shape
+    out = weighted.new_empty(b, h, c + 1, c + 1)
+    out[..., :, 1:] = torch.einsum("bhqf,bqg->bhgf", weighted, F.pad(feats, (1, 0), value=1.0)).div_(n_q)
+    out[..., 1:, 0] = mean_feats[:, None]  # M[g, 1] = mean_i g_i: Σ_j p_ij = 1
+    out[..., 0, 0] = 1.0
+    return out
+
+
+def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Tensor | None,
+                          stats: Collection[str] = CAPTURE_STATISTICS):
+    """One fused attention call over the buffer [k | v | f]; same results as the naive path to ~1e-5.
 
     With an attention mask it falls back to the naive path (masks occur only with padded text).
     """
     if mask is not None or query.device.type not in ("cpu", "cuda"):
-        return attention_stats_naive(query, key, value, mask, scale, feats)
-    b, h, n_q, d = query.shape
-    n_k = key.shape[2]
-    n_f = 0 if feats is None else feats.shape[-1]
-    width = 2 * d + n_f  # value channels: [ v | k | features ]
-    dtype = torch.float32
-    q_pad = F.pad(query.to(dtype), (0, width - d))  # zero channels add nothing to q·k
-    k_pad = F.pad(key.to(dtype), (0, width - d))
-    v_ext = torch.empty(b, h, n_k, width, dtype=dtype, device=query.device)
-    v_ext[..., :d] = value
-    v_ext[..., d : 2 * d] = key
+        return attention_stats_naive(query, key, value, mask, scale, feats, stats)
+    feats = feats.float() if feats is not None and "moments" in stats else None
+    d = query.shape[-1]
+    kv = _value_buffer(key, value, feats)  # [B, h, K, d (+ d) (+ C)]
+    mean_feats = None if feats is None else feats.mean(1)  # [B, C]; a non-finite feature shows here
+    # on the CPU a non-finite feature would meet q's zero channels (a non-finite v spoils its head's output anyway)
+    finite = mean_feats is None or query.device.type != "cpu" or bool(mean_feats.isfinite().all())
+    out, lse = _fused_kernel(query.float(), key.float(), kv, scale, kv_as_keys=finite)  # [B, h, Q, W], [B, h, Q]
+    result = {}
+    if any(name in stats for name in _ENTROPY):
+        q_pk = out[..., :d].mul_(query).sum(-1)  # q_i · (PK)_i  [B, h, Q] (PK is not needed after)
+        result = _entropy_stats(torch.sub(lse.float(), q_pk, alpha=scale), stats)  # H_i
     if feats is not None:
-        v_ext[..., 2 * d :] = feats.to(dtype)[:, None]
-    out, lse = _fused_kernel(q_pad, k_pad, v_ext, scale)  # [B, h, Q, width], [B, h, Q]
-    mean_score = scale * (query.float() * out[..., d : 2 * d]).sum(-1)  # Σ_j p_ij s_ij  [B, h, Q]
-    h_query = lse.float() - mean_score
-    stats = {"entropy_nats": h_query.mean(-1), "perplexity": h_query.exp().mean(-1)}
-    if feats is not None:
-        stats["moments"] = _moments(out[..., 2 * d :], feats.float())
-    return out[..., :d].to(query.dtype), stats
-
+        result["moments"] = _fused_moments(out[..., kv.shape[-1] - feats.shape[-1]:], feats, mean_feats)
+    return None if value is None else out[..., d : 2 * d].to(query.dtype), result
 
 
 def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, paired: tuple[int, ...] = (),
@@ -110,6 +155,7 @@ def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, p
     out = torch.full((b, h, n, c + 1, c + 1), float("nan"), device=query.device)
     out[..., 0, 0] = 1.0
     out[..., 1:, 0] = feats.mean(1)  # [n, C]: query-side means need no attention
+    diagonal = torch.tensor(pairs, dtype=torch.long, device=query.device) + 1  # M[c, c] of the paired channels
     step = max(1, max_elements // (h * n_q * max(n_k, n * max(1, len(pairs)))))
     for lo in range(0, b, step):
         hi = min(b, lo + step)
@@ -121,7 +167,5 @@ def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, p
         if pairs:
             attended = (probs @ flat).view(hi - lo, h, n_q, n, len(pairs))  # Σ_k p_ik c_k^(j)  [b, h, Q, n, P]
             own = feats[:, :, pairs]  # [n, Q, P]: the partner's query-side values of the same channels
-            diag = torch.einsum("bhqnp,nqp->bhnp", attended, own) / n_q
-            for k, channel in enumerate(pairs):
-                out[lo:hi, :, :, channel + 1, channel + 1] = diag[..., k]
+            out[lo:hi, :, :, diagonal, diagonal] = torch.einsum("bhqnp,nqp->bhnp", attended, own) / n_q
     return out
