@@ -72,6 +72,27 @@ def test_capture_leaves_output_unchanged_and_matches_reference_entropy(small_une
         assert (values >= 0).all() and (values <= math.log(grid_keys[layer]) + 1e-5).all()
 
 
+def test_capture_computes_only_the_statistics_asked_for(small_unet):
+    x, t = _inputs()
+    asked = []
+
+    def features(grid):  # key features: only needed for moments
+        asked.append(grid)
+        return torch.rand(x.shape[0], 2, *grid)
+
+    with torch.no_grad(), instrument(small_unet, capture=("entropy_nats",), key_features=features) as session:
+        small_unet(x, t)
+    assert asked == [] and session.pop("moments") == {} and session.pop("perplexity") == {}
+    reference = _reference_entropy(small_unet, x, t)
+    captured = session.pop("entropy_nats")
+    assert set(captured) == set(reference)
+    for layer, values in captured.items():
+        torch.testing.assert_close(values, reference[layer], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="capture"):
+        with instrument(small_unet, capture=("entropy",)):
+            pass
+
+
 def test_zero_ablation_equals_zeroing_the_heads_output_projection_columns(small_unet):
     x, t = _inputs()
     layer, head = "down_blocks.1.attentions.0", 2

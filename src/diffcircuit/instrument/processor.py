@@ -75,20 +75,22 @@ class InstrumentedAttnProcessor:
         return query, key, value, attention_mask, residual, shape
 
     def _attend(self, query, key, value, attention_mask, shape):
-        """Attention output ``[batch, heads, q_pos, d]``, recording statistics when capturing."""
+        """Attention output ``[batch, heads, q_pos, d]``, recording the statistics the session asks for."""
         session = self.session
-        if not session.captures(self.layer):
+        stats = session.statistics_for(self.layer)
+        if not stats:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        feats = session.features_for(shape, key.shape[2])  # [batch, k_pos, channels] or None
+        n_keys = key.shape[2]
+        feats = session.features_for(shape, n_keys) if "moments" in stats else None  # [batch, k_pos, channels]
         stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
         scale = query.shape[-1] ** -0.5  # what SDPA uses by default, as the default processor does
-        out, stats = stats_fn(query, key, value, attention_mask, scale, feats)
-        partners = session.partners_for(shape, key.shape[2])  # [n, k_pos, channels] or None
+        out, values = stats_fn(query, key, value, attention_mask, scale, feats, stats)
+        partners = session.partners_for(shape, n_keys) if "partner_moments" in stats else None  # [n, k_pos, C]
         if partners is not None:
-            stats["partner_moments"] = partner_moments(query, key, attention_mask, scale, partners,
-                                                       paired=session.partner_paired)
-        for name, values in stats.items():
-            session.record(self.layer, name, values)
+            values["partner_moments"] = partner_moments(query, key, attention_mask, scale, partners,
+                                                        paired=session.partner_paired)
+        for name, recorded in values.items():
+            session.record(self.layer, name, recorded)
         return out
 
     def _with_bias(self, mask, heads: int, n_keys: int, query, offset: int = 0, n_tokens: int | None = None):
@@ -133,26 +135,31 @@ class InstrumentedJointAttnProcessor(InstrumentedAttnProcessor):
         """Output ``[batch, heads, q_pos, d]``; captures statistics of the image queries ``image`` (module docstring)."""
         session = self.session
         n_total = query.shape[2]
-        if not session.captures(self.layer) or (image.start, image.stop) == (0, n_total):
+        stats = session.statistics_for(self.layer)
+        if not stats or (image.start, image.stop) == (0, n_total):
             return self._attend(query, key, value, mask, shape)
         stats_fn = attention_stats_naive if session.method == "naive" else attention_stats_fused
         scale = query.shape[-1] ** -0.5
         rows = None if mask is None else mask[:, :, image]
-        image_out, stats = stats_fn(query[:, :, image], key, value, rows, scale, None)
-        feats = session.features_for(shape, image.stop - image.start)  # [batch, image keys, channels] or None
-        if feats is not None:  # moments of the attention renormalised over the image keys
+        image_out, values = stats_fn(query[:, :, image], key, value, rows, scale, None, stats)
+        n_image = image.stop - image.start
+        feats = session.features_for(shape, n_image) if "moments" in stats else None  # [batch, image keys, C]
+        if feats is not None:  # moments of the attention renormalised over the image keys (no output needed)
             image_rows = None if mask is None else rows[..., image]
-            _, spatial = stats_fn(query[:, :, image], key[:, :, image], value[:, :, image], image_rows, scale, feats)
-            stats["moments"] = spatial["moments"]
-            partners = session.partners_for(shape, image.stop - image.start)
-            if partners is not None:
-                stats["partner_moments"] = partner_moments(query[:, :, image], key[:, :, image], image_rows, scale,
-                                                           partners, paired=session.partner_paired)
-        for name, values in stats.items():
-            session.record(self.layer, name, values)
-        text = torch.cat([torch.arange(image.start), torch.arange(image.stop, n_total)]).to(query.device)
-        text_rows = None if mask is None else mask.index_select(2, text)
-        text_out = F.scaled_dot_product_attention(query.index_select(2, text), key, value, attn_mask=text_rows)
+            _, spatial = stats_fn(query[:, :, image], key[:, :, image], None, image_rows, scale, feats,
+                                  ("moments",))
+            values["moments"] = spatial["moments"]
+        partners = session.partners_for(shape, n_image) if "partner_moments" in stats else None
+        if partners is not None:  # as in _attend, whether or not moments were asked for
+            image_rows = None if mask is None else rows[..., image]
+            values["partner_moments"] = partner_moments(query[:, :, image], key[:, :, image], image_rows, scale,
+                                                        partners, paired=session.partner_paired)
+        for name, recorded in values.items():
+            session.record(self.layer, name, recorded)
+        def text(x):  # the text queries' rows: around the image's ([image | text] in SD3, [text | image] in Flux)
+            return torch.cat([x[:, :, : image.start], x[:, :, image.stop:]], dim=2)
+
+        text_out = F.scaled_dot_product_attention(text(query), key, value, attn_mask=None if mask is None else text(mask))
         pieces = [text_out[:, :, : image.start], image_out, text_out[:, :, image.start:]]  # back in sequence order
         return torch.cat([p.to(image_out.dtype) for p in pieces], dim=2)
 

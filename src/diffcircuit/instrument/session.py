@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.instrument.capture import CAPTURE_STATISTICS
 from diffcircuit.instrument.hooks import Hook, HookContext, replace, scale
 from diffcircuit.instrument.processor import (
     InstrumentedAttnProcessor,
@@ -43,7 +44,7 @@ class InstrumentSession:
         self,
         registry: HeadRegistry,
         *,
-        capture: bool = False,
+        capture: bool | Iterable[str] = False,
         method: str = "fused",
         key_features: KeyFeatures | None = None,
         partner_features: KeyFeatures | None = None,
@@ -61,7 +62,17 @@ class InstrumentSession:
         if method not in ("fused", "naive"):
             raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
         self.registry = registry
-        self.capture = capture
+        # True: every statistic (moments where key features are given, partner moments where partners are);
+        # or the names of those to capture (the others are not computed)
+        if isinstance(capture, str):
+            capture = (capture,)
+        elif not isinstance(capture, Iterable):
+            capture = CAPTURE_STATISTICS if capture else ()
+        self.statistics = frozenset(capture)
+        unknown = sorted(self.statistics - set(CAPTURE_STATISTICS))
+        if unknown:
+            raise ValueError(f"capture: unknown statistics {unknown}; known: {list(CAPTURE_STATISTICS)}")
+        self.capture = bool(self.statistics)
         self.method = method
         self.key_features = key_features
         self.partner_features = partner_features
@@ -95,7 +106,11 @@ class InstrumentSession:
 
     # --- the protocol the processors use (public: a processor talks to no private method) ----
     def captures(self, layer: str) -> bool:
-        return self.capture
+        return bool(self.statistics_for(layer))
+
+    def statistics_for(self, layer: str) -> frozenset[str]:
+        """The statistics to capture on ``layer`` (names from ``CAPTURE_STATISTICS``); empty: none."""
+        return self.statistics
 
     def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor, offset: int = 0,
                  n_tokens: int | None = None) -> torch.Tensor | None:
@@ -185,7 +200,8 @@ class InstrumentSession:
         return torch.stack(slices, dim=1)
 
     def record(self, layer: str, stat: str, value: torch.Tensor) -> None:
-        self._records[stat][layer].append(value.detach().cpu())
+        """Keep ``value`` on its device (no host sync inside the forward); ``pop`` moves it to the host."""
+        self._records[stat][layer].append(value.detach())
 
     def note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
         self.geometry[layer] = (self.grid_of(shape), int(n_keys))
@@ -199,7 +215,10 @@ class InstrumentSession:
         """
         recorded = self._records.pop(stat, {})
         # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
-        return {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
+        out = {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
+        if self.keep_graph and stat == "head_out":  # stays on its device, in the graph
+            return out
+        return {layer: value.cpu() for layer, value in out.items()}  # the batch's records leave the device once
 
 
 def _sample_hw(model: torch.nn.Module) -> tuple[int, int] | None:
