@@ -95,10 +95,12 @@ def _attended_and_baseline(m: torch.Tensor, u: torch.Tensor, index: dict[str, in
 def content_log_scores(moments: torch.Tensor, uniform: torch.Tensor, *, has_masks: bool,
                        channels: tuple[str, ...] = PROBE_CHANNELS) -> dict[str, torch.Tensor]:
     """Log content scores (module docstring) from moments ``[..., C+1, C+1]`` over ``("one", *channels)`` and
-    the uniform moments of the *same* features (broadcastable). Object and background are NaN without masks."""
+    the uniform moments of the *same* features (broadcastable). Object and background are NaN without masks.
+    Computed on the host in float64 (the logs of small ratios), whatever device the moments come from."""
     index = {name: i for i, name in enumerate(("one", *channels))}
     out = {}
-    for probe, (num, den) in _attended_and_baseline(moments.double(), uniform.double(), index).items():
+    moments, uniform = moments.cpu().double(), uniform.cpu().double()  # no float64 on an accelerator
+    for probe, (num, den) in _attended_and_baseline(moments, uniform, index).items():
         num, den = torch.broadcast_tensors(num, den)
         if probe == "intensity":  # num is the baseline here: valid where it is positive
             ok = num > 1e-12
