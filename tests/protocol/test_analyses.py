@@ -94,3 +94,48 @@ def test_holm_correction_on_request():
     for family, g in holm.groupby("family"):
         np.testing.assert_allclose(g.p_corrected, multipletests(g.p_value, method="holm")[1])
     assert (holm.p_corrected >= bh.p_corrected - 1e-12).all()  # Holm is the more conservative
+
+
+def test_pivot_means_equals_pandas_pivot_table():
+    from diffcircuit.protocol.roles import pivot_means
+
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"dataset": rng.choice(["b", "a"], 300), "image": rng.integers(0, 9, 300),
+                          "layer": rng.choice(["up.1", "down.0", "mid"], 300), "head": rng.integers(0, 3, 300),
+                          "x": rng.normal(size=300), "w": rng.normal(size=300)})  # repeated cells: averaged
+    frame.loc[::7, "x"] = np.nan
+    ref = frame.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values=["x", "w"])
+    wide, rows, cols = pivot_means(frame, ["dataset", "image"], ["layer", "head"], ["x", "w"])
+    np.testing.assert_allclose(wide, ref.to_numpy(), rtol=1e-12, equal_nan=True)
+    assert list(zip(rows.dataset, rows.image)) == list(ref.index)
+    assert [("w", *c) for c in zip(cols.layer, cols["head"])] == list(ref.columns)[:len(cols)]
+    _, _, first = pivot_means(frame, ["image"], ["layer", "head"], ["w"], sort=False)
+    assert list(zip(first.layer, first["head"])) == list(frame[["layer", "head"]].drop_duplicates().itertuples(index=False, name=None))
+
+
+def test_summary_intervals_and_ablation_tests_equal_scipy_on_the_same_seed():
+    """The head summary's interval is scipy's percentile bootstrap of that head's images (seed 0, 1,000 resamples);
+    every ablation's paired test is scipy's sign-flip test on its images (2,000 permutations, seed 0)."""
+    from scipy import stats
+
+    heads = _heads(n=25, seed=5)
+    rng = np.random.default_rng(6)
+    ablations = pd.DataFrame([{"dataset": d, "timestep": 500, "image": i, "level": "head", "target": f"L:{h}",
+                               "n_heads": 1, "method": "zero", "mse_clean": c, "mse_intervened": c * rng.uniform(0.9, 1.3),
+                               "degradation_pct": 0.0}
+                              for d in "ab" for h in range(3) for i in range(12) for c in [rng.uniform(0.5, 1)]])
+    tables = derived_tables(heads, ablations)
+    row = tables["head_summary"].query("dataset == 'b' and timestep == 900 and head == 2 and metric == 'entropy_norm'")
+    values = heads.query("dataset == 'b' and timestep == 900 and head == 2").sort_values("image").entropy_norm
+    ref = stats.bootstrap((values.to_numpy(),), np.mean, n_resamples=1000, method="percentile",
+                          random_state=np.random.default_rng(0))
+    assert (row.ci_low.iloc[0], row.ci_high.iloc[0]) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
+    paired = tables["tests"].query("family == 'ablation_paired'")
+    assert len(paired) == 6
+    for r in paired.itertuples():
+        g = ablations[ablations.target == r.what.split()[4].rstrip(",")]
+        g = g[g.dataset == r.what.split("dataset ")[1][0]].sort_values("image")
+        ref = stats.permutation_test((g.mse_intervened.to_numpy(), g.mse_clean.to_numpy()),
+                                     lambda x, y, axis: x.mean(axis) - y.mean(axis), permutation_type="samples",
+                                     vectorized=True, n_resamples=2000, random_state=np.random.default_rng(0))
+        assert r.p_value == pytest.approx(ref.pvalue, rel=1e-12) and r.statistic == pytest.approx(ref.statistic)

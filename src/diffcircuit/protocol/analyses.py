@@ -29,9 +29,9 @@ import pandas as pd
 from diffcircuit.metrics.attention import HEAD_METRICS
 from diffcircuit.stats.bootstrap import column_mean_cis, mean_ci
 from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
-from diffcircuit.stats.divergence import head_jsd, mean_difference_test, wasserstein_per_head, wasserstein_test
-from diffcircuit.protocol.roles import head_roles_table, role_tests_table
-from diffcircuit.stats.tests import cohens_d, correct_pvalues, paired_test, random_set_test
+from diffcircuit.stats.divergence import head_jsd, mean_difference_tests, wasserstein_per_head, wasserstein_test
+from diffcircuit.protocol.roles import coded, frame_groups, head_roles_table, pivot_means, role_tests_table
+from diffcircuit.stats.tests import cohens_d, correct_pvalues, paired_test, paired_tests, random_set_tests
 
 __all__ = ["ALPHA", "PAPER_COMPLEXITY_RATIO", "PRIMARY_COMPLEXITY", "SUMMARY_METRICS", "complexity_table", "critical_table",
            "denoising_tests", "derived_tables", "divergence_tables", "guidance_table", "head_summary_table",
@@ -46,25 +46,26 @@ SUMMARY_METRICS = ("entropy_nats", "entropy_norm", *HEAD_METRICS)
 
 
 def head_summary_table(heads: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
-    """Long table: dataset, timestep, layer, head, metric, mean, ci_low, ci_high, n_images."""
+    """Long table: dataset, timestep, layer, head, metric, mean, ci_low, ci_high, n_images (the interval: the
+    percentile interval of 1,000 bootstrap resamples of the images, every head and metric on the same ones)."""
     frames = []
-    for (dataset, t), g in heads.groupby(["dataset", "timestep"], sort=True):
-        wide = g.pivot_table(index="image", columns=["layer", "head"], values=list(SUMMARY_METRICS), dropna=False)
-        exists = set(zip(g.layer, g["head"]))  # dropna=False makes every layer x head pair: keep the real heads
-        wide = wide.loc[:, [(layer, head) in exists for _, layer, head in wide.columns]]
-        mean, low, high = column_mean_cis(wide.to_numpy(), seed=seed)
-        cols = wide.columns.to_frame(index=False).rename(columns={None: "metric"})
-        cols.columns = ["metric", "layer", "head"]
-        frames.append(cols.assign(dataset=dataset, timestep=int(t), mean=mean, ci_low=low, ci_high=high,
-                                  n_images=len(wide)))
+    for (dataset, t), g in frame_groups(heads, ["dataset", "timestep"], ["image", "layer", "head", *SUMMARY_METRICS]):
+        wide, images, cols = pivot_means(g, ["image"], ["layer", "head"], list(SUMMARY_METRICS))
+        mean, low, high = column_mean_cis(wide, seed=seed)
+        metrics = np.repeat(sorted(SUMMARY_METRICS), len(cols))  # pivot_means: values sorted, outermost
+        frames.append(pd.concat([cols] * len(SUMMARY_METRICS), ignore_index=True).assign(
+            metric=metrics, dataset=dataset, timestep=int(t), mean=mean, ci_low=low, ci_high=high, n_images=len(images)))
     order = ["dataset", "timestep", "layer", "head", "metric", "mean", "ci_low", "ci_high", "n_images"]
     return pd.concat(frames, ignore_index=True)[order]
 
 
-def _entropy_wide(g: pd.DataFrame, value: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """One timestep's rows -> a [n_a, H], b [n_b, H] of ``value`` and the (layer, head) of each column."""
-    wide = g.pivot_table(index=["dataset", "image"], columns=["layer", "head"], values=value)
-    return wide.loc["a"].to_numpy(), wide.loc["b"].to_numpy(), wide.columns.to_frame(index=False)
+def _entropy_wide(g: pd.DataFrame, values: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], pd.DataFrame]:
+    """One timestep's rows -> per value a [n_a, H] and b [n_b, H] (images sorted) and the (layer, head) of each column."""
+    wide, keys, cols = pivot_means(g, ["dataset", "image"], ["layer", "head"], values)
+    a, b = wide[(keys.dataset == "a").to_numpy()], wide[(keys.dataset == "b").to_numpy()]
+    order = np.argsort(np.argsort(values))  # pivot_means sorts the values
+    h = len(cols)
+    return [a[:, j * h:(j + 1) * h] for j in order], [b[:, j * h:(j + 1) * h] for j in order], cols
 
 
 def _heads_rows(t: int, cols: pd.DataFrame, nats, norm, w, a: np.ndarray, b: np.ndarray) -> pd.DataFrame:
@@ -108,27 +109,27 @@ def _timestep_row(t: int, nats, norm, mean_nats, mean_norm, w, legacy) -> dict:
 def divergence_tables(heads: pd.DataFrame, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per timestep and per timestep x head: how the two datasets' head entropies differ (``stats.divergence``)."""
     rows, per_head = [], []
-    for t, g in heads.groupby("timestep", sort=True):
-        a, b, cols = _entropy_wide(g, "entropy_nats")
-        a_norm, b_norm, _ = _entropy_wide(g, "entropy_norm")
-        nats = mean_difference_test(a, b, seed=seed)
-        norm = mean_difference_test(a_norm, b_norm, seed=seed)
-        mean_nats = mean_difference_test(a.mean(1), b.mean(1), seed=seed)  # each image's mean over heads
-        mean_norm = mean_difference_test(a_norm.mean(1), b_norm.mean(1), seed=seed)
+    for (t,), g in frame_groups(heads, ["timestep"], ["dataset", "image", "layer", "head", "entropy_nats", "entropy_norm"]):
+        (a, a_norm), (b, b_norm), cols = _entropy_wide(g, ["entropy_nats", "entropy_norm"])
+        # per head, and each image's mean over heads: one bootstrap and one permutation matrix product
+        blocks = [np.column_stack([x, y, x.mean(1), y.mean(1)]) for x, y in ((a, a_norm), (b, b_norm))]
+        nats, norm, mean_nats, mean_norm = mean_difference_tests(*blocks, [a.shape[1], a.shape[1], 1, 1], seed=seed)
         w = wasserstein_test(a, b, alpha=ALPHA, seed=seed)
         per_head.append(_heads_rows(int(t), cols, nats, norm, w, a, b))
         rows.append(_timestep_row(int(t), nats, norm, mean_nats, mean_norm, w, per_head[-1].legacy_jsd_bits_10bins))
     return pd.DataFrame(rows), pd.concat(per_head, ignore_index=True)
 
 
-def _per_image(frame: pd.DataFrame, columns: list[str], value: str) -> dict[str, pd.DataFrame]:
-    """dataset -> [images x columns] of ``value`` averaged over the frame's timesteps (one row per image)."""
-    wide = frame.pivot_table(index=["dataset", "image"], columns=columns, values=value, aggfunc="mean")
-    return {d: wide.loc[d] for d in ("a", "b")}
+def _per_image(frame: pd.DataFrame, columns: list[str], value: str) -> dict[str, np.ndarray]:
+    """dataset -> [images x columns] of ``value`` averaged over the frame's timesteps (one row per image); columns
+    without a finite value are left out (``pivot_table``'s dropna)."""
+    wide, keys, _ = pivot_means(frame, ["dataset", "image"], columns, [value])
+    wide = wide[:, np.isfinite(wide).any(0)]
+    return {d: wide[(keys.dataset == d).to_numpy()] for d in ("a", "b")}
 
 
 def _ablation_method(ablations: pd.DataFrame) -> str:
-    methods = set(ablations.method)
+    methods = set(ablations.method.unique())
     return "mean" if "mean" in methods else sorted(methods)[0]
 
 
@@ -136,7 +137,8 @@ def _complexity_plans(heads: pd.DataFrame, ablations: pd.DataFrame | None) -> li
     """(measure, rows, columns that identify a head, measure function): the ablation measures first."""
     plans = []
     if ablations is not None:
-        single = ablations[(ablations.level == "head") & (ablations.method == _ablation_method(ablations))]
+        keep = (ablations.level == "head") & (ablations.method == _ablation_method(ablations))
+        single = ablations.loc[keep, ["dataset", "image", "timestep", "target", "degradation_pct"]]
         plans += [(PRIMARY_COMPLEXITY, single, ["target"], participation_ratio),
                   ("ablation_heads_for_90pct", single, ["target"], heads_for_fraction)]
     return plans + [("mean_entropy_norm", heads, ["layer", "head"], mean_value),
@@ -152,15 +154,36 @@ def complexity_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, *, see
     the ratio b/a with its CI, permutation p, the smallest ratio this run could detect, and its flags."""
     rows = []
     for name, frame, columns, measure in _complexity_plans(heads, ablations):
-        scopes = [("timestep", int(t), g) for t, g in frame.groupby("timestep", sort=True)]
+        frame = coded(frame[["dataset", "image", "timestep", *columns, _VALUE[name]]])
+        scopes = [("timestep", int(t), g) for (t,), g in frame_groups(frame, ["timestep"])]
         for scope, t, g in scopes + [("pooled_over_timesteps", pd.NA, frame)]:
             per_image = _per_image(g, columns, _VALUE[name])
-            res = ratio_test(per_image["a"].to_numpy(), per_image["b"].to_numpy(), measure, alpha=ALPHA, seed=seed)
+            res = ratio_test(per_image["a"], per_image["b"], measure, alpha=ALPHA, seed=seed)
             rows.append({"measure": name, "primary": name == PRIMARY_COMPLEXITY, "scope": scope, "timestep": t,
                          **res.to_dict(), "underpowered": not res.mde_ratio <= PAPER_COMPLEXITY_RATIO})
     frame = pd.DataFrame(rows)
     frame["timestep"] = frame.timestep.astype("Int64")
     return frame
+
+
+def _paired_by_group(frame: pd.DataFrame, keys: list[str], after: str, before: str, *, alternative: str,
+                     n_resamples: int, seed: int) -> list[tuple[tuple, object]]:
+    """(group key, ``paired_test`` of ``after`` vs ``before`` over its images) for each group of ``keys`` (which
+    hold the dataset), in order of first appearance; groups measured on the same images share one sign-flip
+    matrix product (``stats.tests.paired_tests``)."""
+    wide, _, groups = pivot_means(frame, ["dataset", "image"], keys, [after, before], sort=False)
+    x = wide.reshape(len(wide), 2, -1)  # [images, (after, before) sorted by name, groups]
+    i_after, i_before = (0, 1) if after < before else (1, 0)
+    measured = np.isfinite(x).all(1)  # [images, groups]
+    patterns, which = np.unique(measured.T, axis=0, return_inverse=True)
+    results = [None] * len(groups)
+    for p, rows in enumerate(patterns):
+        cols = np.flatnonzero(which.ravel() == p)
+        found = paired_tests(x[rows, i_after][:, cols], x[rows, i_before][:, cols], alternative=alternative,
+                             n_resamples=n_resamples, seed=seed)
+        for c, res in zip(cols, found):
+            results[c] = res
+    return list(zip(map(tuple, groups.itertuples(index=False)), results))
 
 
 def denoising_tests(denoising: pd.DataFrame, *, correction: str = "fdr_bh", seed: int = 0,
@@ -172,9 +195,11 @@ def denoising_tests(denoising: pd.DataFrame, *, correction: str = "fdr_bh", seed
     family (``correction``: Benjamini–Hochberg by default). ``informative`` = corrected p < 0.05; at an
     uninformative timestep the model's ε is no better than a constant rescaling of its input, so effects
     measured there are not the model's computation and leave headline claims."""
+    tests = dict(_paired_by_group(denoising, ["dataset", "timestep"], "eps_mse_trivial", "eps_mse", alternative="greater",
+                                  n_resamples=n_resamples, seed=seed)) if len(denoising) else {}
     rows = []
-    for (dataset, t), g in denoising.groupby(["dataset", "timestep"], sort=True):
-        res = paired_test(g.eps_mse_trivial, g.eps_mse, alternative="greater", n_resamples=n_resamples, seed=seed)
+    for (dataset, t), g in frame_groups(denoising, ["dataset", "timestep"]):
+        res = tests[(dataset, t)]
         rows.append({"dataset": dataset, "timestep": int(t), "n_images": int(len(g)), "eps_mse": float(g.eps_mse.mean()),
                      "eps_mse_trivial": float(g.eps_mse_trivial.mean()),
                      "ratio_to_trivial": float(g.eps_mse.mean() / g.eps_mse_trivial.mean()),
@@ -198,7 +223,7 @@ def _informative_rows(frame: pd.DataFrame, informative: frozenset[tuple[str, int
     """Rows of (dataset, timestep) pairs in ``informative`` (all rows when it is None)."""
     if informative is None:
         return frame
-    keep = pd.Series(list(zip(frame.dataset, frame.timestep.astype(int))), index=frame.index).isin(informative)
+    keep = pd.MultiIndex.from_arrays([frame.dataset, frame.timestep.astype(int)]).isin(list(informative))
     return frame[keep]
 
 
@@ -206,6 +231,22 @@ _CRITICAL_COLUMNS = ["level", "method", "target", "also_named", "n_heads", "degr
                      "null_q95_pct", "excess_pct", "ci_low", "ci_high", "frac_sets_beaten", "frac_sets_beaten_ci_low",
                      "frac_sets_beaten_ci_high", "n_null_sets", "null", "p_sets", "p_images", "p_value", "p_floor",
                      "effect_size", "n_units", "timesteps", "p_corrected", "q_floor", "critical"]
+
+
+def _null_members(index: pd.DataFrame) -> tuple[list[int], list[np.ndarray], list[str]]:
+    """The tested components' rows of ``index`` (heads, layers, blocks), each one's null members' rows (same
+    method: for a head the other heads, else the random sets of its size) and the null's name."""
+    level, method, size = index.level.to_numpy(), index.method.to_numpy(), index.n_heads.to_numpy()
+    tested, nulls, names = [], [], []
+    for i in np.flatnonzero(np.isin(level, ("head", "layer", "block"))):
+        same = method == method[i]
+        if level[i] == "head":
+            members, name = same & (level == "head") & (np.arange(len(level)) != i), "other single heads"
+        else:
+            members, name = same & (level == "random") & (size == size[i]), f"random {int(size[i])}-head sets"
+        if members.any():
+            tested.append(int(i)), nulls.append(np.flatnonzero(members)), names.append(name)
+    return tested, nulls, names
 
 
 def critical_table(ablations: pd.DataFrame, *, seed: int = 0, correction: str = "fdr_bh",
@@ -224,35 +265,26 @@ def critical_table(ablations: pd.DataFrame, *, seed: int = 0, correction: str = 
     least j/m for the j-th smallest, so its corrected p is never below 1: single heads are ranked
     (``frac_sets_beaten``), not called critical, by this null.
     """
-    rows = _informative_rows(ablations, informative)
+    keys = ["level", "target", "n_heads", "method", "also_named"]
+    rows = _informative_rows(ablations[[c for c in (*keys, "dataset", "image", "timestep", "degradation_pct")
+                                        if c in ablations]], informative)
     if "also_named" not in rows:
         rows = rows.assign(also_named="")
-    units = ["dataset", "image"]
-    per_unit = (rows.groupby(["level", "target", "n_heads", "method", "also_named", *units], sort=False)
-                ["degradation_pct"].mean().unstack(units).dropna(axis=1))  # rows: components; columns: images
-    index = per_unit.index.to_frame(index=False)
-    used = ",".join(f"{d}@{t}" for d, t in sorted(set(zip(rows.dataset, rows.timestep.astype(int)))))
-    out = []
-    for i, comp in index.iterrows():
-        if comp.level not in ("head", "layer", "block"):
-            continue
-        same = (index.method == comp.method).to_numpy()
-        if comp.level == "head":
-            null_rows, null = same & (index.level == "head").to_numpy() & (index.index != i), "other single heads"
-        else:
-            null_rows = same & (index.level == "random").to_numpy() & (index.n_heads == comp.n_heads).to_numpy()
-            null = f"random {int(comp.n_heads)}-head sets"
-        if not null_rows.any() or per_unit.shape[1] < 2:
-            continue
-        res = random_set_test(per_unit.iloc[i].to_numpy(), per_unit[null_rows].to_numpy().T, n_resamples=n_resamples,
-                              seed=seed)
-        out.append({"level": comp.level, "method": comp.method, "target": comp.target, "also_named": comp.also_named,
-                    "n_heads": int(comp.n_heads), "degradation_pct": res.degradation, "null_degradation_pct": res.null_mean,
-                    "null_q95_pct": res.null_q95, "excess_pct": res.excess, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                    "frac_sets_beaten": res.frac_beaten, "frac_sets_beaten_ci_low": res.frac_beaten_ci_low,
-                    "frac_sets_beaten_ci_high": res.frac_beaten_ci_high, "n_null_sets": res.n_null, "null": null,
-                    "p_sets": res.p_sets, "p_images": res.p_units, "p_value": res.p_value, "p_floor": res.p_floor,
-                    "effect_size": res.effect_size, "n_units": res.n_units, "timesteps": used})
+    per_unit, index, _ = pivot_means(rows, keys, ["dataset", "image"], ["degradation_pct"], sort=False)
+    per_unit = per_unit[:, np.isfinite(per_unit).all(0)]  # [components, images measured for every component]
+    pairs = rows[["dataset", "timestep"]].drop_duplicates()
+    used = ",".join(f"{d}@{t}" for d, t in sorted(zip(pairs.dataset, pairs.timestep.astype(int))))
+    tested, nulls, names = _null_members(index)
+    found = [] if per_unit.shape[1] < 2 or not tested else random_set_tests(
+        per_unit.T, tested, nulls, n_resamples=n_resamples, seed=seed)
+    out = [{"level": index.level[i], "method": index.method[i], "target": index.target[i],
+            "also_named": index.also_named[i], "n_heads": int(index.n_heads[i]), "degradation_pct": res.degradation,
+            "null_degradation_pct": res.null_mean, "null_q95_pct": res.null_q95, "excess_pct": res.excess,
+            "ci_low": res.ci_low, "ci_high": res.ci_high, "frac_sets_beaten": res.frac_beaten,
+            "frac_sets_beaten_ci_low": res.frac_beaten_ci_low, "frac_sets_beaten_ci_high": res.frac_beaten_ci_high,
+            "n_null_sets": res.n_null, "null": name, "p_sets": res.p_sets, "p_images": res.p_units,
+            "p_value": res.p_value, "p_floor": res.p_floor, "effect_size": res.effect_size, "n_units": res.n_units,
+            "timesteps": used} for i, name, res in zip(tested, names, found)]
     frame = pd.DataFrame(out, columns=_CRITICAL_COLUMNS[:-3])
     frame["p_corrected"], frame["q_floor"] = np.nan, np.nan
     for _, idx in frame.groupby(["level", "method"]).groups.items():
@@ -345,12 +377,11 @@ def tests_table(heads: pd.DataFrame, ablations: pd.DataFrame | None, divergence:
                  "n_b", "n_resamples", "alternative", "p_corrected"]])
     families += _entropy_families(divergence_heads, correction)
     if ablations is not None:  # the random sets are the null of the critical family, not claims of their own
-        paired_rows = []
         named = ablations[ablations.level != "random"]
-        for (level, target, method, dataset, t), g in named.groupby(["level", "target", "method", "dataset", "timestep"], sort=False):
-            res = paired_test(g.mse_intervened, g.mse_clean, n_resamples=_N_RESAMPLES, seed=seed)
-            paired_rows.append({"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
-                                **res.to_dict()})
+        tested = _paired_by_group(named, ["level", "target", "method", "dataset", "timestep"], "mse_intervened", "mse_clean",
+                                  alternative="two-sided", n_resamples=_N_RESAMPLES, seed=seed) if len(named) else []
+        paired_rows = [{"what": f"{method} ablation of {level} {target}, dataset {dataset}, t={t}: ε-MSE ablated vs clean",
+                        **res.to_dict()} for (level, target, method, dataset, t), res in tested]
         families.append(_family(paired_rows, "ablation_paired", correction))
     if critical is not None and len(critical):
         families.append(critical.assign(  # one family per level x method, as critical_table corrects them
@@ -374,8 +405,8 @@ def seed_quantities(heads: pd.DataFrame, seed: int) -> pd.DataFrame:
     the plug-in Wasserstein-1 divergence (nats)."""
     rows = [{"seed": seed, "quantity": "mean_entropy_norm", "dataset": d, "timestep": int(t), "value": float(g.entropy_norm.mean())}
             for (d, t), g in heads.groupby(["dataset", "timestep"], sort=True)]
-    for t, g in heads.groupby("timestep", sort=True):
-        a, b, _ = _entropy_wide(g, "entropy_nats")
+    for (t,), g in frame_groups(heads, ["timestep"], ["dataset", "image", "layer", "head", "entropy_nats"]):
+        (a,), (b,), _ = _entropy_wide(g, ["entropy_nats"])
         rows += [{"seed": seed, "quantity": "entropy_difference_nats", "dataset": "b-a", "timestep": int(t),
                   "value": float(b.mean(1).mean() - a.mean(1).mean())},
                  {"seed": seed, "quantity": "wasserstein_nats", "dataset": "a|b", "timestep": int(t),

@@ -8,8 +8,8 @@ faces), and with each image's luminance histogram matched to the other set's ima
 
 ``datasets_table``: one row per image property (``metrics.image_stats``): per dataset the mean over
 images with a 95 % percentile-bootstrap CI and the SD between images; the difference b − a with
-Cohen's d (pooled SD) and its percentile-bootstrap CI (images resampled within each dataset), a
-permutation p (dataset labels shuffled over images, two-sided) and its Benjamini–Hochberg correction
+Cohen's d (pooled SD) and its percentile-bootstrap CI (2,000 resamples of the images within each dataset),
+a permutation p (dataset labels shuffled over images, two-sided) and its Benjamini–Hochberg correction
 over the properties. ``differs``: q < 0.05.
 """
 
@@ -19,7 +19,6 @@ import dataclasses
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from diffcircuit.data.provenance import in_training_set, read_training_record
 from diffcircuit.data.spec import ImageSet, is_grayscale
@@ -29,9 +28,11 @@ from diffcircuit.interventions.sweep import ReferenceImages
 from diffcircuit.models.latent import model_images
 from diffcircuit.protocol.config import MEAN_REFERENCES
 from diffcircuit.stats.bootstrap import mean_ci
-from diffcircuit.stats.tests import cohens_d, correct_pvalues, two_sample_test
+from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval
+from diffcircuit.stats.tests import cohens_d, correct_pvalues, two_sample_tests
 
-__all__ = ["PROPERTY_DEFINITIONS", "datasets_table", "first_images", "load_datasets", "reference_split", "training_overlap"]
+__all__ = ["PROPERTY_DEFINITIONS", "datasets_table", "first_images", "load_datasets", "properties_table", "reference_split",
+           "training_overlap"]
 
 PROPERTY_DEFINITIONS = {
     "color_deviation": "mean |channel − pixel's channel mean| over pixels and channels, in [0, 1] units (0: grayscale)",
@@ -93,20 +94,26 @@ def training_overlap(den, sets: dict[str, ImageSet], seed: int) -> tuple[dict[st
     return {k: in_training_set(record, s.spec, n=len(s), seed=seed) for k, s in sets.items()}, record
 
 
-def _d(a, b, axis=-1):
-    """Cohen's d of b − a along ``axis`` (pooled SD, ddof 1), vectorised for ``scipy.stats.bootstrap``."""
-    na, nb = a.shape[axis], b.shape[axis]
-    pooled = np.sqrt(((na - 1) * a.var(axis=axis, ddof=1) + (nb - 1) * b.var(axis=axis, ddof=1)) / (na + nb - 2))
+def _d_intervals(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of Cohen's d of b − a (pooled SD, ddof 1) per column of a [n_a, k] and b [n_b, k] over
+    bootstrap resamples of the images within each set (counts as ``scipy.stats.bootstrap`` draws them, a's first);
+    NaN where d is undefined."""
+    (n_a, k), n_b = a.shape, len(b)
+    if n_a < 2 or n_b < 2:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    counts_a, counts_b = bootstrap_counts((n_a, n_b), _N_RESAMPLES, seed)
+
+    def moments(counts, x):  # resampled mean and ddof-1 variance; centred first (the variance is shift-free)
+        centre = x.mean(0)
+        mean, square = counts @ (x - centre) / len(x), counts @ (x - centre) ** 2 / len(x)
+        return mean + centre, (square - mean**2) * len(x) / (len(x) - 1)
+
+    (mean_a, var_a), (mean_b, var_b) = moments(counts_a, a), moments(counts_b, b)
+    pooled = np.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (b.mean(axis=axis) - a.mean(axis=axis)) / pooled
-
-
-def _d_interval(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float]:
-    if len(a) < 2 or len(b) < 2 or not np.isfinite(cohens_d(b, a)):
-        return float("nan"), float("nan")
-    res = stats.bootstrap((a, b), _d, n_resamples=_N_RESAMPLES, method="percentile", vectorized=True,
-                          random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+        low, high = percentile_interval((mean_b - mean_a) / pooled, 0.95)
+    defined = np.isfinite([cohens_d(b[:, j], a[:, j]) for j in range(k)])
+    return np.where(defined, low, np.nan), np.where(defined, high, np.nan)
 
 
 def _side(values: np.ndarray, suffix: str, seed: int) -> dict:
@@ -117,18 +124,23 @@ def _side(values: np.ndarray, suffix: str, seed: int) -> dict:
 
 def datasets_table(sets: dict[str, ImageSet], *, seed: int = 0, correction: str = "fdr_bh") -> pd.DataFrame:
     """One row per image property: both datasets' means with CIs, and b − a as Cohen's d with CI and p."""
-    values = {k: image_properties(s.pictures) for k, s in sets.items()}
+    return properties_table({k: image_properties(s.pictures) for k, s in sets.items()}, seed=seed, correction=correction)
+
+
+def properties_table(values: dict[str, dict[str, np.ndarray]], *, seed: int = 0, correction: str = "fdr_bh") -> pd.DataFrame:
+    """``datasets_table`` from the properties' values per image (``values[dataset][property]`` ``[n]``): every
+    property on the same resamples and relabellings of the images."""
+    a, b = (np.column_stack([values[k][name] for name in IMAGE_PROPERTIES]).astype(np.float64) for k in ("a", "b"))
+    both = len(a) > 1 and len(b) > 1
+    tests = two_sample_tests(b, a, seed=seed) if both else [None] * len(IMAGE_PROPERTIES)
+    lows, highs = _d_intervals(a, b, seed)
     rows = []
-    for name in IMAGE_PROPERTIES:
-        a, b = values["a"][name], values["b"][name]
-        test = two_sample_test(b, a, seed=seed) if len(a) > 1 and len(b) > 1 else None
-        low, high = _d_interval(a, b, seed)
-        rows.append({"property": name, "definition": PROPERTY_DEFINITIONS[name], **_side(a, "a", seed), **_side(b, "b", seed),
-                     "difference": float(b.mean() - a.mean()),
-                     "cohens_d": cohens_d(b, a) if len(a) > 1 and len(b) > 1 else float("nan"),
-                     "d_ci_low": low, "d_ci_high": high,
-                     "p_value": test.p_value if test else float("nan"), "p_floor": test.p_floor if test else float("nan"),
-                     "n_permutations": test.n_resamples if test else 0})
+    for j, (name, test) in enumerate(zip(IMAGE_PROPERTIES, tests)):
+        rows.append({"property": name, "definition": PROPERTY_DEFINITIONS[name], **_side(a[:, j], "a", seed),
+                     **_side(b[:, j], "b", seed), "difference": float(b[:, j].mean() - a[:, j].mean()),
+                     "cohens_d": cohens_d(b[:, j], a[:, j]) if both else float("nan"), "d_ci_low": lows[j],
+                     "d_ci_high": highs[j], "p_value": test.p_value if test else float("nan"),
+                     "p_floor": test.p_floor if test else float("nan"), "n_permutations": test.n_resamples if test else 0})
     frame = pd.DataFrame(rows)
     tested = frame.p_value.notna().to_numpy()
     frame["p_corrected"] = np.nan

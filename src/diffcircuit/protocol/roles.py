@@ -32,9 +32,53 @@ from diffcircuit.stats.bootstrap import MIN_UNITS_FOR_CI, column_mean_cis
 from diffcircuit.stats.matching import permutation_excess, permutation_p
 from diffcircuit.stats.tests import correct_pvalues
 
-__all__ = ["head_roles_table", "null_blocks", "permutation_table", "role_tests_table", "shard_slices"]
+__all__ = ["coded", "frame_groups", "head_roles_table", "null_blocks", "permutation_table", "pivot_means", "role_tests_table",
+           "shard_slices"]
 
 _CI_RESAMPLES = 2000
+
+
+def frame_groups(frame: pd.DataFrame, keys: list[str], columns: list[str] | None = None):
+    """(key tuple, rows) of each group of ``frame`` by ``keys``, sorted; only ``columns`` (all when None) are
+    copied into the groups, without pandas' per-group overhead."""
+    groups = {k if isinstance(k, tuple) else (k,): rows for k, rows in frame.groupby(keys, sort=False).indices.items()}
+    narrow = coded(frame if columns is None else frame[list(dict.fromkeys([*keys, *columns]))], exclude=keys)
+    for key in sorted(groups):
+        yield key, narrow.take(groups[key])
+
+
+def coded(frame: pd.DataFrame, exclude=()) -> pd.DataFrame:
+    """``frame`` with its text columns (but ``exclude``) as categories: labels hashed once for many pivots."""
+    text = [c for c in frame if c not in exclude and (frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c]))]
+    return frame.astype({c: "category" for c in text}) if text else frame
+
+
+def _keys(frame: pd.DataFrame, keys: list[str], sort: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+    """Each row's code among the distinct values of ``keys`` present (sorted as pandas sorts them, or in order of
+    first appearance) and those values."""
+    codes, uniques = zip(*(pd.factorize(frame[k], sort=sort) for k in keys))
+    flat = np.ravel_multi_index(codes, [len(u) for u in uniques]) if len(keys) > 1 else codes[0]
+    inverse, present = pd.factorize(flat, sort=sort)
+    parts = np.unravel_index(present, [len(u) for u in uniques])
+    return inverse, pd.DataFrame({k: np.asarray(u)[part] for k, u, part in zip(keys, uniques, parts)})
+
+
+def pivot_means(frame: pd.DataFrame, index: list[str], columns: list[str], values: list[str], *, sort: bool = True):
+    """``frame.pivot_table(index, columns, values, aggfunc="mean")`` for the (column keys) present, as arrays:
+    ``(means [n_index, len(values) · n_columns] with the values sorted and outermost, index keys, column keys)``,
+    keys sorted (or, ``sort=False``, in order of first appearance; keys must not be missing). A cell without
+    finite values is NaN (pandas' mean skips NaN); the grouped sums are ``np.bincount``'s."""
+    rows, row_keys = _keys(frame, index, sort)
+    cols, col_keys = _keys(frame, columns, sort)
+    cell = rows * len(col_keys) + cols
+    size = len(row_keys) * len(col_keys)
+    out = np.empty((len(row_keys), len(values), len(col_keys)))
+    for j, value in enumerate(sorted(values)):
+        x = frame[value].to_numpy(np.float64)
+        ok = np.isfinite(x)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, j] = (np.bincount(cell[ok], x[ok], size) / np.bincount(cell[ok], minlength=size)).reshape(len(row_keys), -1)
+    return out.reshape(len(row_keys), -1), row_keys, col_keys
 
 
 def null_blocks(n: int, block: int) -> list[tuple[int, int]]:
@@ -86,28 +130,31 @@ def permutation_table(blocks: list[BlockScores], *, seed: int, dataset: str, n_p
 def _pvalues(perms: pd.DataFrame) -> pd.DataFrame:
     """Shards' permutation rows (one dataset) summed per unit, and the one-sided p of each."""
     keys = ["timestep", "layer", "head", "probe"]
-    rows = []
-    for key, g in perms.groupby(keys, sort=False):
-        excess = np.sum(np.stack(list(g.excess)), axis=0) if len(g) > 1 else np.asarray(g.excess.iloc[0])
-        rows.append(dict(zip(keys, key)) | {
-            "p_value": float(permutation_p(excess[:, None], g.scale.sum())[0]),
-            "n_null_images": int(g.n_images.sum()), "n_permutations": int(g.n_permutations.iloc[0])})
-    return pd.DataFrame(rows, columns=[*keys, "p_value", "n_null_images", "n_permutations"])
+    code, units = _keys(perms, keys, sort=False)
+    order = np.argsort(code, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(code[order]) != 0])  # each unit's first row in ``order``
+    excess, scale = list(perms.excess), perms.scale.to_numpy(np.float64)
+    p = np.empty(len(units))
+    for unit, (lo, hi) in enumerate(zip(starts, np.r_[starts[1:], len(order)])):
+        rows = order[lo:hi]  # the unit's shards: their excesses add (the blocks are permuted independently)
+        total = np.sum([excess[r] for r in rows], axis=0, dtype=np.float64)
+        p[code[order[lo]]] = permutation_p(total[:, None], scale[rows].sum())[0]
+    sums = perms.groupby(code).agg(n_null_images=("n_images", "sum"), n_permutations=("n_permutations", "first"))
+    return units.assign(p_value=p, n_null_images=sums.n_null_images.to_numpy().astype(int),
+                        n_permutations=sums.n_permutations.to_numpy().astype(int))
 
 
 def role_tests_table(heads: pd.DataFrame, permutations: dict[str, pd.DataFrame], *, seed: int = 0,
                      correction: str = "fdr_bh") -> pd.DataFrame:
     """Per dataset x timestep x head x probe: ``mean_log``, ``excess`` with CI, ``p_value``, ``q_value`` (module
     docstring). ``permutations``: per dataset, the shards' ``permutation_table`` rows concatenated."""
-    frames = []
-    for dataset, perms in permutations.items():
-        if perms.empty:
-            continue
-        pvals = _pvalues(perms)
-        here = heads[heads.dataset == dataset]
-        for t, g in here.groupby("timestep", sort=True):
-            frames.append(_effects(g, int(t), seed).merge(pvals, on=["timestep", "layer", "head", "probe"], how="left")
-                          .assign(dataset=dataset))
+    pvals = {dataset: _pvalues(perms) for dataset, perms in permutations.items() if not perms.empty}
+    if not pvals:
+        return pd.DataFrame()
+    columns = ["image", "layer", "head", *(f"{p}_{kind}" for p in CONTENT_PROBES for kind in ("log", "excess"))]
+    frames = [_effects(g, int(t), seed).merge(pvals[dataset], on=["timestep", "layer", "head", "probe"], how="left")
+              .assign(dataset=dataset)
+              for (dataset, t), g in frame_groups(heads, ["dataset", "timestep"], columns) if dataset in pvals]
     if not frames:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)
@@ -122,31 +169,24 @@ def role_tests_table(heads: pd.DataFrame, permutations: dict[str, pd.DataFrame],
 
 
 def _effects(g: pd.DataFrame, t: int, seed: int) -> pd.DataFrame:
-    """Mean log score and mean excess with its bootstrap CI per head and probe, over one timestep's images."""
-    cols = [f"{p}_excess" for p in CONTENT_PROBES] + [f"{p}_log" for p in CONTENT_PROBES]
-    wide = g.pivot_table(index="image", columns=["layer", "head"], values=cols, dropna=False)
-    exists = set(zip(g.layer, g["head"]))  # pivot_table(dropna=False) makes every layer x head: keep real heads
-    wide = wide.loc[:, [(layer, head) in exists for _, layer, head in wide.columns]]
-    mean, low, high = column_mean_cis(wide.to_numpy(), n_resamples=_CI_RESAMPLES, seed=seed)
-    index = wide.columns.to_frame(index=False)
-    index.columns = ["column", "layer", "head"]
-    index["probe"] = index.column.str.rsplit("_", n=1).str[0]
-    index["kind"] = index.column.str.rsplit("_", n=1).str[1]
-    index["value"], index["ci_low"], index["ci_high"] = mean, low, high
-    values = wide.to_numpy()
-    index["n_images"] = np.isfinite(values).sum(0)
+    """Mean log score and mean excess per head and probe over one timestep's images, the excess with the
+    percentile interval of its bootstrap resamples (every head and probe on the same resamples) and d_z."""
+    excess, _, cols = pivot_means(g, ["image"], ["layer", "head"], [f"{p}_excess" for p in CONTENT_PROBES])
+    logs, _, _ = pivot_means(g, ["image"], ["layer", "head"], [f"{p}_log" for p in CONTENT_PROBES])
+    probes = np.repeat(sorted(CONTENT_PROBES), len(cols))  # pivot_means: values sorted, outermost
+    mean, low, high = column_mean_cis(excess, n_resamples=_CI_RESAMPLES, seed=seed)
+    n_images = np.isfinite(excess).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: probes without masks
-        sd = np.nanstd(values, axis=0, ddof=1)
-        index["effect_size"] = np.where(sd > 0, mean / sd, np.nan)
-    ex = index[index.kind == "excess"].rename(columns={"value": "excess"})  # effect size: Cohen's d_z of the excess
-    lg = index[index.kind == "log"].rename(columns={"value": "mean_log"})[["layer", "head", "probe", "mean_log"]]
-    out = ex.merge(lg, on=["layer", "head", "probe"])
-    few = out.n_images < MIN_UNITS_FOR_CI  # a percentile interval over so few images is not a 95 % interval
-    out.loc[few, ["ci_low", "ci_high"]] = np.nan
-    return out.assign(timestep=t, ci_resamples=_CI_RESAMPLES)[
-        ["timestep", "layer", "head", "probe", "mean_log", "excess", "ci_low", "ci_high", "ci_resamples", "effect_size",
-         "n_images"]]
+        sd = np.nanstd(excess, axis=0, ddof=1)
+        mean_log = np.nanmean(logs, axis=0)
+    few = n_images < MIN_UNITS_FOR_CI  # a percentile interval over so few images is not a 95 % interval
+    out = pd.concat([cols] * len(CONTENT_PROBES), ignore_index=True).assign(
+        timestep=t, probe=probes, mean_log=mean_log, excess=mean, ci_low=np.where(few, np.nan, low),
+        ci_high=np.where(few, np.nan, high), ci_resamples=_CI_RESAMPLES,
+        effect_size=np.where(sd > 0, mean / sd, np.nan), n_images=n_images)  # effect size: Cohen's d_z of the excess
+    return out[["timestep", "layer", "head", "probe", "mean_log", "excess", "ci_low", "ci_high", "ci_resamples",
+                "effect_size", "n_images"]]
 
 
 def head_roles_table(heads: pd.DataFrame, tests: pd.DataFrame, rules: RoleRules = RoleRules()) -> pd.DataFrame:

@@ -62,7 +62,7 @@ def _denoising(images: pd.DataFrame, seed: int, correction: str = "fdr_bh") -> l
 def _informative_rows(frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None) -> pd.DataFrame:
     if informative is None:
         return frame
-    keep = pd.Series(list(zip(frame.dataset, frame.timestep.astype(int))), index=frame.index).isin(informative)
+    keep = pd.MultiIndex.from_arrays([frame.dataset, frame.timestep.astype(int)]).isin(list(informative))
     return frame[keep]
 
 
@@ -76,33 +76,33 @@ def _entropy(heads: pd.DataFrame, seed: int) -> list[dict]:
 
 
 def _entropy_by_layer(heads: pd.DataFrame) -> list[dict]:
-    out = []
-    grouped = heads.groupby(["dataset", "timestep", "layer"], sort=False)
-    for (dataset, t, layer), g in grouped:
-        n_keys = int(g["n_keys"].max())  # keys per image: the same for every image unless captions are masked
-        out.append({
-            "dataset": dataset, "timestep": int(t), "layer": layer, "n_keys": n_keys,
-            "entropy_nats": float(g["entropy_nats"].mean()), "uniform_nats": float(np.log(g["n_keys"]).mean()),
-            "entropy_norm": float(g["entropy_norm"].mean()),
-        })
-    return out
+    layers = heads[["dataset", "timestep", "layer", "n_keys", "entropy_nats", "entropy_norm"]].assign(
+        uniform_nats=np.log(heads["n_keys"])).groupby(["dataset", "timestep", "layer"], sort=False).agg(
+        n_keys=("n_keys", "max"), entropy_nats=("entropy_nats", "mean"), uniform_nats=("uniform_nats", "mean"),
+        entropy_norm=("entropy_norm", "mean"))  # n_keys: keys per image, the same for every image unless captions are masked
+    return [{"dataset": dataset, "timestep": int(t), "layer": layer, "n_keys": int(r.n_keys),
+             "entropy_nats": float(r.entropy_nats), "uniform_nats": float(r.uniform_nats),
+             "entropy_norm": float(r.entropy_norm)} for (dataset, t, layer), r in layers.iterrows()]
 
 
 def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     """Per dataset, timestep and role (roles are assigned per dataset): its heads, how the role was decided,
     a content role's excess over its null, and the heads' entropy on that dataset (nats, normalised) with CIs."""
+    keys = ["dataset", "timestep", "layer", "head"]
+    labelled = heads[[*keys, "image", "entropy_nats", "entropy_norm"]].assign(uniform_nats=np.log(heads["n_keys"])).merge(
+        roles[[*keys, "role"]], on=keys)  # every head row with its head's role on its dataset and timestep
+    by_role = labelled.groupby(["dataset", "timestep", "role"])
+    per_images = labelled.groupby(["dataset", "timestep", "role", "image"])[["entropy_nats", "entropy_norm"]].mean()
+    uniform = by_role.uniform_nats.mean()
     out = []
     for (dataset, t, role), members in roles.groupby(["dataset", "timestep", "role"], sort=True):
-        keys = set(zip(members.layer, members["head"]))
-        here = heads[(heads.dataset == dataset) & (heads.timestep == t)]
-        rows = here[pd.Series(list(zip(here.layer, here["head"])), index=here.index).isin(keys)]
-        per_image = rows.groupby("image")[["entropy_nats", "entropy_norm"]].mean()
-        entry = {"role": role, "dataset": dataset, "timestep": int(t), "n_heads": len(keys),
+        per_image = per_images.loc[(dataset, t, role)]
+        entry = {"role": role, "dataset": dataset, "timestep": int(t), "n_heads": len(set(zip(members.layer, members["head"]))),
                  "heads": [f"{layer}:{head}" for layer, head in zip(members.layer, members["head"])],
                  "basis": str(members.role_basis.iloc[0]), "definition": ROLE_DEFINITIONS.get(role, ""),
                  "per_dataset": {dataset: {"entropy_nats": _ci_entry(per_image["entropy_nats"].to_numpy(), seed),
                                            "entropy_norm": _ci_entry(per_image["entropy_norm"].to_numpy(), seed),
-                                           "uniform_nats": float(np.log(rows["n_keys"]).mean())}}}
+                                           "uniform_nats": float(uniform.loc[(dataset, t, role)])}}}
         if role in CONTENT_ROLES:
             probe = "object" if role == "semantic" else role
             entry["excess_log"] = {"median": float(members[f"{probe}_excess"].median()),
@@ -182,9 +182,13 @@ def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
         ranges.setdefault(level, {})[method] = [float(g.degradation_pct.min()), float(g.degradation_pct.max())]
     largest = []
+    chosen = {(level, method, target) for (level, method), g in per_target.groupby(["level", "method"], sort=False)
+              for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target}
+    keys = pd.MultiIndex.from_arrays([ablations.level, ablations.method, ablations.target])
+    by_target = ablations[keys.isin(list(chosen))].groupby(["level", "method", "target"], sort=False)
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
         for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target:
-            rows = ablations[(ablations.level == level) & (ablations.method == method) & (ablations.target == target)]
+            rows = by_target.get_group((level, method, target))
             per_image = rows.groupby(["dataset", "image"])["degradation_pct"].mean().to_numpy()
             x0 = rows.x0_mse_intervened.mean() / rows.x0_mse_clean.mean()
             largest.append({"level": level, "method": method, "target": target,
