@@ -620,6 +620,9 @@ def train_tiny(
     Console().print(f"wrote {out} (model card: {out}/README.md)")
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a non-zero exit for every user error."""
     from diffcircuit._threads import threads_restored
@@ -635,8 +638,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffcircuit: error: {exc}", file=sys.stderr)
         return 1
     except (typer.Abort, KeyboardInterrupt):
-        print("diffcircuit: interrupted", file=sys.stderr)
-        return 130
+        result = INTERRUPTED
+    except OSError as exc:  # the file system refused (a full disk, a folder made read-only meanwhile): one line
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"diffcircuit: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if result == INTERRUPTED:  # typer turns Ctrl-C into exit code 130 without a word
+        print("diffcircuit: stopped (Ctrl-C). Run the same command again to continue: a run resumes from the shards it "
+              "finished; nothing half-written is kept.", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 

@@ -314,8 +314,15 @@ def test_ablate_command(small_model_dir, tmp_path, capsys):
     assert set(table.target) == {"mid_block.attentions.0:1", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
                                  "up_blocks.1"}
     assert set(table.method) == {"zero", "noise"} and len(table) == 6 * 2 * 2
-    code, _, err = _run(["ablate", "--out", str(out), "--model", str(small_model_dir), "--n", "2", "--quiet",
-                         "--target", "mid_block.attentions.0", "--sample", "2", "--sample-steps", "4", "--window", "0,500"], capsys)
+    recorded = json.loads((out / "ablate.json").read_text())
+    assert recorded["finished"] and recorded["config"]["methods"] == ["zero", "noise"] and len(recorded["targets"]) == 6
+    sampling = ["--target", "mid_block.attentions.0", "--sample", "2", "--sample-steps", "4", "--window", "0,500"]
+    code, _, err = _run(["ablate", "--out", str(out), "--model", str(small_model_dir), "--n", "2", "--quiet", *sampling],
+                        capsys)
+    assert code == 1 and "different config" in err and len(err.strip().splitlines()) == 1  # not replaced silently
+    out = tmp_path / "sampled"
+    code, _, err = _run(["ablate", "--out", str(out), "--model", str(small_model_dir), "--n", "2", "--quiet", *sampling],
+                        capsys)
     assert code == 0, err
     sampled = pd.read_parquet(out / "tables" / "sampling.parquet")
     assert len(sampled) == 2 and set(sampled.window) == {"0-500"} and sampled.ssim.between(-1, 1).all()
@@ -554,3 +561,55 @@ def test_a_processor_diffcircuit_does_not_reproduce_is_listed_by_info_and_refuse
     code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder), *embeds, "--n", "2", "--ablate-n", "1"], capsys)
     assert code == 1 and "AttnAddedKVProcessor2_0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_output_directories_that_cannot_be_written_or_are_in_use_are_refused_in_one_line(small_model_dir, tmp_path,
+                                                                                         capsys):
+    from diffcircuit.protocol.store import claim_directory
+
+    (tmp_path / "a-file").write_text("not a folder")
+    base = ["--model", str(small_model_dir)]
+    for command in (["run", "--n", "2", "--timesteps", "500", "--ablate-n", "1", "--analyses", "observe", "--quiet"],
+                    ["ablate", "--n", "2", "--target", "mid_block.attentions.0:1", "--quiet"],
+                    ["generate", "--n", "1", "--steps", "2", "--ablate", "mid_block.attentions.0"]):
+        out = tmp_path / "a-file" / ("grid.png" if command[0] == "generate" else "out")
+        code, _, err = _run([command[0], "--out", str(out), *base, *command[1:]], capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (command, err)
+    busy = tmp_path / "busy"
+    with claim_directory(busy):  # another run holds the directory
+        code, _, err = _run(["run", "--out", str(busy), *base, "--n", "2", "--timesteps", "500", "--ablate-n", "1",
+                             "--quiet"], capsys)
+    assert code == 1 and "in use by another diffcircuit run" in err and not (busy / "run.json").exists()
+
+
+def test_a_model_folder_whose_config_is_not_json_is_refused_in_one_line(small_model_dir, tmp_path, capsys):
+    (small_model_dir / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel",\n  oops}')
+    for command in (["info", "--model", str(small_model_dir)],
+                    ["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir), "--quiet"]):
+        code, _, err = _run(command, capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "not valid JSON (line 2" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_latent_transformer_without_its_autoencoder_is_refused_in_one_line(tmp_path, capsys, transformer_folder):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    folder = transformer_folder(tmp_path / "bare-dit", net, "DiTPipeline") / "transformer"
+    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder), "--class-label", "1", "--quiet"],
+                        capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "needs its autoencoder" in err, err
+
+
+def test_ctrl_c_says_the_run_stopped_and_how_to_resume(small_model_dir, tmp_path, capsys, monkeypatch):
+    import diffcircuit.protocol.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_run_stages", interrupted)
+    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir), "--n", "2",
+                         "--timesteps", "500", "--ablate-n", "1", "--quiet"], capsys)
+    assert code == 130 and "stopped (Ctrl-C)" in err and "again" in err

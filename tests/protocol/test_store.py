@@ -18,3 +18,50 @@ def test_atomic_write_replaces_whole_and_leaves_no_temp_on_failure(tmp_path, mon
         atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_a_directory_is_claimed_by_one_process_at_a_time(tmp_path):
+    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit.protocol.store import claim_directory
+
+    with claim_directory(tmp_path / "out"):
+        with pytest.raises(DiffcircuitError, match="in use by another diffcircuit run"):
+            with claim_directory(tmp_path / "out"):
+                pass
+    with claim_directory(tmp_path / "out"):  # released when the first claim ended
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DiffcircuitError, match="cannot write to"):
+        with claim_directory(tmp_path / "file" / "out"):
+            pass
+
+
+def test_a_command_claims_its_directory_with_its_config(tmp_path):
+    import json
+
+    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit.protocol.store import claim_command
+
+    with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}):
+        assert json.loads((tmp_path / "ablate.json").read_text())["config"] == {"n": 2, "timesteps": [500]}
+    with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}):  # the same config runs again
+        pass
+    with pytest.raises(DiffcircuitError, match="different config"):
+        with claim_command(tmp_path, "ablate", {"n": 3, "timesteps": (500,)}):
+            pass
+    with pytest.raises(DiffcircuitError, match="another command"):
+        with claim_command(tmp_path, "discover", {"n": 2}):
+            pass

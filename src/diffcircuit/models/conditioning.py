@@ -21,7 +21,6 @@ then includes the cross-attention layers, whose keys are the prompt's tokens.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.configfile import read_json
 from diffcircuit.models.pipeline_text import (
     encode_with_pipeline,
     is_pooled,
@@ -202,7 +202,7 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
     except ImportError:
         raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
 
-    arch = (json.loads((root / "text_encoder" / "config.json").read_text()).get("architectures") or ["CLIPTextModel"])[0]
+    arch = (read_json(root / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
     cls = getattr(transformers, arch, None)  # CLIPTextModel (Stable Diffusion), T5EncoderModel (PixArt), ...
     if cls is None:
         raise DiffcircuitError(f"{root / 'text_encoder'} names {arch!r}, which transformers does not have")
@@ -283,7 +283,7 @@ def _added_conditions(network: torch.nn.Module) -> dict:
 
 def _pixart_pipeline(root: Path) -> bool:
     index = root / "model_index.json"
-    return index.exists() and str(json.loads(index.read_text()).get("_class_name", "")).startswith("PixArt")
+    return index.exists() and str(read_json(index).get("_class_name", "")).startswith("PixArt")
 
 
 def _masked_prompts(root: Path, prompts: list[str], allow_pickle: bool):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffcircuit.errors import DiffcircuitError
+
 from diffcircuit.data.spec import ImageSet, load_images
 
 __all__ = ["LatentCodec", "model_images"]
@@ -79,6 +81,10 @@ def model_images(den, spec: str, *, n: int, seed: int = 0, skip_bad: bool = Fals
     model, pixels at the autoencoder's size encoded to latents (``pixels`` keeps the images). ``gray`` and
     ``match_to`` (pixels of another set) render the synthetic set grayscale or histogram-matched (``data.spec``)."""
     codec = den.codec
+    if codec is None and den.in_channels not in (1, 3):
+        raise DiffcircuitError(f"{type(den.network).__name__} takes {den.in_channels}-channel inputs, which images are "
+                               "not: a latent model needs its autoencoder — give its pipeline folder, the one with "
+                               "vae/ beside unet/ or transformer/")
     if codec is None:
         return load_images(spec, n=n, size=den.sample_size, channels=den.in_channels, seed=seed, skip_bad=skip_bad,
                            gray=gray, match_to=match_to)

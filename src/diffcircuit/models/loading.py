@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.configfile import read_json
 from diffcircuit.models.conditioning import (
     Captions,
     Conditioning,
@@ -237,7 +238,7 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
 def _network_class(folder: Path):
     import diffusers
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     name = config.get("_class_name", "UNet2DModel")
     cls = getattr(diffusers, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
@@ -257,7 +258,7 @@ def _load_scheduler(root: Path, network_folder: Path, image_tokens: int | None =
         path = candidate / "scheduler_config.json"
         if not path.exists():
             continue
-        config = json.loads(path.read_text())
+        config = read_json(path)
         if is_flow_matching(config):
             sigmas = flow_sigmas(config, image_tokens)
             return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=flow_betas(sigmas).numpy(),

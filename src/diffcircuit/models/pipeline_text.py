@@ -13,12 +13,12 @@ in the order the model sees them, so DAAM maps and token interventions address t
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
 
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.configfile import read_json
 
 __all__ = ["encode_with_pipeline", "is_pooled", "pooled_dims", "pooled_kwargs", "zeros_for_empty_prompt"]
 
@@ -47,14 +47,14 @@ def zeros_for_empty_prompt(root: Path) -> bool:
     index = root / "model_index.json"
     if not index.exists():
         return False
-    config = json.loads(index.read_text())
+    config = read_json(index)
     return str(config.get("_class_name", "")).startswith("StableDiffusionXL") and config.get("force_zeros_for_empty_prompt", True)
 
 
 def _pixels(root: Path, network: torch.nn.Module) -> int:
     """The pixel side of the model's images: its sample size times the VAE's downsampling."""
     vae = root / "vae" / "config.json"
-    levels = len(json.loads(vae.read_text()).get("block_out_channels", [0])) if vae.exists() else 1
+    levels = len(read_json(vae).get("block_out_channels", [0])) if vae.exists() else 1
     size = network.config.sample_size
     return int(size[0] if isinstance(size, (list, tuple)) else size) * 2 ** (levels - 1)
 
@@ -80,7 +80,7 @@ def _load_pipeline(root: Path, allow_pickle: bool):
     if not index.exists():
         raise DiffcircuitError(f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
                                "give --prompt-embeds FILE.safetensors instead")
-    name = json.loads(index.read_text()).get("_class_name", "")
+    name = read_json(index).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "encode_prompt"):
         raise DiffcircuitError(f"{index} names {name!r}, which has no encode_prompt; give --prompt-embeds instead")

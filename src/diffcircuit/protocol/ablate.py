@@ -5,7 +5,7 @@ the evaluated ones (``mean_reference="insample"``: the evaluated images themselv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,7 @@ from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_conditioned, unconditional_input, use_captions
 from diffcircuit.protocol.datasets import reference_split
-from diffcircuit.protocol.store import write_parquet
+from diffcircuit.protocol.store import claim_command, write_json, write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
 
@@ -101,12 +101,19 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
                                "ablation needs one shared --prompt and a folder without captions")
     registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
-    table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
-                           seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
-                           progress=progress, reference=reference)
-    write_parquet(Path(out_dir) / "tables" / "ablations.parquet", table)
-    if cfg.sample > 0:
-        effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window,
-                                   guidance=cfg.guidance, unconditional=unconditional) for t in chosen]
-        write_parquet(Path(out_dir) / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
+    out = Path(out_dir)
+    with claim_command(out, "ablate", asdict(cfg)):  # the inputs are valid: the directory is this command's
+        table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
+                               seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
+                               progress=progress, reference=reference)
+        write_parquet(out / "tables" / "ablations.parquet", table)
+        if cfg.sample > 0:
+            effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window,
+                                       guidance=cfg.guidance, unconditional=unconditional) for t in chosen]
+            write_parquet(out / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
+        write_json(out / "ablate.json", {
+            "config": asdict(cfg), "finished": True, "model_path": str(den.model_path),
+            "conditioning": den.conditioning.description if den.conditioning else None,
+            "targets": [t.name for t in chosen], "mean_reference": None if reference is None else [
+                {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in reference]})
     return table

@@ -45,7 +45,7 @@ from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, use_cap
 from diffcircuit.protocol.config import SYNTHETIC_COLORS, RunConfig
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table
-from diffcircuit.protocol.store import write_json, write_parquet
+from diffcircuit.protocol.store import claim_command, write_json, write_parquet
 
 __all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
 
@@ -161,44 +161,45 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                 progress(name, done[0], total)
         return step
 
-    windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
-    observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
-    found = {k: observe_with_null(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                  dataset=k, masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels,
-                                  blocks=null_blocks(len(s), RunConfig().role_null_block))
-             for k, s in sets.items()}
-    heads = pd.concat([f.heads for f in found.values()], ignore_index=True)
-    perms = {k: permutation_table(f.blocks, seed=cfg.seed, dataset=k, n_permutations=RunConfig().role_permutations)
-             for k, f in found.items()}
-    roles = head_roles_table(heads, role_tests_table(heads, perms, seed=cfg.seed))
-    rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
-    importance = []
-    for key, image_set in sets.items():
-        importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step, references.get(key)))
-        if cfg.ranking == "attribution":
-            rank_step(cfg.n * len(cfg.timesteps))
-    importance = pd.concat(importance, ignore_index=True)
-    table, circuits, curves = discover_circuits(
-        den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
-        taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-        ranking=_ranking_name(cfg), metric=cfg.metric, references=references, correction="fdr_bh")
-    out = Path(out_dir)
-    for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
-                        ("circuit_complexity", circuit_complexity(circuits))):
-        write_parquet(out / "tables" / f"{name}.parquet", frame)
-    for c in circuits:
-        write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
-    write_json(out / "discover.json", {
-        "config": asdict(cfg), "model_path": str(den.model_path),
-        "conditioning": den.conditioning.description if den.conditioning else None,
-        "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k], "rendering": s.rendering,
-                         "in_training_set": in_training[k],
-                         "mean_reference": None if not references else [
-                             {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in references[k]]}
-                     for k, s in sets.items()},
-        "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "metric", "tau", "claimed", "claim", "gap", "heads",
-                                            "faithfulness", "recovered_without_circuit", "n_necessary", "size_range",
-                                            "size_ci", "resamples", "overlap_with_other", "complexity")}
-                     for c in circuits],
-    })
+    with claim_command(Path(out_dir), "discover", asdict(cfg)):  # the inputs are valid: the directory is ours
+        windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
+        observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
+        found = {k: observe_with_null(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                      dataset=k, masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels,
+                                      blocks=null_blocks(len(s), RunConfig().role_null_block))
+                 for k, s in sets.items()}
+        heads = pd.concat([f.heads for f in found.values()], ignore_index=True)
+        perms = {k: permutation_table(f.blocks, seed=cfg.seed, dataset=k, n_permutations=RunConfig().role_permutations)
+                 for k, f in found.items()}
+        roles = head_roles_table(heads, role_tests_table(heads, perms, seed=cfg.seed))
+        rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
+        importance = []
+        for key, image_set in sets.items():
+            importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step, references.get(key)))
+            if cfg.ranking == "attribution":
+                rank_step(cfg.n * len(cfg.timesteps))
+        importance = pd.concat(importance, ignore_index=True)
+        table, circuits, curves = discover_circuits(
+            den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
+            taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
+            ranking=_ranking_name(cfg), metric=cfg.metric, references=references, correction="fdr_bh")
+        out = Path(out_dir)
+        for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
+                            ("circuit_complexity", circuit_complexity(circuits))):
+            write_parquet(out / "tables" / f"{name}.parquet", frame)
+        for c in circuits:
+            write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
+        write_json(out / "discover.json", {
+            "config": asdict(cfg), "finished": True, "model_path": str(den.model_path),
+            "conditioning": den.conditioning.description if den.conditioning else None,
+            "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k], "rendering": s.rendering,
+                             "in_training_set": in_training[k],
+                             "mean_reference": None if not references else [
+                                 {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in references[k]]}
+                         for k, s in sets.items()},
+            "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "metric", "tau", "claimed", "claim", "gap", "heads",
+                                                "faithfulness", "recovered_without_circuit", "n_necessary", "size_range",
+                                                "size_ci", "resamples", "overlap_with_other", "complexity")}
+                         for c in circuits],
+        })
     return DiscoveryResult(circuits=circuits, table=table, curves=curves, roles=roles, labels=specs)

@@ -70,7 +70,7 @@ from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, training_overlap
-from diffcircuit.protocol.store import Shards, write_json, write_parquet
+from diffcircuit.protocol.store import Shards, claim_directory, write_json, write_parquet
 from diffcircuit.protocol.tasks import (
     Context,
     Task,
@@ -278,7 +278,15 @@ def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str
 def _run_protocol(cfg: RunConfig, out_dir: Path, progress) -> RunResult:
     _check_out_dir(out_dir, cfg)
     ctx = Context.build(cfg)
-    # inputs are valid: from here on the directory is this run's (run.json claims it for this config)
+    # inputs are valid: the directory is this process's while it runs (a second run there is refused)
+    with claim_directory(out_dir):
+        _check_out_dir(out_dir, cfg)  # again, under the lock: another run may have claimed it meanwhile
+        return _claimed_run(ctx, out_dir, progress)
+
+
+def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
+    cfg = ctx.cfg
+    # from here on the directory is this run's (run.json claims it for this config)
     write_json(out_dir / "run.json", {"results_key": cfg.results_key()})
     for stale in out_dir.rglob(".*.tmp"):  # writes a killed run never finished: never read, so remove them
         stale.unlink(missing_ok=True)

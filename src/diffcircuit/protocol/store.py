@@ -8,19 +8,30 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["Shards", "atomic_write_bytes", "encode_part", "write_json", "write_parquet"]
+from diffcircuit.errors import DiffcircuitError
+
+__all__ = ["Shards", "atomic_write_bytes", "claim_command", "claim_directory", "encode_part", "write_json", "write_parquet"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, with the permissions a
+    plain ``open`` would give it (0666 less the umask: colleagues can read a shared run; ``mkstemp`` alone gives 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -110,3 +121,60 @@ class Shards:
         files = [f"{part}.parquet" for part in parts]
         got = self.ensure(name, files, lambda: dict(zip(files, compute(), strict=True)), on_resume)
         return [got[f] for f in files]
+
+
+LOCK_NAME = ".diffcircuit.lock"
+
+
+@contextmanager
+def claim_directory(out_dir: Path, what: str = "run") -> Iterator[Path]:
+    """Hold ``out_dir`` for this process while the ``with`` block runs: an exclusive lock on a file in it, taken
+    at once or refused in one line (another command is writing there), released when the block ends or the
+    process dies. A directory that cannot be created or written is refused in one line too."""
+    import fcntl
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise DiffcircuitError(f"cannot write to {out_dir}: {exc.strerror or exc}; choose another output directory") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DiffcircuitError(f"{out_dir} is in use by another diffcircuit {what} (it holds {LOCK_NAME}); wait "
+                                   "for it to finish or choose another output directory") from None
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise DiffcircuitError(f"cannot write to {out_dir}: permission denied; choose another output directory")
+        yield out_dir
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+_RECORDS = ("run.json", "ablate.json", "discover.json")  # the file with which each command claims its directory
+
+
+@contextmanager
+def claim_command(out_dir: Path, command: str, config: dict) -> Iterator[Path]:
+    """``claim_directory`` for a command that writes ``<command>.json`` (its config) first: a directory holding
+    another command's results, or this command's with another config, is refused; the same config is run again
+    (deterministic: the same files, nothing stale beside them)."""
+    config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
+    with claim_directory(out_dir, command):
+        record = Path(out_dir) / f"{command}.json"
+        other = [name for name in _RECORDS if name != record.name and (Path(out_dir) / name).exists()]
+        if other:
+            raise DiffcircuitError(f"{out_dir} holds the results of another command ({other[0]}); choose another output "
+                                   "directory")
+        if record.exists():
+            try:
+                old = json.loads(record.read_text()).get("config")
+            except ValueError:
+                old = None
+            if old != config:
+                raise DiffcircuitError(f"{out_dir} holds a {command} with a different config ({record.name}); choose "
+                                       "another output directory")
+        else:
+            write_json(record, {"config": config, "finished": False})
+        yield Path(out_dir)
