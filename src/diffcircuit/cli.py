@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -202,7 +203,7 @@ def run(
     circuit_resamples: Annotated[int | None, typer.Option("--circuit-resamples", help="Image resamples for circuit stability and CIs [10].")] = None,
     circuit_taus: Annotated[str | None, typer.Option("--circuit-taus", help="Comma-separated fractions of the gap L_empty - L_full a circuit may lose, with 0.05 [0.02,0.05,0.1].")] = None,
     circuit_metric: Annotated[str | None, typer.Option("--circuit-metric", help="Circuit loss: 'eps' (ε-MSE, default) or 'output' (distance to the full model's ε̂, as ACDC).")] = None,
-    analyses: Annotated[str | None, typer.Option("--analyses", help="Comma-separated: ablation, patching, attribution, discovery [all].")] = None,
+    analyses: Annotated[str | None, typer.Option("--analyses", help="Comma-separated: ablation, patching, attribution, discovery, or none (observation only) [all].")] = None,
     correction: Annotated[str | None, typer.Option("--correction", help="fdr_bh (default, Benjamini-Hochberg) or holm.")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
@@ -446,7 +447,7 @@ def calibrate(
     model: ModelOpt = "embedded",
     data: Annotated[str, typer.Option("--data", help="One distribution: 'synthetic', 'faces', 'nonfaces' or a folder.")] = "faces",
     n: Annotated[int, typer.Option("--n")] = 100,
-    timestep: Annotated[int, typer.Option("--timestep")] = 500,
+    timestep: Annotated[int, typer.Option("--timesteps", "--timestep", help="The one timestep to calibrate at.")] = 500,
     splits: Annotated[int, typer.Option("--splits", help="Random half-vs-half splits.")] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Also check the ablation measures (the primary one) [on].")] = True,
@@ -623,13 +624,35 @@ def train_tiny(
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
 
+@contextmanager
+def _one_line_warnings():
+    """diffcircuit's own warnings (``DiffcircuitWarning``) printed as one line each, not as Python's warning form."""
+    import warnings
+
+    from diffcircuit.errors import DiffcircuitWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DiffcircuitWarning):
+            print(f"diffcircuit: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a non-zero exit for every user error."""
     from diffcircuit._threads import threads_restored
 
     command = typer.main.get_command(app)
     try:
-        with threads_restored():  # --threads holds for this command only
+        with threads_restored(), _one_line_warnings():  # --threads holds for this command only
             result = command.main(args=argv, prog_name="diffcircuit", standalone_mode=False)
     except _UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)

@@ -69,3 +69,35 @@ def test_bad_files_name_the_file_or_are_skipped(tmp_path):
 def test_empty_folder_is_refused(tmp_path):
     with pytest.raises(DiffcircuitError, match="no images"):
         load_images(str(tmp_path), n=1, size=8, channels=3)
+
+
+def test_symlinked_subfolders_are_followed_once_and_gif_bmp_tiff_are_read(tmp_path):
+    import os
+
+    from diffcircuit.data.folder import folder_images, list_images
+
+    elsewhere = tmp_path / "elsewhere"
+    solid = np.full((10, 10, 3), (10, 120, 250), dtype=np.uint8)
+    for name in ("a.gif", "b.bmp", "c.tiff"):
+        _save(elsewhere / name, solid, "RGB")
+    root = tmp_path / "data"
+    _save(root / "own.png", solid, "RGB")
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root, elsewhere / "back")  # a loop: must not be walked forever, nor twice
+    names = [p.relative_to(root).as_posix() for p in list_images(root)]
+    assert names == ["linked/a.gif", "linked/b.bmp", "linked/c.tiff", "own.png"]
+    images, _ = folder_images(root, n=4, size=10, channels=3)
+    expected = solid.transpose(2, 0, 1) / 127.5 - 1  # GIF's palette holds the three exact colours
+    for image in images:
+        np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
+def test_a_skipped_image_is_a_diffcircuit_warning(tmp_path):
+    from diffcircuit.data.folder import folder_images
+    from diffcircuit.errors import DiffcircuitWarning
+
+    _save(tmp_path / "b.png", np.zeros((10, 10, 3), dtype=np.uint8), "RGB")
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    with pytest.warns(DiffcircuitWarning, match="a.png"):
+        images, names = folder_images(tmp_path, n=1, size=8, channels=3, skip_bad=True)
+    assert names == ["b.png"]

@@ -46,3 +46,37 @@ def test_analyses_and_circuit_taus_are_validated_and_read_from_strings():
                          ({"circuit_taus": "0.02,0.1"}, "including 0.05"), ({"circuit_taus": "a"}, "comma-separated numbers")]:
         with pytest.raises(DiffcircuitError, match=message):
             RunConfig.from_mapping(bad)
+
+
+@pytest.mark.parametrize("text", ["100,", ",100", "1,,2", " "])
+def test_timesteps_with_an_empty_part_are_refused_not_read_as_fewer(text):
+    with pytest.raises(DiffcircuitError, match="comma-separated integers|at least one timestep"):
+        parse_timesteps(text)
+    with pytest.raises(DiffcircuitError, match="comma-separated integers|at least one timestep"):
+        RunConfig.from_mapping({"timesteps": text})
+
+
+def test_an_empty_timestep_list_is_refused_as_such():
+    with pytest.raises(DiffcircuitError, match="at least one timestep"):
+        RunConfig(timesteps=())
+
+
+def test_a_single_yaml_value_is_a_list_of_one_and_none_means_no_analyses(tmp_path):
+    from diffcircuit.protocol.config import load_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("timesteps: 500\ncircuit_taus: 0.05\nanalyses: none\n")
+    cfg = RunConfig.from_mapping(load_config_file(path), source=str(path))
+    assert cfg.timesteps == (500,) and cfg.circuit_taus == (0.05,) and cfg.analyses == ()
+    assert RunConfig.from_mapping({"analyses": "none"}).analyses == ()
+    with pytest.raises(DiffcircuitError, match="analyses"):
+        RunConfig.from_mapping({"analyses": ""})
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    from diffcircuit.protocol.config import load_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("n: 8\nseed: 1\ntimesteps: [100, 500\n")
+    with pytest.raises(DiffcircuitError, match=r"not valid YAML \(line 4, column 1\)"):
+        load_config_file(path)

@@ -1,6 +1,7 @@
-"""Any image folder (recursive; png/jpg/jpeg/webp), prepared the way diffusers pipelines do.
+"""Any image folder (recursive, following symlinked subfolders; png/jpg/jpeg/webp/gif/bmp/tiff), prepared the way
+diffusers pipelines do.
 
-Files are taken in sorted path order (the first ``n``). Each image is converted to the model's
+Files are taken in sorted path order (the first ``n``); an animated GIF gives its first frame. Each image is converted to the model's
 channel count (RGB or L: palette, CMYK and grayscale images are converted; an alpha channel is
 dropped; 16-bit images are scaled to 8-bit range, not clipped), centre-cropped to a square,
 resized with Lanczos to the model's size, and mapped to [-1, 1] as ``x / 127.5 - 1``. CelebA's
@@ -15,18 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import DiffcircuitError, DiffcircuitWarning
 
 __all__ = ["IMAGE_SUFFIXES", "MIN_SIDE", "folder_images", "list_images", "prepare_image"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 8  # pixels; smaller images carry too little to resize meaningfully
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under ``folder`` (recursive, symlinked subfolders followed once each: no loop), sorted."""
+    import os
+
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 def _to_mode(im, channels: int):
@@ -85,7 +96,7 @@ def folder_images(folder: Path, *, n: int, size: int, channels: int, skip_bad: b
         except DiffcircuitError as exc:
             if not skip_bad:
                 raise DiffcircuitError(f"{exc} (pass --skip-bad to skip unreadable files)") from None
-            warnings.warn(f"skipping {exc}", stacklevel=2)
+            warnings.warn(f"skipping {exc}", DiffcircuitWarning, stacklevel=2)
             continue
         names.append(str(path.relative_to(folder)))
     if len(images) < n:

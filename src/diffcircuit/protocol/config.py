@@ -13,14 +13,13 @@ __all__ = ["ANALYSES", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COL
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
-    """``"100,500,900"`` -> ``(100, 500, 900)``; a clear error for anything else."""
+    """``"100,500,900"`` -> ``(100, 500, 900)``; a clear error for anything else (an empty part included)."""
+    if not str(text).strip():
+        raise DiffcircuitError("give at least one timestep, e.g. 100,500,900")
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(int(part) for part in str(text).split(","))
     except ValueError:
         raise DiffcircuitError(f"timesteps must be comma-separated integers like 100,500,900, not {text!r}") from None
-    if not values:
-        raise DiffcircuitError("give at least one timestep")
-    return values
 
 
 ANALYSES = ("ablation", "patching", "attribution", "discovery")
@@ -132,6 +131,8 @@ class RunConfig:
             raise DiffcircuitError(f"ablation methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}")
         if self.seed < 0:
             raise DiffcircuitError(f"--seed must be >= 0, not {self.seed}")
+        if not self.timesteps:
+            raise DiffcircuitError("give at least one timestep, e.g. --timesteps 100,500,900")
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
             raise DiffcircuitError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
@@ -223,8 +224,14 @@ def _coerce(key: str, value, hint, source: str):
             raise bad
         return float(value)
     inner = typing.get_args(hint)[0]  # tuple[int, ...], tuple[float, ...] or tuple[str, ...]
+    if key == "analyses" and value in ("none", ["none"], ("none",)):
+        return ()  # no intervention analysis: observation only
     if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+        value = [v.strip() for v in value.split(",")]
+        if not all(value):  # "" or "100," or "a,,b": an empty part is a typo, not nothing
+            raise bad
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]  # YAML's `timesteps: 500`: one value
     if not isinstance(value, (list, tuple)):
         raise bad
     try:
@@ -253,7 +260,10 @@ def load_config_file(path: str | Path) -> dict:
     except OSError as exc:
         raise DiffcircuitError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise DiffcircuitError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DiffcircuitError(f"config {path} is not valid YAML{where}: {problem}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -295,7 +305,7 @@ _COMMENTS = {
     "circuit_resamples": "bootstrap resamples of images for circuit stability",
     "circuit_taus": "fractions of the gap L_empty - L_full (all heads ablated vs none) a circuit may lose; 0.05 is the primary",
     "circuit_metric": "circuit loss: eps (ε-MSE against the true noise) or output (distance to the full model's ε̂, as ACDC)",
-    "analyses": "intervention analyses: ablation, patching, attribution, discovery (discovery needs ablation)",
+    "analyses": "intervention analyses: ablation, patching, attribution, discovery (discovery needs ablation), or none",
     "correction": "multiple-comparison correction within each test family: fdr_bh (Benjamini-Hochberg) or holm",
 }
 
