@@ -34,6 +34,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from diffcircuit._version import __version__
+
+        print(f"diffcircuit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Circuit-level mechanistic interpretability of diffusion models."""
 console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="'embedded', a local diffusers folder, or a hub id.")]
@@ -42,6 +58,7 @@ PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Text-conditione
 PromptEmbedsOpt = Annotated[str | None, typer.Option("--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'.")]
 ClassLabelOpt = Annotated[int | None, typer.Option("--class-label", help="Class-conditional models (DiT): the class (default: the null class).")]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Sampling a conditional model: classifier-free guidance scale (1: none).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars; print only the results.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for this process (0: one per core). On a shared node "
                                          "give each job its share of the cores.")]
 
@@ -89,6 +106,7 @@ def info(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     threads: ThreadsOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
     _threads(threads)
@@ -98,14 +116,17 @@ def info(
     from diffcircuit.instrument.session import probe_registry
     from diffcircuit.models.loading import load_conditioned
 
-    den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
-                           class_label=class_label)
+    den, text_unknown = _info_model(model, allow_pickle, prompt, prompt_embeds, class_label)
     sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
     note = None
     try:
         registry = probe_registry(den, sample, torch.zeros(1, dtype=torch.long))
     except DiffcircuitError as exc:  # an attention processor diffcircuit does not reproduce: listed, not measured
         registry, note = HeadRegistry.from_model(den.network), str(exc)
+    if text_unknown:  # probed with a placeholder prompt: the text keys' count is the prompt's, unknown here
+        registry = HeadRegistry.from_model(den.network, geometry={
+            i.layer: (i.query_grid, None if i.kind == "cross" else i.n_keys) for i in registry.layers})
+        note = "no prompt given: cross-attention keys are the prompt's tokens (give --prompt-embeds to count them)"
     if as_json:
         print(json.dumps({"model_path": str(den.model_path), "class": type(den.network).__name__,
                           "conditioning": den.conditioning.description if den.conditioning else None,
@@ -123,11 +144,32 @@ def info(
                     + (f"; geometry unknown: {note}" if note else ""))
 
 
+def _info_model(model, allow_pickle, prompt, prompt_embeds, class_label):
+    """``(denoiser, text keys unknown)``: listing layers needs no prompt, so a text-conditioned network that has no
+    encoder to make one (a pipeline's unet/ alone) is probed with a one-token placeholder instead of refused."""
+    from dataclasses import replace
+
+    from diffcircuit.models.conditioning import placeholder_text
+    from diffcircuit.models.loading import load_conditioned, load_denoiser
+
+    try:
+        return load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
+                                class_label=class_label), False
+    except DiffcircuitError:
+        if prompt is not None or prompt_embeds is not None or class_label is not None:
+            raise
+        den = load_denoiser(model, allow_pickle=allow_pickle)
+        placeholder = placeholder_text(den.network)
+        if placeholder is None:
+            raise
+        return replace(den, conditioning=placeholder), True
+
+
 def _headline(summary: dict) -> Table:
     entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"]["mean"] for e in summary["entropy"]}
     table = Table(title="diffcircuit: denoising and attention entropy (means over images)")
-    for col in ("dataset", "t", "ε-MSE", "ε-MSE trivial", "x₀-MSE", "x₀-MSE trivial", "entropy/ln(keys)"):
-        table.add_column(col, justify="right")
+    for col in ("dataset", "t", "ε-MSE", "ε-MSE trivial", "x₀-MSE", "x₀-MSE trivial", "entropy / ln keys"):
+        table.add_column(col, justify="right", overflow="fold")  # narrow terminals: wrap, never cut
     for d in summary["denoising"]:
         spec = summary["datasets"][d["dataset"]]["spec"]
         table.add_row(spec, str(d["timestep"]), f"{d['eps_mse']['mean']:.4g}", f"{d['eps_mse_trivial']['mean']:.4g}",
@@ -307,7 +349,8 @@ def ablate(
                        mean_reference=mean_reference, names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
                        sample_steps=sample_steps, window=_window(window), guidance=guidance)
     with _Bars(quiet) as bars:
-        table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating"))
+        table = run_ablations(cfg, out, progress=lambda k: bars.update("ablate", advance=k, description="ablating",
+                                                                       total=cfg.n * len(cfg.timesteps)))
     if not quiet:
         means = table.groupby(["level", "target", "method", "timestep"], sort=False)[["degradation_pct"]].mean()
         result = Table(title="mean degradation of ε-MSE (%)")
@@ -428,6 +471,7 @@ def generate(
     guidance: GuidanceOpt = 1.0,
     allow_pickle: PickleOpt = False,
     threads: ThreadsOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Sample the same seeds with and without an intervention and save a side-by-side grid."""
     _threads(threads)
@@ -437,7 +481,9 @@ def generate(
     cfg = GenerateConfig(model=model, allow_pickle=allow_pickle, ablate=names, method=method, scale=scale, n=n,
                          steps=steps, seed=seed, window=_window(window), prompt=prompt, prompt_embeds=prompt_embeds,
                          class_label=class_label, guidance=guidance)
-    result = run_generate(cfg, out)
+    with _Bars(quiet) as bars:
+        result = run_generate(cfg, out, progress=lambda k: bars.update("sample", advance=k, total=2 * steps,
+                                                                       description="sampling (clean, intervened)"))
     print(f"{result.target.name}: pixel MSE {result.metrics.pixel_mse.mean():.4g}, SSIM {result.metrics.ssim.mean():.3f} "
           f"over {n} samples; wrote {out} and {out.with_suffix('.json')}")
 
@@ -456,6 +502,7 @@ def calibrate(
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     threads: ThreadsOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Split one distribution in random halves many times; for every complexity measure (the primary first), print
     the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
@@ -540,6 +587,7 @@ def cache(
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
     threads: ThreadsOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
     _threads(threads)
@@ -563,18 +611,22 @@ def cache(
     use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
     registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
     chosen = [registry.layer(name).layer for name in layers or []] or None
-    result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed, batch_size=batch_size,
-                               registry=registry)
+    with _Bars(quiet) as bars:
+        result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed,
+                                   batch_size=batch_size, registry=registry,
+                                   progress=lambda k: bars.update("cache", advance=k, total=n * len(steps),
+                                                                  description="caching head outputs"))
     Console().print(f"wrote {sum(len(result.files(t)) for t in steps)} shards of {len(result.layers)} layers to {out}")
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")], quiet: QuietOpt = False) -> None:
     """Rebuild summary.json and report.html from a run directory's tables."""
     from diffcircuit.report import finalize_run
 
     finalize_run(run_dir)
-    Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
+    if not quiet:
+        Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
 
 
 @app.command("train-tiny")

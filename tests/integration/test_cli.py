@@ -523,9 +523,13 @@ def test_a_text_model_without_a_text_encoder_needs_prompt_embeddings(tmp_path, c
 
     net = text_unet(text_dim=24)
     folder = save_denoiser(tmp_path / "cond", net, DDPMScheduler())  # a UNet alone: no tokenizer, no text encoder
-    for args in (["info", "--model", str(folder)], ["run", "--out", str(tmp_path / "run"), "--model", str(folder)]):
-        code, _, err = _run(args, capsys)
-        assert code == 1 and "give --prompt-embeds" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _run(["info", "--json", "--model", str(folder)], capsys)  # listing layers needs no prompt
+    assert code == 0, err
+    listed = json.loads(out)
+    assert {l["n_keys"] for l in listed["layers"] if l["kind"] == "cross"} == {None} and "no prompt" in listed["note"]
+    assert all(l["n_keys"] == math.prod(l["query_grid"]) for l in listed["layers"] if l["kind"] == "self")
+    code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(folder)], capsys)
+    assert code == 1 and "give --prompt-embeds" in err and len(err.strip().splitlines()) == 1  # running it needs one
     code, _, err = _run(["discover", "--out", str(tmp_path / "ab"), "--model", str(folder)], capsys)
     assert code == 1 and "give --prompt-embeds" in err  # discover takes conditional models the same way
     assert not (tmp_path / "run").exists() and not (tmp_path / "ab").exists()
@@ -614,3 +618,38 @@ def test_ctrl_c_says_the_run_stopped_and_how_to_resume(small_model_dir, tmp_path
     code, _, err = _run(["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir), "--n", "2",
                          "--timesteps", "500", "--ablate-n", "1", "--quiet"], capsys)
     assert code == 130 and "stopped (Ctrl-C)" in err and "again" in err
+
+
+def test_version_and_quiet_on_every_command(capsys):
+    from diffcircuit import __version__
+
+    code, out, _ = _run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"diffcircuit {__version__}"
+    commands = ["info", "run", "ablate", "discover", "generate", "calibrate", "guidance", "cache", "report", "train-tiny"]
+    for command in commands:
+        code, out, _ = _run([command, "--help"], capsys)
+        assert code == 0 and "--quiet" in out, command
+
+
+def test_generate_reports_progress_over_a_known_number_of_steps(small_model_dir, tmp_path):
+    from diffcircuit.protocol.generate import GenerateConfig, run_generate
+
+    steps = []
+    cfg = GenerateConfig(model=str(small_model_dir), ablate=("mid_block.attentions.0",), n=1, steps=3)
+    run_generate(cfg, tmp_path / "grid.png", progress=steps.append)
+    assert sum(steps) == 2 * 3  # clean and intervened sampling, every DDIM step
+
+
+def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
+    from rich.console import Console
+
+    from diffcircuit.cli import _headline
+
+    row = {"mean": 0.123456}
+    summary = {"entropy": [{"dataset": "a", "timestep": 500, "entropy_norm": row}],
+               "denoising": [{"dataset": "a", "timestep": 500, "eps_mse": row, "eps_mse_trivial": row, "x0_mse": row,
+                              "x0_mse_trivial": row}], "datasets": {"a": {"spec": "synthetic"}}}
+    console = Console(width=60, record=True)
+    console.print(_headline(summary))
+    text = console.export_text()
+    assert "…" not in text and "0.1235" in text and "keys" in text

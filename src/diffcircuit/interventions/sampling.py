@@ -10,6 +10,7 @@ documents them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import numpy as np
@@ -68,7 +69,7 @@ def _guided(den, x, t, guidance: float, unconditional, session, step_means: dict
 def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: Target | None = None,
                   window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
                   step_means: dict | None = None, record_layers: tuple[str, ...] = (), guidance: float = 1.0,
-                  unconditional=None) -> torch.Tensor:
+                  unconditional=None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """``n`` images ``[n, C, H, W]`` in [-1, 1] by DDIM (η = 0) from seeded noise.
 
     With a ``target``, while the step's timestep lies in ``window`` (inclusive; None = every step),
@@ -95,13 +96,15 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
             session = stack.enter_context(instrument(net, cache_heads=record_layers)) if record_layers else None
             out = _guided(denoiser, x, t.to(x.device), guidance, unconditional, session, step_means, i)
         x = scheduler.step(out, t, x).prev_sample
+        if progress is not None:
+            progress(1)
     return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1).cpu()  # pixels either way
 
 
 def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
                        window: tuple[int, int] | None = None, method: str = "zero",
                        scale: float | None = None, guidance: float = 1.0,
-                       unconditional=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       unconditional=None, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(clean, intervened)`` samples from the same seeded noise.
 
     Mean ablation replaces a head's output, at each step, by its mean over the clean samples at
@@ -110,7 +113,7 @@ def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50,
     _check(target, method, scale)
     means: dict = {}
     layers = tuple(dict.fromkeys(a.layer for a in target.heads)) if method == "mean" else ()
-    guide = dict(guidance=guidance, unconditional=unconditional)
+    guide = dict(guidance=guidance, unconditional=unconditional, progress=progress)
     clean = sample_images(denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers, **guide)
     changed = sample_images(denoiser, n=n, steps=steps, seed=seed, target=target, window=window, method=method,
                             scale=scale, step_means=means if method == "mean" else None, **guide)

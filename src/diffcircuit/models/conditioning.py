@@ -37,7 +37,8 @@ from diffcircuit.models.pipeline_text import (
     zeros_for_empty_prompt,
 )
 
-__all__ = ["Captions", "Conditioning", "caption_conditioning", "conditioning_kwargs", "make_conditioning", "needed_inputs"]
+__all__ = ["Captions", "Conditioning", "caption_conditioning", "conditioning_kwargs", "make_conditioning", "needed_inputs",
+           "placeholder_text"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,17 @@ def conditioning_kwargs(conditioning: Conditioning, batch: int, device: torch.de
     if rows is not None and len(rows) != batch:
         raise DiffcircuitError(f"a batch of {batch} images was given {len(rows)} captioned rows")
     return {name: expand(value) for name, value in conditioning.kwargs.items()}
+
+
+def placeholder_text(network: torch.nn.Module) -> Conditioning | None:
+    """One zero text token for a network that only needs ``encoder_hidden_states`` (a text-conditioned UNet or
+    PixArt): enough to run it for its geometry, not to analyse it. None where it needs more (pooled models)."""
+    needs = needed_inputs(network)
+    if needs != ["encoder_hidden_states"] or is_pooled(network):
+        return None
+    dim = int(getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim)
+    return Conditioning({"encoder_hidden_states": torch.zeros(1, 1, dim), **_added_conditions(network)},
+                        "a placeholder token (no prompt given)")
 
 
 def _null_class(network: torch.nn.Module) -> int | None:

@@ -109,8 +109,9 @@ def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
     return buf.getvalue()
 
 
-def run_generate(cfg: GenerateConfig, out: str | Path) -> GenerateResult:
-    """Sample clean and intervened images; write the grid PNG and ``<out>.json`` with per-sample metrics."""
+def run_generate(cfg: GenerateConfig, out: str | Path, *, progress=None) -> GenerateResult:
+    """Sample clean and intervened images; write the grid PNG and ``<out>.json`` with per-sample metrics.
+    ``progress(k)``: k more denoising steps done (2 x steps in all)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise DiffcircuitError(f"--out must name a .png file, not {str(out)!r}")
@@ -125,7 +126,7 @@ def run_generate(cfg: GenerateConfig, out: str | Path) -> GenerateResult:
         raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")
     clean, changed = controlled_samples(den, target, n=cfg.n, steps=cfg.steps, seed=cfg.seed, window=cfg.window,
                                         method=cfg.method, scale=cfg.scale, guidance=cfg.guidance,
-                                        unconditional=unconditional)
+                                        unconditional=unconditional, progress=progress)
     metrics = sample_metrics(clean, changed)
     what = f"{cfg.method}" + (f" x{cfg.scale:g}" if cfg.scale is not None else "")
     window = "every step" if cfg.window is None else f"t in [{cfg.window[0]}, {cfg.window[1]}]"
