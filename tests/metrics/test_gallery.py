@@ -119,3 +119,23 @@ def test_flux_maps_equal_the_probabilities_of_diffusers_flux_processor(flux_fold
     tokens = token_maps(den, latents, registry=registry, tokens=[f"<{j}>" for j in range(5)], timesteps=[300])
     for r in tokens[(tokens.layer == "transformer_blocks.0.attn") & (tokens.head == 0)].itertuples():
         np.testing.assert_allclose(r.map, double[r.image, 0, 5:, r.token].numpy(), atol=1e-5)
+
+
+def test_maps_take_head_strings_and_the_callers_own_noisy_inputs(small_unet):
+    from diffcircuit.metrics import attention_maps as exported
+    from diffcircuit.models.noise import noisy_batch
+
+    assert exported is attention_maps
+    den = Denoiser(network=small_unet, scheduler=DDPMScheduler(), model_path=".", source="t")
+    images, masks, _ = synthetic_images(2, size=16, seed=5)
+    queries = object_queries(masks, 2, 16)
+    by_address = attention_maps(den, images, heads=[probe_registry(den).parse("mid_block.attentions.0:1")],
+                                timestep=400, queries=queries)
+    by_string = attention_maps(den, images, heads=["mid_block.attentions.0:1"], timestep=400, queries=queries)
+    batch = noisy_batch(den, images, np.arange(2), 400, seed=0, dataset="a")  # the same inputs, made by the caller
+    given = attention_maps(den, heads=["mid_block.attentions.0:1"], queries=queries, x_t=batch.x_t, t=batch.t)
+    other = attention_maps(den, heads=["mid_block.attentions.0:1"], queries=queries, x_t=batch.x_t.flip(0), t=batch.t)
+    for a, b, c in zip(by_address["map"], by_string["map"], given["map"]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-6)
+    assert not np.allclose(np.stack(given["map"]), np.stack(other["map"]))  # the maps follow the inputs given

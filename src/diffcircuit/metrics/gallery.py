@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
+from diffcircuit.instrument.session import probe_registry
 from diffcircuit.models.noise import noisy_batch
 
 __all__ = ["attention_maps", "object_queries", "token_heatmaps", "token_maps"]
@@ -84,11 +86,9 @@ def _flux_qk(attn, inputs: dict, n_text: int) -> _LayerQK:
     return _LayerQK(q[:, n_text:], k, slice(n_text, k.shape[1]), slice(0, n_text))
 
 
-def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timestep: int, seed: int,
-                 dataset: str) -> dict[str, _LayerQK]:
-    """Each of ``layers``' queries and keys on the noised ``images`` (one forward of the untouched model)."""
+def _projections(denoiser, x_t: torch.Tensor, t: torch.Tensor, rows, layers: Sequence[str]) -> dict[str, _LayerQK]:
+    """Each of ``layers``' queries and keys at inputs ``x_t`` (one forward of the untouched model)."""
     modules = dict(attention_modules(denoiser.network))
-    batch = noisy_batch(denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset)
     got: dict[str, dict] = {layer: {} for layer in layers}
     text_length = [0]  # Flux: the text length its double-stream blocks see, for the single-stream ones after
     handles = []
@@ -109,12 +109,25 @@ def _projections(denoiser, images: np.ndarray, layers: Sequence[str], *, timeste
                     got[layer][part] = out.detach().float()
                 handles.append(getattr(module, part).register_forward_hook(output))
     try:
-        denoiser.predict(batch.x_t, batch.t, rows=batch.which)
+        denoiser.predict(x_t, t, rows=rows)
     finally:
         for h in handles:
             h.remove()
     return {layer: _flux_qk(modules[layer], got[layer], got[layer]["n_text"]) if "n_text" in got[layer]
             else _standard_qk(modules[layer], got[layer]) for layer in layers}
+
+
+def _inputs(denoiser, images, timestep, seed: int, dataset: str, x_t, t):
+    """``(x_t, t, rows)``: the caller's noisy inputs, or ``images`` noised at ``timestep`` (each its seeded draw)."""
+    if x_t is not None:
+        if t is None:
+            raise DiffcircuitError("attention maps at given inputs x_t need their timestep indices t")
+        t = torch.as_tensor(t).expand(len(x_t)) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t)
+        return x_t, t, (dataset, np.arange(len(x_t)))
+    if images is None or timestep is None:
+        raise DiffcircuitError("attention maps need images and a timestep, or noisy inputs x_t and t")
+    batch = noisy_batch(denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset)
+    return batch.x_t, batch.t, batch.which
 
 
 def _head_probs(qk: _LayerQK, head: int, rows=slice(None)) -> torch.Tensor:
@@ -124,15 +137,24 @@ def _head_probs(qk: _LayerQK, head: int, rows=slice(None)) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress], timestep: int,
-                   queries: Sequence[tuple[float, float]], seed: int = 0, dataset: str = "a") -> pd.DataFrame:
+def attention_maps(denoiser, images: np.ndarray | None = None, *, heads: Sequence[HeadAddress | str],
+                   timestep: int | None = None, queries: Sequence[tuple[float, float]], seed: int = 0,
+                   dataset: str = "a", x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                   registry: HeadRegistry | None = None) -> pd.DataFrame:
     """One row per image x head: the attention map (keys on the layer's grid, row-major) from ``queries[i]``.
+
+    ``heads``: addresses or their strings (``"mid_block.attentions.0:3"``). The inputs: ``images`` noised at
+    ``timestep`` as every analysis noises them (each image's seeded draw), or the caller's own noisy inputs ``x_t``
+    at timestep indices ``t`` (then ``images`` is not needed; the ``timestep`` column is ``t``'s).
 
     Self- and joint-attention layers on a square grid only; a joint head's map is the attention its image query
     gives the image keys (the rest of the row goes to the text). Images are noised as everywhere else.
     """
-    layers = _projections(denoiser, images, list(dict.fromkeys(a.layer for a in heads)), timestep=timestep, seed=seed,
-                          dataset=dataset)
+    if any(isinstance(a, str) for a in heads):
+        registry = registry or probe_registry(denoiser)
+        heads = [registry.parse(a) if isinstance(a, str) else a for a in heads]
+    x_t, t, which = _inputs(denoiser, images, timestep, seed, dataset, x_t, t)
+    layers = _projections(denoiser, x_t, t, which, list(dict.fromkeys(a.layer for a in heads)))
     rows = []
     for address in heads:
         qk = layers[address.layer]
@@ -144,7 +166,7 @@ def attention_maps(denoiser, images: np.ndarray, *, heads: Sequence[HeadAddress]
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N
             probs = _head_probs(qk, address.head, rows=slice(at, at + 1))[i, 0, qk.image_keys]
-            rows.append({"dataset": dataset, "image": i, "timestep": timestep, "layer": address.layer,
+            rows.append({"dataset": dataset, "image": i, "timestep": int(t[i]), "layer": address.layer,
                          "head": address.head, "grid": side, "query_y": row, "query_x": col,
                          "map": probs.float().cpu().numpy()})
     return pd.DataFrame(rows)
@@ -161,7 +183,8 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
     cross = [i for i in registry.layers if i.kind in ("cross", "joint") and i.query_grid]
     rows = []
     for t in timesteps:
-        layers = _projections(denoiser, images, [i.layer for i in cross], timestep=t, seed=seed, dataset=dataset)
+        batch = noisy_batch(denoiser, images, np.arange(len(images)), t, seed=seed, dataset=dataset)
+        layers = _projections(denoiser, batch.x_t, batch.t, batch.which, [i.layer for i in cross])
         for info in cross:
             qk = layers[info.layer]
             for head in range(info.heads):
