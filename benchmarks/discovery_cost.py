@@ -65,7 +65,9 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}  images per dataset: {n}  resamples: {cfg.circuit_resamples}")
     for c in circuits:
         print(json.dumps({"dataset": c["dataset"], "window": c["window"], "claimed": c["claimed"], "heads": c["heads"],
-                          "size_interval": c["size_interval"], "size_range": c["size_range"], "size_ci": c["size_ci"]}))
+                          "size_interval": c["size_interval"], "size_range": c["size_range"], "size_ci": c["size_ci"],
+                          "boot_sizes": c["boot_sizes"], "selection_frequency": c["selection_frequency"],
+                          "by_tau": [b["size"] for b in c["by_tau"]], "necessary": c["necessary"]}))
     print(f"discovery_forward_calls: {cost.forward_calls}")
     print(f"discovery_image_forwards: {cost.image_forwards}")
     print(f"discovery_seconds: {cost.seconds:.1f}")

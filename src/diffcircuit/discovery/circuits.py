@@ -50,103 +50,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import torch
 
-from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
-from diffcircuit.instrument.session import instrument, probe_registry
-from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, clean_activations, reference_moments
-from diffcircuit.models.diffusion import eps_mse_per_image
-from diffcircuit.models.noise import noisy_batch
+from diffcircuit.discovery.loss import METRICS, CircuitLoss, ResampledLoss
+from diffcircuit.instrument.registry import HeadAddress
 
 __all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "ResampledLoss", "circuit_curve", "curve_sizes", "gap_test",
-           "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "ranking_auc"]
+           "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "prune_heads", "ranking_auc"]
 
-METRICS = ("eps", "output")
 GAP_ALPHA = 0.05  # one-sided level of the gap test (Benjamini–Hochberg over a run's dataset x window tests)
-
-
-class CircuitLoss:
-    """L(S): per-image loss with the heads in S ablated, on fixed noisy inputs (clean statistics cached).
-
-    ``per_image(S)`` is ``[n_images]`` (the mean over the window's timesteps); calling the loss gives
-    its mean. Evaluations are cached by head set; ``evaluations`` counts the forward passes made.
-    """
-
-    def __init__(self, denoiser, images: np.ndarray, *, timesteps: Sequence[int], method: str = "mean", seed: int = 0,
-                 dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None,
-                 metric: str = "eps", reference: Sequence[ReferenceImages] | None = None):
-        """``dataset`` labels the noise draws; ``which`` = (dataset, indices) says which images of which dataset
-        ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``). ``reference``: the
-        images mean ablation takes its means from (None: ``images`` themselves, in-sample)."""
-        if method not in ("mean", "zero"):
-            raise ValueError("circuit losses use mean or zero ablation")
-        if metric not in METRICS:
-            raise ValueError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
-        self.den, self.net, self.method, self.metric = denoiser, denoiser.network, method, metric
-        self.which = which or (dataset, np.arange(len(images)))
-        x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
-        self.n_images = len(x0)
-        self.registry = registry or probe_registry(denoiser, x0[:1])
-        self.heads = list(self.registry)
-        self.inputs, self.means, self.targets = [], [], []
-        with torch.no_grad():
-            for t_val in timesteps:  # the noise is keyed by ``dataset`` and the position in ``images``
-                b = noisy_batch(denoiser, x0, np.arange(len(x0)), t_val, seed=seed, dataset=dataset)
-                eps, t, x_t = b.eps, b.t, b.x_t
-                moments = ActivationMoments()
-                if reference is not None:  # e.g. held-out images: no evaluated image is part of its own mean
-                    moments = reference_moments(denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0))
-                else:
-                    moments.add(clean_activations(denoiser, self.registry, x_t, t, [], rows=self.which)[1])
-                self.inputs.append((x_t, t))
-                self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
-                # what ε̂ is compared with: the true noise, or the full model's own ε̂ (ACDC's output distance)
-                self.targets.append(eps if metric == "eps" else self._eps_hat(len(self.inputs) - 1, {}))
-        self._cache: dict[frozenset, np.ndarray] = {}
-        self.evaluations = 0
-
-    def _eps_hat(self, i: int, patches: dict) -> torch.Tensor:
-        x_t, t = self.inputs[i]
-        with instrument(self.den, registry=self.registry, patches=patches):
-            return self.den.predict_eps(x_t, t, rows=self.which)  # [batch, C, H, W]
-
-    @torch.no_grad()
-    def per_image(self, ablated: Sequence[HeadAddress]) -> np.ndarray:
-        """``[n_images]``: each image's loss with ``ablated`` removed, averaged over the window's timesteps."""
-        key = frozenset(ablated)
-        if key not in self._cache:
-            self.evaluations += 1
-            total = np.zeros(self.n_images)
-            for i, means in enumerate(self.means):
-                patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in key}
-                total += eps_mse_per_image(self._eps_hat(i, patches), self.targets[i]).cpu().double().numpy()
-            self._cache[key] = total / len(self.means)
-        return self._cache[key]
-
-    def __call__(self, ablated: Sequence[HeadAddress]) -> float:
-        return float(self.per_image(ablated).mean())
-
-    def resampled(self, draw: Sequence[int]) -> ResampledLoss:
-        """The loss on a bootstrap resample ``draw`` of the images (indices, with repeats)."""
-        return ResampledLoss(self, draw)
-
-
-class ResampledLoss:
-    """A bootstrap resample of a ``CircuitLoss``'s images: L(S) is the mean of the parent's per-image losses
-    over the drawn images, repeats counted. The unit resampled is the image with its noise draw (keyed by the
-    image, not by its position in the resample) and the ablation's mean stays the parent's reference, so every
-    head set is evaluated once, by the parent, for all its images, and shared by every resample."""
-
-    def __init__(self, base: CircuitLoss, draw: Sequence[int]):
-        self.base, self.draw = base, np.asarray(draw, dtype=np.int64)
-        self.heads, self.method, self.metric, self.registry = base.heads, base.method, base.metric, base.registry
-        self.n_images = len(self.draw)
-
-    def per_image(self, ablated: Sequence[HeadAddress]) -> np.ndarray:
-        return self.base.per_image(ablated)[self.draw]
-
-    def __call__(self, ablated: Sequence[HeadAddress]) -> float:
-        return float(self.per_image(ablated).mean())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +101,7 @@ def gap_test(loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 
 
     from diffcircuit.stats.bootstrap import mean_ci
 
+    _prefetch(loss, [[], loss.heads])
     full, empty = loss.per_image([]), loss.per_image(loss.heads)
     diff = empty - full  # [n_images]
     mean, low, high = mean_ci(diff, seed=seed)
@@ -232,6 +144,14 @@ class Circuit:
         return self._recovered(self.loss_without_circuit)
 
 
+def _prefetch(loss, sets) -> None:
+    """Tell a loss that can stack evaluations (``CircuitLoss``, ``ResampledLoss``, a lockstep view) which head sets
+    come next, so that it evaluates them together; a plain callable is just called later."""
+    prefetch = getattr(loss, "prefetch", None)
+    if prefetch is not None:
+        prefetch([list(s) for s in sets])
+
+
 def passes_tau(value: float, full: float, empty: float, tau: float) -> bool:
     """L − L_full ≤ τ · (L_empty − L_full): the loss is within τ of the gap from the full model."""
     return value - full <= tau * (empty - full)
@@ -239,27 +159,28 @@ def passes_tau(value: float, full: float, empty: float, tau: float) -> bool:
 
 def _circuit(loss, kept: Sequence[HeadAddress], tau: float, full: float, empty: float) -> Circuit:
     outside = [a for a in loss.heads if a not in kept]
+    _prefetch(loss, [outside, kept])
     return Circuit(heads=tuple(sorted(kept)), tau=tau, method=loss.method, metric=getattr(loss, "metric", "eps"),
                    loss_full=full, loss_empty=empty, loss_circuit=loss(outside), loss_without_circuit=loss(list(kept)))
 
 
 def necessary_heads(loss, heads: Sequence[HeadAddress], tau: float) -> tuple[HeadAddress, ...]:
     """The heads of ``heads`` whose ablation, on top of everything outside ``heads``, breaks τ."""
-    full, empty = loss([]), loss(loss.heads)
     outside = [a for a in loss.heads if a not in heads]
+    _prefetch(loss, [[], loss.heads, *([*outside, h] for h in heads)])
+    full, empty = loss([]), loss(loss.heads)
     return tuple(sorted(h for h in heads if not passes_tau(loss([*outside, h]), full, empty, tau)))
 
 
-def prune_circuit(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped") -> Circuit:
-    """Remove heads, least important first, while the circuit stays within τ of the gap.
-
-    With no positive gap (ablating every head costs nothing) the circuit is empty: nothing to recover.
-    """
+def prune_heads(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped") -> tuple[HeadAddress, ...]:
+    """The heads ``prune_circuit`` keeps (without evaluating the circuit's own losses): all heads but those removed,
+    least important first, while the removal set stays within τ of the gap; none when there is no positive gap."""
     if search not in ("grouped", "sequential"):
         raise ValueError(f"search must be 'grouped' or 'sequential', not {search!r}")
+    _prefetch(loss, [[], loss.heads])
     full, empty = loss([]), loss(loss.heads)
     if empty <= full:
-        return _circuit(loss, [], tau, full, empty)
+        return ()
     removed: list[HeadAddress] = []
 
     def passes(extra: Sequence[HeadAddress]) -> bool:
@@ -281,7 +202,16 @@ def prune_circuit(loss, importance: dict[HeadAddress, float], tau: float, *, sea
                 i += 1  # this head stays, decided as one-at-a-time decides it given the removals so far
             else:
                 size //= 2
-    return _circuit(loss, [a for a in loss.heads if a not in removed], tau, full, empty)
+    return tuple(a for a in loss.heads if a not in removed)
+
+
+def prune_circuit(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped") -> Circuit:
+    """Remove heads, least important first, while the circuit stays within τ of the gap.
+
+    With no positive gap (ablating every head costs nothing) the circuit is empty: nothing to recover.
+    """
+    kept = prune_heads(loss, importance, tau, search=search)
+    return _circuit(loss, list(kept), tau, loss([]), loss(loss.heads))
 
 
 def curve_sizes(n_heads: int) -> list[int]:
@@ -296,9 +226,11 @@ def curve_sizes(n_heads: int) -> list[int]:
 def circuit_curve(loss, importance: dict[HeadAddress, float], sizes: Sequence[int] | None = None) -> list[dict]:
     """Faithfulness and recovered_without_circuit of the top-k heads by importance, for each size k."""
     order = sorted(loss.heads, key=lambda a: (-importance.get(a, 0.0), str(a)))
+    sizes = curve_sizes(len(order)) if sizes is None else sizes
+    _prefetch(loss, [[], loss.heads, *(s for k in sizes for s in (order[k:], order[:k]))])
     full, empty = loss([]), loss(loss.heads)
     out = []
-    for k in curve_sizes(len(order)) if sizes is None else sizes:
+    for k in sizes:
         c = _circuit(loss, order[:k], float("nan"), full, empty)
         out.append({"size": int(k), "loss_full": full, "loss_empty": empty, "loss_circuit": c.loss_circuit,
                     "loss_without_circuit": c.loss_without_circuit, "faithfulness": c.faithfulness,

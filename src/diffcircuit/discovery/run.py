@@ -47,7 +47,9 @@ from diffcircuit.discovery.circuits import (
     jaccard,
     necessary_heads,
     prune_circuit,
+    prune_heads,
 )
+from diffcircuit.discovery.lockstep import lockstep
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.stats.tests import correct_pvalues
 
@@ -151,32 +153,38 @@ def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple,
     }
 
 
-def _discover_one(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, test: GapTest,
-                  dataset: str, window: list[int], registry: HeadRegistry, taus: Sequence[float], ranking: str,
-                  metric: str):
-    """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window, whose loss and
-    (family-corrected) gap test are given."""
-    name = window_name(window)
+def _unit_jobs(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, registry: HeadRegistry,
+               taus: Sequence[float]) -> tuple[dict, list]:
+    """``(scores, jobs)`` for one claimed dataset x window: prune at every τ, necessity at the primary τ, the curve,
+    and the primary τ's pruning on every resample (importance re-estimated on the resampled images)."""
     scores = _importance(here, registry)
-    record = {"dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "metric": metric,
-              "tau": PRIMARY_TAU, "ranking": ranking, "claimed": test.significant, "gap": test.to_dict(),
-              "loss_full": loss([]), "loss_empty": loss(loss.heads)}
-    base = [{"dataset": dataset, "window": name, "head": str(a), "importance_pct": scores.get(a, float("nan")),
-             "claimed": test.significant} for a in registry]
-    if not test.significant:
-        rows = [r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")} for tau in taus for r in base]
-        return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
-    found = {tau: prune_circuit(loss, scores, tau) for tau in taus}
-    necessary = necessary_heads(loss, found[PRIMARY_TAU].heads, PRIMARY_TAU)
-    curve = circuit_curve(loss, scores)
-    boot = []
+    jobs = [(lambda v, tau=tau: prune_circuit(v, scores, tau), loss) for tau in taus]
+    jobs += [(lambda v: necessary_heads(v, prune_circuit(v, scores, PRIMARY_TAU).heads, PRIMARY_TAU), loss),
+             (lambda v: circuit_curve(v, scores), loss)]
     # each head's mean degradation per image (over the window's timesteps): [targets, images], image i in column i
     per_image = here.groupby(["target", "image"]).degradation_pct.mean().unstack("image").reindex(columns=range(len(x)))
     targets, matrix = [registry.parse(t) for t in per_image.index], per_image.to_numpy()
     for draw in draws:  # the same resampled image indices for both datasets
         counts = np.bincount(draw, minlength=len(x))
         scores_b = dict(zip(targets, matrix @ counts / counts.sum()))  # importance on the resample, repeats counted
-        boot.append(prune_circuit(loss.resampled(draw), scores_b, PRIMARY_TAU).heads)
+        jobs.append((lambda v, s=scores_b: prune_heads(v, s, PRIMARY_TAU), loss.resampled(draw)))
+    return scores, jobs
+
+
+def _unit_record(scores: dict, results: list, *, loss: CircuitLoss, test: GapTest, dataset: str, window: list[int],
+                 registry: HeadRegistry, taus: Sequence[float], ranking: str, metric: str):
+    """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window from its jobs' results
+    (None: no claimed circuit, nothing searched)."""
+    name = window_name(window)
+    record = {"dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "metric": metric,
+              "tau": PRIMARY_TAU, "ranking": ranking, "claimed": test.significant, "gap": test.to_dict(),
+              "loss_full": loss([]), "loss_empty": loss(loss.heads)}
+    base = [{"dataset": dataset, "window": name, "head": str(a), "importance_pct": scores.get(a, float("nan")),
+             "claimed": test.significant} for a in registry]
+    if results is None:
+        rows = [r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")} for tau in taus for r in base]
+        return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
+    found, (necessary, curve), boot = dict(zip(taus, results)), results[len(taus):len(taus) + 2], results[len(taus) + 2:]
     frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
     rows = [r | {"tau": tau, "in_circuit": registry.parse(r["head"]) in c.heads,
                  "selection_frequency": frequency[registry.parse(r["head"])]} for tau, c in found.items() for r in base]
@@ -187,7 +195,7 @@ def _discover_one(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: Circu
 
 def _gap_tests(losses: dict, *, seed: int, correction: str) -> dict:
     """Every dataset x window's gap test, corrected together: each is a claim that a circuit exists."""
-    raw = {key: gap_test(loss, seed=seed) for key, loss in losses.items()}
+    raw = dict(zip(losses, lockstep([(lambda v: gap_test(v, seed=seed), loss) for loss in losses.values()])))
     q = correct_pvalues([t.p_value for t in raw.values()], correction)
     return {key: t.corrected(qk, len(raw), correction) for (key, t), qk in zip(raw.items(), q)}
 
@@ -220,20 +228,28 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     losses = {(d, tuple(w)): CircuitLoss(denoiser, x, timesteps=w, dataset=d, seed=seed, registry=registry, metric=metric,
                                          reference=references.get(d)) for w in family for d, x in images.items()}
     tests = _gap_tests(losses, seed=seed, correction=correction)
+    units, jobs = [], []  # every claimed dataset x window's searches run in one lockstep
     for window in windows:
         rng = np.random.default_rng([seed, *window])  # per window: one window's draws do not depend on the others
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
             key = (dataset, tuple(window))
-            r, record, curve, boot = _discover_one(x, here, draws, loss=losses[key], test=tests[key], dataset=dataset,
-                                                   window=window, registry=registry, taus=taus, ranking=ranking,
-                                                   metric=metric)
-            rows, curves = rows + r, curves + curve
-            circuits.append(record)
-            boot_sets[(dataset, record["window"])] = boot
-            if progress is not None:
-                progress(1)
+            scores, unit = _unit_jobs(x, here, draws, loss=losses[key], registry=registry, taus=taus)
+            unit = unit if tests[key].significant else []
+            units.append((dataset, window, scores, slice(len(jobs), len(jobs) + len(unit)) if unit else None))
+            jobs += unit
+    results = lockstep(jobs)
+    for dataset, window, scores, part in units:
+        key = (dataset, tuple(window))
+        r, record, curve, boot = _unit_record(scores, None if part is None else results[part], loss=losses[key],
+                                              test=tests[key], dataset=dataset, window=window, registry=registry,
+                                              taus=taus, ranking=ranking, metric=metric)
+        rows, curves = rows + r, curves + curve
+        circuits.append(record)
+        boot_sets[(dataset, record["window"])] = boot
+        if progress is not None:
+            progress(1)
     _add_pairs(circuits, boot_sets)
     return pd.DataFrame(rows), circuits, pd.DataFrame(curves, columns=CURVE_COLUMNS)
 

@@ -1,0 +1,89 @@
+"""Many searches over circuit losses in lockstep: each round, every search's next head sets in shared forwards.
+
+A *job* is any function of a loss (``prune_circuit``, ``necessary_heads``, ``circuit_curve``,
+``gap_test``, a composition of them) paired with the loss it runs on (a ``CircuitLoss`` or a
+``ResampledLoss``). ``lockstep`` runs every job to its end by replay: each round it calls each
+unfinished job afresh on a view of its loss that answers from the cache and, at the first head set
+(or ``prefetch`` group) not yet evaluated, notes it and stops that job. The noted sets of all jobs are
+then evaluated together (``evaluate_sets``: distinct sets once, on the union of the images asked for,
+stacked up to ``stack_rows`` rows a forward), and the next round replays again, now further.
+
+A job's calls are those of the same function run alone on the loss, in the same order, answered with
+the same cached values, so it returns what that run returns (the searches are deterministic given the
+losses): lockstep changes how many forwards the losses cost, never a result. Rounds are as many as
+the longest job's sequence of dependent evaluations; replaying costs a job its own bookkeeping again
+(cache look-ups), not forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from diffcircuit.discovery.loss import CircuitLoss, ResampledLoss, evaluate_sets
+
+__all__ = ["lockstep"]
+
+
+class _Pending(Exception):
+    """A job reached head sets that are not evaluated yet."""
+
+
+class _Replay:
+    """A loss view for one round of one job: cached values only; the first missing set(s) stop the job."""
+
+    def __init__(self, view: CircuitLoss | ResampledLoss):
+        self.view = view
+        self.need: list[frozenset] = []
+
+    def __getattr__(self, name: str):  # heads, method, metric, registry, n_images: the loss's own
+        return getattr(self.view, name)
+
+    def _ready(self, sets) -> None:
+        if not hasattr(self.view, "known"):  # a plain loss (a function of the head set): computed when called
+            return
+        missing = [frozenset(s) for s in sets if not self.view.known(s)]
+        if missing:
+            self.need = missing
+            raise _Pending
+
+    def prefetch(self, sets) -> None:
+        self._ready(list(sets))
+
+    def per_image(self, ablated) -> np.ndarray:
+        self._ready([ablated])
+        return self.view.per_image(ablated)
+
+    def __call__(self, ablated) -> float:
+        self._ready([ablated])
+        return self.view(ablated)
+
+
+def _request(view, key: frozenset):
+    if isinstance(view, ResampledLoss):
+        return view.base, key, view.images
+    return view, key, np.arange(view.n_images)
+
+
+def lockstep(jobs: Sequence[tuple[Callable, CircuitLoss | ResampledLoss]], *,
+             on_round: Callable[[int], None] | None = None) -> list:
+    """``[fn(view) for fn, view in jobs]``, with the head sets every unfinished job needs next evaluated together
+    each round. ``on_round(n_requests)`` is told each round's number of requested sets (for cost reports)."""
+    results: list = [None] * len(jobs)
+    active = list(range(len(jobs)))
+    while active:
+        requests, still = [], []
+        for j in active:
+            fn, view = jobs[j]
+            replay = _Replay(view)
+            try:
+                results[j] = fn(replay)
+            except _Pending:
+                still.append(j)
+                requests += [_request(view, key) for key in replay.need]
+        if on_round is not None and requests:
+            on_round(len(requests))
+        evaluate_sets(requests)
+        active = still
+    return results
