@@ -104,14 +104,19 @@ def _fused_kernel(q, k, kv, scale: float, *, kv_as_keys: bool):
     return out, lse[..., : q.shape[2]]
 
 
-def _fused_moments(weighted: torch.Tensor, feats: torch.Tensor, mean_feats: torch.Tensor) -> torch.Tensor:
-    """``_moments`` without padding ``weighted`` (the wide one); ``mean_feats`` [B, C] is its constant column."""
-    b, h, n_q, c = weighted.shape
-    out = weighted.new_empty(b, h, c + 1, c + 1)
-    out[..., :, 1:] = torch.einsum("bhqf,bqg->bhgf", weighted, F.pad(feats, (1, 0), value=1.0)).div_(n_q)
-    out[..., 1:, 0] = mean_feats[:, None]  # M[g, 1] = mean_i g_i: Σ_j p_ij = 1
-    out[..., 0, 0] = 1.0
-    return out
+def _fused_moments(out: torch.Tensor, feats: torch.Tensor, mean_feats: torch.Tensor) -> torch.Tensor:
+    """``_moments`` of the kernel output's last C channels (A = P F; ``out`` [B, h, Q, W]), as one product of the
+    query-side channels [1, *features] with every output channel in the kernel's token-major layout (no copy of
+    A), then the feature columns picked; ``mean_feats`` [B, C] is the constant column (Σ_j p_ij = 1)."""
+    b, h, n_q, width = out.shape
+    c = feats.shape[-1]
+    per_token = out.transpose(1, 2).reshape(b, n_q, h * width)  # [B, Q, h*W]: a view of what the kernels write
+    summed = torch.bmm(F.pad(feats, (1, 0), value=1.0).transpose(1, 2), per_token)  # [B, 1+C, h*W]
+    moments = out.new_empty(b, h, c + 1, c + 1)
+    moments[..., :, 1:] = summed.view(b, c + 1, h, width)[..., width - c:].transpose(1, 2) / n_q
+    moments[..., 1:, 0] = mean_feats[:, None]  # M[g, 1] = mean_i g_i
+    moments[..., 0, 0] = 1.0
+    return moments
 
 
 def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Tensor | None,
@@ -134,7 +139,7 @@ def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Te
         q_pk = out[..., :d].mul_(query).sum(-1)  # q_i · (PK)_i  [B, h, Q] (PK is not needed after)
         result = _entropy_stats(torch.sub(lse.float(), q_pk, alpha=scale), stats)  # H_i
     if feats is not None:
-        result["moments"] = _fused_moments(out[..., kv.shape[-1] - feats.shape[-1]:], feats, mean_feats)
+        result["moments"] = _fused_moments(out, feats, mean_feats)
     return None if value is None else out[..., d : 2 * d].to(query.dtype), result
 
 
