@@ -164,6 +164,12 @@ def _critical_summary(critical: pd.DataFrame) -> dict:
     return out
 
 
+def _pairs(frame: pd.DataFrame) -> list[tuple[str, int]]:
+    """The (dataset, timestep) pairs of ``frame``, sorted."""
+    pairs = frame[["dataset", "timestep"]].drop_duplicates()
+    return sorted(zip(pairs.dataset, pairs.timestep.astype(int)))
+
+
 def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
               informative: frozenset[tuple[str, int]] | None = None, top: int = 5) -> dict:
     """Degradation range per level and method, the largest effects, and the critical components, at informative
@@ -174,9 +180,9 @@ def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
     the random-set distribution of their size (``protocol.analyses.critical_table``).
     """
     named = ablations[ablations.level != "random"]
-    pairs = sorted(set(zip(named.dataset, named.timestep.astype(int))))
+    pairs = _pairs(named)
     ablations = _informative_rows(named, informative)
-    used = sorted(set(zip(ablations.dataset, ablations.timestep.astype(int))))
+    used = _pairs(ablations)
     per_target = ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"].mean().reset_index()
     ranges = {}
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
