@@ -57,6 +57,8 @@ def _keys(frame: pd.DataFrame, keys: list[str], sort: bool = True) -> tuple[np.n
     """Each row's code among the distinct values of ``keys`` present (sorted as pandas sorts them, or in order of
     first appearance) and those values."""
     codes, uniques = zip(*(pd.factorize(frame[k], sort=sort) for k in keys))
+    if len(frame) == 0:
+        return np.zeros(0, np.int64), pd.DataFrame({k: np.asarray(u) for k, u in zip(keys, uniques)})
     flat = np.ravel_multi_index(codes, [len(u) for u in uniques]) if len(keys) > 1 else codes[0]
     inverse, present = pd.factorize(flat, sort=sort)
     parts = np.unravel_index(present, [len(u) for u in uniques])
@@ -77,8 +79,8 @@ def pivot_means(frame: pd.DataFrame, index: list[str], columns: list[str], value
         x = frame[value].to_numpy(np.float64)
         ok = np.isfinite(x)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, j] = (np.bincount(cell[ok], x[ok], size) / np.bincount(cell[ok], minlength=size)).reshape(len(row_keys), -1)
-    return out.reshape(len(row_keys), -1), row_keys, col_keys
+            out[:, j] = (np.bincount(cell[ok], x[ok], size) / np.bincount(cell[ok], minlength=size)).reshape(out[:, j].shape)
+    return out.reshape(len(row_keys), len(values) * len(col_keys)), row_keys, col_keys
 
 
 def null_blocks(n: int, block: int) -> list[tuple[int, int]]:
