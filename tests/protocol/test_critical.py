@@ -98,6 +98,25 @@ def test_uninformative_timesteps_do_not_make_a_component_critical():
     row = critical_table(ab, seed=0, informative=keep).set_index("target").loc["L0"]
     assert not row.critical and row.timesteps == "a@500,b@500"
     assert row.degradation_pct == pytest.approx(_per_image(ab, "L0", keep).mean())
+    none = critical_table(ab, seed=0, informative=frozenset())  # no informative timestep: nothing is tested
+    assert none.empty and "critical" in none
+
+
+def test_components_tested_together_equal_each_tested_alone():
+    """critical_table tests every component on shared draws; each row equals ``random_set_test`` of that component
+    against its null members alone (the same draws for the same seed)."""
+    from diffcircuit.stats.tests import random_set_test
+
+    ab = _ablations({500: 20.0, 900: 3.0})
+    crit = critical_table(ab, seed=1, n_resamples=500).set_index(["level", "target"])
+    heads = np.column_stack([_per_image(ab, f"L:{h}") for h in range(N_HEADS)])
+    alone = random_set_test(heads[:, 3], np.delete(heads, 3, axis=1), n_resamples=500, seed=1)
+    row = crit.loc[("head", "L:3")]
+    assert (row.p_images, row.ci_low, row.ci_high, row.frac_sets_beaten_ci_low) == pytest.approx(
+        (alone.p_units, alone.ci_low, alone.ci_high, alone.frac_beaten_ci_low), rel=1e-12)
+    sets = np.column_stack([_per_image(ab, f"random4.{r}") for r in range(R)])
+    alone = random_set_test(_per_image(ab, "L1").to_numpy(), sets, n_resamples=500, seed=1)
+    assert crit.loc[("layer", "L1")].p_value == pytest.approx(alone.p_value, rel=1e-12)
 
 
 def test_a_significantly_harmless_component_is_not_counted_significant():
