@@ -2,8 +2,9 @@
 
 Times, in one run, the embedded model's forward on a batch of 64 synthetic images at t = 500:
 the default diffusers processors, the fused capture (entropy, perplexity and all probe moments on
-every head, probe maps included), and the naive reference capture. Medians of repeated runs.
-The last line is ``capture_overhead_ratio: <fused / plain>``.
+every head, probe maps included), and the naive reference capture; and the probe maps alone (their
+share of the capture). Medians of repeated runs, in three interleaved rounds (their ratios show the
+machine's noise). The last line is ``capture_overhead_ratio: <fused / plain>``.
 
     .venv/bin/python benchmarks/capture_overhead.py [--batch 64] [--repeats 15]
 """
@@ -48,17 +49,27 @@ def main() -> None:
                 session.pop(stat)
         return run
 
+    grids = sorted({info.query_grid for info in registry.layers if info.query_grid})
+
+    def maps():  # the probe maps alone (metrics.probes): part of the fused capture's time, not attention's
+        features = ProbeFeatures(x0, masks)
+        for grid in grids:
+            features(grid)
+
     # interleave the variants so drifts in machine load hit all of them alike
-    rounds = {"plain": [], "fused": [], "naive": []}
-    fns = {"plain": plain, "fused": capture("fused"), "naive": capture("naive")}
+    rounds = {"plain": [], "fused": [], "naive": [], "maps": []}
+    fns = {"plain": plain, "fused": capture("fused"), "naive": capture("naive"), "maps": maps}
     for _ in range(3):
         for name, fn in fns.items():
             rounds[name].append(median_seconds(fn, max(1, args.repeats // 3)))
-    t_plain, t_fused, t_naive = (statistics.median(rounds[k]) for k in ("plain", "fused", "naive"))
+    t_plain, t_fused, t_naive, t_maps = (statistics.median(rounds[k]) for k in ("plain", "fused", "naive", "maps"))
     print(f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}")
     print(f"plain forward:         {t_plain * 1000:8.1f} ms")
     print(f"fused capture forward: {t_fused * 1000:8.1f} ms")
+    print(f"  of which probe maps: {t_maps * 1000:8.1f} ms  ({t_maps / t_plain:.3f} of the plain forward)")
     print(f"naive capture forward: {t_naive * 1000:8.1f} ms")
+    spread = [fused / plain for fused, plain in zip(rounds["fused"], rounds["plain"])]
+    print("capture overhead per round: " + " ".join(f"{r:.3f}" for r in spread))  # machine-load noise
     print(f"naive_overhead_ratio: {t_naive / t_plain:.3f}")
     print(f"capture_overhead_ratio: {t_fused / t_plain:.3f}")
 
