@@ -106,7 +106,9 @@ def _d_intervals(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[np.ndarray, n
     def moments(counts, x):  # resampled mean and ddof-1 variance; centred first (the variance is shift-free)
         centre = x.mean(0)
         mean, square = counts @ (x - centre) / len(x), counts @ (x - centre) ** 2 / len(x)
-        return mean + centre, (square - mean**2) * len(x) / (len(x) - 1)
+        var = (square - mean**2) * len(x) / (len(x) - 1)
+        tiny = (1e-12 * np.abs(x - centre).max(0)) ** 2  # rounding of E[x²] − E[x]²: a resample of equal values has none
+        return mean + centre, np.where(var > tiny, var, 0.0)
 
     (mean_a, var_a), (mean_b, var_b) = moments(counts_a, a), moments(counts_b, b)
     pooled = np.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))

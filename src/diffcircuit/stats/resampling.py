@@ -18,7 +18,8 @@ memoised (read-only arrays), so the many tests of one run that share a seed and 
 - ``permutation_pvalue``: scipy's rule — #{null ≥ observed}/R when exact (the observed arrangement is
   among the R), else (count + 1)/(R + 1); two-sided: twice the smaller one-sided p, at most 1; ties
   within a relative 100·eps of the observed value count as ≥.
-- ``percentile_interval``: the α/2 and 1 − α/2 quantiles (linear interpolation) of the resamples.
+- ``percentile_interval``: the α/2 and 1 − α/2 quantiles of the resamples (``scipy.stats.quantile``,
+  as ``scipy.stats.bootstrap`` takes them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from functools import lru_cache
 from itertools import combinations, product
 
 import numpy as np
+from scipy import stats
 
 __all__ = ["bootstrap_counts", "percentile_interval", "permutation_pvalue", "relabelled_mean_differences",
            "relabellings", "resampled_means", "sign_flipped_means", "sign_flips"]
@@ -66,10 +68,11 @@ def resampled_means(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def percentile_interval(boot: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """The percentile interval of resamples ``boot`` ``[R, ...]``: its (1 − c)/2 and (1 + c)/2 quantiles."""
+    """The percentile interval of resamples ``boot`` ``[R, ...]``: its (1 − c)/2 and (1 + c)/2 quantiles
+    (``scipy.stats.quantile``, linear interpolation, as ``scipy.stats.bootstrap``; ±inf resamples stay ±inf)."""
     alpha = (1 - confidence) / 2
-    low, high = np.quantile(boot, [alpha, 1 - alpha], axis=0)
-    return low, high
+    ci = stats.quantile(np.moveaxis(np.asarray(boot, dtype=np.float64), 0, -1), np.array([alpha, 1 - alpha]), axis=-1)
+    return ci[..., 0], ci[..., 1]
 
 
 @lru_cache(maxsize=4)
