@@ -132,3 +132,26 @@ def test_property_statistics_equal_scipys_on_the_same_seed():
         test = stats.permutation_test((b, a), lambda x, y, axis: x.mean(axis) - y.mean(axis), vectorized=True,
                                       n_resamples=9999, random_state=np.random.default_rng(3))
         assert table.loc[p].p_value == pytest.approx(test.pvalue, rel=1e-12)
+
+
+def test_cohens_d_interval_of_three_images_keeps_scipys_infinite_bounds():
+    """Three images a set: some resamples repeat one image (SD 0), so d is ±inf there, as scipy computes it."""
+    from scipy import stats
+
+    from diffcircuit.metrics.image_stats import IMAGE_PROPERTIES
+    from diffcircuit.protocol.datasets import properties_table
+
+    rng = np.random.default_rng(8)
+    values = {k: {p: rng.uniform(0, 1, 3) for p in IMAGE_PROPERTIES} for k in "ab"}
+    table = properties_table(values, seed=2).set_index("property")
+
+    def d(a, b, axis=-1):
+        pooled = np.sqrt((a.var(axis=axis, ddof=1) + b.var(axis=axis, ddof=1)) / 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (b.mean(axis=axis) - a.mean(axis=axis)) / pooled
+
+    for p in IMAGE_PROPERTIES:
+        ref = stats.bootstrap((values["a"][p], values["b"][p]), d, n_resamples=2000, method="percentile",
+                              vectorized=True, random_state=np.random.default_rng(2))
+        got = (table.loc[p].d_ci_low, table.loc[p].d_ci_high)
+        assert got == pytest.approx(tuple(ref.confidence_interval), rel=1e-9, nan_ok=True)
