@@ -11,6 +11,7 @@ The last lines are ``discovery_forward_calls: N``, ``discovery_image_forwards: N
 ``discovery_seconds: S``.
 
     .venv/bin/python benchmarks/discovery_cost.py [--resamples 10] [--ablate-n 16] [--importance /tmp/imp.parquet]
+        [--stack-rows 256] [--lookahead 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diffcircuit.discovery.loss import STACK_ROWS
 from diffcircuit.discovery.run import discover_circuits, importance_rows
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.interventions.ablation import targets
@@ -36,8 +38,14 @@ def main() -> None:
     parser.add_argument("--ablate-n", type=int, default=RunConfig().ablate_n)
     parser.add_argument("--timesteps", default="100,500,900")
     parser.add_argument("--importance", default="", help="parquet file caching the single-head mean ablations")
+    parser.add_argument("--stack-rows", type=int, default=STACK_ROWS, help="rows (images x head sets) per forward")
+    parser.add_argument("--lookahead", type=int, default=None,
+                        help="evaluations a search may ask for ahead into spare rows (default: 1 on a CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as set)")
     args = parser.parse_args()
     timesteps = tuple(int(t) for t in args.timesteps.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = RunConfig(device="cpu", ablate_n=args.ablate_n, timesteps=timesteps, circuit_resamples=args.resamples)
     ctx = Context.build(cfg)
     n = ctx.n_ablate
@@ -60,9 +68,11 @@ def main() -> None:
                                             windows=[(t,)], resamples=cfg.circuit_resamples, taus=cfg.circuit_taus,
                                             seed=cfg.seed, metric=cfg.circuit_metric, correction=cfg.correction,
                                             references={k: ctx.references(k) for k in ctx.sets},
-                                            test_windows=[(s,) for s in timesteps])
+                                            test_windows=[(s,) for s in timesteps], stack_rows=args.stack_rows,
+                                            lookahead=args.lookahead)
             circuits += found
-    print(f"threads: {torch.get_num_threads()}  images per dataset: {n}  resamples: {cfg.circuit_resamples}")
+    print(f"threads: {torch.get_num_threads()}  images per dataset: {n}  resamples: {cfg.circuit_resamples}  "
+          f"stack_rows: {args.stack_rows}  lookahead: {args.lookahead}")
     for c in circuits:
         print(json.dumps({"dataset": c["dataset"], "window": c["window"], "claimed": c["claimed"], "heads": c["heads"],
                           "size_interval": c["size_interval"], "size_range": c["size_range"], "size_ci": c["size_ci"],

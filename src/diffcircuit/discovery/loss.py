@@ -14,7 +14,7 @@ forward (the ablation's means are fixed beforehand), so:
   takes the mean over its draw, repeats counted;
 - the requests of many searches (``evaluate_sets``) run stacked: each row of a forward is one image
   under one head set (per-row head masks, ``dc.hooks.rows_where``), up to ``stack_rows`` rows a
-  forward, rows of several losses sharing a forward when their conditioning rows agree (same dataset);
+  forward, rows of several losses sharing a forward (different timesteps, and datasets unless captioned);
 - a forward restarts where its rows' head sets first touch the network, from the clean forward's
   recorded state (``interventions.prefix``), recorded once per timestep by the first forward that
   evaluates the empty set on all images.
@@ -39,7 +39,7 @@ from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, 
 from diffcircuit.models.diffusion import eps_mse_per_image
 from diffcircuit.models.noise import noisy_batch
 
-__all__ = ["METRICS", "STACK_ROWS", "CircuitLoss", "ResampledLoss", "evaluate_sets"]
+__all__ = ["METRICS", "STACK_ROWS", "CircuitLoss", "ResampledLoss", "evaluate_sets", "reference_means"]
 
 METRICS = ("eps", "output")
 STACK_ROWS = 256  # rows (image x head-set variants) per forward: the memory budget of one forward
@@ -90,11 +90,12 @@ class CircuitLoss:
     def __init__(self, denoiser, images: np.ndarray, *, timesteps: Sequence[int], method: str = "mean", seed: int = 0,
                  dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None,
                  metric: str = "eps", reference: Sequence[ReferenceImages] | None = None, stack_rows: int = STACK_ROWS,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, means: Sequence[dict[str, torch.Tensor]] | None = None):
         """``dataset`` labels the noise draws; ``which`` = (dataset, indices) says which images of which dataset
         ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``). ``reference``: the
-        images mean ablation takes its means from (None: ``images`` themselves, in-sample). ``stack_rows``:
-        at most this many rows (images x head sets) per forward."""
+        images mean ablation takes its means from (None: ``images`` themselves, in-sample); ``means``: those
+        means already computed, per timestep (``reference_means``). ``stack_rows``: at most this many rows
+        (images x head sets) per forward."""
         if method not in ("mean", "zero"):
             raise ValueError("circuit losses use mean or zero ablation")
         if metric not in METRICS:
@@ -119,12 +120,13 @@ class CircuitLoss:
                 b = noisy_batch(denoiser, x0, np.arange(len(x0)), t_val, seed=seed, dataset=dataset)
                 self.inputs.append((b.x_t, b.t))
                 self.clean.append(None)  # the clean forward's prefix record, once a forward has made it
-                moments, eps_clean = ActivationMoments(), None
-                if reference is not None:  # e.g. held-out images: no evaluated image is part of its own mean
+                moments, eps_clean, in_sample = ActivationMoments(), None, reference is None and means is None
+                if means is None and reference is not None:  # e.g. held-out images: no image is part of its own mean
                     moments = reference_moments(denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0))
-                if reference is None or metric == "output":  # the clean forward is needed now: record it
-                    eps_clean = self._clean_forward(len(self.inputs) - 1, moments if reference is None else None)
-                self.means.append({i.layer: moments.mean(i.layer) for i in self.registry.layers})
+                if in_sample or metric == "output":  # the clean forward is needed now: record it
+                    eps_clean = self._clean_forward(len(self.inputs) - 1, moments if in_sample else None)
+                self.means.append(means[len(self.inputs) - 1] if means is not None else
+                                  {i.layer: moments.mean(i.layer) for i in self.registry.layers})
                 # what ε̂ is compared with: the true noise, or the full model's own ε̂ (ACDC's output distance)
                 self.targets.append(b.eps if metric == "eps" else eps_clean)
                 if eps_clean is not None:
@@ -156,6 +158,14 @@ class CircuitLoss:
         """Whether ``ablated``'s losses on ``images`` (default all) are cached: asking for them costs no forward."""
         c = self._cache.get(frozenset(ablated))
         return c is not None and not np.isnan(c[:, self._images(images)]).any()
+
+    def missing(self, ablated, images=None) -> list[tuple[int, int]]:
+        """The (timestep, image) pairs of ``ablated`` on ``images`` (default all) not evaluated yet."""
+        c, index = self._cache.get(frozenset(ablated)), self._images(images)
+        if c is None:
+            return [(i, int(j)) for i in range(self.n_timesteps) for j in index]
+        steps, pos = np.nonzero(np.isnan(c[:, index]))
+        return [(int(i), int(index[p])) for i, p in zip(steps, pos)]
 
     def prefetch(self, sets, images=None) -> None:
         """Evaluate the head sets ``sets`` on ``images`` (default all) where not cached, stacked in few forwards."""
@@ -211,6 +221,47 @@ class ResampledLoss:
         return self._values[key]
 
 
+def _rows_key(den, dataset: str) -> str | None:
+    """Which rows may share a forward: a captioned dataset's rows carry their own captions; images of uncaptioned
+    datasets share the conditioning (None)."""
+    return dataset if den.caption_tokens(dataset) is not None else None
+
+
+@torch.no_grad()
+def reference_means(denoiser, registry: HeadRegistry, wanted: Sequence[tuple[Sequence[ReferenceImages], int]], *,
+                    seed: int, stack_rows: int = STACK_ROWS) -> list[dict[str, torch.Tensor]]:
+    """For each (reference images, timestep) of ``wanted``: every layer's head outputs averaged over those images
+    (each noised with its own draw) ``{layer: [heads, q, d]}``, from clean forwards stacked up to ``stack_rows``
+    rows (the means ``interventions.sweep.reference_moments`` gives, several at once)."""
+    rows = [(w, ref, int(j)) for w, (refs, _) in enumerate(wanted) for ref in refs for j in range(len(ref.images))]
+    sums: list[dict] = [{} for _ in wanted]
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(_rows_key(denoiser, row[1].dataset), []).append(row)
+    layers = [info.layer for info in registry.layers]
+    for group in groups.values():
+        for lo in range(0, len(group), stack_rows):
+            chunk = group[lo:lo + stack_rows]
+            parts: dict = {}  # (wanted, reference) -> positions in the reference's images
+            for w, ref, j in chunk:
+                parts.setdefault((w, id(ref)), (w, ref, []))[2].append(j)
+            batches = [noisy_batch(denoiser, ref.images[js], np.asarray(ref.index)[js], wanted[w][1], seed=seed,
+                                   dataset=ref.dataset) for w, ref, js in parts.values()]
+            x_t, t = torch.cat([b.x_t for b in batches]), torch.cat([b.t for b in batches])
+            which = (batches[0].dataset, np.concatenate([b.rows for b in batches]))
+            with instrument(denoiser, registry=registry, cache_heads=layers) as session:
+                denoiser.predict(x_t, t, rows=which)
+            acts = session.pop("head_out")  # {layer: [rows, heads, q, d]}
+            start = 0
+            for (w, ref, js), b in zip(parts.values(), batches):
+                for layer in layers:
+                    part = acts[layer][start:start + len(js)].double().sum(0)
+                    sums[w][layer] = sums[w].get(layer, 0) + part
+                start += len(js)
+    counts = [sum(len(ref.images) for ref in refs) for refs, _ in wanted]
+    return [{layer: (total / n).float() for layer, total in s.items()} for s, n in zip(sums, counts)]
+
+
 # ---- the engine: requests (loss, head set, images) -> rows -> stacked forwards ------------------------------------
 
 @dataclasses.dataclass
@@ -256,13 +307,14 @@ def _extend(rows: _Rows, loss, key: frozenset, i: int, images: np.ndarray, order
 
 def evaluate_sets(requests: Sequence[tuple[CircuitLoss, frozenset, np.ndarray]]) -> None:
     """Evaluate each requested (loss, head set, images) where not cached, in as few forwards as the losses'
-    ``stack_rows`` allow: losses of one denoiser, registry, ablation method and dataset share forwards."""
+    ``stack_rows`` allow: losses of one denoiser, registry and ablation method share forwards, unless their
+    datasets are captioned differently (each captioned dataset's rows run apart)."""
     if not requests:
         return
     groups: dict[tuple, list] = {}
     for req in requests:
         loss = req[0]
-        groups.setdefault((id(loss.den), id(loss.registry), loss.method, loss.which[0]), []).append(req)
+        groups.setdefault((id(loss.den), id(loss.registry), loss.method, _rows_key(loss.den, loss.which[0])), []).append(req)
     for reqs in groups.values():
         losses = [r[0] for r in reqs]
         order = {info.layer: k for k, info in enumerate(losses[0].registry.layers)}
@@ -278,7 +330,8 @@ def evaluate_sets(requests: Sequence[tuple[CircuitLoss, frozenset, np.ndarray]])
 
 @torch.no_grad()
 def _forward(rows: _Rows, chunk: list[int]) -> None:
-    """One forward for the rows ``chunk`` (all of one denoiser, registry, method and dataset); caches each row's loss."""
+    """One forward for the rows ``chunk`` (all of one denoiser, registry, method and conditioning); caches each row's
+    loss."""
     # rows grouped by (loss, timestep): their inputs, clean records and means are taken group by group
     chunk = sorted(chunk, key=lambda r: (id(rows.loss[r]), rows.step[r], rows.image[r]))
     groups: dict[tuple, list[int]] = {}

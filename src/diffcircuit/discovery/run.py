@@ -40,6 +40,7 @@ import pandas as pd
 
 from diffcircuit.discovery.circuits import (
     Circuit,
+    _prefetch,
     CircuitLoss,
     GapTest,
     circuit_curve,
@@ -50,13 +51,16 @@ from diffcircuit.discovery.circuits import (
     prune_heads,
 )
 from diffcircuit.discovery.lockstep import lockstep
+from diffcircuit.discovery.loss import STACK_ROWS, reference_means
 from diffcircuit.instrument.registry import HeadRegistry
+from diffcircuit.models.diffusion import model_device
 from diffcircuit.stats.tests import correct_pvalues
 
 __all__ = ["COMPLEXITY_COLUMNS", "CURVE_COLUMNS", "MIN_CI_RESAMPLES", "NO_CIRCUIT", "PRIMARY_TAU", "bootstrap_interval", "circuit_complexity",
            "discover_circuits", "importance_rows", "window_name"]
 
 PRIMARY_TAU = 0.05
+LOOKAHEAD_ACCELERATOR = 4  # evaluations a search may ask for ahead, into spare rows, off a CPU (see ``lockstep``)
 MIN_CI_RESAMPLES = 200  # fewer bootstrap replicates: their range is reported, never a "95 % interval"
 NO_CIRCUIT = "no circuit: ablating every head does not hurt"
 
@@ -153,14 +157,25 @@ def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple,
     }
 
 
+def _pruned(loss, scores: dict, tau: float) -> tuple[Circuit, tuple | None]:
+    """The circuit pruned at ``tau`` and, at the primary τ, its individually necessary heads: the circuit's own
+    losses and the necessity checks are asked for together, as soon as the search ends."""
+    if tau != PRIMARY_TAU:
+        return prune_circuit(loss, scores, tau), None
+    kept = prune_heads(loss, scores, tau)
+    outside = [a for a in loss.heads if a not in kept]
+    _prefetch(loss, [list(kept), outside, *([*outside, h] for h in kept)])
+    circuit = prune_circuit(loss, scores, tau)
+    return circuit, necessary_heads(loss, circuit.heads, tau)
+
+
 def _unit_jobs(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, registry: HeadRegistry,
                taus: Sequence[float]) -> tuple[dict, list]:
-    """``(scores, jobs)`` for one claimed dataset x window: prune at every τ, necessity at the primary τ, the curve,
+    """``(scores, jobs)`` for one dataset x window: prune at every τ (with necessity at the primary τ), the curve,
     and the primary τ's pruning on every resample (importance re-estimated on the resampled images)."""
     scores = _importance(here, registry)
-    jobs = [(lambda v, tau=tau: prune_circuit(v, scores, tau), loss) for tau in taus]
-    jobs += [(lambda v: necessary_heads(v, prune_circuit(v, scores, PRIMARY_TAU).heads, PRIMARY_TAU), loss),
-             (lambda v: circuit_curve(v, scores), loss)]
+    jobs = [(lambda v, tau=tau: _pruned(v, scores, tau), loss) for tau in taus]
+    jobs.append((lambda v: circuit_curve(v, scores), loss))
     # each head's mean degradation per image (over the window's timesteps): [targets, images], image i in column i
     per_image = here.groupby(["target", "image"]).degradation_pct.mean().unstack("image").reindex(columns=range(len(x)))
     targets, matrix = [registry.parse(t) for t in per_image.index], per_image.to_numpy()
@@ -184,7 +199,8 @@ def _unit_record(scores: dict, results: list, *, loss: CircuitLoss, test: GapTes
     if results is None:
         rows = [r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")} for tau in taus for r in base]
         return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
-    found, (necessary, curve), boot = dict(zip(taus, results)), results[len(taus):len(taus) + 2], results[len(taus) + 2:]
+    found = {tau: c for tau, (c, _) in zip(taus, results)}
+    necessary, curve, boot = results[list(taus).index(PRIMARY_TAU)][1], results[len(taus)], results[len(taus) + 1:]
     frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
     rows = [r | {"tau": tau, "in_circuit": registry.parse(r["head"]) in c.heads,
                  "selection_frequency": frequency[registry.parse(r["head"])]} for tau, c in found.items() for r in base]
@@ -204,8 +220,8 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
                       windows: Sequence[Sequence[int]], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
                       seed: int = 0, ranking: str = "exhaustive mean ablation", metric: str = "eps",
                       progress: Callable[[int], None] | None = None, references: dict | None = None,
-                      correction: str = "fdr_bh",
-                      test_windows: Sequence[Sequence[int]] | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+                      correction: str = "fdr_bh", test_windows: Sequence[Sequence[int]] | None = None,
+                      stack_rows: int = STACK_ROWS, lookahead: int | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
     per dataset x window; one curve row per dataset x window x circuit size (claimed circuits only).
     ``windows``: tuples of timesteps (each a window whose losses and importances are averaged).
@@ -225,8 +241,14 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     family = [[int(t) for t in w] for w in (test_windows or windows)]
     if not {tuple(w) for w in windows} <= {tuple(w) for w in family}:
         raise ValueError("test_windows must include every window discovered")
+    # mean ablation's means for every dataset x timestep with a reference, from clean forwards stacked together
+    wanted = list(dict.fromkeys((d, t) for w in family for d in images for t in w if references.get(d) is not None))
+    means = dict(zip(wanted, reference_means(denoiser, registry, [(references[d], t) for d, t in wanted], seed=seed,
+                                             stack_rows=stack_rows)))
     losses = {(d, tuple(w)): CircuitLoss(denoiser, x, timesteps=w, dataset=d, seed=seed, registry=registry, metric=metric,
-                                         reference=references.get(d)) for w in family for d, x in images.items()}
+                                         reference=references.get(d), stack_rows=stack_rows,
+                                         means=[means[(d, t)] for t in w] if references.get(d) is not None else None)
+              for w in family for d, x in images.items()}
     tests = _gap_tests(losses, seed=seed, correction=correction)
     units, jobs = [], []  # every claimed dataset x window's searches run in one lockstep
     for window in windows:
@@ -239,7 +261,9 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
             unit = unit if tests[key].significant else []
             units.append((dataset, window, scores, slice(len(jobs), len(jobs) + len(unit)) if unit else None))
             jobs += unit
-    results = lockstep(jobs)
+    if lookahead is None:  # spare rows cost little time on an accelerator; on a CPU each row costs its time
+        lookahead = 1 if model_device(denoiser.network).type == "cpu" else LOOKAHEAD_ACCELERATOR
+    results = lockstep(jobs, lookahead=lookahead)
     for dataset, window, scores, part in units:
         key = (dataset, tuple(window))
         r, record, curve, boot = _unit_record(scores, None if part is None else results[part], loss=losses[key],
