@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import diffcircuit  # noqa: F401  first: it sets idle OpenMP threads to wait passively before torch starts them
 import numpy as np
 import torch
 from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)

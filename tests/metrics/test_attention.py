@@ -118,3 +118,19 @@ def test_percentiles_are_the_attended_mean_rank_of_the_keys_energy():
         rank = (rankdata(values) - 1) / (len(values) - 1)
         assert m[f"{name}_percentile"].item() == pytest.approx((P @ rank).mean(), rel=1e-5)
     assert _metrics(torch.full((36, 36), 1 / 36), pf, grid)["edge_percentile"].item() == pytest.approx(0.5)
+
+
+def test_percentile_ranks_by_search_equal_the_pairwise_definition():
+    from diffcircuit.metrics.probes import _percentile
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 6, (3, 9, 9), generator=g).float()  # many ties
+    maps[1] = torch.randn(9, 9, generator=g)
+    flat = maps.flatten(1)
+    below = (flat[:, :, None] > flat[:, None, :]).sum(-1).float()  # the definition, pair by pair
+    ties = (flat[:, :, None] == flat[:, None, :]).sum(-1).float()
+    expected = ((below + (ties - 1) / 2) / (flat.shape[1] - 1)).view_as(maps)
+    torch.testing.assert_close(_percentile(maps), expected, atol=0, rtol=0)
+    with_nan = maps.clone()
+    with_nan[0, 0, 0] = float("nan")
+    assert torch.isfinite(_percentile(with_nan)[1:]).all()

@@ -250,7 +250,7 @@ def instrument(
     model: torch.nn.Module,
     *,
     registry: HeadRegistry | None = None,
-    capture: bool = False,
+    capture: bool | Iterable[str] = False,
     method: str = "fused",
     key_features: KeyFeatures | None = None,
     partner_features: KeyFeatures | None = None,
@@ -266,8 +266,9 @@ def instrument(
 ) -> Iterator[InstrumentSession]:
     """Instrument every attention layer of ``model`` (a ``Denoiser`` or its network) for the ``with`` block.
 
-    ``capture`` records per-head statistics (``method`` "fused": one fused kernel call, or "naive":
-    explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
+    ``capture`` records per-head statistics — True for all of them, or the names of those wanted
+    (``capture.CAPTURE_STATISTICS``: the others are not computed) — (``method`` "fused": one fused kernel call,
+    or "naive": explicit softmax, the reference). ``key_features(grid) -> [batch, channels, h, w]`` supplies
     per-key feature maps on a layer's query grid for attention moments; ``partner_features(grid) -> [n, channels,
     h, w]`` the maps of n other images, against which each head's attention is also scored (recorded as
     ``"partner_moments"`` ``[batch, heads, n, channels+1, channels+1]``, the query-weighted moments filled for the
