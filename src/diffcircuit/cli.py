@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 
 __all__ = ["app", "main"]
 
@@ -58,6 +58,8 @@ PromptOpt = Annotated[str | None, typer.Option("--prompt", help="Text-conditione
 PromptEmbedsOpt = Annotated[str | None, typer.Option("--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'.")]
 ClassLabelOpt = Annotated[int | None, typer.Option("--class-label", help="Class-conditional models (DiT): the class (default: the null class).")]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Sampling a conditional model: classifier-free guidance scale (1: none).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, or bf16/fp16 autocast for the forwards (statistics stay fp32).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars; print only the results.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for this process (0: one per core). On a shared node "
                                          "give each job its share of the cores.")]
@@ -105,22 +107,24 @@ def info(
     prompt: PromptOpt = None,
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
     _threads(threads)
-    import torch
-
     from diffcircuit.instrument.registry import HeadRegistry
     from diffcircuit.instrument.session import probe_registry
-    from diffcircuit.models.loading import load_conditioned
 
-    den, text_unknown = _info_model(model, allow_pickle, prompt, prompt_embeds, class_label)
-    sample = torch.zeros(1, den.in_channels, den.sample_size, den.sample_size)
+    from diffcircuit.models.spec import ModelSpec
+
+    spec = ModelSpec(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt,
+                     prompt_embeds=prompt_embeds, class_label=class_label)
+    den, text_unknown = _info_model(spec)
     note = None
     try:
-        registry = probe_registry(den, sample, torch.zeros(1, dtype=torch.long))
+        registry = probe_registry(den)
     except DiffcircuitError as exc:  # an attention processor diffcircuit does not reproduce: listed, not measured
         registry, note = HeadRegistry.from_model(den.network), str(exc)
     if text_unknown:  # probed with a placeholder prompt: the text keys' count is the prompt's, unknown here
@@ -144,34 +148,34 @@ def info(
                     + (f"; geometry unknown: {note}" if note else ""))
 
 
-def _info_model(model, allow_pickle, prompt, prompt_embeds, class_label):
+def _info_model(spec):
     """``(denoiser, text keys unknown)``: listing layers needs no prompt, so a text-conditioned network that has no
     encoder to make one (a pipeline's unet/ alone) is probed with a one-token placeholder instead of refused."""
     from dataclasses import replace
 
     from diffcircuit.models.conditioning import placeholder_text
-    from diffcircuit.models.loading import load_conditioned, load_denoiser
+    from diffcircuit.models.loading import load_denoiser
 
     try:
-        return load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
-                                class_label=class_label), False
+        return spec.load(), False
     except DiffcircuitError:
-        if prompt is not None or prompt_embeds is not None or class_label is not None:
+        if spec.prompt is not None or spec.prompt_embeds is not None or spec.class_label is not None:
             raise
-        den = load_denoiser(model, allow_pickle=allow_pickle)
+        den = load_denoiser(spec.model, allow_pickle=spec.allow_pickle, device=spec.torch_device)
         placeholder = placeholder_text(den.network)
         if placeholder is None:
             raise
         return replace(den, conditioning=placeholder), True
 
 
-def _headline(summary: dict) -> Table:
-    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"]["mean"] for e in summary["entropy"]}
+def _headline(summary) -> Table:
+    """The console's headline table from a ``Summary``."""
+    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"]["mean"] for e in summary.entropy}
     table = Table(title="diffcircuit: denoising and attention entropy (means over images)")
     for col in ("dataset", "t", "ε-MSE", "ε-MSE trivial", "x₀-MSE", "x₀-MSE trivial", "entropy / ln keys"):
         table.add_column(col, justify="right", overflow="fold")  # narrow terminals: wrap, never cut
-    for d in summary["denoising"]:
-        spec = summary["datasets"][d["dataset"]]["spec"]
+    for d in summary.denoising:
+        spec = summary.datasets[d["dataset"]]["spec"]
         table.add_row(spec, str(d["timestep"]), f"{d['eps_mse']['mean']:.4g}", f"{d['eps_mse_trivial']['mean']:.4g}",
                       f"{d['x0_mse']['mean']:.4g}", f"{d['x0_mse_trivial']['mean']:.4g}",
                       f"{entropy[(d['dataset'], d['timestep'])]:.3f}")
@@ -184,9 +188,9 @@ def _interval_text(est, low, high, withheld, p, floor, can_reject) -> str:
     return f"{est:.4g} {ci}, p = {p:.3g}{flag}"
 
 
-def _claim_lines(summary: dict) -> list[str]:
-    """The headline divergence and complexity per timestep, each with its interval and flags."""
-    excluded = set((summary.get("paper_comparison") or {}).get("excluded_timesteps", []))
+def _claim_lines(summary) -> list[str]:
+    """The headline divergence and complexity per timestep of a ``Summary``, each with its interval and flags."""
+    excluded = set((summary.paper_comparison or {}).get("excluded_timesteps", []))
 
     def flag(t) -> str:
         return " [uninformative timestep: not a headline claim]" if int(t) in excluded else ""
@@ -195,8 +199,8 @@ def _claim_lines(summary: dict) -> list[str]:
              + _interval_text(d["entropy_diff_nats"], d["ci_low_nats"], d["ci_high_nats"], d["ci_withheld"],
                               d["p_value"], d["p_floor"], d["can_reject"])
              + f"; {d['n_heads_differ']}/{d['n_heads']} heads differ" + flag(d["timestep"])
-             for d in summary["entropy_divergence"]]
-    ratio = summary.get("complexity_ratio")
+             for d in summary.entropy_divergence]
+    ratio = summary.complexity_ratio
     for r in (ratio or {}).get("per_timestep", []):
         mde = "unknown" if r["mde_ratio"] is None else f"{r['mde_ratio']:.3g}"
         lines.append(f"complexity {ratio['measure']}{' (stand-in)' if ratio['stand_in_for'] else ''}, t = {r['timestep']}: "
@@ -266,16 +270,16 @@ def run(
     cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")
     names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a", "attribute": "attribution", "discover": "circuit discovery"}
     with _Bars(quiet) as bars:
-        summary = diffcircuit.run(cfg, out, progress=lambda stage, done, total: bars.update(
-            stage, completed=done, total=total, description=names.get(stage, stage)))
+        summary = diffcircuit.run(out, cfg, progress=lambda stage, done, total: bars.update(
+            stage, completed=done, total=total, description=names.get(stage, stage))).summary
     if not quiet:
         Console().print(_headline(summary))
-        if summary.get("ablation"):
-            for level, by_method in summary["ablation"]["degradation_range_pct"].items():
+        if summary.ablation:
+            for level, by_method in summary.ablation["degradation_range_pct"].items():
                 text = ", ".join(f"{m} {lo:.1f}% to {hi:.1f}%" for m, (lo, hi) in by_method.items())
                 Console().print(f"ablation degradation range ({level}): {text}")
-        if summary.get("uninformative"):
-            pairs = ", ".join(f"{d['dataset']} t={d['timestep']}" for d in summary["uninformative"])
+        if summary.uninformative:
+            pairs = ", ".join(f"{d['dataset']} t={d['timestep']}" for d in summary.uninformative)
             Console().print(f"uninformative (the model does not beat the trivial predictor; left out of the headline): {pairs}")
         for line in _claim_lines(summary):
             Console().print(line, highlight=False)
@@ -333,6 +337,8 @@ def ablate(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     threads: ThreadsOpt = 0,
 ) -> None:
@@ -341,9 +347,7 @@ def ablate(
     from diffcircuit.protocol.ablate import AblateConfig, run_ablations
     from diffcircuit.protocol.config import parse_timesteps
 
-    if n < 1 or batch_size < 1:
-        raise DiffcircuitError("--n and --batch-size must be at least 1")
-    cfg = AblateConfig(model=model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
+    cfg = AblateConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt, prompt_embeds=prompt_embeds,
                        class_label=class_label, data=data, n=n, timesteps=parse_timesteps(timesteps),
                        seed=seed, batch_size=batch_size, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                        mean_reference=mean_reference, names=tuple(target), levels=tuple(level), token_weight=token_weight, sample=sample,
@@ -385,6 +389,8 @@ def discover(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     threads: ThreadsOpt = 0,
 ) -> None:
@@ -398,7 +404,7 @@ def discover(
         tau_values = tuple(float(x) for x in taus.split(",") if x.strip())
     except ValueError:
         raise DiffcircuitError(f"--taus must be comma-separated numbers, not {taus!r}") from None
-    cfg = DiscoverConfig(model=model, allow_pickle=allow_pickle, data_a=data_a,
+    cfg = DiscoverConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, data_a=data_a,
                          data_b=None if data_b.lower() == "none" else data_b, n=n, timesteps=parse_timesteps(timesteps),
                          windows=tuple(parse_timesteps(w) for w in window),
                          seed=seed, batch_size=batch_size, ranking=ranking, ig_steps=ig_steps, taus=tau_values,
@@ -470,6 +476,8 @@ def generate(
     class_label: ClassLabelOpt = None,
     guidance: GuidanceOpt = 1.0,
     allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -478,7 +486,7 @@ def generate(
     from diffcircuit.protocol.generate import GenerateConfig, run_generate
 
     names = tuple(a.strip() for a in ablate.split(",") if a.strip())
-    cfg = GenerateConfig(model=model, allow_pickle=allow_pickle, ablate=names, method=method, scale=scale, n=n,
+    cfg = GenerateConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, ablate=names, method=method, scale=scale, n=n,
                          steps=steps, seed=seed, window=_window(window), prompt=prompt, prompt_embeds=prompt_embeds,
                          class_label=class_label, guidance=guidance)
     with _Bars(quiet) as bars:
@@ -501,6 +509,8 @@ def calibrate(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -511,8 +521,11 @@ def calibrate(
 
     if n < 4 or splits < 1:
         raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
-    res = run_calibration(model=model, data=data, n=n, timestep=timestep, splits=splits, seed=seed, ablation=ablation,
-                          allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label)
+    from diffcircuit.models.spec import ModelSpec
+
+    spec = ModelSpec(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt,
+                     prompt_embeds=prompt_embeds, class_label=class_label)
+    res = run_calibration(spec, data=data, n=n, timestep=timestep, splits=splits, seed=seed, ablation=ablation)
     print(f"{res.splits} random splits of {res.n_images} images into halves of {res.measures[0].n_per_half}, t = {timestep}; "
           f"nominal false-positive rate {res.alpha} (tolerated up to {2 * res.alpha:g}), nominal coverage 0.95 (tolerated "
           "down to 0.90); [Clopper-Pearson 95 % intervals over splits]")
@@ -530,6 +543,8 @@ def guidance(
     prompt: Annotated[str, typer.Option("--prompt", help="The conditional branch's prompt.")],
     config: Annotated[Path | None, typer.Option("--config", help="YAML run config (see init-config) for everything else.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="A text-conditioned pipeline folder or hub id.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, or bf16/fp16 autocast for the forwards.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
     threads: ThreadsOpt = 0,
 ) -> None:
@@ -546,16 +561,16 @@ def guidance(
     from diffcircuit.protocol.store import write_parquet
 
     values = load_config_file(config) if config is not None else {}
-    values |= {"model": model} if model is not None else {}
+    values |= {k: v for k, v in (("model", model), ("device", device), ("precision", precision)) if v is not None}
     if not prompt:
         raise DiffcircuitError("--prompt must not be empty: the empty prompt is the unconditional branch")
     if out.exists():
         raise DiffcircuitError(f"--out {out} exists; the comparison goes into a new directory")
-    cfg = RunConfig.from_mapping(values | {"prompt": prompt, "prompt_embeds": ""}, source=str(config or "options"))
-    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt="", captions=False)}
+    cfg = RunConfig.from_mapping(values | {"prompt": prompt, "prompt_embeds": None}, source=str(config or "options"))
+    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt=None, captions=False)}
     with _Bars(quiet) as bars:
         for name, branch in branches.items():
-            diffcircuit.run(branch, out / name, progress=lambda stage, done, total, name=name: bars.update(
+            diffcircuit.run(out / name, branch, progress=lambda stage, done, total, name=name: bars.update(
                 f"{name} {stage}", completed=done, total=total, description=f"{name}: {stage}"))
     heads = {name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches}
     table = guidance_table(heads["conditional"], heads["unconditional"], seed=cfg.seed, correction=cfg.correction)
@@ -586,32 +601,29 @@ def cache(
     prompt_embeds: PromptEmbedsOpt = None,
     class_label: ClassLabelOpt = None,
     allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
     _threads(threads)
-    import torch
-
-    from diffcircuit.instrument.session import probe_registry
-    from diffcircuit.models.latent import model_images
-    from diffcircuit.models.loading import load_conditioned, use_captions
+    from diffcircuit.models.spec import ModelSpec
     from diffcircuit.protocol.activations import cache_activations
     from diffcircuit.protocol.config import parse_timesteps
+    from diffcircuit.protocol.setup import build_setup, one_set
 
     if out.exists():
         raise DiffcircuitError(f"--out {out} exists; the cache goes into a new directory")
     if n < 1 or batch_size < 1:
         raise DiffcircuitError("--n and --batch-size must be at least 1")
     steps = parse_timesteps(timesteps)
-    den = load_conditioned(model, allow_pickle=allow_pickle, prompt=prompt, prompt_embeds=prompt_embeds,
-                           class_label=class_label)
-    den.check_timesteps(steps)
-    images = model_images(den, data, n=n, seed=seed)
-    use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
-    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+    spec = ModelSpec(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt,
+                     prompt_embeds=prompt_embeds, class_label=class_label)
+    setup = build_setup(spec, timesteps=steps, images=one_set("a", data, n=n, seed=seed))
+    den, registry, images = setup.den, setup.registry, setup.sets["a"]
     chosen = [registry.layer(name).layer for name in layers or []] or None
-    with _Bars(quiet) as bars:
+    with _Bars(quiet) as bars, setup.autocast():
         result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed,
                                    batch_size=batch_size, registry=registry,
                                    progress=lambda k: bars.update("cache", advance=k, total=n * len(steps),
@@ -673,6 +685,9 @@ def train_tiny(
     Console().print(f"wrote {out} (model card: {out}/README.md)")
 
 
+# config fields whose flag is not --field-name; the library names fields, only the command line names flags
+FLAGS = {"names": "--target", "levels": "--level", "metric": "--circuit-metric", "windows": "--window",
+         "ray_address": "--address"}
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -709,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # a config field named as the flag that sets it
+        print(f"diffcircuit: error: {exc.with_flags(FLAGS)}", file=sys.stderr)
+        return 1
     except DiffcircuitError as exc:
         print(f"diffcircuit: error: {exc}", file=sys.stderr)
         return 1

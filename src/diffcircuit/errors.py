@@ -1,6 +1,15 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The exceptions the CLI turns into a one-line message and a non-zero exit, and the one warning it prints.
 
-__all__ = ["DiffcircuitError", "DiffcircuitWarning"]
+Library code names what was wrong in its own terms — a config *field* (``n``, ``mean_reference``), a file, a
+model — never a command-line flag; only the CLI maps fields to its flags (``ConfigError.with_flags``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = ["ConfigError", "DiffcircuitError", "DiffcircuitWarning", "InputError", "ModelError"]
 
 
 class DiffcircuitError(Exception):
@@ -8,6 +17,31 @@ class DiffcircuitError(Exception):
 
     The message must be one self-contained line that names what was wrong.
     """
+
+
+class InputError(DiffcircuitError):
+    """Data that cannot be used: an image, a folder, a file of embeddings, an output directory."""
+
+
+class ModelError(DiffcircuitError):
+    """A model that cannot be loaded or run as asked: its folder, weights, scheduler, conditioning."""
+
+
+class ConfigError(DiffcircuitError):
+    """A setting that is not allowed. The message names the config fields in ``fields``; the CLI shows them as the
+    flags that set them."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+    def with_flags(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message with each field named as its flag (``flags[field]``, default ``--field-name``)."""
+        text = str(self)
+        for field in sorted(self.fields, key=len, reverse=True):
+            flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
+            text = re.sub(rf"(?<![\w\-.']){re.escape(field)}(?![\w\-'])", flag, text)
+        return text
 
 
 class DiffcircuitWarning(UserWarning):

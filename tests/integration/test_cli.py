@@ -190,8 +190,8 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     assert "data:image/png;base64," in html and (out / "figures" / "entropy_heatmap.png").exists()
     assert "no circuit: ablating every head does not hurt significantly at this n" in html
     figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
-    assert figures == ["ablation_heads", "attention_gallery", "circuit_curves", "circuits", "divergence",
-                       "entropy_heatmap", "role_map"]
+    assert figures == ["ablation_heads", "attention_gallery", "attribution_scatter", "circuit_curves", "circuits",
+                       "divergence", "entropy_heatmap", "patching", "role_map"]
     assert html.count("data:image/png;base64,") == len(figures)
     gallery = pd.read_parquet(out / "tables" / "gallery.parquet")
     assert len(gallery) == 2 * 3 * 4 and gallery.timestep.unique().tolist() == [800]  # datasets x images x heads
@@ -424,7 +424,7 @@ def test_discover_claims_a_circuit_with_its_gap_necessity_and_labelled_range(tmp
     (["--taus", "a,b"], "--taus must be comma-separated numbers"),
     (["--n", "1"], "need --n >= 2"),
     (["--timesteps", "5000"], "outside the model's"),
-    (["--timesteps", "100,500", "--window", "100,900"], "every window must be"),
+    (["--timesteps", "100,500", "--window", "100,900"], "every window in --window must be"),
     (["--mean-reference", "median"], "--mean-reference must be one of"),
     (["--synthetic-color", "blue"], "--synthetic-color must be one of"),
     (["--match-histogram", "--data-a", "nonfaces"], "exactly one of"),
@@ -462,7 +462,7 @@ def test_generate_writes_a_grid_and_metrics_that_match_the_samples(small_model_d
 
 @pytest.mark.parametrize("args, message", [
     (["--ablate", "nope:3"], "is not a head address"),
-    (["--ablate", "mid_block.attentions.0", "--scale", "2"], "--scale F goes with --method scale"),
+    (["--ablate", "mid_block.attentions.0", "--scale", "2"], "--scale goes with --method 'scale'"),
     (["--ablate", "mid_block.attentions.0", "--method", "blur"], "--method must be one of"),
     (["--ablate", "mid_block.attentions.0", "--window", "900,100"], "LO <= HI"),
 ])
@@ -643,12 +643,14 @@ def test_generate_reports_progress_over_a_known_number_of_steps(small_model_dir,
 def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
     from rich.console import Console
 
+    from diffcircuit import Summary
     from diffcircuit.cli import _headline
 
     row = {"mean": 0.123456}
-    summary = {"entropy": [{"dataset": "a", "timestep": 500, "entropy_norm": row}],
-               "denoising": [{"dataset": "a", "timestep": 500, "eps_mse": row, "eps_mse_trivial": row, "x0_mse": row,
-                              "x0_mse_trivial": row}], "datasets": {"a": {"spec": "synthetic"}}}
+    summary = Summary(entropy=[{"dataset": "a", "timestep": 500, "entropy_norm": row}],
+                      denoising=[{"dataset": "a", "timestep": 500, "eps_mse": row, "eps_mse_trivial": row,
+                                  "x0_mse": row, "x0_mse_trivial": row}], datasets={"a": {"spec": "synthetic"}},
+                      model={}, seed=0, timesteps=[500])
     console = Console(width=60, record=True)
     console.print(_headline(summary))
     text = console.export_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ def _flow_rank(name: str) -> int:
     return next((i for i, prefix in enumerate(_FLOW_ORDER) if name.startswith(prefix)), len(_FLOW_ORDER))
 
 
-def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
     """Every diffusers attention module (``Attention``, or another with the attention mixin and a processor, such
     as ``FluxAttention``) of ``model`` with its module path, in data-flow order.
 
@@ -34,7 +35,7 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    found = [(name, m) for name, m in model.named_modules()
+    found: list[tuple[str, Any]] = [(name, m) for name, m in model.named_modules()
              if isinstance(m, (Attention, AttentionModuleMixin)) and hasattr(m, "processor") and hasattr(m, "to_q")]
     return sorted(found, key=lambda item: _flow_rank(item[0]))  # stable: module order within a rank
 
@@ -91,7 +92,7 @@ class HeadRegistry:
         for name, module in attention_modules(model):
             grid, n_keys = geometry.get(name, (None, None))
             layers.append(
-                LayerInfo(layer=name, heads=module.heads, head_dim=module.inner_dim // module.heads,
+                LayerInfo(layer=name, heads=int(module.heads), head_dim=int(module.inner_dim) // int(module.heads),
                           kind=layer_kind(module), query_grid=grid, n_keys=n_keys)
             )
         if not layers:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 Rows = tuple[str, "np.ndarray | Sequence[int]"]  # (dataset, image indices in batch order)
+Network = Any  # a diffusers model (``ModelMixin``): its ``config`` and forward are its family's
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -58,8 +60,8 @@ class Denoiser:
     (x_t, t): the conditioning, the flow-matching and packing adapters, each captioned dataset's captions. The
     network itself stays as diffusers built it; ``predict`` / ``predict_eps`` pass all of it explicitly."""
 
-    network: torch.nn.Module
-    scheduler: object
+    network: Network
+    scheduler: Any  # DDPMScheduler: the noise schedule (alphas_cumprod) and prediction_type
     model_path: Path  # the local folder the network's weights were read from
     source: str  # what the user asked for: "embedded", a hub id or a folder
     conditioning: Conditioning | None = None  # a conditional network's input for every forward (``load_conditioned``)
@@ -129,13 +131,15 @@ class Denoiser:
         x_t = x_t.to(device)
         t = t.to(device).expand(len(x_t)) if t.ndim == 0 else t.to(device)
         kwargs = self._conditioning_kwargs(len(x_t), device, conditioning, rows)
-        x_in, timestep, sigma = self.flow.inputs(x_t, t) if self.flow is not None else (x_t, t, None)
+        x_in, timestep, sigma = (x_t, t, None) if self.flow is None else self.flow.inputs(x_t, t)
         if is_packed(self.network):  # Flux: 2x2 latent patches as tokens
             tokens, kwargs = packed_inputs(x_in, kwargs, distilled=bool(getattr(self.network.config, "guidance_embeds", False)))
             output = unpack(self.network(tokens, timestep=timestep, **kwargs).sample, *x_in.shape[-2:])
         else:
             output = self.network(x_in, timestep=timestep, **kwargs).sample
-        return output if self.flow is None else self.flow.eps(x_in, sigma, output)
+        if self.flow is None or sigma is None:
+            return output
+        return self.flow.eps(x_in, sigma, output)
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
                     rows: Rows | None = None) -> torch.Tensor:
@@ -296,10 +300,13 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     network.eval().requires_grad_(False).to(device)
     codec = _load_codec(root if folder != root else None, network, allow_pickle, device)
     packed = is_packed(network)  # Flux: 2x2 latent patches as tokens, its size given by the autoencoder
-    if packed and codec is None:
-        raise DiffcircuitError(f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/")
-    size = codec.vae.config.sample_size // codec.factor if packed else None
-    scheduler, sigmas = _load_scheduler(root, folder, image_tokens=(size // 2) ** 2 if packed else None)
+    size = None
+    if packed:
+        if codec is None:
+            raise DiffcircuitError(f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/")
+        vae: Any = codec.vae
+        size = int(vae.config.sample_size) // codec.factor
+    scheduler, sigmas = _load_scheduler(root, folder, image_tokens=None if size is None else (size // 2) ** 2)
     # a velocity-predicting flow model, read as the ε-predicting DDPM it equals (Flux takes σ, SD3 σ·N)
     flow = None if sigmas is None else FlowAdapter(sigmas, 1.0 if packed else float(len(sigmas)))
     kind = scheduler.config.get("prediction_type", "epsilon")
@@ -309,7 +316,7 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
                     process="ddpm" if sigmas is None else "flow-matching", latent_size=size, flow=flow)
 
 
-def _load_codec(root: Path | None, network: torch.nn.Module, allow_pickle: bool, device: str) -> LatentCodec | None:
+def _load_codec(root: Path | None, network: Network, allow_pickle: bool, device: str) -> LatentCodec | None:
     """The pipeline's autoencoder (``vae/`` or ``vqvae/``) when the network works in its latent space, else None."""
     folder = next((root / sub for sub in ("vae", "vqvae") if root and (root / sub / "config.json").exists()), None)
     if folder is None:
@@ -349,7 +356,10 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
     if den.conditioning.unconditional is not None:
         return den.conditioning.unconditional
     try:
-        return make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
+        empty = make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
+        if empty is None:  # cannot happen: the model has a conditioning, so it needs one
+            raise DiffcircuitError(f"{type(den.network).__name__} has no unconditional input")
+        return empty
     except DiffcircuitError:
         if not is_pooled(den.network):
             raise
@@ -375,7 +385,7 @@ def _pipeline_root(den: Denoiser) -> Path:
     return den.model_path.parent if den.model_path.name in _NETWORK_SUBFOLDERS else den.model_path
 
 
-def save_denoiser(folder: str | Path, network: torch.nn.Module, scheduler) -> Path:
+def save_denoiser(folder: str | Path, network: Network, scheduler) -> Path:
     """Write a standard diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``)."""
     import diffusers
 

@@ -9,28 +9,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.session import probe_registry
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets, token_target
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_conditioned, unconditional_input, use_captions
+from diffcircuit.models.loading import unconditional_input
+from diffcircuit.models.spec import ModelSpec
 from diffcircuit.protocol.datasets import reference_split
-from diffcircuit.protocol.store import claim_command, write_json, write_parquet
+from diffcircuit.protocol.setup import build_setup, one_set
+from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
 
 __all__ = ["AblateConfig", "run_ablations"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class AblateConfig:
-    model: str = "embedded"
-    allow_pickle: bool = False
-    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional branch)
-    prompt_embeds: str | None = None
-    class_label: int | None = None
+class AblateConfig(ModelSpec):
+    """``diffcircuit ablate``: the model (``ModelSpec``'s fields), one dataset, the targets and methods."""
+
     data: str = "faces"
     n: int = 16
     timesteps: tuple[int, ...] = (500,)
@@ -46,13 +42,30 @@ class AblateConfig:
     window: tuple[int, int] | None = None  # ablate only at sampling steps with timestep in [lo, hi]
     guidance: float = 1.0  # sampling a conditional model: classifier-free guidance scale (1: none)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n < 1 or self.batch_size < 1 or not self.timesteps:
+            raise ConfigError("need n >= 1, batch_size >= 1 and at least one timestep in timesteps",
+                              "n", "batch_size", "timesteps")
+        if self.sample < 0 or self.sample_steps < 1 or (self.window is not None and self.window[0] > self.window[1]):
+            raise ConfigError("need sample >= 0, sample_steps >= 1 and a window LO,HI with LO <= HI",
+                              "sample", "sample_steps", "window")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"methods must be among {', '.join(METHODS)}; got {list(self.methods)}", "methods")
+        if not self.guidance >= 0 or self.guidance == float("inf"):
+            raise ConfigError(f"guidance must be a finite number >= 0, not {self.guidance}", "guidance")
+        if self.mean_reference not in ("heldout", "insample"):
+            raise ConfigError(f"mean_reference must be heldout or insample (one dataset), not {self.mean_reference!r}",
+                              "mean_reference")
+        bad = [lv for lv in self.levels if lv not in LEVELS]
+        if bad:
+            raise ConfigError(f"unknown level {bad[0]!r} in levels; choose from {', '.join(LEVELS)}", "levels")
+        if not self.token_weight >= 0 or self.token_weight == float("inf"):
+            raise ConfigError(f"token_weight must be a finite number >= 0, not {self.token_weight}", "token_weight")
+
 
 def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list[Target]:
-    bad = [lv for lv in cfg.levels if lv not in LEVELS]
-    if bad:
-        raise DiffcircuitError(f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}")
-    if not cfg.token_weight >= 0 or cfg.token_weight == float("inf"):
-        raise DiffcircuitError(f"--token-weight must be a finite number >= 0, not {cfg.token_weight}")
     chosen = [t for lv in cfg.levels for t in targets(registry, lv, model, tokens, cfg.token_weight)]
     every = {t.name: t for lv in LEVELS for t in targets(registry, lv, model, tokens)}
     for name in cfg.names:
@@ -63,53 +76,49 @@ def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list
                                    "`diffcircuit info` lists them")
         chosen.append(target)
     if not chosen:
-        raise DiffcircuitError("nothing to ablate: give --target NAME (repeatable) or --level head|layer|block|resnet|token"
-                               " (token: a model with a prompt)")
+        raise ConfigError("nothing to ablate: give names (head addresses, layers, blocks, ResNet blocks, tokens) or levels "
+                          "(head, layer, block, resnet, token: a model with a prompt)", "names", "levels")
     if any(t.level == "token" for t in chosen) and set(cfg.methods) != {"zero"}:
-        raise DiffcircuitError("prompt tokens are removed or reweighted, not replaced: use --methods zero")
+        raise ConfigError("prompt tokens are removed or reweighted, not replaced: use methods zero", "methods")
     return list({t.name: t for t in chosen}.values())
 
 
 def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> pd.DataFrame:
     """Run the chosen ablations and write ``out_dir/tables/ablations.parquet`` (and ``sampling.parquet``)."""
-    if cfg.sample < 0 or cfg.sample_steps < 1 or (cfg.window is not None and cfg.window[0] > cfg.window[1]):
-        raise DiffcircuitError("need --sample >= 0, --sample-steps >= 1 and a window LO,HI with LO <= HI")
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad or not cfg.methods:
-        raise DiffcircuitError(f"methods must be among {', '.join(METHODS)}; got {list(cfg.methods)}")
-    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
-                           class_label=cfg.class_label)
-    if not cfg.guidance >= 0 or cfg.guidance == float("inf"):
-        raise DiffcircuitError(f"--guidance must be a finite number >= 0, not {cfg.guidance}")
-    unconditional = None if cfg.guidance == 1.0 or cfg.sample == 0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
-    den.check_timesteps(cfg.timesteps)
-    if cfg.mean_reference not in ("heldout", "insample"):
-        raise DiffcircuitError(f"--mean-reference must be heldout or insample (one dataset), not {cfg.mean_reference!r}")
+    check_writable(Path(out_dir))
     held_out = cfg.mean_reference == "heldout" and bool({"mean", "noise"} & set(cfg.methods))
-    try:
-        loaded = model_images(den, cfg.data, n=2 * cfg.n if held_out else cfg.n, seed=cfg.seed)
-    except DiffcircuitError as err:
-        if not held_out:
-            raise
-        raise DiffcircuitError(f"{err} (mean and noise ablation take their reference from the n images after the "
-                               "evaluated ones, 2 x --n in all: lower --n or give --mean-reference insample)") from None
-    images, references = reference_split({cfg.data: loaded}, cfg.n, "heldout" if held_out else "insample")
+
+    def image_sets(den):  # with a held-out reference, the n images after the evaluated ones too
+        try:
+            return one_set(cfg.data, cfg.data, n=2 * cfg.n if held_out else cfg.n, seed=cfg.seed)(den)
+        except DiffcircuitError as err:
+            if not held_out:
+                raise
+            raise ConfigError(f"{err} (mean and noise ablation take their reference from the n images after the "
+                              "evaluated ones, 2 x n in all: lower n or set mean_reference insample)",
+                              "n", "mean_reference") from None
+
+    setup = build_setup(cfg, timesteps=cfg.timesteps, images=image_sets)
+    den, registry = setup.den, setup.registry
+    unconditional = None if cfg.guidance == 1.0 or cfg.sample == 0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
+    images, references = reference_split(setup.sets, cfg.n, "heldout" if held_out else "insample")
     images, reference = images[cfg.data], (references or {}).get(cfg.data)
-    if use_captions(den, cfg.data, images.captions, allow_pickle=cfg.allow_pickle, spec=cfg.data) and "token" in (
-            *cfg.levels, *(name.split(":")[0] for name in cfg.names)):
+    if images.captions and "token" in (*cfg.levels, *(name.split(":")[0] for name in cfg.names)):
         raise DiffcircuitError(f"{cfg.data} has a caption per image: token J is a different word in each, so token "
-                               "ablation needs one shared --prompt and a folder without captions")
-    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
+                               "ablation needs one shared prompt and a folder without captions")
     chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
     out = Path(out_dir)
     with claim_command(out, "ablate", asdict(cfg)):  # the inputs are valid: the directory is this command's
-        table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
-                               seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
-                               progress=progress, reference=reference)
+        with setup.autocast():
+            table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
+                                   seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
+                                   progress=progress, reference=reference)
         write_parquet(out / "tables" / "ablations.parquet", table)
         if cfg.sample > 0:
-            effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed, window=cfg.window,
-                                       guidance=cfg.guidance, unconditional=unconditional) for t in chosen]
+            with setup.autocast():
+                effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed,
+                                           window=cfg.window, guidance=cfg.guidance, unconditional=unconditional)
+                           for t in chosen]
             write_parquet(out / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
         write_json(out / "ablate.json", {
             "config": asdict(cfg), "finished": True, "model_path": str(den.model_path),

@@ -26,15 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import stats
 
-from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
-from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_conditioned, use_captions
+from diffcircuit.models.spec import ModelSpec
+from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
 from diffcircuit.stats.tests import independent_p_floor
 
@@ -151,20 +149,19 @@ def _ablation_rows(den, images: np.ndarray, registry, timestep: int, seed: int) 
     return table.pivot_table(index="image", columns="target", values="degradation_pct").to_numpy()
 
 
-def calibrate(*, model: str = "embedded", data: str = "faces", n: int = 100, timestep: int = 500, splits: int = 200,
-              seed: int = 0, ablation: bool = True, allow_pickle: bool = False, **conditioning) -> CalibrationResult:
+def calibrate(spec: ModelSpec | None = None, *, data: str = "faces", n: int = 100, timestep: int = 500,
+              splits: int = 200, seed: int = 0, ablation: bool = True) -> CalibrationResult:
     """Split-half calibration on real model outputs: every head's per-image normalised entropy and effective-keys
-    fraction, and (``ablation``) its single-head mean-ablation effect. ``conditioning``: ``prompt``,
-    ``prompt_embeds`` or ``class_label`` of a conditional model, as in ``load_conditioned``."""
-    den = load_conditioned(model, allow_pickle=allow_pickle, **conditioning)
-    den.check_timesteps([timestep])
-    images = model_images(den, data, n=n, seed=seed)
-    use_captions(den, "a", images.captions, allow_pickle=allow_pickle, spec=data)
-    registry = probe_registry(den, torch.from_numpy(images.images[:1]), torch.zeros(1, dtype=torch.long))
-    heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
+    fraction, and (``ablation``) its single-head mean-ablation effect. ``spec``: the model (default: the embedded
+    one), with a conditional model's prompt, embeddings or class label."""
+    setup = build_setup(spec or ModelSpec(), timesteps=[timestep], images=one_set("a", data, n=n, seed=seed))
+    den, registry, images = setup.den, setup.registry, setup.sets["a"]
+    with setup.autocast():
+        heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
     rows = {m: heads.pivot_table(index="image", columns=["layer", "head"], values=v).to_numpy()
             for m, v in (("mean_entropy_norm", "entropy_norm"), ("mean_effective_keys_frac", "effective_keys_frac"))}
     if ablation:
-        effects = _ablation_rows(den, images.images, registry, timestep, seed)
+        with setup.autocast():
+            effects = _ablation_rows(den, images.images, registry, timestep, seed)
         rows |= {"ablation_participation_ratio": effects, "ablation_heads_for_90pct": effects}
     return split_half_calibration(rows, splits=splits, seed=seed)

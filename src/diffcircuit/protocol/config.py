@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.models.spec import ModelSpec
 
 __all__ = ["ANALYSES", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COLORS", "default_config_yaml",
            "load_config_file", "parse_timesteps"]
@@ -23,46 +25,16 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
 
 
 ANALYSES = ("ablation", "patching", "attribution", "discovery")
-PRECISIONS = ("fp32", "bf16", "fp16")
 SYNTHETIC_COLORS = ("auto", "color", "gray")  # auto: gray when the other dataset is grayscale (R = G = B)
 MEAN_REFERENCES = ("heldout", "pooled", "insample")
 
 
-def _check_device(device: str) -> None:
-    try:
-        kind = "auto" if device == "auto" else _device_type(device)
-    except RuntimeError:
-        kind = None
-    if kind not in ("auto", "cpu", "cuda"):
-        raise DiffcircuitError(f"--device must be cpu, cuda, cuda:N or auto, not {device!r}")
-
-
-def _device_type(device: str) -> str:
-    import torch
-
-    return torch.device(device).type
-
-
-def _resolve_device(device: str) -> str:
-    """"auto" -> cuda when available, else cpu; an unavailable cuda is refused in one line."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if _device_type(device) == "cuda" and not torch.cuda.is_available():
-        raise DiffcircuitError(f"--device {device}: this machine has no CUDA device (use cpu or auto)")
-    return device
-
-
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The main job's settings. Defaults: the embedded model, synthetic vs LFW faces."""
+class RunConfig(ModelSpec):
+    """The main job's settings: the model and how it runs (the ``ModelSpec`` fields: model, allow_pickle, device,
+    precision, prompt, prompt_embeds, class_label), then the data and the analyses. Defaults: the embedded model,
+    synthetic vs LFW faces."""
 
-    model: str = "embedded"
-    allow_pickle: bool = False
-    prompt: str = ""  # a text-conditioned model's prompt ("": the empty prompt, the unconditional branch)
-    prompt_embeds: str = ""  # or a safetensors file with its embeddings (tensor "prompt_embeds")
-    class_label: int = -1  # a class-conditional model's class (-1: its null class, the unconditional branch)
     captions: bool = True  # text-conditioned models: an image folder's captions.csv/.jsonl prompts its images
     data_a: str = "synthetic"
     data_b: str = "faces"
@@ -72,8 +44,6 @@ class RunConfig:
     timesteps: tuple[int, ...] = (100, 500, 900)
     seed: int = 0
     batch_size: int = 50
-    device: str = "auto"  # "auto": cuda when available, else cpu (``torch_device``)
-    precision: str = "fp32"  # forward passes in fp32, or autocast to bf16/fp16 (statistics stay fp32)
     backend: str = "local"  # where shards are computed: this process, or Ray workers
     ray_address: str = ""  # join this Ray cluster ("" : start a local instance sized to this machine)
     workers: int = 0  # Ray workers (0: one per CPU, or per GPU on cuda)
@@ -95,68 +65,68 @@ class RunConfig:
     analyses: tuple[str, ...] = ANALYSES  # which intervention analyses run (on the first ablate_n images)
 
     def __post_init__(self):
-        _check_device(self.device)
-        if self.precision not in PRECISIONS:
-            raise DiffcircuitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        super().__post_init__()  # the model's fields
         if self.backend not in ("local", "ray"):
-            raise DiffcircuitError(f"--backend must be 'local' or 'ray', not {self.backend!r}")
+            raise ConfigError(f"backend must be 'local' or 'ray', not {self.backend!r}", 'backend')
         if self.workers < 0 or self.threads < 0 or self.shard_images < 1:
-            raise DiffcircuitError("--workers and --threads must be >= 0 and --shard-images >= 1")
-        if self.class_label < -1:
-            raise DiffcircuitError(f"--class-label must be >= 0, not {self.class_label}")
+            raise ConfigError("workers and threads must be >= 0 and shard_images >= 1", 'workers', 'threads', 'shard_images')
         if self.n < 1:
-            raise DiffcircuitError(f"--n must be at least 1, not {self.n}")
+            raise ConfigError(f"n must be at least 1, not {self.n}", 'n')
         if self.batch_size < 1:
-            raise DiffcircuitError(f"--batch-size must be at least 1, not {self.batch_size}")
+            raise ConfigError(f"batch_size must be at least 1, not {self.batch_size}", 'batch_size')
         if len(set(self.timesteps)) != len(self.timesteps):
-            raise DiffcircuitError(f"timesteps repeat: {list(self.timesteps)}")
+            raise ConfigError(f"timesteps repeat: {list(self.timesteps)}", "timesteps")
         if self.capture not in ("fused", "naive"):
-            raise DiffcircuitError(f"--capture must be 'fused' or 'naive', not {self.capture!r}")
+            raise ConfigError(f"capture must be 'fused' or 'naive', not {self.capture!r}", 'capture')
         if self.seed_repeats < 0:
-            raise DiffcircuitError(f"--seed-repeats must be >= 0, not {self.seed_repeats}")
+            raise ConfigError(f"seed_repeats must be >= 0, not {self.seed_repeats}", 'seed_repeats')
         if self.correction not in ("fdr_bh", "holm"):
-            raise DiffcircuitError(f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}")
+            raise ConfigError(f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}", "correction")
         if self.circuit_resamples < 0:
-            raise DiffcircuitError(f"--circuit-resamples must be >= 0, not {self.circuit_resamples}")
+            raise ConfigError(f"circuit_resamples must be >= 0, not {self.circuit_resamples}", 'circuit_resamples')
         if self.role_null_block < 2:
-            raise DiffcircuitError(f"--role-null-block must be at least 2, not {self.role_null_block}")
+            raise ConfigError(f"role_null_block must be at least 2, not {self.role_null_block}", 'role_null_block')
         if self.role_permutations < 19:
-            raise DiffcircuitError(f"--role-permutations must be at least 19, not {self.role_permutations}")
+            raise ConfigError(f"role_permutations must be at least 19, not {self.role_permutations}", 'role_permutations')
         if self.null_sets < 1:
-            raise DiffcircuitError(f"--null-sets must be at least 1, not {self.null_sets}")
+            raise ConfigError(f"null_sets must be at least 1, not {self.null_sets}", 'null_sets')
         if self.ablate_n < 0:
-            raise DiffcircuitError(f"--ablate-n must be >= 0, not {self.ablate_n}")
+            raise ConfigError(f"ablate_n must be >= 0, not {self.ablate_n}", 'ablate_n')
         bad = [m for m in self.ablation_methods if m not in ("zero", "mean", "resample", "noise")]
         if bad or not self.ablation_methods:
-            raise DiffcircuitError(f"ablation methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}")
+            raise ConfigError(f"ablation_methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}",
+                              "ablation_methods")
         if self.seed < 0:
-            raise DiffcircuitError(f"--seed must be >= 0, not {self.seed}")
+            raise ConfigError(f"seed must be >= 0, not {self.seed}", 'seed')
         if not self.timesteps:
-            raise DiffcircuitError("give at least one timestep, e.g. --timesteps 100,500,900")
+            raise ConfigError("give at least one timestep in timesteps, e.g. 100,500,900", "timesteps")
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
-            raise DiffcircuitError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
+            raise ConfigError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}", "analyses")
         if "discovery" in self.analyses and not {"ablation"} <= set(self.analyses):
-            raise DiffcircuitError("discovery ranks heads by the ablation sweep: include 'ablation' in analyses")
+            raise ConfigError("discovery ranks heads by the ablation sweep: include 'ablation' in analyses", "analyses")
         self._check_data_options()
         if not self.circuit_taus or 0.05 not in self.circuit_taus or any(not 0 < t < 1 for t in self.circuit_taus):
-            raise DiffcircuitError(f"circuit_taus must be fractions of the gap L_empty − L_full in (0, 1) including 0.05, "
-                                   f"not {list(self.circuit_taus)}")
+            raise ConfigError(f"circuit_taus must be fractions of the gap L_empty − L_full in (0, 1) including 0.05, "
+                              f"not {list(self.circuit_taus)}", "circuit_taus")
         if self.circuit_metric not in ("eps", "output"):
-            raise DiffcircuitError(f"circuit_metric must be 'eps' or 'output', not {self.circuit_metric!r}")
+            raise ConfigError(f"circuit_metric must be 'eps' or 'output', not {self.circuit_metric!r}", "circuit_metric")
 
     def _check_data_options(self) -> None:
         if self.synthetic_color not in SYNTHETIC_COLORS:
-            raise DiffcircuitError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}")
+            raise ConfigError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}",
+                              "synthetic_color")
         if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
-            raise DiffcircuitError("match_histogram matches the synthetic set to the other dataset: exactly one of "
-                                   f"data_a, data_b must be 'synthetic', not {self.data_a!r} and {self.data_b!r}")
+            raise ConfigError("match_histogram matches the synthetic set to the other dataset: exactly one of "
+                              f"data_a, data_b must be 'synthetic', not {self.data_a!r} and {self.data_b!r}",
+                              "match_histogram", "data_a", "data_b")
         if self.mean_reference not in MEAN_REFERENCES:
-            raise DiffcircuitError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {self.mean_reference!r}")
+            raise ConfigError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {self.mean_reference!r}",
+                              "mean_reference")
         if self.mean_reference != "insample" and self.uses_mean_reference and self.n <= self.ablate_n:
-            raise DiffcircuitError(f"mean_reference {self.mean_reference!r} takes the mean from images outside the ablate_n "
-                                   f"evaluated ones, but n = {self.n} <= ablate_n = {self.ablate_n}: raise n, lower "
-                                   "ablate_n, or set mean_reference insample")
+            raise ConfigError(f"mean_reference {self.mean_reference!r} takes the mean from images outside the ablate_n "
+                              f"evaluated ones, but n = {self.n} <= ablate_n = {self.ablate_n}: raise n, lower "
+                              "ablate_n, or set mean_reference insample", "mean_reference", "ablate_n", "n")
 
     @property
     def uses_mean_reference(self) -> bool:
@@ -165,11 +135,6 @@ class RunConfig:
         means = {"mean", "noise"} & set(self.ablation_methods)
         return bool((means and self.runs("ablation")) or ("mean" in self.ablation_methods and self.runs("attribution"))
                     or self.runs("discovery"))
-
-    @property
-    def torch_device(self) -> str:
-        """The device the run uses: ``device`` with "auto" resolved (cuda without CUDA is refused here)."""
-        return _resolve_device(self.device)
 
     def runs(self, analysis: str) -> bool:
         """Whether an intervention analysis runs (it needs ablate_n > 0; discovery also mean ablation)."""
@@ -205,7 +170,11 @@ class RunConfig:
 
 
 def _coerce(key: str, value, hint, source: str):
-    """Check one value against its field type; lists become tuples, "100,500" strings become tuples."""
+    """Check one value against its field type; lists become tuples, "100,500" strings become tuples; an optional
+    field (``str | None``) takes None or its type."""
+    if type(None) in typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [h for h in typing.get_args(hint) if h is not type(None)][0]
+        return None if value is None else _coerce(key, value, inner, source)
     bad = DiffcircuitError(f"{source}: {key!r} must be {_describe(hint)}, not {value!r}")
     if hint is bool:
         if not isinstance(value, bool):

@@ -31,21 +31,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from diffcircuit.discovery.circuits import METRICS
 from diffcircuit.discovery.run import PRIMARY_TAU, circuit_complexity, discover_circuits, importance_rows
-from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.session import probe_registry
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe_with_null
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, use_captions
-from diffcircuit.protocol.config import SYNTHETIC_COLORS, RunConfig
+from diffcircuit.models.spec import ModelSpec
+from diffcircuit.protocol.config import MEAN_REFERENCES, SYNTHETIC_COLORS, RunConfig
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table
-from diffcircuit.protocol.store import claim_command, write_json, write_parquet
+from diffcircuit.protocol.setup import build_setup
+from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
 
 __all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
 
@@ -53,9 +52,9 @@ RANKINGS = ("attribution", "exhaustive")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiscoverConfig:
-    model: str = EMBEDDED_MODEL
-    allow_pickle: bool = False
+class DiscoverConfig(ModelSpec):
+    """``diffcircuit discover``: the model (``ModelSpec``'s fields), one or two datasets, ranking and search."""
+
     data_a: str = "synthetic"
     data_b: str | None = "faces"  # None: one distribution only (no overlap)
     n: int = 16
@@ -69,34 +68,39 @@ class DiscoverConfig:
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
     metric: str = "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
-    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
-    prompt_embeds: str | None = None
-    class_label: int | None = None
     synthetic_color: str = "auto"  # as in `run`: gray when the other set is grayscale
     match_histogram: bool = False  # match each synthetic image's luminance histogram to the other set's
     mean_reference: str = "heldout"  # mean ablation's reference: "heldout", "pooled" or "insample"
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        super().__post_init__()
         if self.ranking not in RANKINGS:
-            raise DiffcircuitError(f"--ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}")
+            raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}", "ranking")
         if self.n < 2 or self.batch_size < 1 or self.resamples < 0 or self.probes < 0 or self.ig_steps < 0:
-            raise DiffcircuitError("need --n >= 2, --batch-size >= 1, --resamples >= 0, --probes >= 0 and --ig-steps >= 0")
+            raise ConfigError("need n >= 2, batch_size >= 1, resamples >= 0, probes >= 0 and ig_steps >= 0",
+                              "n", "batch_size", "resamples", "probes", "ig_steps")
         if self.ig_steps and self.probes:
-            raise DiffcircuitError("--ig-steps and --probes are alternatives (integrated gradients already include the "
-                                   "curvature along their path); give one of them")
+            raise ConfigError("ig_steps and probes are alternatives (integrated gradients already include the "
+                              "curvature along their path); give one of them", "ig_steps", "probes")
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
-            raise DiffcircuitError(f"every τ must be a fraction of the gap L_empty − L_full in (0, 1); got {list(self.taus)}")
-        if self.metric not in METRICS:
-            raise DiffcircuitError(f"--circuit-metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
-        if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
-            raise DiffcircuitError("every window must be a non-empty set of the analysed --timesteps")
-        if self.synthetic_color not in SYNTHETIC_COLORS:
-            raise DiffcircuitError(f"--synthetic-color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}")
-        if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
-            raise DiffcircuitError("--match-histogram matches the synthetic set to the other dataset: exactly one of "
-                                   "--data-a and --data-b must be 'synthetic'")
+            raise ConfigError(f"every τ in taus must be a fraction of the gap L_empty − L_full in (0, 1); got "
+                              f"{list(self.taus)}", "taus")
         if PRIMARY_TAU not in self.taus:
-            raise DiffcircuitError(f"--taus must include the primary τ {PRIMARY_TAU}")
+            raise ConfigError(f"taus must include the primary τ {PRIMARY_TAU}", "taus")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}", "metric")
+        if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
+            raise ConfigError("every window in windows must be a non-empty set of the analysed timesteps",
+                              "windows", "timesteps")
+        if self.synthetic_color not in SYNTHETIC_COLORS:
+            raise ConfigError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not "
+                              f"{self.synthetic_color!r}", "synthetic_color")
+        if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
+            raise ConfigError("match_histogram matches the synthetic set to the other dataset: exactly one of "
+                              "data_a and data_b must be 'synthetic'", "match_histogram", "data_a", "data_b")
+        if self.mean_reference not in MEAN_REFERENCES:
+            raise ConfigError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not "
+                              f"{self.mean_reference!r}", "mean_reference")
 
 
 @dataclass
@@ -133,24 +137,24 @@ def _ranking_name(cfg: DiscoverConfig) -> str:
 def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                   progress: Callable[[str, int, int], None] | None = None) -> DiscoveryResult:
     """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
-    cfg.validate()
-    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
-                           class_label=cfg.class_label)
-    den.check_timesteps(cfg.timesteps)
-    specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
+    check_writable(Path(out_dir))
     n_load = cfg.n if cfg.mean_reference == "insample" else 2 * cfg.n
-    try:
-        loaded = load_datasets(den, cfg, n=n_load)
-    except DiffcircuitError as err:
-        if n_load == cfg.n:
-            raise
-        raise DiffcircuitError(f"{err} (the held-out mean reference needs 2 x --n images: lower --n or give "
-                               "--mean-reference insample)") from None
-    sets, references = reference_split(loaded, cfg.n, cfg.mean_reference)
+
+    def image_sets(den):  # with a held-out reference, the n images after the evaluated ones too
+        try:
+            return load_datasets(den, cfg, n=n_load)
+        except DiffcircuitError as err:
+            if n_load == cfg.n:
+                raise
+            raise ConfigError(f"{err} (the held-out mean reference needs 2 x n images: lower n or set "
+                              "mean_reference insample)", "n", "mean_reference") from None
+
+    setup = build_setup(cfg, timesteps=cfg.timesteps, images=image_sets)
+    den, registry, captions = setup.den, setup.registry, setup.captions
+    specs = {"a": cfg.data_a} | ({"b": cfg.data_b} if cfg.data_b else {})
+    sets, references = reference_split(setup.sets, cfg.n, cfg.mean_reference)
     references = references or {}
     in_training, _ = training_overlap(den, sets, cfg.seed)
-    captions = {k: use_captions(den, k, s.captions, allow_pickle=cfg.allow_pickle, spec=s.spec) for k, s in sets.items()}
-    registry = probe_registry(den, torch.from_numpy(sets["a"].images[:1]), torch.zeros(1, dtype=torch.long))
 
     def stage(name: str, total: int) -> Callable[[int], None]:
         done = [0]
@@ -161,7 +165,7 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
                 progress(name, done[0], total)
         return step
 
-    with claim_command(Path(out_dir), "discover", asdict(cfg)):  # the inputs are valid: the directory is ours
+    with claim_command(Path(out_dir), "discover", asdict(cfg)), setup.autocast():  # the inputs are valid: ours now
         windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
         observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
         found = {k: observe_with_null(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,

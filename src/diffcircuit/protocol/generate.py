@@ -15,20 +15,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.session import probe_registry
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
-from diffcircuit.models.loading import EMBEDDED_MODEL, load_conditioned, unconditional_input
-from diffcircuit.protocol.store import atomic_write_bytes, write_json
+from diffcircuit.models.loading import unconditional_input
+from diffcircuit.models.spec import ModelSpec
+from diffcircuit.protocol.setup import build_setup
+from diffcircuit.protocol.store import atomic_write_bytes, check_writable, write_json
 
 __all__ = ["GenerateConfig", "GenerateResult", "run_generate"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig:
-    model: str = EMBEDDED_MODEL
-    allow_pickle: bool = False
+class GenerateConfig(ModelSpec):
+    """``diffcircuit generate``: the model (``ModelSpec``'s fields), what to intervene on, and the sampling."""
+
     ablate: tuple[str, ...] = ()  # head addresses, layer paths, block names, or one ResNet block
     method: str = "zero"  # zero, mean (over the clean samples at the same step) or scale
     scale: float | None = None  # the factor for method "scale" (0 removes, 2 doubles)
@@ -36,10 +37,22 @@ class GenerateConfig:
     steps: int = 50
     seed: int = 0
     window: tuple[int, int] | None = None  # intervene only at steps whose timestep is in [lo, hi]
-    prompt: str | None = None  # conditional models: as in `run` (default: the unconditional input)
-    prompt_embeds: str | None = None
-    class_label: int | None = None
     guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model alone)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.ablate:
+            raise ConfigError("nothing to intervene on: give ablate (head addresses, layers or blocks)", "ablate")
+        if self.method not in SAMPLING_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(SAMPLING_METHODS)}, not {self.method!r}", "method")
+        if (self.method == "scale") != (self.scale is not None):
+            raise ConfigError("scale goes with method 'scale' (and only with it)", "scale", "method")
+        if self.n < 1 or self.steps < 1 or self.n > 64:
+            raise ConfigError("need 1 <= n <= 64 and steps >= 1", "n", "steps")
+        if self.window is not None and self.window[0] > self.window[1]:
+            raise ConfigError("window LO,HI needs LO <= HI", "window")
+        if not self.guidance >= 0 or self.guidance == float("inf"):
+            raise ConfigError(f"guidance must be a finite number >= 0, not {self.guidance}", "guidance")
 
 
 @dataclass
@@ -67,21 +80,6 @@ def _target(names: tuple[str, ...], registry, model) -> Target:
     return Target(level="set", name=",".join(names), heads=heads)
 
 
-def _check(cfg: GenerateConfig) -> None:
-    if not cfg.ablate:
-        raise DiffcircuitError("nothing to intervene on: give --ablate ADDR[,ADDR...]")
-    if cfg.method not in SAMPLING_METHODS:
-        raise DiffcircuitError(f"--method must be one of {', '.join(SAMPLING_METHODS)}, not {cfg.method!r}")
-    if (cfg.method == "scale") != (cfg.scale is not None):
-        raise DiffcircuitError("--scale F goes with --method scale (and only with it)")
-    if cfg.n < 1 or cfg.steps < 1 or cfg.n > 64:
-        raise DiffcircuitError("need 1 <= --n <= 64 and --steps >= 1")
-    if cfg.window is not None and cfg.window[0] > cfg.window[1]:
-        raise DiffcircuitError("--window LO,HI needs LO <= HI")
-    if not cfg.guidance >= 0 or cfg.guidance == float("inf"):
-        raise DiffcircuitError(f"--guidance must be a finite number >= 0, not {cfg.guidance}")
-
-
 def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
     import matplotlib
 
@@ -89,8 +87,9 @@ def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     diff = (changed - clean).abs()
-    diff = diff / diff.max().clamp_min(1e-12) * 2 - 1  # largest difference shown white
-    rows = {"clean": clean, "intervened": changed, "|difference|": diff}
+    top = float(diff.max())
+    diff = diff / max(top, 1e-12) * 2 - 1  # largest difference shown white
+    rows = {"clean": clean, "intervened": changed, f"|difference|\nblack 0, white {top:.3g}\n(pixels in [-1, 1])": diff}
     n = clean.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.2 * n + 1.2, 4.0), squeeze=False)
     for r, (label, batch) in enumerate(rows.items()):
@@ -113,20 +112,19 @@ def run_generate(cfg: GenerateConfig, out: str | Path, *, progress=None) -> Gene
     """Sample clean and intervened images; write the grid PNG and ``<out>.json`` with per-sample metrics.
     ``progress(k)``: k more denoising steps done (2 x steps in all)."""
     out = Path(out)
-    if out.suffix.lower() != ".png":
+    if out.suffix.lower() != ".png" or out.is_dir():
         raise DiffcircuitError(f"--out must name a .png file, not {str(out)!r}")
-    _check(cfg)
-    den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, prompt=cfg.prompt, prompt_embeds=cfg.prompt_embeds,
-                           class_label=cfg.class_label)
+    check_writable(out.parent)
+    setup = build_setup(cfg)
+    den, registry = setup.den, setup.registry
     unconditional = None if cfg.guidance == 1.0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
-    size, channels = den.sample_size, den.in_channels
-    registry = probe_registry(den, torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
     target = _target(cfg.ablate, registry, den.network)
     if target.level == "resnet" and cfg.method != "zero":
         raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")
-    clean, changed = controlled_samples(den, target, n=cfg.n, steps=cfg.steps, seed=cfg.seed, window=cfg.window,
-                                        method=cfg.method, scale=cfg.scale, guidance=cfg.guidance,
-                                        unconditional=unconditional, progress=progress)
+    with setup.autocast():
+        clean, changed = controlled_samples(den, target, n=cfg.n, steps=cfg.steps, seed=cfg.seed, window=cfg.window,
+                                            method=cfg.method, scale=cfg.scale, guidance=cfg.guidance,
+                                            unconditional=unconditional, progress=progress)
     metrics = sample_metrics(clean, changed)
     what = f"{cfg.method}" + (f" x{cfg.scale:g}" if cfg.scale is not None else "")
     window = "every step" if cfg.window is None else f"t in [{cfg.window[0]}, {cfg.window[1]}]"

@@ -70,7 +70,7 @@ from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, training_overlap
-from diffcircuit.protocol.store import Shards, claim_directory, write_json, write_parquet
+from diffcircuit.protocol.store import Shards, check_writable, claim_directory, write_json, write_parquet
 from diffcircuit.protocol.tasks import (
     Context,
     Task,
@@ -107,6 +107,7 @@ def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
     """The directory must be new, or hold (part of) a run of the same config: then the run resumes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DiffcircuitError(f"--out {out_dir} is a file, not a directory")
+    check_writable(out_dir)
     for claim in (out_dir / "run.json", out_dir / "manifest.json"):
         if claim.exists():
             try:

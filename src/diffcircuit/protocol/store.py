@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import DiffcircuitError, InputError
 
-__all__ = ["Shards", "atomic_write_bytes", "claim_command", "claim_directory", "encode_part", "write_json", "write_parquet"]
+__all__ = ["Shards", "atomic_write_bytes", "check_writable", "claim_command", "claim_directory", "encode_part", "write_json",
+           "write_parquet"]
 
 
 def _umask() -> int:
@@ -178,3 +179,16 @@ def claim_command(out_dir: Path, command: str, config: dict) -> Iterator[Path]:
         else:
             write_json(record, {"config": config, "finished": False})
         yield Path(out_dir)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output ``path`` that could not be written: its nearest existing ancestor must be a
+    directory this process may write into (nothing is created here)."""
+    path = Path(path).absolute()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if ancestor == path and path.is_dir() and os.access(path, os.W_OK | os.X_OK):
+        return
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write to {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {path}: permission denied in {ancestor}")

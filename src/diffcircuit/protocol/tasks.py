@@ -14,27 +14,25 @@ attribution per dataset x method x estimator, discovery per timestep.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from diffcircuit.data.spec import ImageSet
 from diffcircuit.discovery.run import discover_circuits
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.instrument.registry import HeadRegistry
-from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import Target, distinct_targets, random_head_sets, targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
 from diffcircuit.metrics.observe import observe, observe_with_null
-from diffcircuit.models.loading import Denoiser, load_conditioned, use_captions
+from diffcircuit.models.loading import Denoiser
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import load_datasets
 from diffcircuit.protocol.roles import null_blocks, permutation_table, shard_slices
+from diffcircuit.protocol.setup import build_setup
 
 __all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "ablation_plan", "attribute_tasks", "compute",
            "discover_tasks", "null_set_counts", "observe_tasks", "patch_tasks"]
@@ -72,16 +70,9 @@ class Context:
     @classmethod
     def build(cls, cfg: RunConfig) -> Context:
         """Load the model and both image sets of ``cfg`` and probe the head registry (inputs are checked here)."""
-        den = load_conditioned(cfg.model, allow_pickle=cfg.allow_pickle, device=cfg.torch_device,
-                               prompt=cfg.prompt or None, prompt_embeds=cfg.prompt_embeds or None,
-                               class_label=None if cfg.class_label < 0 else cfg.class_label)
-        den.check_timesteps(cfg.timesteps)
-        sets = load_datasets(den, cfg)
-        captions = {key: use_captions(den, key, s.captions if cfg.captions else None, allow_pickle=cfg.allow_pickle,
-                                      spec=s.spec) for key, s in sets.items()}
-        first = torch.from_numpy(sets["a"].images[:1]).to(cfg.torch_device)
-        registry = probe_registry(den, first, torch.zeros(1, dtype=torch.long, device=cfg.torch_device))
-        return cls(cfg=cfg, den=den, registry=registry, sets=sets, captions=captions)
+        setup = build_setup(cfg, timesteps=cfg.timesteps, images=lambda den: load_datasets(den, cfg),
+                            captions=cfg.captions)
+        return cls(cfg=cfg, den=setup.den, registry=setup.registry, sets=setup.sets, captions=setup.captions)
 
     @property
     def n_ablate(self) -> int:
@@ -100,10 +91,7 @@ class Context:
 
     def autocast(self):
         """Mixed precision for the forward passes when the config asks (statistics stay fp32)."""
-        if self.cfg.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=torch.device(self.cfg.torch_device).type, dtype=dtype)
+        return self.cfg.autocast()
 
 
 def observe_tasks(ctx: Context, *, seed: int, label: str = "observe", null: bool = False) -> list[Task]:
