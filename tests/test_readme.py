@@ -12,12 +12,18 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_the_readme_python_blocks_run_as_written_and_predict_eps_is_the_eps_the_v_output_implies():
+def test_the_readme_python_blocks_run_as_written_and_predict_eps_is_the_eps_the_v_output_implies(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)  # the run block writes runs/quick here
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code, as a user runs it
+    import pandas as pd
+
+    result = namespace["result"]  # the typed result of dc.run: what summary.json and the tables hold
+    assert result.summary.to_dict() == __import__("json").loads((tmp_path / "runs/quick/summary.json").read_text())
+    pd.testing.assert_frame_equal(result.table("head_metrics"), pd.read_parquet(tmp_path / "runs/quick/tables/head_metrics.parquet"))
     den, x_t, t, eps_hat = (namespace[k] for k in ("den", "x_t", "t", "eps_hat"))
     assert den.prediction_type == "v_prediction"
     acp = den.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)

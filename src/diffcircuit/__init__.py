@@ -23,16 +23,22 @@ from diffcircuit.instrument import hooks  # noqa: E402
 from diffcircuit.metrics.observe import observe  # noqa: E402
 from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
+from diffcircuit.models.spec import ModelSpec  # noqa: E402
 from diffcircuit.protocol.config import RunConfig  # noqa: E402
+from diffcircuit.report.result import Claim, RunResult, Summary  # noqa: E402
 
 __all__ = [
     "Denoiser",
     "DiffcircuitError",
     "HeadAddress",
     "HeadRegistry",
+    "Claim",
     "HookContext",
     "ImageSet",
+    "ModelSpec",
     "RunConfig",
+    "RunResult",
+    "Summary",
     "__version__",
     "hooks",
     "instrument",
@@ -45,10 +51,19 @@ __all__ = [
 ]
 
 
-def run(config: RunConfig, out_dir, *, progress=None) -> dict:
-    """The main job end to end: observe, write tables, then summary.json and report.html."""
+def run(out_dir, config: RunConfig | None = None, *, progress=None, **fields) -> RunResult:
+    """The main job end to end: observe, intervene, test; write the run directory, ``summary.json`` and
+    ``report.html``; return the typed result. ``fields`` are ``RunConfig`` field names, on top of ``config``
+    (default: the defaults), e.g. ``dc.run("runs/x", n=8, timesteps=[500], ablate_n=0)``; a killed run resumes."""
+    import dataclasses
+
     from diffcircuit.protocol.runner import run_protocol
     from diffcircuit.report import finalize_run
 
-    result = run_protocol(config, out_dir, progress=progress)
+    if isinstance(out_dir, RunConfig):  # the older order, run(config, out_dir)
+        out_dir, config = config, out_dir
+    if fields:
+        config = (dataclasses.replace(config, **fields) if config is not None
+                  else RunConfig.from_mapping(fields, source="run()"))
+    result = run_protocol(config or RunConfig(), out_dir, progress=progress)
     return finalize_run(result.out_dir)

@@ -10,12 +10,13 @@ import pandas as pd
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.protocol.store import write_json
 from diffcircuit.report.html import write_report
+from diffcircuit.report.result import Claim, RunResult, Summary
 from diffcircuit.report.summary import build_summary
 
-__all__ = ["build_summary", "finalize_run", "write_report"]
+__all__ = ["Claim", "RunResult", "Summary", "build_summary", "finalize_run", "write_report"]
 
 
-def finalize_run(run_dir: str | Path) -> dict:
+def finalize_run(run_dir: str | Path) -> RunResult:
     """Compute ``summary.json`` and write ``report.html`` from a run directory's manifest and tables."""
     run_dir = Path(run_dir)
     try:
@@ -41,5 +42,6 @@ def finalize_run(run_dir: str | Path) -> dict:
     write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
                  curves=optional.get("circuit_curves"),
                  gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None,
-                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"), cost=manifest.get("cost"))
-    return summary
+                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"), cost=manifest.get("cost"),
+                 attribution=optional.get("attribution"), patching=optional.get("patching"))
+    return RunResult(out_dir=run_dir, summary=Summary.from_dict(summary), manifest=manifest)
