@@ -23,6 +23,13 @@ f.onload = () => {
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);
   log("FIGURES " + ok.length + "/" + imgs.length);
   log("HEADINGS " + Array.from(f.contentDocument.querySelectorAll("h2")).map(h => h.textContent).join("|"));
+  const d = f.contentDocument;
+  const links = Array.from(d.querySelectorAll("nav#contents a"));
+  log("CONTENTS " + links.filter(a => d.getElementById(a.getAttribute("href").slice(1))).length + "/" + links.length);
+  log("FINDINGS " + d.querySelectorAll("#key-findings + p + ul > li").length);
+  const heads = Array.from(d.querySelectorAll("details[id^=head-]"));
+  log("HEADS " + heads.length + " " + heads.filter(x => x.querySelectorAll("tr").length > 1).length);
+  log("END");
 };
 f.src = "REPORT";
 document.body.appendChild(f);
@@ -38,7 +45,7 @@ def _open(report: Path) -> dict[str, str]:
                               "--allow-file-access-from-files", "--virtual-time-budget=10000",
                               f"--user-data-dir={tmp}/profile", "--dump-dom", page.as_uri()],
                              capture_output=True, text=True, timeout=120).stdout
-    found = dict(re.findall(r"^(FIGURES|HEADINGS) (.*)$", dom, flags=re.M))
+    found = dict(re.findall(r"^(FIGURES|HEADINGS|CONTENTS|FINDINGS|HEADS) (.*)$", dom, flags=re.M))
     assert "FIGURES" in found, f"the check page did not run: {dom[:300]!r}"
     return found
 
@@ -56,8 +63,21 @@ def test_every_figure_of_the_report_renders_in_chromium(report):
     found = _open(report)
     n_figures = len(list((report.parent / "figures").glob("*.png")))
     assert n_figures >= 7 and found["FIGURES"] == f"{n_figures}/{n_figures}"
-    for heading in ("The paper's claims, measured here", "Circuits", "Attention maps", "Head roles"):
+    for heading in ("Key findings", "The paper's claims, measured here", "Circuits", "Attention maps", "Head roles",
+                    "Heads, one by one"):
         assert heading in found["HEADINGS"]
+
+
+def test_the_contents_key_findings_and_per_head_pages_render(report):
+    import pandas as pd
+
+    found = _open(report)
+    resolved, links = map(int, found["CONTENTS"].split("/"))
+    assert links == found["HEADINGS"].count("|") + 1 and resolved == links  # every section listed, every link lands
+    assert int(found["FINDINGS"]) >= 1
+    heads = pd.read_parquet(report.parent / "tables" / "head_metrics.parquet")[["layer", "head"]].drop_duplicates()
+    pages, with_rows = map(int, found["HEADS"].split())
+    assert pages == with_rows == len(heads)  # one page per head, each with its table
 
 
 def test_a_broken_figure_is_caught(report, tmp_path):

@@ -10,12 +10,23 @@ import pandas as pd
 
 from diffcircuit.protocol.store import atomic_write_bytes
 
-__all__ = ["ablation_bars", "attention_gallery", "circuit_curves_plot", "circuit_map", "divergence_plot", "entropy_heatmap",
-           "png_bytes", "role_map", "save_figure", "token_heatmap_figure"]
+__all__ = ["ablation_bars", "attention_gallery", "attribution_scatter", "circuit_curves_plot", "circuit_map",
+           "divergence_plot", "entropy_heatmap", "patching_grid", "png_bytes", "role_map", "save_figure",
+           "token_heatmap_figure"]
+
+
+def _colour_range(values: np.ndarray, step: float = 0.05) -> tuple[float, float]:
+    """The data's range widened to multiples of ``step`` within [0, 1]: the scale shows where the values are."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.floor(finite.min() / step) * step, np.ceil(finite.max() / step) * step
+    return round(float(max(0.0, low)), 6), round(float(min(1.0, max(high, low + step))), 6)
 
 
 def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
-    """Normalised entropy, heads (rows, grouped by layer) x timesteps, one panel per dataset."""
+    """Normalised entropy, heads (rows, grouped by layer; head index on the right) x timesteps, one panel per
+    dataset, on a colour scale fitted to the data (its range, to 0.05)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,19 +34,26 @@ def entropy_heatmap(heads: pd.DataFrame, labels: dict[str, str]):
 
     table = heads.groupby(["dataset", "layer", "head", "timestep"], sort=False)["entropy_norm"].mean()
     datasets = list(dict.fromkeys(heads["dataset"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets) + 1, 9), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
+    vmin, vmax = _colour_range(table.to_numpy(dtype=float))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(2.6 * len(datasets) + 4.2, 9), squeeze=False, sharey=True)
+    for k, (ax, ds) in enumerate(zip(axes[0], datasets)):
         grid = table.loc[ds].unstack("timestep")  # rows: (layer, head), columns: timesteps
-        im = ax.imshow(grid.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        im = ax.imshow(grid.to_numpy(), aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
         ax.set_title(labels.get(ds, ds), fontsize=9)
         ax.set_xticks(range(grid.shape[1]), [str(t) for t in grid.columns])
         ax.set_xlabel("timestep")
-        layers = grid.index.get_level_values(0)
+        layers, head_ids = grid.index.get_level_values(0), grid.index.get_level_values(1)
         starts = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
-        ax.set_yticks(starts, [layers[i] for i in starts], fontsize=6)
         for s in starts[1:]:
-            ax.axhline(s - 0.5, color="white", lw=0.6)
-    fig.colorbar(im, ax=axes[0].tolist(), label="entropy / ln(n_keys)  (1 = uniform)")
+            ax.axhline(s - 0.5, color="white", lw=0.8)
+        if k == 0:  # layer names once, on the left of the first panel
+            ax.set_yticks(starts, [layers[i].replace(".attentions.", ".attn.") for i in starts], fontsize=6)
+        if k == len(datasets) - 1:  # each row's head index, on the right of the last panel
+            right = ax.secondary_yaxis("right")
+            right.set_yticks(range(len(head_ids)), [str(h) for h in head_ids], fontsize=4)
+            right.set_ylabel("head", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"entropy / ln(n_keys)  (1 = uniform; scale {vmin:.2f}–{vmax:.2f})",
+                 pad=0.06)
     return fig
 
 
@@ -76,7 +94,11 @@ def role_map(roles: pd.DataFrame, labels: dict[str, str] | None = None):
             grid = np.full((len(layers), width), np.nan)
             for row in roles[(roles.timestep == t) & (roles.dataset == dataset)].itertuples():
                 grid[layers.index(row.layer), row.head] = names.index(row.role)
-            ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+            ax.set_facecolor("white")  # a layer with fewer heads: its missing heads are hatched, not a role colour
+            ax.add_patch(plt.Rectangle((-0.5, -0.5), width, len(layers), fill=False, hatch="////", edgecolor="0.7",
+                                       lw=0, zorder=0))
+            ax.imshow(np.ma.masked_invalid(grid), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5,
+                      aspect="auto", zorder=1)
             ax.set_title(f"{(labels or {}).get(dataset, dataset)}, t = {t}", fontsize=9)
             ax.set_yticks(range(len(layers)), layers if ax is axes[d][0] else [], fontsize=6)
             ax.set_xticks(range(0, width, 2))
@@ -84,6 +106,7 @@ def role_map(roles: pd.DataFrame, labels: dict[str, str] | None = None):
                 ax.set_xlabel("head")
     _role_legend(fig, names, colours, bottom=0.25 / len(datasets))
     fig.subplots_adjust(hspace=0.3)
+    fig.text(0.01, 0.01, "hatched: no such head (the layer has fewer)", fontsize=6)
     return fig
 
 
@@ -191,6 +214,9 @@ def attention_gallery(maps: pd.DataFrame, pictures: pd.DataFrame, labels: dict[s
     t = int(maps.timestep.iloc[0])
     fig.suptitle(f"attention from the red query (object centre on synthetic images, else the centre), t = {t}", fontsize=8)
     fig.tight_layout()
+    scale = plt.cm.ScalarMappable(cmap="magma", norm=plt.Normalize(0, 1))
+    fig.colorbar(scale, ax=axes[:, 1:].ravel().tolist(), fraction=0.02, pad=0.01,
+                 label="attention / its maximum in the map")
     return fig
 
 
@@ -286,17 +312,8 @@ def ablation_bars(ablations: pd.DataFrame):
     fig, axes = plt.subplots(len(methods), 2, figsize=(14, 2.6 * len(methods) + 0.8), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
     for row, method in enumerate(methods):
-        ax = axes[row, 0]
-        means = heads[heads.method == method].groupby("target")["degradation_pct"].mean().reindex(order)
-        layers = [t.rsplit(":", 1)[0] for t in order]
-        colours = [f"C{list(dict.fromkeys(layers)).index(layer) % 10}" for layer in layers]
-        low, high = np.nanpercentile(means.to_numpy(), [2.5, 97.5])
-        ax.axhspan(low, high, color="0.85", zorder=0, label="middle 95 % of single heads")
-        ax.bar(range(len(order)), means.to_numpy(), color=colours, zorder=2)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_ylabel(f"{method}: Δ ε-MSE %")
-        if row == 0:
-            ax.legend(fontsize=7, loc="upper right")
+        _head_bars(axes[row, 0], heads[heads.method == method], order, legend=row == 0)
+        axes[row, 0].set_ylabel(f"{method}: Δ ε-MSE %")
         ax = axes[row, 1]
         comp = components[components.method == method]
         if comp.empty:
@@ -314,9 +331,34 @@ def ablation_bars(ablations: pd.DataFrame):
         ax.set_xticks(range(len(per)), [n.replace(".attentions.", ".attn.") for n in per.index], rotation=60,
                       ha="right", fontsize=6)
         ax.set_title("layers and blocks (grey: random heads, same count)" if row == 0 else "", fontsize=8)
-    axes[-1, 0].set_xlabel("head (coloured by layer, data-flow order)")
+    axes[-1, 0].set_xlabel("head index within its layer (layers in data-flow order)")
     fig.tight_layout()
     return fig
+
+
+def _head_bars(ax, rows: pd.DataFrame, order: list[str], *, legend: bool) -> None:
+    """Each single head's mean degradation with its 95 % t-interval over images, coloured by layer (legend), its
+    index within the layer below it; grey band: the middle 95 % of single heads' means."""
+    from scipy import stats
+
+    per = rows.groupby("target")["degradation_pct"].agg(["mean", "std", "count"]).reindex(order)
+    half = stats.t.ppf(0.975, np.maximum(per["count"] - 1, 1)) * per["std"] / np.sqrt(per["count"])
+    layers = [t.rsplit(":", 1)[0] for t in order]
+    names = list(dict.fromkeys(layers))
+    low, high = np.nanpercentile(per["mean"].to_numpy(), [2.5, 97.5])
+    ax.axhspan(low, high, color="0.88", zorder=0, label="middle 95 % of single heads")
+    x = np.arange(len(order))
+    for k, layer in enumerate(names):
+        at = np.array([i for i, name in enumerate(layers) if name == layer])
+        ax.bar(x[at], per["mean"].to_numpy()[at], color=f"C{k % 10}", zorder=2,
+               label=layer.replace(".attentions.", ".attn."))
+    ax.errorbar(x, per["mean"].to_numpy(), yerr=half.fillna(0).to_numpy(), fmt="none", ecolor="k", elinewidth=0.5,
+                capsize=0, zorder=3, label="95 % t-interval over images")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(x, [t.rsplit(":", 1)[1] for t in order], fontsize=4)
+    ax.set_xlim(-1, len(order))
+    if legend:
+        ax.legend(fontsize=6, loc="upper right", ncol=2)
 
 
 def png_bytes(fig) -> bytes:
@@ -334,3 +376,59 @@ def save_figure(path: Path, fig) -> Path:
     return path
 
 
+
+
+def attribution_scatter(attribution: pd.DataFrame, ablations: pd.DataFrame):
+    """Each head's attribution estimate against the exhaustive single-head ablation it estimates (mean over images,
+    degradation %), one panel per dataset x timestep, one marker per estimator, the identity line dashed.
+    ``ig_joint`` estimates the all-heads ablation's share per head, not a single-head ablation: left out."""
+    import matplotlib.pyplot as plt
+
+    singles = ablations[ablations.level == "head"]
+    truth = singles.groupby(["dataset", "timestep", "method", "target"]).degradation_pct.mean()
+    est = attribution[attribution.estimator != "ig_joint"].assign(
+        target=lambda f: f.layer + ":" + f["head"].astype(str))
+    means = est.groupby(["dataset", "timestep", "method", "estimator", "target"]).degradation_pct.mean().reset_index()
+    panels = list(dict.fromkeys(zip(means.dataset, means.timestep)))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)) + 0.6, 3.3), squeeze=False)
+    for ax, (ds, t) in zip(axes[0], panels):
+        here = means[(means.dataset == ds) & (means.timestep == t)]
+        for k, (name, g) in enumerate(here.groupby("estimator", sort=True)):
+            x = truth.reindex(list(zip(g.dataset, g.timestep, g.method, g.target))).to_numpy()
+            ax.plot(x, g.degradation_pct.to_numpy(), "o", ms=3, alpha=0.7, color=f"C{k}", label=name)
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.6)
+        ax.set_title(f"{ds}, t = {t}", fontsize=8)
+        ax.set_xlabel("exhaustive single-head ablation (Δ %)", fontsize=7)
+    axes[0][0].set_ylabel("attribution estimate (Δ %)", fontsize=7)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def patching_grid(patching: pd.DataFrame):
+    """Each head's moved fraction (mean over pairs), layers x heads, one panel per timestep, on a diverging scale
+    centred at 0 (1: the receiver's output moved all the way to the source's); hatched: no such head."""
+    import matplotlib.pyplot as plt
+
+    heads = patching[patching.level == "head"]
+    if heads.empty:
+        return None
+    layers = list(dict.fromkeys(heads.layer))
+    width = int(heads["head"].max()) + 1
+    means = heads.groupby(["timestep", "layer", "head"]).moved_frac.mean()
+    timesteps = sorted(heads.timestep.unique())
+    top = max(float(np.nanmax(np.abs(means.to_numpy()))), 1e-6)
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(2.6 * len(timesteps) + 2.4, 0.35 * len(layers) + 1.4),
+                             squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], timesteps):
+        grid = np.full((len(layers), width), np.nan)
+        for (layer, head), v in means.loc[t].items():
+            grid[layers.index(layer), int(head)] = v
+        ax.add_patch(plt.Rectangle((-0.5, -0.5), width, len(layers), fill=False, hatch="////", edgecolor="0.7", lw=0))
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+        ax.set_title(f"t = {t}", fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_yticks(range(len(layers)), [n.replace(".attentions.", ".attn.") for n in layers], fontsize=6)
+    fig.colorbar(im, ax=axes[0].tolist(), label="moved fraction (mean over pairs)")
+    return fig

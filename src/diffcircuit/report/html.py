@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from diffcircuit.report.figures import (
+    attribution_scatter,
+    patching_grid,
     ablation_bars,
     attention_gallery,
     circuit_curves_plot,
@@ -20,7 +22,7 @@ from diffcircuit.report.figures import (
     token_heatmap_figure,
 )
 from diffcircuit.report.summary import informative_pairs
-from diffcircuit.report.validity import validity_section
+from diffcircuit.report.validity import key_findings_section, validity_section
 from diffcircuit.protocol.store import atomic_write_bytes
 from diffcircuit.discovery.run import NO_CIRCUIT
 
@@ -540,7 +542,8 @@ def _datasets_section(summary: dict) -> str:
         cells = [html.escape(_PROPERTY_NAMES.get(d["property"], d["property"]))]
         for key in ("a", "b"):
             v = summary["datasets"][key]["properties"][d["property"]]
-            cells.append(f"{v['mean']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]")
+            ci = "no CI" if v.get("ci_low") is None else f"{v['ci_low']:.4g}, {v['ci_high']:.4g}"
+            cells.append(f"{v['mean']:.4g} [{ci}]")
         d_text = "undefined (no variation)" if d["cohens_d"] is None else (
             f"{d['cohens_d']:+.2f}" + ("" if d["d_ci_low"] is None else f" [{d['d_ci_low']:+.2f}, {d['d_ci_high']:+.2f}]"))
         q = "–" if d["p_corrected"] is None else f"{d['p_corrected']:.3g}"
@@ -652,6 +655,8 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 th{{background:#f3f3f3}}td:first-child{{text-align:left}}.note{{color:#555;font-size:13px}}.flag{{color:#a33;font-size:12px}}</style></head>
 <body><h1>diffcircuit report</h1>
 <p>Model: <code>{model}</code> ({heads} heads in {layers} attention layers). Seed {seed}.{model_note}</p>
+{{toc}}
+{key_findings}
 <h2>Denoising and attention, per dataset and timestep</h2>
 <p class="note">Means over images with 95&nbsp;% percentile-bootstrap CIs (resampled over images).
 Trivial predictor: ε̂ = √(1−ᾱ)·x<sub>t</sub>. x₀ error is that of the x₀ implied by ε̂. "Beats the trivial
@@ -678,8 +683,8 @@ the uniform baseline ln(n_keys) of the role's layers.</p>
 <img alt="head roles per layer and timestep" src="data:image/png;base64,{role_png}" style="max-width:100%">
 {divergence_section}
 {ablation_section}
-{patching_section}
-{attribution_section}
+{patching_section}{patching_figure}
+{attribution_section}{attribution_figure}
 {complexity_section}
 {circuit_section}
 {seed_section}
@@ -691,7 +696,8 @@ the uniform baseline ln(n_keys) of the role's layers.</p>
 <th>normalised</th></tr>
 {layer_rows}
 </table>
-<p class="note">Not computed in this run (not selected, or not applicable): {pending}.</p>
+{pending_note}
+{head_pages}
 {cost_section}
 </body></html>
 """
@@ -701,13 +707,18 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
                  ablations: pd.DataFrame | None = None, circuits: list[dict] | None = None,
                  curves: pd.DataFrame | None = None,
                  gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None, tests: pd.DataFrame | None = None,
-                 token_heatmaps: pd.DataFrame | None = None, cost: dict | None = None) -> Path:
+                 token_heatmaps: pd.DataFrame | None = None, cost: dict | None = None,
+                 attribution: pd.DataFrame | None = None, patching: pd.DataFrame | None = None) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
     labels = {k: v["spec"] for k, v in summary["datasets"].items()}
     figures = {"entropy_heatmap": entropy_heatmap(heads, labels), "role_map": role_map(roles, labels),
                "divergence": divergence_plot(summary["entropy_divergence"])}
     if ablations is not None:
         figures["ablation_heads"] = ablation_bars(ablations)
+    if attribution is not None and ablations is not None and len(attribution):
+        figures["attribution_scatter"] = attribution_scatter(attribution, ablations)
+    if patching is not None and (patching.level == "head").any():
+        figures["patching"] = patching_grid(patching)
     if gallery is not None and len(gallery[0]):  # no maps when no head has a square query grid
         figures["attention_gallery"] = attention_gallery(*gallery, labels)
     if gallery is not None and token_heatmaps is not None and len(token_heatmaps):
@@ -744,8 +755,102 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         heads=summary["model"]["heads"],
         layers=summary["model"]["layers"], seed=html.escape(str(summary.get("seed", ""))),
         headline=_headline_rows(summary), heatmap=b64["entropy_heatmap"],
-        layer_rows=_layer_rows(summary), pending=", ".join(summary["pending"]), cost_section=_cost_section(cost),
+        layer_rows=_layer_rows(summary), cost_section=_cost_section(cost),
+        pending_note=("" if not summary["pending"] else "<p class='note'>Not computed in this run (not selected, or not "
+                      f"applicable): {html.escape(', '.join(summary['pending']))}.</p>"),
+        key_findings=key_findings_section(summary),
+        head_pages=_head_pages(summary, heads, roles, ablations, circuits, gallery),
+        patching_figure=_figure(b64, "patching", "moved fraction of every head, per timestep"),
+        attribution_figure=_figure(b64, "attribution_scatter", "attribution estimates against the exhaustive sweep"),
     )
+    page = _tidy(_with_contents(page))
     path = run_dir / "report.html"
     atomic_write_bytes(path, page.encode())
     return path
+
+
+def _figure(b64: dict, name: str, alt: str) -> str:
+    return "" if name not in b64 else f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64[name]}" style="max-width:100%">'
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"<[^>]+>", "", text).lower()).strip("-") or "section"
+
+
+def _with_contents(page: str) -> str:
+    """Every h2 gets an id (its text as a slug, unless it has one) and the page a table of contents linking to them."""
+    import re
+
+    entries, seen = [], set()
+
+    def anchor(m) -> str:
+        attrs, text = m.group(1) or "", m.group(2)
+        found = re.search(r"id=['\"]([^'\"]+)['\"]", attrs)
+        ident = found.group(1) if found else _slug(text)
+        while ident in seen:
+            ident += "-2"
+        seen.add(ident)
+        entries.append((ident, re.sub(r"<[^>]+>", "", text)))
+        return f"<h2 id='{ident}'>{text}</h2>" if not found else m.group(0)
+
+    page = re.sub(r"<h2([^>]*)>(.*?)</h2>", anchor, page)
+    toc = "".join(f"<li><a href='#{i}'>{t}</a></li>" for i, t in entries)
+    return page.replace("{toc}", f"<nav id='contents'><h3>Contents</h3><ol>{toc}</ol></nav>", 1)
+
+
+_PLURALS = ("head", "image", "set", "layer", "pair", "test", "resample", "timestep", "shard", "circuit", "claim")
+
+
+def _tidy(page: str) -> str:
+    """Typography the templates cannot see: no negative zero ("-0.000"), no "1 heads"."""
+    import re
+
+    page = re.sub(r"(?<![\w.])[-−]0(\.0+)?(?!\d|\.\d)", r"0\1", page)
+    return re.sub(rf"(?<![\d.,])1 ({'|'.join(_PLURALS)})s\b", r"1 \1", page)
+
+
+_HEAD_CAP = 512  # heads with a drill-down of their own; beyond it, only those a claim names
+
+
+def _head_pages(summary: dict, heads: pd.DataFrame, roles: pd.DataFrame, ablations: pd.DataFrame | None,
+                circuits: list[dict] | None, gallery) -> str:
+    """Per head, collapsed: its metrics, role, ablation effect and circuit membership per dataset and timestep,
+    together; and whether the attention-map gallery shows it."""
+    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    keys = ["dataset", "timestep", "layer", "head"]
+    metrics = heads.groupby(keys, sort=False)[["entropy_norm", "effective_keys_frac"]].mean()
+    role = roles.set_index(keys)["role"] if "role" in roles else pd.Series(dtype=object)
+    effects = (ablations[ablations.level == "head"].groupby(["dataset", "timestep", "target", "method"])
+               .degradation_pct.mean().unstack("method") if ablations is not None else pd.DataFrame())
+    members = {(c["dataset"], str(t), h) for c in circuits or [] if c.get("claimed")
+               for t in c.get("timesteps", []) for h in c.get("heads") or []}
+    shown = set() if gallery is None else {f"{r.layer}:{r.head}" for r in gallery[0].itertuples()}
+    addresses = list(dict.fromkeys(f"{layer}:{head}" for _, _, layer, head in metrics.index))
+    if len(addresses) > _HEAD_CAP:
+        addresses = [a for a in addresses if a in shown or any(a == m[2] for m in members)]
+    methods = list(effects.columns)
+    pages = []
+    for address in addresses:
+        layer, head = address.rsplit(":", 1)
+        rows = []
+        for (ds, t, lay, hd), m in metrics.iterrows():
+            if lay != layer or str(hd) != head:
+                continue
+            eff = effects.loc[(ds, t, address)] if (ds, t, address) in effects.index else None
+            cells = [html.escape(labels.get(ds, ds)), str(t), f"{m.entropy_norm:.3f}", f"{m.effective_keys_frac:.3f}",
+                     html.escape(str(role.get((ds, t, lay, hd), "–")))]
+            cells += [("–" if eff is None or eff[k] != eff[k] else f"{eff[k]:+.2f}") for k in methods]
+            cells.append("yes" if (ds, str(t), address) in members else "no")
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        extra = " · in the <a href='#attention-maps'>attention-map gallery</a>" if address in shown else ""
+        head_cells = "".join(f"<th>Δ ε-MSE % ({html.escape(k)})</th>" for k in methods)
+        pages.append(f"<details id='head-{_slug(address)}'><summary><code>{html.escape(address)}</code>{extra}</summary>"
+                     "<table><tr><th>dataset</th><th>t</th><th>entropy (norm.)</th><th>effective keys (frac.)</th>"
+                     f"<th>role</th>{head_cells}<th>in the circuit</th></tr>{''.join(rows)}</table></details>")
+    capped = "" if len(pages) == len(set(f"{k[2]}:{k[3]}" for k in metrics.index)) else (
+        f" Only the {len(pages)} heads a circuit or the gallery names are listed (of more than {_HEAD_CAP}).")
+    return ("<h2 id='heads'>Heads, one by one</h2><p class='note'>Each head's means over images per dataset and "
+            "timestep: normalised entropy, effective keys, its role, its single-head ablation effect and whether the "
+            f"claimed circuit keeps it.{capped}</p>" + "\n".join(pages))

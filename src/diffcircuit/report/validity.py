@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MIN_RESAMPLES", "validity", "validity_section"]
+__all__ = ["MIN_RESAMPLES", "key_findings_section", "validity", "validity_section"]
 
 MIN_RESAMPLES = 200
 
@@ -269,3 +269,43 @@ def validity_section(summary: dict) -> str:
             + (f"<ul>{threats}</ul>" if threats else "<p class='note'>No threat detected.</p>")
             + "<table><tr><th>claim</th><th>status</th><th>test</th><th>n</th><th>correction</th><th>effect size</th>"
               "<th>threats</th></tr>" + "\n".join(rows) + "</table>")
+
+
+_VERDICT = {"supported": "Supported", "not supported": "Not supported", "withheld": "Withheld"}
+
+
+def _finding(claim: dict) -> str:
+    """One sentence: the verdict, the claim, and the test behind it with its n and correction."""
+    import html
+
+    n = claim.get("n")
+    n_text = (f"n = {n}" if not isinstance(n, dict) else
+              "n = " + ", ".join(f"{v} ({k})" for k, v in n.items() if v is not None))
+    result = claim.get("result") or claim.get("effect_size")
+    shown = ""
+    if isinstance(result, dict):
+        parts = [f"{k.replace('_', ' ')} {_num(v) if isinstance(v, float) else v}" for k, v in result.items()
+                 if v not in (None, {}, [])]
+        shown = f"; {', '.join(parts)}" if parts else ""
+    why = " (the test cannot reach significance at this n)" if claim["status"] == "withheld" else ""
+    return (f"<li><b>{_VERDICT[claim['status']]}</b>: {html.escape(claim['claim'])}{why} — "
+            f"{html.escape(claim['test'])}; {html.escape(n_text)}; {html.escape(str(claim.get('correction') or 'none'))}"
+            f"{html.escape(shown)}.</li>")
+
+
+def key_findings_section(summary: dict) -> str:
+    """The report's first section: each headline claim in one sentence with its test (from ``summary.validity``),
+    supported ones first; descriptive measures and claims kept out of the headline are left to the sections below."""
+    found = summary.get("validity")
+    if not found:
+        return ""
+    tested = [c for c in found["claims"] if c.get("test") and c.get("headline", True) and c["status"] in _VERDICT]
+    order = {"supported": 0, "not supported": 1, "withheld": 2}
+    items = "\n".join(_finding(c) for c in sorted(tested, key=lambda c: order[c["status"]]))
+    kept_out = sum(1 for c in found["claims"] if not c.get("headline", True))
+    note = (f" {kept_out} claim{'s' if kept_out != 1 else ''} at uninformative timesteps "
+            "(where the model does not beat the trivial predictor) are computed but kept out of this list."
+            if kept_out else "")
+    return ("<h2 id='key-findings'>Key findings</h2><p class='note'>Every headline claim of this run, one sentence each "
+            "with the test behind it (details, effect sizes and threats: <a href='#validity'>Validity</a>)." + note
+            + f"</p><ul>{items or '<li>No claim was tested in this run.</li>'}</ul>")
