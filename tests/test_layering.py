@@ -10,7 +10,7 @@ import diffcircuit
 
 PACKAGE = Path(diffcircuit.__file__).parent
 RANK = {"errors": 0, "_version": 0, "_threads": 0, "data": 1, "models": 2, "instrument": 3, "metrics": 4, "interventions": 5, "stats": 6,
-        "discovery": 7, "protocol": 8, "report": 9, "cli": 10, "__init__": 10}
+        "discovery": 7, "protocol": 8, "report": 9, "commands": 9, "cli": 10, "__init__": 10}
 LEAF_ALLOWED = {"data": {"errors"}, "stats": {"errors"}}
 STATS_FORBIDDEN = {"torch", "diffusers"}
 

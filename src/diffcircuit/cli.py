@@ -153,7 +153,7 @@ def _info_model(spec):
     encoder to make one (a pipeline's unet/ alone) is probed with a one-token placeholder instead of refused."""
     from dataclasses import replace
 
-    from diffcircuit.models.conditioning import placeholder_text
+    from diffcircuit.models.needs import placeholder_text
     from diffcircuit.models.loading import load_denoiser
 
     try:
@@ -344,7 +344,7 @@ def ablate(
 ) -> None:
     """Ablate chosen heads, layers, blocks, ResNet blocks or prompt tokens and measure the paired degradation."""
     _threads(threads)
-    from diffcircuit.protocol.ablate import AblateConfig, run_ablations
+    from diffcircuit.commands.ablate import AblateConfig, run_ablations
     from diffcircuit.protocol.config import parse_timesteps
 
     cfg = AblateConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt, prompt_embeds=prompt_embeds,
@@ -397,7 +397,7 @@ def discover(
     """Find minimal circuits (ACDC-style pruning, mean ablation) for one or two distributions."""
     _threads(threads)
     from diffcircuit.protocol.config import parse_timesteps
-    from diffcircuit.protocol.discover import DiscoverConfig, run_discovery
+    from diffcircuit.commands.discover import DiscoverConfig, run_discovery
     from diffcircuit.report.figures import circuit_curves_plot, circuit_map, save_figure
 
     try:
@@ -483,7 +483,7 @@ def generate(
 ) -> None:
     """Sample the same seeds with and without an intervention and save a side-by-side grid."""
     _threads(threads)
-    from diffcircuit.protocol.generate import GenerateConfig, run_generate
+    from diffcircuit.commands.generate import GenerateConfig, run_generate
 
     names = tuple(a.strip() for a in ablate.split(",") if a.strip())
     cfg = GenerateConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, ablate=names, method=method, scale=scale, n=n,
@@ -517,7 +517,7 @@ def calibrate(
     """Split one distribution in random halves many times; for every complexity measure (the primary first), print
     the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
     _threads(threads)
-    from diffcircuit.protocol.calibrate import calibrate as run_calibration
+    from diffcircuit.commands.calibrate import calibrate as run_calibration
 
     if n < 4 or splits < 1:
         raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
@@ -551,30 +551,15 @@ def guidance(
     """Both branches of classifier-free guidance, analysed separately (the prompt, and the empty prompt: the
     unconditional branch), then compared head by head on the same images and noise."""
     _threads(threads)
-    import dataclasses
-
-    import pandas as pd
-
-    import diffcircuit
-    from diffcircuit.protocol.analyses import guidance_table
+    from diffcircuit.commands.guidance import run_guidance
     from diffcircuit.protocol.config import RunConfig, load_config_file
-    from diffcircuit.protocol.store import write_parquet
 
     values = load_config_file(config) if config is not None else {}
     values |= {k: v for k, v in (("model", model), ("device", device), ("precision", precision)) if v is not None}
-    if not prompt:
-        raise DiffcircuitError("--prompt must not be empty: the empty prompt is the unconditional branch")
-    if out.exists():
-        raise DiffcircuitError(f"--out {out} exists; the comparison goes into a new directory")
-    cfg = RunConfig.from_mapping(values | {"prompt": prompt, "prompt_embeds": None}, source=str(config or "options"))
-    branches = {"conditional": cfg, "unconditional": dataclasses.replace(cfg, prompt=None, captions=False)}
+    cfg = RunConfig.from_mapping(values | {"prompt": prompt or None}, source=str(config or "options"))
     with _Bars(quiet) as bars:
-        for name, branch in branches.items():
-            diffcircuit.run(out / name, branch, progress=lambda stage, done, total, name=name: bars.update(
-                f"{name} {stage}", completed=done, total=total, description=f"{name}: {stage}"))
-    heads = {name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches}
-    table = guidance_table(heads["conditional"], heads["unconditional"], seed=cfg.seed, correction=cfg.correction)
-    write_parquet(out / "guidance.parquet", table)
+        table = run_guidance(cfg, out, progress=lambda name, stage, done, total: bars.update(
+            f"{name} {stage}", completed=done, total=total, description=f"{name}: {stage}")).table
     if not quiet:
         top = table.reindex(table.difference.abs().sort_values(ascending=False).index).head(8)
         view = Table(title="heads the prompt changes most (normalised entropy, conditional − unconditional)")
@@ -608,26 +593,16 @@ def cache(
 ) -> None:
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
     _threads(threads)
-    from diffcircuit.models.spec import ModelSpec
-    from diffcircuit.protocol.activations import cache_activations
+    from diffcircuit.commands.cache import CacheConfig, run_cache
     from diffcircuit.protocol.config import parse_timesteps
-    from diffcircuit.protocol.setup import build_setup, one_set
 
-    if out.exists():
-        raise DiffcircuitError(f"--out {out} exists; the cache goes into a new directory")
-    if n < 1 or batch_size < 1:
-        raise DiffcircuitError("--n and --batch-size must be at least 1")
     steps = parse_timesteps(timesteps)
-    spec = ModelSpec(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt,
-                     prompt_embeds=prompt_embeds, class_label=class_label)
-    setup = build_setup(spec, timesteps=steps, images=one_set("a", data, n=n, seed=seed))
-    den, registry, images = setup.den, setup.registry, setup.sets["a"]
-    chosen = [registry.layer(name).layer for name in layers or []] or None
-    with _Bars(quiet) as bars, setup.autocast():
-        result = cache_activations(den, images.images, out, timesteps=steps, layers=chosen, seed=seed,
-                                   batch_size=batch_size, registry=registry,
-                                   progress=lambda k: bars.update("cache", advance=k, total=n * len(steps),
-                                                                  description="caching head outputs"))
+    cfg = CacheConfig(model=model, allow_pickle=allow_pickle, device=device, precision=precision, prompt=prompt,
+                      prompt_embeds=prompt_embeds, class_label=class_label, data=data, n=n, timesteps=steps,
+                      layers=tuple(layers or ()), batch_size=batch_size, seed=seed)
+    with _Bars(quiet) as bars:
+        result = run_cache(cfg, out, progress=lambda k: bars.update("cache", advance=k, total=n * len(steps),
+                                                                    description="caching head outputs"))
     Console().print(f"wrote {sum(len(result.files(t)) for t in steps)} shards of {len(result.layers)} layers to {out}")
 
 

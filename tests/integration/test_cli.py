@@ -632,7 +632,7 @@ def test_version_and_quiet_on_every_command(capsys):
 
 
 def test_generate_reports_progress_over_a_known_number_of_steps(small_model_dir, tmp_path):
-    from diffcircuit.protocol.generate import GenerateConfig, run_generate
+    from diffcircuit.commands.generate import GenerateConfig, run_generate
 
     steps = []
     cfg = GenerateConfig(model=str(small_model_dir), ablate=("mid_block.attentions.0",), n=1, steps=3)

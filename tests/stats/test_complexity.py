@@ -119,7 +119,7 @@ def test_no_reported_interval_excludes_its_estimate():
 
 
 def test_split_half_calibration_verdicts():
-    from diffcircuit.protocol.calibrate import rate_verdict
+    from diffcircuit.commands.calibrate import rate_verdict
 
     assert rate_verdict(10, 200, nominal=0.05, worst=0.1, kind="fpr").verdict == "consistent with nominal"
     assert rate_verdict(5, 100, nominal=0.05, worst=0.1, kind="fpr").verdict == "too few splits to tell"
@@ -132,7 +132,7 @@ def test_split_half_calibration_verdicts():
 
 
 def test_split_half_calibration_on_simulated_data():
-    from diffcircuit.protocol.calibrate import split_half_calibration
+    from diffcircuit.commands.calibrate import split_half_calibration
 
     rng = np.random.default_rng(7)
     rows = {"mean_entropy_norm": rng.gamma(4.0, 0.25, (80, 6)),

@@ -27,14 +27,9 @@ import torch
 
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.configfile import read_json
-from diffcircuit.models.conditioning import (
-    Captions,
-    Conditioning,
-    caption_conditioning,
-    conditioning_kwargs,
-    make_conditioning,
-    needed_inputs,
-)
+from diffcircuit.models.conditioning import Captions, Conditioning, conditioning_kwargs
+from diffcircuit.models.needs import needed_inputs
+from diffcircuit.models.prompts import caption_conditioning, make_conditioning
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
 from diffcircuit.models.flow import FlowAdapter, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec

@@ -21,6 +21,7 @@ from diffcircuit.report.figures import (
     role_map,
     token_heatmap_figure,
 )
+from diffcircuit.report.heads import head_pages
 from diffcircuit.report.summary import informative_pairs
 from diffcircuit.report.validity import key_findings_section, validity_section
 from diffcircuit.protocol.store import atomic_write_bytes
@@ -648,59 +649,8 @@ def _layer_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>diffcircuit report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f3f3f3}}td:first-child{{text-align:left}}.note{{color:#555;font-size:13px}}.flag{{color:#a33;font-size:12px}}</style></head>
-<body><h1>diffcircuit report</h1>
-<p>Model: <code>{model}</code> ({heads} heads in {layers} attention layers). Seed {seed}.{model_note}</p>
-{{toc}}
-{key_findings}
-<h2>Denoising and attention, per dataset and timestep</h2>
-<p class="note">Means over images with 95&nbsp;% percentile-bootstrap CIs (resampled over images).
-Trivial predictor: ε̂ = √(1−ᾱ)·x<sub>t</sub>. x₀ error is that of the x₀ implied by ε̂. "Beats the trivial
-predictor": one-sided sign-flip test over images that ε-MSE &lt; trivial ε-MSE, corrected over the dataset × timestep
-pairs; where it does not, the timestep is uninformative and headline claims leave it out.
-Normalised entropy is entropy / ln(n_keys): 1.0 is uniform attention.</p>
-<table><tr><th>dataset</th><th>t</th><th>ε-MSE</th><th>ε-MSE trivial</th><th>x₀-MSE</th><th>x₀-MSE trivial</th>
-<th>entropy (norm.)</th><th>beats the trivial predictor?</th></tr>
-{headline}
-</table>
-{datasets_section}
-{paper_section}
-{validity_section}
-<h2>Head roles</h2>
-<p class="note">Roles are assigned per dataset. A content role (semantic, edge, texture, intensity, background) needs
-the head's log content score on its own images to beat the same head scored on the other images' features
-(permutation test over images, Benjamini–Hochberg over heads, q &lt; 0.05, excess ≥ log 1.1); geometric roles
-(local, focal, global) are rules on where the head looks. Entropy in nats with 95&nbsp;% CI over images, next to
-the uniform baseline ln(n_keys) of the role's layers.</p>
-<table><tr><th>dataset</th><th>role</th><th>t</th><th>heads</th><th>entropy nats</th><th>evidence</th><th>rule</th></tr>
-{role_rows}
-</table>
-{role_evidence}
-<img alt="head roles per layer and timestep" src="data:image/png;base64,{role_png}" style="max-width:100%">
-{divergence_section}
-{ablation_section}
-{patching_section}{patching_figure}
-{attribution_section}{attribution_figure}
-{complexity_section}
-{circuit_section}
-{seed_section}
-{gallery_section}
-<h2>Attention entropy per head</h2>
-<img alt="normalised attention entropy per head and timestep" src="data:image/png;base64,{heatmap}" style="max-width:100%">
-<h2>Entropy per layer against the uniform baseline</h2>
-<table><tr><th>dataset</th><th>t</th><th>layer</th><th>keys</th><th>entropy (nats)</th><th>uniform ln(keys)</th>
-<th>normalised</th></tr>
-{layer_rows}
-</table>
-{pending_note}
-{head_pages}
-{cost_section}
-</body></html>
-"""
+# the page's skeleton: str.format fields for the sections (CSS braces doubled), ``{{toc}}`` filled last
+_PAGE = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
 
 
 def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.DataFrame,
@@ -759,7 +709,7 @@ def write_report(run_dir: Path, summary: dict, heads: pd.DataFrame, roles: pd.Da
         pending_note=("" if not summary["pending"] else "<p class='note'>Not computed in this run (not selected, or not "
                       f"applicable): {html.escape(', '.join(summary['pending']))}.</p>"),
         key_findings=key_findings_section(summary),
-        head_pages=_head_pages(summary, heads, roles, ablations, circuits, gallery),
+        head_pages=head_pages(summary, heads, roles, ablations, circuits, gallery),
         patching_figure=_figure(b64, "patching", "moved fraction of every head, per timestep"),
         attribution_figure=_figure(b64, "attribution_scatter", "attribution estimates against the exhaustive sweep"),
     )
@@ -810,47 +760,3 @@ def _tidy(page: str) -> str:
     page = re.sub(r"(?<![\w.])[-−]0(\.0+)?(?!\d|\.\d)", r"0\1", page)
     return re.sub(rf"(?<![\d.,])1 ({'|'.join(_PLURALS)})s\b", r"1 \1", page)
 
-
-_HEAD_CAP = 512  # heads with a drill-down of their own; beyond it, only those a claim names
-
-
-def _head_pages(summary: dict, heads: pd.DataFrame, roles: pd.DataFrame, ablations: pd.DataFrame | None,
-                circuits: list[dict] | None, gallery) -> str:
-    """Per head, collapsed: its metrics, role, ablation effect and circuit membership per dataset and timestep,
-    together; and whether the attention-map gallery shows it."""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
-    keys = ["dataset", "timestep", "layer", "head"]
-    metrics = heads.groupby(keys, sort=False)[["entropy_norm", "effective_keys_frac"]].mean()
-    role = roles.set_index(keys)["role"] if "role" in roles else pd.Series(dtype=object)
-    effects = (ablations[ablations.level == "head"].groupby(["dataset", "timestep", "target", "method"])
-               .degradation_pct.mean().unstack("method") if ablations is not None else pd.DataFrame())
-    members = {(c["dataset"], str(t), h) for c in circuits or [] if c.get("claimed")
-               for t in c.get("timesteps", []) for h in c.get("heads") or []}
-    shown = set() if gallery is None else {f"{r.layer}:{r.head}" for r in gallery[0].itertuples()}
-    addresses = list(dict.fromkeys(f"{layer}:{head}" for _, _, layer, head in metrics.index))
-    if len(addresses) > _HEAD_CAP:
-        addresses = [a for a in addresses if a in shown or any(a == m[2] for m in members)]
-    methods = list(effects.columns)
-    pages = []
-    for address in addresses:
-        layer, head = address.rsplit(":", 1)
-        rows = []
-        for (ds, t, lay, hd), m in metrics.iterrows():
-            if lay != layer or str(hd) != head:
-                continue
-            eff = effects.loc[(ds, t, address)] if (ds, t, address) in effects.index else None
-            cells = [html.escape(labels.get(ds, ds)), str(t), f"{m.entropy_norm:.3f}", f"{m.effective_keys_frac:.3f}",
-                     html.escape(str(role.get((ds, t, lay, hd), "–")))]
-            cells += [("–" if eff is None or eff[k] != eff[k] else f"{eff[k]:+.2f}") for k in methods]
-            cells.append("yes" if (ds, str(t), address) in members else "no")
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        extra = " · in the <a href='#attention-maps'>attention-map gallery</a>" if address in shown else ""
-        head_cells = "".join(f"<th>Δ ε-MSE % ({html.escape(k)})</th>" for k in methods)
-        pages.append(f"<details id='head-{_slug(address)}'><summary><code>{html.escape(address)}</code>{extra}</summary>"
-                     "<table><tr><th>dataset</th><th>t</th><th>entropy (norm.)</th><th>effective keys (frac.)</th>"
-                     f"<th>role</th>{head_cells}<th>in the circuit</th></tr>{''.join(rows)}</table></details>")
-    capped = "" if len(pages) == len(set(f"{k[2]}:{k[3]}" for k in metrics.index)) else (
-        f" Only the {len(pages)} heads a circuit or the gallery names are listed (of more than {_HEAD_CAP}).")
-    return ("<h2 id='heads'>Heads, one by one</h2><p class='note'>Each head's means over images per dataset and "
-            "timestep: normalised entropy, effective keys, its role, its single-head ablation effect and whether the "
-            f"claimed circuit keeps it.{capped}</p>" + "\n".join(pages))

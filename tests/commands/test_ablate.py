@@ -13,7 +13,7 @@ from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
 from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_denoiser
-from diffcircuit.protocol.ablate import AblateConfig, run_ablations
+from diffcircuit.commands.ablate import AblateConfig, run_ablations
 from diffcircuit.protocol.datasets import first_images, reference_split
 
 N, T = 3, 400
