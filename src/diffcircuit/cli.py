@@ -6,6 +6,7 @@ stderr and exit non-zero; tracebacks are for bugs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from contextlib import contextmanager
@@ -213,58 +214,57 @@ def _claim_lines(summary) -> list[str]:
     return lines
 
 
-@app.command()
-def run(
-    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (see init-config); flags override it.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="'embedded' (default), a local diffusers folder, or a hub id.")] = None,
-    data_a: Annotated[str | None, typer.Option("--data-a", help="'synthetic' (default), 'faces', 'nonfaces' or a folder.")] = None,
-    data_b: Annotated[str | None, typer.Option("--data-b", help="'faces' (default), 'synthetic', 'nonfaces' or a folder.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Images per dataset [100].")] = None,
-    synthetic_color: Annotated[str | None, typer.Option("--synthetic-color", help="auto (default: gray when the other set is grayscale), color or gray.")] = None,
-    match_histogram: Annotated[bool | None, typer.Option("--match-histogram/--no-match-histogram", help="Match each synthetic image's luminance histogram to the other set's [off].")] = None,
-    timesteps: Annotated[str | None, typer.Option("--timesteps", help="Comma-separated timesteps [100,500,900].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Noise seed [0].")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="[50]")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda when available), cpu, cuda or cuda:N.")] = None,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    captions: Annotated[bool | None, typer.Option("--captions/--no-captions", help="Prompt each image of a folder with captions.csv/.jsonl by its caption [on].")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32 (default), or bf16/fp16 autocast; statistics stay fp32.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="local (default) or ray (needs diffcircuit[ray]).")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: start a local one).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Ray workers (0: one per CPU, or per GPU) [0].")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per process (0: one per core; Ray CPU workers share the cores) [0].")] = None,
-    shard_images: Annotated[int | None, typer.Option("--shard-images", help="Images per observation shard [256].")] = None,
-    skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images with a warning.")] = None,
-    capture: Annotated[str | None, typer.Option("--capture", help="'fused' (default) or 'naive' (explicit softmax reference).")] = None,
-    ablate_n: Annotated[int | None, typer.Option("--ablate-n", help="Images per dataset for ablations (0: none) [16].")] = None,
-    ablation_methods: Annotated[str | None, typer.Option("--ablation-methods", help="Comma-separated: zero, mean, resample, noise [zero,mean].")] = None,
-    role_null_block: Annotated[int | None, typer.Option("--role-null-block", help="Role null: images per block whose features each head is scored against [100].")] = None,
-    role_permutations: Annotated[int | None, typer.Option("--role-permutations", help="Role null: permutations per test [4999].")] = None,
-    mean_reference: Annotated[str | None, typer.Option("--mean-reference", help="Mean ablation's reference: heldout (default), pooled or insample.")] = None,
-    null_sets: Annotated[int | None, typer.Option("--null-sets", help="Random head sets per layer/block size, the null distribution of critical components [100].")] = None,
-    seed_repeats: Annotated[int | None, typer.Option("--seed-repeats", help="Extra noise seeds for seed variance [2].")] = None,
-    circuit_resamples: Annotated[int | None, typer.Option("--circuit-resamples", help="Image resamples for circuit stability and CIs [10].")] = None,
-    circuit_taus: Annotated[str | None, typer.Option("--circuit-taus", help="Comma-separated fractions of the gap L_empty - L_full a circuit may lose, with 0.05 [0.02,0.05,0.1].")] = None,
-    circuit_metric: Annotated[str | None, typer.Option("--circuit-metric", help="Circuit loss: 'eps' (ε-MSE, default) or 'output' (distance to the full model's ε̂, as ACDC).")] = None,
-    analyses: Annotated[str | None, typer.Option("--analyses", help="Comma-separated: ablation, patching, attribution, discovery, or none (observation only) [all].")] = None,
-    correction: Annotated[str | None, typer.Option("--correction", help="fdr_bh (default, Benjamini-Hochberg) or holm.")] = None,
-    allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
-) -> None:
+# `run` takes one flag per RunConfig field, made from the field's type, default and line of help (FIELD_HELP), so
+# that the command line, the config file and the dataclass cannot drift apart
+_RUN_FLAGS = {"ray_address": "--address"}
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _field_option(name: str, hint, default, help_text: str) -> inspect.Parameter:
+    """A keyword parameter whose typer option sets config field ``name`` (None: not given on the command line)."""
+    import types
+    import typing
+
+    inner = [h for h in typing.get_args(hint) if h is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    base = inner[0]
+    flag = _RUN_FLAGS.get(name, "--" + name.replace("_", "-"))
+    kind = base if base in (bool, int, float, str) else str  # lists: comma-separated text
+    decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+    option = typer.Option(*decls, help=f"{help_text} [{_default_text(default)}]")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[typing.Optional[kind], option])  # noqa: UP007 - typer reads Optional
+
+
+def _run_parameters() -> list[inspect.Parameter]:
+    import typing
+    from dataclasses import fields
+
+    from diffcircuit.protocol.config import FIELD_HELP, RunConfig
+
+    hints, defaults = typing.get_type_hints(RunConfig), RunConfig()
+    out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY,
+                            annotation=Annotated[Path, typer.Option("--out", help="Run directory to write.")])
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        typing.Optional[Path], typer.Option("--config", help="YAML config (see init-config); flags override it.")])  # noqa: UP007
+    quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                              annotation=Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")])
+    return [out, config, *(_field_option(f.name, hints[f.name], getattr(defaults, f.name), FIELD_HELP[f.name])
+                           for f in fields(RunConfig)), quiet]
+
+
+def run(*, out: Path, config: Path | None = None, quiet: bool = False, **flags) -> None:
     """Run the protocol on two datasets; write tables, summary and report. Defaults: see init-config."""
     import diffcircuit
     from diffcircuit.protocol.config import RunConfig, load_config_file
 
-    flags = dict(model=model, data_a=data_a, data_b=data_b, n=n, synthetic_color=synthetic_color,
-                 match_histogram=match_histogram, mean_reference=mean_reference, timesteps=timesteps, seed=seed, batch_size=batch_size,
-                 device=device, prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label, captions=captions, precision=precision, backend=backend, ray_address=address, workers=workers,
-                 threads=threads, shard_images=shard_images, skip_bad=skip_bad, capture=capture, ablate_n=ablate_n, ablation_methods=ablation_methods,
-                 role_null_block=role_null_block, role_permutations=role_permutations,
-                 null_sets=null_sets, seed_repeats=seed_repeats, circuit_resamples=circuit_resamples,
-                 circuit_taus=circuit_taus, circuit_metric=circuit_metric, analyses=analyses, correction=correction, allow_pickle=allow_pickle)
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(values, source=str(config or "config"))  # validates the file alone first
     cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")
@@ -284,6 +284,11 @@ def run(
         for line in _claim_lines(summary):
             Console().print(line, highlight=False)
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
+
+
+run.__signature__ = inspect.Signature(_run_parameters())  # type: ignore[attr-defined]
+run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command("run")(run)
 
 
 @app.command("init-config")
@@ -619,7 +624,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")], qu
 @app.command("train-tiny")
 def train_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
-    steps: Annotated[int, typer.Option("--steps")] = 6000,
+    steps: Annotated[int, typer.Option("--steps")] = 4500,  # TrainConfig's (a test keeps them equal)
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,

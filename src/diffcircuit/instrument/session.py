@@ -212,7 +212,11 @@ class InstrumentSession:
 
         ``entropy_nats`` and ``perplexity`` are ``[batch, heads]``; ``moments`` (only for layers
         given key features) ``[batch, heads, channels, channels]``; rows in the order images were fed.
+        A name that is not a statistic is refused (a typo would otherwise read as "nothing recorded").
         """
+        known = (*CAPTURE_STATISTICS, "head_out")
+        if stat not in known:
+            raise DiffcircuitError(f"no statistic {stat!r}: the session records {', '.join(known)}")
         recorded = self._records.pop(stat, {})
         # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
         out = {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
@@ -274,7 +278,8 @@ def instrument(
     ``"partner_moments"`` ``[batch, heads, n, channels+1, channels+1]``, the query-weighted moments filled for the
     channel indices in ``partner_paired`` only; see ``capture.partner_moments``; the role null). ``zero_heads`` zero-ablates
     heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
-    ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` (attached to
+    ``cache_heads`` names layers (or heads, by address: their layer) whose per-head outputs are recorded as
+    ``"head_out"`` ``{layer: [batch, heads, q_pos, head_dim]}`` (attached to
     the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
     a layer's per-head output; ``scales`` multiplies heads' output slices by a factor (after shifts
     and caching, before patches); ``token_scales`` maps a head to ``{key index: w}``: its attention to
@@ -290,7 +295,8 @@ def instrument(
                                 partner_features=partner_features, partner_paired=partner_paired,
                                 zero_heads=[registry.parse(a) for a in zero_heads],
                                 patches={registry.parse(a): v for a, v in (patches or {}).items()},
-                                cache_heads=[registry.layer(name).layer for name in cache_heads],
+                                cache_heads=[(registry.parse(name) if ":" in str(name) else registry.layer(name)).layer
+                                             for name in cache_heads],
                                 shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
                                 keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()},
                                 sample_hw=_sample_hw(model),

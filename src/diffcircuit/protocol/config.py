@@ -10,7 +10,7 @@ from pathlib import Path
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.spec import ModelSpec
 
-__all__ = ["ANALYSES", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COLORS", "default_config_yaml",
+__all__ = ["ANALYSES", "FIELD_HELP", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COLORS", "default_config_yaml",
            "load_config_file", "parse_timesteps"]
 
 
@@ -45,7 +45,7 @@ class RunConfig(ModelSpec):
     seed: int = 0
     batch_size: int = 50
     backend: str = "local"  # where shards are computed: this process, or Ray workers
-    ray_address: str = ""  # join this Ray cluster ("" : start a local instance sized to this machine)
+    ray_address: str | None = None  # join this Ray cluster (None: start a local instance sized to this machine)
     workers: int = 0  # Ray workers (0: one per CPU, or per GPU on cuda)
     threads: int = 0  # intra-op threads per process (0: one per core; Ray CPU workers then share the cores)
     shard_images: int = 256  # images per observation shard (the unit of resume, parallelism and memory)
@@ -240,12 +240,12 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-_COMMENTS = {
+FIELD_HELP = _COMMENTS = {  # each RunConfig field in a line: the config file's comments and the run command's help
     "model": "'embedded', a local diffusers folder, or a hub id such as google/ddpm-celebahq-256",
     "allow_pickle": "allow pickle (.bin) weights; only for sources you trust",
-    "prompt": "text-conditioned models: the prompt for every image (empty: the unconditional branch)",
+    "prompt": "text-conditioned models: the prompt for every image (none: the empty prompt, the unconditional branch)",
     "prompt_embeds": "text-conditioned models: a safetensors file of prompt embeddings instead of a prompt",
-    "class_label": "class-conditional models (DiT): the class for every image (-1: the null class)",
+    "class_label": "class-conditional models (DiT): the class for every image (none: the null class)",
     "captions": "text-conditioned models: each image of a folder with captions.csv/.jsonl gets its own caption",
     "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
     "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
@@ -258,7 +258,7 @@ _COMMENTS = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "precision": "fp32, or bf16/fp16 autocast for the forward passes (statistics accumulate in fp32)",
     "backend": "local (this process) or ray (shards as Ray tasks; pip install 'diffcircuit[ray]')",
-    "ray_address": "an existing Ray cluster to join; empty: start a local instance",
+    "ray_address": "an existing Ray cluster to join (none: start a local instance)",
     "workers": "Ray workers, each holding the model once (0: one per CPU, or per GPU on cuda)",
     "threads": "intra-op threads per process (0: one per core; Ray CPU workers share the cores)",
     "shard_images": "images per observation shard: the unit of resume, parallelism and memory",
