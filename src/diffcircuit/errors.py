@@ -27,9 +27,9 @@ class ModelError(DiffcircuitError):
     """A model that cannot be loaded or run as asked: its folder, weights, scheduler, conditioning."""
 
 
-class ConfigError(DiffcircuitError):
-    """A setting that is not allowed. The message names the config fields in ``fields``; the CLI shows them as the
-    flags that set them."""
+class ConfigError(DiffcircuitError, ValueError):
+    """A setting or argument that is not allowed (also a ``ValueError``, as Python has it). The message names the
+    config fields in ``fields``; the CLI shows them as the flags that set them."""
 
     def __init__(self, message: str, *fields: str):
         super().__init__(message)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit import instrument, probe_registry
+from diffcircuit import DiffcircuitError, instrument, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise
@@ -32,7 +32,7 @@ def test_cached_shards_read_back_as_the_in_memory_capture(small_unet, tmp_path):
     torch.testing.assert_close(reopened.layer(layer, 700), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reopened.layer(layer, 700, slice(1, 4)), expected[1:4], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(reopened.layer(layer, 100), expected, atol=1e-3)  # another timestep, other values
-    with pytest.raises(KeyError, match="not cached"):
+    with pytest.raises(DiffcircuitError, match="not cached"):
         reopened.layer("nope", 700)
     assert not list((tmp_path / "cache").glob(".*.tmp"))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffcircuit.errors import ConfigError
+
 __all__ = ["LFW_FACES", "lfw_images"]
 
 LFW_FACES = 100  # faces are rows 0..99 of lfw_subset(), non-faces rows 100..199
@@ -22,7 +24,7 @@ def lfw_images(which: str = "faces", *, size: int = 32, channels: int = 3) -> np
     from skimage.transform import resize
 
     if which not in ("faces", "nonfaces"):
-        raise ValueError(f"which must be 'faces' or 'nonfaces', not {which!r}")
+        raise ConfigError(f"which must be 'faces' or 'nonfaces', not {which!r}")
     raw = lfw_subset()  # [200, 25, 25] float64 in [0, 1]
     part = raw[:LFW_FACES] if which == "faces" else raw[LFW_FACES:]
     resized = np.stack([resize(im, (size, size), anti_aliasing=True, order=1) for im in part])

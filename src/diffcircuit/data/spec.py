@@ -31,7 +31,7 @@ from diffcircuit.data.captions import captions_for
 from diffcircuit.data.faces import LFW_FACES, lfw_images
 from diffcircuit.data.folder import folder_images
 from diffcircuit.data.synthetic import LUMA_WEIGHTS, SEED_LIMIT, synthetic_images
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 
 __all__ = ["BUILTIN_SPECS", "ImageSet", "LazyImages", "is_grayscale", "load_images", "match_levels",
            "match_luminance"]
@@ -95,7 +95,7 @@ def match_levels(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
     source level, occupying sorted positions [lo, hi), becomes the mean of the sorted reference values there."""
     ref = np.sort(np.asarray(reference, dtype=np.float64).ravel())
     if ref.size != source.size:
-        raise ValueError(f"histogram matching needs equally many pixels, not {source.size} and {ref.size}")
+        raise ConfigError(f"histogram matching needs equally many pixels, not {source.size} and {ref.size}")
     levels, inverse, counts = np.unique(source, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)  # [levels]: where each level's sorted positions end
     sums = np.concatenate([[0.0], np.cumsum(ref)])
@@ -111,7 +111,7 @@ def match_luminance(images: np.ndarray, reference: np.ndarray, first: int = 0) -
     """
     lum, ref = _luminance(images), _luminance(reference)
     if lum.shape[1:] != ref.shape[1:]:
-        raise ValueError(f"histogram matching needs images of one size, not {lum.shape[1:]} and {ref.shape[1:]}")
+        raise ConfigError(f"histogram matching needs images of one size, not {lum.shape[1:]} and {ref.shape[1:]}")
     x = (np.asarray(images, dtype=np.float64) + 1) / 2
     out = np.empty_like(x)
     for i in range(len(x)):

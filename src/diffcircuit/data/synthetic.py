@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffcircuit.errors import ConfigError
+
 __all__ = ["LUMA_WEIGHTS", "SEED_LIMIT", "SHAPE_KINDS", "synthetic_images"]
 
 SHAPE_KINDS = ("circle", "square", "triangle", "stripes", "checkerboard", "gradient")
@@ -108,7 +110,7 @@ def _one_image(size: int, channels: int, rng: np.random.Generator, gray: bool = 
     img = np.where(region, fg, _background(rng, y, x))
     rgb = _downsample(img, size)
     if channels not in (1, 3):
-        raise ValueError(f"synthetic images support 1 or 3 channels, not {channels}")
+        raise ConfigError(f"synthetic images support 1 or 3 channels, not {channels}")
     if channels == 1 or gray:
         lum = sum(w * c for w, c in zip(LUMA_WEIGHTS, rgb))  # [H, W]
         rgb = np.repeat(lum[None], channels, axis=0)
@@ -127,9 +129,9 @@ def synthetic_images(
     masks bool ``[n, size, size]`` (True on the object), and each image's shape kind.
     """
     if n < 0 or size < 4:
-        raise ValueError("need n >= 0 and size >= 4")
+        raise ConfigError("need n >= 0 and size >= 4")
     if not (0 <= seed < SEED_LIMIT and 0 <= start and start + n <= SEED_LIMIT and 0 <= namespace < SEED_LIMIT):
-        raise ValueError(f"synthetic seeds, image indices and namespaces must lie in [0, 2**32), not seed={seed}, "
+        raise ConfigError(f"synthetic seeds, image indices and namespaces must lie in [0, 2**32), not seed={seed}, "
                          f"indices {start}..{start + n - 1}, namespace={namespace}")
     images = np.empty((n, channels, size, size), dtype=np.float32)
     masks = np.empty((n, size, size), dtype=bool)

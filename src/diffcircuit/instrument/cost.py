@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from diffcircuit.errors import ConfigError
+
 __all__ = ["Cost", "count_forwards", "output_head"]
 
 
@@ -46,7 +48,7 @@ def output_head(network: torch.nn.Module) -> torch.nn.Module:
         if any(True for _ in module.parameters(recurse=False)):
             last = module
     if last is None:
-        raise ValueError(f"{type(network).__name__} has no weights to count forwards through")
+        raise ConfigError(f"{type(network).__name__} has no weights to count forwards through")
     return last
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffcircuit.errors import ConfigError
+
 __all__ = ["Hook", "HookContext", "cache", "replace", "rows_where", "scale", "shift", "zero"]
 
 
@@ -71,6 +73,6 @@ def rows_where(mask: torch.Tensor, with_value: torch.Tensor | float) -> Hook:
     anything broadcastable to ``[rows, heads, q_pos, d]``); the other rows and heads keep their value."""
     def hook(value: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         if mask.shape != value.shape[:2]:
-            raise ValueError(f"{ctx.address}: mask {list(mask.shape)} does not match rows x heads {list(value.shape[:2])}")
+            raise ConfigError(f"{ctx.address}: mask {list(mask.shape)} does not match rows x heads {list(value.shape[:2])}")
         return torch.where(mask.to(value.device)[:, :, None, None], torch.as_tensor(with_value).to(value), value)
     return hook

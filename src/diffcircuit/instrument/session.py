@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.instrument.capture import CAPTURE_STATISTICS
 from diffcircuit.instrument.hooks import Hook, HookContext, replace, scale
 from diffcircuit.instrument.processor import (
@@ -60,7 +60,7 @@ class InstrumentSession:
         hooks: dict[HeadAddress | str, Hook] | None = None,
     ):
         if method not in ("fused", "naive"):
-            raise ValueError(f"capture method must be 'fused' or 'naive', not {method!r}")
+            raise ConfigError(f"capture method must be 'fused' or 'naive', not {method!r}")
         self.registry = registry
         # True: every statistic (moments where key features are given, partner moments where partners are);
         # or the names of those to capture (the others are not computed)
@@ -71,7 +71,7 @@ class InstrumentSession:
         self.statistics = frozenset(capture)
         unknown = sorted(self.statistics - set(CAPTURE_STATISTICS))
         if unknown:
-            raise ValueError(f"capture: unknown statistics {unknown}; known: {list(CAPTURE_STATISTICS)}")
+            raise ConfigError(f"capture: unknown statistics {unknown}; known: {list(CAPTURE_STATISTICS)}")
         self.capture = bool(self.statistics)
         self.method = method
         self.key_features = key_features
@@ -96,7 +96,7 @@ class InstrumentSession:
         self._token_scales: dict[str, dict[int, dict[int, float]]] = defaultdict(dict)
         for address, tokens in (token_scales or {}).items():
             if any(w < 0 for w in tokens.values()):
-                raise ValueError("token attention scales must be >= 0 (0 removes the token)")
+                raise ConfigError("token attention scales must be >= 0 (0 removes the token)")
             self._token_scales[address.layer][address.head] = {int(k): float(w) for k, w in tokens.items()}
         self.keep_graph = keep_graph
         self.sample_hw = sample_hw  # the model's input (height, width): finds the grid of token sequences
@@ -127,7 +127,7 @@ class InstrumentSession:
         for head, tokens in chosen.items():
             for token, weight in tokens.items():
                 if not 0 <= token < n_tokens:
-                    raise ValueError(f"{layer} has tokens 0..{n_tokens - 1}; cannot reweight token {token}")
+                    raise ConfigError(f"{layer} has tokens 0..{n_tokens - 1}; cannot reweight token {token}")
                 bias[0, head, 0, offset + token] = math.log(weight) if weight > 0 else -math.inf
         return bias
 

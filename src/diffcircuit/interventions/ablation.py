@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
 __all__ = ["LEVELS", "METHODS", "Target", "distinct_targets", "random_head_sets", "resnet_blocks", "resnet_intervention",
@@ -120,7 +120,7 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
         return [Target(level="all", name="all_heads", heads=tuple(registry))]
     if level == "resnet":
         if model is None:
-            raise ValueError("resnet targets need the model")
+            raise ConfigError("resnet targets need the model")
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     if level == "token":
         suffix = f"*{token_weight:g}" if token_weight else ""
@@ -149,7 +149,7 @@ def random_head_sets(registry: HeadRegistry, size: int, count: int, *, seed: int
     """``count`` sets of ``size`` heads drawn uniformly without replacement from all heads (the null control)."""
     heads = list(registry)
     if not 1 <= size <= len(heads):
-        raise ValueError(f"a random set needs 1..{len(heads)} heads, not {size}")
+        raise ConfigError(f"a random set needs 1..{len(heads)} heads, not {size}")
     rng = np.random.default_rng([seed, size])
     return [Target(level="random", name=f"random{size}.{r}",
                    heads=tuple(sorted(heads[i] for i in rng.choice(len(heads), size, replace=False))))

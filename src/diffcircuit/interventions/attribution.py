@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.sweep import ReferenceImages, reference_moments
@@ -156,13 +157,13 @@ def attribution_scores(
     The ``estimator`` column names the estimate; ``ESTIMATES`` says which ablation each one estimates.
     """
     if ig_steps < 0 or probes < 0:
-        raise ValueError("ig_steps and probes must be >= 0")
+        raise ConfigError("ig_steps and probes must be >= 0")
     if ig_steps and probes:
-        raise ValueError("integrated gradients already include the curvature along their path: use ig_steps or probes")
+        raise ConfigError("integrated gradients already include the curvature along their path: use ig_steps or probes")
     if method not in ("zero", "mean"):
-        raise ValueError("attribution supports zero and mean ablation")
+        raise ConfigError("attribution supports zero and mean ablation")
     if ig_path not in IG_PATHS or head_chunk < 1:
-        raise ValueError(f"ig_path must be one of {IG_PATHS} and head_chunk >= 1")
+        raise ConfigError(f"ig_path must be one of {IG_PATHS} and head_chunk >= 1")
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
     registry = registry or probe_registry(denoiser, x_all[:1])
     rows = []

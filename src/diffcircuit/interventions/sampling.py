@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.models.diffusion import model_device
@@ -31,11 +32,11 @@ def _intervention(net, target: Target, method: str, scale: float, means: dict | 
     """The context that applies ``method`` to ``target`` for one denoising step."""
     if target.level == "resnet":
         if method != "zero":
-            raise ValueError("ResNet blocks can only be zero-ablated during sampling")
+            raise ConfigError("ResNet blocks can only be zero-ablated during sampling")
         return resnet_intervention(dict(resnet_blocks(net))[target.name], replace=torch.zeros_like)
     if target.level == "token":  # a prompt token removed (or reweighted) in every cross/joint head
         if method != "zero":
-            raise ValueError("a prompt token can only be removed or reweighted while sampling")
+            raise ConfigError("a prompt token can only be removed or reweighted while sampling")
         return instrument(net, token_scales={a: {target.token: target.weight} for a in target.heads})
     if method == "zero":
         return instrument(net, zero_heads=list(target.heads))
@@ -46,11 +47,11 @@ def _intervention(net, target: Target, method: str, scale: float, means: dict | 
 
 def _check(target: Target | None, method: str, scale: float | None) -> None:
     if method not in SAMPLING_METHODS:
-        raise ValueError(f"sampling intervention must be one of {SAMPLING_METHODS}, not {method!r}")
+        raise ConfigError(f"sampling intervention must be one of {SAMPLING_METHODS}, not {method!r}")
     if (method == "scale") != (scale is not None):
-        raise ValueError("give a scale factor exactly when the method is 'scale'")
+        raise ConfigError("give a scale factor exactly when the method is 'scale'")
     if target is None and method != "zero":
-        raise ValueError("mean and scale interventions need a target")
+        raise ConfigError("mean and scale interventions need a target")
 
 
 def _guided(den, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import METHODS, Target, resnet_blocks, resnet_intervention
@@ -109,7 +110,7 @@ def _intervened(den, registry, target: Target, method, ref, partner, draw, resne
     """The intervened prediction; ``forward_from(first touched module names)`` runs the (partial) forward."""
     if target.level == "token":
         if method != "zero":
-            raise ValueError("a token can only be removed (method zero) or reweighted (target token:J*W)")
+            raise ConfigError("a token can only be removed (method zero) or reweighted (target token:J*W)")
         with instrument(den, registry=registry, token_scales={a: {target.token: target.weight} for a in target.heads}):
             return forward_from(list(dict.fromkeys(a.layer for a in target.heads)))
     if target.level == "resnet":
@@ -208,7 +209,7 @@ def ablation_sweep(
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown ablation methods {bad}; choose from {METHODS}")
+        raise ConfigError(f"unknown ablation methods {bad}; choose from {METHODS}")
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
     n = len(x_all)
     registry = registry or probe_registry(denoiser, x_all[:1])

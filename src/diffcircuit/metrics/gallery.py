@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.models.noise import noisy_batch
@@ -161,7 +161,7 @@ def attention_maps(denoiser, images: np.ndarray | None = None, *, heads: Sequenc
         n = qk.queries.shape[1]  # image query positions
         side = int(round(n ** 0.5))
         if side * side != n or qk.image_keys is None:
-            raise ValueError(f"{address.layer} is not self- or joint attention on a square grid")
+            raise ConfigError(f"{address.layer} is not self- or joint attention on a square grid")
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N

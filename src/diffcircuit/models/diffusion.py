@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from diffcircuit.errors import ConfigError
+
 __all__ = [
     "PREDICTION_TYPES",
     "add_noise",
@@ -63,7 +65,7 @@ def eps_from_output(
         return sb * x_t.to(output.dtype) + sa * output
     if prediction_type == "sample":
         return (x_t.to(output.dtype) - sa * output) / sb
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def implied_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

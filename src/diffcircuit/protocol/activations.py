@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcircuit.errors import InputError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.models.noise import noisy_batches
@@ -44,7 +45,7 @@ class ActivationCache:
         from safetensors import safe_open
 
         if layer not in self.index["layers"]:
-            raise KeyError(f"{layer!r} is not cached here; cached layers: {', '.join(self.index['layers'])}")
+            raise InputError(f"{layer!r} is not cached here; cached layers: {', '.join(self.index['layers'])}")
         lo, hi, _ = (images or slice(None)).indices(int(self.index["n"]))
         parts = []
         for path in self.files(timestep):

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval, resampled_means
 
 __all__ = ["MIN_RESAMPLES_FOR_CI", "MIN_UNITS_FOR_CI", "column_mean_cis", "contains_estimate", "interval_withheld",
@@ -53,7 +54,7 @@ def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: 
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
-        raise ValueError("mean_ci needs a non-empty 1-D sample")
+        raise ConfigError("mean_ci needs a non-empty 1-D sample")
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return mean, mean, mean

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.stats.resampling import (bootstrap_counts, percentile_interval, permutation_pvalue,
                                           relabelled_mean_differences, sign_flipped_means)
 
@@ -99,7 +100,7 @@ def independent_p_floor(n_a: int, n_b: int, n_resamples: int, *, two_sided: bool
 
 def _check_alternative(alternative: str) -> None:
     if alternative not in ALTERNATIVES:
-        raise ValueError(f"alternative must be one of {ALTERNATIVES}, not {alternative!r}")
+        raise ConfigError(f"alternative must be one of {ALTERNATIVES}, not {alternative!r}")
 
 
 def _floor(n_null: int, exact: bool, alternative: str) -> float:
@@ -224,7 +225,7 @@ def random_set_test(values, null, *, n_resamples: int = 2000, confidence: float 
     """
     x, z = np.asarray(values, float), np.asarray(null, float)
     if z.ndim != 2 or z.shape[0] != x.size or z.shape[1] < 1 or x.size < 2:
-        raise ValueError("random_set_test needs values [n >= 2] and null [n, R >= 1] on the same units")
+        raise ConfigError("random_set_test needs values [n >= 2] and null [n, R >= 1] on the same units")
     return random_set_tests(np.column_stack([x, z]), [0], [np.arange(1, z.shape[1] + 1)], n_resamples=n_resamples,
                             confidence=confidence, seed=seed)[0]
 
@@ -269,7 +270,7 @@ def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 2:
-        raise ValueError("bootstrap_spearman needs two [n_units, k] arrays of the same shape")
+        raise ConfigError("bootstrap_spearman needs two [n_units, k] arrays of the same shape")
     rho = float(stats.spearmanr(x.mean(0), y.mean(0)).statistic) if x.shape[1] >= 2 else float("nan")
     if x.shape[0] < 2 or x.shape[1] < 3:
         return rho, float("nan"), float("nan"), 0
@@ -296,7 +297,7 @@ def paired_spearman_ci(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     percentile-bootstrap CI resampling the pairs. Returns ``(rho, low, high, n_defined)`` as ``bootstrap_spearman``."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError("paired_spearman_ci needs two 1-D samples of the same length")
+        raise ConfigError("paired_spearman_ci needs two 1-D samples of the same length")
     rho = float(stats.spearmanr(x, y).statistic) if x.size >= 2 else float("nan")
     if x.size < 3:
         return rho, float("nan"), float("nan"), 0
