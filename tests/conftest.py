@@ -333,3 +333,39 @@ def pixart_folder(tmp_path_factory):
 def transformer_folder():
     """``transformer_folder(root, net, pipeline)``: a pipeline folder for a transformer denoiser."""
     return write_transformer_folder
+
+
+@pytest.fixture(scope="session")
+def pixart_text_folder(tmp_path_factory, pixart_folder, t5_writer):
+    """``pixart_folder`` with its pipeline's T5 tokenizer and encoder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("pixart-text") / "pixart"
+    shutil.copytree(pixart_folder, root)
+    tokenizer, encoder = t5_writer(root, d_model=12, max_length=10)
+    tokenizer.save_pretrained(root / "tokenizer")
+    encoder.save_pretrained(root / "text_encoder")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def write_captioned_folder(root, captions: dict[str, str], size: int = 16):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in captions:
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name)
+    pd.DataFrame({"file": list(captions), "caption": list(captions.values())}).to_csv(root / "captions.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def captioned_folder():
+    """``captioned_folder(root, {file: caption})``: an image folder with captions.csv."""
+    return write_captioned_folder

@@ -40,79 +40,6 @@ def text_pipeline(tmp_path_factory, text_unet, clip_tokenizer_writer):
     return root
 
 
-@pytest.fixture(scope="module")
-def pixart_text_folder(tmp_path_factory, pixart_folder, t5_writer):
-    """``pixart_folder`` with its pipeline's T5 tokenizer and encoder."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("pixart-text") / "pixart"
-    shutil.copytree(pixart_folder, root)
-    tokenizer, encoder = t5_writer(root, d_model=12, max_length=10)
-    tokenizer.save_pretrained(root / "tokenizer")
-    encoder.save_pretrained(root / "text_encoder")
-    index = json.loads((root / "model_index.json").read_text())
-    index |= {"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
-              "vae": ["diffusers", "AutoencoderKL"]}
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
-
-
-def test_pixart_prompts_are_encoded_as_its_pipeline_does_and_padding_keys_dropped_exactly(pixart_text_folder):
-    """PixArt's pipeline pads T5 tokens to a fixed length and masks the padding; dropping the masked keys gives the
-    same prediction as the padded, masked input (reference: T5 called directly with the mask, and the network
-    fed padded embeddings with encoder_attention_mask)."""
-    import transformers
-
-    from diffcircuit.models.loading import load_conditioned
-
-    den = load_conditioned(str(pixart_text_folder), prompt="ab")
-    t5 = transformers.AutoTokenizer.from_pretrained(pixart_text_folder / "tokenizer")
-    ids = t5("ab", padding="max_length", max_length=10, return_tensors="pt")
-    with torch.no_grad():
-        padded = transformers.T5EncoderModel.from_pretrained(pixart_text_folder / "text_encoder")(
-            ids.input_ids, attention_mask=ids.attention_mask)[0]
-    real = int(ids.attention_mask.sum())
-    assert den.conditioning.tokens == ("\u2581", "a", "b", "</s>") and real == 4
-    torch.testing.assert_close(den.conditioning.kwargs["encoder_hidden_states"], padded[:, :real], atol=1e-5, rtol=0)
-    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
-    with torch.no_grad():
-        mine = den.predict(x, t)
-        theirs = den.network(x, timestep=t, encoder_hidden_states=padded.expand(2, -1, -1),
-                             encoder_attention_mask=ids.attention_mask.expand(2, -1),
-                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
-
-
-def test_captions_of_different_lengths_are_masked_per_image_and_normalised_by_their_own_token_count(
-        pixart_text_folder, tmp_path):
-    """PixArt captions keep the pipeline's padding mask per image: each image's cross-attention entropy is measured
-    over its own caption's tokens (checked against the network fed that caption alone) and normalised by their
-    number."""
-    from diffcircuit.instrument.session import instrument
-    from diffcircuit.models.noise import batch_noise
-    from diffcircuit.metrics.observe import observe
-    from diffcircuit.models.diffusion import add_noise
-    from diffcircuit.models.latent import model_images
-    from diffcircuit.models.loading import load_conditioned, use_captions
-
-    folder = _captioned_folder(tmp_path / "pairs", {"0.png": "a", "1.png": "bcdef"})
-    den = load_conditioned(str(pixart_text_folder))
-    images = model_images(den, str(folder), n=2)
-    assert use_captions(den, "b", images.captions) == "each image's own caption"
-    heads, _ = observe(den, images.images, timesteps=[300], dataset="b")
-    cross = heads[heads.layer.str.endswith("attn2")]
-    assert dict(cross.groupby("image").n_keys.first()) == {0: 3, 1: 7}  # ▁ a </s>; ▁ b c d e f </s>
-    np.testing.assert_allclose(cross.entropy_norm, cross.entropy_nats / np.log(cross.n_keys), rtol=1e-6)
-    alone = load_conditioned(str(pixart_text_folder), prompt="bcdef")  # image 1 with its caption as the only prompt
-    x0 = torch.from_numpy(np.asarray(images.images[1:2]))
-    eps = batch_noise(x0.shape[1:], seed=0, dataset="b", images=[1], timestep=300)
-    with torch.no_grad(), instrument(alone, capture=True) as session:
-        alone.predict(add_noise(x0, eps, torch.tensor([300]), alone.alphas_cumprod), torch.tensor([300]))
-    for layer, values in session.pop("entropy_nats").items():
-        got = heads[(heads.image == 1) & (heads.layer == layer)].sort_values("head").entropy_nats.to_numpy()
-        np.testing.assert_allclose(got, values[0].double().numpy(), atol=1e-5)
-
-
 def _info(capsys, *args) -> dict:
     capsys.readouterr()
     assert main(["info", "--json", *args]) == 0
@@ -218,19 +145,8 @@ def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(t
         np.testing.assert_allclose(mine[column], direct[column], rtol=1e-5)
 
 
-def _captioned_folder(root, captions: dict[str, str], size: int = 16):
-    from PIL import Image
-
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in captions:
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name)
-    pd.DataFrame({"file": list(captions), "caption": list(captions.values())}).to_csv(root / "captions.csv", index=False)
-    return root
-
-
 @pytest.mark.slow
-def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tmp_path):
+def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tmp_path, captioned_folder):
     """A folder with captions.csv: image i's cross-attention keys are its caption's tokens, checked against the
     network fed that caption's embeddings (from the text encoder called directly) one image at a time."""
     import transformers
@@ -242,7 +158,7 @@ def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tm
     from diffcircuit.models.latent import model_images
 
     captions = {"0.png": "a", "1.png": "bcd", "2.png": "ee"}  # different lengths: a mix-up would show
-    folder = _captioned_folder(tmp_path / "pairs", captions)
+    folder = captioned_folder(tmp_path / "pairs", captions)
     out = tmp_path / "run"
     assert _run(text_pipeline, out, "--data-b", str(folder), "--prompt", "z") == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -273,28 +189,6 @@ def test_each_captioned_image_is_denoised_with_its_own_caption(text_pipeline, tm
     maps = pd.read_parquet(out / "tables" / "token_maps.parquet")
     texts = maps[(maps.dataset == "b") & (maps.image == 1)].drop_duplicates("token").sort_values("token").text.tolist()
     assert texts == ["<|startoftext|>", "b", "c", "d</w>", "<|endoftext|>"]  # image 1's caption, tokenised
-
-
-def test_guided_sampling_of_a_dit_equals_a_plain_ddim_loop_with_classifier_free_guidance(dit_folder):
-    """Reference: diffusers' DDIM with explicit class labels, out = out_null + g·(out_class − out_null)."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-    from diffcircuit.interventions.sampling import sample_images
-    from diffcircuit.models.loading import load_conditioned, unconditional_input
-
-    den = load_conditioned(str(dit_folder), class_label=3)
-    samples = sample_images(den, n=2, steps=4, seed=5, guidance=3.0, unconditional=unconditional_input(den))
-    raw = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer").eval()
-    scheduler = DDIMScheduler.from_config(den.scheduler.config)
-    scheduler.set_timesteps(4)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = {y: raw(x, timestep=t.expand(2), class_labels=torch.tensor([y, y])).sample[:, :3] for y in (3, 10)}
-            x = scheduler.step(out[10] + 3.0 * (out[3] - out[10]), t, x).prev_sample
-    torch.testing.assert_close(samples, x.clamp(-1, 1), atol=1e-5, rtol=0)
-    plain = sample_images(den, n=2, steps=4, seed=5)
-    assert (plain - samples).abs().max() > 1e-3  # guidance changed the samples
 
 
 def test_generate_ablate_sample_and_discover_take_conditional_models(dit_folder, tmp_path):
