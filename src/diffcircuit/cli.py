@@ -268,7 +268,8 @@ def run(*, out: Path, config: Path | None = None, quiet: bool = False, **flags) 
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(values, source=str(config or "config"))  # validates the file alone first
     cfg = RunConfig.from_mapping(values | {k: v for k, v in flags.items() if v is not None}, source="options")
-    names = {"observe": "observing heads", "ablate": "ablating", "patch": "patching b into a", "attribute": "attribution", "discover": "circuit discovery"}
+    names = {"overall": "overall (ETA from estimated work)", "observe": "observing heads", "ablate": "ablating",
+             "patch": "patching b into a", "attribute": "attribution", "discover": "circuit discovery"}
     with _Bars(quiet) as bars:
         summary = diffcircuit.run(out, cfg, progress=lambda stage, done, total: bars.update(
             stage, completed=done, total=total, description=names.get(stage, stage))).summary

@@ -77,6 +77,7 @@ from diffcircuit.protocol.tasks import (
     ablate_tasks,
     attribute_tasks,
     discover_tasks,
+    discover_work,
     observe_tasks,
     patch_tasks,
 )
@@ -180,14 +181,24 @@ class _Job:
     shards: Shards
     backend: LocalBackend | RayBackend
     progress: Callable[[str, int, int], None] | None
+    total_work: float = 0.0  # the whole run's estimated work (plain image forwards): the overall bar's total
+    done_work: float = 0.0
 
     def run(self, tasks: list[Task]) -> None:
-        """Compute the shards of ``tasks`` that are not on disk yet (one progress bar per label)."""
+        """Compute the shards of ``tasks`` that are not on disk yet (one progress bar per label, and the overall
+        one, weighted by each task's estimated work)."""
         totals: dict[str, int] = {}
         for task in tasks:
             totals[task.label] = totals.get(task.label, 0) + task.units
         steps = {label: _stage_progress(self.progress, label, total) for label, total in totals.items()}
-        self.backend.run(tasks, self.shards, lambda task, k: steps[task.label](k))
+
+        def advance(task: Task, k: int) -> None:
+            steps[task.label](k)
+            self.done_work += task.work * k / max(task.units, 1)
+            if self.progress is not None and self.total_work > 0:
+                self.progress(OVERALL, round(self.done_work), round(self.total_work))
+
+        self.backend.run(tasks, self.shards, advance)
 
     def cost(self, tasks: list[Task]) -> dict[str, dict]:
         """Per progress label: forward calls, images through them and seconds, summed over the tasks' shards
@@ -322,6 +333,9 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
     groups = {name: make(ctx) for name, make in (("ablations", ablate_tasks), ("patching", patch_tasks),
                                                  ("attribution", attribute_tasks))
               if cfg.runs(_ANALYSIS[name])}
+    first = observed + [t for tasks in repeats for t in tasks] + [t for tasks in groups.values() for t in tasks]
+    job.total_work = sum(t.work for t in first) + (
+        discover_work(ctx) * len(cfg.timesteps) if cfg.runs("discovery") else 0.0)
     job.run(observed + [t for tasks in repeats for t in tasks] + [t for tasks in groups.values() for t in tasks])
     head_metrics = job.table(observed, "heads.parquet")
     tables = {"head_metrics": head_metrics, "denoising": job.table(observed, "images.parquet")}
@@ -367,3 +381,4 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
 
 
 _ANALYSIS = {"ablations": "ablation", "patching": "patching", "attribution": "attribution"}
+OVERALL = "overall"  # the progress label of the whole run's bar (its ETA weighs stages by their estimated work)

@@ -34,7 +34,7 @@ from diffcircuit.protocol.datasets import load_datasets
 from diffcircuit.protocol.roles import null_blocks, permutation_table, shard_slices
 from diffcircuit.protocol.setup import build_setup
 
-__all__ = ["ATTRIBUTION_ESTIMATORS", "Context", "Task", "ablate_tasks", "ablation_plan", "attribute_tasks", "compute",
+__all__ = ["ATTRIBUTION_ESTIMATORS", "WORK", "Context", "Task", "ablate_tasks", "ablation_plan", "attribute_tasks", "compute", "discover_work",
            "discover_tasks", "null_set_counts", "observe_tasks", "patch_tasks"]
 
 ATTRIBUTION_ESTIMATORS = (dict(ig_steps=0), dict(ig_steps=4), dict(probes=1))  # IG: the joint (all-heads) path
@@ -50,6 +50,7 @@ class Task:
     units: int  # progress units (images or pieces) it is worth
     label: str  # the progress bar it advances
     args: dict = field(default_factory=dict)
+    work: float = 0.0  # its cost in plain image forwards, estimated: what the run's overall ETA weighs it by
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -99,35 +100,53 @@ def observe_tasks(ctx: Context, *, seed: int, label: str = "observe", null: bool
     (its permutation sums in ``null.parquet``)."""
     cfg = ctx.cfg
     parts = ("heads.parquet", "images.parquet") + (("null.parquet",) if null else ())
+    per_image = WORK["observe_null" if null else "observe"]
     return [Task("observe", f"observe_s{seed}_{key}_t{t}_{lo}-{hi}", parts, units=hi - lo, label=label,
-                 args=dict(key=key, t=t, seed=seed, lo=lo, hi=hi, null=null))
+                 args=dict(key=key, t=t, seed=seed, lo=lo, hi=hi, null=null), work=(hi - lo) * per_image)
             for key, s in ctx.sets.items() for t in cfg.timesteps
             for lo, hi in shard_slices(len(s), cfg.shard_images, cfg.role_null_block)]
 
 
 def ablate_tasks(ctx: Context) -> list[Task]:
+    plan, _ = ablation_plan(ctx.registry, null_sets=ctx.cfg.null_sets, seed=ctx.cfg.seed)
+    work = ctx.n_ablate * len(plan) * len(ctx.cfg.ablation_methods) * WORK["ablate"]
     return [Task("ablate", f"ablate_{key}_t{t}", ("table.parquet",), units=ctx.n_ablate, label="ablate",
-                 args=dict(key=key, t=t)) for key in ctx.sets for t in ctx.cfg.timesteps]
+                 args=dict(key=key, t=t), work=work) for key in ctx.sets for t in ctx.cfg.timesteps]
 
 
 def patch_tasks(ctx: Context) -> list[Task]:
-    return [Task("patch", f"patch_t{t}", ("table.parquet",), units=ctx.n_ablate, label="patch", args=dict(t=t))
-            for t in ctx.cfg.timesteps]
+    work = ctx.n_ablate * (len(targets(ctx.registry, "head")) + len(ctx.registry.layers)) * WORK["patch"]
+    return [Task("patch", f"patch_t{t}", ("table.parquet",), units=ctx.n_ablate, label="patch", args=dict(t=t),
+                 work=work) for t in ctx.cfg.timesteps]
 
 
 def attribute_tasks(ctx: Context) -> list[Task]:
     """First order, IG with 4 steps and first order + Gauss-Newton with 1 probe, for zero and mean ablation."""
     methods = [m for m in ctx.cfg.ablation_methods if m in ("zero", "mean")]
     return [Task("attribute", f"attribute_{key}_{method}_" + "_".join(f"{k}{v}" for k, v in options.items()),
-                 ("table.parquet",), units=1, label="attribute", args=dict(key=key, method=method, options=options))
+                 ("table.parquet",), units=1, label="attribute", args=dict(key=key, method=method, options=options),
+                 work=ctx.n_ablate * len(ctx.cfg.timesteps) * WORK["attribute"] * (1 + options.get("ig_steps", 0)))
             for key in ctx.sets for method in methods for options in ATTRIBUTION_ESTIMATORS]
 
 
 def discover_tasks(ctx: Context, importance: pd.DataFrame) -> list[Task]:
     """One circuit search per timestep, ranked by the ablation sweep's ``importance`` rows."""
     return [Task("discover", f"discover_t{t}", ("circuits.parquet", "curves.parquet", "circuits.json"),
-                 units=len(ctx.sets), label="discover", args=dict(t=t, importance=importance[importance.timestep == t]))
-            for t in ctx.cfg.timesteps]
+                 units=len(ctx.sets), label="discover", args=dict(t=t, importance=importance[importance.timestep == t]),
+                 work=discover_work(ctx)) for t in ctx.cfg.timesteps]
+
+
+# Cost per unit in plain image forwards, for the overall ETA only (never for results): measured on the default
+# run (2 CPU cores): an observed image with the role null costs ~5 plain forwards, one without ~1; an ablation
+# variant of one image ~0.65 (prefix reuse); a patched head ~0.5; attribution ~1.5 per image and path step; a
+# circuit search ~0.6 of a forward per head and image, times (1 + resamples / 2).
+WORK = {"observe_null": 5.0, "observe": 1.0, "ablate": 0.65, "patch": 0.5, "attribute": 1.5, "discover": 0.6}
+
+
+def discover_work(ctx: Context) -> float:
+    """The estimated cost of one timestep's circuit searches (both datasets), in plain image forwards."""
+    searches = 1 + ctx.cfg.circuit_resamples / 2
+    return WORK["discover"] * len(ctx.registry) * searches * ctx.n_ablate * len(ctx.sets)
 
 
 def null_set_counts(plan: list[Target], null_sets: int) -> dict[int, int]:
