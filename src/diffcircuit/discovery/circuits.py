@@ -42,6 +42,14 @@ other are both kept only if each alone is unnecessary; a pruned circuit keeps on
 
 ``circuit_curve`` gives faithfulness and recovered_without_circuit of the top-k heads (by
 importance) for a range of k: how much of the gap the k most important heads carry.
+
+Cost: every function here is a plain function of a loss (any callable of a head set). With a
+``CircuitLoss`` (``discovery.loss``) evaluations are memoised per head set and image and several
+sets run stacked in one forward: the functions tell the loss which sets come next (``prefetch``:
+the curve's sets, the necessity checks, a circuit's two losses), and ``discovery.lockstep`` replays
+many of them so that their next sets share forwards. ``prune_heads`` may also ask ahead for the
+evaluations the single-head effects predict it will need (``lookahead``): that changes the number
+of rounds and evaluations, never the result (the search decides on evaluated losses only; tested).
 """
 
 from __future__ import annotations

@@ -18,7 +18,16 @@ selection frequency and the variability of sizes, overlap and size ratio. The un
 image with its own noise draw: a resample's loss is the mean of the drawn images' per-image losses
 (repeats counted), from the same evaluations as the point estimate (``CircuitLoss.resampled``), and the
 mean ablation's reference stays the analysed images' (held-out by default), so a head set that one
-search has evaluated costs no other search a forward.
+search has evaluated costs no other search a forward, and a resample's search evaluates its new sets
+on its distinct images only.
+
+Every search of a call — each τ, the necessity checks, the curve, every resample, of every dataset
+and window — runs in lockstep (``discovery.lockstep``): each round the next head sets of all of them
+are evaluated together, up to ``stack_rows`` rows (images x sets) a forward, so forwards scale with
+the longest search rather than with the number of searches; the circuits are those each search finds
+run alone (tested). ``lookahead`` > 1 lets searches fill a round's spare rows with their predicted
+next evaluations (fewer forwards, more rows: the default on accelerators; on a CPU each row costs its
+time, so the default there is 1).
 
 Intervals say what they are: with R ≥ 200 resamples a 2.5–97.5 percentile interval is reported as
 a 95 % interval (``*_ci``) when it contains its own estimate; otherwise only the range of the
@@ -233,6 +242,9 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     ``correction``: how the dataset x window gap tests are corrected together (``fdr_bh`` or ``holm``);
     ``test_windows`` (default ``windows``): the windows whose gap tests form that family — a superset of
     ``windows``, so that a run discovering one window per task still corrects over all of them.
+    ``stack_rows``: rows (images x head sets) per forward, the memory budget (about 5.5 MB a row on the
+    embedded model on a CPU); ``lookahead``: see the module docstring (None: 1 on a CPU, else
+    ``LOOKAHEAD_ACCELERATOR``). Neither changes a result.
     """
     references = references or {}
     rows, circuits, curves, boot_sets = [], [], [], {}
