@@ -156,7 +156,10 @@ class CircuitLoss:
 
     def known(self, ablated, images=None) -> bool:
         """Whether ``ablated``'s losses on ``images`` (default all) are cached: asking for them costs no forward."""
-        c = self._cache.get(frozenset(ablated))
+        key = frozenset(ablated)
+        if images is None and key in self._values:
+            return True
+        c = self._cache.get(key)
         return c is not None and not np.isnan(c[:, self._images(images)]).any()
 
     def missing(self, ablated, images=None) -> list[tuple[int, int]]:
@@ -206,7 +209,7 @@ class ResampledLoss:
         self._values: dict[frozenset, float] = {}
 
     def known(self, ablated) -> bool:
-        return self.base.known(ablated, self.images)
+        return frozenset(ablated) in self._values or self.base.known(ablated, self.images)
 
     def prefetch(self, sets) -> None:
         self.base.prefetch(sets, self.images)
