@@ -116,17 +116,31 @@ def test_stacked_losses_equal_one_set_per_plain_forward_on_the_unet(embedded, me
     assert loss.evaluations == len(sets)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "dit"])
-def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(family, sd3_folder, flux_folder, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux", "dit", "pixart-captioned"])
+def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(family, sd3_folder, flux_folder, tmp_path,
+                                                                         request, captioned_folder):
+    """The same on transformer families; with PixArt, each image of a captioned dataset keeps its own caption in
+    every variant's copy of the rows."""
     from diffcircuit.models.latent import model_images
     from tests.interventions.test_ablation import _transformer
 
-    den = _transformer(family, sd3_folder, flux_folder, tmp_path)
-    images = np.asarray(model_images(den, "synthetic", n=3).images, dtype=np.float32)
+    dataset = "a"
+    if family == "pixart-captioned":
+        from diffcircuit.models.loading import load_conditioned, use_captions
+
+        den = load_conditioned(str(request.getfixturevalue("pixart_text_folder")))
+        folder = captioned_folder(tmp_path / "pairs", {"0.png": "a", "1.png": "bcdef", "2.png": "gh"})
+        found = model_images(den, str(folder), n=3)
+        dataset = "b"
+        assert use_captions(den, dataset, found.captions) == "each image's own caption"
+    else:
+        den = _transformer(family, sd3_folder, flux_folder, tmp_path)
+        found = model_images(den, "synthetic", n=3)
+    images = np.asarray(found.images, dtype=np.float32)
     registry = probe_registry(den, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
     sets = _some_sets(registry)
-    plain = _PlainLoss(den, images, registry, [T])
-    loss = CircuitLoss(den, images, timesteps=[T], registry=registry, stack_rows=7)
+    plain = _PlainLoss(den, images, registry, [T], dataset=dataset)
+    loss = CircuitLoss(den, images, timesteps=[T], registry=registry, stack_rows=7, dataset=dataset)
     loss.prefetch(sets[2:], images=[1])
     loss.prefetch(sets)
     for s in sets:
