@@ -66,7 +66,7 @@ def test_an_unavailable_or_unknown_device_is_refused_in_one_line(small_model_dir
     if not torch.cuda.is_available():
         assert main([*base, "--device", "cuda"]) != 0
         err = capsys.readouterr().err
-        assert "no CUDA device" in err and "Traceback" not in err
+        assert "no CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 

@@ -33,7 +33,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if _device_type(device) == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device}: this machine has no CUDA device (use cpu or auto)", "device")
+        raise ConfigError(f"device {device}: this machine has no CUDA GPU (use cpu or auto)", "device")
     return device
 
 
