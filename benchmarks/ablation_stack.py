@@ -31,22 +31,38 @@ def main() -> None:
     cfg = RunConfig(device="cpu", ablate_n=args.ablate_n, timesteps=(args.timestep,))
     ctx = Context.build(cfg)
     plan, _ = ablation_plan(ctx.registry, null_sets=cfg.null_sets, seed=cfg.seed)
-    images = ctx.sets["b"].images[:ctx.n_ablate]
+    images = ctx.sets["b"].images[: ctx.n_ablate]
 
     def sweep(stack_rows: int):
         with count_forwards(ctx.den.network) as cost:
-            table = ablation_sweep(ctx.den, images, targets=plan, methods=cfg.ablation_methods, timesteps=[args.timestep],
-                                   seed=cfg.seed, dataset="b", batch_size=cfg.batch_size, registry=ctx.registry,
-                                   reference=ctx.references("b"), stack_rows=stack_rows)
+            table = ablation_sweep(
+                ctx.den,
+                images,
+                targets=plan,
+                methods=cfg.ablation_methods,
+                timesteps=[args.timestep],
+                seed=cfg.seed,
+                dataset="b",
+                batch_size=cfg.batch_size,
+                registry=ctx.registry,
+                reference=ctx.references("b"),
+                stack_rows=stack_rows,
+            )
         return table, cost
 
     stacked, fast = sweep(args.stack_rows)
     single, slow = sweep(1)
     diff = np.abs(stacked.mse_intervened.to_numpy() - single.mse_intervened.to_numpy()).max()
-    print(f"threads: {torch.get_num_threads()}  images: {len(images)}  targets: {len(plan)}  methods: {cfg.ablation_methods}")
-    print(f"stacked ({args.stack_rows} rows): {fast.seconds:.1f} s, {fast.forward_calls} forwards of {fast.image_forwards} "
-          f"images; one per forward: {slow.seconds:.1f} s, {slow.forward_calls} forwards; max |difference| {diff:.2e}")
-    assert diff <= 1e-5 * max(1.0, float(np.abs(single.mse_intervened).max())), "stacked and single disagree"
+    print(
+        f"threads: {torch.get_num_threads()}  images: {len(images)}  targets: {len(plan)}  methods: {cfg.ablation_methods}"
+    )
+    print(
+        f"stacked ({args.stack_rows} rows): {fast.seconds:.1f} s, {fast.forward_calls} forwards of {fast.image_forwards} "
+        f"images; one per forward: {slow.seconds:.1f} s, {slow.forward_calls} forwards; max |difference| {diff:.2e}"
+    )
+    assert diff <= 1e-5 * max(1.0, float(np.abs(single.mse_intervened).max())), (
+        "stacked and single disagree"
+    )
     print(f"stack_ratio: {fast.seconds / slow.seconds:.3f}")
 
 

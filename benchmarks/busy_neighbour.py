@@ -38,8 +38,10 @@ def _run(policy: str | None, copies: int, forwards: int) -> float:
         env["OMP_WAIT_POLICY"] = policy
     else:  # libgomp's default: import torch before diffcircuit can ask for passive waiting
         code = "import torch\n" + code
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(copies)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(copies)
+    ]
     times = [float(p.communicate()[0].strip()) for p in procs]
     return max(times)
 
@@ -52,7 +54,9 @@ def main() -> None:
     spin = _run(None, 2, args.forwards)
     passive = _run("PASSIVE", 2, args.forwards)
     print(f"cores: {os.cpu_count()}  forwards per process: {args.forwards}")
-    print(f"alone: {alone:.0f} ms   two processes, spinning: {spin:.0f} ms   two processes, passive: {passive:.0f} ms")
+    print(
+        f"alone: {alone:.0f} ms   two processes, spinning: {spin:.0f} ms   two processes, passive: {passive:.0f} ms"
+    )
     print(f"neighbour_slowdown_spin: {spin / alone:.2f}")
     print(f"neighbour_slowdown_passive: {passive / alone:.2f}")
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import diffcircuit  # noqa: F401  first: it sets idle OpenMP threads to wait passively before torch starts them
 import numpy as np
 import torch
 from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
+import diffcircuit  # noqa: F401  first: it sets idle OpenMP threads to wait passively before torch starts them
 from diffcircuit import instrument, load_denoiser, load_images, probe_registry
 from diffcircuit.metrics.probes import ProbeFeatures
 
@@ -43,11 +43,17 @@ def main() -> None:
     def capture(method):
         @torch.no_grad()
         def run():
-            with instrument(net, registry=registry, capture=True, method=method,
-                            key_features=ProbeFeatures(x0, masks)) as session:
+            with instrument(
+                net,
+                registry=registry,
+                capture=True,
+                method=method,
+                key_features=ProbeFeatures(x0, masks),
+            ) as session:
                 net(x_t, t)
             for stat in ("entropy_nats", "perplexity", "moments"):
                 session.pop(stat)
+
         return run
 
     grids = sorted({info.query_grid for info in registry.layers if info.query_grid})
@@ -63,14 +69,20 @@ def main() -> None:
     for _ in range(3):
         for name, fn in fns.items():
             rounds[name].append(median_seconds(fn, max(1, args.repeats // 3)))
-    t_plain, t_fused, t_naive, t_maps = (statistics.median(rounds[k]) for k in ("plain", "fused", "naive", "maps"))
+    t_plain, t_fused, t_naive, t_maps = (
+        statistics.median(rounds[k]) for k in ("plain", "fused", "naive", "maps")
+    )
     print(f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}")
     print(f"plain forward:         {t_plain * 1000:8.1f} ms")
     print(f"fused capture forward: {t_fused * 1000:8.1f} ms")
-    print(f"  of which probe maps: {t_maps * 1000:8.1f} ms  ({t_maps / t_plain:.3f} of the plain forward)")
+    print(
+        f"  of which probe maps: {t_maps * 1000:8.1f} ms  ({t_maps / t_plain:.3f} of the plain forward)"
+    )
     print(f"naive capture forward: {t_naive * 1000:8.1f} ms")
     spread = [fused / plain for fused, plain in zip(rounds["fused"], rounds["plain"])]
-    print("capture overhead per round: " + " ".join(f"{r:.3f}" for r in spread))  # machine-load noise
+    print(
+        "capture overhead per round: " + " ".join(f"{r:.3f}" for r in spread)
+    )  # machine-load noise
     print(f"naive_overhead_ratio: {t_naive / t_plain:.3f}")
     print(f"capture_overhead_ratio: {t_fused / t_plain:.3f}")
 

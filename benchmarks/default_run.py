@@ -27,7 +27,10 @@ from diffcircuit.models.loading import load_denoiser
 
 def forward64_seconds(repeats: int = 5) -> float:
     net = load_denoiser().network
-    x, t = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((64,), 500)
+    x, t = (
+        torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+        torch.full((64,), 500),
+    )
     times = []
     with torch.no_grad():
         net(x, t)
@@ -41,10 +44,10 @@ def forward64_seconds(repeats: int = 5) -> float:
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/diffcircuit_default_run")
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     before = forward64_seconds()
@@ -56,9 +59,13 @@ def main() -> None:
         raise SystemExit(f"the run failed (exit {code})")
     forward = statistics.mean([before, after])
     for label, cost in json.loads((out / "manifest.json").read_text())["cost"].items():
-        print(f"{label}: {cost['forward_calls']} forward calls, {cost['image_forwards']} image forwards, "
-              f"{cost['seconds']:.1f} s")
-    print(f"threads: {torch.get_num_threads()}  forward64 before/after: {before:.3f} / {after:.3f} s")
+        print(
+            f"{label}: {cost['forward_calls']} forward calls, {cost['image_forwards']} image forwards, "
+            f"{cost['seconds']:.1f} s"
+        )
+    print(
+        f"threads: {torch.get_num_threads()}  forward64 before/after: {before:.3f} / {after:.3f} s"
+    )
     print(f"default_run_seconds: {seconds:.1f}")
     print(f"forward64_seconds: {forward:.3f}")
     print(f"default_run_forwards: {seconds / forward:.0f}")

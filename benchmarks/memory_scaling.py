@@ -29,21 +29,40 @@ def _child(n: int, timesteps: str, out: str) -> None:
     from diffcircuit.protocol.tasks import Context, observe_tasks
 
     start = time.perf_counter()
-    cfg = RunConfig(data_a="synthetic", data_b="synthetic", n=n, timesteps=parse_timesteps(timesteps), device="cpu")
+    cfg = RunConfig(
+        data_a="synthetic",
+        data_b="synthetic",
+        n=n,
+        timesteps=parse_timesteps(timesteps),
+        device="cpu",
+    )
     ctx = Context.build(cfg)
     shards = Shards(out)
     tasks = observe_tasks(ctx, seed=cfg.seed)
     LocalBackend(ctx).run(tasks, shards, lambda task, k: None)
     rows = sum(len(shards.read(t.name, ["images.parquet"])["images.parquet"]) for t in tasks)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"n": n, "shards": len(tasks), "image_rows": rows, "peak_rss_mib": peak_mib,
-                      "seconds": time.perf_counter() - start}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "shards": len(tasks),
+                "image_rows": rows,
+                "peak_rss_mib": peak_mib,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    )
 
 
 def _measure(n: int, timesteps: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, __file__, "--child", str(n), "--timesteps", timesteps, "--out", out],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--timesteps", timesteps, "--out", out],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -60,8 +79,10 @@ def main() -> None:
         return
     small, large = _measure(args.small, args.timesteps), _measure(args.large, args.timesteps)
     for r in (small, large):
-        print(f"N = {r['n']:5d} images per dataset: {r['shards']} shards, {r['image_rows']} image rows, "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s")
+        print(
+            f"N = {r['n']:5d} images per dataset: {r['shards']} shards, {r['image_rows']} image rows, "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s"
+        )
     print(f"rss_ratio: {large['peak_rss_mib'] / small['peak_rss_mib']:.3f}")
 
 

@@ -54,8 +54,8 @@ from diffcircuit import instrument, load_denoiser, load_images, probe_registry
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
+from diffcircuit.models.noise import batch_noise
 
 TIMESTEP = 500
 SEED, DATASET = 0, "a"  # the noise draws ablation_sweep makes, reproduced for nnsight
@@ -63,7 +63,9 @@ SEED, DATASET = 0, "a"  # the noise draws ablation_sweep makes, reproduced for n
 
 def _entropy_from_probs(probs: torch.Tensor, heads: int) -> torch.Tensor:
     """[batch * heads, Q, K] probabilities (diffusers' head_to_batch_dim layout) -> [batch, heads]."""
-    return torch.special.entr(probs).sum(-1).mean(-1).view(-1, heads)  # entr(p) = -p log p, 0 at p = 0
+    return (
+        torch.special.entr(probs).sum(-1).mean(-1).view(-1, heads)
+    )  # entr(p) = -p log p, 0 at p = 0
 
 
 class EntropyAttnProcessor:
@@ -72,7 +74,16 @@ class EntropyAttnProcessor:
     def __init__(self, layer: str, sink: dict):
         self.layer, self.sink = layer, sink
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -80,7 +91,9 @@ class EntropyAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        batch, seq_len, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
         attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -94,10 +107,17 @@ class EntropyAttnProcessor:
         query = attn.head_to_batch_dim(query)  # [batch * heads, pos, d]
         # the softmax of attn.get_attention_scores, by hand: scale folded into one baddbmm
         if attention_mask is None:
-            scores = torch.baddbmm(query.new_empty(query.shape[0], query.shape[1], key.shape[1]), query,
-                                   key.transpose(-1, -2), beta=0, alpha=attn.scale)
+            scores = torch.baddbmm(
+                query.new_empty(query.shape[0], query.shape[1], key.shape[1]),
+                query,
+                key.transpose(-1, -2),
+                beta=0,
+                alpha=attn.scale,
+            )
         else:
-            scores = torch.baddbmm(attention_mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale)
+            scores = torch.baddbmm(
+                attention_mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale
+            )
         probs = scores.softmax(dim=-1)
         self.sink[self.layer] = _entropy_from_probs(probs, attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
@@ -131,8 +151,12 @@ def _max_diff(a: dict, b: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=9,
-                        help="timed entropy runs per variant (3 interleaved rounds); ablation rounds: repeats // 3")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=9,
+        help="timed entropy runs per variant (3 interleaved rounds); ablation rounds: repeats // 3",
+    )
     args = parser.parse_args()
 
     den = load_denoiser()  # diffcircuit and plain diffusers
@@ -142,7 +166,9 @@ def main() -> None:
     data = load_images("synthetic", n=args.batch, size=den.sample_size, channels=den.in_channels)
     images = np.asarray(data.images, dtype=np.float32)  # data.images may be a lazy array
     x0 = torch.from_numpy(images)
-    eps = batch_noise(x0.shape[1:], seed=SEED, dataset=DATASET, images=np.arange(args.batch), timestep=TIMESTEP)
+    eps = batch_noise(
+        x0.shape[1:], seed=SEED, dataset=DATASET, images=np.arange(args.batch), timestep=TIMESTEP
+    )
     t = torch.full((args.batch,), TIMESTEP, dtype=torch.long)
     x_t = add_noise(x0, eps, t, den.alphas_cumprod)  # what ablation_sweep feeds the model
     registry = probe_registry(net, x_t[:1], t[:1])
@@ -173,7 +199,9 @@ def main() -> None:
         with model_e.trace(x_t, t):
             entropy = nnsight.save({})
             for layer in layers:  # in execution order, as nnsight requires
-                probs = model_e.get(layer).source.self_processor_0.source.attn_get_attention_scores_0.output
+                probs = model_e.get(
+                    layer
+                ).source.self_processor_0.source.attn_get_attention_scores_0.output
                 entropy[layer] = _entropy_from_probs(probs, heads[layer])
         return entropy
 
@@ -194,14 +222,20 @@ def main() -> None:
         return entropy
 
     reference = entropy_diffcircuit()
-    diffs = {"nnsight": _max_diff(reference, entropy_nnsight()),
-             "nnsight to_q/to_k": _max_diff(reference, entropy_nnsight_qk()),
-             "eager": _max_diff(reference, entropy_eager())}
+    diffs = {
+        "nnsight": _max_diff(reference, entropy_nnsight()),
+        "nnsight to_q/to_k": _max_diff(reference, entropy_nnsight_qk()),
+        "eager": _max_diff(reference, entropy_eager()),
+    }
     for name, diff in diffs.items():
         assert diff <= 1e-4, f"{name} entropy differs from diffcircuit's by {diff:.2e} nats"
 
-    fns = {"diffcircuit": entropy_diffcircuit, "nnsight": entropy_nnsight, "nnsight_qk": entropy_nnsight_qk,
-           "eager": entropy_eager}
+    fns = {
+        "diffcircuit": entropy_diffcircuit,
+        "nnsight": entropy_nnsight,
+        "nnsight_qk": entropy_nnsight_qk,
+        "eager": entropy_eager,
+    }
     rounds = {name: [] for name in fns}
     for _ in range(3):  # interleaved, so drifts in machine load hit all of them alike
         for name, fn in fns.items():
@@ -213,11 +247,22 @@ def main() -> None:
     model_a = NNsight(den_nn_ablate.network)
 
     def ablate_diffcircuit(subset=heads_list):
-        table = ablation_sweep(den, images, targets=subset, methods=["zero"], timesteps=[TIMESTEP],
-                               seed=SEED, dataset=DATASET, batch_size=args.batch, registry=registry)
+        table = ablation_sweep(
+            den,
+            images,
+            targets=subset,
+            methods=["zero"],
+            timesteps=[TIMESTEP],
+            seed=SEED,
+            dataset=DATASET,
+            batch_size=args.batch,
+            registry=registry,
+        )
         n = len(subset)
-        return (table.mse_clean.to_numpy().reshape(n, -1)[0],
-                table.mse_intervened.to_numpy().reshape(n, -1))  # rows: heads in order, columns: images
+        return (
+            table.mse_clean.to_numpy().reshape(n, -1)[0],
+            table.mse_intervened.to_numpy().reshape(n, -1),
+        )  # rows: heads in order, columns: images
 
     @torch.no_grad()
     def ablate_nnsight(subset=heads_list):
@@ -227,11 +272,12 @@ def main() -> None:
         for target in subset:
             d, h = head_dim[target.layer], target.head
             with model_a.trace(x_t, t):
-                model_a.get(target.layer).to_out[0].input[:, :, h * d:(h + 1) * d] = 0
+                model_a.get(target.layer).to_out[0].input[:, :, h * d : (h + 1) * d] = 0
                 out = model_a.output.sample.save()
             intervened.append(eps_mse_per_image(den_nn_ablate.eps_hat(out, x_t, t), eps))
-        return eps_mse_per_image(den_nn_ablate.eps_hat(clean, x_t, t), eps).double().numpy(), \
-            torch.stack(intervened).double().numpy()
+        return eps_mse_per_image(
+            den_nn_ablate.eps_hat(clean, x_t, t), eps
+        ).double().numpy(), torch.stack(intervened).double().numpy()
 
     ablate_diffcircuit(heads_list[:2])  # warm-up
     ablate_nnsight(heads_list[:2])
@@ -247,23 +293,34 @@ def main() -> None:
     scale = np.abs(clean_dc).max()
     clean_diff = np.abs(clean_dc - clean_nn).max() / scale
     abl_diff = np.abs((mse_dc - clean_dc) - (mse_nn - clean_nn)).max() / scale
-    assert clean_diff <= 1e-5 and abl_diff <= 1e-5, \
+    assert clean_diff <= 1e-5 and abl_diff <= 1e-5, (
         f"ablations disagree: clean {clean_diff:.2e}, degradation {abl_diff:.2e} (relative to the clean ε-MSE)"
+    )
     t_abl = {name: statistics.median(values) for name, values in abl_times.items()}
 
     # --- report -------------------------------------------------------------------------------
     t_nn_best = min(t_ent["nnsight"], t_ent["nnsight_qk"])
-    print(f"nnsight: {version('nnsight')}  torch: {torch.__version__}  diffusers: {version('diffusers')}")
-    print(f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}  "
-          f"layers: {len(layers)}  timestep: {TIMESTEP}")
-    print("diffcircuit capture: fused, entropy + perplexity (no entropy-only option; no key features, so no moments)")
-    print(f"entropy max |diff| vs diffcircuit (nats): nnsight {diffs['nnsight']:.1e}, "
-          f"nnsight to_q/to_k {diffs['nnsight to_q/to_k']:.1e}, eager {diffs['eager']:.1e}")
+    print(
+        f"nnsight: {version('nnsight')}  torch: {torch.__version__}  diffusers: {version('diffusers')}"
+    )
+    print(
+        f"threads: {torch.get_num_threads()}  batch: {args.batch}  heads: {len(registry)}  "
+        f"layers: {len(layers)}  timestep: {TIMESTEP}"
+    )
+    print(
+        "diffcircuit capture: fused, entropy + perplexity (no entropy-only option; no key features, so no moments)"
+    )
+    print(
+        f"entropy max |diff| vs diffcircuit (nats): nnsight {diffs['nnsight']:.1e}, "
+        f"nnsight to_q/to_k {diffs['nnsight to_q/to_k']:.1e}, eager {diffs['eager']:.1e}"
+    )
     print(f"entropy diffcircuit (fused capture):     {t_ent['diffcircuit'] * 1000:8.1f} ms")
     print(f"entropy nnsight (.source probabilities): {t_ent['nnsight'] * 1000:8.1f} ms")
     print(f"entropy nnsight (to_q/to_k + softmax):   {t_ent['nnsight_qk'] * 1000:8.1f} ms")
     print(f"entropy eager diffusers (manual softmax):{t_ent['eager'] * 1000:8.1f} ms")
-    print(f"ablation max |diff| relative to clean ε-MSE: {abl_diff:.1e} ({len(heads_list)} heads x {args.batch} images)")
+    print(
+        f"ablation max |diff| relative to clean ε-MSE: {abl_diff:.1e} ({len(heads_list)} heads x {args.batch} images)"
+    )
     print(f"ablations diffcircuit (ablation_sweep):  {t_abl['diffcircuit'] * 1000:8.1f} ms")
     print(f"ablations nnsight (one trace per head):  {t_abl['nnsight'] * 1000:8.1f} ms")
     print(f"entropy_ratio_nnsight: {t_nn_best / t_ent['diffcircuit']:.3f}")

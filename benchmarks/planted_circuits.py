@@ -38,18 +38,36 @@ from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import Denoiser
 
-ATTRIBUTIONS = {"first_order": dict(probes=0), "first_order+gn": dict(probes=1), "ig": dict(ig_steps=4, probes=0)}
+ATTRIBUTIONS = {
+    "first_order": dict(probes=0),
+    "first_order+gn": dict(probes=1),
+    "ig": dict(ig_steps=4, probes=0),
+}
 
 
 def _rankings(den, images, registry, t) -> dict[str, dict]:
     """Mean importance per head for every ranking method."""
-    rows = {"exhaustive": importance_rows(ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"],
-                                                         timesteps=[t], registry=registry))}
+    rows = {
+        "exhaustive": importance_rows(
+            ablation_sweep(
+                den,
+                images,
+                targets=targets(registry, "head"),
+                methods=["mean"],
+                timesteps=[t],
+                registry=registry,
+            )
+        )
+    }
     for name, options in ATTRIBUTIONS.items():
-        scores = attribution_scores(den, images, timesteps=[t], method="mean", registry=registry, **options)
+        scores = attribution_scores(
+            den, images, timesteps=[t], method="mean", registry=registry, **options
+        )
         rows[name] = importance_rows(scores, estimator=scores.estimator.iloc[0])
-    return {name: {registry.parse(k): v for k, v in r.groupby("target").degradation_pct.mean().items()}
-            for name, r in rows.items()}
+    return {
+        name: {registry.parse(k): v for k, v in r.groupby("target").degradation_pct.mean().items()}
+        for name, r in rows.items()
+    }
 
 
 def _rank(magnitude: dict, head) -> int:
@@ -59,16 +77,42 @@ def _rank(magnitude: dict, head) -> int:
 def _model_a(base, images, registry, t, layers, args, worst) -> None:
     order = list(layers.sort_values(ascending=False).index)
     layer, pair_layer = order[0], order[1]
-    heads = ablation_sweep(base, images, targets=[x for x in targets(registry, "head") if x.name.startswith(pair_layer + ":")],
-                           methods=["mean"], timesteps=[t], registry=registry).groupby("target").degradation_pct.mean()
+    heads = (
+        ablation_sweep(
+            base,
+            images,
+            targets=[x for x in targets(registry, "head") if x.name.startswith(pair_layer + ":")],
+            methods=["mean"],
+            timesteps=[t],
+            registry=registry,
+        )
+        .groupby("target")
+        .degradation_pct.mean()
+    )
     a, b = (int(h.rsplit(":", 1)[1]) for h in (heads.idxmax(), heads.idxmin()))
     others = [str(h) for h in registry if h.layer not in (layer, pair_layer)]
     rng = np.random.default_rng(args.seed + t)
     dead = [others[i] for i in rng.choice(len(others), args.dead, replace=False)]
-    planted = plant(base.network, dead=dead, essential_layer=layer, essential_head=0, redundant=(pair_layer, a, b))
-    den = Denoiser(network=planted.network, scheduler=base.scheduler, model_path=base.model_path, source="planted")
-    essential, pair = registry.parse(planted.essential), {registry.parse(h) for h in planted.redundant}
-    dead_set = {registry.parse(h) for h in planted.dead} | {h for h in registry if h.layer == layer and h != essential}
+    planted = plant(
+        base.network,
+        dead=dead,
+        essential_layer=layer,
+        essential_head=0,
+        redundant=(pair_layer, a, b),
+    )
+    den = Denoiser(
+        network=planted.network,
+        scheduler=base.scheduler,
+        model_path=base.model_path,
+        source="planted",
+    )
+    essential, pair = (
+        registry.parse(planted.essential),
+        {registry.parse(h) for h in planted.redundant},
+    )
+    dead_set = {registry.parse(h) for h in planted.dead} | {
+        h for h in registry if h.layer == layer and h != essential
+    }
     loss = CircuitLoss(den, images, timesteps=[t], registry=registry)
     for name, importance in _rankings(den, images, registry, t).items():
         magnitude = {h: abs(v) for h, v in importance.items()}
@@ -76,21 +120,42 @@ def _model_a(base, images, registry, t, layers, args, worst) -> None:
         worst[name] = min(worst.get(name, 1.0), auc)
         circuit = prune_circuit(loss, importance, args.tau)
         necessary = necessary_heads(loss, circuit.heads, args.tau)
-        print(f"t={t} A {name}: AUC live-vs-dead {auc:.3f}; essential ({layer}) rank {_rank(magnitude, essential)}/"
-              f"{len(magnitude)}; pair ({pair_layer}:{a},{b}) ranks {sorted(_rank(magnitude, h) for h in pair)}; "
-              f"circuit {len(circuit.heads)} heads (gap {100 * circuit.gap / circuit.loss_full:+.1f} % of L_full), "
-              f"essential in: {essential in circuit.heads}, dead in: {len(dead_set & set(circuit.heads))}, "
-              f"pair kept: {len(pair & set(circuit.heads))}, necessary {len(necessary)}/{len(circuit.heads)}, "
-              f"faithfulness {circuit.faithfulness:.3f}")
+        print(
+            f"t={t} A {name}: AUC live-vs-dead {auc:.3f}; essential ({layer}) rank {_rank(magnitude, essential)}/"
+            f"{len(magnitude)}; pair ({pair_layer}:{a},{b}) ranks {sorted(_rank(magnitude, h) for h in pair)}; "
+            f"circuit {len(circuit.heads)} heads (gap {100 * circuit.gap / circuit.loss_full:+.1f} % of L_full), "
+            f"essential in: {essential in circuit.heads}, dead in: {len(dead_set & set(circuit.heads))}, "
+            f"pair kept: {len(pair & set(circuit.heads))}, necessary {len(necessary)}/{len(circuit.heads)}, "
+            f"faithfulness {circuit.faithfulness:.3f}"
+        )
 
 
 def _model_b(base, images, registry, t, layer) -> None:
-    heads = ablation_sweep(base, images, targets=[x for x in targets(registry, "head") if x.name.startswith(layer + ":")],
-                           methods=["mean"], timesteps=[t], registry=registry).groupby("target").degradation_pct.mean()
+    heads = (
+        ablation_sweep(
+            base,
+            images,
+            targets=[x for x in targets(registry, "head") if x.name.startswith(layer + ":")],
+            methods=["mean"],
+            timesteps=[t],
+            registry=registry,
+        )
+        .groupby("target")
+        .degradation_pct.mean()
+    )
     a, b = (int(h.rsplit(":", 1)[1]) for h in (heads.idxmax(), heads.idxmin()))
     names = (f"{layer}:{a}", f"{layer}:{b}")
-    planted = plant(base.network, dead=[str(h) for h in registry if str(h) not in names], redundant=(layer, a, b))
-    den = Denoiser(network=planted.network, scheduler=base.scheduler, model_path=base.model_path, source="planted")
+    planted = plant(
+        base.network,
+        dead=[str(h) for h in registry if str(h) not in names],
+        redundant=(layer, a, b),
+    )
+    den = Denoiser(
+        network=planted.network,
+        scheduler=base.scheduler,
+        model_path=base.model_path,
+        source="planted",
+    )
     pair = tuple(registry.parse(h) for h in names)
     loss = CircuitLoss(den, images, timesteps=[t], registry=registry)
     full, empty = loss([]), loss(loss.heads)
@@ -99,9 +164,11 @@ def _model_b(base, images, registry, t, layer) -> None:
     importance = _rankings(den, images, registry, t)["exhaustive"]
     circuit = prune_circuit(loss, importance, tau)
     both = tuple(sorted({*circuit.heads, *pair}))
-    print(f"t={t} B pair {names[0]},{b}: either alone costs {alone:.3f} of the gap, both 1; at tau {tau:.3f}: "
-          f"pair kept {len(set(pair) & set(circuit.heads))} (of {len(circuit.heads)} heads); with both kept, "
-          f"{len(necessary_heads(loss, both, tau))} of the pair individually necessary")
+    print(
+        f"t={t} B pair {names[0]},{b}: either alone costs {alone:.3f} of the gap, both 1; at tau {tau:.3f}: "
+        f"pair kept {len(set(pair) & set(circuit.heads))} (of {len(circuit.heads)} heads); with both kept, "
+        f"{len(necessary_heads(loss, both, tau))} of the pair individually necessary"
+    )
 
 
 def main() -> None:
@@ -114,12 +181,26 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.05)
     args = parser.parse_args()
     base = load_denoiser()
-    images = load_images(args.data, n=args.n, size=base.sample_size, channels=base.in_channels).images
-    registry = probe_registry(base.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+    images = load_images(
+        args.data, n=args.n, size=base.sample_size, channels=base.in_channels
+    ).images
+    registry = probe_registry(
+        base.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long)
+    )
     worst: dict[str, float] = {}
     for t in (int(x) for x in args.timesteps.split(",")):
-        layers = ablation_sweep(base, images, targets=targets(registry, "layer"), methods=["mean"], timesteps=[t],
-                                registry=registry).groupby("target").degradation_pct.mean()
+        layers = (
+            ablation_sweep(
+                base,
+                images,
+                targets=targets(registry, "layer"),
+                methods=["mean"],
+                timesteps=[t],
+                registry=registry,
+            )
+            .groupby("target")
+            .degradation_pct.mean()
+        )
         _model_a(base, images, registry, t, layers, args, worst)
         _model_b(base, images, registry, t, layers.idxmax())
     for name, auc in worst.items():

@@ -30,8 +30,10 @@ LAYER, HEAD = "down_blocks.1.attentions.0", 3
 
 def _roles(den, images, masks, t, permutations):
     found = observe_with_null(den, images, timesteps=[t], masks=masks)
-    tests = role_tests_table(found.heads, {"a": permutation_table(found.blocks, seed=0, dataset="a",
-                                                                  n_permutations=permutations)})
+    tests = role_tests_table(
+        found.heads,
+        {"a": permutation_table(found.blocks, seed=0, dataset="a", n_permutations=permutations)},
+    )
     return found, tests, head_roles_table(found.heads, tests)
 
 
@@ -59,25 +61,34 @@ def main() -> None:
         edge = one(tests[tests.probe == "edge"]).iloc[0]
         role = one(roles).role.item()
         hits += role == "edge"
-        print(f"edge head on {spec}: role {role}; edge excess {edge.excess:.3f} [{edge.ci_low:.3f}, {edge.ci_high:.3f}], "
-              f"q {edge.q_value:.2g}")
+        print(
+            f"edge head on {spec}: role {role}; edge excess {edge.excess:.3f} [{edge.ci_low:.3f}, {edge.ci_high:.3f}], "
+            f"q {edge.q_value:.2g}"
+        )
     centred = _centred(args.n)
     with forcing(den.network, centre_logits, {LAYER: [HEAD]}):
         found, tests, roles = _roles(den, centred, None, args.t, args.permutations)
     head = one(roles).iloc[0]
-    print(f"positional head on centred patches: raw texture affinity {one(found.heads).texture_affinity.mean():.2f}, "
-          f"role {head.role} ({head.role_basis}), raw only: {head.raw_only}")
+    print(
+        f"positional head on centred patches: raw texture affinity {one(found.heads).texture_affinity.mean():.2f}, "
+        f"role {head.role} ({head.role_basis}), raw only: {head.raw_only}"
+    )
     _, _, roles = _roles(den, centred, None, args.t, args.permutations)
     raw = int(roles.raw_only.str.len().gt(0).sum())
     content = int(roles.role.isin(CONTENT_ROLES).sum())
-    print(f"model's own heads on centred patches: {raw} would pass a raw threshold; {content} content roles claimed")
+    print(
+        f"model's own heads on centred patches: {raw} would pass a raw threshold; {content} content roles claimed"
+    )
     s = dc.model_images(den, "synthetic", n=args.n)
     every = {i.layer: list(range(i.heads)) for i in dc.HeadRegistry.from_model(den.network).layers}
     with forcing(den.network, random_logits, every, torch.Generator().manual_seed(0)):
         _, tests, roles = _roles(den, s.images, s.masks, args.t, 999)
     ks = {p: stats.kstest(g.p_value.dropna(), "uniform").pvalue for p, g in tests.groupby("probe")}
-    print("random heads: KS p against uniform per probe " + ", ".join(f"{p} {v:.2f}" for p, v in ks.items())
-          + f"; content roles {int(roles.role.isin(CONTENT_ROLES).sum())}")
+    print(
+        "random heads: KS p against uniform per probe "
+        + ", ".join(f"{p} {v:.2f}" for p, v in ks.items())
+        + f"; content roles {int(roles.role.isin(CONTENT_ROLES).sum())}"
+    )
     print(f"edge_head_found: {hits}/3")
     print(f"false_content_roles_centred: {content}")
 

@@ -52,17 +52,31 @@ from diffcircuit.report.summary import build_summary
 FULL_N, FULL_ABLATE_N, TIMESTEPS = 2000, 200, tuple(range(50, 1000, 100))
 SHARD_IMAGES, NULL_BLOCK, ROLE_PERMUTATIONS, NULL_SETS = 256, 100, 4999, 100
 # 16 attention layers in 7 blocks (down 3 x 2, mid 1, up 3 x 3), 8 heads each; (layer, n_keys)
-LAYERS = ([(f"down_blocks.{b}.attentions.{k}", 4 ** (5 - b)) for b in range(3) for k in range(2)]
-          + [("mid_block.attentions.0", 16)] + [(f"up_blocks.{b}.attentions.{k}", 4 ** (b + 1)) for b in range(1, 4)
-                                                 for k in range(3)])
+LAYERS = (
+    [(f"down_blocks.{b}.attentions.{k}", 4 ** (5 - b)) for b in range(3) for k in range(2)]
+    + [("mid_block.attentions.0", 16)]
+    + [(f"up_blocks.{b}.attentions.{k}", 4 ** (b + 1)) for b in range(1, 4) for k in range(3)]
+)
 HEADS = 8
-PARTS = ("divergence_tables", "complexity_table", "denoising_tests", "critical_table", "role_tests_table",
-         "head_summary_table", "head_roles_table", "tests_table")
+PARTS = (
+    "divergence_tables",
+    "complexity_table",
+    "denoising_tests",
+    "critical_table",
+    "role_tests_table",
+    "head_summary_table",
+    "head_roles_table",
+    "tests_table",
+)
 
 
 def _registry() -> HeadRegistry:
-    return HeadRegistry([LayerInfo(layer=name, heads=HEADS, head_dim=64, kind="self", n_keys=keys)
-                         for name, keys in LAYERS])
+    return HeadRegistry(
+        [
+            LayerInfo(layer=name, heads=HEADS, head_dim=64, kind="self", n_keys=keys)
+            for name, keys in LAYERS
+        ]
+    )
 
 
 def _labels(values, repeat: int, tile: int) -> np.ndarray:
@@ -77,21 +91,41 @@ def head_metrics(n: int, rng: np.random.Generator) -> pd.DataFrame:
         rows = t * n * h
         layer = _labels(np.repeat([name for name, _ in LAYERS], HEADS), 1, t * n)
         keys = _labels(np.repeat([k for _, k in LAYERS], HEADS), 1, t * n).astype(np.int64)
-        shift = np.where(np.arange(h) % 16 == 0, 0.3 * d, 0.0)  # every 16th head differs between the sets
+        shift = np.where(
+            np.arange(h) % 16 == 0, 0.3 * d, 0.0
+        )  # every 16th head differs between the sets
         base = np.log(keys) * (0.7 + 0.2 * np.tile(np.arange(h) / h, t * n)).astype(np.float32)
         entropy = (base + np.tile(shift, t * n) + rng.normal(0, 0.2, rows)).astype(np.float32)
-        frame = {"dataset": np.full(rows, dataset), "image": _labels(np.arange(n, dtype=np.int64), h, t),
-                 "timestep": _labels(np.asarray(TIMESTEPS, np.int64), n * h, 1), "layer": layer,
-                 "head": np.tile(np.arange(HEADS, dtype=np.int64), t * n * len(LAYERS)), "n_keys": keys,
-                 "entropy_nats": entropy, "entropy_norm": (entropy / np.log(keys)).astype(np.float32)}
+        frame = {
+            "dataset": np.full(rows, dataset),
+            "image": _labels(np.arange(n, dtype=np.int64), h, t),
+            "timestep": _labels(np.asarray(TIMESTEPS, np.int64), n * h, 1),
+            "layer": layer,
+            "head": np.tile(np.arange(HEADS, dtype=np.int64), t * n * len(LAYERS)),
+            "n_keys": keys,
+            "entropy_nats": entropy,
+            "entropy_norm": (entropy / np.log(keys)).astype(np.float32),
+        }
         frame |= {m: rng.normal(1, 0.1, rows).astype(np.float32) for m in HEAD_METRICS}
-        frame |= {"eps_mse": np.repeat(rng.uniform(0.1, 1, t * n).astype(np.float32), h),
-                  "x0_mse": np.repeat(rng.uniform(0.1, 1, t * n).astype(np.float32), h)}
+        frame |= {
+            "eps_mse": np.repeat(rng.uniform(0.1, 1, t * n).astype(np.float32), h),
+            "x0_mse": np.repeat(rng.uniform(0.1, 1, t * n).astype(np.float32), h),
+        }
         for probe in CONTENT_PROBES:
-            masked = probe in ("object", "background") and dataset == "b"  # no masks on the natural set
-            excess = np.tile(np.where(np.arange(h) % 8 == 1, 0.2, 0.0), t * n) + rng.normal(0, 0.3, rows)
-            frame[f"{probe}_log"] = np.full(rows, np.nan, np.float32) if masked else rng.normal(0, 0.3, rows).astype(np.float32)
-            frame[f"{probe}_excess"] = np.full(rows, np.nan, np.float32) if masked else excess.astype(np.float32)
+            masked = (
+                probe in ("object", "background") and dataset == "b"
+            )  # no masks on the natural set
+            excess = np.tile(np.where(np.arange(h) % 8 == 1, 0.2, 0.0), t * n) + rng.normal(
+                0, 0.3, rows
+            )
+            frame[f"{probe}_log"] = (
+                np.full(rows, np.nan, np.float32)
+                if masked
+                else rng.normal(0, 0.3, rows).astype(np.float32)
+            )
+            frame[f"{probe}_excess"] = (
+                np.full(rows, np.nan, np.float32) if masked else excess.astype(np.float32)
+            )
         if dataset == "b":
             frame["object_affinity"][:] = np.nan
             frame["background_affinity"][:] = np.nan
@@ -102,9 +136,17 @@ def head_metrics(n: int, rng: np.random.Generator) -> pd.DataFrame:
 def denoising(n: int, rng: np.random.Generator) -> pd.DataFrame:
     rows = 2 * len(TIMESTEPS) * n
     eps = rng.uniform(0.1, 1, rows)
-    return pd.DataFrame({"dataset": np.repeat(["a", "b"], rows // 2), "image": _labels(np.arange(n), 1, 2 * len(TIMESTEPS)),
-                         "timestep": _labels(TIMESTEPS, n, 2), "eps_mse": eps, "x0_mse": rng.uniform(0.1, 1, rows),
-                         "eps_mse_trivial": eps * rng.uniform(0.9, 1.4, rows), "x0_mse_trivial": rng.uniform(0.1, 1, rows)})
+    return pd.DataFrame(
+        {
+            "dataset": np.repeat(["a", "b"], rows // 2),
+            "image": _labels(np.arange(n), 1, 2 * len(TIMESTEPS)),
+            "timestep": _labels(TIMESTEPS, n, 2),
+            "eps_mse": eps,
+            "x0_mse": rng.uniform(0.1, 1, rows),
+            "eps_mse_trivial": eps * rng.uniform(0.9, 1.4, rows),
+            "x0_mse_trivial": rng.uniform(0.1, 1, rows),
+        }
+    )
 
 
 def ablations(n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -116,17 +158,36 @@ def ablations(n: int, rng: np.random.Generator) -> pd.DataFrame:
     target = _labels([p.name for p in plan], len(methods) * n, 2 * t)
     size = _labels([len(p.heads) for p in plan], len(methods) * n, 2 * t)
     clean = rng.uniform(0.1, 1, rows)
-    degradation = size * rng.gamma(1.0, 0.5, rows) + np.where(np.char.endswith(target.astype(str), ":3"), 5.0, 0.0)
+    degradation = size * rng.gamma(1.0, 0.5, rows) + np.where(
+        np.char.endswith(target.astype(str), ":3"), 5.0, 0.0
+    )
     first = [p.heads[0] for p in plan]
-    frame = pd.DataFrame({
-        "dataset": np.repeat(["a", "b"], rows // 2), "timestep": _labels(TIMESTEPS, per, 2),
-        "image": np.tile(np.arange(n), rows // n), "level": _labels([p.level for p in plan], len(methods) * n, 2 * t),
-        "target": target, "n_heads": size,
-        "layer": _labels([a.layer if p.level == "head" else None for p, a in zip(plan, first)], len(methods) * n, 2 * t),
-        "head": _labels([a.head if p.level == "head" else None for p, a in zip(plan, first)], len(methods) * n, 2 * t),
-        "method": _labels(np.repeat(methods, n), 1, 2 * t * len(plan)), "mse_clean": clean,
-        "mse_intervened": clean * (1 + degradation / 100), "degradation_pct": degradation,
-        "x0_mse_clean": clean, "x0_mse_intervened": clean * (1 + degradation / 50)})
+    frame = pd.DataFrame(
+        {
+            "dataset": np.repeat(["a", "b"], rows // 2),
+            "timestep": _labels(TIMESTEPS, per, 2),
+            "image": np.tile(np.arange(n), rows // n),
+            "level": _labels([p.level for p in plan], len(methods) * n, 2 * t),
+            "target": target,
+            "n_heads": size,
+            "layer": _labels(
+                [a.layer if p.level == "head" else None for p, a in zip(plan, first)],
+                len(methods) * n,
+                2 * t,
+            ),
+            "head": _labels(
+                [a.head if p.level == "head" else None for p, a in zip(plan, first)],
+                len(methods) * n,
+                2 * t,
+            ),
+            "method": _labels(np.repeat(methods, n), 1, 2 * t * len(plan)),
+            "mse_clean": clean,
+            "mse_intervened": clean * (1 + degradation / 100),
+            "degradation_pct": degradation,
+            "x0_mse_clean": clean,
+            "x0_mse_intervened": clean * (1 + degradation / 50),
+        }
+    )
     frame["head"] = frame["head"].astype("Int64")
     frame["x0_psnr_clean"] = -10 * np.log10(frame.x0_mse_clean)
     frame["x0_psnr_intervened"] = -10 * np.log10(frame.x0_mse_intervened)
@@ -136,18 +197,35 @@ def ablations(n: int, rng: np.random.Generator) -> pd.DataFrame:
 
 def role_permutations(n: int, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     """Per dataset, ``protocol.roles.permutation_table`` rows of every observation shard, concatenated."""
-    pool = rng.normal(-1, 1, (512, ROLE_PERMUTATIONS)).astype(np.float32)  # rows share draws: memory, not cost
+    pool = rng.normal(-1, 1, (512, ROLE_PERMUTATIONS)).astype(
+        np.float32
+    )  # rows share draws: memory, not cost
     out = {}
     for dataset in "ab":
-        probes = CONTENT_PROBES if dataset == "a" else tuple(p for p in CONTENT_PROBES if p not in ("object", "background"))
+        probes = (
+            CONTENT_PROBES
+            if dataset == "a"
+            else tuple(p for p in CONTENT_PROBES if p not in ("object", "background"))
+        )
         rows = []
         for lo, hi in shard_slices(n, SHARD_IMAGES, NULL_BLOCK):
             for t in TIMESTEPS:
                 for layer, _ in LAYERS:
                     for probe in probes:
-                        rows += [{"timestep": t, "layer": layer, "head": h, "probe": probe, "observed": 0.0, "scale": 1.0,
-                                  "n_images": hi - lo, "n_permutations": ROLE_PERMUTATIONS,
-                                  "excess": pool[rng.integers(len(pool))]} for h in range(HEADS)]
+                        rows += [
+                            {
+                                "timestep": t,
+                                "layer": layer,
+                                "head": h,
+                                "probe": probe,
+                                "observed": 0.0,
+                                "scale": 1.0,
+                                "n_images": hi - lo,
+                                "n_permutations": ROLE_PERMUTATIONS,
+                                "excess": pool[rng.integers(len(pool))],
+                            }
+                            for h in range(HEADS)
+                        ]
         out[dataset] = pd.DataFrame(rows)
     return out
 
@@ -164,6 +242,7 @@ def timed(module, names):
                 return fn(*args, **kwargs)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+
         return run
 
     try:
@@ -176,9 +255,17 @@ def timed(module, names):
 
 
 def _manifest(n: int) -> dict:
-    return {"model": "synthetic 16x8 registry", "config": {"seed": 0, "correction": "fdr_bh", "timesteps": list(TIMESTEPS),
-                                                           "mean_reference": "heldout", "null_sets": NULL_SETS},
-            "datasets": {"a": {"spec": "synthetic", "n": n}, "b": {"spec": "data/celeba", "n": n}}}
+    return {
+        "model": "synthetic 16x8 registry",
+        "config": {
+            "seed": 0,
+            "correction": "fdr_bh",
+            "timesteps": list(TIMESTEPS),
+            "mean_reference": "heldout",
+            "null_sets": NULL_SETS,
+        },
+        "datasets": {"a": {"spec": "synthetic", "n": n}, "b": {"spec": "data/celeba", "n": n}},
+    }
 
 
 def measure(scale: float, seed: int) -> dict[str, float]:
@@ -188,39 +275,65 @@ def measure(scale: float, seed: int) -> dict[str, float]:
     start = time.perf_counter()
     heads, images, ablated = head_metrics(n, rng), denoising(n, rng), ablations(n_ablate, rng)
     perms = role_permutations(n, rng)
-    props = {d: {p: rng.normal(0.3 + 0.05 * (d == "b"), 0.1, n) for p in IMAGE_PROPERTIES} for d in "ab"}
-    print(f"tables: head_metrics {len(heads):,} rows, denoising {len(images):,}, ablations {len(ablated):,} "
-          f"(ablate_n {n_ablate}), role permutation rows {sum(len(p) for p in perms.values()):,} x {ROLE_PERMUTATIONS}; "
-          f"{n} images per set, {len(TIMESTEPS)} timesteps; built in {time.perf_counter() - start:.1f} s")
+    props = {
+        d: {p: rng.normal(0.3 + 0.05 * (d == "b"), 0.1, n) for p in IMAGE_PROPERTIES} for d in "ab"
+    }
+    print(
+        f"tables: head_metrics {len(heads):,} rows, denoising {len(images):,}, ablations {len(ablated):,} "
+        f"(ablate_n {n_ablate}), role permutation rows {sum(len(p) for p in perms.values()):,} x {ROLE_PERMUTATIONS}; "
+        f"{n} images per set, {len(TIMESTEPS)} timesteps; built in {time.perf_counter() - start:.1f} s"
+    )
     cpu = time.process_time()
     with timed(analyses, PARTS) as spent:
         start = time.perf_counter()
-        tables = analyses.derived_tables(heads, ablated, seed=seed, role_permutations=perms, denoising=images)
+        tables = analyses.derived_tables(
+            heads, ablated, seed=seed, role_permutations=perms, denoising=images
+        )
         spent[STAGE] = time.perf_counter() - start
     start = time.perf_counter()
     properties_table(props, seed=seed)
     spent[DATASETS] = time.perf_counter() - start
     start = time.perf_counter()
-    build_summary(manifest=_manifest(n), heads=heads, images=images, roles=tables["head_roles"],
-                  divergence=tables["divergence"], ablations=ablated, complexity=tables["complexity"],
-                  tests=tables["tests"], critical=tables["critical"], divergence_heads=tables["divergence_heads"])
+    build_summary(
+        manifest=_manifest(n),
+        heads=heads,
+        images=images,
+        roles=tables["head_roles"],
+        divergence=tables["divergence"],
+        ablations=ablated,
+        complexity=tables["complexity"],
+        tests=tables["tests"],
+        critical=tables["critical"],
+        divergence_heads=tables["divergence_heads"],
+    )
     spent[SUMMARY] = time.perf_counter() - start
     spent[CPU] = time.process_time() - cpu
     return spent
 
 
-STAGE, DATASETS, SUMMARY = "derived_tables (end to end)", "datasets (properties_table)", "report summary (build_summary)"
+STAGE, DATASETS, SUMMARY = (
+    "derived_tables (end to end)",
+    "datasets (properties_table)",
+    "report summary (build_summary)",
+)
 CPU = "CPU seconds of this process, all three (wall time above it on a busy machine: others' load)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the 2,000 images (and 200 ablated) per set")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="fraction of the 2,000 images (and 200 ablated) per set",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     names = (*PARTS, STAGE, DATASETS, SUMMARY, CPU)
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     if args.scale >= 1:
         spent = measure(1.0, args.seed)
         for name in names:
@@ -233,11 +346,15 @@ def main() -> None:
     for name in names:  # a line through both scales: fixed cost per group + cost per image
         slope = (high.get(name, 0.0) - low.get(name, 0.0)) / (args.scale / 2)
         full[name] = max(high.get(name, 0.0), high.get(name, 0.0) + slope * (1 - args.scale))
-        print(f"{name}: {low.get(name, 0.0):.2f} s at --scale {args.scale / 2:g}, {high.get(name, 0.0):.2f} s at "
-              f"{args.scale:g}; extrapolated to full size: {full[name]:.1f} s")
+        print(
+            f"{name}: {low.get(name, 0.0):.2f} s at --scale {args.scale / 2:g}, {high.get(name, 0.0):.2f} s at "
+            f"{args.scale:g}; extrapolated to full size: {full[name]:.1f} s"
+        )
     total = full[STAGE] + full[DATASETS] + full[SUMMARY]
-    print(f"stats_scale_seconds: {total:.1f} (extrapolated, linear in images through --scale {args.scale / 2:g} "
-          f"and {args.scale:g})")
+    print(
+        f"stats_scale_seconds: {total:.1f} (extrapolated, linear in images through --scale {args.scale / 2:g} "
+        f"and {args.scale:g})"
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ torch.manual_seed(0)
 # %%
 den = dc.load_denoiser()
 faces = dc.model_images(den, "faces", n=8)
-shapes = dc.model_images(den, "synthetic", n=8, gray=True)  # gray like the faces: the sets differ in content
+shapes = dc.model_images(
+    den, "synthetic", n=8, gray=True
+)  # gray like the faces: the sets differ in content
 registry = dc.probe_registry(den)
 print(f"{len(registry)} heads in {len(registry.layers)} attention layers")
 
@@ -48,7 +50,9 @@ fig, ax = plt.subplots(figsize=(10, 2.5))
 ax.bar(range(len(entropy)), entropy.to_numpy())
 ax.set(xlabel="head (data-flow order)", ylabel="entropy / ln(keys)", title="faces, t = 500")
 fig.savefig(OUT / "1_entropy.png", dpi=90, bbox_inches="tight")
-print("most focal head: {}:{}".format(*entropy.idxmin()), f"(entropy / ln keys {entropy.min():.3f})")
+print(
+    "most focal head: {}:{}".format(*entropy.idxmin()), f"(entropy / ln keys {entropy.min():.3f})"
+)
 
 # %% [markdown]
 # ## 3. Ablate one head
@@ -66,7 +70,9 @@ with torch.no_grad():
         ablated = den.predict_eps(batch.x_t, batch.t)
 mse = lambda eps_hat: ((eps_hat - batch.eps) ** 2).flatten(1).mean(1)  # noqa: E731
 degradation = 100 * (mse(ablated) - mse(clean)) / mse(clean)
-print(f"zeroing {head} changes the ε-MSE by {degradation.mean():+.2f} % (per image: {degradation.numpy().round(2)})")
+print(
+    f"zeroing {head} changes the ε-MSE by {degradation.mean():+.2f} % (per image: {degradation.numpy().round(2)})"
+)
 
 # %% [markdown]
 # ## 4. Patch a head between two images
@@ -86,7 +92,9 @@ with torch.no_grad():
         out_patched = den.predict(receiver.x_t, receiver.t)
 toward, moved = (out_source - out_receiver).flatten(1), (out_patched - out_receiver).flatten(1)
 moved_frac = (moved * toward).sum(1) / toward.pow(2).sum(1)
-print(f"patching {head} from faces into shapes moves the output by {moved_frac.mean():.4f} of the way")
+print(
+    f"patching {head} from faces into shapes moves the output by {moved_frac.mean():.4f} of the way"
+)
 
 # %% [markdown]
 # ## 5. Your own intervention: a hook
@@ -94,18 +102,22 @@ print(f"patching {head} from faces into shapes moves the output by {moved_frac.m
 # every head's `[batch, heads, q_pos, head_dim]`); return the replacement, or `None` to leave it. This one caps
 # the norm of each query position's output at a fraction of its mean norm.
 
+
 # %%
 def cap_norm(fraction: float):
     def hook(value, ctx):  # value: [batch, q_pos, head_dim]
         norms = value.norm(dim=-1, keepdim=True)
         limit = fraction * norms.mean()
         return value * (limit / norms.clamp_min(1e-12)).clamp(max=1.0)
+
     return hook
 
 
 with torch.no_grad(), dc.instrument(den, hooks={head: cap_norm(0.5)}):
     capped = den.predict_eps(batch.x_t, batch.t)
-print(f"capping {head} at half its mean norm: ε-MSE {mse(clean).mean():.6f} -> {mse(capped).mean():.6f}")
+print(
+    f"capping {head} at half its mean norm: ε-MSE {mse(clean).mean():.6f} -> {mse(capped).mean():.6f}"
+)
 
 # %% [markdown]
 # ## 6. A circuit
@@ -118,19 +130,24 @@ print(f"capping {head} at half its mean norm: ε-MSE {mse(clean).mean():.6f} -> 
 from diffcircuit.discovery.circuits import CircuitLoss, gap_test, prune_circuit  # noqa: E402
 from diffcircuit.interventions.attribution import attribution_scores  # noqa: E402
 
-scores = attribution_scores(den, faces.images, timesteps=[500], method="mean", probes=1, dataset="faces",
-                            registry=registry)
-importance = {registry.parse(f"{name}:{h}"): v  # mean predicted degradation of each head's ablation
-              for (name, h), v in scores.groupby(["layer", "head"]).degradation_pct.mean().items()}
+scores = attribution_scores(
+    den, faces.images, timesteps=[500], method="mean", probes=1, dataset="faces", registry=registry
+)
+importance = {
+    registry.parse(f"{name}:{h}"): v  # mean predicted degradation of each head's ablation
+    for (name, h), v in scores.groupby(["layer", "head"]).degradation_pct.mean().items()
+}
 loss = CircuitLoss(den, faces.images, timesteps=[500], dataset="faces", registry=registry)
 test = gap_test(loss)
 print(f"gap: {test.mean:.4g} (one-sided p = {test.p_value:.3g}, n = {test.n_images} images)")
 if test.significant:
     circuit = prune_circuit(loss, importance, 0.05)
-    print(f"circuit: {len(circuit.heads)} of {len(registry)} heads, faithfulness {circuit.faithfulness:.3f}")
+    print(
+        f"circuit: {len(circuit.heads)} of {len(registry)} heads, faithfulness {circuit.faithfulness:.3f}"
+    )
     grid = np.full((len(registry.layers), max(i.heads for i in registry.layers)), np.nan)
     for i, info in enumerate(registry.layers):
-        grid[i, :info.heads] = 0
+        grid[i, : info.heads] = 0
     for a in circuit.heads:
         grid[[i.layer for i in registry.layers].index(a.layer), a.head] = 1
     fig, ax = plt.subplots(figsize=(6, 2.6))

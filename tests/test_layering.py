@@ -9,8 +9,23 @@ from pathlib import Path
 import diffcircuit
 
 PACKAGE = Path(diffcircuit.__file__).parent
-RANK = {"errors": 0, "_version": 0, "_threads": 0, "data": 1, "models": 2, "instrument": 3, "metrics": 4, "interventions": 5, "stats": 6,
-        "discovery": 7, "protocol": 8, "report": 9, "commands": 9, "cli": 10, "__init__": 10}
+RANK = {
+    "errors": 0,
+    "_version": 0,
+    "_threads": 0,
+    "data": 1,
+    "models": 2,
+    "instrument": 3,
+    "metrics": 4,
+    "interventions": 5,
+    "stats": 6,
+    "discovery": 7,
+    "protocol": 8,
+    "report": 9,
+    "commands": 9,
+    "cli": 10,
+    "__init__": 10,
+}
 LEAF_ALLOWED = {"data": {"errors"}, "stats": {"errors"}}
 STATS_FORBIDDEN = {"torch", "diffusers"}
 
@@ -46,11 +61,16 @@ def test_every_module_imports_only_its_own_or_lower_layers():
             elif name == "diffcircuit" and RANK[layer] < RANK["cli"]:
                 problems.append(f"{path.relative_to(PACKAGE)} imports the top-level package")
             if layer == "stats" and top in STATS_FORBIDDEN:
-                problems.append(f"stats must stay numpy/scipy-only: {path.relative_to(PACKAGE)} imports {name}")
+                problems.append(
+                    f"stats must stay numpy/scipy-only: {path.relative_to(PACKAGE)} imports {name}"
+                )
     assert not problems, "\n".join(problems)
 
 
 def test_every_module_declares_all():
-    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-               if p.name != "__init__.py" and "__all__" not in p.read_text()]
+    missing = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" and "__all__" not in p.read_text()
+    ]
     assert not missing, missing

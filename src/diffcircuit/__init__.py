@@ -14,12 +14,11 @@ from diffcircuit._threads import prefer_passive_wait  # noqa: E402
 prefer_passive_wait()  # before anything imports torch: idle OpenMP threads sleep (see diffcircuit._threads)
 
 from diffcircuit._version import __version__  # noqa: E402
-
 from diffcircuit.data.spec import ImageSet, load_images  # noqa: E402
 from diffcircuit.errors import DiffcircuitError  # noqa: E402
+from diffcircuit.instrument import hooks  # noqa: E402
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry  # noqa: E402
 from diffcircuit.instrument.session import HookContext, instrument, probe_registry  # noqa: E402
-from diffcircuit.instrument import hooks  # noqa: E402
 from diffcircuit.metrics.observe import observe  # noqa: E402
 from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
@@ -63,7 +62,10 @@ def run(out_dir, config: RunConfig | None = None, *, progress=None, **fields) ->
     if isinstance(out_dir, RunConfig):  # the older order, run(config, out_dir)
         out_dir, config = config, out_dir
     if fields:
-        config = (dataclasses.replace(config, **fields) if config is not None
-                  else RunConfig.from_mapping(fields, source="run()"))
+        config = (
+            dataclasses.replace(config, **fields)
+            if config is not None
+            else RunConfig.from_mapping(fields, source="run()")
+        )
     result = run_protocol(config or RunConfig(), out_dir, progress=progress)
     return finalize_run(result.out_dir)

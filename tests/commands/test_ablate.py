@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
+from diffcircuit.commands.ablate import AblateConfig, run_ablations
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
 from diffcircuit.models.latent import model_images
 from diffcircuit.models.loading import load_denoiser
-from diffcircuit.commands.ablate import AblateConfig, run_ablations
 from diffcircuit.protocol.datasets import first_images, reference_split
 
 N, T = 3, 400
@@ -22,27 +22,58 @@ N, T = 3, 400
 def test_held_out_reference_is_the_next_n_images(small_model_dir, tmp_path):
     den = load_denoiser(small_model_dir)
     six = model_images(den, "synthetic", n=2 * N, seed=0)
-    registry = probe_registry(den, torch.from_numpy(six.images[:1]), torch.zeros(1, dtype=torch.long))
+    registry = probe_registry(
+        den, torch.from_numpy(six.images[:1]), torch.zeros(1, dtype=torch.long)
+    )
     block = [t for t in targets(registry, "block") if t.name == "mid_block"]
     # what the held-out reference means, spelt out: evaluate rows 0..N-1, take the mean over rows N..2N-1
-    expected = ablation_sweep(den, np.asarray(six.images[:N]), targets=block, methods=["mean"], timesteps=[T], seed=0,
-                              dataset="synthetic", registry=registry,
-                              reference=[ReferenceImages("synthetic", np.asarray(six.images[N:]), np.arange(N, 2 * N))])
-    insample = ablation_sweep(den, np.asarray(six.images[:N]), targets=block, methods=["mean"], timesteps=[T], seed=0,
-                              dataset="synthetic", registry=registry)
-    cfg = dict(model=str(small_model_dir), data="synthetic", n=N, timesteps=(T,), methods=("mean",), names=("mid_block",))
+    expected = ablation_sweep(
+        den,
+        np.asarray(six.images[:N]),
+        targets=block,
+        methods=["mean"],
+        timesteps=[T],
+        seed=0,
+        dataset="synthetic",
+        registry=registry,
+        reference=[ReferenceImages("synthetic", np.asarray(six.images[N:]), np.arange(N, 2 * N))],
+    )
+    insample = ablation_sweep(
+        den,
+        np.asarray(six.images[:N]),
+        targets=block,
+        methods=["mean"],
+        timesteps=[T],
+        seed=0,
+        dataset="synthetic",
+        registry=registry,
+    )
+    cfg = dict(
+        model=str(small_model_dir),
+        data="synthetic",
+        n=N,
+        timesteps=(T,),
+        methods=("mean",),
+        names=("mid_block",),
+    )
     held = run_ablations(AblateConfig(**cfg), tmp_path / "held")
     own = run_ablations(AblateConfig(**cfg, mean_reference="insample"), tmp_path / "own")
     cols = ["image", "mse_intervened", "degradation_pct"]
-    pd.testing.assert_frame_equal(held[cols].reset_index(drop=True), expected[cols].reset_index(drop=True))
-    pd.testing.assert_frame_equal(own[cols].reset_index(drop=True), insample[cols].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        held[cols].reset_index(drop=True), expected[cols].reset_index(drop=True)
+    )
+    pd.testing.assert_frame_equal(
+        own[cols].reset_index(drop=True), insample[cols].reset_index(drop=True)
+    )
     assert not np.allclose(held.mse_intervened, own.mse_intervened)  # the reference matters
     assert sorted(held.image.unique()) == list(range(N))  # only the first N are evaluated
 
 
 def test_reference_split_pools_and_refuses_too_few_images(small_model_dir):
     den = load_denoiser(small_model_dir)
-    sets = {k: model_images(den, spec, n=4, seed=0) for k, spec in (("a", "synthetic"), ("b", "faces"))}
+    sets = {
+        k: model_images(den, spec, n=4, seed=0) for k, spec in (("a", "synthetic"), ("b", "faces"))
+    }
     evaluated, refs = reference_split(sets, 2, "pooled")
     assert all(len(s) == 2 and s.names == ("0", "1") for s in evaluated.values())
     assert [r.dataset for r in refs["a"]] == ["a", "b"] and list(refs["b"][1].index) == [2, 3]

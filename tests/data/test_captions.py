@@ -22,12 +22,16 @@ def _folder(root, names):
 def test_captions_from_csv_and_jsonl_follow_the_images_order(tmp_path):
     names = ["b.png", "a.png", "sub/c.png"]
     csv = _folder(tmp_path / "csv", names)
-    (csv / "captions.csv").write_text('file,caption\nsub/c.png,"a cat, sitting"\na.png,an apple\nb.png,a bee\n')
+    (csv / "captions.csv").write_text(
+        'file,caption\nsub/c.png,"a cat, sitting"\na.png,an apple\nb.png,a bee\n'
+    )
     images = load_images(str(csv), n=3, size=8, channels=3)
     assert images.names == ("a.png", "b.png", "sub/c.png")  # sorted paths
     assert images.captions == ("an apple", "a bee", "a cat, sitting")
     jsonl = _folder(tmp_path / "jsonl", names)
-    (jsonl / "captions.jsonl").write_text("\n".join(json.dumps({"file": n, "caption": n.upper()}) for n in names) + "\n")
+    (jsonl / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"file": n, "caption": n.upper()}) for n in names) + "\n"
+    )
     assert load_images(str(jsonl), n=2, size=8, channels=3).captions == ("A.PNG", "B.PNG")
     plain = _folder(tmp_path / "plain", names)
     assert load_images(str(plain), n=3, size=8, channels=3).captions is None
@@ -41,12 +45,15 @@ def test_captions_change_the_fingerprint(tmp_path):
     assert load_images(str(folder), n=1, size=8, channels=3).fingerprint != first
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"captions.csv": "file,caption\na.png,x\n"}, "no caption for b.png"),
-    ({"captions.csv": "name,text\na.png,x\n"}, "columns 'file' and 'caption'"),
-    ({"captions.jsonl": '{"file": "a.png"}\n'}, "line 1 is not an object"),
-    ({"captions.csv": "file,caption\n", "captions.jsonl": ""}, "keep one"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"captions.csv": "file,caption\na.png,x\n"}, "no caption for b.png"),
+        ({"captions.csv": "name,text\na.png,x\n"}, "columns 'file' and 'caption'"),
+        ({"captions.jsonl": '{"file": "a.png"}\n'}, "line 1 is not an object"),
+        ({"captions.csv": "file,caption\n", "captions.jsonl": ""}, "keep one"),
+    ],
+)
 def test_bad_caption_files_are_refused_in_one_line(tmp_path, files, message):
     folder = _folder(tmp_path / "f", ["a.png", "b.png"])
     for name, text in files.items():

@@ -20,10 +20,16 @@ def _one(tmp_path, name, make):
 def test_valid_variants_convert(tmp_path, channels):
     grey = np.full((16, 16), 200, np.uint8)
     makers = {
-        "rgba.png": lambda p: Image.fromarray(np.dstack([np.full((16, 16, 3), 200, np.uint8), np.full((16, 16), 7, np.uint8)]), "RGBA").save(p),
+        "rgba.png": lambda p: Image.fromarray(
+            np.dstack([np.full((16, 16, 3), 200, np.uint8), np.full((16, 16), 7, np.uint8)]), "RGBA"
+        ).save(p),
         "deep.png": lambda p: Image.fromarray(grey.astype(np.uint16) * 257).save(p),
         "cmyk.jpg": lambda p: Image.new("CMYK", (16, 16), (0, 0, 0, 55)).save(p, quality=100),
-        "palette.png": lambda p: Image.fromarray(np.full((16, 16, 3), 200, np.uint8), "RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(p),
+        "palette.png": lambda p: (
+            Image.fromarray(np.full((16, 16, 3), 200, np.uint8), "RGB")
+            .convert("P", palette=Image.Palette.ADAPTIVE)
+            .save(p)
+        ),
         "grey.png": lambda p: Image.fromarray(grey, "L").save(p),
         "rgb.png": lambda p: Image.fromarray(np.full((16, 16, 3), 200, np.uint8), "RGB").save(p),
     }
@@ -34,11 +40,14 @@ def test_valid_variants_convert(tmp_path, channels):
         np.testing.assert_allclose(pixels, 200 / 127.5 - 1, atol=0.03, err_msg=name)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "cannot read image"),
-    ("empty.png", b"", "cannot read image"),
-    ("text.png", b"hello, I am not a picture", "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "cannot read image"),
+        ("empty.png", b"", "cannot read image"),
+        ("text.png", b"hello, I am not a picture", "cannot read image"),
+    ],
+)
 def test_broken_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DiffcircuitError, match=message) as info:

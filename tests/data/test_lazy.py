@@ -28,7 +28,12 @@ def test_lazy_synthetic_slices_equal_the_eager_images_and_fingerprint():
 
 
 def test_lazy_images_refuse_what_they_cannot_slice():
-    lazy = LazyImages(4, (2,), np.float32, lambda lo, hi: np.arange(lo, hi, dtype=np.float32)[:, None].repeat(2, 1))
+    lazy = LazyImages(
+        4,
+        (2,),
+        np.float32,
+        lambda lo, hi: np.arange(lo, hi, dtype=np.float32)[:, None].repeat(2, 1),
+    )
     with pytest.raises(IndexError):
         lazy[4]
     with pytest.raises(TypeError):

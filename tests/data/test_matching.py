@@ -28,7 +28,9 @@ def test_gray_images_are_the_colour_images_luminance_in_every_channel():
 def test_seed_sequences_pad_with_zero_words_so_a_nonzero_third_word_is_a_new_generator():
     """The fact the namespace's disjointness rests on (``data.synthetic``'s docstring)."""
     state = lambda words: np.random.SeedSequence(words).generate_state(8).tolist()
-    assert state([3, 5]) == state([3, 5, 0]) == state([3, 5, 0, 0])  # what makes (seed, i) a 4-word (seed, i, 0, 0)
+    assert (
+        state([3, 5]) == state([3, 5, 0]) == state([3, 5, 0, 0])
+    )  # what makes (seed, i) a 4-word (seed, i, 0, 0)
     assert state([3, 5, 7]) != state([3, 5])
     a = synthetic_images(5, size=16, seed=0)[0]
     b = synthetic_images(5, size=16, seed=0, namespace=7)[0]
@@ -47,8 +49,12 @@ def test_level_matching_is_skimage_histogram_matching_on_images_without_ties():
 
     rng = np.random.default_rng(0)
     source, reference = rng.random((9, 11)), rng.beta(2, 5, (9, 11))
-    np.testing.assert_allclose(match_levels(source, reference), match_histograms(source, reference), atol=1e-12)
-    np.testing.assert_allclose(np.sort(match_levels(source, reference).ravel()), np.sort(reference.ravel()), atol=1e-12)
+    np.testing.assert_allclose(
+        match_levels(source, reference), match_histograms(source, reference), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        np.sort(match_levels(source, reference).ravel()), np.sort(reference.ravel()), atol=1e-12
+    )
 
 
 def test_level_matching_keeps_flat_regions_flat_and_the_mean_exact():
@@ -70,7 +76,9 @@ def test_matched_synthetic_images_take_the_reference_images_mean_intensity():
     x = np.asarray(s.images)
     assert is_grayscale(x)
     lum = lambda im: ((im.astype(np.float64) + 1) / 2).mean(axis=(1, 2, 3))
-    np.testing.assert_allclose(lum(x), lum(faces[np.arange(7) % 5]), atol=1e-6)  # image i takes face i mod 5's
+    np.testing.assert_allclose(
+        lum(x), lum(faces[np.arange(7) % 5]), atol=1e-6
+    )  # image i takes face i mod 5's
     # lazily made slices equal the whole set's rows
     np.testing.assert_array_equal(s.images[3:6], x[3:6])
     # colour images shift every channel by the luminance change

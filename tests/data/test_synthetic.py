@@ -23,7 +23,9 @@ def test_range_shapes_and_masks():
     assert masks.shape == (120, 24, 24) and masks.dtype == bool
     assert set(kinds) == set(SHAPE_KINDS)
     frac = masks.mean(axis=(1, 2))
-    assert (frac > 0.02).all() and (frac < 0.8).all()  # every image has an object, none is all object
+    assert (frac > 0.02).all() and (
+        frac < 0.8
+    ).all()  # every image has an object, none is all object
 
 
 def test_mask_marks_the_object_solid_shapes_are_uniform_inside():
@@ -33,7 +35,10 @@ def test_mask_marks_the_object_solid_shapes_are_uniform_inside():
             continue
         # erode the mask by one pixel to avoid anti-aliased edges; inside, colour is constant
         core = mask.copy()
-        core[1:] &= mask[:-1]; core[:-1] &= mask[1:]; core[:, 1:] &= mask[:, :-1]; core[:, :-1] &= mask[:, 1:]
+        core[1:] &= mask[:-1]
+        core[:-1] &= mask[1:]
+        core[:, 1:] &= mask[:, :-1]
+        core[:, :-1] &= mask[:, 1:]
         if core.sum() >= 4:
             assert img[:, core].std(axis=1).max() < 1e-5
 

@@ -13,7 +13,9 @@ from diffcircuit.instrument.capture import attention_stats_fused, attention_stat
 
 def _random(b=2, h=3, q=20, k=20, d=8, c=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g) for s in ((b, h, q, d), (b, h, k, d), (b, h, k, d), (b, k, c))]
+    return [
+        torch.randn(*s, generator=g) for s in ((b, h, q, d), (b, h, k, d), (b, h, k, d), (b, k, c))
+    ]
 
 
 @pytest.mark.parametrize("scale_up", [1.0, 6.0])  # ordinary and very peaked attention
@@ -30,7 +32,9 @@ def test_fused_matches_naive(scale_up):
 def test_fused_output_equals_sdpa_and_no_features_is_fine():
     q, k, v, _ = _random(q=7, k=11)
     out, stats = attention_stats_fused(q, k, v, None, 8**-0.5, None)
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=0
+    )
     assert "moments" not in stats and stats["entropy_nats"].shape == (2, 3)
 
 
@@ -55,11 +59,19 @@ def test_only_the_statistics_asked_for_are_computed_and_equal_plain_softmax(stat
     p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 8**-0.5, -1)  # [B, h, Q, K]
     out, only_entropy = stats_fn(q, k, v, None, 8**-0.5, f, ("entropy_nats",))
     assert set(only_entropy) == {"entropy_nats"}
-    torch.testing.assert_close(only_entropy["entropy_nats"], torch.special.entr(p).sum(-1).mean(-1).float(),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        only_entropy["entropy_nats"],
+        torch.special.entr(p).sum(-1).mean(-1).float(),
+        atol=1e-5,
+        rtol=0,
+    )
     torch.testing.assert_close(out, (p @ v.double()).float(), atol=1e-5, rtol=0)
-    no_output, only_moments = stats_fn(q, k, None, None, 8**-0.5, f, ("moments",))  # no values: no output
-    ones = F.pad(f.double(), (1, 0), value=1.0)  # [B, K, 1 + C]; queries and keys share the positions here
+    no_output, only_moments = stats_fn(
+        q, k, None, None, 8**-0.5, f, ("moments",)
+    )  # no values: no output
+    ones = F.pad(
+        f.double(), (1, 0), value=1.0
+    )  # [B, K, 1 + C]; queries and keys share the positions here
     expected = torch.einsum("bhqk,bkf,bqg->bhgf", p, ones, ones) / q.shape[2]
     assert no_output is None and set(only_moments) == {"moments"}
     torch.testing.assert_close(only_moments["moments"], expected.float(), atol=1e-5, rtol=1e-5)
@@ -72,7 +84,9 @@ def test_a_nan_feature_spoils_its_own_moments_only():
     out_n, st_n = attention_stats_naive(q, k, v, None, 8**-0.5, f)
     torch.testing.assert_close(out_f, F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=0)
     torch.testing.assert_close(st_f["entropy_nats"], st_n["entropy_nats"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(st_f["moments"], st_n["moments"], atol=1e-4, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(
+        st_f["moments"], st_n["moments"], atol=1e-4, rtol=1e-4, equal_nan=True
+    )
     assert st_f["moments"][1].isfinite().all() and st_f["moments"][0, :, 0, 0].isfinite().all()
 
 

@@ -27,9 +27,11 @@ def test_a_hook_scaling_a_head_equals_scaling_its_output_projection_columns(smal
     edited = copy.deepcopy(small_unet)
     attn = dict(attention_modules(edited))[LAYER]
     d = attn.inner_dim // attn.heads
-    hook = dc.hooks.zero() if factor == 0.0 else (lambda value, ctx: 2.0 * value)  # a user's own function
+    hook = (
+        dc.hooks.zero() if factor == 0.0 else (lambda value, ctx: 2.0 * value)
+    )  # a user's own function
     with torch.no_grad():
-        attn.to_out[0].weight[:, HEAD * d:(HEAD + 1) * d] *= factor
+        attn.to_out[0].weight[:, HEAD * d : (HEAD + 1) * d] *= factor
         expected = edited(x, t).sample
         with dc.instrument(small_unet, hooks={f"{LAYER}:{HEAD}": hook}):
             got = small_unet(x, t).sample
@@ -56,15 +58,27 @@ def test_a_row_masked_layer_hook_equals_one_forward_per_variant(small_unet):
 def test_a_recording_hook_sees_the_head_slice_and_its_context(small_unet):
     x, t = _inputs()
     seen = []
-    with torch.no_grad(), dc.instrument(small_unet, hooks={f"{LAYER}:{HEAD}": lambda v, ctx: seen.append((v.shape, ctx))}):
+    with (
+        torch.no_grad(),
+        dc.instrument(
+            small_unet, hooks={f"{LAYER}:{HEAD}": lambda v, ctx: seen.append((v.shape, ctx))}
+        ),
+    ):
         clean_inside = small_unet(x, t).sample
     with torch.no_grad():
         clean = small_unet(x, t).sample
-    (shape, ctx), = seen
+    ((shape, ctx),) = seen
     heads = dict(attention_modules(small_unet))[LAYER].heads
     d = dict(attention_modules(small_unet))[LAYER].inner_dim // heads
-    assert shape == (3, 16 * 16 // 4, d) and (ctx.layer, ctx.head, ctx.address, ctx.batch) == (LAYER, HEAD, f"{LAYER}:{HEAD}", 3)
-    torch.testing.assert_close(clean_inside, clean, atol=1e-5, rtol=0)  # returning None changes nothing
+    assert shape == (3, 16 * 16 // 4, d) and (ctx.layer, ctx.head, ctx.address, ctx.batch) == (
+        LAYER,
+        HEAD,
+        f"{LAYER}:{HEAD}",
+        3,
+    )
+    torch.testing.assert_close(
+        clean_inside, clean, atol=1e-5, rtol=0
+    )  # returning None changes nothing
 
 
 def test_hooks_at_unknown_addresses_or_of_the_wrong_shape_are_refused_in_one_line(small_unet):

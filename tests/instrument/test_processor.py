@@ -21,8 +21,10 @@ def _inputs(batch=4, size=16, seed=1):
 def _reference_entropy(model, x, t) -> dict[str, torch.Tensor]:
     """Per-layer [batch, heads] mean-over-queries entropy, from the module weights directly."""
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
-             for name, m in attention_modules(model)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in attention_modules(model)
+    ]
     try:
         with torch.no_grad():
             model(x, t)
@@ -67,7 +69,10 @@ def test_capture_leaves_output_unchanged_and_matches_reference_entropy(small_une
         assert captured[layer].shape == ref.shape
         torch.testing.assert_close(captured[layer], ref, atol=1e-4, rtol=0)
     # entropy lies between 0 and the uniform bound ln(n_keys), and is not trivially uniform
-    grid_keys = {name: probe.n_keys for name, probe in ((i.layer, i) for i in probe_registry(small_unet, x[:1], t[:1]).layers)}
+    grid_keys = {
+        name: probe.n_keys
+        for name, probe in ((i.layer, i) for i in probe_registry(small_unet, x[:1], t[:1]).layers)
+    }
     for layer, values in captured.items():
         assert (values >= 0).all() and (values <= math.log(grid_keys[layer]) + 1e-5).all()
 
@@ -80,7 +85,10 @@ def test_capture_computes_only_the_statistics_asked_for(small_unet):
         asked.append(grid)
         return torch.rand(x.shape[0], 2, *grid)
 
-    with torch.no_grad(), instrument(small_unet, capture=("entropy_nats",), key_features=features) as session:
+    with (
+        torch.no_grad(),
+        instrument(small_unet, capture=("entropy_nats",), key_features=features) as session,
+    ):
         small_unet(x, t)
     assert asked == [] and session.pop("moments") == {} and session.pop("perplexity") == {}
     reference = _reference_entropy(small_unet, x, t)
@@ -100,7 +108,7 @@ def test_zero_ablation_equals_zeroing_the_heads_output_projection_columns(small_
     attn = dict(attention_modules(edited))[layer]
     d = attn.inner_dim // attn.heads
     with torch.no_grad():
-        attn.to_out[0].weight[:, head * d:(head + 1) * d] = 0.0
+        attn.to_out[0].weight[:, head * d : (head + 1) * d] = 0.0
         expected = edited(x, t).sample
         with instrument(small_unet, zero_heads=[f"{layer}:{head}"]):
             got = small_unet(x, t).sample
@@ -120,11 +128,17 @@ def test_processors_are_restored_even_when_the_forward_raises(small_unet):
 def test_registry_addresses_every_head_once(small_unet):
     x, t = _inputs(batch=1)
     registry = probe_registry(small_unet, x, t)
-    expected = {name: m.heads for name, m in small_unet.named_modules() if type(m).__name__ == "Attention"}
+    expected = {
+        name: m.heads for name, m in small_unet.named_modules() if type(m).__name__ == "Attention"
+    }
     assert {info.layer: info.heads for info in registry.layers} == expected
     addresses = [str(a) for a in registry]
     assert len(addresses) == len(set(addresses)) == sum(expected.values())
-    assert registry.parse("mid_block.attentions.0:1") == HeadAddress(layer="mid_block.attentions.0", head=1)
+    assert registry.parse("mid_block.attentions.0:1") == HeadAddress(
+        layer="mid_block.attentions.0", head=1
+    )
     first = registry.layers[0]
     assert first.query_grid == (16, 16) and first.n_keys == 256 and first.kind == "self"
-    assert [i.layer.split(".")[0] for i in registry.layers] == ["down_blocks"] * 2 + ["mid_block"] + ["up_blocks"] * 4
+    assert [i.layer.split(".")[0] for i in registry.layers] == ["down_blocks"] * 2 + [
+        "mid_block"
+    ] + ["up_blocks"] * 4

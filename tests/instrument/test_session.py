@@ -29,4 +29,6 @@ def test_head_outputs_are_cached_by_layer_or_by_head_address(small_unet):
         with dc.instrument(small_unet, registry=registry, cache_heads=[f"{layer}:1"]) as by_head:
             small_unet(x, t)
     whole, one = by_layer.pop("head_out")[layer], by_head.pop("head_out")[layer]
-    torch.testing.assert_close(one, whole)  # a head address caches its layer, as every other option reads it
+    torch.testing.assert_close(
+        one, whole
+    )  # a head address caches its layer, as every other option reads it

@@ -44,21 +44,34 @@ def test_a_reweighted_token_equals_a_plain_renormalised_softmax(weight):
     with torch.no_grad(), instrument(model, token_scales={"attn:1": {4: weight}}):
         got = model(x, enc)
     with torch.no_grad():
-        torch.testing.assert_close(got, _reference(model.attn, x, enc, head=1, token=4, weight=weight), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got,
+            _reference(model.attn, x, enc, head=1, token=4, weight=weight),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         untouched = _reference(model.attn, x, enc, head=1, token=4, weight=1.0)
-    assert weight == 1.0 or not torch.allclose(got, untouched, atol=1e-4)  # the intervention did something
+    assert weight == 1.0 or not torch.allclose(
+        got, untouched, atol=1e-4
+    )  # the intervention did something
 
 
-def test_removing_a_token_from_every_cross_attention_head_equals_dropping_it_from_the_prompt(text_unet):
+def test_removing_a_token_from_every_cross_attention_head_equals_dropping_it_from_the_prompt(
+    text_unet,
+):
     net = text_unet(text_dim=TEXT_DIM)
     x, t, enc = torch.randn(2, 4, 16, 16), torch.tensor([10, 600]), torch.randn(2, TOKENS, TEXT_DIM)
     registry = probe_registry(net, x, t, encoder_hidden_states=enc)
     drop = 2
-    every_cross_head = {str(a): {drop: 0.0} for a in registry if registry.layer(a.layer).kind == "cross"}
+    every_cross_head = {
+        str(a): {drop: 0.0} for a in registry if registry.layer(a.layer).kind == "cross"
+    }
     with torch.no_grad():
         with instrument(net, registry=registry, token_scales=every_cross_head):
             removed = net(x, t, encoder_hidden_states=enc).sample
-        without = net(x, t, encoder_hidden_states=torch.cat([enc[:, :drop], enc[:, drop + 1:]], 1)).sample
+        without = net(
+            x, t, encoder_hidden_states=torch.cat([enc[:, :drop], enc[:, drop + 1 :]], 1)
+        ).sample
         full = net(x, t, encoder_hidden_states=enc).sample
     torch.testing.assert_close(removed, without, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(removed, full, atol=1e-4)

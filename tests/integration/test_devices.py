@@ -10,32 +10,56 @@ import torch
 
 from diffcircuit.discovery.run import importance_rows
 from diffcircuit.protocol.config import RunConfig
-from diffcircuit.protocol.tasks import Context, ablate_tasks, attribute_tasks, compute, discover_tasks, observe_tasks, patch_tasks
+from diffcircuit.protocol.tasks import (
+    Context,
+    ablate_tasks,
+    attribute_tasks,
+    compute,
+    discover_tasks,
+    observe_tasks,
+    patch_tasks,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _config(model_dir, **kw) -> RunConfig:
-    return RunConfig(model=str(model_dir), n=3, timesteps=(20, 800), batch_size=2, seed=3, ablate_n=2,
-                     circuit_resamples=2, **kw)
+    return RunConfig(
+        model=str(model_dir),
+        n=3,
+        timesteps=(20, 800),
+        batch_size=2,
+        seed=3,
+        ablate_n=2,
+        circuit_resamples=2,
+        **kw,
+    )
 
 
 def _agree(cpu: dict, gpu: dict) -> None:
     for stage in cpu:
         a, b = cpu[stage], gpu[stage]
         assert list(a.columns) == list(b.columns) and len(a) == len(b), stage
-        np.testing.assert_allclose(_numeric(b), _numeric(a), rtol=2e-3, atol=2e-4, equal_nan=True, err_msg=stage)
+        np.testing.assert_allclose(
+            _numeric(b), _numeric(a), rtol=2e-3, atol=2e-4, equal_nan=True, err_msg=stage
+        )
 
 
 def _tables(ctx: Context) -> dict[str, pd.DataFrame]:
     """Every stage's shards computed in this process, by stage."""
     out = {}
-    groups = {"observe": observe_tasks(ctx, seed=3), "ablate": ablate_tasks(ctx), "patch": patch_tasks(ctx),
-              "attribute": attribute_tasks(ctx)}
+    groups = {
+        "observe": observe_tasks(ctx, seed=3),
+        "ablate": ablate_tasks(ctx),
+        "patch": patch_tasks(ctx),
+        "attribute": attribute_tasks(ctx),
+    }
     for stage, tasks in groups.items():
         out[stage] = pd.concat([compute(ctx, t)[t.parts[0]] for t in tasks], ignore_index=True)
     found = discover_tasks(ctx, importance_rows(out["ablate"]))
-    out["discover"] = pd.concat([compute(ctx, t)["curves.parquet"] for t in found], ignore_index=True)
+    out["discover"] = pd.concat(
+        [compute(ctx, t)["curves.parquet"] for t in found], ignore_index=True
+    )
     return out
 
 
@@ -43,24 +67,45 @@ def _numeric(frame: pd.DataFrame) -> np.ndarray:
     return frame.select_dtypes("number").to_numpy(dtype=np.float64)
 
 
-def test_bf16_autocast_changes_the_forward_but_keeps_statistics_fp32_and_close(small_model_dir_module):
+def test_bf16_autocast_changes_the_forward_but_keeps_statistics_fp32_and_close(
+    small_model_dir_module,
+):
     full = Context.build(_config(small_model_dir_module))
     half = Context.build(_config(small_model_dir_module, precision="bf16"))
     task = observe_tasks(full, seed=3)[0]
     a, b = compute(full, task)["heads.parquet"], compute(half, task)["heads.parquet"]
     assert (a.entropy_nats.dtype, b.entropy_nats.dtype) == (np.float64, np.float64)
-    assert not np.array_equal(a.entropy_nats, b.entropy_nats)  # autocast really ran the network in bf16
-    np.testing.assert_allclose(b.entropy_nats, a.entropy_nats, atol=0.05)  # nats; bf16 keeps 8 bits of mantissa
+    assert not np.array_equal(
+        a.entropy_nats, b.entropy_nats
+    )  # autocast really ran the network in bf16
+    np.testing.assert_allclose(
+        b.entropy_nats, a.entropy_nats, atol=0.05
+    )  # nats; bf16 keeps 8 bits of mantissa
     ia, ib = compute(full, task)["images.parquet"], compute(half, task)["images.parquet"]
     np.testing.assert_allclose(ib.eps_mse, ia.eps_mse, rtol=0.1)
-    swept = compute(half, ablate_tasks(half)[0])["table.parquet"]  # interventions run under autocast too
+    swept = compute(half, ablate_tasks(half)[0])[
+        "table.parquet"
+    ]  # interventions run under autocast too
     assert np.isfinite(swept.degradation_pct).all()
 
 
-def test_an_unavailable_or_unknown_device_is_refused_in_one_line(small_model_dir_module, tmp_path, capsys):
+def test_an_unavailable_or_unknown_device_is_refused_in_one_line(
+    small_model_dir_module, tmp_path, capsys
+):
     from diffcircuit.cli import main
 
-    base = ["run", "--out", str(tmp_path / "run"), "--model", str(small_model_dir_module), "--n", "2", "--ablate-n", "1", "--quiet"]
+    base = [
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        str(small_model_dir_module),
+        "--n",
+        "2",
+        "--ablate-n",
+        "1",
+        "--quiet",
+    ]
     assert main([*base, "--device", "tpu"]) != 0
     assert "--device must be" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -73,19 +118,25 @@ def test_an_unavailable_or_unknown_device_is_refused_in_one_line(small_model_dir
 @pytest.mark.gpu
 @cuda
 def test_every_stage_on_cuda_agrees_with_the_cpu(small_model_dir_module):
-    _agree(_tables(Context.build(_config(small_model_dir_module, device="cpu"))),
-           _tables(Context.build(_config(small_model_dir_module, device="cuda"))))
+    _agree(
+        _tables(Context.build(_config(small_model_dir_module, device="cpu"))),
+        _tables(Context.build(_config(small_model_dir_module, device="cuda"))),
+    )
 
 
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_joint_attention_flow_and_latent_models_on_cuda_agree_with_the_cpu(family, sd3_folder, flux_folder):
+def test_joint_attention_flow_and_latent_models_on_cuda_agree_with_the_cpu(
+    family, sd3_folder, flux_folder
+):
     """SD3 (flow matching, joint attention) and Flux (packed latents through its VAE, rotary embeddings)."""
     folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
     embeds = str(folder.parent / "embeds.safetensors")
-    _agree(_tables(Context.build(_config(folder, device="cpu", prompt_embeds=embeds))),
-           _tables(Context.build(_config(folder, device="cuda", prompt_embeds=embeds))))
+    _agree(
+        _tables(Context.build(_config(folder, device="cpu", prompt_embeds=embeds))),
+        _tables(Context.build(_config(folder, device="cuda", prompt_embeds=embeds))),
+    )
 
 
 @pytest.mark.gpu
@@ -95,7 +146,28 @@ def test_a_run_on_cuda_with_autocast_completes(small_model_dir_module, tmp_path,
     from diffcircuit.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--model", str(small_model_dir_module), "--n", "3", "--timesteps", "20,800",
-                 "--ablate-n", "2", "--device", "cuda", "--precision", precision, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--out",
+                str(out),
+                "--model",
+                str(small_model_dir_module),
+                "--n",
+                "3",
+                "--timesteps",
+                "20,800",
+                "--ablate-n",
+                "2",
+                "--device",
+                "cuda",
+                "--precision",
+                precision,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     heads = pd.read_parquet(out / "tables" / "head_metrics.parquet")
     assert np.isfinite(heads.entropy_nats).all()

@@ -14,7 +14,19 @@ import pytest
 
 from diffcircuit.cli import main
 
-ARGS = ["--n", "3", "--timesteps", "20,800", "--batch-size", "2", "--seed", "3", "--ablate-n", "2", "--quiet"]
+ARGS = [
+    "--n",
+    "3",
+    "--timesteps",
+    "20,800",
+    "--batch-size",
+    "2",
+    "--seed",
+    "3",
+    "--ablate-n",
+    "2",
+    "--quiet",
+]
 
 
 def _run_args(small_model_dir, out: Path) -> list[str]:
@@ -30,7 +42,9 @@ def reference(small_model_dir_module, tmp_path_factory, run_outputs):
 
 def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
     """Start ``cmd``, SIGKILL it as soon as the shard file ``first`` exists; return the shard files then."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # same env: same thread count
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )  # same env: same thread count
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None and not (shards / first).exists():
@@ -45,9 +59,12 @@ def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
             proc.kill()
 
 
-@pytest.mark.parametrize("first", ["observe_s3_a_t800_0-3.null.parquet", "ablate_b_t20.table.parquet"])  # mid-observation, mid-interventions
-def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_module, tmp_path, reference, first,
-                                                               run_outputs, assert_same_outputs):
+@pytest.mark.parametrize(
+    "first", ["observe_s3_a_t800_0-3.null.parquet", "ablate_b_t20.table.parquet"]
+)  # mid-observation, mid-interventions
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(
+    small_model_dir_module, tmp_path, reference, first, run_outputs, assert_same_outputs
+):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffcircuit.cli", *_run_args(small_model_dir_module, out)]
     written = _kill_when(cmd, out / "shards", first)
@@ -59,8 +76,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(small_model_dir_m
     assert_same_outputs(reference, run_outputs(out))
 
 
-def test_the_same_seed_gives_the_same_results_bit_for_bit_in_another_process(small_model_dir_module, tmp_path, reference,
-                                                                             run_outputs, assert_same_outputs):
+def test_the_same_seed_gives_the_same_results_bit_for_bit_in_another_process(
+    small_model_dir_module, tmp_path, reference, run_outputs, assert_same_outputs
+):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffcircuit.cli", *_run_args(small_model_dir_module, out)]
     assert subprocess.run(cmd, capture_output=True).returncode == 0

@@ -19,7 +19,12 @@ from diffcircuit.models.loading import Denoiser
 
 
 def _den(unet, tmp_path):
-    return Denoiser(network=unet, scheduler=DDPMScheduler(num_train_timesteps=1000), model_path=tmp_path, source="t")
+    return Denoiser(
+        network=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        model_path=tmp_path,
+        source="t",
+    )
 
 
 def _setup(unet, n=4):
@@ -29,7 +34,9 @@ def _setup(unet, n=4):
 
 
 def _sweep(den, images, registry, target_list, methods, **kw):
-    return ablation_sweep(den, images, targets=target_list, methods=methods, timesteps=[400], registry=registry, **kw)
+    return ablation_sweep(
+        den, images, targets=target_list, methods=methods, timesteps=[400], registry=registry, **kw
+    )
 
 
 def test_zero_ablating_a_head_with_zero_output_columns_changes_nothing(small_unet, tmp_path):
@@ -37,23 +44,35 @@ def test_zero_ablating_a_head_with_zero_output_columns_changes_nothing(small_une
     attn = dict(attention_modules(small_unet))[layer]
     d = attn.inner_dim // attn.heads
     with torch.no_grad():
-        attn.to_out[0].weight[:, head * d:(head + 1) * d] = 0
+        attn.to_out[0].weight[:, head * d : (head + 1) * d] = 0
     images, registry = _setup(small_unet)
     target = [t for t in targets(registry, "head") if t.name == f"{layer}:{head}"]
-    rows = _sweep(_den(small_unet, tmp_path), images, registry, target, ["zero", "mean", "resample", "noise"])
+    rows = _sweep(
+        _den(small_unet, tmp_path), images, registry, target, ["zero", "mean", "resample", "noise"]
+    )
     np.testing.assert_allclose(rows.mse_intervened, rows.mse_clean, rtol=1e-5)
 
 
 def test_zero_ablating_a_layer_equals_zeroing_its_output_projection(small_unet, tmp_path):
     images, registry = _setup(small_unet)
     layer = "down_blocks.1.attentions.0"
-    rows = _sweep(_den(small_unet, tmp_path), images, registry, [t for t in targets(registry, "layer") if t.name == layer], ["zero"])
+    rows = _sweep(
+        _den(small_unet, tmp_path),
+        images,
+        registry,
+        [t for t in targets(registry, "layer") if t.name == layer],
+        ["zero"],
+    )
     edited = copy.deepcopy(small_unet)
     with torch.no_grad():
         dict(attention_modules(edited))[layer].to_out[0].weight.zero_()
     # the edited model's clean error is the ablated model's error
-    rows_edited = _sweep(_den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"])
-    np.testing.assert_allclose(rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5)
+    rows_edited = _sweep(
+        _den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"]
+    )
+    np.testing.assert_allclose(
+        rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5
+    )
     assert (rows.degradation_pct.abs() > 1e-6).any()
 
 
@@ -82,7 +101,9 @@ def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_u
     from diffcircuit.models.noise import image_noise
 
     x0 = torch.from_numpy(images)
-    eps = torch.stack([image_noise((3, 16, 16), seed=0, dataset="a", image=i, timestep=400) for i in range(3)])
+    eps = torch.stack(
+        [image_noise((3, 16, 16), seed=0, dataset="a", image=i, timestep=400) for i in range(3)]
+    )
     t = torch.full((3,), 400)
     x_t = den.scheduler.add_noise(x0, eps, t)
     to_out = dict(attention_modules(small_unet))[layer].to_out[0]
@@ -92,11 +113,11 @@ def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_u
     with torch.no_grad():
         small_unet(x_t, t)
     handle.remove()
-    mean_slice = seen["x"][..., head * d:(head + 1) * d].mean(0)  # [q_pos, d]
+    mean_slice = seen["x"][..., head * d : (head + 1) * d].mean(0)  # [q_pos, d]
 
     def replace(module, args):
         x = args[0].clone()
-        x[..., head * d:(head + 1) * d] = mean_slice
+        x[..., head * d : (head + 1) * d] = mean_slice
         return (x,)
 
     handle = to_out.register_forward_pre_hook(replace)
@@ -109,7 +130,11 @@ def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_u
 
 def test_resampling_an_image_into_itself_changes_nothing(small_unet, tmp_path):
     images, registry = _setup(small_unet, n=1)  # the partner of the only image is itself
-    some = targets(registry, "head")[:3] + targets(registry, "block") + targets(registry, "resnet", small_unet)[:2]
+    some = (
+        targets(registry, "head")[:3]
+        + targets(registry, "block")
+        + targets(registry, "resnet", small_unet)[:2]
+    )
     rows = _sweep(_den(small_unet, tmp_path), images, registry, some, ["resample"])
     np.testing.assert_allclose(rows.mse_intervened, rows.mse_clean, rtol=1e-5)
 
@@ -117,14 +142,24 @@ def test_resampling_an_image_into_itself_changes_nothing(small_unet, tmp_path):
 def test_resnet_zero_ablation_equals_zeroing_its_last_convolution(small_unet, tmp_path):
     images, registry = _setup(small_unet)
     name = "down_blocks.1.resnets.0"
-    rows = _sweep(_den(small_unet, tmp_path), images, registry, [t for t in targets(registry, "resnet", small_unet) if t.name == name], ["zero"])
+    rows = _sweep(
+        _den(small_unet, tmp_path),
+        images,
+        registry,
+        [t for t in targets(registry, "resnet", small_unet) if t.name == name],
+        ["zero"],
+    )
     edited = copy.deepcopy(small_unet)
     conv2 = edited.get_submodule(name).conv2
     with torch.no_grad():
         conv2.weight.zero_()
         conv2.bias.zero_()
-    rows_edited = _sweep(_den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"])
-    np.testing.assert_allclose(rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5)
+    rows_edited = _sweep(
+        _den(edited, tmp_path), images, registry, targets(registry, "head")[:1], ["zero"]
+    )
+    np.testing.assert_allclose(
+        rows.mse_intervened.to_numpy(), rows_edited.mse_clean.to_numpy(), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("method", ["noise", "resample"])
@@ -145,7 +180,9 @@ def test_prefix_reuse_equals_the_naive_loop(small_unet, tmp_path, method):
     every += targets(registry, "resnet", small_unet)
     fast = _sweep(den, images, registry, every, [method], prefix_reuse=True)
     slow = _sweep(den, images, registry, every, [method], prefix_reuse=False)
-    np.testing.assert_allclose(fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8
+    )
     np.testing.assert_allclose(fast.mse_clean.to_numpy(), slow.mse_clean.to_numpy(), rtol=1e-6)
 
 
@@ -158,15 +195,30 @@ def test_v_prediction_sweep_scores_the_implied_eps(small_unet, tmp_path):
     den = Denoiser(network=small_unet, scheduler=v_sched, model_path=tmp_path, source="t")
     images, registry = _setup(small_unet, n=3)
     layer = "mid_block.attentions.0"
-    rows = _sweep(den, images, registry, [t for t in targets(registry, "layer") if t.name == layer], ["zero"], dataset="a")
+    rows = _sweep(
+        den,
+        images,
+        registry,
+        [t for t in targets(registry, "layer") if t.name == layer],
+        ["zero"],
+        dataset="a",
+    )
     _, per_image = observe(den, images, timesteps=[400], dataset="a")
-    np.testing.assert_allclose(rows.sort_values("image").mse_clean, per_image.sort_values("image").eps_mse, rtol=1e-5)
+    np.testing.assert_allclose(
+        rows.sort_values("image").mse_clean, per_image.sort_values("image").eps_mse, rtol=1e-5
+    )
     edited = copy.deepcopy(small_unet)
     with torch.no_grad():
         dict(attention_modules(edited))[layer].to_out[0].weight.zero_()
-    _, per_edited = observe(Denoiser(network=edited, scheduler=v_sched, model_path=tmp_path, source="t"), images,
-                            timesteps=[400], dataset="a")
-    np.testing.assert_allclose(rows.sort_values("image").mse_intervened, per_edited.sort_values("image").eps_mse, rtol=1e-4)
+    _, per_edited = observe(
+        Denoiser(network=edited, scheduler=v_sched, model_path=tmp_path, source="t"),
+        images,
+        timesteps=[400],
+        dataset="a",
+    )
+    np.testing.assert_allclose(
+        rows.sort_values("image").mse_intervened, per_edited.sort_values("image").eps_mse, rtol=1e-4
+    )
 
 
 def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
@@ -185,13 +237,17 @@ def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
     x_t = den.scheduler.add_noise(x0, eps, t)
     with torch.no_grad():
         x0_hat = implied_x0(x_t, small_unet(x_t, t).sample, t, den.alphas_cumprod)
-    expected = peak_signal_noise_ratio(x0.numpy().astype(np.float64), x0_hat.numpy().astype(np.float64), data_range=2.0)
+    expected = peak_signal_noise_ratio(
+        x0.numpy().astype(np.float64), x0_hat.numpy().astype(np.float64), data_range=2.0
+    )
     assert row.x0_psnr_clean == pytest.approx(expected, abs=1e-3)
     assert row.x0_psnr_intervened == pytest.approx(10 * np.log10(4 / row.x0_mse_intervened))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "dit"])
-def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd3_folder, flux_folder, tmp_path):
+def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(
+    family, sd3_folder, flux_folder, tmp_path
+):
     """Every head, layer and block ablated with blocks memoised equals the full forwards, and the first block is
     not recomputed for targets after it."""
     from diffcircuit.interventions.prefix import BlockMemo, prefix_runner
@@ -205,11 +261,15 @@ def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(family, sd
     first = dict(attention_modules(den.network))[registry.layers[0].layer]
     calls = []
     hook = first.to_q.register_forward_hook(lambda *a: calls.append(1))
-    fast = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=True, stack_rows=1)  # one per forward
+    fast = _sweep(
+        den, images, registry, every, ["zero", "mean"], prefix_reuse=True, stack_rows=1
+    )  # one per forward
     n_fast, calls[:] = len(calls), []
     slow = _sweep(den, images, registry, every, ["zero", "mean"], prefix_reuse=False, stack_rows=1)
     hook.remove()
-    np.testing.assert_allclose(fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        fast.mse_intervened.to_numpy(), slow.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8
+    )
     np.testing.assert_allclose(fast.mse_clean.to_numpy(), slow.mse_clean.to_numpy(), rtol=1e-6)
     assert n_fast < len(calls)  # intervened forwards after the first block skipped it
 
@@ -221,8 +281,16 @@ def _transformer(family: str, sd3_folder, flux_folder, tmp_path):
 
     if family == "dit":
         torch.manual_seed(0)
-        DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6, num_layers=3,
-                              sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(tmp_path / "transformer")
+        DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=3,
+            out_channels=6,
+            num_layers=3,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+        ).save_pretrained(tmp_path / "transformer")
         DDPMScheduler().save_pretrained(tmp_path / "scheduler")
         return load_conditioned(str(tmp_path), class_label=2)
     folder = {"sd3": sd3_folder, "flux": flux_folder}[family]
@@ -230,7 +298,9 @@ def _transformer(family: str, sd3_folder, flux_folder, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["unet", "unet-full-forwards", "sd3", "flux", "dit"])
-def test_stacked_variants_equal_one_forward_per_variant(family, small_unet, sd3_folder, flux_folder, tmp_path):
+def test_stacked_variants_equal_one_forward_per_variant(
+    family, small_unet, sd3_folder, flux_folder, tmp_path
+):
     """Heads, layers, blocks, all heads and random sets under zero and mean ablation, stacked several variants to
     a forward (prefix reuse from the tiled record, or full forwards), equal one forward per variant to 1e-5; and
     they really were stacked (fewer forwards)."""
@@ -244,19 +314,37 @@ def test_stacked_variants_equal_one_forward_per_variant(family, small_unet, sd3_
     else:
         den = _transformer(family, sd3_folder, flux_folder, tmp_path)
         images = model_images(den, "synthetic", n=3).images
-        registry = probe_registry(den, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
+        registry = probe_registry(
+            den, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long)
+        )
     plan = [t for level in ("head", "layer", "block", "all") for t in targets(registry, level)]
     plan += random_head_sets(registry, 2, 3, seed=1)
     reuse = family != "unet-full-forwards"
     with count_forwards(den.network) as stacked_cost:
-        stacked = _sweep(den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=12)
+        stacked = _sweep(
+            den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=12
+        )
     with count_forwards(den.network) as single_cost:
-        single = _sweep(den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=1)
-    pd.testing.assert_frame_equal(stacked.drop(columns=["mse_intervened", "degradation_pct", "x0_mse_intervened",
-                                                        "x0_psnr_intervened"]),
-                                  single.drop(columns=["mse_intervened", "degradation_pct", "x0_mse_intervened",
-                                                       "x0_psnr_intervened"]))
-    np.testing.assert_allclose(stacked.mse_intervened.to_numpy(), single.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(stacked.x0_mse_intervened.to_numpy(), single.x0_mse_intervened.to_numpy(), rtol=1e-5,
-                               atol=1e-8)
-    assert stacked_cost.forward_calls < single_cost.forward_calls / 2  # 4 variants a forward (12 rows / 3 images)
+        single = _sweep(
+            den, images, registry, plan, ["zero", "mean"], prefix_reuse=reuse, stack_rows=1
+        )
+    pd.testing.assert_frame_equal(
+        stacked.drop(
+            columns=["mse_intervened", "degradation_pct", "x0_mse_intervened", "x0_psnr_intervened"]
+        ),
+        single.drop(
+            columns=["mse_intervened", "degradation_pct", "x0_mse_intervened", "x0_psnr_intervened"]
+        ),
+    )
+    np.testing.assert_allclose(
+        stacked.mse_intervened.to_numpy(), single.mse_intervened.to_numpy(), rtol=1e-5, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        stacked.x0_mse_intervened.to_numpy(),
+        single.x0_mse_intervened.to_numpy(),
+        rtol=1e-5,
+        atol=1e-8,
+    )
+    assert (
+        stacked_cost.forward_calls < single_cost.forward_calls / 2
+    )  # 4 variants a forward (12 rows / 3 images)

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from diffcircuit import probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.models.loading import Denoiser
-from diffusers import DDPMScheduler
 
 
 def _setup(unet):
@@ -16,7 +16,11 @@ def _setup(unet):
     a = synthetic_images(3, size=16, seed=1)[0]
     b = synthetic_images(3, size=16, seed=2)[0]
     registry = probe_registry(unet, torch.from_numpy(a[:1]), torch.zeros(1, dtype=torch.long))
-    every = targets(registry, "head")[:4] + targets(registry, "layer") + targets(registry, "resnet", unet)[:2]
+    every = (
+        targets(registry, "head")[:4]
+        + targets(registry, "layer")
+        + targets(registry, "resnet", unet)[:2]
+    )
     return den, a, b, registry, every
 
 
@@ -32,8 +36,12 @@ def test_moved_fraction_matches_a_direct_computation(small_unet):
 
     den, a, b, registry, every = _setup(small_unet)
     target = every[1]  # one head
-    rows = activation_patching(den, a, b, targets=[target], timesteps=[300], registry=registry).sort_values("pair")
-    eps = torch.stack([image_noise((3, 16, 16), seed=0, dataset="pair", image=i, timestep=300) for i in range(3)])
+    rows = activation_patching(
+        den, a, b, targets=[target], timesteps=[300], registry=registry
+    ).sort_values("pair")
+    eps = torch.stack(
+        [image_noise((3, 16, 16), seed=0, dataset="pair", image=i, timestep=300) for i in range(3)]
+    )
     t = torch.full((3,), 300)
     x_a = den.scheduler.add_noise(torch.from_numpy(a), eps, t)
     x_b = den.scheduler.add_noise(torch.from_numpy(b), eps, t)
@@ -56,9 +64,15 @@ def test_stacked_patches_equal_one_forward_per_target(small_unet):
     """Head and layer patches stacked as copies of the batch (prefix reuse on) equal one forward per target."""
     den, a, b, registry, every = _setup(small_unet)
     every = every + targets(registry, "head")[4:]
-    stacked = activation_patching(den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=12)
-    single = activation_patching(den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=1)
+    stacked = activation_patching(
+        den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=12
+    )
+    single = activation_patching(
+        den, a, b, targets=every, timesteps=[300, 800], registry=registry, stack_rows=1
+    )
     assert len(stacked) == len(single) == 2 * 3 * len(every)
-    np.testing.assert_allclose(stacked.delta_mse, single.delta_mse, rtol=1e-4, atol=1e-9)  # a squared difference: float noise
+    np.testing.assert_allclose(
+        stacked.delta_mse, single.delta_mse, rtol=1e-4, atol=1e-9
+    )  # a squared difference: float noise
     # the projection of a tiny move on a small p_a − p_b: float32 summation-order noise of a few 1e-6
     np.testing.assert_allclose(stacked.moved_frac, single.moved_frac, rtol=1e-4, atol=1e-5)

@@ -26,7 +26,9 @@ def test_sampling_is_seeded_and_an_empty_window_changes_nothing(den):
     a = sample_images(den, n=2, steps=5, seed=3)
     assert torch.equal(a, sample_images(den, n=2, steps=5, seed=3))
     target = _layer(den)
-    untouched = sample_images(den, n=2, steps=5, seed=3, target=target, window=(2000, 3000))  # no step inside
+    untouched = sample_images(
+        den, n=2, steps=5, seed=3, target=target, window=(2000, 3000)
+    )  # no step inside
     assert torch.equal(a, untouched)
     touched = sample_images(den, n=2, steps=5, seed=3, target=target)
     assert not torch.equal(a, touched)
@@ -41,9 +43,19 @@ def test_window_limits_where_the_intervention_acts(den):
     # SSIM is skimage's with Wang et al.'s settings, recomputed here
     clean = sample_images(den, n=2, steps=5, seed=1)
     ablated = sample_images(den, n=2, steps=5, seed=1, target=target)
-    a, b = ((clean[0].numpy() + 1) / 2).transpose(1, 2, 0), ((ablated[0].numpy() + 1) / 2).transpose(1, 2, 0)
-    expected = structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)
+    a, b = (
+        ((clean[0].numpy() + 1) / 2).transpose(1, 2, 0),
+        ((ablated[0].numpy() + 1) / 2).transpose(1, 2, 0),
+    )
+    expected = structural_similarity(
+        a,
+        b,
+        channel_axis=-1,
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
     assert every.ssim.iloc[0] == pytest.approx(expected)
 
 
@@ -108,7 +120,9 @@ def test_mean_ablation_while_sampling_matches_hooks_on_the_untouched_output_proj
     assert not torch.allclose(ablated, clean)
 
 
-def test_guided_sampling_of_a_dit_equals_a_plain_ddim_loop_with_classifier_free_guidance(dit_folder):
+def test_guided_sampling_of_a_dit_equals_a_plain_ddim_loop_with_classifier_free_guidance(
+    dit_folder,
+):
     """Reference: diffusers' DDIM with explicit class labels, out = out_null + g·(out_class − out_null)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
@@ -116,14 +130,19 @@ def test_guided_sampling_of_a_dit_equals_a_plain_ddim_loop_with_classifier_free_
     from diffcircuit.models.loading import load_conditioned, unconditional_input
 
     den = load_conditioned(str(dit_folder), class_label=3)
-    samples = sample_images(den, n=2, steps=4, seed=5, guidance=3.0, unconditional=unconditional_input(den))
+    samples = sample_images(
+        den, n=2, steps=4, seed=5, guidance=3.0, unconditional=unconditional_input(den)
+    )
     raw = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer").eval()
     scheduler = DDIMScheduler.from_config(den.scheduler.config)
     scheduler.set_timesteps(4)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out = {y: raw(x, timestep=t.expand(2), class_labels=torch.tensor([y, y])).sample[:, :3] for y in (3, 10)}
+            out = {
+                y: raw(x, timestep=t.expand(2), class_labels=torch.tensor([y, y])).sample[:, :3]
+                for y in (3, 10)
+            }
             x = scheduler.step(out[10] + 3.0 * (out[3] - out[10]), t, x).prev_sample
     torch.testing.assert_close(samples, x.clamp(-1, 1), atol=1e-5, rtol=0)
     plain = sample_images(den, n=2, steps=4, seed=5)

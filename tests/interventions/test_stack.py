@@ -11,7 +11,9 @@ from diffcircuit.interventions.stack import CPU_STACK_ROWS, rows_per_forward, ti
 def test_rows_on_a_cpu_are_capped_and_never_below_the_batch():
     record = {"states": [torch.zeros(8, 16, 4, 4)]}
     assert rows_per_forward(record, 8, "cpu") == CPU_STACK_ROWS
-    assert rows_per_forward(record, 8, "cpu", stack_rows=1) == 8  # below the batch: one variant per forward
+    assert (
+        rows_per_forward(record, 8, "cpu", stack_rows=1) == 8
+    )  # below the batch: one variant per forward
     assert rows_per_forward(record, 100, "cpu") == 100
 
 

@@ -27,8 +27,13 @@ def _metrics(p: torch.Tensor, pf, grid, with_mask=True):
     feats = torch.cat([torch.ones(feats.shape[0], 1), feats], 1)  # moments are over [1, *features]
     moments = torch.einsum("qk,kf,qg->gf", p, feats, feats) / p.shape[0]
     entropy = torch.special.entr(p).sum(-1)
-    return metrics_from_moments(moments[None, None], uniform_moments(pf(grid)), entropy.exp().mean()[None, None],
-                                grid=grid, has_masks=with_mask)
+    return metrics_from_moments(
+        moments[None, None],
+        uniform_moments(pf(grid)),
+        entropy.exp().mean()[None, None],
+        grid=grid,
+        has_masks=with_mask,
+    )
 
 
 def _col(name):
@@ -57,7 +62,9 @@ def test_metrics_match_pairwise_definitions(seed):
     assert m["edge_affinity"] == pytest.approx((P @ edge).mean() / edge.mean(), rel=1e-5)
     same = obj[:, None] * obj[None] + (1 - obj[:, None]) * (1 - obj[None])
     assert m["object_affinity"] == pytest.approx((P * same).sum(1).mean() / same.mean(), rel=1e-5)
-    assert m["background_affinity"] == pytest.approx((P @ (1 - obj)).mean() / (1 - obj).mean(), rel=1e-5)
+    assert m["background_affinity"] == pytest.approx(
+        (P @ (1 - obj)).mean() / (1 - obj).mean(), rel=1e-5
+    )
     gap = (lum[None] - lum[:, None]) ** 2
     assert m["intensity_affinity"] == pytest.approx(gap.mean() / (P * gap).sum(1).mean(), rel=1e-4)
     assert m["effective_keys"] == pytest.approx(np.exp(-(P * np.log(P)).sum(1)).mean(), rel=1e-5)
@@ -81,7 +88,13 @@ def test_uniform_attention_has_unit_affinities():
     pf, _ = _features()
     p = torch.full((36, 36), 1 / 36)
     m = _metrics(p, pf, (6, 6))
-    for name in ("edge_affinity", "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity"):
+    for name in (
+        "edge_affinity",
+        "texture_affinity",
+        "object_affinity",
+        "background_affinity",
+        "intensity_affinity",
+    ):
         assert m[name].item() == pytest.approx(1.0, rel=1e-5), name
     assert m["effective_keys_frac"].item() == pytest.approx(1.0, rel=1e-6)
 
@@ -97,7 +110,9 @@ def test_probe_maps_are_what_they_say():
     x0[..., 4:] = 1.0  # left half black, right half white: one vertical edge
     maps = ProbeFeatures(x0)((8, 8))[0]
     lum = maps[_col("intensity")]
-    assert torch.allclose(lum[:, :4], torch.zeros(8, 4)) and torch.allclose(lum[:, 4:], torch.ones(8, 4), atol=1e-6)
+    assert torch.allclose(lum[:, :4], torch.zeros(8, 4)) and torch.allclose(
+        lum[:, 4:], torch.ones(8, 4), atol=1e-6
+    )
     edge = maps[_col("edge")]
     assert edge[:, 3:5].min() > 0 and edge[:, :2].abs().max() == 0 and edge[:, 6:].abs().max() == 0
     assert torch.allclose(maps[_col("intensity_sq")], lum**2)
@@ -117,7 +132,9 @@ def test_percentiles_are_the_attended_mean_rank_of_the_keys_energy():
         values = feats[:, _col(name)].double().numpy()
         rank = (rankdata(values) - 1) / (len(values) - 1)
         assert m[f"{name}_percentile"].item() == pytest.approx((P @ rank).mean(), rel=1e-5)
-    assert _metrics(torch.full((36, 36), 1 / 36), pf, grid)["edge_percentile"].item() == pytest.approx(0.5)
+    assert _metrics(torch.full((36, 36), 1 / 36), pf, grid)[
+        "edge_percentile"
+    ].item() == pytest.approx(0.5)
 
 
 def test_percentile_ranks_by_search_equal_the_pairwise_definition():

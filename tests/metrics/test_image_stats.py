@@ -15,7 +15,9 @@ def _reference(images: np.ndarray) -> dict[str, np.ndarray]:
     lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     out = {k: [] for k in IMAGE_PROPERTIES}
     for im, L in zip(x, lum):
-        gy = ndimage.sobel(L, axis=0, mode="nearest") / 8  # the probes' kernel is Sobel / 8, replicate padding
+        gy = (
+            ndimage.sobel(L, axis=0, mode="nearest") / 8
+        )  # the probes' kernel is Sobel / 8, replicate padding
         gx = ndimage.sobel(L, axis=1, mode="nearest") / 8
         blurred = ndimage.gaussian_filter(L, sigma=1.0, mode="nearest", truncate=3.0)
         out["color_deviation"].append(np.abs(im - im.mean(0)).mean())
@@ -27,7 +29,9 @@ def _reference(images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_properties_equal_scipy_computations_on_colour_and_gray_images():
-    images = np.concatenate([synthetic_images(6, size=16, seed=3)[0], lfw_images("faces", size=16)[:4]])
+    images = np.concatenate(
+        [synthetic_images(6, size=16, seed=3)[0], lfw_images("faces", size=16)[:4]]
+    )
     mine, expected = image_properties(images, batch_size=4), _reference(images)
     for name in IMAGE_PROPERTIES:
         np.testing.assert_allclose(mine[name], expected[name], rtol=1e-4, atol=1e-7, err_msg=name)

@@ -7,21 +7,34 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.models.noise import image_noise
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.loading import Denoiser
+from diffcircuit.models.noise import image_noise
 
 
 def _denoiser(unet, tmp_path):
-    return Denoiser(network=unet, scheduler=DDPMScheduler(num_train_timesteps=1000), model_path=tmp_path, source="test")
+    return Denoiser(
+        network=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        model_path=tmp_path,
+        source="test",
+    )
 
 
 def test_noise_depends_only_on_the_images_identity():
     a = image_noise((3, 4, 4), seed=0, dataset="a", image=5, timestep=100)
     long1 = image_noise((3, 4, 4), seed=0, dataset="abcdefgh1", image=5, timestep=100)
-    assert not torch.equal(long1, image_noise((3, 4, 4), seed=0, dataset="abcdefgh2", image=5, timestep=100))
+    assert not torch.equal(
+        long1, image_noise((3, 4, 4), seed=0, dataset="abcdefgh2", image=5, timestep=100)
+    )
     assert torch.equal(a, image_noise((3, 4, 4), seed=0, dataset="a", image=5, timestep=100))
-    for other in (dict(seed=1), dict(dataset="b"), dict(image=6), dict(timestep=101), dict(dataset="abcdefgh1")):
+    for other in (
+        dict(seed=1),
+        dict(dataset="b"),
+        dict(image=6),
+        dict(timestep=101),
+        dict(dataset="abcdefgh1"),
+    ):
         kw = dict(seed=0, dataset="a", image=5, timestep=100) | other
         assert not torch.equal(a, image_noise((3, 4, 4), **kw))
 
@@ -34,7 +47,11 @@ def test_results_do_not_depend_on_batch_size(small_unet, tmp_path):
     key = ["image", "timestep", "layer", "head"]
     h1, h2 = h1.sort_values(key).reset_index(drop=True), h2.sort_values(key).reset_index(drop=True)
     np.testing.assert_allclose(h1.entropy_nats, h2.entropy_nats, atol=1e-5)
-    np.testing.assert_allclose(i1.sort_values(["image", "timestep"]).eps_mse, i2.sort_values(["image", "timestep"]).eps_mse, rtol=1e-5)
+    np.testing.assert_allclose(
+        i1.sort_values(["image", "timestep"]).eps_mse,
+        i2.sort_values(["image", "timestep"]).eps_mse,
+        rtol=1e-5,
+    )
 
 
 def test_tables_are_tidy_and_consistent(small_unet, tmp_path):
@@ -49,7 +66,9 @@ def test_tables_are_tidy_and_consistent(small_unet, tmp_path):
     # eps_mse in the head table is the image's own, and it equals an independent recomputation
     row = per_image.iloc[0]
     x0 = torch.from_numpy(images[int(row.image)])[None]
-    eps = image_noise(x0.shape[1:], seed=0, dataset="b", image=int(row.image), timestep=int(row.timestep))[None]
+    eps = image_noise(
+        x0.shape[1:], seed=0, dataset="b", image=int(row.image), timestep=int(row.timestep)
+    )[None]
     sched = den.scheduler
     t = torch.tensor([int(row.timestep)])
     with torch.no_grad():

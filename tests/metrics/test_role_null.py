@@ -16,16 +16,27 @@ from scipy import stats
 import diffcircuit as dc
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import CONTENT_PROBES, metrics_from_moments, uniform_moments
-from diffcircuit.models.noise import batch_noise
 from diffcircuit.metrics.observe import observe, observe_with_null
 from diffcircuit.metrics.probes import ProbeFeatures
 from diffcircuit.metrics.roles import CONTENT_ROLES
 from diffcircuit.models.diffusion import add_noise
-from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table, shard_slices
+from diffcircuit.models.noise import batch_noise
+from diffcircuit.protocol.roles import (
+    head_roles_table,
+    null_blocks,
+    permutation_table,
+    role_tests_table,
+    shard_slices,
+)
 
 LAYER = "down_blocks.1.attentions.0"  # 16x16 queries and keys
-RAW = {"edge": "edge_affinity", "texture": "texture_affinity", "intensity": "intensity_affinity",
-       "object": "object_affinity", "background": "background_affinity"}
+RAW = {
+    "edge": "edge_affinity",
+    "texture": "texture_affinity",
+    "intensity": "intensity_affinity",
+    "object": "object_affinity",
+    "background": "background_affinity",
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +61,28 @@ def test_scores_equal_separate_forwards_with_another_images_features(den):
     found = observe_with_null(den, syn.images, timesteps=[500], masks=syn.masks, batch_size=4)
     x0 = torch.from_numpy(syn.images[:1])
     t = torch.full((1,), 500)
-    x_t = add_noise(x0, batch_noise(x0.shape[1:], seed=0, dataset="a", images=[0], timestep=500), t, den.alphas_cumprod)
+    x_t = add_noise(
+        x0,
+        batch_noise(x0.shape[1:], seed=0, dataset="a", images=[0], timestep=500),
+        t,
+        den.alphas_cumprod,
+    )
     grid = probe_registry(den, x_t, t).layer(LAYER).query_grid
     logs = []
     for j in range(6):
-        pf = ProbeFeatures(torch.from_numpy(syn.images[j:j + 1]), torch.from_numpy(syn.masks[j:j + 1]))
+        pf = ProbeFeatures(
+            torch.from_numpy(syn.images[j : j + 1]), torch.from_numpy(syn.masks[j : j + 1])
+        )
         with instrument(den.network, capture=True, key_features=pf) as session:
             den.network(x_t, t)
         moments = session.pop("moments")[LAYER]
-        m = metrics_from_moments(moments, uniform_moments(pf(grid)), torch.ones(moments.shape[:2]), grid=grid,
-                                 has_masks=True)
+        m = metrics_from_moments(
+            moments,
+            uniform_moments(pf(grid)),
+            torch.ones(moments.shape[:2]),
+            grid=grid,
+            has_masks=True,
+        )
         logs.append({p: np.log(m[RAW[p]][0].double().numpy()) for p in CONTENT_PROBES})
     rows = found.heads[(found.heads.image == 0) & (found.heads.layer == LAYER)].sort_values("head")
     for probe in CONTENT_PROBES:
@@ -72,11 +95,15 @@ def test_scores_equal_separate_forwards_with_another_images_features(den):
 def test_observation_is_unchanged_by_the_null(den):
     syn = dc.model_images(den, "synthetic", n=6)
     plain, _ = observe(den, syn.images, timesteps=[100], masks=syn.masks, batch_size=3)
-    found = observe_with_null(den, syn.images, timesteps=[100], masks=syn.masks, blocks=[(0, 3), (3, 6)])
+    found = observe_with_null(
+        den, syn.images, timesteps=[100], masks=syn.masks, blocks=[(0, 3), (3, 6)]
+    )
     merged = plain.merge(found.heads, on=["dataset", "image", "timestep", "layer", "head"])
     assert len(merged) == len(plain)
     for col in ("entropy_nats", "edge_affinity", "intensity_affinity", "eps_mse"):
-        np.testing.assert_allclose(merged[f"{col}_x"], merged[f"{col}_y"], rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(
+            merged[f"{col}_x"], merged[f"{col}_y"], rtol=1e-6, equal_nan=True
+        )
 
 
 @pytest.mark.parametrize("spec", ["synthetic", "faces", "nonfaces"])
@@ -103,7 +130,9 @@ def test_a_positional_head_on_centred_content_gets_no_content_role(den, forced_h
     with forced_heads.forcing(den.network, forced_heads.centre, {LAYER: [3]}):
         found, tests, roles = _roles(den, images)
     head = _head(roles).iloc[0]
-    assert _head(found.heads).texture_affinity.mean() > 2  # a high raw score, explained by position alone
+    assert (
+        _head(found.heads).texture_affinity.mean() > 2
+    )  # a high raw score, explained by position alone
     assert head.role not in CONTENT_ROLES
     assert "texture" in head.raw_only.split(",")
     texture = _head(tests[tests.probe == "texture"]).iloc[0]
@@ -130,7 +159,10 @@ def test_no_content_role_where_content_and_position_coincide(den):
 
 def test_blocks_tile_the_images_and_shards_hold_whole_blocks():
     assert null_blocks(100, 100) == [(0, 100)]
-    assert null_blocks(240, 100) == [(0, 100), (100, 240)]  # a remainder under half a block joins the last
+    assert null_blocks(240, 100) == [
+        (0, 100),
+        (100, 240),
+    ]  # a remainder under half a block joins the last
     assert null_blocks(260, 100) == [(0, 100), (100, 200), (200, 260)]
     assert null_blocks(1, 100) == [(0, 1)]
     for n, step, block in [(100, 256, 100), (1000, 256, 100), (1000, 50, 100), (7, 3, 2)]:
@@ -148,7 +180,12 @@ def test_permutation_sums_do_not_depend_on_how_blocks_are_grouped(den):
     first = observe_with_null(den, syn.images[:4], **(kw | dict(masks=syn.masks[:4])))
     second = observe_with_null(den, syn.images[4:], first=4, **(kw | dict(masks=syn.masks[4:])))
     a = permutation_table(together.blocks, seed=0, dataset="a", n_permutations=99)
-    b = pd_concat([permutation_table(f.blocks, seed=0, dataset="a", n_permutations=99) for f in (first, second)])
+    b = pd_concat(
+        [
+            permutation_table(f.blocks, seed=0, dataset="a", n_permutations=99)
+            for f in (first, second)
+        ]
+    )
     tests_a = role_tests_table(together.heads, {"a": a})
     tests_b = role_tests_table(pd_concat([first.heads, second.heads]), {"a": b})
     np.testing.assert_allclose(tests_a.p_value, tests_b.p_value)

@@ -9,9 +9,19 @@ import pandas as pd
 
 from diffcircuit.metrics.roles import ROLES, assign_roles, head_scores
 
-NEUTRAL = dict(entropy_nats=3.0, entropy_norm=0.7, effective_keys_frac=0.4, distance_frac=0.3, edge_affinity=1.0,
-               texture_affinity=1.0, object_affinity=1.0, background_affinity=1.0, intensity_affinity=1.0,
-               edge_percentile=0.5, texture_percentile=0.5)
+NEUTRAL = dict(
+    entropy_nats=3.0,
+    entropy_norm=0.7,
+    effective_keys_frac=0.4,
+    distance_frac=0.3,
+    edge_affinity=1.0,
+    texture_affinity=1.0,
+    object_affinity=1.0,
+    background_affinity=1.0,
+    intensity_affinity=1.0,
+    edge_percentile=0.5,
+    texture_percentile=0.5,
+)
 SIGNIFICANT = dict(excess=0.5, q=0.001, dz=2.0)
 
 
@@ -20,8 +30,12 @@ def _test(probe: str, **values) -> dict:
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{"dataset": "a", "timestep": 500, "layer": "L", "head": h, **NEUTRAL, **r}
-                         for h, r in enumerate(rows)])
+    return pd.DataFrame(
+        [
+            {"dataset": "a", "timestep": 500, "layer": "L", "head": h, **NEUTRAL, **r}
+            for h, r in enumerate(rows)
+        ]
+    )
 
 
 def test_each_rule_picks_its_role_and_nothing_is_forced():
@@ -43,21 +57,33 @@ def test_each_rule_picks_its_role_and_nothing_is_forced():
 
 
 def test_a_content_role_needs_a_significant_and_large_enough_excess():
-    roles = assign_roles(_frame([_test("edge", q=0.06), _test("edge", excess=math.log(1.05)),
-                                 _test("edge", q=math.nan), dict(edge_affinity=3.0, **_test("edge", q=0.4))]))
+    roles = assign_roles(
+        _frame(
+            [
+                _test("edge", q=0.06),
+                _test("edge", excess=math.log(1.05)),
+                _test("edge", q=math.nan),
+                dict(edge_affinity=3.0, **_test("edge", q=0.4)),
+            ]
+        )
+    )
     assert list(roles.role) == ["unassigned"] * 3 + ["positional"]
     assert roles.raw_only.iloc[3] == "edge"
 
 
 def test_a_raw_score_nothing_tested_is_neither_content_nor_positional():
-    roles = assign_roles(_frame([dict(edge_affinity=3.0), dict(edge_affinity=3.0, **_test("edge", q=math.nan))]))
+    roles = assign_roles(
+        _frame([dict(edge_affinity=3.0), dict(edge_affinity=3.0, **_test("edge", q=math.nan))])
+    )
     assert list(roles.role) == ["unassigned", "unassigned"]
     assert list(roles.raw_only) == ["", ""]
     assert all("edge" in b and "not run" in b for b in roles.role_basis)
 
 
 def test_a_raw_score_its_null_explains_keeps_a_geometric_role_and_says_so():
-    roles = assign_roles(_frame([dict(distance_frac=0.05, texture_affinity=1.6, **_test("texture", q=0.3))]))
+    roles = assign_roles(
+        _frame([dict(distance_frac=0.05, texture_affinity=1.6, **_test("texture", q=0.3))])
+    )
     assert roles.role.item() == "local" and roles.raw_only.item() == "texture"
 
 
@@ -68,8 +94,14 @@ def test_the_most_consistent_probe_wins_and_the_others_are_named():
 
 def test_edge_and_texture_are_told_apart_by_the_keys_they_select():
     both = {**_test("edge", dz=1.0), **_test("texture", dz=3.0)}
-    roles = assign_roles(_frame([both | dict(edge_percentile=0.97, texture_percentile=0.9),
-                                 both | dict(edge_percentile=0.9, texture_percentile=0.97)]))
+    roles = assign_roles(
+        _frame(
+            [
+                both | dict(edge_percentile=0.97, texture_percentile=0.9),
+                both | dict(edge_percentile=0.9, texture_percentile=0.97),
+            ]
+        )
+    )
     assert list(roles.role) == ["edge", "texture"]
 
 
@@ -79,8 +111,19 @@ def test_semantic_needs_reach():
 
 
 def test_scores_are_per_dataset():
-    rows = [{"dataset": d, "image": i, "timestep": 500, "layer": "L", "head": 0, **NEUTRAL,
-             "edge_affinity": 1.0 if d == "a" else 2.0} for d in "ab" for i in range(3)]
+    rows = [
+        {
+            "dataset": d,
+            "image": i,
+            "timestep": 500,
+            "layer": "L",
+            "head": 0,
+            **NEUTRAL,
+            "edge_affinity": 1.0 if d == "a" else 2.0,
+        }
+        for d in "ab"
+        for i in range(3)
+    ]
     scores = head_scores(pd.DataFrame(rows))
     assert np.allclose(scores.set_index("dataset").edge_affinity.loc[["a", "b"]], [1.0, 2.0])
 
@@ -97,25 +140,75 @@ def test_role_tests_sum_the_shards_nulls_and_resample_every_head_at_once():
     from diffcircuit.protocol.roles import role_tests_table
 
     rng = np.random.default_rng(0)
-    heads = pd.DataFrame([{"dataset": "a", "timestep": 500, "image": i, "layer": "L", "head": h,
-                           **{f"{p}_{k}": rng.normal(0.3 * (h == 1), 1) for p in CONTENT_PROBES for k in ("log", "excess")}}
-                          for i in range(20) for h in range(3)])
-    shards = [pd.DataFrame([{"timestep": 500, "layer": "L", "head": h, "probe": p, "observed": 0.0, "scale": 1.0 + s,
-                             "n_images": 10, "n_permutations": 99, "excess": rng.normal(-0.5, 1, 99).astype(np.float32)}
-                            for h in range(3) for p in CONTENT_PROBES]) for s in range(2)]
-    tests = role_tests_table(heads, {"a": pd.concat(shards, ignore_index=True)}).set_index(["head", "probe"])
+    heads = pd.DataFrame(
+        [
+            {
+                "dataset": "a",
+                "timestep": 500,
+                "image": i,
+                "layer": "L",
+                "head": h,
+                **{
+                    f"{p}_{k}": rng.normal(0.3 * (h == 1), 1)
+                    for p in CONTENT_PROBES
+                    for k in ("log", "excess")
+                },
+            }
+            for i in range(20)
+            for h in range(3)
+        ]
+    )
+    shards = [
+        pd.DataFrame(
+            [
+                {
+                    "timestep": 500,
+                    "layer": "L",
+                    "head": h,
+                    "probe": p,
+                    "observed": 0.0,
+                    "scale": 1.0 + s,
+                    "n_images": 10,
+                    "n_permutations": 99,
+                    "excess": rng.normal(-0.5, 1, 99).astype(np.float32),
+                }
+                for h in range(3)
+                for p in CONTENT_PROBES
+            ]
+        )
+        for s in range(2)
+    ]
+    tests = role_tests_table(heads, {"a": pd.concat(shards, ignore_index=True)}).set_index(
+        ["head", "probe"]
+    )
     for h in range(3):
         for p in CONTENT_PROBES:
-            total = sum(s.set_index(["head", "probe"]).excess[(h, p)].astype(np.float64) for s in shards)
+            total = sum(
+                s.set_index(["head", "probe"]).excess[(h, p)].astype(np.float64) for s in shards
+            )
             expected = (1 + (total >= -1e-9 * 3.0).sum()) / 100  # scale: 1 + 2 over the two shards
             row = tests.loc[(h, p)]
-            assert row.p_value == pytest.approx(expected) and row.n_null_images == 20 and row.n_permutations == 99
+            assert (
+                row.p_value == pytest.approx(expected)
+                and row.n_null_images == 20
+                and row.n_permutations == 99
+            )
             excess = heads[heads["head"] == h].sort_values("image")[f"{p}_excess"].to_numpy()
-            ref = stats.bootstrap((excess,), np.mean, n_resamples=2000, method="percentile",
-                                  random_state=np.random.default_rng(0))
-            assert (row.ci_low, row.ci_high) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
+            ref = stats.bootstrap(
+                (excess,),
+                np.mean,
+                n_resamples=2000,
+                method="percentile",
+                random_state=np.random.default_rng(0),
+            )
+            assert (row.ci_low, row.ci_high) == pytest.approx(
+                tuple(ref.confidence_interval), rel=1e-12
+            )
             assert row.excess == pytest.approx(excess.mean()) and row.effect_size == pytest.approx(
-                excess.mean() / excess.std(ddof=1))
+                excess.mean() / excess.std(ddof=1)
+            )
     for p in CONTENT_PROBES:
-        np.testing.assert_allclose(tests.xs(p, level="probe").q_value,
-                                   multipletests(tests.xs(p, level="probe").p_value, method="fdr_bh")[1])
+        np.testing.assert_allclose(
+            tests.xs(p, level="probe").q_value,
+            multipletests(tests.xs(p, level="probe").p_value, method="fdr_bh")[1],
+        )

@@ -30,7 +30,9 @@ def _load(family: str, request):
     fixture, options = FAMILIES[family]
     source = "embedded" if fixture is None else str(request.getfixturevalue(fixture))
     if options.get("prompt_embeds") == "embeds":
-        options = {"prompt_embeds": str(request.getfixturevalue(fixture).parent / "embeds.safetensors")}
+        options = {
+            "prompt_embeds": str(request.getfixturevalue(fixture).parent / "embeds.safetensors")
+        }
     return load_conditioned(source, **options)
 
 
@@ -42,8 +44,12 @@ def _untouched(net: torch.nn.Module) -> list[str]:
     """What diffcircuit might have left on the modules: hooks, a patched forward, ``_diffcircuit_*`` attributes."""
     found = []
     for name, module in net.named_modules():
-        hooks = (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
-                 getattr(module, "_forward_pre_hooks_with_kwargs", {}))
+        hooks = (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._forward_hooks_with_kwargs,
+            getattr(module, "_forward_pre_hooks_with_kwargs", {}),
+        )
         if any(hooks):
             found.append(f"{name or 'network'}: hooks")
         if "forward" in vars(module):
@@ -57,7 +63,13 @@ def test_the_network_stays_as_diffusers_built_it(family, request):
     den = _load(family, request)
     processors = _processors(den.network)
     assert _untouched(den.network) == []
-    x = torch.randn(2, den.in_channels, den.sample_size, den.sample_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        2,
+        den.in_channels,
+        den.sample_size,
+        den.sample_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     t = torch.tensor([100, 500])
     with torch.no_grad():
         plain = den.predict_eps(x, t)
@@ -75,14 +87,26 @@ def test_captions_live_on_the_denoiser_and_reach_only_the_rows_asked_for(sd3_tex
     den = load_conditioned(str(sd3_text_folder), prompt="a")
     use_captions(den, "b", ["a", "bc"])
     assert _untouched(den.network) == [] and set(den.captions) == {"b"}
-    x = torch.randn(2, den.in_channels, den.sample_size, den.sample_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(
+        2,
+        den.in_channels,
+        den.sample_size,
+        den.sample_size,
+        generator=torch.Generator().manual_seed(1),
+    )
     t = torch.tensor([300, 300])
     with torch.no_grad():
         shared = den.predict_eps(x, t)
         own = den.predict_eps(x, t, rows=("b", np.array([0, 1])))
         swapped = den.predict_eps(x.flip(0), t, rows=("b", np.array([1, 0])))
-        other = den.predict_eps(x, t, rows=("a", np.array([0, 1])))  # dataset "a" has no captions: the prompt
-    torch.testing.assert_close(own[0], shared[0], atol=1e-5, rtol=1e-5)  # image 0's caption is the prompt "a"
+        other = den.predict_eps(
+            x, t, rows=("a", np.array([0, 1]))
+        )  # dataset "a" has no captions: the prompt
+    torch.testing.assert_close(
+        own[0], shared[0], atol=1e-5, rtol=1e-5
+    )  # image 0's caption is the prompt "a"
     assert not torch.allclose(own[1], shared[1], atol=1e-4)  # image 1's is "bc"
-    torch.testing.assert_close(swapped.flip(0), own, atol=1e-5, rtol=1e-5)  # rows follow the images, not positions
+    torch.testing.assert_close(
+        swapped.flip(0), own, atol=1e-5, rtol=1e-5
+    )  # rows follow the images, not positions
     torch.testing.assert_close(other, shared, atol=0, rtol=0)

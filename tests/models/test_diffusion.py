@@ -19,7 +19,10 @@ def test_add_noise_matches_diffusers_and_x0_inverts_it():
 def test_trivial_predictor_error_is_about_alpha_bar_times_signal_power():
     sched = DDPMScheduler(num_train_timesteps=1000)
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1, torch.randn(64, 3, 16, 16, generator=g)
+    x0, eps = (
+        torch.rand(64, 3, 16, 16, generator=g) * 2 - 1,
+        torch.randn(64, 3, 16, 16, generator=g),
+    )
     t = torch.full((64,), 900)
     a = sched.alphas_cumprod[900].item()
     x_t = add_noise(x0, eps, t, sched.alphas_cumprod)
@@ -40,7 +43,9 @@ def test_v_and_sample_outputs_imply_the_true_eps():
     x_t = sched.add_noise(x0, eps, t)
     v = sched.get_velocity(x0, eps, t)
     acp = sched.alphas_cumprod
-    torch.testing.assert_close(eps_from_output(v, x_t, t, acp, "v_prediction"), eps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        eps_from_output(v, x_t, t, acp, "v_prediction"), eps, atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(eps_from_output(x0, x_t, t, acp, "sample"), eps, atol=1e-4, rtol=0)
     torch.testing.assert_close(eps_from_output(eps, x_t, t, acp, "epsilon"), eps)
 

@@ -50,10 +50,13 @@ def test_pickle_weights_are_refused_unless_allowed(small_model_dir, small_unet):
     assert torch.equal(den.network.conv_in.weight, small_unet.conv_in.weight)
 
 
-@pytest.mark.parametrize("source, message", [
-    ("/no/such/folder", "neither an existing folder nor a hub id"),
-    ("not a hub id", "neither an existing folder nor a hub id"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("/no/such/folder", "neither an existing folder nor a hub id"),
+        ("not a hub id", "neither an existing folder nor a hub id"),
+    ],
+)
 def test_bad_sources_give_one_clear_error(source, message):
     with pytest.raises(DiffcircuitError, match=message):
         load_denoiser(source)
@@ -91,7 +94,9 @@ def test_unreachable_hub_gives_one_line_error(monkeypatch):
     assert "\n" not in str(info.value) and "owner/model" in str(info.value)
 
 
-def test_hub_repo_without_safetensors_is_refused_unless_pickle_allowed(monkeypatch, small_model_dir, small_unet):
+def test_hub_repo_without_safetensors_is_refused_unless_pickle_allowed(
+    monkeypatch, small_model_dir, small_unet
+):
     import huggingface_hub
 
     folder = _make_pickle_only(small_model_dir, small_unet)

@@ -9,13 +9,24 @@ import diffcircuit as dc
 from diffcircuit.errors import ConfigError
 
 
-@pytest.mark.parametrize("kwargs, field", [(dict(device="tpu"), "device"), (dict(precision="fp8"), "precision"),
-                                           (dict(class_label=-1), "class_label"), (dict(model=" "), "model"),
-                                           (dict(prompt="a", prompt_embeds="e.safetensors"), "prompt")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(device="tpu"), "device"),
+        (dict(precision="fp8"), "precision"),
+        (dict(class_label=-1), "class_label"),
+        (dict(model=" "), "model"),
+        (dict(prompt="a", prompt_embeds="e.safetensors"), "prompt"),
+    ],
+)
 def test_bad_fields_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError) as caught:
         dc.ModelSpec(**kwargs)
-    assert field in caught.value.fields and str(caught.value).split()[0].strip("'") in (field, "give", "device")
+    assert field in caught.value.fields and str(caught.value).split()[0].strip("'") in (
+        field,
+        "give",
+        "device",
+    )
 
 
 def test_every_commands_config_is_a_model_spec_and_loads_its_denoiser():
@@ -34,4 +45,6 @@ def test_every_commands_config_is_a_model_spec_and_loads_its_denoiser():
 def test_autocast_follows_the_precision():
     assert dc.ModelSpec(device="cpu").autocast().__class__.__name__ == "nullcontext"
     with dc.ModelSpec(device="cpu", precision="bf16").autocast():
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )

@@ -10,11 +10,19 @@ import torch
 
 from diffcircuit import load_denoiser
 from diffcircuit.data.faces import lfw_images
-from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.data.provenance import in_training_set, read_training_record
+from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.models.tiny import FACES_TRAIN, TrainConfig, train_tiny, training_pool
 
-TINY = dict(steps=3, batch_size=4, synthetic_pool=8, photo_pool=8, warmup_steps=1, log_every=1, quality_images=4)
+TINY = dict(
+    steps=3,
+    batch_size=4,
+    synthetic_pool=8,
+    photo_pool=8,
+    warmup_steps=1,
+    log_every=1,
+    quality_images=4,
+)
 
 
 def test_train_tiny_few_steps_writes_a_loadable_model(tmp_path):
@@ -24,11 +32,17 @@ def test_train_tiny_few_steps_writes_a_loadable_model(tmp_path):
     assert (out / "README.md").read_text().count("| synthetic |") == 3
     quality = json.loads((out / "quality.json").read_text())
     datasets = ("synthetic", "synthetic_gray", "faces", "nonfaces")
-    assert {(q["dataset"], q["timestep"]) for q in quality} == {(d, t) for d in datasets for t in (100, 500, 900)}
-    assert {q["n_images"] for q in quality} == {4}  # every face is held out: the first 4 are evaluated
+    assert {(q["dataset"], q["timestep"]) for q in quality} == {
+        (d, t) for d in datasets for t in (100, 500, 900)
+    }
+    assert {q["n_images"] for q in quality} == {
+        4
+    }  # every face is held out: the first 4 are evaluated
     # the same seed gives the same weights
     again = load_denoiser(str(train_tiny(tmp_path / "m2", cfg)))
-    assert all(torch.equal(a, b) for a, b in zip(den.network.parameters(), again.network.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(den.network.parameters(), again.network.parameters())
+    )
 
 
 def _held_out():
@@ -41,9 +55,11 @@ def _held_out():
             trained[source["which"]] |= set(range(*source["indices"]))
     held = {w: [i for i in range(100) if i not in trained[w]] for w in trained}
     assert len(held["faces"]) >= 20 and len(held["nonfaces"]) == 100
-    return {"synthetic": torch.from_numpy(synthetic_images(100, seed=0)[0]),
-            "synthetic_gray": torch.from_numpy(synthetic_images(100, seed=0, gray=True)[0]),
-            **{w: torch.from_numpy(lfw_images(w)[held[w]]) for w in held}}
+    return {
+        "synthetic": torch.from_numpy(synthetic_images(100, seed=0)[0]),
+        "synthetic_gray": torch.from_numpy(synthetic_images(100, seed=0, gray=True)[0]),
+        **{w: torch.from_numpy(lfw_images(w)[held[w]]) for w in held},
+    }
 
 
 @pytest.mark.parametrize("timestep", [100, 500, 900])
@@ -70,14 +86,23 @@ def test_shipped_model_beats_the_trivial_predictor_on_held_out_images(timestep):
 
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
-    from diffcircuit.models.tiny import build_tiny_unet
-    from diffcircuit.models.loading import save_denoiser
     from diffusers import DDPMScheduler
+
+    from diffcircuit.models.loading import save_denoiser
+    from diffcircuit.models.tiny import build_tiny_unet
 
     base = build_tiny_unet(seed=5)
     save_denoiser(tmp_path / "base", base, DDPMScheduler())
-    cfg = TrainConfig(steps=1, batch_size=2, synthetic_pool=2, photo_pool=2, warmup_steps=1, quality_images=2, lr=1e-12,
-                      init_from=str(tmp_path / "base"))
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=2,
+        synthetic_pool=2,
+        photo_pool=2,
+        warmup_steps=1,
+        quality_images=2,
+        lr=1e-12,
+        init_from=str(tmp_path / "base"),
+    )
     tuned = load_denoiser(str(train_tiny(tmp_path / "tuned", cfg))).network
     for a, b in zip(base.parameters(), tuned.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # lr ~ 0: still the starting weights
@@ -87,7 +112,10 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
 def test_the_training_record_says_what_was_trained_on_and_what_was_inherited(tmp_path):
     out = train_tiny(tmp_path / "m", TrainConfig(**TINY))
     record = read_training_record(out)
-    assert record["complete"] and {s["kind"] for s in record["sources"]} == {"synthetic", "photo_crops"}
+    assert record["complete"] and {s["kind"] for s in record["sources"]} == {
+        "synthetic",
+        "photo_crops",
+    }
     for spec in ("faces", "nonfaces"):
         assert in_training_set(record, spec, n=100) == 0
     assert all(in_training_set(record, "synthetic", n=2000, seed=s) == 0 for s in (0, 1, 1_000_003))
@@ -112,12 +140,20 @@ def _keys(images: np.ndarray) -> set[bytes]:
 @pytest.mark.slow
 def test_the_default_training_pool_holds_no_analysed_image():
     """Against all 100 faces, 100 non-faces and synthetic seed-0 images 0-1999 in colour and gray, and their mirror images."""
-    analysed = np.concatenate([lfw_images("faces"), lfw_images("nonfaces"), synthetic_images(2000, seed=0)[0],
-                               synthetic_images(2000, seed=0, gray=True)[0]])
+    analysed = np.concatenate(
+        [
+            lfw_images("faces"),
+            lfw_images("nonfaces"),
+            synthetic_images(2000, seed=0)[0],
+            synthetic_images(2000, seed=0, gray=True)[0],
+        ]
+    )
     analysed = np.concatenate([analysed, analysed[..., ::-1]])
     synth, natural = training_pool(TrainConfig())
     assert len(synth) == 10_000 and len(natural) == 10_000
     pool = np.concatenate([synth, natural])
     assert not (_keys(analysed) & _keys(pool))
-    gray = (synth[:, 0] == synth[:, 1]).all(axis=(1, 2)) & (synth[:, 1] == synth[:, 2]).all(axis=(1, 2))
+    gray = (synth[:, 0] == synth[:, 1]).all(axis=(1, 2)) & (synth[:, 1] == synth[:, 2]).all(
+        axis=(1, 2)
+    )
     assert 0.45 < gray.mean() < 0.55  # gray_share 0.5 of the shapes

@@ -13,14 +13,19 @@ def test_parse_timesteps():
             parse_timesteps(bad)
 
 
-@pytest.mark.parametrize("kwargs", [dict(n=0), dict(batch_size=0), dict(timesteps=(1, 1)), dict(seed=-1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(n=0), dict(batch_size=0), dict(timesteps=(1, 1)), dict(seed=-1)]
+)
 def test_invalid_configs_are_refused(kwargs):
     with pytest.raises(DiffcircuitError):
         RunConfig(**kwargs)
 
 
 def test_results_key_ignores_batch_size_and_device():
-    assert RunConfig(batch_size=3).results_key() == RunConfig(batch_size=7, device="cuda").results_key()
+    assert (
+        RunConfig(batch_size=3).results_key()
+        == RunConfig(batch_size=7, device="cuda").results_key()
+    )
     assert RunConfig(seed=1).results_key() != RunConfig(seed=2).results_key()
 
 
@@ -30,7 +35,11 @@ def test_the_paper_preset_round_trips_through_the_config_loader(tmp_path):
     path = tmp_path / "paper.yaml"
     path.write_text(default_config_yaml("paper"))
     loaded = RunConfig.from_mapping(load_config_file(path), source=str(path))
-    assert loaded.n == 2000 and len(loaded.timesteps) == 10 and loaded.model == "google/ddpm-celebahq-256"
+    assert (
+        loaded.n == 2000
+        and len(loaded.timesteps) == 10
+        and loaded.model == "google/ddpm-celebahq-256"
+    )
     assert loaded == RunConfig(**PRESETS["paper"])
     with pytest.raises(DiffcircuitError, match="unknown preset"):
         default_config_yaml("huge")
@@ -42,8 +51,12 @@ def test_analyses_and_circuit_taus_are_validated_and_read_from_strings():
     assert cfg.runs("discovery") and not cfg.runs("patching")
     assert not RunConfig(ablate_n=0).runs("ablation")
     assert not RunConfig(ablation_methods=("zero",)).runs("discovery")  # circuits use mean ablation
-    for bad, message in [({"analyses": "ablation,tea"}, "unknown analyses"), ({"analyses": "discovery"}, "include 'ablation'"),
-                         ({"circuit_taus": "0.02,0.1"}, "including 0.05"), ({"circuit_taus": "a"}, "comma-separated numbers")]:
+    for bad, message in [
+        ({"analyses": "ablation,tea"}, "unknown analyses"),
+        ({"analyses": "discovery"}, "include 'ablation'"),
+        ({"circuit_taus": "0.02,0.1"}, "including 0.05"),
+        ({"circuit_taus": "a"}, "comma-separated numbers"),
+    ]:
         with pytest.raises(DiffcircuitError, match=message):
             RunConfig.from_mapping(bad)
 

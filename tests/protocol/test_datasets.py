@@ -14,7 +14,14 @@ from diffcircuit.data.spec import ImageSet
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, load_datasets, training_overlap
 
-EMBEDDED = Path(__file__).resolve().parents[2] / "src" / "diffcircuit" / "models" / "embedded" / "tiny-ddpm-32"
+EMBEDDED = (
+    Path(__file__).resolve().parents[2]
+    / "src"
+    / "diffcircuit"
+    / "models"
+    / "embedded"
+    / "tiny-ddpm-32"
+)
 
 
 def _den(model_path: Path = EMBEDDED / "unet"):
@@ -23,7 +30,9 @@ def _den(model_path: Path = EMBEDDED / "unet"):
 
 def _flat(levels) -> ImageSet:
     """Uniform gray images of the given intensities in [0, 1]: every property is known exactly."""
-    x = np.repeat(np.asarray(levels, np.float32)[:, None, None, None] * 2 - 1, 3, axis=1) * np.ones((1, 3, 8, 8), np.float32)
+    x = np.repeat(np.asarray(levels, np.float32)[:, None, None, None] * 2 - 1, 3, axis=1) * np.ones(
+        (1, 3, 8, 8), np.float32
+    )
     return ImageSet(spec="x", images=x, names=tuple(map(str, range(len(x)))))
 
 
@@ -43,8 +52,12 @@ def test_the_table_gives_cohens_d_of_b_minus_a_with_an_interval_and_a_test():
     assert row.p_value < 0.01 and ttest_ind(b32, a32).pvalue < 0.01 and bool(row.differs)
     # flat gray images have no colour, edges or texture (edges and texture up to float32 convolution residue)
     for name in ("color_deviation", "edge_energy", "texture_energy", "intensity_sd"):
-        assert table.loc[name].mean_a == pytest.approx(0, abs=1e-8) and table.loc[name].mean_b == pytest.approx(0, abs=1e-8)
-    assert not table.loc[["color_deviation", "intensity_sd"]].differs.any()  # exactly 0: d undefined, p = 1
+        assert table.loc[name].mean_a == pytest.approx(0, abs=1e-8) and table.loc[
+            name
+        ].mean_b == pytest.approx(0, abs=1e-8)
+    assert not table.loc[
+        ["color_deviation", "intensity_sd"]
+    ].differs.any()  # exactly 0: d undefined, p = 1
 
 
 def test_identical_datasets_differ_in_nothing():
@@ -66,14 +79,22 @@ def _folder(tmp_path, colour: bool) -> str:
 
 
 def test_auto_renders_synthetic_gray_exactly_when_the_other_set_is_gray(tmp_path):
-    cases = [(dict(), "gray"), (dict(synthetic_color="color"), "color"), (dict(data_b="synthetic"), "color"),
-             (dict(data_b=_folder(tmp_path, colour=True)), "color"), (dict(data_b="nonfaces", synthetic_color="gray"), "gray")]
+    cases = [
+        (dict(), "gray"),
+        (dict(synthetic_color="color"), "color"),
+        (dict(data_b="synthetic"), "color"),
+        (dict(data_b=_folder(tmp_path, colour=True)), "color"),
+        (dict(data_b="nonfaces", synthetic_color="gray"), "gray"),
+    ]
     for overrides, rendering in cases:
         sets = load_datasets(_den(), RunConfig(n=4, ablate_n=2, **overrides))
         assert sets["a"].rendering == rendering, overrides
     gray_folder = tmp_path / "gray"
     gray_folder.mkdir()
-    sets = load_datasets(_den(), RunConfig(n=4, ablate_n=2, data_b=_folder(gray_folder, colour=False), match_histogram=True))
+    sets = load_datasets(
+        _den(),
+        RunConfig(n=4, ablate_n=2, data_b=_folder(gray_folder, colour=False), match_histogram=True),
+    )
     assert sets["a"].rendering == "gray+histogram-matched"
     control = load_datasets(_den(), RunConfig(n=4, ablate_n=2, data_a="nonfaces"))
     assert control["a"].rendering is None and control["a"].spec == "nonfaces"
@@ -87,14 +108,20 @@ def test_training_overlap_of_the_shipped_model_and_of_a_model_without_a_record(t
     assert training_overlap(_den(tmp_path / "unet"), sets, 0) == ({"a": None, "b": None}, None)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(synthetic_color="sepia"), "synthetic_color"),
-    (dict(match_histogram=True, data_b="synthetic"), "match_histogram"),
-    (dict(match_histogram=True, data_a="nonfaces"), "match_histogram"),
-    (dict(mean_reference="outside"), "mean_reference"),
-    (dict(n=16, ablate_n=16), "mean_reference"),
-    (dict(n=8, ablate_n=16, analyses=("ablation",), ablation_methods=("mean",)), "mean_reference"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(synthetic_color="sepia"), "synthetic_color"),
+        (dict(match_histogram=True, data_b="synthetic"), "match_histogram"),
+        (dict(match_histogram=True, data_a="nonfaces"), "match_histogram"),
+        (dict(mean_reference="outside"), "mean_reference"),
+        (dict(n=16, ablate_n=16), "mean_reference"),
+        (
+            dict(n=8, ablate_n=16, analyses=("ablation",), ablation_methods=("mean",)),
+            "mean_reference",
+        ),
+    ],
+)
 def test_bad_data_options_name_their_field(kwargs, match):
     with pytest.raises(DiffcircuitError, match=match):
         RunConfig(**kwargs)
@@ -115,22 +142,42 @@ def test_property_statistics_equal_scipys_on_the_same_seed():
     from diffcircuit.protocol.datasets import properties_table
 
     rng = np.random.default_rng(7)
-    values = {k: {p: rng.gamma(2.0 + (k == "b") * (j % 2), 1.0, n) for j, p in enumerate(IMAGE_PROPERTIES)}
-              for k, n in (("a", 40), ("b", 30))}
+    values = {
+        k: {
+            p: rng.gamma(2.0 + (k == "b") * (j % 2), 1.0, n) for j, p in enumerate(IMAGE_PROPERTIES)
+        }
+        for k, n in (("a", 40), ("b", 30))
+    }
     table = properties_table(values, seed=3).set_index("property")
 
     def d(a, b, axis=-1):
         na, nb = a.shape[axis], b.shape[axis]
-        pooled = np.sqrt(((na - 1) * a.var(axis=axis, ddof=1) + (nb - 1) * b.var(axis=axis, ddof=1)) / (na + nb - 2))
+        pooled = np.sqrt(
+            ((na - 1) * a.var(axis=axis, ddof=1) + (nb - 1) * b.var(axis=axis, ddof=1))
+            / (na + nb - 2)
+        )
         return (b.mean(axis=axis) - a.mean(axis=axis)) / pooled
 
     for p in IMAGE_PROPERTIES:
         a, b = values["a"][p], values["b"][p]
-        ref = stats.bootstrap((a, b), d, n_resamples=2000, method="percentile", vectorized=True,
-                              random_state=np.random.default_rng(3))
-        assert (table.loc[p].d_ci_low, table.loc[p].d_ci_high) == pytest.approx(tuple(ref.confidence_interval), rel=1e-9)
-        test = stats.permutation_test((b, a), lambda x, y, axis: x.mean(axis) - y.mean(axis), vectorized=True,
-                                      n_resamples=9999, random_state=np.random.default_rng(3))
+        ref = stats.bootstrap(
+            (a, b),
+            d,
+            n_resamples=2000,
+            method="percentile",
+            vectorized=True,
+            random_state=np.random.default_rng(3),
+        )
+        assert (table.loc[p].d_ci_low, table.loc[p].d_ci_high) == pytest.approx(
+            tuple(ref.confidence_interval), rel=1e-9
+        )
+        test = stats.permutation_test(
+            (b, a),
+            lambda x, y, axis: x.mean(axis) - y.mean(axis),
+            vectorized=True,
+            n_resamples=9999,
+            random_state=np.random.default_rng(3),
+        )
         assert table.loc[p].p_value == pytest.approx(test.pvalue, rel=1e-12)
 
 
@@ -151,7 +198,13 @@ def test_cohens_d_interval_of_three_images_keeps_scipys_infinite_bounds():
             return (b.mean(axis=axis) - a.mean(axis=axis)) / pooled
 
     for p in IMAGE_PROPERTIES:
-        ref = stats.bootstrap((values["a"][p], values["b"][p]), d, n_resamples=2000, method="percentile",
-                              vectorized=True, random_state=np.random.default_rng(2))
+        ref = stats.bootstrap(
+            (values["a"][p], values["b"][p]),
+            d,
+            n_resamples=2000,
+            method="percentile",
+            vectorized=True,
+            random_state=np.random.default_rng(2),
+        )
         got = (table.loc[p].d_ci_low, table.loc[p].d_ci_high)
         assert got == pytest.approx(tuple(ref.confidence_interval), rel=1e-9, nan_ok=True)

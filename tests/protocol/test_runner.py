@@ -6,17 +6,38 @@ import diffcircuit as dc
 from diffcircuit.protocol.runner import OVERALL, run_protocol
 
 
-def test_the_overall_bar_runs_from_0_to_its_total_across_every_stage(small_model_dir_module, tmp_path):
+def test_the_overall_bar_runs_from_0_to_its_total_across_every_stage(
+    small_model_dir_module, tmp_path
+):
     events = []
-    cfg = dc.RunConfig(model=str(small_model_dir_module), n=3, timesteps=(20, 800), ablate_n=2, seed_repeats=1,
-                       circuit_resamples=1, device="cpu")
-    run_protocol(cfg, tmp_path / "run", progress=lambda stage, done, total: events.append((stage, done, total)))
+    cfg = dc.RunConfig(
+        model=str(small_model_dir_module),
+        n=3,
+        timesteps=(20, 800),
+        ablate_n=2,
+        seed_repeats=1,
+        circuit_resamples=1,
+        device="cpu",
+    )
+    run_protocol(
+        cfg,
+        tmp_path / "run",
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+    )
     overall = [(done, total) for stage, done, total in events if stage == OVERALL]
     totals = {total for _, total in overall}
-    assert len(totals) == 1 and overall[-1][0] == overall[-1][1] > 0  # one total, reached at the end
+    assert (
+        len(totals) == 1 and overall[-1][0] == overall[-1][1] > 0
+    )  # one total, reached at the end
     assert [d for d, _ in overall] == sorted(d for d, _ in overall)  # never goes back
     stages = {stage for stage, _, _ in events} - {OVERALL}
     assert {"observe", "ablate", "patch", "attribute", "discover"} <= stages
     resumed = []
-    run_protocol(cfg, tmp_path / "run", progress=lambda stage, done, total: resumed.append((stage, done, total)))
-    assert [(d, t) for s, d, t in resumed if s == OVERALL][-1] == overall[-1]  # a resumed run counts its shards as done
+    run_protocol(
+        cfg,
+        tmp_path / "run",
+        progress=lambda stage, done, total: resumed.append((stage, done, total)),
+    )
+    assert [(d, t) for s, d, t in resumed if s == OVERALL][-1] == overall[
+        -1
+    ]  # a resumed run counts its shards as done

@@ -56,8 +56,13 @@ def test_a_command_claims_its_directory_with_its_config(tmp_path):
     from diffcircuit.protocol.store import claim_command
 
     with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}):
-        assert json.loads((tmp_path / "ablate.json").read_text())["config"] == {"n": 2, "timesteps": [500]}
-    with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}):  # the same config runs again
+        assert json.loads((tmp_path / "ablate.json").read_text())["config"] == {
+            "n": 2,
+            "timesteps": [500],
+        }
+    with claim_command(
+        tmp_path, "ablate", {"n": 2, "timesteps": (500,)}
+    ):  # the same config runs again
         pass
     with pytest.raises(DiffcircuitError, match="different config"):
         with claim_command(tmp_path, "ablate", {"n": 3, "timesteps": (500,)}):

@@ -13,8 +13,16 @@ import diffcircuit as dc
 @pytest.fixture(scope="module")
 def result(small_model_dir_module, tmp_path_factory):
     out = tmp_path_factory.mktemp("typed") / "run"
-    return dc.run(out, model=str(small_model_dir_module), n=3, timesteps=[20, 800], ablate_n=2, seed_repeats=0,
-                  analyses=["ablation"], device="cpu")
+    return dc.run(
+        out,
+        model=str(small_model_dir_module),
+        n=3,
+        timesteps=[20, 800],
+        ablate_n=2,
+        seed_repeats=0,
+        analyses=["ablation"],
+        device="cpu",
+    )
 
 
 def test_run_takes_config_fields_and_returns_a_typed_result(result):
@@ -31,8 +39,9 @@ def test_run_takes_config_fields_and_returns_a_typed_result(result):
 
 def test_tables_are_read_on_demand_and_unknown_ones_named(result):
     assert "ablations" in result.tables and "head_metrics" in result.tables
-    pd.testing.assert_frame_equal(result.table("denoising"),
-                                  pd.read_parquet(result.out_dir / "tables" / "denoising.parquet"))
+    pd.testing.assert_frame_equal(
+        result.table("denoising"), pd.read_parquet(result.out_dir / "tables" / "denoising.parquet")
+    )
     assert result.head_metrics is result.table("head_metrics")  # read once
     with pytest.raises(dc.DiffcircuitError, match="no table 'nope'.*ablations"):
         result.table("nope")
@@ -40,9 +49,17 @@ def test_tables_are_read_on_demand_and_unknown_ones_named(result):
     assert again.summary == result.summary
 
 
-def test_config_and_fields_combine_and_the_old_argument_order_still_works(small_model_dir_module, tmp_path):
-    cfg = dc.RunConfig(model=str(small_model_dir_module), n=3, timesteps=(20,), ablate_n=0, seed_repeats=0,
-                       device="cpu")
+def test_config_and_fields_combine_and_the_old_argument_order_still_works(
+    small_model_dir_module, tmp_path
+):
+    cfg = dc.RunConfig(
+        model=str(small_model_dir_module),
+        n=3,
+        timesteps=(20,),
+        ablate_n=0,
+        seed_repeats=0,
+        device="cpu",
+    )
     first = dc.run(tmp_path / "a", cfg)
     assert first.manifest["config"]["timesteps"] == [20]
     again = dc.run(cfg, tmp_path / "a")  # run(config, out_dir), as before: the same config resumes

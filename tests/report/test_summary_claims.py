@@ -23,45 +23,113 @@ def _frames(seed=0):
             effects = truth + rng.normal(0, 2, N_HEADS)  # [heads] degradation % on this image
             for h in range(N_HEADS):
                 common = dict(dataset="a", timestep=t, image=i, method="mean", mse_clean=clean)
-                abl.append(common | dict(level="head", target=f"L:{h}", degradation_pct=effects[h],
-                                         mse_intervened=clean * (1 + effects[h] / 100), x0_mse_clean=1.0,
-                                         x0_mse_intervened=1.0))
+                abl.append(
+                    common
+                    | dict(
+                        level="head",
+                        target=f"L:{h}",
+                        degradation_pct=effects[h],
+                        mse_intervened=clean * (1 + effects[h] / 100),
+                        x0_mse_clean=1.0,
+                        x0_mse_intervened=1.0,
+                    )
+                )
                 guess = effects[h] + rng.normal(0, 3)
-                att.append(dict(dataset="a", timestep=t, image=i, layer="L", head=h, method="mean",
-                                estimator="first_order", degradation_pct=guess, delta_mse=clean * guess / 100))
+                att.append(
+                    dict(
+                        dataset="a",
+                        timestep=t,
+                        image=i,
+                        layer="L",
+                        head=h,
+                        method="mean",
+                        estimator="first_order",
+                        degradation_pct=guess,
+                        delta_mse=clean * guess / 100,
+                    )
+                )
                 share = rng.uniform(0, 2)  # joint scores: shares of the all-heads effect
-                att.append(dict(dataset="a", timestep=t, image=i, layer="L", head=h, method="mean", estimator="ig_joint",
-                                degradation_pct=share, delta_mse=clean * share / 100))
-            abl.append(dict(dataset="a", timestep=t, image=i, method="mean", mse_clean=clean, level="all",
-                            target="all_heads", degradation_pct=np.nan, mse_intervened=clean, x0_mse_clean=1.0,
-                            x0_mse_intervened=1.0))  # set below: the joint scores' total plus noise
+                att.append(
+                    dict(
+                        dataset="a",
+                        timestep=t,
+                        image=i,
+                        layer="L",
+                        head=h,
+                        method="mean",
+                        estimator="ig_joint",
+                        degradation_pct=share,
+                        delta_mse=clean * share / 100,
+                    )
+                )
+            abl.append(
+                dict(
+                    dataset="a",
+                    timestep=t,
+                    image=i,
+                    method="mean",
+                    mse_clean=clean,
+                    level="all",
+                    target="all_heads",
+                    degradation_pct=np.nan,
+                    mse_intervened=clean,
+                    x0_mse_clean=1.0,
+                    x0_mse_intervened=1.0,
+                )
+            )  # set below: the joint scores' total plus noise
     abl, att = pd.DataFrame(abl), pd.DataFrame(att)
     totals = att[att.estimator == "ig_joint"].groupby(["timestep", "image"]).degradation_pct.sum()
     rows = abl.level == "all"
     noise = np.random.default_rng(seed + 1).normal(0, 1, rows.sum())
-    abl.loc[rows, "degradation_pct"] = totals.reindex(list(zip(abl[rows].timestep, abl[rows].image))).to_numpy() + noise
+    abl.loc[rows, "degradation_pct"] = (
+        totals.reindex(list(zip(abl[rows].timestep, abl[rows].image))).to_numpy() + noise
+    )
     abl["n_heads"], abl["layer"], abl["head"] = 1, "L", 0
     return abl, att
 
 
 def test_attribution_rho_and_its_bootstrap_ci_over_images():
     abl, att = _frames()
-    rows = {(r["estimator"], r["timestep"]): r for r in _attribution(att, abl, seed=0, informative=frozenset({("a", 500)}))}
+    rows = {
+        (r["estimator"], r["timestep"]): r
+        for r in _attribution(att, abl, seed=0, informative=frozenset({("a", 500)}))
+    }
     first = rows[("first_order", 500)]
-    truth = abl[(abl.level == "head") & (abl.timestep == 500)].pivot(index="image", columns="target", values="degradation_pct")
+    truth = abl[(abl.level == "head") & (abl.timestep == 500)].pivot(
+        index="image", columns="target", values="degradation_pct"
+    )
     g = att[(att.estimator == "first_order") & (att.timestep == 500)]
-    guess = g.assign(target="L:" + g["head"].astype(str)).pivot(index="image", columns="target", values="degradation_pct")
+    guess = g.assign(target="L:" + g["head"].astype(str)).pivot(
+        index="image", columns="target", values="degradation_pct"
+    )
     assert first["spearman"] == pytest.approx(stats.spearmanr(guess.mean(), truth.mean()).statistic)
-    ref = stats.bootstrap((np.arange(N_IMAGES),), lambda i: stats.spearmanr(guess.iloc[i].mean(), truth.iloc[i].mean()).statistic,
-                          vectorized=False, n_resamples=1000, method="percentile", random_state=3).confidence_interval
-    assert first["ci_low"] == pytest.approx(ref.low, abs=0.08) and first["ci_high"] == pytest.approx(ref.high, abs=0.08)
+    ref = stats.bootstrap(
+        (np.arange(N_IMAGES),),
+        lambda i: stats.spearmanr(guess.iloc[i].mean(), truth.iloc[i].mean()).statistic,
+        vectorized=False,
+        n_resamples=1000,
+        method="percentile",
+        random_state=3,
+    ).confidence_interval
+    assert first["ci_low"] == pytest.approx(ref.low, abs=0.08) and first[
+        "ci_high"
+    ] == pytest.approx(ref.high, abs=0.08)
     assert first["compared_with"] == "exhaustive single-head ablation" and first["informative"]
     assert not rows[("first_order", 900)]["informative"]
     joint = rows[("ig_joint", 500)]
-    predicted = att[(att.estimator == "ig_joint") & (att.timestep == 500)].groupby("image").degradation_pct.sum()
+    predicted = (
+        att[(att.estimator == "ig_joint") & (att.timestep == 500)]
+        .groupby("image")
+        .degradation_pct.sum()
+    )
     measured = abl[(abl.level == "all") & (abl.timestep == 500)].set_index("image").degradation_pct
-    assert joint["compared_with"] == "exhaustive all-heads ablation" and joint["spearman_over"] == "images"
-    assert joint["spearman"] == pytest.approx(stats.spearmanr(predicted, measured.reindex(predicted.index)).statistic)
+    assert (
+        joint["compared_with"] == "exhaustive all-heads ablation"
+        and joint["spearman_over"] == "images"
+    )
+    assert joint["spearman"] == pytest.approx(
+        stats.spearmanr(predicted, measured.reindex(predicted.index)).statistic
+    )
     assert joint["predicted_pct"]["mean"] == pytest.approx(predicted.mean())
     assert joint["ci_low"] <= joint["spearman"] <= joint["ci_high"]
     assert "spearman" in joint["ranking_vs_single_head"]
@@ -69,24 +137,32 @@ def test_attribution_rho_and_its_bootstrap_ci_over_images():
 
 def test_ablation_headline_leaves_uninformative_timesteps_out():
     abl, _ = _frames()
-    abl.loc[(abl.timestep == 900) & (abl.target == "L:0"), "degradation_pct"] = 500.0  # huge, but uninformative
+    abl.loc[(abl.timestep == 900) & (abl.target == "L:0"), "degradation_pct"] = (
+        500.0  # huge, but uninformative
+    )
     out = _ablation(abl, None, seed=0, informative=frozenset({("a", 500)}))
-    kept = abl[(abl.timestep == 500) & (abl.level == "head")].groupby("target").degradation_pct.mean()
+    kept = (
+        abl[(abl.timestep == 500) & (abl.level == "head")].groupby("target").degradation_pct.mean()
+    )
     assert out["degradation_range_pct"]["head"]["mean"] == pytest.approx([kept.min(), kept.max()])
     assert out["excluded"][0]["dataset"] == "a" and out["excluded"][0]["timestep"] == 900
     assert "L:0" not in [r["target"] for r in out["largest"] if r["level"] == "head"][:1]
     everything = _ablation(abl, None, seed=0)
-    assert everything["degradation_range_pct"]["head"]["mean"][1] > 100 and not everything["excluded"]
+    assert (
+        everything["degradation_range_pct"]["head"]["mean"][1] > 100 and not everything["excluded"]
+    )
 
 
 def test_tests_count_only_the_direction_a_family_tests():
-    tests = pd.DataFrame({
-        "family": ["critical"] * 4 + ["paired"] * 4,
-        "alternative": ["greater"] * 4 + ["two-sided"] * 4,
-        "statistic": [5.0, -5.0, 1.0, -1.0, 5.0, -5.0, -6.0, 0.1],
-        # one-sided p: the harmless component (-5) has p near 1, not a 'significant' one
-        "p_corrected": [0.01, 0.99, 0.2, 0.9, 0.01, 0.02, 0.03, 0.5],
-    })
+    tests = pd.DataFrame(
+        {
+            "family": ["critical"] * 4 + ["paired"] * 4,
+            "alternative": ["greater"] * 4 + ["two-sided"] * 4,
+            "statistic": [5.0, -5.0, 1.0, -1.0, 5.0, -5.0, -6.0, 0.1],
+            # one-sided p: the harmless component (-5) has p near 1, not a 'significant' one
+            "p_corrected": [0.01, 0.99, 0.2, 0.9, 0.01, 0.02, 0.03, 0.5],
+        }
+    )
     fam = _tests(tests)["families"]
     assert fam["critical"] == {"n_tests": 4, "alternative": "greater", "significant_bh_0.05": 1}
     assert fam["paired"]["significant_bh_0.05"] == 3
@@ -95,10 +171,21 @@ def test_tests_count_only_the_direction_a_family_tests():
 
 def test_the_paper_comparison_does_not_pool_uninformative_timesteps():
     entry = {"value": 1.1, "p_value": 0.2}
-    summary = {"timesteps": [100, 900], "roles": [], "entropy_divergence": [],
-               "denoising": [{"dataset": d, "timestep": t, "informative": t == 100} for d in "ab" for t in (100, 900)],
-               "complexity_ratio": {"measure": "m", "stand_in_for": None, "paper_ratio": 1.084, "pooled": entry,
-                                    "per_timestep": [entry | {"timestep": 100}, entry | {"timestep": 900}]}}
+    summary = {
+        "timesteps": [100, 900],
+        "roles": [],
+        "entropy_divergence": [],
+        "denoising": [
+            {"dataset": d, "timestep": t, "informative": t == 100} for d in "ab" for t in (100, 900)
+        ],
+        "complexity_ratio": {
+            "measure": "m",
+            "stand_in_for": None,
+            "paper_ratio": 1.084,
+            "pooled": entry,
+            "per_timestep": [entry | {"timestep": 100}, entry | {"timestep": 900}],
+        },
+    }
     out = _paper_comparison(summary)["complexity_ratio"]
     assert out["pooled"] is None and "900" in out["pooled_withheld"]
     assert [r["timestep"] for r in out["per_timestep"]] == [100]

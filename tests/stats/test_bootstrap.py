@@ -25,11 +25,17 @@ def test_column_cis_agree_with_single_column_bootstrap_and_skip_nans():
     from diffcircuit.stats.bootstrap import column_mean_cis
 
     rng = np.random.default_rng(3)
-    x = np.column_stack([rng.normal(0, 1, 300), rng.exponential(2.0, 300), np.full(300, 5.0), np.full(300, np.nan)])
+    x = np.column_stack(
+        [rng.normal(0, 1, 300), rng.exponential(2.0, 300), np.full(300, 5.0), np.full(300, np.nan)]
+    )
     x[::10, 1] = np.nan
     mean, low, high = column_mean_cis(x, n_resamples=2000, seed=1)
     m0, l0, h0 = mean_ci(x[:, 0], n_resamples=2000, seed=1)
-    assert mean[0] == pytest.approx(m0) and low[0] == pytest.approx(l0, abs=0.03) and high[0] == pytest.approx(h0, abs=0.03)
+    assert (
+        mean[0] == pytest.approx(m0)
+        and low[0] == pytest.approx(l0, abs=0.03)
+        and high[0] == pytest.approx(h0, abs=0.03)
+    )
     assert mean[1] == pytest.approx(np.nanmean(x[:, 1])) and low[1] < mean[1] < high[1]
     assert (mean[2], low[2], high[2]) == (5.0, 5.0, 5.0)
     assert np.isnan(mean[3])

@@ -20,7 +20,9 @@ from diffcircuit.stats.complexity import (
 def test_participation_ratio_and_heads_needed_on_known_profiles():
     one = np.array([[10.0, 0, 0, 0]])
     flat = np.array([[2.0, 2, 2, 2]])
-    assert participation_ratio(one) == pytest.approx(1.0) and participation_ratio(flat) == pytest.approx(4.0)
+    assert participation_ratio(one) == pytest.approx(1.0) and participation_ratio(
+        flat
+    ) == pytest.approx(4.0)
     assert heads_for_fraction(one) == 1 and heads_for_fraction(flat) == 4
     # negative effects (ablation helped) count as zero; 90 % of 10 is reached by 5 + 3 + 1
     assert heads_for_fraction(np.array([[5.0, 3, 1, 1, -4]])) == 3
@@ -33,13 +35,27 @@ def test_ratio_test_detects_a_real_difference_and_not_a_null_one():
     same = ratio_test(a, rng.normal(1.0, 0.3, (60, 5)), mean_value, n_boot=300, n_perm=300)
     diff = ratio_test(a, rng.normal(1.3, 0.3, (60, 5)), mean_value, n_boot=300, n_perm=300)
     assert same.p_value > 0.05 and same.ci_low < 1 < same.ci_high
-    assert diff.p_value == pytest.approx(1 / 301) and diff.ci_low < diff.value < diff.ci_high and diff.ci_low > 1.15
+    assert (
+        diff.p_value == pytest.approx(1 / 301)
+        and diff.ci_low < diff.value < diff.ci_high
+        and diff.ci_low > 1.15
+    )
 
 
 def test_ratio_test_false_positive_rate():
     rng = np.random.default_rng(1)
-    rejections = sum(ratio_test(rng.normal(1, 0.3, (20, 3)), rng.normal(1, 0.3, (20, 3)), mean_value, n_boot=10,
-                                n_perm=99, seed=k).p_value < 0.05 for k in range(200))
+    rejections = sum(
+        ratio_test(
+            rng.normal(1, 0.3, (20, 3)),
+            rng.normal(1, 0.3, (20, 3)),
+            mean_value,
+            n_boot=10,
+            n_perm=99,
+            seed=k,
+        ).p_value
+        < 0.05
+        for k in range(200)
+    )
     from scipy import stats
 
     lo, hi = stats.binom.ppf([0.001, 0.999], 200, 0.05)
@@ -52,12 +68,19 @@ def test_two_images_per_set_give_an_exact_p_no_interval_and_no_claim():
     a, b = rng.normal(1, 0.1, (2, 4)), rng.normal(1.5, 0.1, (2, 4))
     res = ratio_test(a, b, mean_value)
     pooled = np.concatenate([a, b])
-    logs = [abs(np.log(pooled[list(ib)].mean() / pooled[list(ia)].mean()))
-            for ia in itertools.combinations(range(4), 2) for ib in [[i for i in range(4) if i not in ia]]]
+    logs = [
+        abs(np.log(pooled[list(ib)].mean() / pooled[list(ia)].mean()))
+        for ia in itertools.combinations(range(4), 2)
+        for ib in [[i for i in range(4) if i not in ia]]
+    ]
     assert res.exact and res.n_permutations == 6
     assert res.p_value == pytest.approx(np.mean(np.array(logs) >= abs(np.log(res.value)) - 1e-12))
     assert res.p_floor == pytest.approx(1 / 3) and not res.can_reject
-    assert np.isnan(res.ci_low) and res.ci_withheld == "2 images in a set (< 5)" and np.isnan(res.mde_ratio)
+    assert (
+        np.isnan(res.ci_low)
+        and res.ci_withheld == "2 images in a set (< 5)"
+        and np.isnan(res.mde_ratio)
+    )
 
 
 def test_relabellings_with_an_undefined_ratio_count_as_extreme():
@@ -83,7 +106,9 @@ def test_relabellings_with_an_undefined_ratio_count_as_extreme():
 def test_minimal_detectable_ratio_has_the_stated_power():
     for se in (0.01, 0.05, 0.2):
         delta = np.log(minimal_detectable_ratio(se))
-        power = stats.norm.cdf(delta / se - stats.norm.ppf(0.975)) + stats.norm.cdf(-delta / se - stats.norm.ppf(0.975))
+        power = stats.norm.cdf(delta / se - stats.norm.ppf(0.975)) + stats.norm.cdf(
+            -delta / se - stats.norm.ppf(0.975)
+        )
         assert power == pytest.approx(0.8, abs=1e-4)
 
 
@@ -92,7 +117,9 @@ def test_standard_error_matches_the_delta_method():
     a, b = rng.gamma(4, 0.25, (150, 6)), rng.gamma(4, 0.3, (120, 6))
     res = ratio_test(a, b, mean_value, n_boot=2000, n_perm=99)
     ma, mb = a.mean(1), b.mean(1)  # the measure is the mean of per-image means
-    delta = np.sqrt(ma.var(ddof=1) / (len(ma) * ma.mean() ** 2) + mb.var(ddof=1) / (len(mb) * mb.mean() ** 2))
+    delta = np.sqrt(
+        ma.var(ddof=1) / (len(ma) * ma.mean() ** 2) + mb.var(ddof=1) / (len(mb) * mb.mean() ** 2)
+    )
     assert res.se_log_ratio == pytest.approx(delta, rel=0.1)
     assert res.mde_ratio == pytest.approx(np.exp(2.8016 * res.se_log_ratio), rel=1e-3)
 
@@ -102,10 +129,16 @@ def test_an_interval_that_would_exclude_its_estimate_is_withheld():
     almost noiseless a: the percentile interval of the ratio lies above the estimate."""
     rng = np.random.default_rng(5)
     a, b = rng.normal(10, 0.01, (8, 400)), rng.normal(10, 1, (8, 400))
-    largest_mean = ColumnMeasure("largest column mean", lambda sums, counts: np.max(sums / counts, axis=-1))
+    largest_mean = ColumnMeasure(
+        "largest column mean", lambda sums, counts: np.max(sums / counts, axis=-1)
+    )
     assert largest_mean(b) == pytest.approx(np.max(b.mean(0)))
     res = ratio_test(a, b, largest_mean, n_boot=400, n_perm=99)
-    assert np.isnan(res.ci_low) and "excludes the estimate" in res.ci_withheld and np.isfinite(res.p_value)
+    assert (
+        np.isnan(res.ci_low)
+        and "excludes the estimate" in res.ci_withheld
+        and np.isfinite(res.p_value)
+    )
 
 
 def test_no_reported_interval_excludes_its_estimate():
@@ -115,36 +148,66 @@ def test_no_reported_interval_excludes_its_estimate():
         a, b = rng.gamma(1.5, 1, (n, 12)), rng.gamma(1.5, 1.2, (n + int(rng.integers(0, 3)), 12))
         for measure in (participation_ratio, heads_for_fraction, mean_value):
             res = ratio_test(a, b, measure, n_boot=200, n_perm=99, seed=k)
-            assert res.ci_withheld is not None or contains_estimate(res.value, res.ci_low, res.ci_high)
+            assert res.ci_withheld is not None or contains_estimate(
+                res.value, res.ci_low, res.ci_high
+            )
 
 
 def test_split_half_calibration_verdicts():
     from diffcircuit.commands.calibrate import rate_verdict
 
-    assert rate_verdict(10, 200, nominal=0.05, worst=0.1, kind="fpr").verdict == "consistent with nominal"
-    assert rate_verdict(5, 100, nominal=0.05, worst=0.1, kind="fpr").verdict == "too few splits to tell"
-    assert rate_verdict(30, 200, nominal=0.05, worst=0.1, kind="fpr").verdict == "miscalibrated (anti-conservative)"
-    assert rate_verdict(0, 200, nominal=0.05, worst=0.1, kind="fpr").verdict == "miscalibrated (conservative)"
+    assert (
+        rate_verdict(10, 200, nominal=0.05, worst=0.1, kind="fpr").verdict
+        == "consistent with nominal"
+    )
+    assert (
+        rate_verdict(5, 100, nominal=0.05, worst=0.1, kind="fpr").verdict
+        == "too few splits to tell"
+    )
+    assert (
+        rate_verdict(30, 200, nominal=0.05, worst=0.1, kind="fpr").verdict
+        == "miscalibrated (anti-conservative)"
+    )
+    assert (
+        rate_verdict(0, 200, nominal=0.05, worst=0.1, kind="fpr").verdict
+        == "miscalibrated (conservative)"
+    )
     low = rate_verdict(7, 10, nominal=0.95, worst=0.9, kind="coverage")
     ci = stats.binomtest(7, 10).proportion_ci(0.95, method="exact")
-    assert low.verdict == "miscalibrated (undercovers)" and (low.ci_low, low.ci_high) == pytest.approx((ci.low, ci.high))
-    assert rate_verdict(190, 200, nominal=0.95, worst=0.9, kind="coverage").verdict == "consistent with nominal"
+    assert low.verdict == "miscalibrated (undercovers)" and (
+        low.ci_low,
+        low.ci_high,
+    ) == pytest.approx((ci.low, ci.high))
+    assert (
+        rate_verdict(190, 200, nominal=0.95, worst=0.9, kind="coverage").verdict
+        == "consistent with nominal"
+    )
 
 
 def test_split_half_calibration_on_simulated_data():
     from diffcircuit.commands.calibrate import split_half_calibration
 
     rng = np.random.default_rng(7)
-    rows = {"mean_entropy_norm": rng.gamma(4.0, 0.25, (80, 6)),
-            "ablation_participation_ratio": rng.gamma(2.0, 1.0, (80, 12))}
+    rows = {
+        "mean_entropy_norm": rng.gamma(4.0, 0.25, (80, 6)),
+        "ablation_participation_ratio": rng.gamma(2.0, 1.0, (80, 12)),
+    }
     res = split_half_calibration(rows, splits=300, n_boot=200, n_perm=99)
-    assert [m.measure for m in res.measures] == ["ablation_participation_ratio", "mean_entropy_norm"]  # primary first
+    assert [m.measure for m in res.measures] == [
+        "ablation_participation_ratio",
+        "mean_entropy_norm",
+    ]  # primary first
     for m in res.measures:
         lo, hi = stats.binom.ppf([0.0005, 0.9995], 300, 0.05) / 300
         assert lo <= m.false_positive.rate <= hi and m.false_positive.n == 300
-        assert stats.binom.ppf(0.0005, 300, 0.95) / 300 - 0.03 <= m.coverage.rate <= 1.0  # percentile CIs at 40 a half
+        assert (
+            stats.binom.ppf(0.0005, 300, 0.95) / 300 - 0.03 <= m.coverage.rate <= 1.0
+        )  # percentile CIs at 40 a half
     assert res.false_positive_rate == res.measures[0].false_positive.rate
     small = split_half_calibration(rows["mean_entropy_norm"][:8], splits=10)
-    assert small.measures[0].coverage.verdict == "no intervals at this n" and small.verdict == "no intervals at this n"
+    assert (
+        small.measures[0].coverage.verdict == "no intervals at this n"
+        and small.verdict == "no intervals at this n"
+    )
     tiny = split_half_calibration(rows["mean_entropy_norm"][:4], splits=5)
     assert tiny.measures[0].false_positive.verdict == "cannot reject at this n"

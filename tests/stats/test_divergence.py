@@ -32,10 +32,14 @@ def test_head_jsd_matches_scipy_on_the_same_bins():
     a, b = rng.normal(0, 1, (200, 3)), rng.normal(0.5, 1.3, (150, 3))
     got = head_jsd(a, b, bins=10)
     for h in range(3):
-        edges = np.linspace(min(a[:, h].min(), b[:, h].min()), max(a[:, h].max(), b[:, h].max()), 11)
+        edges = np.linspace(
+            min(a[:, h].min(), b[:, h].min()), max(a[:, h].max(), b[:, h].max()), 11
+        )
         p, _ = np.histogram(a[:, h], edges)
         q, _ = np.histogram(b[:, h], edges)
-        assert got[h] == pytest.approx(jensenshannon(p / p.sum(), q / q.sum(), base=2) ** 2, abs=1e-9)
+        assert got[h] == pytest.approx(
+            jensenshannon(p / p.sum(), q / q.sum(), base=2) ** 2, abs=1e-9
+        )
 
 
 def test_head_jsd_extremes():
@@ -59,9 +63,13 @@ def test_mean_difference_against_exhaustive_enumeration_and_statsmodels():
     assert res.exact and res.n_permutations == math.comb(9, 4)
     pooled = np.concatenate([a, b])
     observed = b.mean(0) - a.mean(0)
-    null = np.array([pooled[ib].mean(0) - pooled[ia].mean(0) for ia, ib in _splits(4, 5)])  # [126, 3]
+    null = np.array(
+        [pooled[ib].mean(0) - pooled[ia].mean(0) for ia, ib in _splits(4, 5)]
+    )  # [126, 3]
     tol = 1e-12
-    expected = np.minimum(1, 2 * np.minimum((null >= observed - tol).mean(0), (null <= observed + tol).mean(0)))
+    expected = np.minimum(
+        1, 2 * np.minimum((null >= observed - tol).mean(0), (null <= observed + tol).mean(0))
+    )
     np.testing.assert_allclose(res.p_value, expected)
     np.testing.assert_allclose(res.difference, observed)
     np.testing.assert_allclose(res.q_value, multipletests(expected, method="fdr_bh")[1])
@@ -74,35 +82,59 @@ def test_mean_difference_ci_matches_a_numpy_bootstrap_and_finds_the_planted_head
     a, b = rng.normal(3, 0.2, (60, 5)), rng.normal(3, 0.2, (50, 5))
     b[:, 2] += 0.3  # the planted difference
     res = mean_difference_test(a, b, n_resamples=4000)
-    boot = np.array([b[rng.integers(0, 50, 50)].mean(0) - a[rng.integers(0, 60, 60)].mean(0) for _ in range(4000)])
+    boot = np.array(
+        [
+            b[rng.integers(0, 50, 50)].mean(0) - a[rng.integers(0, 60, 60)].mean(0)
+            for _ in range(4000)
+        ]
+    )
     np.testing.assert_allclose(res.ci_low, np.quantile(boot, 0.025, axis=0), atol=0.012)
     np.testing.assert_allclose(res.ci_high, np.quantile(boot, 0.975, axis=0), atol=0.012)
     se = np.sqrt(a[:, 2].var(ddof=1) / 60 + b[:, 2].var(ddof=1) / 50)
-    assert res.ci_low[2] > 0 and abs(res.difference[2] - 0.3) < 4 * se and res.q_value[2] < 0.01 and res.can_reject
+    assert (
+        res.ci_low[2] > 0
+        and abs(res.difference[2] - 0.3) < 4 * se
+        and res.q_value[2] < 0.01
+        and res.can_reject
+    )
     welch = stats.ttest_ind(b, a, equal_var=False).pvalue
-    np.testing.assert_allclose(res.p_value, welch, atol=0.03)  # the permutation p agrees with Welch's at this n
+    np.testing.assert_allclose(
+        res.p_value, welch, atol=0.03
+    )  # the permutation p agrees with Welch's at this n
 
 
 def test_two_images_per_set_cannot_reject_and_give_no_interval():
     rng = np.random.default_rng(5)
     res = mean_difference_test(rng.normal(0, 1, (2, 3)), rng.normal(5, 1, (2, 3)))
     assert res.exact and res.n_permutations == 6 and res.p_floor == pytest.approx(1 / 3)
-    assert not res.can_reject and (res.p_value >= 1 / 3 - 1e-12).all() and res.ci_withheld is not None
+    assert (
+        not res.can_reject and (res.p_value >= 1 / 3 - 1e-12).all() and res.ci_withheld is not None
+    )
 
 
-@pytest.mark.parametrize("n_a,n_b,two_sided,swap", [(2, 2, True, False), (3, 3, False, True), (3, 4, False, True),
-                                                     (3, 4, True, False)])
+@pytest.mark.parametrize(
+    "n_a,n_b,two_sided,swap",
+    [(2, 2, True, False), (3, 3, False, True), (3, 4, False, True), (3, 4, True, False)],
+)
 def test_p_floor_is_the_smallest_p_any_relabelling_gives(n_a, n_b, two_sided, swap):
     """Enumerate every labelling of some data and take the smallest p: the floor must equal it."""
     x = np.random.default_rng(6).normal(size=n_a + n_b)
-    stat = (lambda ia, ib: abs(x[ib].mean() - x[ia].mean())) if swap else (lambda ia, ib: x[ib].mean() - x[ia].mean())
+    stat = (
+        (lambda ia, ib: abs(x[ib].mean() - x[ia].mean()))
+        if swap
+        else (lambda ia, ib: x[ib].mean() - x[ia].mean())
+    )
     values = np.array([stat(ia, ib) for ia, ib in _splits(n_a, n_b)])
     ps = []
     for v in values:
         greater = (values >= v - 1e-12).mean()
         ps.append(min(1, 2 * min(greater, (values <= v + 1e-12).mean())) if two_sided else greater)
-    assert min(ps) == pytest.approx(independent_p_floor(n_a, n_b, 10_000, two_sided=two_sided, swap_ties=swap))
-    assert independent_p_floor(50, 50, 999, two_sided=two_sided) == pytest.approx((2 if two_sided else 1) / 1000)
+    assert min(ps) == pytest.approx(
+        independent_p_floor(n_a, n_b, 10_000, two_sided=two_sided, swap_ties=swap)
+    )
+    assert independent_p_floor(50, 50, 999, two_sided=two_sided) == pytest.approx(
+        (2 if two_sided else 1) / 1000
+    )
 
 
 def test_wasserstein_test_against_enumeration_and_a_separate_scipy_test():
@@ -110,8 +142,12 @@ def test_wasserstein_test_against_enumeration_and_a_separate_scipy_test():
     a, b = rng.normal(0, 1, (4, 3)), rng.normal(0.8, 1.5, (4, 3))
     res = wasserstein_test(a, b)
     pooled = np.concatenate([a, b])
-    null = np.array([[stats.wasserstein_distance(pooled[ia, h], pooled[ib, h]) for h in range(3)]
-                     for ia, ib in _splits(4, 4)])  # [70, 3]
+    null = np.array(
+        [
+            [stats.wasserstein_distance(pooled[ia, h], pooled[ib, h]) for h in range(3)]
+            for ia, ib in _splits(4, 4)
+        ]
+    )  # [70, 3]
     observed = null[0]  # the first split is the observed one
     np.testing.assert_allclose(res.per_head, observed)
     np.testing.assert_allclose(res.per_head_p, (null >= observed - 1e-12).mean(0))
@@ -122,11 +158,23 @@ def test_wasserstein_test_against_enumeration_and_a_separate_scipy_test():
     res = wasserstein_test(a, b, n_permutations=999, seed=3)
     direct = stats.permutation_test(
         (np.arange(30), np.arange(30, 55)),
-        lambda ia, ib: np.mean([stats.wasserstein_distance(np.concatenate([a, b])[ia, h], np.concatenate([a, b])[ib, h])
-                                for h in range(3)]),
-        permutation_type="independent", n_resamples=999, alternative="greater", vectorized=False,
-        random_state=np.random.default_rng(3))
-    assert res.value == pytest.approx(direct.statistic) and res.p_value == pytest.approx(direct.pvalue)
+        lambda ia, ib: np.mean(
+            [
+                stats.wasserstein_distance(
+                    np.concatenate([a, b])[ia, h], np.concatenate([a, b])[ib, h]
+                )
+                for h in range(3)
+            ]
+        ),
+        permutation_type="independent",
+        n_resamples=999,
+        alternative="greater",
+        vectorized=False,
+        random_state=np.random.default_rng(3),
+    )
+    assert res.value == pytest.approx(direct.statistic) and res.p_value == pytest.approx(
+        direct.pvalue
+    )
 
 
 def test_null_critical_agrees_with_the_p_value():
@@ -146,11 +194,17 @@ def test_null_critical_agrees_with_the_p_value():
 
 def test_wasserstein_under_the_null_is_calibrated_and_its_excess_centred():
     rng = np.random.default_rng(9)
-    results = [wasserstein_test(rng.normal(size=(12, 2)), rng.normal(size=(12, 2)), n_permutations=199, seed=k)
-               for k in range(200)]
+    results = [
+        wasserstein_test(
+            rng.normal(size=(12, 2)), rng.normal(size=(12, 2)), n_permutations=199, seed=k
+        )
+        for k in range(200)
+    ]
     rejections = sum(r.p_value < 0.05 for r in results)
     lo, hi = stats.binom.ppf([0.0005, 0.9995], 200, 0.05)
     assert lo <= rejections <= hi
     excess = np.array([r.excess for r in results])
     assert abs(excess.mean()) < 3 * excess.std() / np.sqrt(len(excess))
-    assert np.mean([r.value for r in results]) > 0.1  # the plug-in W alone is far from 0 under the null
+    assert (
+        np.mean([r.value for r in results]) > 0.1
+    )  # the plug-in W alone is far from 0 under the null

@@ -45,13 +45,19 @@ def test_exact_permutation_test_matches_enumeration():
         diffs.append(abs(pooled[mask].mean() - pooled[~mask].mean()))
     expected = np.mean(np.array(diffs) >= obs - 1e-12)
     # exact: the observed split is one of the 35, and the two-sided p doubles the one-sided floor
-    assert res.p_value == pytest.approx(expected) and res.p_floor == pytest.approx(2 / 35) and res.n_resamples == 35
+    assert (
+        res.p_value == pytest.approx(expected)
+        and res.p_floor == pytest.approx(2 / 35)
+        and res.n_resamples == 35
+    )
 
 
 def test_randomized_p_value_is_never_zero():
     a, b = np.random.default_rng(0).normal(0, 1, 60), np.random.default_rng(1).normal(5, 1, 60)
     res = two_sample_test(a, b, n_resamples=999)
-    assert res.p_value == pytest.approx(2 / 1000) and res.p_floor == pytest.approx(2 / 1000)  # two-sided floor
+    assert res.p_value == pytest.approx(2 / 1000) and res.p_floor == pytest.approx(
+        2 / 1000
+    )  # two-sided floor
 
 
 def test_paired_test_agrees_with_t_test_in_large_samples():
@@ -73,7 +79,9 @@ def test_correction_is_statsmodels(method):
 def test_cluster_bootstrap_is_wider_than_naive_when_samples_repeat():
     rng = np.random.default_rng(3)
     image_effect = rng.normal(0, 1, 40)
-    values = np.repeat(image_effect, 10) + rng.normal(0, 0.1, 400)  # 10 timesteps per image, highly correlated
+    values = np.repeat(image_effect, 10) + rng.normal(
+        0, 0.1, 400
+    )  # 10 timesteps per image, highly correlated
     clusters = np.repeat(np.arange(40), 10)
     _, lo_c, hi_c = cluster_bootstrap_ci(values, clusters)
     _, lo_n, hi_n = mean_ci(values)
@@ -83,8 +91,11 @@ def test_cluster_bootstrap_is_wider_than_naive_when_samples_repeat():
 def test_permutation_test_false_positive_rate_is_nominal():
     """Split-half null on simulated data: 300 tests at α = 0.05 reject about 5 % of the time."""
     rng = np.random.default_rng(4)
-    rejections = sum(two_sample_test(rng.normal(0, 1, 30), rng.normal(0, 1, 30), n_resamples=199, seed=k).p_value < 0.05
-                     for k in range(300))
+    rejections = sum(
+        two_sample_test(rng.normal(0, 1, 30), rng.normal(0, 1, 30), n_resamples=199, seed=k).p_value
+        < 0.05
+        for k in range(300)
+    )
     lo, hi = stats.binom.ppf([0.001, 0.999], 300, 0.05)
     assert lo <= rejections <= hi
 
@@ -95,7 +106,9 @@ def test_bootstrap_ci_covers_the_true_mean_about_95_percent():
     for k in range(300):
         _, lo, hi = mean_ci(rng.exponential(1.0, 60), n_resamples=500, seed=k)
         covered += lo <= 1.0 <= hi
-    lo_n, hi_n = stats.binom.ppf([0.001, 0.999], 300, 0.93)  # percentile intervals undercover a little at n = 60
+    lo_n, hi_n = stats.binom.ppf(
+        [0.001, 0.999], 300, 0.93
+    )  # percentile intervals undercover a little at n = 60
     assert lo_n <= covered and covered / 300 <= 0.99
 
 
@@ -105,8 +118,10 @@ def test_one_sided_paired_test_matches_sign_flip_enumeration():
     diff = np.array([0.8, -0.3, 1.2, 0.5, -0.1, 0.9, 0.4, 0.7])
     flips = np.array(list(product([1, -1], repeat=len(diff))))  # all 256 sign patterns
     null = (flips * diff).mean(1)
-    for alternative, expected in (("greater", np.mean(null >= diff.mean() - 1e-12)),
-                                  ("less", np.mean(null <= diff.mean() + 1e-12))):
+    for alternative, expected in (
+        ("greater", np.mean(null >= diff.mean() - 1e-12)),
+        ("less", np.mean(null <= diff.mean() + 1e-12)),
+    ):
         res = paired_test(diff, np.zeros_like(diff), alternative=alternative)
         assert res.p_value == pytest.approx(expected) and res.alternative == alternative
         assert res.p_floor == pytest.approx(1 / 256)
@@ -115,7 +130,9 @@ def test_one_sided_paired_test_matches_sign_flip_enumeration():
 
 
 def test_rank_p_value_is_the_monte_carlo_rank_and_is_exact_under_exchangeability():
-    assert rank_p_value(5.0, [1.0, 6.0, 5.0, 2.0]) == pytest.approx((1 + 2) / 5)  # ties count against
+    assert rank_p_value(5.0, [1.0, 6.0, 5.0, 2.0]) == pytest.approx(
+        (1 + 2) / 5
+    )  # ties count against
     assert rank_p_value(9.0, np.arange(100.0)) == pytest.approx((1 + 91) / 101)  # 9..99 are >= 9
     assert rank_p_value(1e9, np.arange(100.0)) == pytest.approx(1 / 101)
     rng = np.random.default_rng(6)
@@ -137,11 +154,22 @@ def test_random_set_test_needs_to_beat_the_sets_not_their_mean():
     beaten = comp.mean() > null.mean(0)
     assert res.frac_beaten == pytest.approx(beaten.mean()) and res.frac_beaten == pytest.approx(0.8)
     assert res.p_sets == pytest.approx((1 + (~beaten).sum()) / 11)
-    vs_mean = stats.permutation_test((comp - null.mean(1),), np.mean, permutation_type="samples", alternative="greater",
-                                     n_resamples=2000, random_state=0)
-    assert vs_mean.pvalue < 0.01 and res.p_units < 0.01  # today's test (the mean) would call it critical
+    vs_mean = stats.permutation_test(
+        (comp - null.mean(1),),
+        np.mean,
+        permutation_type="samples",
+        alternative="greater",
+        n_resamples=2000,
+        random_state=0,
+    )
+    assert (
+        vs_mean.pvalue < 0.01 and res.p_units < 0.01
+    )  # today's test (the mean) would call it critical
     assert res.p_value == pytest.approx(max(res.p_sets, res.p_units)) and res.p_value > 0.2
-    assert res.excess == pytest.approx((comp - null.mean(1)).mean()) and res.ci_low < res.excess < res.ci_high
+    assert (
+        res.excess == pytest.approx((comp - null.mean(1)).mean())
+        and res.ci_low < res.excess < res.ci_high
+    )
     assert res.null_q95 == pytest.approx(np.quantile(null.mean(0), 0.95))
 
 
@@ -149,12 +177,18 @@ def test_random_set_test_reaches_its_floor_and_is_calibrated():
     rng = np.random.default_rng(8)
     null = rng.normal(0, 1, (20, 100))
     res = random_set_test(5 + rng.normal(0, 1, 20), null, seed=0)
-    assert res.frac_beaten == 1.0 and res.p_sets == pytest.approx(1 / 101) and res.p_floor == pytest.approx(1 / 101)
+    assert (
+        res.frac_beaten == 1.0
+        and res.p_sets == pytest.approx(1 / 101)
+        and res.p_floor == pytest.approx(1 / 101)
+    )
     assert res.p_value == pytest.approx(1 / 101)  # below 1/11, the floor with 10 sets
     # a component that is one more random set: rejected at about the nominal rate or less (the IUT is conservative)
     rejected = 0
     for k in range(300):
-        z = rng.normal(0, 1, (12, 1)) + rng.normal(0, 1, (12, 40))  # image effects shared by every set
+        z = rng.normal(0, 1, (12, 1)) + rng.normal(
+            0, 1, (12, 40)
+        )  # image effects shared by every set
         rejected += random_set_test(z[:, 0], z[:, 1:], n_resamples=199, seed=k).p_value <= 0.05
     assert rejected <= stats.binom.ppf(0.999, 300, 0.05)
 
@@ -166,13 +200,26 @@ def test_bootstrap_spearman_against_scipy_bootstrap():
     y = truth + rng.normal(0, 1.5, (30, 25))
     rho, low, high, n_ok = bootstrap_spearman(x, y, n_resamples=2000, seed=0)
     assert rho == pytest.approx(stats.spearmanr(x.mean(0), y.mean(0)).statistic) and n_ok == 2000
-    ref = stats.bootstrap((np.arange(30),), lambda i: stats.spearmanr(x[i].mean(0), y[i].mean(0)).statistic,
-                          vectorized=False, n_resamples=2000, method="percentile", random_state=1).confidence_interval
+    ref = stats.bootstrap(
+        (np.arange(30),),
+        lambda i: stats.spearmanr(x[i].mean(0), y[i].mean(0)).statistic,
+        vectorized=False,
+        n_resamples=2000,
+        method="percentile",
+        random_state=1,
+    ).confidence_interval
     assert low == pytest.approx(ref.low, abs=0.04) and high == pytest.approx(ref.high, abs=0.04)
     a, b = rng.normal(size=40), rng.normal(size=40)
     b += a
     rho, low, high, _ = paired_spearman_ci(a, b, n_resamples=2000, seed=0)
-    ref = stats.bootstrap((a, b), lambda u, v: stats.spearmanr(u, v).statistic, paired=True, vectorized=False,
-                          n_resamples=2000, method="percentile", random_state=1).confidence_interval
+    ref = stats.bootstrap(
+        (a, b),
+        lambda u, v: stats.spearmanr(u, v).statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=2000,
+        method="percentile",
+        random_state=1,
+    ).confidence_interval
     assert rho == pytest.approx(stats.spearmanr(a, b).statistic) and low < rho < high
     assert low == pytest.approx(ref.low, abs=0.04) and high == pytest.approx(ref.high, abs=0.04)

@@ -8,5 +8,15 @@ from diffcircuit.commands.discover import DiscoverConfig, run_discovery
 from diffcircuit.commands.generate import GenerateConfig, run_generate
 from diffcircuit.commands.guidance import run_guidance
 
-__all__ = ["AblateConfig", "CacheConfig", "DiscoverConfig", "GenerateConfig", "calibrate", "run_ablations", "run_cache",
-           "run_discovery", "run_generate", "run_guidance"]
+__all__ = [
+    "AblateConfig",
+    "CacheConfig",
+    "DiscoverConfig",
+    "GenerateConfig",
+    "calibrate",
+    "run_ablations",
+    "run_cache",
+    "run_discovery",
+    "run_generate",
+    "run_guidance",
+]

@@ -34,7 +34,9 @@ class AblateConfig(ModelSpec):
     batch_size: int = 50
     methods: tuple[str, ...] = ("zero",)
     mean_reference: str = "heldout"  # mean/noise ablation's reference: the n images after the evaluated ones, or "insample"
-    names: tuple[str, ...] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W][@LAYER[:HEAD]]
+    names: tuple[
+        str, ...
+    ] = ()  # head addresses, layer paths, block names, ResNet paths or token:J[*W][@LAYER[:HEAD]]
     levels: tuple[str, ...] = ()  # every target of these levels
     token_weight: float = 0.0  # level token: multiply each token's attention by this (0 removes it)
     sample: int = 0  # also sample this many images with each target zero-ablated (0: no sampling)
@@ -45,41 +47,74 @@ class AblateConfig(ModelSpec):
     def __post_init__(self):
         super().__post_init__()
         if self.n < 1 or self.batch_size < 1 or not self.timesteps:
-            raise ConfigError("need n >= 1, batch_size >= 1 and at least one timestep in timesteps",
-                              "n", "batch_size", "timesteps")
-        if self.sample < 0 or self.sample_steps < 1 or (self.window is not None and self.window[0] > self.window[1]):
-            raise ConfigError("need sample >= 0, sample_steps >= 1 and a window LO,HI with LO <= HI",
-                              "sample", "sample_steps", "window")
+            raise ConfigError(
+                "need n >= 1, batch_size >= 1 and at least one timestep in timesteps",
+                "n",
+                "batch_size",
+                "timesteps",
+            )
+        if (
+            self.sample < 0
+            or self.sample_steps < 1
+            or (self.window is not None and self.window[0] > self.window[1])
+        ):
+            raise ConfigError(
+                "need sample >= 0, sample_steps >= 1 and a window LO,HI with LO <= HI",
+                "sample",
+                "sample_steps",
+                "window",
+            )
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ConfigError(f"methods must be among {', '.join(METHODS)}; got {list(self.methods)}", "methods")
+            raise ConfigError(
+                f"methods must be among {', '.join(METHODS)}; got {list(self.methods)}", "methods"
+            )
         if not self.guidance >= 0 or self.guidance == float("inf"):
-            raise ConfigError(f"guidance must be a finite number >= 0, not {self.guidance}", "guidance")
+            raise ConfigError(
+                f"guidance must be a finite number >= 0, not {self.guidance}", "guidance"
+            )
         if self.mean_reference not in ("heldout", "insample"):
-            raise ConfigError(f"mean_reference must be heldout or insample (one dataset), not {self.mean_reference!r}",
-                              "mean_reference")
+            raise ConfigError(
+                f"mean_reference must be heldout or insample (one dataset), not {self.mean_reference!r}",
+                "mean_reference",
+            )
         bad = [lv for lv in self.levels if lv not in LEVELS]
         if bad:
-            raise ConfigError(f"unknown level {bad[0]!r} in levels; choose from {', '.join(LEVELS)}", "levels")
+            raise ConfigError(
+                f"unknown level {bad[0]!r} in levels; choose from {', '.join(LEVELS)}", "levels"
+            )
         if not self.token_weight >= 0 or self.token_weight == float("inf"):
-            raise ConfigError(f"token_weight must be a finite number >= 0, not {self.token_weight}", "token_weight")
+            raise ConfigError(
+                f"token_weight must be a finite number >= 0, not {self.token_weight}",
+                "token_weight",
+            )
 
 
 def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list[Target]:
-    chosen = [t for lv in cfg.levels for t in targets(registry, lv, model, tokens, cfg.token_weight)]
+    chosen = [
+        t for lv in cfg.levels for t in targets(registry, lv, model, tokens, cfg.token_weight)
+    ]
     every = {t.name: t for lv in LEVELS for t in targets(registry, lv, model, tokens)}
     for name in cfg.names:
         target = every.get(name) or token_target(registry, name, len(tokens))
         if target is None:
-            raise DiffcircuitError(f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
-                                   "token (token:J, token:J*W to reweight, @LAYER[:HEAD] to act there only) of this model; "
-                                   "`diffcircuit info` lists them")
+            raise DiffcircuitError(
+                f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
+                "token (token:J, token:J*W to reweight, @LAYER[:HEAD] to act there only) of this model; "
+                "`diffcircuit info` lists them"
+            )
         chosen.append(target)
     if not chosen:
-        raise ConfigError("nothing to ablate: give names (head addresses, layers, blocks, ResNet blocks, tokens) or levels "
-                          "(head, layer, block, resnet, token: a model with a prompt)", "names", "levels")
+        raise ConfigError(
+            "nothing to ablate: give names (head addresses, layers, blocks, ResNet blocks, tokens) or levels "
+            "(head, layer, block, resnet, token: a model with a prompt)",
+            "names",
+            "levels",
+        )
     if any(t.level == "token" for t in chosen) and set(cfg.methods) != {"zero"}:
-        raise ConfigError("prompt tokens are removed or reweighted, not replaced: use methods zero", "methods")
+        raise ConfigError(
+            "prompt tokens are removed or reweighted, not replaced: use methods zero", "methods"
+        )
     return list({t.name: t for t in chosen}.values())
 
 
@@ -90,39 +125,87 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
 
     def image_sets(den):  # with a held-out reference, the n images after the evaluated ones too
         try:
-            return one_set(cfg.data, cfg.data, n=2 * cfg.n if held_out else cfg.n, seed=cfg.seed)(den)
+            return one_set(cfg.data, cfg.data, n=2 * cfg.n if held_out else cfg.n, seed=cfg.seed)(
+                den
+            )
         except DiffcircuitError as err:
             if not held_out:
                 raise
-            raise ConfigError(f"{err} (mean and noise ablation take their reference from the n images after the "
-                              "evaluated ones, 2 x n in all: lower n or set mean_reference insample)",
-                              "n", "mean_reference") from None
+            raise ConfigError(
+                f"{err} (mean and noise ablation take their reference from the n images after the "
+                "evaluated ones, 2 x n in all: lower n or set mean_reference insample)",
+                "n",
+                "mean_reference",
+            ) from None
 
     setup = build_setup(cfg, timesteps=cfg.timesteps, images=image_sets)
     den, registry = setup.den, setup.registry
-    unconditional = None if cfg.guidance == 1.0 or cfg.sample == 0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
+    unconditional = (
+        None
+        if cfg.guidance == 1.0 or cfg.sample == 0
+        else unconditional_input(den, allow_pickle=cfg.allow_pickle)
+    )
     images, references = reference_split(setup.sets, cfg.n, "heldout" if held_out else "insample")
     images, reference = images[cfg.data], (references or {}).get(cfg.data)
     if images.captions and "token" in (*cfg.levels, *(name.split(":")[0] for name in cfg.names)):
-        raise DiffcircuitError(f"{cfg.data} has a caption per image: token J is a different word in each, so token "
-                               "ablation needs one shared prompt and a folder without captions")
-    chosen = _chosen(cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ())
+        raise DiffcircuitError(
+            f"{cfg.data} has a caption per image: token J is a different word in each, so token "
+            "ablation needs one shared prompt and a folder without captions"
+        )
+    chosen = _chosen(
+        cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ()
+    )
     out = Path(out_dir)
-    with claim_command(out, "ablate", asdict(cfg)):  # the inputs are valid: the directory is this command's
+    with claim_command(
+        out, "ablate", asdict(cfg)
+    ):  # the inputs are valid: the directory is this command's
         with setup.autocast():
-            table = ablation_sweep(den, images.images, targets=chosen, methods=cfg.methods, timesteps=cfg.timesteps,
-                                   seed=cfg.seed, dataset=cfg.data, batch_size=cfg.batch_size, registry=registry,
-                                   progress=progress, reference=reference)
+            table = ablation_sweep(
+                den,
+                images.images,
+                targets=chosen,
+                methods=cfg.methods,
+                timesteps=cfg.timesteps,
+                seed=cfg.seed,
+                dataset=cfg.data,
+                batch_size=cfg.batch_size,
+                registry=registry,
+                progress=progress,
+                reference=reference,
+            )
         write_parquet(out / "tables" / "ablations.parquet", table)
         if cfg.sample > 0:
             with setup.autocast():
-                effects = [sampling_effect(den, t, n=cfg.sample, steps=cfg.sample_steps, seed=cfg.seed,
-                                           window=cfg.window, guidance=cfg.guidance, unconditional=unconditional)
-                           for t in chosen]
-            write_parquet(out / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True))
-        write_json(out / "ablate.json", {
-            "config": asdict(cfg), "finished": True, "model_path": str(den.model_path),
-            "conditioning": den.conditioning.description if den.conditioning else None,
-            "targets": [t.name for t in chosen], "mean_reference": None if reference is None else [
-                {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in reference]})
+                effects = [
+                    sampling_effect(
+                        den,
+                        t,
+                        n=cfg.sample,
+                        steps=cfg.sample_steps,
+                        seed=cfg.seed,
+                        window=cfg.window,
+                        guidance=cfg.guidance,
+                        unconditional=unconditional,
+                    )
+                    for t in chosen
+                ]
+            write_parquet(
+                out / "tables" / "sampling.parquet", pd.concat(effects, ignore_index=True)
+            )
+        write_json(
+            out / "ablate.json",
+            {
+                "config": asdict(cfg),
+                "finished": True,
+                "model_path": str(den.model_path),
+                "conditioning": den.conditioning.description if den.conditioning else None,
+                "targets": [t.name for t in chosen],
+                "mean_reference": None
+                if reference is None
+                else [
+                    {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]}
+                    for r in reference
+                ],
+            },
+        )
     return table

@@ -30,18 +30,35 @@ class CacheConfig(ModelSpec):
     def __post_init__(self):
         super().__post_init__()
         if self.n < 1 or self.batch_size < 1 or not self.timesteps:
-            raise ConfigError("need n >= 1, batch_size >= 1 and at least one timestep in timesteps",
-                              "n", "batch_size", "timesteps")
+            raise ConfigError(
+                "need n >= 1, batch_size >= 1 and at least one timestep in timesteps",
+                "n",
+                "batch_size",
+                "timesteps",
+            )
 
 
-def run_cache(cfg: CacheConfig, out_dir: str | Path, *, progress: Callable[[int], None] | None = None) -> ActivationCache:
+def run_cache(
+    cfg: CacheConfig, out_dir: str | Path, *, progress: Callable[[int], None] | None = None
+) -> ActivationCache:
     """Write the cache into the new directory ``out_dir``."""
     out = Path(out_dir)
     if out.exists():
         raise InputError(f"{out} exists; the cache goes into a new directory")
     check_writable(out)
-    setup = build_setup(cfg, timesteps=cfg.timesteps, images=one_set("a", cfg.data, n=cfg.n, seed=cfg.seed))
+    setup = build_setup(
+        cfg, timesteps=cfg.timesteps, images=one_set("a", cfg.data, n=cfg.n, seed=cfg.seed)
+    )
     chosen = [setup.registry.layer(name).layer for name in cfg.layers] or None
     with setup.autocast():
-        return cache_activations(setup.den, setup.sets["a"].images, out, timesteps=cfg.timesteps, layers=chosen,
-                                 seed=cfg.seed, batch_size=cfg.batch_size, registry=setup.registry, progress=progress)
+        return cache_activations(
+            setup.den,
+            setup.sets["a"].images,
+            out,
+            timesteps=cfg.timesteps,
+            layers=chosen,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            registry=setup.registry,
+            progress=progress,
+        )

@@ -33,17 +33,37 @@ from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
 from diffcircuit.models.spec import ModelSpec
 from diffcircuit.protocol.setup import build_setup, one_set
-from diffcircuit.stats.complexity import heads_for_fraction, mean_value, participation_ratio, ratio_test
+from diffcircuit.stats.complexity import (
+    heads_for_fraction,
+    mean_value,
+    participation_ratio,
+    ratio_test,
+)
 from diffcircuit.stats.tests import independent_p_floor
 
-__all__ = ["CalibrationResult", "MeasureCalibration", "RateCheck", "calibrate", "rate_verdict",
-           "split_half_calibration"]
+__all__ = [
+    "CalibrationResult",
+    "MeasureCalibration",
+    "RateCheck",
+    "calibrate",
+    "rate_verdict",
+    "split_half_calibration",
+]
 
 COVERAGE = 0.95
-_MEASURES = {"ablation_participation_ratio": participation_ratio, "ablation_heads_for_90pct": heads_for_fraction,
-             "mean_entropy_norm": mean_value, "mean_effective_keys_frac": mean_value}
-_ORDER = ("miscalibrated", "cannot reject at this n", "no intervals at this n", "too few splits to tell",
-          "consistent with nominal")  # worst first: a measure's (and the run's) verdict is its worst
+_MEASURES = {
+    "ablation_participation_ratio": participation_ratio,
+    "ablation_heads_for_90pct": heads_for_fraction,
+    "mean_entropy_norm": mean_value,
+    "mean_effective_keys_frac": mean_value,
+}
+_ORDER = (
+    "miscalibrated",
+    "cannot reject at this n",
+    "no intervals at this n",
+    "too few splits to tell",
+    "consistent with nominal",
+)  # worst first: a measure's (and the run's) verdict is its worst
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,20 +81,32 @@ def rate_verdict(count: int, n: int, *, nominal: float, worst: float, kind: str)
     """The verdict on an observed rate ``count / n`` against ``nominal``; ``worst``: the tolerance limit
     (a false-positive rate above it, or a coverage below it, is a problem). ``kind``: 'fpr' or 'coverage'."""
     if n == 0:
-        return RateCheck(rate=float("nan"), count=0, n=0, ci_low=float("nan"), ci_high=float("nan"), nominal=nominal,
-                         verdict="no intervals at this n" if kind == "coverage" else "cannot reject at this n")
+        return RateCheck(
+            rate=float("nan"),
+            count=0,
+            n=0,
+            ci_low=float("nan"),
+            ci_high=float("nan"),
+            nominal=nominal,
+            verdict="no intervals at this n" if kind == "coverage" else "cannot reject at this n",
+        )
     ci = stats.binomtest(count, n, nominal).proportion_ci(0.95, method="exact")
     low, high = float(ci.low), float(ci.high)
     if not low <= nominal <= high:
         bad_side = (low > nominal) if kind == "fpr" else (high < nominal)
-        side = ("anti-conservative" if kind == "fpr" else "undercovers") if bad_side else (
-            "conservative" if kind == "fpr" else "overcovers")
+        side = (
+            ("anti-conservative" if kind == "fpr" else "undercovers")
+            if bad_side
+            else ("conservative" if kind == "fpr" else "overcovers")
+        )
         verdict = f"miscalibrated ({side})"
     elif (high > worst) if kind == "fpr" else (low < worst):
         verdict = "too few splits to tell"
     else:
         verdict = "consistent with nominal"
-    return RateCheck(rate=count / n, count=count, n=n, ci_low=low, ci_high=high, nominal=nominal, verdict=verdict)
+    return RateCheck(
+        rate=count / n, count=count, n=n, ci_low=low, ci_high=high, nominal=nominal, verdict=verdict
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +120,9 @@ class MeasureCalibration:
 
 
 def _worst(*verdicts: str) -> str:
-    return min(verdicts, key=lambda v: next(i for i, name in enumerate(_ORDER) if v.startswith(name)))
+    return min(
+        verdicts, key=lambda v: next(i for i, name in enumerate(_ORDER) if v.startswith(name))
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,58 +142,120 @@ class CalibrationResult:
         return self.measures[0].coverage.rate
 
 
-def _one_measure(name: str, rows: np.ndarray, *, splits, alpha, n_boot, n_perm, rng) -> MeasureCalibration:
+def _one_measure(
+    name: str, rows: np.ndarray, *, splits, alpha, n_boot, n_perm, rng
+) -> MeasureCalibration:
     half = len(rows) // 2
     rejected = tested = covered = intervals = 0
     can_reject = independent_p_floor(half, half, n_perm, two_sided=False, swap_ties=True) < alpha
     for _ in range(splits):
         perm = rng.permutation(len(rows))
-        res = ratio_test(rows[perm[:half]], rows[perm[half: 2 * half]], _MEASURES[name], n_boot=n_boot, n_perm=n_perm,
-                         alpha=alpha, seed=int(rng.integers(2**31)))
+        res = ratio_test(
+            rows[perm[:half]],
+            rows[perm[half : 2 * half]],
+            _MEASURES[name],
+            n_boot=n_boot,
+            n_perm=n_perm,
+            alpha=alpha,
+            seed=int(rng.integers(2**31)),
+        )
         if np.isfinite(res.p_value):
             tested += 1
             rejected += res.p_value < alpha
         if res.ci_withheld is None:
             intervals += 1
             covered += res.ci_low <= 1.0 <= res.ci_high
-    fpr = rate_verdict(rejected, tested if can_reject else 0, nominal=alpha, worst=2 * alpha, kind="fpr")
+    fpr = rate_verdict(
+        rejected, tested if can_reject else 0, nominal=alpha, worst=2 * alpha, kind="fpr"
+    )
     cov = rate_verdict(covered, intervals, nominal=COVERAGE, worst=COVERAGE - 0.05, kind="coverage")
-    return MeasureCalibration(measure=name, primary=name == "ablation_participation_ratio", false_positive=fpr,
-                              coverage=cov, n_per_half=half, verdict=_worst(fpr.verdict, cov.verdict))
+    return MeasureCalibration(
+        measure=name,
+        primary=name == "ablation_participation_ratio",
+        false_positive=fpr,
+        coverage=cov,
+        n_per_half=half,
+        verdict=_worst(fpr.verdict, cov.verdict),
+    )
 
 
-def split_half_calibration(rows, *, splits: int = 200, alpha: float = 0.05, n_boot: int = 200, n_perm: int = 199,
-                           seed: int = 0) -> CalibrationResult:
+def split_half_calibration(
+    rows,
+    *,
+    splits: int = 200,
+    alpha: float = 0.05,
+    n_boot: int = 200,
+    n_perm: int = 199,
+    seed: int = 0,
+) -> CalibrationResult:
     """Random half-vs-half ratio tests of each measure. ``rows``: measure name -> [images x values] of one
     distribution (a bare array is taken as ``mean_entropy_norm``'s)."""
     if not isinstance(rows, dict):
         rows = {"mean_entropy_norm": np.asarray(rows, float)}
     order = sorted(rows, key=lambda m: list(_MEASURES).index(m))  # the primary measure first
     rng = np.random.default_rng(seed)
-    measures = tuple(_one_measure(m, np.asarray(rows[m], float), splits=splits, alpha=alpha, n_boot=n_boot,
-                                  n_perm=n_perm, rng=rng) for m in order)
-    return CalibrationResult(splits=splits, alpha=alpha, n_images=2 * (len(next(iter(rows.values()))) // 2),
-                             measures=measures, verdict=_worst(*(m.verdict for m in measures)))
+    measures = tuple(
+        _one_measure(
+            m,
+            np.asarray(rows[m], float),
+            splits=splits,
+            alpha=alpha,
+            n_boot=n_boot,
+            n_perm=n_perm,
+            rng=rng,
+        )
+        for m in order
+    )
+    return CalibrationResult(
+        splits=splits,
+        alpha=alpha,
+        n_images=2 * (len(next(iter(rows.values()))) // 2),
+        measures=measures,
+        verdict=_worst(*(m.verdict for m in measures)),
+    )
 
 
 def _ablation_rows(den, images: np.ndarray, registry, timestep: int, seed: int) -> np.ndarray:
     """[images x heads] single-head mean-ablation degradation (%), as the protocol's primary measure uses."""
-    table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=("mean",), timesteps=[timestep],
-                           seed=seed, dataset="a", registry=registry)
+    table = ablation_sweep(
+        den,
+        images,
+        targets=targets(registry, "head"),
+        methods=("mean",),
+        timesteps=[timestep],
+        seed=seed,
+        dataset="a",
+        registry=registry,
+    )
     return table.pivot_table(index="image", columns="target", values="degradation_pct").to_numpy()
 
 
-def calibrate(spec: ModelSpec | None = None, *, data: str = "faces", n: int = 100, timestep: int = 500,
-              splits: int = 200, seed: int = 0, ablation: bool = True) -> CalibrationResult:
+def calibrate(
+    spec: ModelSpec | None = None,
+    *,
+    data: str = "faces",
+    n: int = 100,
+    timestep: int = 500,
+    splits: int = 200,
+    seed: int = 0,
+    ablation: bool = True,
+) -> CalibrationResult:
     """Split-half calibration on real model outputs: every head's per-image normalised entropy and effective-keys
     fraction, and (``ablation``) its single-head mean-ablation effect. ``spec``: the model (default: the embedded
     one), with a conditional model's prompt, embeddings or class label."""
-    setup = build_setup(spec or ModelSpec(), timesteps=[timestep], images=one_set("a", data, n=n, seed=seed))
+    setup = build_setup(
+        spec or ModelSpec(), timesteps=[timestep], images=one_set("a", data, n=n, seed=seed)
+    )
     den, registry, images = setup.den, setup.registry, setup.sets["a"]
     with setup.autocast():
         heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
-    rows = {m: heads.pivot_table(index="image", columns=["layer", "head"], values=v).to_numpy()
-            for m, v in (("mean_entropy_norm", "entropy_norm"), ("mean_effective_keys_frac", "effective_keys_frac"))}
+    rows = {
+        m: heads.pivot_table(index="image", columns=["layer", "head"], values=v).to_numpy()
+        for m, v in (
+            ("mean_entropy_norm", "entropy_norm"),
+            ("mean_effective_keys_frac", "effective_keys_frac"),
+        )
+    }
     if ablation:
         with setup.autocast():
             effects = _ablation_rows(den, images.images, registry, timestep, seed)

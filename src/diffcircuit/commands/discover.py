@@ -33,7 +33,12 @@ from pathlib import Path
 import pandas as pd
 
 from diffcircuit.discovery.circuits import METRICS
-from diffcircuit.discovery.run import PRIMARY_TAU, circuit_complexity, discover_circuits, importance_rows
+from diffcircuit.discovery.run import (
+    PRIMARY_TAU,
+    circuit_complexity,
+    discover_circuits,
+    importance_rows,
+)
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
@@ -42,7 +47,12 @@ from diffcircuit.metrics.observe import observe_with_null
 from diffcircuit.models.spec import ModelSpec
 from diffcircuit.protocol.config import MEAN_REFERENCES, SYNTHETIC_COLORS, RunConfig
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
-from diffcircuit.protocol.roles import head_roles_table, null_blocks, permutation_table, role_tests_table
+from diffcircuit.protocol.roles import (
+    head_roles_table,
+    null_blocks,
+    permutation_table,
+    role_tests_table,
+)
 from diffcircuit.protocol.setup import build_setup
 from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
 
@@ -67,40 +77,81 @@ class DiscoverConfig(ModelSpec):
     ig_steps: int = 0  # > 0: integrated gradients with this many steps (with or without probes)
     taus: tuple[float, ...] = (0.02, PRIMARY_TAU, 0.1)
     resamples: int = 10  # bootstrap resamples of the images at the primary τ
-    metric: str = "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
+    metric: str = (
+        "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
+    )
     synthetic_color: str = "auto"  # as in `run`: gray when the other set is grayscale
-    match_histogram: bool = False  # match each synthetic image's luminance histogram to the other set's
+    match_histogram: bool = (
+        False  # match each synthetic image's luminance histogram to the other set's
+    )
     mean_reference: str = "heldout"  # mean ablation's reference: "heldout", "pooled" or "insample"
 
     def __post_init__(self):
         super().__post_init__()
         if self.ranking not in RANKINGS:
-            raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}", "ranking")
-        if self.n < 2 or self.batch_size < 1 or self.resamples < 0 or self.probes < 0 or self.ig_steps < 0:
-            raise ConfigError("need n >= 2, batch_size >= 1, resamples >= 0, probes >= 0 and ig_steps >= 0",
-                              "n", "batch_size", "resamples", "probes", "ig_steps")
+            raise ConfigError(
+                f"ranking must be one of {', '.join(RANKINGS)}, not {self.ranking!r}", "ranking"
+            )
+        if (
+            self.n < 2
+            or self.batch_size < 1
+            or self.resamples < 0
+            or self.probes < 0
+            or self.ig_steps < 0
+        ):
+            raise ConfigError(
+                "need n >= 2, batch_size >= 1, resamples >= 0, probes >= 0 and ig_steps >= 0",
+                "n",
+                "batch_size",
+                "resamples",
+                "probes",
+                "ig_steps",
+            )
         if self.ig_steps and self.probes:
-            raise ConfigError("ig_steps and probes are alternatives (integrated gradients already include the "
-                              "curvature along their path); give one of them", "ig_steps", "probes")
+            raise ConfigError(
+                "ig_steps and probes are alternatives (integrated gradients already include the "
+                "curvature along their path); give one of them",
+                "ig_steps",
+                "probes",
+            )
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
-            raise ConfigError(f"every τ in taus must be a fraction of the gap L_empty − L_full in (0, 1); got "
-                              f"{list(self.taus)}", "taus")
+            raise ConfigError(
+                f"every τ in taus must be a fraction of the gap L_empty − L_full in (0, 1); got "
+                f"{list(self.taus)}",
+                "taus",
+            )
         if PRIMARY_TAU not in self.taus:
             raise ConfigError(f"taus must include the primary τ {PRIMARY_TAU}", "taus")
         if self.metric not in METRICS:
-            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}", "metric")
+            raise ConfigError(
+                f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}", "metric"
+            )
         if any(not w or not set(w) <= set(self.timesteps) for w in self.windows):
-            raise ConfigError("every window in windows must be a non-empty set of the analysed timesteps",
-                              "windows", "timesteps")
+            raise ConfigError(
+                "every window in windows must be a non-empty set of the analysed timesteps",
+                "windows",
+                "timesteps",
+            )
         if self.synthetic_color not in SYNTHETIC_COLORS:
-            raise ConfigError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not "
-                              f"{self.synthetic_color!r}", "synthetic_color")
+            raise ConfigError(
+                f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not "
+                f"{self.synthetic_color!r}",
+                "synthetic_color",
+            )
         if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
-            raise ConfigError("match_histogram matches the synthetic set to the other dataset: exactly one of "
-                              "data_a and data_b must be 'synthetic'", "match_histogram", "data_a", "data_b")
+            raise ConfigError(
+                "match_histogram matches the synthetic set to the other dataset: exactly one of "
+                "data_a and data_b must be 'synthetic'",
+                "match_histogram",
+                "data_a",
+                "data_b",
+            )
         if self.mean_reference not in MEAN_REFERENCES:
-            raise ConfigError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not "
-                              f"{self.mean_reference!r}", "mean_reference")
+            raise ConfigError(
+                f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not "
+                f"{self.mean_reference!r}",
+                "mean_reference",
+            )
 
 
 @dataclass
@@ -112,15 +163,37 @@ class DiscoveryResult:
     labels: dict[str, str]  # dataset key -> data spec
 
 
-def _rank(cfg: DiscoverConfig, den, registry, key: str, images, progress, reference) -> pd.DataFrame:
+def _rank(
+    cfg: DiscoverConfig, den, registry, key: str, images, progress, reference
+) -> pd.DataFrame:
     if cfg.ranking == "attribution":
-        scores = attribution_scores(den, images, timesteps=cfg.timesteps, method="mean", probes=cfg.probes,
-                                    ig_steps=cfg.ig_steps, seed=cfg.seed, dataset=key, batch_size=cfg.batch_size,
-                                    registry=registry, reference=reference)
+        scores = attribution_scores(
+            den,
+            images,
+            timesteps=cfg.timesteps,
+            method="mean",
+            probes=cfg.probes,
+            ig_steps=cfg.ig_steps,
+            seed=cfg.seed,
+            dataset=key,
+            batch_size=cfg.batch_size,
+            registry=registry,
+            reference=reference,
+        )
         return importance_rows(scores, estimator=scores.estimator.iloc[0])
-    table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=cfg.timesteps,
-                           seed=cfg.seed, dataset=key, batch_size=cfg.batch_size, registry=registry, progress=progress,
-                           reference=reference)
+    table = ablation_sweep(
+        den,
+        images,
+        targets=targets(registry, "head"),
+        methods=["mean"],
+        timesteps=cfg.timesteps,
+        seed=cfg.seed,
+        dataset=key,
+        batch_size=cfg.batch_size,
+        registry=registry,
+        progress=progress,
+        reference=reference,
+    )
     return importance_rows(table)
 
 
@@ -134,8 +207,12 @@ def _ranking_name(cfg: DiscoverConfig) -> str:
     return "attribution: first order, mean ablation"
 
 
-def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
-                  progress: Callable[[str, int, int], None] | None = None) -> DiscoveryResult:
+def run_discovery(
+    cfg: DiscoverConfig,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DiscoveryResult:
     """Rank, prune, trace and resample; write the output directory (see the module docstring)."""
     check_writable(Path(out_dir))
     n_load = cfg.n if cfg.mean_reference == "insample" else 2 * cfg.n
@@ -146,8 +223,12 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
         except DiffcircuitError as err:
             if n_load == cfg.n:
                 raise
-            raise ConfigError(f"{err} (the held-out mean reference needs 2 x n images: lower n or set "
-                              "mean_reference insample)", "n", "mean_reference") from None
+            raise ConfigError(
+                f"{err} (the held-out mean reference needs 2 x n images: lower n or set "
+                "mean_reference insample)",
+                "n",
+                "mean_reference",
+            ) from None
 
     setup = build_setup(cfg, timesteps=cfg.timesteps, images=image_sets)
     den, registry, captions = setup.den, setup.registry, setup.captions
@@ -163,47 +244,124 @@ def run_discovery(cfg: DiscoverConfig, out_dir: str | Path, *,
             done[0] += k
             if progress is not None:
                 progress(name, done[0], total)
+
         return step
 
-    with claim_command(Path(out_dir), "discover", asdict(cfg)), setup.autocast():  # the inputs are valid: ours now
+    with (
+        claim_command(Path(out_dir), "discover", asdict(cfg)),
+        setup.autocast(),
+    ):  # the inputs are valid: ours now
         windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
         observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
-        found = {k: observe_with_null(den, s.images, timesteps=cfg.timesteps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                      dataset=k, masks=s.masks, registry=registry, progress=observe_step, pictures=s.pixels,
-                                      blocks=null_blocks(len(s), RunConfig().role_null_block))
-                 for k, s in sets.items()}
+        found = {
+            k: observe_with_null(
+                den,
+                s.images,
+                timesteps=cfg.timesteps,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                dataset=k,
+                masks=s.masks,
+                registry=registry,
+                progress=observe_step,
+                pictures=s.pixels,
+                blocks=null_blocks(len(s), RunConfig().role_null_block),
+            )
+            for k, s in sets.items()
+        }
         heads = pd.concat([f.heads for f in found.values()], ignore_index=True)
-        perms = {k: permutation_table(f.blocks, seed=cfg.seed, dataset=k, n_permutations=RunConfig().role_permutations)
-                 for k, f in found.items()}
+        perms = {
+            k: permutation_table(
+                f.blocks, seed=cfg.seed, dataset=k, n_permutations=RunConfig().role_permutations
+            )
+            for k, f in found.items()
+        }
         roles = head_roles_table(heads, role_tests_table(heads, perms, seed=cfg.seed))
         rank_step = stage(f"rank ({cfg.ranking})", len(sets) * cfg.n * len(cfg.timesteps))
         importance = []
         for key, image_set in sets.items():
-            importance.append(_rank(cfg, den, registry, key, image_set.images, rank_step, references.get(key)))
+            importance.append(
+                _rank(cfg, den, registry, key, image_set.images, rank_step, references.get(key))
+            )
             if cfg.ranking == "attribution":
                 rank_step(cfg.n * len(cfg.timesteps))
         importance = pd.concat(importance, ignore_index=True)
         table, circuits, curves = discover_circuits(
-            den, {k: s.images for k, s in sets.items()}, importance, registry=registry, windows=windows,
-            taus=cfg.taus, resamples=cfg.resamples, seed=cfg.seed, progress=stage("discover", len(sets) * len(windows)),
-            ranking=_ranking_name(cfg), metric=cfg.metric, references=references, correction="fdr_bh")
+            den,
+            {k: s.images for k, s in sets.items()},
+            importance,
+            registry=registry,
+            windows=windows,
+            taus=cfg.taus,
+            resamples=cfg.resamples,
+            seed=cfg.seed,
+            progress=stage("discover", len(sets) * len(windows)),
+            ranking=_ranking_name(cfg),
+            metric=cfg.metric,
+            references=references,
+            correction="fdr_bh",
+        )
         out = Path(out_dir)
-        for name, frame in (("importance", importance), ("circuits", table), ("circuit_curves", curves), ("head_roles", roles),
-                            ("circuit_complexity", circuit_complexity(circuits))):
+        for name, frame in (
+            ("importance", importance),
+            ("circuits", table),
+            ("circuit_curves", curves),
+            ("head_roles", roles),
+            ("circuit_complexity", circuit_complexity(circuits)),
+        ):
             write_parquet(out / "tables" / f"{name}.parquet", frame)
         for c in circuits:
             write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
-        write_json(out / "discover.json", {
-            "config": asdict(cfg), "finished": True, "model_path": str(den.model_path),
-            "conditioning": den.conditioning.description if den.conditioning else None,
-            "datasets": {k: {"spec": s.spec, "n_images": len(s), "captions": captions[k], "rendering": s.rendering,
-                             "in_training_set": in_training[k],
-                             "mean_reference": None if not references else [
-                                 {"dataset": r.dataset, "images": [int(r.index[0]), int(r.index[-1]) + 1]} for r in references[k]]}
-                         for k, s in sets.items()},
-            "circuits": [{k: c.get(k) for k in ("dataset", "timesteps", "metric", "tau", "claimed", "claim", "gap", "heads",
-                                                "faithfulness", "recovered_without_circuit", "n_necessary", "size_range",
-                                                "size_ci", "resamples", "overlap_with_other", "complexity")}
-                         for c in circuits],
-        })
+        write_json(
+            out / "discover.json",
+            {
+                "config": asdict(cfg),
+                "finished": True,
+                "model_path": str(den.model_path),
+                "conditioning": den.conditioning.description if den.conditioning else None,
+                "datasets": {
+                    k: {
+                        "spec": s.spec,
+                        "n_images": len(s),
+                        "captions": captions[k],
+                        "rendering": s.rendering,
+                        "in_training_set": in_training[k],
+                        "mean_reference": None
+                        if not references
+                        else [
+                            {
+                                "dataset": r.dataset,
+                                "images": [int(r.index[0]), int(r.index[-1]) + 1],
+                            }
+                            for r in references[k]
+                        ],
+                    }
+                    for k, s in sets.items()
+                },
+                "circuits": [
+                    {
+                        k: c.get(k)
+                        for k in (
+                            "dataset",
+                            "timesteps",
+                            "metric",
+                            "tau",
+                            "claimed",
+                            "claim",
+                            "gap",
+                            "heads",
+                            "faithfulness",
+                            "recovered_without_circuit",
+                            "n_necessary",
+                            "size_range",
+                            "size_ci",
+                            "resamples",
+                            "overlap_with_other",
+                            "complexity",
+                        )
+                    }
+                    for c in circuits
+                ],
+            },
+        )
     return DiscoveryResult(circuits=circuits, table=table, curves=curves, roles=roles, labels=specs)

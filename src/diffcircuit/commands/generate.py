@@ -42,17 +42,26 @@ class GenerateConfig(ModelSpec):
     def __post_init__(self):
         super().__post_init__()
         if not self.ablate:
-            raise ConfigError("nothing to intervene on: give ablate (head addresses, layers or blocks)", "ablate")
+            raise ConfigError(
+                "nothing to intervene on: give ablate (head addresses, layers or blocks)", "ablate"
+            )
         if self.method not in SAMPLING_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(SAMPLING_METHODS)}, not {self.method!r}", "method")
+            raise ConfigError(
+                f"method must be one of {', '.join(SAMPLING_METHODS)}, not {self.method!r}",
+                "method",
+            )
         if (self.method == "scale") != (self.scale is not None):
-            raise ConfigError("scale goes with method 'scale' (and only with it)", "scale", "method")
+            raise ConfigError(
+                "scale goes with method 'scale' (and only with it)", "scale", "method"
+            )
         if self.n < 1 or self.steps < 1 or self.n > 64:
             raise ConfigError("need 1 <= n <= 64 and steps >= 1", "n", "steps")
         if self.window is not None and self.window[0] > self.window[1]:
             raise ConfigError("window LO,HI needs LO <= HI", "window")
         if not self.guidance >= 0 or self.guidance == float("inf"):
-            raise ConfigError(f"guidance must be a finite number >= 0, not {self.guidance}", "guidance")
+            raise ConfigError(
+                f"guidance must be a finite number >= 0, not {self.guidance}", "guidance"
+            )
 
 
 @dataclass
@@ -67,8 +76,10 @@ def _target(names: tuple[str, ...], registry, model) -> Target:
     every = {t.name: t for level in LEVELS for t in targets(registry, level, model)}
     unknown = [n for n in names if n not in every]
     if unknown:
-        raise DiffcircuitError(f"{unknown[0]!r} is not a head address, attention layer, block or ResNet block of this "
-                               "model; `diffcircuit info` lists them")
+        raise DiffcircuitError(
+            f"{unknown[0]!r} is not a head address, attention layer, block or ResNet block of this "
+            "model; `diffcircuit info` lists them"
+        )
     chosen = [every[n] for n in names]
     if any(t.level == "resnet" for t in chosen):
         if len(chosen) > 1:
@@ -89,14 +100,24 @@ def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
     diff = (changed - clean).abs()
     top = float(diff.max())
     diff = diff / max(top, 1e-12) * 2 - 1  # largest difference shown white
-    rows = {"clean": clean, "intervened": changed, f"|difference|\nblack 0, white {top:.3g}\n(pixels in [-1, 1])": diff}
+    rows = {
+        "clean": clean,
+        "intervened": changed,
+        f"|difference|\nblack 0, white {top:.3g}\n(pixels in [-1, 1])": diff,
+    }
     n = clean.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.2 * n + 1.2, 4.0), squeeze=False)
     for r, (label, batch) in enumerate(rows.items()):
         for i in range(n):
             img = ((batch[i].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
             ax = axes[r][i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(
+                img[..., 0] if img.shape[-1] == 1 else img,
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -117,25 +138,46 @@ def run_generate(cfg: GenerateConfig, out: str | Path, *, progress=None) -> Gene
     check_writable(out.parent)
     setup = build_setup(cfg)
     den, registry = setup.den, setup.registry
-    unconditional = None if cfg.guidance == 1.0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
+    unconditional = (
+        None if cfg.guidance == 1.0 else unconditional_input(den, allow_pickle=cfg.allow_pickle)
+    )
     target = _target(cfg.ablate, registry, den.network)
     if target.level == "resnet" and cfg.method != "zero":
         raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")
     with setup.autocast():
-        clean, changed = controlled_samples(den, target, n=cfg.n, steps=cfg.steps, seed=cfg.seed, window=cfg.window,
-                                            method=cfg.method, scale=cfg.scale, guidance=cfg.guidance,
-                                            unconditional=unconditional, progress=progress)
+        clean, changed = controlled_samples(
+            den,
+            target,
+            n=cfg.n,
+            steps=cfg.steps,
+            seed=cfg.seed,
+            window=cfg.window,
+            method=cfg.method,
+            scale=cfg.scale,
+            guidance=cfg.guidance,
+            unconditional=unconditional,
+            progress=progress,
+        )
     metrics = sample_metrics(clean, changed)
     what = f"{cfg.method}" + (f" x{cfg.scale:g}" if cfg.scale is not None else "")
     window = "every step" if cfg.window is None else f"t in [{cfg.window[0]}, {cfg.window[1]}]"
     given = den.conditioning.description if den.conditioning else ""
     given += f", guidance {cfg.guidance:g}" if cfg.guidance != 1.0 else ""
-    title = (f"{target.name} ({len(target.heads) or 'ResNet'} heads): {what}, {window}; DDIM {cfg.steps} steps, seed {cfg.seed}; "
-             + (f"{given}; " if given else "") + f"pixel MSE {metrics.pixel_mse.mean():.4g}, SSIM {metrics.ssim.mean():.3f}")
+    title = (
+        f"{target.name} ({len(target.heads) or 'ResNet'} heads): {what}, {window}; DDIM {cfg.steps} steps, seed {cfg.seed}; "
+        + (f"{given}; " if given else "")
+        + f"pixel MSE {metrics.pixel_mse.mean():.4g}, SSIM {metrics.ssim.mean():.3f}"
+    )
     atomic_write_bytes(out, _grid_png(clean, changed, title))
-    write_json(out.with_suffix(".json"), {"config": asdict(cfg), "target": target.name,
-                                          "heads": [str(a) for a in target.heads],
-                                          "samples": json.loads(metrics.to_json(orient="records")),
-                                          "pixel_mse_mean": float(metrics.pixel_mse.mean()),
-                                          "ssim_mean": float(metrics.ssim.mean())})
+    write_json(
+        out.with_suffix(".json"),
+        {
+            "config": asdict(cfg),
+            "target": target.name,
+            "heads": [str(a) for a in target.heads],
+            "samples": json.loads(metrics.to_json(orient="records")),
+            "pixel_mse_mean": float(metrics.pixel_mse.mean()),
+            "ssim_mean": float(metrics.ssim.mean()),
+        },
+    )
     return GenerateResult(target=target, metrics=metrics, clean=clean, changed=changed)

@@ -25,11 +25,17 @@ __all__ = ["GuidanceResult", "run_guidance"]
 @dataclass(frozen=True, kw_only=True)
 class GuidanceResult:
     out_dir: Path
-    table: pd.DataFrame  # per dataset x timestep x head: conditional − unconditional normalised entropy, CI, p, q
+    table: (
+        pd.DataFrame
+    )  # per dataset x timestep x head: conditional − unconditional normalised entropy, CI, p, q
 
 
-def run_guidance(cfg: RunConfig, out_dir: str | Path, *,
-                 progress: Callable[[str, str, int, int], None] | None = None) -> GuidanceResult:
+def run_guidance(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[str, str, int, int], None] | None = None,
+) -> GuidanceResult:
     """Run ``cfg`` (its prompt: the conditional branch) and its unconditional twin into ``out_dir/conditional`` and
     ``out_dir/unconditional``; write ``out_dir/guidance.parquet``. ``progress(branch, stage, done, total)``."""
     from diffcircuit.protocol.runner import run_protocol
@@ -37,15 +43,29 @@ def run_guidance(cfg: RunConfig, out_dir: str | Path, *,
 
     out = Path(out_dir)
     if not cfg.prompt:
-        raise ConfigError("prompt must not be empty: the empty prompt is the unconditional branch", "prompt")
+        raise ConfigError(
+            "prompt must not be empty: the empty prompt is the unconditional branch", "prompt"
+        )
     if out.exists():
         raise InputError(f"{out} exists; the comparison goes into a new directory")
-    branches = {"conditional": dataclasses.replace(cfg, prompt_embeds=None),
-                "unconditional": dataclasses.replace(cfg, prompt=None, prompt_embeds=None, captions=False)}
+    branches = {
+        "conditional": dataclasses.replace(cfg, prompt_embeds=None),
+        "unconditional": dataclasses.replace(cfg, prompt=None, prompt_embeds=None, captions=False),
+    }
     for name, branch in branches.items():
-        report = None if progress is None else (lambda stage, done, total, name=name: progress(name, stage, done, total))
-        finalize_run(run_protocol(branch, out / name, progress=report).out_dir)  # each branch a whole run
-    heads = {name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches}
-    table = guidance_table(heads["conditional"], heads["unconditional"], seed=cfg.seed, correction=cfg.correction)
+        report = (
+            None
+            if progress is None
+            else (lambda stage, done, total, name=name: progress(name, stage, done, total))
+        )
+        finalize_run(
+            run_protocol(branch, out / name, progress=report).out_dir
+        )  # each branch a whole run
+    heads = {
+        name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches
+    }
+    table = guidance_table(
+        heads["conditional"], heads["unconditional"], seed=cfg.seed, correction=cfg.correction
+    )
     write_parquet(out / "guidance.parquet", table)
     return GuidanceResult(out_dir=out, table=table)

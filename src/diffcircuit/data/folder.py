@@ -47,7 +47,9 @@ def _to_mode(im, channels: int):
     if im.mode in _HIGH_BIT_MODES:
         wide = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode != "I" or wide.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(np.round(wide / peak * 255), 0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray(
+            np.clip(np.round(wide / peak * 255), 0, 255).astype(np.uint8), mode="L"
+        )
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     return im.convert("RGB" if channels == 3 else "L")
@@ -65,25 +67,37 @@ def prepare_image(path: Path, *, size: int, channels: int) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if min(w, h) < MIN_SIDE:
-                    raise DiffcircuitError(f"image {path} is {w}x{h}; the minimum is {MIN_SIDE}x{MIN_SIDE} pixels")
+                    raise DiffcircuitError(
+                        f"image {path} is {w}x{h}; the minimum is {MIN_SIDE}x{MIN_SIDE} pixels"
+                    )
                 im = _to_mode(im, channels)
                 side = min(w, h)
                 left, top = (w - side) // 2, (h - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+                im = im.crop((left, top, left + side, top + side)).resize(
+                    (size, size), Image.Resampling.LANCZOS
+                )
                 pixels = np.asarray(im, dtype=np.float32)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise DiffcircuitError(f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
-                               "limit); refusing to decode it") from None
+        raise DiffcircuitError(
+            f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
+            "limit); refusing to decode it"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DiffcircuitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DiffcircuitError(
+            f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return pixels / 127.5 - 1.0
 
 
-def folder_images(folder: Path, *, n: int, size: int, channels: int, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
+def folder_images(
+    folder: Path, *, n: int, size: int, channels: int, skip_bad: bool = False
+) -> tuple[np.ndarray, list[str]]:
     """The first ``n`` readable images of ``folder`` and their paths relative to it."""
     if channels not in (1, 3):
-        raise DiffcircuitError(f"image folders can feed 1- or 3-channel models, not {channels}-channel")
+        raise DiffcircuitError(
+            f"image folders can feed 1- or 3-channel models, not {channels}-channel"
+        )
     files = list_images(folder)
     if not files:
         raise DiffcircuitError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
@@ -95,7 +109,9 @@ def folder_images(folder: Path, *, n: int, size: int, channels: int, skip_bad: b
             images.append(prepare_image(path, size=size, channels=channels))
         except DiffcircuitError as exc:
             if not skip_bad:
-                raise DiffcircuitError(f"{exc} (pass --skip-bad to skip unreadable files)") from None
+                raise DiffcircuitError(
+                    f"{exc} (pass --skip-bad to skip unreadable files)"
+                ) from None
             warnings.warn(f"skipping {exc}", DiffcircuitWarning, stacklevel=2)
             continue
         names.append(str(path.relative_to(folder)))

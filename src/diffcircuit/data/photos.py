@@ -18,10 +18,35 @@ import numpy as np
 
 from diffcircuit.data.synthetic import LUMA_WEIGHTS
 
-__all__ = ["BASE_SIDE", "MIN_FRACTION", "PHOTO_NAMESPACE", "TRAIN_PHOTOS", "photo_crops", "sample_photos"]
+__all__ = [
+    "BASE_SIDE",
+    "MIN_FRACTION",
+    "PHOTO_NAMESPACE",
+    "TRAIN_PHOTOS",
+    "photo_crops",
+    "sample_photos",
+]
 
-TRAIN_PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "rocket", "brick", "grass", "gravel", "coins",
-                "clock", "moon", "page", "text", "hubble_deep_field", "immunohistochemistry", "retina", "cell")
+TRAIN_PHOTOS = (
+    "astronaut",
+    "camera",
+    "cat",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "clock",
+    "moon",
+    "page",
+    "text",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cell",
+)
 BASE_SIDE = 160  # pixels on the short side after the one-off shrink
 MIN_FRACTION = 0.2  # smallest crop side, as a fraction of the short side (0.2 * 160 = 32 px)
 PHOTO_NAMESPACE = 0x70686F74  # "phot": the third seed word of every crop generator
@@ -50,7 +75,7 @@ def _crop(photo: np.ndarray, rng: np.random.Generator, size: int, gray_share: fl
     h, w, _ = photo.shape
     side = int(round(rng.uniform(MIN_FRACTION, 1.0) * min(h, w)))
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    patch = photo[top:top + side, left:left + side]
+    patch = photo[top : top + side, left : left + side]
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
     patch = resize(patch, (size, size, 3), anti_aliasing=True, order=1)
@@ -59,7 +84,9 @@ def _crop(photo: np.ndarray, rng: np.random.Generator, size: int, gray_share: fl
     return patch.transpose(2, 0, 1)
 
 
-def photo_crops(n: int, *, size: int = 32, seed: int = 0, start: int = 0, gray_share: float = 0.5) -> np.ndarray:
+def photo_crops(
+    n: int, *, size: int = 32, seed: int = 0, start: int = 0, gray_share: float = 0.5
+) -> np.ndarray:
     """Crops ``start .. start+n-1``: float32 ``[n, 3, size, size]`` in [-1, 1]."""
     photos = sample_photos()
     out = np.empty((n, 3, size, size), dtype=np.float32)

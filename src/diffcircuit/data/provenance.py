@@ -41,7 +41,11 @@ def read_training_record(*folders: Path) -> dict | None:
                 record = json.loads(path.read_text())
             except ValueError:
                 return None  # unreadable: unknown, not zero
-            return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+            return (
+                record
+                if isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+                else None
+            )
     return None
 
 
@@ -61,8 +65,11 @@ def in_training_set(record: dict | None, spec: str, *, n: int, seed: int = 0) ->
         return None
     sources = record.get("sources", [])
     if spec == "synthetic":
-        ranges = [tuple(s["indices"]) for s in sources
-                  if s["kind"] == "synthetic" and s.get("namespace", 0) == 0 and s["seed"] == seed]
+        ranges = [
+            tuple(s["indices"])
+            for s in sources
+            if s["kind"] == "synthetic" and s.get("namespace", 0) == 0 and s["seed"] == seed
+        ]
     elif spec in ("faces", "nonfaces"):
         ranges = [tuple(s["indices"]) for s in sources if s["kind"] == "lfw" and s["which"] == spec]
     else:

@@ -33,8 +33,15 @@ from diffcircuit.data.folder import folder_images
 from diffcircuit.data.synthetic import LUMA_WEIGHTS, SEED_LIMIT, synthetic_images
 from diffcircuit.errors import ConfigError, DiffcircuitError
 
-__all__ = ["BUILTIN_SPECS", "ImageSet", "LazyImages", "is_grayscale", "load_images", "match_levels",
-           "match_luminance"]
+__all__ = [
+    "BUILTIN_SPECS",
+    "ImageSet",
+    "LazyImages",
+    "is_grayscale",
+    "load_images",
+    "match_levels",
+    "match_luminance",
+]
 
 BUILTIN_SPECS = ("synthetic", "faces", "nonfaces")
 
@@ -46,8 +53,15 @@ class LazyImages:
     integer arrays pick rows one by one; ``np.asarray`` gives the whole array.
     """
 
-    def __init__(self, n: int, item_shape: tuple[int, ...], dtype, load: Callable[[int, int], np.ndarray]):
-        self._n, self._item_shape, self.dtype, self._load = n, tuple(item_shape), np.dtype(dtype), load
+    def __init__(
+        self, n: int, item_shape: tuple[int, ...], dtype, load: Callable[[int, int], np.ndarray]
+    ):
+        self._n, self._item_shape, self.dtype, self._load = (
+            n,
+            tuple(item_shape),
+            np.dtype(dtype),
+            load,
+        )
 
     def __len__(self) -> int:
         return self._n
@@ -79,7 +93,7 @@ class LazyImages:
 
     def chunks(self, size: int = 256) -> Iterator[np.ndarray]:
         for lo in range(0, self._n, size):
-            yield self[lo:lo + size]
+            yield self[lo : lo + size]
 
 
 def _luminance(images: np.ndarray) -> np.ndarray:
@@ -95,7 +109,9 @@ def match_levels(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
     source level, occupying sorted positions [lo, hi), becomes the mean of the sorted reference values there."""
     ref = np.sort(np.asarray(reference, dtype=np.float64).ravel())
     if ref.size != source.size:
-        raise ConfigError(f"histogram matching needs equally many pixels, not {source.size} and {ref.size}")
+        raise ConfigError(
+            f"histogram matching needs equally many pixels, not {source.size} and {ref.size}"
+        )
     levels, inverse, counts = np.unique(source, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)  # [levels]: where each level's sorted positions end
     sums = np.concatenate([[0.0], np.cumsum(ref)])
@@ -111,32 +127,62 @@ def match_luminance(images: np.ndarray, reference: np.ndarray, first: int = 0) -
     """
     lum, ref = _luminance(images), _luminance(reference)
     if lum.shape[1:] != ref.shape[1:]:
-        raise ConfigError(f"histogram matching needs images of one size, not {lum.shape[1:]} and {ref.shape[1:]}")
+        raise ConfigError(
+            f"histogram matching needs images of one size, not {lum.shape[1:]} and {ref.shape[1:]}"
+        )
     x = (np.asarray(images, dtype=np.float64) + 1) / 2
     out = np.empty_like(x)
     for i in range(len(x)):
-        matched = match_levels(lum[i], ref[(first + i) % len(ref)])  # [H, W], values from the reference
-        out[i] = matched[None] if is_grayscale(images[i:i + 1]) else np.clip(x[i] + (matched - lum[i])[None], 0, 1)
+        matched = match_levels(
+            lum[i], ref[(first + i) % len(ref)]
+        )  # [H, W], values from the reference
+        out[i] = (
+            matched[None]
+            if is_grayscale(images[i : i + 1])
+            else np.clip(x[i] + (matched - lum[i])[None], 0, 1)
+        )
     return (out * 2 - 1).astype(np.float32)
 
 
 def is_grayscale(images) -> bool:
     """True when every image has one channel or identical channels (R = G = B), as LFW's faces after loading."""
     chunks = images.chunks() if isinstance(images, LazyImages) else [np.asarray(images)]
-    return all(c.shape[1] == 1 or all(np.array_equal(c[:, 0], c[:, k]) for k in range(1, c.shape[1])) for c in chunks)
+    return all(
+        c.shape[1] == 1 or all(np.array_equal(c[:, 0], c[:, k]) for k in range(1, c.shape[1]))
+        for c in chunks
+    )
 
 
 class _SyntheticSource:
     """Synthetic images and masks by slice; the last slice is kept, since images and masks are asked in pairs."""
 
-    def __init__(self, size: int, channels: int, seed: int, gray: bool = False, match_to: np.ndarray | None = None):
-        self.size, self.channels, self.seed, self.gray, self.match_to = size, channels, seed, gray, match_to
+    def __init__(
+        self,
+        size: int,
+        channels: int,
+        seed: int,
+        gray: bool = False,
+        match_to: np.ndarray | None = None,
+    ):
+        self.size, self.channels, self.seed, self.gray, self.match_to = (
+            size,
+            channels,
+            seed,
+            gray,
+            match_to,
+        )
         self._last = None
 
     def __call__(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         if self._last is None or self._last[0] != (lo, hi):
-            images, masks, _ = synthetic_images(hi - lo, size=self.size, channels=self.channels, seed=self.seed, start=lo,
-                                                gray=self.gray)
+            images, masks, _ = synthetic_images(
+                hi - lo,
+                size=self.size,
+                channels=self.channels,
+                seed=self.seed,
+                start=lo,
+                gray=self.gray,
+            )
             if self.match_to is not None and hi > lo:
                 images = match_luminance(images, self.match_to, first=lo)
             self._last = ((lo, hi), (images, masks))
@@ -151,10 +197,16 @@ class ImageSet:
     spec: str
     images: np.ndarray | LazyImages
     names: tuple[str, ...]  # one label per image: its index or its path in the folder
-    masks: np.ndarray | LazyImages | None = None  # [n, size, size] object masks (synthetic only), in pixels
+    masks: np.ndarray | LazyImages | None = (
+        None  # [n, size, size] object masks (synthetic only), in pixels
+    )
     pixels: np.ndarray | LazyImages | None = None  # latent models: the images ``images`` encode
-    captions: tuple[str, ...] | None = None  # one prompt per image (an image folder's captions.csv / .jsonl)
-    rendering: str | None = None  # synthetic sets: "color" or "gray", and "+histogram-matched" when matched
+    captions: tuple[str, ...] | None = (
+        None  # one prompt per image (an image folder's captions.csv / .jsonl)
+    )
+    rendering: str | None = (
+        None  # synthetic sets: "color" or "gray", and "+histogram-matched" when matched
+    )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -168,7 +220,9 @@ class ImageSet:
     def fingerprint(self) -> str:
         """SHA-256 of the prepared pixels (and captions): two runs saw the same data iff these match."""
         digest = hashlib.sha256()
-        chunks = self.pictures.chunks() if isinstance(self.pictures, LazyImages) else [self.pictures]
+        chunks = (
+            self.pictures.chunks() if isinstance(self.pictures, LazyImages) else [self.pictures]
+        )
         for chunk in chunks:
             digest.update(np.ascontiguousarray(chunk).tobytes())
         for caption in self.captions or ():
@@ -176,35 +230,62 @@ class ImageSet:
         return digest.hexdigest()[:16]
 
 
-def load_images(spec: str, *, n: int, size: int, channels: int, seed: int = 0, skip_bad: bool = False,
-                gray: bool = False, match_to: np.ndarray | None = None) -> ImageSet:
+def load_images(
+    spec: str,
+    *,
+    n: int,
+    size: int,
+    channels: int,
+    seed: int = 0,
+    skip_bad: bool = False,
+    gray: bool = False,
+    match_to: np.ndarray | None = None,
+) -> ImageSet:
     """Resolve a data spec to ``n`` prepared images. ``gray`` and ``match_to`` (reference images ``[m, C, size,
     size]`` for histogram matching) apply to the synthetic set only."""
     if n < 1:
         raise DiffcircuitError(f"need at least one image, not n={n}")
     if (gray or match_to is not None) and spec != "synthetic":
-        raise DiffcircuitError(f"grayscale rendering and histogram matching apply to the synthetic set, not {spec!r}")
+        raise DiffcircuitError(
+            f"grayscale rendering and histogram matching apply to the synthetic set, not {spec!r}"
+        )
     if spec == "synthetic":
         if not 0 <= seed < SEED_LIMIT or n > SEED_LIMIT:
             raise DiffcircuitError(f"seed must lie in [0, 2**32) for synthetic images, not {seed}")
         if match_to is not None:
             match_to = np.asarray(match_to, dtype=np.float32)
             if match_to.shape[-2:] != (size, size) or len(match_to) == 0:
-                raise DiffcircuitError(f"histogram matching needs reference images of {size}x{size} pixels")
+                raise DiffcircuitError(
+                    f"histogram matching needs reference images of {size}x{size} pixels"
+                )
         source = _SyntheticSource(size, channels, seed, gray, match_to)
         source(0, 1)  # fails here, not mid-run, on a size or channel count it cannot make
         images = LazyImages(n, (channels, size, size), np.float32, lambda lo, hi: source(lo, hi)[0])
         masks = LazyImages(n, (size, size), bool, lambda lo, hi: source(lo, hi)[1])
-        rendering = ("gray" if gray or channels == 1 else "color") + ("+histogram-matched" if match_to is not None else "")
-        return ImageSet(spec=spec, images=images, names=tuple(str(i) for i in range(n)), masks=masks, rendering=rendering)
+        rendering = ("gray" if gray or channels == 1 else "color") + (
+            "+histogram-matched" if match_to is not None else ""
+        )
+        return ImageSet(
+            spec=spec,
+            images=images,
+            names=tuple(str(i) for i in range(n)),
+            masks=masks,
+            rendering=rendering,
+        )
     if spec in ("faces", "nonfaces"):
         if n > LFW_FACES:
-            raise DiffcircuitError(f"'{spec}' has {LFW_FACES} images (LFW subset); ask for --n {LFW_FACES} or fewer, or give an image folder")
+            raise DiffcircuitError(
+                f"'{spec}' has {LFW_FACES} images (LFW subset); ask for --n {LFW_FACES} or fewer, or give an image folder"
+            )
         images = lfw_images(spec, size=size, channels=channels)[:n]
         return ImageSet(spec=spec, images=images, names=tuple(str(i) for i in range(n)))
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise DiffcircuitError(f"data spec {spec!r} is not one of {', '.join(BUILTIN_SPECS)} nor an existing folder")
+        raise DiffcircuitError(
+            f"data spec {spec!r} is not one of {', '.join(BUILTIN_SPECS)} nor an existing folder"
+        )
     captions_for(folder, [])  # a malformed caption file fails before any image is read
     images, names = folder_images(folder, n=n, size=size, channels=channels, skip_bad=skip_bad)
-    return ImageSet(spec=str(folder), images=images, names=tuple(names), captions=captions_for(folder, names))
+    return ImageSet(
+        spec=str(folder), images=images, names=tuple(names), captions=captions_for(folder, names)
+    )

@@ -29,7 +29,9 @@ __all__ = ["LUMA_WEIGHTS", "SEED_LIMIT", "SHAPE_KINDS", "synthetic_images"]
 
 SHAPE_KINDS = ("circle", "square", "triangle", "stripes", "checkerboard", "gradient")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance, as metrics.probes uses
-SEED_LIMIT = 2**32  # seeds, indices and namespaces are single 32-bit words (see the module docstring)
+SEED_LIMIT = (
+    2**32
+)  # seeds, indices and namespaces are single 32-bit words (see the module docstring)
 _SUPERSAMPLE = 4
 
 
@@ -100,7 +102,9 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.nd
     return c1[:, None, None] * (1 - w) + c2[:, None, None] * w
 
 
-def _one_image(size: int, channels: int, rng: np.random.Generator, gray: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+def _one_image(
+    size: int, channels: int, rng: np.random.Generator, gray: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
     y, x = _grid(size)
     kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
     region = _shape_region(kind, rng, y, x)
@@ -119,7 +123,13 @@ def _one_image(size: int, channels: int, rng: np.random.Generator, gray: bool = 
 
 
 def synthetic_images(
-    n: int, *, size: int = 32, channels: int = 3, seed: int = 0, start: int = 0, gray: bool = False,
+    n: int,
+    *,
+    size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    start: int = 0,
+    gray: bool = False,
     namespace: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images ``start .. start+n-1`` of the seeded synthetic distribution (``namespace`` 0: the analysed
@@ -130,9 +140,16 @@ def synthetic_images(
     """
     if n < 0 or size < 4:
         raise ConfigError("need n >= 0 and size >= 4")
-    if not (0 <= seed < SEED_LIMIT and 0 <= start and start + n <= SEED_LIMIT and 0 <= namespace < SEED_LIMIT):
-        raise ConfigError(f"synthetic seeds, image indices and namespaces must lie in [0, 2**32), not seed={seed}, "
-                         f"indices {start}..{start + n - 1}, namespace={namespace}")
+    if not (
+        0 <= seed < SEED_LIMIT
+        and 0 <= start
+        and start + n <= SEED_LIMIT
+        and 0 <= namespace < SEED_LIMIT
+    ):
+        raise ConfigError(
+            f"synthetic seeds, image indices and namespaces must lie in [0, 2**32), not seed={seed}, "
+            f"indices {start}..{start + n - 1}, namespace={namespace}"
+        )
     images = np.empty((n, channels, size, size), dtype=np.float32)
     masks = np.empty((n, size, size), dtype=bool)
     kinds = []

@@ -33,9 +33,19 @@ from collections.abc import Collection
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CAPTURE_STATISTICS", "attention_stats_fused", "attention_stats_naive", "partner_moments"]
+__all__ = [
+    "CAPTURE_STATISTICS",
+    "attention_stats_fused",
+    "attention_stats_naive",
+    "partner_moments",
+]
 
-CAPTURE_STATISTICS = ("entropy_nats", "perplexity", "moments", "partner_moments")  # what a capture can record
+CAPTURE_STATISTICS = (
+    "entropy_nats",
+    "perplexity",
+    "moments",
+    "partner_moments",
+)  # what a capture can record
 _ENTROPY = ("entropy_nats", "perplexity")  # both come from the per-query entropy H_i
 
 
@@ -57,8 +67,15 @@ def _entropy_stats(h_query: torch.Tensor, stats: Collection[str]) -> dict[str, t
     return out
 
 
-def attention_stats_naive(query, key, value, mask, scale: float, feats: torch.Tensor | None,
-                          stats: Collection[str] = CAPTURE_STATISTICS):
+def attention_stats_naive(
+    query,
+    key,
+    value,
+    mask,
+    scale: float,
+    feats: torch.Tensor | None,
+    stats: Collection[str] = CAPTURE_STATISTICS,
+):
     """Reference path: explicit softmax. Shapes: q [B, h, Q, d], k/v [B, h, K, d], feats [B, K, C]."""
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # [B, h, Q, K]
     if mask is not None:
@@ -67,7 +84,9 @@ def attention_stats_naive(query, key, value, mask, scale: float, feats: torch.Te
     probs = logp.exp()
     out = {}
     if any(name in stats for name in _ENTROPY):
-        h_query = -torch.where(probs > 0, probs * logp, 0.0).sum(-1)  # [B, h, Q]; masked keys add 0, not nan
+        h_query = -torch.where(probs > 0, probs * logp, 0.0).sum(
+            -1
+        )  # [B, h, Q]; masked keys add 0, not nan
         out = _entropy_stats(h_query, stats)
     if feats is not None and "moments" in stats:
         out["moments"] = _moments(probs @ feats.float()[:, None], feats.float())
@@ -78,7 +97,9 @@ def _value_buffer(key, value, feats) -> torch.Tensor:
     """The fused call's values ``[B, h, K, W]`` in fp32, channels [k | v | f] (v, f when given; features
     [B, K, C] repeated for every head), written once, token-major as the projections lay out k and v."""
     b, h, n_k, d = key.shape
-    pieces = [key.transpose(1, 2)] + ([] if value is None else [value.transpose(1, 2)])  # [B, K, h, d]
+    pieces = [key.transpose(1, 2)] + (
+        [] if value is None else [value.transpose(1, 2)]
+    )  # [B, K, h, d]
     if feats is not None:
         pieces.append(feats[:, :, None].expand(b, n_k, h, feats.shape[-1]))  # [B, K, h, C]
     width = sum(p.shape[-1] for p in pieces)
@@ -97,30 +118,43 @@ def _fused_kernel(q, k, kv, scale: float, *, kv_as_keys: bool):
     if q.device.type == "cpu":
         width, d = kv.shape[-1], q.shape[-1]
         keys = kv if kv_as_keys else F.pad(k, (0, width - d))
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(F.pad(q, (0, width - d)), keys, kv, 0.0,
-                                                                         False, scale=scale)
-    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, kv, None, True, 0.0, False,
-                                                                            scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            F.pad(q, (0, width - d)), keys, kv, 0.0, False, scale=scale
+        )
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, kv, None, True, 0.0, False, scale=scale
+    )
     return out, lse[..., : q.shape[2]]
 
 
-def _fused_moments(out: torch.Tensor, feats: torch.Tensor, mean_feats: torch.Tensor) -> torch.Tensor:
+def _fused_moments(
+    out: torch.Tensor, feats: torch.Tensor, mean_feats: torch.Tensor
+) -> torch.Tensor:
     """``_moments`` of the kernel output's last C channels (A = P F; ``out`` [B, h, Q, W]), as one product of the
     query-side channels [1, *features] with every output channel in the kernel's token-major layout (no copy of
     A), then the feature columns picked; ``mean_feats`` [B, C] is the constant column (Σ_j p_ij = 1)."""
     b, h, n_q, width = out.shape
     c = feats.shape[-1]
-    per_token = out.transpose(1, 2).reshape(b, n_q, h * width)  # [B, Q, h*W]: a view of what the kernels write
+    per_token = out.transpose(1, 2).reshape(
+        b, n_q, h * width
+    )  # [B, Q, h*W]: a view of what the kernels write
     summed = torch.bmm(F.pad(feats, (1, 0), value=1.0).transpose(1, 2), per_token)  # [B, 1+C, h*W]
     moments = out.new_empty(b, h, c + 1, c + 1)
-    moments[..., :, 1:] = summed.view(b, c + 1, h, width)[..., width - c:].transpose(1, 2) / n_q
+    moments[..., :, 1:] = summed.view(b, c + 1, h, width)[..., width - c :].transpose(1, 2) / n_q
     moments[..., 1:, 0] = mean_feats[:, None]  # M[g, 1] = mean_i g_i
     moments[..., 0, 0] = 1.0
     return moments
 
 
-def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Tensor | None,
-                          stats: Collection[str] = CAPTURE_STATISTICS):
+def attention_stats_fused(
+    query,
+    key,
+    value,
+    mask,
+    scale: float,
+    feats: torch.Tensor | None,
+    stats: Collection[str] = CAPTURE_STATISTICS,
+):
     """One fused attention call over the buffer [k | v | f]; same results as the naive path to ~1e-5.
 
     With an attention mask it falls back to the naive path (masks occur only with padded text).
@@ -133,7 +167,9 @@ def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Te
     mean_feats = None if feats is None else feats.mean(1)  # [B, C]; a non-finite feature shows here
     # on the CPU a non-finite feature would meet q's zero channels (a non-finite v spoils its head's output anyway)
     finite = mean_feats is None or query.device.type != "cpu" or bool(mean_feats.isfinite().all())
-    out, lse = _fused_kernel(query.float(), key.float(), kv, scale, kv_as_keys=finite)  # [B, h, Q, W], [B, h, Q]
+    out, lse = _fused_kernel(
+        query.float(), key.float(), kv, scale, kv_as_keys=finite
+    )  # [B, h, Q, W], [B, h, Q]
     result = {}
     if any(name in stats for name in _ENTROPY):
         q_pk = out[..., :d].mul_(query).sum(-1)  # q_i · (PK)_i  [B, h, Q] (PK is not needed after)
@@ -143,8 +179,16 @@ def attention_stats_fused(query, key, value, mask, scale: float, feats: torch.Te
     return None if value is None else out[..., d : 2 * d].to(query.dtype), result
 
 
-def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, paired: tuple[int, ...] = (),
-                    max_elements: int = 1 << 23):
+def partner_moments(
+    query,
+    key,
+    mask,
+    scale: float,
+    partners: torch.Tensor,
+    *,
+    paired: tuple[int, ...] = (),
+    max_elements: int = 1 << 23,
+):
     """Each head's attention scored against every partner's features: q [B, h, Q, d], k [B, h, K, d], partners
     [n, K, C] (their maps on this layer's grid, Q = K) -> [B, h, n, C+1, C+1] over channels [1, *C].
 
@@ -160,17 +204,27 @@ def partner_moments(query, key, mask, scale: float, partners: torch.Tensor, *, p
     out = torch.full((b, h, n, c + 1, c + 1), float("nan"), device=query.device)
     out[..., 0, 0] = 1.0
     out[..., 1:, 0] = feats.mean(1)  # [n, C]: query-side means need no attention
-    diagonal = torch.tensor(pairs, dtype=torch.long, device=query.device) + 1  # M[c, c] of the paired channels
+    diagonal = (
+        torch.tensor(pairs, dtype=torch.long, device=query.device) + 1
+    )  # M[c, c] of the paired channels
     step = max(1, max_elements // (h * n_q * max(n_k, n * max(1, len(pairs)))))
     for lo in range(0, b, step):
         hi = min(b, lo + step)
-        scores = (query[lo:hi].float() @ key[lo:hi].float().transpose(-1, -2)) * scale  # [b, h, Q, K]
+        scores = (
+            query[lo:hi].float() @ key[lo:hi].float().transpose(-1, -2)
+        ) * scale  # [b, h, Q, K]
         if mask is not None:
             scores = scores + (mask if mask.shape[0] == 1 else mask[lo:hi]).float()
         probs = scores.softmax(-1)
         out[lo:hi, :, :, 0, 1:] = torch.einsum("bhk,nkc->bhnc", probs.mean(2), feats)  # Σ_k ā_k f_k
         if pairs:
-            attended = (probs @ flat).view(hi - lo, h, n_q, n, len(pairs))  # Σ_k p_ik c_k^(j)  [b, h, Q, n, P]
-            own = feats[:, :, pairs]  # [n, Q, P]: the partner's query-side values of the same channels
-            out[lo:hi, :, :, diagonal, diagonal] = torch.einsum("bhqnp,nqp->bhnp", attended, own) / n_q
+            attended = (probs @ flat).view(
+                hi - lo, h, n_q, n, len(pairs)
+            )  # Σ_k p_ik c_k^(j)  [b, h, Q, n, P]
+            own = feats[
+                :, :, pairs
+            ]  # [n, Q, P]: the partner's query-side values of the same channels
+            out[lo:hi, :, :, diagonal, diagonal] = (
+                torch.einsum("bhqnp,nqp->bhnp", attended, own) / n_q
+            )
     return out

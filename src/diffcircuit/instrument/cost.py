@@ -34,8 +34,11 @@ class Cost:
     seconds: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.forward_calls + other.forward_calls, self.image_forwards + other.image_forwards,
-                    self.seconds + other.seconds)
+        return Cost(
+            self.forward_calls + other.forward_calls,
+            self.image_forwards + other.image_forwards,
+            self.seconds + other.seconds,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"seconds": round(self.seconds, 3)}
@@ -59,7 +62,9 @@ def count_forwards(network: torch.nn.Module) -> Iterator[Cost]:
 
     def hook(module, args):
         cost.forward_calls += 1
-        cost.image_forwards += int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
+        cost.image_forwards += (
+            int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
+        )
 
     handle = output_head(network).register_forward_pre_hook(hook)
     start = time.perf_counter()

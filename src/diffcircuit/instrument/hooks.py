@@ -62,8 +62,10 @@ def replace(with_value: torch.Tensor | float) -> Hook:
 
 def cache(store: list) -> Hook:
     """Append a detached copy of the value to ``store``; the value is left alone."""
+
     def hook(value: torch.Tensor, ctx: HookContext) -> None:
         store.append(value.detach())
+
     return hook
 
 
@@ -71,8 +73,14 @@ def rows_where(mask: torch.Tensor, with_value: torch.Tensor | float) -> Hook:
     """For a layer address, in a forward that stacks several variants along the batch: the heads of each row
     where ``mask`` ``[rows, heads]`` is True get ``with_value`` (0, or the heads' means ``[heads, q_pos, d]``, or
     anything broadcastable to ``[rows, heads, q_pos, d]``); the other rows and heads keep their value."""
+
     def hook(value: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         if mask.shape != value.shape[:2]:
-            raise ConfigError(f"{ctx.address}: mask {list(mask.shape)} does not match rows x heads {list(value.shape[:2])}")
-        return torch.where(mask.to(value.device)[:, :, None, None], torch.as_tensor(with_value).to(value), value)
+            raise ConfigError(
+                f"{ctx.address}: mask {list(mask.shape)} does not match rows x heads {list(value.shape[:2])}"
+            )
+        return torch.where(
+            mask.to(value.device)[:, :, None, None], torch.as_tensor(with_value).to(value), value
+        )
+
     return hook

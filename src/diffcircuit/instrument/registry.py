@@ -23,7 +23,9 @@ _FLOW_ORDER = ("down_blocks.", "mid_block.", "up_blocks.")
 
 def _flow_rank(name: str) -> int:
     """UNet data-flow order (down, mid, up); other layouts keep their module order."""
-    return next((i for i, prefix in enumerate(_FLOW_ORDER) if name.startswith(prefix)), len(_FLOW_ORDER))
+    return next(
+        (i for i, prefix in enumerate(_FLOW_ORDER) if name.startswith(prefix)), len(_FLOW_ORDER)
+    )
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
@@ -35,8 +37,13 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    found: list[tuple[str, Any]] = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, (Attention, AttentionModuleMixin)) and hasattr(m, "processor") and hasattr(m, "to_q")]
+    found: list[tuple[str, Any]] = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (Attention, AttentionModuleMixin))
+        and hasattr(m, "processor")
+        and hasattr(m, "to_q")
+    ]
     return sorted(found, key=lambda item: _flow_rank(item[0]))  # stable: module order within a rank
 
 
@@ -44,7 +51,9 @@ def layer_kind(module: torch.nn.Module) -> str:
     """``"joint"`` (MMDiT-style: text and image tokens attend together), ``"cross"`` or ``"self"``."""
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    if type(module).__name__ == "FluxAttention":  # Flux's single-stream blocks: one [text | image] sequence
+    if (
+        type(module).__name__ == "FluxAttention"
+    ):  # Flux's single-stream blocks: one [text | image] sequence
         return "joint"
     return "cross" if getattr(module, "is_cross_attention", False) else "self"
 
@@ -62,8 +71,14 @@ class LayerInfo:
 
     def to_dict(self) -> dict:
         grid = list(self.query_grid) if self.query_grid else None
-        return dict(layer=self.layer, heads=self.heads, head_dim=self.head_dim, kind=self.kind,
-                    query_grid=grid, n_keys=self.n_keys)
+        return dict(
+            layer=self.layer,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            kind=self.kind,
+            query_grid=grid,
+            n_keys=self.n_keys,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, order=True)
@@ -85,18 +100,31 @@ class HeadRegistry:
         self._by_name = {info.layer: info for info in self.layers}
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, *, geometry: dict[str, tuple[tuple[int, int] | None, int]] | None = None):
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        geometry: dict[str, tuple[tuple[int, int] | None, int]] | None = None,
+    ):
         """Registry of ``model``'s heads; ``geometry`` maps layer -> (query grid, n_keys) when known."""
         geometry = geometry or {}
         layers = []
         for name, module in attention_modules(model):
             grid, n_keys = geometry.get(name, (None, None))
             layers.append(
-                LayerInfo(layer=name, heads=int(module.heads), head_dim=int(module.inner_dim) // int(module.heads),
-                          kind=layer_kind(module), query_grid=grid, n_keys=n_keys)
+                LayerInfo(
+                    layer=name,
+                    heads=int(module.heads),
+                    head_dim=int(module.inner_dim) // int(module.heads),
+                    kind=layer_kind(module),
+                    query_grid=grid,
+                    n_keys=n_keys,
+                )
             )
         if not layers:
-            raise DiffcircuitError(f"{type(model).__name__} has no diffusers Attention modules to analyse")
+            raise DiffcircuitError(
+                f"{type(model).__name__} has no diffusers Attention modules to analyse"
+            )
         return cls(layers)
 
     def __len__(self) -> int:
@@ -111,7 +139,9 @@ class HeadRegistry:
         try:
             return self._by_name[name]
         except KeyError:
-            raise DiffcircuitError(f"no attention layer {name!r}; `diffcircuit info` lists them") from None
+            raise DiffcircuitError(
+                f"no attention layer {name!r}; `diffcircuit info` lists them"
+            ) from None
 
     def parse(self, address: str | HeadAddress) -> HeadAddress:
         """A validated ``HeadAddress`` from ``"<layer>:<head>"``."""
@@ -120,7 +150,9 @@ class HeadRegistry:
         else:
             layer, sep, head_text = str(address).rpartition(":")
             if not sep or not head_text.isdigit():
-                raise DiffcircuitError(f"head address {address!r} is not of the form '<layer>:<head index>'")
+                raise DiffcircuitError(
+                    f"head address {address!r} is not of the form '<layer>:<head index>'"
+                )
             head = int(head_text)
         info = self.layer(layer)
         if not 0 <= head < info.heads:

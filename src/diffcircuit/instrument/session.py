@@ -28,11 +28,22 @@ from diffcircuit.instrument.processor import (
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules
 from diffcircuit.models.loading import Denoiser
 
-__all__ = ["Hook", "HookContext", "InstrumentSession", "KeyFeatures", "instrument", "probe_registry"]
+__all__ = [
+    "Hook",
+    "HookContext",
+    "InstrumentSession",
+    "KeyFeatures",
+    "instrument",
+    "probe_registry",
+]
 
 # processors whose computation diffcircuit reproduces exactly, and the instrumented processor that does
-_REPLACEMENTS = {"AttnProcessor2_0": InstrumentedAttnProcessor, "AttnProcessor": InstrumentedAttnProcessor,
-                 "JointAttnProcessor2_0": InstrumentedJointAttnProcessor, "FluxAttnProcessor": InstrumentedFluxAttnProcessor}
+_REPLACEMENTS = {
+    "AttnProcessor2_0": InstrumentedAttnProcessor,
+    "AttnProcessor": InstrumentedAttnProcessor,
+    "JointAttnProcessor2_0": InstrumentedJointAttnProcessor,
+    "FluxAttnProcessor": InstrumentedFluxAttnProcessor,
+}
 
 KeyFeatures = Callable[[tuple[int, int]], torch.Tensor]  # grid (h, w) -> [batch, channels, h, w]
 
@@ -71,7 +82,9 @@ class InstrumentSession:
         self.statistics = frozenset(capture)
         unknown = sorted(self.statistics - set(CAPTURE_STATISTICS))
         if unknown:
-            raise ConfigError(f"capture: unknown statistics {unknown}; known: {list(CAPTURE_STATISTICS)}")
+            raise ConfigError(
+                f"capture: unknown statistics {unknown}; known: {list(CAPTURE_STATISTICS)}"
+            )
         self.capture = bool(self.statistics)
         self.method = method
         self.key_features = key_features
@@ -97,12 +110,20 @@ class InstrumentSession:
         for address, tokens in (token_scales or {}).items():
             if any(w < 0 for w in tokens.values()):
                 raise ConfigError("token attention scales must be >= 0 (0 removes the token)")
-            self._token_scales[address.layer][address.head] = {int(k): float(w) for k, w in tokens.items()}
+            self._token_scales[address.layer][address.head] = {
+                int(k): float(w) for k, w in tokens.items()
+            }
         self.keep_graph = keep_graph
-        self.sample_hw = sample_hw  # the model's input (height, width): finds the grid of token sequences
-        self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        self.sample_hw = (
+            sample_hw  # the model's input (height, width): finds the grid of token sequences
+        )
+        self._records: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         self.geometry: dict[str, tuple[tuple[int, int] | None, int]] = {}
-        self.text_tokens = 0  # Flux: the text length of the current forward, for its single-stream blocks
+        self.text_tokens = (
+            0  # Flux: the text length of the current forward, for its single-stream blocks
+        )
 
     # --- the protocol the processors use (public: a processor talks to no private method) ----
     def captures(self, layer: str) -> bool:
@@ -112,8 +133,15 @@ class InstrumentSession:
         """The statistics to capture on ``layer`` (names from ``CAPTURE_STATISTICS``); empty: none."""
         return self.statistics
 
-    def key_bias(self, layer: str, heads: int, n_keys: int, like: torch.Tensor, offset: int = 0,
-                 n_tokens: int | None = None) -> torch.Tensor | None:
+    def key_bias(
+        self,
+        layer: str,
+        heads: int,
+        n_keys: int,
+        like: torch.Tensor,
+        offset: int = 0,
+        n_tokens: int | None = None,
+    ) -> torch.Tensor | None:
         """Additive logit bias ``[1, heads, 1, n_keys]`` reweighting keys (tokens) in chosen heads: adding
         log w to a key's logits multiplies its attention by w before the softmax renormalises (w = 0
         removes the key). Token j is key ``offset + j`` of ``n_tokens`` (default: the keys from ``offset`` on; in
@@ -127,7 +155,9 @@ class InstrumentSession:
         for head, tokens in chosen.items():
             for token, weight in tokens.items():
                 if not 0 <= token < n_tokens:
-                    raise ConfigError(f"{layer} has tokens 0..{n_tokens - 1}; cannot reweight token {token}")
+                    raise ConfigError(
+                        f"{layer} has tokens 0..{n_tokens - 1}; cannot reweight token {token}"
+                    )
                 bias[0, head, 0, offset + token] = math.log(weight) if weight > 0 else -math.inf
         return bias
 
@@ -140,12 +170,19 @@ class InstrumentSession:
         if len(shape) != 3:
             return None
         n = int(shape[1])
-        if self.sample_hw is None:  # no input size in the config (Flux): a square grid when N is a square
+        if (
+            self.sample_hw is None
+        ):  # no input size in the config (Flux): a square grid when N is a square
             side = math.isqrt(n)
             return (side, side) if side * side == n and n else None
         height, width = self.sample_hw
         scale = round((height * width / n) ** 0.5) if n else 0
-        if scale < 1 or height % scale or width % scale or (height // scale) * (width // scale) != n:
+        if (
+            scale < 1
+            or height % scale
+            or width % scale
+            or (height // scale) * (width // scale) != n
+        ):
             return None
         return height // scale, width // scale
 
@@ -185,7 +222,9 @@ class InstrumentSession:
             new = hook(out, HookContext(address=layer, layer=layer, head=None, batch=out.shape[0]))
             if new is not None:
                 if tuple(new.shape) != tuple(out.shape):
-                    raise DiffcircuitError(f"the hook on {layer} returned shape {list(new.shape)}, not {list(out.shape)}")
+                    raise DiffcircuitError(
+                        f"the hook on {layer} returned shape {list(new.shape)}, not {list(out.shape)}"
+                    )
                 out = new.to(out)
         heads = self._head_hooks.get(layer)
         if not heads:
@@ -219,10 +258,15 @@ class InstrumentSession:
             raise DiffcircuitError(f"no statistic {stat!r}: the session records {', '.join(known)}")
         recorded = self._records.pop(stat, {})
         # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
-        out = {layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for layer, chunks in recorded.items()}
+        out = {
+            layer: chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            for layer, chunks in recorded.items()
+        }
         if self.keep_graph and stat == "head_out":  # stays on its device, in the graph
             return out
-        return {layer: value.cpu() for layer, value in out.items()}  # the batch's records leave the device once
+        return {
+            layer: value.cpu() for layer, value in out.items()
+        }  # the batch's records leave the device once
 
 
 def _sample_hw(model: torch.nn.Module) -> tuple[int, int] | None:
@@ -291,29 +335,45 @@ def instrument(
     """
     model = _network(model)  # a Denoiser's network
     registry = registry or HeadRegistry.from_model(model)
-    session = InstrumentSession(registry, capture=capture, method=method, key_features=key_features,
-                                partner_features=partner_features, partner_paired=partner_paired,
-                                zero_heads=[registry.parse(a) for a in zero_heads],
-                                patches={registry.parse(a): v for a, v in (patches or {}).items()},
-                                cache_heads=[(registry.parse(name) if ":" in str(name) else registry.layer(name)).layer
-                                             for name in cache_heads],
-                                shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
-                                keep_graph=keep_graph, scales={registry.parse(a): v for a, v in (scales or {}).items()},
-                                sample_hw=_sample_hw(model),
-                                token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()},
-                                hooks=_hook_addresses(registry, hooks))
+    session = InstrumentSession(
+        registry,
+        capture=capture,
+        method=method,
+        key_features=key_features,
+        partner_features=partner_features,
+        partner_paired=partner_paired,
+        zero_heads=[registry.parse(a) for a in zero_heads],
+        patches={registry.parse(a): v for a, v in (patches or {}).items()},
+        cache_heads=[
+            (registry.parse(name) if ":" in str(name) else registry.layer(name)).layer
+            for name in cache_heads
+        ],
+        shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
+        keep_graph=keep_graph,
+        scales={registry.parse(a): v for a, v in (scales or {}).items()},
+        sample_hw=_sample_hw(model),
+        token_scales={registry.parse(a): v for a, v in (token_scales or {}).items()},
+        hooks=_hook_addresses(registry, hooks),
+    )
     modules = list(attention_modules(model))
     originals = [module.processor for _, module in modules]
     kinds = []
     for (name, _), original in zip(modules, originals):
         kind = _REPLACEMENTS.get(type(original).__name__)
-        if isinstance(original, InstrumentedAttnProcessor):  # already instrumented (nested): same kind again
+        if isinstance(
+            original, InstrumentedAttnProcessor
+        ):  # already instrumented (nested): same kind again
             kind = type(original)
-        if getattr(original, "_attention_backend", None) not in (None, "native"):  # e.g. flash: not what we run
+        if getattr(original, "_attention_backend", None) not in (
+            None,
+            "native",
+        ):  # e.g. flash: not what we run
             kind = None
         if kind is None:
-            raise DiffcircuitError(f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet; "
-                                   "its heads cannot be instrumented")
+            raise DiffcircuitError(
+                f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet; "
+                "its heads cannot be instrumented"
+            )
         kinds.append(kind)
     try:
         for (name, module), kind in zip(modules, kinds):
@@ -330,8 +390,12 @@ def _network(model) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def probe_registry(model, sample: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                   **forward_kwargs) -> HeadRegistry:
+def probe_registry(
+    model,
+    sample: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
+    **forward_kwargs,
+) -> HeadRegistry:
     """Registry with query grids and key counts, measured by one idle forward pass on ``sample`` (default: one
     zero input of the model's size at t = 0). ``model``: a ``Denoiser`` (run through ``predict``, with its
     conditioning and adapters) or a bare network (called as ``model(sample, timestep=..., **forward_kwargs)``)."""
@@ -342,7 +406,11 @@ def probe_registry(model, sample: torch.Tensor | None = None, timestep: torch.Te
         sample = torch.zeros(1, model.in_channels, model.sample_size, model.sample_size)
     device = next(net.parameters()).device
     sample = sample.to(device)
-    timestep = torch.zeros(len(sample), dtype=torch.long, device=device) if timestep is None else timestep.to(device)
+    timestep = (
+        torch.zeros(len(sample), dtype=torch.long, device=device)
+        if timestep is None
+        else timestep.to(device)
+    )
     with instrument(net) as session:
         if isinstance(model, Denoiser):
             model.predict(sample, timestep)

@@ -6,5 +6,15 @@ from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sampling import controlled_samples, sample_images, sampling_effect
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
 
-__all__ = ["ReferenceImages", "Target", "ablation_sweep", "activation_patching", "attribution_scores",
-           "controlled_samples", "random_head_sets", "sample_images", "sampling_effect", "targets"]
+__all__ = [
+    "ReferenceImages",
+    "Target",
+    "ablation_sweep",
+    "activation_patching",
+    "attribution_scores",
+    "controlled_samples",
+    "random_head_sets",
+    "sample_images",
+    "sampling_effect",
+    "targets",
+]

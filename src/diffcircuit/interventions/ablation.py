@@ -46,8 +46,17 @@ import torch
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
-__all__ = ["LEVELS", "METHODS", "Target", "distinct_targets", "random_head_sets", "resnet_blocks", "resnet_intervention",
-           "targets", "token_target"]
+__all__ = [
+    "LEVELS",
+    "METHODS",
+    "Target",
+    "distinct_targets",
+    "random_head_sets",
+    "resnet_blocks",
+    "resnet_intervention",
+    "targets",
+    "token_target",
+]
 
 LEVELS = ("head", "layer", "block", "all", "resnet", "token")
 METHODS = ("zero", "mean", "resample", "noise")
@@ -64,7 +73,11 @@ class Target:
 
     @property
     def token(self) -> int | None:
-        return int(self.name.removeprefix("token:").split("@")[0].split("*")[0]) if self.level == "token" else None
+        return (
+            int(self.name.removeprefix("token:").split("@")[0].split("*")[0])
+            if self.level == "token"
+            else None
+        )
 
     @property
     def layer(self) -> str | None:
@@ -96,26 +109,50 @@ def token_target(registry: HeadRegistry, name: str, n_tokens: int) -> Target | N
         j, w = int(index), float(weight) if weight else 0.0
     except ValueError:
         return None
-    heads = tuple(a for a in registry if registry.layer(a.layer).kind in ("cross", "joint")
-                  and (not where or where in (a.layer, str(a))))
-    if not name.startswith("token:") or not heads or not 0 <= j < n_tokens or not w >= 0 or w == float("inf"):
+    heads = tuple(
+        a
+        for a in registry
+        if registry.layer(a.layer).kind in ("cross", "joint")
+        and (not where or where in (a.layer, str(a)))
+    )
+    if (
+        not name.startswith("token:")
+        or not heads
+        or not 0 <= j < n_tokens
+        or not w >= 0
+        or w == float("inf")
+    ):
         return None
     label = f"token:{j}" + (f"*{w:g}" if w else "") + (f"@{where}" if where else "")
     return Target(level="token", name=label, heads=heads, weight=w)
 
 
-def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = None,
-            tokens: tuple[str, ...] = (), token_weight: float = 0.0) -> list[Target]:
+def targets(
+    registry: HeadRegistry,
+    level: str,
+    model: torch.nn.Module | None = None,
+    tokens: tuple[str, ...] = (),
+    token_weight: float = 0.0,
+) -> list[Target]:
     """Every target of one level, in data-flow order (``tokens``: the prompt's tokens, for level ``token``,
     each removed, or reweighted by ``token_weight``)."""
     if level == "head":
         return [Target(level="head", name=str(a), heads=(a,)) for a in registry]
     if level == "layer":
-        return [Target(level="layer", name=i.layer, heads=tuple(a for a in registry if a.layer == i.layer))
-                for i in registry.layers]
+        return [
+            Target(
+                level="layer", name=i.layer, heads=tuple(a for a in registry if a.layer == i.layer)
+            )
+            for i in registry.layers
+        ]
     if level == "block":
         blocks = list(dict.fromkeys(_block_of(i.layer) for i in registry.layers))
-        return [Target(level="block", name=b, heads=tuple(a for a in registry if _block_of(a.layer) == b)) for b in blocks]
+        return [
+            Target(
+                level="block", name=b, heads=tuple(a for a in registry if _block_of(a.layer) == b)
+            )
+            for b in blocks
+        ]
     if level == "all":
         return [Target(level="all", name="all_heads", heads=tuple(registry))]
     if level == "resnet":
@@ -124,8 +161,11 @@ def targets(registry: HeadRegistry, level: str, model: torch.nn.Module | None = 
         return [Target(level="resnet", name=name) for name, _ in resnet_blocks(model)]
     if level == "token":
         suffix = f"*{token_weight:g}" if token_weight else ""
-        found = [token_target(registry, f"token:{j}{suffix}", len(tokens)) for j, name in enumerate(tokens)
-                 if name is not None]  # padding positions are keys too, but no word
+        found = [
+            token_target(registry, f"token:{j}{suffix}", len(tokens))
+            for j, name in enumerate(tokens)
+            if name is not None
+        ]  # padding positions are keys too, but no word
         return [t for t in found if t is not None]
     raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 
@@ -145,21 +185,33 @@ def distinct_targets(named: list[Target]) -> tuple[list[Target], dict[str, tuple
     return kept, {name: tuple(names) for name, names in aliases.items()}
 
 
-def random_head_sets(registry: HeadRegistry, size: int, count: int, *, seed: int = 0) -> list[Target]:
+def random_head_sets(
+    registry: HeadRegistry, size: int, count: int, *, seed: int = 0
+) -> list[Target]:
     """``count`` sets of ``size`` heads drawn uniformly without replacement from all heads (the null control)."""
     heads = list(registry)
     if not 1 <= size <= len(heads):
         raise ConfigError(f"a random set needs 1..{len(heads)} heads, not {size}")
     rng = np.random.default_rng([seed, size])
-    return [Target(level="random", name=f"random{size}.{r}",
-                   heads=tuple(sorted(heads[i] for i in rng.choice(len(heads), size, replace=False))))
-            for r in range(count)]
+    return [
+        Target(
+            level="random",
+            name=f"random{size}.{r}",
+            heads=tuple(sorted(heads[i] for i in rng.choice(len(heads), size, replace=False))),
+        )
+        for r in range(count)
+    ]
 
 
 @contextmanager
-def resnet_intervention(module: torch.nn.Module, *, replace=None, record: list | None = None) -> Iterator[None]:
+def resnet_intervention(
+    module: torch.nn.Module, *, replace=None, record: list | None = None
+) -> Iterator[None]:
     """Hook one ResNet block: ``record`` collects its residual branch r; ``replace(r) -> r'`` swaps it."""
-    if getattr(module, "upsample", None) is not None or getattr(module, "downsample", None) is not None:
+    if (
+        getattr(module, "upsample", None) is not None
+        or getattr(module, "downsample", None) is not None
+    ):
         raise DiffcircuitError("ResNet blocks that resample internally cannot be ablated yet")
 
     def hook(mod, args, output):

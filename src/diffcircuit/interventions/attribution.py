@@ -50,15 +50,29 @@ __all__ = ["ESTIMATES", "IG_PATHS", "attribution_scores"]
 IG_PATHS = ("joint", "per_head")
 
 
-def _graded_pass(den, registry, x_t, t, eps, rows, shifts: dict[str, torch.Tensor] | None = None,
-                 probes: int = 0, probe_seed: int = 0):
+def _graded_pass(
+    den,
+    registry,
+    x_t,
+    t,
+    eps,
+    rows,
+    shifts: dict[str, torch.Tensor] | None = None,
+    probes: int = 0,
+    probe_seed: int = 0,
+):
     """One forward and backward: each layer's head outputs (after ``shifts``), ∂(Σ_i L_i)/∂ them and
     the clean per-image loss; plus, per probe k, ∂(Σ_i z_ik · ε̂_i)/∂ them for seeded z_ik ~ N(0, I).
 
     The gradients are total derivatives: later heads keep responding to earlier ones.
     """
     layers = [i.layer for i in registry.layers]
-    with torch.enable_grad(), instrument(den, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True) as session:
+    with (
+        torch.enable_grad(),
+        instrument(
+            den, registry=registry, cache_heads=layers, shifts=shifts, keep_graph=True
+        ) as session,
+    ):
         eps_hat = den.predict_eps(x_t, t, rows=rows)
         cached = session.pop("head_out")
         outs = [cached[layer] for layer in layers]  # [B, h, Q, d] each, attached to the graph
@@ -68,13 +82,21 @@ def _graded_pass(den, registry, x_t, t, eps, rows, shifts: dict[str, torch.Tenso
         probe_grads = []
         for k in range(probes):
             z = torch.randn(eps_hat.shape, generator=gen).to(eps_hat)
-            probe_grads.append(dict(zip(layers, torch.autograd.grad((z * eps_hat).sum(), outs, retain_graph=k < probes - 1))))
+            probe_grads.append(
+                dict(
+                    zip(
+                        layers,
+                        torch.autograd.grad((z * eps_hat).sum(), outs, retain_graph=k < probes - 1),
+                    )
+                )
+            )
     values = {layer: out.detach() for layer, out in zip(layers, outs)}
     return values, dict(zip(layers, grads)), loss_per_image.detach(), probe_grads
 
 
-def _per_head_path_grads(den, registry, x_t, t, eps, rows, delta: dict[str, torch.Tensor], ig_steps: int,
-                         chunk: int) -> dict[str, torch.Tensor]:
+def _per_head_path_grads(
+    den, registry, x_t, t, eps, rows, delta: dict[str, torch.Tensor], ig_steps: int, chunk: int
+) -> dict[str, torch.Tensor]:
     """Per layer ``[B, h, Q, d]``: for each head, ∂L/∂a_h averaged over the points of *its own* path
     a + α_k Δa_h e_h. Heads are stacked as copies of the batch (copy j shifts head j only, each copy with the
     images' own conditioning rows), ``chunk`` at once."""
@@ -82,25 +104,48 @@ def _per_head_path_grads(den, registry, x_t, t, eps, rows, delta: dict[str, torc
     out = {layer: torch.zeros_like(d) for layer, d in delta.items()}
     b = x_t.shape[0]
     for start in range(0, len(heads), chunk):
-        group = heads[start:start + chunk]
+        group = heads[start : start + chunk]
         c = len(group)
-        x_rep, t_rep, eps_rep = x_t.repeat(c, *[1] * (x_t.ndim - 1)), t.repeat(c), eps.repeat(c, *[1] * (eps.ndim - 1))
+        x_rep, t_rep, eps_rep = (
+            x_t.repeat(c, *[1] * (x_t.ndim - 1)),
+            t.repeat(c),
+            eps.repeat(c, *[1] * (eps.ndim - 1)),
+        )
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
-            shifts = {layer: torch.zeros((c * b, *d.shape[1:]), dtype=d.dtype, device=d.device) for layer, d in delta.items()}
-            for j, (layer, h) in enumerate(group):  # copy j moves head h of its layer along its own path
-                shifts[layer][j * b:(j + 1) * b, h] = alpha * delta[layer][:, h]
+            shifts = {
+                layer: torch.zeros((c * b, *d.shape[1:]), dtype=d.dtype, device=d.device)
+                for layer, d in delta.items()
+            }
+            for j, (layer, h) in enumerate(
+                group
+            ):  # copy j moves head h of its layer along its own path
+                shifts[layer][j * b : (j + 1) * b, h] = alpha * delta[layer][:, h]
             rows_rep = None if rows is None else (rows[0], np.tile(rows[1], c))
             _, grads, _, _ = _graded_pass(den, registry, x_rep, t_rep, eps_rep, rows_rep, shifts)
             for j, (layer, h) in enumerate(group):
-                out[layer][:, h] += grads[layer][j * b:(j + 1) * b, h] / ig_steps
+                out[layer][:, h] += grads[layer][j * b : (j + 1) * b, h] / ig_steps
     return out
 
 
-def _batch_scores(den, registry, x_t, t, eps, rows, ablated: Callable[[str, torch.Tensor], torch.Tensor],
-                  ig_steps: int, probes: int = 0, probe_seed: int = 0, ig_path: str = "joint", head_chunk: int = 8):
+def _batch_scores(
+    den,
+    registry,
+    x_t,
+    t,
+    eps,
+    rows,
+    ablated: Callable[[str, torch.Tensor], torch.Tensor],
+    ig_steps: int,
+    probes: int = 0,
+    probe_seed: int = 0,
+    ig_path: str = "joint",
+    head_chunk: int = 8,
+):
     """Per layer ``[B, h]`` predicted ΔL, and the clean per-image loss ``[B]``; ``rows`` = (dataset, indices)."""
-    clean, grads, loss, probe_grads = _graded_pass(den, registry, x_t, t, eps, rows, probes=probes, probe_seed=probe_seed)
+    clean, grads, loss, probe_grads = _graded_pass(
+        den, registry, x_t, t, eps, rows, probes=probes, probe_seed=probe_seed
+    )
     delta = {layer: ablated(layer, a) - a for layer, a in clean.items()}
     if ig_steps > 0 and ig_path == "per_head":
         grads = _per_head_path_grads(den, registry, x_t, t, eps, rows, delta, ig_steps, head_chunk)
@@ -108,7 +153,9 @@ def _batch_scores(den, registry, x_t, t, eps, rows, ablated: Callable[[str, torc
         grads = {layer: torch.zeros_like(a) for layer, a in clean.items()}
         for k in range(ig_steps):
             alpha = (k + 0.5) / ig_steps
-            _, step, _, _ = _graded_pass(den, registry, x_t, t, eps, rows, {layer: alpha * d for layer, d in delta.items()})
+            _, step, _, _ = _graded_pass(
+                den, registry, x_t, t, eps, rows, {layer: alpha * d for layer, d in delta.items()}
+            )
             for layer in grads:
                 grads[layer] += step[layer] / ig_steps
     scores = {layer: (delta[layer] * grads[layer]).flatten(2).sum(-1) for layer in clean}  # [B, h]
@@ -116,13 +163,20 @@ def _batch_scores(den, registry, x_t, t, eps, rows, ablated: Callable[[str, torc
         pixels = eps[0].numel()
         for layer in scores:
             # (z·JΔa)² is an unbiased estimate of ‖JΔa‖²; the MSE is a mean over pixels
-            sq = sum((delta[layer] * g[layer]).flatten(2).sum(-1).pow(2) for g in probe_grads) / probes
+            sq = (
+                sum((delta[layer] * g[layer]).flatten(2).sum(-1).pow(2) for g in probe_grads)
+                / probes
+            )
             scores[layer] = scores[layer] + sq / pixels
     return scores, loss
 
 
-ESTIMATES = {"first_order": "single-head ablation", "first_order+gn": "single-head ablation",
-             "ig_per_head": "single-head ablation", "ig_joint": "all-heads ablation (its share of it, per head)"}
+ESTIMATES = {
+    "first_order": "single-head ablation",
+    "first_order+gn": "single-head ablation",
+    "ig_per_head": "single-head ablation",
+    "ig_joint": "all-heads ablation (its share of it, per head)",
+}
 
 
 def _estimator_name(ig_steps: int, probes: int, ig_path: str) -> str:
@@ -159,7 +213,9 @@ def attribution_scores(
     if ig_steps < 0 or probes < 0:
         raise ConfigError("ig_steps and probes must be >= 0")
     if ig_steps and probes:
-        raise ConfigError("integrated gradients already include the curvature along their path: use ig_steps or probes")
+        raise ConfigError(
+            "integrated gradients already include the curvature along their path: use ig_steps or probes"
+        )
     if method not in ("zero", "mean"):
         raise ConfigError("attribution supports zero and mean ablation")
     if ig_path not in IG_PATHS or head_chunk < 1:
@@ -169,21 +225,51 @@ def attribution_scores(
     rows = []
     for t_val in timesteps:
         if method == "mean":
-            refs = reference or [ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(len(x_all)))]
-            means = reference_moments(denoiser, registry, refs, t_val, seed=seed, batch_size=batch_size)
-        ablated = (lambda layer, a: torch.zeros_like(a)) if method == "zero" else (lambda layer, a: means.mean(layer).to(a).expand_as(a))
+            refs = reference or [
+                ReferenceImages(dataset=dataset, images=x_all.numpy(), index=np.arange(len(x_all)))
+            ]
+            means = reference_moments(
+                denoiser, registry, refs, t_val, seed=seed, batch_size=batch_size
+            )
+        if method == "zero":
+            ablated = lambda layer, a: torch.zeros_like(a)  # noqa: E731
+        else:
+            ablated = lambda layer, a, _means=means: _means.mean(layer).to(a).expand_as(a)  # noqa: E731
         for idx in batch_rows(len(x_all), batch_size):
             b = noisy_batch(denoiser, x_all[idx], idx, t_val, seed=seed, dataset=dataset)
-            scores, loss = _batch_scores(denoiser, registry, b.x_t, b.t, b.eps, b.which, ablated, ig_steps, probes,
-                                         probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]), ig_path=ig_path,
-                                         head_chunk=head_chunk)
+            scores, loss = _batch_scores(
+                denoiser,
+                registry,
+                b.x_t,
+                b.t,
+                b.eps,
+                b.which,
+                ablated,
+                ig_steps,
+                probes,
+                probe_seed=seed * 1_000_003 + t_val * 1009 + int(idx[0]),
+                ig_path=ig_path,
+                head_chunk=head_chunk,
+            )
             for info in registry.layers:
                 s = scores[info.layer]
-                rows.append(pd.DataFrame({
-                    "dataset": dataset, "timestep": t_val, "image": np.repeat(idx, info.heads), "layer": info.layer,
-                    "head": np.tile(np.arange(info.heads), len(idx)), "method": method,
-                    "estimator": _estimator_name(ig_steps, probes, ig_path),
-                    "delta_mse": s.reshape(-1).cpu().double().numpy(),
-                    "degradation_pct": (100 * s / loss[:, None]).reshape(-1).cpu().double().numpy(),
-                }))
+                rows.append(
+                    pd.DataFrame(
+                        {
+                            "dataset": dataset,
+                            "timestep": t_val,
+                            "image": np.repeat(idx, info.heads),
+                            "layer": info.layer,
+                            "head": np.tile(np.arange(info.heads), len(idx)),
+                            "method": method,
+                            "estimator": _estimator_name(ig_steps, probes, ig_path),
+                            "delta_mse": s.reshape(-1).cpu().double().numpy(),
+                            "degradation_pct": (100 * s / loss[:, None])
+                            .reshape(-1)
+                            .cpu()
+                            .double()
+                            .numpy(),
+                        }
+                    )
+                )
     return pd.concat(rows, ignore_index=True)

@@ -22,7 +22,13 @@ from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.interventions.prefix import prefix_runner
-from diffcircuit.interventions.stack import TiledForward, rows_per_forward, stack_chunks, stacked_outputs, tile
+from diffcircuit.interventions.stack import (
+    TiledForward,
+    rows_per_forward,
+    stack_chunks,
+    stacked_outputs,
+    tile,
+)
 from diffcircuit.interventions.sweep import clean_activations
 from diffcircuit.models.noise import batch_rows, noisy_batch
 
@@ -33,7 +39,9 @@ def _patched(den, registry, target: Target, source: dict, modules: dict, forward
     if target.level == "resnet":
         with resnet_intervention(modules[target.name], replace=lambda r: source[target.name].to(r)):
             return forward_from([target.name])
-    with instrument(den, registry=registry, patches={a: source[a.layer][:, a.head] for a in target.heads}):
+    with instrument(
+        den, registry=registry, patches={a: source[a.layer][:, a.head] for a in target.heads}
+    ):
         return forward_from([a.layer for a in target.heads])
 
 
@@ -42,10 +50,21 @@ def _pair_rows(t_val: int, idx: np.ndarray, target: Target, pred_a, pred_b, pred
     toward = (pred_a - pred_b).flatten(1)
     moved = (pred - pred_b).flatten(1)
     norm = toward.pow(2).sum(1)
-    frac = torch.where(norm > 0, (moved * toward).sum(1) / norm.clamp_min(1e-30), torch.zeros_like(norm))
-    return pd.DataFrame({"timestep": t_val, "pair": idx, "level": target.level, "target": target.name,
-                         "layer": target.layer, "head": target.head, "moved_frac": frac.cpu().double().numpy(),
-                         "delta_mse": moved.pow(2).mean(1).cpu().double().numpy()})
+    frac = torch.where(
+        norm > 0, (moved * toward).sum(1) / norm.clamp_min(1e-30), torch.zeros_like(norm)
+    )
+    return pd.DataFrame(
+        {
+            "timestep": t_val,
+            "pair": idx,
+            "level": target.level,
+            "target": target.name,
+            "layer": target.layer,
+            "head": target.head,
+            "moved_frac": frac.cpu().double().numpy(),
+            "delta_mse": moved.pow(2).mean(1).cpu().double().numpy(),
+        }
+    )
 
 
 @torch.no_grad()
@@ -78,26 +97,51 @@ def activation_patching(
     rcv = torch.from_numpy(np.asarray(receiver_images, dtype=np.float32))
     n = min(len(src), len(rcv))
     registry = registry or probe_registry(denoiser, rcv[:1])
-    resnets = [(name, m) for name, m in resnet_blocks(denoiser.network) if any(t.name == name for t in targets)]
+    resnets = [
+        (name, m)
+        for name, m in resnet_blocks(denoiser.network)
+        if any(t.name == name for t in targets)
+    ]
     stages, rows = prefix_runner(denoiser), []
     for t_val in timesteps:
         for idx in batch_rows(n, batch_size):
             # the source and its receiver share one noise draw (keyed "pair"), each with its own captions
-            a = noisy_batch(denoiser, src[idx], idx, t_val, seed=seed, dataset=datasets[0], noise="pair")
-            b = noisy_batch(denoiser, rcv[idx], idx, t_val, seed=seed, dataset=datasets[1], noise="pair")
-            pred_a, source = clean_activations(denoiser, registry, a.x_t, a.t, resnets, rows=a.which)
+            a = noisy_batch(
+                denoiser, src[idx], idx, t_val, seed=seed, dataset=datasets[0], noise="pair"
+            )
+            b = noisy_batch(
+                denoiser, rcv[idx], idx, t_val, seed=seed, dataset=datasets[1], noise="pair"
+            )
+            pred_a, source = clean_activations(
+                denoiser, registry, a.x_t, a.t, resnets, rows=a.which
+            )
             record: dict = {}
             pred_b = stages.run(b.x_t, b.t, rows=b.which, record=record)
 
             def forward_from(names, _r=record, _b=b):
-                return stages.resume(names, _r) if stages.supported else denoiser.predict(_b.x_t, _b.t, rows=_b.which)
+                return (
+                    stages.resume(names, _r)
+                    if stages.supported
+                    else denoiser.predict(_b.x_t, _b.t, rows=_b.which)
+                )
 
-            tiled = TiledForward(denoiser, stages, record, b.x_t, b.t, b.dataset, idx, stages.supported)
-            cap = rows_per_forward(record, len(idx), b.x_t.device, stack_rows=stack_rows, memory_budget=memory_budget)
+            tiled = TiledForward(
+                denoiser, stages, record, b.x_t, b.t, b.dataset, idx, stages.supported
+            )
+            cap = rows_per_forward(
+                record, len(idx), b.x_t.device, stack_rows=stack_rows, memory_budget=memory_budget
+            )
             jobs = [(k, tg.heads) for k, tg in enumerate(targets) if tg.level in ("head", "layer")]
             preds = {}
-            for chunk in stack_chunks(registry, jobs, len(idx), cap):  # the source's activation, per copy
-                preds |= stacked_outputs(tiled, registry, chunk, lambda layer, copies: tile(source[layer], copies, len(idx)))
+            for chunk in stack_chunks(
+                registry, jobs, len(idx), cap
+            ):  # the source's activation, per copy
+                preds |= stacked_outputs(
+                    tiled,
+                    registry,
+                    chunk,
+                    lambda layer, copies, _s=source, _b=tiled.batch: tile(_s[layer], copies, _b),
+                )
             for k, target in enumerate(targets):
                 pred = preds.get(k)
                 if pred is None:

@@ -49,12 +49,22 @@ class UNetStages:
         from diffusers import UNet2DModel
 
         net = denoiser.network
-        if type(net) is not UNet2DModel or denoiser.flow is not None or denoiser.conditioning is not None:
-            return False  # stage by stage is the bare network's forward: no adapter, no conditioning
+        if (
+            type(net) is not UNet2DModel
+            or denoiser.flow is not None
+            or denoiser.conditioning is not None
+        ):
+            return (
+                False  # stage by stage is the bare network's forward: no adapter, no conditioning
+            )
         cfg = net.config
         blocks = [*net.down_blocks, *net.up_blocks]
-        return (not cfg.center_input_sample and cfg.time_embedding_type != "fourier" and net.class_embedding is None
-                and not any(hasattr(b, "skip_conv") for b in blocks))
+        return (
+            not cfg.center_input_sample
+            and cfg.time_embedding_type != "fourier"
+            and net.class_embedding is None
+            and not any(hasattr(b, "skip_conv") for b in blocks)
+        )
 
     def stage_of(self, module_name: str) -> int:
         """Index of the block containing ``module_name`` (0 if it lies before the first block)."""
@@ -71,7 +81,9 @@ class UNetStages:
                 out.append((f"{self.names[stage]}.{group}.{i}", module))
         return out
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None) -> torch.Tensor:
+    def run(
+        self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None
+    ) -> torch.Tensor:
         """The full forward; ``record`` (a dict) receives the block states and the sub-module outputs."""
         if not self.supported:
             return self.den.predict(sample, timestep, rows=rows)
@@ -87,10 +99,14 @@ class UNetStages:
             def hook(module, args, out):  # returns None: the output itself is left alone
                 record["outputs"][name] = out
                 record["order"].append(name)
+
             return hook
 
-        hooks = [module.register_forward_hook(keep(name))
-                 for stage in range(len(self.names)) for name, module in self._children(stage)]
+        hooks = [
+            module.register_forward_hook(keep(name))
+            for stage in range(len(self.names))
+            for name, module in self._children(stage)
+        ]
         try:
             return self._from(0, StageState(hidden, (hidden,), emb), record["states"])
         finally:
@@ -100,9 +116,20 @@ class UNetStages:
     def resume(self, touched: list[str], record: dict) -> torch.Tensor:
         """The forward after the first of the ``touched`` modules, from a clean run's ``record``."""
         start = min(self.stage_of(name) for name in touched)
-        first = min((record["order"].index(c) for name in touched for c in record["order"]
-                     if name == c or name.startswith(c + ".")), default=None)
-        replay = [name for name in record["order"][:first] if self.stage_of(name) == start] if first is not None else []
+        first = min(
+            (
+                record["order"].index(c)
+                for name in touched
+                for c in record["order"]
+                if name == c or name.startswith(c + ".")
+            ),
+            default=None,
+        )
+        replay = (
+            [name for name in record["order"][:first] if self.stage_of(name) == start]
+            if first is not None
+            else []
+        )
         modules = dict(self._children(start))
         try:
             for name in replay:  # sub-modules before the intervention return their clean outputs
@@ -147,9 +174,13 @@ class BlockMemo:
         self.supported = bool(self.blocks)
 
     def block_of(self, module_name: str) -> str | None:
-        return next((b for b in self.blocks if module_name == b or module_name.startswith(b + ".")), None)
+        return next(
+            (b for b in self.blocks if module_name == b or module_name.startswith(b + ".")), None
+        )
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None) -> torch.Tensor:
+    def run(
+        self, sample: torch.Tensor, timestep: torch.Tensor, *, rows=None, record: dict | None = None
+    ) -> torch.Tensor:
         """The full forward; ``record`` receives the inputs and each block's output, in execution order."""
         if record is None or not self.supported:
             return self.den.predict(sample, timestep, rows=rows)
@@ -159,6 +190,7 @@ class BlockMemo:
             def hook(module, args, out):
                 record["order"].append(name)
                 record["outputs"][name] = out
+
             return hook
 
         hooks = [block.register_forward_hook(keep(name)) for name, block in self.blocks.items()]
@@ -172,14 +204,20 @@ class BlockMemo:
         """The forward with every block before the first touched one replaced by its recorded output."""
         sample, timestep = record["inputs"]
         rows, order = record["rows"], record["order"]
-        if len(order) != len(set(order)):  # a block called twice per forward: its outputs are not one thing
+        if len(order) != len(
+            set(order)
+        ):  # a block called twice per forward: its outputs are not one thing
             return self.den.predict(sample, timestep, rows=rows)
         firsts = [order.index(b) for b in (self.block_of(name) for name in touched) if b in order]
-        first = min(firsts) if len(firsts) == len(touched) else 0  # a touched module outside the blocks: nothing
+        first = (
+            min(firsts) if len(firsts) == len(touched) else 0
+        )  # a touched module outside the blocks: nothing
         replay = order[:first]
         try:
             for name in replay:
-                self.blocks[name].forward = lambda *args, _out=record["outputs"][name], **kwargs: _out
+                self.blocks[name].forward = lambda *args, _out=record["outputs"][name], **kwargs: (
+                    _out
+                )
             return self.den.predict(sample, timestep, rows=rows)
         finally:
             for name in replay:

@@ -22,7 +22,13 @@ from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import Target, resnet_blocks, resnet_intervention
 from diffcircuit.models.diffusion import model_device
 
-__all__ = ["SAMPLING_METHODS", "controlled_samples", "sample_images", "sample_metrics", "sampling_effect"]
+__all__ = [
+    "SAMPLING_METHODS",
+    "controlled_samples",
+    "sample_images",
+    "sample_metrics",
+    "sampling_effect",
+]
 
 
 SAMPLING_METHODS = ("zero", "mean", "scale")
@@ -37,7 +43,9 @@ def _intervention(net, target: Target, method: str, scale: float, means: dict | 
     if target.level == "token":  # a prompt token removed (or reweighted) in every cross/joint head
         if method != "zero":
             raise ConfigError("a prompt token can only be removed or reweighted while sampling")
-        return instrument(net, token_scales={a: {target.token: target.weight} for a in target.heads})
+        return instrument(
+            net, token_scales={a: {target.token: target.weight} for a in target.heads}
+        )
     if method == "zero":
         return instrument(net, zero_heads=list(target.heads))
     if method == "scale":
@@ -47,17 +55,23 @@ def _intervention(net, target: Target, method: str, scale: float, means: dict | 
 
 def _check(target: Target | None, method: str, scale: float | None) -> None:
     if method not in SAMPLING_METHODS:
-        raise ConfigError(f"sampling intervention must be one of {SAMPLING_METHODS}, not {method!r}")
+        raise ConfigError(
+            f"sampling intervention must be one of {SAMPLING_METHODS}, not {method!r}"
+        )
     if (method == "scale") != (scale is not None):
         raise ConfigError("give a scale factor exactly when the method is 'scale'")
     if target is None and method != "zero":
         raise ConfigError("mean and scale interventions need a target")
 
 
-def _guided(den, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int) -> torch.Tensor:
+def _guided(
+    den, x, t, guidance: float, unconditional, session, step_means: dict | None, i: int
+) -> torch.Tensor:
     """One step's model output: conditional (recorded by ``session``), moved by classifier-free guidance
     out_u + g·(out_c − out_u) when g ≠ 1; a learned-variance half (DiT) is dropped, as DDIM ignores it."""
-    out = den.predict(x, t.expand(len(x)))[:, : x.shape[1]]  # in the model's prediction_type; the scheduler knows it
+    out = den.predict(x, t.expand(len(x)))[
+        :, : x.shape[1]
+    ]  # in the model's prediction_type; the scheduler knows it
     if session is not None:  # mean-ablation references: the conditional branch's mean head outputs
         step_means[i] = {layer: v.mean(0) for layer, v in session.pop("head_out").items()}
     if guidance == 1.0:
@@ -67,10 +81,22 @@ def _guided(den, x, t, guidance: float, unconditional, session, step_means: dict
 
 
 @torch.no_grad()
-def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: Target | None = None,
-                  window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
-                  step_means: dict | None = None, record_layers: tuple[str, ...] = (), guidance: float = 1.0,
-                  unconditional=None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def sample_images(
+    denoiser,
+    *,
+    n: int,
+    steps: int = 50,
+    seed: int = 0,
+    target: Target | None = None,
+    window: tuple[int, int] | None = None,
+    method: str = "zero",
+    scale: float | None = None,
+    step_means: dict | None = None,
+    record_layers: tuple[str, ...] = (),
+    guidance: float = 1.0,
+    unconditional=None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """``n`` images ``[n, C, H, W]`` in [-1, 1] by DDIM (η = 0) from seeded noise.
 
     With a ``target``, while the step's timestep lies in ``window`` (inclusive; None = every step),
@@ -86,26 +112,50 @@ def sample_images(denoiser, *, n: int, steps: int = 50, seed: int = 0, target: T
     net = denoiser.network
     scheduler = DDIMScheduler.from_config(denoiser.scheduler.config)
     scheduler.set_timesteps(steps)
-    denoiser.check_timesteps([int(t) for t in scheduler.timesteps])  # a flow model's σ = 1: no x₀ to step towards
+    denoiser.check_timesteps(
+        [int(t) for t in scheduler.timesteps]
+    )  # a flow model's σ = 1: no x₀ to step towards
     shape = (n, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model_device(net))
     for i, t in enumerate(scheduler.timesteps):
         active = target is not None and (window is None or window[0] <= int(t) <= window[1])
         with ExitStack() as stack:
             if active:
-                stack.enter_context(_intervention(net, target, method, scale, None if step_means is None else step_means[i]))
-            session = stack.enter_context(instrument(net, cache_heads=record_layers)) if record_layers else None
-            out = _guided(denoiser, x, t.to(x.device), guidance, unconditional, session, step_means, i)
+                stack.enter_context(
+                    _intervention(
+                        net, target, method, scale, None if step_means is None else step_means[i]
+                    )
+                )
+            session = (
+                stack.enter_context(instrument(net, cache_heads=record_layers))
+                if record_layers
+                else None
+            )
+            out = _guided(
+                denoiser, x, t.to(x.device), guidance, unconditional, session, step_means, i
+            )
         x = scheduler.step(out, t, x).prev_sample
         if progress is not None:
             progress(1)
-    return denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1).cpu()  # pixels either way
+    return (
+        denoiser.codec.decode(x) if denoiser.codec is not None else x.clamp(-1, 1).cpu()
+    )  # pixels either way
 
 
-def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
-                       window: tuple[int, int] | None = None, method: str = "zero",
-                       scale: float | None = None, guidance: float = 1.0,
-                       unconditional=None, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def controlled_samples(
+    denoiser,
+    target: Target,
+    *,
+    n: int = 8,
+    steps: int = 50,
+    seed: int = 0,
+    window: tuple[int, int] | None = None,
+    method: str = "zero",
+    scale: float | None = None,
+    guidance: float = 1.0,
+    unconditional=None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(clean, intervened)`` samples from the same seeded noise.
 
     Mean ablation replaces a head's output, at each step, by its mean over the clean samples at
@@ -115,9 +165,21 @@ def controlled_samples(denoiser, target: Target, *, n: int = 8, steps: int = 50,
     means: dict = {}
     layers = tuple(dict.fromkeys(a.layer for a in target.heads)) if method == "mean" else ()
     guide = dict(guidance=guidance, unconditional=unconditional, progress=progress)
-    clean = sample_images(denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers, **guide)
-    changed = sample_images(denoiser, n=n, steps=steps, seed=seed, target=target, window=window, method=method,
-                            scale=scale, step_means=means if method == "mean" else None, **guide)
+    clean = sample_images(
+        denoiser, n=n, steps=steps, seed=seed, step_means=means, record_layers=layers, **guide
+    )
+    changed = sample_images(
+        denoiser,
+        n=n,
+        steps=steps,
+        seed=seed,
+        target=target,
+        window=window,
+        method=method,
+        scale=scale,
+        step_means=means if method == "mean" else None,
+        **guide,
+    )
     return clean, changed
 
 
@@ -130,25 +192,68 @@ def sample_metrics(clean: torch.Tensor, changed: torch.Tensor) -> pd.DataFrame:
     for i in range(len(clean)):
         a = ((clean[i].numpy() + 1) / 2).transpose(1, 2, 0)
         b = ((changed[i].numpy() + 1) / 2).transpose(1, 2, 0)
-        side = min(a.shape[:2])  # the 11-pixel window of Wang et al., narrowed (odd) for images smaller than that
+        side = min(
+            a.shape[:2]
+        )  # the 11-pixel window of Wang et al., narrowed (odd) for images smaller than that
         window = min(11, side if side % 2 else side - 1)
-        ssim = float("nan") if window < 3 else structural_similarity(
-            a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-            win_size=window)
-        rows.append({"sample": i, "pixel_mse": float(((clean[i] - changed[i]) ** 2).mean()), "ssim": float(ssim)})
+        ssim = (
+            float("nan")
+            if window < 3
+            else structural_similarity(
+                a,
+                b,
+                channel_axis=-1,
+                data_range=1.0,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                win_size=window,
+            )
+        )
+        rows.append(
+            {
+                "sample": i,
+                "pixel_mse": float(((clean[i] - changed[i]) ** 2).mean()),
+                "ssim": float(ssim),
+            }
+        )
     return pd.DataFrame(rows).astype({"pixel_mse": np.float64, "ssim": np.float64})
 
 
-def sampling_effect(denoiser, target: Target, *, n: int = 8, steps: int = 50, seed: int = 0,
-                    window: tuple[int, int] | None = None, method: str = "zero", scale: float | None = None,
-                    guidance: float = 1.0, unconditional=None) -> pd.DataFrame:
+def sampling_effect(
+    denoiser,
+    target: Target,
+    *,
+    n: int = 8,
+    steps: int = 50,
+    seed: int = 0,
+    window: tuple[int, int] | None = None,
+    method: str = "zero",
+    scale: float | None = None,
+    guidance: float = 1.0,
+    unconditional=None,
+) -> pd.DataFrame:
     """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise."""
-    clean, changed = controlled_samples(denoiser, target, n=n, steps=steps, seed=seed, window=window, method=method,
-                                        scale=scale, guidance=guidance, unconditional=unconditional)
+    clean, changed = controlled_samples(
+        denoiser,
+        target,
+        n=n,
+        steps=steps,
+        seed=seed,
+        window=window,
+        method=method,
+        scale=scale,
+        guidance=guidance,
+        unconditional=unconditional,
+    )
     frame = sample_metrics(clean, changed)
     frame.insert(1, "target", target.name)
     frame.insert(2, "window", "all" if window is None else f"{window[0]}-{window[1]}")
     frame.insert(3, "steps", steps)
-    frame.insert(4, "method", "reweight" if target.weight else method if scale is None else f"scale {scale:g}")
+    frame.insert(
+        4,
+        "method",
+        "reweight" if target.weight else method if scale is None else f"scale {scale:g}",
+    )
     frame.insert(5, "guidance", float(guidance))
     return frame

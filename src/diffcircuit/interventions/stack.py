@@ -26,26 +26,47 @@ from diffcircuit.instrument.hooks import rows_where
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument
 
-__all__ = ["CPU_STACK_ROWS", "TiledForward", "rows_per_forward", "stack_chunks", "stacked_outputs", "tile"]
+__all__ = [
+    "CPU_STACK_ROWS",
+    "TiledForward",
+    "rows_per_forward",
+    "stack_chunks",
+    "stacked_outputs",
+    "tile",
+]
 
-CPU_STACK_ROWS = 64  # rows per forward on a CPU (compute-bound: larger batches are slower per image there)
-_WORKING_FACTOR = 4  # a forward's transient activations, in units of the widest recorded activation per row
+CPU_STACK_ROWS = (
+    64  # rows per forward on a CPU (compute-bound: larger batches are slower per image there)
+)
+_WORKING_FACTOR = (
+    4  # a forward's transient activations, in units of the widest recorded activation per row
+)
 
 
 def tile(obj, copies: int, batch: int):
     """``obj`` (tensors, arrays, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor or
     array repeated ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
     if isinstance(obj, torch.Tensor):
-        return obj.repeat(copies, *([1] * (obj.ndim - 1))) if obj.ndim and obj.shape[0] == batch else obj
+        return (
+            obj.repeat(copies, *([1] * (obj.ndim - 1)))
+            if obj.ndim and obj.shape[0] == batch
+            else obj
+        )
     if isinstance(obj, np.ndarray):
-        return np.tile(obj, (copies, *([1] * (obj.ndim - 1)))) if obj.ndim and obj.shape[0] == batch else obj
+        return (
+            np.tile(obj, (copies, *([1] * (obj.ndim - 1))))
+            if obj.ndim and obj.shape[0] == batch
+            else obj
+        )
     if isinstance(obj, dict):
         return {k: tile(v, copies, batch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(tile(v, copies, batch) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: tile(getattr(obj, f.name), copies, batch)
-                                           for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj,
+            **{f.name: tile(getattr(obj, f.name), copies, batch) for f in dataclasses.fields(obj)},
+        )
     return obj
 
 
@@ -61,19 +82,32 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-def rows_per_forward(record: dict, batch: int, device: torch.device | str, *, stack_rows: int | None = None,
-                     memory_budget: int | None = None) -> int:
+def rows_per_forward(
+    record: dict,
+    batch: int,
+    device: torch.device | str,
+    *,
+    stack_rows: int | None = None,
+    memory_budget: int | None = None,
+) -> int:
     """How many rows one stacked forward may hold: ``stack_rows`` (default: ``CPU_STACK_ROWS`` on a CPU, no cap
     on an accelerator), and on an accelerator no more than ``memory_budget`` bytes (default: a quarter of its
     free memory) hold, a row costing its share of the prefix ``record`` plus ``_WORKING_FACTOR`` times its widest
     activation. At least ``batch``."""
     device = torch.device(device)
-    cap = stack_rows if stack_rows is not None else (CPU_STACK_ROWS if device.type == "cpu" else 1 << 20)
+    cap = (
+        stack_rows
+        if stack_rows is not None
+        else (CPU_STACK_ROWS if device.type == "cpu" else 1 << 20)
+    )
     if device.type == "cuda":
         if memory_budget is None:
             memory_budget = torch.cuda.mem_get_info(device)[0] // 4
         tensors = [t for t in _tensors(record) if t.ndim and t.shape[0] == batch]
-        per_row = sum(t.nbytes for t in tensors) / batch + _WORKING_FACTOR * max((t.nbytes for t in tensors), default=0) / batch
+        per_row = (
+            sum(t.nbytes for t in tensors) / batch
+            + _WORKING_FACTOR * max((t.nbytes for t in tensors), default=0) / batch
+        )
         cap = min(cap, int(memory_budget // max(per_row, 1.0)))
     return max(batch, cap)
 
@@ -82,34 +116,49 @@ class TiledForward:
     """One batch's forward for ``copies`` stacked variants: the images repeated (each copy with the images' own
     captions), restarted with prefix reuse from the clean run's record, tiled once per number of copies."""
 
-    def __init__(self, den, stages, record: dict, x_t, t, dataset: str, idx: np.ndarray, reuse: bool):
+    def __init__(
+        self, den, stages, record: dict, x_t, t, dataset: str, idx: np.ndarray, reuse: bool
+    ):
         self.den, self.stages, self.record, self.x_t, self.t = den, stages, record, x_t, t
         self.dataset, self.idx, self.reuse, self.batch = dataset, idx, reuse, len(idx)
         self._records: dict[int, dict] = {}
 
     def __call__(self, copies: int, touched: list[str]) -> torch.Tensor:
         if not self.reuse:
-            return self.den.predict(tile(self.x_t, copies, self.batch), tile(self.t, copies, self.batch),
-                                    rows=(self.dataset, np.tile(self.idx, copies)))
+            return self.den.predict(
+                tile(self.x_t, copies, self.batch),
+                tile(self.t, copies, self.batch),
+                rows=(self.dataset, np.tile(self.idx, copies)),
+            )
         if copies not in self._records:
-            self._records = {copies: tile(self.record, copies, self.batch)}  # one tiling held at a time
+            self._records = {
+                copies: tile(self.record, copies, self.batch)
+            }  # one tiling held at a time
         return self.stages.resume(touched, self._records[copies])
 
 
-def stack_chunks(registry: HeadRegistry, jobs: Sequence[tuple[int, Sequence[HeadAddress]]], batch: int,
-                 rows: int) -> list[list[tuple[int, Sequence[HeadAddress]]]]:
+def stack_chunks(
+    registry: HeadRegistry, jobs: Sequence[tuple[int, Sequence[HeadAddress]]], batch: int, rows: int
+) -> list[list[tuple[int, Sequence[HeadAddress]]]]:
     """Chunks of (key, heads) that run stacked: ordered by the first layer they touch (so a chunk restarts where
     its members do), at most ``rows // batch`` variants each; chunks of one variant are left out (they run alone)."""
     per = max(1, rows // max(1, batch))
     if per == 1:
         return []
     order = {info.layer: i for i, info in enumerate(registry.layers)}
-    jobs = sorted((job for job in jobs if job[1]), key=lambda job: (min(order[a.layer] for a in job[1]), job[0]))
-    return [jobs[i:i + per] for i in range(0, len(jobs), per) if len(jobs[i:i + per]) > 1]
+    jobs = sorted(
+        (job for job in jobs if job[1]),
+        key=lambda job: (min(order[a.layer] for a in job[1]), job[0]),
+    )
+    return [jobs[i : i + per] for i in range(0, len(jobs), per) if len(jobs[i : i + per]) > 1]
 
 
-def stacked_outputs(forward: TiledForward, registry: HeadRegistry, chunk: list[tuple[int, Sequence[HeadAddress]]],
-                    value: Callable[[str, int], torch.Tensor | float]) -> dict[int, torch.Tensor]:
+def stacked_outputs(
+    forward: TiledForward,
+    registry: HeadRegistry,
+    chunk: list[tuple[int, Sequence[HeadAddress]]],
+    value: Callable[[str, int], torch.Tensor | float],
+) -> dict[int, torch.Tensor]:
     """``{key: [batch, ...]}``: each variant's prediction, from one forward whose rows are the variants' copies of
     the batch. ``value(layer, copies)`` is what the masked heads of ``layer`` take: 0, a mean ``[heads, q, d]``,
     or per-row values ``[copies·batch, heads, q, d]``."""
@@ -117,9 +166,11 @@ def stacked_outputs(forward: TiledForward, registry: HeadRegistry, chunk: list[t
     masks: dict[str, torch.Tensor] = {}
     for v, (_, heads) in enumerate(chunk):
         for a in heads:
-            mask = masks.setdefault(a.layer, torch.zeros(rows, registry.layer(a.layer).heads, dtype=torch.bool))
-            mask[v * batch:(v + 1) * batch, a.head] = True  # [rows, heads]
+            mask = masks.setdefault(
+                a.layer, torch.zeros(rows, registry.layer(a.layer).heads, dtype=torch.bool)
+            )
+            mask[v * batch : (v + 1) * batch, a.head] = True  # [rows, heads]
     hooks = {layer: rows_where(mask, value(layer, len(chunk))) for layer, mask in masks.items()}
     with instrument(forward.den, registry=registry, hooks=hooks):
         out = forward(len(chunk), list(masks))  # [variants x batch, ...]
-    return {key: out[v * batch:(v + 1) * batch] for v, (key, _) in enumerate(chunk)}
+    return {key: out[v * batch : (v + 1) * batch] for v, (key, _) in enumerate(chunk)}

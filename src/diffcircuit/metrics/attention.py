@@ -36,12 +36,27 @@ import torch
 
 from diffcircuit.metrics.probes import PROBE_CHANNELS
 
-__all__ = ["CONTENT_PROBES", "HEAD_METRICS", "MOMENT_CHANNELS", "PARTNER_CHANNELS", "content_log_scores",
-           "metrics_from_moments", "uniform_moments"]
+__all__ = [
+    "CONTENT_PROBES",
+    "HEAD_METRICS",
+    "MOMENT_CHANNELS",
+    "PARTNER_CHANNELS",
+    "content_log_scores",
+    "metrics_from_moments",
+    "uniform_moments",
+]
 
 HEAD_METRICS = (
-    "effective_keys", "effective_keys_frac", "distance_px", "distance_frac", "edge_affinity",
-    "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity", "edge_percentile",
+    "effective_keys",
+    "effective_keys_frac",
+    "distance_px",
+    "distance_frac",
+    "edge_affinity",
+    "texture_affinity",
+    "object_affinity",
+    "background_affinity",
+    "intensity_affinity",
+    "edge_percentile",
     "texture_percentile",
 )
 MOMENT_CHANNELS = ("one", *PROBE_CHANNELS)  # the capture prepends a constant channel
@@ -66,21 +81,33 @@ def _m(moments: torch.Tensor, g: str, f: str, index: dict[str, int] = _C) -> tor
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, NaN where the baseline is 0 (e.g. edge affinity of a flat image)."""
     ok = den.abs() > 1e-12
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan))
+    return torch.where(
+        ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan)
+    )
 
 
 def _same_region(m: torch.Tensor, index: dict[str, int] = _C) -> torch.Tensor:
     # mean_i Σ_j p_ij [m_i m_j + (1 − m_i)(1 − m_j)] = 1 − mean m_i − mean a_i + 2 mean m_i a_i
-    return 1 - _m(m, "object", "one", index) - _m(m, "one", "object", index) + 2 * _m(m, "object", "object", index)
+    return (
+        1
+        - _m(m, "object", "one", index)
+        - _m(m, "one", "object", index)
+        + 2 * _m(m, "object", "object", index)
+    )
 
 
 def _sq_intensity_gap(m: torch.Tensor, index: dict[str, int] = _C) -> torch.Tensor:
     # mean_i Σ_j p_ij (L_j − L_i)² = M[1, L²] − 2 M[L, L] + M[L², 1]
-    return (_m(m, "one", "intensity_sq", index) - 2 * _m(m, "intensity", "intensity", index)
-            + _m(m, "intensity_sq", "one", index))
+    return (
+        _m(m, "one", "intensity_sq", index)
+        - 2 * _m(m, "intensity", "intensity", index)
+        + _m(m, "intensity_sq", "one", index)
+    )
 
 
-def _attended_and_baseline(m: torch.Tensor, u: torch.Tensor, index: dict[str, int]) -> dict[str, tuple]:
+def _attended_and_baseline(
+    m: torch.Tensor, u: torch.Tensor, index: dict[str, int]
+) -> dict[str, tuple]:
     """Per content probe: (what the head's attention gives, the same under uniform attention), oriented so
     that more is more preference (intensity: the baseline's squared gap over the attended one)."""
     return {
@@ -92,22 +119,36 @@ def _attended_and_baseline(m: torch.Tensor, u: torch.Tensor, index: dict[str, in
     }
 
 
-def content_log_scores(moments: torch.Tensor, uniform: torch.Tensor, *, has_masks: bool,
-                       channels: tuple[str, ...] = PROBE_CHANNELS) -> dict[str, torch.Tensor]:
+def content_log_scores(
+    moments: torch.Tensor,
+    uniform: torch.Tensor,
+    *,
+    has_masks: bool,
+    channels: tuple[str, ...] = PROBE_CHANNELS,
+) -> dict[str, torch.Tensor]:
     """Log content scores (module docstring) from moments ``[..., C+1, C+1]`` over ``("one", *channels)`` and
     the uniform moments of the *same* features (broadcastable). Object and background are NaN without masks.
     Computed on the host in float64 (the logs of small ratios), whatever device the moments come from."""
     index = {name: i for i, name in enumerate(("one", *channels))}
     out = {}
-    moments, uniform = moments.cpu().double(), uniform.cpu().double()  # no float64 on an accelerator
+    moments, uniform = (
+        moments.cpu().double(),
+        uniform.cpu().double(),
+    )  # no float64 on an accelerator
     for probe, (num, den) in _attended_and_baseline(moments, uniform, index).items():
         num, den = torch.broadcast_tensors(num, den)
         if probe == "intensity":  # num is the baseline here: valid where it is positive
             ok = num > 1e-12
-            score = num.clamp_min(1e-300).log() - torch.maximum(den, _FLOOR * num).clamp_min(1e-300).log()
+            score = (
+                num.clamp_min(1e-300).log()
+                - torch.maximum(den, _FLOOR * num).clamp_min(1e-300).log()
+            )
         else:
             ok = den > 1e-12
-            score = torch.maximum(num, _FLOOR * den).clamp_min(1e-300).log() - den.clamp_min(1e-300).log()
+            score = (
+                torch.maximum(num, _FLOOR * den).clamp_min(1e-300).log()
+                - den.clamp_min(1e-300).log()
+            )
         if probe in _MASKED and not has_masks:
             ok = torch.zeros_like(ok)
         out[probe] = torch.where(ok, score, torch.full_like(score, math.nan))
@@ -125,7 +166,11 @@ def metrics_from_moments(
     """Head metrics ``[B, heads]`` from moments ``[B, heads, C, C]``, uniform ``[B, C, C]``, perplexity ``[B, heads]``."""
     u = uniform[:, None]  # [B, 1, C, C]: broadcasts over heads
     n_keys = grid[0] * grid[1]
-    msd = _m(moments, "one", "r2") - 2 * (_m(moments, "y", "y") + _m(moments, "x", "x")) + _m(moments, "r2", "one")
+    msd = (
+        _m(moments, "one", "r2")
+        - 2 * (_m(moments, "y", "y") + _m(moments, "x", "x"))
+        + _m(moments, "r2", "one")
+    )
     distance = msd.clamp_min(0).sqrt()
     diagonal = math.hypot(grid[0] - 1, grid[1] - 1) or 1.0
     nan = torch.full_like(distance, math.nan)
@@ -134,9 +179,15 @@ def metrics_from_moments(
         "effective_keys_frac": perplexity / n_keys,
         "distance_px": distance,
         "distance_frac": distance / diagonal,
-        "edge_affinity": _ratio(_m(moments, "one", "edge"), _m(u, "one", "edge").expand_as(distance)),
-        "texture_affinity": _ratio(_m(moments, "one", "texture"), _m(u, "one", "texture").expand_as(distance)),
-        "intensity_affinity": _ratio(_sq_intensity_gap(u).expand_as(distance), _sq_intensity_gap(moments)),
+        "edge_affinity": _ratio(
+            _m(moments, "one", "edge"), _m(u, "one", "edge").expand_as(distance)
+        ),
+        "texture_affinity": _ratio(
+            _m(moments, "one", "texture"), _m(u, "one", "texture").expand_as(distance)
+        ),
+        "intensity_affinity": _ratio(
+            _sq_intensity_gap(u).expand_as(distance), _sq_intensity_gap(moments)
+        ),
         "edge_percentile": _m(moments, "one", "edge_rank"),
         "texture_percentile": _m(moments, "one", "texture_rank"),
         "object_affinity": nan,
@@ -144,5 +195,7 @@ def metrics_from_moments(
     }
     if has_masks:
         out["object_affinity"] = _ratio(_same_region(moments), _same_region(u).expand_as(distance))
-        out["background_affinity"] = _ratio(1 - _m(moments, "one", "object"), (1 - _m(u, "one", "object")).expand_as(distance))
+        out["background_affinity"] = _ratio(
+            1 - _m(moments, "one", "object"), (1 - _m(u, "one", "object")).expand_as(distance)
+        )
     return out

@@ -86,61 +86,99 @@ def _flux_qk(attn, inputs: dict, n_text: int) -> _LayerQK:
     return _LayerQK(q[:, n_text:], k, slice(n_text, k.shape[1]), slice(0, n_text))
 
 
-def _projections(denoiser, x_t: torch.Tensor, t: torch.Tensor, rows, layers: Sequence[str]) -> dict[str, _LayerQK]:
+def _projections(
+    denoiser, x_t: torch.Tensor, t: torch.Tensor, rows, layers: Sequence[str]
+) -> dict[str, _LayerQK]:
     """Each of ``layers``' queries and keys at inputs ``x_t`` (one forward of the untouched model)."""
     modules = dict(attention_modules(denoiser.network))
     got: dict[str, dict] = {layer: {} for layer in layers}
-    text_length = [0]  # Flux: the text length its double-stream blocks see, for the single-stream ones after
+    text_length = [
+        0
+    ]  # Flux: the text length its double-stream blocks see, for the single-stream ones after
     handles = []
     for name, module in modules.items():
         if type(module).__name__ == "FluxAttention":
+
             def inputs(module, args, kwargs, layer=name):
                 text = kwargs.get("encoder_hidden_states")
                 if text is not None:
                     text_length[0] = text.shape[1]
                 if layer in got:
-                    got[layer] = {k: (v.detach().float() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                    got[layer] = {
+                        k: (v.detach().float() if isinstance(v, torch.Tensor) else v)
+                        for k, v in kwargs.items()
+                    }
                     got[layer]["n_text"] = text_length[0]
+
             handles.append(module.register_forward_pre_hook(inputs, with_kwargs=True))
         elif name in got:
-            parts = ("to_q", "to_k") + (("add_k_proj",) if getattr(module, "add_k_proj", None) is not None else ())
+            parts = ("to_q", "to_k") + (
+                ("add_k_proj",) if getattr(module, "add_k_proj", None) is not None else ()
+            )
             for part in parts:
+
                 def output(module, args, out, layer=name, part=part):
                     got[layer][part] = out.detach().float()
+
                 handles.append(getattr(module, part).register_forward_hook(output))
     try:
         denoiser.predict(x_t, t, rows=rows)
     finally:
         for h in handles:
             h.remove()
-    return {layer: _flux_qk(modules[layer], got[layer], got[layer]["n_text"]) if "n_text" in got[layer]
-            else _standard_qk(modules[layer], got[layer]) for layer in layers}
+    return {
+        layer: _flux_qk(modules[layer], got[layer], got[layer]["n_text"])
+        if "n_text" in got[layer]
+        else _standard_qk(modules[layer], got[layer])
+        for layer in layers
+    }
 
 
 def _inputs(denoiser, images, timestep, seed: int, dataset: str, x_t, t):
     """``(x_t, t, rows)``: the caller's noisy inputs, or ``images`` noised at ``timestep`` (each its seeded draw)."""
     if x_t is not None:
         if t is None:
-            raise DiffcircuitError("attention maps at given inputs x_t need their timestep indices t")
-        t = torch.as_tensor(t).expand(len(x_t)) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t)
+            raise DiffcircuitError(
+                "attention maps at given inputs x_t need their timestep indices t"
+            )
+        t = (
+            torch.as_tensor(t).expand(len(x_t))
+            if torch.as_tensor(t).ndim == 0
+            else torch.as_tensor(t)
+        )
         return x_t, t, (dataset, np.arange(len(x_t)))
     if images is None or timestep is None:
-        raise DiffcircuitError("attention maps need images and a timestep, or noisy inputs x_t and t")
-    batch = noisy_batch(denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset)
+        raise DiffcircuitError(
+            "attention maps need images and a timestep, or noisy inputs x_t and t"
+        )
+    batch = noisy_batch(
+        denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset
+    )
     return batch.x_t, batch.t, batch.which
 
 
 def _head_probs(qk: _LayerQK, head: int, rows=slice(None)) -> torch.Tensor:
     """softmax(q_h · K_hᵀ / √d) of one head for the image queries ``rows``: ``[B, N_q, N_k]`` (float64)."""
     q, k = qk.queries[:, rows, head].double(), qk.keys[:, :, head].double()
-    return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)  # SDPA's default scale
+    return torch.softmax(
+        (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1
+    )  # SDPA's default scale
 
 
 @torch.no_grad()
-def attention_maps(denoiser, images: np.ndarray | None = None, *, heads: Sequence[HeadAddress | str],
-                   timestep: int | None = None, queries: Sequence[tuple[float, float]], seed: int = 0,
-                   dataset: str = "a", x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                   registry: HeadRegistry | None = None) -> pd.DataFrame:
+def attention_maps(
+    denoiser,
+    images: np.ndarray | None = None,
+    *,
+    heads: Sequence[HeadAddress | str],
+    timestep: int | None = None,
+    queries: Sequence[tuple[float, float]],
+    seed: int = 0,
+    dataset: str = "a",
+    x_t: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    registry: HeadRegistry | None = None,
+) -> pd.DataFrame:
     """One row per image x head: the attention map (keys on the layer's grid, row-major) from ``queries[i]``.
 
     ``heads``: addresses or their strings (``"mid_block.attentions.0:3"``). The inputs: ``images`` noised at
@@ -159,22 +197,40 @@ def attention_maps(denoiser, images: np.ndarray | None = None, *, heads: Sequenc
     for address in heads:
         qk = layers[address.layer]
         n = qk.queries.shape[1]  # image query positions
-        side = int(round(n ** 0.5))
+        side = int(round(n**0.5))
         if side * side != n or qk.image_keys is None:
             raise ConfigError(f"{address.layer} is not self- or joint attention on a square grid")
         for i, (fy, fx) in enumerate(queries):
             row, col = min(side - 1, int(fy * side)), min(side - 1, int(fx * side))
             at = row * side + col  # only this query's row of the softmax is needed, not all N x N
             probs = _head_probs(qk, address.head, rows=slice(at, at + 1))[i, 0, qk.image_keys]
-            rows.append({"dataset": dataset, "image": i, "timestep": int(t[i]), "layer": address.layer,
-                         "head": address.head, "grid": side, "query_y": row, "query_x": col,
-                         "map": probs.float().cpu().numpy()})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "image": i,
+                    "timestep": int(t[i]),
+                    "layer": address.layer,
+                    "head": address.head,
+                    "grid": side,
+                    "query_y": row,
+                    "query_x": col,
+                    "map": probs.float().cpu().numpy(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 @torch.no_grad()
-def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: Sequence[str] | Sequence[Sequence[str]],
-               timesteps: Sequence[int], seed: int = 0, dataset: str = "a") -> pd.DataFrame:
+def token_maps(
+    denoiser,
+    images: np.ndarray,
+    *,
+    registry: HeadRegistry,
+    tokens: Sequence[str] | Sequence[Sequence[str]],
+    timesteps: Sequence[int],
+    seed: int = 0,
+    dataset: str = "a",
+) -> pd.DataFrame:
     """DAAM-style cross-attention maps: one row per image x timestep x cross- (or joint-) attention head x prompt token,
     with ``map`` the attention every query position gives that token (its column of the head's softmax over
     all keys, on the layer's query grid, row-major). ``tokens`` are the prompt's tokens (keys 0..len-1), or each
@@ -193,10 +249,20 @@ def token_maps(denoiser, images: np.ndarray, *, registry: HeadRegistry, tokens: 
                     for j, text in enumerate(tokens[i] if per_image else tokens):
                         if text is None:  # a padding position
                             continue
-                        rows.append({"dataset": dataset, "image": i, "timestep": int(t), "layer": info.layer,
-                                     "head": head, "token": j, "text": text, "grid_h": info.query_grid[0],
-                                     "grid_w": info.query_grid[1],
-                                     "map": probs[i, :, qk.text_keys.start + j].float().cpu().numpy()})
+                        rows.append(
+                            {
+                                "dataset": dataset,
+                                "image": i,
+                                "timestep": int(t),
+                                "layer": info.layer,
+                                "head": head,
+                                "token": j,
+                                "text": text,
+                                "grid_h": info.query_grid[0],
+                                "grid_w": info.query_grid[1],
+                                "map": probs[i, :, qk.text_keys.start + j].float().cpu().numpy(),
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
@@ -206,9 +272,28 @@ def token_heatmaps(maps: pd.DataFrame, size: int) -> pd.DataFrame:
     import torch.nn.functional as F
 
     rows = []
-    for (dataset, image, token, text), g in maps.groupby(["dataset", "image", "token", "text"], sort=True):
-        up = [F.interpolate(torch.from_numpy(np.asarray(r.map, dtype=np.float32)).view(1, 1, r.grid_h, r.grid_w),
-                            size=(size, size), mode="bilinear", align_corners=False)[0, 0] for r in g.itertuples()]
-        rows.append({"dataset": dataset, "image": int(image), "token": int(token), "text": text, "size": size,
-                     "heatmap": torch.stack(up).mean(0).reshape(-1).numpy()})
+    for (dataset, image, token, text), g in maps.groupby(
+        ["dataset", "image", "token", "text"], sort=True
+    ):
+        up = [
+            F.interpolate(
+                torch.from_numpy(np.asarray(r.map, dtype=np.float32)).view(
+                    1, 1, r.grid_h, r.grid_w
+                ),
+                size=(size, size),
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0]
+            for r in g.itertuples()
+        ]
+        rows.append(
+            {
+                "dataset": dataset,
+                "image": int(image),
+                "token": int(token),
+                "text": text,
+                "size": size,
+                "heatmap": torch.stack(up).mean(0).reshape(-1).numpy(),
+            }
+        )
     return pd.DataFrame(rows)

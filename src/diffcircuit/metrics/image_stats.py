@@ -19,20 +19,33 @@ from diffcircuit.metrics.probes import PROBE_CHANNELS, ProbeFeatures, luminance
 
 __all__ = ["IMAGE_PROPERTIES", "image_properties"]
 
-IMAGE_PROPERTIES = ("color_deviation", "edge_energy", "texture_energy", "intensity_mean", "intensity_sd")
+IMAGE_PROPERTIES = (
+    "color_deviation",
+    "edge_energy",
+    "texture_energy",
+    "intensity_mean",
+    "intensity_sd",
+)
 
 
 @torch.no_grad()
 def _batch_properties(x: torch.Tensor) -> dict[str, np.ndarray]:
     """``x`` ``[B, C, H, W]`` in [-1, 1] -> each property ``[B]``."""
     lum = luminance(x)  # [B, 1, H, W] in [0, 1]
-    maps = ProbeFeatures(x)(tuple(x.shape[-2:]))  # [B, channels, H, W]: pooling onto the image's own grid is identity
+    maps = ProbeFeatures(x)(
+        tuple(x.shape[-2:])
+    )  # [B, channels, H, W]: pooling onto the image's own grid is identity
     edge, texture = maps[:, PROBE_CHANNELS.index("edge")], maps[:, PROBE_CHANNELS.index("texture")]
     x64 = (x.double() + 1) / 2
     colour = (x64 - x64.mean(1, keepdim=True)).abs().flatten(1).mean(1)
     flat = lum.flatten(1).double()
-    return {"color_deviation": colour, "edge_energy": edge.flatten(1).mean(1), "texture_energy": texture.flatten(1).mean(1),
-            "intensity_mean": flat.mean(1), "intensity_sd": flat.std(1, correction=0)}
+    return {
+        "color_deviation": colour,
+        "edge_energy": edge.flatten(1).mean(1),
+        "texture_energy": texture.flatten(1).mean(1),
+        "intensity_mean": flat.mean(1),
+        "intensity_sd": flat.std(1, correction=0),
+    }
 
 
 def image_properties(images, *, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -40,7 +53,7 @@ def image_properties(images, *, batch_size: int = 256) -> dict[str, np.ndarray]:
     anything sliceable such as ``LazyImages``), as float64 ``[n]``."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in IMAGE_PROPERTIES}
     for lo in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.asarray(images[lo:lo + batch_size], dtype=np.float32))
+        batch = torch.from_numpy(np.asarray(images[lo : lo + batch_size], dtype=np.float32))
         for name, values in _batch_properties(batch).items():
             parts[name].append(values.double().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}

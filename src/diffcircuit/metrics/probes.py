@@ -22,7 +22,18 @@ import torch.nn.functional as F
 
 __all__ = ["PROBE_CHANNELS", "ProbeFeatures", "luminance"]
 
-PROBE_CHANNELS = ("y", "x", "r2", "edge", "texture", "intensity", "intensity_sq", "object", "edge_rank", "texture_rank")
+PROBE_CHANNELS = (
+    "y",
+    "x",
+    "r2",
+    "edge",
+    "texture",
+    "intensity",
+    "intensity_sq",
+    "object",
+    "edge_rank",
+    "texture_rank",
+)
 
 
 def luminance(x0: torch.Tensor) -> torch.Tensor:
@@ -60,7 +71,9 @@ class ProbeFeatures:
         lum = luminance(x0)
         obj = masks.float()[:, None] if masks is not None else torch.zeros_like(lum)
         self.has_masks = masks is not None
-        self._full = torch.cat([_sobel_magnitude(lum), _high_freq_energy(lum), lum, obj.to(lum.device)], 1)
+        self._full = torch.cat(
+            [_sobel_magnitude(lum), _high_freq_energy(lum), lum, obj.to(lum.device)], 1
+        )
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def __call__(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -71,15 +84,30 @@ class ProbeFeatures:
     def _on_grid(self, grid: tuple[int, int]) -> torch.Tensor:
         h, w = grid
         b = self._full.shape[0]
-        pooled = F.adaptive_avg_pool2d(self._full, (h, w))  # [B, 4, h, w]: edge, texture, intensity, object
+        pooled = F.adaptive_avg_pool2d(
+            self._full, (h, w)
+        )  # [B, 4, h, w]: edge, texture, intensity, object
         edge, texture, intensity, obj = pooled.unbind(1)
         # positions centred on the grid (distances are unchanged; moments stay small for precision)
         rows = torch.arange(h, dtype=torch.float32) - (h - 1) / 2
         cols = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
         y, x = torch.meshgrid(rows, cols, indexing="ij")
         y, x = y.to(pooled.device).expand(b, h, w), x.to(pooled.device).expand(b, h, w)
-        return torch.stack([y, x, y**2 + x**2, edge, texture, intensity, intensity**2, obj, _percentile(edge),
-                            _percentile(texture)], 1)
+        return torch.stack(
+            [
+                y,
+                x,
+                y**2 + x**2,
+                edge,
+                texture,
+                intensity,
+                intensity**2,
+                obj,
+                _percentile(edge),
+                _percentile(texture),
+            ],
+            1,
+        )
 
 
 def _percentile(maps: torch.Tensor) -> torch.Tensor:
@@ -87,7 +115,9 @@ def _percentile(maps: torch.Tensor) -> torch.Tensor:
     (cells below it + (cells equal to it − 1) / 2) / (K − 1), counted by binary search in the sorted cells,
     O(K log K) per image rather than the K x K comparison."""
     flat = maps.flatten(1).contiguous()  # [B, K]
-    if not torch.isfinite(flat).all():  # NaN equals nothing: count by comparison, as the definition reads
+    if not torch.isfinite(
+        flat
+    ).all():  # NaN equals nothing: count by comparison, as the definition reads
         below = (flat[:, :, None] > flat[:, None, :]).sum(-1).float()
         ties = (flat[:, :, None] == flat[:, None, :]).sum(-1).float()
     else:

@@ -48,10 +48,20 @@ __all__ = ["CONTENT_ROLES", "ROLES", "ROLE_DEFINITIONS", "RoleRules", "assign_ro
 
 CONTENT_ROLES = ("semantic", "edge", "texture", "intensity", "background")
 ROLES = (*CONTENT_ROLES, "local", "focal", "global")
-_PROBE_OF = {"semantic": "object", "edge": "edge", "texture": "texture", "intensity": "intensity",
-             "background": "background"}
-_RAW_OF = {"object": "object_affinity", "edge": "edge_affinity", "texture": "texture_affinity",
-           "intensity": "intensity_affinity", "background": "background_affinity"}
+_PROBE_OF = {
+    "semantic": "object",
+    "edge": "edge",
+    "texture": "texture",
+    "intensity": "intensity",
+    "background": "background",
+}
+_RAW_OF = {
+    "object": "object_affinity",
+    "edge": "edge_affinity",
+    "texture": "texture_affinity",
+    "intensity": "intensity_affinity",
+    "background": "background_affinity",
+}
 ROLE_DEFINITIONS = {
     "semantic": "object probe's excess over its null significant (q < 0.05) and >= log 1.1; distance_frac >= 0.15",
     "edge": "edge probe's excess over its null significant (q < 0.05) and >= log 1.1",
@@ -64,9 +74,19 @@ ROLE_DEFINITIONS = {
     "positional": "no content or geometric role; a raw affinity passes its raw threshold but not its null",
     "unassigned": "no rule holds",
 }  # with the default RoleRules
-SCORE_COLUMNS = ("entropy_nats", "entropy_norm", "effective_keys_frac", "distance_frac", "edge_affinity",
-                 "texture_affinity", "object_affinity", "background_affinity", "intensity_affinity",
-                 "edge_percentile", "texture_percentile")
+SCORE_COLUMNS = (
+    "entropy_nats",
+    "entropy_norm",
+    "effective_keys_frac",
+    "distance_frac",
+    "edge_affinity",
+    "texture_affinity",
+    "object_affinity",
+    "background_affinity",
+    "intensity_affinity",
+    "edge_percentile",
+    "texture_percentile",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,8 +160,12 @@ def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
     failed, untested = _raw_only(row, rules)
     raw_only = ",".join(failed)
     candidates = _content_candidates(row, rules)
-    if {"edge", "texture"} <= set(candidates):  # the two energy maps: the one the head selects on higher
-        loser = "texture" if _get(row, "edge_percentile") >= _get(row, "texture_percentile") else "edge"
+    if {"edge", "texture"} <= set(
+        candidates
+    ):  # the two energy maps: the one the head selects on higher
+        loser = (
+            "texture" if _get(row, "edge_percentile") >= _get(row, "texture_percentile") else "edge"
+        )
         candidates[loser] = -math.inf
     if candidates:
         ranked = sorted(candidates, key=lambda r: (-candidates[r], r))
@@ -151,8 +175,15 @@ def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
         return geometric, "geometry", "", raw_only
     if raw_only:
         return "positional", "raw content score not above its null", "", raw_only
-    if untested:  # a raw score passes but nothing tested it: neither a content role nor "positional"
-        return "unassigned", f"raw {','.join(untested)} score passes; its null was not run (withheld)", "", raw_only
+    if (
+        untested
+    ):  # a raw score passes but nothing tested it: neither a content role nor "positional"
+        return (
+            "unassigned",
+            f"raw {','.join(untested)} score passes; its null was not run (withheld)",
+            "",
+            raw_only,
+        )
     return "unassigned", "none", "", raw_only
 
 

@@ -30,7 +30,9 @@ class Conditioning:
     kwargs: dict[str, torch.Tensor | dict]
     description: str
     tokens: tuple[str | None, ...] = ()
-    unconditional: Conditioning | None = None  # guidance's other branch, when the embeddings file gives it
+    unconditional: Conditioning | None = (
+        None  # guidance's other branch, when the embeddings file gives it
+    )
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,20 @@ class Captions:
     def key_counts(self, rows) -> torch.Tensor | None:
         """Each image's number of unmasked text keys where captions are masked per image (PixArt), else None."""
         mask = self.conditioning.kwargs.get("encoder_attention_mask")
-        return None if mask is None else mask[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum(1)
+        return (
+            None
+            if mask is None
+            else mask[torch.as_tensor(np.asarray(rows), dtype=torch.long)].sum(1)
+        )
 
 
-def conditioning_kwargs(conditioning: Conditioning, batch: int, device: torch.device,
-                        rows: torch.Tensor | None = None) -> dict:
+def conditioning_kwargs(
+    conditioning: Conditioning, batch: int, device: torch.device, rows: torch.Tensor | None = None
+) -> dict:
     """The forward keyword inputs of ``conditioning`` for a batch: its rows ``rows`` (per-image conditioning,
     one row per batch row), or its one row expanded to ``batch`` rows; nested dicts (SDXL's
     ``added_cond_kwargs``) likewise."""
+
     def expand(value):
         if isinstance(value, dict):
             return {k: expand(v) for k, v in value.items()}

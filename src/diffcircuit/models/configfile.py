@@ -16,9 +16,15 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
-        raise DiffcircuitError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise DiffcircuitError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DiffcircuitError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise DiffcircuitError(
+            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
     if not isinstance(value, dict):
-        raise DiffcircuitError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+        raise DiffcircuitError(
+            f"{path} holds a JSON {type(value).__name__}, not an object of settings"
+        )
     return value

@@ -35,7 +35,9 @@ def model_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _coeffs(
+    alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """√ᾱ_t and √(1−ᾱ_t), broadcastable to the image batch ``like``, on its device: float64 on the CPU, float32
     (computed in float64 first) on an accelerator, where float64 arithmetic over whole images is slow (MPS has none)."""
     a = alphas_cumprod.to(torch.float64)[t.long().cpu()].view(-1, *([1] * (like.ndim - 1)))
@@ -45,14 +47,20 @@ def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -
     return sa.to(like.device), sb.to(like.device)
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (same as diffusers' ``DDPMScheduler.add_noise``)."""
     sa, sb = _coeffs(alphas_cumprod, t, x0)
     return (sa * x0.to(sa.dtype) + sb * eps.to(sa.dtype)).to(x0.dtype)
 
 
 def eps_from_output(
-    output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """The ε-prediction implied by a network output of the given ``prediction_type``.
 
@@ -65,10 +73,14 @@ def eps_from_output(
         return sb * x_t.to(output.dtype) + sa * output
     if prediction_type == "sample":
         return (x_t.to(output.dtype) - sa * output) / sb
-    raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    raise ConfigError(
+        f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}"
+    )
 
 
-def implied_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def implied_x0(
+    x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """The x₀ prediction implied by an ε-prediction."""
     sa, sb = _coeffs(alphas_cumprod, t, x_t)
     return ((x_t.to(sa.dtype) - sb * eps_hat.to(sa)) / sa).to(x_t.dtype)

@@ -33,18 +33,33 @@ def is_flow_matching(scheduler_config: dict) -> bool:
 def flow_sigmas(scheduler_config: dict, image_tokens: int | None = None) -> torch.Tensor:
     """σ_t for t = 0..N−1 (ascending, float64), the scheduler's grid: a fixed shift (SD3), or the shift Flux's
     pipeline derives from the number of image tokens (``use_dynamic_shifting``: μ linear in ``image_tokens``)."""
-    if any(scheduler_config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                              "invert_sigmas", "shift_terminal")):
-        raise DiffcircuitError("this flow-matching scheduler uses a non-default σ grid, which diffcircuit does not map yet")
+    if any(
+        scheduler_config.get(k)
+        for k in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "shift_terminal",
+        )
+    ):
+        raise DiffcircuitError(
+            "this flow-matching scheduler uses a non-default σ grid, which diffcircuit does not map yet"
+        )
     n = int(scheduler_config.get("num_train_timesteps", 1000))
     s = torch.arange(1, n + 1, dtype=torch.float64) / n
     if not scheduler_config.get("use_dynamic_shifting"):
         shift = float(scheduler_config.get("shift", 1.0))
         return shift * s / (1 + (shift - 1) * s)
     if image_tokens is None:
-        raise DiffcircuitError("this flow-matching scheduler shifts σ by image size (use_dynamic_shifting), which "
-                               "diffcircuit reads from a packed (Flux-style) model and its autoencoder")
-    lo, hi = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+        raise DiffcircuitError(
+            "this flow-matching scheduler shifts σ by image size (use_dynamic_shifting), which "
+            "diffcircuit reads from a packed (Flux-style) model and its autoencoder"
+        )
+    lo, hi = (
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+    )
     base, top = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
     mu = base + (top - base) * (image_tokens - lo) / (hi - lo)  # FluxPipeline's calculate_shift
     if scheduler_config.get("time_shift_type", "exponential") == "linear":
@@ -68,11 +83,19 @@ class FlowAdapter:
     sigmas: torch.Tensor  # σ_t for t = 0..N−1, float64
     timestep_scale: float
 
-    def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inputs(
+        self, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_σ, timestep input, σ)``: the flow model's input ``[B, C, H, W]`` for DDPM's ``x_t`` at index ``t``."""
-        sigma = self.sigmas.float().to(x_t.device)[t.long()].view(-1, *([1] * (x_t.ndim - 1)))  # [B, 1, 1, 1]
+        sigma = (
+            self.sigmas.float().to(x_t.device)[t.long()].view(-1, *([1] * (x_t.ndim - 1)))
+        )  # [B, 1, 1, 1]
         scale = ((1 - sigma) ** 2 + sigma**2).sqrt()
-        return x_t * scale.to(x_t.dtype), (sigma.flatten() * self.timestep_scale).to(x_t.dtype), sigma
+        return (
+            x_t * scale.to(x_t.dtype),
+            (sigma.flatten() * self.timestep_scale).to(x_t.dtype),
+            sigma,
+        )
 
     @staticmethod
     def eps(x_flow: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:

@@ -18,26 +18,33 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffcircuit.errors import DiffcircuitError
-from diffcircuit.models.configfile import read_json
 from diffcircuit.models.conditioning import Captions, Conditioning, conditioning_kwargs
-from diffcircuit.models.needs import needed_inputs
-from diffcircuit.models.prompts import caption_conditioning, make_conditioning
+from diffcircuit.models.configfile import read_json
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
 from diffcircuit.models.flow import FlowAdapter, flow_betas, flow_sigmas, is_flow_matching
 from diffcircuit.models.latent import LatentCodec
+from diffcircuit.models.needs import needed_inputs
 from diffcircuit.models.packing import is_packed, packed_inputs, unpack
 from diffcircuit.models.pipeline_text import is_pooled
+from diffcircuit.models.prompts import caption_conditioning, make_conditioning
 
-__all__ = ["Denoiser", "EMBEDDED_MODEL", "load_conditioned", "load_denoiser", "save_denoiser",
-           "unconditional_input", "use_captions"]
+__all__ = [
+    "Denoiser",
+    "EMBEDDED_MODEL",
+    "load_conditioned",
+    "load_denoiser",
+    "save_denoiser",
+    "unconditional_input",
+    "use_captions",
+]
 
 EMBEDDED_MODEL = "embedded"
 _EMBEDDED_DIR = Path(__file__).parent / "embedded" / "tiny-ddpm-32"
@@ -59,12 +66,24 @@ class Denoiser:
     scheduler: Any  # DDPMScheduler: the noise schedule (alphas_cumprod) and prediction_type
     model_path: Path  # the local folder the network's weights were read from
     source: str  # what the user asked for: "embedded", a hub id or a folder
-    conditioning: Conditioning | None = None  # a conditional network's input for every forward (``load_conditioned``)
-    codec: LatentCodec | None = None  # latent models: the pipeline's autoencoder, images' way in (``models.latent``)
-    process: str = "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``flow``)
-    latent_size: int | None = None  # packed (Flux) models, whose config has no sample size: the autoencoder's
-    flow: FlowAdapter | None = None  # flow-matching models: how DDPM's (x_t, t) map to the flow's and v to ε
-    captions: dict[str, Captions] = field(default_factory=dict)  # dataset -> its images' own conditioning
+    conditioning: Conditioning | None = (
+        None  # a conditional network's input for every forward (``load_conditioned``)
+    )
+    codec: LatentCodec | None = (
+        None  # latent models: the pipeline's autoencoder, images' way in (``models.latent``)
+    )
+    process: str = (
+        "ddpm"  # "flow-matching": a velocity model read through its DDPM equivalent (``flow``)
+    )
+    latent_size: int | None = (
+        None  # packed (Flux) models, whose config has no sample size: the autoencoder's
+    )
+    flow: FlowAdapter | None = (
+        None  # flow-matching models: how DDPM's (x_t, t) map to the flow's and v to ε
+    )
+    captions: dict[str, Captions] = field(
+        default_factory=dict
+    )  # dataset -> its images' own conditioning
 
     @property
     def sample_size(self) -> int:
@@ -93,10 +112,14 @@ class Denoiser:
         n = int(self.scheduler.config.num_train_timesteps)
         bad = [int(t) for t in timesteps if not 0 <= int(t) < n]
         if not list(timesteps) or bad:
-            raise DiffcircuitError(f"timesteps {bad or '(none)'} are outside the model's 0..{n - 1}")
+            raise DiffcircuitError(
+                f"timesteps {bad or '(none)'} are outside the model's 0..{n - 1}"
+            )
         pure = [int(t) for t in timesteps if float(self.alphas_cumprod[int(t)]) == 0.0]
         if pure:
-            raise DiffcircuitError(f"timesteps {pure} are pure noise for this model (ᾱ = 0): x₀ cannot be inferred there")
+            raise DiffcircuitError(
+                f"timesteps {pure} are pure noise for this model (ᾱ = 0): x₀ cannot be inferred there"
+            )
 
     def weights_sha256(self) -> str:
         """A hash of the network's weights (names, dtypes, shapes and bytes): which model a run analysed."""
@@ -114,8 +137,14 @@ class Denoiser:
         """What the network outputs: "epsilon", "v_prediction" or "sample" (the scheduler's setting)."""
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
-                rows: Rows | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        conditioning: Conditioning | None = None,
+        rows: Rows | None = None,
+    ) -> torch.Tensor:
         """The network's prediction at ``x_t`` ``[batch, C, H, W]`` and timestep indices ``t`` (``[batch]`` or a
         scalar), in the scheduler's parametrisation (``prediction_type``; a flow model's ε, a packed model's
         latent map), on the network's device. ``conditioning``: a conditional model's input for this call
@@ -128,26 +157,40 @@ class Denoiser:
         kwargs = self._conditioning_kwargs(len(x_t), device, conditioning, rows)
         x_in, timestep, sigma = (x_t, t, None) if self.flow is None else self.flow.inputs(x_t, t)
         if is_packed(self.network):  # Flux: 2x2 latent patches as tokens
-            tokens, kwargs = packed_inputs(x_in, kwargs, distilled=bool(getattr(self.network.config, "guidance_embeds", False)))
-            output = unpack(self.network(tokens, timestep=timestep, **kwargs).sample, *x_in.shape[-2:])
+            tokens, kwargs = packed_inputs(
+                x_in, kwargs, distilled=bool(getattr(self.network.config, "guidance_embeds", False))
+            )
+            output = unpack(
+                self.network(tokens, timestep=timestep, **kwargs).sample, *x_in.shape[-2:]
+            )
         else:
             output = self.network(x_in, timestep=timestep, **kwargs).sample
         if self.flow is None or sigma is None:
             return output
         return self.flow.eps(x_in, sigma, output)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, *, conditioning: Conditioning | None = None,
-                    rows: Rows | None = None) -> torch.Tensor:
+    def predict_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        conditioning: Conditioning | None = None,
+        rows: Rows | None = None,
+    ) -> torch.Tensor:
         """The ε-prediction ``predict`` implies, in fp32, whatever the network outputs (ε, v or x₀; a flow model's
         velocity; a packed model's tokens): the one way the analyses run the model."""
         t = t.expand(len(x_t)) if t.ndim == 0 else t
         output = self.predict(x_t, t, conditioning=conditioning, rows=rows)
         return self.eps_hat(output, x_t.to(output.device), t.to(output.device))
 
-    def _conditioning_kwargs(self, batch: int, device, conditioning: Conditioning | None, rows: Rows | None) -> dict:
+    def _conditioning_kwargs(
+        self, batch: int, device, conditioning: Conditioning | None, rows: Rows | None
+    ) -> dict:
         """The forward's conditioning inputs: a captioned dataset's rows, else the given or loaded conditioning."""
         if conditioning is not None and self.conditioning is None:
-            raise DiffcircuitError(f"{type(self.network).__name__} is unconditional: a conditioning does not apply")
+            raise DiffcircuitError(
+                f"{type(self.network).__name__} is unconditional: a conditioning does not apply"
+            )
         if rows is not None and rows[0] in self.captions and conditioning is None:
             index = torch.as_tensor(np.asarray(rows[1]), dtype=torch.long)
             return conditioning_kwargs(self.captions[rows[0]].conditioning, batch, device, index)
@@ -177,17 +220,28 @@ def _resolve_folder(source: str, allow_pickle: bool) -> Path:
     """A local folder for ``source``: the embedded model, an existing folder, or a hub download."""
     if source == EMBEDDED_MODEL:
         if not (_EMBEDDED_DIR / "model_index.json").exists():
-            raise DiffcircuitError(f"the embedded model is missing from {_EMBEDDED_DIR}; reinstall diffcircuit")
+            raise DiffcircuitError(
+                f"the embedded model is missing from {_EMBEDDED_DIR}; reinstall diffcircuit"
+            )
         return _EMBEDDED_DIR
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise DiffcircuitError(f"model {source!r} is a file; give a diffusers model or pipeline folder")
-        if path.resolve().name in _NETWORK_SUBFOLDERS and (path / ".." / "model_index.json").exists():
-            return path.resolve().parent  # a pipeline's unet/ or transformer/: its scheduler and VAE are beside it
+            raise DiffcircuitError(
+                f"model {source!r} is a file; give a diffusers model or pipeline folder"
+            )
+        if (
+            path.resolve().name in _NETWORK_SUBFOLDERS
+            and (path / ".." / "model_index.json").exists()
+        ):
+            return (
+                path.resolve().parent
+            )  # a pipeline's unet/ or transformer/: its scheduler and VAE are beside it
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or " " in source:
-        raise DiffcircuitError(f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'")
+        raise DiffcircuitError(
+            f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'"
+        )
     return _download(source, allow_pickle)
 
 
@@ -196,15 +250,19 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"])
+        )
         if allow_pickle and not any(folder.rglob("*.safetensors")):
             folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin", "*.md"]))
     except Exception as exc:  # network, auth, missing repo: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcircuitError(f"could not fetch model {repo_id!r} from the hub: {first}") from None
     if not any(folder.rglob("*.safetensors")) and not allow_pickle:
-        raise DiffcircuitError(f"hub repo {repo_id!r} has no .safetensors weights; if it ships pickle "
-                               "weights (.bin) and you trust it, pass --allow-pickle")
+        raise DiffcircuitError(
+            f"hub repo {repo_id!r} has no .safetensors weights; if it ships pickle "
+            "weights (.bin) and you trust it, pass --allow-pickle"
+        )
     return folder
 
 
@@ -215,7 +273,9 @@ def _network_folder(root: Path) -> Path:
             return root / sub
     if (root / "config.json").exists():
         return root
-    raise DiffcircuitError(f"{root} is not a diffusers folder: no config.json in it or in unet/ or transformer/")
+    raise DiffcircuitError(
+        f"{root} is not a diffusers folder: no config.json in it or in unet/ or transformer/"
+    )
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> bool:
@@ -241,7 +301,9 @@ def _network_class(folder: Path):
     name = config.get("_class_name", "UNet2DModel")
     cls = getattr(diffusers, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise DiffcircuitError(f"{folder / 'config.json'} names {name!r}, which is not a diffusers model class")
+        raise DiffcircuitError(
+            f"{folder / 'config.json'} names {name!r}, which is not a diffusers model class"
+        )
     return cls
 
 
@@ -260,11 +322,17 @@ def _load_scheduler(root: Path, network_folder: Path, image_tokens: int | None =
         config = read_json(path)
         if is_flow_matching(config):
             sigmas = flow_sigmas(config, image_tokens)
-            return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=flow_betas(sigmas).numpy(),
-                                 prediction_type="epsilon", clip_sample=False), sigmas
+            return DDPMScheduler(
+                num_train_timesteps=len(sigmas),
+                trained_betas=flow_betas(sigmas).numpy(),
+                prediction_type="epsilon",
+                clip_sample=False,
+            ), sigmas
         if "beta_schedule" not in config and "trained_betas" not in config:
-            raise DiffcircuitError(f"{path} defines {config.get('_class_name', 'a scheduler')}, which has no DDPM "
-                                   "noise schedule (β); diffcircuit analyses DDPM-family and flow-matching models")
+            raise DiffcircuitError(
+                f"{path} defines {config.get('_class_name', 'a scheduler')}, which has no DDPM "
+                "noise schedule (β); diffcircuit analyses DDPM-family and flow-matching models"
+            )
         return DDPMScheduler.from_pretrained(candidate), None
     return DDPMScheduler(num_train_timesteps=1000), None
 
@@ -273,10 +341,14 @@ def _check_finite(network: torch.nn.Module, folder: Path) -> None:
     """Refuse weights with NaN or infinity: they would propagate silently into every table."""
     for name, tensor in network.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise DiffcircuitError(f"model weights in {folder} contain NaN or infinite values (first in {name})")
+            raise DiffcircuitError(
+                f"model weights in {folder} contain NaN or infinite values (first in {name})"
+            )
 
 
-def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
+def load_denoiser(
+    source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, device: str = "cpu"
+) -> Denoiser:
     """Load a denoiser from ``"embedded"``, a local diffusers folder or a hub id.
 
     The scheduler is read from the folder when it has one (as ``DDPMScheduler``, whose noise
@@ -294,26 +366,47 @@ def load_denoiser(source: str = EMBEDDED_MODEL, *, allow_pickle: bool = False, d
     _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
     codec = _load_codec(root if folder != root else None, network, allow_pickle, device)
-    packed = is_packed(network)  # Flux: 2x2 latent patches as tokens, its size given by the autoencoder
+    packed = is_packed(
+        network
+    )  # Flux: 2x2 latent patches as tokens, its size given by the autoencoder
     size = None
     if packed:
         if codec is None:
-            raise DiffcircuitError(f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/")
+            raise DiffcircuitError(
+                f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/"
+            )
         vae: Any = codec.vae
         size = int(vae.config.sample_size) // codec.factor
-    scheduler, sigmas = _load_scheduler(root, folder, image_tokens=None if size is None else (size // 2) ** 2)
+    scheduler, sigmas = _load_scheduler(
+        root, folder, image_tokens=None if size is None else (size // 2) ** 2
+    )
     # a velocity-predicting flow model, read as the ε-predicting DDPM it equals (Flux takes σ, SD3 σ·N)
     flow = None if sigmas is None else FlowAdapter(sigmas, 1.0 if packed else float(len(sigmas)))
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
-        raise DiffcircuitError(f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
-    return Denoiser(network=network, scheduler=scheduler, model_path=folder, source=source, codec=codec,
-                    process="ddpm" if sigmas is None else "flow-matching", latent_size=size, flow=flow)
+        raise DiffcircuitError(
+            f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})"
+        )
+    return Denoiser(
+        network=network,
+        scheduler=scheduler,
+        model_path=folder,
+        source=source,
+        codec=codec,
+        process="ddpm" if sigmas is None else "flow-matching",
+        latent_size=size,
+        flow=flow,
+    )
 
 
-def _load_codec(root: Path | None, network: Network, allow_pickle: bool, device: str) -> LatentCodec | None:
+def _load_codec(
+    root: Path | None, network: Network, allow_pickle: bool, device: str
+) -> LatentCodec | None:
     """The pipeline's autoencoder (``vae/`` or ``vqvae/``) when the network works in its latent space, else None."""
-    folder = next((root / sub for sub in ("vae", "vqvae") if root and (root / sub / "config.json").exists()), None)
+    folder = next(
+        (root / sub for sub in ("vae", "vqvae") if root and (root / sub / "config.json").exists()),
+        None,
+    )
     if folder is None:
         return None
     cls = _network_class(folder)
@@ -326,20 +419,35 @@ def _load_codec(root: Path | None, network: Network, allow_pickle: bool, device:
     codec = LatentCodec.from_vae(vae.eval().requires_grad_(False).to(device))
     takes = int(network.config.in_channels) // (4 if is_packed(network) else 1)
     if codec.latent_channels != takes:
-        raise DiffcircuitError(f"{folder.name}/ gives {codec.latent_channels}-channel latents but the network takes "
-                               f"{takes} channels (e.g. an inpainting model): not supported")
+        raise DiffcircuitError(
+            f"{folder.name}/ gives {codec.latent_channels}-channel latents but the network takes "
+            f"{takes} channels (e.g. an inpainting model): not supported"
+        )
     return codec
 
 
-def load_conditioned(source: str = EMBEDDED_MODEL, *, prompt: str | None = None, prompt_embeds: str | None = None,
-                     class_label: int | None = None, allow_pickle: bool = False, device: str = "cpu") -> Denoiser:
+def load_conditioned(
+    source: str = EMBEDDED_MODEL,
+    *,
+    prompt: str | None = None,
+    prompt_embeds: str | None = None,
+    class_label: int | None = None,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+) -> Denoiser:
     """``load_denoiser``, with a conditional network's conditioning for its forwards (``models.conditioning``;
     default: the unconditional input, the empty prompt or the null class)."""
     import dataclasses
 
     den = load_denoiser(source, allow_pickle=allow_pickle, device=device)
-    cond = make_conditioning(den.network, _pipeline_root(den), prompt=prompt, prompt_embeds=prompt_embeds, class_label=class_label,
-                             allow_pickle=allow_pickle)
+    cond = make_conditioning(
+        den.network,
+        _pipeline_root(den),
+        prompt=prompt,
+        prompt_embeds=prompt_embeds,
+        class_label=class_label,
+        allow_pickle=allow_pickle,
+    )
     return den if cond is None else dataclasses.replace(den, conditioning=cond)
 
 
@@ -347,7 +455,9 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
     """A conditional model's unconditional input: guidance's other branch. The embeddings file's negative prompt
     (``negative_prompt_embeds``) when it has one, else the empty prompt or the null class."""
     if den.conditioning is None:
-        raise DiffcircuitError(f"{type(den.network).__name__} is unconditional: guidance does not apply")
+        raise DiffcircuitError(
+            f"{type(den.network).__name__} is unconditional: guidance does not apply"
+        )
     if den.conditioning.unconditional is not None:
         return den.conditioning.unconditional
     try:
@@ -358,12 +468,16 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
     except DiffcircuitError:
         if not is_pooled(den.network):
             raise
-        raise DiffcircuitError("guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
-                               "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file, "
-                               "or give a pipeline folder with its text encoders") from None
+        raise DiffcircuitError(
+            "guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
+            "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file, "
+            "or give a pipeline folder with its text encoders"
+        ) from None
 
 
-def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = "") -> str | None:
+def use_captions(
+    den: Denoiser, dataset: str, captions, *, allow_pickle: bool = False, spec: str = ""
+) -> str | None:
     """Give each image of ``dataset`` its own caption (encoded by the pipeline's text encoder) in every forward of
     its rows (``den.predict(..., rows=(dataset, rows))``); returns what was done, for the manifest (None: no
     captions)."""
@@ -371,7 +485,9 @@ def use_captions(den: Denoiser, dataset: str, captions, *, allow_pickle: bool = 
         return None
     if "encoder_hidden_states" not in needed_inputs(den.network):
         return "captions ignored: the model is not text-conditioned"
-    cond, tokens = caption_conditioning(den.network, _pipeline_root(den), captions, allow_pickle=allow_pickle, spec=spec)
+    cond, tokens = caption_conditioning(
+        den.network, _pipeline_root(den), captions, allow_pickle=allow_pickle, spec=spec
+    )
     den.captions[dataset] = Captions(cond, tokens)
     return "each image's own caption"
 

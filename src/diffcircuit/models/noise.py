@@ -26,7 +26,9 @@ def _label(dataset: str) -> int:
     return int.from_bytes(hashlib.sha256(dataset.encode()).digest()[:8], "little")
 
 
-def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int) -> torch.Tensor:
+def image_noise(
+    shape: Sequence[int], *, seed: int, dataset: str, image: int, timestep: int
+) -> torch.Tensor:
     """The noise draw for one image at one timestep: a function of its identity alone.
 
     ``dataset`` is any label (hashed whole, so "a/noise/x" and "a/noise/y" draw different noise).
@@ -36,9 +38,16 @@ def image_noise(shape: Sequence[int], *, seed: int, dataset: str, image: int, ti
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(state))
 
 
-def batch_noise(shape: Sequence[int], *, seed: int, dataset: str, images, timestep: int) -> torch.Tensor:
+def batch_noise(
+    shape: Sequence[int], *, seed: int, dataset: str, images, timestep: int
+) -> torch.Tensor:
     """``image_noise`` for each image index in ``images``, stacked: ``[len(images), *shape]``."""
-    return torch.stack([image_noise(shape, seed=seed, dataset=dataset, image=int(i), timestep=timestep) for i in images])
+    return torch.stack(
+        [
+            image_noise(shape, seed=seed, dataset=dataset, image=int(i), timestep=timestep)
+            for i in images
+        ]
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,30 +68,55 @@ class NoisyBatch:
         return self.dataset, self.rows
 
 
-def noisy_batch(denoiser, x0, rows, timestep: int, *, seed: int, dataset: str, noise: str | None = None) -> NoisyBatch:
+def noisy_batch(
+    denoiser, x0, rows, timestep: int, *, seed: int, dataset: str, noise: str | None = None
+) -> NoisyBatch:
     """Images ``x0`` ``[batch, C, H, W]`` (rows ``rows`` of ``dataset``) noised at ``timestep``, with the noise
     keyed by ``noise`` (default ``dataset``: e.g. activation patching gives a source and its receiver one draw)."""
     device = model_device(denoiser.network)
     rows = np.asarray(rows, dtype=np.int64)
-    x0 = torch.as_tensor(np.asarray(x0, dtype=np.float32) if not isinstance(x0, torch.Tensor) else x0).to(device)
-    eps = batch_noise(x0.shape[1:], seed=seed, dataset=noise or dataset, images=rows, timestep=timestep).to(device)
+    x0 = torch.as_tensor(
+        np.asarray(x0, dtype=np.float32) if not isinstance(x0, torch.Tensor) else x0
+    ).to(device)
+    eps = batch_noise(
+        x0.shape[1:], seed=seed, dataset=noise or dataset, images=rows, timestep=timestep
+    ).to(device)
     t = torch.full((len(rows),), int(timestep), dtype=torch.long, device=device)
-    return NoisyBatch(dataset, rows, int(timestep), x0, eps, t, add_noise(x0, eps, t, denoiser.alphas_cumprod))
+    return NoisyBatch(
+        dataset, rows, int(timestep), x0, eps, t, add_noise(x0, eps, t, denoiser.alphas_cumprod)
+    )
 
 
 def batch_rows(n: int, batch_size: int, first: int = 0) -> list[np.ndarray]:
     """Positions ``0..n-1`` cut into batches of at most ``batch_size``, offset by ``first``."""
-    return [np.arange(lo, min(lo + batch_size, n)) + first for lo in range(0, n, max(1, batch_size))]
+    return [
+        np.arange(lo, min(lo + batch_size, n)) + first for lo in range(0, n, max(1, batch_size))
+    ]
 
 
-def noisy_batches(denoiser, images, *, timesteps: Sequence[int], seed: int, dataset: str, batch_size: int,
-                  first: int = 0, noise: str | None = None, by_timestep: bool = True) -> Iterator[NoisyBatch]:
+def noisy_batches(
+    denoiser,
+    images,
+    *,
+    timesteps: Sequence[int],
+    seed: int,
+    dataset: str,
+    batch_size: int,
+    first: int = 0,
+    noise: str | None = None,
+    by_timestep: bool = True,
+) -> Iterator[NoisyBatch]:
     """Every batch of ``images`` (rows ``first``.. of ``dataset``) at every timestep: all batches of a timestep
     before the next timestep (``by_timestep``), or all timesteps of a batch before the next batch. ``images`` is
     read a batch at a time (a lazily decoded image set stays lazy)."""
     batches = batch_rows(len(images), batch_size)
-    pairs = ([(t, b) for t in timesteps for b in batches] if by_timestep else
-             [(t, b) for b in batches for t in timesteps])
+    pairs = (
+        [(t, b) for t in timesteps for b in batches]
+        if by_timestep
+        else [(t, b) for b in batches for t in timesteps]
+    )
     for t_val, local in pairs:
-        x0 = images[int(local[0]):int(local[-1]) + 1]
-        yield noisy_batch(denoiser, x0, local + first, int(t_val), seed=seed, dataset=dataset, noise=noise)
+        x0 = images[int(local[0]) : int(local[-1]) + 1]
+        yield noisy_batch(
+            denoiser, x0, local + first, int(t_val), seed=seed, dataset=dataset, noise=noise
+        )

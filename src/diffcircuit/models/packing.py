@@ -22,13 +22,21 @@ def is_packed(network: torch.nn.Module) -> bool:
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: each 2x2 patch a token, channel-major within it."""
     b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    return (
+        latents.view(b, c, h // 2, 2, w // 2, 2)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(b, (h // 2) * (w // 2), c * 4)
+    )
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The inverse of ``pack``: ``[B, (h/2)(w/2), 4C]`` -> ``[B, C, h, w]``."""
     b, _, channels = tokens.shape
-    return tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, h, w)
+    return (
+        tokens.view(b, h // 2, w // 2, channels // 4, 2, 2)
+        .permute(0, 3, 1, 4, 2, 5)
+        .reshape(b, channels // 4, h, w)
+    )
 
 
 def _image_ids(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
@@ -39,8 +47,9 @@ def _image_ids(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=like.device, dtype=like.dtype)
 
 
-def packed_inputs(latents: torch.Tensor, kwargs: dict, *, distilled: bool,
-                  guidance: float = DISTILLED_GUIDANCE) -> tuple[torch.Tensor, dict]:
+def packed_inputs(
+    latents: torch.Tensor, kwargs: dict, *, distilled: bool, guidance: float = DISTILLED_GUIDANCE
+) -> tuple[torch.Tensor, dict]:
     """``(tokens, kwargs)`` for a packed model from a latent map ``[B, C, h, w]``: the tokens, their positions
     (``img_ids``), the text's (``txt_ids``: zeros) and, for a guidance-distilled model, the guidance scale, as
     ``FluxPipeline`` feeds them; ``kwargs`` are the call's other inputs (its text embeddings among them)."""
@@ -48,7 +57,11 @@ def packed_inputs(latents: torch.Tensor, kwargs: dict, *, distilled: bool,
     kwargs = {**kwargs, "img_ids": _image_ids(h, w, latents)}
     text = kwargs.get("encoder_hidden_states")
     if text is not None and kwargs.get("txt_ids") is None:
-        kwargs["txt_ids"] = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        kwargs["txt_ids"] = torch.zeros(
+            text.shape[1], 3, device=latents.device, dtype=latents.dtype
+        )
     if distilled and kwargs.get("guidance") is None:
-        kwargs["guidance"] = torch.full((latents.shape[0],), guidance, device=latents.device, dtype=latents.dtype)
+        kwargs["guidance"] = torch.full(
+            (latents.shape[0],), guidance, device=latents.device, dtype=latents.dtype
+        )
     return pack(latents), kwargs

@@ -20,7 +20,13 @@ import torch
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.models.configfile import read_json
 
-__all__ = ["encode_with_pipeline", "is_pooled", "pooled_dims", "pooled_kwargs", "zeros_for_empty_prompt"]
+__all__ = [
+    "encode_with_pipeline",
+    "is_pooled",
+    "pooled_dims",
+    "pooled_kwargs",
+    "zeros_for_empty_prompt",
+]
 
 
 def is_pooled(network: torch.nn.Module) -> bool:
@@ -28,16 +34,24 @@ def is_pooled(network: torch.nn.Module) -> bool:
     (``pooled_projections``), SDXL (``added_cond_kwargs`` text embeddings and size conditions)."""
     config = network.config
     params = inspect.signature(network.forward).parameters
-    return bool((getattr(config, "pooled_projection_dim", None) and "pooled_projections" in params)
-                or (getattr(config, "addition_embed_type", None) == "text_time" and "added_cond_kwargs" in params))
+    return bool(
+        (getattr(config, "pooled_projection_dim", None) and "pooled_projections" in params)
+        or (
+            getattr(config, "addition_embed_type", None) == "text_time"
+            and "added_cond_kwargs" in params
+        )
+    )
 
 
 def pooled_dims(network: torch.nn.Module) -> tuple[int, int]:
     """(token dim, pooled dim) ``network`` expects."""
     config = network.config
-    if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and 6 size numbers, embedded
-        return int(config.cross_attention_dim), int(config.projection_class_embeddings_input_dim) - 6 * int(
-            config.addition_time_embed_dim)
+    if (
+        getattr(config, "addition_embed_type", None) == "text_time"
+    ):  # SDXL: pooled text and 6 size numbers, embedded
+        return int(config.cross_attention_dim), int(
+            config.projection_class_embeddings_input_dim
+        ) - 6 * int(config.addition_time_embed_dim)
     return int(config.joint_attention_dim), int(config.pooled_projection_dim)
 
 
@@ -48,7 +62,9 @@ def zeros_for_empty_prompt(root: Path) -> bool:
     if not index.exists():
         return False
     config = read_json(index)
-    return str(config.get("_class_name", "")).startswith("StableDiffusionXL") and config.get("force_zeros_for_empty_prompt", True)
+    return str(config.get("_class_name", "")).startswith("StableDiffusionXL") and config.get(
+        "force_zeros_for_empty_prompt", True
+    )
 
 
 def _pixels(root: Path, network: torch.nn.Module) -> int:
@@ -59,18 +75,25 @@ def _pixels(root: Path, network: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size) * 2 ** (levels - 1)
 
 
-def pooled_kwargs(network: torch.nn.Module, root: Path, embeds: torch.Tensor, pooled: torch.Tensor) -> dict:
+def pooled_kwargs(
+    network: torch.nn.Module, root: Path, embeds: torch.Tensor, pooled: torch.Tensor
+) -> dict:
     """The forward inputs of a pooled model, one row per prompt. SDXL's size conditions are those its pipeline
     uses by default: the image's own size, uncropped, (h, w, 0, 0, h, w)."""
     dims = pooled_dims(network)
     if (embeds.shape[-1], pooled.shape[-1]) != dims:
-        raise DiffcircuitError(f"the text encoders give {embeds.shape[-1]}-dim tokens and a {pooled.shape[-1]}-dim "
-                               f"summary; the model expects {dims[0]} and {dims[1]}")
+        raise DiffcircuitError(
+            f"the text encoders give {embeds.shape[-1]}-dim tokens and a {pooled.shape[-1]}-dim "
+            f"summary; the model expects {dims[0]} and {dims[1]}"
+        )
     if getattr(network.config, "addition_embed_type", None) != "text_time":
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     side = float(_pixels(root, network))
     time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(len(pooled), 6)
-    return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    return {
+        "encoder_hidden_states": embeds,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+    }
 
 
 def _load_pipeline(root: Path, allow_pickle: bool):
@@ -78,25 +101,40 @@ def _load_pipeline(root: Path, allow_pickle: bool):
 
     index = root / "model_index.json"
     if not index.exists():
-        raise DiffcircuitError(f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
-                               "give --prompt-embeds FILE.safetensors instead")
+        raise DiffcircuitError(
+            f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
+            "give --prompt-embeds FILE.safetensors instead"
+        )
     name = read_json(index).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "encode_prompt"):
-        raise DiffcircuitError(f"{index} names {name!r}, which has no encode_prompt; give --prompt-embeds instead")
+        raise DiffcircuitError(
+            f"{index} names {name!r}, which has no encode_prompt; give --prompt-embeds instead"
+        )
     optional = set(getattr(cls, "_optional_components", []) or [])
-    needed = [name for name in inspect.signature(cls.__init__).parameters
-              if name.startswith(("text_encoder", "tokenizer")) and name not in optional]
+    needed = [
+        name
+        for name in inspect.signature(cls.__init__).parameters
+        if name.startswith(("text_encoder", "tokenizer")) and name not in optional
+    ]
     missing = [name for name in needed if not (root / name).is_dir()]
     if missing:
-        raise DiffcircuitError(f"{root} has no {missing[0]}/ to encode a prompt with; give --prompt-embeds "
-                               "FILE.safetensors (prompt_embeds and pooled_prompt_embeds) instead")
+        raise DiffcircuitError(
+            f"{root} has no {missing[0]}/ to encode a prompt with; give --prompt-embeds "
+            "FILE.safetensors (prompt_embeds and pooled_prompt_embeds) instead"
+        )
     try:
-        return cls.from_pretrained(root, transformer=None, vae=None, use_safetensors=not allow_pickle)
+        return cls.from_pretrained(
+            root, transformer=None, vae=None, use_safetensors=not allow_pickle
+        )
     except ImportError:
-        raise DiffcircuitError("encoding prompts needs transformers: pip install 'diffcircuit[text]'") from None
+        raise DiffcircuitError(
+            "encoding prompts needs transformers: pip install 'diffcircuit[text]'"
+        ) from None
     except Exception as exc:
-        raise DiffcircuitError(f"could not load the text encoders of {root}: {str(exc).strip().splitlines()[0]}") from None
+        raise DiffcircuitError(
+            f"could not load the text encoders of {root}: {str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
 def _names(tokenizer, prompt: str, length: int) -> list[str | None]:
@@ -116,11 +154,19 @@ def encode_with_pipeline(root: Path, prompts: list[str], *, allow_pickle: bool =
     if "do_classifier_free_guidance" in params:
         kwargs["do_classifier_free_guidance"] = False
     if "clean_caption" in params:
-        kwargs["clean_caption"] = False  # the pipeline's caption cleaning needs bs4 and ftfy; prompts go in as given
+        kwargs["clean_caption"] = (
+            False  # the pipeline's caption cleaning needs bs4 and ftfy; prompts go in as given
+        )
     if "max_sequence_length" in params:
-        t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
+        t5 = (
+            getattr(pipe, "tokenizer_3", None)
+            or getattr(pipe, "tokenizer_2", None)
+            or pipe.tokenizer
+        )
         if t5 is not None and t5.model_max_length < params["max_sequence_length"].default:
-            kwargs["max_sequence_length"] = t5.model_max_length  # a tokenizer shorter than the pipeline's default
+            kwargs["max_sequence_length"] = (
+                t5.model_max_length
+            )  # a tokenizer shorter than the pipeline's default
     with torch.no_grad():
         out = pipe.encode_prompt(**kwargs)
     pixart = type(pipe).__name__.startswith("PixArt")
@@ -130,12 +176,22 @@ def encode_with_pipeline(root: Path, prompts: list[str], *, allow_pickle: bool =
         embeds, pooled = out[0], out[2]
     names = []
     for prompt in prompts:
-        if pixart or type(pipe).__name__.startswith("StableDiffusionXL"):  # one tokenizer's positions (SDXL: both CLIPs')
+        if pixart or type(pipe).__name__.startswith(
+            "StableDiffusionXL"
+        ):  # one tokenizer's positions (SDXL: both CLIPs')
             names.append(_names(pipe.tokenizer, prompt, embeds.shape[1]))
-        elif getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith("StableDiffusion3"):
-            clip = _names(pipe.tokenizer, prompt, pipe.tokenizer_max_length)  # CLIP positions, then T5's
+        elif getattr(pipe, "tokenizer_3", None) is not None or type(pipe).__name__.startswith(
+            "StableDiffusion3"
+        ):
+            clip = _names(
+                pipe.tokenizer, prompt, pipe.tokenizer_max_length
+            )  # CLIP positions, then T5's
             rest = embeds.shape[1] - len(clip)
-            t5 = _names(pipe.tokenizer_3, prompt, rest) if getattr(pipe, "tokenizer_3", None) is not None else [None] * rest
+            t5 = (
+                _names(pipe.tokenizer_3, prompt, rest)
+                if getattr(pipe, "tokenizer_3", None) is not None
+                else [None] * rest
+            )
             names.append(clip + t5)
         else:  # Flux: T5's tokens are the keys
             names.append(_names(pipe.tokenizer_2, prompt, embeds.shape[1]))

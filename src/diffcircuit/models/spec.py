@@ -33,7 +33,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if _device_type(device) == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device}: this machine has no CUDA GPU (use cpu or auto)", "device")
+        raise ConfigError(
+            f"device {device}: this machine has no CUDA GPU (use cpu or auto)", "device"
+        )
     return device
 
 
@@ -48,18 +50,31 @@ class ModelSpec:
     model: str = "embedded"
     allow_pickle: bool = False
     device: str = "auto"  # "auto": cuda when available, else cpu
-    precision: str = "fp32"  # forward passes in fp32, or autocast to bf16/fp16 (statistics stay fp32)
-    prompt: str | None = None  # a text-conditioned model's prompt (None: the empty prompt, the unconditional branch)
-    prompt_embeds: str | None = None  # or a safetensors file with its embeddings (tensor "prompt_embeds")
+    precision: str = (
+        "fp32"  # forward passes in fp32, or autocast to bf16/fp16 (statistics stay fp32)
+    )
+    prompt: str | None = (
+        None  # a text-conditioned model's prompt (None: the empty prompt, the unconditional branch)
+    )
+    prompt_embeds: str | None = (
+        None  # or a safetensors file with its embeddings (tensor "prompt_embeds")
+    )
     class_label: int | None = None  # a class-conditional model's class (None: its null class)
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"model must name 'embedded', a folder or a hub id, not {self.model!r}", "model")
+            raise ConfigError(
+                f"model must name 'embedded', a folder or a hub id, not {self.model!r}", "model"
+            )
         if self.device != "auto" and _device_type(self.device) not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, not {self.device!r}", "device")
+            raise ConfigError(
+                f"device must be cpu, cuda, cuda:N or auto, not {self.device!r}", "device"
+            )
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", "precision")
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}",
+                "precision",
+            )
         if self.class_label is not None and self.class_label < 0:
             raise ConfigError(f"class_label must be >= 0, not {self.class_label}", "class_label")
         if self.prompt is not None and self.prompt_embeds is not None:
@@ -74,8 +89,14 @@ class ModelSpec:
         """The denoiser, on ``torch_device``, with a conditional model's conditioning (``load_conditioned``)."""
         from diffcircuit.models.loading import load_conditioned
 
-        return load_conditioned(self.model, allow_pickle=self.allow_pickle, device=self.torch_device,
-                                prompt=self.prompt, prompt_embeds=self.prompt_embeds, class_label=self.class_label)
+        return load_conditioned(
+            self.model,
+            allow_pickle=self.allow_pickle,
+            device=self.torch_device,
+            prompt=self.prompt,
+            prompt_embeds=self.prompt_embeds,
+            class_label=self.class_label,
+        )
 
     def autocast(self):
         """Mixed precision for the forward passes when ``precision`` asks (statistics stay fp32)."""

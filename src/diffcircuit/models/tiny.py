@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from diffcircuit.data.faces import LFW_FACES, lfw_images
-from diffcircuit.data.photos import BASE_SIDE, MIN_FRACTION, PHOTO_NAMESPACE, TRAIN_PHOTOS, photo_crops
+from diffcircuit.data.photos import (
+    BASE_SIDE,
+    MIN_FRACTION,
+    PHOTO_NAMESPACE,
+    TRAIN_PHOTOS,
+    photo_crops,
+)
 from diffcircuit.data.provenance import RECORD_FORMAT, TRAINING_RECORD, read_training_record
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.errors import DiffcircuitError
@@ -82,8 +88,12 @@ TINY_UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
-TRAIN_SYNTHETIC_SEED = 1_000_003  # "faces80": generators (1000003, i), which a run with --seed 1000003 would analyse
-TRAIN_NAMESPACE = 0x74726169  # "trai": the third seed word of the "disjoint" synthetic pool's generators
+TRAIN_SYNTHETIC_SEED = (
+    1_000_003  # "faces80": generators (1000003, i), which a run with --seed 1000003 would analyse
+)
+TRAIN_NAMESPACE = (
+    0x74726169  # "trai": the third seed word of the "disjoint" synthetic pool's generators
+)
 FACES_TRAIN = 80  # "faces80": faces 0..79 train, 80..99 are held out
 COMPOSITIONS = ("disjoint", "faces80")
 QUALITY_TIMESTEPS = (100, 500, 900)
@@ -102,10 +112,16 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     quality_images: int = 100  # held-out images per dataset for the model card (faces: at most 20)
-    init_from: str | None = None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
-    t_min: int = 0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
+    init_from: str | None = (
+        None  # start from this diffusers folder's weights (fine-tuning) instead of scratch
+    )
+    t_min: int = (
+        0  # timesteps are drawn uniformly from t_min..999 (a fine-tune can focus on large t)
+    )
     loss: str = "v"  # "v": ε-MSE weighted by 1/ᾱ_t (the v-prediction loss); "eps": plain ε-MSE
-    natural_share: float = 0.2  # fraction of each batch from the natural pool (photo crops, or faces 0-79 in faces80)
+    natural_share: float = (
+        0.2  # fraction of each batch from the natural pool (photo crops, or faces 0-79 in faces80)
+    )
     prediction: str = "v_prediction"  # what the network outputs: "v_prediction" or "epsilon" (diffusers' prediction_type)
     snapshot_every: int = 0  # write the EMA weights to out_dir/snapshot every N steps (0: never)
     composition: str = "disjoint"  # "disjoint": no analysed image (shapes + photo crops); "faces80": the old recipe
@@ -114,7 +130,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.composition not in COMPOSITIONS:
-            raise DiffcircuitError(f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}")
+            raise DiffcircuitError(
+                f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}"
+            )
         if not (0 <= self.natural_share <= 1 and 0 <= self.gray_share <= 1):
             raise DiffcircuitError("natural_share and gray_share must lie in [0, 1]")
         if self.synthetic_pool < 1 or self.photo_pool < 1:
@@ -147,7 +165,10 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def _gray_flags(cfg: TrainConfig) -> np.ndarray:
     """Which synthetic pool images are rendered grayscale: a seeded Bernoulli(gray_share) draw per image."""
-    return np.random.default_rng([cfg.seed, TRAIN_NAMESPACE, 1]).random(cfg.synthetic_pool) < cfg.gray_share
+    return (
+        np.random.default_rng([cfg.seed, TRAIN_NAMESPACE, 1]).random(cfg.synthetic_pool)
+        < cfg.gray_share
+    )
 
 
 def training_pool(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -155,36 +176,71 @@ def training_pool(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     if cfg.composition == "faces80":
         synth, _, _ = synthetic_images(cfg.synthetic_pool, seed=TRAIN_SYNTHETIC_SEED)
         return synth, lfw_images("faces")[:FACES_TRAIN]
-    synth = np.concatenate([synthetic_images(1, seed=cfg.seed, start=i, gray=bool(g), namespace=TRAIN_NAMESPACE)[0]
-                            for i, g in enumerate(_gray_flags(cfg))])
+    synth = np.concatenate(
+        [
+            synthetic_images(1, seed=cfg.seed, start=i, gray=bool(g), namespace=TRAIN_NAMESPACE)[0]
+            for i, g in enumerate(_gray_flags(cfg))
+        ]
+    )
     return synth, photo_crops(cfg.photo_pool, seed=cfg.seed, gray_share=cfg.gray_share)
 
 
 def training_sources(cfg: TrainConfig) -> list[dict]:
     """What ``training_pool(cfg)`` holds, as ``training_data.json`` sources (``data.provenance``)."""
     if cfg.composition == "faces80":
-        return [{"kind": "synthetic", "seed": TRAIN_SYNTHETIC_SEED, "namespace": 0, "indices": [0, cfg.synthetic_pool],
-                 "rendering": "color"},
-                {"kind": "lfw", "which": "faces", "indices": [0, FACES_TRAIN]}]
-    return [{"kind": "synthetic", "seed": cfg.seed, "namespace": TRAIN_NAMESPACE, "indices": [0, cfg.synthetic_pool],
-             "rendering": f"gray with probability {cfg.gray_share} (per-image draw), else color"},
-            {"kind": "photo_crops", "library": "scikit-image", "photos": list(TRAIN_PHOTOS), "seed": cfg.seed,
-             "namespace": PHOTO_NAMESPACE, "indices": [0, cfg.photo_pool], "base_side": BASE_SIDE,
-             "min_fraction": MIN_FRACTION, "gray_share": cfg.gray_share}]
+        return [
+            {
+                "kind": "synthetic",
+                "seed": TRAIN_SYNTHETIC_SEED,
+                "namespace": 0,
+                "indices": [0, cfg.synthetic_pool],
+                "rendering": "color",
+            },
+            {"kind": "lfw", "which": "faces", "indices": [0, FACES_TRAIN]},
+        ]
+    return [
+        {
+            "kind": "synthetic",
+            "seed": cfg.seed,
+            "namespace": TRAIN_NAMESPACE,
+            "indices": [0, cfg.synthetic_pool],
+            "rendering": f"gray with probability {cfg.gray_share} (per-image draw), else color",
+        },
+        {
+            "kind": "photo_crops",
+            "library": "scikit-image",
+            "photos": list(TRAIN_PHOTOS),
+            "seed": cfg.seed,
+            "namespace": PHOTO_NAMESPACE,
+            "indices": [0, cfg.photo_pool],
+            "base_side": BASE_SIDE,
+            "min_fraction": MIN_FRACTION,
+            "gray_share": cfg.gray_share,
+        },
+    ]
 
 
 def _training_record(cfg: TrainConfig) -> dict:
     """This training's sources, and those of the weights it started from (unknown ones make it incomplete)."""
-    record = {"format": RECORD_FORMAT, "complete": True, "image_size": TINY_UNET_CONFIG["sample_size"],
-              "composition": cfg.composition, "sources": training_sources(cfg)}
+    record = {
+        "format": RECORD_FORMAT,
+        "complete": True,
+        "image_size": TINY_UNET_CONFIG["sample_size"],
+        "composition": cfg.composition,
+        "sources": training_sources(cfg),
+    }
     if cfg.init_from is not None:
         parent = read_training_record(Path(cfg.init_from), Path(cfg.init_from) / "unet")
         if parent is None:
             record["complete"] = False
-            record["note"] = f"fine-tuned from {cfg.init_from}, which has no {TRAINING_RECORD}: its training data are unknown"
+            record["note"] = (
+                f"fine-tuned from {cfg.init_from}, which has no {TRAINING_RECORD}: its training data are unknown"
+            )
         else:
             record["complete"] = bool(parent.get("complete", False))
-            record["sources"] += [s | {"inherited_from": str(cfg.init_from)} for s in parent.get("sources", [])]
+            record["sources"] += [
+                s | {"inherited_from": str(cfg.init_from)} for s in parent.get("sources", [])
+            ]
     return record
 
 
@@ -194,7 +250,9 @@ def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str
     eps = torch.randn(batch.shape, generator=gen)
     x_t = add_noise(batch, eps, t, acp)
     eps_hat = eps_from_output(unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type)
-    weight = (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t))  # 1/ᾱ_t: v-prediction loss
+    weight = (
+        (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t))
+    )  # 1/ᾱ_t: v-prediction loss
     loss = (weight * (eps_hat - eps).pow(2).flatten(1).mean(1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -239,7 +297,14 @@ def train_tiny(
             sched.step()
             ema.step(unet.parameters())
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                log.writerow([step, f"{loss:.6g}", f"{sched.get_last_lr()[0]:.3g}", f"{time.perf_counter() - start:.1f}"])
+                log.writerow(
+                    [
+                        step,
+                        f"{loss:.6g}",
+                        f"{sched.get_last_lr()[0]:.3g}",
+                        f"{time.perf_counter() - start:.1f}",
+                    ]
+                )
                 log_file.flush()
             if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
                 _snapshot(out_dir / "snapshot", unet, ema, scheduler)
@@ -271,13 +336,20 @@ def _held_out_lfw(record: dict | None, which: str) -> np.ndarray:
     used = np.zeros(LFW_FACES, dtype=bool)
     for source in record.get("sources", []):
         if source["kind"] == "lfw" and source["which"] == which:
-            used[source["indices"][0]:source["indices"][1]] = True
+            used[source["indices"][0] : source["indices"][1]] = True
     return np.flatnonzero(~used)
 
 
 @torch.no_grad()
-def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTEPS, seed: int = 12345,
-                     record: dict | None = None) -> list[dict]:
+def held_out_quality(
+    unet,
+    scheduler,
+    *,
+    n: int = 100,
+    timesteps=QUALITY_TIMESTEPS,
+    seed: int = 12345,
+    record: dict | None = None,
+) -> list[dict]:
     """ε-MSE and x₀-MSE of the model and of the trivial predictor on held-out images.
 
     Held out: synthetic images 0..n-1 of seed 0 in colour and in gray (the training pools use other
@@ -300,7 +372,9 @@ def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTE
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
             x_t = add_noise(x0, eps, t, acp)
-            pred = eps_from_output(unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type)
+            pred = eps_from_output(
+                unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type
+            )
             base = trivial_eps(x_t, t, acp)
             rows.append(
                 dict(
@@ -310,7 +384,9 @@ def held_out_quality(unet, scheduler, *, n: int = 100, timesteps=QUALITY_TIMESTE
                     eps_mse=float(eps_mse_per_image(pred, eps).mean()),
                     eps_mse_trivial=float(eps_mse_per_image(base, eps).mean()),
                     x0_mse=float(x0_mse_per_image(implied_x0(x_t, pred, t, acp), x0).mean()),
-                    x0_mse_trivial=float(x0_mse_per_image(implied_x0(x_t, base, t, acp), x0).mean()),
+                    x0_mse_trivial=float(
+                        x0_mse_per_image(implied_x0(x_t, base, t, acp), x0).mean()
+                    ),
                 )
             )
     return rows
@@ -330,18 +406,25 @@ def _data_lines(cfg: TrainConfig, record: dict) -> list[str]:
     if cfg.composition == "faces80":
         data = "its synthetic shapes (seed 1,000,003, colour) and LFW faces 0-79"
     else:
-        data = (f"{cfg.synthetic_pool:,} synthetic shapes of the training namespace ({cfg.gray_share:.0%} gray) and "
-                f"{cfg.photo_pool:,} random crops of {len(TRAIN_PHOTOS)} scikit-image sample photographs")
-    lines = [f"Trained by diffcircuit on {data}; see `diffcircuit.models.tiny` and `{TRAINING_RECORD}`."]
+        data = (
+            f"{cfg.synthetic_pool:,} synthetic shapes of the training namespace ({cfg.gray_share:.0%} gray) and "
+            f"{cfg.photo_pool:,} random crops of {len(TRAIN_PHOTOS)} scikit-image sample photographs"
+        )
+    lines = [
+        f"Trained by diffcircuit on {data}; see `diffcircuit.models.tiny` and `{TRAINING_RECORD}`."
+    ]
     if len(record["sources"]) > len(training_sources(cfg)):
-        lines.append(f"Fine-tuned from `{cfg.init_from}`, whose training data (listed in `{TRAINING_RECORD}`) it inherits.")
+        lines.append(
+            f"Fine-tuned from `{cfg.init_from}`, whose training data (listed in `{TRAINING_RECORD}`) it inherits."
+        )
     if not record["complete"]:
         lines.append(f"Its training data are not fully known: {record.get('note', '')}.")
     return lines
 
 
-def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: list[dict],
-                      record: dict | None = None) -> None:
+def _write_model_card(
+    out_dir: Path, cfg: TrainConfig, seconds: float, quality: list[dict], record: dict | None = None
+) -> None:
     record = record or _training_record(cfg)
     n_params = sum(p.numel() for p in build_tiny_unet().parameters())
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
@@ -355,15 +438,33 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "## Training",
         "",
         "```",
-        "diffcircuit train-tiny --out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                       if k in ("steps", "batch_size", "lr", "seed", "init_from", "t_min", "loss", "prediction",
-                                                                "natural_share", "composition", "synthetic_pool",
-                                                                "photo_pool", "gray_share")
-                                                       and v is not None),
+        "diffcircuit train-tiny --out DIR "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in asdict(cfg).items()
+            if k
+            in (
+                "steps",
+                "batch_size",
+                "lr",
+                "seed",
+                "init_from",
+                "t_min",
+                "loss",
+                "prediction",
+                "natural_share",
+                "composition",
+                "synthetic_pool",
+                "photo_pool",
+                "gray_share",
+            )
+            and v is not None
+        ),
         "```",
         "",
         f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.natural_share:.0%} natural) in {seconds / 60:.1f} min on a 2-core CPU;",
-        "loss: " + ("‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖² (the v-prediction loss)" if cfg.loss == "v" else "plain ε-MSE")
+        "loss: "
+        + ("‖ε̂ − ε‖²/ᾱ_t = ‖v̂ − v‖² (the v-prediction loss)" if cfg.loss == "v" else "plain ε-MSE")
         + ", AdamW, cosine LR, EMA of weights",
         f"(decay {cfg.ema_decay}). Full settings: `" + json.dumps(asdict(cfg)) + "`.",
         "",
@@ -371,7 +472,8 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
         "",
         "Synthetic: seed-0 images 0-99, in colour and gray (never trained on). Faces and non-faces: the LFW images",
         f"no source in `{TRAINING_RECORD}` lists ("
-        + ", ".join(f"{w} {_ranges(_held_out_lfw(record, w))}" for w in ("faces", "nonfaces")) + ").",
+        + ", ".join(f"{w} {_ranges(_held_out_lfw(record, w))}" for w in ("faces", "nonfaces"))
+        + ").",
         "Trivial predictor: ε̂ = √(1−ᾱ_t)·x_t. ε̂ and x̂₀ of the model are those its output implies.",
         "",
         "| dataset | t | ε-MSE | ε-MSE trivial | x₀-MSE | x₀-MSE trivial |",
@@ -383,4 +485,3 @@ def _write_model_card(out_dir: Path, cfg: TrainConfig, seconds: float, quality: 
             f"| {r['x0_mse']:.3g} | {r['x0_mse_trivial']:.3g} |"
         )
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
-

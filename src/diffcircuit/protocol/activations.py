@@ -45,7 +45,9 @@ class ActivationCache:
         from safetensors import safe_open
 
         if layer not in self.index["layers"]:
-            raise InputError(f"{layer!r} is not cached here; cached layers: {', '.join(self.index['layers'])}")
+            raise InputError(
+                f"{layer!r} is not cached here; cached layers: {', '.join(self.index['layers'])}"
+            )
         lo, hi, _ = (images or slice(None)).indices(int(self.index["n"]))
         parts = []
         for path in self.files(timestep):
@@ -53,22 +55,39 @@ class ActivationCache:
                 ids = f.get_tensor("images")
                 keep = (ids >= lo) & (ids < hi)
                 if keep.any():
-                    parts.append(f.get_slice(layer)[int(keep.nonzero()[0]):int(keep.nonzero()[-1]) + 1])
+                    parts.append(
+                        f.get_slice(layer)[int(keep.nonzero()[0]) : int(keep.nonzero()[-1]) + 1]
+                    )
         return torch.cat(parts) if parts else torch.empty(0)
 
 
 @torch.no_grad()
-def cache_activations(denoiser, images, out_dir: str | Path, *, timesteps: Sequence[int], layers: Sequence[str] | None = None,
-                      seed: int = 0, dataset: str = "a", batch_size: int = 50, registry: HeadRegistry | None = None,
-                      dtype: torch.dtype = torch.float32, progress: Callable[[int], None] | None = None) -> ActivationCache:
+def cache_activations(
+    denoiser,
+    images,
+    out_dir: str | Path,
+    *,
+    timesteps: Sequence[int],
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    dataset: str = "a",
+    batch_size: int = 50,
+    registry: HeadRegistry | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int], None] | None = None,
+) -> ActivationCache:
     """Write every chosen layer's per-head output for ``images`` at ``timesteps`` under ``out_dir``."""
     from safetensors.torch import save
 
     out, n = Path(out_dir), len(images)
-    registry = registry or probe_registry(denoiser, torch.from_numpy(np.asarray(images[:1], dtype=np.float32)))
+    registry = registry or probe_registry(
+        denoiser, torch.from_numpy(np.asarray(images[:1], dtype=np.float32))
+    )
     layers = [registry.layer(name).layer for name in (layers or [i.layer for i in registry.layers])]
     files: dict[str, list[str]] = {}
-    for batch in noisy_batches(denoiser, images, timesteps=timesteps, seed=seed, dataset=dataset, batch_size=batch_size):
+    for batch in noisy_batches(
+        denoiser, images, timesteps=timesteps, seed=seed, dataset=dataset, batch_size=batch_size
+    ):
         with instrument(denoiser, registry=registry, cache_heads=layers) as session:
             denoiser.predict(batch.x_t, batch.t, rows=batch.which)
         cached = session.pop("head_out")
@@ -79,6 +98,16 @@ def cache_activations(denoiser, images, out_dir: str | Path, *, timesteps: Seque
         files.setdefault(str(batch.timestep), []).append(name)
         if progress is not None:
             progress(len(batch.rows))
-    write_json(out / "index.json", {"n": n, "dataset": dataset, "seed": seed, "timesteps": list(map(int, timesteps)),
-                                    "layers": layers, "dtype": str(dtype).removeprefix("torch."), "files": files})
+    write_json(
+        out / "index.json",
+        {
+            "n": n,
+            "dataset": dataset,
+            "seed": seed,
+            "timesteps": list(map(int, timesteps)),
+            "layers": layers,
+            "dtype": str(dtype).removeprefix("torch."),
+            "files": files,
+        },
+    )
     return ActivationCache(out)

@@ -48,7 +48,11 @@ class LocalBackend:
                 continue
             start = time.perf_counter()
             values = compute(self.ctx, task, lambda k, task=task: progress(task, k))
-            shards.write(task.name, {p: encode_part(p, values[p]) for p in task.files}, time.perf_counter() - start)
+            shards.write(
+                task.name,
+                {p: encode_part(p, values[p]) for p in task.files},
+                time.perf_counter() - start,
+            )
 
     def close(self) -> None:
         pass
@@ -82,7 +86,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError):
-        raise DiffcircuitError(f"cannot reach the Ray cluster at {address} (expected HOST:PORT or ray://HOST:PORT)") from None
+        raise DiffcircuitError(
+            f"cannot reach the Ray cluster at {address} (expected HOST:PORT or ray://HOST:PORT)"
+        ) from None
 
 
 class RayBackend:
@@ -92,7 +98,9 @@ class RayBackend:
         try:
             import ray
         except ImportError:
-            raise DiffcircuitError("the ray backend needs Ray: pip install 'diffcircuit[ray]'") from None
+            raise DiffcircuitError(
+                "the ray backend needs Ray: pip install 'diffcircuit[ray]'"
+            ) from None
         import torch
 
         self.ray, self.log = ray, log
@@ -100,22 +108,39 @@ class RayBackend:
         if self.started:
             _check_reachable(cfg.ray_address)
             try:
-                ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR, configure_logging=False)
+                ray.init(
+                    address=cfg.ray_address or None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    configure_logging=False,
+                )
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise DiffcircuitError(f"cannot start or join Ray at {cfg.ray_address or 'a local instance'}: "
-                                       f"{str(exc).splitlines()[0]}") from None
+                raise DiffcircuitError(
+                    f"cannot start or join Ray at {cfg.ray_address or 'a local instance'}: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
         cuda = torch.device(cfg.torch_device).type == "cuda"
         available = float(ray.cluster_resources().get("GPU" if cuda else "CPU", 0))
         if available <= 0:
-            raise DiffcircuitError(f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for --device {cfg.torch_device}")
+            raise DiffcircuitError(
+                f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for --device {cfg.torch_device}"
+            )
         count = cfg.workers or max(1, int(available))
-        share = min(1.0, available / count)  # more workers than devices share them, rather than wait forever
+        share = min(
+            1.0, available / count
+        )  # more workers than devices share them, rather than wait forever
         # on CPU, workers x threads stay within the cores unless --threads asks for more (oversubscribed OpenMP
         # threads slow every worker down several-fold); on GPU each worker keeps the driver's threads
-        threads = cfg.threads or (torch.get_num_threads() if cuda else max(1, torch.get_num_threads() // count))
-        actor = ray.remote(_ShardWorker).options(num_cpus=0 if cuda else share, num_gpus=share if cuda else 0,
-                                                 max_restarts=-1, max_task_retries=-1)
+        threads = cfg.threads or (
+            torch.get_num_threads() if cuda else max(1, torch.get_num_threads() // count)
+        )
+        actor = ray.remote(_ShardWorker).options(
+            num_cpus=0 if cuda else share,
+            num_gpus=share if cuda else 0,
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
         self.workers = [actor.remote(cfg.to_dict(), threads) for _ in range(count)]
         for i, pid in enumerate(self._get([w.pid.remote() for w in self.workers])):
             log.info("ray worker %d: pid %d (%d threads)", i, pid, threads)

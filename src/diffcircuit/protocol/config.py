@@ -10,8 +10,17 @@ from pathlib import Path
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.spec import ModelSpec
 
-__all__ = ["ANALYSES", "FIELD_HELP", "MEAN_REFERENCES", "PRESETS", "RunConfig", "SYNTHETIC_COLORS", "default_config_yaml",
-           "load_config_file", "parse_timesteps"]
+__all__ = [
+    "ANALYSES",
+    "FIELD_HELP",
+    "MEAN_REFERENCES",
+    "PRESETS",
+    "RunConfig",
+    "SYNTHETIC_COLORS",
+    "default_config_yaml",
+    "load_config_file",
+    "parse_timesteps",
+]
 
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
@@ -21,11 +30,17 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in str(text).split(","))
     except ValueError:
-        raise DiffcircuitError(f"timesteps must be comma-separated integers like 100,500,900, not {text!r}") from None
+        raise DiffcircuitError(
+            f"timesteps must be comma-separated integers like 100,500,900, not {text!r}"
+        ) from None
 
 
 ANALYSES = ("ablation", "patching", "attribution", "discovery")
-SYNTHETIC_COLORS = ("auto", "color", "gray")  # auto: gray when the other dataset is grayscale (R = G = B)
+SYNTHETIC_COLORS = (
+    "auto",
+    "color",
+    "gray",
+)  # auto: gray when the other dataset is grayscale (R = G = B)
 MEAN_REFERENCES = ("heldout", "pooled", "insample")
 
 
@@ -35,106 +50,191 @@ class RunConfig(ModelSpec):
     precision, prompt, prompt_embeds, class_label), then the data and the analyses. Defaults: the embedded model,
     synthetic vs LFW faces."""
 
-    captions: bool = True  # text-conditioned models: an image folder's captions.csv/.jsonl prompts its images
+    captions: bool = (
+        True  # text-conditioned models: an image folder's captions.csv/.jsonl prompts its images
+    )
     data_a: str = "synthetic"
     data_b: str = "faces"
     n: int = 100
-    synthetic_color: str = "auto"  # render the synthetic set in colour or gray ("auto": as the other set)
-    match_histogram: bool = False  # match each synthetic image's luminance histogram to the other set's image
+    synthetic_color: str = (
+        "auto"  # render the synthetic set in colour or gray ("auto": as the other set)
+    )
+    match_histogram: bool = (
+        False  # match each synthetic image's luminance histogram to the other set's image
+    )
     timesteps: tuple[int, ...] = (100, 500, 900)
     seed: int = 0
     batch_size: int = 50
     backend: str = "local"  # where shards are computed: this process, or Ray workers
-    ray_address: str | None = None  # join this Ray cluster (None: start a local instance sized to this machine)
+    ray_address: str | None = (
+        None  # join this Ray cluster (None: start a local instance sized to this machine)
+    )
     workers: int = 0  # Ray workers (0: one per CPU, or per GPU on cuda)
-    threads: int = 0  # intra-op threads per process (0: one per core; Ray CPU workers then share the cores)
-    shard_images: int = 256  # images per observation shard (the unit of resume, parallelism and memory)
+    threads: int = (
+        0  # intra-op threads per process (0: one per core; Ray CPU workers then share the cores)
+    )
+    shard_images: int = (
+        256  # images per observation shard (the unit of resume, parallelism and memory)
+    )
     skip_bad: bool = False
-    capture: str = "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
+    capture: str = (
+        "fused"  # "fused" (one fused kernel call) or "naive" (explicit softmax, the reference)
+    )
     ablate_n: int = 16  # images per dataset for the ablation sweep (0: no ablations)
     ablation_methods: tuple[str, ...] = ("zero", "mean")
     mean_reference: str = "heldout"  # mean/noise ablation's reference images: held out, pooled over both, or in-sample
     seed_repeats: int = 2  # extra noise seeds (seed+1..) for the seed-variance check (0: none)
-    role_null_block: int = 100  # the role null scores each head against the other images of its block of this many
+    role_null_block: int = (
+        100  # the role null scores each head against the other images of its block of this many
+    )
     role_permutations: int = 4999  # permutations of the images per role test (p floor 1/(R + 1))
-    null_sets: int = 100  # random head sets per layer/block size: the null distribution a component must beat
-    correction: str = "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
-    circuit_resamples: int = 10  # bootstrap resamples of images: circuit stability and the CIs of sizes and overlap
-    circuit_taus: tuple[float, ...] = (0.02, 0.05, 0.1)  # fractions of the gap L_empty − L_full a circuit may lose (0.05 is primary)
-    circuit_metric: str = "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
-    analyses: tuple[str, ...] = ANALYSES  # which intervention analyses run (on the first ablate_n images)
+    null_sets: int = (
+        100  # random head sets per layer/block size: the null distribution a component must beat
+    )
+    correction: str = (
+        "fdr_bh"  # multiple-comparison correction within each test family: fdr_bh or holm
+    )
+    circuit_resamples: int = (
+        10  # bootstrap resamples of images: circuit stability and the CIs of sizes and overlap
+    )
+    circuit_taus: tuple[float, ...] = (
+        0.02,
+        0.05,
+        0.1,
+    )  # fractions of the gap L_empty − L_full a circuit may lose (0.05 is primary)
+    circuit_metric: str = (
+        "eps"  # circuit loss: "eps" (ε-MSE) or "output" (distance to the full model's ε̂, as ACDC)
+    )
+    analyses: tuple[str, ...] = (
+        ANALYSES  # which intervention analyses run (on the first ablate_n images)
+    )
 
     def __post_init__(self):
         super().__post_init__()  # the model's fields
         if self.backend not in ("local", "ray"):
-            raise ConfigError(f"backend must be 'local' or 'ray', not {self.backend!r}", 'backend')
+            raise ConfigError(f"backend must be 'local' or 'ray', not {self.backend!r}", "backend")
         if self.workers < 0 or self.threads < 0 or self.shard_images < 1:
-            raise ConfigError("workers and threads must be >= 0 and shard_images >= 1", 'workers', 'threads', 'shard_images')
+            raise ConfigError(
+                "workers and threads must be >= 0 and shard_images >= 1",
+                "workers",
+                "threads",
+                "shard_images",
+            )
         if self.n < 1:
-            raise ConfigError(f"n must be at least 1, not {self.n}", 'n')
+            raise ConfigError(f"n must be at least 1, not {self.n}", "n")
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, not {self.batch_size}", 'batch_size')
+            raise ConfigError(f"batch_size must be at least 1, not {self.batch_size}", "batch_size")
         if len(set(self.timesteps)) != len(self.timesteps):
             raise ConfigError(f"timesteps repeat: {list(self.timesteps)}", "timesteps")
         if self.capture not in ("fused", "naive"):
-            raise ConfigError(f"capture must be 'fused' or 'naive', not {self.capture!r}", 'capture')
+            raise ConfigError(
+                f"capture must be 'fused' or 'naive', not {self.capture!r}", "capture"
+            )
         if self.seed_repeats < 0:
-            raise ConfigError(f"seed_repeats must be >= 0, not {self.seed_repeats}", 'seed_repeats')
+            raise ConfigError(f"seed_repeats must be >= 0, not {self.seed_repeats}", "seed_repeats")
         if self.correction not in ("fdr_bh", "holm"):
-            raise ConfigError(f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}", "correction")
+            raise ConfigError(
+                f"correction must be 'fdr_bh' or 'holm', not {self.correction!r}", "correction"
+            )
         if self.circuit_resamples < 0:
-            raise ConfigError(f"circuit_resamples must be >= 0, not {self.circuit_resamples}", 'circuit_resamples')
+            raise ConfigError(
+                f"circuit_resamples must be >= 0, not {self.circuit_resamples}", "circuit_resamples"
+            )
         if self.role_null_block < 2:
-            raise ConfigError(f"role_null_block must be at least 2, not {self.role_null_block}", 'role_null_block')
+            raise ConfigError(
+                f"role_null_block must be at least 2, not {self.role_null_block}", "role_null_block"
+            )
         if self.role_permutations < 19:
-            raise ConfigError(f"role_permutations must be at least 19, not {self.role_permutations}", 'role_permutations')
+            raise ConfigError(
+                f"role_permutations must be at least 19, not {self.role_permutations}",
+                "role_permutations",
+            )
         if self.null_sets < 1:
-            raise ConfigError(f"null_sets must be at least 1, not {self.null_sets}", 'null_sets')
+            raise ConfigError(f"null_sets must be at least 1, not {self.null_sets}", "null_sets")
         if self.ablate_n < 0:
-            raise ConfigError(f"ablate_n must be >= 0, not {self.ablate_n}", 'ablate_n')
+            raise ConfigError(f"ablate_n must be >= 0, not {self.ablate_n}", "ablate_n")
         bad = [m for m in self.ablation_methods if m not in ("zero", "mean", "resample", "noise")]
         if bad or not self.ablation_methods:
-            raise ConfigError(f"ablation_methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}",
-                              "ablation_methods")
+            raise ConfigError(
+                f"ablation_methods must be among zero, mean, resample, noise; got {list(self.ablation_methods)}",
+                "ablation_methods",
+            )
         if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, not {self.seed}", 'seed')
+            raise ConfigError(f"seed must be >= 0, not {self.seed}", "seed")
         if not self.timesteps:
-            raise ConfigError("give at least one timestep in timesteps, e.g. 100,500,900", "timesteps")
+            raise ConfigError(
+                "give at least one timestep in timesteps, e.g. 100,500,900", "timesteps"
+            )
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
-            raise ConfigError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}", "analyses")
+            raise ConfigError(
+                f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}", "analyses"
+            )
         if "discovery" in self.analyses and not {"ablation"} <= set(self.analyses):
-            raise ConfigError("discovery ranks heads by the ablation sweep: include 'ablation' in analyses", "analyses")
+            raise ConfigError(
+                "discovery ranks heads by the ablation sweep: include 'ablation' in analyses",
+                "analyses",
+            )
         self._check_data_options()
-        if not self.circuit_taus or 0.05 not in self.circuit_taus or any(not 0 < t < 1 for t in self.circuit_taus):
-            raise ConfigError(f"circuit_taus must be fractions of the gap L_empty − L_full in (0, 1) including 0.05, "
-                              f"not {list(self.circuit_taus)}", "circuit_taus")
+        if (
+            not self.circuit_taus
+            or 0.05 not in self.circuit_taus
+            or any(not 0 < t < 1 for t in self.circuit_taus)
+        ):
+            raise ConfigError(
+                f"circuit_taus must be fractions of the gap L_empty − L_full in (0, 1) including 0.05, "
+                f"not {list(self.circuit_taus)}",
+                "circuit_taus",
+            )
         if self.circuit_metric not in ("eps", "output"):
-            raise ConfigError(f"circuit_metric must be 'eps' or 'output', not {self.circuit_metric!r}", "circuit_metric")
+            raise ConfigError(
+                f"circuit_metric must be 'eps' or 'output', not {self.circuit_metric!r}",
+                "circuit_metric",
+            )
 
     def _check_data_options(self) -> None:
         if self.synthetic_color not in SYNTHETIC_COLORS:
-            raise ConfigError(f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}",
-                              "synthetic_color")
+            raise ConfigError(
+                f"synthetic_color must be one of {', '.join(SYNTHETIC_COLORS)}, not {self.synthetic_color!r}",
+                "synthetic_color",
+            )
         if self.match_histogram and [self.data_a, self.data_b].count("synthetic") != 1:
-            raise ConfigError("match_histogram matches the synthetic set to the other dataset: exactly one of "
-                              f"data_a, data_b must be 'synthetic', not {self.data_a!r} and {self.data_b!r}",
-                              "match_histogram", "data_a", "data_b")
+            raise ConfigError(
+                "match_histogram matches the synthetic set to the other dataset: exactly one of "
+                f"data_a, data_b must be 'synthetic', not {self.data_a!r} and {self.data_b!r}",
+                "match_histogram",
+                "data_a",
+                "data_b",
+            )
         if self.mean_reference not in MEAN_REFERENCES:
-            raise ConfigError(f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {self.mean_reference!r}",
-                              "mean_reference")
-        if self.mean_reference != "insample" and self.uses_mean_reference and self.n <= self.ablate_n:
-            raise ConfigError(f"mean_reference {self.mean_reference!r} takes the mean from images outside the ablate_n "
-                              f"evaluated ones, but n = {self.n} <= ablate_n = {self.ablate_n}: raise n, lower "
-                              "ablate_n, or set mean_reference insample", "mean_reference", "ablate_n", "n")
+            raise ConfigError(
+                f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {self.mean_reference!r}",
+                "mean_reference",
+            )
+        if (
+            self.mean_reference != "insample"
+            and self.uses_mean_reference
+            and self.n <= self.ablate_n
+        ):
+            raise ConfigError(
+                f"mean_reference {self.mean_reference!r} takes the mean from images outside the ablate_n "
+                f"evaluated ones, but n = {self.n} <= ablate_n = {self.ablate_n}: raise n, lower "
+                "ablate_n, or set mean_reference insample",
+                "mean_reference",
+                "ablate_n",
+                "n",
+            )
 
     @property
     def uses_mean_reference(self) -> bool:
         """Whether an analysis replaces activations by a reference mean (mean/noise ablation, mean attribution,
         circuit discovery)."""
         means = {"mean", "noise"} & set(self.ablation_methods)
-        return bool((means and self.runs("ablation")) or ("mean" in self.ablation_methods and self.runs("attribution"))
-                    or self.runs("discovery"))
+        return bool(
+            (means and self.runs("ablation"))
+            or ("mean" in self.ablation_methods and self.runs("attribution"))
+            or self.runs("discovery")
+        )
 
     def runs(self, analysis: str) -> bool:
         """Whether an intervention analysis runs (it needs ablate_n > 0; discovery also mean ablation)."""
@@ -157,14 +257,27 @@ class RunConfig(ModelSpec):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DiffcircuitError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
+            raise DiffcircuitError(
+                f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(
+            **{key: _coerce(key, value, hints[key], source) for key, value in values.items()}
+        )
 
     def results_key(self) -> dict:
         """The settings that change results (not batch size, device, capture path, backend, workers or
         sharding, which must not; CPU results are bit-identical for the same thread count)."""
         d = self.to_dict()
-        for k in ("batch_size", "device", "capture", "backend", "ray_address", "workers", "threads", "shard_images"):
+        for k in (
+            "batch_size",
+            "device",
+            "capture",
+            "backend",
+            "ray_address",
+            "workers",
+            "threads",
+            "shard_images",
+        ):
             d.pop(k)
         return d
 
@@ -172,7 +285,10 @@ class RunConfig(ModelSpec):
 def _coerce(key: str, value, hint, source: str):
     """Check one value against its field type; lists become tuples, "100,500" strings become tuples; an optional
     field (``str | None``) takes None or its type."""
-    if type(None) in typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+    if type(None) in typing.get_args(hint) and typing.get_origin(hint) in (
+        typing.Union,
+        types.UnionType,
+    ):
         inner = [h for h in typing.get_args(hint) if h is not type(None)][0]
         return None if value is None else _coerce(key, value, inner, source)
     bad = DiffcircuitError(f"{source}: {key!r} must be {_describe(hint)}, not {value!r}")
@@ -204,8 +320,12 @@ def _coerce(key: str, value, hint, source: str):
     if not isinstance(value, (list, tuple)):
         raise bad
     try:
-        return tuple(_coerce(key, inner(v) if inner in (int, float) and isinstance(v, str) else v, inner, source)
-                     for v in value)
+        return tuple(
+            _coerce(
+                key, inner(v) if inner in (int, float) and isinstance(v, str) else v, inner, source
+            )
+            for v in value
+        )
     except (ValueError, DiffcircuitError):
         raise bad from None
 
@@ -215,8 +335,10 @@ def _describe(hint) -> str:
     if hint in simple:
         return simple[hint]
     inner = typing.get_args(hint)[0]
-    return {int: "comma-separated integers like 100,500,900", float: "comma-separated numbers like 0.02,0.05"}.get(
-        inner, "a comma-separated list of names")
+    return {
+        int: "comma-separated integers like 100,500,900",
+        float: "comma-separated numbers like 0.02,0.05",
+    }.get(inner, "a comma-separated list of names")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -240,7 +362,9 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-FIELD_HELP = _COMMENTS = {  # each RunConfig field in a line: the config file's comments and the run command's help
+FIELD_HELP = (
+    _COMMENTS
+) = {  # each RunConfig field in a line: the config file's comments and the run command's help
     "model": "'embedded', a local diffusers folder, or a hub id such as google/ddpm-celebahq-256",
     "allow_pickle": "allow pickle (.bin) weights; only for sources you trust",
     "prompt": "text-conditioned models: the prompt for every image (none: the empty prompt, the unconditional branch)",
@@ -282,9 +406,15 @@ FIELD_HELP = _COMMENTS = {  # each RunConfig field in a line: the config file's 
 # The paper's protocol (arXiv 2506.17237): its model, 2,000 images per distribution, 10 timesteps; for a GPU.
 PRESETS = {
     "demo": {},
-    "paper": dict(model="google/ddpm-celebahq-256", data_b="data/celeba", n=2000,
-                  timesteps=tuple(range(50, 1000, 100)), batch_size=64, ablate_n=200,
-                  circuit_resamples=20),
+    "paper": dict(
+        model="google/ddpm-celebahq-256",
+        data_b="data/celeba",
+        n=2000,
+        timesteps=tuple(range(50, 1000, 100)),
+        batch_size=64,
+        ablate_n=200,
+        circuit_resamples=20,
+    ),
 }
 
 
@@ -294,10 +424,21 @@ def default_config_yaml(preset: str = "demo") -> str:
 
     if preset not in PRESETS:
         raise DiffcircuitError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    lines = ["# diffcircuit run configuration. Command-line flags override these keys.",
-             f"# preset: {preset}" + ("  (the paper's scale: point data_b at your CelebA folder; meant for a GPU)"
-                                      if preset == "paper" else "  (the embedded default that `make demo` runs)"), ""]
+    lines = [
+        "# diffcircuit run configuration. Command-line flags override these keys.",
+        f"# preset: {preset}"
+        + (
+            "  (the paper's scale: point data_b at your CelebA folder; meant for a GPU)"
+            if preset == "paper"
+            else "  (the embedded default that `make demo` runs)"
+        ),
+        "",
+    ]
     for key, value in RunConfig(**PRESETS[preset]).to_dict().items():
         lines.append(f"# {_COMMENTS.get(key, '')}")
-        lines.append(yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip().strip("{}"))
+        lines.append(
+            yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False)
+            .strip()
+            .strip("{}")
+        )
     return "\n".join(lines) + "\n"

@@ -70,7 +70,13 @@ from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, training_overlap
-from diffcircuit.protocol.store import Shards, check_writable, claim_directory, write_json, write_parquet
+from diffcircuit.protocol.store import (
+    Shards,
+    check_writable,
+    claim_directory,
+    write_json,
+    write_parquet,
+)
 from diffcircuit.protocol.tasks import (
     Context,
     Task,
@@ -100,8 +106,13 @@ def _versions() -> dict:
 
     from diffcircuit._version import __version__
 
-    return {"diffcircuit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "numpy": numpy.__version__}
+    return {
+        "diffcircuit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
@@ -114,9 +125,13 @@ def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
             try:
                 old = json.loads(claim.read_text())["results_key"]
             except (ValueError, KeyError):
-                raise DiffcircuitError(f"{claim} is not a diffcircuit run file; choose another --out") from None
+                raise DiffcircuitError(
+                    f"{claim} is not a diffcircuit run file; choose another --out"
+                ) from None
             if old != cfg.results_key():
-                raise DiffcircuitError(f"{out_dir} holds a run with a different config; choose another --out")
+                raise DiffcircuitError(
+                    f"{out_dir} holds a run with a different config; choose another --out"
+                )
 
 
 def _latent(den) -> dict | None:
@@ -124,17 +139,31 @@ def _latent(den) -> dict | None:
     codec = den.codec
     if codec is None:
         return None
-    return {"autoencoder": type(codec.vae).__name__, "scaling_factor": codec.scale, "shift_factor": codec.shift,
-            "pixels_per_latent": codec.factor, "image_size": den.image_size, "encoding": "posterior mean"}
+    return {
+        "autoencoder": type(codec.vae).__name__,
+        "scaling_factor": codec.scale,
+        "shift_factor": codec.shift,
+        "pixels_per_latent": codec.factor,
+        "image_size": den.image_size,
+        "encoding": "posterior mean",
+    }
 
 
 def _training_data(record: dict | None) -> dict:
     """What the model's ``training_data.json`` says (or that it has none)."""
     if record is None:
-        return {"record": None, "complete": False, "note": "the model folder has no training_data.json: unknown"}
-    return {"record": "training_data.json", "complete": bool(record.get("complete")),
-            "composition": record.get("composition"), "sources": record.get("sources", []),
-            "note": record.get("note")}
+        return {
+            "record": None,
+            "complete": False,
+            "note": "the model folder has no training_data.json: unknown",
+        }
+    return {
+        "record": "training_data.json",
+        "complete": bool(record.get("complete")),
+        "composition": record.get("composition"),
+        "sources": record.get("sources", []),
+        "note": record.get("note"),
+    }
 
 
 def _manifest(ctx: Context) -> dict:
@@ -147,15 +176,33 @@ def _manifest(ctx: Context) -> dict:
         "versions": _versions(),
         "seed": cfg.seed,
         "device": cfg.torch_device,
-        "model": {"source": den.source, "model_path": str(den.model_path), "class": type(den.network).__name__,
-                  "parameters": n_params, "heads": len(registry), "layers": len(registry.layers),
-                  "weights_sha256": den.weights_sha256(), "prediction_type": den.prediction_type,
-                  "conditioning": den.conditioning.description if den.conditioning else None,
-                  "process": den.process, "latent": _latent(den)},
-        "datasets": {k: {"spec": s.spec, "n": len(s), "fingerprint": s.fingerprint, "captions": ctx.captions.get(k),
-                         "rendering": s.rendering, "in_training_set": overlap[k],
-                         "intervened_in_training_set": in_training_set(record, s.spec, n=ctx.n_ablate, seed=cfg.seed)}
-                     for k, s in sets.items()},
+        "model": {
+            "source": den.source,
+            "model_path": str(den.model_path),
+            "class": type(den.network).__name__,
+            "parameters": n_params,
+            "heads": len(registry),
+            "layers": len(registry.layers),
+            "weights_sha256": den.weights_sha256(),
+            "prediction_type": den.prediction_type,
+            "conditioning": den.conditioning.description if den.conditioning else None,
+            "process": den.process,
+            "latent": _latent(den),
+        },
+        "datasets": {
+            k: {
+                "spec": s.spec,
+                "n": len(s),
+                "fingerprint": s.fingerprint,
+                "captions": ctx.captions.get(k),
+                "rendering": s.rendering,
+                "in_training_set": overlap[k],
+                "intervened_in_training_set": in_training_set(
+                    record, s.spec, n=ctx.n_ablate, seed=cfg.seed
+                ),
+            }
+            for k, s in sets.items()
+        },
         "training_data": _training_data(record),
         "layers": [info.to_dict() for info in registry.layers],
     }
@@ -181,7 +228,9 @@ class _Job:
     shards: Shards
     backend: LocalBackend | RayBackend
     progress: Callable[[str, int, int], None] | None
-    total_work: float = 0.0  # the whole run's estimated work (plain image forwards): the overall bar's total
+    total_work: float = (
+        0.0  # the whole run's estimated work (plain image forwards): the overall bar's total
+    )
     done_work: float = 0.0
 
     def run(self, tasks: list[Task]) -> None:
@@ -190,7 +239,9 @@ class _Job:
         totals: dict[str, int] = {}
         for task in tasks:
             totals[task.label] = totals.get(task.label, 0) + task.units
-        steps = {label: _stage_progress(self.progress, label, total) for label, total in totals.items()}
+        steps = {
+            label: _stage_progress(self.progress, label, total) for label, total in totals.items()
+        }
 
         def advance(task: Task, k: int) -> None:
             steps[task.label](k)
@@ -206,7 +257,9 @@ class _Job:
         out: dict[str, dict] = {}
         for task in tasks:
             spent = self.shards.read(task.name, ["cost.json"])["cost.json"]
-            entry = out.setdefault(task.label, {"forward_calls": 0, "image_forwards": 0, "seconds": 0.0, "shards": 0})
+            entry = out.setdefault(
+                task.label, {"forward_calls": 0, "image_forwards": 0, "seconds": 0.0, "shards": 0}
+            )
             for key in ("forward_calls", "image_forwards", "seconds"):
                 entry[key] += spent[key]
             entry["shards"] += 1
@@ -214,22 +267,38 @@ class _Job:
 
     def table(self, tasks: list[Task], part: str) -> pd.DataFrame:
         """One part of every task's shard, read back from disk and concatenated in task order."""
-        return pd.concat([self.shards.read(task.name, [part])[part] for task in tasks], ignore_index=True)
+        return pd.concat(
+            [self.shards.read(task.name, [part])[part] for task in tasks], ignore_index=True
+        )
 
 
-def _gallery_heads(ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2) -> list:
+def _gallery_heads(
+    ctx: Context, heads: pd.DataFrame, ablations: pd.DataFrame | None, t: int, k: int = 2
+) -> list:
     """The most focal heads (lowest normalised entropy) and the most important (largest single-head zero
     ablation effect; else the most uniform), at timestep ``t``, among self- and joint-attention heads on a grid."""
-    on_grid = [i.layer for i in ctx.registry.layers  # maps are drawn for self/joint attention over a square query grid
-               if i.kind in ("self", "joint") and i.query_grid and i.query_grid[0] == i.query_grid[1]
-               and (i.kind == "joint" or i.query_grid[0] * i.query_grid[1] == i.n_keys)]
+    on_grid = [
+        i.layer
+        for i in ctx.registry.layers  # maps are drawn for self/joint attention over a square query grid
+        if i.kind in ("self", "joint")
+        and i.query_grid
+        and i.query_grid[0] == i.query_grid[1]
+        and (i.kind == "joint" or i.query_grid[0] * i.query_grid[1] == i.n_keys)
+    ]
     heads = heads[heads.layer.isin(on_grid)]
     if ablations is not None:
         ablations = ablations[ablations.layer.isin(on_grid)]
-    entropy = heads[heads.timestep == t].groupby(["layer", "head"], sort=False).entropy_norm.mean().sort_values()
+    entropy = (
+        heads[heads.timestep == t]
+        .groupby(["layer", "head"], sort=False)
+        .entropy_norm.mean()
+        .sort_values()
+    )
     chosen = [f"{layer}:{head}" for layer, head in entropy.index[:k]]
     if ablations is not None and ((ablations.level == "head") & (ablations.method == "zero")).any():
-        rows = ablations[(ablations.level == "head") & (ablations.method == "zero") & (ablations.timestep == t)]
+        rows = ablations[
+            (ablations.level == "head") & (ablations.method == "zero") & (ablations.timestep == t)
+        ]
         ranked = rows.groupby("target").degradation_pct.mean().sort_values(ascending=False).index
     else:
         ranked = [f"{layer}:{head}" for layer, head in entropy.index[::-1]]
@@ -246,13 +315,33 @@ def _gallery(job: _Job, heads: pd.DataFrame, ablations: pd.DataFrame | None, n_i
     def compute():
         maps, pictures = [], []
         for key, image_set in ctx.sets.items():
-            x, shown = image_set.images[:n_images], image_set.pictures[:n_images]  # model input; pixels
+            x, shown = (
+                image_set.images[:n_images],
+                image_set.pictures[:n_images],
+            )  # model input; pixels
             masks = None if image_set.masks is None else image_set.masks[:n_images]
             with ctx.autocast():
-                maps.append(attention_maps(ctx.den, x, heads=chosen, timestep=t, seed=ctx.cfg.seed, dataset=key,
-                                           queries=object_queries(masks, len(x), shown.shape[-1])))
-            pictures += [{"dataset": key, "image": i, "size": int(shown.shape[-1]), "channels": int(shown.shape[1]),
-                          "pixels": shown[i].reshape(-1).astype("float32")} for i in range(len(x))]
+                maps.append(
+                    attention_maps(
+                        ctx.den,
+                        x,
+                        heads=chosen,
+                        timestep=t,
+                        seed=ctx.cfg.seed,
+                        dataset=key,
+                        queries=object_queries(masks, len(x), shown.shape[-1]),
+                    )
+                )
+            pictures += [
+                {
+                    "dataset": key,
+                    "image": i,
+                    "size": int(shown.shape[-1]),
+                    "channels": int(shown.shape[1]),
+                    "pixels": shown[i].reshape(-1).astype("float32"),
+                }
+                for i in range(len(x))
+            ]
         return [pd.concat(maps, ignore_index=True), pd.DataFrame(pictures)]
 
     return job.shards.frames("gallery", ["maps", "images"], compute)
@@ -263,7 +352,11 @@ def _token_maps(job: _Job, n_images: int = 3):
     every timestep, and their aggregate over layers, heads and timesteps; None without cross-attention."""
     ctx = job.ctx
     cond = ctx.den.conditioning
-    if cond is None or not cond.tokens or not any(i.kind in ("cross", "joint") for i in ctx.registry.layers):
+    if (
+        cond is None
+        or not cond.tokens
+        or not any(i.kind in ("cross", "joint") for i in ctx.registry.layers)
+    ):
         return None
 
     def tokens(key: str):  # a captioned dataset's images each have their own prompt
@@ -272,15 +365,29 @@ def _token_maps(job: _Job, n_images: int = 3):
 
     def compute():
         with ctx.autocast():
-            maps = pd.concat([token_maps(ctx.den, s.images[:n_images], registry=ctx.registry, tokens=tokens(key),
-                                         timesteps=ctx.cfg.timesteps, seed=ctx.cfg.seed, dataset=key)
-                              for key, s in ctx.sets.items()], ignore_index=True)
+            maps = pd.concat(
+                [
+                    token_maps(
+                        ctx.den,
+                        s.images[:n_images],
+                        registry=ctx.registry,
+                        tokens=tokens(key),
+                        timesteps=ctx.cfg.timesteps,
+                        seed=ctx.cfg.seed,
+                        dataset=key,
+                    )
+                    for key, s in ctx.sets.items()
+                ],
+                ignore_index=True,
+            )
         return [maps, token_heatmaps(maps, ctx.den.image_size)]
 
     return job.shards.frames("token_maps", ["maps", "heatmaps"], compute)
 
 
-def run_protocol(cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
+def run_protocol(
+    cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None
+) -> RunResult:
     """Observe (and intervene on) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
     with threads_restored():  # the config's thread count holds for this run only
         set_threads(cfg.threads)
@@ -292,7 +399,9 @@ def _run_protocol(cfg: RunConfig, out_dir: Path, progress) -> RunResult:
     ctx = Context.build(cfg)
     # inputs are valid: the directory is this process's while it runs (a second run there is refused)
     with claim_directory(out_dir):
-        _check_out_dir(out_dir, cfg)  # again, under the lock: another run may have claimed it meanwhile
+        _check_out_dir(
+            out_dir, cfg
+        )  # again, under the lock: another run may have claimed it meanwhile
         return _claimed_run(ctx, out_dir, progress)
 
 
@@ -300,7 +409,9 @@ def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
     cfg = ctx.cfg
     # from here on the directory is this run's (run.json claims it for this config)
     write_json(out_dir / "run.json", {"results_key": cfg.results_key()})
-    for stale in out_dir.rglob(".*.tmp"):  # writes a killed run never finished: never read, so remove them
+    for stale in out_dir.rglob(
+        ".*.tmp"
+    ):  # writes a killed run never finished: never read, so remove them
         stale.unlink(missing_ok=True)
     log = logging.getLogger("diffcircuit.run")
     log.setLevel(logging.INFO)
@@ -310,10 +421,14 @@ def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
     backend = None
     try:
         backend = make_backend(ctx, log)
-        job = _Job(ctx=ctx, shards=Shards(out_dir / "shards", log), backend=backend, progress=progress)
+        job = _Job(
+            ctx=ctx, shards=Shards(out_dir / "shards", log), backend=backend, progress=progress
+        )
         return _run_stages(job, out_dir, log)
     except BaseException as exc:
-        log.error("stopped: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.error(
+            "stopped: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""
+        )
         raise
     finally:
         if backend is not None:
@@ -325,59 +440,123 @@ def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
 def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
     ctx, cfg = job.ctx, job.ctx.cfg
     start = time.perf_counter()
-    log.info("run started: model %s, datasets %s, %s images each, timesteps %s, seed %d, backend %s, device %s",
-             ctx.den.source, {k: s.spec for k, s in ctx.sets.items()}, cfg.n, list(cfg.timesteps), cfg.seed,
-             cfg.backend, cfg.torch_device)
+    log.info(
+        "run started: model %s, datasets %s, %s images each, timesteps %s, seed %d, backend %s, device %s",
+        ctx.den.source,
+        {k: s.spec for k, s in ctx.sets.items()},
+        cfg.n,
+        list(cfg.timesteps),
+        cfg.seed,
+        cfg.backend,
+        cfg.torch_device,
+    )
     observed = observe_tasks(ctx, seed=cfg.seed, null=True)
-    repeats = [observe_tasks(ctx, seed=cfg.seed + k, label=f"seed {cfg.seed + k}") for k in range(1, cfg.seed_repeats + 1)]
-    groups = {name: make(ctx) for name, make in (("ablations", ablate_tasks), ("patching", patch_tasks),
-                                                 ("attribution", attribute_tasks))
-              if cfg.runs(_ANALYSIS[name])}
-    first = observed + [t for tasks in repeats for t in tasks] + [t for tasks in groups.values() for t in tasks]
+    repeats = [
+        observe_tasks(ctx, seed=cfg.seed + k, label=f"seed {cfg.seed + k}")
+        for k in range(1, cfg.seed_repeats + 1)
+    ]
+    groups = {
+        name: make(ctx)
+        for name, make in (
+            ("ablations", ablate_tasks),
+            ("patching", patch_tasks),
+            ("attribution", attribute_tasks),
+        )
+        if cfg.runs(_ANALYSIS[name])
+    }
+    first = (
+        observed
+        + [t for tasks in repeats for t in tasks]
+        + [t for tasks in groups.values() for t in tasks]
+    )
     job.total_work = sum(t.work for t in first) + (
-        discover_work(ctx) * len(cfg.timesteps) if cfg.runs("discovery") else 0.0)
-    job.run(observed + [t for tasks in repeats for t in tasks] + [t for tasks in groups.values() for t in tasks])
+        discover_work(ctx) * len(cfg.timesteps) if cfg.runs("discovery") else 0.0
+    )
+    job.run(
+        observed
+        + [t for tasks in repeats for t in tasks]
+        + [t for tasks in groups.values() for t in tasks]
+    )
     head_metrics = job.table(observed, "heads.parquet")
     tables = {"head_metrics": head_metrics, "denoising": job.table(observed, "images.parquet")}
     if repeats:  # the same images under other noise draws: how much do the headline numbers move?
         tables["seed_variance"] = pd.concat(
             [seed_quantities(head_metrics, cfg.seed)]
-            + [seed_quantities(job.table(tasks, "heads.parquet"), tasks[0].args["seed"]) for tasks in repeats],
-            ignore_index=True)
+            + [
+                seed_quantities(job.table(tasks, "heads.parquet"), tasks[0].args["seed"])
+                for tasks in repeats
+            ],
+            ignore_index=True,
+        )
     tables |= {name: job.table(tasks, "table.parquet") for name, tasks in groups.items()}
     circuits, found = [], []
     if cfg.runs("discovery"):
         found = discover_tasks(ctx, importance_rows(tables["ablations"]))
         job.run(found)
-        tables["circuits"], tables["circuit_curves"] = job.table(found, "circuits.parquet"), job.table(found, "curves.parquet")
-        circuits = [c for task in found for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]]
+        tables["circuits"], tables["circuit_curves"] = (
+            job.table(found, "circuits.parquet"),
+            job.table(found, "curves.parquet"),
+        )
+        circuits = [
+            c
+            for task in found
+            for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]
+        ]
         tables["circuit_complexity"] = circuit_complexity(circuits)
-    cost = job.cost(observed + [t for tasks in repeats for t in tasks] + [t for ts in groups.values() for t in ts]
-                    + found)
+    cost = job.cost(
+        observed
+        + [t for tasks in repeats for t in tasks]
+        + [t for ts in groups.values() for t in ts]
+        + found
+    )
     with count_forwards(ctx.den.network) as maps:
-        tables["gallery"], tables["gallery_images"] = _gallery(job, head_metrics, tables.get("ablations"))
+        tables["gallery"], tables["gallery_images"] = _gallery(
+            job, head_metrics, tables.get("ablations")
+        )
         tokens = _token_maps(job)
     cost["attention maps (this invocation)"] = maps.to_dict()
     tables["datasets"] = datasets_table(ctx.sets, seed=cfg.seed, correction=cfg.correction)
     if tokens is not None:
         tables["token_maps"], tables["token_heatmaps"] = tokens
-    permutations = {key: job.table([t for t in observed if t.args["key"] == key], "null.parquet") for key in ctx.sets}
+    permutations = {
+        key: job.table([t for t in observed if t.args["key"] == key], "null.parquet")
+        for key in ctx.sets
+    }
     with count_forwards(ctx.den.network) as statistics:
-        tables |= derived_tables(head_metrics, tables.get("ablations"), seed=cfg.seed, correction=cfg.correction,
-                                 role_permutations=permutations, denoising=tables["denoising"])
+        tables |= derived_tables(
+            head_metrics,
+            tables.get("ablations"),
+            seed=cfg.seed,
+            correction=cfg.correction,
+            role_permutations=permutations,
+            denoising=tables["denoising"],
+        )
     cost["statistics (this invocation)"] = statistics.to_dict()
     for name, table in tables.items():
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:
-        write_json(out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit)
+        write_json(
+            out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit
+        )
     manifest = _manifest(ctx) | {"cost": cost}
     for label, spent in cost.items():
-        log.info("cost: %s: %d forward calls, %d image forwards, %.1f s", label, spent["forward_calls"],
-                 spent["image_forwards"], spent["seconds"])
+        log.info(
+            "cost: %s: %d forward calls, %d image forwards, %.1f s",
+            label,
+            spent["forward_calls"],
+            spent["image_forwards"],
+            spent["seconds"],
+        )
     write_json(out_dir / "manifest.json", manifest)
-    log.info("run finished in %.1f s: %d shards computed, %d resumed from disk", time.perf_counter() - start,
-             job.shards.computed, job.shards.resumed)
-    return RunResult(out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=tables["denoising"])
+    log.info(
+        "run finished in %.1f s: %d shards computed, %d resumed from disk",
+        time.perf_counter() - start,
+        job.shards.computed,
+        job.shards.resumed,
+    )
+    return RunResult(
+        out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=tables["denoising"]
+    )
 
 
 _ANALYSIS = {"ablations": "ablation", "patching": "patching", "attribution": "attribution"}

@@ -31,19 +31,28 @@ class Setup:
     den: Denoiser
     registry: HeadRegistry
     sets: dict[str, ImageSet] = field(default_factory=dict)
-    captions: dict[str, str | None] = field(default_factory=dict)  # per dataset: how its captions were used
+    captions: dict[str, str | None] = field(
+        default_factory=dict
+    )  # per dataset: how its captions were used
 
     def autocast(self):
         return self.spec.autocast()
 
 
-def one_set(key: str, data: str, *, n: int, seed: int, skip_bad: bool = False) -> Callable[[Denoiser], dict[str, ImageSet]]:
+def one_set(
+    key: str, data: str, *, n: int, seed: int, skip_bad: bool = False
+) -> Callable[[Denoiser], dict[str, ImageSet]]:
     """``images`` for ``build_setup``: one data spec (a built-in set or a folder) as dataset ``key``."""
     return lambda den: {key: model_images(den, data, n=n, seed=seed, skip_bad=skip_bad)}
 
 
-def build_setup(spec: ModelSpec, *, timesteps: Sequence[int] = (),
-                images: Callable[[Denoiser], dict[str, ImageSet]] | None = None, captions: bool = True) -> Setup:
+def build_setup(
+    spec: ModelSpec,
+    *,
+    timesteps: Sequence[int] = (),
+    images: Callable[[Denoiser], dict[str, ImageSet]] | None = None,
+    captions: bool = True,
+) -> Setup:
     """The model of ``spec`` (on its device), ``timesteps`` checked against it, the image sets ``images(den)``
     makes for it (a latent model's encoded by its VAE), each captioned set's captions given to its images (unless
     ``captions`` is off), and the head registry probed on the first image (or a zero input when there is none)."""
@@ -51,8 +60,20 @@ def build_setup(spec: ModelSpec, *, timesteps: Sequence[int] = (),
     if timesteps:
         den.check_timesteps(timesteps)
     sets = images(den) if images is not None else {}
-    used = {key: use_captions(den, key, s.captions if captions else None, allow_pickle=spec.allow_pickle, spec=s.spec)
-            for key, s in sets.items()}
+    used = {
+        key: use_captions(
+            den, key, s.captions if captions else None, allow_pickle=spec.allow_pickle, spec=s.spec
+        )
+        for key, s in sets.items()
+    }
     first = next(iter(sets.values()), None)
-    sample = None if first is None else torch.from_numpy(np.asarray(first.images[:1], dtype=np.float32))
-    return Setup(spec=spec.model_spec, den=den, registry=probe_registry(den, sample), sets=sets, captions=used)
+    sample = (
+        None if first is None else torch.from_numpy(np.asarray(first.images[:1], dtype=np.float32))
+    )
+    return Setup(
+        spec=spec.model_spec,
+        den=den,
+        registry=probe_registry(den, sample),
+        sets=sets,
+        captions=used,
+    )

@@ -16,8 +16,16 @@ import pandas as pd
 
 from diffcircuit.errors import DiffcircuitError, InputError
 
-__all__ = ["Shards", "atomic_write_bytes", "check_writable", "claim_command", "claim_directory", "encode_part", "write_json",
-           "write_parquet"]
+__all__ = [
+    "Shards",
+    "atomic_write_bytes",
+    "check_writable",
+    "claim_command",
+    "claim_directory",
+    "encode_part",
+    "write_json",
+    "write_parquet",
+]
 
 
 def _umask() -> int:
@@ -61,7 +69,11 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 def encode_part(part: str, value) -> bytes:
     """A shard part's bytes: a table as Parquet (``*.parquet``), anything else as JSON."""
-    return _parquet_bytes(value) if part.endswith(".parquet") else (json.dumps(value, indent=2) + "\n").encode()
+    return (
+        _parquet_bytes(value)
+        if part.endswith(".parquet")
+        else (json.dumps(value, indent=2) + "\n").encode()
+    )
 
 
 def _read_part(path: Path):
@@ -89,7 +101,9 @@ class Shards:
     def done(self, name: str, parts: Sequence[str]) -> bool:
         return all(self.path(name, part).exists() for part in parts)
 
-    def write(self, name: str, encoded: Mapping[str, bytes], seconds: float, where: str = "") -> None:
+    def write(
+        self, name: str, encoded: Mapping[str, bytes], seconds: float, where: str = ""
+    ) -> None:
         """Store a computed shard's parts (already encoded, ``encode_part``), each atomically."""
         for part, data in encoded.items():
             atomic_write_bytes(self.path(name, part), data)
@@ -103,8 +117,13 @@ class Shards:
         self.resumed += 1
         self.log.info("shard %s: resumed from disk", name)
 
-    def ensure(self, name: str, parts: Sequence[str], compute: Callable[[], Mapping[str, object]],
-               on_resume: Callable[[], None] | None = None) -> dict:
+    def ensure(
+        self,
+        name: str,
+        parts: Sequence[str],
+        compute: Callable[[], Mapping[str, object]],
+        on_resume: Callable[[], None] | None = None,
+    ) -> dict:
         """The shard's parts by name: read from disk, after computing them if any part is missing."""
         if self.done(name, parts):
             self.note_resumed(name)
@@ -113,11 +132,20 @@ class Shards:
         else:
             start = time.perf_counter()
             values = compute()
-            self.write(name, {part: encode_part(part, values[part]) for part in parts}, time.perf_counter() - start)
+            self.write(
+                name,
+                {part: encode_part(part, values[part]) for part in parts},
+                time.perf_counter() - start,
+            )
         return self.read(name, parts)
 
-    def frames(self, name: str, parts: Sequence[str], compute: Callable[[], Sequence[pd.DataFrame]],
-               on_resume: Callable[[], None] | None = None) -> list[pd.DataFrame]:
+    def frames(
+        self,
+        name: str,
+        parts: Sequence[str],
+        compute: Callable[[], Sequence[pd.DataFrame]],
+        on_resume: Callable[[], None] | None = None,
+    ) -> list[pd.DataFrame]:
         """``ensure`` for a shard of tables given by bare part names, as a list in ``parts`` order."""
         files = [f"{part}.parquet" for part in parts]
         got = self.ensure(name, files, lambda: dict(zip(files, compute(), strict=True)), on_resume)
@@ -139,21 +167,31 @@ def claim_directory(out_dir: Path, what: str = "run") -> Iterator[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise DiffcircuitError(f"cannot write to {out_dir}: {exc.strerror or exc}; choose another output directory") from None
+        raise DiffcircuitError(
+            f"cannot write to {out_dir}: {exc.strerror or exc}; choose another output directory"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DiffcircuitError(f"{out_dir} is in use by another diffcircuit {what} (it holds {LOCK_NAME}); wait "
-                                   "for it to finish or choose another output directory") from None
+            raise DiffcircuitError(
+                f"{out_dir} is in use by another diffcircuit {what} (it holds {LOCK_NAME}); wait "
+                "for it to finish or choose another output directory"
+            ) from None
         if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise DiffcircuitError(f"cannot write to {out_dir}: permission denied; choose another output directory")
+            raise DiffcircuitError(
+                f"cannot write to {out_dir}: permission denied; choose another output directory"
+            )
         yield out_dir
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-_RECORDS = ("run.json", "ablate.json", "discover.json")  # the file with which each command claims its directory
+_RECORDS = (
+    "run.json",
+    "ablate.json",
+    "discover.json",
+)  # the file with which each command claims its directory
 
 
 @contextmanager
@@ -164,18 +202,24 @@ def claim_command(out_dir: Path, command: str, config: dict) -> Iterator[Path]:
     config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
     with claim_directory(out_dir, command):
         record = Path(out_dir) / f"{command}.json"
-        other = [name for name in _RECORDS if name != record.name and (Path(out_dir) / name).exists()]
+        other = [
+            name for name in _RECORDS if name != record.name and (Path(out_dir) / name).exists()
+        ]
         if other:
-            raise DiffcircuitError(f"{out_dir} holds the results of another command ({other[0]}); choose another output "
-                                   "directory")
+            raise DiffcircuitError(
+                f"{out_dir} holds the results of another command ({other[0]}); choose another output "
+                "directory"
+            )
         if record.exists():
             try:
                 old = json.loads(record.read_text()).get("config")
             except ValueError:
                 old = None
             if old != config:
-                raise DiffcircuitError(f"{out_dir} holds a {command} with a different config ({record.name}); choose "
-                                       "another output directory")
+                raise DiffcircuitError(
+                    f"{out_dir} holds a {command} with a different config ({record.name}); choose "
+                    "another output directory"
+                )
         else:
             write_json(record, {"config": config, "finished": False})
         yield Path(out_dir)

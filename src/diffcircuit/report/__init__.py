@@ -25,23 +25,63 @@ def finalize_run(run_dir: str | Path) -> RunResult:
         images = pd.read_parquet(run_dir / "tables" / "denoising.parquet")
         roles = pd.read_parquet(run_dir / "tables" / "head_roles.parquet")
         divergence = pd.read_parquet(run_dir / "tables" / "divergence.parquet")
-        optional = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
-                    for name in ("ablations", "patching", "attribution", "complexity", "tests", "critical", "seed_variance", "circuit_curves", "gallery",
-                                 "divergence_heads",
-                                 "gallery_images", "token_heatmaps", "datasets") if (run_dir / "tables" / f"{name}.parquet").exists()}
+        optional = {
+            name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
+            for name in (
+                "ablations",
+                "patching",
+                "attribution",
+                "complexity",
+                "tests",
+                "critical",
+                "seed_variance",
+                "circuit_curves",
+                "gallery",
+                "divergence_heads",
+                "gallery_images",
+                "token_heatmaps",
+                "datasets",
+            )
+            if (run_dir / "tables" / f"{name}.parquet").exists()
+        }
     except (OSError, ValueError) as exc:
-        raise DiffcircuitError(f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}") from None
+        raise DiffcircuitError(
+            f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}"
+        ) from None
     circuits = [json.loads(p.read_text()) for p in sorted((run_dir / "circuits").glob("*.json"))]
-    summary = build_summary(manifest=manifest, heads=heads, images=images, roles=roles, divergence=divergence,
-                            ablations=optional.get("ablations"), patching=optional.get("patching"),
-                            attribution=optional.get("attribution"), complexity=optional.get("complexity"),
-                            tests=optional.get("tests"), critical=optional.get("critical"),
-                            seed_variance=optional.get("seed_variance"), circuits=circuits,
-                            datasets=optional.get("datasets"), divergence_heads=optional.get("divergence_heads"))
+    summary = build_summary(
+        manifest=manifest,
+        heads=heads,
+        images=images,
+        roles=roles,
+        divergence=divergence,
+        ablations=optional.get("ablations"),
+        patching=optional.get("patching"),
+        attribution=optional.get("attribution"),
+        complexity=optional.get("complexity"),
+        tests=optional.get("tests"),
+        critical=optional.get("critical"),
+        seed_variance=optional.get("seed_variance"),
+        circuits=circuits,
+        datasets=optional.get("datasets"),
+        divergence_heads=optional.get("divergence_heads"),
+    )
     write_json(run_dir / "summary.json", summary)
-    write_report(run_dir, summary, heads, roles, optional.get("ablations"), circuits=circuits,
-                 curves=optional.get("circuit_curves"),
-                 gallery=(optional["gallery"], optional["gallery_images"]) if "gallery" in optional else None,
-                 tests=optional.get("tests"), token_heatmaps=optional.get("token_heatmaps"), cost=manifest.get("cost"),
-                 attribution=optional.get("attribution"), patching=optional.get("patching"))
+    write_report(
+        run_dir,
+        summary,
+        heads,
+        roles,
+        optional.get("ablations"),
+        circuits=circuits,
+        curves=optional.get("circuit_curves"),
+        gallery=(optional["gallery"], optional["gallery_images"])
+        if "gallery" in optional
+        else None,
+        tests=optional.get("tests"),
+        token_heatmaps=optional.get("token_heatmaps"),
+        cost=manifest.get("cost"),
+        attribution=optional.get("attribution"),
+        patching=optional.get("patching"),
+    )
     return RunResult(out_dir=run_dir, summary=Summary.from_dict(summary), manifest=manifest)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -40,7 +40,9 @@ class Claim:
     @classmethod
     def from_dict(cls, d: dict) -> Claim:
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {k: (tuple(v) if k == "threats" else v) for k, v in d.items() if k in known}
+        values: dict[str, Any] = {
+            k: (tuple(v) if k == "threats" else v) for k, v in d.items() if k in known
+        }
         return cls(**values)
 
     @property
@@ -79,12 +81,17 @@ class Summary:
     circuits: dict | None = None
     paper_comparison: dict | None = None
     validity: dict | None = None
-    extra: dict = field(default_factory=dict)  # keys a newer summary.json has that this version does not name
+    extra: dict = field(
+        default_factory=dict
+    )  # keys a newer summary.json has that this version does not name
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            **{k: v for k, v in d.items() if k in known},
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     def to_dict(self) -> dict:
         """The JSON object, in summary.json's key order."""
@@ -118,7 +125,9 @@ class RunResult:
             summary = json.loads((out_dir / "summary.json").read_text())
             manifest = json.loads((out_dir / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(f"{out_dir} is not a finished diffcircuit run: {str(exc).splitlines()[0]}") from None
+            raise InputError(
+                f"{out_dir} is not a finished diffcircuit run: {str(exc).splitlines()[0]}"
+            ) from None
         return cls(out_dir=out_dir, summary=Summary.from_dict(summary), manifest=manifest)
 
     @property
@@ -140,7 +149,9 @@ class RunResult:
         if name not in cache:
             path = self.out_dir / "tables" / f"{name}.parquet"
             if not path.exists():
-                raise InputError(f"this run has no table {name!r}; it has: {', '.join(self.tables)}")
+                raise InputError(
+                    f"this run has no table {name!r}; it has: {', '.join(self.tables)}"
+                )
             cache[name] = pd.read_parquet(path)
         return cache[name]
 
@@ -155,4 +166,6 @@ class RunResult:
     @cached_property
     def circuits(self) -> list[dict]:
         """The circuit records (``circuits/*.json``), one per dataset x window."""
-        return [json.loads(p.read_text()) for p in sorted((self.out_dir / "circuits").glob("*.json"))]
+        return [
+            json.loads(p.read_text()) for p in sorted((self.out_dir / "circuits").glob("*.json"))
+        ]

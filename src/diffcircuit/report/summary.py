@@ -7,22 +7,33 @@ of each layer, so that "entropy ≈ ln 64" reads as what it is: uniform attentio
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 
 from diffcircuit.interventions.attribution import ESTIMATES
 from diffcircuit.metrics.roles import CONTENT_ROLES, ROLE_DEFINITIONS
-from diffcircuit.protocol.analyses import (PAPER_COMPLEXITY_RATIO, PRIMARY_COMPLEXITY, complexity_test, denoising_tests,
-                                           mean_divergence_test)
+from diffcircuit.protocol.analyses import (
+    PAPER_COMPLEXITY_RATIO,
+    PRIMARY_COMPLEXITY,
+    complexity_test,
+    denoising_tests,
+    mean_divergence_test,
+)
 from diffcircuit.report.validity import validity
 from diffcircuit.stats.bootstrap import mean_ci
 from diffcircuit.stats.tests import bootstrap_spearman, paired_spearman_ci
 
 __all__ = ["PAPER_CLAIMS", "PENDING_ANALYSES", "build_summary", "informative_pairs"]
 
-PENDING_ANALYSES = ("ablation", "patching", "attribution", "complexity_ratio", "random_head_null", "seed_variance",
-                    "circuits")
+PENDING_ANALYSES = (
+    "ablation",
+    "patching",
+    "attribution",
+    "complexity_ratio",
+    "random_head_null",
+    "seed_variance",
+    "circuits",
+)
 
 
 def _ci_entry(values, seed: int) -> dict:
@@ -36,13 +47,19 @@ _SPEARMAN_RESAMPLES = 1000  # bootstrap resamples of images behind every Spearma
 def informative_pairs(summary: dict) -> frozenset[tuple[str, int]]:
     """The (dataset, timestep) pairs of a summary at which the model beats the trivial predictor
     (``summary["denoising"][...]["informative"]``); headline claims leave the others out."""
-    return frozenset((d["dataset"], int(d["timestep"])) for d in summary["denoising"] if d.get("informative", True))
+    return frozenset(
+        (d["dataset"], int(d["timestep"]))
+        for d in summary["denoising"]
+        if d.get("informative", True)
+    )
 
 
 def _denoising(images: pd.DataFrame, seed: int, correction: str = "fdr_bh") -> list[dict]:
     """Per dataset and timestep: errors with CIs, and whether the model beats the trivial predictor — paired over
     images, one-sided, corrected over the dataset x timestep family (``protocol.analyses.denoising_tests``)."""
-    tests = denoising_tests(images, correction=correction, seed=seed).set_index(["dataset", "timestep"])
+    tests = denoising_tests(images, correction=correction, seed=seed).set_index(
+        ["dataset", "timestep"]
+    )
     out = []
     for (dataset, t), g in images.groupby(["dataset", "timestep"], sort=True):
         entry = {"dataset": dataset, "timestep": int(t), "n_images": int(len(g))}
@@ -50,19 +67,28 @@ def _denoising(images: pd.DataFrame, seed: int, correction: str = "fdr_bh") -> l
             entry[col] = _ci_entry(g[col].to_numpy(), seed)
         entry["beats_trivial_eps"] = bool(g["eps_mse"].mean() < g["eps_mse_trivial"].mean())
         test = tests.loc[(dataset, int(t))]
-        entry |= {"informative": bool(test.informative), "p_value": float(test.p_value),
-                  "p_corrected": float(test.p_corrected), "p_floor": float(test.p_floor),
-                  "ratio_to_trivial": float(test.ratio_to_trivial), "frac_images_worse": float(test.frac_images_worse),
-                  "informative_test": f"one-sided paired sign-flip over images, eps_mse < eps_mse_trivial; {correction} "
-                                      "over the dataset x timestep family; informative = corrected p < 0.05"}
+        entry |= {
+            "informative": bool(test.informative),
+            "p_value": float(test.p_value),
+            "p_corrected": float(test.p_corrected),
+            "p_floor": float(test.p_floor),
+            "ratio_to_trivial": float(test.ratio_to_trivial),
+            "frac_images_worse": float(test.frac_images_worse),
+            "informative_test": f"one-sided paired sign-flip over images, eps_mse < eps_mse_trivial; {correction} "
+            "over the dataset x timestep family; informative = corrected p < 0.05",
+        }
         out.append(entry)
     return out
 
 
-def _informative_rows(frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None) -> pd.DataFrame:
+def _informative_rows(
+    frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None
+) -> pd.DataFrame:
     if informative is None:
         return frame
-    keep = pd.MultiIndex.from_arrays([frame.dataset, frame.timestep.astype(int)]).isin(list(informative))
+    keep = pd.MultiIndex.from_arrays([frame.dataset, frame.timestep.astype(int)]).isin(
+        list(informative)
+    )
     return frame[keep]
 
 
@@ -71,43 +97,82 @@ def _entropy(heads: pd.DataFrame, seed: int) -> list[dict]:
     out = []
     per_image = heads.groupby(["dataset", "timestep", "image"])["entropy_norm"].mean().reset_index()
     for (dataset, t), g in per_image.groupby(["dataset", "timestep"], sort=True):
-        out.append({"dataset": dataset, "timestep": int(t), "entropy_norm": _ci_entry(g["entropy_norm"].to_numpy(), seed)})
+        out.append(
+            {
+                "dataset": dataset,
+                "timestep": int(t),
+                "entropy_norm": _ci_entry(g["entropy_norm"].to_numpy(), seed),
+            }
+        )
     return out
 
 
 def _entropy_by_layer(heads: pd.DataFrame) -> list[dict]:
-    layers = heads[["dataset", "timestep", "layer", "n_keys", "entropy_nats", "entropy_norm"]].assign(
-        uniform_nats=np.log(heads["n_keys"])).groupby(["dataset", "timestep", "layer"], sort=False).agg(
-        n_keys=("n_keys", "max"), entropy_nats=("entropy_nats", "mean"), uniform_nats=("uniform_nats", "mean"),
-        entropy_norm=("entropy_norm", "mean"))  # n_keys: keys per image, the same for every image unless captions are masked
-    return [{"dataset": dataset, "timestep": int(t), "layer": layer, "n_keys": int(r.n_keys),
-             "entropy_nats": float(r.entropy_nats), "uniform_nats": float(r.uniform_nats),
-             "entropy_norm": float(r.entropy_norm)} for (dataset, t, layer), r in layers.iterrows()]
+    layers = (
+        heads[["dataset", "timestep", "layer", "n_keys", "entropy_nats", "entropy_norm"]]
+        .assign(uniform_nats=np.log(heads["n_keys"]))
+        .groupby(["dataset", "timestep", "layer"], sort=False)
+        .agg(
+            n_keys=("n_keys", "max"),
+            entropy_nats=("entropy_nats", "mean"),
+            uniform_nats=("uniform_nats", "mean"),
+            entropy_norm=("entropy_norm", "mean"),
+        )
+    )  # n_keys: keys per image, the same for every image unless captions are masked
+    return [
+        {
+            "dataset": dataset,
+            "timestep": int(t),
+            "layer": layer,
+            "n_keys": int(r.n_keys),
+            "entropy_nats": float(r.entropy_nats),
+            "uniform_nats": float(r.uniform_nats),
+            "entropy_norm": float(r.entropy_norm),
+        }
+        for (dataset, t, layer), r in layers.iterrows()
+    ]
 
 
 def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     """Per dataset, timestep and role (roles are assigned per dataset): its heads, how the role was decided,
     a content role's excess over its null, and the heads' entropy on that dataset (nats, normalised) with CIs."""
     keys = ["dataset", "timestep", "layer", "head"]
-    labelled = heads[[*keys, "image", "entropy_nats", "entropy_norm"]].assign(uniform_nats=np.log(heads["n_keys"])).merge(
-        roles[[*keys, "role"]], on=keys)  # every head row with its head's role on its dataset and timestep
+    labelled = (
+        heads[[*keys, "image", "entropy_nats", "entropy_norm"]]
+        .assign(uniform_nats=np.log(heads["n_keys"]))
+        .merge(roles[[*keys, "role"]], on=keys)
+    )  # every head row with its head's role on its dataset and timestep
     by_role = labelled.groupby(["dataset", "timestep", "role"])
-    per_images = labelled.groupby(["dataset", "timestep", "role", "image"])[["entropy_nats", "entropy_norm"]].mean()
+    per_images = labelled.groupby(["dataset", "timestep", "role", "image"])[
+        ["entropy_nats", "entropy_norm"]
+    ].mean()
     uniform = by_role.uniform_nats.mean()
     out = []
     for (dataset, t, role), members in roles.groupby(["dataset", "timestep", "role"], sort=True):
         per_image = per_images.loc[(dataset, t, role)]
-        entry = {"role": role, "dataset": dataset, "timestep": int(t), "n_heads": len(set(zip(members.layer, members["head"]))),
-                 "heads": [f"{layer}:{head}" for layer, head in zip(members.layer, members["head"])],
-                 "basis": str(members.role_basis.iloc[0]), "definition": ROLE_DEFINITIONS.get(role, ""),
-                 "per_dataset": {dataset: {"entropy_nats": _ci_entry(per_image["entropy_nats"].to_numpy(), seed),
-                                           "entropy_norm": _ci_entry(per_image["entropy_norm"].to_numpy(), seed),
-                                           "uniform_nats": float(uniform.loc[(dataset, t, role)])}}}
+        entry = {
+            "role": role,
+            "dataset": dataset,
+            "timestep": int(t),
+            "n_heads": len(set(zip(members.layer, members["head"]))),
+            "heads": [f"{layer}:{head}" for layer, head in zip(members.layer, members["head"])],
+            "basis": str(members.role_basis.iloc[0]),
+            "definition": ROLE_DEFINITIONS.get(role, ""),
+            "per_dataset": {
+                dataset: {
+                    "entropy_nats": _ci_entry(per_image["entropy_nats"].to_numpy(), seed),
+                    "entropy_norm": _ci_entry(per_image["entropy_norm"].to_numpy(), seed),
+                    "uniform_nats": float(uniform.loc[(dataset, t, role)]),
+                }
+            },
+        }
         if role in CONTENT_ROLES:
             probe = "object" if role == "semantic" else role
-            entry["excess_log"] = {"median": float(members[f"{probe}_excess"].median()),
-                                   "min": float(members[f"{probe}_excess"].min()),
-                                   "max_q": float(members[f"{probe}_q"].max())}
+            entry["excess_log"] = {
+                "median": float(members[f"{probe}_excess"].median()),
+                "min": float(members[f"{probe}_excess"].min()),
+                "max_q": float(members[f"{probe}_q"].max()),
+            }
         out.append(entry)
     return out
 
@@ -118,13 +183,29 @@ def _role_evidence(roles: pd.DataFrame) -> list[dict]:
     out = []
     for (dataset, t), g in roles.groupby(["dataset", "timestep"], sort=True):
         raw = g.raw_only.fillna("").str.split(",")
-        counts = {probe: {"labelled": int((g.role == role).sum()),
-                          "significant": int(((g[f"{probe}_q"] < 0.05) & (g[f"{probe}_excess"] > 0)).sum()),
-                          "raw_only": int(raw.apply(lambda r, p=probe: p in r).sum())}
-                  for role, probe in (("semantic", "object"), ("edge", "edge"), ("texture", "texture"),
-                                      ("intensity", "intensity"), ("background", "background"))}
-        out.append({"dataset": dataset, "timestep": int(t), "n_heads": len(g),
-                    "n_positional": int((g.role == "positional").sum()), "probes": counts})
+        counts = {
+            probe: {
+                "labelled": int((g.role == role).sum()),
+                "significant": int(((g[f"{probe}_q"] < 0.05) & (g[f"{probe}_excess"] > 0)).sum()),
+                "raw_only": int(raw.apply(lambda r, p=probe: p in r).sum()),
+            }
+            for role, probe in (
+                ("semantic", "object"),
+                ("edge", "edge"),
+                ("texture", "texture"),
+                ("intensity", "intensity"),
+                ("background", "background"),
+            )
+        }
+        out.append(
+            {
+                "dataset": dataset,
+                "timestep": int(t),
+                "n_heads": len(g),
+                "n_positional": int((g.role == "positional").sum()),
+                "probes": counts,
+            }
+        )
     return out
 
 
@@ -132,35 +213,64 @@ def _role_differences(roles: pd.DataFrame) -> list[dict]:
     """Heads whose role on dataset a differs from their role on dataset b, per timestep."""
     if set(roles.dataset) != {"a", "b"}:
         return []
-    wide = roles.pivot_table(index=["timestep", "layer", "head"], columns="dataset", values="role", aggfunc="first")
+    wide = roles.pivot_table(
+        index=["timestep", "layer", "head"], columns="dataset", values="role", aggfunc="first"
+    )
     differ = wide[wide["a"] != wide["b"]].reset_index()
-    return [{"timestep": int(r.timestep), "head": f"{r.layer}:{r.head}", "a": r.a, "b": r.b} for r in differ.itertuples()]
+    return [
+        {"timestep": int(r.timestep), "head": f"{r.layer}:{r.head}", "a": r.a, "b": r.b}
+        for r in differ.itertuples()
+    ]
 
 
-_CRITICAL_FIELDS = ["level", "method", "target", "also_named", "n_heads", "degradation_pct", "null_degradation_pct",
-                   "null_q95_pct", "excess_pct", "ci_low", "ci_high", "frac_sets_beaten", "n_null_sets", "p_value",
-                   "p_floor", "p_corrected"]
+_CRITICAL_FIELDS = [
+    "level",
+    "method",
+    "target",
+    "also_named",
+    "n_heads",
+    "degradation_pct",
+    "null_degradation_pct",
+    "null_q95_pct",
+    "excess_pct",
+    "ci_low",
+    "ci_high",
+    "frac_sets_beaten",
+    "n_null_sets",
+    "p_value",
+    "p_floor",
+    "p_corrected",
+]
 
 
 def _critical_summary(critical: pd.DataFrame) -> dict:
     """Critical components and, per level/method family, how many were tested and how low q could go."""
     hits = critical[critical.critical].sort_values("excess_pct", ascending=False)
     families = critical.groupby(["level", "method"])
-    out = {"critical": [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-                        for row in hits[[c for c in _CRITICAL_FIELDS if c in hits]].to_dict("records")],
-           "n_critical": {f"{lv}/{m}": int(g.critical.sum()) for (lv, m), g in families},
-           "n_tested": {f"{lv}/{m}": int(len(g)) for (lv, m), g in families}}
+    out = {
+        "critical": [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in hits[[c for c in _CRITICAL_FIELDS if c in hits]].to_dict("records")
+        ],
+        "n_critical": {f"{lv}/{m}": int(g.critical.sum()) for (lv, m), g in families},
+        "n_tested": {f"{lv}/{m}": int(len(g)) for (lv, m), g in families},
+    }
     if "q_floor" in critical:  # tables of older runs lack it
         out["q_floor"] = {f"{lv}/{m}": float(g.q_floor.iloc[0]) for (lv, m), g in families}
         out["lone_critical_possible"] = {k: q < 0.05 for k, q in out["q_floor"].items()}
         out["null_sets"] = {f"{lv}/{m}": int(g.n_null_sets.iloc[0]) for (lv, m), g in families}
-        out["aliases"] = {r.target: r.also_named.split(",") for r in critical.drop_duplicates("target").itertuples()
-                          if r.also_named}
-        out["test"] = ("one-sided: rank of the component's mean degradation among the null sets (random head sets of "
-                       "its size; for a head, the other heads) and a sign-flip test over images of its excess over their "
-                       "mean, p = the larger; corrected within level x method; critical = q < 0.05. q_floor: the q of a "
-                       "component alone at the p floor (below 0.05: a lone component can be critical); single heads, "
-                       "ranked among the other heads, never can (q >= 1 by construction).")
+        out["aliases"] = {
+            r.target: r.also_named.split(",")
+            for r in critical.drop_duplicates("target").itertuples()
+            if r.also_named
+        }
+        out["test"] = (
+            "one-sided: rank of the component's mean degradation among the null sets (random head sets of "
+            "its size; for a head, the other heads) and a sign-flip test over images of its excess over their "
+            "mean, p = the larger; corrected within level x method; critical = q < 0.05. q_floor: the q of a "
+            "component alone at the p floor (below 0.05: a lone component can be critical); single heads, "
+            "ranked among the other heads, never can (q >= 1 by construction)."
+        )
     return out
 
 
@@ -170,8 +280,13 @@ def _pairs(frame: pd.DataFrame) -> list[tuple[str, int]]:
     return sorted(zip(pairs.dataset, pairs.timestep.astype(int)))
 
 
-def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
-              informative: frozenset[tuple[str, int]] | None = None, top: int = 5) -> dict:
+def _ablation(
+    ablations: pd.DataFrame,
+    critical: pd.DataFrame | None,
+    seed: int,
+    informative: frozenset[tuple[str, int]] | None = None,
+    top: int = 5,
+) -> dict:
     """Degradation range per level and method, the largest effects, and the critical components, at informative
     (dataset, timestep) pairs only (``excluded`` lists the others that were ablated).
 
@@ -183,27 +298,57 @@ def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
     pairs = _pairs(named)
     ablations = _informative_rows(named, informative)
     used = _pairs(ablations)
-    per_target = ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"].mean().reset_index()
+    per_target = (
+        ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"]
+        .mean()
+        .reset_index()
+    )
     ranges = {}
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
-        ranges.setdefault(level, {})[method] = [float(g.degradation_pct.min()), float(g.degradation_pct.max())]
+        ranges.setdefault(level, {})[method] = [
+            float(g.degradation_pct.min()),
+            float(g.degradation_pct.max()),
+        ]
     largest = []
-    chosen = {(level, method, target) for (level, method), g in per_target.groupby(["level", "method"], sort=False)
-              for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target}
+    chosen = {
+        (level, method, target)
+        for (level, method), g in per_target.groupby(["level", "method"], sort=False)
+        for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target
+    }
     keys = pd.MultiIndex.from_arrays([ablations.level, ablations.method, ablations.target])
-    by_target = ablations[keys.isin(list(chosen))].groupby(["level", "method", "target"], sort=False)
+    by_target = ablations[keys.isin(list(chosen))].groupby(
+        ["level", "method", "target"], sort=False
+    )
     for (level, method), g in per_target.groupby(["level", "method"], sort=False):
         for target in g.nlargest(top if level == "head" else 1, "degradation_pct").target:
             rows = by_target.get_group((level, method, target))
             per_image = rows.groupby(["dataset", "image"])["degradation_pct"].mean().to_numpy()
             x0 = rows.x0_mse_intervened.mean() / rows.x0_mse_clean.mean()
-            largest.append({"level": level, "method": method, "target": target,
-                            "degradation_pct": _ci_entry(per_image, seed), "x0_mse_ratio": float(x0)})
-    out = {"methods": sorted(named.method.unique()), "n_images": int(named.groupby("dataset").image.nunique().max()),
-           "timesteps_used": [{"dataset": d, "timestep": t} for d, t in used],
-           "excluded": [{"dataset": d, "timestep": t, "reason": "uninformative: the model does not beat the trivial "
-                                                                 "predictor there"} for d, t in pairs if (d, t) not in used],
-           "degradation_range_pct": ranges, "largest": largest}
+            largest.append(
+                {
+                    "level": level,
+                    "method": method,
+                    "target": target,
+                    "degradation_pct": _ci_entry(per_image, seed),
+                    "x0_mse_ratio": float(x0),
+                }
+            )
+    out = {
+        "methods": sorted(named.method.unique()),
+        "n_images": int(named.groupby("dataset").image.nunique().max()),
+        "timesteps_used": [{"dataset": d, "timestep": t} for d, t in used],
+        "excluded": [
+            {
+                "dataset": d,
+                "timestep": t,
+                "reason": "uninformative: the model does not beat the trivial predictor there",
+            }
+            for d, t in pairs
+            if (d, t) not in used
+        ],
+        "degradation_range_pct": ranges,
+        "largest": largest,
+    }
     if critical is not None:
         out |= _critical_summary(critical)
     return out
@@ -211,23 +356,37 @@ def _ablation(ablations: pd.DataFrame, critical: pd.DataFrame | None, seed: int,
 
 def _patching(patching: pd.DataFrame, manifest: dict, seed: int, top: int = 5) -> dict:
     """The components whose activation, patched from b into a, moves a's output furthest toward b's."""
-    per_target = patching.groupby(["level", "target"], sort=False)["moved_frac"].mean().reset_index()
+    per_target = (
+        patching.groupby(["level", "target"], sort=False)["moved_frac"].mean().reset_index()
+    )
     best = []
     for level, g in per_target.groupby("level", sort=False):
         for target in g.nlargest(top, "moved_frac").target:
-            per_pair = patching[patching.target == target].groupby("pair")["moved_frac"].mean().to_numpy()
+            per_pair = (
+                patching[patching.target == target].groupby("pair")["moved_frac"].mean().to_numpy()
+            )
             best.append({"level": level, "target": target, "moved_frac": _ci_entry(per_pair, seed)})
-    return {"source": manifest["datasets"]["b"]["spec"], "receiver": manifest["datasets"]["a"]["spec"],
-            "n_pairs": int(patching.pair.nunique()), "largest": best}
+    return {
+        "source": manifest["datasets"]["b"]["spec"],
+        "receiver": manifest["datasets"]["a"]["spec"],
+        "n_pairs": int(patching.pair.nunique()),
+        "largest": best,
+    }
 
 
 def _per_head_matrix(frame: pd.DataFrame) -> pd.DataFrame:
     """[images x heads] of degradation_pct (images: dataset, image)."""
-    return frame.pivot_table(index="image", columns="target", values="degradation_pct", aggfunc="mean")
+    return frame.pivot_table(
+        index="image", columns="target", values="degradation_pct", aggfunc="mean"
+    )
 
 
-def _attribution(attribution: pd.DataFrame, ablations: pd.DataFrame, seed: int = 0,
-                 informative: frozenset[tuple[str, int]] | None = None) -> list[dict]:
+def _attribution(
+    attribution: pd.DataFrame,
+    ablations: pd.DataFrame,
+    seed: int = 0,
+    informative: frozenset[tuple[str, int]] | None = None,
+) -> list[dict]:
     """Each estimator against the exhaustive ablation it estimates, per method, dataset and timestep.
 
     Single-head estimators (first order, +Gauss-Newton, per-head IG): Spearman ρ over heads between the
@@ -240,31 +399,69 @@ def _attribution(attribution: pd.DataFrame, ablations: pd.DataFrame, seed: int =
     joint = ablations[ablations.level == "all"]
     est = attribution.assign(target=attribution.layer + ":" + attribution["head"].astype(str))
     out = []
-    for (estimator, method, dataset, t), g in est.groupby(["estimator", "method", "dataset", "timestep"], sort=True):
+    for (estimator, method, dataset, t), g in est.groupby(
+        ["estimator", "method", "dataset", "timestep"], sort=True
+    ):
         key = (heads.method == method) & (heads.dataset == dataset) & (heads.timestep == t)
         truth = _per_head_matrix(heads[key])
         guess = _per_head_matrix(g).reindex(index=truth.index, columns=truth.columns)
-        rho, low, high, n_ok = bootstrap_spearman(guess.to_numpy(), truth.to_numpy(), n_resamples=_SPEARMAN_RESAMPLES,
-                                                  seed=seed)
-        ranking = {"spearman": rho, "ci_low": low, "ci_high": high, "n_resamples": n_ok,
-                   "top5_overlap": len(set(truth.mean().nlargest(5).index) & set(guess.mean().nlargest(5).index))}
-        entry = {"estimator": estimator, "estimates": ESTIMATES.get(estimator, "single-head ablation"), "method": method,
-                 "dataset": dataset, "timestep": int(t), "informative": informative is None or (dataset, int(t)) in informative,
-                 "interval": "percentile bootstrap over images"}
+        rho, low, high, n_ok = bootstrap_spearman(
+            guess.to_numpy(), truth.to_numpy(), n_resamples=_SPEARMAN_RESAMPLES, seed=seed
+        )
+        ranking = {
+            "spearman": rho,
+            "ci_low": low,
+            "ci_high": high,
+            "n_resamples": n_ok,
+            "top5_overlap": len(
+                set(truth.mean().nlargest(5).index) & set(guess.mean().nlargest(5).index)
+            ),
+        }
+        entry = {
+            "estimator": estimator,
+            "estimates": ESTIMATES.get(estimator, "single-head ablation"),
+            "method": method,
+            "dataset": dataset,
+            "timestep": int(t),
+            "informative": informative is None or (dataset, int(t)) in informative,
+            "interval": "percentile bootstrap over images",
+        }
         if estimator != "ig_joint":
-            out.append(entry | {"compared_with": "exhaustive single-head ablation", "spearman_over": "heads"} | ranking)
+            out.append(
+                entry
+                | {"compared_with": "exhaustive single-head ablation", "spearman_over": "heads"}
+                | ranking
+            )
             continue
-        rows = joint[(joint.method == method) & (joint.dataset == dataset) & (joint.timestep == t)].set_index("image")
-        if rows.empty:  # a run without the all-heads target: only the (mismatched) single-head ranking
+        rows = joint[
+            (joint.method == method) & (joint.dataset == dataset) & (joint.timestep == t)
+        ].set_index("image")
+        if (
+            rows.empty
+        ):  # a run without the all-heads target: only the (mismatched) single-head ranking
             out.append(entry | {"compared_with": None, "ranking_vs_single_head": ranking})
             continue
-        predicted = (100 * g.groupby("image").delta_mse.sum().reindex(rows.index) / rows.mse_clean).to_numpy()
+        predicted = (
+            100 * g.groupby("image").delta_mse.sum().reindex(rows.index) / rows.mse_clean
+        ).to_numpy()
         measured = rows.degradation_pct.to_numpy()
-        rho, low, high, n_ok = paired_spearman_ci(predicted, measured, n_resamples=_SPEARMAN_RESAMPLES, seed=seed)
-        out.append(entry | {"compared_with": "exhaustive all-heads ablation", "spearman_over": "images",
-                            "spearman": rho, "ci_low": low, "ci_high": high, "n_resamples": n_ok,
-                            "predicted_pct": _ci_entry(predicted, seed), "measured_pct": _ci_entry(measured, seed),
-                            "ranking_vs_single_head": ranking})
+        rho, low, high, n_ok = paired_spearman_ci(
+            predicted, measured, n_resamples=_SPEARMAN_RESAMPLES, seed=seed
+        )
+        out.append(
+            entry
+            | {
+                "compared_with": "exhaustive all-heads ablation",
+                "spearman_over": "images",
+                "spearman": rho,
+                "ci_low": low,
+                "ci_high": high,
+                "n_resamples": n_ok,
+                "predicted_pct": _ci_entry(predicted, seed),
+                "measured_pct": _ci_entry(measured, seed),
+                "ranking_vs_single_head": ranking,
+            }
+        )
     return out
 
 
@@ -281,8 +478,20 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict("records")]
 
 
-_RATIO_KEYS = ("timestep", "value", "ci_low", "ci_high", "ci_withheld", "p_value", "p_floor", "can_reject", "mde_ratio",
-               "underpowered", "n_a", "n_b")
+_RATIO_KEYS = (
+    "timestep",
+    "value",
+    "ci_low",
+    "ci_high",
+    "ci_withheld",
+    "p_value",
+    "p_floor",
+    "can_reject",
+    "mde_ratio",
+    "underpowered",
+    "n_a",
+    "n_b",
+)
 
 
 def _complexity(complexity: pd.DataFrame) -> tuple[dict, list[dict]]:
@@ -290,18 +499,33 @@ def _complexity(complexity: pd.DataFrame) -> tuple[dict, list[dict]]:
     rows = _records(complexity)
     primary = [r for r in rows if r["primary"]]
     chosen = primary or [r for r in rows if r["measure"] == rows[0]["measure"]]
-    headline = {"measure": chosen[0]["measure"], "stand_in_for": None if primary else PRIMARY_COMPLEXITY,
-                "paper_ratio": PAPER_COMPLEXITY_RATIO,
-                "per_timestep": [{k: r[k] for k in _RATIO_KEYS} for r in chosen if r["scope"] == "timestep"],
-                "pooled": next(({k: r[k] for k in _RATIO_KEYS if k != "timestep"} for r in chosen
-                                if r["scope"] == "pooled_over_timesteps"), None)}
+    headline = {
+        "measure": chosen[0]["measure"],
+        "stand_in_for": None if primary else PRIMARY_COMPLEXITY,
+        "paper_ratio": PAPER_COMPLEXITY_RATIO,
+        "per_timestep": [
+            {k: r[k] for k in _RATIO_KEYS} for r in chosen if r["scope"] == "timestep"
+        ],
+        "pooled": next(
+            (
+                {k: r[k] for k in _RATIO_KEYS if k != "timestep"}
+                for r in chosen
+                if r["scope"] == "pooled_over_timesteps"
+            ),
+            None,
+        ),
+    }
     if not primary:
-        headline["note"] = (f"{headline['measure']} stands in for {PRIMARY_COMPLEXITY}, which needs single-head "
-                            "ablations (not run); it is not the paper's measure")
+        headline["note"] = (
+            f"{headline['measure']} stands in for {PRIMARY_COMPLEXITY}, which needs single-head "
+            "ablations (not run); it is not the paper's measure"
+        )
     return headline, rows
 
 
-def _divergence(divergence: pd.DataFrame, heads: pd.DataFrame | None, top: int = 5) -> tuple[list[dict], list[dict]]:
+def _divergence(
+    divergence: pd.DataFrame, heads: pd.DataFrame | None, top: int = 5
+) -> tuple[list[dict], list[dict]]:
     """Per timestep: the divergence table's row; and the heads that differ most (q < 0.05), with their CIs."""
     rows = _records(divergence.sort_values("timestep"))
     if heads is None:
@@ -310,14 +534,34 @@ def _divergence(divergence: pd.DataFrame, heads: pd.DataFrame | None, top: int =
     for t, g in heads.groupby("timestep", sort=True):
         hits = g[g.differs]
         hits = hits.loc[hits.diff_nats.abs().nlargest(top).index]
-        out.append({"timestep": int(t), "n_heads": int(len(g)), "n_heads_differ": int(g.differs.sum()),
-                    "can_reject": bool(g.can_reject.all()),
-                    "largest": _records(hits[["layer", "head", "diff_nats", "ci_low_nats", "ci_high_nats", "diff_norm",
-                                              "q_value", "cohens_d"]])})
+        out.append(
+            {
+                "timestep": int(t),
+                "n_heads": int(len(g)),
+                "n_heads_differ": int(g.differs.sum()),
+                "can_reject": bool(g.can_reject.all()),
+                "largest": _records(
+                    hits[
+                        [
+                            "layer",
+                            "head",
+                            "diff_nats",
+                            "ci_low_nats",
+                            "ci_high_nats",
+                            "diff_norm",
+                            "q_value",
+                            "cohens_d",
+                        ]
+                    ]
+                ),
+            }
+        )
     return rows, out
 
 
-def _attach_family_q(headline: dict | None, divergence_rows: list[dict], tests: pd.DataFrame | None) -> None:
+def _attach_family_q(
+    headline: dict | None, divergence_rows: list[dict], tests: pd.DataFrame | None
+) -> None:
     """Give each headline ratio and mean-divergence row the p corrected within its family of the tests table
     (``q_value``, ``family``) and whether a lone effect in that family could reach q < 0.05 (``can_reject``)."""
     if tests is None or not len(tests):
@@ -346,8 +590,11 @@ def _tests(tests: pd.DataFrame) -> dict:
     for family, g in tests.groupby("family", sort=False):
         sides = g["alternative"] if "alternative" in g else pd.Series("two-sided", index=g.index)
         sig = g.p_corrected < 0.05
-        entry = {"n_tests": int(len(g)), "alternative": ",".join(sorted(sides.unique())),
-                 "significant_bh_0.05": int(sig.sum())}
+        entry = {
+            "n_tests": int(len(g)),
+            "alternative": ",".join(sorted(sides.unique())),
+            "significant_bh_0.05": int(sig.sum()),
+        }
         two = sig & (sides == "two-sided")
         if two.any() or (sides == "two-sided").all():
             entry["significant_increase"] = int((two & (g.statistic > 0)).sum())
@@ -355,19 +602,31 @@ def _tests(tests: pd.DataFrame) -> dict:
         if "can_reject" in g:
             entry["n_cannot_reject"] = int((~g.can_reject.astype(bool)).sum())
         families[family] = entry
-    return {"n_tests": int(len(tests)), "correction": "within each family (see the run's config: fdr_bh or holm)",
-            "counting": "one-sided families count only their tested direction (their p is one-sided); two-sided "
-                        "families also give significant increases and decreases separately",
-            "families": families}
+    return {
+        "n_tests": int(len(tests)),
+        "correction": "within each family (see the run's config: fdr_bh or holm)",
+        "counting": "one-sided families count only their tested direction (their p is one-sided); two-sided "
+        "families also give significant increases and decreases separately",
+        "families": families,
+    }
 
 
 def _seed_variance(table: pd.DataFrame) -> list[dict]:
     out = []
     for (quantity, dataset, t), g in table.groupby(["quantity", "dataset", "timestep"], sort=True):
         v = g.value.to_numpy()
-        out.append({"quantity": quantity, "dataset": dataset, "timestep": int(t), "seeds": [int(x) for x in g.seed],
-                    "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                    "min": float(v.min()), "max": float(v.max())})
+        out.append(
+            {
+                "quantity": quantity,
+                "dataset": dataset,
+                "timestep": int(t),
+                "seeds": [int(x) for x in g.seed],
+                "mean": float(v.mean()),
+                "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "min": float(v.min()),
+                "max": float(v.max()),
+            }
+        )
     return out
 
 
@@ -378,13 +637,33 @@ def _datasets(manifest: dict, table: pd.DataFrame | None) -> tuple[dict, list[di
     if table is None:
         return datasets, None
     for key in datasets:
-        datasets[key]["properties"] = {r["property"]: {"mean": r[f"mean_{key}"], "ci_low": r[f"ci_low_{key}"],
-                                                       "ci_high": r[f"ci_high_{key}"], "sd": r[f"sd_{key}"]}
-                                       for r in table.to_dict("records")}
-    fields = ("property", "definition", "difference", "cohens_d", "d_ci_low", "d_ci_high", "p_value", "p_floor",
-              "p_corrected", "differs", "n_a", "n_b")
-    differences = [{k: (None if isinstance(r[k], float) and r[k] != r[k] else r[k]) for k in fields}
-                   for r in table.to_dict("records")]
+        datasets[key]["properties"] = {
+            r["property"]: {
+                "mean": r[f"mean_{key}"],
+                "ci_low": r[f"ci_low_{key}"],
+                "ci_high": r[f"ci_high_{key}"],
+                "sd": r[f"sd_{key}"],
+            }
+            for r in table.to_dict("records")
+        }
+    fields = (
+        "property",
+        "definition",
+        "difference",
+        "cohens_d",
+        "d_ci_low",
+        "d_ci_high",
+        "p_value",
+        "p_floor",
+        "p_corrected",
+        "differs",
+        "n_a",
+        "n_b",
+    )
+    differences = [
+        {k: (None if isinstance(r[k], float) and r[k] != r[k] else r[k]) for k in fields}
+        for r in table.to_dict("records")
+    ]
     for d in differences:
         d["differs"], d["n_a"], d["n_b"] = bool(d["differs"]), int(d["n_a"]), int(d["n_b"])
     return datasets, differences
@@ -394,21 +673,55 @@ def _circuits(found: list[dict]) -> dict:
     """Per dataset and window: the gap test, the claim, and for claimed circuits their size (with the
     bootstrap range or interval), faithfulness, recovered_without_circuit, necessary heads and overlap;
     per window with two claimed circuits: their sizes at matched faithfulness and the ratio b/a."""
-    out = {"tau": None, "method": None, "metric": None, "ranking": None, "windows": [], "complexity": []}
+    out = {
+        "tau": None,
+        "method": None,
+        "metric": None,
+        "ranking": None,
+        "windows": [],
+        "complexity": [],
+    }
     for c in found:
         out["tau"], out["method"], out["ranking"] = c["tau"], c["method"], c.get("ranking")
         out["metric"] = c.get("metric", "eps")
-        entry = {k: c.get(k) for k in ("dataset", "window", "timesteps", "method", "claimed", "claim", "gap", "loss_full",
-                                       "loss_empty", "loss_circuit", "size", "size_range", "size_ci", "size_interval",
-                                       "resamples", "faithfulness", "recovered_without_circuit", "n_necessary",
-                                       "necessary", "topk_size")}
+        entry = {
+            k: c.get(k)
+            for k in (
+                "dataset",
+                "window",
+                "timesteps",
+                "method",
+                "claimed",
+                "claim",
+                "gap",
+                "loss_full",
+                "loss_empty",
+                "loss_circuit",
+                "size",
+                "size_range",
+                "size_ci",
+                "size_interval",
+                "resamples",
+                "faithfulness",
+                "recovered_without_circuit",
+                "n_necessary",
+                "necessary",
+                "topk_size",
+            )
+        }
         overlap = c.get("overlap_with_other", {})
-        entry["overlap_with_other"] = {k: v for k, v in overlap.items() if k in (
-            "jaccard", "range_low", "range_high", "ci_low", "ci_high", "resamples", "interval")}
+        entry["overlap_with_other"] = {
+            k: v
+            for k, v in overlap.items()
+            if k
+            in ("jaccard", "range_low", "range_high", "ci_low", "ci_high", "resamples", "interval")
+        }
         entry["unique"] = overlap.get("only_a" if c["dataset"] == "a" else "only_b", [])
         out["windows"].append(entry)
         if c["dataset"] == "a" and c.get("complexity"):
-            out["complexity"].append({"window": c["window"], "timesteps": c["timesteps"], **c["complexity"]})
+            out["complexity"].append(
+                {"window": c["window"], "timesteps": c["timesteps"], **c["complexity"]}
+            )
     return out
 
 
@@ -416,14 +729,19 @@ def _circuits(found: list[dict]) -> dict:
 PAPER_CLAIMS = {
     "complexity_ratio": "1.084 ± 0.008 (p < 0.001)",
     "divergence_range": "0.015 – 0.166",
-    "role_entropy_nats": {"edge": "3.18 ± 0.12", "texture": "4.16 ± 0.08 (≈ ln 64: uniform over 8×8)",
-                          "semantic": "2.67 ± 0.15"},
+    "role_entropy_nats": {
+        "edge": "3.18 ± 0.12",
+        "texture": "4.16 ± 0.08 (≈ ln 64: uniform over 8×8)",
+        "semantic": "2.67 ± 0.15",
+    },
     "degradation_range_pct": "25.6 – 128.3",
 }
 
 
-PAPER_DIVERGENCE_DEFINITION = ("unknown: the abstract gives the range without saying which quantity is compared, "
-                               "in which units, or how it is estimated")
+PAPER_DIVERGENCE_DEFINITION = (
+    "unknown: the abstract gives the range without saying which quantity is compared, "
+    "in which units, or how it is estimated"
+)
 
 
 def _range(rows: list[dict], key: str, keys: tuple[str, ...]) -> dict:
@@ -432,21 +750,33 @@ def _range(rows: list[dict], key: str, keys: tuple[str, ...]) -> dict:
     if not finite:
         return {}
     lo, hi = min(finite, key=lambda r: r[key]), max(finite, key=lambda r: r[key])
-    return {"low": {k: lo[k] for k in ("timestep", key, *keys)}, "high": {k: hi[k] for k in ("timestep", key, *keys)}}
+    return {
+        "low": {k: lo[k] for k in ("timestep", key, *keys)},
+        "high": {k: hi[k] for k in ("timestep", key, *keys)},
+    }
 
 
 def _paper_divergence(div: list[dict]) -> dict:
     return {
         "paper_definition": PAPER_DIVERGENCE_DEFINITION,
-        "entropy_difference_nats": {"measure": "mean over heads of the entropy difference b − a, nats (95 % CI over images)",
-                                    **_range(div, "entropy_diff_nats", ("ci_low_nats", "ci_high_nats", "ci_withheld",
-                                                                        "p_value", "can_reject"))},
-        "wasserstein_excess_nats": {"measure": "mean over heads of the Wasserstein-1 distance between the datasets' "
-                                               "entropy distributions, less its permutation-null mean, nats",
-                                    **_range(div, "wasserstein_excess_nats", ("wasserstein_p", "wasserstein_can_reject"))},
-        "legacy_jsd_bits_10bins": {"measure": "legacy: mean over heads of the JSD of 10-bin histograms, bits; saturates "
-                                              "and depends on the bins and n, not comparable",
-                                   **_range(div, "legacy_jsd_bits_10bins", ())},
+        "entropy_difference_nats": {
+            "measure": "mean over heads of the entropy difference b − a, nats (95 % CI over images)",
+            **_range(
+                div,
+                "entropy_diff_nats",
+                ("ci_low_nats", "ci_high_nats", "ci_withheld", "p_value", "can_reject"),
+            ),
+        },
+        "wasserstein_excess_nats": {
+            "measure": "mean over heads of the Wasserstein-1 distance between the datasets' "
+            "entropy distributions, less its permutation-null mean, nats",
+            **_range(div, "wasserstein_excess_nats", ("wasserstein_p", "wasserstein_can_reject")),
+        },
+        "legacy_jsd_bits_10bins": {
+            "measure": "legacy: mean over heads of the JSD of 10-bin histograms, bits; saturates "
+            "and depends on the bins and n, not comparable",
+            **_range(div, "legacy_jsd_bits_10bins", ()),
+        },
     }
 
 
@@ -460,48 +790,91 @@ def _paper_comparison(summary: dict) -> dict:
     ratio = summary.get("complexity_ratio")
     if ratio and not ratio["stand_in_for"]:
         out["complexity_ratio"] = {k: ratio[k] for k in ("measure", "paper_ratio", "pooled")}
-        out["complexity_ratio"]["per_timestep"] = [r for r in ratio["per_timestep"] if int(r["timestep"]) in both]
-        if out["excluded_timesteps"] and ratio["pooled"] is not None:  # the pool includes them: not comparable
+        out["complexity_ratio"]["per_timestep"] = [
+            r for r in ratio["per_timestep"] if int(r["timestep"]) in both
+        ]
+        if (
+            out["excluded_timesteps"] and ratio["pooled"] is not None
+        ):  # the pool includes them: not comparable
             out["complexity_ratio"]["pooled"] = None
-            out["complexity_ratio"]["pooled_withheld"] = ("pools the uninformative timesteps "
-                                                          + ", ".join(map(str, out["excluded_timesteps"])))
+            out["complexity_ratio"]["pooled_withheld"] = (
+                "pools the uninformative timesteps "
+                + ", ".join(map(str, out["excluded_timesteps"]))
+            )
     elif ratio:
-        out["complexity_ratio"] = {"withheld": ratio["note"] + "; no comparison with the paper's number"}
+        out["complexity_ratio"] = {
+            "withheld": ratio["note"] + "; no comparison with the paper's number"
+        }
     divergence = [r for r in summary["entropy_divergence"] if int(r["timestep"]) in both]
     if divergence:
         out["divergence_range"] = _paper_divergence(divergence)
     roles = {}
     for r in summary["roles"]:
-        if r["role"] in PAPER_CLAIMS["role_entropy_nats"] and (r["dataset"], int(r["timestep"])) in keep:
-            roles.setdefault(r["role"], []).append({"timestep": r["timestep"], "n_heads": r["n_heads"], **{
-                d: {"entropy_nats": v["entropy_nats"], "uniform_nats": v["uniform_nats"],
-                    "entropy_norm": v["entropy_norm"]["mean"]} for d, v in r["per_dataset"].items()}})
-    out["role_entropy_nats"] = {role: roles.get(role, []) for role in PAPER_CLAIMS["role_entropy_nats"]}
+        if (
+            r["role"] in PAPER_CLAIMS["role_entropy_nats"]
+            and (r["dataset"], int(r["timestep"])) in keep
+        ):
+            roles.setdefault(r["role"], []).append(
+                {
+                    "timestep": r["timestep"],
+                    "n_heads": r["n_heads"],
+                    **{
+                        d: {
+                            "entropy_nats": v["entropy_nats"],
+                            "uniform_nats": v["uniform_nats"],
+                            "entropy_norm": v["entropy_norm"]["mean"],
+                        }
+                        for d, v in r["per_dataset"].items()
+                    },
+                }
+            )
+    out["role_entropy_nats"] = {
+        role: roles.get(role, []) for role in PAPER_CLAIMS["role_entropy_nats"]
+    }
     ablation = summary.get("ablation")
     if ablation:
-        out["degradation_range_pct"] = ablation["degradation_range_pct"]  # informative timesteps only
+        out["degradation_range_pct"] = ablation[
+            "degradation_range_pct"
+        ]  # informative timesteps only
         out["degradation_range_excluded"] = ablation.get("excluded", [])
     return out
 
 
-def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, roles: pd.DataFrame,
-                  divergence: pd.DataFrame, ablations: pd.DataFrame | None = None,
-                  patching: pd.DataFrame | None = None, attribution: pd.DataFrame | None = None,
-                  complexity: pd.DataFrame | None = None, tests: pd.DataFrame | None = None,
-                  critical: pd.DataFrame | None = None, seed_variance: pd.DataFrame | None = None,
-                  circuits: list[dict] | None = None, datasets: pd.DataFrame | None = None,
-                  divergence_heads: pd.DataFrame | None = None) -> dict:
+def build_summary(
+    *,
+    manifest: dict,
+    heads: pd.DataFrame,
+    images: pd.DataFrame,
+    roles: pd.DataFrame,
+    divergence: pd.DataFrame,
+    ablations: pd.DataFrame | None = None,
+    patching: pd.DataFrame | None = None,
+    attribution: pd.DataFrame | None = None,
+    complexity: pd.DataFrame | None = None,
+    tests: pd.DataFrame | None = None,
+    critical: pd.DataFrame | None = None,
+    seed_variance: pd.DataFrame | None = None,
+    circuits: list[dict] | None = None,
+    datasets: pd.DataFrame | None = None,
+    divergence_heads: pd.DataFrame | None = None,
+) -> dict:
     """The headline of a run: what is known so far, with CIs."""
     seed = int(manifest["config"]["seed"])
     correction = manifest["config"].get("correction", "fdr_bh")
     denoising = _denoising(images, seed, correction)
     informative = frozenset((d["dataset"], d["timestep"]) for d in denoising if d["informative"])
-    done = {"ablation": ablations is not None, "patching": patching is not None,
-            "attribution": attribution is not None and ablations is not None,
-            "complexity_ratio": complexity is not None and bool(complexity.primary.any()),
-            "random_head_null": critical is not None, "seed_variance": seed_variance is not None,
-            "circuits": bool(circuits)}
-    headline, measures = _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
+    done = {
+        "ablation": ablations is not None,
+        "patching": patching is not None,
+        "attribution": attribution is not None and ablations is not None,
+        "complexity_ratio": complexity is not None and bool(complexity.primary.any()),
+        "random_head_null": critical is not None,
+        "seed_variance": seed_variance is not None,
+        "circuits": bool(circuits),
+    }
+    headline, measures = (
+        _complexity(complexity) if complexity is not None and len(complexity) else (None, [])
+    )
     divergence_rows, differing = _divergence(divergence, divergence_heads)
     _attach_family_q(headline, divergence_rows, tests)
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
@@ -511,11 +884,21 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "seed": seed,
         "datasets": described,
         "dataset_differences": differences,  # per image property: b − a, Cohen's d with CI, p, BH q (datasets.parquet)
-        "mean_reference": manifest["config"].get("mean_reference", "insample"),  # mean ablation's reference images
+        "mean_reference": manifest["config"].get(
+            "mean_reference", "insample"
+        ),  # mean ablation's reference images
         "timesteps": manifest["config"]["timesteps"],
         "denoising": denoising,
-        "uninformative": [{"dataset": d["dataset"], "timestep": d["timestep"], "ratio_to_trivial": d["ratio_to_trivial"],
-                           "p_corrected": d["p_corrected"]} for d in denoising if not d["informative"]],
+        "uninformative": [
+            {
+                "dataset": d["dataset"],
+                "timestep": d["timestep"],
+                "ratio_to_trivial": d["ratio_to_trivial"],
+                "p_corrected": d["p_corrected"],
+            }
+            for d in denoising
+            if not d["informative"]
+        ],
         "entropy": _entropy(heads, seed),
         "entropy_by_layer": _entropy_by_layer(heads),
         "roles": _roles(heads, roles, seed),
@@ -523,9 +906,13 @@ def build_summary(*, manifest: dict, heads: pd.DataFrame, images: pd.DataFrame, 
         "role_differences": _role_differences(roles),
         "entropy_divergence": divergence_rows,
         "entropy_difference_heads": differing,
-        "ablation": _ablation(ablations, critical, seed, informative) if ablations is not None else None,
+        "ablation": _ablation(ablations, critical, seed, informative)
+        if ablations is not None
+        else None,
         "patching": _patching(patching, manifest, seed) if patching is not None else None,
-        "attribution": _attribution(attribution, ablations, seed, informative) if done["attribution"] else None,
+        "attribution": _attribution(attribution, ablations, seed, informative)
+        if done["attribution"]
+        else None,
         "complexity_ratio": headline,
         "complexity_measures": measures,
         "tests": _tests(tests) if tests is not None else None,

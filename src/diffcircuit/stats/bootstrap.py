@@ -20,8 +20,14 @@ import numpy as np
 from diffcircuit.errors import ConfigError
 from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval, resampled_means
 
-__all__ = ["MIN_RESAMPLES_FOR_CI", "MIN_UNITS_FOR_CI", "column_mean_cis", "contains_estimate", "interval_withheld",
-           "mean_ci"]
+__all__ = [
+    "MIN_RESAMPLES_FOR_CI",
+    "MIN_UNITS_FOR_CI",
+    "column_mean_cis",
+    "contains_estimate",
+    "interval_withheld",
+    "mean_ci",
+]
 
 MIN_UNITS_FOR_CI = 5  # per set; at n = 5 a percentile interval of a mean already covers only ≈ 85 %
 MIN_RESAMPLES_FOR_CI = 200  # below this, 2.5 % / 97.5 % quantiles rest on a handful of resamples
@@ -44,7 +50,9 @@ def contains_estimate(estimate, low, high) -> np.ndarray:
     return (low <= est + tol) & (est - tol <= high)
 
 
-def mean_ci(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def mean_ci(
+    values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of ``values`` (one per image) with the percentile interval of its
     ``n_resamples`` bootstrap resamples (``stats.resampling``: scipy's draws for ``seed``).
 
@@ -71,12 +79,16 @@ def column_mean_cis(values, *, confidence: float = 0.95, n_resamples: int = 1000
     no spread, get a zero-width interval.
     """
     x = np.asarray(values, dtype=np.float64)
-    with warnings.catch_warnings():  # all-NaN columns (e.g. object probes without masks) are expected
+    with (
+        warnings.catch_warnings()
+    ):  # all-NaN columns (e.g. object probes without masks) are expected
         warnings.simplefilter("ignore", RuntimeWarning)
         mean, spread = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
     low, high = mean.copy(), mean.copy()
     varied = (np.isfinite(x).sum(0) >= 2) & (spread > 0)
     if varied.any():
         (counts,) = bootstrap_counts((x.shape[0],), n_resamples, seed)
-        low[varied], high[varied] = percentile_interval(resampled_means(counts, x[:, varied]), confidence)
+        low[varied], high[varied] = percentile_interval(
+            resampled_means(counts, x[:, varied]), confidence
+        )
     return mean, low, high

@@ -38,11 +38,23 @@ import numpy as np
 from scipy import stats
 
 from diffcircuit.stats.bootstrap import contains_estimate, interval_withheld
-from diffcircuit.stats.resampling import bootstrap_counts, percentile_interval, permutation_pvalue, relabellings
+from diffcircuit.stats.resampling import (
+    bootstrap_counts,
+    percentile_interval,
+    permutation_pvalue,
+    relabellings,
+)
 from diffcircuit.stats.tests import independent_p_floor
 
-__all__ = ["ColumnMeasure", "RatioResult", "heads_for_fraction", "mean_value", "minimal_detectable_ratio",
-           "participation_ratio", "ratio_test"]
+__all__ = [
+    "ColumnMeasure",
+    "RatioResult",
+    "heads_for_fraction",
+    "mean_value",
+    "minimal_detectable_ratio",
+    "participation_ratio",
+    "ratio_test",
+]
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,9 @@ class ColumnMeasure:
     def __call__(self, rows) -> float:
         rows = np.asarray(rows, dtype=np.float64)
         finite = np.isfinite(rows)
-        return float(self.of_sums(np.where(finite, rows, 0.0).sum(0), finite.sum(0).astype(np.float64)))
+        return float(
+            self.of_sums(np.where(finite, rows, 0.0).sum(0), finite.sum(0).astype(np.float64))
+        )
 
 
 def _effects(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -90,7 +104,9 @@ heads_for_fraction = ColumnMeasure("heads_for_fraction", _heads_for_90pct)  # th
 mean_value = ColumnMeasure("mean_value", _overall_mean)
 
 
-def minimal_detectable_ratio(se_log_ratio: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+def minimal_detectable_ratio(
+    se_log_ratio: float, *, alpha: float = 0.05, power: float = 0.8
+) -> float:
     """exp((z_{1−α/2} + z_power) · se): the ratio a two-sided level-α test of log r = 0 with standard
     error ``se_log_ratio`` detects with probability ``power`` (normal approximation)."""
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
@@ -125,8 +141,12 @@ def _weighted(measure: ColumnMeasure, weights: np.ndarray, rows: np.ndarray) -> 
     column sums ``weights @ rows`` (NaN as 0) and finite counts ``weights @ mask`` (row sums when all finite)."""
     finite = np.isfinite(rows)
     if finite.all():
-        return measure.of_sums(weights @ rows, np.broadcast_to(weights.sum(1)[:, None], (len(weights), rows.shape[1])))
-    return measure.of_sums(weights @ np.where(finite, rows, 0.0), weights @ finite.astype(np.float64))
+        return measure.of_sums(
+            weights @ rows, np.broadcast_to(weights.sum(1)[:, None], (len(weights), rows.shape[1]))
+        )
+    return measure.of_sums(
+        weights @ np.where(finite, rows, 0.0), weights @ finite.astype(np.float64)
+    )
 
 
 def _log_ratios(measure: ColumnMeasure, weights_a, rows_a, weights_b, rows_b) -> np.ndarray:
@@ -137,17 +157,29 @@ def _log_ratios(measure: ColumnMeasure, weights_a, rows_a, weights_b, rows_b) ->
         return np.where((va > 0) & (vb > 0), np.log(vb / va), np.nan)
 
 
-def _bootstrap(a, b, measure, ratio, n_boot, confidence, seed) -> tuple[float, float, float, str | None]:
+def _bootstrap(
+    a, b, measure, ratio, n_boot, confidence, seed
+) -> tuple[float, float, float, str | None]:
     """Percentile interval of the ratio over ``n_boot`` resamples of the images within each set (bootstrap
     counts, a's drawn first), and the SD of log ratio."""
     counts_a, counts_b = bootstrap_counts((len(a), len(b)), n_boot, seed)
     boot = _log_ratios(measure, counts_a, a, counts_b, b)
     if not np.isfinite(boot).all():
-        return np.nan, np.nan, np.nan, f"ratio undefined in {int((~np.isfinite(boot)).sum())} of {n_boot} resamples"
+        return (
+            np.nan,
+            np.nan,
+            np.nan,
+            f"ratio undefined in {int((~np.isfinite(boot)).sum())} of {n_boot} resamples",
+        )
     low, high = np.exp(percentile_interval(boot, confidence))
     se = float(boot.std(ddof=1))
     if not contains_estimate(ratio, low, high):
-        return np.nan, np.nan, se, "bootstrap interval excludes the estimate (statistic biased at this n)"
+        return (
+            np.nan,
+            np.nan,
+            se,
+            "bootstrap interval excludes the estimate (statistic biased at this n)",
+        )
     return float(low), float(high), se, None
 
 
@@ -158,18 +190,33 @@ def _permutation(a, b, measure, n_perm, seed) -> tuple[float, int]:
     extreme as the observed ratio (+inf): conservative, where NaN would silently count as less extreme."""
     is_a, exact = relabellings(len(a), len(b), n_perm, seed)
     pooled = np.concatenate([a, b])
-    extreme = np.abs(_log_ratios(measure, is_a.astype(np.float64), pooled, (~is_a).astype(np.float64), pooled))
+    extreme = np.abs(
+        _log_ratios(measure, is_a.astype(np.float64), pooled, (~is_a).astype(np.float64), pooled)
+    )
     observed = np.abs(_log_ratios(measure, np.ones((1, len(a))), a, np.ones((1, len(b))), b))[0]
-    return float(permutation_pvalue(np.where(np.isnan(extreme), np.inf, extreme), observed, "greater", exact)), len(is_a)
+    return float(
+        permutation_pvalue(np.where(np.isnan(extreme), np.inf, extreme), observed, "greater", exact)
+    ), len(is_a)
 
 
-def ratio_test(a: np.ndarray, b: np.ndarray, measure: ColumnMeasure, *, n_boot: int = 1000, n_perm: int = 1000,
-               confidence: float = 0.95, alpha: float = 0.05, seed: int = 0) -> RatioResult:
+def ratio_test(
+    a: np.ndarray,
+    b: np.ndarray,
+    measure: ColumnMeasure,
+    *,
+    n_boot: int = 1000,
+    n_perm: int = 1000,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> RatioResult:
     """measure(b) / measure(a) with a bootstrap CI over images (percentile interval of ``n_boot`` resamples,
     draws of ``seed``), a label-permutation p (``n_perm`` relabellings, draws of ``seed + 1``) and its power."""
     if not isinstance(measure, ColumnMeasure):
-        raise TypeError("ratio_test needs a ColumnMeasure (a measure of the columns' sums and counts), "
-                        f"not {type(measure).__name__}")
+        raise TypeError(
+            "ratio_test needs a ColumnMeasure (a measure of the columns' sums and counts), "
+            f"not {type(measure).__name__}"
+        )
     a, b = np.asarray(a, float), np.asarray(b, float)
     va, vb = measure(a), measure(b)
     ratio = vb / va if va > 0 and vb > 0 else float("nan")
@@ -177,10 +224,25 @@ def ratio_test(a: np.ndarray, b: np.ndarray, measure: ColumnMeasure, *, n_boot: 
     low = high = se = float("nan")
     if withheld is None and np.isfinite(ratio):
         low, high, se, withheld = _bootstrap(a, b, measure, ratio, n_boot, confidence, seed)
-    p, drawn = _permutation(a, b, measure, n_perm, seed + 1) if np.isfinite(ratio) else (float("nan"), 0)
+    p, drawn = (
+        _permutation(a, b, measure, n_perm, seed + 1) if np.isfinite(ratio) else (float("nan"), 0)
+    )
     floor = independent_p_floor(len(a), len(b), n_perm, two_sided=False, swap_ties=True)
-    return RatioResult(value_a=va, value_b=vb, value=float(ratio), ci_low=low, ci_high=high,
-                       ci_withheld=withheld if np.isfinite(ratio) else "ratio undefined", se_log_ratio=se,
-                       mde_ratio=minimal_detectable_ratio(se, alpha=alpha) if np.isfinite(se) else float("nan"),
-                       p_value=p, p_floor=floor, can_reject=bool(floor < alpha), n_permutations=drawn,
-                       exact=math.comb(len(a) + len(b), len(a)) <= n_perm, n_resamples=n_boot, n_a=len(a), n_b=len(b))
+    return RatioResult(
+        value_a=va,
+        value_b=vb,
+        value=float(ratio),
+        ci_low=low,
+        ci_high=high,
+        ci_withheld=withheld if np.isfinite(ratio) else "ratio undefined",
+        se_log_ratio=se,
+        mde_ratio=minimal_detectable_ratio(se, alpha=alpha) if np.isfinite(se) else float("nan"),
+        p_value=p,
+        p_floor=floor,
+        can_reject=bool(floor < alpha),
+        n_permutations=drawn,
+        exact=math.comb(len(a) + len(b), len(a)) <= n_perm,
+        n_resamples=n_boot,
+        n_a=len(a),
+        n_b=len(b),
+    )

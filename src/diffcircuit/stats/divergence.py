@@ -24,23 +24,37 @@ per head, at one timestep.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from diffcircuit.stats.bootstrap import interval_withheld
-from diffcircuit.stats.resampling import (bootstrap_counts, percentile_interval, permutation_pvalue,
-                                          relabelled_mean_differences, relabellings)
+from diffcircuit.stats.resampling import (
+    bootstrap_counts,
+    percentile_interval,
+    permutation_pvalue,
+    relabelled_mean_differences,
+    relabellings,
+)
 from diffcircuit.stats.tests import correct_pvalues, independent_p_floor
 
-__all__ = ["MeanDifference", "WassersteinResult", "greater_p", "head_jsd", "mean_difference_test",
-           "mean_difference_tests", "null_critical", "wasserstein_per_head", "wasserstein_test"]
+__all__ = [
+    "MeanDifference",
+    "WassersteinResult",
+    "greater_p",
+    "head_jsd",
+    "mean_difference_test",
+    "mean_difference_tests",
+    "null_critical",
+    "wasserstein_per_head",
+    "wasserstein_test",
+]
 
 _TILE = 1 << 16  # heads x permutations per step of the Wasserstein null (fits in cache)
 
 
 # --- legacy: JSD of 10-bin histograms ---------------------------------------------------------
+
 
 def _bin_indices(a: np.ndarray, b: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-head bin index of every value: a [n_a, H], b [n_b, H] -> same shapes, ints in [0, bins)."""
@@ -71,7 +85,10 @@ def head_jsd(a: np.ndarray, b: np.ndarray, *, bins: int = 10) -> np.ndarray:
 
 # --- permutation p and its critical value -----------------------------------------------------
 
-def greater_p(null: np.ndarray, observed, *, exact: bool, eps: float = float(np.finfo(float).eps)) -> np.ndarray:
+
+def greater_p(
+    null: np.ndarray, observed, *, exact: bool, eps: float = float(np.finfo(float).eps)
+) -> np.ndarray:
     """One-sided p of ``observed`` against ``null`` [R, ...], by ``scipy.stats.permutation_test``'s rule:
     #{null ≥ observed}/R when the null enumerates every split (``exact``), else (count + 1)/(R + 1); values
     within a relative 100·``eps`` (the precision of the null) tie."""
@@ -93,6 +110,7 @@ def null_critical(null: np.ndarray, *, alpha: float, exact: bool) -> np.ndarray:
 
 # --- the mean difference ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True, kw_only=True)
 class MeanDifference:
     """Per column (arrays [H]) or for the mean over columns (0-d arrays): b − a with CI and p."""
@@ -102,7 +120,9 @@ class MeanDifference:
     difference: np.ndarray  # mean_b − mean_a
     ci_low: np.ndarray  # percentile bootstrap; NaN where withheld
     ci_high: np.ndarray
-    ci_withheld: str | None  # why the interval is not given (too few images or resamples), else None
+    ci_withheld: (
+        str | None
+    )  # why the interval is not given (too few images or resamples), else None
     p_value: np.ndarray  # two-sided label permutation
     q_value: np.ndarray  # Benjamini–Hochberg over the columns (equals p for one column)
     p_floor: float  # the smallest p this test can give at this n and number of permutations
@@ -123,12 +143,24 @@ def _bootstrap_diff(a, b, *, confidence, n_resamples, seed):
     return np.where(constant, diff, low), np.where(constant, diff, high)
 
 
-def mean_difference_tests(a, b, widths, *, confidence: float = 0.95, alpha: float = 0.05, n_resamples: int = 2000,
-                          n_permutations: int = 9999, seed: int = 0) -> list[MeanDifference]:
+def mean_difference_tests(
+    a,
+    b,
+    widths,
+    *,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+    n_resamples: int = 2000,
+    n_permutations: int = 9999,
+    seed: int = 0,
+) -> list[MeanDifference]:
     """``mean_difference_test`` of consecutive blocks of columns (of ``widths``) of a [n_a, H] and b [n_b, H],
     on shared draws: one bootstrap and one permutation matrix product for every column. BH and
     ``can_reject`` are per block."""
-    a, b = np.atleast_2d(np.asarray(a, float).T).T, np.atleast_2d(np.asarray(b, float).T).T  # 1-D -> one column
+    a, b = (
+        np.atleast_2d(np.asarray(a, float).T).T,
+        np.atleast_2d(np.asarray(b, float).T).T,
+    )  # 1-D -> one column
     n_a, n_b = len(a), len(b)
     withheld = interval_withheld((n_a, n_b), n_resamples)
     if withheld is None:
@@ -140,23 +172,55 @@ def mean_difference_tests(a, b, widths, *, confidence: float = 0.95, alpha: floa
     p = np.minimum(permutation_pvalue(null, null[0] if exact else diff, "two-sided", exact), 1.0)
     floor = independent_p_floor(n_a, n_b, n_permutations, two_sided=True)
     edges = np.cumsum([0, *widths])
-    return [MeanDifference(mean_a=a.mean(0)[s], mean_b=b.mean(0)[s], difference=diff[s], ci_low=low[s],
-                           ci_high=high[s], ci_withheld=withheld, p_value=p[s], q_value=correct_pvalues(p[s]),
-                           p_floor=floor, can_reject=bool((s.stop - s.start) * floor < alpha), n_a=n_a, n_b=n_b,
-                           n_resamples=n_resamples, n_permutations=len(null), exact=exact)
-            for s in (slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]))]
+    return [
+        MeanDifference(
+            mean_a=a.mean(0)[s],
+            mean_b=b.mean(0)[s],
+            difference=diff[s],
+            ci_low=low[s],
+            ci_high=high[s],
+            ci_withheld=withheld,
+            p_value=p[s],
+            q_value=correct_pvalues(p[s]),
+            p_floor=floor,
+            can_reject=bool((s.stop - s.start) * floor < alpha),
+            n_a=n_a,
+            n_b=n_b,
+            n_resamples=n_resamples,
+            n_permutations=len(null),
+            exact=exact,
+        )
+        for s in (slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]))
+    ]
 
 
-def mean_difference_test(a, b, *, confidence: float = 0.95, alpha: float = 0.05, n_resamples: int = 2000,
-                         n_permutations: int = 9999, seed: int = 0) -> MeanDifference:
+def mean_difference_test(
+    a,
+    b,
+    *,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+    n_resamples: int = 2000,
+    n_permutations: int = 9999,
+    seed: int = 0,
+) -> MeanDifference:
     """Per column of a [n_a, H] and b [n_b, H]: mean b − mean a, the percentile interval of ``n_resamples``
     bootstrap resamples (images resampled within each set), two-sided label-permutation p, BH q."""
     a = np.atleast_2d(np.asarray(a, float).T).T
-    return mean_difference_tests(a, b, [a.shape[1]], confidence=confidence, alpha=alpha, n_resamples=n_resamples,
-                                 n_permutations=n_permutations, seed=seed)[0]
+    return mean_difference_tests(
+        a,
+        b,
+        [a.shape[1]],
+        confidence=confidence,
+        alpha=alpha,
+        n_resamples=n_resamples,
+        n_permutations=n_permutations,
+        seed=seed,
+    )[0]
 
 
 # --- Wasserstein-1 with its permutation null --------------------------------------------------
+
 
 def wasserstein_per_head(a, b) -> np.ndarray:
     """W1 between the columns of a [n_a, H] and b [n_b, H] -> [H] (``scipy.stats.wasserstein_distance``)."""
@@ -181,7 +245,9 @@ class _Wasserstein:
     def observed(self) -> np.ndarray:
         """W1 [H] of the given labelling (a's images first), in float64."""
         n = self.n_a + self.n_b
-        c = np.cumsum(self.order >= self.n_a, axis=0)[:-1]  # [N-1, H]: b images among the k smallest
+        c = np.cumsum(self.order >= self.n_a, axis=0)[
+            :-1
+        ]  # [N-1, H]: b images among the k smallest
         k = np.arange(1, n)[:, None]
         return (np.abs(n * c - self.n_b * k) * self.gaps).sum(0) / (self.n_a * self.n_b)
 
@@ -194,7 +260,7 @@ class _Wasserstein:
         out = np.empty((len(is_a), h))
         step = max(1, _TILE // h)
         for lo in range(0, len(is_a), step):
-            is_b = np.ascontiguousarray(~is_a[lo:lo + step].T, dtype=count)  # [N, r]
+            is_b = np.ascontiguousarray(~is_a[lo : lo + step].T, dtype=count)  # [N, r]
             c, acc = np.zeros((h, is_b.shape[1]), count), np.zeros((h, is_b.shape[1]), dtype)
             term = np.empty_like(acc)
             for k in range(n - 1):
@@ -204,7 +270,7 @@ class _Wasserstein:
                 np.abs(term, out=term)
                 term *= gaps[k]
                 acc += term
-            out[lo:lo + step] = acc.T
+            out[lo : lo + step] = acc.T
         return out / (self.n_a * self.n_b)
 
 
@@ -228,7 +294,9 @@ class WassersteinResult:
     exact: bool
 
 
-def wasserstein_test(a, b, *, alpha: float = 0.05, n_permutations: int = 1999, seed: int = 0) -> WassersteinResult:
+def wasserstein_test(
+    a, b, *, alpha: float = 0.05, n_permutations: int = 1999, seed: int = 0
+) -> WassersteinResult:
     """W1 per head and its mean over heads against the label-permutation null (the same relabellings of the
     images for all heads, scipy's draws for ``seed``). When the relabellings are drawn, the null is summed in
     float32 (relative error ~1e-6, far below its Monte Carlo error; ties within 100 float32 eps, the observed
@@ -240,15 +308,30 @@ def wasserstein_test(a, b, *, alpha: float = 0.05, n_permutations: int = 1999, s
     is_a, exact = relabellings(n_a, n_b, n_permutations, seed)
     dtype = np.float64 if exact else np.float32
     null = w.null(is_a, dtype)  # [R', H]
-    tested = null[0] if exact else w.null(np.arange(n_a + n_b)[None, :] < n_a, dtype)[0]  # the observed, as the null
+    tested = (
+        null[0] if exact else w.null(np.arange(n_a + n_b)[None, :] < n_a, dtype)[0]
+    )  # the observed, as the null
     eps = float(np.finfo(dtype).eps)
-    observed, null_mean = w.observed(), null.mean(1)  # null_mean: the mean over heads, per permutation
+    observed, null_mean = (
+        w.observed(),
+        null.mean(1),
+    )  # null_mean: the mean over heads, per permutation
     value = float(observed.mean())
     floor = independent_p_floor(n_a, n_b, n_permutations, two_sided=False, swap_ties=True)
     p_heads = np.minimum(greater_p(null, tested, exact=exact, eps=eps), 1.0)
     return WassersteinResult(
-        per_head=observed, per_head_null_mean=null.mean(0), per_head_p=p_heads, per_head_q=correct_pvalues(p_heads),
-        value=value, null_mean=float(null_mean.mean()), excess=value - float(null_mean.mean()),
+        per_head=observed,
+        per_head_null_mean=null.mean(0),
+        per_head_p=p_heads,
+        per_head_q=correct_pvalues(p_heads),
+        value=value,
+        null_mean=float(null_mean.mean()),
+        excess=value - float(null_mean.mean()),
         null_critical=float(null_critical(null_mean, alpha=alpha, exact=exact)),
-        p_value=float(greater_p(null_mean, tested.mean(), exact=exact, eps=eps)), p_floor=floor,
-        can_reject=bool(floor < alpha), heads_can_reject=bool(h * floor < alpha), n_permutations=len(null), exact=exact)
+        p_value=float(greater_p(null_mean, tested.mean(), exact=exact, eps=eps)),
+        p_floor=floor,
+        can_reject=bool(floor < alpha),
+        heads_can_reject=bool(h * floor < alpha),
+        n_permutations=len(null),
+        exact=exact,
+    )

@@ -21,8 +21,13 @@ import numpy as np
 __all__ = ["permutation_excess", "permutation_p"]
 
 
-def permutation_excess(scores: np.ndarray, n_permutations: int, rng: np.random.Generator,
-                       *, max_elements: int = 1 << 24) -> np.ndarray:
+def permutation_excess(
+    scores: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    *,
+    max_elements: int = 1 << 24,
+) -> np.ndarray:
     """``[R, units]``: T_π − T for R random permutations π of the images (the same π for every unit).
 
     ``scores`` ``[units, n, n]``, finite. Units sharing the images share the permutations, which is what a
@@ -31,14 +36,16 @@ def permutation_excess(scores: np.ndarray, n_permutations: int, rng: np.random.G
     scores = np.asarray(scores, dtype=np.float64)
     units, n, _ = scores.shape
     observed = np.trace(scores, axis1=1, axis2=2)  # [units]
-    perms = np.argsort(rng.random((n_permutations, n)), axis=1)  # [R, n]: uniform random permutations
+    perms = np.argsort(
+        rng.random((n_permutations, n)), axis=1
+    )  # [R, n]: uniform random permutations
     flat = scores.reshape(units, n * n)
     rows = np.arange(n) * n
     step = max(1, max_elements // max(1, units * n))
     out = np.empty((n_permutations, units))
     for lo in range(0, n_permutations, step):
-        index = rows + perms[lo:lo + step]  # [r, n]: flat positions of (i, π(i))
-        out[lo:lo + step] = flat[:, index].sum(-1).T - observed
+        index = rows + perms[lo : lo + step]  # [r, n]: flat positions of (i, π(i))
+        out[lo : lo + step] = flat[:, index].sum(-1).T - observed
     return out
 
 

@@ -31,8 +31,16 @@ from itertools import combinations, product
 import numpy as np
 from scipy import stats
 
-__all__ = ["bootstrap_counts", "percentile_interval", "permutation_pvalue", "relabelled_mean_differences",
-           "relabellings", "resampled_means", "sign_flipped_means", "sign_flips"]
+__all__ = [
+    "bootstrap_counts",
+    "percentile_interval",
+    "permutation_pvalue",
+    "relabelled_mean_differences",
+    "relabellings",
+    "resampled_means",
+    "sign_flipped_means",
+    "sign_flips",
+]
 
 _CHUNK = 1024  # permutations per block when a null is built by matrix products
 _EPS = float(np.finfo(np.float64).eps)
@@ -52,7 +60,13 @@ def bootstrap_counts(sizes: tuple[int, ...], n_resamples: int, seed: int) -> tup
     for n in sizes:
         idx = rng.integers(0, n, (n_resamples, n))  # [R, n] drawn units
         flat = (idx + n * np.arange(n_resamples)[:, None]).ravel()
-        out.append(_read_only(np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)))
+        out.append(
+            _read_only(
+                np.bincount(flat, minlength=n_resamples * n)
+                .reshape(n_resamples, n)
+                .astype(np.float64)
+            )
+        )
     return tuple(out)
 
 
@@ -71,7 +85,11 @@ def percentile_interval(boot: np.ndarray, confidence: float) -> tuple[np.ndarray
     """The percentile interval of resamples ``boot`` ``[R, ...]``: its (1 − c)/2 and (1 + c)/2 quantiles
     (``scipy.stats.quantile``, linear interpolation, as ``scipy.stats.bootstrap``; ±inf resamples stay ±inf)."""
     alpha = (1 - confidence) / 2
-    ci = stats.quantile(np.moveaxis(np.asarray(boot, dtype=np.float64), 0, -1), np.array([alpha, 1 - alpha]), axis=-1)
+    ci = stats.quantile(
+        np.moveaxis(np.asarray(boot, dtype=np.float64), 0, -1),
+        np.array([alpha, 1 - alpha]),
+        axis=-1,
+    )
     return ci[..., 0], ci[..., 1]
 
 
@@ -88,8 +106,10 @@ def relabellings(n_a: int, n_b: int, n_permutations: int, seed: int) -> tuple[np
     rng = np.random.default_rng(seed)
     is_a = np.zeros((n_permutations, n), bool)
     for lo in range(0, n_permutations, _CHUNK):
-        perms = np.stack([rng.permutation(n) for _ in range(min(_CHUNK, n_permutations - lo))])  # [r, n]
-        np.put_along_axis(is_a[lo:lo + len(perms)], perms[:, :n_a], True, axis=1)
+        perms = np.stack(
+            [rng.permutation(n) for _ in range(min(_CHUNK, n_permutations - lo))]
+        )  # [r, n]
+        np.put_along_axis(is_a[lo : lo + len(perms)], perms[:, :n_a], True, axis=1)
     return _read_only(is_a), False
 
 
@@ -98,21 +118,29 @@ def sign_flips(n: int, n_permutations: int, seed: int) -> tuple[np.ndarray, bool
     """``(signs [R', n] of ±1 (int8), exact)``: which pairs each rearrangement swaps (−1); every pattern when 2ⁿ fits
     in ``n_permutations`` (``exact``), else R draws as ``permutation_test(permutation_type="samples")``."""
     if 2**n <= n_permutations:
-        return _read_only(np.array(list(product((1, -1), repeat=n)), dtype=np.int8).reshape(-1, n)), True
+        return _read_only(
+            np.array(list(product((1, -1), repeat=n)), dtype=np.int8).reshape(-1, n)
+        ), True
     rng = np.random.default_rng(seed)
-    pairs = np.tile(np.arange(2), (n_permutations, n, 1))  # scipy permutes each pair's two positions
-    return _read_only(np.where(rng.permuted(pairs, axis=-1)[..., 0] == 1, -1, 1).astype(np.int8)), False
+    pairs = np.tile(
+        np.arange(2), (n_permutations, n, 1)
+    )  # scipy permutes each pair's two positions
+    return _read_only(
+        np.where(rng.permuted(pairs, axis=-1)[..., 0] == 1, -1, 1).astype(np.int8)
+    ), False
 
 
 def _times(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``rows`` ``[R, n]`` (0/1 or ±1, stored small) @ ``x`` ``[n, k]`` in float64, a block of rows at a time."""
     out = np.empty((len(rows), x.shape[1]))
     for lo in range(0, len(rows), _CHUNK):
-        out[lo:lo + _CHUNK] = rows[lo:lo + _CHUNK].astype(np.float64) @ x
+        out[lo : lo + _CHUNK] = rows[lo : lo + _CHUNK].astype(np.float64) @ x
     return out
 
 
-def relabelled_mean_differences(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> tuple[np.ndarray, bool]:
+def relabelled_mean_differences(
+    a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int
+) -> tuple[np.ndarray, bool]:
     """``(null [R', k], exact)``: mean of b − mean of a, per column of ``a`` ``[n_a, k]`` and ``b`` ``[n_b, k]``,
     under each relabelling of the pooled units (``relabellings``; when exact, the first is the observed split):
     one matrix product for all of them, on values centred per column (a difference does not depend on a shift)."""
@@ -132,7 +160,9 @@ def sign_flipped_means(diff: np.ndarray, n_permutations: int, seed: int) -> tupl
     return _times(signs, diff) / len(diff), exact
 
 
-def permutation_pvalue(null: np.ndarray, observed, alternative: str, exact: bool, *, eps: float = _EPS) -> np.ndarray:
+def permutation_pvalue(
+    null: np.ndarray, observed, alternative: str, exact: bool, *, eps: float = _EPS
+) -> np.ndarray:
     """p of ``observed`` ``[...]`` against ``null`` ``[R, ...]`` by ``scipy.stats.permutation_test``'s rule; ties
     within a relative 100·``eps`` (the precision the null was computed in) count as ≥ (≤)."""
     observed = np.asarray(observed, dtype=np.float64)
@@ -146,4 +176,6 @@ def permutation_pvalue(null: np.ndarray, observed, alternative: str, exact: bool
         return share(null >= observed - gamma)
     if alternative == "less":
         return share(null <= observed + gamma)
-    return np.minimum(1.0, 2 * np.minimum(share(null >= observed - gamma), share(null <= observed + gamma)))
+    return np.minimum(
+        1.0, 2 * np.minimum(share(null >= observed - gamma), share(null <= observed + gamma))
+    )

@@ -25,8 +25,13 @@ import numpy as np
 from scipy import stats
 
 from diffcircuit.errors import ConfigError
-from diffcircuit.stats.resampling import (bootstrap_counts, percentile_interval, permutation_pvalue,
-                                          relabelled_mean_differences, sign_flipped_means)
+from diffcircuit.stats.resampling import (
+    bootstrap_counts,
+    percentile_interval,
+    permutation_pvalue,
+    relabelled_mean_differences,
+    sign_flipped_means,
+)
 
 __all__ = [
     "ALTERNATIVES",
@@ -56,7 +61,9 @@ class TestResult:
     test: str
     statistic: float  # the observed statistic (difference of means)
     p_value: float
-    p_floor: float  # the smallest p-value this test could report (two-sided: twice the one-sided floor)
+    p_floor: (
+        float  # the smallest p-value this test could report (two-sided: twice the one-sided floor)
+    )
     effect_size: float
     effect_size_kind: str
     n_a: int
@@ -71,7 +78,9 @@ class TestResult:
 def cohens_d(a, b) -> float:
     """(mean a − mean b) / pooled SD (ddof = 1)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
-    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    pooled = np.sqrt(
+        ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
+    )
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
@@ -82,7 +91,9 @@ def cliffs_delta(a, b) -> float:
     return float(2 * u / (len(a) * len(b)) - 1)
 
 
-def independent_p_floor(n_a: int, n_b: int, n_resamples: int, *, two_sided: bool, swap_ties: bool = False) -> float:
+def independent_p_floor(
+    n_a: int, n_b: int, n_resamples: int, *, two_sided: bool, swap_ties: bool = False
+) -> float:
     """The smallest p a label-permutation test of two independent sets can give (scipy's conventions).
 
     Exact (every one of the C(n_a + n_b, n_a) splits enumerated, when they fit in ``n_resamples``):
@@ -119,7 +130,9 @@ def _columns(x) -> np.ndarray:
 def _cohens_d_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``cohens_d`` of every column pair of ``a`` ``[n_a, k]`` and ``b`` ``[n_b, k]``."""
     n_a, n_b = len(a), len(b)
-    pooled = np.sqrt(((n_a - 1) * a.var(0, ddof=1) + (n_b - 1) * b.var(0, ddof=1)) / (n_a + n_b - 2))
+    pooled = np.sqrt(
+        ((n_a - 1) * a.var(0, ddof=1) + (n_b - 1) * b.var(0, ddof=1)) / (n_a + n_b - 2)
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pooled > 0, (a.mean(0) - b.mean(0)) / pooled, np.nan)
 
@@ -131,7 +144,9 @@ def _dz_columns(diff: np.ndarray) -> np.ndarray:
         return np.where(sd > 0, diff.mean(0) / sd, np.nan)
 
 
-def two_sample_tests(a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> list[TestResult]:
+def two_sample_tests(
+    a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0
+) -> list[TestResult]:
     """``two_sample_test`` of every column of ``a`` ``[n_a, k]`` against the same column of ``b`` ``[n_b, k]``,
     all on the same relabellings of the units (one matrix product)."""
     _check_alternative(alternative)
@@ -141,18 +156,39 @@ def two_sample_tests(a, b, *, alternative: str = "two-sided", n_resamples: int =
     observed = a.mean(0) - b.mean(0)
     p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
     floor, d = _floor(len(null), exact, alternative), _cohens_d_columns(a, b)
-    return [TestResult(test="permutation (independent)", statistic=float(observed[j]), p_value=float(p[j]),
-                       p_floor=floor, effect_size=float(d[j]), effect_size_kind="cohens_d", n_a=len(a), n_b=len(b),
-                       n_resamples=len(null), alternative=alternative) for j in range(a.shape[1])]
+    return [
+        TestResult(
+            test="permutation (independent)",
+            statistic=float(observed[j]),
+            p_value=float(p[j]),
+            p_floor=floor,
+            effect_size=float(d[j]),
+            effect_size_kind="cohens_d",
+            n_a=len(a),
+            n_b=len(b),
+            n_resamples=len(null),
+            alternative=alternative,
+        )
+        for j in range(a.shape[1])
+    ]
 
 
-def two_sample_test(a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> TestResult:
+def two_sample_test(
+    a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0
+) -> TestResult:
     """Permutation test of a difference in means between independent samples (labels shuffled over units)."""
-    return two_sample_tests(np.asarray(a, float)[:, None], np.asarray(b, float)[:, None], alternative=alternative,
-                            n_resamples=n_resamples, seed=seed)[0]
+    return two_sample_tests(
+        np.asarray(a, float)[:, None],
+        np.asarray(b, float)[:, None],
+        alternative=alternative,
+        n_resamples=n_resamples,
+        seed=seed,
+    )[0]
 
 
-def paired_tests(after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> list[TestResult]:
+def paired_tests(
+    after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0
+) -> list[TestResult]:
     """``paired_test`` of every column of ``after`` ``[n, k]`` against ``before`` ``[n, k]``, all on the same sign
     flips (one matrix product)."""
     _check_alternative(alternative)
@@ -161,16 +197,35 @@ def paired_tests(after, before, *, alternative: str = "two-sided", n_resamples: 
     observed = diff.mean(0)
     p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
     floor, dz = _floor(len(null), exact, alternative), _dz_columns(diff)
-    return [TestResult(test="permutation (paired sign-flip)", statistic=float(observed[j]), p_value=float(p[j]),
-                       p_floor=floor, effect_size=float(dz[j]), effect_size_kind="cohens_dz", n_a=len(diff),
-                       n_b=len(diff), n_resamples=len(null), alternative=alternative) for j in range(diff.shape[1])]
+    return [
+        TestResult(
+            test="permutation (paired sign-flip)",
+            statistic=float(observed[j]),
+            p_value=float(p[j]),
+            p_floor=floor,
+            effect_size=float(dz[j]),
+            effect_size_kind="cohens_dz",
+            n_a=len(diff),
+            n_b=len(diff),
+            n_resamples=len(null),
+            alternative=alternative,
+        )
+        for j in range(diff.shape[1])
+    ]
 
 
-def paired_test(after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0) -> TestResult:
+def paired_test(
+    after, before, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0
+) -> TestResult:
     """Sign-flip permutation test of the mean paired difference (after − before, same inputs);
     ``alternative`` "greater": after − before > 0 on average."""
-    return paired_tests(np.asarray(after, float)[:, None], np.asarray(before, float)[:, None], alternative=alternative,
-                        n_resamples=n_resamples, seed=seed)[0]
+    return paired_tests(
+        np.asarray(after, float)[:, None],
+        np.asarray(before, float)[:, None],
+        alternative=alternative,
+        n_resamples=n_resamples,
+        seed=seed,
+    )[0]
 
 
 def rank_p_value(observed: float, null) -> float:
@@ -188,7 +243,9 @@ class SetTestResult:
 
     degradation: float  # mean over units of the component's values
     null_mean: float  # mean over units and null members
-    null_q95: float  # 95th percentile over null members of their unit means: what "beating 95 %" means
+    null_q95: (
+        float  # 95th percentile over null members of their unit means: what "beating 95 %" means
+    )
     excess: float  # mean over units of (component − mean of the null members)
     ci_low: float  # percentile-bootstrap CI of ``excess`` over units
     ci_high: float
@@ -207,7 +264,9 @@ class SetTestResult:
         return asdict(self)
 
 
-def random_set_test(values, null, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> SetTestResult:
+def random_set_test(
+    values, null, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> SetTestResult:
     """Is a component more harmful than the distribution of null members, not just their mean?
 
     ``values`` ``[n]``: the component's value per unit (image); ``null`` ``[n, R]``: each null member's
@@ -225,40 +284,77 @@ def random_set_test(values, null, *, n_resamples: int = 2000, confidence: float 
     """
     x, z = np.asarray(values, float), np.asarray(null, float)
     if z.ndim != 2 or z.shape[0] != x.size or z.shape[1] < 1 or x.size < 2:
-        raise ConfigError("random_set_test needs values [n >= 2] and null [n, R >= 1] on the same units")
-    return random_set_tests(np.column_stack([x, z]), [0], [np.arange(1, z.shape[1] + 1)], n_resamples=n_resamples,
-                            confidence=confidence, seed=seed)[0]
+        raise ConfigError(
+            "random_set_test needs values [n >= 2] and null [n, R >= 1] on the same units"
+        )
+    return random_set_tests(
+        np.column_stack([x, z]),
+        [0],
+        [np.arange(1, z.shape[1] + 1)],
+        n_resamples=n_resamples,
+        confidence=confidence,
+        seed=seed,
+    )[0]
 
 
-def random_set_tests(units, tested, nulls, *, n_resamples: int = 2000, confidence: float = 0.95,
-                     seed: int = 0) -> list[SetTestResult]:
+def random_set_tests(
+    units, tested, nulls, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> list[SetTestResult]:
     """``random_set_test`` of several components on the same units, sharing every draw: ``units`` ``[n, J]``
     holds each component's and null member's values per unit, ``tested`` the components' columns and
     ``nulls`` each one's null members' columns. One sign-flip matrix tests every excess, one matrix of
     bootstrap counts resamples every column."""
     u = np.asarray(units, float)
     n = len(u)
-    excess = np.column_stack([u[:, c] - u[:, list(m)].mean(1) for c, m in zip(tested, nulls)])  # [n, C]
-    images = paired_tests(excess, np.zeros_like(excess), alternative="greater", n_resamples=n_resamples, seed=seed)
+    excess = np.column_stack(
+        [u[:, c] - u[:, list(m)].mean(1) for c, m in zip(tested, nulls)]
+    )  # [n, C]
+    images = paired_tests(
+        excess, np.zeros_like(excess), alternative="greater", n_resamples=n_resamples, seed=seed
+    )
     (counts,) = bootstrap_counts((n,), n_resamples, seed)
     boot = counts @ u / n  # [B, J]: each column's mean on each resample
     low, high = percentile_interval(counts @ excess / n, confidence)
     means = u.mean(0)
-    return [_set_result(u[:, c], u[:, list(m)], boot[:, c, None] > boot[:, list(m)], (low[j], high[j]), images[j],
-                        excess[:, j], means[list(m)], confidence) for j, (c, m) in enumerate(zip(tested, nulls))]
+    return [
+        _set_result(
+            u[:, c],
+            u[:, list(m)],
+            boot[:, c, None] > boot[:, list(m)],
+            (low[j], high[j]),
+            images[j],
+            excess[:, j],
+            means[list(m)],
+            confidence,
+        )
+        for j, (c, m) in enumerate(zip(tested, nulls))
+    ]
 
 
-def _set_result(x, z, beaten, interval, images: TestResult, excess, member_means, confidence) -> SetTestResult:
+def _set_result(
+    x, z, beaten, interval, images: TestResult, excess, member_means, confidence
+) -> SetTestResult:
     """One component's ``SetTestResult``; ``beaten`` ``[B, R]``: whether it beats each member on each resample."""
     frac_low, frac_high = percentile_interval(beaten.mean(1), confidence)
     p_sets = rank_p_value(x.mean(), member_means)
     return SetTestResult(
-        degradation=float(x.mean()), null_mean=float(z.mean()), null_q95=float(np.quantile(member_means, 0.95)),
-        excess=float(excess.mean()), ci_low=float(interval[0]), ci_high=float(interval[1]),
-        frac_beaten=float(np.mean(x.mean() > member_means)), frac_beaten_ci_low=float(frac_low),
-        frac_beaten_ci_high=float(frac_high), p_sets=p_sets, p_units=images.p_value,
-        p_value=max(p_sets, images.p_value), p_floor=max(1 / (z.shape[1] + 1), images.p_floor),
-        effect_size=images.effect_size, n_units=int(x.size), n_null=int(z.shape[1]))
+        degradation=float(x.mean()),
+        null_mean=float(z.mean()),
+        null_q95=float(np.quantile(member_means, 0.95)),
+        excess=float(excess.mean()),
+        ci_low=float(interval[0]),
+        ci_high=float(interval[1]),
+        frac_beaten=float(np.mean(x.mean() > member_means)),
+        frac_beaten_ci_low=float(frac_low),
+        frac_beaten_ci_high=float(frac_high),
+        p_sets=p_sets,
+        p_units=images.p_value,
+        p_value=max(p_sets, images.p_value),
+        p_floor=max(1 / (z.shape[1] + 1), images.p_floor),
+        effect_size=images.effect_size,
+        n_units=int(x.size),
+        n_null=int(z.shape[1]),
+    )
 
 
 def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0):
@@ -271,7 +367,9 @@ def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 2:
         raise ConfigError("bootstrap_spearman needs two [n_units, k] arrays of the same shape")
-    rho = float(stats.spearmanr(x.mean(0), y.mean(0)).statistic) if x.shape[1] >= 2 else float("nan")
+    rho = (
+        float(stats.spearmanr(x.mean(0), y.mean(0)).statistic) if x.shape[1] >= 2 else float("nan")
+    )
     if x.shape[0] < 2 or x.shape[1] < 3:
         return rho, float("nan"), float("nan"), 0
     (counts,) = bootstrap_counts((x.shape[0],), n_resamples, seed)  # [B, n]
@@ -280,7 +378,12 @@ def bootstrap_spearman(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     if boot.size == 0:
         return rho, float("nan"), float("nan"), 0
     alpha = 1 - confidence
-    return rho, float(np.quantile(boot, alpha / 2)), float(np.quantile(boot, 1 - alpha / 2)), int(boot.size)
+    return (
+        rho,
+        float(np.quantile(boot, alpha / 2)),
+        float(np.quantile(boot, 1 - alpha / 2)),
+        int(boot.size),
+    )
 
 
 def _row_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -301,13 +404,20 @@ def paired_spearman_ci(x, y, *, n_resamples: int = 1000, confidence: float = 0.9
     rho = float(stats.spearmanr(x, y).statistic) if x.size >= 2 else float("nan")
     if x.size < 3:
         return rho, float("nan"), float("nan"), 0
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_resamples, x.size))  # [B, n] resampled pairs
+    idx = np.random.default_rng(seed).integers(
+        0, x.size, size=(n_resamples, x.size)
+    )  # [B, n] resampled pairs
     boot = _row_spearman(x[idx], y[idx])
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
         return rho, float("nan"), float("nan"), 0
     alpha = 1 - confidence
-    return rho, float(np.quantile(boot, alpha / 2)), float(np.quantile(boot, 1 - alpha / 2)), int(boot.size)
+    return (
+        rho,
+        float(np.quantile(boot, alpha / 2)),
+        float(np.quantile(boot, 1 - alpha / 2)),
+        int(boot.size),
+    )
 
 
 def correct_pvalues(p_values, method: str = "fdr_bh") -> np.ndarray:
@@ -320,7 +430,9 @@ def correct_pvalues(p_values, method: str = "fdr_bh") -> np.ndarray:
     return multipletests(p, method=method)[1]
 
 
-def cluster_bootstrap_ci(values, clusters, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0):
+def cluster_bootstrap_ci(
+    values, clusters, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+):
     """``(mean, low, high)`` of the mean of ``values``, resampling whole clusters (images), percentile CI.
 
     Rows of one cluster (e.g. one image at several timesteps) are not independent; resampling the
@@ -330,6 +442,8 @@ def cluster_bootstrap_ci(values, clusters, *, confidence: float = 0.95, n_resamp
     labels, inverse = np.unique(clusters, return_inverse=True)
     sums = np.bincount(inverse, weights=values, minlength=len(labels))
     counts = np.bincount(inverse, minlength=len(labels)).astype(float)
-    (weights,) = bootstrap_counts((len(labels),), n_resamples, seed)  # [R, clusters]: times each is drawn
+    (weights,) = bootstrap_counts(
+        (len(labels),), n_resamples, seed
+    )  # [R, clusters]: times each is drawn
     low, high = percentile_interval((weights @ sums) / (weights @ counts), confidence)
     return float(values.mean()), float(low), float(high)
