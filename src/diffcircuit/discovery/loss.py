@@ -256,7 +256,7 @@ def reference_means(denoiser, registry: HeadRegistry, wanted: Sequence[tuple[Seq
                 denoiser.predict(x_t, t, rows=which)
             acts = session.pop("head_out")  # {layer: [rows, heads, q, d]}
             start = 0
-            for (w, ref, js), b in zip(parts.values(), batches):
+            for w, _, js in parts.values():
                 for layer in layers:
                     part = acts[layer][start:start + len(js)].double().sum(0)
                     sums[w][layer] = sums[w].get(layer, 0) + part
@@ -285,11 +285,8 @@ def _missing_rows(requests, order: dict[str, int]) -> _Rows:
     for loss, key, images in requests:  # the union of the images each (loss, set) is asked for
         k = (id(loss), key)
         wanted[k] = (loss, key, np.union1d(wanted[k][2], images) if k in wanted else np.unique(images))
-    unrecorded = {}
-    for loss, key, images in list(wanted.values()):
-        for i in range(loss.n_timesteps):
-            if loss.prefix_reuse and loss.clean[i] is None:
-                unrecorded[id(loss)] = loss
+    unrecorded = {id(loss): loss for loss, _, _ in wanted.values()
+                  if loss.prefix_reuse and any(record is None for record in loss.clean)}
     for loss in unrecorded.values():
         k = (id(loss), frozenset())
         wanted[k] = (loss, frozenset(), np.arange(loss.n_images))
