@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.discovery.loss import METRICS, CircuitLoss, ResampledLoss
 from diffcircuit.instrument.registry import HeadAddress
 
@@ -220,7 +221,7 @@ def prune_heads(loss, importance: dict[HeadAddress, float], tau: float, *, searc
     ``lookahead`` > 1: before each evaluation not yet made, the next ``lookahead`` evaluations the single-head
     effects predict are asked for together (fewer rounds and forwards, some evaluations wasted; same result)."""
     if search not in ("grouped", "sequential"):
-        raise ValueError(f"search must be 'grouped' or 'sequential', not {search!r}")
+        raise ConfigError(f"search must be 'grouped' or 'sequential', not {search!r}")
     _prefetch(loss, [[], loss.heads])
     full, empty = loss([]), loss(loss.heads)
     if empty <= full:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.hooks import rows_where
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
@@ -97,11 +98,11 @@ class CircuitLoss:
         means already computed, per timestep (``reference_means``). ``stack_rows``: at most this many rows
         (images x head sets) per forward."""
         if method not in ("mean", "zero"):
-            raise ValueError("circuit losses use mean or zero ablation")
+            raise ConfigError("circuit losses use mean or zero ablation")
         if metric not in METRICS:
-            raise ValueError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
+            raise ConfigError(f"circuit metric must be one of {', '.join(METRICS)}, not {metric!r}")
         if stack_rows < 1:
-            raise ValueError(f"stack_rows must be at least 1, not {stack_rows}")
+            raise ConfigError(f"stack_rows must be at least 1, not {stack_rows}")
         self.den, self.net, self.method, self.metric = denoiser, denoiser.network, method, metric
         self.stack_rows = int(stack_rows)
         self.which = which or (dataset, np.arange(len(images)))

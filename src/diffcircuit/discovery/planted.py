@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.processor import InstrumentedAttnProcessor
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.metrics.probes import PROBE_CHANNELS
@@ -56,7 +57,7 @@ def duplicate_head(net: torch.nn.Module, layer: str, source: int, target: int) -
     """In place: head ``target`` of ``layer`` becomes a copy of head ``source`` and both outputs are halved."""
     attn = dict(attention_modules(net))[layer]
     if attn.is_cross_attention or getattr(attn, "norm_q", None) is not None or source == target:
-        raise ValueError("duplicate_head needs two different heads of a self-attention layer without q/k norms")
+        raise ConfigError("duplicate_head needs two different heads of a self-attention layer without q/k norms")
     s, t = _head_slice(attn, source), _head_slice(attn, target)
     with torch.no_grad():
         for linear in (attn.to_q, attn.to_k, attn.to_v):  # weight: [inner_dim, query_dim]; rows are per head
@@ -84,7 +85,7 @@ def plant(net: torch.nn.Module, *, dead: Sequence[str], essential_layer: str | N
     planted = copy.deepcopy(net)
     pair = () if redundant is None else (f"{redundant[0]}:{redundant[1]}", f"{redundant[0]}:{redundant[2]}")
     if redundant is not None and redundant[0] == essential_layer:
-        raise ValueError("the redundant pair must lie outside the essential layer (whose other heads are dead)")
+        raise ConfigError("the redundant pair must lie outside the essential layer (whose other heads are dead)")
     silenced = []
     if essential_layer is not None:
         heads = dict(attention_modules(planted))[essential_layer].heads

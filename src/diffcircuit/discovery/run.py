@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.discovery.circuits import (
     Circuit,
     _prefetch,
@@ -252,7 +253,7 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     windows = [[int(t) for t in window] for window in windows]
     family = [[int(t) for t in w] for w in (test_windows or windows)]
     if not {tuple(w) for w in windows} <= {tuple(w) for w in family}:
-        raise ValueError("test_windows must include every window discovered")
+        raise ConfigError("test_windows must include every window discovered")
     # mean ablation's means for every dataset x timestep with a reference, from clean forwards stacked together
     wanted = list(dict.fromkeys((d, t) for w in family for d in images for t in w if references.get(d) is not None))
     means = dict(zip(wanted, reference_means(denoiser, registry, [(references[d], t) for d, t in wanted], seed=seed,
