@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo lint format test clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -28,7 +28,17 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  echo "note: no Chromium and no root apt-get: the report's browser test will be skipped"
 
-test: setup browser
+# ruff (lint, and the formatting check) and mypy on the public API's modules: the habits `make test` keeps
+lint: setup
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks examples
+	$(BIN)/ruff format src tests benchmarks examples
+
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 clean:

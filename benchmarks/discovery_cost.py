@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 
 from diffcircuit.discovery.loss import STACK_ROWS
-from diffcircuit.discovery.run import discover_circuits, importance_rows
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.protocol.circuits import discover_circuits, importance_rows
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.tasks import Context
 
@@ -37,16 +37,28 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=RunConfig().circuit_resamples)
     parser.add_argument("--ablate-n", type=int, default=RunConfig().ablate_n)
     parser.add_argument("--timesteps", default="100,500,900")
-    parser.add_argument("--importance", default="", help="parquet file caching the single-head mean ablations")
-    parser.add_argument("--stack-rows", type=int, default=STACK_ROWS, help="rows (images x head sets) per forward")
-    parser.add_argument("--lookahead", type=int, default=None,
-                        help="evaluations a search may ask for ahead into spare rows (default: 1 on a CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as set)")
+    parser.add_argument(
+        "--importance", default="", help="parquet file caching the single-head mean ablations"
+    )
+    parser.add_argument(
+        "--stack-rows", type=int, default=STACK_ROWS, help="rows (images x head sets) per forward"
+    )
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=None,
+        help="evaluations a search may ask for ahead into spare rows (default: 1 on a CPU)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: leave as set)"
+    )
     args = parser.parse_args()
     timesteps = tuple(int(t) for t in args.timesteps.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = RunConfig(device="cpu", ablate_n=args.ablate_n, timesteps=timesteps, circuit_resamples=args.resamples)
+    cfg = RunConfig(
+        device="cpu", ablate_n=args.ablate_n, timesteps=timesteps, circuit_resamples=args.resamples
+    )
     ctx = Context.build(cfg)
     n = ctx.n_ablate
     cached = Path(args.importance) if args.importance else None
@@ -54,30 +66,72 @@ def main() -> None:
         importance = pd.read_parquet(cached)
     else:
         heads = targets(ctx.registry, "head")
-        importance = importance_rows(pd.concat([
-            ablation_sweep(ctx.den, s.images[:n], targets=heads, methods=["mean"], timesteps=timesteps, seed=cfg.seed,
-                           dataset=key, batch_size=cfg.batch_size, registry=ctx.registry, reference=ctx.references(key))
-            for key, s in ctx.sets.items()], ignore_index=True))
+        importance = importance_rows(
+            pd.concat(
+                [
+                    ablation_sweep(
+                        ctx.den,
+                        s.images[:n],
+                        targets=heads,
+                        methods=["mean"],
+                        timesteps=timesteps,
+                        seed=cfg.seed,
+                        dataset=key,
+                        batch_size=cfg.batch_size,
+                        registry=ctx.registry,
+                        reference=ctx.references(key),
+                    )
+                    for key, s in ctx.sets.items()
+                ],
+                ignore_index=True,
+            )
+        )
         if cached:
             importance.to_parquet(cached)
     circuits = []
     with count_forwards(ctx.den.network) as cost:
-        for t in timesteps:  # as the run's discover tasks: one window each, the gap family over all of them
-            _, found, _ = discover_circuits(ctx.den, {k: s.images[:n] for k, s in ctx.sets.items()},
-                                            importance[importance.timestep == t], registry=ctx.registry,
-                                            windows=[(t,)], resamples=cfg.circuit_resamples, taus=cfg.circuit_taus,
-                                            seed=cfg.seed, metric=cfg.circuit_metric, correction=cfg.correction,
-                                            references={k: ctx.references(k) for k in ctx.sets},
-                                            test_windows=[(s,) for s in timesteps], stack_rows=args.stack_rows,
-                                            lookahead=args.lookahead)
+        for t in (
+            timesteps
+        ):  # as the run's discover tasks: one window each, the gap family over all of them
+            _, found, _ = discover_circuits(
+                ctx.den,
+                {k: s.images[:n] for k, s in ctx.sets.items()},
+                importance[importance.timestep == t],
+                registry=ctx.registry,
+                windows=[(t,)],
+                resamples=cfg.circuit_resamples,
+                taus=cfg.circuit_taus,
+                seed=cfg.seed,
+                metric=cfg.circuit_metric,
+                correction=cfg.correction,
+                references={k: ctx.references(k) for k in ctx.sets},
+                test_windows=[(s,) for s in timesteps],
+                stack_rows=args.stack_rows,
+                lookahead=args.lookahead,
+            )
             circuits += found
-    print(f"threads: {torch.get_num_threads()}  images per dataset: {n}  resamples: {cfg.circuit_resamples}  "
-          f"stack_rows: {args.stack_rows}  lookahead: {args.lookahead}")
+    print(
+        f"threads: {torch.get_num_threads()}  images per dataset: {n}  resamples: {cfg.circuit_resamples}  "
+        f"stack_rows: {args.stack_rows}  lookahead: {args.lookahead}"
+    )
     for c in circuits:
-        print(json.dumps({"dataset": c["dataset"], "window": c["window"], "claimed": c["claimed"], "heads": c["heads"],
-                          "size_interval": c["size_interval"], "size_range": c["size_range"], "size_ci": c["size_ci"],
-                          "boot_sizes": c["boot_sizes"], "selection_frequency": c["selection_frequency"],
-                          "by_tau": [b["size"] for b in c["by_tau"]], "necessary": c["necessary"]}))
+        print(
+            json.dumps(
+                {
+                    "dataset": c["dataset"],
+                    "window": c["window"],
+                    "claimed": c["claimed"],
+                    "heads": c["heads"],
+                    "size_interval": c["size_interval"],
+                    "size_range": c["size_range"],
+                    "size_ci": c["size_ci"],
+                    "boot_sizes": c["boot_sizes"],
+                    "selection_frequency": c["selection_frequency"],
+                    "by_tau": [b["size"] for b in c["by_tau"]],
+                    "necessary": c["necessary"],
+                }
+            )
+        )
     print(f"discovery_forward_calls: {cost.forward_calls}")
     print(f"discovery_image_forwards: {cost.image_forwards}")
     print(f"discovery_seconds: {cost.seconds:.1f}")

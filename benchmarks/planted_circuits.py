@@ -32,11 +32,11 @@ import torch
 from diffcircuit import load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, necessary_heads, prune_circuit, ranking_auc
 from diffcircuit.discovery.planted import plant
-from diffcircuit.discovery.run import importance_rows
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import Denoiser
+from diffcircuit.protocol.circuits import importance_rows
 
 ATTRIBUTIONS = {
     "first_order": dict(probes=0),

@@ -8,7 +8,6 @@ head; discovery must select it.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -19,8 +18,13 @@ from diffcircuit.interventions.ablation import Target, targets
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import Denoiser
 
-DEAD = ["down_blocks.1.attentions.0:1", "mid_block.attentions.0:0", "up_blocks.0.attentions.1:3",
-        "up_blocks.1.attentions.0:5", "down_blocks.2.attentions.0:7"]
+DEAD = [
+    "down_blocks.1.attentions.0:1",
+    "mid_block.attentions.0:0",
+    "up_blocks.0.attentions.1:3",
+    "up_blocks.1.attentions.0:5",
+    "down_blocks.2.attentions.0:7",
+]
 ESSENTIAL_HEAD = 2
 T, TAU = 300, 0.02
 
@@ -29,16 +33,46 @@ T, TAU = 300, 0.02
 def planted():
     base = load_denoiser()
     images = load_images("faces", n=16, size=32, channels=3).images
-    registry = probe_registry(base.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long))
-    layers = ablation_sweep(base, images, targets=targets(registry, "layer"), methods=["mean"], timesteps=[T],
-                            registry=registry).groupby("target").degradation_pct.mean()
+    registry = probe_registry(
+        base.network, torch.from_numpy(images[:1]), torch.zeros(1, dtype=torch.long)
+    )
+    layers = (
+        ablation_sweep(
+            base,
+            images,
+            targets=targets(registry, "layer"),
+            methods=["mean"],
+            timesteps=[T],
+            registry=registry,
+        )
+        .groupby("target")
+        .degradation_pct.mean()
+    )
     layer = layers.idxmax()
-    assert layers.max() > 200 * TAU  # the chosen layer matters: its loss increase (%) is far above τ
-    planted_model = plant(base.network, dead=DEAD, essential_layer=layer, essential_head=ESSENTIAL_HEAD)
+    assert (
+        layers.max() > 200 * TAU
+    )  # the chosen layer matters: its loss increase (%) is far above τ
+    planted_model = plant(
+        base.network, dead=DEAD, essential_layer=layer, essential_head=ESSENTIAL_HEAD
+    )
     dead, essential = list(planted_model.dead), planted_model.essential
-    den = Denoiser(network=planted_model.network, scheduler=base.scheduler, model_path=base.model_path, source="planted")
-    table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=[T], registry=registry)
-    importance = {registry.parse(t): v for t, v in table.groupby("target").degradation_pct.mean().items()}
+    den = Denoiser(
+        network=planted_model.network,
+        scheduler=base.scheduler,
+        model_path=base.model_path,
+        source="planted",
+    )
+    table = ablation_sweep(
+        den,
+        images,
+        targets=targets(registry, "head"),
+        methods=["mean"],
+        timesteps=[T],
+        registry=registry,
+    )
+    importance = {
+        registry.parse(t): v for t, v in table.groupby("target").degradation_pct.mean().items()
+    }
     return den, images, registry, importance, dead, essential
 
 
@@ -65,14 +99,30 @@ def test_discovery_selects_the_essential_head_and_no_dead_one(planted, search):
     assert not {registry.parse(a) for a in dead} & set(circuit.heads)
     # losses and faithfulness re-measured independently, by the sweep ablating everything / everything outside
     outside = tuple(a for a in registry if a not in circuit.heads)
-    rows = ablation_sweep(den, images, targets=[Target(level="random", name="outside", heads=outside),
-                                                Target(level="random", name="all", heads=tuple(registry))],
-                          methods=["mean"], timesteps=[T], registry=registry).groupby("target")
+    rows = ablation_sweep(
+        den,
+        images,
+        targets=[
+            Target(level="random", name="outside", heads=outside),
+            Target(level="random", name="all", heads=tuple(registry)),
+        ],
+        methods=["mean"],
+        timesteps=[T],
+        registry=registry,
+    ).groupby("target")
     full, empty = rows.mse_clean.mean()["all"], rows.mse_intervened.mean()["all"]
-    assert (circuit.loss_full, circuit.loss_empty) == (pytest.approx(full, rel=1e-5), pytest.approx(empty, rel=1e-5))
-    assert rows.mse_intervened.mean()["outside"] - full <= TAU * (empty - full) * (1 + 1e-4)  # τ is a share of the gap
+    assert (circuit.loss_full, circuit.loss_empty) == (
+        pytest.approx(full, rel=1e-5),
+        pytest.approx(empty, rel=1e-5),
+    )
+    assert rows.mse_intervened.mean()["outside"] - full <= TAU * (empty - full) * (
+        1 + 1e-4
+    )  # τ is a share of the gap
     expected = (empty - rows.mse_intervened.mean()["outside"]) / (empty - full)
-    assert circuit.faithfulness == pytest.approx(expected, rel=1e-4) and circuit.faithfulness >= 1 - TAU - 1e-4
+    assert (
+        circuit.faithfulness == pytest.approx(expected, rel=1e-4)
+        and circuit.faithfulness >= 1 - TAU - 1e-4
+    )
 
 
 class _MonotoneLoss:
@@ -88,25 +138,45 @@ class _MonotoneLoss:
 
         rng = np.random.default_rng(seed)
         self.heads = [f"l:{i}" for i in range(n)]
-        self.w = dict(zip(self.heads, rng.exponential(0.01, n) * np.where(rng.random(n) < important, 1.0, minor)))
-        self.pair = {(a, b): rng.exponential(0.1 * minor) for a in self.heads for b in self.heads
-                     if a < b and rng.random() < 0.01}
+        self.w = dict(
+            zip(
+                self.heads,
+                rng.exponential(0.01, n) * np.where(rng.random(n) < important, 1.0, minor),
+            )
+        )
+        self.pair = {
+            (a, b): rng.exponential(0.1 * minor)
+            for a in self.heads
+            for b in self.heads
+            if a < b and rng.random() < 0.01
+        }
         self.evaluations = 0
 
     def __call__(self, ablated):
         self.evaluations += 1
         s = set(ablated)
-        return 1 + sum(self.w[a] for a in s) + sum(v for (a, b), v in self.pair.items() if a in s and b in s)
+        return (
+            1
+            + sum(self.w[a] for a in s)
+            + sum(v for (a, b), v in self.pair.items() if a in s and b in s)
+        )
 
 
 def _both_searches(n, seed, important, tau, minor=0.02):
     import numpy as np
 
-    grouped, sequential = _MonotoneLoss(n, seed, important, minor), _MonotoneLoss(n, seed, important, minor)
+    grouped, sequential = (
+        _MonotoneLoss(n, seed, important, minor),
+        _MonotoneLoss(n, seed, important, minor),
+    )
     noise = np.random.default_rng(100 + seed).normal(0, 0.003, n)
     importance = {a: grouped.w[a] + e for a, e in zip(grouped.heads, noise)}  # an imperfect ranking
-    return (prune_circuit(grouped, importance, tau), prune_circuit(sequential, importance, tau, search="sequential"),
-            grouped.evaluations, sequential.evaluations)
+    return (
+        prune_circuit(grouped, importance, tau),
+        prune_circuit(sequential, importance, tau, search="sequential"),
+        grouped.evaluations,
+        sequential.evaluations,
+    )
 
 
 @pytest.mark.parametrize("important", [0.1, 0.5])
@@ -129,13 +199,19 @@ def test_circuit_curve_runs_from_nothing_recovered_to_everything():
     loss = _MonotoneLoss(30, 0)
     curve = circuit_curve(loss, dict(loss.w))
     assert [c["size"] for c in curve] == curve_sizes(30) and curve_sizes(30)[:5] == [0, 1, 2, 3, 4]
-    assert curve[0]["faithfulness"] == pytest.approx(0) and curve[0]["recovered_without_circuit"] == pytest.approx(1)
-    assert curve[-1]["faithfulness"] == pytest.approx(1) and curve[-1]["recovered_without_circuit"] == pytest.approx(0)
+    assert curve[0]["faithfulness"] == pytest.approx(0) and curve[0][
+        "recovered_without_circuit"
+    ] == pytest.approx(1)
+    assert curve[-1]["faithfulness"] == pytest.approx(1) and curve[-1][
+        "recovered_without_circuit"
+    ] == pytest.approx(0)
     # by hand for k = 3: the three heads with the largest weights kept, everything else ablated
     top = sorted(loss.heads, key=lambda a: (-loss.w[a], a))[:3]
     full, empty = loss([]), loss(loss.heads)
     row = next(c for c in curve if c["size"] == 3)
-    assert row["faithfulness"] == pytest.approx((empty - loss([a for a in loss.heads if a not in top])) / (empty - full))
+    assert row["faithfulness"] == pytest.approx(
+        (empty - loss([a for a in loss.heads if a not in top])) / (empty - full)
+    )
     assert row["recovered_without_circuit"] == pytest.approx((empty - loss(top)) / (empty - full))
 
 
@@ -144,16 +220,23 @@ def test_planting_edits_a_copy_and_leaves_one_live_head_in_the_essential_layer(s
 
     before = {k: v.clone() for k, v in small_unet.state_dict().items()}
     layer = "down_blocks.1.attentions.0"
-    p = plant(small_unet, dead=["down_blocks.0.attentions.0:1", f"{layer}:0"], essential_layer=layer, essential_head=2)
-    assert all(torch.equal(before[k], v) for k, v in small_unet.state_dict().items())  # the original is untouched
+    p = plant(
+        small_unet,
+        dead=["down_blocks.0.attentions.0:1", f"{layer}:0"],
+        essential_layer=layer,
+        essential_head=2,
+    )
+    assert all(
+        torch.equal(before[k], v) for k, v in small_unet.state_dict().items()
+    )  # the original is untouched
     assert p.dead == ("down_blocks.0.attentions.0:1",) and p.essential == f"{layer}:2"
     attn = dict(attention_modules(p.network))[layer]
     d = attn.inner_dim // attn.heads
     w = attn.to_out[0].weight
-    live = [h for h in range(attn.heads) if w[:, h * d:(h + 1) * d].abs().sum() > 0]
+    live = [h for h in range(attn.heads) if w[:, h * d : (h + 1) * d].abs().sum() > 0]
     assert live == [2]
     dead_attn = dict(attention_modules(p.network))["down_blocks.0.attentions.0"]
-    assert dead_attn.to_out[0].weight[:, d:2 * d].abs().sum() == 0
+    assert dead_attn.to_out[0].weight[:, d : 2 * d].abs().sum() == 0
 
 
 def test_jaccard_is_undefined_for_two_empty_circuits():
@@ -184,7 +267,10 @@ def test_tau_is_a_share_of_the_gap_not_of_the_full_models_loss():
     loss = _FunctionLoss(w, lambda s: 1 + sum(w[a] for a in s))
     for search in ("grouped", "sequential"):
         c = prune_circuit(loss, w, 0.05, search=search)
-        assert c.heads == ("l:2", "l:3")  # by hand: removing l:0 and l:1 costs 0.003 ≤ 0.005; l:2 would cost 0.013
+        assert c.heads == (
+            "l:2",
+            "l:3",
+        )  # by hand: removing l:0 and l:1 costs 0.003 ≤ 0.005; l:2 would cost 0.013
         assert c.gap == pytest.approx(0.1) and c.faithfulness == pytest.approx(0.97)
     assert grow_circuit(loss, w, 0.05).heads == ("l:2", "l:3")
     assert prune_circuit(loss, w, 0.2).heads == ("l:3",)  # 0.2 of the gap = 0.02 ≥ 0.013
@@ -196,7 +282,12 @@ def test_no_positive_gap_gives_the_empty_circuit_and_no_faithfulness():
     heads = [f"l:{i}" for i in range(5)]
     loss = _FunctionLoss(heads, lambda s: 1 - 0.01 * len(s))  # ablating heads only helps
     c = prune_circuit(loss, dict.fromkeys(heads, 0.0), 0.05)
-    assert c.heads == () and c.gap < 0 and math.isnan(c.faithfulness) and math.isnan(c.recovered_without_circuit)
+    assert (
+        c.heads == ()
+        and c.gap < 0
+        and math.isnan(c.faithfulness)
+        and math.isnan(c.recovered_without_circuit)
+    )
 
 
 def _compensating_loss(s):
@@ -208,10 +299,16 @@ def test_grouped_and_one_at_a_time_pruning_differ_where_the_loss_is_not_monotone
     from diffcircuit.discovery.circuits import passes_tau
 
     heads = ["l:0", "l:1", "l:2", "l:3"]
-    importance = {h: float(i) for i, h in enumerate(heads)}  # pruned in the order l:0, l:1, l:2, l:3
-    assert _compensating_loss({"l:0", "l:1", "l:2"}) < _compensating_loss({"l:0", "l:1"})  # not monotone
+    importance = {
+        h: float(i) for i, h in enumerate(heads)
+    }  # pruned in the order l:0, l:1, l:2, l:3
+    assert _compensating_loss({"l:0", "l:1", "l:2"}) < _compensating_loss(
+        {"l:0", "l:1"}
+    )  # not monotone
     grouped = prune_circuit(_FunctionLoss(heads, _compensating_loss), importance, 0.1)
-    sequential = prune_circuit(_FunctionLoss(heads, _compensating_loss), importance, 0.1, search="sequential")
+    sequential = prune_circuit(
+        _FunctionLoss(heads, _compensating_loss), importance, 0.1, search="sequential"
+    )
     # by hand: one at a time, l:0 goes, l:1 fails alone (0.5 > 0.1), l:2 goes, l:3 fails; grouped, l:0 goes and then
     # the run [l:1, l:2] passes together (loss 0), so only l:3 stays
     assert sequential.heads == ("l:1", "l:3") and grouped.heads == ("l:3",)
@@ -228,7 +325,9 @@ def test_both_searches_pass_tau_on_random_non_monotone_losses(seed):
     rng = np.random.default_rng(seed)
     heads = [f"l:{i}" for i in range(24)]
     w = dict(zip(heads, rng.exponential(0.02, 24)))
-    pairs = [(heads[i], heads[j], rng.normal(0, 0.02)) for i, j in rng.integers(0, 24, (30, 2)) if i != j]
+    pairs = [
+        (heads[i], heads[j], rng.normal(0, 0.02)) for i, j in rng.integers(0, 24, (30, 2)) if i != j
+    ]
 
     def f(s):  # pairwise terms of either sign: removing a head can lower the loss
         return 1 + sum(w[a] for a in s) + sum(v for a, b, v in pairs if a in s and b in s)
@@ -246,14 +345,18 @@ def test_on_a_monotone_loss_every_head_one_at_a_time_pruning_keeps_is_necessary(
     loss = _MonotoneLoss(40, seed, 0.3)
     c = prune_circuit(loss, dict(loss.w), 0.05, search="sequential")
     necessary = necessary_heads(loss, c.heads, 0.05)
-    assert set(necessary) == set(c.heads)  # each failed removal only got worse as more heads were removed
+    assert set(necessary) == set(
+        c.heads
+    )  # each failed removal only got worse as more heads were removed
     full, empty = loss([]), loss(loss.heads)
     outside = [a for a in loss.heads if a not in c.heads]
     for h in c.heads:  # by hand: ablating h on top of everything outside breaks τ
         assert loss([*outside, h]) - full > 0.05 * (empty - full)
 
 
-def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_one_shared_evaluation(planted):
+def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_one_shared_evaluation(
+    planted,
+):
     """L_resample(S) = the mean over the drawn images (repeats counted) of each image's loss with S mean-ablated,
     computed here independently: a plain loop that zeroes nothing but patches the heads by hand, image by image
     with that image's own noise; and a second resample asking for the same head set runs no new forward."""
@@ -263,22 +366,34 @@ def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_on
     den, images, registry, _, _, _ = planted
     x = images[:6]
     loss = CircuitLoss(den, x, timesteps=[T], registry=registry)
-    ablated = [registry.parse("mid_block.attentions.0:1"), registry.parse("up_blocks.1.attentions.0:2")]
+    ablated = [
+        registry.parse("mid_block.attentions.0:1"),
+        registry.parse("up_blocks.1.attentions.0:2"),
+    ]
     draw = [4, 0, 4, 2, 2, 2]
     first, second = loss.resampled(draw), loss.resampled([1, 1, 3, 5, 0, 0])
     got = first(ablated)
     evaluations = loss.evaluations
     second(ablated)
-    assert loss.evaluations == evaluations  # shared: the parent evaluated this head set for all its images once
+    assert (
+        loss.evaluations == evaluations
+    )  # shared: the parent evaluated this head set for all its images once
 
     x0 = torch.from_numpy(x)
     t = torch.full((len(x),), T)
-    eps = torch.stack([image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=T) for i in range(len(x))])
+    eps = torch.stack(
+        [image_noise(x0.shape[1:], seed=0, dataset="a", image=i, timestep=T) for i in range(len(x))]
+    )
     x_t = den.scheduler.add_noise(x0, eps, t)
-    with torch.no_grad(), instrument(den.network, registry=registry, cache_heads=[a.layer for a in ablated]) as s:
+    with (
+        torch.no_grad(),
+        instrument(den.network, registry=registry, cache_heads=[a.layer for a in ablated]) as s,
+    ):
         den.network(x_t, t)
     acts = s.pop("head_out")
-    patches = {a: acts[a.layer][:, a.head].mean(0) for a in ablated}  # in-sample mean of each head's output
+    patches = {
+        a: acts[a.layer][:, a.head].mean(0) for a in ablated
+    }  # in-sample mean of each head's output
     with torch.no_grad(), instrument(den.network, registry=registry, patches=patches):
         eps_hat = den.eps_hat(den.network(x_t, t).sample, x_t, t)
     per_image = ((eps_hat - eps) ** 2).flatten(1).mean(1).double().numpy()

@@ -19,12 +19,12 @@ from statsmodels.stats.multitest import multipletests
 from diffcircuit import load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, gap_test
 from diffcircuit.discovery.planted import zero_heads
-from diffcircuit.discovery.run import NO_CIRCUIT, _gap_tests, discover_circuits
 from diffcircuit.interventions.ablation import Target
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.noise import batch_noise
 from diffcircuit.models.diffusion import add_noise
 from diffcircuit.models.loading import Denoiser
+from diffcircuit.models.noise import batch_noise
+from diffcircuit.protocol.circuits import NO_CIRCUIT, _gap_tests, discover_circuits
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +53,48 @@ def test_gap_test_is_the_exact_one_sided_sign_flip_test():
     empty = full + rng.normal(0.1, 0.2, 10)
     result = gap_test(_Fixed(full, empty))
     diff = empty - full
-    flips = np.array([np.mean(diff * s) for s in itertools.product([1, -1], repeat=10)])  # all 1024 sign patterns
+    flips = np.array(
+        [np.mean(diff * s) for s in itertools.product([1, -1], repeat=10)]
+    )  # all 1024 sign patterns
     assert result.p_value == pytest.approx(np.mean(flips >= diff.mean() - 1e-15))
-    assert result.p_floor == 2.0 ** -10 and result.n_images == 10
-    assert result.mean == pytest.approx(diff.mean()) and result.relative == pytest.approx(diff.mean() / full.mean())
+    assert result.p_floor == 2.0**-10 and result.n_images == 10
+    assert result.mean == pytest.approx(diff.mean()) and result.relative == pytest.approx(
+        diff.mean() / full.mean()
+    )
     assert result.ci_low <= result.mean <= result.ci_high
     assert result.effect_size == pytest.approx(diff.mean() / diff.std(ddof=1))
-    assert gap_test(_Fixed(full, full - 0.01)).p_value == 1.0  # ablation helps on every image: nothing to claim
+    assert (
+        gap_test(_Fixed(full, full - 0.01)).p_value == 1.0
+    )  # ablation helps on every image: nothing to claim
 
 
 def test_per_image_losses_and_the_gap_match_the_ablation_sweep(embedded):
     den, faces, registry = embedded
     loss = CircuitLoss(den, faces, timesteps=[300, 700], registry=registry)
-    rows = ablation_sweep(den, faces, targets=[Target(level="random", name="all", heads=tuple(registry))],
-                          methods=["mean"], timesteps=[300, 700], registry=registry)
-    per_image = rows.groupby("image")[["mse_clean", "mse_intervened"]].mean()  # mean over the window's timesteps
+    rows = ablation_sweep(
+        den,
+        faces,
+        targets=[Target(level="random", name="all", heads=tuple(registry))],
+        methods=["mean"],
+        timesteps=[300, 700],
+        registry=registry,
+    )
+    per_image = rows.groupby("image")[
+        ["mse_clean", "mse_intervened"]
+    ].mean()  # mean over the window's timesteps
     np.testing.assert_allclose(loss.per_image([]), per_image.mse_clean, rtol=1e-5)
     np.testing.assert_allclose(loss.per_image(loss.heads), per_image.mse_intervened, rtol=1e-5)
-    assert gap_test(loss).mean == pytest.approx((per_image.mse_intervened - per_image.mse_clean).mean(), rel=1e-4)
+    assert gap_test(loss).mean == pytest.approx(
+        (per_image.mse_intervened - per_image.mse_clean).mean(), rel=1e-4
+    )
 
 
 def test_output_metric_is_the_distance_to_the_full_models_output(embedded):
     den, faces, registry = embedded
     removed = [h for h in registry if h.layer == "mid_block.attentions.0"][:5]
-    loss = CircuitLoss(den, faces, timesteps=[500], registry=registry, method="zero", metric="output")
+    loss = CircuitLoss(
+        den, faces, timesteps=[500], registry=registry, method="zero", metric="output"
+    )
     assert np.all(loss.per_image([]) == 0)
     # reference: a plain forward of the model and of a copy whose removed heads have zero output weights
     zeroed = copy.deepcopy(den.network)
@@ -96,8 +114,11 @@ def test_output_metric_is_the_distance_to_the_full_models_output(embedded):
 def test_gap_tests_are_corrected_as_one_family():
     """Three windows' gaps: strong, p = 0.04 alone, and none. BH over the three withdraws the p = 0.04 claim."""
     full = np.ones(12)
-    gaps = [np.full(12, 0.3) + np.random.default_rng(0).normal(0, 0.05, 12),
-            np.random.default_rng(4).normal(0.12, 0.2, 12), np.random.default_rng(1).normal(0.0, 0.2, 12)]
+    gaps = [
+        np.full(12, 0.3) + np.random.default_rng(0).normal(0, 0.05, 12),
+        np.random.default_rng(4).normal(0.12, 0.2, 12),
+        np.random.default_rng(1).normal(0.0, 0.2, 12),
+    ]
     losses = {("a", (t,)): _Fixed(full, full + g) for t, g in zip((1, 2, 3), gaps)}
     raw = {k: gap_test(v) for k, v in losses.items()}
     tests = _gap_tests(losses, seed=0, correction="fdr_bh")
@@ -105,29 +126,56 @@ def test_gap_tests_are_corrected_as_one_family():
     for (key, t), qk in zip(raw.items(), q):
         assert tests[key].p_value == t.p_value and tests[key].p_corrected == pytest.approx(qk)
         assert tests[key].significant == (qk < 0.05) and tests[key].family_size == 3
-        assert tests[key].q_floor == pytest.approx(3 * 2.0 ** -12)
-    assert raw[("a", (2,))].significant and not tests[("a", (2,))].significant  # 0.04 alone, 0.06 corrected
+        assert tests[key].q_floor == pytest.approx(3 * 2.0**-12)
+    assert (
+        raw[("a", (2,))].significant and not tests[("a", (2,))].significant
+    )  # 0.04 alone, 0.06 corrected
     assert tests[("a", (1,))].significant
 
 
 def _zero_importance(registry, datasets, timestep):
-    return pd.DataFrame([{"dataset": d, "timestep": timestep, "image": i, "target": str(h), "degradation_pct": 0.0}
-                         for d in datasets for i in range(6) for h in registry])
+    return pd.DataFrame(
+        [
+            {
+                "dataset": d,
+                "timestep": timestep,
+                "image": i,
+                "target": str(h),
+                "degradation_pct": 0.0,
+            }
+            for d in datasets
+            for i in range(6)
+            for h in registry
+        ]
+    )
 
 
 def test_no_circuit_is_claimed_where_ablating_every_head_does_not_hurt(embedded):
     den, faces, registry = embedded
     dead = copy.deepcopy(den.network)
-    zero_heads(dead, [str(h) for h in registry])  # planted: no head can matter, the gap is exactly 0
-    planted = Denoiser(network=dead, scheduler=den.scheduler, model_path=den.model_path, source="planted")
+    zero_heads(
+        dead, [str(h) for h in registry]
+    )  # planted: no head can matter, the gap is exactly 0
+    planted = Denoiser(
+        network=dead, scheduler=den.scheduler, model_path=den.model_path, source="planted"
+    )
     synthetic = load_images("synthetic", n=6, size=32, channels=3).images
-    table, circuits, curves = discover_circuits(planted, {"a": synthetic, "b": faces},
-                                                _zero_importance(registry, "ab", 500), registry=registry,
-                                                windows=[(500,)], resamples=2)
+    table, circuits, curves = discover_circuits(
+        planted,
+        {"a": synthetic, "b": faces},
+        _zero_importance(registry, "ab", 500),
+        registry=registry,
+        windows=[(500,)],
+        resamples=2,
+    )
     assert len(circuits) == 2 and len(curves) == 0
     for c in circuits:
         assert not c["claimed"] and c["claim"].startswith(NO_CIRCUIT)
-        assert c["heads"] is None and c["faithfulness"] is None and c["recovered_without_circuit"] is None
+        assert (
+            c["heads"] is None
+            and c["faithfulness"] is None
+            and c["recovered_without_circuit"] is None
+        )
         assert c["gap"]["mean"] == 0 and c["gap"]["p_value"] == 1.0
         assert c["overlap_with_other"]["jaccard"] is None and "skipped" in c["complexity"]
         assert c["loss_full"] == c["loss_empty"]
@@ -136,9 +184,20 @@ def test_no_circuit_is_claimed_where_ablating_every_head_does_not_hurt(embedded)
 
 def test_too_few_images_to_reach_significance_are_named_in_the_claim(embedded):
     den, faces, registry = embedded
-    _, circuits, _ = discover_circuits(den, {"b": faces[:3]}, _zero_importance(registry, "b", 300),
-                                       registry=registry, windows=[(300,)], resamples=0, test_windows=[(300,), (900,)])
+    _, circuits, _ = discover_circuits(
+        den,
+        {"b": faces[:3]},
+        _zero_importance(registry, "b", 300),
+        registry=registry,
+        windows=[(300,)],
+        resamples=0,
+        test_windows=[(300,), (900,)],
+    )
     (c,) = circuits  # discovered at 300 only, corrected with 900's gap test too
     assert c["gap"]["mean"] > 0 and c["gap"]["p_floor"] == 1 / 8  # 3 images: 8 sign patterns
-    assert c["gap"]["family_size"] == 2 and c["gap"]["q_floor"] == 2 / 8 and c["gap"]["correction"] == "fdr_bh"
+    assert (
+        c["gap"]["family_size"] == 2
+        and c["gap"]["q_floor"] == 2 / 8
+        and c["gap"]["correction"] == "fdr_bh"
+    )
     assert not c["claimed"] and "cannot go below 0.05" in c["claim"] and c["heads"] is None

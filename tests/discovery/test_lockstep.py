@@ -14,13 +14,13 @@ import torch
 from diffcircuit import load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, passes_tau, prune_circuit, prune_heads
 from diffcircuit.discovery.lockstep import lockstep
-from diffcircuit.discovery.run import PRIMARY_TAU, discover_circuits, importance_rows
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.instrument.session import instrument
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.diffusion import eps_mse_per_image
 from diffcircuit.models.noise import noisy_batch
+from diffcircuit.protocol.circuits import PRIMARY_TAU, discover_circuits, importance_rows
 
 T = 300
 
@@ -33,12 +33,21 @@ class _PlainLoss:
         self.den, self.registry, self.method, self.metric = den, registry, method, "eps"
         self.heads, self.n_images = list(registry), len(images)
         x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
-        self.batches = [noisy_batch(den, x0, np.arange(len(x0)), t, seed=0, dataset=dataset) for t in timesteps]
+        self.batches = [
+            noisy_batch(den, x0, np.arange(len(x0)), t, seed=0, dataset=dataset) for t in timesteps
+        ]
         self.means = []
         for b in self.batches:
-            with torch.no_grad(), instrument(den, registry=registry, cache_heads=[i.layer for i in registry.layers]) as s:
+            with (
+                torch.no_grad(),
+                instrument(
+                    den, registry=registry, cache_heads=[i.layer for i in registry.layers]
+                ) as s,
+            ):
                 den.predict(b.x_t, b.t, rows=b.which)
-            self.means.append({layer: out.mean(0) for layer, out in s.pop("head_out").items()})  # [heads, q, d]
+            self.means.append(
+                {layer: out.mean(0) for layer, out in s.pop("head_out").items()}
+            )  # [heads, q, d]
         self.memo, self.forwards = {}, 0
 
     def per_image(self, ablated) -> np.ndarray:
@@ -46,7 +55,9 @@ class _PlainLoss:
         if key not in self.memo:
             total = np.zeros(self.n_images)
             for b, means in zip(self.batches, self.means):
-                patches = {a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in key}
+                patches = {
+                    a: (means[a.layer][a.head] if self.method == "mean" else 0.0) for a in key
+                }
                 with torch.no_grad(), instrument(self.den, registry=self.registry, patches=patches):
                     eps_hat = self.den.predict_eps(b.x_t, b.t, rows=b.which)
                 total += eps_mse_per_image(eps_hat, b.eps).double().numpy()
@@ -60,6 +71,7 @@ class _PlainLoss:
 
 def _galloping(loss, importance, tau, draw=None):
     """The grouped pruning search written out on its own, one loss value at a time (``draw``: a resample's images)."""
+
     def value(s):
         v = loss.per_image(s)
         return float((v if draw is None else v[draw]).mean())
@@ -70,7 +82,7 @@ def _galloping(loss, importance, tau, draw=None):
     order = sorted(loss.heads, key=lambda a: (importance.get(a, 0.0), str(a)))
     removed, i, size = [], 0, 1
     while i < len(order):
-        run = order[i:i + size]
+        run = order[i : i + size]
         if passes_tau(value([*removed, *run]), full, empty, tau):
             removed += run
             i, size = i + len(run), 2 * size
@@ -92,7 +104,10 @@ def embedded():
 def _some_sets(registry, seed=0):
     rng = np.random.default_rng(seed)
     heads = list(registry)
-    picks = [[heads[j] for j in rng.choice(len(heads), min(k, len(heads) - 1), replace=False)] for k in (1, 3, 9, 30)]
+    picks = [
+        [heads[j] for j in rng.choice(len(heads), min(k, len(heads) - 1), replace=False)]
+        for k in (1, 3, 9, 30)
+    ]
     return [[], heads, [heads[-1]], *picks]
 
 
@@ -103,22 +118,27 @@ def test_stacked_losses_equal_one_set_per_plain_forward_on_the_unet(embedded, me
     den, images, registry = embedded
     sets = _some_sets(registry)
     plain = _PlainLoss(den, images, registry, [T, 700], method=method)
-    loss = CircuitLoss(den, images, timesteps=[T, 700], registry=registry, method=method, stack_rows=10)
+    loss = CircuitLoss(
+        den, images, timesteps=[T, 700], registry=registry, method=method, stack_rows=10
+    )
     with count_forwards(den.network) as cost:
         loss.prefetch(sets[:4], images=[0, 2, 5])  # a resample's distinct images first
         first = cost.image_forwards
         loss.prefetch(sets)  # then everything: the first sets only on the images they lack
     # the empty set ran in the clean forward that gave the in-sample means; every other (set, timestep, image) once
     assert (first, cost.image_forwards) == (2 * 3 * 3, 2 * 6 * 6)
-    assert cost.forward_calls == -(-first // 10) + -(-(cost.image_forwards - first) // 10)  # 10 rows a forward
+    assert cost.forward_calls == -(-first // 10) + -(
+        -(cost.image_forwards - first) // 10
+    )  # 10 rows a forward
     for s in sets:
         np.testing.assert_allclose(loss.per_image(s), plain.per_image(s), rtol=1e-5, atol=1e-8)
     assert loss.evaluations == len(sets)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "dit", "pixart-captioned"])
-def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(family, sd3_folder, flux_folder, tmp_path,
-                                                                         request, captioned_folder):
+def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(
+    family, sd3_folder, flux_folder, tmp_path, request, captioned_folder
+):
     """The same on transformer families; with PixArt, each image of a captioned dataset keeps its own caption in
     every variant's copy of the rows."""
     from diffcircuit.models.latent import model_images
@@ -129,7 +149,9 @@ def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(family, 
         from diffcircuit.models.loading import load_conditioned, use_captions
 
         den = load_conditioned(str(request.getfixturevalue("pixart_text_folder")))
-        folder = captioned_folder(tmp_path / "pairs", {"0.png": "a", "1.png": "bcdef", "2.png": "gh"})
+        folder = captioned_folder(
+            tmp_path / "pairs", {"0.png": "a", "1.png": "bcdef", "2.png": "gh"}
+        )
         found = model_images(den, str(folder), n=3)
         dataset = "b"
         assert use_captions(den, dataset, found.captions) == "each image's own caption"
@@ -158,7 +180,12 @@ def test_memo_hits_cost_no_forward_and_a_set_is_completed_not_recomputed(embedde
         loss.resampled([0, 1, 2, 3, 3, 0])(s)  # images 0 and 2 are new
         loss(s)  # and image 5
     with count_forwards(den.network) as hits:
-        loss(s), loss.per_image(s, [4, 0]), loss.resampled([2, 2, 2, 2, 2, 5])(s), loss.prefetch([s, []])
+        (
+            loss(s),
+            loss.per_image(s, [4, 0]),
+            loss.resampled([2, 2, 2, 2, 2, 5])(s),
+            loss.prefetch([s, []]),
+        )
     assert (first.forward_calls, first.image_forwards) == (1, 3)
     assert (completion.forward_calls, completion.image_forwards) == (2, 3)
     assert hits.forward_calls == 0 and loss.evaluations == 2
@@ -167,8 +194,14 @@ def test_memo_hits_cost_no_forward_and_a_set_is_completed_not_recomputed(embedde
 @pytest.fixture(scope="module")
 def ranked(embedded):
     den, images, registry = embedded
-    table = ablation_sweep(den, images, targets=targets(registry, "head"), methods=["mean"], timesteps=[T],
-                           registry=registry)
+    table = ablation_sweep(
+        den,
+        images,
+        targets=targets(registry, "head"),
+        methods=["mean"],
+        timesteps=[T],
+        registry=registry,
+    )
     return importance_rows(table.assign(dataset="a"))
 
 
@@ -179,10 +212,20 @@ def test_lockstep_discovery_finds_the_circuits_of_one_search_at_a_time(embedded,
     den, images, registry = embedded
     taus, resamples = (0.02, PRIMARY_TAU), 4
     with count_forwards(den.network) as cost:
-        table, (c,), _ = discover_circuits(den, {"a": images}, ranked, registry=registry, windows=[(T,)], taus=taus,
-                                           resamples=resamples, lookahead=lookahead)
+        table, (c,), _ = discover_circuits(
+            den,
+            {"a": images},
+            ranked,
+            registry=registry,
+            windows=[(T,)],
+            taus=taus,
+            resamples=resamples,
+            lookahead=lookahead,
+        )
     plain = _PlainLoss(den, images, registry, [T])
-    scores = {registry.parse(t): v for t, v in ranked.groupby("target").degradation_pct.mean().items()}
+    scores = {
+        registry.parse(t): v for t, v in ranked.groupby("target").degradation_pct.mean().items()
+    }
     for tau in taus:
         expected = _galloping(plain, scores, tau)
         got = table[(table.tau == tau) & table.in_circuit]["head"]
@@ -193,10 +236,15 @@ def test_lockstep_discovery_finds_the_circuits_of_one_search_at_a_time(embedded,
     for _ in range(resamples):
         draw = rng.integers(0, len(images), len(images))
         weights = np.bincount(draw, minlength=len(images))
-        scores_b = {registry.parse(t): float(np.average(row, weights=weights)) for t, row in per_image.iterrows()}
+        scores_b = {
+            registry.parse(t): float(np.average(row, weights=weights))
+            for t, row in per_image.iterrows()
+        }
         boot.append(_galloping(plain, scores_b, PRIMARY_TAU, draw))
     assert c["boot_sizes"] == [len(b) for b in boot]
-    assert c["selection_frequency"] == {str(a): f for a in registry if (f := np.mean([a in b for b in boot])) > 0}
+    assert c["selection_frequency"] == {
+        str(a): f for a in registry if (f := np.mean([a in b for b in boot])) > 0
+    }
     assert cost.forward_calls < plain.forwards / 3  # the plain searches ran one set per forward
 
 
@@ -229,15 +277,19 @@ def test_lookahead_changes_the_cost_of_a_search_never_its_result(seed):
     rng = np.random.default_rng(seed)
     heads = [f"l:{i}" for i in range(40)]
     w = dict(zip(heads, rng.exponential(0.02, 40) * np.where(rng.random(40) < 0.3, 1.0, 0.05)))
-    pairs = [(heads[i], heads[j], rng.normal(0, 0.01)) for i, j in rng.integers(0, 40, (40, 2)) if i != j]
+    pairs = [
+        (heads[i], heads[j], rng.normal(0, 0.01)) for i, j in rng.integers(0, 40, (40, 2)) if i != j
+    ]
 
     def f(s):  # non-monotone: pairwise terms of either sign
         return 1 + sum(w[a] for a in s) + sum(v for a, b, v in pairs if a in s and b in s)
 
     importance = {a: 100 * v for a, v in w.items()}  # % of the full model's loss (L_full = 1)
     plain = _Countable(heads, f)
-    results = {d: (prune_heads(loss := _Countable(heads, f), importance, 0.05, lookahead=d), loss.batches)
-               for d in (1, 3, 8)}
+    results = {
+        d: (prune_heads(loss := _Countable(heads, f), importance, 0.05, lookahead=d), loss.batches)
+        for d in (1, 3, 8)
+    }
     assert {r for r, _ in results.values()} == {prune_heads(plain, importance, 0.05)}
     assert results[8][1] < results[1][1]  # fewer rounds of evaluations
 
@@ -249,9 +301,12 @@ def test_lockstep_returns_what_each_job_returns_alone(embedded):
     alone = CircuitLoss(den, images, timesteps=[T], registry=registry)
     shared = CircuitLoss(den, images, timesteps=[T], registry=registry)
     draws = [[0, 0, 1, 2, 3, 3], [5, 4, 4, 1, 1, 0]]
-    expected = [prune_circuit(alone, importance, 0.1).heads] + [prune_heads(alone.resampled(d), importance, 0.1)
-                                                               for d in draws]
+    expected = [prune_circuit(alone, importance, 0.1).heads] + [
+        prune_heads(alone.resampled(d), importance, 0.1) for d in draws
+    ]
     with count_forwards(den.network) as cost:
-        got = lockstep([(lambda v: prune_circuit(v, importance, 0.1).heads, shared)]
-                       + [(lambda v: prune_heads(v, importance, 0.1), shared.resampled(d)) for d in draws])
+        got = lockstep(
+            [(lambda v: prune_circuit(v, importance, 0.1).heads, shared)]
+            + [(lambda v: prune_heads(v, importance, 0.1), shared.resampled(d)) for d in draws]
+        )
     assert got == expected and cost.forward_calls < alone.evaluations

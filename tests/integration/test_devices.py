@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffcircuit.discovery.run import importance_rows
+from diffcircuit.protocol.circuits import importance_rows
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.tasks import (
     Context,

@@ -33,18 +33,18 @@ from pathlib import Path
 import pandas as pd
 
 from diffcircuit.discovery.circuits import METRICS
-from diffcircuit.discovery.run import (
-    PRIMARY_TAU,
-    circuit_complexity,
-    discover_circuits,
-    importance_rows,
-)
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe_with_null
 from diffcircuit.models.spec import ModelSpec
+from diffcircuit.protocol.circuits import (
+    PRIMARY_TAU,
+    circuit_complexity,
+    discover_circuits,
+    importance_rows,
+)
 from diffcircuit.protocol.config import MEAN_REFERENCES, SYNTHETIC_COLORS, RunConfig
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import (

@@ -59,14 +59,32 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from diffcircuit.errors import ConfigError
 from diffcircuit.discovery.loss import METRICS, CircuitLoss, ResampledLoss
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadAddress
 
-__all__ = ["GAP_ALPHA", "METRICS", "Circuit", "CircuitLoss", "GapTest", "ResampledLoss", "circuit_curve", "curve_sizes", "gap_test",
-           "grow_circuit", "jaccard", "necessary_heads", "passes_tau", "prune_circuit", "prune_heads", "ranking_auc"]
+__all__ = [
+    "GAP_ALPHA",
+    "METRICS",
+    "Circuit",
+    "CircuitLoss",
+    "GapTest",
+    "ResampledLoss",
+    "circuit_curve",
+    "curve_sizes",
+    "gap_test",
+    "grow_circuit",
+    "jaccard",
+    "necessary_heads",
+    "passes_tau",
+    "prune_circuit",
+    "prune_heads",
+    "ranking_auc",
+]
 
-GAP_ALPHA = 0.05  # one-sided level of the gap test (Benjamini–Hochberg over a run's dataset x window tests)
+GAP_ALPHA = (
+    0.05  # one-sided level of the gap test (Benjamini–Hochberg over a run's dataset x window tests)
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,14 +94,20 @@ class GapTest:
     mean: float  # mean per-image gap L_empty − L_full
     ci_low: float  # 95 % percentile bootstrap interval of the mean over images
     ci_high: float
-    relative: float | None  # mean gap / mean L_full (None when L_full is 0, as for the output metric)
-    p_value: float  # H0: the per-image gaps are symmetric about 0 (sign-flip permutation), H1: mean > 0
+    relative: (
+        float | None
+    )  # mean gap / mean L_full (None when L_full is 0, as for the output metric)
+    p_value: (
+        float  # H0: the per-image gaps are symmetric about 0 (sign-flip permutation), H1: mean > 0
+    )
     p_floor: float  # the smallest p this test can give at this n
     effect_size: float  # Cohen's d_z of the per-image gaps
     n_images: int
     alpha: float
     test: str = "one-sided paired sign-flip permutation test of the per-image gap L_empty − L_full"
-    p_corrected: float | None = None  # p corrected over the family of gap tests (None: a lone test, uncorrected)
+    p_corrected: float | None = (
+        None  # p corrected over the family of gap tests (None: a lone test, uncorrected)
+    )
     family_size: int = 1  # how many gap tests that correction covers (datasets x windows)
     correction: str = "none"
 
@@ -96,15 +120,23 @@ class GapTest:
         """The corrected p of a lone positive gap at the floor (the first BH / Holm step: m · p_floor)."""
         return min(1.0, self.family_size * self.p_floor)
 
-    def corrected(self, p_corrected: float, family_size: int, correction: str) -> "GapTest":
-        return replace(self, p_corrected=float(p_corrected), family_size=int(family_size), correction=correction)
+    def corrected(self, p_corrected: float, family_size: int, correction: str) -> GapTest:
+        return replace(
+            self,
+            p_corrected=float(p_corrected),
+            family_size=int(family_size),
+            correction=correction,
+        )
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()} | {
-            "significant": self.significant, "q_floor": self.q_floor}
+        return {
+            k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()
+        } | {"significant": self.significant, "q_floor": self.q_floor}
 
 
-def gap_test(loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 9999, seed: int = 0) -> GapTest:
+def gap_test(
+    loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 9999, seed: int = 0
+) -> GapTest:
     """The gap's mean with its CI and a one-sided sign-flip p-value (exact when 2^n ≤ ``n_resamples``)."""
     from scipy import stats
 
@@ -114,14 +146,28 @@ def gap_test(loss: CircuitLoss, *, alpha: float = GAP_ALPHA, n_resamples: int = 
     full, empty = loss.per_image([]), loss.per_image(loss.heads)
     diff = empty - full  # [n_images]
     mean, low, high = mean_ci(diff, seed=seed)
-    res = stats.permutation_test((diff,), np.mean, permutation_type="samples", alternative="greater", vectorized=True,
-                                 n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+    res = stats.permutation_test(
+        (diff,),
+        np.mean,
+        permutation_type="samples",
+        alternative="greater",
+        vectorized=True,
+        n_resamples=n_resamples,
+        random_state=np.random.default_rng(seed),
+    )
     exact = len(diff) <= 62 and 2 ** len(diff) <= n_resamples
     sd = diff.std(ddof=1) if len(diff) > 1 else 0.0
-    return GapTest(mean=mean, ci_low=low, ci_high=high,
-                   relative=float(mean / full.mean()) if full.mean() > 0 else None, p_value=float(res.pvalue),
-                   p_floor=2.0 ** -len(diff) if exact else 1.0 / (n_resamples + 1),
-                   effect_size=float(diff.mean() / sd) if sd > 0 else float("nan"), n_images=len(diff), alpha=alpha)
+    return GapTest(
+        mean=mean,
+        ci_low=low,
+        ci_high=high,
+        relative=float(mean / full.mean()) if full.mean() > 0 else None,
+        p_value=float(res.pvalue),
+        p_floor=2.0 ** -len(diff) if exact else 1.0 / (n_resamples + 1),
+        effect_size=float(diff.mean() / sd) if sd > 0 else float("nan"),
+        n_images=len(diff),
+        alpha=alpha,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,14 +180,20 @@ class Circuit:
     loss_empty: float
     loss_circuit: float  # everything outside the circuit ablated
     loss_without_circuit: float  # only the circuit ablated
-    necessary: tuple[HeadAddress, ...] | None = None  # individually necessary heads (None: not computed)
+    necessary: tuple[HeadAddress, ...] | None = (
+        None  # individually necessary heads (None: not computed)
+    )
 
     @property
     def gap(self) -> float:
         return self.loss_empty - self.loss_full
 
     def _recovered(self, loss: float) -> float:
-        return (self.loss_empty - loss) / self.gap if self.gap > 1e-9 * abs(self.loss_empty) else float("nan")
+        return (
+            (self.loss_empty - loss) / self.gap
+            if self.gap > 1e-9 * abs(self.loss_empty)
+            else float("nan")
+        )
 
     @property
     def faithfulness(self) -> float:
@@ -169,8 +221,16 @@ def passes_tau(value: float, full: float, empty: float, tau: float) -> bool:
 def _circuit(loss, kept: Sequence[HeadAddress], tau: float, full: float, empty: float) -> Circuit:
     outside = [a for a in loss.heads if a not in kept]
     _prefetch(loss, [outside, kept])
-    return Circuit(heads=tuple(sorted(kept)), tau=tau, method=loss.method, metric=getattr(loss, "metric", "eps"),
-                   loss_full=full, loss_empty=empty, loss_circuit=loss(outside), loss_without_circuit=loss(list(kept)))
+    return Circuit(
+        heads=tuple(sorted(kept)),
+        tau=tau,
+        method=loss.method,
+        metric=getattr(loss, "metric", "eps"),
+        loss_full=full,
+        loss_empty=empty,
+        loss_circuit=loss(outside),
+        loss_without_circuit=loss(list(kept)),
+    )
 
 
 def necessary_heads(loss, heads: Sequence[HeadAddress], tau: float) -> tuple[HeadAddress, ...]:
@@ -188,24 +248,34 @@ def _next_state(order: list, state: tuple, passed: bool, grouped: bool) -> tuple
     head's failure keeps that head. One at a time: every run is one head."""
     i, size, removed = state
     if passed:
-        return i + size, 2 * size if grouped else 1, removed + tuple(order[i:i + size])
+        return i + size, 2 * size if grouped else 1, removed + tuple(order[i : i + size])
     return (i + 1, 1, removed) if size == 1 else (i, size // 2, removed)
 
 
-def _speculate(loss, order: list, state: tuple, *, full: float, empty: float, tau: float, grouped: bool,
-               importance: dict, depth: int) -> None:
+def _speculate(
+    loss,
+    order: list,
+    state: tuple,
+    *,
+    full: float,
+    empty: float,
+    tau: float,
+    grouped: bool,
+    importance: dict,
+    depth: int,
+) -> None:
     """Prefetch the runs of the search's next ``depth`` states along the path the single-head effects predict
     (L(R ∪ run) ≈ L(R) + Σ importance/100 · L_full over the run: importance as % of the full model's loss), so
     that a lockstep round or one stacked forward evaluates them together. Only a cost: the search itself
     decides on the evaluated losses, so a wrong prediction wastes evaluations, never changes a result."""
     known = getattr(loss, "known", None)
     i, size, removed = state
-    if known is None or known([*removed, *order[i:i + size]]):
+    if known is None or known([*removed, *order[i : i + size]]):
         return
     value, sets = loss(list(removed)), []
     while len(sets) < depth and state[0] < len(order):
         i, size, removed = state
-        run = order[i:i + size]
+        run = order[i : i + size]
         sets.append([*removed, *run])
         predicted = value + sum(importance.get(a, 0.0) for a in run) / 100 * full
         passed = passes_tau(predicted, full, empty, tau)
@@ -214,8 +284,14 @@ def _speculate(loss, order: list, state: tuple, *, full: float, empty: float, ta
     _prefetch(loss, sets)
 
 
-def prune_heads(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped",
-                lookahead: int = 1) -> tuple[HeadAddress, ...]:
+def prune_heads(
+    loss,
+    importance: dict[HeadAddress, float],
+    tau: float,
+    *,
+    search: str = "grouped",
+    lookahead: int = 1,
+) -> tuple[HeadAddress, ...]:
     """The heads ``prune_circuit`` keeps (without evaluating the circuit's own losses): all heads but those removed,
     least important first, while the removal set stays within τ of the gap; none when there is no positive gap.
     ``lookahead`` > 1: before each evaluation not yet made, the next ``lookahead`` evaluations the single-head
@@ -232,15 +308,30 @@ def prune_heads(loss, importance: dict[HeadAddress, float], tau: float, *, searc
     while state[0] < len(order):
         i, size, removed = state
         if lookahead > 1:
-            _speculate(loss, order, state, full=full, empty=empty, tau=tau, grouped=grouped, importance=importance,
-                       depth=lookahead)
-        passed = passes_tau(loss([*removed, *order[i:i + size]]), full, empty, tau)
+            _speculate(
+                loss,
+                order,
+                state,
+                full=full,
+                empty=empty,
+                tau=tau,
+                grouped=grouped,
+                importance=importance,
+                depth=lookahead,
+            )
+        passed = passes_tau(loss([*removed, *order[i : i + size]]), full, empty, tau)
         state = _next_state(order, state, passed, grouped)
     return tuple(a for a in loss.heads if a not in state[2])
 
 
-def prune_circuit(loss, importance: dict[HeadAddress, float], tau: float, *, search: str = "grouped",
-                  lookahead: int = 1) -> Circuit:
+def prune_circuit(
+    loss,
+    importance: dict[HeadAddress, float],
+    tau: float,
+    *,
+    search: str = "grouped",
+    lookahead: int = 1,
+) -> Circuit:
     """Remove heads, least important first, while the circuit stays within τ of the gap.
 
     With no positive gap (ablating every head costs nothing) the circuit is empty: nothing to recover.
@@ -258,7 +349,9 @@ def curve_sizes(n_heads: int) -> list[int]:
     return sorted(s for s in sizes if s <= n_heads)
 
 
-def circuit_curve(loss, importance: dict[HeadAddress, float], sizes: Sequence[int] | None = None) -> list[dict]:
+def circuit_curve(
+    loss, importance: dict[HeadAddress, float], sizes: Sequence[int] | None = None
+) -> list[dict]:
     """Faithfulness and recovered_without_circuit of the top-k heads by importance, for each size k."""
     order = sorted(loss.heads, key=lambda a: (-importance.get(a, 0.0), str(a)))
     sizes = curve_sizes(len(order)) if sizes is None else sizes
@@ -267,9 +360,17 @@ def circuit_curve(loss, importance: dict[HeadAddress, float], sizes: Sequence[in
     out = []
     for k in sizes:
         c = _circuit(loss, order[:k], float("nan"), full, empty)
-        out.append({"size": int(k), "loss_full": full, "loss_empty": empty, "loss_circuit": c.loss_circuit,
-                    "loss_without_circuit": c.loss_without_circuit, "faithfulness": c.faithfulness,
-                    "recovered_without_circuit": c.recovered_without_circuit})
+        out.append(
+            {
+                "size": int(k),
+                "loss_full": full,
+                "loss_empty": empty,
+                "loss_circuit": c.loss_circuit,
+                "loss_without_circuit": c.loss_without_circuit,
+                "faithfulness": c.faithfulness,
+                "recovered_without_circuit": c.recovered_without_circuit,
+            }
+        )
     return out
 
 

@@ -34,14 +34,19 @@ class _Replay:
     """A loss view for one round of one job: cached values only; the first missing set(s) stop the job."""
 
     def __init__(self, view: CircuitLoss | ResampledLoss, lookahead: int = 1):
-        self.view, self.lookahead = view, lookahead  # how far ahead a search may ask this round (``prune_heads``)
+        self.view, self.lookahead = (
+            view,
+            lookahead,
+        )  # how far ahead a search may ask this round (``prune_heads``)
         self.need: list[frozenset] = []
 
     def __getattr__(self, name: str):  # heads, method, metric, registry, n_images: the loss's own
         return getattr(self.view, name)
 
     def _ready(self, sets) -> None:
-        if not hasattr(self.view, "known"):  # a plain loss (a function of the head set): computed when called
+        if not hasattr(
+            self.view, "known"
+        ):  # a plain loss (a function of the head set): computed when called
             return
         missing = [frozenset(s) for s in sets if not self.view.known(s)]
         if missing:
@@ -68,7 +73,11 @@ def _request(view, key: frozenset):
 
 def _rows(requests) -> set:
     """The (loss, set, timestep, image) rows the requests need that are not evaluated yet."""
-    return {(id(base), key, i, k) for base, key, images in requests for i, k in base.missing(key, images)}
+    return {
+        (id(base), key, i, k)
+        for base, key, images in requests
+        for i, k in base.missing(key, images)
+    }
 
 
 def _fit(needs: dict[int, list], budget: int) -> tuple[list[int], list[int], set, int]:
@@ -100,8 +109,12 @@ def _needs(jobs, active: list[int], results: list, lookahead: int) -> dict[int, 
     return needs
 
 
-def lockstep(jobs: Sequence[tuple[Callable, CircuitLoss | ResampledLoss]], *, lookahead: int = 1,
-             on_round: Callable[[int], None] | None = None) -> list:
+def lockstep(
+    jobs: Sequence[tuple[Callable, CircuitLoss | ResampledLoss]],
+    *,
+    lookahead: int = 1,
+    on_round: Callable[[int], None] | None = None,
+) -> list:
     """``[fn(view) for fn, view in jobs]``, with the head sets every unfinished job needs next evaluated together
     each round. A round runs whole forwards (``stack_rows`` rows each): the jobs whose requests would spill into a
     last, partly filled forward wait for the next round, ahead of the others. ``lookahead`` > 1: rows the round's
@@ -116,7 +129,9 @@ def lockstep(jobs: Sequence[tuple[Callable, CircuitLoss | ResampledLoss]], *, lo
             break
         budget = min(base.stack_rows for requests in needs.values() for base, _, _ in requests)
         run, deferred, used, capacity = _fit(needs, budget)
-        if lookahead > 1 and len(used) < capacity:  # the slack of the last forward: speculate into it
+        if (
+            lookahead > 1 and len(used) < capacity
+        ):  # the slack of the last forward: speculate into it
             for j, requests in _needs(jobs, run, results, lookahead).items():
                 new = _rows(requests) - used
                 if len(used) + len(new) <= capacity:

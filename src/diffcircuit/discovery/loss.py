@@ -40,7 +40,14 @@ from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, 
 from diffcircuit.models.diffusion import eps_mse_per_image
 from diffcircuit.models.noise import noisy_batch
 
-__all__ = ["METRICS", "STACK_ROWS", "CircuitLoss", "ResampledLoss", "evaluate_sets", "reference_means"]
+__all__ = [
+    "METRICS",
+    "STACK_ROWS",
+    "CircuitLoss",
+    "ResampledLoss",
+    "evaluate_sets",
+    "reference_means",
+]
 
 METRICS = ("eps", "output")
 STACK_ROWS = 256  # rows (image x head-set variants) per forward: the memory budget of one forward
@@ -49,7 +56,11 @@ STACK_ROWS = 256  # rows (image x head-set variants) per forward: the memory bud
 def _take(obj, index: np.ndarray, n: int):
     """``obj`` (tensors, arrays and containers of them) with every ``n``-row tensor or array cut to rows ``index``."""
     if isinstance(obj, torch.Tensor):
-        return obj[torch.as_tensor(index, device=obj.device)] if obj.ndim and obj.shape[0] == n else obj
+        return (
+            obj[torch.as_tensor(index, device=obj.device)]
+            if obj.ndim and obj.shape[0] == n
+            else obj
+        )
     if isinstance(obj, np.ndarray):
         return obj[index] if obj.ndim and obj.shape[0] == n else obj
     if isinstance(obj, dict):
@@ -57,7 +68,9 @@ def _take(obj, index: np.ndarray, n: int):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_take(v, index, n) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _take(getattr(obj, f.name), index, n) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj, **{f.name: _take(getattr(obj, f.name), index, n) for f in dataclasses.fields(obj)}
+        )
     return obj
 
 
@@ -75,8 +88,10 @@ def _cat(objs: list):
     if isinstance(first, (list, tuple)) and not all(isinstance(v, str) for v in first):
         return type(first)(_cat(list(vs)) for vs in zip(*objs))
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: _cat([getattr(o, f.name) for o in objs])
-                                             for f in dataclasses.fields(first)})
+        return dataclasses.replace(
+            first,
+            **{f.name: _cat([getattr(o, f.name) for o in objs]) for f in dataclasses.fields(first)},
+        )
     return first
 
 
@@ -88,10 +103,23 @@ class CircuitLoss:
     evaluated (on any images); ``prefetch(sets)`` evaluates several sets together, stacked.
     """
 
-    def __init__(self, denoiser, images: np.ndarray, *, timesteps: Sequence[int], method: str = "mean", seed: int = 0,
-                 dataset: str = "a", registry: HeadRegistry | None = None, which: tuple[str, np.ndarray] | None = None,
-                 metric: str = "eps", reference: Sequence[ReferenceImages] | None = None, stack_rows: int = STACK_ROWS,
-                 prefix_reuse: bool = True, means: Sequence[dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        denoiser,
+        images: np.ndarray,
+        *,
+        timesteps: Sequence[int],
+        method: str = "mean",
+        seed: int = 0,
+        dataset: str = "a",
+        registry: HeadRegistry | None = None,
+        which: tuple[str, np.ndarray] | None = None,
+        metric: str = "eps",
+        reference: Sequence[ReferenceImages] | None = None,
+        stack_rows: int = STACK_ROWS,
+        prefix_reuse: bool = True,
+        means: Sequence[dict[str, torch.Tensor]] | None = None,
+    ):
         """``dataset`` labels the noise draws; ``which`` = (dataset, indices) says which images of which dataset
         ``images`` are, for their captions (default: ``dataset``'s first ``len(images)``). ``reference``: the
         images mean ablation takes its means from (None: ``images`` themselves, in-sample); ``means``: those
@@ -113,26 +141,49 @@ class CircuitLoss:
         self.stages = prefix_runner(denoiser)
         self.prefix_reuse = prefix_reuse and self.stages.supported
         self.inputs, self.means, self.targets, self.clean = [], [], [], []
-        self._cache: dict[frozenset, np.ndarray] = {}  # head set -> [timesteps, images], NaN: not evaluated
+        self._cache: dict[
+            frozenset, np.ndarray
+        ] = {}  # head set -> [timesteps, images], NaN: not evaluated
         self._values: dict[frozenset, float] = {}
         self.evaluations = 0
         with torch.no_grad():
-            for t_val in timesteps:  # the noise is keyed by ``dataset`` and the position in ``images``
+            for (
+                t_val
+            ) in timesteps:  # the noise is keyed by ``dataset`` and the position in ``images``
                 b = noisy_batch(denoiser, x0, np.arange(len(x0)), t_val, seed=seed, dataset=dataset)
                 self.inputs.append((b.x_t, b.t))
-                self.clean.append(None)  # the clean forward's prefix record, once a forward has made it
-                moments, eps_clean, in_sample = ActivationMoments(), None, reference is None and means is None
-                if means is None and reference is not None:  # e.g. held-out images: no image is part of its own mean
-                    moments = reference_moments(denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0))
+                self.clean.append(
+                    None
+                )  # the clean forward's prefix record, once a forward has made it
+                moments, eps_clean, in_sample = (
+                    ActivationMoments(),
+                    None,
+                    reference is None and means is None,
+                )
+                if (
+                    means is None and reference is not None
+                ):  # e.g. held-out images: no image is part of its own mean
+                    moments = reference_moments(
+                        denoiser, self.registry, reference, t_val, seed=seed, batch_size=len(x0)
+                    )
                 if in_sample or metric == "output":  # the clean forward is needed now: record it
-                    eps_clean = self._clean_forward(len(self.inputs) - 1, moments if in_sample else None)
-                self.means.append(means[len(self.inputs) - 1] if means is not None else
-                                  {i.layer: moments.mean(i.layer) for i in self.registry.layers})
+                    eps_clean = self._clean_forward(
+                        len(self.inputs) - 1, moments if in_sample else None
+                    )
+                self.means.append(
+                    means[len(self.inputs) - 1]
+                    if means is not None
+                    else {i.layer: moments.mean(i.layer) for i in self.registry.layers}
+                )
                 # what ε̂ is compared with: the true noise, or the full model's own ε̂ (ACDC's output distance)
                 self.targets.append(b.eps if metric == "eps" else eps_clean)
                 if eps_clean is not None:
-                    self._store(frozenset(), len(self.inputs) - 1, np.arange(self.n_images),
-                                eps_mse_per_image(eps_clean, self.targets[-1]))
+                    self._store(
+                        frozenset(),
+                        len(self.inputs) - 1,
+                        np.arange(self.n_images),
+                        eps_mse_per_image(eps_clean, self.targets[-1]),
+                    )
 
     def _clean_forward(self, i: int, moments: ActivationMoments | None) -> torch.Tensor:
         """Timestep ``i``'s clean ε̂, recording the prefix state (and, into ``moments``, every head's output)."""
@@ -150,7 +201,9 @@ class CircuitLoss:
         if key not in self._cache:
             self._cache[key] = np.full((self.n_timesteps, self.n_images), np.nan)
             self.evaluations += 1
-        self._cache[key][i, images] = losses.detach().cpu().double().numpy() if torch.is_tensor(losses) else losses
+        self._cache[key][i, images] = (
+            losses.detach().cpu().double().numpy() if torch.is_tensor(losses) else losses
+        )
 
     def _images(self, images) -> np.ndarray:
         return np.arange(self.n_images) if images is None else np.asarray(images, dtype=np.int64)
@@ -204,9 +257,16 @@ class ResampledLoss:
 
     def __init__(self, base: CircuitLoss, draw: Sequence[int]):
         self.base, self.draw = base, np.asarray(draw, dtype=np.int64)
-        self.heads, self.method, self.metric, self.registry = base.heads, base.method, base.metric, base.registry
+        self.heads, self.method, self.metric, self.registry = (
+            base.heads,
+            base.method,
+            base.metric,
+            base.registry,
+        )
         self.n_images = len(self.draw)
-        self.images, self._inverse = np.unique(self.draw, return_inverse=True)  # distinct images; draw = images[inverse]
+        self.images, self._inverse = np.unique(
+            self.draw, return_inverse=True
+        )  # distinct images; draw = images[inverse]
         self._values: dict[frozenset, float] = {}
 
     def known(self, ablated) -> bool:
@@ -232,12 +292,23 @@ def _rows_key(den, dataset: str) -> str | None:
 
 
 @torch.no_grad()
-def reference_means(denoiser, registry: HeadRegistry, wanted: Sequence[tuple[Sequence[ReferenceImages], int]], *,
-                    seed: int, stack_rows: int = STACK_ROWS) -> list[dict[str, torch.Tensor]]:
+def reference_means(
+    denoiser,
+    registry: HeadRegistry,
+    wanted: Sequence[tuple[Sequence[ReferenceImages], int]],
+    *,
+    seed: int,
+    stack_rows: int = STACK_ROWS,
+) -> list[dict[str, torch.Tensor]]:
     """For each (reference images, timestep) of ``wanted``: every layer's head outputs averaged over those images
     (each noised with its own draw) ``{layer: [heads, q, d]}``, from clean forwards stacked up to ``stack_rows``
     rows (the means ``interventions.sweep.reference_moments`` gives, several at once)."""
-    rows = [(w, ref, int(j)) for w, (refs, _) in enumerate(wanted) for ref in refs for j in range(len(ref.images))]
+    rows = [
+        (w, ref, int(j))
+        for w, (refs, _) in enumerate(wanted)
+        for ref in refs
+        for j in range(len(ref.images))
+    ]
     sums: list[dict] = [{} for _ in wanted]
     groups: dict = {}
     for row in rows:
@@ -245,12 +316,21 @@ def reference_means(denoiser, registry: HeadRegistry, wanted: Sequence[tuple[Seq
     layers = [info.layer for info in registry.layers]
     for group in groups.values():
         for lo in range(0, len(group), stack_rows):
-            chunk = group[lo:lo + stack_rows]
+            chunk = group[lo : lo + stack_rows]
             parts: dict = {}  # (wanted, reference) -> positions in the reference's images
             for w, ref, j in chunk:
                 parts.setdefault((w, id(ref)), (w, ref, []))[2].append(j)
-            batches = [noisy_batch(denoiser, ref.images[js], np.asarray(ref.index)[js], wanted[w][1], seed=seed,
-                                   dataset=ref.dataset) for w, ref, js in parts.values()]
+            batches = [
+                noisy_batch(
+                    denoiser,
+                    ref.images[js],
+                    np.asarray(ref.index)[js],
+                    wanted[w][1],
+                    seed=seed,
+                    dataset=ref.dataset,
+                )
+                for w, ref, js in parts.values()
+            ]
             x_t, t = torch.cat([b.x_t for b in batches]), torch.cat([b.t for b in batches])
             which = (batches[0].dataset, np.concatenate([b.rows for b in batches]))
             with instrument(denoiser, registry=registry, cache_heads=layers) as session:
@@ -259,14 +339,17 @@ def reference_means(denoiser, registry: HeadRegistry, wanted: Sequence[tuple[Seq
             start = 0
             for w, _, js in parts.values():
                 for layer in layers:
-                    part = acts[layer][start:start + len(js)].double().sum(0)
+                    part = acts[layer][start : start + len(js)].double().sum(0)
                     sums[w][layer] = sums[w].get(layer, 0) + part
                 start += len(js)
     counts = [sum(len(ref.images) for ref in refs) for refs, _ in wanted]
-    return [{layer: (total / n).float() for layer, total in s.items()} for s, n in zip(sums, counts)]
+    return [
+        {layer: (total / n).float() for layer, total in s.items()} for s, n in zip(sums, counts)
+    ]
 
 
 # ---- the engine: requests (loss, head set, images) -> rows -> stacked forwards ------------------------------------
+
 
 @dataclasses.dataclass
 class _Rows:
@@ -285,9 +368,16 @@ def _missing_rows(requests, order: dict[str, int]) -> _Rows:
     wanted: dict[tuple[int, frozenset], tuple] = {}
     for loss, key, images in requests:  # the union of the images each (loss, set) is asked for
         k = (id(loss), key)
-        wanted[k] = (loss, key, np.union1d(wanted[k][2], images) if k in wanted else np.unique(images))
-    unrecorded = {id(loss): loss for loss, _, _ in wanted.values()
-                  if loss.prefix_reuse and any(record is None for record in loss.clean)}
+        wanted[k] = (
+            loss,
+            key,
+            np.union1d(wanted[k][2], images) if k in wanted else np.unique(images),
+        )
+    unrecorded = {
+        id(loss): loss
+        for loss, _, _ in wanted.values()
+        if loss.prefix_reuse and any(record is None for record in loss.clean)
+    }
     for loss in unrecorded.values():
         k = (id(loss), frozenset())
         wanted[k] = (loss, frozenset(), np.arange(loss.n_images))
@@ -295,11 +385,15 @@ def _missing_rows(requests, order: dict[str, int]) -> _Rows:
     for loss, key, images in wanted.values():
         c = loss._cache.get(key)
         for i in range(loss.n_timesteps):
-            _extend(rows, loss, key, i, images if c is None else images[np.isnan(c[i, images])], order)
+            _extend(
+                rows, loss, key, i, images if c is None else images[np.isnan(c[i, images])], order
+            )
     return rows
 
 
-def _extend(rows: _Rows, loss, key: frozenset, i: int, images: np.ndarray, order: dict[str, int]) -> None:
+def _extend(
+    rows: _Rows, loss, key: frozenset, i: int, images: np.ndarray, order: dict[str, int]
+) -> None:
     first = min((order[a.layer] for a in key), default=len(order))
     for j in images:
         rows.loss.append(loss), rows.key.append(key), rows.step.append(i), rows.image.append(int(j))
@@ -315,18 +409,25 @@ def evaluate_sets(requests: Sequence[tuple[CircuitLoss, frozenset, np.ndarray]])
     groups: dict[tuple, list] = {}
     for req in requests:
         loss = req[0]
-        groups.setdefault((id(loss.den), id(loss.registry), loss.method, _rows_key(loss.den, loss.which[0])), []).append(req)
+        groups.setdefault(
+            (id(loss.den), id(loss.registry), loss.method, _rows_key(loss.den, loss.which[0])), []
+        ).append(req)
     for reqs in groups.values():
         losses = [r[0] for r in reqs]
         order = {info.layer: k for k, info in enumerate(losses[0].registry.layers)}
         rows = _missing_rows(reqs, order)
         # rows that make a clean record come first (their forward runs from the start), then by the first layer
         # touched, so that a forward restarts as late as its rows allow
-        needs_record = [loss.prefix_reuse and loss.clean[i] is None for loss, i in zip(rows.loss, rows.step)]
-        ranked = sorted(range(len(rows.loss)), key=lambda r: (not needs_record[r], bool(rows.key[r]), rows.first[r]))
+        needs_record = [
+            loss.prefix_reuse and loss.clean[i] is None for loss, i in zip(rows.loss, rows.step)
+        ]
+        ranked = sorted(
+            range(len(rows.loss)),
+            key=lambda r: (not needs_record[r], bool(rows.key[r]), rows.first[r]),
+        )
         per = min(loss.stack_rows for loss in losses)
         for lo in range(0, len(ranked), per):
-            _forward(rows, ranked[lo:lo + per])
+            _forward(rows, ranked[lo : lo + per])
 
 
 @torch.no_grad()
@@ -340,23 +441,48 @@ def _forward(rows: _Rows, chunk: list[int]) -> None:
         groups.setdefault((id(rows.loss[r]), rows.step[r]), []).append(r)
     loss0 = rows.loss[chunk[0]]
     den, registry, stages = loss0.den, loss0.registry, loss0.stages
-    members = [(rows.loss[g[0]], rows.step[g[0]], np.array([rows.image[r] for r in g])) for g in groups.values()]
-    x_t = torch.cat([loss.inputs[i][0][torch.as_tensor(img, device=loss.inputs[i][0].device)] for loss, i, img in members])
-    t = torch.cat([loss.inputs[i][1][torch.as_tensor(img, device=loss.inputs[i][1].device)] for loss, i, img in members])
-    which = (loss0.which[0], np.concatenate([np.asarray(loss.which[1])[img] for loss, _, img in members]))
+    members = [
+        (rows.loss[g[0]], rows.step[g[0]], np.array([rows.image[r] for r in g]))
+        for g in groups.values()
+    ]
+    x_t = torch.cat(
+        [
+            loss.inputs[i][0][torch.as_tensor(img, device=loss.inputs[i][0].device)]
+            for loss, i, img in members
+        ]
+    )
+    t = torch.cat(
+        [
+            loss.inputs[i][1][torch.as_tensor(img, device=loss.inputs[i][1].device)]
+            for loss, i, img in members
+        ]
+    )
+    which = (
+        loss0.which[0],
+        np.concatenate([np.asarray(loss.which[1])[img] for loss, _, img in members]),
+    )
     hooks, touched = _row_hooks(rows, chunk, members, groups)
-    resume = bool(touched) and all(loss.prefix_reuse and loss.clean[i] is not None for loss, i, _ in members)
+    resume = bool(touched) and all(
+        loss.prefix_reuse and loss.clean[i] is not None for loss, i, _ in members
+    )
     record: dict | None = None if resume or not loss0.prefix_reuse else {}
     with instrument(den, registry=registry, hooks=hooks):
         if resume:
             state = _cat([_take(loss.clean[i], img, loss.n_images) for loss, i, img in members])
-            if "rows" in state:  # a whole-forward replay (``BlockMemo``) runs the chunk's own inputs and rows
+            if (
+                "rows" in state
+            ):  # a whole-forward replay (``BlockMemo``) runs the chunk's own inputs and rows
                 state = state | {"inputs": (x_t, t), "rows": which}
             out = stages.resume(touched, state)
         else:
             out = stages.run(x_t, t, rows=which, record=record)
     eps_hat = den.eps_hat(out, x_t, t)  # [rows, C, H, W]
-    targets = torch.cat([loss.targets[i][torch.as_tensor(img, device=loss.targets[i].device)] for loss, i, img in members])
+    targets = torch.cat(
+        [
+            loss.targets[i][torch.as_tensor(img, device=loss.targets[i].device)]
+            for loss, i, img in members
+        ]
+    )
     losses = eps_mse_per_image(eps_hat, targets.to(eps_hat.device)).cpu().double().numpy()  # [rows]
     for r, value in zip(chunk, losses):
         rows.loss[r]._store(rows.key[r], rows.step[r], np.array([rows.image[r]]), value)
@@ -364,14 +490,19 @@ def _forward(rows: _Rows, chunk: list[int]) -> None:
         _keep_clean_records(rows, chunk, members, record)
 
 
-def _row_hooks(rows: _Rows, chunk: list[int], members: list, groups: dict) -> tuple[dict, list[str]]:
+def _row_hooks(
+    rows: _Rows, chunk: list[int], members: list, groups: dict
+) -> tuple[dict, list[str]]:
     """Per touched layer a ``rows_where`` hook: mask ``[rows, heads]`` of the heads each row ablates, and the value
     they take (0, or the mean of its loss and timestep ``[heads, q, d]``, per row ``[rows, heads, q, d]``)."""
     loss0 = rows.loss[chunk[0]]
     masks: dict[str, torch.Tensor] = {}
     for r_pos, r in enumerate(chunk):
         for a in rows.key[r]:
-            mask = masks.setdefault(a.layer, torch.zeros(len(chunk), loss0.registry.layer(a.layer).heads, dtype=torch.bool))
+            mask = masks.setdefault(
+                a.layer,
+                torch.zeros(len(chunk), loss0.registry.layer(a.layer).heads, dtype=torch.bool),
+            )
             mask[r_pos, a.head] = True
     if loss0.method == "zero":
         return {layer: rows_where(mask, 0.0) for layer, mask in masks.items()}, list(masks)
@@ -379,7 +510,11 @@ def _row_hooks(rows: _Rows, chunk: list[int], members: list, groups: dict) -> tu
     hooks = {}
     for layer, mask in masks.items():
         means = [loss.means[i][layer] for loss, i, _ in members]
-        value = means[0] if len(means) == 1 else torch.cat([m[None].expand(k, *m.shape) for m, k in zip(means, sizes)])
+        value = (
+            means[0]
+            if len(means) == 1
+            else torch.cat([m[None].expand(k, *m.shape) for m, k in zip(means, sizes)])
+        )
         hooks[layer] = rows_where(mask, value)
     return hooks, list(masks)
 
@@ -388,8 +523,12 @@ def _keep_clean_records(rows: _Rows, chunk: list[int], members: list, record: di
     """Each (loss, timestep) whose empty set ran on all its images in this forward keeps those rows' record."""
     empty, start = frozenset(), 0
     for loss, i, img in members:
-        positions = [start + k for k, r in enumerate(chunk[start:start + len(img)]) if rows.key[r] == empty]
+        positions = [
+            start + k for k, r in enumerate(chunk[start : start + len(img)]) if rows.key[r] == empty
+        ]
         start += len(img)
-        if loss.clean[i] is None and sorted(rows.image[chunk[p]] for p in positions) == list(range(loss.n_images)):
+        if loss.clean[i] is None and sorted(rows.image[chunk[p]] for p in positions) == list(
+            range(loss.n_images)
+        ):
             by_image = sorted(positions, key=lambda p: rows.image[chunk[p]])
             loss.clean[i] = _take(record, np.array(by_image), len(chunk))

@@ -34,12 +34,23 @@ from diffcircuit.instrument.processor import InstrumentedAttnProcessor
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.metrics.probes import PROBE_CHANNELS
 
-__all__ = ["PlantedModel", "centre_logits", "duplicate_head", "edge_logits", "forcing", "plant", "random_logits",
-           "texture_logits", "zero_heads"]
+__all__ = [
+    "PlantedModel",
+    "centre_logits",
+    "duplicate_head",
+    "edge_logits",
+    "forcing",
+    "plant",
+    "random_logits",
+    "texture_logits",
+    "zero_heads",
+]
 
 
 def _head_slice(attn, head: int) -> slice:
-    d = attn.inner_dim // attn.heads  # head dimension: heads are consecutive d-row blocks of to_q/to_k/to_v
+    d = (
+        attn.inner_dim // attn.heads
+    )  # head dimension: heads are consecutive d-row blocks of to_q/to_k/to_v
     return slice(head * d, (head + 1) * d)
 
 
@@ -57,10 +68,16 @@ def duplicate_head(net: torch.nn.Module, layer: str, source: int, target: int) -
     """In place: head ``target`` of ``layer`` becomes a copy of head ``source`` and both outputs are halved."""
     attn = dict(attention_modules(net))[layer]
     if attn.is_cross_attention or getattr(attn, "norm_q", None) is not None or source == target:
-        raise ConfigError("duplicate_head needs two different heads of a self-attention layer without q/k norms")
+        raise ConfigError(
+            "duplicate_head needs two different heads of a self-attention layer without q/k norms"
+        )
     s, t = _head_slice(attn, source), _head_slice(attn, target)
     with torch.no_grad():
-        for linear in (attn.to_q, attn.to_k, attn.to_v):  # weight: [inner_dim, query_dim]; rows are per head
+        for linear in (
+            attn.to_q,
+            attn.to_k,
+            attn.to_v,
+        ):  # weight: [inner_dim, query_dim]; rows are per head
             linear.weight[t] = linear.weight[s]
             if linear.bias is not None:
                 linear.bias[t] = linear.bias[s]
@@ -77,25 +94,45 @@ class PlantedModel:
     redundant: tuple[str, str] | None = None
 
 
-def plant(net: torch.nn.Module, *, dead: Sequence[str], essential_layer: str | None = None, essential_head: int = 0,
-          redundant: tuple[str, int, int] | None = None) -> PlantedModel:
+def plant(
+    net: torch.nn.Module,
+    *,
+    dead: Sequence[str],
+    essential_layer: str | None = None,
+    essential_head: int = 0,
+    redundant: tuple[str, int, int] | None = None,
+) -> PlantedModel:
     """A copy of ``net`` with ``dead`` heads (outside the essential layer and the redundant pair), the
     essential head (with ``essential_layer``) and, with ``redundant`` = (layer, a, b), head b made a
     duplicate of head a."""
     planted = copy.deepcopy(net)
-    pair = () if redundant is None else (f"{redundant[0]}:{redundant[1]}", f"{redundant[0]}:{redundant[2]}")
+    pair = (
+        ()
+        if redundant is None
+        else (f"{redundant[0]}:{redundant[1]}", f"{redundant[0]}:{redundant[2]}")
+    )
     if redundant is not None and redundant[0] == essential_layer:
-        raise ConfigError("the redundant pair must lie outside the essential layer (whose other heads are dead)")
+        raise ConfigError(
+            "the redundant pair must lie outside the essential layer (whose other heads are dead)"
+        )
     silenced = []
     if essential_layer is not None:
         heads = dict(attention_modules(planted))[essential_layer].heads
         silenced = [f"{essential_layer}:{h}" for h in range(heads) if h != essential_head]
-    dead = tuple(a for a in dead if a not in pair and (essential_layer is None or not a.startswith(essential_layer + ":")))
+    dead = tuple(
+        a
+        for a in dead
+        if a not in pair and (essential_layer is None or not a.startswith(essential_layer + ":"))
+    )
     zero_heads(planted, [*dead, *silenced])
     if redundant is not None:
         duplicate_head(planted, *redundant)
-    return PlantedModel(network=planted, dead=dead, essential=None if essential_layer is None else
-                        f"{essential_layer}:{essential_head}", redundant=pair or None)
+    return PlantedModel(
+        network=planted,
+        dead=dead,
+        essential=None if essential_layer is None else f"{essential_layer}:{essential_head}",
+        redundant=pair or None,
+    )
 
 
 def edge_logits(feats: torch.Tensor, generator=None) -> torch.Tensor:
@@ -127,7 +164,9 @@ def _forced_processor(pattern: Pattern, heads: dict[str, list[int]], generator):
     class Forced(InstrumentedAttnProcessor):
         def _attend(self, query, key, value, mask, shape):
             chosen = heads.get(self.layer, [])
-            feats = self.session.features_for(shape, key.shape[2]) if chosen else None  # [B, K, C] or None
+            feats = (
+                self.session.features_for(shape, key.shape[2]) if chosen else None
+            )  # [B, K, C] or None
             if feats is not None:
                 scale = query.shape[-1] ** -0.5
                 query, key = query.clone(), key.clone()
@@ -142,8 +181,12 @@ def _forced_processor(pattern: Pattern, heads: dict[str, list[int]], generator):
 
 
 @contextmanager
-def forcing(network: torch.nn.Module, pattern: Pattern, heads: dict[str, list[int]],
-            generator: torch.Generator | None = None) -> Iterator[None]:
+def forcing(
+    network: torch.nn.Module,
+    pattern: Pattern,
+    heads: dict[str, list[int]],
+    generator: torch.Generator | None = None,
+) -> Iterator[None]:
     """Inside: ``network``'s heads ``{layer: [head, ...]}`` attend by ``pattern`` whenever it is instrumented with
     key features (an observation); the original processors are restored on exit."""
     cls = _forced_processor(pattern, heads, generator)

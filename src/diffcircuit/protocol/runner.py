@@ -62,12 +62,12 @@ import pandas as pd
 
 from diffcircuit._threads import set_threads, threads_restored
 from diffcircuit.data.provenance import in_training_set
-from diffcircuit.discovery.run import circuit_complexity, importance_rows
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
+from diffcircuit.protocol.circuits import circuit_complexity, importance_rows
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, training_overlap
 from diffcircuit.protocol.store import (

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from diffcircuit.data.spec import ImageSet
-from diffcircuit.discovery.run import discover_circuits
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.interventions.ablation import Target, distinct_targets, random_head_sets, targets
@@ -29,6 +28,7 @@ from diffcircuit.interventions.patching import activation_patching
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
 from diffcircuit.metrics.observe import observe, observe_with_null
 from diffcircuit.models.loading import Denoiser
+from diffcircuit.protocol.circuits import discover_circuits
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import load_datasets
 from diffcircuit.protocol.roles import null_blocks, permutation_table, shard_slices
@@ -233,21 +233,23 @@ def discover_tasks(ctx: Context, importance: pd.DataFrame) -> list[Task]:
 # Cost per unit in plain image forwards, for the overall ETA only (never for results): measured on the default
 # run (2 CPU cores): an observed image with the role null costs ~5 plain forwards, one without ~1; an ablation
 # variant of one image ~0.65 (prefix reuse); a patched head ~0.5; attribution ~1.5 per image and path step; a
-# circuit search ~0.6 of a forward per head and image, times (1 + resamples / 2).
+# timestep's circuit searches (benchmarks/discovery_cost.py) ~1.2 image forwards per head and image, plus ~0.17
+# per bootstrap resample.
 WORK = {
     "observe_null": 5.0,
     "observe": 1.0,
     "ablate": 0.65,
     "patch": 0.5,
     "attribute": 1.5,
-    "discover": 0.6,
+    "discover": 1.2,
+    "discover_resample": 0.17,
 }
 
 
 def discover_work(ctx: Context) -> float:
     """The estimated cost of one timestep's circuit searches (both datasets), in plain image forwards."""
-    searches = 1 + ctx.cfg.circuit_resamples / 2
-    return WORK["discover"] * len(ctx.registry) * searches * ctx.n_ablate * len(ctx.sets)
+    per_head_image = WORK["discover"] + WORK["discover_resample"] * ctx.cfg.circuit_resamples
+    return per_head_image * len(ctx.registry) * ctx.n_ablate * len(ctx.sets)
 
 
 def null_set_counts(plan: list[Target], null_sets: int) -> dict[int, int]:

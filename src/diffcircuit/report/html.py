@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcircuit.discovery.run import NO_CIRCUIT
+from diffcircuit.protocol.circuits import NO_CIRCUIT
 from diffcircuit.protocol.store import atomic_write_bytes
 from diffcircuit.report.figures import (
     ablation_bars,

@@ -47,12 +47,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from diffcircuit.errors import ConfigError
 from diffcircuit.discovery.circuits import (
     Circuit,
-    _prefetch,
     CircuitLoss,
     GapTest,
+    _prefetch,
     circuit_curve,
     gap_test,
     jaccard,
@@ -62,16 +61,31 @@ from diffcircuit.discovery.circuits import (
 )
 from diffcircuit.discovery.lockstep import lockstep
 from diffcircuit.discovery.loss import STACK_ROWS, reference_means
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.models.diffusion import model_device
 from diffcircuit.stats.tests import correct_pvalues
 
-__all__ = ["COMPLEXITY_COLUMNS", "CURVE_COLUMNS", "MIN_CI_RESAMPLES", "NO_CIRCUIT", "PRIMARY_TAU", "bootstrap_interval", "circuit_complexity",
-           "discover_circuits", "importance_rows", "window_name"]
+__all__ = [
+    "COMPLEXITY_COLUMNS",
+    "CURVE_COLUMNS",
+    "MIN_CI_RESAMPLES",
+    "NO_CIRCUIT",
+    "PRIMARY_TAU",
+    "bootstrap_interval",
+    "circuit_complexity",
+    "discover_circuits",
+    "importance_rows",
+    "window_name",
+]
 
 PRIMARY_TAU = 0.05
-LOOKAHEAD_ACCELERATOR = 4  # evaluations a search may ask for ahead, into spare rows, off a CPU (see ``lockstep``)
-MIN_CI_RESAMPLES = 200  # fewer bootstrap replicates: their range is reported, never a "95 % interval"
+LOOKAHEAD_ACCELERATOR = (
+    4  # evaluations a search may ask for ahead, into spare rows, off a CPU (see ``lockstep``)
+)
+MIN_CI_RESAMPLES = (
+    200  # fewer bootstrap replicates: their range is reported, never a "95 % interval"
+)
 NO_CIRCUIT = "no circuit: ablating every head does not hurt"
 
 
@@ -79,7 +93,9 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or x != x else float(x)  # JSON has no NaN
 
 
-def importance_rows(table: pd.DataFrame, *, method: str = "mean", estimator: str | None = None) -> pd.DataFrame:
+def importance_rows(
+    table: pd.DataFrame, *, method: str = "mean", estimator: str | None = None
+) -> pd.DataFrame:
     """Single-head rows of an ablation table (``estimator`` None) or an attribution table, one ``method``."""
     rows = table[table.method == method]
     if estimator is None:
@@ -99,7 +115,9 @@ def _importance(rows: pd.DataFrame, registry: HeadRegistry) -> dict:
     return {registry.parse(t): v for t, v in rows.groupby("target").degradation_pct.mean().items()}
 
 
-def bootstrap_interval(values: Sequence[float], estimate: float | None) -> tuple[list | None, list | None, str]:
+def bootstrap_interval(
+    values: Sequence[float], estimate: float | None
+) -> tuple[list | None, list | None, str]:
     """``(range, ci, note)`` of bootstrap replicates: ``range`` = [min, max] of the defined replicates;
     ``ci`` = the 2.5–97.5 percentiles, only with ≥ ``MIN_CI_RESAMPLES`` replicates and when it contains
     ``estimate``; ``note`` says which was given and why."""
@@ -109,19 +127,34 @@ def bootstrap_interval(values: Sequence[float], estimate: float | None) -> tuple
         return None, None, "no bootstrap replicates"
     span = [min(values), max(values)]
     if r < MIN_CI_RESAMPLES:
-        return span, None, (f"range (min, max) of {r} bootstrap replicates, not a 95 % interval "
-                            f"(that needs at least {MIN_CI_RESAMPLES})")
+        return (
+            span,
+            None,
+            (
+                f"range (min, max) of {r} bootstrap replicates, not a 95 % interval "
+                f"(that needs at least {MIN_CI_RESAMPLES})"
+            ),
+        )
     low, high = (float(v) for v in np.percentile(values, [2.5, 97.5]))
     if estimate is not None and not low <= estimate <= high:
-        return span, None, (f"the 95 % percentile interval [{low:.3g}, {high:.3g}] of {r} replicates excludes the "
-                            f"estimate {estimate:.3g} (the resampled circuits differ systematically), so only the "
-                            "range is given")
+        return (
+            span,
+            None,
+            (
+                f"the 95 % percentile interval [{low:.3g}, {high:.3g}] of {r} replicates excludes the "
+                f"estimate {estimate:.3g} (the resampled circuits differ systematically), so only the "
+                "range is given"
+            ),
+        )
     return span, [low, high], f"95 % percentile interval over {r} bootstrap replicates"
 
 
 def _claim(test: GapTest, size: int | None, tau: float) -> str:
-    gap = (f"gap {100 * test.relative:+.1f} % of the full model's loss" if test.relative is not None
-           else f"gap {test.mean:.3g}")
+    gap = (
+        f"gap {100 * test.relative:+.1f} % of the full model's loss"
+        if test.relative is not None
+        else f"gap {test.mean:.3g}"
+    )
     stats = f"{gap}, one-sided p = {test.p_value:.3g}"
     if test.p_corrected is not None and test.family_size > 1:
         stats += f", q = {test.p_corrected:.3g} ({test.correction} over {test.family_size} dataset x window gap tests)"
@@ -129,40 +162,80 @@ def _claim(test: GapTest, size: int | None, tau: float) -> str:
     if test.significant:
         return f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap ({stats})"
     if test.q_floor >= test.alpha:
-        return (f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images and {test.family_size} gap "
-                f"test(s) the corrected p cannot go below {test.alpha} (smallest {test.q_floor:.3g}; {gap})")
+        return (
+            f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images and {test.family_size} gap "
+            f"test(s) the corrected p cannot go below {test.alpha} (smallest {test.q_floor:.3g}; {gap})"
+        )
     return f"{NO_CIRCUIT} ({stats})"
 
 
 def _topk_size(curve: list[dict], faithfulness: float) -> int | None:
     """The smallest traced top-k size whose faithfulness reaches ``faithfulness`` (on the curve's grid)."""
-    sizes = [p["size"] for p in curve if p["faithfulness"] == p["faithfulness"] and p["faithfulness"] >= faithfulness]
+    sizes = [
+        p["size"]
+        for p in curve
+        if p["faithfulness"] == p["faithfulness"] and p["faithfulness"] >= faithfulness
+    ]
     return min(sizes) if sizes else None
 
 
 def _no_circuit(record: dict) -> dict:
-    return record | {"heads": None, "size": None, "faithfulness": None, "recovered_without_circuit": None,
-                     "loss_circuit": None, "loss_without_circuit": None, "n_necessary": None, "necessary": None,
-                     "selection_frequency": {}, "boot_sizes": [], "resamples": 0, "size_range": None, "size_ci": None,
-                     "size_interval": "no circuit claimed", "by_tau": [], "topk_size": None}
+    return record | {
+        "heads": None,
+        "size": None,
+        "faithfulness": None,
+        "recovered_without_circuit": None,
+        "loss_circuit": None,
+        "loss_without_circuit": None,
+        "n_necessary": None,
+        "necessary": None,
+        "selection_frequency": {},
+        "boot_sizes": [],
+        "resamples": 0,
+        "size_range": None,
+        "size_ci": None,
+        "size_interval": "no circuit claimed",
+        "by_tau": [],
+        "topk_size": None,
+    }
 
 
-def _circuit_record(record: dict, found: dict[float, Circuit], necessary: tuple, curve: list[dict],
-                    frequency: dict, boot: list) -> dict:
+def _circuit_record(
+    record: dict,
+    found: dict[float, Circuit],
+    necessary: tuple,
+    curve: list[dict],
+    frequency: dict,
+    boot: list,
+) -> dict:
     primary = found[PRIMARY_TAU]
     size = len(primary.heads)
     span, ci, note = bootstrap_interval([float(len(b)) for b in boot], float(size))
     return record | {
-        "heads": [str(a) for a in primary.heads], "size": size, "faithfulness": _finite(primary.faithfulness),
+        "heads": [str(a) for a in primary.heads],
+        "size": size,
+        "faithfulness": _finite(primary.faithfulness),
         "recovered_without_circuit": _finite(primary.recovered_without_circuit),
-        "loss_circuit": primary.loss_circuit, "loss_without_circuit": primary.loss_without_circuit,
-        "n_necessary": len(necessary), "necessary": [str(a) for a in necessary],
+        "loss_circuit": primary.loss_circuit,
+        "loss_without_circuit": primary.loss_without_circuit,
+        "n_necessary": len(necessary),
+        "necessary": [str(a) for a in necessary],
         "selection_frequency": {str(a): f for a, f in frequency.items() if f > 0},
-        "boot_sizes": [len(b) for b in boot], "resamples": len(boot),
-        "size_range": span, "size_ci": ci, "size_interval": note,
-        "by_tau": [{"tau": tau, "size": len(c.heads), "faithfulness": _finite(c.faithfulness),
-                    "recovered_without_circuit": _finite(c.recovered_without_circuit), "loss_circuit": c.loss_circuit}
-                   for tau, c in found.items()],
+        "boot_sizes": [len(b) for b in boot],
+        "resamples": len(boot),
+        "size_range": span,
+        "size_ci": ci,
+        "size_interval": note,
+        "by_tau": [
+            {
+                "tau": tau,
+                "size": len(c.heads),
+                "faithfulness": _finite(c.faithfulness),
+                "recovered_without_circuit": _finite(c.recovered_without_circuit),
+                "loss_circuit": c.loss_circuit,
+            }
+            for tau, c in found.items()
+        ],
         "topk_size": _topk_size(curve, 1 - PRIMARY_TAU),
     }
 
@@ -179,59 +252,140 @@ def _pruned(loss, scores: dict, tau: float) -> tuple[Circuit, tuple | None]:
     return circuit, necessary_heads(loss, circuit.heads, tau)
 
 
-def _unit_jobs(x: np.ndarray, here: pd.DataFrame, draws: list, *, loss: CircuitLoss, registry: HeadRegistry,
-               taus: Sequence[float]) -> tuple[dict, list]:
+def _unit_jobs(
+    x: np.ndarray,
+    here: pd.DataFrame,
+    draws: list,
+    *,
+    loss: CircuitLoss,
+    registry: HeadRegistry,
+    taus: Sequence[float],
+) -> tuple[dict, list]:
     """``(scores, jobs)`` for one dataset x window: prune at every τ (with necessity at the primary τ), the curve,
     and the primary τ's pruning on every resample (importance re-estimated on the resampled images)."""
     scores = _importance(here, registry)
     jobs = [(lambda v, tau=tau: _pruned(v, scores, tau), loss) for tau in taus]
     jobs.append((lambda v: circuit_curve(v, scores), loss))
     # each head's mean degradation per image (over the window's timesteps): [targets, images], image i in column i
-    per_image = here.groupby(["target", "image"]).degradation_pct.mean().unstack("image").reindex(columns=range(len(x)))
+    per_image = (
+        here.groupby(["target", "image"])
+        .degradation_pct.mean()
+        .unstack("image")
+        .reindex(columns=range(len(x)))
+    )
     targets, matrix = [registry.parse(t) for t in per_image.index], per_image.to_numpy()
     for draw in draws:  # the same resampled image indices for both datasets
         counts = np.bincount(draw, minlength=len(x))
-        scores_b = dict(zip(targets, matrix @ counts / counts.sum()))  # importance on the resample, repeats counted
+        scores_b = dict(
+            zip(targets, matrix @ counts / counts.sum())
+        )  # importance on the resample, repeats counted
         jobs.append((lambda v, s=scores_b: prune_heads(v, s, PRIMARY_TAU), loss.resampled(draw)))
     return scores, jobs
 
 
-def _unit_record(scores: dict, results: list, *, loss: CircuitLoss, test: GapTest, dataset: str, window: list[int],
-                 registry: HeadRegistry, taus: Sequence[float], ranking: str, metric: str):
+def _unit_record(
+    scores: dict,
+    results: list,
+    *,
+    loss: CircuitLoss,
+    test: GapTest,
+    dataset: str,
+    window: list[int],
+    registry: HeadRegistry,
+    taus: Sequence[float],
+    ranking: str,
+    metric: str,
+):
     """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window from its jobs' results
     (None: no claimed circuit, nothing searched)."""
     name = window_name(window)
-    record = {"dataset": dataset, "window": name, "timesteps": window, "method": loss.method, "metric": metric,
-              "tau": PRIMARY_TAU, "ranking": ranking, "claimed": test.significant, "gap": test.to_dict(),
-              "loss_full": loss([]), "loss_empty": loss(loss.heads)}
-    base = [{"dataset": dataset, "window": name, "head": str(a), "importance_pct": scores.get(a, float("nan")),
-             "claimed": test.significant} for a in registry]
+    record = {
+        "dataset": dataset,
+        "window": name,
+        "timesteps": window,
+        "method": loss.method,
+        "metric": metric,
+        "tau": PRIMARY_TAU,
+        "ranking": ranking,
+        "claimed": test.significant,
+        "gap": test.to_dict(),
+        "loss_full": loss([]),
+        "loss_empty": loss(loss.heads),
+    }
+    base = [
+        {
+            "dataset": dataset,
+            "window": name,
+            "head": str(a),
+            "importance_pct": scores.get(a, float("nan")),
+            "claimed": test.significant,
+        }
+        for a in registry
+    ]
     if results is None:
-        rows = [r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")} for tau in taus for r in base]
+        rows = [
+            r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")}
+            for tau in taus
+            for r in base
+        ]
         return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
     found = {tau: c for tau, (c, _) in zip(taus, results)}
-    necessary, curve, boot = results[list(taus).index(PRIMARY_TAU)][1], results[len(taus)], results[len(taus) + 1:]
-    frequency = {a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry}
-    rows = [r | {"tau": tau, "in_circuit": registry.parse(r["head"]) in c.heads,
-                 "selection_frequency": frequency[registry.parse(r["head"])]} for tau, c in found.items() for r in base]
-    curves = [{"dataset": dataset, "window": name, "method": loss.method, "metric": metric, **p} for p in curve]
+    necessary, curve, boot = (
+        results[list(taus).index(PRIMARY_TAU)][1],
+        results[len(taus)],
+        results[len(taus) + 1 :],
+    )
+    frequency = {
+        a: float(np.mean([a in b for b in boot])) if boot else float("nan") for a in registry
+    }
+    rows = [
+        r
+        | {
+            "tau": tau,
+            "in_circuit": registry.parse(r["head"]) in c.heads,
+            "selection_frequency": frequency[registry.parse(r["head"])],
+        }
+        for tau, c in found.items()
+        for r in base
+    ]
+    curves = [
+        {"dataset": dataset, "window": name, "method": loss.method, "metric": metric, **p}
+        for p in curve
+    ]
     record = _circuit_record(record, found, necessary, curve, frequency, boot)
     return rows, record | {"claim": _claim(test, record["size"], PRIMARY_TAU)}, curves, boot
 
 
 def _gap_tests(losses: dict, *, seed: int, correction: str) -> dict:
     """Every dataset x window's gap test, corrected together: each is a claim that a circuit exists."""
-    raw = dict(zip(losses, lockstep([(lambda v: gap_test(v, seed=seed), loss) for loss in losses.values()])))
+    raw = dict(
+        zip(
+            losses, lockstep([(lambda v: gap_test(v, seed=seed), loss) for loss in losses.values()])
+        )
+    )
     q = correct_pvalues([t.p_value for t in raw.values()], correction)
     return {key: t.corrected(qk, len(raw), correction) for (key, t), qk in zip(raw.items(), q)}
 
 
-def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.DataFrame, *, registry: HeadRegistry,
-                      windows: Sequence[Sequence[int]], taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1), resamples: int = 3,
-                      seed: int = 0, ranking: str = "exhaustive mean ablation", metric: str = "eps",
-                      progress: Callable[[int], None] | None = None, references: dict | None = None,
-                      correction: str = "fdr_bh", test_windows: Sequence[Sequence[int]] | None = None,
-                      stack_rows: int = STACK_ROWS, lookahead: int | None = None) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+def discover_circuits(
+    denoiser,
+    images: dict[str, np.ndarray],
+    importance: pd.DataFrame,
+    *,
+    registry: HeadRegistry,
+    windows: Sequence[Sequence[int]],
+    taus: Sequence[float] = (0.02, PRIMARY_TAU, 0.1),
+    resamples: int = 3,
+    seed: int = 0,
+    ranking: str = "exhaustive mean ablation",
+    metric: str = "eps",
+    progress: Callable[[int], None] | None = None,
+    references: dict | None = None,
+    correction: str = "fdr_bh",
+    test_windows: Sequence[Sequence[int]] | None = None,
+    stack_rows: int = STACK_ROWS,
+    lookahead: int | None = None,
+) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
     per dataset x window; one curve row per dataset x window x circuit size (claimed circuits only).
     ``windows``: tuples of timesteps (each a window whose losses and importances are averaged).
@@ -255,33 +409,76 @@ def discover_circuits(denoiser, images: dict[str, np.ndarray], importance: pd.Da
     if not {tuple(w) for w in windows} <= {tuple(w) for w in family}:
         raise ConfigError("test_windows must include every window discovered")
     # mean ablation's means for every dataset x timestep with a reference, from clean forwards stacked together
-    wanted = list(dict.fromkeys((d, t) for w in family for d in images for t in w if references.get(d) is not None))
-    means = dict(zip(wanted, reference_means(denoiser, registry, [(references[d], t) for d, t in wanted], seed=seed,
-                                             stack_rows=stack_rows)))
-    losses = {(d, tuple(w)): CircuitLoss(denoiser, x, timesteps=w, dataset=d, seed=seed, registry=registry, metric=metric,
-                                         reference=references.get(d), stack_rows=stack_rows,
-                                         means=[means[(d, t)] for t in w] if references.get(d) is not None else None)
-              for w in family for d, x in images.items()}
+    wanted = list(
+        dict.fromkeys(
+            (d, t) for w in family for d in images for t in w if references.get(d) is not None
+        )
+    )
+    means = dict(
+        zip(
+            wanted,
+            reference_means(
+                denoiser,
+                registry,
+                [(references[d], t) for d, t in wanted],
+                seed=seed,
+                stack_rows=stack_rows,
+            ),
+        )
+    )
+    losses = {
+        (d, tuple(w)): CircuitLoss(
+            denoiser,
+            x,
+            timesteps=w,
+            dataset=d,
+            seed=seed,
+            registry=registry,
+            metric=metric,
+            reference=references.get(d),
+            stack_rows=stack_rows,
+            means=[means[(d, t)] for t in w] if references.get(d) is not None else None,
+        )
+        for w in family
+        for d, x in images.items()
+    }
     tests = _gap_tests(losses, seed=seed, correction=correction)
     units, jobs = [], []  # every claimed dataset x window's searches run in one lockstep
     for window in windows:
-        rng = np.random.default_rng([seed, *window])  # per window: one window's draws do not depend on the others
+        rng = np.random.default_rng(
+            [seed, *window]
+        )  # per window: one window's draws do not depend on the others
         draws = [rng.integers(0, n_common, n_common) for _ in range(resamples)]
         for dataset, x in images.items():
             here = importance[(importance.dataset == dataset) & importance.timestep.isin(window)]
             key = (dataset, tuple(window))
-            scores, unit = _unit_jobs(x, here, draws, loss=losses[key], registry=registry, taus=taus)
+            scores, unit = _unit_jobs(
+                x, here, draws, loss=losses[key], registry=registry, taus=taus
+            )
             unit = unit if tests[key].significant else []
-            units.append((dataset, window, scores, slice(len(jobs), len(jobs) + len(unit)) if unit else None))
+            units.append(
+                (dataset, window, scores, slice(len(jobs), len(jobs) + len(unit)) if unit else None)
+            )
             jobs += unit
-    if lookahead is None:  # spare rows cost little time on an accelerator; on a CPU each row costs its time
+    if (
+        lookahead is None
+    ):  # spare rows cost little time on an accelerator; on a CPU each row costs its time
         lookahead = 1 if model_device(denoiser.network).type == "cpu" else LOOKAHEAD_ACCELERATOR
     results = lockstep(jobs, lookahead=lookahead)
     for dataset, window, scores, part in units:
         key = (dataset, tuple(window))
-        r, record, curve, boot = _unit_record(scores, None if part is None else results[part], loss=losses[key],
-                                              test=tests[key], dataset=dataset, window=window, registry=registry,
-                                              taus=taus, ranking=ranking, metric=metric)
+        r, record, curve, boot = _unit_record(
+            scores,
+            None if part is None else results[part],
+            loss=losses[key],
+            test=tests[key],
+            dataset=dataset,
+            window=window,
+            registry=registry,
+            taus=taus,
+            ranking=ranking,
+            metric=metric,
+        )
         rows, curves = rows + r, curves + curve
         circuits.append(record)
         boot_sets[(dataset, record["window"])] = boot
@@ -295,35 +492,64 @@ def _overlap(a: dict, b: dict, boot_a: list | None, boot_b: list | None) -> dict
     """Jaccard overlap of two datasets' circuits with its bootstrap interval (null where either has no circuit)."""
     if not (a["claimed"] and b["claimed"]):
         missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
-        return {"jaccard": None, "resamples": 0, "resamples_defined": 0, "range_low": None, "range_high": None,
-                "ci_low": None, "ci_high": None, "interval": f"no overlap: no circuit claimed for {missing}",
-                "only_a": [], "only_b": []}
+        return {
+            "jaccard": None,
+            "resamples": 0,
+            "resamples_defined": 0,
+            "range_low": None,
+            "range_high": None,
+            "ci_low": None,
+            "ci_high": None,
+            "interval": f"no overlap: no circuit claimed for {missing}",
+            "only_a": [],
+            "only_b": [],
+        }
     value = _finite(jaccard(a["heads"], b["heads"]))
     boot = [jaccard(x, y) for x, y in zip(boot_a, boot_b)]
     span, ci, note = bootstrap_interval(boot, value)
-    return {"jaccard": value, "resamples": len(boot), "resamples_defined": sum(v == v for v in boot),
-            "range_low": span and span[0], "range_high": span and span[1],
-            "ci_low": ci and ci[0], "ci_high": ci and ci[1], "interval": note,
-            "only_a": sorted(set(a["heads"]) - set(b["heads"])), "only_b": sorted(set(b["heads"]) - set(a["heads"]))}
+    return {
+        "jaccard": value,
+        "resamples": len(boot),
+        "resamples_defined": sum(v == v for v in boot),
+        "range_low": span and span[0],
+        "range_high": span and span[1],
+        "ci_low": ci and ci[0],
+        "ci_high": ci and ci[1],
+        "interval": note,
+        "only_a": sorted(set(a["heads"]) - set(b["heads"])),
+        "only_b": sorted(set(b["heads"]) - set(a["heads"])),
+    }
 
 
 def _size_ratio(a: dict, b: dict) -> dict:
     """Circuit size at matched faithfulness (≥ 1 − τ on each dataset's own gap) and its ratio b/a."""
-    out = {"measure": f"circuit size at faithfulness >= {1 - PRIMARY_TAU:g} (pruned at tau = {PRIMARY_TAU})",
-           "faithfulness_target": 1 - PRIMARY_TAU}
+    out = {
+        "measure": f"circuit size at faithfulness >= {1 - PRIMARY_TAU:g} (pruned at tau = {PRIMARY_TAU})",
+        "faithfulness_target": 1 - PRIMARY_TAU,
+    }
     if not (a["claimed"] and b["claimed"]):
         missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
         return out | {"skipped": f"no circuit claimed for {missing}"}
     ratio = b["size"] / a["size"] if a["size"] else None
     pairs = list(zip(a["boot_sizes"], b["boot_sizes"]))
-    boot = [sb / sa for sa, sb in pairs if sa > 0 and sb > 0]  # an empty circuit on either side: no ratio
+    boot = [
+        sb / sa for sa, sb in pairs if sa > 0 and sb > 0
+    ]  # an empty circuit on either side: no ratio
     span, ci, note = bootstrap_interval(boot, ratio)
     top_a, top_b = a["topk_size"], b["topk_size"]
-    return out | {"size_a": a["size"], "size_b": b["size"], "ratio_b_over_a": ratio, "ratio_range": span,
-                  "ratio_ci": ci, "ratio_interval": note, "resamples": len(boot),
-                  "resamples_with_an_empty_circuit": len(pairs) - len(boot),
-                  "topk_size_a": top_a, "topk_size_b": top_b,
-                  "topk_ratio_b_over_a": top_b / top_a if top_a and top_b is not None else None}
+    return out | {
+        "size_a": a["size"],
+        "size_b": b["size"],
+        "ratio_b_over_a": ratio,
+        "ratio_range": span,
+        "ratio_ci": ci,
+        "ratio_interval": note,
+        "resamples": len(boot),
+        "resamples_with_an_empty_circuit": len(pairs) - len(boot),
+        "topk_size_a": top_a,
+        "topk_size_b": top_b,
+        "topk_ratio_b_over_a": top_b / top_a if top_a and top_b is not None else None,
+    }
 
 
 def _add_pairs(circuits: list[dict], boot_sets: dict) -> None:
@@ -340,11 +566,37 @@ def _add_pairs(circuits: list[dict], boot_sets: dict) -> None:
             c["overlap_with_other"], c["complexity"] = overlap, complexity
 
 
-CURVE_COLUMNS = ["dataset", "window", "method", "metric", "size", "loss_full", "loss_empty", "loss_circuit",
-                 "loss_without_circuit", "faithfulness", "recovered_without_circuit"]
-COMPLEXITY_COLUMNS = ["window", "timesteps", "metric", "tau", "faithfulness_target", "size_a", "size_b", "ratio_b_over_a",
-                      "ratio_range_low", "ratio_range_high", "ratio_ci_low", "ratio_ci_high", "resamples",
-                      "topk_size_a", "topk_size_b", "topk_ratio_b_over_a"]
+CURVE_COLUMNS = [
+    "dataset",
+    "window",
+    "method",
+    "metric",
+    "size",
+    "loss_full",
+    "loss_empty",
+    "loss_circuit",
+    "loss_without_circuit",
+    "faithfulness",
+    "recovered_without_circuit",
+]
+COMPLEXITY_COLUMNS = [
+    "window",
+    "timesteps",
+    "metric",
+    "tau",
+    "faithfulness_target",
+    "size_a",
+    "size_b",
+    "ratio_b_over_a",
+    "ratio_range_low",
+    "ratio_range_high",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "resamples",
+    "topk_size_a",
+    "topk_size_b",
+    "topk_ratio_b_over_a",
+]
 
 
 def circuit_complexity(circuits: list[dict]) -> pd.DataFrame:
@@ -355,10 +607,26 @@ def circuit_complexity(circuits: list[dict]) -> pd.DataFrame:
         if c["dataset"] != "a" or not k or "skipped" in k:
             continue
         span, ci = k["ratio_range"] or [None, None], k["ratio_ci"] or [None, None]
-        rows.append({"window": c["window"], "timesteps": ",".join(map(str, c["timesteps"])), "metric": c["metric"],
-                     "tau": c["tau"], "faithfulness_target": k["faithfulness_target"], "size_a": k["size_a"],
-                     "size_b": k["size_b"], "ratio_b_over_a": k["ratio_b_over_a"], "ratio_range_low": span[0],
-                     "ratio_range_high": span[1], "ratio_ci_low": ci[0], "ratio_ci_high": ci[1],
-                     "resamples": k["resamples"], "topk_size_a": k["topk_size_a"], "topk_size_b": k["topk_size_b"],
-                     "topk_ratio_b_over_a": k["topk_ratio_b_over_a"]})
-    return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS).astype({c: float for c in COMPLEXITY_COLUMNS[4:]})
+        rows.append(
+            {
+                "window": c["window"],
+                "timesteps": ",".join(map(str, c["timesteps"])),
+                "metric": c["metric"],
+                "tau": c["tau"],
+                "faithfulness_target": k["faithfulness_target"],
+                "size_a": k["size_a"],
+                "size_b": k["size_b"],
+                "ratio_b_over_a": k["ratio_b_over_a"],
+                "ratio_range_low": span[0],
+                "ratio_range_high": span[1],
+                "ratio_ci_low": ci[0],
+                "ratio_ci_high": ci[1],
+                "resamples": k["resamples"],
+                "topk_size_a": k["topk_size_a"],
+                "topk_size_b": k["topk_size_b"],
+                "topk_ratio_b_over_a": k["topk_ratio_b_over_a"],
+            }
+        )
+    return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS).astype(
+        {c: float for c in COMPLEXITY_COLUMNS[4:]}
+    )
