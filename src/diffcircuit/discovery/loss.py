@@ -36,6 +36,7 @@ from diffcircuit.instrument.hooks import rows_where
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.interventions.prefix import prefix_runner
+from diffcircuit.interventions.stack import cat_rows, take_rows
 from diffcircuit.interventions.sweep import ActivationMoments, ReferenceImages, reference_moments
 from diffcircuit.models.diffusion import eps_mse_per_image
 from diffcircuit.models.noise import noisy_batch
@@ -51,48 +52,6 @@ __all__ = [
 
 METRICS = ("eps", "output")
 STACK_ROWS = 256  # rows (image x head-set variants) per forward: the memory budget of one forward
-
-
-def _take(obj, index: np.ndarray, n: int):
-    """``obj`` (tensors, arrays and containers of them) with every ``n``-row tensor or array cut to rows ``index``."""
-    if isinstance(obj, torch.Tensor):
-        return (
-            obj[torch.as_tensor(index, device=obj.device)]
-            if obj.ndim and obj.shape[0] == n
-            else obj
-        )
-    if isinstance(obj, np.ndarray):
-        return obj[index] if obj.ndim and obj.shape[0] == n else obj
-    if isinstance(obj, dict):
-        return {k: _take(v, index, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_take(v, index, n) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(
-            obj, **{f.name: _take(getattr(obj, f.name), index, n) for f in dataclasses.fields(obj)}
-        )
-    return obj
-
-
-def _cat(objs: list):
-    """Records of the same structure joined along their rows (anything that is not rows: the first's)."""
-    first = objs[0]
-    if len(objs) == 1:
-        return first
-    if isinstance(first, torch.Tensor):
-        return torch.cat(objs) if first.ndim else first
-    if isinstance(first, np.ndarray):
-        return np.concatenate(objs) if first.ndim else first
-    if isinstance(first, dict):
-        return {k: _cat([o[k] for o in objs]) for k in first}
-    if isinstance(first, (list, tuple)) and not all(isinstance(v, str) for v in first):
-        return type(first)(_cat(list(vs)) for vs in zip(*objs))
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(
-            first,
-            **{f.name: _cat([getattr(o, f.name) for o in objs]) for f in dataclasses.fields(first)},
-        )
-    return first
 
 
 class CircuitLoss:
@@ -468,7 +427,9 @@ def _forward(rows: _Rows, chunk: list[int]) -> None:
     record: dict | None = None if resume or not loss0.prefix_reuse else {}
     with instrument(den, registry=registry, hooks=hooks):
         if resume:
-            state = _cat([_take(loss.clean[i], img, loss.n_images) for loss, i, img in members])
+            state = cat_rows(
+                [take_rows(loss.clean[i], img, loss.n_images) for loss, i, img in members]
+            )
             if (
                 "rows" in state
             ):  # a whole-forward replay (``BlockMemo``) runs the chunk's own inputs and rows
@@ -531,4 +492,4 @@ def _keep_clean_records(rows: _Rows, chunk: list[int], members: list, record: di
             range(loss.n_images)
         ):
             by_image = sorted(positions, key=lambda p: rows.image[chunk[p]])
-            loss.clean[i] = _take(record, np.array(by_image), len(chunk))
+            loss.clean[i] = take_rows(record, np.array(by_image), len(chunk))

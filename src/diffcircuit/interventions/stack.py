@@ -29,9 +29,11 @@ from diffcircuit.instrument.session import instrument
 __all__ = [
     "CPU_STACK_ROWS",
     "TiledForward",
+    "cat_rows",
     "rows_per_forward",
     "stack_chunks",
     "stacked_outputs",
+    "take_rows",
     "tile",
 ]
 
@@ -43,31 +45,56 @@ _WORKING_FACTOR = (
 )
 
 
-def tile(obj, copies: int, batch: int):
-    """``obj`` (tensors, arrays, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor or
-    array repeated ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
+def take_rows(obj, index: np.ndarray, n: int):
+    """``obj`` (tensors, arrays and containers of them) with every ``n``-row tensor or array cut to rows ``index``."""
     if isinstance(obj, torch.Tensor):
         return (
-            obj.repeat(copies, *([1] * (obj.ndim - 1)))
-            if obj.ndim and obj.shape[0] == batch
+            obj[torch.as_tensor(index, device=obj.device)]
+            if obj.ndim and obj.shape[0] == n
             else obj
         )
     if isinstance(obj, np.ndarray):
-        return (
-            np.tile(obj, (copies, *([1] * (obj.ndim - 1))))
-            if obj.ndim and obj.shape[0] == batch
-            else obj
-        )
+        return obj[index] if obj.ndim and obj.shape[0] == n else obj
     if isinstance(obj, dict):
-        return {k: tile(v, copies, batch) for k, v in obj.items()}
+        return {k: take_rows(v, index, n) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(tile(v, copies, batch) for v in obj)
+        return type(obj)(take_rows(v, index, n) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(
             obj,
-            **{f.name: tile(getattr(obj, f.name), copies, batch) for f in dataclasses.fields(obj)},
+            **{f.name: take_rows(getattr(obj, f.name), index, n) for f in dataclasses.fields(obj)},
         )
     return obj
+
+
+def cat_rows(objs: list):
+    """Records of the same structure joined along their rows (anything that is not rows: the first's)."""
+    first = objs[0]
+    if len(objs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(objs) if first.ndim else first
+    if isinstance(first, np.ndarray):
+        return np.concatenate(objs) if first.ndim else first
+    if isinstance(first, dict):
+        return {k: cat_rows([o[k] for o in objs]) for k in first}
+    if isinstance(first, (list, tuple)) and not all(isinstance(v, str) for v in first):
+        return type(first)(cat_rows(list(vs)) for vs in zip(*objs))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(
+            first,
+            **{
+                f.name: cat_rows([getattr(o, f.name) for o in objs])
+                for f in dataclasses.fields(first)
+            },
+        )
+    return first
+
+
+def tile(obj, copies: int, batch: int):
+    """``obj`` (tensors, arrays, and dicts, lists, tuples and dataclasses of them) with every batch-sized tensor or
+    array repeated ``copies`` times along its first axis: row r of the result is row r mod ``batch`` of the original."""
+    return take_rows(obj, np.tile(np.arange(batch), copies), batch)
 
 
 def _tensors(obj) -> list[torch.Tensor]:
