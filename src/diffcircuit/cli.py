@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import DiffcircuitError
 
 __all__ = ["app", "main"]
 
@@ -1277,11 +1277,8 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2
-    except ConfigError as exc:  # a config field named as the flag that sets it
+    except DiffcircuitError as exc:  # config fields named as the flags that set them
         print(f"diffcircuit: error: {exc.with_flags(FLAGS)}", file=sys.stderr)
-        return 1
-    except DiffcircuitError as exc:
-        print(f"diffcircuit: error: {exc}", file=sys.stderr)
         return 1
     except (typer.Abort, KeyboardInterrupt):
         result = INTERRUPTED

@@ -15,8 +15,21 @@ __all__ = ["ConfigError", "DiffcircuitError", "DiffcircuitWarning", "InputError"
 class DiffcircuitError(Exception):
     """A user-facing error: bad input, a missing file, a refused checkpoint.
 
-    The message must be one self-contained line that names what was wrong.
+    The message must be one self-contained line that names what was wrong. Where a setting could fix it, the message
+    names its config field and ``fields`` lists them: the CLI shows them as the flags that set them (``with_flags``).
     """
+
+    def __init__(self, message: str = "", *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+    def with_flags(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message with each field named as its flag (``flags[field]``, default ``--field-name``)."""
+        text = str(self)
+        for field in sorted(self.fields, key=len, reverse=True):
+            flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
+            text = re.sub(rf"(?<![\w\-.']){re.escape(field)}(?![\w\-'])", flag, text)
+        return text
 
 
 class InputError(DiffcircuitError):
@@ -28,20 +41,7 @@ class ModelError(DiffcircuitError):
 
 
 class ConfigError(DiffcircuitError, ValueError):
-    """A setting or argument that is not allowed (also a ``ValueError``, as Python has it). The message names the
-    config fields in ``fields``; the CLI shows them as the flags that set them."""
-
-    def __init__(self, message: str, *fields: str):
-        super().__init__(message)
-        self.fields = fields
-
-    def with_flags(self, flags: Mapping[str, str] | None = None) -> str:
-        """The message with each field named as its flag (``flags[field]``, default ``--field-name``)."""
-        text = str(self)
-        for field in sorted(self.fields, key=len, reverse=True):
-            flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
-            text = re.sub(rf"(?<![\w\-.']){re.escape(field)}(?![\w\-'])", flag, text)
-        return text
+    """A setting or argument that is not allowed (also a ``ValueError``, as Python has it)."""
 
 
 class DiffcircuitWarning(UserWarning):

@@ -44,7 +44,7 @@ def _make_pickle_only(small_model_dir, small_unet):
 
 def test_pickle_weights_are_refused_unless_allowed(small_model_dir, small_unet):
     folder = _make_pickle_only(small_model_dir, small_unet)
-    with pytest.raises(DiffcircuitError, match="--allow-pickle"):
+    with pytest.raises(DiffcircuitError, match="allow_pickle"):
         load_denoiser(str(folder))
     den = load_denoiser(str(folder), allow_pickle=True)
     assert torch.equal(den.network.conv_in.weight, small_unet.conv_in.weight)
@@ -107,7 +107,7 @@ def test_hub_repo_without_safetensors_is_refused_unless_pickle_allowed(
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    with pytest.raises(DiffcircuitError, match="--allow-pickle"):
+    with pytest.raises(DiffcircuitError, match="allow_pickle"):
         load_denoiser("owner/pickled")
     assert all("*.bin" not in p for p in patterns)  # nothing pickled was even fetched
     den = load_denoiser("owner/pickled", allow_pickle=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcircuit.errors import DiffcircuitError, DiffcircuitWarning
+from diffcircuit.errors import DiffcircuitError, DiffcircuitWarning, InputError
 
 __all__ = ["IMAGE_SUFFIXES", "MIN_SIDE", "folder_images", "list_images", "prepare_image"]
 
@@ -109,8 +109,8 @@ def folder_images(
             images.append(prepare_image(path, size=size, channels=channels))
         except DiffcircuitError as exc:
             if not skip_bad:
-                raise DiffcircuitError(
-                    f"{exc} (pass --skip-bad to skip unreadable files)"
+                raise InputError(
+                    f"{exc} (set skip_bad to skip unreadable files)", "skip_bad"
                 ) from None
             warnings.warn(f"skipping {exc}", DiffcircuitWarning, stacklevel=2)
             continue

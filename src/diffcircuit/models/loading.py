@@ -261,7 +261,8 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
     if not any(folder.rglob("*.safetensors")) and not allow_pickle:
         raise DiffcircuitError(
             f"hub repo {repo_id!r} has no .safetensors weights; if it ships pickle "
-            "weights (.bin) and you trust it, pass --allow-pickle"
+            "weights (.bin) and you trust it, set allow_pickle",
+            "allow_pickle",
         )
     return folder
 
@@ -289,7 +290,8 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
     if not allow_pickle:
         raise DiffcircuitError(
             f"{folder} has only pickle weights ({pickles[0]}); convert them to safetensors, "
-            "or pass --allow-pickle if you trust the source"
+            "or set allow_pickle if you trust the source",
+            "allow_pickle",
         )
     return False
 
@@ -470,8 +472,9 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
             raise
         raise DiffcircuitError(
             "guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
-            "negative_pooled_prompt_embeds (the encoded empty prompt) to the --prompt-embeds file, "
-            "or give a pipeline folder with its text encoders"
+            "negative_pooled_prompt_embeds (the encoded empty prompt) to the prompt_embeds file, "
+            "or give a pipeline folder with its text encoders",
+            "prompt_embeds",
         ) from None
 
 

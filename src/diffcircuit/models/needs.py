@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.pipeline_text import is_pooled
 
@@ -87,13 +87,16 @@ def class_labels(network: torch.nn.Module, class_label: int | None) -> Condition
         null = _null_class(network)
         if null is None:
             raise DiffcircuitError(
-                f"{type(network).__name__} needs a class label and has no null class: pass --class-label K"
+                f"{type(network).__name__} needs a class label and has no null class: give class_label",
+                "class_label",
             )
         return Conditioning(
             {"class_labels": torch.tensor([null])}, f"null class {null} (unconditional)"
         )
     if classes is not None and not 0 <= class_label < int(classes):
-        raise DiffcircuitError(f"--class-label must be in 0..{int(classes) - 1}, not {class_label}")
+        raise ConfigError(
+            f"class_label must be in 0..{int(classes) - 1}, not {class_label}", "class_label"
+        )
     return Conditioning({"class_labels": torch.tensor([class_label])}, f"class {class_label}")
 
 

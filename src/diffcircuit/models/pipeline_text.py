@@ -103,13 +103,15 @@ def _load_pipeline(root: Path, allow_pickle: bool):
     if not index.exists():
         raise DiffcircuitError(
             f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
-            "give --prompt-embeds FILE.safetensors instead"
+            "give prompt_embeds (a safetensors file) instead",
+            "prompt_embeds",
         )
     name = read_json(index).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "encode_prompt"):
         raise DiffcircuitError(
-            f"{index} names {name!r}, which has no encode_prompt; give --prompt-embeds instead"
+            f"{index} names {name!r}, which has no encode_prompt; give prompt_embeds instead",
+            "prompt_embeds",
         )
     optional = set(getattr(cls, "_optional_components", []) or [])
     needed = [
@@ -120,8 +122,9 @@ def _load_pipeline(root: Path, allow_pickle: bool):
     missing = [name for name in needed if not (root / name).is_dir()]
     if missing:
         raise DiffcircuitError(
-            f"{root} has no {missing[0]}/ to encode a prompt with; give --prompt-embeds "
-            "FILE.safetensors (prompt_embeds and pooled_prompt_embeds) instead"
+            f"{root} has no {missing[0]}/ to encode a prompt with; give prompt_embeds, a safetensors file "
+            "with the tensors 'prompt_embeds' and 'pooled_prompt_embeds', instead",
+            "prompt_embeds",
         )
     try:
         return cls.from_pretrained(

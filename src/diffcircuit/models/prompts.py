@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.configfile import read_json
 from diffcircuit.models.needs import added_conditions, class_labels, needed_inputs
@@ -139,7 +139,8 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
     if not (root / "tokenizer").is_dir() or not (root / "text_encoder" / "config.json").exists():
         raise DiffcircuitError(
             f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
-            "give --prompt-embeds FILE.safetensors instead"
+            "give prompt_embeds (a safetensors file) instead",
+            "prompt_embeds",
         )
     try:
         import transformers
@@ -195,32 +196,35 @@ def make_conditioning(
     """The conditioning ``network`` needs (None for an unconditional model), from the options given."""
     needs = needed_inputs(network)
     given = [
-        flag
-        for flag, value in (
-            ("--prompt", prompt),
-            ("--prompt-embeds", prompt_embeds),
-            ("--class-label", class_label),
+        field
+        for field, value in (
+            ("prompt", prompt),
+            ("prompt_embeds", prompt_embeds),
+            ("class_label", class_label),
         )
         if value is not None
     ]
     if not needs:
         if given:
-            raise DiffcircuitError(
-                f"{type(network).__name__} is unconditional: {given[0]} does not apply"
+            raise ConfigError(
+                f"{type(network).__name__} is unconditional: {given[0]} does not apply", given[0]
             )
         return None
     if "class_labels" in needs:
         if prompt is not None or prompt_embeds is not None:
-            raise DiffcircuitError(
-                f"{type(network).__name__} is class-conditional: give --class-label, not a prompt"
+            raise ConfigError(
+                f"{type(network).__name__} is class-conditional: give class_label, not a prompt",
+                "class_label",
             )
         return class_labels(network, class_label)
     if class_label is not None:
-        raise DiffcircuitError(
-            f"{type(network).__name__} is text-conditioned: give --prompt or --prompt-embeds"
+        raise ConfigError(
+            f"{type(network).__name__} is text-conditioned: give prompt or prompt_embeds",
+            "prompt",
+            "prompt_embeds",
         )
     if prompt is not None and prompt_embeds is not None:
-        raise DiffcircuitError("give --prompt or --prompt-embeds, not both")
+        raise ConfigError("give prompt or prompt_embeds, not both", "prompt", "prompt_embeds")
     if is_pooled(network):
         return _joint_embeds(network, prompt_embeds, prompt, root, allow_pickle)
     dim = int(

@@ -22,7 +22,7 @@ import pandas as pd
 
 from diffcircuit.data.provenance import in_training_set, read_training_record
 from diffcircuit.data.spec import ImageSet, is_grayscale
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.sweep import ReferenceImages
 from diffcircuit.metrics.image_stats import IMAGE_PROPERTIES, image_properties
 from diffcircuit.models.latent import model_images
@@ -100,8 +100,9 @@ def reference_split(
     its first ``n`` (the evaluated ones); "pooled", those of every set; "insample" (None), the evaluated images
     themselves. Every set must hold more than ``n`` images unless "insample"."""
     if mean_reference not in MEAN_REFERENCES:
-        raise DiffcircuitError(
-            f"--mean-reference must be one of {', '.join(MEAN_REFERENCES)}, not {mean_reference!r}"
+        raise ConfigError(
+            f"mean_reference must be one of {', '.join(MEAN_REFERENCES)}, not {mean_reference!r}",
+            "mean_reference",
         )
     evaluated = {k: first_images(s, n) for k, s in sets.items()}
     if mean_reference == "insample":
@@ -110,7 +111,9 @@ def reference_split(
     if short:
         raise DiffcircuitError(
             f"mean_reference {mean_reference!r} takes the mean from images after the first {n} "
-            f"evaluated ones, and {short[0]} has no more: lower --n or use --mean-reference insample"
+            f"evaluated ones, and {short[0]} has no more: lower n or use mean_reference insample",
+            "n",
+            "mean_reference",
         )
     held = {
         k: ReferenceImages(dataset=k, images=np.asarray(s.images[n:]), index=np.arange(n, len(s)))
