@@ -5,8 +5,8 @@ The notebook API::
     import diffcircuit as dc
     den = dc.load_denoiser()                                   # the embedded model
     faces = dc.model_images(den, "faces", n=16)                # latent models: encoded by their VAE
-    heads, images = dc.observe(den, faces.images, timesteps=[100, 500], pictures=faces.pixels)
-    heads.groupby("layer").entropy_norm.mean()
+    obs = dc.observe(den, faces, timesteps=[100, 500])        # .heads, .images: DataFrames
+    obs.heads.groupby("layer").entropy_norm.mean()
 """
 
 from diffcircuit._threads import prefer_passive_wait  # noqa: E402

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import torch
 from diffusers import DDPMScheduler
 
@@ -94,3 +95,17 @@ def test_v_prediction_models_are_scored_by_the_eps_they_imply(small_unet, tmp_pa
     assert math.isclose(row.eps_mse, (a * (v - v_hat) ** 2).mean().item(), rel_tol=1e-3)
     x0_hat = a.sqrt() * x_t - (1 - a).sqrt() * v_hat
     assert math.isclose(row.x0_mse, ((x0_hat - x0) ** 2).mean().item(), rel_tol=1e-3)
+
+
+def test_an_image_set_brings_its_masks_and_the_result_is_typed(small_unet, tmp_path):
+    from diffcircuit import load_images
+    from diffcircuit.metrics.observe import Observation
+
+    den = _denoiser(small_unet, tmp_path)
+    syn = load_images("synthetic", n=3, size=16, channels=3)
+    obs = observe(den, syn, timesteps=[100])
+    assert isinstance(obs, Observation)
+    heads, images = observe(den, syn.images, timesteps=[100], masks=syn.masks)  # as before: unpacks
+    pd.testing.assert_frame_equal(obs.heads, heads)
+    pd.testing.assert_frame_equal(obs.images, images)
+    assert obs.heads.object_affinity.notna().all()  # the set's masks reached the object probes

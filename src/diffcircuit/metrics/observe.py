@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffcircuit.data.spec import ImageSet
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import (
@@ -45,7 +46,7 @@ from diffcircuit.models.diffusion import (
 )
 from diffcircuit.models.noise import batch_rows, noisy_batch
 
-__all__ = ["BlockScores", "NullObservation", "observe", "observe_with_null"]
+__all__ = ["BlockScores", "NullObservation", "Observation", "observe", "observe_with_null"]
 
 
 def _layer_metrics(
@@ -192,10 +193,22 @@ def _finish(
     return heads, per_image
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Observation:
+    """What ``observe`` measured: one row per image x timestep x head (``heads``) and one per image x timestep
+    (``images``: denoising errors next to the trivial predictor's). Unpacks as ``heads, images = observe(...)``."""
+
+    heads: pd.DataFrame
+    images: pd.DataFrame
+
+    def __iter__(self):
+        return iter((self.heads, self.images))
+
+
 @torch.no_grad()
 def observe(
     denoiser,
-    images: np.ndarray,
+    images: np.ndarray | ImageSet,
     *,
     timesteps: Sequence[int],
     seed: int = 0,
@@ -207,14 +220,19 @@ def observe(
     progress: Callable[[int], None] | None = None,
     first: int = 0,
     pictures: np.ndarray | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(head_rows, image_rows)`` for ``images`` (float ``[n, C, H, W]`` in [-1, 1]).
+) -> Observation:
+    """Head and image rows (``Observation``) for ``images``: an ``ImageSet`` (its masks and, for a latent model,
+    its pixels come with it) or float ``[n, C, H, W]`` in [-1, 1].
 
     ``masks`` (bool ``[n, H, W]``, synthetic images) enable the object probes; ``method`` picks
     the fused capture or the naive reference. ``first`` is the dataset index of ``images[0]``
     (a slice of a larger set): it names the rows and picks each image's noise draw. ``pictures``
     (latent models: the pixel images ``images`` encode) are what the probes look at; default ``images``.
     """
+    if isinstance(images, ImageSet):
+        masks = images.masks if masks is None else masks
+        pictures = images.pixels if pictures is None else pictures
+        images = images.images
     inp = _Inputs(denoiser, images, masks, pictures, registry)
     head_frames, image_frames = [], []
     for local in batch_rows(len(inp.x), batch_size):
@@ -234,7 +252,8 @@ def observe(
             image_frames.append(rows)
             if progress is not None:
                 progress(len(local))
-    return _finish(head_frames, image_frames, dataset)
+    heads, per_image = _finish(head_frames, image_frames, dataset)
+    return Observation(heads=heads, images=per_image)
 
 
 _PARTNER_INDEX = [PROBE_CHANNELS.index(c) for c in PARTNER_CHANNELS]
