@@ -24,13 +24,14 @@ from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
 from diffcircuit.models.spec import ModelSpec  # noqa: E402
 from diffcircuit.protocol.config import RunConfig  # noqa: E402
-from diffcircuit.report.result import Claim, RunResult, Summary  # noqa: E402
+from diffcircuit.report.result import CircuitRecord, Claim, RunResult, Summary  # noqa: E402
 
 __all__ = [
     "Denoiser",
     "DiffcircuitError",
     "HeadAddress",
     "HeadRegistry",
+    "CircuitRecord",
     "Claim",
     "HookContext",
     "ImageSet",

@@ -20,7 +20,8 @@ def result(small_model_dir_module, tmp_path_factory):
         timesteps=[20, 800],
         ablate_n=2,
         seed_repeats=0,
-        analyses=["ablation"],
+        analyses=["ablation", "discovery"],
+        circuit_resamples=1,
         device="cpu",
     )
 
@@ -47,6 +48,14 @@ def test_tables_are_read_on_demand_and_unknown_ones_named(result):
         result.table("nope")
     again = dc.RunResult.read(result.out_dir)
     assert again.summary == result.summary
+    records = result.circuits  # typed records, the JSON files' content
+    on_disk = [
+        json.loads(p.read_text()) for p in sorted((result.out_dir / "circuits").glob("*.json"))
+    ]
+    assert (
+        all(isinstance(c, dc.CircuitRecord) for c in records)
+        and [c.to_dict() for c in records] == on_disk
+    )
 
 
 def test_config_and_fields_combine_and_the_old_argument_order_still_works(

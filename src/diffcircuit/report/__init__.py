@@ -10,10 +10,18 @@ import pandas as pd
 from diffcircuit.errors import DiffcircuitError
 from diffcircuit.protocol.store import write_json
 from diffcircuit.report.html import write_report
-from diffcircuit.report.result import Claim, RunResult, Summary
+from diffcircuit.report.result import CircuitRecord, Claim, RunResult, Summary
 from diffcircuit.report.summary import build_summary
 
-__all__ = ["Claim", "RunResult", "Summary", "build_summary", "finalize_run", "write_report"]
+__all__ = [
+    "CircuitRecord",
+    "Claim",
+    "RunResult",
+    "Summary",
+    "build_summary",
+    "finalize_run",
+    "write_report",
+]
 
 
 def finalize_run(run_dir: str | Path) -> RunResult:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from diffcircuit.errors import InputError
 
-__all__ = ["Claim", "RunResult", "Summary"]
+__all__ = ["CircuitRecord", "Claim", "RunResult", "Summary"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,8 +164,55 @@ class RunResult:
         return self.table("denoising")
 
     @cached_property
-    def circuits(self) -> list[dict]:
+    def circuits(self) -> list[CircuitRecord]:
         """The circuit records (``circuits/*.json``), one per dataset x window."""
-        return [
-            json.loads(p.read_text()) for p in sorted((self.out_dir / "circuits").glob("*.json"))
-        ]
+        paths = sorted((self.out_dir / "circuits").glob("*.json"))
+        return [CircuitRecord.from_dict(json.loads(p.read_text())) for p in paths]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitRecord:
+    """One dataset x window's circuit, or the claim that there is none (``circuits/<dataset>_t<window>.json``):
+    the gap test behind the claim, the heads at the primary τ, their faithfulness and necessity, and their stability
+    over image resamples (an interval that says what it is)."""
+
+    dataset: str
+    window: str
+    timesteps: list[int]
+    claimed: bool
+    claim: str
+    gap: dict  # the one-sided test that ablating every head hurts, with its correction
+    method: str | None = None
+    metric: str | None = None
+    tau: float | None = None
+    ranking: str | None = None
+    loss_full: float | None = None
+    loss_empty: float | None = None
+    heads: list[str] | None = None  # None: no circuit claimed
+    size: int | None = None
+    faithfulness: float | None = None
+    recovered_without_circuit: float | None = None
+    loss_circuit: float | None = None
+    loss_without_circuit: float | None = None
+    n_necessary: int | None = None
+    necessary: list[str] | None = None
+    selection_frequency: dict = field(default_factory=dict)
+    boot_sizes: list[int] = field(default_factory=list)
+    resamples: int = 0
+    size_range: list | None = None
+    size_ci: list | None = None
+    size_interval: str | None = None
+    by_tau: list[dict] = field(default_factory=list)
+    topk_size: int | None = None
+    overlap_with_other: dict | None = None
+    complexity: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CircuitRecord:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        return cls(**values, extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
