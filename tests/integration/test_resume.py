@@ -41,7 +41,10 @@ def reference(small_model_dir_module, tmp_path_factory, run_outputs):
 
 
 def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
-    """Start ``cmd``, SIGKILL it as soon as the shard file ``first`` exists; return the shard files then."""
+    """Start ``cmd``, SIGKILL it as soon as the shard file ``first`` exists; return the shard files then.
+
+    A shard is done when all its parts exist; ``cost.json`` is written last, so waiting for it kills
+    the run just after a whole shard (a kill between two parts leaves the shard to be recomputed)."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )  # same env: same thread count
@@ -60,8 +63,8 @@ def _kill_when(cmd: list[str], shards: Path, first: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "first", ["observe_s3_a_t800_0-3.null.parquet", "ablate_b_t20.table.parquet"]
-)  # mid-observation, mid-interventions
+    "first", ["observe_s3_a_t800_0-3.cost.json", "ablate_b_t20.cost.json"]
+)  # mid-observation, mid-interventions: killed just after these shards' last parts
 def test_a_run_killed_with_sigkill_resumes_to_the_same_results(
     small_model_dir_module, tmp_path, reference, first, run_outputs, assert_same_outputs
 ):

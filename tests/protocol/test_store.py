@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
-from diffcircuit.protocol.store import atomic_write_bytes
+from diffcircuit.protocol.store import Shards, atomic_write_bytes, encode_part
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp_on_failure(tmp_path, monkeypatch):
@@ -70,3 +71,24 @@ def test_a_command_claims_its_directory_with_its_config(tmp_path):
     with pytest.raises(DiffcircuitError, match="another command"):
         with claim_command(tmp_path, "discover", {"n": 2}):
             pass
+
+
+def test_a_shard_is_resumed_only_when_every_part_is_on_disk(tmp_path):
+    """A run killed between two parts of a shard leaves it unfinished: the next run recomputes it; a
+    finished shard is read back without computing."""
+    shards = Shards(tmp_path)
+    table = pd.DataFrame({"x": [1.0, 2.0]})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"table.parquet": table, "cost.json": {"seconds": 1.0}}
+
+    parts = ("table.parquet", "cost.json")
+    atomic_write_bytes(shards.path("s", "table.parquet"), encode_part("table.parquet", table))
+    got = shards.ensure("s", parts, compute)  # only the first part was written: recomputed
+    assert len(calls) == 1 and (shards.computed, shards.resumed) == (1, 0)
+    pd.testing.assert_frame_equal(got["table.parquet"], table)
+    assert got["cost.json"] == {"seconds": 1.0}
+    again = Shards(tmp_path).ensure("s", parts, compute)  # whole: read back, not computed
+    assert len(calls) == 1 and again["cost.json"] == {"seconds": 1.0}
