@@ -444,6 +444,22 @@ def _informative_rows(
     return frame[keep]
 
 
+_TEST_ROW_COLUMNS = (  # the columns of a tests.parquet row built outside _family (beats_trivial, critical)
+    "family",
+    "what",
+    "test",
+    "statistic",
+    "p_value",
+    "p_floor",
+    "effect_size",
+    "effect_size_kind",
+    "n_a",
+    "n_b",
+    "n_resamples",
+    "alternative",
+    "p_corrected",
+)
+
 _CRITICAL_COLUMNS = [
     "level",
     "method",
@@ -734,23 +750,7 @@ def tests_table(
                 n_b=d.n_images,
                 n_resamples=_N_RESAMPLES,
                 alternative="greater",
-            )[
-                [
-                    "family",
-                    "what",
-                    "test",
-                    "statistic",
-                    "p_value",
-                    "p_floor",
-                    "effect_size",
-                    "effect_size_kind",
-                    "n_a",
-                    "n_b",
-                    "n_resamples",
-                    "alternative",
-                    "p_corrected",
-                ]
-            ]
+            )[list(_TEST_ROW_COLUMNS)]
         )
     families += _entropy_families(divergence_heads, correction)
     if (
@@ -796,23 +796,7 @@ def tests_table(
                 n_b=critical.n_null_sets,
                 n_resamples=_N_RESAMPLES,
                 alternative="greater",
-            )[
-                [
-                    "family",
-                    "what",
-                    "test",
-                    "statistic",
-                    "p_value",
-                    "p_floor",
-                    "effect_size",
-                    "effect_size_kind",
-                    "n_a",
-                    "n_b",
-                    "n_resamples",
-                    "alternative",
-                    "p_corrected",
-                ]
-            ]
+            )[list(_TEST_ROW_COLUMNS)]
         )
     families += [
         *_divergence_families(divergence, correction),
