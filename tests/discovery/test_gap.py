@@ -16,7 +16,7 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from diffcircuit import load_denoiser, load_images, probe_registry
+from diffcircuit import load_images
 from diffcircuit.discovery.circuits import CircuitLoss, gap_test
 from diffcircuit.discovery.planted import zero_heads
 from diffcircuit.interventions.ablation import Target
@@ -25,14 +25,6 @@ from diffcircuit.models.diffusion import add_noise
 from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import batch_noise
 from diffcircuit.protocol.circuits import NO_CIRCUIT, _gap_tests, discover_circuits
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    den = load_denoiser()
-    faces = load_images("faces", n=6, size=32, channels=3).images
-    registry = probe_registry(den, torch.from_numpy(faces[:1]), torch.zeros(1, dtype=torch.long))
-    return den, faces, registry
 
 
 class _Fixed:
