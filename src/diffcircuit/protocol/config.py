@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffcircuit.errors import ConfigError, DiffcircuitError
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec, config_from_mapping
 
 __all__ = [
     "ANALYSES",
@@ -251,18 +249,12 @@ class RunConfig(ModelSpec):
         return d
 
     @classmethod
-    def from_mapping(cls, values: dict, *, source: str = "config") -> RunConfig:
-        """A validated config from plain values (YAML, CLI); unknown or ill-typed keys are named."""
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise DiffcircuitError(
-                f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
-            )
-        return cls(
-            **{key: _coerce(key, value, hints[key], source) for key, value in values.items()}
-        )
+    def from_mapping(cls, values, *, source: str | None = "config") -> RunConfig:
+        """A validated config from plain values (YAML, CLI); unknown or ill-typed keys are named. ``analyses``
+        ``none`` is no intervention analysis (observation only)."""
+        if values.get("analyses") in ("none", ["none"], ("none",)):
+            values = {**values, "analyses": ()}
+        return config_from_mapping(cls, values, source=source)
 
     def results_key(self) -> dict:
         """The settings that change results (not batch size, device, capture path, backend, workers or
@@ -280,65 +272,6 @@ class RunConfig(ModelSpec):
         ):
             d.pop(k)
         return d
-
-
-def _coerce(key: str, value, hint, source: str):
-    """Check one value against its field type; lists become tuples, "100,500" strings become tuples; an optional
-    field (``str | None``) takes None or its type."""
-    if type(None) in typing.get_args(hint) and typing.get_origin(hint) in (
-        typing.Union,
-        types.UnionType,
-    ):
-        inner = [h for h in typing.get_args(hint) if h is not type(None)][0]
-        return None if value is None else _coerce(key, value, inner, source)
-    bad = DiffcircuitError(f"{source}: {key!r} must be {_describe(hint)}, not {value!r}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    inner = typing.get_args(hint)[0]  # tuple[int, ...], tuple[float, ...] or tuple[str, ...]
-    if key == "analyses" and value in ("none", ["none"], ("none",)):
-        return ()  # no intervention analysis: observation only
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",")]
-        if not all(value):  # "" or "100," or "a,,b": an empty part is a typo, not nothing
-            raise bad
-    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        value = [value]  # YAML's `timesteps: 500`: one value
-    if not isinstance(value, (list, tuple)):
-        raise bad
-    try:
-        return tuple(
-            _coerce(
-                key, inner(v) if inner in (int, float) and isinstance(v, str) else v, inner, source
-            )
-            for v in value
-        )
-    except (ValueError, DiffcircuitError):
-        raise bad from None
-
-
-def _describe(hint) -> str:
-    simple = {bool: "true or false", int: "an integer", str: "a string", float: "a number"}
-    if hint in simple:
-        return simple[hint]
-    inner = typing.get_args(hint)[0]
-    return {
-        int: "comma-separated integers like 100,500,900",
-        float: "comma-separated numbers like 0.02,0.05",
-    }.get(inner, "a comma-separated list of names")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -362,14 +295,8 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-FIELD_HELP = (
-    _COMMENTS
-) = {  # each RunConfig field in a line: the config file's comments and the run command's help
-    "model": "'embedded', a local diffusers folder, or a hub id such as google/ddpm-celebahq-256",
-    "allow_pickle": "allow pickle (.bin) weights; only for sources you trust",
-    "prompt": "text-conditioned models: the prompt for every image (none: the empty prompt, the unconditional branch)",
-    "prompt_embeds": "text-conditioned models: a safetensors file of prompt embeddings instead of a prompt",
-    "class_label": "class-conditional models (DiT): the class for every image (none: the null class)",
+FIELD_HELP = _COMMENTS = MODEL_HELP | {
+    # each RunConfig field in a line: the config file's comments and the run command's help
     "captions": "text-conditioned models: each image of a folder with captions.csv/.jsonl gets its own caption",
     "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder (the paper: synthetic shapes)",
     "data_b": "the second distribution (the paper: 2,000 CelebA faces; here LFW's 100 faces)",
@@ -379,8 +306,6 @@ FIELD_HELP = (
     "timesteps": "timesteps analysed",
     "seed": "noise seed; same seed, same results",
     "batch_size": "images per forward pass (does not change results)",
-    "device": "auto (cuda when available), cpu, cuda or cuda:N",
-    "precision": "fp32, or bf16/fp16 autocast for the forward passes (statistics accumulate in fp32)",
     "backend": "local (this process) or ray (shards as Ray tasks; pip install 'diffcircuit[ray]')",
     "ray_address": "an existing Ray cluster to join (none: start a local instance)",
     "workers": "Ray workers, each holding the model once (0: one per CPU, or per GPU on cuda)",
