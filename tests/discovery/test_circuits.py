@@ -215,30 +215,6 @@ def test_circuit_curve_runs_from_nothing_recovered_to_everything():
     assert row["recovered_without_circuit"] == pytest.approx((empty - loss(top)) / (empty - full))
 
 
-def test_planting_edits_a_copy_and_leaves_one_live_head_in_the_essential_layer(small_unet):
-    from diffcircuit.instrument.registry import attention_modules
-
-    before = {k: v.clone() for k, v in small_unet.state_dict().items()}
-    layer = "down_blocks.1.attentions.0"
-    p = plant(
-        small_unet,
-        dead=["down_blocks.0.attentions.0:1", f"{layer}:0"],
-        essential_layer=layer,
-        essential_head=2,
-    )
-    assert all(
-        torch.equal(before[k], v) for k, v in small_unet.state_dict().items()
-    )  # the original is untouched
-    assert p.dead == ("down_blocks.0.attentions.0:1",) and p.essential == f"{layer}:2"
-    attn = dict(attention_modules(p.network))[layer]
-    d = attn.inner_dim // attn.heads
-    w = attn.to_out[0].weight
-    live = [h for h in range(attn.heads) if w[:, h * d : (h + 1) * d].abs().sum() > 0]
-    assert live == [2]
-    dead_attn = dict(attention_modules(p.network))["down_blocks.0.attentions.0"]
-    assert dead_attn.to_out[0].weight[:, d : 2 * d].abs().sum() == 0
-
-
 def test_jaccard_is_undefined_for_two_empty_circuits():
     import math
 
