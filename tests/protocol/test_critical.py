@@ -238,34 +238,3 @@ def test_denoising_tests_is_a_one_sided_paired_test_corrected_over_dataset_and_t
         )
     np.testing.assert_allclose(tests.p_corrected, multipletests(tests.p_value, method="fdr_bh")[1])
     assert informative_timesteps(frame) == frozenset({("a", 500), ("b", 500)})
-
-
-def test_the_plan_tests_a_block_that_is_one_layer_once(small_unet):
-    import torch
-
-    from diffcircuit import probe_registry
-    from diffcircuit.interventions.ablation import targets
-    from diffcircuit.protocol.tasks import ablation_plan
-
-    registry = probe_registry(
-        small_unet, torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)
-    )
-    plan, aliases = ablation_plan(registry, null_sets=5, seed=0)
-    layers = {t.name: frozenset(t.heads) for t in targets(registry, "layer")}
-    for block in targets(registry, "block"):
-        same = [name for name, heads in layers.items() if heads == frozenset(block.heads)]
-        assert (block.name in [t.name for t in plan]) == (not same)
-        assert not same or aliases[same[0]] == (block.name,)
-    named = [t for t in plan if t.level in ("layer", "block")]
-    for size in {len(t.heads) for t in named}:
-        m = max(
-            sum(t.level == lv for t in named)
-            for lv in ("layer", "block")
-            if any(t.level == lv and len(t.heads) == size for t in named)
-        )
-        sets = [t for t in plan if t.level == "random" and len(t.heads) == size]
-        assert (
-            len(sets) == max(5, 20 * m) and 1 / (len(sets) + 1) * m < 0.05
-        )  # a lone component can reach q < 0.05
-    assert {len(t.heads) for t in plan if t.level == "random"} == {len(t.heads) for t in named}
-    assert [t.name for t in plan if t.level == "all"] == ["all_heads"]
