@@ -1,3 +1,6 @@
+"""Image folders (``data.folder``): files found recursively and in order, pixels mapped as diffusers does,
+centre-cropped, and unreadable files named or skipped. (Unusual but valid formats: ``test_image_corpus.py``.)"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -5,29 +8,6 @@ import pytest
 from PIL import Image
 
 from diffcircuit import DiffcircuitError, load_images
-from diffcircuit.data.faces import lfw_images
-
-
-def test_lfw_faces_and_nonfaces_are_distinct_sets_of_100():
-    from skimage.data import lfw_subset
-
-    faces, nonfaces = lfw_images("faces", size=25), lfw_images("nonfaces", size=25)
-    assert faces.shape == nonfaces.shape == (100, 3, 25, 25)
-    raw = lfw_subset()
-    # at the native size the map is exactly 2x - 1 of scikit-image's pixels
-    np.testing.assert_allclose(faces[:, 0], raw[:100] * 2 - 1, atol=1e-6)
-    np.testing.assert_allclose(nonfaces[:, 1], raw[100:] * 2 - 1, atol=1e-6)
-
-
-def test_builtin_specs_and_limits():
-    s = load_images("synthetic", n=5, size=16, channels=3)
-    assert len(s) == 5 and s.masks is not None and s.masks.shape == (5, 16, 16)
-    f = load_images("faces", n=7, size=32, channels=1)
-    assert f.images.shape == (7, 1, 32, 32) and f.masks is None
-    with pytest.raises(DiffcircuitError, match="100"):
-        load_images("faces", n=101, size=32, channels=3)
-    with pytest.raises(DiffcircuitError, match="not one of"):
-        load_images("no-such-spec", n=1, size=32, channels=3)
 
 
 def _save(path, array, mode):
