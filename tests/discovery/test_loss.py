@@ -58,7 +58,7 @@ def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(
     """The same on transformer families; with PixArt, each image of a captioned dataset keeps its own caption in
     every variant's copy of the rows."""
     from diffcircuit.models.latent import model_images
-    from tests.interventions.test_ablation import _transformer
+    from tests.interventions.test_sweep import _transformer
 
     dataset = "a"
     if family == "pixart-captioned":

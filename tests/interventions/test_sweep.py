@@ -1,4 +1,5 @@
-"""Ablations against independent implementations (weights and hooks on the untouched modules)."""
+"""The ablation sweep (``interventions.sweep``) against independent implementations (weights and hooks on the
+untouched modules)."""
 
 from __future__ import annotations
 
