@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffcircuit import instrument, load_denoiser, load_images, probe_registry
+from diffcircuit.models import noisy_batch
 from diffcircuit.models.diffusion import eps_mse_per_image
-from diffcircuit.models.noise import noisy_batch
 
 
 class _PlainLoss:

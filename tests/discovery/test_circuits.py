@@ -11,12 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcircuit import load_denoiser, load_images, probe_registry
+from diffcircuit import Denoiser, load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, grow_circuit, prune_circuit, ranking_auc
 from diffcircuit.discovery.planted import plant
-from diffcircuit.interventions.ablation import Target, targets
-from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import Denoiser
+from diffcircuit.interventions import Target, ablation_sweep, targets
 
 DEAD = [
     "down_blocks.1.attentions.0:1",
@@ -336,8 +334,8 @@ def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_on
     """L_resample(S) = the mean over the drawn images (repeats counted) of each image's loss with S mean-ablated,
     computed here independently: a plain loop that zeroes nothing but patches the heads by hand, image by image
     with that image's own noise; and a second resample asking for the same head set runs no new forward."""
-    from diffcircuit.instrument.session import instrument
-    from diffcircuit.models.noise import image_noise
+    from diffcircuit import instrument
+    from diffcircuit.models import image_noise
 
     den, images, registry, _, _, _ = planted
     x = images[:6]

@@ -16,13 +16,11 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from diffcircuit import load_images
+from diffcircuit import Denoiser, load_images
 from diffcircuit.discovery.circuits import CircuitLoss, gap_test
 from diffcircuit.discovery.planted import zero_heads
-from diffcircuit.interventions.ablation import Target
-from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.interventions import Target, ablation_sweep
 from diffcircuit.models.diffusion import add_noise
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import batch_noise
 from diffcircuit.protocol.circuits import NO_CIRCUIT, _gap_tests, discover_circuits
 

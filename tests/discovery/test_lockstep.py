@@ -13,8 +13,7 @@ import pytest
 from diffcircuit.discovery.circuits import CircuitLoss, passes_tau, prune_circuit, prune_heads
 from diffcircuit.discovery.lockstep import lockstep
 from diffcircuit.instrument.cost import count_forwards
-from diffcircuit.interventions.ablation import targets
-from diffcircuit.interventions.sweep import ablation_sweep
+from diffcircuit.interventions import ablation_sweep, targets
 from diffcircuit.protocol.circuits import PRIMARY_TAU, discover_circuits, importance_rows
 
 T = 300

@@ -57,12 +57,12 @@ def test_stacked_losses_equal_one_set_per_plain_forward_on_transformers(
 ):
     """The same on transformer families; with PixArt, each image of a captioned dataset keeps its own caption in
     every variant's copy of the rows."""
-    from diffcircuit.models.latent import model_images
+    from diffcircuit import model_images
     from tests.interventions.test_sweep import _transformer
 
     dataset = "a"
     if family == "pixart-captioned":
-        from diffcircuit.models.loading import load_conditioned, use_captions
+        from diffcircuit.models import load_conditioned, use_captions
 
         den = load_conditioned(str(request.getfixturevalue("pixart_text_folder")))
         folder = captioned_folder(

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from diffcircuit import RunConfig
 from diffcircuit.protocol.circuits import importance_rows
-from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.tasks import (
     Context,
     ablate_tasks,

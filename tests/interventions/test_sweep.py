@@ -11,12 +11,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit import instrument, probe_registry
+from diffcircuit import Denoiser, instrument, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.instrument.registry import attention_modules
-from diffcircuit.interventions.ablation import targets
-from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import Denoiser
+from diffcircuit.interventions import ablation_sweep, targets
 
 
 def _den(unet, tmp_path):
@@ -99,7 +97,7 @@ def test_mean_ablation_matches_a_hook_on_the_untouched_output_projection(small_u
     target = [t for t in targets(registry, "head") if t.name == f"{layer}:{head}"]
     rows = _sweep(den, images, registry, target, ["mean"], batch_size=2).sort_values("image")
     # independent: capture to_out's input on clean runs, average the head's slice, write it back by a pre-hook
-    from diffcircuit.models.noise import image_noise
+    from diffcircuit.models import image_noise
 
     x0 = torch.from_numpy(images)
     eps = torch.stack(
@@ -190,7 +188,7 @@ def test_prefix_reuse_equals_the_naive_loop(small_unet, tmp_path, method):
 def test_v_prediction_sweep_scores_the_implied_eps(small_unet, tmp_path):
     # the sweep's clean error must equal observe()'s (a separate code path), and the intervened one
     # an edited model's clean error, both measured on the ε a v-prediction output implies
-    from diffcircuit.metrics.observe import observe
+    from diffcircuit import observe
 
     v_sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     den = Denoiser(network=small_unet, scheduler=v_sched, model_path=tmp_path, source="t")
@@ -225,8 +223,8 @@ def test_v_prediction_sweep_scores_the_implied_eps(small_unet, tmp_path):
 def test_x0_psnr_columns_match_skimage(small_unet, tmp_path):
     from skimage.metrics import peak_signal_noise_ratio
 
+    from diffcircuit.models import image_noise
     from diffcircuit.models.diffusion import implied_x0
-    from diffcircuit.models.noise import image_noise
 
     den = _den(small_unet, tmp_path)
     images, registry = _setup(small_unet, n=2)
@@ -251,8 +249,8 @@ def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(
 ):
     """Every head, layer and block ablated with blocks memoised equals the full forwards, and the first block is
     not recomputed for targets after it."""
+    from diffcircuit import model_images
     from diffcircuit.interventions.prefix import BlockMemo, prefix_runner
-    from diffcircuit.models.latent import model_images
 
     den = _transformer(family, sd3_folder, flux_folder, tmp_path)
     assert isinstance(prefix_runner(den), BlockMemo)
@@ -278,7 +276,7 @@ def test_block_memo_prefix_reuse_equals_full_forwards_on_transformers(
 def _transformer(family: str, sd3_folder, flux_folder, tmp_path):
     from diffusers import DiTTransformer2DModel
 
-    from diffcircuit.models.loading import load_conditioned
+    from diffcircuit.models import load_conditioned
 
     if family == "dit":
         torch.manual_seed(0)
@@ -305,9 +303,9 @@ def test_stacked_variants_equal_one_forward_per_variant(
     """Heads, layers, blocks, all heads and random sets under zero and mean ablation, stacked several variants to
     a forward (prefix reuse from the tiled record, or full forwards), equal one forward per variant to 1e-5; and
     they really were stacked (fewer forwards)."""
+    from diffcircuit import model_images
     from diffcircuit.instrument.cost import count_forwards
-    from diffcircuit.interventions.ablation import random_head_sets
-    from diffcircuit.models.latent import model_images
+    from diffcircuit.interventions import random_head_sets
 
     if family.startswith("unet"):
         den = _den(small_unet, tmp_path)

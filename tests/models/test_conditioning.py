@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError
 from diffcircuit.models import Conditioning
 from diffcircuit.models.conditioning import Captions, conditioning_kwargs
 

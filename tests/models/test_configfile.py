@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError
 from diffcircuit.models.configfile import read_json
 
 

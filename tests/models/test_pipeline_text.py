@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError
 from diffcircuit.models.pipeline_text import (
     _names,
     encode_with_pipeline,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffcircuit import ImageSet, RunConfig, probe_registry
-from diffcircuit.interventions.ablation import Target, targets
+from diffcircuit.interventions import Target, targets
 from diffcircuit.protocol.tasks import (
     ATTRIBUTION_ESTIMATORS,
     WORK,
