@@ -3,7 +3,7 @@ the work, which the CLI calls after parsing its flags."""
 
 from diffcircuit.commands.ablate import AblateConfig, run_ablations
 from diffcircuit.commands.cache import CacheConfig, run_cache
-from diffcircuit.commands.calibrate import calibrate
+from diffcircuit.commands.calibrate import CalibrateConfig, calibrate
 from diffcircuit.commands.discover import DiscoverConfig, run_discovery
 from diffcircuit.commands.generate import GenerateConfig, run_generate
 from diffcircuit.commands.guidance import run_guidance
@@ -11,6 +11,7 @@ from diffcircuit.commands.guidance import run_guidance
 __all__ = [
     "AblateConfig",
     "CacheConfig",
+    "CalibrateConfig",
     "DiscoverConfig",
     "GenerateConfig",
     "calibrate",

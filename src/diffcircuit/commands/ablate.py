@@ -15,12 +15,12 @@ from diffcircuit.interventions.ablation import LEVELS, METHODS, Target, targets,
 from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import unconditional_input
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec
 from diffcircuit.protocol.datasets import reference_split
 from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
 
-__all__ = ["AblateConfig", "run_ablations"]
+__all__ = ["ABLATE_HELP", "AblateConfig", "run_ablations"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +88,27 @@ class AblateConfig(ModelSpec):
                 f"token_weight must be a finite number >= 0, not {self.token_weight}",
                 "token_weight",
             )
+
+
+# each AblateConfig field in a line: the help of the flag that sets it (``diffcircuit ablate``)
+ABLATE_HELP = MODEL_HELP | {
+    "data": "'synthetic', 'faces', 'nonfaces' or an image folder",
+    "n": "images ablated (mean/noise ablation's reference: the n after them)",
+    "timesteps": "comma-separated timesteps",
+    "seed": "noise seed; same seed, same results",
+    "batch_size": "images per forward pass (does not change results)",
+    "methods": "comma-separated: zero, mean, resample, noise",
+    "mean_reference": "mean/noise ablation's reference: heldout (the n images after the evaluated ones) or "
+    "insample",
+    "names": "head address, layer, block, ResNet block, or prompt token token:J (token:J*W reweights it; "
+    "@LAYER[:HEAD] only there) (repeatable)",
+    "levels": "ablate every target of: head, layer, block, resnet, token (repeatable)",
+    "token_weight": "with --level token: multiply each token's attention by W and renormalise (0 removes it)",
+    "sample": "also sample N images (DDIM) with each target zero-ablated",
+    "sample_steps": "DDIM steps of that sampling",
+    "window": "ablate only at sampling timesteps LO,HI",
+    "guidance": "sampling a conditional model: classifier-free guidance scale (1: none)",
+}
 
 
 def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list[Target]:

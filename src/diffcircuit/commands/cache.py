@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffcircuit.errors import ConfigError, InputError
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec
 from diffcircuit.protocol.activations import ActivationCache, cache_activations
 from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.protocol.store import check_writable
 
-__all__ = ["CacheConfig", "run_cache"]
+__all__ = ["CACHE_HELP", "CacheConfig", "run_cache"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,17 @@ class CacheConfig(ModelSpec):
                 "batch_size",
                 "timesteps",
             )
+
+
+# each CacheConfig field in a line: the help of the flag that sets it (``diffcircuit cache``)
+CACHE_HELP = MODEL_HELP | {
+    "data": "'synthetic', 'faces', 'nonfaces' or a folder",
+    "n": "images cached",
+    "timesteps": "comma-separated timesteps",
+    "layers": "an attention layer (repeatable; none: all)",
+    "batch_size": "images per forward and per shard file",
+    "seed": "noise seed; same seed, same results",
+}
 
 
 def run_cache(

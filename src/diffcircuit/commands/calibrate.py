@@ -23,15 +23,16 @@ variation) and a verdict:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy import stats
 
+from diffcircuit.errors import ConfigError
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_FIELDS, MODEL_HELP, ModelSpec
 from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.stats.complexity import (
     heads_for_fraction,
@@ -42,6 +43,8 @@ from diffcircuit.stats.complexity import (
 from diffcircuit.stats.tests import independent_p_floor
 
 __all__ = [
+    "CALIBRATE_HELP",
+    "CalibrateConfig",
     "CalibrationResult",
     "MeasureCalibration",
     "RateCheck",
@@ -228,6 +231,38 @@ def _ablation_rows(den, images: np.ndarray, registry, timestep: int, seed: int) 
         registry=registry,
     )
     return table.pivot_table(index="image", columns="target", values="degradation_pct").to_numpy()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig(ModelSpec):
+    """``diffcircuit calibrate``: the model (``ModelSpec``'s fields) and ``calibrate``'s settings."""
+
+    data: str = "faces"
+    n: int = 100
+    timestep: int = 500
+    splits: int = 200
+    seed: int = 0
+    ablation: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n < 4 or self.splits < 1:
+            raise ConfigError("n must be at least 4 and splits at least 1", "n", "splits")
+
+    def settings(self) -> dict:
+        """``calibrate``'s keyword arguments besides the model."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in MODEL_FIELDS}
+
+
+# each CalibrateConfig field in a line: the help of the flag that sets it (``diffcircuit calibrate``)
+CALIBRATE_HELP = MODEL_HELP | {
+    "data": "one distribution: 'synthetic', 'faces', 'nonfaces' or a folder",
+    "n": "images, split into halves (at least 4)",
+    "timestep": "the one timestep to calibrate at",
+    "splits": "random half-vs-half splits",
+    "seed": "noise seed and splits; same seed, same results",
+    "ablation": "also check the ablation measures (the primary one)",
+}
 
 
 def calibrate(

@@ -38,7 +38,7 @@ from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.metrics.observe import observe_with_null
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec
 from diffcircuit.protocol.circuits import (
     PRIMARY_TAU,
     circuit_complexity,
@@ -56,7 +56,7 @@ from diffcircuit.protocol.roles import (
 from diffcircuit.protocol.setup import build_setup
 from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
 
-__all__ = ["RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
+__all__ = ["DISCOVER_HELP", "RANKINGS", "DiscoverConfig", "DiscoveryResult", "run_discovery"]
 
 RANKINGS = ("attribution", "exhaustive")
 
@@ -152,6 +152,28 @@ class DiscoverConfig(ModelSpec):
                 f"{self.mean_reference!r}",
                 "mean_reference",
             )
+
+
+# each DiscoverConfig field in a line: the help of the flag that sets it (``diffcircuit discover``)
+DISCOVER_HELP = MODEL_HELP | {
+    "data_a": "'synthetic', 'faces', 'nonfaces' or an image folder",
+    "data_b": "second distribution, or 'none' for one distribution only",
+    "n": "images per distribution",
+    "timesteps": "comma-separated timesteps",
+    "windows": "timesteps pooled into one window, e.g. 100,300 (repeatable; none: each timestep alone)",
+    "seed": "noise seed; same seed, same results",
+    "batch_size": "images per forward pass (does not change results)",
+    "ranking": "'attribution' (gradients, fast) or 'exhaustive' (one forward per head)",
+    "probes": "Gauss-Newton probes of the attribution ranking (0 with --ig-steps)",
+    "ig_steps": "integrated-gradient steps of the attribution ranking (0: first order)",
+    "taus": "comma-separated fractions of the gap L_empty - L_full; must include 0.05",
+    "resamples": "bootstrap resamples of the images (stability, CIs)",
+    "metric": "'eps' (ε-MSE) or 'output' (distance to the full model's ε̂, as ACDC)",
+    "synthetic_color": "auto (gray when the other set is grayscale), color or gray",
+    "match_histogram": "match each synthetic image's luminance histogram to the other set's",
+    "mean_reference": "mean ablation's reference: heldout (the n images after the evaluated ones), pooled "
+    "(both sets' held-out) or insample",
+}
 
 
 @dataclass

@@ -19,11 +19,11 @@ from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
 from diffcircuit.models.loading import unconditional_input
-from diffcircuit.models.spec import ModelSpec
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec
 from diffcircuit.protocol.setup import build_setup
 from diffcircuit.protocol.store import atomic_write_bytes, check_writable, write_json
 
-__all__ = ["GenerateConfig", "GenerateResult", "run_generate"]
+__all__ = ["GENERATE_HELP", "GenerateConfig", "GenerateResult", "run_generate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +62,19 @@ class GenerateConfig(ModelSpec):
             raise ConfigError(
                 f"guidance must be a finite number >= 0, not {self.guidance}", "guidance"
             )
+
+
+# each GenerateConfig field in a line: the help of the flag that sets it (``diffcircuit generate``)
+GENERATE_HELP = MODEL_HELP | {
+    "ablate": "comma-separated head addresses, layers, blocks (or one ResNet block)",
+    "method": "zero, mean (over the clean samples at each step) or scale",
+    "scale": "with --method scale: multiply the heads' outputs by F",
+    "n": "samples (columns of the grid)",
+    "steps": "DDIM steps",
+    "seed": "noise seed; same seed, same samples",
+    "window": "intervene only at timesteps LO,HI",
+    "guidance": "sampling a conditional model: classifier-free guidance scale (1: none)",
+}
 
 
 @dataclass

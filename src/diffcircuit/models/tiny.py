@@ -68,6 +68,7 @@ from diffcircuit.models.loading import load_denoiser, save_denoiser
 __all__ = [
     "COMPOSITIONS",
     "TINY_UNET_CONFIG",
+    "TRAIN_HELP",
     "TRAIN_NAMESPACE",
     "TrainConfig",
     "build_tiny_unet",
@@ -137,6 +138,31 @@ class TrainConfig:
             raise DiffcircuitError("natural_share and gray_share must lie in [0, 1]")
         if self.synthetic_pool < 1 or self.photo_pool < 1:
             raise DiffcircuitError("synthetic_pool and photo_pool must be at least 1")
+
+
+# each TrainConfig field in a line: the help of the flag that sets it (``diffcircuit train-tiny``)
+TRAIN_HELP = {
+    "steps": "training steps",
+    "batch_size": "images per training batch",
+    "lr": "peak learning rate (linear warm-up, then cosine decay to zero)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "ema_decay": "decay of the exponential moving average of the weights that is saved",
+    "synthetic_pool": "synthetic training images",
+    "seed": "seed of the initial weights, batches and noise",
+    "log_every": "steps between training-log lines",
+    "quality_images": "held-out images per dataset for the model card (faces: at most 20)",
+    "init_from": "fine-tune from this diffusers folder's weights",
+    "t_min": "draw training timesteps from t-min..999",
+    "loss": "'v' (ε-MSE weighted by 1/ᾱ) or 'eps' (plain ε-MSE)",
+    "natural_share": "fraction of each batch from the natural pool (photo crops; faces 0-79 with --composition "
+    "faces80)",
+    "prediction": "network output: 'v_prediction' or 'epsilon'",
+    "snapshot_every": "write the EMA weights to out_dir/snapshot every N steps (0: never)",
+    "composition": "'disjoint' (shapes and photo crops, no analysed image) or 'faces80' (the old recipe: LFW "
+    "faces 0-79)",
+    "photo_pool": "photo crops in the natural pool (disjoint)",
+    "gray_share": "fraction of synthetic and colour photo images rendered gray (disjoint)",
+}
 
 
 def build_tiny_unet(seed: int = 0):
