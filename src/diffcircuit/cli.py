@@ -6,9 +6,13 @@ stderr and exit non-zero; tracebacks are for bugs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
+import types
+import typing
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -25,7 +29,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from diffcircuit.commands.ablate import ABLATE_HELP, AblateConfig
+from diffcircuit.commands.cache import CACHE_HELP, CacheConfig
+from diffcircuit.commands.calibrate import CALIBRATE_HELP, CalibrateConfig
+from diffcircuit.commands.discover import DISCOVER_HELP, DiscoverConfig
+from diffcircuit.commands.generate import GENERATE_HELP, GenerateConfig
 from diffcircuit.errors import DiffcircuitError
+from diffcircuit.models.spec import MODEL_HELP, ModelSpec, config_from_mapping
+from diffcircuit.models.tiny import TRAIN_HELP, TrainConfig
+from diffcircuit.protocol.config import FIELD_HELP, RunConfig
 
 __all__ = ["app", "main"]
 
@@ -66,48 +78,6 @@ def _main_options(
 
 console = Console(stderr=True)
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", help="'embedded', a local diffusers folder, or a hub id.")
-]
-PickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-pickle", help="Allow loading pickle (.bin) weights. Only for trusted sources."
-    ),
-]
-PromptOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt", help="Text-conditioned models: the prompt (default: the empty prompt)."
-    ),
-]
-PromptEmbedsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt-embeds", help="Text-conditioned models: safetensors file with 'prompt_embeds'."
-    ),
-]
-ClassLabelOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--class-label", help="Class-conditional models (DiT): the class (default: the null class)."
-    ),
-]
-GuidanceOpt = Annotated[
-    float,
-    typer.Option(
-        "--guidance", help="Sampling a conditional model: classifier-free guidance scale (1: none)."
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")
-]
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        "--precision", help="fp32, or bf16/fp16 autocast for the forwards (statistics stay fp32)."
-    ),
-]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", help="No progress bars; print only the results.")
 ]
@@ -175,34 +145,149 @@ class _Bars:
         )
 
 
-@app.command()
+# Each command with a config dataclass takes one flag per field, made from the field's type, default and line of
+# help (the *_HELP mapping beside the dataclass), so that the command line, the config and its docs cannot drift.
+# FLAGS: the fields whose flag is not --field-name (a tuple: the flag, then other spellings it also accepts); the
+# library names fields, only the command line names flags (an error's fields are shown as the first spelling)
+FLAGS: dict[str, str | tuple[str, ...]] = {
+    "names": "--target",
+    "levels": "--level",
+    "layers": "--layer",
+    "metric": "--circuit-metric",
+    "windows": "--window",
+    "ray_address": "--address",
+    "timestep": ("--timesteps", "--timestep"),
+    "natural_share": ("--natural-share", "--faces-share"),
+}
+
+
+def _default_text(value) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _field_option(
+    name: str,
+    hint,
+    default,
+    help_text: str,
+    *,
+    flag: str | tuple[str, ...],
+    repeatable: bool = False,
+    required: bool = False,
+) -> inspect.Parameter:
+    """A keyword parameter whose typer option sets config field ``name``: None when not given on the command line,
+    so that the config's default (or a config file's value) holds. Tuples are comma-separated text, or with
+    ``repeatable`` one flag per item."""
+    inner = (
+        [h for h in typing.get_args(hint) if h is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else [hint]
+    )
+    kind = inner[0] if inner[0] in (bool, int, float, str) else str
+    names = (flag,) if isinstance(flag, str) else flag
+    decls = (f"{names[0]}/--no-{names[0][2:]}", *names[1:]) if kind is bool else names
+    if required:
+        option = typer.Option(*decls, help=help_text)
+        annotation: object = Annotated[list[str] if repeatable else kind, option]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+    option = typer.Option(*decls, help=f"{help_text} [{_default_text(default)}]")
+    annotation = Annotated[(list[str] if repeatable else kind) | None, option]
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+    )
+
+
+def config_parameters(
+    cls: type,
+    help: Mapping[str, str],
+    *,
+    flags: Mapping[str, str | tuple[str, ...]] = FLAGS,
+    skip: Collection[str] = (),
+    repeatable: Collection[str] = (),
+    required: Collection[str] = (),
+    extra_before: Sequence[inspect.Parameter] = (),
+    extra_after: Sequence[inspect.Parameter] = (),
+) -> list[inspect.Parameter]:
+    """One keyword-only typer option per field of the config dataclass ``cls`` (but ``skip``): its flag
+    (``flags[field]``, else ``--field-name``), its type from the field's hint, and its help: the field's line of
+    ``help`` and its default. ``extra_before`` and ``extra_after``: the command's own options around them."""
+    hints = typing.get_type_hints(cls)
+    return [
+        *extra_before,
+        *(
+            _field_option(
+                f.name,
+                hints[f.name],
+                _field_default(f),
+                help[f.name],
+                flag=flags.get(f.name, "--" + f.name.replace("_", "-")),
+                repeatable=f.name in repeatable,
+                required=f.name in required,
+            )
+            for f in dataclasses.fields(cls)
+            if f.name not in skip
+        ),
+        *extra_after,
+    ]
+
+
+def _config_command(
+    name: str, cls: type, help: Mapping[str, str], *, after=("quiet", "threads"), **options
+):
+    """Register the decorated function as command ``name``: its own keyword parameters (``--out``, ...; those named
+    in ``after`` last) and one option per field of ``cls`` (``config_parameters``), which arrive in its
+    ``**flags``, None for each one not given."""
+
+    def register(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        params = config_parameters(
+            cls,
+            help,
+            extra_before=[p for p in own if p.name not in after],
+            extra_after=[p for p in own if p.name in after],
+            **options,
+        )
+        fn.__signature__ = inspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return app.command(name)(fn)
+
+    return register
+
+
+def _given(flags: Mapping[str, object]) -> dict[str, object]:
+    """The flags given on the command line (not None), as field -> value for ``config_from_mapping``."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@_config_command("info", ModelSpec, MODEL_HELP)
 def info(
-    model: ModelOpt = "embedded",
+    *,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    allow_pickle: PickleOpt = False,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
+    **flags,
 ) -> None:
     """List the model's attention layers and heads (self, cross or joint attention; query grid; keys)."""
     _threads(threads)
     from diffcircuit.instrument.registry import HeadRegistry
     from diffcircuit.instrument.session import probe_registry
-    from diffcircuit.models.spec import ModelSpec
 
-    spec = ModelSpec(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-    )
+    spec = ModelSpec.from_mapping(_given(flags), source=None)
     den, text_unknown = _info_model(spec)
     note = None
     try:
@@ -358,81 +443,17 @@ def _claim_lines(summary) -> list[str]:
     return lines
 
 
-# `run` takes one flag per RunConfig field, made from the field's type, default and line of help (FIELD_HELP), so
-# that the command line, the config file and the dataclass cannot drift apart
-_RUN_FLAGS = {"ray_address": "--address"}
-
-
-def _default_text(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _field_option(name: str, hint, default, help_text: str) -> inspect.Parameter:
-    """A keyword parameter whose typer option sets config field ``name`` (None: not given on the command line)."""
-    import types
-    import typing
-
-    inner = (
-        [h for h in typing.get_args(hint) if h is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType)
-        else [hint]
-    )
-    base = inner[0]
-    flag = _RUN_FLAGS.get(name, "--" + name.replace("_", "-"))
-    kind = base if base in (bool, int, float, str) else str  # lists: comma-separated text
-    decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
-    option = typer.Option(*decls, help=f"{help_text} [{_default_text(default)}]")
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[kind | None, option],
-    )  # noqa: UP007 - typer reads Optional
-
-
-def _run_parameters() -> list[inspect.Parameter]:
-    import typing
-    from dataclasses import fields
-
-    from diffcircuit.protocol.config import FIELD_HELP, RunConfig
-
-    hints, defaults = typing.get_type_hints(RunConfig), RunConfig()
-    out = inspect.Parameter(
-        "out",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    )
-    config = inspect.Parameter(
-        "config",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[
-            Path | None,
-            typer.Option("--config", help="YAML config (see init-config); flags override it."),
-        ],
-    )  # noqa: UP007
-    quiet = inspect.Parameter(
-        "quiet",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=False,
-        annotation=Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")],
-    )
-    return [
-        out,
-        config,
-        *(
-            _field_option(f.name, hints[f.name], getattr(defaults, f.name), FIELD_HELP[f.name])
-            for f in fields(RunConfig)
-        ),
-        quiet,
-    ]
-
-
-def run(*, out: Path, config: Path | None = None, quiet: bool = False, **flags) -> None:
+@_config_command("run", RunConfig, FIELD_HELP)
+def run(
+    *,
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML config (see init-config); flags override it."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
+    **flags,
+) -> None:
     """Run the protocol on two datasets; write tables, summary and report. Defaults: see init-config."""
     import diffcircuit
     from diffcircuit.protocol.config import RunConfig, load_config_file
@@ -441,9 +462,7 @@ def run(*, out: Path, config: Path | None = None, quiet: bool = False, **flags) 
     cfg = RunConfig.from_mapping(
         values, source=str(config or "config")
     )  # validates the file alone first
-    cfg = RunConfig.from_mapping(
-        values | {k: v for k, v in flags.items() if v is not None}, source="options"
-    )
+    cfg = RunConfig.from_mapping(values | _given(flags), source="options")
     names = {
         "overall": "overall (ETA from estimated work)",
         "observe": "observing heads",
@@ -476,11 +495,6 @@ def run(*, out: Path, config: Path | None = None, quiet: bool = False, **flags) 
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
 
 
-run.__signature__ = inspect.Signature(_run_parameters())  # type: ignore[attr-defined]
-run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
-app.command("run")(run)
-
-
 @app.command("init-config")
 def init_config(
     path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],
@@ -502,107 +516,19 @@ def init_config(
     Console().print(f"wrote {path}")
 
 
-def _window(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    from diffcircuit.protocol.config import parse_timesteps
-
-    bounds = parse_timesteps(text)
-    if len(bounds) != 2:
-        raise DiffcircuitError(f"--window takes two timesteps LO,HI, not {text!r}")
-    return bounds[0], bounds[1]
-
-
-@app.command()
+@_config_command("ablate", AblateConfig, ABLATE_HELP, repeatable=("names", "levels"))
 def ablate(
+    *,
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
-    target: Annotated[
-        list[str],
-        typer.Option(
-            "--target",
-            help="Head address, layer, block, ResNet block, or prompt token "
-            "token:J (token:J*W reweights it; @LAYER[:HEAD] only there) (repeatable).",
-        ),
-    ] = [],  # noqa: B006
-    level: Annotated[
-        list[str],
-        typer.Option(
-            "--level",
-            help="Ablate every target of: head, layer, block, resnet, token (repeatable).",
-        ),
-    ] = [],  # noqa: B006
-    methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated: zero, mean, resample, noise.")
-    ] = "zero",
-    mean_reference: Annotated[
-        str,
-        typer.Option(
-            "--mean-reference",
-            help="Mean/noise ablation's reference: heldout (default: the n images after the evaluated ones) or insample.",
-        ),
-    ] = "heldout",
-    model: ModelOpt = "embedded",
-    data: Annotated[
-        str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or an image folder.")
-    ] = "faces",
-    n: Annotated[int, typer.Option("--n")] = 16,
-    timesteps: Annotated[str, typer.Option("--timesteps")] = "500",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
-    token_weight: Annotated[
-        float,
-        typer.Option(
-            "--token-weight",
-            help="With --level token: multiply each token's "
-            "attention by W and renormalise (0 removes it).",
-        ),
-    ] = 0.0,
-    sample: Annotated[
-        int,
-        typer.Option("--sample", help="Also sample N images (DDIM) with each target zero-ablated."),
-    ] = 0,
-    guidance: GuidanceOpt = 1.0,
-    sample_steps: Annotated[int, typer.Option("--sample-steps")] = 50,
-    window: Annotated[
-        str | None, typer.Option("--window", help="Ablate only at sampling timesteps LO,HI.")
-    ] = None,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    allow_pickle: PickleOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     threads: ThreadsOpt = 0,
+    **flags,
 ) -> None:
     """Ablate chosen heads, layers, blocks, ResNet blocks or prompt tokens and measure the paired degradation."""
     _threads(threads)
-    from diffcircuit.commands.ablate import AblateConfig, run_ablations
-    from diffcircuit.protocol.config import parse_timesteps
+    from diffcircuit.commands.ablate import run_ablations
 
-    cfg = AblateConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-        data=data,
-        n=n,
-        timesteps=parse_timesteps(timesteps),
-        seed=seed,
-        batch_size=batch_size,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        mean_reference=mean_reference,
-        names=tuple(target),
-        levels=tuple(level),
-        token_weight=token_weight,
-        sample=sample,
-        sample_steps=sample_steps,
-        window=_window(window),
-        guidance=guidance,
-    )
+    cfg = AblateConfig.from_mapping(_given(flags), source=None)
     with _Bars(quiet) as bars:
         table = run_ablations(
             cfg,
@@ -623,133 +549,27 @@ def ablate(
         Console().print(result)
 
 
-@app.command()
+@_config_command("discover", DiscoverConfig, DISCOVER_HELP, repeatable=("windows",))
 def discover(
+    *,
     out: Annotated[
         Path, typer.Option("--out", help="Directory for circuits/, tables/ and figures/.")
     ],
-    model: ModelOpt = "embedded",
-    data_a: Annotated[
-        str, typer.Option("--data-a", help="'synthetic', 'faces', 'nonfaces' or an image folder.")
-    ] = "synthetic",
-    data_b: Annotated[
-        str,
-        typer.Option("--data-b", help="Second distribution, or 'none' for one distribution only."),
-    ] = "faces",
-    n: Annotated[int, typer.Option("--n", help="Images per distribution.")] = 16,
-    timesteps: Annotated[str, typer.Option("--timesteps")] = "100,500,900",
-    window: Annotated[
-        list[str],
-        typer.Option(
-            "--window",
-            help="Timesteps pooled into one window, e.g. 100,300 (repeatable; default: each timestep alone).",
-        ),
-    ] = [],  # noqa: B006
-    ranking: Annotated[
-        str,
-        typer.Option(
-            "--ranking",
-            help="'attribution' (gradients, fast) or 'exhaustive' (one forward per head).",
-        ),
-    ] = "attribution",
-    probes: Annotated[
-        int | None,
-        typer.Option(
-            "--probes",
-            help="Gauss-Newton probes of the attribution ranking (default 1; 0 with --ig-steps).",
-        ),
-    ] = None,
-    ig_steps: Annotated[
-        int,
-        typer.Option(
-            "--ig-steps",
-            help="Integrated-gradient steps of the attribution ranking (0: first order).",
-        ),
-    ] = 0,
-    taus: Annotated[
-        str,
-        typer.Option(
-            "--taus",
-            help="Comma-separated fractions of the gap L_empty - L_full; must include 0.05.",
-        ),
-    ] = "0.02,0.05,0.1",
-    circuit_metric: Annotated[
-        str,
-        typer.Option(
-            "--circuit-metric",
-            help="'eps' (ε-MSE) or 'output' (distance to the full model's ε̂, as ACDC).",
-        ),
-    ] = "eps",
-    resamples: Annotated[
-        int, typer.Option("--resamples", help="Bootstrap resamples of the images (stability, CIs).")
-    ] = 10,
-    synthetic_color: Annotated[
-        str,
-        typer.Option(
-            "--synthetic-color",
-            help="auto (default: gray when the other set is grayscale), color or gray.",
-        ),
-    ] = "auto",
-    match_histogram: Annotated[
-        bool,
-        typer.Option(
-            "--match-histogram/--no-match-histogram",
-            help="Match each synthetic image's luminance histogram to the other set's.",
-        ),
-    ] = False,
-    mean_reference: Annotated[
-        str,
-        typer.Option(
-            "--mean-reference",
-            help="Mean ablation's reference: heldout (default: the n images after the evaluated ones), pooled (both sets' held-out) or insample.",
-        ),
-    ] = "heldout",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    allow_pickle: PickleOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     threads: ThreadsOpt = 0,
+    **flags,
 ) -> None:
     """Find minimal circuits (ACDC-style pruning, mean ablation) for one or two distributions."""
     _threads(threads)
-    from diffcircuit.commands.discover import DiscoverConfig, run_discovery
-    from diffcircuit.protocol.config import parse_timesteps
+    from diffcircuit.commands.discover import run_discovery
     from diffcircuit.report.figures import circuit_curves_plot, circuit_map, save_figure
 
-    try:
-        tau_values = tuple(float(x) for x in taus.split(",") if x.strip())
-    except ValueError:
-        raise DiffcircuitError(f"--taus must be comma-separated numbers, not {taus!r}") from None
-    cfg = DiscoverConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        data_a=data_a,
-        data_b=None if data_b.lower() == "none" else data_b,
-        n=n,
-        timesteps=parse_timesteps(timesteps),
-        windows=tuple(parse_timesteps(w) for w in window),
-        seed=seed,
-        batch_size=batch_size,
-        ranking=ranking,
-        ig_steps=ig_steps,
-        taus=tau_values,
-        probes=(0 if ig_steps else 1) if probes is None else probes,
-        resamples=resamples,
-        metric=circuit_metric,
-        synthetic_color=synthetic_color,
-        match_histogram=match_histogram,
-        mean_reference=mean_reference,
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-    )
+    values = _given(flags)
+    if str(values.get("data_b", "")).lower() == "none":  # one distribution only
+        values["data_b"] = None
+    if "probes" not in values and values.get("ig_steps"):  # integrated gradients replace the probes
+        values["probes"] = 0
+    cfg = DiscoverConfig.from_mapping(values, source=None)
     with _Bars(quiet) as bars:
         result = run_discovery(
             cfg,
@@ -837,133 +657,47 @@ def _num(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-@app.command()
+@_config_command("generate", GenerateConfig, GENERATE_HELP, required=("ablate",))
 def generate(
+    *,
     out: Annotated[
         Path,
         typer.Option("--out", help="The grid, a .png file (metrics go to the same name .json)."),
     ],
-    ablate: Annotated[
-        str,
-        typer.Option(
-            "--ablate", help="Comma-separated head addresses, layers, blocks (or one ResNet block)."
-        ),
-    ],
-    method: Annotated[
-        str,
-        typer.Option("--method", help="zero, mean (over the clean samples at each step) or scale."),
-    ] = "zero",
-    scale: Annotated[
-        float | None,
-        typer.Option("--scale", help="With --method scale: multiply the heads' outputs by F."),
-    ] = None,
-    model: ModelOpt = "embedded",
-    n: Annotated[int, typer.Option("--n", help="Samples (columns of the grid).")] = 8,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    window: Annotated[
-        str | None, typer.Option("--window", help="Intervene only at timesteps LO,HI.")
-    ] = None,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance: GuidanceOpt = 1.0,
-    allow_pickle: PickleOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
+    **flags,
 ) -> None:
     """Sample the same seeds with and without an intervention and save a side-by-side grid."""
     _threads(threads)
-    from diffcircuit.commands.generate import GenerateConfig, run_generate
+    from diffcircuit.commands.generate import run_generate
 
-    names = tuple(a.strip() for a in ablate.split(",") if a.strip())
-    cfg = GenerateConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        ablate=names,
-        method=method,
-        scale=scale,
-        n=n,
-        steps=steps,
-        seed=seed,
-        window=_window(window),
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-        guidance=guidance,
-    )
+    cfg = GenerateConfig.from_mapping(_given(flags), source=None)
     with _Bars(quiet) as bars:
         result = run_generate(
             cfg,
             out,
             progress=lambda k: bars.update(
-                "sample", advance=k, total=2 * steps, description="sampling (clean, intervened)"
+                "sample", advance=k, total=2 * cfg.steps, description="sampling (clean, intervened)"
             ),
         )
     print(
         f"{result.target.name}: pixel MSE {result.metrics.pixel_mse.mean():.4g}, SSIM {result.metrics.ssim.mean():.3f} "
-        f"over {n} samples; wrote {out} and {out.with_suffix('.json')}"
+        f"over {cfg.n} samples; wrote {out} and {out.with_suffix('.json')}"
     )
 
 
-@app.command()
-def calibrate(
-    model: ModelOpt = "embedded",
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", help="One distribution: 'synthetic', 'faces', 'nonfaces' or a folder."
-        ),
-    ] = "faces",
-    n: Annotated[int, typer.Option("--n")] = 100,
-    timestep: Annotated[
-        int, typer.Option("--timesteps", "--timestep", help="The one timestep to calibrate at.")
-    ] = 500,
-    splits: Annotated[int, typer.Option("--splits", help="Random half-vs-half splits.")] = 200,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    ablation: Annotated[
-        bool,
-        typer.Option(
-            "--ablation/--no-ablation",
-            help="Also check the ablation measures (the primary one) [on].",
-        ),
-    ] = True,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    allow_pickle: PickleOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    threads: ThreadsOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@_config_command("calibrate", CalibrateConfig, CALIBRATE_HELP)
+def calibrate(*, threads: ThreadsOpt = 0, quiet: QuietOpt = False, **flags) -> None:
     """Split one distribution in random halves many times; for every complexity measure (the primary first), print
     the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
     _threads(threads)
     from diffcircuit.commands.calibrate import calibrate as run_calibration
 
-    if n < 4 or splits < 1:
-        raise DiffcircuitError("--n must be at least 4 and --splits at least 1")
-    from diffcircuit.models.spec import ModelSpec
-
-    spec = ModelSpec(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-    )
-    res = run_calibration(
-        spec, data=data, n=n, timestep=timestep, splits=splits, seed=seed, ablation=ablation
-    )
+    cfg = CalibrateConfig.from_mapping(_given(flags), source=None)
+    res = run_calibration(cfg.model_spec, **cfg.settings())
     print(
-        f"{res.splits} random splits of {res.n_images} images into halves of {res.measures[0].n_per_half}, t = {timestep}; "
+        f"{res.splits} random splits of {res.n_images} images into halves of {res.measures[0].n_per_half}, t = {cfg.timestep}; "
         f"nominal false-positive rate {res.alpha} (tolerated up to {2 * res.alpha:g}), nominal coverage 0.95 (tolerated "
         "down to 0.90); [Clopper-Pearson 95 % intervals over splits]"
     )
@@ -979,8 +713,19 @@ def calibrate(
     print(f"verdict: {res.verdict}")
 
 
-@app.command()
+# guidance runs a whole run config (--config) twice; of its fields, only the model's placement is a flag here, and
+# the prompt (required: the conditional branch) is its own option
+GUIDANCE_FIELDS = ("model", "device", "precision")
+
+
+@_config_command(
+    "guidance",
+    RunConfig,
+    FIELD_HELP,
+    skip=[f.name for f in dataclasses.fields(RunConfig) if f.name not in GUIDANCE_FIELDS],
+)
 def guidance(
+    *,
     out: Annotated[
         Path,
         typer.Option(
@@ -992,34 +737,19 @@ def guidance(
         Path | None,
         typer.Option("--config", help="YAML run config (see init-config) for everything else."),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="A text-conditioned pipeline folder or hub id.")
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N."),
-    ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option("--precision", help="fp32, or bf16/fp16 autocast for the forwards."),
-    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or table.")] = False,
     threads: ThreadsOpt = 0,
+    **flags,
 ) -> None:
     """Both branches of classifier-free guidance, analysed separately (the prompt, and the empty prompt: the
     unconditional branch), then compared head by head on the same images and noise."""
     _threads(threads)
     from diffcircuit.commands.guidance import run_guidance
-    from diffcircuit.protocol.config import RunConfig, load_config_file
+    from diffcircuit.protocol.config import load_config_file
 
     values = load_config_file(config) if config is not None else {}
-    values |= {
-        k: v
-        for k, v in (("model", model), ("device", device), ("precision", precision))
-        if v is not None
-    }
     cfg = RunConfig.from_mapping(
-        values | {"prompt": prompt or None}, source=str(config or "options")
+        values | _given(flags) | {"prompt": prompt or None}, source=str(config or "options")
     )
     with _Bars(quiet) as bars:
         table = run_guidance(
@@ -1049,66 +779,31 @@ def guidance(
     Console().print(f"wrote {out}/conditional, {out}/unconditional and {out}/guidance.parquet")
 
 
-@app.command()
+@_config_command("cache", CacheConfig, CACHE_HELP, repeatable=("layers",))
 def cache(
+    *,
     out: Annotated[
         Path,
         typer.Option(
             "--out", help="New directory for the cache (safetensors shards + index.json)."
         ),
     ],
-    model: ModelOpt = "embedded",
-    data: Annotated[
-        str, typer.Option("--data", help="'synthetic', 'faces', 'nonfaces' or a folder.")
-    ] = "faces",
-    n: Annotated[int, typer.Option("--n")] = 16,
-    timesteps: Annotated[
-        str, typer.Option("--timesteps", help="Comma-separated timesteps.")
-    ] = "500",
-    layers: Annotated[
-        list[str] | None,
-        typer.Option("--layer", help="An attention layer (repeatable; default: all)."),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Images per forward and per shard file.")
-    ] = 50,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    prompt: PromptOpt = None,
-    prompt_embeds: PromptEmbedsOpt = None,
-    class_label: ClassLabelOpt = None,
-    allow_pickle: PickleOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
     threads: ThreadsOpt = 0,
     quiet: QuietOpt = False,
+    **flags,
 ) -> None:
     """Spill every head's output (before to_out) to disk, batch by batch, as safetensors shards."""
     _threads(threads)
-    from diffcircuit.commands.cache import CacheConfig, run_cache
-    from diffcircuit.protocol.config import parse_timesteps
+    from diffcircuit.commands.cache import run_cache
 
-    steps = parse_timesteps(timesteps)
-    cfg = CacheConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        device=device,
-        precision=precision,
-        prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        class_label=class_label,
-        data=data,
-        n=n,
-        timesteps=steps,
-        layers=tuple(layers or ()),
-        batch_size=batch_size,
-        seed=seed,
-    )
+    cfg = CacheConfig.from_mapping(_given(flags), source=None)
+    steps = cfg.timesteps
     with _Bars(quiet) as bars:
         result = run_cache(
             cfg,
             out,
             progress=lambda k: bars.update(
-                "cache", advance=k, total=n * len(steps), description="caching head outputs"
+                "cache", advance=k, total=cfg.n * len(steps), description="caching head outputs"
             ),
         )
     Console().print(
@@ -1128,99 +823,57 @@ def report(
         Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
 
 
-@app.command("train-tiny")
-def train_tiny(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
-    steps: Annotated[
-        int, typer.Option("--steps")
-    ] = 4500,  # TrainConfig's (a test keeps them equal)
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    synthetic_pool: Annotated[
-        int, typer.Option("--synthetic-pool", help="Synthetic training images.")
-    ] = 10_000,
-    init_from: Annotated[
-        str | None,
-        typer.Option("--init-from", help="Fine-tune from this diffusers folder's weights."),
-    ] = None,
-    t_min: Annotated[
-        int, typer.Option("--t-min", help="Draw training timesteps from t-min..999.")
-    ] = 0,
-    loss: Annotated[
-        str,
-        typer.Option("--loss", help="'v' (ε-MSE weighted by 1/ᾱ, default) or 'eps' (plain ε-MSE)."),
-    ] = "v",
-    prediction: Annotated[
-        str,
-        typer.Option("--prediction", help="Network output: 'v_prediction' (default) or 'epsilon'."),
-    ] = "v_prediction",
-    natural_share: Annotated[
-        float,
-        typer.Option(
-            "--natural-share",
-            "--faces-share",
-            help="Fraction of each batch from the natural pool (photo crops; faces 0-79 with --composition faces80).",
-        ),
-    ] = 0.2,
-    composition: Annotated[
-        str,
-        typer.Option(
-            "--composition",
-            help="'disjoint' (default: shapes and photo crops, no analysed image) or 'faces80' (the old recipe: LFW faces 0-79).",
-        ),
-    ] = "disjoint",
-    photo_pool: Annotated[
-        int, typer.Option("--photo-pool", help="Photo crops in the natural pool (disjoint).")
-    ] = 10_000,
-    gray_share: Annotated[
-        float,
-        typer.Option(
-            "--gray-share",
-            help="Fraction of synthetic and colour photo images rendered gray (disjoint).",
-        ),
-    ] = 0.5,
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
-    threads: ThreadsOpt = 0,
-) -> None:
-    """Train the embedded model (DDPM, seeded) and write it with its model card."""
-    _threads(threads)
-    from diffcircuit.models.tiny import TrainConfig
-    from diffcircuit.models.tiny import train_tiny as train
-
-    if loss not in ("v", "eps"):
-        raise DiffcircuitError(f"--loss must be 'v' or 'eps', not {loss!r}")
-    if prediction not in ("v_prediction", "epsilon"):
+def _check_training(v: dict) -> None:
+    """Refuse training settings that cannot work (``v``: TrainConfig's fields as they will be), naming the flags
+    (before TrainConfig's own checks, which name fields)."""
+    if v["loss"] not in ("v", "eps"):
+        raise DiffcircuitError(f"--loss must be 'v' or 'eps', not {v['loss']!r}")
+    if v["prediction"] not in ("v_prediction", "epsilon"):
         raise DiffcircuitError(
-            f"--prediction must be 'v_prediction' or 'epsilon', not {prediction!r}"
+            f"--prediction must be 'v_prediction' or 'epsilon', not {v['prediction']!r}"
         )
-    if not 0 <= natural_share <= 1 or not 0 <= gray_share <= 1:
+    if not 0 <= v["natural_share"] <= 1 or not 0 <= v["gray_share"] <= 1:
         raise DiffcircuitError(
-            f"--natural-share and --gray-share must lie in [0, 1], not {natural_share} and {gray_share}"
+            f"--natural-share and --gray-share must lie in [0, 1], not {v['natural_share']} and {v['gray_share']}"
         )
-    if composition not in ("disjoint", "faces80") or photo_pool < 1:
+    if v["composition"] not in ("disjoint", "faces80") or v["photo_pool"] < 1:
         raise DiffcircuitError(
-            f"--composition must be 'disjoint' or 'faces80' (not {composition!r}) and --photo-pool >= 1"
+            f"--composition must be 'disjoint' or 'faces80' (not {v['composition']!r}) and --photo-pool >= 1"
         )
-    if steps < 1 or batch_size < 2 or lr <= 0 or synthetic_pool < 1 or not 0 <= t_min < 1000:
+    if (
+        v["steps"] < 1
+        or v["batch_size"] < 2
+        or v["lr"] <= 0
+        or v["synthetic_pool"] < 1
+        or not 0 <= v["t_min"] < 1000
+    ):
         raise DiffcircuitError(
             "need --steps >= 1, --batch-size >= 2, --lr > 0, --synthetic-pool >= 1, 0 <= --t-min < 1000"
         )
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        synthetic_pool=synthetic_pool,
-        warmup_steps=min(200, max(1, steps // 10)),
-        init_from=init_from,
-        t_min=t_min,
-        loss=loss,
-        prediction=prediction,
-        natural_share=natural_share,
-        composition=composition,
-        photo_pool=photo_pool,
-        gray_share=gray_share,
+
+
+# train-tiny's fields without a flag: the warm-up follows --steps (a tenth, at most 200 steps); the others keep the
+# recipe the model card records
+TRAIN_SKIP = ("warmup_steps", "ema_decay", "log_every", "quality_images", "snapshot_every")
+
+
+@_config_command("train-tiny", TrainConfig, TRAIN_HELP, skip=TRAIN_SKIP)
+def train_tiny(
+    *,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    threads: ThreadsOpt = 0,
+    **flags,
+) -> None:
+    """Train the embedded model (DDPM, seeded) and write it with its model card."""
+    _threads(threads)
+    from diffcircuit.models.tiny import train_tiny as train
+
+    values = _given(flags)
+    steps = (settings := dataclasses.asdict(TrainConfig()) | values)["steps"]
+    _check_training(settings)
+    cfg = config_from_mapping(
+        TrainConfig, values | {"warmup_steps": min(200, max(1, steps // 10))}, source=None
     )
     with _Bars(quiet) as bars:
         train(
@@ -1233,14 +886,6 @@ def train_tiny(
     Console().print(f"wrote {out} (model card: {out}/README.md)")
 
 
-# config fields whose flag is not --field-name; the library names fields, only the command line names flags
-FLAGS = {
-    "names": "--target",
-    "levels": "--level",
-    "metric": "--circuit-metric",
-    "windows": "--window",
-    "ray_address": "--address",
-}
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -1278,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffcircuit: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except DiffcircuitError as exc:  # config fields named as the flags that set them
-        print(f"diffcircuit: error: {exc.with_flags(FLAGS)}", file=sys.stderr)
+        shown = {field: flag if isinstance(flag, str) else flag[0] for field, flag in FLAGS.items()}
+        print(f"diffcircuit: error: {exc.with_flags(shown)}", file=sys.stderr)
         return 1
     except (typer.Abort, KeyboardInterrupt):
         result = INTERRUPTED

@@ -1258,35 +1258,3 @@ def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
     console.print(_headline(summary))
     text = console.export_text()
     assert "…" not in text and "0.1235" in text and "keys" in text
-
-
-def test_every_commands_defaults_are_its_configs():
-    """Help and defaults cannot drift: each option's default is its config field's (lists as comma-separated text);
-    run's options are made from RunConfig's fields and their help lines."""
-    from dataclasses import MISSING, fields
-
-    import typer
-
-    from diffcircuit.cli import app
-    from diffcircuit.commands import AblateConfig, CacheConfig, DiscoverConfig, GenerateConfig
-    from diffcircuit.models.tiny import TrainConfig
-    from diffcircuit.protocol.config import FIELD_HELP, RunConfig
-
-    def text(value):
-        return ",".join(map(str, value)) if isinstance(value, tuple) else value
-
-    commands = typer.main.get_command(app).commands
-    for name, cls in (
-        ("ablate", AblateConfig),
-        ("discover", DiscoverConfig),
-        ("generate", GenerateConfig),
-        ("cache", CacheConfig),
-        ("train-tiny", TrainConfig),
-    ):
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-        for param in commands[name].params:
-            if param.name in defaults and param.default is not None and defaults[param.name] != ():
-                assert text(param.default) == text(defaults[param.name]), (name, param.name)
-    run = {p.name: p for p in commands["run"].params}
-    for f in fields(RunConfig):
-        assert run[f.name].help.startswith(FIELD_HELP[f.name]), f.name
