@@ -461,8 +461,10 @@ def run(
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(
         values, source=str(config or "config")
-    )  # validates the file alone first
-    cfg = RunConfig.from_mapping(values | _given(flags), source="options")
+    )  # validates the file alone first (its errors name the file and key)
+    cfg = RunConfig.from_mapping(
+        values | _given(flags), source=None
+    )  # so an ill-typed value here is a flag's: its error names the flag
     names = {
         "overall": "overall (ETA from estimated work)",
         "observe": "observing heads",

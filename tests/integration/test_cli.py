@@ -449,9 +449,9 @@ def test_rerun_same_config_is_accepted_other_config_refused(tiny_run, capsys):
     "extra, message",
     [
         (["--model", "/no/such/model"], "neither an existing folder"),
-        (["--timesteps", "1,x"], "comma-separated integers"),
+        (["--timesteps", "1,x"], "--timesteps must be comma-separated integers"),
         (["--config", "/no/such.yaml"], "cannot read config"),
-        (["--timesteps", "1000"], "outside the model's"),
+        (["--timesteps", "1000"], "--timesteps [1000] are outside the model's"),
         (["--n", "0"], "at least 1"),
         (["--data-b", "nowhere"], "not one of"),
         (["--data-b", "faces", "--n", "101"], "100"),

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.conditioning import Captions, Conditioning, conditioning_kwargs
 from diffcircuit.models.configfile import read_json
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
@@ -112,13 +112,14 @@ class Denoiser:
         n = int(self.scheduler.config.num_train_timesteps)
         bad = [int(t) for t in timesteps if not 0 <= int(t) < n]
         if not list(timesteps) or bad:
-            raise DiffcircuitError(
-                f"timesteps {bad or '(none)'} are outside the model's 0..{n - 1}"
+            raise ConfigError(
+                f"timesteps {bad or '(none)'} are outside the model's 0..{n - 1}", "timesteps"
             )
         pure = [int(t) for t in timesteps if float(self.alphas_cumprod[int(t)]) == 0.0]
         if pure:
-            raise DiffcircuitError(
-                f"timesteps {pure} are pure noise for this model (ᾱ = 0): x₀ cannot be inferred there"
+            raise ConfigError(
+                f"timesteps {pure} are pure noise for this model (ᾱ = 0): x₀ cannot be inferred there",
+                "timesteps",
             )
 
     def weights_sha256(self) -> str:
