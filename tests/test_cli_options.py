@@ -222,6 +222,12 @@ def test_flags_set_their_fields_with_the_fields_types(command, args, expected, h
         ("cache", ["--timesteps", "1,x"], "--timesteps must be comma-separated integers"),
         ("generate", ["--window", "9,1"], "--window LO,HI needs LO <= HI"),
         ("train-tiny", ["--loss", "x"], "--loss must be 'v' or 'eps'"),
+        ("train-tiny", ["--steps", "0"], "need --steps >= 1, --batch-size >= 2"),
+        (
+            "train-tiny",
+            ["--natural-share", "2"],
+            "--natural-share and --gray-share must lie in [0, 1]",
+        ),
         ("run", ["--timesteps", "1,x"], "--timesteps must be comma-separated integers"),
         ("run", ["--circuit-taus", "0.1,y"], "--circuit-taus must be comma-separated numbers"),
         ("ablate", ["--n", "abc"], "Invalid value for '--n'"),

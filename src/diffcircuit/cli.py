@@ -507,6 +507,7 @@ def init_config(
             "--preset", help="'demo' (the defaults) or 'paper' (2,000 images, 10 timesteps, GPU)."
         ),
     ] = "demo",
+    quiet: QuietOpt = False,
 ) -> None:
     """Write a commented YAML config with every key at its default (or a preset's values)."""
     from diffcircuit.protocol.config import default_config_yaml
@@ -515,14 +516,15 @@ def init_config(
         raise DiffcircuitError(f"{path} exists; pass --force to overwrite it")
     text = default_config_yaml(preset)
     path.write_text(text)
-    Console().print(f"wrote {path}")
+    if not quiet:
+        Console().print(f"wrote {path}")
 
 
 @_config_command("ablate", AblateConfig, ABLATE_HELP, repeatable=("names", "levels"))
 def ablate(
     *,
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    quiet: QuietOpt = False,
     threads: ThreadsOpt = 0,
     **flags,
 ) -> None:
@@ -557,7 +559,7 @@ def discover(
     out: Annotated[
         Path, typer.Option("--out", help="Directory for circuits/, tables/ and figures/.")
     ],
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    quiet: QuietOpt = False,
     threads: ThreadsOpt = 0,
     **flags,
 ) -> None:
@@ -825,35 +827,6 @@ def report(
         Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
 
 
-def _check_training(v: dict) -> None:
-    """Refuse training settings that cannot work (``v``: TrainConfig's fields as they will be), naming the flags
-    (before TrainConfig's own checks, which name fields)."""
-    if v["loss"] not in ("v", "eps"):
-        raise DiffcircuitError(f"--loss must be 'v' or 'eps', not {v['loss']!r}")
-    if v["prediction"] not in ("v_prediction", "epsilon"):
-        raise DiffcircuitError(
-            f"--prediction must be 'v_prediction' or 'epsilon', not {v['prediction']!r}"
-        )
-    if not 0 <= v["natural_share"] <= 1 or not 0 <= v["gray_share"] <= 1:
-        raise DiffcircuitError(
-            f"--natural-share and --gray-share must lie in [0, 1], not {v['natural_share']} and {v['gray_share']}"
-        )
-    if v["composition"] not in ("disjoint", "faces80") or v["photo_pool"] < 1:
-        raise DiffcircuitError(
-            f"--composition must be 'disjoint' or 'faces80' (not {v['composition']!r}) and --photo-pool >= 1"
-        )
-    if (
-        v["steps"] < 1
-        or v["batch_size"] < 2
-        or v["lr"] <= 0
-        or v["synthetic_pool"] < 1
-        or not 0 <= v["t_min"] < 1000
-    ):
-        raise DiffcircuitError(
-            "need --steps >= 1, --batch-size >= 2, --lr > 0, --synthetic-pool >= 1, 0 <= --t-min < 1000"
-        )
-
-
 # train-tiny's fields without a flag: the warm-up follows --steps (a tenth, at most 200 steps); the others keep the
 # recipe the model card records
 TRAIN_SKIP = ("warmup_steps", "ema_decay", "log_every", "quality_images", "snapshot_every")
@@ -863,7 +836,7 @@ TRAIN_SKIP = ("warmup_steps", "ema_decay", "log_every", "quality_images", "snaps
 def train_tiny(
     *,
     out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    quiet: QuietOpt = False,
     threads: ThreadsOpt = 0,
     **flags,
 ) -> None:
@@ -872,8 +845,7 @@ def train_tiny(
     from diffcircuit.models.tiny import train_tiny as train
 
     values = _given(flags)
-    steps = (settings := dataclasses.asdict(TrainConfig()) | values)["steps"]
-    _check_training(settings)
+    steps = values.get("steps", TrainConfig.steps)
     cfg = config_from_mapping(
         TrainConfig, values | {"warmup_steps": min(200, max(1, steps // 10))}, source=None
     )
@@ -937,12 +909,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffcircuit: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if result == INTERRUPTED:  # typer turns Ctrl-C into exit code 130 without a word
-        print(
-            "diffcircuit: stopped (Ctrl-C). Run the same command again to continue: a run resumes from the shards it "
-            "finished; nothing half-written is kept.",
-            file=sys.stderr,
-        )
+        print(f"diffcircuit: stopped (Ctrl-C). {_after_stop(argv)}", file=sys.stderr)
     return result if isinstance(result, int) else 0
+
+
+def _after_stop(argv: list[str] | None) -> str:
+    """What running the stopped command again does: ``run`` resumes from its finished shards; ``cache`` and
+    ``guidance`` refuse an existing output directory; the others start over."""
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "run":
+        return (
+            "Run the same command again to continue: a run resumes from the shards it finished; nothing "
+            "half-written is kept."
+        )
+    if command in ("cache", "guidance"):
+        return (
+            "Its output directory is incomplete: remove it (or choose another --out) and run the command "
+            "again."
+        )
+    return "Run the same command again to start it over; nothing half-written is kept."
 
 
 if __name__ == "__main__":  # pragma: no cover

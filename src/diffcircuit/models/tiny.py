@@ -54,7 +54,7 @@ from diffcircuit.data.photos import (
 )
 from diffcircuit.data.provenance import RECORD_FORMAT, TRAINING_RECORD, read_training_record
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError
 from diffcircuit.models.diffusion import (
     add_noise,
     eps_from_output,
@@ -131,13 +131,49 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.composition not in COMPOSITIONS:
-            raise DiffcircuitError(
-                f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}"
+            raise ConfigError(
+                f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}",
+                "composition",
+            )
+        if self.loss not in ("v", "eps"):
+            raise ConfigError(f"loss must be 'v' or 'eps', not {self.loss!r}", "loss")
+        if self.prediction not in ("v_prediction", "epsilon"):
+            raise ConfigError(
+                f"prediction must be 'v_prediction' or 'epsilon', not {self.prediction!r}",
+                "prediction",
             )
         if not (0 <= self.natural_share <= 1 and 0 <= self.gray_share <= 1):
-            raise DiffcircuitError("natural_share and gray_share must lie in [0, 1]")
+            raise ConfigError(
+                f"natural_share and gray_share must lie in [0, 1], not {self.natural_share} and "
+                f"{self.gray_share}",
+                "natural_share",
+                "gray_share",
+            )
         if self.synthetic_pool < 1 or self.photo_pool < 1:
-            raise DiffcircuitError("synthetic_pool and photo_pool must be at least 1")
+            raise ConfigError(
+                "synthetic_pool and photo_pool must be at least 1", "synthetic_pool", "photo_pool"
+            )
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or not 0 <= self.t_min < 1000:
+            raise ConfigError(
+                "need steps >= 1, batch_size >= 2, lr > 0 and 0 <= t_min < 1000",
+                "steps",
+                "batch_size",
+                "lr",
+                "t_min",
+            )
+        if (
+            self.warmup_steps < 0
+            or self.snapshot_every < 0
+            or self.quality_images < 0
+            or not 0 <= self.ema_decay < 1
+        ):
+            raise ConfigError(
+                "warmup_steps, snapshot_every and quality_images must be >= 0 and ema_decay in [0, 1)",
+                "warmup_steps",
+                "snapshot_every",
+                "quality_images",
+                "ema_decay",
+            )
 
 
 # each TrainConfig field in a line: the help of the flag that sets it (``diffcircuit train-tiny``)
