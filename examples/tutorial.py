@@ -127,7 +127,7 @@ print(
 # does not significantly hurt.
 
 # %%
-from diffcircuit.discovery.circuits import CircuitLoss, gap_test, prune_circuit  # noqa: E402
+from diffcircuit.discovery import CircuitLoss, gap_test, prune_circuit  # noqa: E402
 from diffcircuit.interventions.attribution import attribution_scores  # noqa: E402
 
 scores = attribution_scores(

@@ -1,0 +1,29 @@
+"""Circuit discovery: losses over head sets (memoised, stacked), the gap test, pruning and growing circuits,
+necessity, curves, and planted ground truth for checking them."""
+
+from diffcircuit.discovery.circuits import (
+    Circuit,
+    GapTest,
+    circuit_curve,
+    gap_test,
+    grow_circuit,
+    jaccard,
+    necessary_heads,
+    prune_circuit,
+    ranking_auc,
+)
+from diffcircuit.discovery.loss import CircuitLoss, ResampledLoss
+
+__all__ = [
+    "Circuit",
+    "CircuitLoss",
+    "GapTest",
+    "ResampledLoss",
+    "circuit_curve",
+    "gap_test",
+    "grow_circuit",
+    "jaccard",
+    "necessary_heads",
+    "prune_circuit",
+    "ranking_auc",
+]
