@@ -28,7 +28,8 @@ class DiffcircuitError(Exception):
         text = str(self)
         for field in sorted(self.fields, key=len, reverse=True):
             flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
-            text = re.sub(rf"(?<![\w\-.']){re.escape(field)}(?![\w\-'])", flag, text)
+            # not inside a word, a 'quoted' name or a path (/tmp/out/run.json keeps its "out")
+            text = re.sub(rf"(?<![\w\-.'/\\]){re.escape(field)}(?![\w\-'/\\])", flag, text)
         return text
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError, InputError
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
 from diffcircuit.models.loading import unconditional_input
@@ -147,7 +147,7 @@ def run_generate(cfg: GenerateConfig, out: str | Path, *, progress=None) -> Gene
     ``progress(k)``: k more denoising steps done (2 x steps in all)."""
     out = Path(out)
     if out.suffix.lower() != ".png" or out.is_dir():
-        raise DiffcircuitError(f"--out must name a .png file, not {str(out)!r}")
+        raise InputError(f"out must name a .png file, not {str(out)!r}", "out")
     check_writable(out.parent)
     setup = build_setup(cfg)
     den, registry = setup.den, setup.registry

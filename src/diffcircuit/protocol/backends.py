@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.store import Shards, encode_part
 from diffcircuit.protocol.tasks import Context, Task, compute
@@ -123,8 +123,9 @@ class RayBackend:
         cuda = torch.device(cfg.torch_device).type == "cuda"
         available = float(ray.cluster_resources().get("GPU" if cuda else "CPU", 0))
         if available <= 0:
-            raise DiffcircuitError(
-                f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for --device {cfg.torch_device}"
+            raise ConfigError(
+                f"the Ray cluster has no {'GPU' if cuda else 'CPU'}s for device {cfg.torch_device}",
+                "device",
             )
         count = cfg.workers or max(1, int(available))
         share = min(

@@ -62,7 +62,7 @@ import pandas as pd
 
 from diffcircuit._threads import set_threads, threads_restored
 from diffcircuit.data.provenance import in_training_set
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import InputError
 from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
@@ -118,19 +118,19 @@ def _versions() -> dict:
 def _check_out_dir(out_dir: Path, cfg: RunConfig) -> None:
     """The directory must be new, or hold (part of) a run of the same config: then the run resumes."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise DiffcircuitError(f"--out {out_dir} is a file, not a directory")
+        raise InputError(f"out {out_dir} is a file, not a directory", "out")
     check_writable(out_dir)
     for claim in (out_dir / "run.json", out_dir / "manifest.json"):
         if claim.exists():
             try:
                 old = json.loads(claim.read_text())["results_key"]
             except (ValueError, KeyError):
-                raise DiffcircuitError(
-                    f"{claim} is not a diffcircuit run file; choose another --out"
+                raise InputError(
+                    f"{claim} is not a diffcircuit run file; choose another out", "out"
                 ) from None
             if old != cfg.results_key():
-                raise DiffcircuitError(
-                    f"{out_dir} holds a run with a different config; choose another --out"
+                raise InputError(
+                    f"{out_dir} holds a run with a different config; choose another out", "out"
                 )
 
 
