@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ModelError
 
 __all__ = ["read_json"]
 
@@ -16,15 +16,11 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DiffcircuitError(
-            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+        raise ModelError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not isinstance(value, dict):
-        raise DiffcircuitError(
-            f"{path} holds a JSON {type(value).__name__}, not an object of settings"
-        )
+        raise ModelError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
     return value

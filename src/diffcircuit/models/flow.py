@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ModelError
 
 __all__ = ["FlowAdapter", "flow_betas", "flow_sigmas", "is_flow_matching"]
 
@@ -43,7 +43,7 @@ def flow_sigmas(scheduler_config: dict, image_tokens: int | None = None) -> torc
             "shift_terminal",
         )
     ):
-        raise DiffcircuitError(
+        raise ModelError(
             "this flow-matching scheduler uses a non-default σ grid, which diffcircuit does not map yet"
         )
     n = int(scheduler_config.get("num_train_timesteps", 1000))
@@ -52,7 +52,7 @@ def flow_sigmas(scheduler_config: dict, image_tokens: int | None = None) -> torc
         shift = float(scheduler_config.get("shift", 1.0))
         return shift * s / (1 + (shift - 1) * s)
     if image_tokens is None:
-        raise DiffcircuitError(
+        raise ModelError(
             "this flow-matching scheduler shifts σ by image size (use_dynamic_shifting), which "
             "diffcircuit reads from a packed (Flux-style) model and its autoencoder"
         )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from diffcircuit.data.spec import ImageSet, load_images
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ModelError
 
 __all__ = ["LatentCodec", "model_images"]
 
@@ -103,7 +103,7 @@ def model_images(
     ``match_to`` (pixels of another set) render the synthetic set grayscale or histogram-matched (``data.spec``)."""
     codec = den.codec
     if codec is None and den.in_channels not in (1, 3):
-        raise DiffcircuitError(
+        raise ModelError(
             f"{type(den.network).__name__} takes {den.in_channels}-channel inputs, which images are "
             "not: a latent model needs its autoencoder — give its pipeline folder, the one with "
             "vae/ beside unet/ or transformer/"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, DiffcircuitError, ModelError
 from diffcircuit.models.conditioning import Captions, Conditioning, conditioning_kwargs
 from diffcircuit.models.configfile import read_json
 from diffcircuit.models.diffusion import PREDICTION_TYPES, eps_from_output, model_device
@@ -189,7 +189,7 @@ class Denoiser:
     ) -> dict:
         """The forward's conditioning inputs: a captioned dataset's rows, else the given or loaded conditioning."""
         if conditioning is not None and self.conditioning is None:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{type(self.network).__name__} is unconditional: a conditioning does not apply"
             )
         if rows is not None and rows[0] in self.captions and conditioning is None:
@@ -221,14 +221,14 @@ def _resolve_folder(source: str, allow_pickle: bool) -> Path:
     """A local folder for ``source``: the embedded model, an existing folder, or a hub download."""
     if source == EMBEDDED_MODEL:
         if not (_EMBEDDED_DIR / "model_index.json").exists():
-            raise DiffcircuitError(
+            raise ModelError(
                 f"the embedded model is missing from {_EMBEDDED_DIR}; reinstall diffcircuit"
             )
         return _EMBEDDED_DIR
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise DiffcircuitError(
+            raise ModelError(
                 f"model {source!r} is a file; give a diffusers model or pipeline folder"
             )
         if (
@@ -240,7 +240,7 @@ def _resolve_folder(source: str, allow_pickle: bool) -> Path:
             )  # a pipeline's unet/ or transformer/: its scheduler and VAE are beside it
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or " " in source:
-        raise DiffcircuitError(
+        raise ModelError(
             f"model {source!r} is neither an existing folder nor a hub id like 'owner/name'"
         )
     return _download(source, allow_pickle)
@@ -258,9 +258,9 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin", "*.md"]))
     except Exception as exc:  # network, auth, missing repo: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffcircuitError(f"could not fetch model {repo_id!r} from the hub: {first}") from None
+        raise ModelError(f"could not fetch model {repo_id!r} from the hub: {first}") from None
     if not any(folder.rglob("*.safetensors")) and not allow_pickle:
-        raise DiffcircuitError(
+        raise ModelError(
             f"hub repo {repo_id!r} has no .safetensors weights; if it ships pickle "
             "weights (.bin) and you trust it, set allow_pickle",
             "allow_pickle",
@@ -275,7 +275,7 @@ def _network_folder(root: Path) -> Path:
             return root / sub
     if (root / "config.json").exists():
         return root
-    raise DiffcircuitError(
+    raise ModelError(
         f"{root} is not a diffusers folder: no config.json in it or in unet/ or transformer/"
     )
 
@@ -287,9 +287,9 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
         return True
     pickles = [p.name for p in files if p.suffix in _PICKLE_SUFFIXES]
     if not pickles:
-        raise DiffcircuitError(f"no weights in {folder}: expected a .safetensors file")
+        raise ModelError(f"no weights in {folder}: expected a .safetensors file")
     if not allow_pickle:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{folder} has only pickle weights ({pickles[0]}); convert them to safetensors, "
             "or set allow_pickle if you trust the source",
             "allow_pickle",
@@ -304,7 +304,7 @@ def _network_class(folder: Path):
     name = config.get("_class_name", "UNet2DModel")
     cls = getattr(diffusers, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise DiffcircuitError(
+        raise ModelError(
             f"{folder / 'config.json'} names {name!r}, which is not a diffusers model class"
         )
     return cls
@@ -332,7 +332,7 @@ def _load_scheduler(root: Path, network_folder: Path, image_tokens: int | None =
                 clip_sample=False,
             ), sigmas
         if "beta_schedule" not in config and "trained_betas" not in config:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{path} defines {config.get('_class_name', 'a scheduler')}, which has no DDPM "
                 "noise schedule (β); diffcircuit analyses DDPM-family and flow-matching models"
             )
@@ -344,7 +344,7 @@ def _check_finite(network: torch.nn.Module, folder: Path) -> None:
     """Refuse weights with NaN or infinity: they would propagate silently into every table."""
     for name, tensor in network.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise DiffcircuitError(
+            raise ModelError(
                 f"model weights in {folder} contain NaN or infinite values (first in {name})"
             )
 
@@ -365,7 +365,7 @@ def load_denoiser(
         network = cls.from_pretrained(folder, use_safetensors=use_safetensors)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
+        raise ModelError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(network, folder)
     network.eval().requires_grad_(False).to(device)
     codec = _load_codec(root if folder != root else None, network, allow_pickle, device)
@@ -375,7 +375,7 @@ def load_denoiser(
     size = None
     if packed:
         if codec is None:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{type(network).__name__} takes packed latents: give its pipeline folder, with vae/"
             )
         vae: Any = codec.vae
@@ -387,7 +387,7 @@ def load_denoiser(
     flow = None if sigmas is None else FlowAdapter(sigmas, 1.0 if packed else float(len(sigmas)))
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
-        raise DiffcircuitError(
+        raise ModelError(
             f"model {source!r}: unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})"
         )
     return Denoiser(
@@ -417,12 +417,12 @@ def _load_codec(
         vae = cls.from_pretrained(folder, use_safetensors=_check_weights(folder, allow_pickle))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffcircuitError(f"could not load {cls.__name__} from {folder}: {first}") from None
+        raise ModelError(f"could not load {cls.__name__} from {folder}: {first}") from None
     _check_finite(vae, folder)
     codec = LatentCodec.from_vae(vae.eval().requires_grad_(False).to(device))
     takes = int(network.config.in_channels) // (4 if is_packed(network) else 1)
     if codec.latent_channels != takes:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{folder.name}/ gives {codec.latent_channels}-channel latents but the network takes "
             f"{takes} channels (e.g. an inpainting model): not supported"
         )
@@ -458,20 +458,18 @@ def unconditional_input(den: Denoiser, *, allow_pickle: bool = False) -> Conditi
     """A conditional model's unconditional input: guidance's other branch. The embeddings file's negative prompt
     (``negative_prompt_embeds``) when it has one, else the empty prompt or the null class."""
     if den.conditioning is None:
-        raise DiffcircuitError(
-            f"{type(den.network).__name__} is unconditional: guidance does not apply"
-        )
+        raise ModelError(f"{type(den.network).__name__} is unconditional: guidance does not apply")
     if den.conditioning.unconditional is not None:
         return den.conditioning.unconditional
     try:
         empty = make_conditioning(den.network, _pipeline_root(den), allow_pickle=allow_pickle)
         if empty is None:  # cannot happen: the model has a conditioning, so it needs one
-            raise DiffcircuitError(f"{type(den.network).__name__} has no unconditional input")
+            raise ModelError(f"{type(den.network).__name__} has no unconditional input")
         return empty
     except DiffcircuitError:
         if not is_pooled(den.network):
             raise
-        raise DiffcircuitError(
+        raise ModelError(
             "guidance for this model needs its unconditional branch: add negative_prompt_embeds and "
             "negative_pooled_prompt_embeds (the encoded empty prompt) to the prompt_embeds file, "
             "or give a pipeline folder with its text encoders",

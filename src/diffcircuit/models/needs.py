@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, ModelError
 from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.pipeline_text import is_pooled
 
@@ -86,7 +86,7 @@ def class_labels(network: torch.nn.Module, class_label: int | None) -> Condition
     if class_label is None:
         null = _null_class(network)
         if null is None:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{type(network).__name__} needs a class label and has no null class: give class_label",
                 "class_label",
             )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ModelError
 from diffcircuit.models.configfile import read_json
 
 __all__ = [
@@ -82,7 +82,7 @@ def pooled_kwargs(
     uses by default: the image's own size, uncropped, (h, w, 0, 0, h, w)."""
     dims = pooled_dims(network)
     if (embeds.shape[-1], pooled.shape[-1]) != dims:
-        raise DiffcircuitError(
+        raise ModelError(
             f"the text encoders give {embeds.shape[-1]}-dim tokens and a {pooled.shape[-1]}-dim "
             f"summary; the model expects {dims[0]} and {dims[1]}"
         )
@@ -101,7 +101,7 @@ def _load_pipeline(root: Path, allow_pickle: bool):
 
     index = root / "model_index.json"
     if not index.exists():
-        raise DiffcircuitError(
+        raise ModelError(
             f"{root} is not a pipeline folder (no model_index.json) to encode a prompt with; "
             "give prompt_embeds (a safetensors file) instead",
             "prompt_embeds",
@@ -109,7 +109,7 @@ def _load_pipeline(root: Path, allow_pickle: bool):
     name = read_json(index).get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "encode_prompt"):
-        raise DiffcircuitError(
+        raise ModelError(
             f"{index} names {name!r}, which has no encode_prompt; give prompt_embeds instead",
             "prompt_embeds",
         )
@@ -121,7 +121,7 @@ def _load_pipeline(root: Path, allow_pickle: bool):
     ]
     missing = [name for name in needed if not (root / name).is_dir()]
     if missing:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{root} has no {missing[0]}/ to encode a prompt with; give prompt_embeds, a safetensors file "
             "with the tensors 'prompt_embeds' and 'pooled_prompt_embeds', instead",
             "prompt_embeds",
@@ -131,11 +131,11 @@ def _load_pipeline(root: Path, allow_pickle: bool):
             root, transformer=None, vae=None, use_safetensors=not allow_pickle
         )
     except ImportError:
-        raise DiffcircuitError(
+        raise ModelError(
             "encoding prompts needs transformers: pip install 'diffcircuit[text]'"
         ) from None
     except Exception as exc:
-        raise DiffcircuitError(
+        raise ModelError(
             f"could not load the text encoders of {root}: {str(exc).strip().splitlines()[0]}"
         ) from None
 

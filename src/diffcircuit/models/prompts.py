@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, InputError, ModelError
 from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.configfile import read_json
 from diffcircuit.models.needs import added_conditions, class_labels, needed_inputs
@@ -40,15 +40,15 @@ def _read_embeds(path: Path, name: str, dim: int, ndim: int) -> torch.Tensor:
     try:
         embeds = load_file(str(path))[name]
     except KeyError:
-        raise DiffcircuitError(f"{path} has no tensor named {name!r}") from None
+        raise InputError(f"{path} has no tensor named {name!r}") from None
     except Exception as exc:  # missing, unreadable or not safetensors
-        raise DiffcircuitError(
+        raise InputError(
             f"cannot read prompt embeddings from {path}: {str(exc).splitlines()[0]}"
         ) from None
     embeds = embeds[None] if embeds.ndim == ndim else embeds
     if embeds.ndim != ndim + 1 or embeds.shape[0] != 1 or embeds.shape[-1] != dim:
         shape = "[tokens, dim]" if ndim == 2 else "[dim]"
-        raise DiffcircuitError(
+        raise InputError(
             f"{name} in {path} must be {shape} with dim {dim} (a batch axis of 1 allowed), "
             f"not {list(embeds.shape)}"
         )
@@ -137,7 +137,7 @@ def _encode_prompt(
 def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 32):
     """``[n, tokens, dim]`` for ``prompts`` (padded to the tokenizer's length) and each prompt's tokens."""
     if not (root / "tokenizer").is_dir() or not (root / "text_encoder" / "config.json").exists():
-        raise DiffcircuitError(
+        raise ModelError(
             f"{root} has no tokenizer/ and text_encoder/ to encode a prompt with; "
             "give prompt_embeds (a safetensors file) instead",
             "prompt_embeds",
@@ -145,7 +145,7 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
     try:
         import transformers
     except ImportError:
-        raise DiffcircuitError(
+        raise ModelError(
             "encoding prompts needs transformers: pip install 'diffcircuit[text]'"
         ) from None
 
@@ -156,7 +156,7 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
         transformers, arch, None
     )  # CLIPTextModel (Stable Diffusion), T5EncoderModel (PixArt), ...
     if cls is None:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{root / 'text_encoder'} names {arch!r}, which transformers does not have"
         )
     try:
@@ -165,7 +165,7 @@ def _encode_prompts(root: Path, prompts, allow_pickle: bool, batch_size: int = 3
             root / "text_encoder", use_safetensors=not allow_pickle
         ).eval()
     except Exception as exc:
-        raise DiffcircuitError(
+        raise ModelError(
             f"could not load the text encoder of {root}: {str(exc).strip().splitlines()[0]}"
         ) from None
     embeds, tokens = [], []
@@ -253,7 +253,7 @@ def make_conditioning(
     if _pixart_pipeline(root):  # T5 with a padding mask, as its pipeline encodes prompts
         embeds, _, names = _masked_prompts(root, [text], allow_pickle)
         if embeds.shape[-1] != dim:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the model expects {dim}"
             )
         return Conditioning(
@@ -263,7 +263,7 @@ def make_conditioning(
         )
     embeds, tokens = _encode_prompt(root, text, allow_pickle)
     if embeds.shape[-1] != dim:
-        raise DiffcircuitError(
+        raise ModelError(
             f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the UNet expects {dim}"
         )
     return Conditioning(
@@ -294,7 +294,7 @@ def caption_conditioning(
     pipeline's text encoder, and each caption's tokens."""
     needs = needed_inputs(network)
     if "encoder_hidden_states" not in needs:
-        raise DiffcircuitError(
+        raise ModelError(
             f"{spec or 'the data'} has captions, but {type(network).__name__} is not text-conditioned; "
             "use a folder without captions.csv / captions.jsonl"
         )
@@ -316,7 +316,7 @@ def caption_conditioning(
         getattr(network.config, "caption_channels", None) or network.config.cross_attention_dim
     )
     if embeds.shape[-1] != dim:
-        raise DiffcircuitError(
+        raise ModelError(
             f"the text encoder gives {embeds.shape[-1]}-dim embeddings; the model expects {dim}"
         )
     rows = len(
