@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import InputError
 
 __all__ = ["CAPTION_FILES", "captions_for", "read_captions"]
 
@@ -24,9 +24,9 @@ def _from_csv(path: Path) -> dict[str, str]:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # malformed CSV, bad encoding
-        raise DiffcircuitError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     if not {"file", "caption"} <= set(table.columns):
-        raise DiffcircuitError(
+        raise InputError(
             f"{path} needs a header with the columns 'file' and 'caption', not {list(table.columns)}"
         )
     return dict(zip(table["file"], table["caption"]))
@@ -41,7 +41,7 @@ def _from_jsonl(path: Path) -> dict[str, str]:
             record = json.loads(line)
             out[str(record["file"])] = str(record["caption"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DiffcircuitError(
+            raise InputError(
                 f"{path} line {number} is not an object with 'file' and 'caption'"
             ) from None
     return out
@@ -51,9 +51,7 @@ def read_captions(folder: Path) -> dict[str, str] | None:
     """``{file: caption}`` from the folder's caption file, or None when it has none."""
     found = [folder / name for name in CAPTION_FILES if (folder / name).is_file()]
     if len(found) > 1:
-        raise DiffcircuitError(
-            f"{folder} has both {CAPTION_FILES[0]} and {CAPTION_FILES[1]}; keep one"
-        )
+        raise InputError(f"{folder} has both {CAPTION_FILES[0]} and {CAPTION_FILES[1]}; keep one")
     if not found:
         return None
     return _from_csv(found[0]) if found[0].suffix == ".csv" else _from_jsonl(found[0])
@@ -66,7 +64,7 @@ def captions_for(folder: Path, names: list[str] | tuple[str, ...]) -> tuple[str,
         return None
     missing = [n for n in names if n not in table]
     if missing:
-        raise DiffcircuitError(
+        raise InputError(
             f"no caption for {missing[0]} in {folder}'s caption file"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )

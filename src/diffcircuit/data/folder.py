@@ -67,7 +67,7 @@ def prepare_image(path: Path, *, size: int, channels: int) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if min(w, h) < MIN_SIDE:
-                    raise DiffcircuitError(
+                    raise InputError(
                         f"image {path} is {w}x{h}; the minimum is {MIN_SIDE}x{MIN_SIDE} pixels"
                     )
                 im = _to_mode(im, channels)
@@ -78,12 +78,12 @@ def prepare_image(path: Path, *, size: int, channels: int) -> np.ndarray:
                 )
                 pixels = np.asarray(im, dtype=np.float32)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise DiffcircuitError(
+        raise InputError(
             f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (decompression-bomb "
             "limit); refusing to decode it"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DiffcircuitError(
+        raise InputError(
             f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -95,12 +95,10 @@ def folder_images(
 ) -> tuple[np.ndarray, list[str]]:
     """The first ``n`` readable images of ``folder`` and their paths relative to it."""
     if channels not in (1, 3):
-        raise DiffcircuitError(
-            f"image folders can feed 1- or 3-channel models, not {channels}-channel"
-        )
+        raise InputError(f"image folders can feed 1- or 3-channel models, not {channels}-channel")
     files = list_images(folder)
     if not files:
-        raise DiffcircuitError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     images, names = [], []
     for path in files:
         if len(images) == n:
@@ -116,5 +114,5 @@ def folder_images(
             continue
         names.append(str(path.relative_to(folder)))
     if len(images) < n:
-        raise DiffcircuitError(f"{folder} has only {len(images)} readable images; asked for {n}")
+        raise InputError(f"{folder} has only {len(images)} readable images; asked for {n}")
     return np.stack(images).astype(np.float32), names

@@ -31,7 +31,7 @@ from diffcircuit.data.captions import captions_for
 from diffcircuit.data.faces import LFW_FACES, lfw_images
 from diffcircuit.data.folder import folder_images
 from diffcircuit.data.synthetic import LUMA_WEIGHTS, SEED_LIMIT, synthetic_images
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, InputError
 
 __all__ = [
     "BUILTIN_SPECS",
@@ -244,18 +244,20 @@ def load_images(
     """Resolve a data spec to ``n`` prepared images. ``gray`` and ``match_to`` (reference images ``[m, C, size,
     size]`` for histogram matching) apply to the synthetic set only."""
     if n < 1:
-        raise DiffcircuitError(f"need at least one image, not n={n}")
+        raise ConfigError(f"need at least one image, not n={n}", "n")
     if (gray or match_to is not None) and spec != "synthetic":
-        raise DiffcircuitError(
+        raise ConfigError(
             f"grayscale rendering and histogram matching apply to the synthetic set, not {spec!r}"
         )
     if spec == "synthetic":
         if not 0 <= seed < SEED_LIMIT or n > SEED_LIMIT:
-            raise DiffcircuitError(f"seed must lie in [0, 2**32) for synthetic images, not {seed}")
+            raise ConfigError(
+                f"seed must lie in [0, 2**32) for synthetic images, not {seed}", "seed"
+            )
         if match_to is not None:
             match_to = np.asarray(match_to, dtype=np.float32)
             if match_to.shape[-2:] != (size, size) or len(match_to) == 0:
-                raise DiffcircuitError(
+                raise ConfigError(
                     f"histogram matching needs reference images of {size}x{size} pixels"
                 )
         source = _SyntheticSource(size, channels, seed, gray, match_to)
@@ -274,14 +276,15 @@ def load_images(
         )
     if spec in ("faces", "nonfaces"):
         if n > LFW_FACES:
-            raise DiffcircuitError(
-                f"'{spec}' has {LFW_FACES} images (LFW subset); ask for --n {LFW_FACES} or fewer, or give an image folder"
+            raise ConfigError(
+                f"'{spec}' has {LFW_FACES} images (LFW subset); ask for n {LFW_FACES} or fewer, or give an image folder",
+                "n",
             )
         images = lfw_images(spec, size=size, channels=channels)[:n]
         return ImageSet(spec=spec, images=images, names=tuple(str(i) for i in range(n)))
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise DiffcircuitError(
+        raise InputError(
             f"data spec {spec!r} is not one of {', '.join(BUILTIN_SPECS)} nor an existing folder"
         )
     captions_for(folder, [])  # a malformed caption file fails before any image is read
