@@ -101,11 +101,11 @@ class InstrumentSession:
         replacements = {address: 0.0 for address in zero_heads} | dict(patches or {})
         for address, value in replacements.items():
             self._head_hooks[address.layer][address.head].append(replace(value))
-        for address, fn in (hooks or {}).items():
-            if isinstance(address, HeadAddress):
-                self._head_hooks[address.layer][address.head].append(fn)
+        for where, fn in (hooks or {}).items():
+            if isinstance(where, HeadAddress):
+                self._head_hooks[where.layer][where.head].append(fn)
             else:
-                self._layer_hooks[address].append(fn)
+                self._layer_hooks[where].append(fn)
         self._token_scales: dict[str, dict[int, dict[int, float]]] = defaultdict(dict)
         for address, tokens in (token_scales or {}).items():
             if any(w < 0 for w in tokens.values()):
@@ -281,7 +281,7 @@ def _sample_hw(model: torch.nn.Module) -> tuple[int, int] | None:
 
 def _hook_addresses(registry: HeadRegistry, hooks: dict | None) -> dict:
     """Hooks keyed by HeadAddress (a head) or by layer path (a layer); unknown addresses refused in one line."""
-    out = {}
+    out: dict[HeadAddress | str, Callable] = {}
     for address, fn in (hooks or {}).items():
         if not callable(fn):
             raise DiffcircuitError(f"the hook for {address} is not callable")

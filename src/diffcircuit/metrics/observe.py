@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffcircuit.data.spec import ImageSet
+from diffcircuit.data.spec import ImageSet, LazyImages
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.instrument.session import instrument, probe_registry
 from diffcircuit.metrics.attention import (
@@ -208,18 +208,18 @@ class Observation:
 @torch.no_grad()
 def observe(
     denoiser,
-    images: np.ndarray | ImageSet,
+    images: np.ndarray | LazyImages | ImageSet,
     *,
     timesteps: Sequence[int],
     seed: int = 0,
     batch_size: int = 50,
     dataset: str = "a",
-    masks: np.ndarray | None = None,
+    masks: np.ndarray | LazyImages | None = None,
     method: str = "fused",
     registry: HeadRegistry | None = None,
     progress: Callable[[int], None] | None = None,
     first: int = 0,
-    pictures: np.ndarray | None = None,
+    pictures: np.ndarray | LazyImages | None = None,
 ) -> Observation:
     """Head and image rows (``Observation``) for ``images``: an ``ImageSet`` (its masks and, for a latent model,
     its pixels come with it) or float ``[n, C, H, W]`` in [-1, 1].
@@ -297,8 +297,12 @@ def _block_scores(parts: list[dict], registry: HeadRegistry, partners: ProbeFeat
     for info in registry.layers:
         if info.layer not in parts[0]:
             continue  # no spatial keys (cross-attention): no content probes
+        grid = info.query_grid
+        assert (
+            grid is not None
+        )  # content moments are recorded only where keys lie on the query grid
         moments = torch.cat([p[info.layer] for p in parts])  # [n, h, n, C+1, C+1]
-        uniform = uniform_moments(partners(info.query_grid)[:, _PARTNER_INDEX])  # [n, C+1, C+1]
+        uniform = uniform_moments(partners(grid)[:, _PARTNER_INDEX])  # [n, C+1, C+1]
         scores = content_log_scores(
             moments, uniform[None, None], has_masks=partners.has_masks, channels=PARTNER_CHANNELS
         )

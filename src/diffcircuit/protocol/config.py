@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from diffcircuit.errors import ConfigError, DiffcircuitError
 from diffcircuit.models.spec import MODEL_HELP, ModelSpec, config_from_mapping
@@ -329,7 +330,7 @@ FIELD_HELP = _COMMENTS = MODEL_HELP | {
 
 
 # The paper's protocol (arXiv 2506.17237): its model, 2,000 images per distribution, 10 timesteps; for a GPU.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "paper": dict(
         model="google/ddpm-celebahq-256",
