@@ -625,10 +625,12 @@ def _circuit_table(circuits: list[dict]) -> Table:
             c["loss_full"] / 100 if g["relative"] is not None else 1.0
         )  # the gap in % of L_full where L_full > 0
         unit = "%" if g["relative"] is not None else ""
-        gap = (
-            f"{g['mean'] / full:+.3g}{unit} [{g['ci_low'] / full:+.3g}, {g['ci_high'] / full:+.3g}], "
-            f"p {g['p_value']:.3g}"
-        )
+        ci = (
+            ""
+            if g["ci_low"] is None
+            else f" [{g['ci_low'] / full:+.3g}, {g['ci_high'] / full:+.3g}]"
+        )  # no interval from fewer than MIN_UNITS_FOR_CI images
+        gap = f"{g['mean'] / full:+.3g}{unit}{ci}, p {g['p_value']:.3g}"
         if not c["claimed"]:
             table.add_row(c["label"], c["window"], gap, "no circuit", "–", "–", "–", "–", "–")
             continue

@@ -58,6 +58,16 @@ def test_gap_test_is_the_exact_one_sided_sign_flip_test():
     )  # ablation helps on every image: nothing to claim
 
 
+@pytest.mark.parametrize("gap, p", [(0.3, 0.5), (0.0, 1.0), (-0.2, 1.0)])
+def test_one_image_gets_the_exact_two_flip_test_not_an_error(gap, p):
+    """One image: its two sign flips give p = 1/2 when the gap is positive (never significant), 1 otherwise."""
+    flips = np.array([gap, -gap])  # the enumeration, as for n images
+    result = gap_test(_Fixed([1.0], [1.0 + gap]))
+    assert result.p_value == np.mean(flips >= gap - 1e-15) == p
+    assert result.p_floor == 0.5 and result.n_images == 1 and np.isnan(result.effect_size)
+    assert np.isnan(result.ci_low) and np.isnan(result.ci_high)  # no interval from one image
+
+
 def test_per_image_losses_and_the_gap_match_the_ablation_sweep(embedded):
     den, faces, registry = embedded
     loss = CircuitLoss(den, faces, timesteps=[300, 700], registry=registry)

@@ -1275,3 +1275,19 @@ def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
     console.print(_headline(summary))
     text = console.export_text()
     assert "…" not in text and "0.1235" in text and "keys" in text
+
+
+def test_the_smallest_run_one_image_ablated_completes_without_warnings(
+    small_model_dir, tmp_path, capsys
+):
+    """One ablated image: every test that needs two (the gap's sign flips, d_z) degrades to its exact
+    one-image form or an undefined effect size; no traceback, no numpy warning on stderr."""
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--model", str(small_model_dir), "--n", "2"]
+    code, _, err = _run([*args, "--ablate-n", "1", "--timesteps", "500", "--quiet"], capsys)
+    assert code == 0 and "Warning" not in err and "Traceback" not in err, err
+    windows = json.loads((out / "summary.json").read_text())["circuits"]["windows"]
+    gaps = [w["gap"] for w in windows]
+    assert gaps and all(g["n_images"] == 1 and g["p_value"] >= 0.5 for g in gaps)
+    assert not any(w["claimed"] for w in windows)  # nothing can be claimed from one image
+    assert all(g["ci_low"] is None for g in gaps)  # nor an interval drawn

@@ -294,3 +294,17 @@ def test_draws_for_a_seed_are_shared_and_differ_between_seeds():
     assert flips[0].shape == (500, 20) and not np.array_equal(*flips)
     is_a, exact = relabellings(10, 12, 500, 0)
     assert not exact and (is_a.sum(1) == 10).all() and len({tuple(r) for r in is_a}) > 490
+
+
+def test_one_pair_and_one_image_per_side_give_undefined_effect_sizes_without_warnings():
+    """d_z of a single difference and d of one image per side have no SD: NaN, and no numpy warning
+    (a run with --ablate-n 1 once printed 'Degrees of freedom <= 0'); the p-values stay the exact ones."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (paired,) = paired_tests(np.array([[2.0]]), np.array([[1.0]]), alternative="greater")
+        (unpaired,) = two_sample_tests(np.array([[2.0]]), np.array([[1.0]]))
+    assert np.isnan(paired.effect_size) and np.isnan(unpaired.effect_size)
+    assert paired.p_value == 0.5  # the two sign flips of +1: one is >= it
+    assert unpaired.p_value == 1.0  # the two labellings, two-sided: both as extreme

@@ -140,21 +140,30 @@ def gap_test(
     """The gap's mean with its CI and a one-sided sign-flip p-value (exact when 2^n ≤ ``n_resamples``)."""
     from scipy import stats
 
-    from diffcircuit.stats.bootstrap import mean_ci
+    from diffcircuit.stats.bootstrap import MIN_UNITS_FOR_CI, mean_ci
 
     _prefetch(loss, [[], loss.heads])
     full, empty = loss.per_image([]), loss.per_image(loss.heads)
     diff = empty - full  # [n_images]
     mean, low, high = mean_ci(diff, seed=seed)
-    res = stats.permutation_test(
-        (diff,),
-        np.mean,
-        permutation_type="samples",
-        alternative="greater",
-        vectorized=True,
-        n_resamples=n_resamples,
-        random_state=np.random.default_rng(seed),
-    )
+    if (
+        len(diff) < MIN_UNITS_FOR_CI
+    ):  # a percentile interval over so few images is not a 95 % interval
+        low = high = float("nan")
+    if (
+        len(diff) == 1
+    ):  # the two sign flips, exactly (scipy's test needs two images): p = 1/2 at best
+        p_value = 0.5 if diff[0] > 0 else 1.0
+    else:
+        p_value = stats.permutation_test(
+            (diff,),
+            np.mean,
+            permutation_type="samples",
+            alternative="greater",
+            vectorized=True,
+            n_resamples=n_resamples,
+            random_state=np.random.default_rng(seed),
+        ).pvalue
     exact = len(diff) <= 62 and 2 ** len(diff) <= n_resamples
     sd = diff.std(ddof=1) if len(diff) > 1 else 0.0
     return GapTest(
@@ -162,7 +171,7 @@ def gap_test(
         ci_low=low,
         ci_high=high,
         relative=float(mean / full.mean()) if full.mean() > 0 else None,
-        p_value=float(res.pvalue),
+        p_value=float(p_value),
         p_floor=2.0 ** -len(diff) if exact else 1.0 / (n_resamples + 1),
         effect_size=float(diff.mean() / sd) if sd > 0 else float("nan"),
         n_images=len(diff),

@@ -611,11 +611,14 @@ def _interval_text(span, ci, resamples) -> str:
 
 
 def _gap_text(w: dict) -> str:
+    """The gap with its 95 % interval (none below MIN_UNITS_FOR_CI images) and its p-value."""
     g = w["gap"]
     if g["relative"] is None:  # the output metric: L_full = 0, the gap in its own units
-        return f"{g['mean']:.3g} [{g['ci_low']:.3g}, {g['ci_high']:.3g}]; p = {g['p_value']:.2g}"
+        ci = "" if g["ci_low"] is None else f" [{g['ci_low']:.3g}, {g['ci_high']:.3g}]"
+        return f"{g['mean']:.3g}{ci}; p = {g['p_value']:.2g}"
     full = w["loss_full"] / 100
-    return f"{g['mean'] / full:+.1f} % [{g['ci_low'] / full:+.1f}, {g['ci_high'] / full:+.1f}]; p = {g['p_value']:.2g}"
+    ci = "" if g["ci_low"] is None else f" [{g['ci_low'] / full:+.1f}, {g['ci_high'] / full:+.1f}]"
+    return f"{g['mean'] / full:+.1f} %{ci}; p = {g['p_value']:.2g}"
 
 
 def _circuit_rows(found: dict, labels: dict) -> str:

@@ -130,6 +130,8 @@ def _columns(x) -> np.ndarray:
 def _cohens_d_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``cohens_d`` of every column pair of ``a`` ``[n_a, k]`` and ``b`` ``[n_b, k]``."""
     n_a, n_b = len(a), len(b)
+    if n_a + n_b < 3:  # no pooled SD of one image per side: d is undefined
+        return np.full(a.shape[1:], np.nan)
     pooled = np.sqrt(
         ((n_a - 1) * a.var(0, ddof=1) + (n_b - 1) * b.var(0, ddof=1)) / (n_a + n_b - 2)
     )
@@ -139,6 +141,8 @@ def _cohens_d_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _dz_columns(diff: np.ndarray) -> np.ndarray:
     """Cohen's d_z (mean / SD, ddof 1) of every column of paired differences ``[n, k]``."""
+    if len(diff) < 2:  # no SD of one difference: d_z is undefined
+        return np.full(diff.shape[1:], np.nan)
     sd = diff.std(0, ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sd > 0, diff.mean(0) / sd, np.nan)
