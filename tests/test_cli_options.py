@@ -104,7 +104,7 @@ def handed(monkeypatch):
     monkeypatch.setattr(
         calibrate,
         "calibrate",
-        hand(lambda spec, **settings: CalibrateConfig(**asdict(spec), **settings)),
+        hand(lambda spec, progress=None, **settings: CalibrateConfig(**asdict(spec), **settings)),
     )
 
 

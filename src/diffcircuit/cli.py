@@ -701,7 +701,15 @@ def calibrate(*, threads: ThreadsOpt = 0, quiet: QuietOpt = False, **flags) -> N
     from diffcircuit.commands.calibrate import calibrate as run_calibration
 
     cfg = CalibrateConfig.from_mapping(_given(flags), source=None)
-    res = run_calibration(cfg.model_spec, **cfg.settings())
+    total = cfg.n * (2 if cfg.ablation else 1)  # observed, then ablated
+    with _Bars(quiet) as bars:
+        res = run_calibration(
+            cfg.model_spec,
+            **cfg.settings(),
+            progress=lambda k: bars.update(
+                "calibrate", advance=k, total=total, description="observing, then ablating"
+            ),
+        )
     print(
         f"{res.splits} random splits of {res.n_images} images into halves of {res.measures[0].n_per_half}, t = {cfg.timestep}; "
         f"nominal false-positive rate {res.alpha} (tolerated up to {2 * res.alpha:g}), nominal coverage 0.95 (tolerated "

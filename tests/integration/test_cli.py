@@ -1236,47 +1236,6 @@ def test_version_and_quiet_on_every_command(capsys):
         assert code == 0 and "--quiet" in out, command
 
 
-def test_generate_reports_progress_over_a_known_number_of_steps(small_model_dir, tmp_path):
-    from diffcircuit.commands.generate import GenerateConfig, run_generate
-
-    steps = []
-    cfg = GenerateConfig(
-        model=str(small_model_dir), ablate=("mid_block.attentions.0",), n=1, steps=3
-    )
-    run_generate(cfg, tmp_path / "grid.png", progress=steps.append)
-    assert sum(steps) == 2 * 3  # clean and intervened sampling, every DDIM step
-
-
-def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
-    from rich.console import Console
-
-    from diffcircuit import Summary
-    from diffcircuit.cli import _headline
-
-    row = {"mean": 0.123456}
-    summary = Summary(
-        entropy=[{"dataset": "a", "timestep": 500, "entropy_norm": row}],
-        denoising=[
-            {
-                "dataset": "a",
-                "timestep": 500,
-                "eps_mse": row,
-                "eps_mse_trivial": row,
-                "x0_mse": row,
-                "x0_mse_trivial": row,
-            }
-        ],
-        datasets={"a": {"spec": "synthetic"}},
-        model={},
-        seed=0,
-        timesteps=[500],
-    )
-    console = Console(width=60, record=True)
-    console.print(_headline(summary))
-    text = console.export_text()
-    assert "…" not in text and "0.1235" in text and "keys" in text
-
-
 def test_the_smallest_run_one_image_ablated_completes_without_warnings(
     small_model_dir, tmp_path, capsys
 ):

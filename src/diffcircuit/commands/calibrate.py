@@ -23,6 +23,7 @@ variation) and a verdict:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -218,7 +219,9 @@ def split_half_calibration(
     )
 
 
-def _ablation_rows(den, images: np.ndarray, registry, timestep: int, seed: int) -> np.ndarray:
+def _ablation_rows(
+    den, images: np.ndarray, registry, timestep: int, seed: int, progress=None
+) -> np.ndarray:
     """[images x heads] single-head mean-ablation degradation (%), as the protocol's primary measure uses."""
     table = ablation_sweep(
         den,
@@ -229,6 +232,7 @@ def _ablation_rows(den, images: np.ndarray, registry, timestep: int, seed: int) 
         seed=seed,
         dataset="a",
         registry=registry,
+        progress=progress,
     )
     return table.pivot_table(index="image", columns="target", values="degradation_pct").to_numpy()
 
@@ -274,16 +278,25 @@ def calibrate(
     splits: int = 200,
     seed: int = 0,
     ablation: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> CalibrationResult:
     """Split-half calibration on real model outputs: every head's per-image normalised entropy and effective-keys
     fraction, and (``ablation``) its single-head mean-ablation effect. ``spec``: the model (default: the embedded
-    one), with a conditional model's prompt, embeddings or class label."""
+    one), with a conditional model's prompt, embeddings or class label. ``progress(k)``: k more images done, of
+    ``n`` observed, then (``ablation``) ``n`` ablated."""
     setup = build_setup(
         spec or ModelSpec(), timesteps=[timestep], images=one_set("a", data, n=n, seed=seed)
     )
     den, registry, images = setup.den, setup.registry, setup.sets["a"]
     with setup.autocast():
-        heads, _ = observe(den, images.images, timesteps=[timestep], seed=seed, registry=registry)
+        heads, _ = observe(
+            den,
+            images.images,
+            timesteps=[timestep],
+            seed=seed,
+            registry=registry,
+            progress=progress,
+        )
     rows = {
         m: heads.pivot_table(index="image", columns=["layer", "head"], values=v).to_numpy()
         for m, v in (
@@ -293,6 +306,6 @@ def calibrate(
     }
     if ablation:
         with setup.autocast():
-            effects = _ablation_rows(den, images.images, registry, timestep, seed)
+            effects = _ablation_rows(den, images.images, registry, timestep, seed, progress)
         rows |= {"ablation_participation_ratio": effects, "ablation_heads_for_90pct": effects}
     return split_half_calibration(rows, splits=splits, seed=seed)
