@@ -68,5 +68,4 @@ def run(out_dir, config: RunConfig | None = None, *, progress=None, **fields) ->
             if config is not None
             else RunConfig.from_mapping(fields, source="run()")
         )
-    result = run_protocol(config or RunConfig(), out_dir, progress=progress)
-    return finalize_run(result.out_dir)
+    return run_protocol(config or RunConfig(), out_dir, progress=progress, finish=finalize_run)

@@ -830,9 +830,16 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")], quiet: QuietOpt = False
 ) -> None:
     """Rebuild summary.json and report.html from a run directory's tables."""
+    from diffcircuit.protocol.store import claim_directory
     from diffcircuit.report import finalize_run
 
-    finalize_run(run_dir)
+    if (run_dir / "manifest.json").is_file():
+        with claim_directory(run_dir, "report"):  # not while a run or another report writes there
+            finalize_run(run_dir)
+    else:
+        finalize_run(
+            run_dir
+        )  # not a finished run: it says so in one line (and leaves no lock file)
     if not quiet:
         Console().print(f"wrote {run_dir}/summary.json and {run_dir}/report.html")
 

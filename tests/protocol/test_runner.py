@@ -41,3 +41,28 @@ def test_the_overall_bar_runs_from_0_to_its_total_across_every_stage(
     assert [(d, t) for s, d, t in resumed if s == OVERALL][-1] == overall[
         -1
     ]  # a resumed run counts its shards as done
+
+
+def test_the_finish_step_runs_while_the_directory_is_still_the_runs(
+    small_model_dir_module, tmp_path
+):
+    """dc.run writes summary.json and report.html (finish = finalize_run) before it lets the directory go: a
+    second claim during the finish step is refused, and one after it succeeds."""
+    import pytest
+
+    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit.protocol.store import claim_directory
+
+    out = tmp_path / "run"
+    cfg = dc.RunConfig(
+        model=str(small_model_dir_module), n=2, timesteps=(500,), ablate_n=0, device="cpu"
+    )
+
+    def finish(run_dir):
+        with pytest.raises(DiffcircuitError, match="in use"), claim_directory(run_dir):
+            pass
+        return "finished"
+
+    assert run_protocol(cfg, out, finish=finish) == "finished"
+    with claim_directory(out):  # released afterwards
+        pass

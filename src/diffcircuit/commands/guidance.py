@@ -58,8 +58,8 @@ def run_guidance(
             if progress is None
             else (lambda stage, done, total, name=name: progress(name, stage, done, total))
         )
-        finalize_run(
-            run_protocol(branch, out / name, progress=report).out_dir
+        run_protocol(
+            branch, out / name, progress=report, finish=finalize_run
         )  # each branch a whole run
     heads = {
         name: pd.read_parquet(out / name / "tables" / "head_metrics.parquet") for name in branches

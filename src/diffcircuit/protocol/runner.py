@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, overload
 
 import pandas as pd
 
@@ -89,6 +90,8 @@ from diffcircuit.protocol.tasks import (
 )
 
 __all__ = ["RunResult", "run_protocol"]
+
+Finished = TypeVar("Finished")  # what run_protocol's finish step returns
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -385,16 +388,32 @@ def _token_maps(job: _Job, n_images: int = 3):
     return job.shards.frames("token_maps", ["maps", "heatmaps"], compute)
 
 
+@overload
 def run_protocol(
-    cfg: RunConfig, out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None
-) -> RunResult:
-    """Observe (and intervene on) both datasets; write manifest and tables. ``progress(stage, done, total)``."""
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    finish: None = None,
+) -> RunResult: ...
+@overload
+def run_protocol(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    finish: Callable[[Path], Finished],
+) -> Finished: ...
+def run_protocol(cfg, out_dir, *, progress=None, finish=None):
+    """Observe (and intervene on) both datasets; write manifest and tables. ``progress(stage, done, total)``.
+    ``finish(out_dir)`` (e.g. ``report.finalize_run``: summary and report) runs while the directory is still
+    this run's, and its result is returned."""
     with threads_restored():  # the config's thread count holds for this run only
         set_threads(cfg.threads)
-        return _run_protocol(cfg, Path(out_dir), progress)
+        return _run_protocol(cfg, Path(out_dir), progress, finish)
 
 
-def _run_protocol(cfg: RunConfig, out_dir: Path, progress) -> RunResult:
+def _run_protocol(cfg: RunConfig, out_dir: Path, progress, finish=None) -> RunResult:
     _check_out_dir(out_dir, cfg)
     ctx = Context.build(cfg)
     # inputs are valid: the directory is this process's while it runs (a second run there is refused)
@@ -402,7 +421,8 @@ def _run_protocol(cfg: RunConfig, out_dir: Path, progress) -> RunResult:
         _check_out_dir(
             out_dir, cfg
         )  # again, under the lock: another run may have claimed it meanwhile
-        return _claimed_run(ctx, out_dir, progress)
+        result = _claimed_run(ctx, out_dir, progress)
+        return finish(result.out_dir) if finish is not None else result
 
 
 def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
