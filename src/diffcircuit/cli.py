@@ -540,6 +540,9 @@ def ablate(
             progress=lambda k: bars.update(
                 "ablate", advance=k, description="ablating", total=cfg.n * len(cfg.timesteps)
             ),
+            sampling_progress=lambda k, total: bars.update(
+                "sample", advance=k, description="sampling", total=total
+            ),
         )
     if not quiet:
         means = table.groupby(["level", "target", "method", "timestep"], sort=False)[

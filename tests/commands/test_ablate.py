@@ -84,3 +84,23 @@ def test_reference_split_pools_and_refuses_too_few_images(small_model_dir):
         reference_split(sets, 4, "heldout")
     with pytest.raises(DiffcircuitError, match="must be one of"):
         reference_split(sets, 2, "median")
+
+
+def test_sampling_with_each_target_ablated_reports_its_steps_out_of_a_known_total(
+    small_model_dir, tmp_path
+):
+    cfg = AblateConfig(
+        model=str(small_model_dir),
+        data="synthetic",
+        n=1,
+        names=("mid_block.attentions.0",),
+        sample=1,
+        sample_steps=2,
+    )
+    steps = []
+    run_ablations(
+        cfg, tmp_path / "out", sampling_progress=lambda k, total: steps.append((k, total))
+    )
+    assert {total for _, total in steps} == {2 * 2}  # one target: clean and ablated, 2 steps each
+    assert sum(k for k, _ in steps) == 4
+    assert len(pd.read_parquet(tmp_path / "out" / "tables" / "sampling.parquet")) == 1

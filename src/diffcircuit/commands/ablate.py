@@ -139,8 +139,12 @@ def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list
     return list({t.name: t for t in chosen}.values())
 
 
-def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> pd.DataFrame:
-    """Run the chosen ablations and write ``out_dir/tables/ablations.parquet`` (and ``sampling.parquet``)."""
+def run_ablations(
+    cfg: AblateConfig, out_dir: str | Path, *, progress=None, sampling_progress=None
+) -> pd.DataFrame:
+    """Run the chosen ablations and write ``out_dir/tables/ablations.parquet`` (and ``sampling.parquet``).
+    ``progress(k)``: k more images ablated; ``sampling_progress(k, total)``: k more sampling steps of ``total``
+    (with ``sample``: every target's clean and intervened sampling)."""
     check_writable(Path(out_dir))
     held_out = cfg.mean_reference == "heldout" and bool({"mean", "noise"} & set(cfg.methods))
 
@@ -207,6 +211,9 @@ def run_ablations(cfg: AblateConfig, out_dir: str | Path, *, progress=None) -> p
                         window=cfg.window,
                         guidance=cfg.guidance,
                         unconditional=unconditional,
+                        progress=None
+                        if sampling_progress is None
+                        else (lambda k: sampling_progress(k, 2 * cfg.sample_steps * len(chosen))),
                     )
                     for t in chosen
                 ]

@@ -232,8 +232,10 @@ def sampling_effect(
     scale: float | None = None,
     guidance: float = 1.0,
     unconditional=None,
+    progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
-    """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise."""
+    """Per sampled image: pixel MSE and SSIM between clean and intervened samples from the same noise.
+    ``progress(1)`` after each sampling step (``2 * steps`` in all: clean, then intervened)."""
     clean, changed = controlled_samples(
         denoiser,
         target,
@@ -245,6 +247,7 @@ def sampling_effect(
         scale=scale,
         guidance=guidance,
         unconditional=unconditional,
+        progress=progress,
     )
     frame = sample_metrics(clean, changed)
     frame.insert(1, "target", target.name)
