@@ -1,0 +1,35 @@
+"""``diffcircuit discover``'s workflow: it claims its output directory like ``run`` (another config is refused
+and leaves the directory as it was; the same config runs again into it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from diffcircuit.commands.discover import DiscoverConfig, run_discovery
+from diffcircuit.errors import DiffcircuitError
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_discover_refuses_another_config_in_its_directory(small_model_dir, tmp_path):
+    cfg = DiscoverConfig(
+        model=str(small_model_dir),
+        data_b=None,
+        n=2,
+        timesteps=(500,),
+        resamples=0,
+        mean_reference="insample",
+    )
+    out = tmp_path / "disc"
+    run_discovery(cfg, out)
+    before = _files(out)
+    assert any(p.parts[0] == "circuits" for p in before)
+    with pytest.raises(DiffcircuitError, match="different config"):
+        run_discovery(dataclasses.replace(cfg, seed=1), out)
+    assert _files(out) == before  # nothing of the refused run is written, nothing old removed
+    run_discovery(cfg, out)  # the same config: accepted
+    assert set(_files(out)) == set(before)
