@@ -15,14 +15,12 @@ def test_the_tutorial_runs_and_draws_its_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_OUT", str(tmp_path))
     ns = runpy.run_path(str(TUTORIAL), run_name="__main__")
     figures = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert figures[0] == "1_entropy.png" and ("2_circuit.png" in figures) == (
-        ns["circuit"] is not None
-    )
+    # seeded: on the embedded model the gap is significant, so the circuit section runs and is checked
+    assert figures == ["1_entropy.png", "2_circuit.png"], figures
     for name in figures:
         with Image.open(tmp_path / name) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert ns["degradation"].shape == (8,) and np.isfinite(ns["moved_frac"].numpy()).all()
-    if ns["circuit"] is not None:
-        assert (
-            set(ns["circuit"].heads) <= set(ns["registry"]) and ns["circuit"].faithfulness >= 0.95
-        )
+    circuit = ns["circuit"]
+    assert circuit is not None and 0 < len(circuit.heads) < len(ns["registry"])
+    assert set(circuit.heads) <= set(ns["registry"]) and circuit.faithfulness >= 0.95
