@@ -171,7 +171,7 @@ class _SyntheticSource:
             gray,
             match_to,
         )
-        self._last = None
+        self._last: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
 
     def __call__(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         if self._last is None or self._last[0] != (lo, hi):
@@ -262,16 +262,16 @@ def load_images(
                 )
         source = _SyntheticSource(size, channels, seed, gray, match_to)
         source(0, 1)  # fails here, not mid-run, on a size or channel count it cannot make
-        images = LazyImages(n, (channels, size, size), np.float32, lambda lo, hi: source(lo, hi)[0])
-        masks = LazyImages(n, (size, size), bool, lambda lo, hi: source(lo, hi)[1])
+        lazy = LazyImages(n, (channels, size, size), np.float32, lambda lo, hi: source(lo, hi)[0])
+        lazy_masks = LazyImages(n, (size, size), bool, lambda lo, hi: source(lo, hi)[1])
         rendering = ("gray" if gray or channels == 1 else "color") + (
             "+histogram-matched" if match_to is not None else ""
         )
         return ImageSet(
             spec=spec,
-            images=images,
+            images=lazy,
             names=tuple(str(i) for i in range(n)),
-            masks=masks,
+            masks=lazy_masks,
             rendering=rendering,
         )
     if spec in ("faces", "nonfaces"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,14 +32,14 @@ __all__ = ["LatentCodec", "model_images"]
 class LatentCodec:
     """A pipeline's autoencoder as the network's input stage: pixels ``[B, 3, H, W]`` -> latents ``[B, C, h, w]``."""
 
-    vae: torch.nn.Module
+    vae: Any  # a diffusers AutoencoderKL or VQModel (its config, encode and decode are not nn.Module's)
     scale: float
     shift: float
     factor: int  # pixels per latent cell along each side
     pixel_channels: int
 
     @classmethod
-    def from_vae(cls, vae: torch.nn.Module) -> LatentCodec:
+    def from_vae(cls, vae: Any) -> LatentCodec:
         config = vae.config
         quantised = type(vae).__name__ == "VQModel"  # LDM decodes its latents unscaled
         return cls(
