@@ -1234,6 +1234,8 @@ def test_version_and_quiet_on_every_command(capsys):
     for command in commands:
         code, out, _ = _run([command, "--help"], capsys)
         assert code == 0 and "--quiet" in out, command
+        if command not in ("report", "init-config"):  # every command that runs a model places it
+            assert "--device" in out and "--precision" in out, command
 
 
 def test_the_smallest_run_one_image_ablated_completes_without_warnings(

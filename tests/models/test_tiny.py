@@ -157,3 +157,35 @@ def test_the_default_training_pool_holds_no_analysed_image():
         axis=(1, 2)
     )
     assert 0.45 < gray.mean() < 0.55  # gray_share 0.5 of the shapes
+
+
+def test_a_bf16_training_step_autocasts_the_forward_and_stays_near_fp32():
+    """The same step from the same weights and draws: bf16 autocast changes the loss a little (so it was
+    applied), not much; the fp32 step is the recipe's."""
+    from diffusers import DDPMScheduler
+
+    from diffcircuit.models.tiny import _train_step, build_tiny_unet
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    batch = torch.from_numpy(synthetic_images(4, seed=0)[0])
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        unet = build_tiny_unet(0).train()
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(5)
+        losses[precision] = _train_step(unet, opt, scheduler, batch, gen, precision=precision)
+    assert np.isfinite(list(losses.values())).all()
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("device", "tpu", "device must be cpu, cuda, cuda:N or auto"),
+        ("precision", "fp16", "precision must be fp32 or bf16 for training"),
+    ],
+)
+def test_training_devices_and_precisions_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})

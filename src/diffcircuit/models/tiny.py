@@ -38,6 +38,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ from diffcircuit.models.diffusion import (
     x0_mse_per_image,
 )
 from diffcircuit.models.loading import load_denoiser, save_denoiser
+from diffcircuit.models.spec import _device_type, resolve_device
 
 __all__ = [
     "COMPOSITIONS",
@@ -128,8 +130,22 @@ class TrainConfig:
     composition: str = "disjoint"  # "disjoint": no analysed image (shapes + photo crops); "faces80": the old recipe
     photo_pool: int = 10_000  # photo crops in the natural pool ("disjoint")
     gray_share: float = 0.5  # fraction of the synthetic pool and of colour photo crops rendered grayscale ("disjoint")
+    device: str = (
+        "cpu"  # where training runs: cpu (the recipe the card records), cuda, cuda:N or auto
+    )
+    precision: str = (
+        "fp32"  # fp32, or bf16 autocast for the forward passes (the loss and updates stay fp32)
+    )
 
     def __post_init__(self):
+        if self.device != "auto" and _device_type(self.device) not in ("cpu", "cuda"):
+            raise ConfigError(
+                f"device must be cpu, cuda, cuda:N or auto, not {self.device!r}", "device"
+            )
+        if self.precision not in ("fp32", "bf16"):  # fp16 would need loss scaling
+            raise ConfigError(
+                f"precision must be fp32 or bf16 for training, not {self.precision!r}", "precision"
+            )
         if self.composition not in COMPOSITIONS:
             raise ConfigError(
                 f"composition must be one of {', '.join(COMPOSITIONS)}, not {self.composition!r}",
@@ -198,6 +214,8 @@ TRAIN_HELP = {
     "faces 0-79)",
     "photo_pool": "photo crops in the natural pool (disjoint)",
     "gray_share": "fraction of synthetic and colour photo images rendered gray (disjoint)",
+    "device": "where training runs: cpu (the recipe the model card records), cuda, cuda:N or auto",
+    "precision": "fp32, or bf16 autocast for the forward passes (the loss and updates stay fp32)",
 }
 
 
@@ -306,14 +324,26 @@ def _training_record(cfg: TrainConfig) -> dict:
     return record
 
 
-def _train_step(unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str = "v") -> float:
-    acp = scheduler.alphas_cumprod
+def _train_step(
+    unet, opt, scheduler, batch, gen, t_min: int = 0, loss_kind: str = "v", precision="fp32"
+) -> float:
+    """One update. The draws come from the CPU generator ``gen`` (the same on every device); the batch moves
+    to the network's device; with ``precision`` bf16 the forward runs under autocast, the loss in fp32."""
+    device = next(unet.parameters()).device
+    acp = scheduler.alphas_cumprod.to(device)
     t = torch.randint(t_min, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=gen)
     eps = torch.randn(batch.shape, generator=gen)
+    batch, t, eps = batch.to(device), t.to(device), eps.to(device)
     x_t = add_noise(batch, eps, t, acp)
-    eps_hat = eps_from_output(unet(x_t, t).sample, x_t, t, acp, scheduler.config.prediction_type)
+    with (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else nullcontext()
+    ):
+        out = unet(x_t, t).sample
+    eps_hat = eps_from_output(out.float(), x_t, t, acp, scheduler.config.prediction_type)
     weight = (
-        (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t))
+        (1.0 / acp[t]).float() if loss_kind == "v" else torch.ones(len(t), device=device)
     )  # 1/ᾱ_t: v-prediction loss
     loss = (weight * (eps_hat - eps).pow(2).flatten(1).mean(1)).mean()
     opt.zero_grad(set_to_none=True)
@@ -341,7 +371,7 @@ def train_tiny(
     unet = build_tiny_unet(cfg.seed)
     if cfg.init_from is not None:
         unet.load_state_dict(load_denoiser(cfg.init_from).network.state_dict())
-    unet.train().requires_grad_(True)
+    unet.to(resolve_device(cfg.device)).train().requires_grad_(True)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
@@ -355,7 +385,7 @@ def train_tiny(
             s_idx = torch.randint(0, len(synth), (n_synth,), generator=gen)
             f_idx = torch.randint(0, len(natural), (cfg.batch_size - n_synth,), generator=gen)
             batch = _augment(torch.cat([synth[s_idx], natural[f_idx]]), gen)
-            loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min, cfg.loss)
+            loss = _train_step(unet, opt, scheduler, batch, gen, cfg.t_min, cfg.loss, cfg.precision)
             sched.step()
             ema.step(unet.parameters())
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -374,7 +404,7 @@ def train_tiny(
                 progress(step + 1, loss)
     seconds = time.perf_counter() - start
     ema.copy_to(unet.parameters())
-    unet.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False).to("cpu")  # saved and evaluated on the CPU, as it is shipped
     save_denoiser(out_dir, unet, scheduler)
     record = _training_record(cfg)
     (out_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
