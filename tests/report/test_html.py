@@ -9,7 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from diffcircuit.report.html import _interval, _p_cell, _tidy, _with_contents
+from diffcircuit.report.cells import interval_cell, p_cell
+from diffcircuit.report.html import _tidy, _with_contents
 
 
 class _Links(HTMLParser):
@@ -64,19 +65,19 @@ def test_negative_zeros_and_singular_plurals_are_tidied_and_nothing_else(text, t
 
 
 def test_p_values_show_their_floor_and_whether_this_n_can_reject():
-    assert _p_cell(None, 0.01, True) == "–"
-    assert _p_cell(0.0123, 0.001, True) == "0.0123"
-    assert _p_cell(0.001, 0.001, True) == "≤ 0.001"  # at the floor: no smaller p was possible
-    flagged = _p_cell(0.0625, 0.0625, False)
+    assert p_cell(None, 0.01, True) == "–"
+    assert p_cell(0.0123, 0.001, True) == "0.0123"
+    assert p_cell(0.001, 0.001, True) == "≤ 0.001"  # at the floor: no smaller p was possible
+    flagged = p_cell(0.0625, 0.0625, False)
     assert flagged == (  # the flag's text escaped for HTML
         "≤ 0.062 <span class='flag'>(cannot reach p &lt; 0.05 at this n: smallest p 0.062)</span>"
     )
 
 
 def test_intervals_name_why_they_are_withheld():
-    assert _interval(None, 0, 1, None) == "–"
-    assert _interval(0.5, 0.25, 0.75, None, digits=2) == "0.50 [0.25, 0.75]"
-    assert _interval(0.5, None, None, None, digits=1) == (
+    assert interval_cell(None, 0, 1, None) == "–"
+    assert interval_cell(0.5, 0.25, 0.75, None, digits=2) == "0.50 [0.25, 0.75]"
+    assert interval_cell(0.5, None, None, None, digits=1) == (
         "0.5 <span class='flag'>(no interval: not computed)</span>"
     )
-    assert "(no interval: 3 images &lt; 5)" in _interval(0.5, 0.1, 0.9, "3 images < 5")
+    assert "(no interval: 3 images &lt; 5)" in interval_cell(0.5, 0.1, 0.9, "3 images < 5")
