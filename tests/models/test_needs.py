@@ -45,24 +45,6 @@ def _pixart(sample_size=8):
     ).eval()
 
 
-def _sd3():
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=3,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=3,
-        pos_embed_max_size=8,
-    )
-
-
 def test_an_unconditional_unet_needs_nothing(small_unet):
     assert needed_inputs(small_unet) == [] and placeholder_text(small_unet) is None
     assert added_conditions(small_unet) == {}
@@ -137,7 +119,7 @@ def test_pixart_needs_text_and_its_micro_conditions_where_it_uses_them():
     assert conditions["aspect_ratio"].tolist() == [[1.0]]
 
 
-def test_sd3_needs_text_tokens_and_a_pooled_summary_and_gets_no_placeholder():
-    net = _sd3()
+def test_sd3_needs_text_tokens_and_a_pooled_summary_and_gets_no_placeholder(tiny_sd3):
+    net = tiny_sd3
     assert needed_inputs(net) == ["encoder_hidden_states", "pooled_projections"]
     assert placeholder_text(net) is None

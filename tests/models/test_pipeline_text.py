@@ -42,32 +42,14 @@ def _sdxl_unet():
     ).eval()
 
 
-def _sd3():
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=3,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=3,
-        pos_embed_max_size=8,
-    )
-
-
-def test_pooled_models_and_the_dimensions_they_expect(text_unet):
-    sd3, sdxl = _sd3(), _sdxl_unet()
+def test_pooled_models_and_the_dimensions_they_expect(text_unet, tiny_sd3):
+    sd3, sdxl = tiny_sd3, _sdxl_unet()
     assert is_pooled(sd3) and is_pooled(sdxl) and not is_pooled(text_unet(text_dim=8))
     assert pooled_dims(sd3) == (16, 8)
     assert pooled_dims(sdxl) == (16, 8)  # the time embedding's input: 8 pooled + 6 size numbers x 4
 
 
-def test_sdxl_gets_its_pipelines_default_size_conditions_and_runs(tmp_path):
+def test_sdxl_gets_its_pipelines_default_size_conditions_and_runs(tmp_path, tiny_sd3):
     """(h, w, 0, 0, h, w): the image's own size, uncropped; the pixel side is the latent side times the VAE's
     factor (2 per level after the first), 16 x 2³ = 128 with a four-level VAE, 16 without a VAE config."""
     net = _sdxl_unet()
@@ -90,7 +72,7 @@ def test_sdxl_gets_its_pipelines_default_size_conditions_and_runs(tmp_path):
             16,
             16,
         )
-    sd3 = pooled_kwargs(_sd3(), tmp_path, embeds, pooled)
+    sd3 = pooled_kwargs(tiny_sd3, tmp_path, embeds, pooled)
     assert set(sd3) == {"encoder_hidden_states", "pooled_projections"}
     with pytest.raises(DiffcircuitError, match="expects 16 and 8"):
         pooled_kwargs(net, tmp_path, torch.randn(2, 5, 12), pooled)
