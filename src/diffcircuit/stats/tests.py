@@ -148,6 +148,35 @@ def _dz_columns(diff: np.ndarray) -> np.ndarray:
         return np.where(sd > 0, diff.mean(0) / sd, np.nan)
 
 
+def _column_results(
+    test: str,
+    observed,
+    p,
+    floor: float,
+    effect,
+    kind: str,
+    n: tuple[int, int],
+    n_null: int,
+    alternative: str,
+) -> list[TestResult]:
+    """One ``TestResult`` per column of a batched test (``observed``, ``p``, ``effect``: one value per column)."""
+    return [
+        TestResult(
+            test=test,
+            statistic=float(observed[j]),
+            p_value=float(p[j]),
+            p_floor=floor,
+            effect_size=float(effect[j]),
+            effect_size_kind=kind,
+            n_a=n[0],
+            n_b=n[1],
+            n_resamples=n_null,
+            alternative=alternative,
+        )
+        for j in range(len(observed))
+    ]
+
+
 def two_sample_tests(
     a, b, *, alternative: str = "two-sided", n_resamples: int = 9999, seed: int = 0
 ) -> list[TestResult]:
@@ -159,22 +188,11 @@ def two_sample_tests(
     null = -null  # mean(a') − mean(b')
     observed = a.mean(0) - b.mean(0)
     p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
-    floor, d = _floor(len(null), exact, alternative), _cohens_d_columns(a, b)
-    return [
-        TestResult(
-            test="permutation (independent)",
-            statistic=float(observed[j]),
-            p_value=float(p[j]),
-            p_floor=floor,
-            effect_size=float(d[j]),
-            effect_size_kind="cohens_d",
-            n_a=len(a),
-            n_b=len(b),
-            n_resamples=len(null),
-            alternative=alternative,
-        )
-        for j in range(a.shape[1])
-    ]
+    floor = _floor(len(null), exact, alternative)
+    return _column_results(
+        "permutation (independent)", observed, p, floor, _cohens_d_columns(a, b), "cohens_d",
+        (len(a), len(b)), len(null), alternative,
+    )  # fmt: skip
 
 
 def two_sample_test(
@@ -200,22 +218,11 @@ def paired_tests(
     null, exact = sign_flipped_means(diff, n_resamples, seed)
     observed = diff.mean(0)
     p = permutation_pvalue(null, null[0] if exact else observed, alternative, exact)
-    floor, dz = _floor(len(null), exact, alternative), _dz_columns(diff)
-    return [
-        TestResult(
-            test="permutation (paired sign-flip)",
-            statistic=float(observed[j]),
-            p_value=float(p[j]),
-            p_floor=floor,
-            effect_size=float(dz[j]),
-            effect_size_kind="cohens_dz",
-            n_a=len(diff),
-            n_b=len(diff),
-            n_resamples=len(null),
-            alternative=alternative,
-        )
-        for j in range(diff.shape[1])
-    ]
+    floor = _floor(len(null), exact, alternative)
+    return _column_results(
+        "permutation (paired sign-flip)", observed, p, floor, _dz_columns(diff), "cohens_dz",
+        (len(diff), len(diff)), len(null), alternative,
+    )  # fmt: skip
 
 
 def paired_test(
