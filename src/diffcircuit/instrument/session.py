@@ -62,7 +62,7 @@ class InstrumentSession:
         partner_paired: tuple[int, ...] = (),
         zero_heads: Iterable[HeadAddress] = (),
         patches: dict[HeadAddress, torch.Tensor] | None = None,
-        cache_heads: Iterable[str] = (),
+        cache_heads: Iterable[str | HeadAddress] = (),
         shifts: dict[str, torch.Tensor] | None = None,
         keep_graph: bool = False,
         scales: dict[HeadAddress, float] | None = None,
@@ -90,7 +90,12 @@ class InstrumentSession:
         self.key_features = key_features
         self.partner_features = partner_features
         self.partner_paired = tuple(partner_paired)
-        self.cache_heads = set(cache_heads)
+        # a layer name caches the layer's [batch, heads, q_pos, d]; a head address only that head's [batch, q_pos, d]
+        self.cache_heads = {name for name in cache_heads if not isinstance(name, HeadAddress)}
+        self._cached_heads: dict[str, list[HeadAddress]] = defaultdict(list)
+        for name in cache_heads:
+            if isinstance(name, HeadAddress):
+                self._cached_heads[name.layer].append(name)
         self._shifts = dict(shifts or {})
         # the keyword interventions are hooks, in this order per head: scale, then replace (zero, mean, patch);
         # the user's hooks run after them
@@ -212,12 +217,13 @@ class InstrumentSession:
         if shift is not None:  # additive: downstream still depends on what came before
             out = out + shift.to(out)
         if layer in self.cache_heads:
-            if self.keep_graph:  # kept attached, so gradients can be taken with respect to it
-                if not out.requires_grad:
-                    out.requires_grad_(True)
-                self._records["head_out"][layer].append(out)
-            else:
-                self.record(layer, "head_out", out)
+            out = self._cache(layer, out)
+        cached = self._cached_heads.get(layer, ())
+        if cached:  # one head's slice, used downstream (restacked), so a gradient can be taken with respect to it
+            slices = list(out.unbind(1))  # [batch, q_pos, d] per head
+            for address in cached:
+                slices[address.head] = self._cache(str(address), slices[address.head])
+            out = torch.stack(slices, dim=1)
         for hook in self._layer_hooks.get(layer, ()):
             new = hook(out, HookContext(address=layer, layer=layer, head=None, batch=out.shape[0]))
             if new is not None:
@@ -244,6 +250,15 @@ class InstrumentSession:
 
     def note_geometry(self, layer: str, shape: torch.Size, n_keys: int) -> None:
         self.geometry[layer] = (self.grid_of(shape), int(n_keys))
+
+    def _cache(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        if not self.keep_graph:
+            self.record(key, "head_out", value)
+            return value
+        if not value.requires_grad:  # kept attached, so gradients can be taken with respect to it
+            value = value.detach().requires_grad_(True)
+        self._records["head_out"][key].append(value)
+        return value
 
     # --- read by the caller ------------------------------------------------------------------
     def pop(self, stat: str = "entropy_nats") -> dict[str, torch.Tensor]:
@@ -305,7 +320,7 @@ def instrument(
     partner_paired: tuple[int, ...] = (),
     zero_heads: Iterable[str | HeadAddress] = (),
     patches: dict[str | HeadAddress, torch.Tensor] | None = None,
-    cache_heads: Iterable[str] = (),
+    cache_heads: Iterable[str | HeadAddress] = (),
     shifts: dict[str, torch.Tensor] | None = None,
     keep_graph: bool = False,
     scales: dict[str | HeadAddress, float] | None = None,
@@ -322,9 +337,9 @@ def instrument(
     ``"partner_moments"`` ``[batch, heads, n, channels+1, channels+1]``, the query-weighted moments filled for the
     channel indices in ``partner_paired`` only; see ``capture.partner_moments``; the role null). ``zero_heads`` zero-ablates
     heads; ``patches`` maps heads to replacement values for their output slice (before ``to_out``);
-    ``cache_heads`` names layers (or heads, by address: their layer) whose per-head outputs are recorded as
-    ``"head_out"`` ``{layer: [batch, heads, q_pos, head_dim]}`` (attached to
-    the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
+    ``cache_heads`` names layers whose per-head outputs are recorded as ``"head_out"`` ``{layer: [batch, heads,
+    q_pos, head_dim]}``, or heads (``layer:head``) recorded alone as ``{address: [batch, q_pos, head_dim]}``
+    (attached to the autograd graph with ``keep_graph``); ``shifts`` adds a tensor ``[batch, heads, q_pos, d]`` to
     a layer's per-head output; ``scales`` multiplies heads' output slices by a factor (after shifts
     and caching, before patches); ``token_scales`` maps a head to ``{key index: w}``: its attention to
     that key (a prompt token, in cross-attention) is multiplied by w and renormalised (0 ablates it).
@@ -345,7 +360,7 @@ def instrument(
         zero_heads=[registry.parse(a) for a in zero_heads],
         patches={registry.parse(a): v for a, v in (patches or {}).items()},
         cache_heads=[
-            (registry.parse(name) if ":" in str(name) else registry.layer(name)).layer
+            registry.parse(name) if ":" in str(name) else registry.layer(str(name)).layer
             for name in cache_heads
         ],
         shifts={registry.layer(name).layer: v for name, v in (shifts or {}).items()},
