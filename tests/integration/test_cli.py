@@ -222,7 +222,7 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
     )
     critical = pd.read_parquet(out / "tables" / "critical.parquet")
     assert critical.empty and summary["ablation"]["n_tested"] == {}
-    from diffcircuit.protocol.analyses import critical_table
+    from diffcircuit.protocol.critical import critical_table
 
     critical = critical_table(ablations, seed=7)  # every timestep, as if informative
     assert (

@@ -9,8 +9,9 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from diffcircuit.protocol.analyses import critical_table, denoising_tests, informative_timesteps
+from diffcircuit.protocol.analyses import denoising_tests, informative_timesteps
 from diffcircuit.protocol.analyses import tests_table as build_tests_table
+from diffcircuit.protocol.critical import critical_table
 
 N_IMAGES, N_HEADS, R = 6, 10, 50  # R >= 20·(2 layers): a lone layer at the floor reaches q < 0.05
 
