@@ -115,6 +115,7 @@ def main() -> None:
         f"stack_rows: {args.stack_rows}  lookahead: {args.lookahead}"
     )
     for c in circuits:
+        c = c.to_dict() if hasattr(c, "to_dict") else c  # a CircuitRecord (older versions: a dict)
         print(
             json.dumps(
                 {

@@ -1,4 +1,4 @@
-"""What the command line prints (cli.py's own rendering); its options are in test_cli_options.py and the
+"""What the command line prints (cli_render.py's rendering); its options are in test_cli_options.py and the
 commands end to end in integration/test_cli.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
     from rich.console import Console
 
     from diffcircuit import Summary
-    from diffcircuit.cli import _headline
+    from diffcircuit.cli_render import headline_table
 
     row = {"mean": 0.123456}
     summary = Summary(
@@ -29,6 +29,6 @@ def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
         timesteps=[500],
     )
     console = Console(width=60, record=True)
-    console.print(_headline(summary))
+    console.print(headline_table(summary))
     text = console.export_text()
     assert "…" not in text and "0.1235" in text and "keys" in text

@@ -14,21 +14,23 @@ import typer
 
 import diffcircuit
 import diffcircuit.cli as cli
+import diffcircuit.cli_options as cli_options
 import diffcircuit.commands.ablate
 import diffcircuit.commands.cache
 import diffcircuit.commands.discover
 import diffcircuit.commands.generate
 import diffcircuit.commands.guidance
 import diffcircuit.models.tiny
+from diffcircuit import ModelSpec, RunConfig
 from diffcircuit.commands.ablate import ABLATE_HELP, AblateConfig
 from diffcircuit.commands.cache import CACHE_HELP, CacheConfig
 from diffcircuit.commands.calibrate import CALIBRATE_HELP, CalibrateConfig
 from diffcircuit.commands.discover import DISCOVER_HELP, DiscoverConfig
 from diffcircuit.commands.generate import GENERATE_HELP, GenerateConfig
 from diffcircuit.errors import ConfigError
-from diffcircuit.models.spec import MODEL_HELP, ModelSpec, config_from_mapping
+from diffcircuit.models.spec import MODEL_HELP, config_from_mapping
 from diffcircuit.models.tiny import TRAIN_HELP, TrainConfig
-from diffcircuit.protocol.config import FIELD_HELP, RunConfig
+from diffcircuit.protocol.config import FIELD_HELP
 
 GUIDANCE_SKIP = tuple(f.name for f in fields(RunConfig) if f.name not in cli.GUIDANCE_FIELDS)
 
@@ -117,7 +119,7 @@ def _config(command: str, args: list[str], tmp_path):
 
 
 def _flag(field: str) -> str:
-    flag = cli.FLAGS.get(field, "--" + field.replace("_", "-"))
+    flag = cli_options.FLAGS.get(field, "--" + field.replace("_", "-"))
     return flag if isinstance(flag, str) else flag[0]
 
 
@@ -132,7 +134,10 @@ def test_every_field_is_an_option_with_its_help_line_and_default(command):
         assert _flag(f.name) in param.opts, (command, f.name, param.opts)
         assert param.help.startswith(help_lines[f.name]), (command, f.name)
         if not param.required:
-            assert param.help.endswith(f"[{cli._default_text(f.default)}]"), (command, f.name)
+            assert param.help.endswith(f"[{cli_options._default_text(f.default)}]"), (
+                command,
+                f.name,
+            )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -258,7 +263,7 @@ def test_config_parameters_make_one_keyword_option_per_field():
     out = inspect.Parameter(
         "out", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Option("--out")]
     )
-    params = cli.config_parameters(
+    params = cli_options.config_parameters(
         Toy,
         TOY_HELP,
         flags={"names": "--target", "rate": ("--rate", "--share")},

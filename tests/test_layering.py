@@ -24,6 +24,8 @@ RANK = {
     "report": 9,
     "commands": 9,
     "cli": 10,
+    "cli_options": 10,
+    "cli_render": 10,
     "__init__": 10,
 }
 LEAF_ALLOWED = {"data": {"errors"}, "stats": {"errors"}}

@@ -7,28 +7,18 @@ stderr and exit non-zero; tracebacks are for bugs.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
-import types
-import typing
-from collections.abc import Collection, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from diffcircuit.cli_options import FLAGS, config_command, given
+from diffcircuit.cli_render import Bars, circuit_table, claim_lines, headline_table
 from diffcircuit.commands.ablate import ABLATE_HELP, AblateConfig
 from diffcircuit.commands.cache import CACHE_HELP, CacheConfig
 from diffcircuit.commands.calibrate import CALIBRATE_HELP, CalibrateConfig
@@ -76,8 +66,6 @@ def _main_options(
     """Circuit-level mechanistic interpretability of diffusion models."""
 
 
-console = Console(stderr=True)
-
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", help="No progress bars; print only the results.")
 ]
@@ -99,182 +87,7 @@ def _threads(threads: int) -> None:
     set_threads(threads)
 
 
-class _Bars:
-    """Rich progress bars that appear with the first update (after inputs are validated), one per stage."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.progress, self.tasks = quiet, None, {}
-
-    def __enter__(self) -> _Bars:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(
-        self,
-        stage: str,
-        *,
-        completed: int | None = None,
-        total: int | None = None,
-        advance: int | None = None,
-        description: str | None = None,
-    ) -> None:
-        if self.quiet:
-            return
-        if self.progress is None:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            self.progress.start()
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(description or stage, total=total)
-        self.progress.update(
-            self.tasks[stage],
-            completed=completed,
-            total=total,
-            advance=advance,
-            description=description,
-        )
-
-
-# Each command with a config dataclass takes one flag per field, made from the field's type, default and line of
-# help (the *_HELP mapping beside the dataclass), so that the command line, the config and its docs cannot drift.
-# FLAGS: the fields whose flag is not --field-name (a tuple: the flag, then other spellings it also accepts); the
-# library names fields, only the command line names flags (an error's fields are shown as the first spelling)
-FLAGS: dict[str, str | tuple[str, ...]] = {
-    "names": "--target",
-    "levels": "--level",
-    "layers": "--layer",
-    "metric": "--circuit-metric",
-    "windows": "--window",
-    "ray_address": "--address",
-    "timestep": ("--timesteps", "--timestep"),
-    "natural_share": ("--natural-share", "--faces-share"),
-}
-
-
-def _default_text(value) -> str:
-    if value is None or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _field_default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return None if f.default_factory is dataclasses.MISSING else f.default_factory()
-
-
-def _field_option(
-    name: str,
-    hint,
-    default,
-    help_text: str,
-    *,
-    flag: str | tuple[str, ...],
-    repeatable: bool = False,
-    required: bool = False,
-) -> inspect.Parameter:
-    """A keyword parameter whose typer option sets config field ``name``: None when not given on the command line,
-    so that the config's default (or a config file's value) holds. Tuples are comma-separated text, or with
-    ``repeatable`` one flag per item."""
-    inner = (
-        [h for h in typing.get_args(hint) if h is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType)
-        else [hint]
-    )
-    kind = inner[0] if inner[0] in (bool, int, float, str) else str
-    names = (flag,) if isinstance(flag, str) else flag
-    decls = (f"{names[0]}/--no-{names[0][2:]}", *names[1:]) if kind is bool else names
-    if required:
-        option = typer.Option(*decls, help=help_text)
-        annotation: object = Annotated[list[str] if repeatable else kind, option]
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
-    option = typer.Option(*decls, help=f"{help_text} [{_default_text(default)}]")
-    annotation = Annotated[(list[str] if repeatable else kind) | None, option]
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
-    )
-
-
-def config_parameters(
-    cls: type,
-    help: Mapping[str, str],
-    *,
-    flags: Mapping[str, str | tuple[str, ...]] = FLAGS,
-    skip: Collection[str] = (),
-    repeatable: Collection[str] = (),
-    required: Collection[str] = (),
-    extra_before: Sequence[inspect.Parameter] = (),
-    extra_after: Sequence[inspect.Parameter] = (),
-) -> list[inspect.Parameter]:
-    """One keyword-only typer option per field of the config dataclass ``cls`` (but ``skip``): its flag
-    (``flags[field]``, else ``--field-name``), its type from the field's hint, and its help: the field's line of
-    ``help`` and its default. ``extra_before`` and ``extra_after``: the command's own options around them."""
-    hints = typing.get_type_hints(cls)
-    return [
-        *extra_before,
-        *(
-            _field_option(
-                f.name,
-                hints[f.name],
-                _field_default(f),
-                help[f.name],
-                flag=flags.get(f.name, "--" + f.name.replace("_", "-")),
-                repeatable=f.name in repeatable,
-                required=f.name in required,
-            )
-            for f in dataclasses.fields(cls)
-            if f.name not in skip
-        ),
-        *extra_after,
-    ]
-
-
-def _config_command(
-    name: str, cls: type, help: Mapping[str, str], *, after=("quiet", "threads"), **options
-):
-    """Register the decorated function as command ``name``: its own keyword parameters (``--out``, ...; those named
-    in ``after`` last) and one option per field of ``cls`` (``config_parameters``), which arrive in its
-    ``**flags``, None for each one not given."""
-
-    def register(fn):
-        hints = typing.get_type_hints(fn, include_extras=True)
-        own = [
-            p.replace(annotation=hints[p.name])
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        params = config_parameters(
-            cls,
-            help,
-            extra_before=[p for p in own if p.name not in after],
-            extra_after=[p for p in own if p.name in after],
-            **options,
-        )
-        fn.__signature__ = inspect.Signature(params)
-        fn.__annotations__ = {p.name: p.annotation for p in params}
-        return app.command(name)(fn)
-
-    return register
-
-
-def _given(flags: Mapping[str, object]) -> dict[str, object]:
-    """The flags given on the command line (not None), as field -> value for ``config_from_mapping``."""
-    return {k: v for k, v in flags.items() if v is not None}
-
-
-@_config_command("info", ModelSpec, MODEL_HELP)
+@config_command(app, "info", ModelSpec, MODEL_HELP)
 def info(
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -287,7 +100,7 @@ def info(
     from diffcircuit.instrument.registry import HeadRegistry
     from diffcircuit.instrument.session import probe_registry
 
-    spec = ModelSpec.from_mapping(_given(flags), source=None)
+    spec = ModelSpec.from_mapping(given(flags), source=None)
     den, text_unknown = _info_model(spec)
     note = None
     try:
@@ -360,90 +173,7 @@ def _info_model(spec):
         return replace(den, conditioning=placeholder), True
 
 
-def _headline(summary) -> Table:
-    """The console's headline table from a ``Summary``."""
-    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"]["mean"] for e in summary.entropy}
-    table = Table(title="diffcircuit: denoising and attention entropy (means over images)")
-    for col in (
-        "dataset",
-        "t",
-        "ε-MSE",
-        "ε-MSE trivial",
-        "x₀-MSE",
-        "x₀-MSE trivial",
-        "entropy / ln keys",
-    ):
-        table.add_column(col, justify="right", overflow="fold")  # narrow terminals: wrap, never cut
-    for d in summary.denoising:
-        spec = summary.datasets[d["dataset"]]["spec"]
-        table.add_row(
-            spec,
-            str(d["timestep"]),
-            f"{d['eps_mse']['mean']:.4g}",
-            f"{d['eps_mse_trivial']['mean']:.4g}",
-            f"{d['x0_mse']['mean']:.4g}",
-            f"{d['x0_mse_trivial']['mean']:.4g}",
-            f"{entropy[(d['dataset'], d['timestep'])]:.3f}",
-        )
-    return table
-
-
-def _interval_text(est, low, high, withheld, p, floor, can_reject) -> str:
-    ci = f"no interval ({withheld})" if low is None else f"[{low:.4g}, {high:.4g}]"
-    flag = "" if can_reject else f", cannot reach p < 0.05 at this n (smallest p {floor:.2g})"
-    return f"{est:.4g} {ci}, p = {p:.3g}{flag}"
-
-
-def _claim_lines(summary) -> list[str]:
-    """The headline divergence and complexity per timestep of a ``Summary``, each with its interval and flags."""
-    excluded = set((summary.paper_comparison or {}).get("excluded_timesteps", []))
-
-    def flag(t) -> str:
-        return " [uninformative timestep: not a headline claim]" if int(t) in excluded else ""
-
-    lines = [
-        f"entropy b − a (mean over heads, nats), t = {d['timestep']}: "
-        + _interval_text(
-            d["entropy_diff_nats"],
-            d["ci_low_nats"],
-            d["ci_high_nats"],
-            d["ci_withheld"],
-            d["p_value"],
-            d["p_floor"],
-            d["can_reject"],
-        )
-        + f"; {d['n_heads_differ']}/{d['n_heads']} heads differ"
-        + flag(d["timestep"])
-        for d in summary.entropy_divergence
-    ]
-    ratio = summary.complexity_ratio
-    for r in (ratio or {}).get("per_timestep", []):
-        mde = "unknown" if r["mde_ratio"] is None else f"{r['mde_ratio']:.3g}"
-        lines.append(
-            f"complexity {ratio['measure']}{' (stand-in)' if ratio['stand_in_for'] else ''}, t = {r['timestep']}: "
-            + _interval_text(
-                r["value"],
-                r["ci_low"],
-                r["ci_high"],
-                r["ci_withheld"],
-                r["p_value"],
-                r["p_floor"],
-                r["can_reject"],
-            )
-            + f"; smallest detectable ratio {mde}"
-            + (
-                " (not the paper's measure)"
-                if ratio["stand_in_for"]
-                else f" (underpowered vs the paper's {ratio['paper_ratio']})"
-                if r["underpowered"]
-                else ""
-            )
-            + flag(r["timestep"])
-        )
-    return lines
-
-
-@_config_command("run", RunConfig, FIELD_HELP)
+@config_command(app, "run", RunConfig, FIELD_HELP)
 def run(
     *,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
@@ -463,7 +193,7 @@ def run(
         values, source=str(config or "config")
     )  # validates the file alone first (its errors name the file and key)
     cfg = RunConfig.from_mapping(
-        values | _given(flags), source=None
+        values | given(flags), source=None
     )  # so an ill-typed value here is a flag's: its error names the flag
     names = {
         "overall": "overall (ETA from estimated work)",
@@ -473,7 +203,7 @@ def run(
         "attribute": "attribution",
         "discover": "circuit discovery",
     }
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         summary = diffcircuit.run(
             out,
             cfg,
@@ -482,7 +212,7 @@ def run(
             ),
         ).summary
     if not quiet:
-        Console().print(_headline(summary))
+        Console().print(headline_table(summary))
         if summary.ablation:
             for level, by_method in summary.ablation["degradation_range_pct"].items():
                 text = ", ".join(f"{m} {lo:.1f}% to {hi:.1f}%" for m, (lo, hi) in by_method.items())
@@ -492,7 +222,7 @@ def run(
             Console().print(
                 f"uninformative (the model does not beat the trivial predictor; left out of the headline): {pairs}"
             )
-        for line in _claim_lines(summary):
+        for line in claim_lines(summary):
             Console().print(line, highlight=False)
         Console().print(f"wrote {out}/summary.json, {out}/report.html and tables/")
 
@@ -520,7 +250,7 @@ def init_config(
         Console().print(f"wrote {path}")
 
 
-@_config_command("ablate", AblateConfig, ABLATE_HELP, repeatable=("names", "levels"))
+@config_command(app, "ablate", AblateConfig, ABLATE_HELP, repeatable=("names", "levels"))
 def ablate(
     *,
     out: Annotated[Path, typer.Option("--out", help="Directory for tables/ablations.parquet.")],
@@ -532,8 +262,8 @@ def ablate(
     _threads(threads)
     from diffcircuit.commands.ablate import run_ablations
 
-    cfg = AblateConfig.from_mapping(_given(flags), source=None)
-    with _Bars(quiet) as bars:
+    cfg = AblateConfig.from_mapping(given(flags), source=None)
+    with Bars(quiet) as bars:
         table = run_ablations(
             cfg,
             out,
@@ -556,7 +286,7 @@ def ablate(
         Console().print(result)
 
 
-@_config_command("discover", DiscoverConfig, DISCOVER_HELP, repeatable=("windows",))
+@config_command(app, "discover", DiscoverConfig, DISCOVER_HELP, repeatable=("windows",))
 def discover(
     *,
     out: Annotated[
@@ -571,13 +301,13 @@ def discover(
     from diffcircuit.commands.discover import run_discovery
     from diffcircuit.report.figures import circuit_curves_plot, circuit_map, save_figure
 
-    values = _given(flags)
+    values = given(flags)
     if str(values.get("data_b", "")).lower() == "none":  # one distribution only
         values["data_b"] = None
     if "probes" not in values and values.get("ig_steps"):  # integrated gradients replace the probes
         values["probes"] = 0
     cfg = DiscoverConfig.from_mapping(values, source=None)
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         result = run_discovery(
             cfg,
             out,
@@ -585,88 +315,21 @@ def discover(
                 stage, completed=done, total=total, description=stage
             ),
         )
-    labelled = [c | {"label": result.labels[c["dataset"]]} for c in result.circuits]
-    save_figure(out / "figures" / "circuits.png", circuit_map(labelled, result.roles))
+    save_figure(
+        out / "figures" / "circuits.png", circuit_map(result.circuits, result.roles, result.labels)
+    )
     save_figure(
         out / "figures" / "circuit_curves.png", circuit_curves_plot(result.curves, result.labels)
     )
     if not quiet:
-        Console().print(_circuit_table(labelled))
-        for c in labelled:
-            if not c["claimed"]:
-                Console().print(f"{c['label']}, t = {c['window']}: {c['claim']}")
+        Console().print(circuit_table(result.circuits, result.labels))
+        for c in result.circuits:
+            if not c.claimed:
+                Console().print(f"{result.labels[c.dataset]}, t = {c.window}: {c.claim}")
         Console().print(f"wrote {out}/discover.json, circuits/, tables/ and figures/")
 
 
-def _interval(span, ci) -> str:
-    """``[lo, hi]`` for a 95 % interval, ``range lo–hi`` for the bare range of too few replicates."""
-    if ci:
-        return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
-    return "–" if not span else f"range {span[0]:.3g}–{span[1]:.3g}"
-
-
-def _circuit_table(circuits: list[dict]) -> Table:
-    c0 = circuits[0]
-    table = Table(
-        title=f"circuits (τ = {c0['tau']} of the gap, {c0['method']} ablation, {c0['metric']} loss)"
-    )
-    for col in (
-        "dataset",
-        "t",
-        "gap [95% CI], p",
-        "heads",
-        "size range/CI (R)",
-        "faithfulness",
-        "recovered w/o circuit",
-        "necessary",
-        "Jaccard",
-    ):
-        table.add_column(col)
-    for c in circuits:
-        g, o = c["gap"], c.get("overlap_with_other") or {}
-        full = (
-            c["loss_full"] / 100 if g["relative"] is not None else 1.0
-        )  # the gap in % of L_full where L_full > 0
-        unit = "%" if g["relative"] is not None else ""
-        ci = (
-            ""
-            if g["ci_low"] is None
-            else f" [{g['ci_low'] / full:+.3g}, {g['ci_high'] / full:+.3g}]"
-        )  # no interval from fewer than MIN_UNITS_FOR_CI images
-        gap = f"{g['mean'] / full:+.3g}{unit}{ci}, p {g['p_value']:.3g}"
-        if not c["claimed"]:
-            table.add_row(c["label"], c["window"], gap, "no circuit", "–", "–", "–", "–", "–")
-            continue
-        jac = (
-            "–"
-            if o.get("jaccard") is None
-            else (
-                f"{o['jaccard']:.2f} "
-                + _interval(
-                    [o["range_low"], o["range_high"]] if o["range_low"] is not None else None,
-                    [o["ci_low"], o["ci_high"]] if o["ci_low"] is not None else None,
-                )
-            )
-        )
-        table.add_row(
-            c["label"],
-            c["window"],
-            gap,
-            str(c["size"]),
-            f"{_interval(c['size_range'], c['size_ci'])} ({c['resamples']})",
-            _num(c["faithfulness"]),
-            _num(c["recovered_without_circuit"]),
-            f"{c['n_necessary']}/{c['size']}",
-            jac,
-        )
-    return table
-
-
-def _num(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
-@_config_command("generate", GenerateConfig, GENERATE_HELP, required=("ablate",))
+@config_command(app, "generate", GenerateConfig, GENERATE_HELP, required=("ablate",))
 def generate(
     *,
     out: Annotated[
@@ -681,8 +344,8 @@ def generate(
     _threads(threads)
     from diffcircuit.commands.generate import run_generate
 
-    cfg = GenerateConfig.from_mapping(_given(flags), source=None)
-    with _Bars(quiet) as bars:
+    cfg = GenerateConfig.from_mapping(given(flags), source=None)
+    with Bars(quiet) as bars:
         result = run_generate(
             cfg,
             out,
@@ -696,16 +359,16 @@ def generate(
     )
 
 
-@_config_command("calibrate", CalibrateConfig, CALIBRATE_HELP)
+@config_command(app, "calibrate", CalibrateConfig, CALIBRATE_HELP)
 def calibrate(*, threads: ThreadsOpt = 0, quiet: QuietOpt = False, **flags) -> None:
     """Split one distribution in random halves many times; for every complexity measure (the primary first), print
     the false-positive rate and CI coverage with their uncertainty over splits, and a verdict against the nominal rates."""
     _threads(threads)
     from diffcircuit.commands.calibrate import calibrate as run_calibration
 
-    cfg = CalibrateConfig.from_mapping(_given(flags), source=None)
+    cfg = CalibrateConfig.from_mapping(given(flags), source=None)
     total = cfg.n * (2 if cfg.ablation else 1)  # observed, then ablated
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         res = run_calibration(
             cfg.model_spec,
             **cfg.settings(),
@@ -735,7 +398,8 @@ def calibrate(*, threads: ThreadsOpt = 0, quiet: QuietOpt = False, **flags) -> N
 GUIDANCE_FIELDS = ("model", "device", "precision")
 
 
-@_config_command(
+@config_command(
+    app,
     "guidance",
     RunConfig,
     FIELD_HELP,
@@ -766,9 +430,9 @@ def guidance(
 
     values = load_config_file(config) if config is not None else {}
     cfg = RunConfig.from_mapping(
-        values | _given(flags) | {"prompt": prompt or None}, source=str(config or "options")
+        values | given(flags) | {"prompt": prompt or None}, source=str(config or "options")
     )
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         table = run_guidance(
             cfg,
             out,
@@ -796,7 +460,7 @@ def guidance(
     Console().print(f"wrote {out}/conditional, {out}/unconditional and {out}/guidance.parquet")
 
 
-@_config_command("cache", CacheConfig, CACHE_HELP, repeatable=("layers",))
+@config_command(app, "cache", CacheConfig, CACHE_HELP, repeatable=("layers",))
 def cache(
     *,
     out: Annotated[
@@ -813,9 +477,9 @@ def cache(
     _threads(threads)
     from diffcircuit.commands.cache import run_cache
 
-    cfg = CacheConfig.from_mapping(_given(flags), source=None)
+    cfg = CacheConfig.from_mapping(given(flags), source=None)
     steps = cfg.timesteps
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         result = run_cache(
             cfg,
             out,
@@ -852,7 +516,7 @@ def report(
 TRAIN_SKIP = ("warmup_steps", "ema_decay", "log_every", "quality_images", "snapshot_every")
 
 
-@_config_command("train-tiny", TrainConfig, TRAIN_HELP, skip=TRAIN_SKIP)
+@config_command(app, "train-tiny", TrainConfig, TRAIN_HELP, skip=TRAIN_SKIP)
 def train_tiny(
     *,
     out: Annotated[Path, typer.Option("--out", help="Folder for the trained diffusers pipeline.")],
@@ -864,12 +528,12 @@ def train_tiny(
     _threads(threads)
     from diffcircuit.models.tiny import train_tiny as train
 
-    values = _given(flags)
+    values = given(flags)
     steps = values.get("steps", TrainConfig.steps)
     cfg = config_from_mapping(
         TrainConfig, values | {"warmup_steps": min(200, max(1, steps // 10))}, source=None
     )
-    with _Bars(quiet) as bars:
+    with Bars(quiet) as bars:
         train(
             out,
             cfg,

@@ -170,15 +170,11 @@ def test_no_circuit_is_claimed_where_ablating_every_head_does_not_hurt(embedded)
     )
     assert len(circuits) == 2 and len(curves) == 0
     for c in circuits:
-        assert not c["claimed"] and c["claim"].startswith(NO_CIRCUIT)
-        assert (
-            c["heads"] is None
-            and c["faithfulness"] is None
-            and c["recovered_without_circuit"] is None
-        )
-        assert c["gap"]["mean"] == 0 and c["gap"]["p_value"] == 1.0
-        assert c["overlap_with_other"]["jaccard"] is None and "skipped" in c["complexity"]
-        assert c["loss_full"] == c["loss_empty"]
+        assert not c.claimed and c.claim.startswith(NO_CIRCUIT)
+        assert c.heads is None and c.faithfulness is None and c.recovered_without_circuit is None
+        assert c.gap["mean"] == 0 and c.gap["p_value"] == 1.0
+        assert c.overlap_with_other["jaccard"] is None and "skipped" in c.complexity
+        assert c.loss_full == c.loss_empty
     assert not table.claimed.any() and not table.in_circuit.any()
 
 
@@ -194,10 +190,8 @@ def test_too_few_images_to_reach_significance_are_named_in_the_claim(embedded):
         test_windows=[(300,), (900,)],
     )
     (c,) = circuits  # discovered at 300 only, corrected with 900's gap test too
-    assert c["gap"]["mean"] > 0 and c["gap"]["p_floor"] == 1 / 8  # 3 images: 8 sign patterns
+    assert c.gap["mean"] > 0 and c.gap["p_floor"] == 1 / 8  # 3 images: 8 sign patterns
     assert (
-        c["gap"]["family_size"] == 2
-        and c["gap"]["q_floor"] == 2 / 8
-        and c["gap"]["correction"] == "fdr_bh"
+        c.gap["family_size"] == 2 and c.gap["q_floor"] == 2 / 8 and c.gap["correction"] == "fdr_bh"
     )
-    assert not c["claimed"] and "cannot go below 0.05" in c["claim"] and c["heads"] is None
+    assert not c.claimed and "cannot go below 0.05" in c.claim and c.heads is None

@@ -95,8 +95,8 @@ def test_lockstep_discovery_finds_the_circuits_of_one_search_at_a_time(
             for t, row in per_image.iterrows()
         }
         boot.append(_galloping(plain, scores_b, PRIMARY_TAU, draw))
-    assert c["boot_sizes"] == [len(b) for b in boot]
-    assert c["selection_frequency"] == {
+    assert c.boot_sizes == [len(b) for b in boot]
+    assert c.selection_frequency == {
         str(a): f for a in registry if (f := np.mean([a in b for b in boot])) > 0
     }
     assert cost.forward_calls < plain.forwards / 3  # the plain searches ran one set per forward

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffcircuit import load_denoiser, load_images, probe_registry
+from diffcircuit import CircuitRecord, load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss
 from diffcircuit.interventions.ablation import Target, targets
 from diffcircuit.interventions.sweep import ablation_sweep
@@ -82,71 +82,69 @@ def found():
 def test_a_claimed_circuit_records_its_gap_losses_and_necessary_heads(found):
     den, images, registry, table, circuits, _ = found
     for c in circuits:
-        assert c["claimed"] and c["claim"].startswith(f"circuit: {c['size']} heads")
-        assert c["gap"]["significant"] and c["gap"]["p_value"] < 0.05 and c["gap"]["n_images"] == 5
-        assert c["gap"]["ci_low"] <= c["gap"]["mean"] <= c["gap"]["ci_high"]
-        assert c["gap"]["mean"] == pytest.approx(c["loss_empty"] - c["loss_full"])
+        assert c.claimed and c.claim.startswith(f"circuit: {c.size} heads")
+        assert c.gap["significant"] and c.gap["p_value"] < 0.05 and c.gap["n_images"] == 5
+        assert c.gap["ci_low"] <= c.gap["mean"] <= c.gap["ci_high"]
+        assert c.gap["mean"] == pytest.approx(c.loss_empty - c.loss_full)
         # the losses re-measured by the sweep: everything outside the circuit ablated
-        outside = tuple(h for h in registry if str(h) not in c["heads"])
+        outside = tuple(h for h in registry if str(h) not in c.heads)
         rows = ablation_sweep(
             den,
-            images[c["dataset"]],
+            images[c.dataset],
             targets=[Target(level="random", name="out", heads=outside)],
             methods=["mean"],
             timesteps=[T],
-            dataset=c["dataset"],
+            dataset=c.dataset,
             registry=registry,
         )
-        assert c["loss_circuit"] == pytest.approx(rows.mse_intervened.mean(), rel=1e-5)
-        assert c["loss_circuit"] - c["loss_full"] <= PRIMARY_TAU * (
-            c["loss_empty"] - c["loss_full"]
-        ) * (1 + 1e-9)
-        assert c["faithfulness"] == pytest.approx(
-            (c["loss_empty"] - c["loss_circuit"]) / (c["loss_empty"] - c["loss_full"])
+        assert c.loss_circuit == pytest.approx(rows.mse_intervened.mean(), rel=1e-5)
+        assert c.loss_circuit - c.loss_full <= PRIMARY_TAU * (c.loss_empty - c.loss_full) * (
+            1 + 1e-9
         )
-        assert c["n_necessary"] == len(c["necessary"]) and set(c["necessary"]) <= set(c["heads"])
-        primary = table[(table.dataset == c["dataset"]) & (table.tau == PRIMARY_TAU)]
-        assert sorted(primary[primary.in_circuit]["head"]) == sorted(c["heads"])
+        assert c.faithfulness == pytest.approx(
+            (c.loss_empty - c.loss_circuit) / (c.loss_empty - c.loss_full)
+        )
+        assert c.n_necessary == len(c.necessary) and set(c.necessary) <= set(c.heads)
+        primary = table[(table.dataset == c.dataset) & (table.tau == PRIMARY_TAU)]
+        assert sorted(primary[primary.in_circuit]["head"]) == sorted(c.heads)
 
 
 def test_necessity_is_what_ablating_one_more_head_does(found):
     den, images, registry, _, circuits, _ = found
     c = circuits[0]
-    loss = CircuitLoss(
-        den, images[c["dataset"]], timesteps=[T], dataset=c["dataset"], registry=registry
-    )
-    outside = [h for h in registry if str(h) not in c["heads"]]
-    budget = PRIMARY_TAU * (c["loss_empty"] - c["loss_full"])
+    loss = CircuitLoss(den, images[c.dataset], timesteps=[T], dataset=c.dataset, registry=registry)
+    outside = [h for h in registry if str(h) not in c.heads]
+    budget = PRIMARY_TAU * (c.loss_empty - c.loss_full)
     by_hand = sorted(
-        h for h in c["heads"] if loss([*outside, registry.parse(h)]) - c["loss_full"] > budget
+        h for h in c.heads if loss([*outside, registry.parse(h)]) - c.loss_full > budget
     )
-    assert c["necessary"] == by_hand
+    assert c.necessary == by_hand
 
 
 def test_sizes_and_overlap_from_two_resamples_are_ranges_labelled_as_such(found):
     for c in found[4]:
-        assert c["resamples"] == 2 and c["size_ci"] is None
+        assert c.resamples == 2 and c.size_ci is None
         assert (
-            c["size_range"] == [min(c["boot_sizes"]), max(c["boot_sizes"])]
-            and "not a 95 %" in c["size_interval"]
+            c.size_range == [min(c.boot_sizes), max(c.boot_sizes)]
+            and "not a 95 %" in c.size_interval
         )
-        o = c["overlap_with_other"]
+        o = c.overlap_with_other
         assert o["ci_low"] is None and o["ci_high"] is None and o["resamples"] == 2
 
 
 def test_circuit_complexity_is_the_size_ratio_at_matched_faithfulness(found):
     _, _, _, _, circuits, curves = found
-    a, b = (next(c for c in circuits if c["dataset"] == k) for k in "ab")
-    k = a["complexity"]
-    assert (k["size_a"], k["size_b"]) == (len(a["heads"]), len(b["heads"]))
-    assert k["ratio_b_over_a"] == pytest.approx(len(b["heads"]) / len(a["heads"]))
+    a, b = (next(c for c in circuits if c.dataset == k) for k in "ab")
+    k = a.complexity
+    assert (k["size_a"], k["size_b"]) == (len(a.heads), len(b.heads))
+    assert k["ratio_b_over_a"] == pytest.approx(len(b.heads) / len(a.heads))
     assert k["ratio_range"] == [
-        min(y / x for x, y in zip(a["boot_sizes"], b["boot_sizes"])),
-        max(y / x for x, y in zip(a["boot_sizes"], b["boot_sizes"])),
+        min(y / x for x, y in zip(a.boot_sizes, b.boot_sizes)),
+        max(y / x for x, y in zip(a.boot_sizes, b.boot_sizes)),
     ]
     for c in (a, b):  # the top-k size: the smallest traced size whose faithfulness reaches 1 − τ
-        curve = curves[curves.dataset == c["dataset"]]
-        assert c["topk_size"] == curve[curve.faithfulness >= 1 - PRIMARY_TAU]["size"].min()
+        curve = curves[curves.dataset == c.dataset]
+        assert c.topk_size == curve[curve.faithfulness >= 1 - PRIMARY_TAU]["size"].min()
     table = circuit_complexity(circuits)
     assert len(table) == 1 and table.ratio_b_over_a.iloc[0] == pytest.approx(k["ratio_b_over_a"])
     assert (
@@ -178,8 +176,8 @@ def test_the_output_metric_measures_from_the_full_models_output(found):
         metric="output",
         taus=(PRIMARY_TAU,),
     )
-    assert c["metric"] == "output" and c["loss_full"] == 0 and c["gap"]["relative"] is None
-    assert c["claimed"] and c["loss_circuit"] <= PRIMARY_TAU * c["loss_empty"] * (1 + 1e-9)
+    assert c.metric == "output" and c.loss_full == 0 and c.gap["relative"] is None
+    assert c.claimed and c.loss_circuit <= PRIMARY_TAU * c.loss_empty * (1 + 1e-9)
 
 
 def test_the_circuit_metric_and_gap_shares_are_validated_config_fields():
@@ -200,9 +198,26 @@ def test_the_circuit_metric_and_gap_shares_are_validated_config_fields():
 
 
 def test_a_resample_with_an_empty_circuit_on_either_side_gives_no_ratio():
-    a = {"claimed": True, "size": 3, "boot_sizes": [3, 0, 2, 4], "topk_size": 3}
-    b = {"claimed": True, "size": 6, "boot_sizes": [0, 4, 4, 4], "topk_size": 5}
-    out = _size_ratio(a, b)
+    def record(dataset, size, boot_sizes, topk_size):
+        return CircuitRecord(
+            dataset=dataset,
+            window="500",
+            timesteps=[500],
+            method="mean",
+            metric="eps",
+            tau=PRIMARY_TAU,
+            ranking="exhaustive mean ablation",
+            claimed=True,
+            gap={},
+            loss_full=1.0,
+            loss_empty=2.0,
+            size=size,
+            boot_sizes=boot_sizes,
+            topk_size=topk_size,
+            claim="circuit",
+        )
+
+    out = _size_ratio(record("a", 3, [3, 0, 2, 4], 3), record("b", 6, [0, 4, 4, 4], 5))
     assert (
         out["ratio_b_over_a"] == 2.0
         and out["resamples"] == 2

@@ -6,6 +6,7 @@ import re
 
 import pandas as pd
 
+from diffcircuit import CircuitRecord, Summary
 from diffcircuit.report.heads import head_pages
 
 
@@ -47,11 +48,31 @@ def test_each_head_gets_a_page_with_its_own_values():
         ]
     )
     circuits = [
-        {"dataset": "a", "timestep": [500], "timesteps": [500], "claimed": True, "heads": ["mid:1"]}
+        CircuitRecord(
+            dataset="a",
+            window="500",
+            timesteps=[500],
+            method="mean",
+            metric="eps",
+            tau=0.05,
+            ranking="exhaustive mean ablation",
+            claimed=True,
+            gap={},
+            loss_full=1.0,
+            loss_empty=2.0,
+            heads=["mid:1"],
+            claim="circuit: 1 heads",
+        )
     ]
-    page = head_pages(
-        {"datasets": {"a": {"spec": "synthetic"}}}, heads, roles, ablations, circuits, None
+    summary = Summary(
+        model={},
+        seed=0,
+        datasets={"a": {"spec": "synthetic"}},
+        timesteps=[500],
+        denoising=[],
+        entropy=[],
     )
+    page = head_pages(summary, heads, roles, ablations, circuits, None)
     details = re.findall(r"<details id='head-([^']+)'>(.*?)</details>", page, flags=re.S)
     assert [d[0] for d in details] == ["mid-0", "mid-1"]
     first, second = details[0][1], details[1][1]

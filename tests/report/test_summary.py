@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from diffcircuit.report.summary import _ablation, _attribution, _paper_comparison, _tests
+from diffcircuit import Summary
+from diffcircuit.report.paper import paper_comparison
+from diffcircuit.report.summary import _ablation, _attribution, _tests
 
 N_IMAGES, N_HEADS = 12, 8
 
@@ -171,24 +173,28 @@ def test_tests_count_only_the_direction_a_family_tests():
 
 def test_the_paper_comparison_does_not_pool_uninformative_timesteps():
     entry = {"value": 1.1, "p_value": 0.2}
-    summary = {
-        "timesteps": [100, 900],
-        "roles": [],
-        "entropy_divergence": [],
-        "denoising": [
+    summary = Summary(
+        model={},
+        seed=0,
+        datasets={},
+        entropy=[],
+        timesteps=[100, 900],
+        roles=[],
+        entropy_divergence=[],
+        denoising=[
             {"dataset": d, "timestep": t, "informative": t == 100} for d in "ab" for t in (100, 900)
         ],
-        "complexity_ratio": {
+        complexity_ratio={
             "measure": "m",
             "stand_in_for": None,
             "paper_ratio": 1.084,
             "pooled": entry,
             "per_timestep": [entry | {"timestep": 100}, entry | {"timestep": 900}],
         },
-    }
-    out = _paper_comparison(summary)["complexity_ratio"]
+    )
+    out = paper_comparison(summary)["complexity_ratio"]
     assert out["pooled"] is None and "900" in out["pooled_withheld"]
     assert [r["timestep"] for r in out["per_timestep"]] == [100]
-    for d in summary["denoising"]:
+    for d in summary.denoising:
         d["informative"] = True
-    assert _paper_comparison(summary)["complexity_ratio"]["pooled"] == entry
+    assert paper_comparison(summary)["complexity_ratio"]["pooled"] == entry

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from diffcircuit import Summary
 from diffcircuit.report.validity import validity
 
 
@@ -47,7 +50,8 @@ def _summary(**parts):
             {"property": "edge_energy", "differs": False, "cohens_d": 0.1, "p_corrected": 0.6}
         ],
     }
-    return base | parts
+    required = {"model": {}, "seed": 0, "datasets": {}, "timesteps": [100, 900], "entropy": []}
+    return Summary.from_dict(required | base | parts)
 
 
 def _claims(found, kind):
@@ -80,7 +84,7 @@ def test_each_detected_threat_reaches_the_claims_it_concerns():
             ]
         },
     )
-    summary["denoising"][1]["informative"] = False  # a at t = 900
+    summary.denoising[1]["informative"] = False  # a at t = 900
     manifest = _manifest(mean_reference="insample", circuit_resamples=10)
     manifest["datasets"]["b"]["in_training_set"] = 20
     found = validity(summary, manifest)
@@ -122,15 +126,18 @@ def test_tests_that_cannot_reject_are_withheld_not_negative():
     )
     manifest = _manifest()
     manifest["datasets"]["a"]["n"] = manifest["datasets"]["b"]["n"] = 3  # 3! = 6 pairings: p >= 1/6
-    summary["role_evidence"] = [
-        {
-            "dataset": "a",
-            "timestep": 100,
-            "n_heads": 4,
-            "n_positional": 0,
-            "probes": {"edge": {"labelled": 0}},
-        }
-    ]
+    summary = replace(
+        summary,
+        role_evidence=[
+            {
+                "dataset": "a",
+                "timestep": 100,
+                "n_heads": 4,
+                "n_positional": 0,
+                "probes": {"edge": {"labelled": 0}},
+            }
+        ],
+    )
     found = validity(summary, manifest)
     assert _claims(found, "divergence")[0]["status"] == "withheld"
     assert _claims(found, "roles")[0]["status"] == "withheld"
@@ -164,18 +171,21 @@ def test_a_role_family_whose_lone_q_cannot_reach_alpha_is_withheld():
     """19 permutations: p >= 1/20 = 0.05, never below; 99 permutations over 72 heads: a lone q >= 72/100."""
     for permutations, heads in ((19, 1), (99, 72)):
         summary = _summary()
-        summary["role_evidence"] = [
-            {
-                "dataset": "a",
-                "timestep": 100,
-                "n_heads": heads,
-                "n_positional": 0,
-                "probes": {"edge": {"labelled": 0}},
-            }
-        ]
+        summary = replace(
+            summary,
+            role_evidence=[
+                {
+                    "dataset": "a",
+                    "timestep": 100,
+                    "n_heads": heads,
+                    "n_positional": 0,
+                    "probes": {"edge": {"labelled": 0}},
+                }
+            ],
+        )
         claim = _claims(validity(summary, _manifest(role_permutations=permutations)), "roles")[0]
         assert claim["status"] == "withheld", (permutations, heads)
-    summary["role_evidence"][0]["n_heads"] = 4  # 99 permutations over 4 heads: q can reach 0.04
+    summary.role_evidence[0]["n_heads"] = 4  # 99 permutations over 4 heads: q can reach 0.04
     assert (
         _claims(validity(summary, _manifest(role_permutations=99)), "roles")[0]["status"]
         == "not supported"

@@ -41,6 +41,7 @@ from diffcircuit.metrics.observe import observe_with_null
 from diffcircuit.models.spec import MODEL_HELP, ModelSpec
 from diffcircuit.protocol.circuits import (
     PRIMARY_TAU,
+    CircuitRecord,
     circuit_complexity,
     discover_circuits,
     importance_rows,
@@ -176,9 +177,9 @@ DISCOVER_HELP = MODEL_HELP | {
 }
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class DiscoveryResult:
-    circuits: list[dict]
+    circuits: list[CircuitRecord]
     table: pd.DataFrame
     curves: pd.DataFrame
     roles: pd.DataFrame
@@ -333,7 +334,7 @@ def run_discovery(
         ):
             write_parquet(out / "tables" / f"{name}.parquet", frame)
         for c in circuits:
-            write_json(out / "circuits" / f"{c['dataset']}_t{c['window']}.json", c)
+            write_json(out / "circuits" / f"{c.dataset}_t{c.window}.json", c.to_dict())
         write_json(
             out / "discover.json",
             {
@@ -362,7 +363,7 @@ def run_discovery(
                 },
                 "circuits": [
                     {
-                        k: c.get(k)
+                        k: c.to_dict()[k]
                         for k in (
                             "dataset",
                             "timesteps",

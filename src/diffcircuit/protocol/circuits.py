@@ -43,6 +43,8 @@ same faithfulness (:func:`circuit_complexity` tabulates them).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,6 +71,7 @@ from diffcircuit.stats.tests import correct_pvalues
 __all__ = [
     "COMPLEXITY_COLUMNS",
     "CURVE_COLUMNS",
+    "CircuitRecord",
     "MIN_CI_RESAMPLES",
     "NO_CIRCUIT",
     "PRIMARY_TAU",
@@ -87,6 +90,58 @@ MIN_CI_RESAMPLES = (
     200  # fewer bootstrap replicates: their range is reported, never a "95 % interval"
 )
 NO_CIRCUIT = "no circuit: ablating every head does not hurt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitRecord:
+    """One dataset x window's circuit, or the claim that there is none (``circuits/<dataset>_t<window>.json``):
+    the gap test behind the claim, the heads at the primary τ, their faithfulness and necessity, and their stability
+    over image resamples (an interval that says what it is). Fields in the JSON's order; ``to_dict`` is the JSON."""
+
+    dataset: str
+    window: str
+    timesteps: list[int]
+    method: str
+    metric: str
+    tau: float
+    ranking: str
+    claimed: bool
+    gap: dict  # the one-sided test that ablating every head hurts, with its correction
+    loss_full: float
+    loss_empty: float
+    heads: list[str] | None = None  # None: no circuit claimed
+    size: int | None = None
+    faithfulness: float | None = None
+    recovered_without_circuit: float | None = None
+    loss_circuit: float | None = None
+    loss_without_circuit: float | None = None
+    n_necessary: int | None = None
+    necessary: list[str] | None = None
+    selection_frequency: dict = field(default_factory=dict)
+    boot_sizes: list[int] = field(default_factory=list)
+    resamples: int = 0
+    size_range: list | None = None
+    size_ci: list | None = None
+    size_interval: str | None = None
+    by_tau: list[dict] = field(default_factory=list)
+    topk_size: int | None = None
+    claim: str
+    overlap_with_other: dict | None = (
+        None  # both datasets' circuits in one window: their Jaccard overlap
+    )
+    complexity: dict | None = None  # ... and their sizes at matched faithfulness
+    extra: dict = field(
+        default_factory=dict
+    )  # keys a newer record has that this version does not name
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CircuitRecord:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        return cls(**values, extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
 
 
 def _finite(x: float | None) -> float | None:
@@ -179,54 +234,35 @@ def _topk_size(curve: list[dict], faithfulness: float) -> int | None:
     return min(sizes) if sizes else None
 
 
-def _no_circuit(record: dict) -> dict:
-    return record | {
-        "heads": None,
-        "size": None,
-        "faithfulness": None,
-        "recovered_without_circuit": None,
-        "loss_circuit": None,
-        "loss_without_circuit": None,
-        "n_necessary": None,
-        "necessary": None,
-        "selection_frequency": {},
-        "boot_sizes": [],
-        "resamples": 0,
-        "size_range": None,
-        "size_ci": None,
-        "size_interval": "no circuit claimed",
-        "by_tau": [],
-        "topk_size": None,
-    }
-
-
 def _circuit_record(
-    record: dict,
+    base: dict,
+    test: GapTest,
     found: dict[float, Circuit],
     necessary: tuple,
     curve: list[dict],
     frequency: dict,
     boot: list,
-) -> dict:
+) -> CircuitRecord:
     primary = found[PRIMARY_TAU]
     size = len(primary.heads)
     span, ci, note = bootstrap_interval([float(len(b)) for b in boot], float(size))
-    return record | {
-        "heads": [str(a) for a in primary.heads],
-        "size": size,
-        "faithfulness": _finite(primary.faithfulness),
-        "recovered_without_circuit": _finite(primary.recovered_without_circuit),
-        "loss_circuit": primary.loss_circuit,
-        "loss_without_circuit": primary.loss_without_circuit,
-        "n_necessary": len(necessary),
-        "necessary": [str(a) for a in necessary],
-        "selection_frequency": {str(a): f for a, f in frequency.items() if f > 0},
-        "boot_sizes": [len(b) for b in boot],
-        "resamples": len(boot),
-        "size_range": span,
-        "size_ci": ci,
-        "size_interval": note,
-        "by_tau": [
+    return CircuitRecord(
+        **base,
+        heads=[str(a) for a in primary.heads],
+        size=size,
+        faithfulness=_finite(primary.faithfulness),
+        recovered_without_circuit=_finite(primary.recovered_without_circuit),
+        loss_circuit=primary.loss_circuit,
+        loss_without_circuit=primary.loss_without_circuit,
+        n_necessary=len(necessary),
+        necessary=[str(a) for a in necessary],
+        selection_frequency={str(a): f for a, f in frequency.items() if f > 0},
+        boot_sizes=[len(b) for b in boot],
+        resamples=len(boot),
+        size_range=span,
+        size_ci=ci,
+        size_interval=note,
+        by_tau=[
             {
                 "tau": tau,
                 "size": len(c.heads),
@@ -236,8 +272,9 @@ def _circuit_record(
             }
             for tau, c in found.items()
         ],
-        "topk_size": _topk_size(curve, 1 - PRIMARY_TAU),
-    }
+        topk_size=_topk_size(curve, 1 - PRIMARY_TAU),
+        claim=_claim(test, size, PRIMARY_TAU),
+    )
 
 
 def _pruned(loss, scores: dict, tau: float) -> tuple[Circuit, tuple | None]:
@@ -299,7 +336,7 @@ def _unit_record(
     """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window from its jobs' results
     (None: no claimed circuit, nothing searched)."""
     name = window_name(window)
-    record = {
+    base = {
         "dataset": dataset,
         "window": name,
         "timesteps": window,
@@ -312,7 +349,7 @@ def _unit_record(
         "loss_full": loss([]),
         "loss_empty": loss(loss.heads),
     }
-    base = [
+    heads = [
         {
             "dataset": dataset,
             "window": name,
@@ -326,9 +363,12 @@ def _unit_record(
         rows = [
             r | {"tau": tau, "in_circuit": False, "selection_frequency": float("nan")}
             for tau in taus
-            for r in base
+            for r in heads
         ]
-        return rows, _no_circuit(record) | {"claim": _claim(test, None, PRIMARY_TAU)}, [], None
+        record = CircuitRecord(
+            **base, size_interval="no circuit claimed", claim=_claim(test, None, PRIMARY_TAU)
+        )
+        return rows, record, [], None
     found = {tau: c for tau, (c, _) in zip(taus, results)}
     necessary, curve, boot = (
         results[list(taus).index(PRIMARY_TAU)][1],
@@ -346,14 +386,13 @@ def _unit_record(
             "selection_frequency": frequency[registry.parse(r["head"])],
         }
         for tau, c in found.items()
-        for r in base
+        for r in heads
     ]
     curves = [
         {"dataset": dataset, "window": name, "method": loss.method, "metric": metric, **p}
         for p in curve
     ]
-    record = _circuit_record(record, found, necessary, curve, frequency, boot)
-    return rows, record | {"claim": _claim(test, record["size"], PRIMARY_TAU)}, curves, boot
+    return rows, _circuit_record(base, test, found, necessary, curve, frequency, boot), curves, boot
 
 
 def _gap_tests(losses: dict, *, seed: int, correction: str) -> dict:
@@ -385,8 +424,8 @@ def discover_circuits(
     test_windows: Sequence[Sequence[int]] | None = None,
     stack_rows: int = STACK_ROWS,
     lookahead: int | None = None,
-) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
-    """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one JSON-ready dict
+) -> tuple[pd.DataFrame, list[CircuitRecord], pd.DataFrame]:
+    """``(table, circuits, curves)``: one table row per dataset x window x τ x head; one ``CircuitRecord``
     per dataset x window; one curve row per dataset x window x circuit size (claimed circuits only).
     ``windows``: tuples of timesteps (each a window whose losses and importances are averaged).
 
@@ -481,17 +520,17 @@ def discover_circuits(
         )
         rows, curves = rows + r, curves + curve
         circuits.append(record)
-        boot_sets[(dataset, record["window"])] = boot
+        boot_sets[(dataset, record.window)] = boot
         if progress is not None:
             progress(1)
-    _add_pairs(circuits, boot_sets)
+    circuits = _with_pairs(circuits, boot_sets)
     return pd.DataFrame(rows), circuits, pd.DataFrame(curves, columns=CURVE_COLUMNS)
 
 
-def _overlap(a: dict, b: dict, boot_a: list | None, boot_b: list | None) -> dict:
+def _overlap(a: CircuitRecord, b: CircuitRecord, boot_a: list | None, boot_b: list | None) -> dict:
     """Jaccard overlap of two datasets' circuits with its bootstrap interval (null where either has no circuit)."""
-    if not (a["claimed"] and b["claimed"]):
-        missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
+    if not (a.claimed and b.claimed):
+        missing = " and ".join(c.dataset for c in (a, b) if not c.claimed)
         return {
             "jaccard": None,
             "resamples": 0,
@@ -504,7 +543,8 @@ def _overlap(a: dict, b: dict, boot_a: list | None, boot_b: list | None) -> dict
             "only_a": [],
             "only_b": [],
         }
-    value = _finite(jaccard(a["heads"], b["heads"]))
+    assert a.heads is not None and b.heads is not None  # claimed
+    value = _finite(jaccard(a.heads, b.heads))
     boot = [jaccard(x, y) for x, y in zip(boot_a, boot_b)]
     span, ci, note = bootstrap_interval(boot, value)
     return {
@@ -516,30 +556,31 @@ def _overlap(a: dict, b: dict, boot_a: list | None, boot_b: list | None) -> dict
         "ci_low": ci and ci[0],
         "ci_high": ci and ci[1],
         "interval": note,
-        "only_a": sorted(set(a["heads"]) - set(b["heads"])),
-        "only_b": sorted(set(b["heads"]) - set(a["heads"])),
+        "only_a": sorted(set(a.heads) - set(b.heads)),
+        "only_b": sorted(set(b.heads) - set(a.heads)),
     }
 
 
-def _size_ratio(a: dict, b: dict) -> dict:
+def _size_ratio(a: CircuitRecord, b: CircuitRecord) -> dict:
     """Circuit size at matched faithfulness (≥ 1 − τ on each dataset's own gap) and its ratio b/a."""
     out = {
         "measure": f"circuit size at faithfulness >= {1 - PRIMARY_TAU:g} (pruned at tau = {PRIMARY_TAU})",
         "faithfulness_target": 1 - PRIMARY_TAU,
     }
-    if not (a["claimed"] and b["claimed"]):
-        missing = " and ".join(c["dataset"] for c in (a, b) if not c["claimed"])
+    if not (a.claimed and b.claimed):
+        missing = " and ".join(c.dataset for c in (a, b) if not c.claimed)
         return out | {"skipped": f"no circuit claimed for {missing}"}
-    ratio = b["size"] / a["size"] if a["size"] else None
-    pairs = list(zip(a["boot_sizes"], b["boot_sizes"]))
+    assert a.size is not None and b.size is not None  # claimed
+    ratio = b.size / a.size if a.size else None
+    pairs = list(zip(a.boot_sizes, b.boot_sizes))
     boot = [
         sb / sa for sa, sb in pairs if sa > 0 and sb > 0
     ]  # an empty circuit on either side: no ratio
     span, ci, note = bootstrap_interval(boot, ratio)
-    top_a, top_b = a["topk_size"], b["topk_size"]
+    top_a, top_b = a.topk_size, b.topk_size
     return out | {
-        "size_a": a["size"],
-        "size_b": b["size"],
+        "size_a": a.size,
+        "size_b": b.size,
         "ratio_b_over_a": ratio,
         "ratio_range": span,
         "ratio_ci": ci,
@@ -552,18 +593,21 @@ def _size_ratio(a: dict, b: dict) -> dict:
     }
 
 
-def _add_pairs(circuits: list[dict], boot_sets: dict) -> None:
+def _with_pairs(circuits: list[CircuitRecord], boot_sets: dict) -> list[CircuitRecord]:
     """Per window with both datasets: their overlap and size ratio, added to both circuits."""
-    by_window: dict[str, dict[str, dict]] = {}
-    for c in circuits:
-        by_window.setdefault(c["window"], {})[c["dataset"]] = c
+    by_window: dict[str, dict[str, int]] = {}
+    for i, c in enumerate(circuits):
+        by_window.setdefault(c.window, {})[c.dataset] = i
+    out = list(circuits)
     for t, pair in by_window.items():
         if set(pair) != {"a", "b"}:
             continue
-        overlap = _overlap(pair["a"], pair["b"], boot_sets[("a", t)], boot_sets[("b", t)])
-        complexity = _size_ratio(pair["a"], pair["b"])
-        for c in pair.values():
-            c["overlap_with_other"], c["complexity"] = overlap, complexity
+        a, b = circuits[pair["a"]], circuits[pair["b"]]
+        overlap = _overlap(a, b, boot_sets[("a", t)], boot_sets[("b", t)])
+        complexity = _size_ratio(a, b)
+        for i in pair.values():
+            out[i] = replace(out[i], overlap_with_other=overlap, complexity=complexity)
+    return out
 
 
 CURVE_COLUMNS = [
@@ -599,20 +643,20 @@ COMPLEXITY_COLUMNS = [
 ]
 
 
-def circuit_complexity(circuits: list[dict]) -> pd.DataFrame:
+def circuit_complexity(circuits: Sequence[CircuitRecord]) -> pd.DataFrame:
     """One row per window where both datasets have a claimed circuit: sizes at matched faithfulness, ratio b/a."""
     rows = []
     for c in circuits:
-        k = c.get("complexity")
-        if c["dataset"] != "a" or not k or "skipped" in k:
+        k = c.complexity
+        if c.dataset != "a" or not k or "skipped" in k:
             continue
         span, ci = k["ratio_range"] or [None, None], k["ratio_ci"] or [None, None]
         rows.append(
             {
-                "window": c["window"],
-                "timesteps": ",".join(map(str, c["timesteps"])),
-                "metric": c["metric"],
-                "tau": c["tau"],
+                "window": c.window,
+                "timesteps": ",".join(map(str, c.timesteps)),
+                "metric": c.metric,
+                "tau": c.tau,
                 "faithfulness_target": k["faithfulness_target"],
                 "size_a": k["size_a"],
                 "size_b": k["size_b"],

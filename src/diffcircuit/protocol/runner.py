@@ -68,7 +68,7 @@ from diffcircuit.instrument.cost import count_forwards
 from diffcircuit.metrics.gallery import attention_maps, object_queries, token_heatmaps, token_maps
 from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 from diffcircuit.protocol.backends import LocalBackend, RayBackend, make_backend
-from diffcircuit.protocol.circuits import circuit_complexity, importance_rows
+from diffcircuit.protocol.circuits import CircuitRecord, circuit_complexity, importance_rows
 from diffcircuit.protocol.config import RunConfig
 from diffcircuit.protocol.datasets import datasets_table, training_overlap
 from diffcircuit.protocol.store import (
@@ -89,13 +89,16 @@ from diffcircuit.protocol.tasks import (
     patch_tasks,
 )
 
-__all__ = ["RunResult", "run_protocol"]
+__all__ = ["ProtocolRun", "run_protocol"]
 
 Finished = TypeVar("Finished")  # what run_protocol's finish step returns
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class RunResult:
+class ProtocolRun:
+    """The run directory as the protocol left it: manifest and tables, before the summary and the report
+    (``report.finalize_run`` turns it into the user's ``RunResult``)."""
+
     out_dir: Path
     manifest: dict
     head_metrics: pd.DataFrame
@@ -395,7 +398,7 @@ def run_protocol(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     finish: None = None,
-) -> RunResult: ...
+) -> ProtocolRun: ...
 @overload
 def run_protocol(
     cfg: RunConfig,
@@ -413,7 +416,7 @@ def run_protocol(cfg, out_dir, *, progress=None, finish=None):
         return _run_protocol(cfg, Path(out_dir), progress, finish)
 
 
-def _run_protocol(cfg: RunConfig, out_dir: Path, progress, finish=None) -> RunResult:
+def _run_protocol(cfg: RunConfig, out_dir: Path, progress, finish=None) -> ProtocolRun:
     _check_out_dir(out_dir, cfg)
     ctx = Context.build(cfg)
     # inputs are valid: the directory is this process's while it runs (a second run there is refused)
@@ -425,7 +428,7 @@ def _run_protocol(cfg: RunConfig, out_dir: Path, progress, finish=None) -> RunRe
         return finish(result.out_dir) if finish is not None else result
 
 
-def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
+def _claimed_run(ctx: Context, out_dir: Path, progress) -> ProtocolRun:
     cfg = ctx.cfg
     # from here on the directory is this run's (run.json claims it for this config)
     write_json(out_dir / "run.json", {"results_key": cfg.results_key()})
@@ -457,7 +460,7 @@ def _claimed_run(ctx: Context, out_dir: Path, progress) -> RunResult:
         handler.close()
 
 
-def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
+def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> ProtocolRun:
     ctx, cfg = job.ctx, job.ctx.cfg
     start = time.perf_counter()
     log.info(
@@ -518,7 +521,7 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
             job.table(found, "curves.parquet"),
         )
         circuits = [
-            c
+            CircuitRecord.from_dict(c)
             for task in found
             for c in job.shards.read(task.name, ["circuits.json"])["circuits.json"]
         ]
@@ -556,7 +559,7 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
         write_parquet(out_dir / "tables" / f"{name}.parquet", table)
     for circuit in circuits:
         write_json(
-            out_dir / "circuits" / f"{circuit['dataset']}_t{circuit['window']}.json", circuit
+            out_dir / "circuits" / f"{circuit.dataset}_t{circuit.window}.json", circuit.to_dict()
         )
     manifest = _manifest(ctx) | {"cost": cost}
     for label, spent in cost.items():
@@ -574,7 +577,7 @@ def _run_stages(job: _Job, out_dir: Path, log: logging.Logger) -> RunResult:
         job.shards.computed,
         job.shards.resumed,
     )
-    return RunResult(
+    return ProtocolRun(
         out_dir=out_dir, manifest=manifest, head_metrics=head_metrics, denoising=tables["denoising"]
     )
 

@@ -398,7 +398,11 @@ def _discover(ctx: Context, progress, *, t: int, importance: pd.DataFrame) -> di
         correction=cfg.correction,  # over every timestep's gap tests
         test_windows=[(int(s),) for s in cfg.timesteps],
     )
-    return {"circuits.parquet": table, "curves.parquet": curves, "circuits.json": circuits}
+    return {
+        "circuits.parquet": table,
+        "curves.parquet": curves,
+        "circuits.json": [c.to_dict() for c in circuits],  # the JSON edge
+    }
 
 
 _COMPUTE = {

@@ -56,7 +56,10 @@ def finalize_run(run_dir: str | Path) -> RunResult:
         raise DiffcircuitError(
             f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}"
         ) from None
-    circuits = [json.loads(p.read_text()) for p in sorted((run_dir / "circuits").glob("*.json"))]
+    circuits = [
+        CircuitRecord.from_dict(json.loads(p.read_text()))
+        for p in sorted((run_dir / "circuits").glob("*.json"))
+    ]
     summary = build_summary(
         manifest=manifest,
         heads=heads,
@@ -74,7 +77,7 @@ def finalize_run(run_dir: str | Path) -> RunResult:
         datasets=optional.get("datasets"),
         divergence_heads=optional.get("divergence_heads"),
     )
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary.to_dict())  # the JSON edge
     write_report(
         run_dir,
         summary,
@@ -92,4 +95,4 @@ def finalize_run(run_dir: str | Path) -> RunResult:
         attribution=optional.get("attribution"),
         patching=optional.get("patching"),
     )
-    return RunResult(out_dir=run_dir, summary=Summary.from_dict(summary), manifest=manifest)
+    return RunResult(out_dir=run_dir, summary=summary, manifest=manifest)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 
+from diffcircuit.report.result import Summary
+
 __all__ = [
     "PROPERTY_NAMES",
     "datasets_ref",
@@ -85,10 +87,10 @@ PROPERTY_NAMES = {
 }
 
 
-def datasets_ref(summary: dict) -> str:
+def datasets_ref(summary: Summary) -> str:
     """One sentence pointing a synthetic-vs-natural claim at the dataset differences that could explain it."""
-    differing = [d for d in summary.get("dataset_differences") or [] if d["differs"]]
-    if summary.get("dataset_differences") is None:
+    differing = [d for d in summary.dataset_differences or [] if d["differs"]]
+    if summary.dataset_differences is None:
         return ""
     if not differing:
         return (

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from diffcircuit.protocol.circuits import CircuitRecord
 from diffcircuit.protocol.store import atomic_write_bytes
 
 __all__ = [
@@ -163,9 +165,12 @@ def role_map(roles: pd.DataFrame, labels: dict[str, str] | None = None):
     return fig
 
 
-def circuit_map(circuits: list[dict], roles: pd.DataFrame):
+def circuit_map(
+    circuits: Sequence[CircuitRecord], roles: pd.DataFrame, labels: Mapping[str, str] | None = None
+):
     """Each primary-τ circuit on the layer x head grid: circuit heads filled with their role's colour
-    on that dataset at that timestep (black edge), the rest hollow; one panel per dataset x window."""
+    on that dataset at that timestep (black edge), the rest hollow; one panel per dataset x window
+    (titled with ``labels[dataset]``, default the dataset key)."""
     import matplotlib.pyplot as plt
 
     names, colours = _role_colours()
@@ -180,16 +185,14 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
         sharey=True,
     )
     for ax, c in zip(axes[0], circuits):
-        t = c["timesteps"][0]  # a window's heads take their roles at its first timestep
+        t = c.timesteps[0]  # a window's heads take their roles at its first timestep
         heads = {
-            tuple(h.rsplit(":", 1)) for h in c["heads"] or ()
+            tuple(h.rsplit(":", 1)) for h in c.heads or ()
         }  # no circuit claimed: every head hollow
-        for row in roles[(roles.timestep == t) & (roles.dataset == c["dataset"])].itertuples():
+        for row in roles[(roles.timestep == t) & (roles.dataset == c.dataset)].itertuples():
             y, x = layers.index(row.layer), int(row.head)
             inside = (row.layer, str(x)) in heads
-            colour = colours[
-                names.index(role_of.get((c["dataset"], t, row.layer, x), "unassigned"))
-            ]
+            colour = colours[names.index(role_of.get((c.dataset, t, row.layer, x), "unassigned"))]
             ax.add_patch(
                 plt.Rectangle(
                     (x - 0.42, y - 0.42),
@@ -203,11 +206,12 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
         ax.set_xlim(-0.6, width - 0.4)
         ax.set_ylim(len(layers) - 0.5, -0.5)
         what = (
-            f"{len(c['heads'])} heads (τ = {c['tau']} of the gap)"
-            if c.get("claimed", True)
+            f"{len(c.heads or ())} heads (τ = {c.tau} of the gap)"
+            if c.claimed
             else "no circuit: gap not significantly > 0"
         )
-        ax.set_title(f"{c.get('label', c['dataset'])}, t = {c['window']}\n{what}", fontsize=8)
+        label = (labels or {}).get(c.dataset, c.dataset)
+        ax.set_title(f"{label}, t = {c.window}\n{what}", fontsize=8)
         ax.set_yticks(range(len(layers)), layers, fontsize=6)
         ax.set_xticks(range(0, width, 2))
         ax.set_xlabel("head")
@@ -216,7 +220,9 @@ def circuit_map(circuits: list[dict], roles: pd.DataFrame):
 
 
 def circuit_curves_plot(
-    curves: pd.DataFrame, labels: dict[str, str], circuits: list[dict] | None = None
+    curves: pd.DataFrame,
+    labels: Mapping[str, str],
+    circuits: Sequence[CircuitRecord] | None = None,
 ):
     """Faithfulness and recovered_without_circuit of the top-k heads against k, one panel per timestep
     window; with ``circuits``, every window's panel names the datasets without a claimed circuit."""
@@ -224,9 +230,7 @@ def circuit_curves_plot(
 
     circuits = circuits or []
     windows = list(
-        dict.fromkeys(
-            [c["window"] for c in circuits] + (list(curves.window) if len(curves) else [])
-        )
+        dict.fromkeys([c.window for c in circuits] + (list(curves.window) if len(curves) else []))
     ) or ["–"]
     fig, axes = plt.subplots(
         1, len(windows), figsize=(3.4 * len(windows), 3), squeeze=False, sharey=True
@@ -251,9 +255,7 @@ def circuit_curves_plot(
                 label=f"{labels.get(ds, ds)}: recovered without circuit",
             )
         missing = [
-            labels.get(c["dataset"], c["dataset"])
-            for c in circuits
-            if c["window"] == t and not c["claimed"]
+            labels.get(c.dataset, c.dataset) for c in circuits if c.window == t and not c.claimed
         ]
         if missing:
             ax.text(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 
 import pandas as pd
+
+from diffcircuit.protocol.circuits import CircuitRecord
+from diffcircuit.report.result import Summary
 
 __all__ = ["head_pages"]
 
@@ -18,16 +22,16 @@ _HEAD_CAP = 512  # heads with a drill-down of their own; beyond it, only those a
 
 
 def head_pages(
-    summary: dict,
+    summary: Summary,
     heads: pd.DataFrame,
     roles: pd.DataFrame,
     ablations: pd.DataFrame | None,
-    circuits: list[dict] | None,
+    circuits: Sequence[CircuitRecord] | None,
     gallery,
 ) -> str:
     """Per head, collapsed: its metrics, role, ablation effect and circuit membership per dataset and timestep,
     together; and whether the attention-map gallery shows it."""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     keys = ["dataset", "timestep", "layer", "head"]
     metrics = heads.groupby(keys, sort=False)[["entropy_norm", "effective_keys_frac"]].mean()
     role = roles.set_index(keys)["role"] if "role" in roles else pd.Series(dtype=object)
@@ -40,11 +44,11 @@ def head_pages(
         else pd.DataFrame()
     )
     members = {
-        (c["dataset"], str(t), h)
+        (c.dataset, str(t), h)
         for c in circuits or []
-        if c.get("claimed")
-        for t in c.get("timesteps", [])
-        for h in c.get("heads") or []
+        if c.claimed
+        for t in c.timesteps
+        for h in c.heads or []
     }
     shown = set() if gallery is None else {f"{r.layer}:{r.head}" for r in gallery[0].itertuples()}
     addresses = list(dict.fromkeys(f"{layer}:{head}" for _, _, layer, head in metrics.index))

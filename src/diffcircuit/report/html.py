@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from diffcircuit.protocol.circuits import CircuitRecord
 from diffcircuit.protocol.store import atomic_write_bytes
 from diffcircuit.report.cells import (
     PROPERTY_NAMES,
@@ -31,6 +33,7 @@ from diffcircuit.report.figures import (
     token_heatmap_figure,
 )
 from diffcircuit.report.heads import head_pages
+from diffcircuit.report.result import Summary
 from diffcircuit.report.sections import (
     ablation_section,
     attribution_section,
@@ -39,23 +42,22 @@ from diffcircuit.report.sections import (
     paper_section,
     patching_section,
 )
-from diffcircuit.report.summary import informative_pairs
 from diffcircuit.report.validity import key_findings_section, validity_section
 
 __all__ = ["write_report"]
 
 
-def _headline_rows(summary: dict) -> str:
-    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"] for e in summary["entropy"]}
+def _headline_rows(summary: Summary) -> str:
+    entropy = {(e["dataset"], e["timestep"]): e["entropy_norm"] for e in summary.entropy}
     rows = []
-    for d in summary["denoising"]:
+    for d in summary.denoising:
         key = (d["dataset"], d["timestep"])
         rows.append(
             "<tr>"
             + "".join(
                 f"<td>{html.escape(str(v))}</td>"
                 for v in (
-                    summary["datasets"][d["dataset"]]["spec"],
+                    summary.datasets[d["dataset"]]["spec"],
                     d["timestep"],
                     fmt_entry(d["eps_mse"]),
                     fmt_entry(d["eps_mse_trivial"]),
@@ -82,10 +84,10 @@ def _informative_cell(d: dict) -> str:
     )
 
 
-def _divergence_rows(summary: dict) -> str:
+def _divergence_rows(summary: Summary) -> str:
     rows = []
-    excluded = set((summary.get("paper_comparison") or {}).get("excluded_timesteps", []))
-    for d in summary["entropy_divergence"]:
+    excluded = set((summary.paper_comparison or {}).get("excluded_timesteps", []))
+    for d in summary.entropy_divergence:
         t = str(d["timestep"]) + (
             flagged("uninformative: not a headline claim") if int(d["timestep"]) in excluded else ""
         )
@@ -105,9 +107,9 @@ def _divergence_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _differing_heads(summary: dict) -> str:
+def _differing_heads(summary: Summary) -> str:
     parts = []
-    for e in summary.get("entropy_difference_heads") or []:
+    for e in summary.entropy_difference_heads or []:
         heads = ", ".join(
             f"{html.escape(h['layer'])}:{h['head']} {h['diff_nats']:+.3f}"
             + (
@@ -126,8 +128,8 @@ def _differing_heads(summary: dict) -> str:
     return f"<ul class='note'>{''.join(parts)}</ul>" if parts else ""
 
 
-def _divergence_section(summary: dict, png: str) -> str:
-    div = summary["entropy_divergence"]
+def _divergence_section(summary: Summary, png: str) -> str:
+    div = summary.entropy_divergence
     r = div[0] if div else {}
     return f"""<h2>Synthetic vs natural: how head entropies differ</h2>
 <p class="note">Per timestep. <b>Entropy difference</b>: each head's mean entropy on b minus a (nats, and normalised by
@@ -147,11 +149,11 @@ and n; it is shown for comparison with older runs only.{datasets_ref(summary)}</
 <img alt="entropy difference and null-corrected divergence across timesteps" src="data:image/png;base64,{png}" style="max-width:90%">"""
 
 
-def _role_rows(summary: dict) -> str:
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
-    keep = informative_pairs(summary)
+def _role_rows(summary: Summary) -> str:
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
+    keep = summary.informative
     rows = []
-    for r in summary["roles"]:
+    for r in summary.roles:
         d = r["per_dataset"][r["dataset"]]
         excess = r.get("excess_log")
         evidence = html.escape(r["basis"]) + (
@@ -175,10 +177,10 @@ def _role_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _role_evidence_section(summary: dict) -> str:
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+def _role_evidence_section(summary: Summary) -> str:
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     rows = []
-    for e in summary.get("role_evidence") or []:
+    for e in summary.role_evidence or []:
         cells = [html.escape(labels.get(e["dataset"], e["dataset"])), str(e["timestep"])]
         cells += [
             f"{c['labelled']} / {c['significant']} / {c['raw_only']}" for c in e["probes"].values()
@@ -187,8 +189,8 @@ def _role_evidence_section(summary: dict) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     if not rows:
         return ""
-    probes = list(summary["role_evidence"][0]["probes"])
-    differ = summary.get("role_differences") or []
+    probes = list(summary.role_evidence[0]["probes"])
+    differ = summary.role_differences or []
     diff_rows = "".join(
         f"<tr><td>{d['timestep']}</td><td>{html.escape(d['head'])}</td><td>{html.escape(d['a'])}</td>"
         f"<td>{html.escape(d['b'])}</td></tr>"
@@ -223,20 +225,20 @@ def _training_cell(entry: dict, key: str) -> str:
     return "unknown" if value is None else str(value)
 
 
-def _datasets_section(summary: dict) -> str:
+def _datasets_section(summary: Summary) -> str:
     """What the two datasets differ in besides the contrast of interest, and what the model saw of them."""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     info = "".join(
         f"<tr><td>{k}</td><td>{html.escape(v['spec'])}</td><td>{v['n']}</td>"
         f"<td>{html.escape(v.get('rendering') or 'as loaded')}</td><td>{_training_cell(v, 'in_training_set')}</td>"
         f"<td>{_training_cell(v, 'intervened_in_training_set')}</td></tr>"
-        for k, v in summary["datasets"].items()
+        for k, v in summary.datasets.items()
     )
     rows = ""
-    for d in summary.get("dataset_differences") or []:
+    for d in summary.dataset_differences or []:
         cells = [html.escape(PROPERTY_NAMES.get(d["property"], d["property"]))]
         for key in ("a", "b"):
-            v = summary["datasets"][key]["properties"][d["property"]]
+            v = summary.datasets[key]["properties"][d["property"]]
             ci = "no CI" if v.get("ci_low") is None else f"{v['ci_low']:.4g}, {v['ci_high']:.4g}"
             cells.append(f"{v['mean']:.4g} [{ci}]")
         d_text = (
@@ -273,16 +275,16 @@ the images show; the synthetic set differs in source and format too.</p>
 <table><tr><th>dataset</th><th>spec</th><th>images</th><th>rendering</th><th>of them in the model's training set</th>
 <th>of the intervened (ablate_n) in the training set</th></tr>{info}</table>
 {_training_warning(summary)}
-<p class="note">Mean ablation's reference: {html.escape(str(summary.get("mean_reference") or "in-sample"))}.
+<p class="note">Mean ablation's reference: {html.escape(str(summary.mean_reference or "in-sample"))}.
 Training-set counts come from the model's <code>training_data.json</code>; "unknown" where it has none or the data is a
 folder.</p>"""
 
 
-def _training_warning(summary: dict) -> str:
+def _training_warning(summary: Summary) -> str:
     """A warning when the model was trained on analysed images (they are not held out)."""
     seen = [
         (v["spec"], v["in_training_set"], v["n"])
-        for v in summary["datasets"].values()
+        for v in summary.datasets.values()
         if v.get("in_training_set")
     ]
     if not seen:
@@ -294,11 +296,11 @@ def _training_warning(summary: dict) -> str:
     )
 
 
-def _seed_section(summary: dict) -> str:
-    sv = summary.get("seed_variance")
+def _seed_section(summary: Summary) -> str:
+    sv = summary.seed_variance
     if not sv:
         return ""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()} | {
+    labels = {k: v["spec"] for k, v in summary.datasets.items()} | {
         "a|b": "a vs b",
         "b-a": "b − a",
     }
@@ -348,10 +350,10 @@ def _model_note(model: dict) -> str:
     return "".join(f" {html.escape(n)}" for n in notes)
 
 
-def _layer_rows(summary: dict) -> str:
+def _layer_rows(summary: Summary) -> str:
     rows = []
-    for e in summary["entropy_by_layer"]:
-        spec = summary["datasets"][e["dataset"]]["spec"]
+    for e in summary.entropy_by_layer:
+        spec = summary.datasets[e["dataset"]]["spec"]
         rows.append(
             f"<tr><td>{html.escape(spec)}</td><td>{e['timestep']}</td><td>{html.escape(e['layer'])}</td>"
             f"<td>{e['n_keys']}</td><td>{e['entropy_nats']:.3f}</td><td>{e['uniform_nats']:.3f}</td>"
@@ -364,13 +366,23 @@ def _layer_rows(summary: dict) -> str:
 _PAGE = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
 
 
+def _pending_note(pending: list[str]) -> str:
+    """The analyses this run did not compute, in one note; nothing when it computed them all."""
+    if not pending:
+        return ""
+    return (
+        "<p class='note'>Not computed in this run (not selected, or not applicable): "
+        f"{html.escape(', '.join(pending))}.</p>"
+    )
+
+
 def write_report(
     run_dir: Path,
-    summary: dict,
+    summary: Summary,
     heads: pd.DataFrame,
     roles: pd.DataFrame,
     ablations: pd.DataFrame | None = None,
-    circuits: list[dict] | None = None,
+    circuits: Sequence[CircuitRecord] | None = None,
     curves: pd.DataFrame | None = None,
     gallery: tuple[pd.DataFrame, pd.DataFrame] | None = None,
     tests: pd.DataFrame | None = None,
@@ -380,11 +392,11 @@ def write_report(
     patching: pd.DataFrame | None = None,
 ) -> Path:
     """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     figures = {
         "entropy_heatmap": entropy_heatmap(heads, labels),
         "role_map": role_map(roles, labels),
-        "divergence": divergence_plot(summary["entropy_divergence"]),
+        "divergence": divergence_plot(summary.entropy_divergence),
     }
     if ablations is not None:
         figures["ablation_heads"] = ablation_bars(ablations)
@@ -397,9 +409,7 @@ def write_report(
     if gallery is not None and token_heatmaps is not None and len(token_heatmaps):
         figures["token_maps"] = token_heatmap_figure(token_heatmaps, gallery[1], labels)
     if circuits:
-        figures["circuits"] = circuit_map(
-            [c | {"label": labels.get(c["dataset"], c["dataset"])} for c in circuits], roles
-        )
+        figures["circuits"] = circuit_map(circuits, roles, labels)
     if circuits:  # windows without a claimed circuit get a panel that says so
         figures["circuit_curves"] = circuit_curves_plot(
             curves if curves is not None else pd.DataFrame(), labels, circuits
@@ -442,21 +452,16 @@ def write_report(
             "and timestep in tables/token_maps.parquet).</p>"
             f'<img alt="prompt token maps" src="data:image/png;base64,{b64["token_maps"]}" style="max-width:100%">'
         ),
-        model=html.escape(summary["model"]["source"]),
-        model_note=_model_note(summary["model"]),
-        heads=summary["model"]["heads"],
-        layers=summary["model"]["layers"],
-        seed=html.escape(str(summary.get("seed", ""))),
+        model=html.escape(summary.model["source"]),
+        model_note=_model_note(summary.model),
+        heads=summary.model["heads"],
+        layers=summary.model["layers"],
+        seed=html.escape(str(summary.seed)),
         headline=_headline_rows(summary),
         heatmap=b64["entropy_heatmap"],
         layer_rows=_layer_rows(summary),
         cost_section=_cost_section(cost),
-        pending_note=(
-            ""
-            if not summary["pending"]
-            else "<p class='note'>Not computed in this run (not selected, or not "
-            f"applicable): {html.escape(', '.join(summary['pending']))}.</p>"
-        ),
+        pending_note=_pending_note(summary.pending),
         key_findings=key_findings_section(summary),
         head_pages=head_pages(summary, heads, roles, ablations, circuits, gallery),
         patching_figure=_figure(b64, "patching", "moved fraction of every head, per timestep"),

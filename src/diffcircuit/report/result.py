@@ -1,5 +1,6 @@
-"""Typed results of a run: ``RunResult`` (what ``dc.run`` returns), ``Summary`` (summary.json) and ``Claim`` (one
-headline claim with its test). Dicts appear only at the JSON edge: ``Summary.from_dict`` / ``to_dict``.
+"""Typed results of a run: ``RunResult`` (what ``dc.run`` returns), ``Summary`` (summary.json), ``Claim`` (one
+headline claim with its test) and ``CircuitRecord`` (one circuit file; built in ``protocol.circuits``). Dicts appear
+only at the JSON edge: ``from_dict`` / ``to_dict``.
 
 Tables are read lazily, on first access (``result.table("ablations")``, ``result.head_metrics``): a run at the
 paper's scale has millions of head rows, and most callers want one table.
@@ -16,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from diffcircuit.errors import InputError
+from diffcircuit.protocol.circuits import CircuitRecord
 
 __all__ = ["CircuitRecord", "Claim", "RunResult", "Summary"]
 
@@ -52,19 +54,21 @@ class Claim:
 
 @dataclass(frozen=True, kw_only=True)
 class Summary:
-    """summary.json: the headline of a run, every mean with its interval, every claim with its test. Top-level
-    fields are typed; their contents are the JSON's (lists and dicts of numbers and strings)."""
+    """summary.json: the headline of a run, every mean with its interval, every claim with its test. Built by
+    ``report.summary.build_summary`` and read by the report and the CLI as it is; ``to_dict`` is the JSON. Top-level
+    fields are typed, in the JSON's order; their contents are the JSON's (lists and dicts of numbers and strings)."""
 
     model: dict
     seed: int
     datasets: dict
+    dataset_differences: dict | list | None = (
+        None  # per image property: b − a, Cohen's d with CI, p, BH q
+    )
+    mean_reference: str | None = None  # mean ablation's reference images
     timesteps: list[int]
     denoising: list[dict]
-    entropy: list[dict]
-    pending: list[str] = field(default_factory=list)
-    dataset_differences: dict | list | None = None
-    mean_reference: str | None = None
     uninformative: list[dict] = field(default_factory=list)
+    entropy: list[dict]
     entropy_by_layer: list[dict] = field(default_factory=list)
     roles: list[dict] = field(default_factory=list)
     role_evidence: list[dict] | None = None
@@ -79,6 +83,7 @@ class Summary:
     tests: dict | list | None = None
     seed_variance: list[dict] | None = None
     circuits: dict | None = None
+    pending: list[str] = field(default_factory=list)
     paper_comparison: dict | None = None
     validity: dict | None = None
     extra: dict = field(
@@ -97,6 +102,14 @@ class Summary:
         """The JSON object, in summary.json's key order."""
         out = {k: v for k, v in asdict(self).items() if k != "extra"}
         return out | self.extra
+
+    @property
+    def informative(self) -> frozenset[tuple[str, int]]:
+        """The (dataset, timestep) pairs at which the model beats the trivial predictor (``denoising[...]
+        ["informative"]``, True where untested); headline claims leave the others out."""
+        return frozenset(
+            (d["dataset"], int(d["timestep"])) for d in self.denoising if d.get("informative", True)
+        )
 
     @property
     def claims(self) -> list[Claim]:
@@ -168,51 +181,3 @@ class RunResult:
         """The circuit records (``circuits/*.json``), one per dataset x window."""
         paths = sorted((self.out_dir / "circuits").glob("*.json"))
         return [CircuitRecord.from_dict(json.loads(p.read_text())) for p in paths]
-
-
-@dataclass(frozen=True, kw_only=True)
-class CircuitRecord:
-    """One dataset x window's circuit, or the claim that there is none (``circuits/<dataset>_t<window>.json``):
-    the gap test behind the claim, the heads at the primary τ, their faithfulness and necessity, and their stability
-    over image resamples (an interval that says what it is)."""
-
-    dataset: str
-    window: str
-    timesteps: list[int]
-    claimed: bool
-    claim: str
-    gap: dict  # the one-sided test that ablating every head hurts, with its correction
-    method: str | None = None
-    metric: str | None = None
-    tau: float | None = None
-    ranking: str | None = None
-    loss_full: float | None = None
-    loss_empty: float | None = None
-    heads: list[str] | None = None  # None: no circuit claimed
-    size: int | None = None
-    faithfulness: float | None = None
-    recovered_without_circuit: float | None = None
-    loss_circuit: float | None = None
-    loss_without_circuit: float | None = None
-    n_necessary: int | None = None
-    necessary: list[str] | None = None
-    selection_frequency: dict = field(default_factory=dict)
-    boot_sizes: list[int] = field(default_factory=list)
-    resamples: int = 0
-    size_range: list | None = None
-    size_ci: list | None = None
-    size_interval: str | None = None
-    by_tau: list[dict] = field(default_factory=list)
-    topk_size: int | None = None
-    overlap_with_other: dict | None = None
-    complexity: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CircuitRecord:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values: dict[str, Any] = {k: v for k, v in d.items() if k in known}
-        return cls(**values, extra={k: v for k, v in d.items() if k not in known})
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra

@@ -18,6 +18,7 @@ from diffcircuit.report.cells import (
     p_cell,
     rho_text,
 )
+from diffcircuit.report.result import Summary
 
 __all__ = [
     "ablation_section",
@@ -56,8 +57,8 @@ def _critical_rows(ab: dict) -> str:
     )
 
 
-def ablation_section(summary: dict, png: str | None) -> str:
-    ab = summary.get("ablation")
+def ablation_section(summary: Summary, png: str | None) -> str:
+    ab = summary.ablation
     if not ab:
         return "<h2>Ablations</h2><p class='note'>Not run (--ablate-n 0).</p>"
     ranges = "".join(
@@ -100,8 +101,8 @@ ranked, not called critical, by this null. {("Tested once, under the first name 
 {f'<img alt="single-head ablation effects" src="data:image/png;base64,{png}" style="max-width:100%">' if png else ""}"""
 
 
-def patching_section(summary: dict) -> str:
-    pt = summary.get("patching")
+def patching_section(summary: Summary) -> str:
+    pt = summary.patching
     if not pt:
         return ""
     rows = "".join(
@@ -115,11 +116,11 @@ length²: 0 = no move, 1 = all the way. Mean over pairs and timesteps, 95&nbsp;%
 <table><tr><th>level</th><th>target</th><th>moved fraction [95 % CI]</th></tr>{rows}</table>"""
 
 
-def attribution_section(summary: dict) -> str:
-    at = summary.get("attribution")
+def attribution_section(summary: Summary) -> str:
+    at = summary.attribution
     if not at:
         return ""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     rows = []
     for r in at:
         ranking = r.get("ranking_vs_single_head")
@@ -195,16 +196,16 @@ def _complexity_rows(measures: list[dict], head: dict, paper: float) -> str:
     return "".join(rows)
 
 
-def complexity_section(summary: dict, test_table: pd.DataFrame | None = None) -> str:
-    measures = summary.get("complexity_measures", [])
+def complexity_section(summary: Summary, test_table: pd.DataFrame | None = None) -> str:
+    measures = summary.complexity_measures or []
     if not measures:
         return ""
-    head = summary.get("complexity_ratio") or {}
+    head = summary.complexity_ratio or {}
     paper = head.get("paper_ratio", 1.084)
     rows = _complexity_rows(measures, head, paper)
     note = f"<p class='flag'>{html.escape(head['note'])}.</p>" if head.get("stand_in_for") else ""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
-    tests = summary.get("tests") or {"n_tests": 0, "families": {}}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
+    tests = summary.tests or {"n_tests": 0, "families": {}}
     fam = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{html.escape(d.get('alternative', 'two-sided'))}</td><td>{d['n_tests']}</td>"
         f"<td>{d['significant_bh_0.05']}"
@@ -302,12 +303,12 @@ def _paper_divergence(d: dict) -> str:
     return "<br>".join(out)
 
 
-def paper_section(summary: dict) -> str:
+def paper_section(summary: Summary) -> str:
     """The paper's abstract, claim by claim, next to this run's measurement (CI, p, baseline)."""
-    cmp = summary.get("paper_comparison")
+    cmp = summary.paper_comparison
     if not cmp:
         return ""
-    paper, labels = cmp["paper"], {k: v["spec"] for k, v in summary["datasets"].items()}
+    paper, labels = cmp["paper"], {k: v["spec"] for k, v in summary.datasets.items()}
     rows = [
         (
             "Circuit complexity, natural / synthetic",
@@ -457,11 +458,11 @@ def _circuit_complexity_rows(found: dict) -> str:
     )
 
 
-def circuit_section(summary: dict, pngs: dict[str, str]) -> str:
-    found = summary.get("circuits")
+def circuit_section(summary: Summary, pngs: dict[str, str]) -> str:
+    found = summary.circuits
     if not found:
         return ""
-    labels = {k: v["spec"] for k, v in summary["datasets"].items()}
+    labels = {k: v["spec"] for k, v in summary.datasets.items()}
     figures = "".join(
         f'<img alt="{alt}" src="data:image/png;base64,{pngs[name]}" style="max-width:100%">'
         for name, alt in (

@@ -7,6 +7,8 @@ of each layer, so that "entropy ≈ ln 64" reads as what it is: uniform attentio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -19,11 +21,14 @@ from diffcircuit.protocol.analyses import (
     denoising_tests,
     mean_divergence_test,
 )
+from diffcircuit.protocol.circuits import CircuitRecord
+from diffcircuit.report.paper import paper_comparison
+from diffcircuit.report.result import Summary
 from diffcircuit.report.validity import validity
 from diffcircuit.stats.bootstrap import mean_ci
 from diffcircuit.stats.tests import bootstrap_spearman, paired_spearman_ci
 
-__all__ = ["PAPER_CLAIMS", "PENDING_ANALYSES", "build_summary", "informative_pairs"]
+__all__ = ["PENDING_ANALYSES", "build_summary"]
 
 PENDING_ANALYSES = (
     "ablation",
@@ -42,16 +47,6 @@ def _ci_entry(values, seed: int) -> dict:
 
 
 _SPEARMAN_RESAMPLES = 1000  # bootstrap resamples of images behind every Spearman ρ's CI
-
-
-def informative_pairs(summary: dict) -> frozenset[tuple[str, int]]:
-    """The (dataset, timestep) pairs of a summary at which the model beats the trivial predictor
-    (``summary["denoising"][...]["informative"]``); headline claims leave the others out."""
-    return frozenset(
-        (d["dataset"], int(d["timestep"]))
-        for d in summary["denoising"]
-        if d.get("informative", True)
-    )
 
 
 def _denoising(images: pd.DataFrame, seed: int, correction: str = "fdr_bh") -> list[dict]:
@@ -669,11 +664,11 @@ def _datasets(manifest: dict, table: pd.DataFrame | None) -> tuple[dict, list[di
     return datasets, differences
 
 
-def _circuits(found: list[dict]) -> dict:
+def _circuits(found: list[CircuitRecord]) -> dict:
     """Per dataset and window: the gap test, the claim, and for claimed circuits their size (with the
     bootstrap range or interval), faithfulness, recovered_without_circuit, necessary heads and overlap;
     per window with two claimed circuits: their sizes at matched faithfulness and the ratio b/a."""
-    out = {
+    out: dict = {
         "tau": None,
         "method": None,
         "metric": None,
@@ -682,162 +677,29 @@ def _circuits(found: list[dict]) -> dict:
         "complexity": [],
     }
     for c in found:
-        out["tau"], out["method"], out["ranking"] = c["tau"], c["method"], c.get("ranking")
-        out["metric"] = c.get("metric", "eps")
-        entry = {
-            k: c.get(k)
-            for k in (
-                "dataset",
-                "window",
-                "timesteps",
-                "method",
-                "claimed",
-                "claim",
-                "gap",
-                "loss_full",
-                "loss_empty",
-                "loss_circuit",
-                "size",
-                "size_range",
-                "size_ci",
-                "size_interval",
-                "resamples",
-                "faithfulness",
-                "recovered_without_circuit",
-                "n_necessary",
-                "necessary",
-                "topk_size",
-            )
-        }
-        overlap = c.get("overlap_with_other", {})
-        entry["overlap_with_other"] = {
-            k: v
-            for k, v in overlap.items()
-            if k
-            in ("jaccard", "range_low", "range_high", "ci_low", "ci_high", "resamples", "interval")
-        }
-        entry["unique"] = overlap.get("only_a" if c["dataset"] == "a" else "only_b", [])
+        out["tau"], out["method"], out["ranking"], out["metric"] = (
+            c.tau,
+            c.method,
+            c.ranking,
+            c.metric,
+        )
+        record = c.to_dict()
+        entry = {k: record[k] for k in _CIRCUIT_KEYS}
+        overlap = c.overlap_with_other or {}
+        entry["overlap_with_other"] = {k: v for k, v in overlap.items() if k in _OVERLAP_KEYS}
+        entry["unique"] = overlap.get("only_a" if c.dataset == "a" else "only_b", [])
         out["windows"].append(entry)
-        if c["dataset"] == "a" and c.get("complexity"):
-            out["complexity"].append(
-                {"window": c["window"], "timesteps": c["timesteps"], **c["complexity"]}
-            )
+        if c.dataset == "a" and c.complexity:
+            out["complexity"].append({"window": c.window, "timesteps": c.timesteps, **c.complexity})
     return out
 
 
-# The paper's headline numbers (arXiv 2506.17237, abstract), shown next to ours; never used in a computation.
-PAPER_CLAIMS = {
-    "complexity_ratio": "1.084 ± 0.008 (p < 0.001)",
-    "divergence_range": "0.015 – 0.166",
-    "role_entropy_nats": {
-        "edge": "3.18 ± 0.12",
-        "texture": "4.16 ± 0.08 (≈ ln 64: uniform over 8×8)",
-        "semantic": "2.67 ± 0.15",
-    },
-    "degradation_range_pct": "25.6 – 128.3",
-}
-
-
-PAPER_DIVERGENCE_DEFINITION = (
-    "unknown: the abstract gives the range without saying which quantity is compared, "
-    "in which units, or how it is estimated"
+_CIRCUIT_KEYS = tuple(  # a circuit record's keys that summary.json's circuits.windows repeat
+    "dataset window timesteps method claimed claim gap loss_full loss_empty loss_circuit size "
+    "size_range size_ci size_interval resamples faithfulness recovered_without_circuit "
+    "n_necessary necessary topk_size".split()
 )
-
-
-def _range(rows: list[dict], key: str, keys: tuple[str, ...]) -> dict:
-    """The timesteps with the smallest and the largest ``key``, each with ``keys``."""
-    finite = [r for r in rows if r.get(key) is not None]
-    if not finite:
-        return {}
-    lo, hi = min(finite, key=lambda r: r[key]), max(finite, key=lambda r: r[key])
-    return {
-        "low": {k: lo[k] for k in ("timestep", key, *keys)},
-        "high": {k: hi[k] for k in ("timestep", key, *keys)},
-    }
-
-
-def _paper_divergence(div: list[dict]) -> dict:
-    return {
-        "paper_definition": PAPER_DIVERGENCE_DEFINITION,
-        "entropy_difference_nats": {
-            "measure": "mean over heads of the entropy difference b − a, nats (95 % CI over images)",
-            **_range(
-                div,
-                "entropy_diff_nats",
-                ("ci_low_nats", "ci_high_nats", "ci_withheld", "p_value", "can_reject"),
-            ),
-        },
-        "wasserstein_excess_nats": {
-            "measure": "mean over heads of the Wasserstein-1 distance between the datasets' "
-            "entropy distributions, less its permutation-null mean, nats",
-            **_range(div, "wasserstein_excess_nats", ("wasserstein_p", "wasserstein_can_reject")),
-        },
-        "legacy_jsd_bits_10bins": {
-            "measure": "legacy: mean over heads of the JSD of 10-bin histograms, bits; saturates "
-            "and depends on the bins and n, not comparable",
-            **_range(div, "legacy_jsd_bits_10bins", ()),
-        },
-    }
-
-
-def _paper_comparison(summary: dict) -> dict:
-    """Our measurement of each of the paper's headline claims, with its CI / p / baseline, at informative
-    timesteps only (``excluded_timesteps`` lists the others: computed, but not headline claims)."""
-    out = {"paper": PAPER_CLAIMS}
-    keep = informative_pairs(summary)
-    both = {int(t) for t in summary["timesteps"] if ("a", int(t)) in keep and ("b", int(t)) in keep}
-    out["excluded_timesteps"] = sorted(int(t) for t in summary["timesteps"] if int(t) not in both)
-    ratio = summary.get("complexity_ratio")
-    if ratio and not ratio["stand_in_for"]:
-        out["complexity_ratio"] = {k: ratio[k] for k in ("measure", "paper_ratio", "pooled")}
-        out["complexity_ratio"]["per_timestep"] = [
-            r for r in ratio["per_timestep"] if int(r["timestep"]) in both
-        ]
-        if (
-            out["excluded_timesteps"] and ratio["pooled"] is not None
-        ):  # the pool includes them: not comparable
-            out["complexity_ratio"]["pooled"] = None
-            out["complexity_ratio"]["pooled_withheld"] = (
-                "pools the uninformative timesteps "
-                + ", ".join(map(str, out["excluded_timesteps"]))
-            )
-    elif ratio:
-        out["complexity_ratio"] = {
-            "withheld": ratio["note"] + "; no comparison with the paper's number"
-        }
-    divergence = [r for r in summary["entropy_divergence"] if int(r["timestep"]) in both]
-    if divergence:
-        out["divergence_range"] = _paper_divergence(divergence)
-    roles = {}
-    for r in summary["roles"]:
-        if (
-            r["role"] in PAPER_CLAIMS["role_entropy_nats"]
-            and (r["dataset"], int(r["timestep"])) in keep
-        ):
-            roles.setdefault(r["role"], []).append(
-                {
-                    "timestep": r["timestep"],
-                    "n_heads": r["n_heads"],
-                    **{
-                        d: {
-                            "entropy_nats": v["entropy_nats"],
-                            "uniform_nats": v["uniform_nats"],
-                            "entropy_norm": v["entropy_norm"]["mean"],
-                        }
-                        for d, v in r["per_dataset"].items()
-                    },
-                }
-            )
-    out["role_entropy_nats"] = {
-        role: roles.get(role, []) for role in PAPER_CLAIMS["role_entropy_nats"]
-    }
-    ablation = summary.get("ablation")
-    if ablation:
-        out["degradation_range_pct"] = ablation[
-            "degradation_range_pct"
-        ]  # informative timesteps only
-        out["degradation_range_excluded"] = ablation.get("excluded", [])
-    return out
+_OVERLAP_KEYS = ("jaccard", "range_low", "range_high", "ci_low", "ci_high", "resamples", "interval")
 
 
 def build_summary(
@@ -854,11 +716,11 @@ def build_summary(
     tests: pd.DataFrame | None = None,
     critical: pd.DataFrame | None = None,
     seed_variance: pd.DataFrame | None = None,
-    circuits: list[dict] | None = None,
+    circuits: list[CircuitRecord] | None = None,
     datasets: pd.DataFrame | None = None,
     divergence_heads: pd.DataFrame | None = None,
-) -> dict:
-    """The headline of a run: what is known so far, with CIs."""
+) -> Summary:
+    """The headline of a run: what is known so far, with CIs (``summary.to_dict()`` is summary.json)."""
     seed = int(manifest["config"]["seed"])
     correction = manifest["config"].get("correction", "fdr_bh")
     denoising = _denoising(images, seed, correction)
@@ -879,17 +741,17 @@ def build_summary(
     _attach_family_q(headline, divergence_rows, tests)
     pending = [p for p in PENDING_ANALYSES if not done.get(p)]
     described, differences = _datasets(manifest, datasets)
-    summary = {
-        "model": manifest["model"],
-        "seed": seed,
-        "datasets": described,
-        "dataset_differences": differences,  # per image property: b − a, Cohen's d with CI, p, BH q (datasets.parquet)
-        "mean_reference": manifest["config"].get(
+    summary = Summary(
+        model=manifest["model"],
+        seed=seed,
+        datasets=described,
+        dataset_differences=differences,  # per image property: b − a, Cohen's d with CI, p, BH q (datasets.parquet)
+        mean_reference=manifest["config"].get(
             "mean_reference", "insample"
         ),  # mean ablation's reference images
-        "timesteps": manifest["config"]["timesteps"],
-        "denoising": denoising,
-        "uninformative": [
+        timesteps=manifest["config"]["timesteps"],
+        denoising=denoising,
+        uninformative=[
             {
                 "dataset": d["dataset"],
                 "timestep": d["timestep"],
@@ -899,27 +761,26 @@ def build_summary(
             for d in denoising
             if not d["informative"]
         ],
-        "entropy": _entropy(heads, seed),
-        "entropy_by_layer": _entropy_by_layer(heads),
-        "roles": _roles(heads, roles, seed),
-        "role_evidence": _role_evidence(roles),
-        "role_differences": _role_differences(roles),
-        "entropy_divergence": divergence_rows,
-        "entropy_difference_heads": differing,
-        "ablation": _ablation(ablations, critical, seed, informative)
+        entropy=_entropy(heads, seed),
+        entropy_by_layer=_entropy_by_layer(heads),
+        roles=_roles(heads, roles, seed),
+        role_evidence=_role_evidence(roles),
+        role_differences=_role_differences(roles),
+        entropy_divergence=divergence_rows,
+        entropy_difference_heads=differing,
+        ablation=_ablation(ablations, critical, seed, informative)
         if ablations is not None
         else None,
-        "patching": _patching(patching, manifest, seed) if patching is not None else None,
-        "attribution": _attribution(attribution, ablations, seed, informative)
+        patching=_patching(patching, manifest, seed) if patching is not None else None,
+        attribution=_attribution(attribution, ablations, seed, informative)
         if done["attribution"]
         else None,
-        "complexity_ratio": headline,
-        "complexity_measures": measures,
-        "tests": _tests(tests) if tests is not None else None,
-        "seed_variance": _seed_variance(seed_variance) if seed_variance is not None else None,
-        "circuits": _circuits(circuits) if circuits else None,
-        "pending": pending,
-    }
-    summary["paper_comparison"] = _paper_comparison(summary)
-    summary["validity"] = validity(summary, manifest)
-    return summary
+        complexity_ratio=headline,
+        complexity_measures=measures,
+        tests=_tests(tests) if tests is not None else None,
+        seed_variance=_seed_variance(seed_variance) if seed_variance is not None else None,
+        circuits=_circuits(circuits) if circuits else None,
+        pending=pending,
+    )
+    summary = replace(summary, paper_comparison=paper_comparison(summary))
+    return replace(summary, validity=validity(summary, manifest))

@@ -21,23 +21,25 @@ from __future__ import annotations
 
 import math
 
+from diffcircuit.report.result import Summary
+
 __all__ = ["MIN_RESAMPLES", "key_findings_section", "validity", "validity_section"]
 
 MIN_RESAMPLES = 200
 
 
-def _informative(summary: dict) -> dict[tuple[str, int], bool]:
+def _informative(summary: Summary) -> dict[tuple[str, int], bool]:
     """(dataset, timestep) -> whether the model beats the trivial predictor there (True where untested)."""
     return {
         (d["dataset"], int(d["timestep"])): bool(d.get("informative", True))
-        for d in summary.get("denoising") or []
+        for d in summary.denoising or []
     }
 
 
-def _threats(summary: dict, manifest: dict) -> list[dict]:
+def _threats(summary: Summary, manifest: dict) -> list[dict]:
     out = []
     labels = {k: v["spec"] for k, v in manifest["datasets"].items()}
-    for d in summary.get("dataset_differences") or []:
+    for d in summary.dataset_differences or []:
         if d.get("differs"):
             out.append(
                 {
@@ -71,9 +73,7 @@ def _threats(summary: dict, manifest: dict) -> list[dict]:
                     f"({info.get('intervened_in_training_set')} of those intervened on)",
                 }
             )
-    if manifest["config"].get("mean_reference", "insample") == "insample" and summary.get(
-        "ablation"
-    ):
+    if manifest["config"].get("mean_reference", "insample") == "insample" and summary.ablation:
         out.append(
             {
                 "kind": "in_sample_reference",
@@ -95,7 +95,7 @@ def _threats(summary: dict, manifest: dict) -> list[dict]:
                 }
             )
     resamples = int(manifest["config"].get("circuit_resamples", 0))
-    if summary.get("circuits") and resamples < MIN_RESAMPLES:
+    if summary.circuits and resamples < MIN_RESAMPLES:
         out.append(
             {
                 "kind": "few_resamples",
@@ -119,10 +119,10 @@ def _applies(threat: dict, *, datasets=("a", "b"), timestep=None, comparison: bo
     return not ("timestep" in threat and timestep is not None and threat["timestep"] != timestep)
 
 
-def _role_claims(summary: dict, manifest: dict, informative: dict) -> list[dict]:
+def _role_claims(summary: Summary, manifest: dict, informative: dict) -> list[dict]:
     out = []
     cfg = manifest["config"]
-    for e in summary.get("role_evidence") or []:
+    for e in summary.role_evidence or []:
         labelled = {p: c["labelled"] for p, c in e["probes"].items() if c["labelled"]}
         n = manifest["datasets"][e["dataset"]]["n"]
         block = min(n, int(cfg.get("role_null_block") or n))
@@ -157,9 +157,9 @@ def _role_claims(summary: dict, manifest: dict, informative: dict) -> list[dict]
     return out
 
 
-def _divergence_claims(summary: dict, manifest: dict, informative: dict) -> list[dict]:
+def _divergence_claims(summary: Summary, manifest: dict, informative: dict) -> list[dict]:
     out = []
-    for r in summary.get("entropy_divergence") or []:
+    for r in summary.entropy_divergence or []:
         t = int(r["timestep"])
         corrected = "q_value" in r
         p = r["q_value"] if corrected else r.get("p_value")
@@ -198,8 +198,8 @@ def _status(p, can_reject: bool = True, alpha: float = 0.05) -> str:
     return "supported" if p < alpha else "not supported"
 
 
-def _critical_claims(summary: dict, manifest: dict) -> list[dict]:
-    ablation = summary.get("ablation")
+def _critical_claims(summary: Summary, manifest: dict) -> list[dict]:
+    ablation = summary.ablation
     if not ablation:
         return []
     out = []
@@ -238,8 +238,8 @@ def _critical_claims(summary: dict, manifest: dict) -> list[dict]:
     return out
 
 
-def _circuit_claims(summary: dict, informative: dict) -> list[dict]:
-    found = summary.get("circuits")
+def _circuit_claims(summary: Summary, informative: dict) -> list[dict]:
+    found = summary.circuits
     if not found:
         return []
     out = []
@@ -278,8 +278,8 @@ def _circuit_claims(summary: dict, informative: dict) -> list[dict]:
     return out
 
 
-def _complexity_claims(summary: dict, informative: dict) -> list[dict]:
-    ratio = summary.get("complexity_ratio")
+def _complexity_claims(summary: Summary, informative: dict) -> list[dict]:
+    ratio = summary.complexity_ratio
     if not ratio:
         return []
     out = []
@@ -315,9 +315,9 @@ def _complexity_claims(summary: dict, informative: dict) -> list[dict]:
     return out
 
 
-def _descriptive(summary: dict) -> list[dict]:
+def _descriptive(summary: Summary) -> list[dict]:
     out = []
-    if summary.get("patching"):
+    if summary.patching:
         out.append(
             {
                 "claim": "components that move the receiver's output toward the source's (patching)",
@@ -328,7 +328,7 @@ def _descriptive(summary: dict) -> list[dict]:
                 "headline": True,
             }
         )
-    if summary.get("attribution"):
+    if summary.attribution:
         out.append(
             {
                 "claim": "attribution agrees with the exhaustive sweep",
@@ -342,7 +342,7 @@ def _descriptive(summary: dict) -> list[dict]:
     return out
 
 
-def validity(summary: dict, manifest: dict) -> dict:
+def validity(summary: Summary, manifest: dict) -> dict:
     """Every headline claim with its test and the threats that apply to it (module docstring)."""
     informative = _informative(summary)
     threats = _threats(summary, manifest)
@@ -396,11 +396,11 @@ def _cell(x) -> str:
     )
 
 
-def validity_section(summary: dict) -> str:
+def validity_section(summary: Summary) -> str:
     """The report's "Validity" section: one row per claim, and the threats this run detected."""
     import html
 
-    found = summary.get("validity")
+    found = summary.validity
     if not found:
         return ""
     rows = []
@@ -467,10 +467,10 @@ def _finding(claim: dict) -> str:
     )
 
 
-def key_findings_section(summary: dict) -> str:
+def key_findings_section(summary: Summary) -> str:
     """The report's first section: each headline claim in one sentence with its test (from ``summary.validity``),
     supported ones first; descriptive measures and claims kept out of the headline are left to the sections below."""
-    found = summary.get("validity")
+    found = summary.validity
     if not found:
         return ""
     tested = [
