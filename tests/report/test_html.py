@@ -81,3 +81,11 @@ def test_intervals_name_why_they_are_withheld():
         "0.5 <span class='flag'>(no interval: not computed)</span>"
     )
     assert "(no interval: 3 images &lt; 5)" in interval_cell(0.5, 0.1, 0.9, "3 images < 5")
+
+
+def test_the_not_computed_note_lists_what_is_missing_and_is_absent_when_nothing_is():
+    from diffcircuit.report.html import _pending_note
+
+    assert _pending_note([]) == ""  # no dangling "Not computed in this run…: ."
+    note = _pending_note(["patching", "circuits"])
+    assert "Not computed in this run" in note and note.endswith("patching, circuits.</p>")

@@ -104,7 +104,9 @@ def _target(names: tuple[str, ...], registry, model) -> Target:
     return Target(level="set", name=",".join(names), heads=heads)
 
 
-def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
+def _grid_figure(clean: torch.Tensor, changed: torch.Tensor, title: str):
+    """Rows: the clean samples, the intervened ones and their |difference|, scaled so that the largest difference
+    is white (its label says the scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +138,13 @@ def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
             if i == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def _grid_png(clean: torch.Tensor, changed: torch.Tensor, title: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = _grid_figure(clean, changed, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
