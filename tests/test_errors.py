@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError, InputError, ModelError
+from diffcircuit import DiffcircuitError
+from diffcircuit.errors import ConfigError, InputError, ModelError
 
 
 def test_a_config_error_names_its_fields_as_flags_only_where_they_are_words():
@@ -31,7 +32,7 @@ def test_a_field_inside_a_path_stays_a_path():
 
 
 def test_a_missing_or_empty_model_folder_is_a_model_error(tmp_path):
-    from diffcircuit.models.loading import load_denoiser
+    from diffcircuit import load_denoiser
 
     with pytest.raises(ModelError, match="neither an existing folder"):
         load_denoiser(str(tmp_path / "nowhere"))
@@ -40,7 +41,7 @@ def test_a_missing_or_empty_model_folder_is_a_model_error(tmp_path):
 
 
 def test_pickle_weights_without_allow_pickle_are_a_model_error(small_model_dir, small_unet):
-    from diffcircuit.models.loading import load_denoiser
+    from diffcircuit import load_denoiser
 
     unet = small_model_dir / "unet"
     (unet / "diffusion_pytorch_model.safetensors").unlink()
@@ -52,7 +53,7 @@ def test_pickle_weights_without_allow_pickle_are_a_model_error(small_model_dir, 
 
 
 def test_an_image_folder_without_images_is_an_input_error(tmp_path):
-    from diffcircuit.data.spec import load_images
+    from diffcircuit import load_images
 
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(InputError, match="no images"):
@@ -62,8 +63,8 @@ def test_an_image_folder_without_images_is_an_input_error(tmp_path):
 
 
 def test_too_many_faces_names_the_field_n_and_the_cli_the_flag():
+    from diffcircuit import load_images
     from diffcircuit.data.faces import LFW_FACES
-    from diffcircuit.data.spec import load_images
 
     with pytest.raises(ConfigError) as caught:
         load_images("faces", n=LFW_FACES + 1, size=16, channels=3)

@@ -7,13 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from diffcircuit import DiffcircuitError, load_denoiser, model_images, probe_registry
 from diffcircuit.commands.ablate import AblateConfig, run_ablations
-from diffcircuit.errors import DiffcircuitError
-from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
-from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_denoiser
 from diffcircuit.protocol.datasets import first_images, reference_split
 
 N, T = 3, 400

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
+from diffcircuit import DiffcircuitError
 from diffcircuit.commands.discover import DiscoverConfig, run_discovery
-from diffcircuit.errors import DiffcircuitError
 
 
 def _files(root):

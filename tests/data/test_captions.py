@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcircuit.data.spec import load_images
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError, load_images
 
 
 def _folder(root, names):

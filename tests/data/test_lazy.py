@@ -8,7 +8,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from diffcircuit.data.spec import LazyImages, load_images
+from diffcircuit import load_images
+from diffcircuit.data.spec import LazyImages
 from diffcircuit.data.synthetic import synthetic_images
 
 

@@ -14,12 +14,11 @@ import math
 import pytest
 import torch
 
-from diffcircuit import load_denoiser, load_images, probe_registry
+from diffcircuit import Denoiser, load_denoiser, load_images, probe_registry
 from diffcircuit.discovery.circuits import CircuitLoss, grow_circuit, necessary_heads, prune_circuit
 from diffcircuit.discovery.planted import duplicate_head, plant, zero_heads
 from diffcircuit.interventions.ablation import Target, targets
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import Denoiser
 
 T = 300
 

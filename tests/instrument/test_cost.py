@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffcircuit import Denoiser, probe_registry
 from diffcircuit.instrument.cost import count_forwards, output_head
-from diffcircuit.instrument.session import probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import Denoiser
 
 
 def _hooks(net: torch.nn.Module) -> int:

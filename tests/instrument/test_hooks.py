@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffcircuit as dc
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError
 from diffcircuit.instrument.registry import attention_modules
 
 LAYER, HEAD = "down_blocks.1.attentions.0", 2

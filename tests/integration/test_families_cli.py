@@ -206,8 +206,7 @@ def test_run_on_a_latent_dit_encodes_images_with_its_vae_and_probes_the_pixels(
     """DiT-style folder with vae/: the network sees 4x16x16 latents of 32x32 images; probes and figures see pixels."""
     from diffusers import DiTTransformer2DModel
 
-    from diffcircuit.metrics.observe import observe
-    from diffcircuit.models.latent import model_images
+    from diffcircuit import model_images, observe
     from diffcircuit.models.loading import load_conditioned
 
     torch.manual_seed(0)
@@ -260,9 +259,8 @@ def test_each_captioned_image_is_denoised_with_its_own_caption(
     network fed that caption's embeddings (from the text encoder called directly) one image at a time."""
     import transformers
 
-    from diffcircuit.instrument.session import instrument
+    from diffcircuit import instrument, model_images
     from diffcircuit.models.diffusion import add_noise
-    from diffcircuit.models.latent import model_images
     from diffcircuit.models.loading import load_conditioned
     from diffcircuit.models.noise import batch_noise
 
@@ -697,7 +695,7 @@ def test_run_completes_on_a_pixart_transformer_with_prompt_embeddings(pixart_fol
 def test_ablating_a_prompt_token_equals_dropping_it_from_the_prompt(text_pipeline, tmp_path):
     import numpy as np
 
-    from diffcircuit.data.spec import load_images
+    from diffcircuit import load_images
     from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
     from diffcircuit.models.loading import load_conditioned
     from diffcircuit.models.noise import batch_noise
@@ -758,7 +756,7 @@ def test_reweighting_a_prompt_token_from_the_cli_equals_diffusers_own_attention_
 
     import numpy as np
 
-    from diffcircuit.data.spec import load_images
+    from diffcircuit import load_images
     from diffcircuit.models.diffusion import add_noise, eps_mse_per_image
     from diffcircuit.models.loading import load_conditioned
     from diffcircuit.models.noise import batch_noise

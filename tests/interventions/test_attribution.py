@@ -12,12 +12,11 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 from scipy.stats import spearmanr
 
-from diffcircuit import instrument, probe_registry
+from diffcircuit import Denoiser, instrument, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ablation_sweep
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import image_noise
 
 

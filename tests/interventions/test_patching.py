@@ -4,11 +4,10 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit import probe_registry
+from diffcircuit import Denoiser, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.patching import activation_patching
-from diffcircuit.models.loading import Denoiser
 
 
 def _setup(unet):

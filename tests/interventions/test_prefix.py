@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit.models.loading import Denoiser
+from diffcircuit import Denoiser
 
 
 def test_stages_reproduce_the_full_forward(small_unet):

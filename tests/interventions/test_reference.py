@@ -6,14 +6,13 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit import probe_registry
+from diffcircuit import Denoiser, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.discovery.circuits import CircuitLoss
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.attribution import attribution_scores
 from diffcircuit.interventions.sweep import ReferenceImages, ablation_sweep
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import image_noise
 
 LAYER, HEAD, T = "up_blocks.0.attentions.1", 2, 400

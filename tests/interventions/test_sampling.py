@@ -6,10 +6,9 @@ import torch
 from diffusers import DDPMScheduler
 from skimage.metrics import structural_similarity
 
-from diffcircuit import probe_registry
+from diffcircuit import Denoiser, probe_registry
 from diffcircuit.interventions.ablation import targets
 from diffcircuit.interventions.sampling import sample_images, sampling_effect
-from diffcircuit.models.loading import Denoiser
 
 
 @pytest.fixture

@@ -7,11 +7,10 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 
-from diffcircuit import probe_registry
+from diffcircuit import Denoiser, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.instrument.registry import attention_modules
 from diffcircuit.metrics.gallery import attention_maps, object_queries
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import image_noise
 
 

@@ -7,9 +7,8 @@ import pandas as pd
 import torch
 from diffusers import DDPMScheduler
 
+from diffcircuit import Denoiser, observe
 from diffcircuit.data.synthetic import synthetic_images
-from diffcircuit.metrics.observe import observe
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import image_noise
 
 

@@ -14,9 +14,9 @@ import torch
 from scipy import stats
 
 import diffcircuit as dc
-from diffcircuit.instrument.session import instrument, probe_registry
+from diffcircuit import instrument, observe, probe_registry
 from diffcircuit.metrics.attention import CONTENT_PROBES, metrics_from_moments, uniform_moments
-from diffcircuit.metrics.observe import observe, observe_with_null
+from diffcircuit.metrics.observe import observe_with_null
 from diffcircuit.metrics.probes import ProbeFeatures
 from diffcircuit.metrics.roles import CONTENT_ROLES
 from diffcircuit.models.diffusion import add_noise

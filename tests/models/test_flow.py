@@ -12,11 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit import DiffcircuitError, load_denoiser
 from diffcircuit.models.conditioning import Conditioning
 from diffcircuit.models.diffusion import add_noise, implied_x0
 from diffcircuit.models.flow import flow_sigmas
-from diffcircuit.models.loading import load_denoiser
 
 
 def test_the_sigma_grid_is_the_schedulers_own():

@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcircuit.data.spec import load_images
-from diffcircuit.errors import DiffcircuitError
-from diffcircuit.models.latent import model_images
-from diffcircuit.models.loading import load_denoiser
+from diffcircuit import DiffcircuitError, load_denoiser, load_images, model_images
 
 
 def latent_folder(

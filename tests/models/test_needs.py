@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit import DiffcircuitError
+from diffcircuit.errors import ConfigError
 from diffcircuit.models.needs import added_conditions, class_labels, needed_inputs, placeholder_text
 
 

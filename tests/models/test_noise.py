@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit.models.loading import Denoiser
+from diffcircuit import Denoiser
 from diffcircuit.models.noise import batch_rows, image_noise, noisy_batch, noisy_batches
 
 

@@ -50,10 +50,8 @@ def test_captions_of_different_lengths_are_masked_per_image_and_normalised_by_th
     """PixArt captions keep the pipeline's padding mask per image: each image's cross-attention entropy is measured
     over its own caption's tokens (checked against the network fed that caption alone) and normalised by their
     number."""
-    from diffcircuit.instrument.session import instrument
-    from diffcircuit.metrics.observe import observe
+    from diffcircuit import instrument, model_images, observe
     from diffcircuit.models.diffusion import add_noise
-    from diffcircuit.models.latent import model_images
     from diffcircuit.models.loading import load_conditioned, use_captions
     from diffcircuit.models.noise import batch_noise
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffcircuit import DiffcircuitError, instrument, probe_registry
+from diffcircuit import Denoiser, DiffcircuitError, instrument, probe_registry
 from diffcircuit.data.synthetic import synthetic_images
 from diffcircuit.models.diffusion import add_noise
-from diffcircuit.models.loading import Denoiser
 from diffcircuit.models.noise import batch_noise
 from diffcircuit.protocol.activations import ActivationCache, cache_activations
 

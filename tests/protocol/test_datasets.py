@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcircuit import DiffcircuitError
-from diffcircuit.data.spec import ImageSet
-from diffcircuit.protocol.config import RunConfig
+from diffcircuit import DiffcircuitError, ImageSet, RunConfig
 from diffcircuit.protocol.datasets import datasets_table, load_datasets, training_overlap
 
 EMBEDDED = (

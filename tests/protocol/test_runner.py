@@ -50,7 +50,7 @@ def test_the_finish_step_runs_while_the_directory_is_still_the_runs(
     second claim during the finish step is refused, and one after it succeeds."""
     import pytest
 
-    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit import DiffcircuitError
     from diffcircuit.protocol.store import claim_directory
 
     out = tmp_path / "run"

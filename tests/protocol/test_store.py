@@ -35,7 +35,7 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask, mode
 
 
 def test_a_directory_is_claimed_by_one_process_at_a_time(tmp_path):
-    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit import DiffcircuitError
     from diffcircuit.protocol.store import claim_directory
 
     with claim_directory(tmp_path / "out"):
@@ -53,7 +53,7 @@ def test_a_directory_is_claimed_by_one_process_at_a_time(tmp_path):
 def test_a_command_claims_its_directory_with_its_config(tmp_path):
     import json
 
-    from diffcircuit.errors import DiffcircuitError
+    from diffcircuit import DiffcircuitError
     from diffcircuit.protocol.store import claim_command
 
     with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}):
