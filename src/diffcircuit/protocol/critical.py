@@ -15,10 +15,10 @@ from diffcircuit.protocol._resampling import N_RESAMPLES
 from diffcircuit.protocol.roles import pivot_means
 from diffcircuit.stats.tests import correct_pvalues, random_set_tests
 
-__all__ = ["critical_table"]
+__all__ = ["critical_table", "informative_rows"]
 
 
-def _informative_rows(
+def informative_rows(
     frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None
 ) -> pd.DataFrame:
     """Rows of (dataset, timestep) pairs in ``informative`` (all rows when it is None)."""
@@ -105,7 +105,7 @@ def critical_table(
     (``frac_sets_beaten``), not called critical, by this null.
     """
     keys = ["level", "target", "n_heads", "method", "also_named"]
-    rows = _informative_rows(
+    rows = informative_rows(
         ablations[
             [
                 c

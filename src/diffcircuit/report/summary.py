@@ -22,6 +22,7 @@ from diffcircuit.protocol.analyses import (
     mean_divergence_test,
 )
 from diffcircuit.protocol.circuits import CircuitRecord
+from diffcircuit.protocol.critical import informative_rows
 from diffcircuit.report.paper import paper_comparison
 from diffcircuit.report.result import Summary
 from diffcircuit.report.validity import validity
@@ -74,17 +75,6 @@ def _denoising(images: pd.DataFrame, seed: int, correction: str = "fdr_bh") -> l
         }
         out.append(entry)
     return out
-
-
-def _informative_rows(
-    frame: pd.DataFrame, informative: frozenset[tuple[str, int]] | None
-) -> pd.DataFrame:
-    if informative is None:
-        return frame
-    keep = pd.MultiIndex.from_arrays([frame.dataset, frame.timestep.astype(int)]).isin(
-        list(informative)
-    )
-    return frame[keep]
 
 
 def _entropy(heads: pd.DataFrame, seed: int) -> list[dict]:
@@ -291,7 +281,7 @@ def _ablation(
     """
     named = ablations[ablations.level != "random"]
     pairs = _pairs(named)
-    ablations = _informative_rows(named, informative)
+    ablations = informative_rows(named, informative)
     used = _pairs(ablations)
     per_target = (
         ablations.groupby(["level", "method", "target"], sort=False)["degradation_pct"]
