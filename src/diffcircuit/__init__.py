@@ -55,17 +55,12 @@ def run(out_dir, config: RunConfig | None = None, *, progress=None, **fields) ->
     """The main job end to end: observe, intervene, test; write the run directory, ``summary.json`` and
     ``report.html``; return the typed result. ``fields`` are ``RunConfig`` field names, on top of ``config``
     (default: the defaults), e.g. ``dc.run("runs/x", n=8, timesteps=[500], ablate_n=0)``; a killed run resumes."""
-    import dataclasses
-
     from diffcircuit.protocol.runner import run_protocol
     from diffcircuit.report import finalize_run
 
     if isinstance(out_dir, RunConfig):  # the older order, run(config, out_dir)
         out_dir, config = config, out_dir
-    if fields:
-        config = (
-            dataclasses.replace(config, **fields)
-            if config is not None
-            else RunConfig.from_mapping(fields, source="run()")
-        )
+    if fields:  # parsed and validated as a config file's values are: unknown names and bad values are named
+        base = config.to_dict() if config is not None else {}
+        config = RunConfig.from_mapping(base | fields, source="run()")
     return run_protocol(config or RunConfig(), out_dir, progress=progress, finish=finalize_run)

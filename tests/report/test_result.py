@@ -75,3 +75,12 @@ def test_config_and_fields_combine_and_the_old_argument_order_still_works(
     assert again.summary == first.summary
     with pytest.raises(dc.DiffcircuitError, match="different config"):
         dc.run(tmp_path / "a", cfg, seed=1)  # a field on top of the config: another config
+
+
+def test_fields_on_top_of_a_config_are_parsed_and_named_like_a_config_files(tmp_path):
+    cfg = dc.RunConfig(n=3, ablate_n=0, timesteps=(20,))
+    with pytest.raises(dc.DiffcircuitError, match="no_such_field"):
+        dc.run(tmp_path / "a", cfg, no_such_field=1)  # a typo: named, not a TypeError
+    with pytest.raises(dc.DiffcircuitError, match="timesteps.*outside"):
+        dc.run(tmp_path / "b", cfg, timesteps="100,2000")  # parsed as "100,2000", then range-checked
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
