@@ -101,3 +101,28 @@ def test_sampling_with_each_target_ablated_reports_its_steps_out_of_a_known_tota
     assert {total for _, total in steps} == {2 * 2}  # one target: clean and ablated, 2 steps each
     assert sum(k for k, _ in steps) == 4
     assert len(pd.read_parquet(tmp_path / "out" / "tables" / "sampling.parquet")) == 1
+
+
+def test_ablate_resumes_a_finished_directory_and_refuses_another_config(
+    small_model_dir, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import diffcircuit.commands.ablate as command
+
+    cfg = AblateConfig(
+        model=str(small_model_dir), data="synthetic", n=2, levels=("layer",), timesteps=(500,)
+    )
+    out = tmp_path / "out"
+    first = run_ablations(cfg, out)
+    record = (out / "ablate.json").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished ablation was computed again")
+
+    monkeypatch.setattr(command, "ablation_sweep", refuse)
+    for again in (cfg, dataclasses.replace(cfg, batch_size=1)):  # the batch size changes no result
+        pd.testing.assert_frame_equal(run_ablations(again, out), first)
+    assert (out / "ablate.json").read_bytes() == record
+    with pytest.raises(DiffcircuitError, match="different config"):
+        run_ablations(dataclasses.replace(cfg, seed=1), out)

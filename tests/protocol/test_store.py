@@ -61,10 +61,16 @@ def test_a_command_claims_its_directory_with_its_config(tmp_path):
             "n": 2,
             "timesteps": [500],
         }
+    with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}) as finished:
+        assert not finished  # the same config, unfinished: it runs again
+    record = json.loads((tmp_path / "ablate.json").read_text())
+    (tmp_path / "ablate.json").write_text(json.dumps(record | {"finished": True}))
+    with claim_command(tmp_path, "ablate", {"n": 2, "timesteps": (500,)}) as finished:
+        assert finished  # finished: the caller reads its results back
     with claim_command(
-        tmp_path, "ablate", {"n": 2, "timesteps": (500,)}
-    ):  # the same config runs again
-        pass
+        tmp_path, "ablate", {"n": 2, "timesteps": [500], "batch_size": 8}, ignore=("batch_size",)
+    ) as finished:
+        assert finished  # a setting that changes no result is not another config
     with pytest.raises(DiffcircuitError, match="different config"):
         with claim_command(tmp_path, "ablate", {"n": 3, "timesteps": (500,)}):
             pass

@@ -16,6 +16,7 @@ from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import unconditional_input
 from diffcircuit.models.spec import MODEL_HELP, ModelSpec
+from diffcircuit.protocol.config import NOT_RESULTS
 from diffcircuit.protocol.datasets import reference_split
 from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
@@ -181,9 +182,13 @@ def run_ablations(
         cfg, registry, den.network, den.conditioning.tokens if den.conditioning else ()
     )
     out = Path(out_dir)
-    with claim_command(
-        out, "ablate", asdict(cfg)
-    ):  # the inputs are valid: the directory is this command's
+    table_path = out / "tables" / "ablations.parquet"
+    # the inputs are valid: the directory is this command's
+    with claim_command(out, "ablate", asdict(cfg), ignore=NOT_RESULTS) as finished:
+        if (
+            finished and table_path.exists()
+        ):  # the same config finished here: its results, read back
+            return pd.read_parquet(table_path)
         with setup.autocast():
             table = ablation_sweep(
                 den,
@@ -198,7 +203,7 @@ def run_ablations(
                 progress=progress,
                 reference=reference,
             )
-        write_parquet(out / "tables" / "ablations.parquet", table)
+        write_parquet(table_path, table)
         if cfg.sample > 0:
             with setup.autocast():
                 effects = [

@@ -26,6 +26,7 @@ Output directory::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ from diffcircuit.protocol.circuits import (
     circuit_complexity,
     discover_circuits,
     importance_rows,
+    window_name,
 )
-from diffcircuit.protocol.config import MEAN_REFERENCES, SYNTHETIC_COLORS, RunConfig
+from diffcircuit.protocol.config import MEAN_REFERENCES, NOT_RESULTS, SYNTHETIC_COLORS, RunConfig
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import (
     head_roles_table,
@@ -230,6 +232,30 @@ def _ranking_name(cfg: DiscoverConfig) -> str:
     return "attribution: first order, mean ablation"
 
 
+def _finished(out: Path, windows, labels: dict[str, str]) -> DiscoveryResult:
+    """A finished discovery's result, read back from its directory (circuits in the order they were found:
+    window by window, dataset by dataset)."""
+    order = {window_name(w): i for i, w in enumerate(windows)}
+    circuits = sorted(
+        (
+            CircuitRecord.from_dict(json.loads(p.read_text()))
+            for p in (out / "circuits").glob("*.json")
+        ),
+        key=lambda c: (order.get(c.window, len(order)), c.dataset),
+    )
+    tables = {
+        name: pd.read_parquet(out / "tables" / f"{name}.parquet")
+        for name in ("circuits", "circuit_curves", "head_roles")
+    }
+    return DiscoveryResult(
+        circuits=circuits,
+        table=tables["circuits"],
+        curves=tables["circuit_curves"],
+        roles=tables["head_roles"],
+        labels=labels,
+    )
+
+
 def run_discovery(
     cfg: DiscoverConfig,
     out_dir: str | Path,
@@ -270,11 +296,13 @@ def run_discovery(
 
         return step
 
+    windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
     with (
-        claim_command(Path(out_dir), "discover", asdict(cfg)),
+        claim_command(Path(out_dir), "discover", asdict(cfg), ignore=NOT_RESULTS) as finished,
         setup.autocast(),
     ):  # the inputs are valid: ours now
-        windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
+        if finished:  # the same config finished here: its results, read back
+            return _finished(Path(out_dir), windows, specs)
         observe_step = stage("observe", len(sets) * cfg.n * len(cfg.timesteps))
         found = {
             k: observe_with_null(

@@ -13,6 +13,7 @@ __all__ = [
     "ANALYSES",
     "FIELD_HELP",
     "MEAN_REFERENCES",
+    "NOT_RESULTS",
     "PRESETS",
     "RunConfig",
     "SYNTHETIC_COLORS",
@@ -41,6 +42,20 @@ SYNTHETIC_COLORS = (
     "gray",
 )  # auto: gray when the other dataset is grayscale (R = G = B)
 MEAN_REFERENCES = ("heldout", "pooled", "insample")
+
+
+# settings that change how a result is computed, never what it is (``RunConfig.results_key``; the commands'
+# directory claims): a run or command resumed with other values of these continues the same results
+NOT_RESULTS = (
+    "batch_size",
+    "device",
+    "capture",
+    "backend",
+    "ray_address",
+    "workers",
+    "threads",
+    "shard_images",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,16 +276,7 @@ class RunConfig(ModelSpec):
         """The settings that change results (not batch size, device, capture path, backend, workers or
         sharding, which must not; CPU results are bit-identical for the same thread count)."""
         d = self.to_dict()
-        for k in (
-            "batch_size",
-            "device",
-            "capture",
-            "backend",
-            "ray_address",
-            "workers",
-            "threads",
-            "shard_images",
-        ):
+        for k in NOT_RESULTS:
             d.pop(k)
         return d
 

@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -195,11 +195,19 @@ _RECORDS = (
 
 
 @contextmanager
-def claim_command(out_dir: Path, command: str, config: dict) -> Iterator[Path]:
+def claim_command(
+    out_dir: Path, command: str, config: dict, *, ignore: Collection[str] = ()
+) -> Iterator[bool]:
     """``claim_directory`` for a command that writes ``<command>.json`` (its config) first: a directory holding
-    another command's results, or this command's with another config, is refused; the same config is run again
-    (deterministic: the same files, nothing stale beside them)."""
+    another command's results, or this command's with another config (compared without the ``ignore`` keys:
+    settings that do not change results, such as the batch size or the device), is refused. Yields whether
+    the directory already holds this command's finished results for this config: the caller may read them
+    back instead of computing them again (a resume); otherwise it computes them and writes its record."""
     config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
+
+    def key(values: dict | None) -> dict | None:
+        return None if values is None else {k: v for k, v in values.items() if k not in ignore}
+
     with claim_directory(out_dir, command):
         record = Path(out_dir) / f"{command}.json"
         other = [
@@ -210,19 +218,21 @@ def claim_command(out_dir: Path, command: str, config: dict) -> Iterator[Path]:
                 f"{out_dir} holds the results of another command ({other[0]}); choose another output "
                 "directory"
             )
+        finished = False
         if record.exists():
             try:
-                old = json.loads(record.read_text()).get("config")
+                old = json.loads(record.read_text())
             except ValueError:
-                old = None
-            if old != config:
+                old = {}
+            if key(old.get("config")) != key(config):
                 raise DiffcircuitError(
                     f"{out_dir} holds a {command} with a different config ({record.name}); choose "
                     "another output directory"
                 )
+            finished = bool(old.get("finished"))
         else:
             write_json(record, {"config": config, "finished": False})
-        yield Path(out_dir)
+        yield finished
 
 
 def check_writable(path: Path) -> None:
