@@ -60,9 +60,8 @@ def run(out_dir, config: RunConfig | None = None, *, progress=None, **fields) ->
 
     if isinstance(out_dir, RunConfig):  # the older order, run(config, out_dir)
         out_dir, config = config, out_dir
-    if (
-        fields
-    ):  # parsed and validated as a config file's values are: unknown names and bad values are named
+    if fields:
+        # parsed and validated as a config file's values are: unknown names and bad values are named
         base = config.to_dict() if config is not None else {}
         config = RunConfig.from_mapping(base | fields, source="run()")
     return run_protocol(config or RunConfig(), out_dir, progress=progress, finish=finalize_run)

@@ -82,7 +82,5 @@ def test_fields_on_top_of_a_config_are_parsed_and_named_like_a_config_files(tmp_
     with pytest.raises(dc.DiffcircuitError, match="no_such_field"):
         dc.run(tmp_path / "a", cfg, no_such_field=1)  # a typo: named, not a TypeError
     with pytest.raises(dc.DiffcircuitError, match="timesteps.*outside"):
-        dc.run(
-            tmp_path / "b", cfg, timesteps="100,2000"
-        )  # parsed as "100,2000", then range-checked
+        dc.run(tmp_path / "b", cfg, timesteps="100,2000")  # parsed, then range-checked
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
