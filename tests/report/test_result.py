@@ -71,6 +71,7 @@ def test_config_and_fields_combine_and_the_old_argument_order_still_works(
     )
     first = dc.run(tmp_path / "a", cfg)
     assert first.manifest["config"]["timesteps"] == [20]
+    assert "Not run: ablate_n = 0" in first.report.read_text()  # the reason this run had
     again = dc.run(cfg, tmp_path / "a")  # run(config, out_dir), as before: the same config resumes
     assert again.summary == first.summary
     with pytest.raises(dc.DiffcircuitError, match="different config"):

@@ -92,6 +92,7 @@ def finalize_run(run_dir: str | Path) -> RunResult:
         tests=optional.get("tests"),
         token_heatmaps=optional.get("token_heatmaps"),
         cost=manifest.get("cost"),
+        config=manifest.get("config"),
         attribution=optional.get("attribution"),
         patching=optional.get("patching"),
     )

@@ -390,8 +390,10 @@ def write_report(
     cost: dict | None = None,
     attribution: pd.DataFrame | None = None,
     patching: pd.DataFrame | None = None,
+    config: dict | None = None,
 ) -> Path:
-    """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``."""
+    """Write the figures (``figures/*.png``) and ``report.html`` into ``run_dir``; ``config`` is the run's
+    (``manifest.json``'s), for the reason an analysis is missing."""
     labels = {k: v["spec"] for k, v in summary.datasets.items()}
     figures = {
         "entropy_heatmap": entropy_heatmap(heads, labels),
@@ -424,7 +426,7 @@ def write_report(
         role_evidence=_role_evidence_section(summary),
         role_png=b64["role_map"],
         divergence_section=_divergence_section(summary, b64["divergence"]),
-        ablation_section=ablation_section(summary, b64.get("ablation_heads")),
+        ablation_section=ablation_section(summary, b64.get("ablation_heads"), config),
         patching_section=patching_section(summary),
         attribution_section=attribution_section(summary),
         complexity_section=complexity_section(summary, tests),

@@ -25,6 +25,7 @@ __all__ = [
     "attribution_section",
     "circuit_section",
     "complexity_section",
+    "not_run_reason",
     "paper_section",
     "patching_section",
 ]
@@ -57,10 +58,24 @@ def _critical_rows(ab: dict) -> str:
     )
 
 
-def ablation_section(summary: Summary, png: str | None) -> str:
+def not_run_reason(config: dict | None, analysis: str) -> str:
+    """Why an intervention analysis did not run, from the run's config (``manifest.json``'s)."""
+    if config is None:
+        return "not selected, or ablate_n = 0"
+    if analysis not in config.get("analyses", (analysis,)):
+        return f"{analysis} is not among this run's analyses ({', '.join(config['analyses']) or 'none'})"
+    if config.get("ablate_n") == 0:
+        return "ablate_n = 0: no images were set aside for interventions"
+    return "not applicable to this run"
+
+
+def ablation_section(summary: Summary, png: str | None, config: dict | None = None) -> str:
+    """The ablations: ranges, the largest effects, the critical components against the random-set null;
+    ``config`` (the run's) says why they are missing when they are."""
     ab = summary.ablation
     if not ab:
-        return "<h2>Ablations</h2><p class='note'>Not run (--ablate-n 0).</p>"
+        reason = html.escape(not_run_reason(config, "ablation"), quote=False)
+        return f"<h2>Ablations</h2><p class='note'>Not run: {reason}.</p>"
     ranges = "".join(
         f"<tr><td>{html.escape(level)}</td><td>{html.escape(m)}</td><td>{lo:.2f} %</td><td>{hi:.2f} %</td></tr>"
         for level, by_method in ab["degradation_range_pct"].items()
