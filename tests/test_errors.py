@@ -133,3 +133,44 @@ def test_a_ray_cluster_without_the_device_names_the_field_device(monkeypatch):
     with pytest.raises(ConfigError, match="no CPUs for device cpu$") as caught:
         RayBackend(dc.RunConfig(n=2, ablate_n=1, device="cpu"), logging.getLogger("test"))
     assert caught.value.with_flags().endswith("no CPUs for --device cpu")
+
+
+LIBRARY_RAISES = {"ConfigError", "InputError", "ModelError", "IndexError", "TypeError"}
+
+
+def _library_raises():
+    """Every ``raise X(...)`` in the library (not the CLI's modules), with the text of its string arguments."""
+    import ast
+    from pathlib import Path
+
+    import diffcircuit
+
+    root = Path(diffcircuit.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        if path.name.startswith("cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                func = node.exc.func
+                name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "?")
+                text = " ".join(
+                    part.value
+                    for arg in node.exc.args
+                    for part in ast.walk(arg)
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str)
+                )
+                yield f"{path.relative_to(root)}:{node.lineno}", name, text
+
+
+def test_library_errors_are_our_subclasses_and_name_no_command_line_flag():
+    """Bad input, a bad setting or a model that cannot run raise InputError, ConfigError or ModelError (the CLI's
+    one-line handler catches them; a bare ValueError would be a traceback); IndexError and TypeError keep their
+    Python meaning (indexing, a wrong type). Messages name config fields, never ``--flags``."""
+    import re
+
+    found = list(_library_raises())
+    assert len(found) > 100  # the walk sees the library
+    wrong_kind = [(where, name) for where, name, _ in found if name not in LIBRARY_RAISES]
+    assert wrong_kind == []
+    flags = [(where, text) for where, _, text in found if re.search(r"(?<![\w-])--[a-z]", text)]
+    assert flags == []

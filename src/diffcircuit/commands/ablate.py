@@ -120,10 +120,11 @@ def _chosen(cfg: AblateConfig, registry, model, tokens: tuple[str, ...]) -> list
     for name in cfg.names:
         target = every.get(name) or token_target(registry, name, len(tokens))
         if target is None:
-            raise DiffcircuitError(
+            raise ConfigError(
                 f"{name!r} is not a head address, attention layer, block, ResNet block or prompt "
                 "token (token:J, token:J*W to reweight, @LAYER[:HEAD] to act there only) of this model; "
-                "`diffcircuit info` lists them"
+                "`diffcircuit info` lists them",
+                "names",
             )
         chosen.append(target)
     if not chosen:
@@ -174,7 +175,7 @@ def run_ablations(
     images, references = reference_split(setup.sets, cfg.n, "heldout" if held_out else "insample")
     images, reference = images[cfg.data], (references or {}).get(cfg.data)
     if images.captions and "token" in (*cfg.levels, *(name.split(":")[0] for name in cfg.names)):
-        raise DiffcircuitError(
+        raise ConfigError(
             f"{cfg.data} has a caption per image: token J is a different word in each, so token "
             "ablation needs one shared prompt and a folder without captions"
         )

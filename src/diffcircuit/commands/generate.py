@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError, InputError
+from diffcircuit.errors import ConfigError, InputError
 from diffcircuit.interventions.ablation import LEVELS, Target, targets
 from diffcircuit.interventions.sampling import SAMPLING_METHODS, controlled_samples, sample_metrics
 from diffcircuit.models.loading import unconditional_input
@@ -89,14 +89,15 @@ def _target(names: tuple[str, ...], registry, model) -> Target:
     every = {t.name: t for level in LEVELS for t in targets(registry, level, model)}
     unknown = [n for n in names if n not in every]
     if unknown:
-        raise DiffcircuitError(
+        raise ConfigError(
             f"{unknown[0]!r} is not a head address, attention layer, block or ResNet block of this "
-            "model; `diffcircuit info` lists them"
+            "model; `diffcircuit info` lists them",
+            "ablate",
         )
     chosen = [every[n] for n in names]
     if any(t.level == "resnet" for t in chosen):
         if len(chosen) > 1:
-            raise DiffcircuitError("a ResNet block can only be intervened on alone")
+            raise ConfigError("a ResNet block can only be intervened on alone", "ablate")
         return chosen[0]
     if len(chosen) == 1:
         return chosen[0]
@@ -165,7 +166,7 @@ def run_generate(cfg: GenerateConfig, out: str | Path, *, progress=None) -> Gene
     )
     target = _target(cfg.ablate, registry, den.network)
     if target.level == "resnet" and cfg.method != "zero":
-        raise DiffcircuitError("ResNet blocks can only be zero-ablated while sampling")
+        raise ConfigError("ResNet blocks can only be zero-ablated while sampling", "method")
     with setup.autocast():
         clean, changed = controlled_samples(
             den,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError, ModelError
 
 __all__ = ["HeadAddress", "HeadRegistry", "LayerInfo", "attention_modules", "layer_kind"]
 
@@ -122,7 +122,7 @@ class HeadRegistry:
                 )
             )
         if not layers:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{type(model).__name__} has no diffusers Attention modules to analyse"
             )
         return cls(layers)
@@ -139,7 +139,7 @@ class HeadRegistry:
         try:
             return self._by_name[name]
         except KeyError:
-            raise DiffcircuitError(
+            raise ConfigError(
                 f"no attention layer {name!r}; `diffcircuit info` lists them"
             ) from None
 
@@ -150,11 +150,11 @@ class HeadRegistry:
         else:
             layer, sep, head_text = str(address).rpartition(":")
             if not sep or not head_text.isdigit():
-                raise DiffcircuitError(
+                raise ConfigError(
                     f"head address {address!r} is not of the form '<layer>:<head index>'"
                 )
             head = int(head_text)
         info = self.layer(layer)
         if not 0 <= head < info.heads:
-            raise DiffcircuitError(f"layer {layer!r} has heads 0..{info.heads - 1}, not {head}")
+            raise ConfigError(f"layer {layer!r} has heads 0..{info.heads - 1}, not {head}")
         return HeadAddress(layer=layer, head=head)

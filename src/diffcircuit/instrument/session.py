@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, ModelError
 from diffcircuit.instrument.capture import CAPTURE_STATISTICS
 from diffcircuit.instrument.hooks import Hook, HookContext, replace, scale
 from diffcircuit.instrument.processor import (
@@ -228,7 +228,7 @@ class InstrumentSession:
             new = hook(out, HookContext(address=layer, layer=layer, head=None, batch=out.shape[0]))
             if new is not None:
                 if tuple(new.shape) != tuple(out.shape):
-                    raise DiffcircuitError(
+                    raise ConfigError(
                         f"the hook on {layer} returned shape {list(new.shape)}, not {list(out.shape)}"
                     )
                 out = new.to(out)
@@ -270,7 +270,7 @@ class InstrumentSession:
         """
         known = (*CAPTURE_STATISTICS, "head_out")
         if stat not in known:
-            raise DiffcircuitError(f"no statistic {stat!r}: the session records {', '.join(known)}")
+            raise ConfigError(f"no statistic {stat!r}: the session records {', '.join(known)}")
         recorded = self._records.pop(stat, {})
         # one forward: the recorded tensor itself (attached to the graph with keep_graph), else concatenated
         out = {
@@ -299,7 +299,7 @@ def _hook_addresses(registry: HeadRegistry, hooks: dict | None) -> dict:
     out: dict[HeadAddress | str, Callable] = {}
     for address, fn in (hooks or {}).items():
         if not callable(fn):
-            raise DiffcircuitError(f"the hook for {address} is not callable")
+            raise ConfigError(f"the hook for {address} is not callable")
         text = str(address)
         if isinstance(address, HeadAddress) or ":" in text:
             out[registry.parse(address)] = fn
@@ -385,7 +385,7 @@ def instrument(
         ):  # e.g. flash: not what we run
             kind = None
         if kind is None:
-            raise DiffcircuitError(
+            raise ModelError(
                 f"{name} runs {type(original).__name__}, which diffcircuit cannot reproduce yet; "
                 "its heads cannot be instrumented"
             )
@@ -417,7 +417,7 @@ def probe_registry(
     net = _network(model)
     if sample is None:
         if not isinstance(model, Denoiser):
-            raise DiffcircuitError("probe_registry on a bare network needs a sample input")
+            raise ConfigError("probe_registry on a bare network needs a sample input")
         sample = torch.zeros(1, model.in_channels, model.sample_size, model.sample_size)
     device = next(net.parameters()).device
     sample = sample.to(device)

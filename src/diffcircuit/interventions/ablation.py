@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, ModelError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry
 
 __all__ = [
@@ -167,7 +167,7 @@ def targets(
             if name is not None
         ]  # padding positions are keys too, but no word
         return [t for t in found if t is not None]
-    raise DiffcircuitError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
+    raise ConfigError(f"unknown ablation level {level!r}; choose from {', '.join(LEVELS)}")
 
 
 def distinct_targets(named: list[Target]) -> tuple[list[Target], dict[str, tuple[str, ...]]]:
@@ -212,7 +212,7 @@ def resnet_intervention(
         getattr(module, "upsample", None) is not None
         or getattr(module, "downsample", None) is not None
     ):
-        raise DiffcircuitError("ResNet blocks that resample internally cannot be ablated yet")
+        raise ModelError("ResNet blocks that resample internally cannot be ablated yet")
 
     def hook(mod, args, output):
         x = args[0]

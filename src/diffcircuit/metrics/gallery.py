@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry, attention_modules, layer_kind
 from diffcircuit.instrument.session import probe_registry
 from diffcircuit.models.noise import noisy_batch
@@ -138,9 +138,7 @@ def _inputs(denoiser, images, timestep, seed: int, dataset: str, x_t, t):
     """``(x_t, t, rows)``: the caller's noisy inputs, or ``images`` noised at ``timestep`` (each its seeded draw)."""
     if x_t is not None:
         if t is None:
-            raise DiffcircuitError(
-                "attention maps at given inputs x_t need their timestep indices t"
-            )
+            raise ConfigError("attention maps at given inputs x_t need their timestep indices t")
         t = (
             torch.as_tensor(t).expand(len(x_t))
             if torch.as_tensor(t).ndim == 0
@@ -148,9 +146,7 @@ def _inputs(denoiser, images, timestep, seed: int, dataset: str, x_t, t):
         )
         return x_t, t, (dataset, np.arange(len(x_t)))
     if images is None or timestep is None:
-        raise DiffcircuitError(
-            "attention maps need images and a timestep, or noisy inputs x_t and t"
-        )
+        raise ConfigError("attention maps need images and a timestep, or noisy inputs x_t and t")
     batch = noisy_batch(
         denoiser, images, np.arange(len(images)), timestep, seed=seed, dataset=dataset
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import ConfigError
 
 __all__ = ["Captions", "Conditioning", "conditioning_kwargs"]
 
@@ -70,5 +70,5 @@ def conditioning_kwargs(
         return value.to(device).expand(batch, *value.shape[1:])
 
     if rows is not None and len(rows) != batch:
-        raise DiffcircuitError(f"a batch of {batch} images was given {len(rows)} captioned rows")
+        raise ConfigError(f"a batch of {batch} images was given {len(rows)} captioned rows")
     return {name: expand(value) for name, value in conditioning.kwargs.items()}

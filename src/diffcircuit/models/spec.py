@@ -158,7 +158,7 @@ def config_from_mapping(
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"{source}: " if source is not None else ""
-        raise DiffcircuitError(
+        raise ConfigError(
             f"{where}unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
         )
     return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})

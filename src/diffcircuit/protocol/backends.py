@@ -86,8 +86,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError):
-        raise DiffcircuitError(
-            f"cannot reach the Ray cluster at {address} (expected HOST:PORT or ray://HOST:PORT)"
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} (expected HOST:PORT or ray://HOST:PORT)",
+            "ray_address",
         ) from None
 
 
@@ -98,9 +99,7 @@ class RayBackend:
         try:
             import ray
         except ImportError:
-            raise DiffcircuitError(
-                "the ray backend needs Ray: pip install 'diffcircuit[ray]'"
-            ) from None
+            raise ConfigError("the ray backend needs Ray: pip install 'diffcircuit[ray]'") from None
         import torch
 
         self.ray, self.log = ray, log
@@ -116,9 +115,10 @@ class RayBackend:
                     configure_logging=False,
                 )
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise DiffcircuitError(
+                raise ConfigError(
                     f"cannot start or join Ray at {cfg.ray_address or 'a local instance'}: "
-                    f"{str(exc).splitlines()[0]}"
+                    f"{str(exc).splitlines()[0]}",
+                    "ray_address",
                 ) from None
         cuda = torch.device(cfg.torch_device).type == "cuda"
         available = float(ray.cluster_resources().get("GPU" if cuda else "CPU", 0))

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError, InputError
 from diffcircuit.models.spec import MODEL_HELP, ModelSpec, config_from_mapping
 
 __all__ = [
@@ -26,12 +26,13 @@ __all__ = [
 def parse_timesteps(text: str) -> tuple[int, ...]:
     """``"100,500,900"`` -> ``(100, 500, 900)``; a clear error for anything else (an empty part included)."""
     if not str(text).strip():
-        raise DiffcircuitError("give at least one timestep, e.g. 100,500,900")
+        raise ConfigError("give at least one timestep, e.g. 100,500,900", "timesteps")
     try:
         return tuple(int(part) for part in str(text).split(","))
     except ValueError:
-        raise DiffcircuitError(
-            f"timesteps must be comma-separated integers like 100,500,900, not {text!r}"
+        raise ConfigError(
+            f"timesteps must be comma-separated integers like 100,500,900, not {text!r}",
+            "timesteps",
         ) from None
 
 
@@ -289,16 +290,16 @@ def load_config_file(path: str | Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise DiffcircuitError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DiffcircuitError(f"config {path} is not valid YAML{where}: {problem}") from None
+        raise InputError(f"config {path} is not valid YAML{where}: {problem}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise DiffcircuitError(f"config {path} must be a mapping of keys to values")
+        raise InputError(f"config {path} must be a mapping of keys to values")
     return values
 
 
@@ -355,7 +356,7 @@ def default_config_yaml(preset: str = "demo") -> str:
     import yaml
 
     if preset not in PRESETS:
-        raise DiffcircuitError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", "preset")
     lines = [
         "# diffcircuit run configuration. Command-line flags override these keys.",
         f"# preset: {preset}"

@@ -22,7 +22,7 @@ import pandas as pd
 
 from diffcircuit.data.provenance import in_training_set, read_training_record
 from diffcircuit.data.spec import ImageSet, is_grayscale
-from diffcircuit.errors import ConfigError, DiffcircuitError
+from diffcircuit.errors import ConfigError
 from diffcircuit.interventions.sweep import ReferenceImages
 from diffcircuit.metrics.image_stats import IMAGE_PROPERTIES, image_properties
 from diffcircuit.models.latent import model_images
@@ -109,7 +109,7 @@ def reference_split(
         return evaluated, None
     short = [s.spec for s in sets.values() if len(s) <= n]
     if short:
-        raise DiffcircuitError(
+        raise ConfigError(
             f"mean_reference {mean_reference!r} takes the mean from images after the first {n} "
             f"evaluated ones, and {short[0]} has no more: lower n or use mean_reference insample",
             "n",

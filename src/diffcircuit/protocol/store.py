@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcircuit.errors import DiffcircuitError, InputError
+from diffcircuit.errors import InputError
 
 __all__ = [
     "Shards",
@@ -167,19 +167,19 @@ def claim_directory(out_dir: Path, what: str = "run") -> Iterator[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise DiffcircuitError(
+        raise InputError(
             f"cannot write to {out_dir}: {exc.strerror or exc}; choose another output directory"
         ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DiffcircuitError(
+            raise InputError(
                 f"{out_dir} is in use by another diffcircuit {what} (it holds {LOCK_NAME}); wait "
                 "for it to finish or choose another output directory"
             ) from None
         if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise DiffcircuitError(
+            raise InputError(
                 f"cannot write to {out_dir}: permission denied; choose another output directory"
             )
         yield out_dir
@@ -214,7 +214,7 @@ def claim_command(
             name for name in _RECORDS if name != record.name and (Path(out_dir) / name).exists()
         ]
         if other:
-            raise DiffcircuitError(
+            raise InputError(
                 f"{out_dir} holds the results of another command ({other[0]}); choose another output "
                 "directory"
             )
@@ -225,7 +225,7 @@ def claim_command(
             except ValueError:
                 old = {}
             if key(old.get("config")) != key(config):
-                raise DiffcircuitError(
+                raise InputError(
                     f"{out_dir} holds a {command} with a different config ({record.name}); choose "
                     "another output directory"
                 )

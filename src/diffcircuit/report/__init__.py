@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcircuit.errors import DiffcircuitError
+from diffcircuit.errors import InputError
 from diffcircuit.protocol.store import write_json
 from diffcircuit.report.html import write_report
 from diffcircuit.report.result import CircuitRecord, Claim, RunResult, Summary
@@ -53,7 +53,7 @@ def finalize_run(run_dir: str | Path) -> RunResult:
             if (run_dir / "tables" / f"{name}.parquet").exists()
         }
     except (OSError, ValueError) as exc:
-        raise DiffcircuitError(
+        raise InputError(
             f"{run_dir} is not a complete diffcircuit run: {str(exc).splitlines()[0]}"
         ) from None
     circuits = [
