@@ -1,7 +1,9 @@
-"""What the command line prints (cli_render.py's rendering); its options are in test_cli_options.py and the
-commands end to end in integration/test_cli.py."""
+"""What the command line prints (cli_render.py's rendering, the advice after Ctrl-C); its options are in
+test_cli_options.py and the commands end to end in integration/test_cli.py."""
 
 from __future__ import annotations
+
+import pytest
 
 
 def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
@@ -32,3 +34,19 @@ def test_the_headline_table_is_not_cut_in_a_narrow_terminal():
     console.print(headline_table(summary))
     text = console.export_text()
     assert "…" not in text and "0.1235" in text and "keys" in text
+
+
+@pytest.mark.parametrize(
+    "argv, advice",
+    [
+        (["run", "--out", "x"], "resumes from the shards it finished"),
+        (["cache", "--out", "x"], "remove it (or choose another --out)"),
+        (["guidance", "--out", "x", "--prompt", "a"], "remove it (or choose another --out)"),
+        (["ablate", "--out", "x"], "start it over"),
+        (["train-tiny", "--out", "x"], "start it over"),
+    ],
+)
+def test_ctrl_c_says_what_running_the_command_again_does(argv, advice):
+    from diffcircuit.cli import _after_stop
+
+    assert advice in _after_stop(argv)

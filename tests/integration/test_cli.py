@@ -1197,22 +1197,6 @@ def test_ctrl_c_says_the_run_stopped_and_how_to_resume(
     assert code == 130 and "stopped (Ctrl-C)" in err and "resumes from the shards" in err
 
 
-@pytest.mark.parametrize(
-    "argv, advice",
-    [
-        (["run", "--out", "x"], "resumes from the shards it finished"),
-        (["cache", "--out", "x"], "remove it (or choose another --out)"),
-        (["guidance", "--out", "x", "--prompt", "a"], "remove it (or choose another --out)"),
-        (["ablate", "--out", "x"], "start it over"),
-        (["train-tiny", "--out", "x"], "start it over"),
-    ],
-)
-def test_ctrl_c_says_what_running_the_command_again_does(argv, advice):
-    from diffcircuit.cli import _after_stop
-
-    assert advice in _after_stop(argv)
-
-
 def test_version_and_quiet_on_every_command(capsys):
     from diffcircuit import __version__
 

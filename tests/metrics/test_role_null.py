@@ -23,10 +23,8 @@ from diffcircuit.models.diffusion import add_noise
 from diffcircuit.models.noise import batch_noise
 from diffcircuit.protocol.roles import (
     head_roles_table,
-    null_blocks,
     permutation_table,
     role_tests_table,
-    shard_slices,
 )
 
 LAYER = "down_blocks.1.attentions.0"  # 16x16 queries and keys
@@ -155,22 +153,6 @@ def test_no_content_role_where_content_and_position_coincide(den):
     _, tests, roles = _roles(den, _centred_patches(24))
     assert roles.raw_only.str.len().gt(0).any()  # the raw rules would have labelled some heads
     assert not roles.role.isin(CONTENT_ROLES).any()
-
-
-def test_blocks_tile_the_images_and_shards_hold_whole_blocks():
-    assert null_blocks(100, 100) == [(0, 100)]
-    assert null_blocks(240, 100) == [
-        (0, 100),
-        (100, 240),
-    ]  # a remainder under half a block joins the last
-    assert null_blocks(260, 100) == [(0, 100), (100, 200), (200, 260)]
-    assert null_blocks(1, 100) == [(0, 1)]
-    for n, step, block in [(100, 256, 100), (1000, 256, 100), (1000, 50, 100), (7, 3, 2)]:
-        slices = shard_slices(n, step, block)
-        assert slices[0][0] == 0 and slices[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
-        edges = {lo for lo, _ in null_blocks(n, block)}
-        assert all(lo in edges for lo, _ in slices)
 
 
 def test_permutation_sums_do_not_depend_on_how_blocks_are_grouped(den):

@@ -221,3 +221,28 @@ def test_divergence_and_complexity_claims_follow_the_family_corrected_q():
         _manifest(),
     )
     assert _claims(uncorrected, "complexity")[0]["correction"] == "none (no tests table)"
+
+
+def test_each_key_finding_is_one_sentence_naming_its_claim_test_n_and_correction():
+    import html
+    import re
+
+    from diffcircuit.report.validity import key_findings_section
+
+    summary = _summary()
+    summary.denoising[1]["informative"] = (
+        False  # a at t = 900: its claims are kept out of the headline
+    )
+    found = validity(summary, _manifest())
+    items = re.findall(r"<li>(.*?)</li>", key_findings_section(replace(summary, validity=found)))
+    headline = [c for c in found["claims"] if c["test"] and c["headline"]]
+    assert len(items) == len(headline) > 0 and len(headline) < len(found["claims"])
+    by_claim = {html.escape(c["claim"]): c for c in headline}
+    verdicts = []
+    for item in items:
+        claim = next(c for text, c in by_claim.items() if text in item)
+        assert html.escape(claim["test"]) in item and html.escape(claim["correction"]) in item
+        assert "n = " in item and item.count("<b>") == 1
+        verdicts.append(claim["status"])
+    order = ["supported", "not supported", "withheld"]
+    assert verdicts == sorted(verdicts, key=order.index)  # supported first
