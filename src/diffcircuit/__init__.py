@@ -19,7 +19,7 @@ from diffcircuit.errors import DiffcircuitError  # noqa: E402
 from diffcircuit.instrument import hooks  # noqa: E402
 from diffcircuit.instrument.registry import HeadAddress, HeadRegistry  # noqa: E402
 from diffcircuit.instrument.session import HookContext, instrument, probe_registry  # noqa: E402
-from diffcircuit.metrics.observe import observe  # noqa: E402
+from diffcircuit.metrics.observe import Observation, observe  # noqa: E402
 from diffcircuit.models.latent import model_images  # noqa: E402
 from diffcircuit.models.loading import Denoiser, load_denoiser  # noqa: E402
 from diffcircuit.models.spec import ModelSpec  # noqa: E402
@@ -36,6 +36,7 @@ __all__ = [
     "HookContext",
     "ImageSet",
     "ModelSpec",
+    "Observation",
     "RunConfig",
     "RunResult",
     "Summary",

@@ -32,6 +32,10 @@ def test_run_takes_config_fields_and_returns_a_typed_result(result):
     assert result.summary.to_dict() == on_disk  # the dataclass is the JSON, typed
     assert result.summary.timesteps == [20, 800] and result.manifest["config"]["n"] == 3
     assert result.report.exists()
+    assert json.loads(result.summary_path.read_text()) == on_disk
+    assert json.loads(result.manifest_path.read_text()) == result.manifest
+    assert set(result.figures) == {p.stem for p in (result.out_dir / "figures").glob("*.png")}
+    assert "entropy_heatmap" in result.figures and result.figures["entropy_heatmap"].exists()
     claims = result.summary.claims
     assert claims and all(isinstance(c, dc.Claim) for c in claims)
     assert {c.claim for c in claims} == {c["claim"] for c in on_disk["validity"]["claims"]}

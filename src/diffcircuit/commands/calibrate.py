@@ -284,9 +284,17 @@ def calibrate(
     fraction, and (``ablation``) its single-head mean-ablation effect. ``spec``: the model (default: the embedded
     one), with a conditional model's prompt, embeddings or class label. ``progress(k)``: k more images done, of
     ``n`` observed, then (``ablation``) ``n`` ablated."""
-    setup = build_setup(
-        spec or ModelSpec(), timesteps=[timestep], images=one_set("a", data, n=n, seed=seed)
+    spec = spec or ModelSpec()
+    CalibrateConfig(  # the settings are validated as the command's config validates them
+        **{name: getattr(spec, name) for name in MODEL_FIELDS},
+        data=data,
+        n=n,
+        timestep=timestep,
+        splits=splits,
+        seed=seed,
+        ablation=ablation,
     )
+    setup = build_setup(spec, timesteps=[timestep], images=one_set("a", data, n=n, seed=seed))
     den, registry, images = setup.den, setup.registry, setup.sets["a"]
     with setup.autocast():
         heads, _ = observe(

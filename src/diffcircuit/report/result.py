@@ -148,6 +148,24 @@ class RunResult:
         return self.out_dir / "report.html"
 
     @property
+    def summary_path(self) -> Path:
+        return self.out_dir / "summary.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / "manifest.json"
+
+    @property
+    def figures(self) -> dict[str, Path]:
+        """The report's figures by name (``figures/<name>.png``)."""
+        return {p.stem: p for p in sorted((self.out_dir / "figures").glob("*.png"))}
+
+    @property
+    def circuit_files(self) -> list[Path]:
+        """``circuits/<dataset>_t<window>.json``, one per dataset x window (read as ``circuits``)."""
+        return sorted((self.out_dir / "circuits").glob("*.json"))
+
+    @property
     def tables(self) -> list[str]:
         """The names of the run's tables (``tables/<name>.parquet``)."""
         return sorted(p.stem for p in (self.out_dir / "tables").glob("*.parquet"))
@@ -179,5 +197,4 @@ class RunResult:
     @cached_property
     def circuits(self) -> list[CircuitRecord]:
         """The circuit records (``circuits/*.json``), one per dataset x window."""
-        paths = sorted((self.out_dir / "circuits").glob("*.json"))
-        return [CircuitRecord.from_dict(json.loads(p.read_text())) for p in paths]
+        return [CircuitRecord.from_dict(json.loads(p.read_text())) for p in self.circuit_files]
