@@ -15,7 +15,7 @@ from diffcircuit.protocol._resampling import N_RESAMPLES
 from diffcircuit.protocol.roles import pivot_means
 from diffcircuit.stats.tests import correct_pvalues, random_set_tests
 
-__all__ = ["critical_table", "informative_rows"]
+__all__ = ["CRITICAL_COLUMNS", "critical_table", "informative_rows"]
 
 
 def informative_rows(
@@ -30,7 +30,7 @@ def informative_rows(
     return frame[keep]
 
 
-_CRITICAL_COLUMNS = [
+CRITICAL_COLUMNS = [
     "level",
     "method",
     "target",
@@ -159,7 +159,7 @@ def critical_table(
         }
         for i, name, res in zip(tested, names, found)
     ]
-    frame = pd.DataFrame(out, columns=_CRITICAL_COLUMNS[:-3])
+    frame = pd.DataFrame(out, columns=CRITICAL_COLUMNS[:-3])
     frame["p_corrected"], frame["q_floor"] = np.nan, np.nan
     for _, idx in frame.groupby(["level", "method"]).groups.items():
         frame.loc[idx, "p_corrected"] = correct_pvalues(

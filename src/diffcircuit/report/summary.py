@@ -22,7 +22,7 @@ from diffcircuit.protocol.analyses import (
     mean_divergence_test,
 )
 from diffcircuit.protocol.circuits import CircuitRecord
-from diffcircuit.protocol.critical import informative_rows
+from diffcircuit.protocol.critical import CRITICAL_COLUMNS, informative_rows
 from diffcircuit.report.paper import paper_comparison
 from diffcircuit.report.result import Summary
 from diffcircuit.report.validity import validity
@@ -208,24 +208,19 @@ def _role_differences(roles: pd.DataFrame) -> list[dict]:
     ]
 
 
-_CRITICAL_FIELDS = [
-    "level",
-    "method",
-    "target",
-    "also_named",
-    "n_heads",
-    "degradation_pct",
-    "null_degradation_pct",
-    "null_q95_pct",
-    "excess_pct",
-    "ci_low",
-    "ci_high",
-    "frac_sets_beaten",
-    "n_null_sets",
-    "p_value",
-    "p_floor",
-    "p_corrected",
-]
+_CRITICAL_LEFT_OUT = (  # the critical table's columns that summary.json does not repeat
+    "frac_sets_beaten_ci_low",
+    "frac_sets_beaten_ci_high",
+    "null",
+    "p_sets",
+    "p_images",
+    "effect_size",
+    "n_units",
+    "timesteps",
+    "q_floor",
+    "critical",
+)
+_CRITICAL_FIELDS = [c for c in CRITICAL_COLUMNS if c not in _CRITICAL_LEFT_OUT]
 
 
 def _critical_summary(critical: pd.DataFrame) -> dict:
