@@ -131,6 +131,12 @@ def test_holm_correction_on_request():
     for _, g in holm.groupby("family"):
         np.testing.assert_allclose(g.p_corrected, multipletests(g.p_value, method="holm")[1])
     assert (holm.p_corrected >= bh.p_corrected - 1e-12).all()  # Holm is the more conservative
+    # the per-head "differs" labels and the W1 q of each head follow the same correction
+    per_head = derived_tables(heads, correction="holm")["divergence_heads"]
+    for _, g in per_head.groupby("timestep"):
+        for p, q in (("p_value", "q_value"), ("wasserstein_p", "wasserstein_q")):
+            np.testing.assert_allclose(g[q], multipletests(g[p], method="holm")[1])
+        assert (g.differs == multipletests(g.p_value, method="holm")[0]).all()
 
 
 def test_pivot_means_equals_pandas_pivot_table():

@@ -232,8 +232,11 @@ def _timestep_row(t: int, nats, norm, mean_nats, mean_norm, w, legacy) -> dict:
     }
 
 
-def divergence_tables(heads: pd.DataFrame, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per timestep and per timestep x head: how the two datasets' head entropies differ (``stats.divergence``)."""
+def divergence_tables(
+    heads: pd.DataFrame, *, seed: int = 0, correction: str = "fdr_bh"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per timestep and per timestep x head: how the two datasets' head entropies differ (``stats.divergence``);
+    a head "differs" where its q, corrected over the timestep's heads by ``correction``, is below α."""
     rows, per_head = [], []
     for (t,), g in frame_groups(
         heads, ["timestep"], ["dataset", "image", "layer", "head", "entropy_nats", "entropy_norm"]
@@ -244,9 +247,9 @@ def divergence_tables(heads: pd.DataFrame, *, seed: int = 0) -> tuple[pd.DataFra
             np.column_stack([x, y, x.mean(1), y.mean(1)]) for x, y in ((a, a_norm), (b, b_norm))
         ]
         nats, norm, mean_nats, mean_norm = mean_difference_tests(
-            *blocks, [a.shape[1], a.shape[1], 1, 1], seed=seed
+            *blocks, [a.shape[1], a.shape[1], 1, 1], seed=seed, correction=correction
         )
-        w = wasserstein_test(a, b, alpha=ALPHA, seed=seed)
+        w = wasserstein_test(a, b, alpha=ALPHA, seed=seed, correction=correction)
         per_head.append(_heads_rows(int(t), cols, nats, norm, w, a, b))
         rows.append(
             _timestep_row(
@@ -580,7 +583,7 @@ def tests_table(
     number of permutations — family size x smallest attainable p < 0.05 (the first BH / Holm step).
     """
     if divergence_heads is None:
-        divergence_heads = divergence_tables(heads, seed=seed)[1]
+        divergence_heads = divergence_tables(heads, seed=seed, correction=correction)[1]
     families = []
     if beats_trivial is not None and len(beats_trivial):
         d = beats_trivial
@@ -705,7 +708,7 @@ def derived_tables(
     """Every table derived from ``head_metrics`` (and ``ablations`` when run), by file stem. ``role_permutations``:
     per dataset, the observation shards' role-null permutation rows (without them no content role is tested);
     with the ``denoising`` table, critical components are tested at informative timesteps only."""
-    divergence, divergence_heads = divergence_tables(heads, seed=seed)
+    divergence, divergence_heads = divergence_tables(heads, seed=seed, correction=correction)
     complexity = complexity_table(heads, ablations, seed=seed)
     trivial = (
         None if denoising is None else denoising_tests(denoising, correction=correction, seed=seed)

@@ -153,10 +153,11 @@ def mean_difference_tests(
     n_resamples: int = 2000,
     n_permutations: int = 9999,
     seed: int = 0,
+    correction: str = "fdr_bh",
 ) -> list[MeanDifference]:
     """``mean_difference_test`` of consecutive blocks of columns (of ``widths``) of a [n_a, H] and b [n_b, H],
-    on shared draws: one bootstrap and one permutation matrix product for every column. BH and
-    ``can_reject`` are per block."""
+    on shared draws: one bootstrap and one permutation matrix product for every column. The correction
+    (``fdr_bh`` or ``holm``) and ``can_reject`` are per block."""
     a, b = (
         np.atleast_2d(np.asarray(a, float).T).T,
         np.atleast_2d(np.asarray(b, float).T).T,
@@ -181,7 +182,7 @@ def mean_difference_tests(
             ci_high=high[s],
             ci_withheld=withheld,
             p_value=p[s],
-            q_value=correct_pvalues(p[s]),
+            q_value=correct_pvalues(p[s], correction),
             p_floor=floor,
             can_reject=bool((s.stop - s.start) * floor < alpha),
             n_a=n_a,
@@ -281,7 +282,7 @@ class WassersteinResult:
     per_head: np.ndarray  # plug-in W1 per head
     per_head_null_mean: np.ndarray
     per_head_p: np.ndarray
-    per_head_q: np.ndarray  # BH over heads
+    per_head_q: np.ndarray  # corrected over heads (``correction``: BH by default, or Holm)
     value: float  # mean over heads of W1
     null_mean: float  # mean of its permutation null
     excess: float  # value − null_mean: the null-corrected divergence
@@ -295,7 +296,13 @@ class WassersteinResult:
 
 
 def wasserstein_test(
-    a, b, *, alpha: float = 0.05, n_permutations: int = 1999, seed: int = 0
+    a,
+    b,
+    *,
+    alpha: float = 0.05,
+    n_permutations: int = 1999,
+    seed: int = 0,
+    correction: str = "fdr_bh",
 ) -> WassersteinResult:
     """W1 per head and its mean over heads against the label-permutation null (the same relabellings of the
     images for all heads, scipy's draws for ``seed``). When the relabellings are drawn, the null is summed in
@@ -323,7 +330,7 @@ def wasserstein_test(
         per_head=observed,
         per_head_null_mean=null.mean(0),
         per_head_p=p_heads,
-        per_head_q=correct_pvalues(p_heads),
+        per_head_q=correct_pvalues(p_heads, correction),
         value=value,
         null_mean=float(null_mean.mean()),
         excess=value - float(null_mean.mean()),
