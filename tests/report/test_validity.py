@@ -246,3 +246,19 @@ def test_each_key_finding_is_one_sentence_naming_its_claim_test_n_and_correction
         verdicts.append(claim["status"])
     order = ["supported", "not supported", "withheld"]
     assert verdicts == sorted(verdicts, key=order.index)  # supported first
+
+
+def test_a_corrected_q_below_alpha_supports_the_claim_even_where_a_lone_test_could_not():
+    """Under BH, k tests at the floor share q = m·floor/k: 20 tests with floor 2/252 and all at it give q ≈ 0.079,
+    but with k = 20 q = 20·(2/252)/20 = 0.0079 < 0.05, although m·floor = 0.159 > 0.05 ("cannot reject" alone)."""
+    from statsmodels.stats.multitest import multipletests
+
+    from diffcircuit.report.validity import _status
+
+    floor, m = 2 / 252, 20
+    q = multipletests([floor] * m, method="fdr_bh")[1]
+    assert (
+        m * floor > 0.05 and q[0] < 0.05
+    )  # the lone-test rule says "cannot reject"; the family rejects
+    assert _status(float(q[0]), can_reject=False) == "supported"
+    assert _status(0.2, can_reject=False) == "withheld" and _status(0.2) == "not supported"

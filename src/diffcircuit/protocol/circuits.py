@@ -217,9 +217,11 @@ def _claim(test: GapTest, size: int | None, tau: float) -> str:
     if test.significant:
         return f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap ({stats})"
     if test.q_floor >= test.alpha:
+        q = test.p_value if test.p_corrected is None else test.p_corrected
         return (
-            f"{NO_CIRCUIT} significantly at this n: with {test.n_images} images and {test.family_size} gap "
-            f"test(s) the corrected p cannot go below {test.alpha} (smallest {test.q_floor:.3g}; {gap})"
+            f"{NO_CIRCUIT} significantly at this n: q = {q:.3g}; with {test.n_images} images and "
+            f"{test.family_size} gap test(s) a lone gap's corrected p cannot go below {test.alpha} "
+            f"(smallest {test.q_floor:.3g}; {gap})"
         )
     return f"{NO_CIRCUIT} ({stats})"
 

@@ -191,11 +191,14 @@ def _divergence_claims(summary: Summary, manifest: dict, informative: dict) -> l
 
 
 def _status(p, can_reject: bool = True, alpha: float = 0.05) -> str:
+    """``p`` (corrected): below α supports the claim, whatever the lone-test floor says (under BH several tests at
+    their floor can reach α together); otherwise "withheld" where a lone effect could not have reached α at this
+    n, else "not supported"."""
     if p is None or p != p:
         return "withheld"
-    if not can_reject:
-        return "withheld"
-    return "supported" if p < alpha else "not supported"
+    if p < alpha:
+        return "supported"
+    return "not supported" if can_reject else "withheld"
 
 
 def _critical_claims(summary: Summary, manifest: dict) -> list[dict]:
