@@ -48,7 +48,9 @@ def test_each_rule_picks_its_role_and_nothing_is_forced():
         "local": dict(distance_frac=0.05),
         "focal": dict(effective_keys_frac=0.05),
         "global": dict(effective_keys_frac=0.95),
-        "positional": dict(texture_affinity=1.9, **_test("texture", q=0.4)),
+        "positional": dict(
+            texture_affinity=1.9, **_test("texture", q=0.4, excess=0.01, excess_ci_high=0.05)
+        ),
         "unassigned": {},
     }
     roles = assign_roles(_frame(list(cases.values())))
@@ -63,12 +65,36 @@ def test_a_content_role_needs_a_significant_and_large_enough_excess():
                 _test("edge", q=0.06),
                 _test("edge", excess=math.log(1.05)),
                 _test("edge", q=math.nan),
-                dict(edge_affinity=3.0, **_test("edge", q=0.4)),
+                dict(edge_affinity=3.0, **_test("edge", q=0.4, excess=0.02, excess_ci_high=0.09)),
             ]
         )
     )
-    assert list(roles.role) == ["unassigned"] * 3 + ["positional"]
+    assert list(roles.role) == ["unassigned"] * 3 + ["positional"]  # 0.09 < log 1.1 = 0.0953
     assert roles.raw_only.iloc[3] == "edge"
+
+
+def test_a_test_that_fails_to_reject_is_not_evidence_of_a_positional_head():
+    """Not significant (q = 0.06) with a large excess (0.40: about 49 % above the null) or with no interval: the
+    null test is inconclusive, so the head gets no label, neither content nor positional."""
+    roles = assign_roles(
+        _frame(
+            [
+                dict(
+                    texture_affinity=1.6,
+                    **_test("texture", q=0.06, excess=0.40, excess_ci_high=0.8),
+                ),
+                dict(texture_affinity=1.6, **_test("texture", q=0.3, excess=0.01)),  # no interval
+                dict(
+                    texture_affinity=1.6, **_test("texture", q=0.3, excess=0.05, excess_ci_high=0.1)
+                ),
+            ]
+        )
+    )
+    assert (
+        list(roles.role) == ["unassigned"] * 3
+    )  # 0.1 >= log 1.1: not bounded below the margin either
+    assert all("texture" in b and "inconclusive" in b for b in roles.role_basis)
+    assert list(roles.raw_only) == ["texture"] * 3
 
 
 def test_a_raw_score_nothing_tested_is_neither_content_nor_positional():

@@ -27,10 +27,13 @@ masks (synthetic images only).
 - ``global``: effective_keys_frac ≥ 0.8 (near-uniform attention, ``entropy_norm`` ≈ 1).
 
 A head with no content role and no geometric role whose raw mean affinity passes the raw thresholds of
-``RoleRules`` (e.g. texture affinity ≥ 1.25) is **positional**: its content score is explained by where it
-looks, not by what it sees. ``raw_only`` lists, for every head, the probes whose raw score passes while
-the null test does not. Otherwise ``unassigned`` (its ``role_basis`` names a raw score that passes where no
-null was run: that head is neither content nor positional, its label is withheld). ``role_basis`` says which kind of evidence gave the role.
+``RoleRules`` (e.g. texture affinity ≥ 1.25) is **positional** when, for every such probe, the excess over
+its null is bounded below ``min_excess`` (the upper end of its 95 % bootstrap interval under log 1.1): its
+content score is explained by where it looks, not by what it sees. A test that merely fails to reject is not
+that evidence: such a head is ``unassigned`` with the probe named as inconclusive. ``raw_only`` lists, for
+every head, the probes whose raw score passes while the null test does not give a content role. Otherwise
+``unassigned`` (its ``role_basis`` names a raw score that passes where no null was run: that head is neither
+content nor positional, its label is withheld). ``role_basis`` says which kind of evidence gave the role.
 Attention weights are not importance: roles say where a head looks; interventions say whether it matters.
 """
 
@@ -71,7 +74,8 @@ ROLE_DEFINITIONS = {
     "local": "no content role; distance_frac <= 0.12",
     "focal": "no content role; effective_keys_frac <= 0.1",
     "global": "no content role; effective_keys_frac >= 0.8 (near-uniform attention)",
-    "positional": "no content or geometric role; a raw affinity passes its raw threshold but not its null",
+    "positional": "no content or geometric role; a raw affinity passes its raw threshold and its excess over "
+    "the null is below log 1.1 with 95 % confidence (interval's upper end)",
     "unassigned": "no rule holds",
 }  # with the default RoleRules
 SCORE_COLUMNS = (
@@ -130,10 +134,12 @@ def _content_candidates(row, rules: RoleRules) -> dict[str, float]:
     return candidates
 
 
-def _raw_only(row, rules: RoleRules) -> tuple[list[str], list[str]]:
-    """Probes whose raw mean affinity passes its raw threshold while the null test does not support it, and
-    those whose raw affinity passes but whose null could not be run (q is NaN: no verdict either way)."""
-    failed, untested = [], []
+def _raw_only(row, rules: RoleRules) -> tuple[list[str], list[str], list[str]]:
+    """Probes whose raw mean affinity passes its raw threshold while the null test does not give a content role
+    (``failed``); of those, the ones whose excess over the null is bounded below ``min_excess`` by its 95 %
+    interval (``explained``: where the head looks accounts for its raw score); and those whose raw affinity
+    passes but whose null could not be run (``untested``: q is NaN, no verdict either way)."""
+    failed, explained, untested = [], [], []
     for probe, column in _RAW_OF.items():
         raw = _get(row, column)
         if not raw >= getattr(rules, f"raw_{probe}"):
@@ -143,7 +149,11 @@ def _raw_only(row, rules: RoleRules) -> tuple[list[str], list[str]]:
             untested.append(probe)
         elif not (q < rules.q and excess >= rules.min_excess):
             failed.append(probe)
-    return failed, untested
+            if (
+                _get(row, f"{probe}_excess_ci_high") < rules.min_excess
+            ):  # NaN (no interval): not bounded
+                explained.append(probe)
+    return failed, explained, untested
 
 
 def _geometric_role(row, rules: RoleRules) -> str | None:
@@ -157,7 +167,7 @@ def _geometric_role(row, rules: RoleRules) -> str | None:
 
 
 def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
-    failed, untested = _raw_only(row, rules)
+    failed, explained, untested = _raw_only(row, rules)
     raw_only = ",".join(failed)
     candidates = _content_candidates(row, rules)
     if {"edge", "texture"} <= set(
@@ -173,8 +183,21 @@ def _role(row, rules: RoleRules) -> tuple[str, str, str, str]:
     geometric = _geometric_role(row, rules)
     if geometric is not None:
         return geometric, "geometry", "", raw_only
-    if raw_only:
-        return "positional", "raw content score not above its null", "", raw_only
+    if failed and explained == failed:
+        return (
+            "positional",
+            "raw content score explained by its null (excess bounded below)",
+            "",
+            raw_only,
+        )
+    if failed:  # not significant is not "explained": the excess may still be large
+        inconclusive = ",".join(p for p in failed if p not in explained)
+        return (
+            "unassigned",
+            f"raw {inconclusive} score passes; its null test is inconclusive (withheld)",
+            "",
+            raw_only,
+        )
     if (
         untested
     ):  # a raw score passes but nothing tested it: neither a content role nor "positional"

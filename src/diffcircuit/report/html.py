@@ -199,8 +199,9 @@ def _role_evidence_section(summary: Summary) -> str:
     return (
         "<h3>Content roles against their null</h3><p class='note'>Per probe: heads it labels / heads whose "
         "excess over the null (the same head scored on the other images' features) is significant / heads whose "
-        "raw affinity passes the raw threshold but not the null — their score is explained by where they look "
-        "(<i>positional</i> when no geometric role applies).</p><table><tr><th>dataset</th><th>t</th>"
+        "raw affinity passes the raw threshold but not the null (<i>positional</i> when no geometric role applies "
+        "and the excess is below log 1.1 with 95 % confidence: the score is explained by where the head looks; "
+        "otherwise the test is inconclusive and the head unassigned).</p><table><tr><th>dataset</th><th>t</th>"
         + "".join(f"<th>{html.escape(p)}</th>" for p in probes)
         + "<th>positional</th></tr>"
         + "\n".join(rows)
