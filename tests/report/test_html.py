@@ -89,3 +89,26 @@ def test_the_not_computed_note_lists_what_is_missing_and_is_absent_when_nothing_
     assert _pending_note([]) == ""  # no dangling "Not computed in this run…: ."
     note = _pending_note(["patching", "circuits"])
     assert "Not computed in this run" in note and note.endswith("patching, circuits.</p>")
+
+
+def test_heads_labelled_differently_are_shown_as_descriptive_not_as_a_difference():
+    from diffcircuit import Summary
+    from diffcircuit.report.html import _role_evidence_section
+
+    evidence = {"labelled": 1, "significant": 1, "raw_only": 0}
+    summary = Summary(
+        model={},
+        seed=0,
+        datasets={"a": {"spec": "synthetic"}, "b": {"spec": "faces"}},
+        timesteps=[500],
+        denoising=[],
+        entropy=[],
+        role_evidence=[
+            {"dataset": d, "timestep": 500, "probes": {"edge": evidence}, "n_positional": 0}
+            for d in "ab"
+        ],
+        role_differences=[{"timestep": 500, "head": "mid:1", "a": "edge", "b": "unassigned"}],
+    )
+    section = _role_evidence_section(summary)
+    assert "Heads labelled differently on the two datasets" in section
+    assert "Descriptive, not a test" in section and "roles differ" not in section

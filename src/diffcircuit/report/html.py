@@ -207,8 +207,11 @@ def _role_evidence_section(summary: Summary) -> str:
         + "\n".join(rows)
         + "</table>"
         + (
-            f"<h3>Where the datasets' roles differ</h3><p class='note'>{len(differ)} head × timestep "
-            "pairs.</p><table><tr><th>t</th><th>head</th><th>"
+            f"<h3>Heads labelled differently on the two datasets</h3><p class='note'>{len(differ)} head × "
+            "timestep pairs. Descriptive, not a test: a label on one dataset and none (or another) on the other "
+            "is not evidence that the head behaves differently on them — each label is tested against its own "
+            "null, and no test compares the datasets here (a significant result on one and a non-significant "
+            "one on the other is not a significant difference).</p><table><tr><th>t</th><th>head</th><th>"
             + html.escape(labels.get("a", "a"))
             + "</th><th>"
             + html.escape(labels.get("b", "b"))
@@ -216,7 +219,7 @@ def _role_evidence_section(summary: Summary) -> str:
             + diff_rows
             + "</table>"
             if differ
-            else "<p class='note'>Both datasets give every head the same role.</p>"
+            else "<p class='note'>Both datasets give every head the same role label.</p>"
         )
     )
 

@@ -195,7 +195,8 @@ def _role_evidence(roles: pd.DataFrame) -> list[dict]:
 
 
 def _role_differences(roles: pd.DataFrame) -> list[dict]:
-    """Heads whose role on dataset a differs from their role on dataset b, per timestep."""
+    """Heads whose role label on dataset a is not their label on dataset b, per timestep: descriptive (each label
+    is tested against its own null; nothing here tests a difference between the datasets)."""
     if set(roles.dataset) != {"a", "b"}:
         return []
     wide = roles.pivot_table(
