@@ -82,7 +82,9 @@ def found():
 def test_a_claimed_circuit_records_its_gap_losses_and_necessary_heads(found):
     den, images, registry, table, circuits, _ = found
     for c in circuits:
-        assert c.claimed and c.claim.startswith(f"circuit: {c.size} heads")
+        assert (
+            c.claimed and c.claim.startswith(f"circuit: {c.size} heads") and "in-sample" in c.claim
+        )
         assert c.gap["significant"] and c.gap["p_value"] < 0.05 and c.gap["n_images"] == 5
         assert c.gap["ci_low"] <= c.gap["mean"] <= c.gap["ci_high"]
         assert c.gap["mean"] == pytest.approx(c.loss_empty - c.loss_full)

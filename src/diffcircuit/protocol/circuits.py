@@ -215,7 +215,10 @@ def _claim(test: GapTest, size: int | None, tau: float) -> str:
         stats += f", q = {test.p_corrected:.3g} ({test.correction} over {test.family_size} dataset x window gap tests)"
     stats += f", n = {test.n_images} images"
     if test.significant:
-        return f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap ({stats})"
+        return (
+            f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap on the images they were found "
+            f"on (in-sample, by construction; the test is the gap's: {stats})"
+        )
     if test.q_floor >= test.alpha:
         q = test.p_value if test.p_corrected is None else test.p_corrected
         return (

@@ -251,7 +251,8 @@ def _circuit_claims(summary: Summary, informative: dict) -> list[dict]:
         ts = [int(t) for t in c.get("timesteps") or []]
         out.append(
             {
-                "claim": f"a circuit on dataset {c['dataset']}, t = {c['window']}",
+                "claim": f"a circuit on dataset {c['dataset']}, t = {c['window']}: ablating every head "
+                "hurts (the heads found and their faithfulness are in-sample estimates, not tested)",
                 "kind": "circuit",
                 "dataset": c["dataset"],
                 "timestep": ts[0] if len(ts) == 1 else None,
