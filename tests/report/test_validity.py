@@ -262,3 +262,23 @@ def test_a_corrected_q_below_alpha_supports_the_claim_even_where_a_lone_test_cou
     )  # the lone-test rule says "cannot reject"; the family rejects
     assert _status(float(q[0]), can_reject=False) == "supported"
     assert _status(0.2, can_reject=False) == "withheld" and _status(0.2) == "not supported"
+
+
+def test_a_roles_claim_over_several_probes_is_corrected_across_them():
+    """ "Content roles on X" is supported when some probe labels a head: a union over the k probes tested, so a
+    labelled head's q must be below 0.05 / k (Bonferroni): under the global null 5 probes at 0.05 each would
+    give up to 1 − 0.95^5 ≈ 0.23."""
+
+    def evidence(min_q):
+        probes = {p: {"labelled": 0, "tested": True} for p in ("edge", "texture", "intensity")}
+        probes["edge"] = {"labelled": 1, "tested": True, "min_q_labelled": min_q}
+        probes["object"] = {"labelled": 0, "tested": False}  # no masks: not tested, not counted
+        return [
+            {"dataset": "a", "timestep": 100, "n_heads": 4, "n_positional": 0, "probes": probes}
+        ]
+
+    for min_q, status in ((0.03, "not supported"), (0.01, "supported")):  # 0.05 / 3 = 0.0167
+        summary = replace(_summary(), role_evidence=evidence(min_q))
+        (claim,) = _claims(validity(summary, _manifest()), "roles")
+        assert claim["status"] == status, min_q
+        assert "Bonferroni over the 3 probes tested" in claim["correction"]

@@ -124,6 +124,14 @@ def _role_claims(summary: Summary, manifest: dict, informative: dict) -> list[di
     cfg = manifest["config"]
     for e in summary.role_evidence or []:
         labelled = {p: c["labelled"] for p, c in e["probes"].items() if c["labelled"]}
+        # the claim is "some probe labels a head": a union over the k probes tested, each corrected over its
+        # heads, so it needs a labelled head's q below 0.05 / k in some probe (Bonferroni over the probes)
+        k = sum(1 for c in e["probes"].values() if c.get("tested", True)) or 1
+        evidence = [
+            c["min_q_labelled"]
+            for c in e["probes"].values()
+            if c["labelled"] and c.get("min_q_labelled") is not None
+        ]
         n = manifest["datasets"][e["dataset"]]["n"]
         block = min(n, int(cfg.get("role_null_block") or n))
         floor = max(
@@ -139,7 +147,8 @@ def _role_claims(summary: Summary, manifest: dict, informative: dict) -> list[di
                 f"images' features, blocks of {cfg.get('role_null_block')}, "
                 f"{cfg.get('role_permutations')} permutations, one-sided)",
                 "n": manifest["datasets"][e["dataset"]]["n"],
-                "correction": f"{cfg.get('correction')} over the {e['n_heads']} heads per probe",
+                "correction": f"{cfg.get('correction')} over the {e['n_heads']} heads per probe; the claim (any "
+                f"probe) Bonferroni over the {k} probes tested (a labelled head's q < 0.05 / {k})",
                 "effect_size": "excess of the log content score over its null (log units), with d_z",
                 "result": {"labelled": labelled, "n_positional": e["n_positional"]},
                 "p_floor": floor,
@@ -147,8 +156,9 @@ def _role_claims(summary: Summary, manifest: dict, informative: dict) -> list[di
                 "status": (
                     "supported"
                     if labelled
+                    and (not evidence or min(evidence) < 0.05 / k)  # older runs: no min_q
                     else "withheld"
-                    if e["n_heads"] * floor >= 0.05
+                    if e["n_heads"] * floor >= 0.05 / k
                     else "not supported"
                 ),
                 "headline": informative.get((e["dataset"], e["timestep"]), True),
