@@ -223,3 +223,18 @@ def test_bootstrap_spearman_against_scipy_bootstrap():
     ).confidence_interval
     assert rho == pytest.approx(stats.spearmanr(a, b).statistic) and low < rho < high
     assert low == pytest.approx(ref.low, abs=0.04) and high == pytest.approx(ref.high, abs=0.04)
+
+
+def test_a_component_equal_to_every_null_member_ties_with_all_of_them():
+    """Ties count against the component: equal columns give p_sets = 1 and beat no member (the component's and
+    the members' means come from one reduction, so equal columns are equal to the last bit)."""
+    from diffcircuit.stats.tests import random_set_tests
+
+    rng = np.random.default_rng(0)
+    for _ in range(
+        100
+    ):  # a strided column's sum and a column-wise sum could differ in the last bit
+        x = rng.normal(size=(int(rng.integers(5, 60)), 1)) * 10 ** rng.uniform(-3, 3)
+        units = np.repeat(x, 20, axis=1)  # the component (column 0) and 19 identical members
+        (res,) = random_set_tests(units, [0], [np.arange(1, 20)], n_resamples=99)
+        assert res.p_sets == 1.0 and res.frac_beaten == 0.0

@@ -326,10 +326,10 @@ def random_set_tests(
     (counts,) = bootstrap_counts((n,), n_resamples, seed)
     boot = counts @ u / n  # [B, J]: each column's mean on each resample
     low, high = percentile_interval(counts @ excess / n, confidence)
-    means = u.mean(0)
+    means = u.mean(0)  # one reduction for components and members alike: equal columns tie exactly
     return [
         _set_result(
-            u[:, c],
+            means[c],
             u[:, list(m)],
             boot[:, c, None] > boot[:, list(m)],
             (low[j], high[j]),
@@ -343,19 +343,20 @@ def random_set_tests(
 
 
 def _set_result(
-    x, z, beaten, interval, images: TestResult, excess, member_means, confidence
+    x_mean, z, beaten, interval, images: TestResult, excess, member_means, confidence
 ) -> SetTestResult:
-    """One component's ``SetTestResult``; ``beaten`` ``[B, R]``: whether it beats each member on each resample."""
+    """One component's ``SetTestResult`` (its mean over units ``x_mean``, reduced as ``member_means`` are);
+    ``beaten`` ``[B, R]``: whether it beats each member on each resample."""
     frac_low, frac_high = percentile_interval(beaten.mean(1), confidence)
-    p_sets = rank_p_value(x.mean(), member_means)
+    p_sets = rank_p_value(x_mean, member_means)
     return SetTestResult(
-        degradation=float(x.mean()),
+        degradation=float(x_mean),
         null_mean=float(z.mean()),
         null_q95=float(np.quantile(member_means, 0.95)),
         excess=float(excess.mean()),
         ci_low=float(interval[0]),
         ci_high=float(interval[1]),
-        frac_beaten=float(np.mean(x.mean() > member_means)),
+        frac_beaten=float(np.mean(x_mean > member_means)),
         frac_beaten_ci_low=float(frac_low),
         frac_beaten_ci_high=float(frac_high),
         p_sets=p_sets,
@@ -363,7 +364,7 @@ def _set_result(
         p_value=max(p_sets, images.p_value),
         p_floor=max(1 / (z.shape[1] + 1), images.p_floor),
         effect_size=images.effect_size,
-        n_units=int(x.size),
+        n_units=int(len(excess)),
         n_null=int(z.shape[1]),
     )
 
