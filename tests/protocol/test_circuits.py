@@ -229,3 +229,4 @@ def test_a_resample_with_an_empty_circuit_on_either_side_gives_no_ratio():
         1.0,
         2.0,
     ]  # 4/4 and 4/2: neither 0 (b empty) nor a division by a's 0
+    assert "conditional on a non-empty circuit on both sides (2 of 4" in out["ratio_interval"]

@@ -582,6 +582,11 @@ def _size_ratio(a: CircuitRecord, b: CircuitRecord) -> dict:
         sb / sa for sa, sb in pairs if sa > 0 and sb > 0
     ]  # an empty circuit on either side: no ratio
     span, ci, note = bootstrap_interval(boot, ratio)
+    if len(boot) < len(pairs):  # the replicates kept are those with a circuit on both sides: say so
+        note += (
+            f", conditional on a non-empty circuit on both sides ({len(pairs) - len(boot)} of "
+            f"{len(pairs)} replicates had an empty one and are left out)"
+        )
     top_a, top_b = a.topk_size, b.topk_size
     return out | {
         "size_a": a.size,
