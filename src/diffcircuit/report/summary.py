@@ -162,10 +162,6 @@ def _roles(heads: pd.DataFrame, roles: pd.DataFrame, seed: int) -> list[dict]:
     return out
 
 
-def _finite(x) -> float | None:
-    return None if x is None or x != x else float(x)  # JSON has no NaN
-
-
 def _role_evidence(roles: pd.DataFrame) -> list[dict]:
     """Per dataset and timestep and content probe: heads it labels, heads whose excess over its null is significant
     (q < 0.05, positive), and heads whose raw affinity passes the raw threshold while the null test does not."""
@@ -178,7 +174,7 @@ def _role_evidence(roles: pd.DataFrame) -> list[dict]:
                 "significant": int(((g[f"{probe}_q"] < 0.05) & (g[f"{probe}_excess"] > 0)).sum()),
                 "raw_only": int(raw.apply(lambda r, p=probe: p in r).sum()),
                 # the smallest q of a labelled head (the claim's evidence for this probe), None: none labelled
-                "min_q_labelled": _finite(g.loc[g.role == role, f"{probe}_q"].min()),
+                "min_q_labelled": _clean(g.loc[g.role == role, f"{probe}_q"].min()),
                 "tested": bool(g[f"{probe}_q"].notna().any()),
             }
             for role, probe in (
