@@ -16,9 +16,10 @@
 #     bash benchmarks/gpu_checks.sh
 #
 # Each step has its own time limit, so that the whole call ends inside nine minutes whatever hangs; a step
-# that runs out prints "TIMEOUT" and the next one starts. Read the figures off the log: pytest's line, the
-# paper-scale throughputs and projected_full_protocol_minutes (fp32 and bf16), and the default run's
-# wall time on the GPU (its cost per stage is in $OUT/run_manifest.json).
+# that runs out prints "TIMEOUT" and the next one starts. Read the figures off the log: pytest's line,
+# capture_overhead_ratio in fp32 and bf16 (issue 16: bar 1.15, aim 1.10), the paper-scale throughputs
+# and projected_full_protocol_minutes (fp32 and bf16), and the default run's wall time on the GPU (its
+# cost per stage is in $OUT/run_manifest.json).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -46,16 +47,18 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
-step 60 environment "$PYTHON" -c "
+step 45 environment "$PYTHON" -c "
 import torch, diffusers, diffcircuit
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')
 print('diffusers', diffusers.__version__, 'diffcircuit', diffcircuit.__version__)
 "
 step 150 "pytest -m gpu" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
-step 120 "paper scale, fp32, 400 images" "$PYTHON" benchmarks/paper_scale.py --device cuda --n 400
-step 90 "paper scale, bf16, 400 images" "$PYTHON" benchmarks/paper_scale.py --device cuda --n 400 \
+step 40 "capture overhead, fp32" "$PYTHON" benchmarks/capture_overhead.py --device cuda
+step 40 "capture overhead, bf16" "$PYTHON" benchmarks/capture_overhead.py --device cuda --precision bf16
+step 100 "paper scale, fp32, 400 images" "$PYTHON" benchmarks/paper_scale.py --device cuda --n 400
+step 80 "paper scale, bf16, 400 images" "$PYTHON" benchmarks/paper_scale.py --device cuda --n 400 \
     --precision bf16
 rm -rf /tmp/gpu-run
-step 120 "default run on the GPU" "$PYTHON" -m diffcircuit.cli run --out /tmp/gpu-run --device cuda --quiet
+step 100 "default run on the GPU" "$PYTHON" -m diffcircuit.cli run --out /tmp/gpu-run --device cuda --quiet
 cp /tmp/gpu-run/manifest.json "$OUT/run_manifest.json" 2>/dev/null  # its cost per stage
 echo "log: $LOG"

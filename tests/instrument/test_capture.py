@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcircuit.instrument.capture import attention_stats_fused, attention_stats_naive
+from diffcircuit.instrument import capture
+from diffcircuit.instrument.capture import (
+    attention_stats_fused,
+    attention_stats_naive,
+    kernel_dtype,
+)
 
 
 def _random(b=2, h=3, q=20, k=20, d=8, c=5, seed=0):
@@ -98,6 +103,69 @@ def test_masked_attention_uses_the_reference_path():
     out_n, st_n = attention_stats_naive(q, k, v, mask, 8**-0.5, f)
     torch.testing.assert_close(st_f["entropy_nats"], st_n["entropy_nats"])
     assert (st_n["entropy_nats"] <= math.log(4) + 1e-5).all()
+
+
+def _spy_kernel(monkeypatch) -> list[torch.dtype]:
+    """The dtypes the fused kernel is called with, in call order."""
+    seen, kernel = [], capture._fused_kernel
+
+    def spy(q, k, kv, *args, **kwargs):
+        seen.append(kv.dtype)
+        assert q.dtype == k.dtype == kv.dtype
+        return kernel(q, k, kv, *args, **kwargs)
+
+    monkeypatch.setattr(capture, "_fused_kernel", spy)
+    return seen
+
+
+def _assert_close_to_reference(q, k, v, f, atol):
+    """Fused statistics of low-precision inputs against the fp32 naive path on the same (rounded) values, and
+    the output against the model's own attention in that precision."""
+    out, st = attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    ref_out, ref = attention_stats_naive(q.float(), k.float(), v.float(), None, 8**-0.5, f.float())
+    for name in ("entropy_nats", "perplexity", "moments"):
+        assert st[name].dtype == torch.float32
+    torch.testing.assert_close(st["entropy_nats"], ref["entropy_nats"], atol=atol, rtol=0)
+    torch.testing.assert_close(st["perplexity"], ref["perplexity"], atol=0, rtol=atol)
+    torch.testing.assert_close(st["moments"], ref["moments"], atol=atol, rtol=0)
+    torch.testing.assert_close(out.float(), ref_out, atol=4 * atol, rtol=0)  # [B, h, Q, d]
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v).to(out.dtype), atol=4 * atol, rtol=0
+    )
+
+
+@pytest.mark.parametrize("scale_up", [1.0, 6.0])  # ordinary and very peaked attention
+def test_bf16_inputs_run_the_kernel_in_bf16_and_stay_close_to_the_fp32_reference(
+    monkeypatch, scale_up
+):
+    seen = _spy_kernel(monkeypatch)
+    q, k, v, f = _random(q=64, k=64, c=7)
+    q, k, v = (q * scale_up).bfloat16(), (k + 1.5).bfloat16(), v.bfloat16()
+    f = f.sigmoid()  # features on [0, 1], as the probe maps are
+    _assert_close_to_reference(q, k, v, f, atol=0.01)
+    assert seen == [torch.bfloat16]
+
+
+def test_autocast_decides_the_kernel_precision_and_fp32_stays_exact(monkeypatch):
+    seen = _spy_kernel(monkeypatch)
+    q, k, v, f = _random()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernel_dtype(q, k, v) == torch.bfloat16  # fp32 inputs, as a qk-norm leaves them
+        attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    assert kernel_dtype(q, k.bfloat16(), v) == torch.float32  # mixed inputs, no autocast: fp32
+    assert kernel_dtype(q.half(), k.half(), v.half()) == torch.float16
+    attention_stats_fused(q, k, v, None, 8**-0.5, f)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_kernel_on_cuda_with_unaligned_widths(monkeypatch, dtype):
+    seen = _spy_kernel(monkeypatch)
+    q, k, v, f = (x.cuda() for x in _random(q=64, k=64, c=7))  # W = 8 + 8 + 7: padded to 24
+    _assert_close_to_reference(q.to(dtype), k.to(dtype), v.to(dtype), f.sigmoid(), atol=0.01)
+    assert seen == [dtype]
 
 
 @pytest.mark.gpu

@@ -29,6 +29,15 @@ def test_results_key_ignores_batch_size_and_device():
     assert RunConfig(seed=1).results_key() != RunConfig(seed=2).results_key()
 
 
+def test_the_capture_path_changes_results_only_below_fp32():
+    # fp32: fused = naive to 1e-5; bf16: the fused kernel runs in bf16, the naive reference in fp32
+    assert RunConfig(capture="naive").results_key() == RunConfig().results_key()
+    assert (
+        RunConfig(capture="naive", precision="bf16").results_key()
+        != RunConfig(precision="bf16").results_key()
+    )
+
+
 def test_the_paper_preset_round_trips_through_the_config_loader(tmp_path):
     from diffcircuit.protocol.config import PRESETS, default_config_yaml, load_config_file
 

@@ -16,7 +16,7 @@ from diffcircuit.interventions.sampling import sampling_effect
 from diffcircuit.interventions.sweep import ablation_sweep
 from diffcircuit.models.loading import unconditional_input
 from diffcircuit.models.spec import MODEL_HELP, ModelSpec
-from diffcircuit.protocol.config import NOT_RESULTS
+from diffcircuit.protocol.config import not_results
 from diffcircuit.protocol.datasets import reference_split
 from diffcircuit.protocol.setup import build_setup, one_set
 from diffcircuit.protocol.store import check_writable, claim_command, write_json, write_parquet
@@ -185,7 +185,7 @@ def run_ablations(
     out = Path(out_dir)
     table_path = out / "tables" / "ablations.parquet"
     # the inputs are valid: the directory is this command's
-    with claim_command(out, "ablate", asdict(cfg), ignore=NOT_RESULTS) as finished:
+    with claim_command(out, "ablate", asdict(cfg), ignore=not_results(cfg.precision)) as finished:
         if (
             finished and table_path.exists()
         ):  # the same config finished here: its results, read back

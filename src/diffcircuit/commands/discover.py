@@ -48,7 +48,7 @@ from diffcircuit.protocol.circuits import (
     importance_rows,
     window_name,
 )
-from diffcircuit.protocol.config import MEAN_REFERENCES, NOT_RESULTS, SYNTHETIC_COLORS, RunConfig
+from diffcircuit.protocol.config import MEAN_REFERENCES, SYNTHETIC_COLORS, RunConfig, not_results
 from diffcircuit.protocol.datasets import load_datasets, reference_split, training_overlap
 from diffcircuit.protocol.roles import (
     head_roles_table,
@@ -298,7 +298,9 @@ def run_discovery(
 
     windows = cfg.windows or tuple((t,) for t in cfg.timesteps)
     with (
-        claim_command(Path(out_dir), "discover", asdict(cfg), ignore=NOT_RESULTS) as finished,
+        claim_command(
+            Path(out_dir), "discover", asdict(cfg), ignore=not_results(cfg.precision)
+        ) as finished,
         setup.autocast(),
     ):  # the inputs are valid: ours now
         if finished:  # the same config finished here: its results, read back

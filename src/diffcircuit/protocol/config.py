@@ -19,6 +19,7 @@ __all__ = [
     "SYNTHETIC_COLORS",
     "default_config_yaml",
     "load_config_file",
+    "not_results",
     "parse_timesteps",
 ]
 
@@ -57,6 +58,12 @@ NOT_RESULTS = (
     "threads",
     "shard_images",
 )
+
+
+def not_results(precision: str) -> tuple[str, ...]:
+    """``NOT_RESULTS`` for a run in ``precision``: under bf16/fp16 the capture path changes results too (the
+    fused kernel runs in that precision, the naive reference in fp32), so it is kept."""
+    return NOT_RESULTS if precision == "fp32" else tuple(k for k in NOT_RESULTS if k != "capture")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,10 +281,10 @@ class RunConfig(ModelSpec):
         return config_from_mapping(cls, values, source=source)
 
     def results_key(self) -> dict:
-        """The settings that change results (not batch size, device, capture path, backend, workers or
-        sharding, which must not; CPU results are bit-identical for the same thread count)."""
+        """The settings that change results (not batch size, device, capture path in fp32, backend, workers
+        or sharding, which must not; CPU results are bit-identical for the same thread count)."""
         d = self.to_dict()
-        for k in NOT_RESULTS:
+        for k in not_results(self.precision):
             d.pop(k)
         return d
 
