@@ -172,6 +172,7 @@ def circuit_table(circuits: Sequence[CircuitRecord], labels: Mapping[str, str]) 
         "heads",
         "size range/CI (R)",
         "faithfulness",
+        "out of bag",
         "recovered w/o circuit",
         "necessary",
         "Jaccard",
@@ -200,6 +201,7 @@ def circuit_table(circuits: Sequence[CircuitRecord], labels: Mapping[str, str]) 
                 "–",
                 "–",
                 "–",
+                "–",
             )
             continue
         jac = (
@@ -220,6 +222,7 @@ def circuit_table(circuits: Sequence[CircuitRecord], labels: Mapping[str, str]) 
             str(c.size),
             f"{_interval(c.size_range, c.size_ci)} ({c.resamples})",
             _num(c.faithfulness),
+            _num((c.out_of_bag or {}).get("faithfulness")),
             _num(c.recovered_without_circuit),
             f"{c.n_necessary}/{c.size}",
             jac,

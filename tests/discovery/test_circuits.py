@@ -8,6 +8,7 @@ head; discovery must select it.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -372,3 +373,68 @@ def test_a_bootstrap_resample_scores_each_drawn_image_with_its_own_noise_from_on
         eps_hat = den.eps_hat(den.network(x_t, t).sample, x_t, t)
     per_image = ((eps_hat - eps) ** 2).flatten(1).mean(1).double().numpy()
     assert got == pytest.approx(per_image[draw].mean(), rel=1e-5)
+
+
+class _PerImageLoss:
+    """A stand-in for CircuitLoss with per-image losses: L_i(S) = 1 + Σ_{h ∈ S} w[h][i]."""
+
+    def __init__(self, w: dict[str, np.ndarray]):
+        self.w, self.heads = w, list(w)
+        self.n_images = len(next(iter(w.values())))
+
+    def per_image(self, ablated, images=None):
+        index = np.arange(self.n_images) if images is None else np.asarray(images)
+        return 1 + sum((self.w[a][index] for a in ablated), np.zeros(len(index)))
+
+
+def test_out_of_bag_faithfulness_scores_each_resamples_circuit_on_the_images_it_left_out():
+    from diffcircuit.discovery.circuits import out_of_bag_faithfulness, out_of_bag_requests
+
+    # planted: head "a" carries 0.3 of every image's gap, "b" 0.6 and "c" 0.1 (the loss is additive)
+    n = 8
+    gap = np.linspace(1.0, 2.0, n)
+    loss = _PerImageLoss({"a": 0.3 * gap, "b": 0.6 * gap, "c": 0.1 * gap})
+    draws = [[0, 0, 1, 2, 3, 3, 4, 5], [7, 6, 6, 5, 4, 4, 4, 1], list(range(n))]
+    circuits = [("a", "b"), ("b",), ("a", "b", "c")]
+    oob = out_of_bag_faithfulness(loss, draws, circuits, tau=0.05)
+    # by hand: the third resample drew every image (not scored); the first keeps 0.9 of each left-out image's
+    # gap, the second 0.6, pooled over left-out images {6, 7} and {0, 2, 3}
+    left = [[6, 7], [0, 2, 3]]
+    kept = [0.9, 0.6]
+    pooled = sum(k * gap[i].sum() for k, i in zip(kept, left)) / sum(gap[i].sum() for i in left)
+    assert oob.faithfulness == pytest.approx(pooled)
+    assert (oob.low, oob.high) == (pytest.approx(0.6), pytest.approx(0.9))
+    assert (oob.resamples, oob.scored, oob.empty, oob.passing) == (2, 2, 0, 0.0)
+    assert oob.images_left_out == pytest.approx(2.5) and oob.images_scored == 5
+    # the evaluations it needs: nothing and everything on all images, each complement on its left-out images
+    requests = out_of_bag_requests(loss, draws, circuits)
+    assert [(set(s), list(i)) for _, s, i in requests] == [
+        (set(), list(range(n))),
+        ({"a", "b", "c"}, list(range(n))),
+        ({"c"}, [6, 7]),
+        ({"a", "c"}, [0, 2, 3]),
+    ]
+
+
+def test_out_of_bag_faithfulness_weighs_each_image_once_and_scores_only_the_drawable_pool():
+    from diffcircuit.discovery.circuits import out_of_bag_faithfulness
+
+    loss = _PerImageLoss({"a": np.ones(6)})  # every image's gap is 1, all of it in head "a"
+    # image 1 is left out once (by a circuit that keeps "a": 1), images 2 and 3 twice (1, then 0 from the empty
+    # circuit): per image 1, 0.5, 0.5, so 2 of 3 (pooling the 5 pairs instead would give 3 of 5)
+    oob = out_of_bag_faithfulness(loss, [[0, 0, 0, 0], [0, 1, 1, 1]], [("a",), ()], 0.05, pool=4)
+    assert oob.faithfulness == pytest.approx(2 / 3)
+    assert (oob.images_scored, oob.images_left_out) == (3, 2.5)  # images 4 and 5 cannot be drawn
+    assert (oob.low, oob.high, oob.passing, oob.empty) == (0.0, 1.0, 0.5, 1)
+
+
+def test_out_of_bag_faithfulness_counts_an_empty_circuit_as_zero_and_needs_a_positive_gap():
+    from diffcircuit.discovery.circuits import out_of_bag_faithfulness
+
+    loss = _PerImageLoss({"a": np.array([1.0, 1.0, 1.0, 1.0])})
+    oob = out_of_bag_faithfulness(loss, [[0, 0, 1, 1], [2, 2, 3, 3]], [("a",), ()], tau=0.05)
+    assert oob.faithfulness == pytest.approx(0.5)  # 1 on {2, 3}, 0 on {0, 1}: the empty circuit
+    assert (oob.empty, oob.passing, oob.low, oob.high) == (1, 0.5, 0.0, 1.0)
+    helps = _PerImageLoss({"a": np.array([-1.0, -1.0])})  # ablating only helps: no gap to recover
+    none = out_of_bag_faithfulness(helps, [[0, 0]], [()], tau=0.05)
+    assert none.faithfulness is None and none.scored == 0 and none.resamples == 1

@@ -107,6 +107,12 @@ def test_a_claimed_circuit_records_its_gap_losses_and_necessary_heads(found):
             (c.loss_empty - c.loss_circuit) / (c.loss_empty - c.loss_full)
         )
         assert c.n_necessary == len(c.necessary) and set(c.necessary) <= set(c.heads)
+        # out of sample: each resample's circuit scored on the images it left out (the maths: tests/discovery)
+        oob = c.out_of_bag
+        assert (
+            oob["resamples"] == 2 and 1 <= oob["images_scored"] <= 5 and oob["images_left_out"] > 0
+        )
+        assert "out of sample" in c.claim
         primary = table[(table.dataset == c.dataset) & (table.tau == PRIMARY_TAU)]
         assert sorted(primary[primary.in_circuit]["head"]) == sorted(c.heads)
 

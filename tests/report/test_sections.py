@@ -30,3 +30,38 @@ def test_the_ablation_section_says_why_it_is_empty_without_naming_a_flag():
     assert (
         "--" not in html
     )  # the report speaks of the config's fields, as manifest.json records them
+
+
+def _window(dataset: str, out_of_bag: dict | None) -> dict:
+    gap = {"mean": 0.2, "ci_low": 0.1, "ci_high": 0.3, "relative": 0.5, "p_value": 0.01}
+    return {
+        "dataset": dataset,
+        "window": "500",
+        "timesteps": [500],
+        "claimed": True,
+        "claim": "circuit",
+        "gap": gap,
+        "loss_full": 0.4,
+        "size": 3,
+        "size_range": [2, 4],
+        "size_ci": None,
+        "resamples": 10,
+        "faithfulness": 0.96,
+        "out_of_bag": out_of_bag,
+        "recovered_without_circuit": 0.1,
+        "n_necessary": 3,
+        "necessary": [],
+        "unique": [],
+    }
+
+
+def test_the_circuit_table_gives_the_out_of_bag_faithfulness_beside_the_in_sample_one():
+    from diffcircuit.report.sections import circuit_section
+
+    oob = {"faithfulness": 0.812, "low": 0.55, "high": 0.97, "scored": 9}
+    found = {"tau": 0.05, "windows": [_window("a", oob), _window("b", None)], "complexity": []}
+    page = circuit_section(_summary(circuits=found), {})
+    rows = page.split("<tr>")[2:]  # the header, then one row per window
+    assert "<td>0.96</td><td>0.812 (range 0.55–0.97 over 9 resamples)</td>" in rows[0]
+    assert "<td>0.96</td><td>–</td>" in rows[1]  # an older record, or no resamples: not estimated
+    assert "<th>out of bag</th>" in page and "left out" in page

@@ -39,6 +39,7 @@ from diffcircuit.stats.complexity import (
     heads_for_fraction,
     mean_value,
     participation_ratio,
+    participation_ratio_debiased,
     ratio_test,
 )
 from diffcircuit.stats.tests import independent_p_floor
@@ -56,7 +57,8 @@ __all__ = [
 
 COVERAGE = 0.95
 _MEASURES = {
-    "ablation_participation_ratio": participation_ratio,
+    "ablation_participation_ratio": participation_ratio_debiased,
+    "ablation_participation_ratio_plugin": participation_ratio,
     "ablation_heads_for_90pct": heads_for_fraction,
     "mean_entropy_norm": mean_value,
     "mean_effective_keys_frac": mean_value,
@@ -315,5 +317,12 @@ def calibrate(
     if ablation:
         with setup.autocast():
             effects = _ablation_rows(den, images.images, registry, timestep, seed, progress)
-        rows |= {"ablation_participation_ratio": effects, "ablation_heads_for_90pct": effects}
+        rows |= {
+            name: effects
+            for name in (
+                "ablation_participation_ratio",
+                "ablation_participation_ratio_plugin",
+                "ablation_heads_for_90pct",
+            )
+        }
     return split_half_calibration(rows, splits=splits, seed=seed)

@@ -4,11 +4,13 @@ necessity, curves, and planted ground truth for checking them."""
 from diffcircuit.discovery.circuits import (
     Circuit,
     GapTest,
+    OutOfBag,
     circuit_curve,
     gap_test,
     grow_circuit,
     jaccard,
     necessary_heads,
+    out_of_bag_faithfulness,
     prune_circuit,
     ranking_auc,
 )
@@ -18,12 +20,14 @@ __all__ = [
     "Circuit",
     "CircuitLoss",
     "GapTest",
+    "OutOfBag",
     "ResampledLoss",
     "circuit_curve",
     "gap_test",
     "grow_circuit",
     "jaccard",
     "necessary_heads",
+    "out_of_bag_faithfulness",
     "prune_circuit",
     "ranking_auc",
 ]

@@ -14,7 +14,9 @@ and nothing else is computed. Otherwise ``prune_circuit`` runs at every τ (frac
 the primary circuit's individually necessary heads are counted, ``circuit_curve`` traces
 faithfulness against circuit size, and the primary τ is rerun on bootstrap resamples of the images
 (importance recomputed from the resampled rows, the same draws for both datasets) for each head's
-selection frequency and the variability of sizes, overlap and size ratio. The unit resampled is the
+selection frequency and the variability of sizes, overlap and size ratio, and for the circuit's faithfulness
+out of sample: each resample's circuit scored on the images its draw left out (``OutOfBag``; the
+in-sample faithfulness is ≥ 1 − τ by construction, this one is not). The unit resampled is the
 image with its own noise draw: a resample's loss is the mean of the drawn images' per-image losses
 (repeats counted), from the same evaluations as the point estimate (``CircuitLoss.resampled``), and the
 mean ablation's reference stays the analysed images' (held-out by default), so a head set that one
@@ -53,16 +55,19 @@ from diffcircuit.discovery.circuits import (
     Circuit,
     CircuitLoss,
     GapTest,
+    OutOfBag,
     _prefetch,
     circuit_curve,
     gap_test,
     jaccard,
     necessary_heads,
+    out_of_bag_faithfulness,
+    out_of_bag_requests,
     prune_circuit,
     prune_heads,
 )
 from diffcircuit.discovery.lockstep import lockstep
-from diffcircuit.discovery.loss import STACK_ROWS, reference_means
+from diffcircuit.discovery.loss import STACK_ROWS, evaluate_sets, reference_means
 from diffcircuit.errors import ConfigError
 from diffcircuit.instrument.registry import HeadRegistry
 from diffcircuit.models.diffusion import model_device
@@ -113,6 +118,9 @@ class CircuitRecord:
     size: int | None = None
     faithfulness: float | None = None
     recovered_without_circuit: float | None = None
+    out_of_bag: dict | None = (
+        None  # faithfulness on images each resample's search left out (OutOfBag)
+    )
     loss_circuit: float | None = None
     loss_without_circuit: float | None = None
     n_necessary: int | None = None
@@ -204,7 +212,20 @@ def bootstrap_interval(
     return span, [low, high], f"95 % percentile interval over {r} bootstrap replicates"
 
 
-def _claim(test: GapTest, size: int | None, tau: float) -> str:
+def _out_of_bag_text(oob: OutOfBag | None) -> str:
+    """What the circuit recovers on images its search did not see, or why that is not known."""
+    if oob is None or oob.resamples == 0:
+        return "out of sample: not estimated (no bootstrap resamples)"
+    if oob.faithfulness is None:
+        return f"out of sample: not estimated (the left-out images' gap over {oob.resamples} resamples is not positive)"
+    return (
+        f"out of sample {oob.faithfulness:.2f} of the gap (out-of-bag: {oob.resamples} bootstrap resamples' "
+        f"circuits, each found on ~63 % of the images, scored on the ~{oob.images_left_out:.0f} it left out; "
+        f"{oob.images_scored} images scored)"
+    )
+
+
+def _claim(test: GapTest, size: int | None, tau: float, oob: OutOfBag | None = None) -> str:
     gap = (
         f"gap {100 * test.relative:+.1f} % of the full model's loss"
         if test.relative is not None
@@ -217,7 +238,7 @@ def _claim(test: GapTest, size: int | None, tau: float) -> str:
     if test.significant:
         return (
             f"circuit: {size} heads recover at least {1 - tau:.0%} of the gap on the images they were found "
-            f"on (in-sample, by construction; the test is the gap's: {stats})"
+            f"on (in-sample, by construction; {_out_of_bag_text(oob)}; the test is the gap's: {stats})"
         )
     if test.q_floor >= test.alpha:
         q = test.p_value if test.p_corrected is None else test.p_corrected
@@ -247,6 +268,7 @@ def _circuit_record(
     curve: list[dict],
     frequency: dict,
     boot: list,
+    oob: OutOfBag | None,
 ) -> CircuitRecord:
     primary = found[PRIMARY_TAU]
     size = len(primary.heads)
@@ -257,6 +279,7 @@ def _circuit_record(
         size=size,
         faithfulness=_finite(primary.faithfulness),
         recovered_without_circuit=_finite(primary.recovered_without_circuit),
+        out_of_bag=None if oob is None else oob.to_dict(),
         loss_circuit=primary.loss_circuit,
         loss_without_circuit=primary.loss_without_circuit,
         n_necessary=len(necessary),
@@ -278,7 +301,7 @@ def _circuit_record(
             for tau, c in found.items()
         ],
         topk_size=_topk_size(curve, 1 - PRIMARY_TAU),
-        claim=_claim(test, size, PRIMARY_TAU),
+        claim=_claim(test, size, PRIMARY_TAU, oob),
     )
 
 
@@ -337,9 +360,11 @@ def _unit_record(
     taus: Sequence[float],
     ranking: str,
     metric: str,
+    draws: list,
+    n_common: int,
 ):
     """``(rows, record, curve rows, bootstrap circuits or None)`` for one dataset and window from its jobs' results
-    (None: no claimed circuit, nothing searched)."""
+    (None: no claimed circuit, nothing searched); ``draws`` are the resamples' image indices."""
     name = window_name(window)
     base = {
         "dataset": dataset,
@@ -397,7 +422,10 @@ def _unit_record(
         {"dataset": dataset, "window": name, "method": loss.method, "metric": metric, **p}
         for p in curve
     ]
-    return rows, _circuit_record(base, test, found, necessary, curve, frequency, boot), curves, boot
+    # the draws are paired across datasets over the first n_common images: those are the pool left out from
+    oob = out_of_bag_faithfulness(loss, draws, boot, PRIMARY_TAU, pool=n_common) if boot else None
+    record = _circuit_record(base, test, found, necessary, curve, frequency, boot, oob)
+    return rows, record, curves, boot
 
 
 def _gap_tests(losses: dict, *, seed: int, correction: str) -> dict:
@@ -501,7 +529,13 @@ def discover_circuits(
             )
             unit = unit if tests[key].significant else []
             units.append(
-                (dataset, window, scores, slice(len(jobs), len(jobs) + len(unit)) if unit else None)
+                (
+                    dataset,
+                    window,
+                    scores,
+                    slice(len(jobs), len(jobs) + len(unit)) if unit else None,
+                    draws,
+                )
             )
             jobs += unit
     if (
@@ -509,7 +543,18 @@ def discover_circuits(
     ):  # spare rows cost little time on an accelerator; on a CPU each row costs its time
         lookahead = 1 if model_device(denoiser.network).type == "cpu" else LOOKAHEAD_ACCELERATOR
     results = lockstep(jobs, lookahead=lookahead)
-    for dataset, window, scores, part in units:
+    # every claimed unit's out-of-bag scores: each resample's circuit on the images it left out, stacked together
+    evaluate_sets(
+        [
+            request
+            for dataset, window, _, part, draws in units
+            if part is not None
+            for request in out_of_bag_requests(
+                losses[(dataset, tuple(window))], draws, results[part][len(taus) + 1 :], n_common
+            )
+        ]
+    )
+    for dataset, window, scores, part, draws in units:
         key = (dataset, tuple(window))
         r, record, curve, boot = _unit_record(
             scores,
@@ -522,6 +567,8 @@ def discover_circuits(
             taus=taus,
             ranking=ranking,
             metric=metric,
+            draws=draws,
+            n_common=n_common,
         )
         rows, curves = rows + r, curves + curve
         circuits.append(record)

@@ -237,8 +237,10 @@ def complexity_section(summary: Summary, test_table: pd.DataFrame | None = None)
 <p class="note">Ratio b/a per timestep (and, labelled, pooled over timesteps: each image's values averaged over them),
 with a percentile-bootstrap 95&nbsp;% CI (images resampled within each dataset; withheld below 5 images per dataset,
 below 200 resamples, or when it would exclude its own estimate) and a permutation p (dataset labels shuffled over
-images; exact when every split fits). The primary measure is the participation ratio of single-head ablation
-effects: the effective number of heads whose removal matters. Smallest detectable ratio: exp(2.80·SE of log ratio),
+images; exact when every split fits; H0: the datasets' per-image values are exchangeable). The primary measure is the
+participation ratio of single-head ablation effects, the effective number of heads whose removal matters, debiased
+(numerator and denominator unbiased over pairs of distinct images), so that per-image noise does not read as
+complexity; the plug-in of earlier versions is the row "plugin". Smallest detectable ratio: exp(2.80·SE of log ratio),
 the ratio a two-sided α = 0.05 test with this run's standard error finds with 80&nbsp;% power, beside the paper's
 {paper}.{datasets_ref(summary)}</p>{note}
 <table><tr><th>measure</th><th>t</th><th>images a / b</th><th>{html.escape(labels["a"])}</th><th>{html.escape(labels["b"])}</th>
@@ -421,7 +423,7 @@ def _circuit_rows(found: dict, labels: dict) -> str:
         if not w["claimed"]:
             rows.append(
                 head
-                + f"<td colspan='6' style='text-align:left'>{html.escape(w['claim'])}</td></tr>"
+                + f"<td colspan='7' style='text-align:left'>{html.escape(w['claim'])}</td></tr>"
             )
             continue
         o = w.get("overlap_with_other") or {}
@@ -438,11 +440,20 @@ def _circuit_rows(found: dict, labels: dict) -> str:
         rows.append(
             head
             + f"<td>{w['size']}{interval_text(w.get('size_range'), w.get('size_ci'), w.get('resamples'))}</td>"
-            f"<td>{fmt_num(w['faithfulness'])}</td><td>{fmt_num(w['recovered_without_circuit'])}</td>"
+            f"<td>{fmt_num(w['faithfulness'])}</td><td>{html.escape(_out_of_bag_cell(w.get('out_of_bag')))}</td>"
+            f"<td>{fmt_num(w['recovered_without_circuit'])}</td>"
             f"<td>{w['n_necessary']} of {w['size']}</td><td>{html.escape(jac)}</td>"
             f"<td style='text-align:left'>{html.escape(', '.join(w.get('unique', [])) or '–')}</td></tr>"
         )
     return "".join(rows)
+
+
+def _out_of_bag_cell(oob: dict | None) -> str:
+    """The out-of-bag faithfulness with the range of its resamples, or "–" where it was not estimated."""
+    if not oob or oob.get("faithfulness") is None:
+        return "–"
+    span = None if oob.get("low") is None else [oob["low"], oob["high"]]
+    return fmt_num(oob["faithfulness"]) + interval_text(span, None, oob.get("scored"))
 
 
 def _circuit_complexity_rows(found: dict) -> str:
@@ -497,7 +508,12 @@ def circuit_section(summary: Summary, pngs: dict[str, str]) -> str:
 L_empty − L_full is what ablating every head costs; a circuit is claimed only where the gap is significantly positive
 (one-sided sign-flip permutation test over images, α = 0.05, uncorrected), otherwise the row says
 "{html.escape(NO_CIRCUIT)}". A circuit keeps the loss within τ = {found["tau"]} of the gap: L_circuit − L_full ≤ τ ·
-(L_empty − L_full), i.e. <b>faithfulness</b> = (L_empty − L_circuit)/(L_empty − L_full) ≥ {1 - found["tau"]:g}.
+(L_empty − L_full), i.e. <b>faithfulness</b> = (L_empty − L_circuit)/(L_empty − L_full) ≥ {1 - found["tau"]:g}
+on the images the circuit was found on (in-sample, by construction). <b>Out of bag</b>: each bootstrap resample's
+circuit, found on the images it drew (~63 % distinct), scored on the images it left out; each image's recovered
+share averaged over the resamples that left it out, then Σ recovered / Σ gap over those images, with the range of
+the per-resample ratios: how much of the gap a circuit found this way recovers on images it was not fitted to
+(pessimistic for a circuit found on all the images).
 <b>Recovered without circuit</b> = (L_empty − L(circuit ablated))/(L_empty − L_full): the share of the gap the heads
 outside the circuit recover on their own (near 0: the circuit carries everything; near 1: the rest can stand in for it).
 <b>Necessary</b>: circuit heads whose ablation alone, on top of everything outside the circuit, breaks τ; where fewer
@@ -505,6 +521,6 @@ than all are necessary, the others matter only jointly (e.g. redundant copies). 
 over images. Sizes and the Jaccard overlap carry a 95 % percentile interval only from at least 200 bootstrap resamples
 of the images (discovery rerun on each); with fewer, the range of the resamples is shown and labelled as such.{datasets_ref(summary)}</p>
 <table><tr><th>dataset</th><th>t</th><th>gap [95 % CI]; p</th><th>size</th><th>faithfulness</th>
-<th>recovered without circuit</th><th>necessary</th><th>Jaccard</th><th>heads only here</th></tr>{_circuit_rows(found, labels)}</table>
+<th>out of bag</th><th>recovered without circuit</th><th>necessary</th><th>Jaccard</th><th>heads only here</th></tr>{_circuit_rows(found, labels)}</table>
 {_circuit_complexity_rows(found)}
 {figures}"""

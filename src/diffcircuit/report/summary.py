@@ -655,7 +655,8 @@ def _datasets(manifest: dict, table: pd.DataFrame | None) -> tuple[dict, list[di
 
 def _circuits(found: list[CircuitRecord]) -> dict:
     """Per dataset and window: the gap test, the claim, and for claimed circuits their size (with the
-    bootstrap range or interval), faithfulness, recovered_without_circuit, necessary heads and overlap;
+    bootstrap range or interval), faithfulness (in-sample, and out of bag), recovered_without_circuit, necessary
+    heads and overlap;
     per window with two claimed circuits: their sizes at matched faithfulness and the ratio b/a."""
     out: dict = {
         "tau": None,
@@ -685,7 +686,7 @@ def _circuits(found: list[CircuitRecord]) -> dict:
 
 _CIRCUIT_KEYS = tuple(  # a circuit record's keys that summary.json's circuits.windows repeat
     "dataset window timesteps method claimed claim gap loss_full loss_empty loss_circuit size "
-    "size_range size_ci size_interval resamples faithfulness recovered_without_circuit "
+    "size_range size_ci size_interval resamples faithfulness out_of_bag recovered_without_circuit "
     "n_necessary necessary topk_size".split()
 )
 _OVERLAP_KEYS = ("jaccard", "range_low", "range_high", "ci_low", "ci_high", "resamples", "interval")

@@ -262,7 +262,9 @@ def _circuit_claims(summary: Summary, informative: dict) -> list[dict]:
         out.append(
             {
                 "claim": f"a circuit on dataset {c['dataset']}, t = {c['window']}: ablating every head "
-                "hurts (the heads found and their faithfulness are in-sample estimates, not tested)",
+                "hurts (the heads found and their faithfulness are in-sample estimates, not tested; the "
+                "out-of-bag faithfulness says how much of the gap such a circuit recovers on images it was "
+                "not found on)",
                 "kind": "circuit",
                 "dataset": c["dataset"],
                 "timestep": ts[0] if len(ts) == 1 else None,
@@ -278,6 +280,7 @@ def _circuit_claims(summary: Summary, informative: dict) -> list[dict]:
                     "gap_rel": gap.get("relative"),
                     "size": c.get("size"),
                     "faithfulness": c.get("faithfulness"),
+                    "faithfulness_out_of_bag": (c.get("out_of_bag") or {}).get("faithfulness"),
                 },
                 "status": (
                     "supported"
