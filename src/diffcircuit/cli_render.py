@@ -168,7 +168,7 @@ def circuit_table(circuits: Sequence[CircuitRecord], labels: Mapping[str, str]) 
     for col in (
         "dataset",
         "t",
-        "gap [95% CI], p",
+        "gap [95% CI], p, q",
         "heads",
         "size range/CI (R)",
         "faithfulness",
@@ -189,7 +189,10 @@ def circuit_table(circuits: Sequence[CircuitRecord], labels: Mapping[str, str]) 
             if g["ci_low"] is None
             else f" [{g['ci_low'] / full:+.3g}, {g['ci_high'] / full:+.3g}]"
         )  # no interval from fewer than MIN_UNITS_FOR_CI images
-        gap = f"{g['mean'] / full:+.3g}{unit}{ci}, p {g['p_value']:.3g}"
+        q = g.get("p_corrected") if (g.get("family_size") or 1) > 1 else None
+        gap = f"{g['mean'] / full:+.3g}{unit}{ci}, p {g['p_value']:.3g}" + (
+            "" if q is None else f", q {q:.3g}"
+        )
         if not c.claimed:
             table.add_row(
                 labels.get(c.dataset, c.dataset),

@@ -34,6 +34,7 @@ def test_the_ablation_section_says_why_it_is_empty_without_naming_a_flag():
 
 def _window(dataset: str, out_of_bag: dict | None) -> dict:
     gap = {"mean": 0.2, "ci_low": 0.1, "ci_high": 0.3, "relative": 0.5, "p_value": 0.01}
+    gap |= {"p_corrected": 0.03, "family_size": 6, "correction": "fdr_bh"}
     return {
         "dataset": dataset,
         "window": "500",
@@ -65,3 +66,5 @@ def test_the_circuit_table_gives_the_out_of_bag_faithfulness_beside_the_in_sampl
     assert "<td>0.96</td><td>0.812 (range 0.55–0.97 over 9 resamples)</td>" in rows[0]
     assert "<td>0.96</td><td>–</td>" in rows[1]  # an older record, or no resamples: not estimated
     assert "<th>out of bag</th>" in page and "left out" in page
+    # the claim is decided on q: the gap column gives it beside p, and the text does not say "uncorrected"
+    assert "p = 0.01, q = 0.03 (fdr_bh, 6 tests)" in rows[0] and "uncorrected" not in page

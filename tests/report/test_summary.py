@@ -198,3 +198,56 @@ def test_the_paper_comparison_does_not_pool_uninformative_timesteps():
     for d in summary.denoising:
         d["informative"] = True
     assert paper_comparison(summary)["complexity_ratio"]["pooled"] == entry
+
+
+def _patching_rows(rng, n_pairs: int, effects: dict[str, float], timesteps=(500,)) -> pd.DataFrame:
+    """Moved fractions per pair x head x timestep: each head's planted effect plus noise sd 0.1."""
+    heads = [f"L:{h}" for h in range(72)]
+    rows = [
+        {"level": "head", "target": h, "pair": p, "timestep": t, "moved_frac": effects.get(h, 0.0)}
+        for t in timesteps
+        for p in range(n_pairs)
+        for h in heads
+    ]
+    frame = pd.DataFrame(rows)
+    return frame.assign(moved_frac=frame.moved_frac + rng.normal(0, 0.1, len(frame)))
+
+
+_MANIFEST = {"datasets": {"a": {"spec": "synthetic"}, "b": {"spec": "faces"}}}
+
+
+def test_patching_chooses_its_top_components_on_other_pairs_than_it_measures_them_on():
+    from diffcircuit.report.summary import _patching
+
+    rng = np.random.default_rng(0)
+    misses = same_pairs_misses = total = 0
+    for k in range(20):  # no head moves anything: an honest 95 % CI misses 0 about 5 % of the time
+        rows = _patching_rows(rng, 16, {})
+        out = _patching(rows, _MANIFEST, seed=k)
+        assert "chosen on 8 random pairs" in out["selection"]
+        for r in out["largest"]:
+            misses += not r["moved_frac"]["ci_low"] <= 0 <= r["moved_frac"]["ci_high"]
+            # the same heads measured on every pair, including those they were chosen on: optimistic
+            per_pair = rows[rows.target == r["target"]].groupby("pair").moved_frac.mean()
+            low, high = stats.bootstrap(
+                (per_pair.to_numpy(),), np.mean, random_state=k
+            ).confidence_interval
+            same_pairs_misses += not low <= 0 <= high
+            total += 1
+    assert misses / total <= 0.15 and same_pairs_misses / total >= 0.2
+    # a real effect is still found, and measured near its planted size
+    out = _patching(_patching_rows(rng, 16, {"L:7": 0.5}), _MANIFEST, seed=0)
+    assert out["largest"][0]["target"] == "L:7"
+    assert out["largest"][0]["moved_frac"]["mean"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_patching_with_few_pairs_says_its_values_are_post_selection_and_skips_uninformative_steps():
+    from diffcircuit.report.summary import _patching
+
+    rows = _patching_rows(np.random.default_rng(1), 6, {"L:3": 0.5}, timesteps=(500, 900))
+    rows.loc[(rows.timestep == 900) & (rows.target == "L:5"), "moved_frac"] = 9.0  # uninformative
+    out = _patching(rows, _MANIFEST, seed=0, informative=frozenset({("a", 500), ("b", 900)}))
+    assert "post-selection" in out["selection"] and out["timesteps"] == [500]
+    assert out["largest"][0]["target"] == "L:3" and "L:5" not in [
+        r["target"] for r in out["largest"]
+    ]

@@ -167,6 +167,19 @@ def test_a_family_that_cannot_reject_alone_is_withheld_and_its_real_null_is_quot
     assert layer["status"] == "not supported" and "140 null sets" in layer["test"]
 
 
+def test_the_critical_claims_n_is_the_tests_units_the_images_of_both_datasets():
+    summary = _summary(
+        ablation={
+            "n_images": 16,  # per dataset
+            "n_units": {"layer/mean": 32},
+            "n_critical": {"layer/mean": 1},
+            "n_tested": {"layer/mean": 7},
+        }
+    )
+    (claim,) = _claims(validity(summary, _manifest()), "critical")
+    assert claim["n"] == 32 and "both datasets" in claim["test"]
+
+
 def test_a_role_family_whose_lone_q_cannot_reach_alpha_is_withheld():
     """19 permutations: p >= 1/20 = 0.05, never below; 99 permutations over 72 heads: a lone q >= 72/100."""
     for permutations, heads in ((19, 1), (99, 72)):

@@ -127,7 +127,8 @@ def patching_section(summary: Summary) -> str:
     return f"""<h2>Activation patching: {html.escape(pt["source"])} → {html.escape(pt["receiver"])}</h2>
 <p class="note">{pt["n_pairs"]} image pairs, same noise and timestep; a component's activation on the source image replaces
 the receiver's. Moved fraction = projection of the output change onto (source output − receiver output), over its
-length²: 0 = no move, 1 = all the way. Mean over pairs and timesteps, 95&nbsp;% CI over pairs.</p>
+length²: 0 = no move, 1 = all the way. Mean over pairs and the receiver's informative timesteps
+({", ".join(map(str, pt.get("timesteps") or [])) or "–"}), 95&nbsp;% CI over pairs; {html.escape(pt.get("selection") or "the top components chosen and measured on the same pairs (post-selection)")}.</p>
 <table><tr><th>level</th><th>target</th><th>moved fraction [95 % CI]</th></tr>{rows}</table>"""
 
 
@@ -144,13 +145,15 @@ def attribution_section(summary: Summary) -> str:
             if not ranking
             else f"<br><span class='note'>ranking vs single heads: {rho_text(ranking)}</span>"
         )
-        top = r.get("top5_overlap", ranking.get("top5_overlap") if ranking else None)
+        source = r if "top5_overlap" in r else (ranking or {})
+        top, chance = source.get("top5_overlap"), source.get("top5_overlap_chance")
         flag = "" if r.get("informative", True) else " <b>(uninformative)</b>"
         rows.append(
             f"<tr><td>{html.escape(r['estimator'])}</td><td>{html.escape(r['method'])}</td>"
             f"<td>{html.escape(labels.get(r['dataset'], r['dataset']))}</td><td>{r['timestep']}{flag}</td>"
             f"<td>{html.escape(str(r.get('compared_with')))} (ρ over {html.escape(str(r.get('spearman_over', '—')))})</td>"
-            f"<td>{rho_text(r)}{extra}</td><td>{'—' if top is None else f'{top}/5'}</td></tr>"
+            f"<td>{rho_text(r)}{extra}</td><td>{'—' if top is None else f'{top}/5'}"
+            f"{'' if chance is None else f' (chance {chance:.2g})'}</td></tr>"
         )
     return f"""<h2>Attribution patching against the exhaustive ablation it estimates</h2>
 <p class="note">Gradient estimates of ablation effects. First order (one forward and one backward per batch) and +gn
@@ -158,7 +161,8 @@ def attribution_section(summary: Summary) -> str:
 Spearman ρ over heads against the exhaustive sweep. ig_joint (integrated gradients, 4 steps, all heads moved along one
 path) splits the all-heads ablation among the heads: its per-image total is compared with the exhaustive all-heads
 ablation (ρ over images); its head ranking against single heads is shown beneath, for what it is. 95&nbsp;% CIs:
-percentile bootstrap over images.</p>
+percentile bootstrap over images. Descriptive: ρ says how well the ranks agree, no test decides that they do. Top-5
+overlap: the heads in both top fives, beside the overlap two random top fives would have (25 / heads).</p>
 <table><tr><th>estimator</th><th>method</th><th>dataset</th><th>t</th><th>compared with</th><th>Spearman ρ [95 % CI]</th>
 <th>top-5 overlap</th></tr>{"".join(rows)}</table>"""
 
@@ -402,15 +406,24 @@ number of keys (ln 64 = 4.16 nats is uniform attention over an 8×8 map), so the
 <table><tr><th>claim</th><th>paper</th><th>this run</th></tr>{body}</table>"""
 
 
+def _gap_p_text(g: dict) -> str:
+    """A gap test's p and, where it was corrected over several gap tests, its q and their number (the claim is
+    decided on q)."""
+    text = f"p = {g['p_value']:.2g}"
+    if g.get("p_corrected") is not None and (g.get("family_size") or 1) > 1:
+        text += f", q = {g['p_corrected']:.2g} ({g.get('correction')}, {g['family_size']} tests)"
+    return text
+
+
 def _gap_text(w: dict) -> str:
-    """The gap with its 95 % interval (none below MIN_UNITS_FOR_CI images) and its p-value."""
+    """The gap with its 95 % interval (none below MIN_UNITS_FOR_CI images), its p and q."""
     g = w["gap"]
     if g["relative"] is None:  # the output metric: L_full = 0, the gap in its own units
         ci = "" if g["ci_low"] is None else f" [{g['ci_low']:.3g}, {g['ci_high']:.3g}]"
-        return f"{g['mean']:.3g}{ci}; p = {g['p_value']:.2g}"
+        return f"{g['mean']:.3g}{ci}; {_gap_p_text(g)}"
     full = w["loss_full"] / 100
     ci = "" if g["ci_low"] is None else f" [{g['ci_low'] / full:+.1f}, {g['ci_high'] / full:+.1f}]"
-    return f"{g['mean'] / full:+.1f} %{ci}; p = {g['p_value']:.2g}"
+    return f"{g['mean'] / full:+.1f} %{ci}; {_gap_p_text(g)}"
 
 
 def _circuit_rows(found: dict, labels: dict) -> str:
@@ -506,7 +519,8 @@ def circuit_section(summary: Summary, pngs: dict[str, str]) -> str:
 <p class="note">Minimal circuits by ACDC-style pruning ({html.escape(found.get("method") or "mean")} ablation; loss:
 {html.escape(metric)}; heads ranked by {html.escape(found.get("ranking") or "exhaustive mean ablation")}). The gap
 L_empty − L_full is what ablating every head costs; a circuit is claimed only where the gap is significantly positive
-(one-sided sign-flip permutation test over images, α = 0.05, uncorrected), otherwise the row says
+(one-sided sign-flip permutation test over images; claimed where its q, corrected over the run's dataset x window
+gap tests, is below 0.05; the column gives p and q), otherwise the row says
 "{html.escape(NO_CIRCUIT)}". A circuit keeps the loss within τ = {found["tau"]} of the gap: L_circuit − L_full ≤ τ ·
 (L_empty − L_full), i.e. <b>faithfulness</b> = (L_empty − L_circuit)/(L_empty − L_full) ≥ {1 - found["tau"]:g}
 on the images the circuit was found on (in-sample, by construction). <b>Out of bag</b>: each bootstrap resample's
@@ -520,7 +534,7 @@ outside the circuit recover on their own (near 0: the circuit carries everything
 than all are necessary, the others matter only jointly (e.g. redundant copies). Gaps are in % of L_full with a 95 % bootstrap CI
 over images. Sizes and the Jaccard overlap carry a 95 % percentile interval only from at least 200 bootstrap resamples
 of the images (discovery rerun on each); with fewer, the range of the resamples is shown and labelled as such.{datasets_ref(summary)}</p>
-<table><tr><th>dataset</th><th>t</th><th>gap [95 % CI]; p</th><th>size</th><th>faithfulness</th>
+<table><tr><th>dataset</th><th>t</th><th>gap [95 % CI]; p, q</th><th>size</th><th>faithfulness</th>
 <th>out of bag</th><th>recovered without circuit</th><th>necessary</th><th>Jaccard</th><th>heads only here</th></tr>{_circuit_rows(found, labels)}</table>
 {_circuit_complexity_rows(found)}
 {figures}"""

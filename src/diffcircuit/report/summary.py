@@ -239,6 +239,10 @@ def _critical_summary(critical: pd.DataFrame) -> dict:
         "n_critical": {f"{lv}/{m}": int(g.critical.sum()) for (lv, m), g in families},
         "n_tested": {f"{lv}/{m}": int(len(g)) for (lv, m), g in families},
     }
+    if (
+        "n_units" in critical
+    ):  # the test's unit: an image of either dataset (both datasets' images pooled)
+        out["n_units"] = {f"{lv}/{m}": int(g.n_units.max()) for (lv, m), g in families}
     if "q_floor" in critical:  # tables of older runs lack it
         out["q_floor"] = {f"{lv}/{m}": float(g.q_floor.iloc[0]) for (lv, m), g in families}
         out["lone_critical_possible"] = {k: q < 0.05 for k, q in out["q_floor"].items()}
@@ -338,22 +342,60 @@ def _ablation(
     return out
 
 
-def _patching(patching: pd.DataFrame, manifest: dict, seed: int, top: int = 5) -> dict:
-    """The components whose activation, patched from b into a, moves a's output furthest toward b's."""
-    per_target = (
-        patching.groupby(["level", "target"], sort=False)["moved_frac"].mean().reset_index()
+MIN_SPLIT_PAIRS = (
+    8  # fewer pairs: the top components are chosen and measured on the same pairs, and labelled so
+)
+
+
+def _patching(
+    patching: pd.DataFrame,
+    manifest: dict,
+    seed: int,
+    top: int = 5,
+    informative: frozenset[tuple[str, int]] | None = None,
+) -> dict:
+    """The components whose activation, patched from b into a, moves a's output furthest toward b's, at the
+    receiver's informative timesteps. Choosing the largest and measuring them on the same pairs overstates them
+    (winner's curse: with no real effect, half of such top-5 intervals miss 0); so, from ``MIN_SPLIT_PAIRS`` pairs
+    on, the components are chosen on a random half of the pairs and their moved fraction and CI are measured on
+    the other half."""
+    receiver = frozenset((d, t) for d, t in informative or () if d == "a")
+    rows = (
+        patching
+        if informative is None
+        else patching[patching.timestep.isin({t for _, t in receiver})]
     )
+    pairs = np.sort(rows.pair.unique())
+    split = len(pairs) >= MIN_SPLIT_PAIRS
+    chosen_on = set(
+        np.random.default_rng([seed, 1]).permutation(pairs)[: len(pairs) // 2] if split else pairs
+    )
+    choose, measure = (
+        rows[rows.pair.isin(chosen_on)],
+        rows[~rows.pair.isin(chosen_on)] if split else rows,
+    )
+    per_target = choose.groupby(["level", "target"], sort=False)["moved_frac"].mean().reset_index()
     best = []
     for level, g in per_target.groupby("level", sort=False):
         for target in g.nlargest(top, "moved_frac").target:
             per_pair = (
-                patching[patching.target == target].groupby("pair")["moved_frac"].mean().to_numpy()
+                measure[measure.target == target].groupby("pair")["moved_frac"].mean().to_numpy()
             )
             best.append({"level": level, "target": target, "moved_frac": _ci_entry(per_pair, seed)})
     return {
         "source": manifest["datasets"]["b"]["spec"],
         "receiver": manifest["datasets"]["a"]["spec"],
         "n_pairs": int(patching.pair.nunique()),
+        "timesteps": sorted(int(t) for t in rows.timestep.unique()),
+        "selection": (
+            "no informative timestep of the receiver: nothing chosen"
+            if not len(pairs)
+            else f"the top {top} per level chosen on {len(chosen_on)} random pairs, their moved fraction and 95 % CI "
+            f"measured on the other {len(pairs) - len(chosen_on)} (no selection bias)"
+            if split
+            else f"the top {top} per level chosen and measured on the same {len(pairs)} pairs (fewer than "
+            f"{MIN_SPLIT_PAIRS} to split): the values and CIs are post-selection, optimistic"
+        ),
         "largest": best,
     }
 
@@ -400,6 +442,7 @@ def _attribution(
             "top5_overlap": len(
                 set(truth.mean().nlargest(5).index) & set(guess.mean().nlargest(5).index)
             ),
+            "top5_overlap_chance": 25 / truth.shape[1] if truth.shape[1] else float("nan"),
         }
         entry = {
             "estimator": estimator,
@@ -761,7 +804,11 @@ def build_summary(
         ablation=_ablation(ablations, critical, seed, informative)
         if ablations is not None
         else None,
-        patching=_patching(patching, manifest, seed) if patching is not None else None,
+        patching=(
+            _patching(patching, manifest, seed, informative=informative)
+            if patching is not None
+            else None
+        ),
         attribution=_attribution(attribution, ablations, seed, informative)
         if done["attribution"]
         else None,

@@ -229,8 +229,9 @@ def _critical_claims(summary: Summary, manifest: dict) -> list[dict]:
                 "claim": f"critical {key.replace('/', ' components, ')} ablation",
                 "kind": "critical",
                 "test": f"rank among {n_null} null sets ({null}) per component and a sign-flip test over images "
-                "(one-sided)",
-                "n": ablation.get("n_images"),
+                "(one-sided; n counts the images of both datasets, pooled, each averaged over the informative "
+                "timesteps)",
+                "n": (ablation.get("n_units") or {}).get(key, ablation.get("n_images")),
                 "correction": f"{manifest['config'].get('correction')} within level x method",
                 "effect_size": "excess degradation over the null sets, % of the clean ε-MSE",
                 "result": {
@@ -341,18 +342,22 @@ def _descriptive(summary: Summary) -> list[dict]:
                 "kind": "patching",
                 "test": None,
                 "status": "descriptive",
-                "effect_size": "moved fraction with a bootstrap CI over image pairs",
+                "effect_size": "moved fraction with a bootstrap CI over image pairs ("
+                + (summary.patching.get("selection") or "chosen and measured on the same pairs")
+                + ")",
                 "headline": True,
             }
         )
     if summary.attribution:
         out.append(
             {
-                "claim": "attribution agrees with the exhaustive sweep",
+                "claim": "rank agreement of attribution with the exhaustive sweep (Spearman ρ per estimator, "
+                "method, dataset and timestep; whatever ρ is, agreement is not tested)",
                 "kind": "attribution",
                 "test": None,
                 "status": "descriptive",
-                "effect_size": "Spearman ρ with a bootstrap CI over images",
+                "effect_size": "Spearman ρ with a bootstrap CI over images; top-5 overlap beside its chance "
+                "level (25 / heads)",
                 "headline": True,
             }
         )

@@ -5,9 +5,11 @@ per head, at one timestep.
 
 - **Mean difference** (the headline): Δ_h = mean_b − mean_a per head, in the statistic's units
   (nats for entropy), with a percentile-bootstrap CI resampling images within each set and a
-  two-sided label-permutation p (``scipy.stats.permutation_test``: exact when every split of the
-  images fits in the resamples, else randomized with (count + 1)/(R + 1)); Benjamini–Hochberg over
-  the heads. Averaged over heads — Δ̄ = mean_b(x̄_i) − mean_a(x̄_i) of each image's head mean x̄_i —
+  two-sided label-permutation p of Welch's t (studentised, so that it tests equal means and stays
+  valid when the sets' sizes and spreads differ, where permuting the raw difference over-rejects:
+  0.30 at α = 0.05 for n 20 vs 100 and sd 3 vs 1, simulated; ``scipy.stats.permutation_test``'s rule:
+  exact when every split of the images fits in the resamples, else randomized with
+  (count + 1)/(R + 1)); corrected over the heads. Averaged over heads — Δ̄ = mean_b(x̄_i) − mean_a(x̄_i) of each image's head mean x̄_i —
   with its own CI and p.
 - **Wasserstein-1 divergence** (bin-free): W_h = ∫ |F_a(x) − F_b(x)| dx between the two empirical
   distributions of head h (the ``scipy.stats.wasserstein_distance``; same units as the statistic;
@@ -33,7 +35,7 @@ from diffcircuit.stats.resampling import (
     bootstrap_counts,
     percentile_interval,
     permutation_pvalue,
-    relabelled_mean_differences,
+    relabelled_welch_t,
     relabellings,
 )
 from diffcircuit.stats.tests import correct_pvalues, independent_p_floor
@@ -168,9 +170,12 @@ def mean_difference_tests(
         low, high = _bootstrap_diff(a, b, confidence=confidence, n_resamples=n_resamples, seed=seed)
     else:
         low = high = np.full(a.shape[1], np.nan)
-    null, exact = relabelled_mean_differences(a, b, n_permutations, seed + 1)  # [R', H]
+    # the permutation statistic is Welch's t, not the raw difference: valid for equal means when n and spread differ
+    null, t_observed, exact = relabelled_welch_t(a, b, n_permutations, seed + 1)  # [R', H]
     diff = b.mean(0) - a.mean(0)
-    p = np.minimum(permutation_pvalue(null, null[0] if exact else diff, "two-sided", exact), 1.0)
+    p = np.minimum(
+        permutation_pvalue(null, null[0] if exact else t_observed, "two-sided", exact), 1.0
+    )
     floor = independent_p_floor(n_a, n_b, n_permutations, two_sided=True)
     edges = np.cumsum([0, *widths])
     return [
