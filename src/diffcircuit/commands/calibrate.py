@@ -39,7 +39,6 @@ from diffcircuit.stats.complexity import (
     heads_for_fraction,
     mean_value,
     participation_ratio,
-    participation_ratio_debiased,
     ratio_test,
 )
 from diffcircuit.stats.tests import independent_p_floor
@@ -57,8 +56,7 @@ __all__ = [
 
 COVERAGE = 0.95
 _MEASURES = {
-    "ablation_participation_ratio": participation_ratio_debiased,
-    "ablation_participation_ratio_plugin": participation_ratio,
+    "ablation_participation_ratio": participation_ratio,
     "ablation_heads_for_90pct": heads_for_fraction,
     "mean_entropy_norm": mean_value,
     "mean_effective_keys_frac": mean_value,
@@ -317,12 +315,5 @@ def calibrate(
     if ablation:
         with setup.autocast():
             effects = _ablation_rows(den, images.images, registry, timestep, seed, progress)
-        rows |= {
-            name: effects
-            for name in (
-                "ablation_participation_ratio",
-                "ablation_participation_ratio_plugin",
-                "ablation_heads_for_90pct",
-            )
-        }
+        rows |= {"ablation_participation_ratio": effects, "ablation_heads_for_90pct": effects}
     return split_half_calibration(rows, splits=splits, seed=seed)

@@ -42,7 +42,6 @@ from diffcircuit.stats.complexity import (
     heads_for_fraction,
     mean_value,
     participation_ratio,
-    participation_ratio_debiased,
     ratio_test,
 )
 from diffcircuit.stats.divergence import (
@@ -281,9 +280,8 @@ def _complexity_plans(
     if ablations is not None:
         keep = (ablations.level == "head") & (ablations.method == _ablation_method(ablations))
         single = ablations.loc[keep, ["dataset", "image", "timestep", "target", "degradation_pct"]]
-        plans += [  # the primary is debiased: per-image noise does not make it look more complex
-            (PRIMARY_COMPLEXITY, single, ["target"], participation_ratio_debiased),
-            ("ablation_participation_ratio_plugin", single, ["target"], participation_ratio),
+        plans += [
+            (PRIMARY_COMPLEXITY, single, ["target"], participation_ratio),
             ("ablation_heads_for_90pct", single, ["target"], heads_for_fraction),
         ]
     return plans + [
@@ -294,7 +292,6 @@ def _complexity_plans(
 
 _VALUE = {
     PRIMARY_COMPLEXITY: "degradation_pct",
-    "ablation_participation_ratio_plugin": "degradation_pct",
     "ablation_heads_for_90pct": "degradation_pct",
     "mean_entropy_norm": "entropy_norm",
     "mean_effective_keys_frac": "effective_keys_frac",

@@ -210,7 +210,8 @@ def _complexity_rows(measures: list[dict], head: dict, paper: float) -> str:
             f"<tr><td>{html.escape(r['measure'])}{tag}</td><td>{scope}</td><td>{r['n_a']} / {r['n_b']}</td>"
             f"<td>{fmt_num(r['value_a'])}</td><td>{fmt_num(r['value_b'])}</td>"
             f"<td>{interval_cell(r['value'], r['ci_low'], r['ci_high'], r['ci_withheld'])}</td>"
-            f"<td>{p_cell(r['p_value'], r['p_floor'], r['can_reject'])}</td><td>{_mde_cell(r, paper)}</td></tr>"
+            f"<td>{p_cell(r['p_value'], r['p_floor'], r['can_reject'])}</td>"
+            f"<td>{fmt_num(r.get('noise_a'))} / {fmt_num(r.get('noise_b'))}</td><td>{_mde_cell(r, paper)}</td></tr>"
         )
     return "".join(rows)
 
@@ -241,14 +242,15 @@ def complexity_section(summary: Summary, test_table: pd.DataFrame | None = None)
 <p class="note">Ratio b/a per timestep (and, labelled, pooled over timesteps: each image's values averaged over them),
 with a percentile-bootstrap 95&nbsp;% CI (images resampled within each dataset; withheld below 5 images per dataset,
 below 200 resamples, or when it would exclude its own estimate) and a permutation p (dataset labels shuffled over
-images; exact when every split fits; H0: the datasets' per-image values are exchangeable). The primary measure is the
-participation ratio of single-head ablation effects, the effective number of heads whose removal matters, debiased
-(numerator and denominator unbiased over pairs of distinct images), so that per-image noise does not read as
-complexity; the plug-in of earlier versions is the row "plugin". Smallest detectable ratio: exp(2.80·SE of log ratio),
+images; exact when every split fits). The primary measure is the participation ratio of single-head ablation
+effects: the effective number of heads whose removal matters. The test's null is that the datasets' per-image values
+are equally distributed, not that their complexity is equal: the plug-in measure also grows with per-image noise
+(noise adds to Σe², and heads without effect turn positive), so a difference in noise alone can reject it; the noise
+column gives each dataset's mean standard error of a head's mean effect. Smallest detectable ratio: exp(2.80·SE of log ratio),
 the ratio a two-sided α = 0.05 test with this run's standard error finds with 80&nbsp;% power, beside the paper's
 {paper}.{datasets_ref(summary)}</p>{note}
 <table><tr><th>measure</th><th>t</th><th>images a / b</th><th>{html.escape(labels["a"])}</th><th>{html.escape(labels["b"])}</th>
-<th>ratio [95 % CI]</th><th>p</th><th>smallest detectable ratio</th></tr>{rows}</table>
+<th>ratio [95 % CI]</th><th>p</th><th>noise a / b</th><th>smallest detectable ratio</th></tr>{rows}</table>
 <h3>Statistics appendix</h3>
 <p class="note">{tests["n_tests"]} tests (listed below and in tables/tests.parquet with statistic, p, corrected p, effect
 size and n); the run's correction (Benjamini–Hochberg by default, Holm on request) within each family.</p>

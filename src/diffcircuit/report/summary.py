@@ -518,6 +518,8 @@ _RATIO_KEYS = (
     "underpowered",
     "n_a",
     "n_b",
+    "noise_a",
+    "noise_b",
 )
 
 
@@ -531,11 +533,11 @@ def _complexity(complexity: pd.DataFrame) -> tuple[dict, list[dict]]:
         "stand_in_for": None if primary else PRIMARY_COMPLEXITY,
         "paper_ratio": PAPER_COMPLEXITY_RATIO,
         "per_timestep": [
-            {k: r[k] for k in _RATIO_KEYS} for r in chosen if r["scope"] == "timestep"
-        ],
+            {k: r.get(k) for k in _RATIO_KEYS} for r in chosen if r["scope"] == "timestep"
+        ],  # .get: the noise columns are new; older tables lack them
         "pooled": next(
             (
-                {k: r[k] for k in _RATIO_KEYS if k != "timestep"}
+                {k: r.get(k) for k in _RATIO_KEYS if k != "timestep"}
                 for r in chosen
                 if r["scope"] == "pooled_over_timesteps"
             ),

@@ -310,7 +310,10 @@ def _complexity_claims(summary: Summary, informative: dict) -> list[dict]:
                 "kind": "complexity",
                 "timestep": t,
                 "stand_in_for": ratio.get("stand_in_for"),
-                "test": "permutation test of the ratio (dataset labels shuffled over images)",
+                "test": "permutation test of the ratio (dataset labels shuffled over images; H0: the datasets' "
+                "per-image values are equally distributed, so a difference in per-image noise alone can reject "
+                "it — the plug-in measure grows with noise; mean standard error of a head's mean: "
+                f"a {_num(r.get('noise_a'))}, b {_num(r.get('noise_b'))})",
                 "n": {"a": r.get("n_a"), "b": r.get("n_b")},
                 "correction": (
                     "within the complexity family (every measure, every timestep and pooled; its q)"
@@ -322,6 +325,8 @@ def _complexity_claims(summary: Summary, informative: dict) -> list[dict]:
                     "ci_low": r.get("ci_low"),
                     "ci_high": r.get("ci_high"),
                     "smallest_detectable_ratio": r.get("mde_ratio"),
+                    "noise_a": r.get("noise_a"),
+                    "noise_b": r.get("noise_b"),
                 },
                 "status": _status(
                     r["q_value"] if corrected else r.get("p_value"), r.get("can_reject", True)

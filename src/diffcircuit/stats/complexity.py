@@ -3,30 +3,24 @@
 Measures of a set of images (rows) x heads (columns) of per-image head values:
 
 - ``participation_ratio``: (Σ_h e_h)² / Σ_h e_h² of the heads' mean positive ablation effects e_h
-  — the effective number of heads that matter (1 if one head carries everything, H if all equally). This
-  plug-in rises with per-image noise: noise adds to Σ e_h² and the clipping at 0 turns null heads positive,
-  so two image sets with equal mean effects and unequal noise get different values;
-- ``participation_ratio_debiased``: the same ratio of the heads' signed mean effects μ_h, its numerator and
-  denominator each estimated without bias from the n images (U-statistics over pairs of distinct images:
-  (Σ_h μ_h)² by (T² − Σ_i T_i²)/(n(n − 1)) with T_i = Σ_h x_ih and T = Σ_i T_i, and Σ_h μ_h² by
-  Σ_h (S_h² − Q_h)/(n(n − 1)) with S_h, Q_h the column's sum and sum of squares), so per-image noise does
-  not inflate it; undefined (NaN) where the estimated Σ_h μ_h² is not positive or a row is incomplete;
+  — the effective number of heads that matter (1 if one head carries everything, H if all equally);
 - ``heads_for_fraction``: how many heads, taken in order of effect, account for 90 % of Σ_h e_h
   (an additive approximation of "heads needed to keep 90 % of performance");
 - ``mean_value``: the mean over rows and columns (for attention statistics such as normalised
   entropy or effective-keys fraction).
 
-Each depends on the rows only through the sums and finite counts of some columns computed row by row (the
-rows themselves, or with their squares and squared row totals: ``ColumnMeasure.columns``), so its value on
-every resample or relabelling comes from two matrix products (counts @ columns).
+Each depends on the rows only through the columns' sums and finite counts (``ColumnMeasure``), so its
+value on every resample or relabelling comes from two matrix products (counts @ rows).
 
 ``ratio_test`` compares a measure between two image sets, r = measure(b) / measure(a):
 
-- p: label permutation over images (H0: the two sets' images are exchangeable — equal distributions of the
-  per-image head values, not merely equal measures; a measure that noise does not move, as the debiased
-  participation ratio, keeps it from rejecting on a difference in noise alone) (``scipy.stats.permutation_test``'s draws and rule,
+- p: label permutation over images (``scipy.stats.permutation_test``'s draws and rule,
   ``stats.resampling``), two-sided on |log r| — exact when every split of the images fits in the
-  permutations, else (count + 1)/(R + 1);
+  permutations, else (count + 1)/(R + 1). Its null is that the two sets' images are exchangeable (equal
+  distributions), not that the measure is equal: a plug-in measure depends on the per-image noise too (the
+  participation ratio rises with it — noise adds to Σ e_h² and the clipping at 0 turns heads without
+  effect positive), so a difference in noise alone can reject. ``noise_a``/``noise_b`` report it: the mean
+  over heads of the standard error of a head's mean (s_h/√n);
   ``p_floor`` is the smallest p this n and R allow (two sets of 2 images: 6 splits, the observed
   one and its mirror tie, so p ≥ 1/3) and ``can_reject`` whether it is below α;
 - CI: the percentile interval of bootstrap resamples of the images within each set; withheld (``ci_withheld`` says why)
@@ -63,7 +57,6 @@ __all__ = [
     "mean_value",
     "minimal_detectable_ratio",
     "participation_ratio",
-    "participation_ratio_debiased",
     "ratio_test",
 ]
 
@@ -76,17 +69,9 @@ class ColumnMeasure:
 
     name: str
     of_sums: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    columns: Callable[[np.ndarray], np.ndarray] | None = (
-        None  # rows [n, H] -> the columns summed [n, K], row by row (None: the rows themselves)
-    )
-
-    def summed(self, rows) -> np.ndarray:
-        """The columns this measure sums, ``[n, K]`` (float64)."""
-        rows = np.asarray(rows, dtype=np.float64)
-        return rows if self.columns is None else self.columns(rows)
 
     def __call__(self, rows) -> float:
-        rows = self.summed(rows)
+        rows = np.asarray(rows, dtype=np.float64)
         finite = np.isfinite(rows)
         return float(
             self.of_sums(np.where(finite, rows, 0.0).sum(0), finite.sum(0).astype(np.float64))
@@ -118,25 +103,7 @@ def _overall_mean(sums, counts):
         return sums.sum(-1) / counts.sum(-1)
 
 
-def _with_squares(rows: np.ndarray) -> np.ndarray:
-    """[x_1..x_H | x_1²..x_H² | T²] per row (T = Σ_h x_h; NaN where the row has a NaN)."""
-    return np.concatenate([rows, rows**2, rows.sum(1, keepdims=True) ** 2], axis=1)
-
-
-def _participation_debiased(sums, counts):
-    h = (sums.shape[-1] - 1) // 2
-    col, squares, total_sq = sums[..., :h], sums[..., h : 2 * h], sums[..., -1]
-    complete = (counts == counts[..., -1:]).all(-1)  # every head counted on every complete row
-    numerator = col.sum(-1) ** 2 - total_sq  # n(n − 1) · unbiased (Σ_h μ_h)²
-    denominator = (col**2 - squares).sum(-1)  # n(n − 1) · unbiased Σ_h μ_h²
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(complete & (denominator > 0), numerator / denominator, np.nan)
-
-
 participation_ratio = ColumnMeasure("participation_ratio", _participation)
-participation_ratio_debiased = ColumnMeasure(
-    "participation_ratio_debiased", _participation_debiased, _with_squares
-)
 heads_for_fraction = ColumnMeasure("heads_for_fraction", _heads_for_90pct)  # the fraction is 0.9
 mean_value = ColumnMeasure("mean_value", _overall_mean)
 
@@ -158,6 +125,8 @@ class RatioResult:
     ci_low: float  # NaN where withheld
     ci_high: float
     ci_withheld: str | None  # why there is no interval, else None
+    noise_a: float  # mean over columns of the standard error of the column's mean (s/√n), set a
+    noise_b: float
     se_log_ratio: float  # bootstrap SD of log(ratio); NaN where the bootstrap was not run
     mde_ratio: float  # smallest ratio > 1 detectable with 80 % power at α = 0.05 given se_log_ratio
     p_value: float
@@ -171,6 +140,18 @@ class RatioResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _noise(rows: np.ndarray) -> float:
+    """Mean over columns of the standard error of each column's mean (NaN ignored; NaN below 2 values)."""
+    from scipy.stats import sem
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (
+            float(np.nanmean(sem(rows, axis=0, nan_policy="omit")))
+            if len(rows) > 1
+            else float("nan")
+        )
 
 
 def _weighted(measure: ColumnMeasure, weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -254,16 +235,15 @@ def ratio_test(
             "ratio_test needs a ColumnMeasure (a measure of the columns' sums and counts), "
             f"not {type(measure).__name__}"
         )
-    a, b = measure.summed(a), measure.summed(b)
-    plain = ColumnMeasure(measure.name, measure.of_sums)  # of the summed columns, computed once
-    va, vb = plain(a), plain(b)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    va, vb = measure(a), measure(b)
     ratio = vb / va if va > 0 and vb > 0 else float("nan")
     withheld = interval_withheld((len(a), len(b)), n_boot)
     low = high = se = float("nan")
     if withheld is None and np.isfinite(ratio):
-        low, high, se, withheld = _bootstrap(a, b, plain, ratio, n_boot, confidence, seed)
+        low, high, se, withheld = _bootstrap(a, b, measure, ratio, n_boot, confidence, seed)
     p, drawn = (
-        _permutation(a, b, plain, n_perm, seed + 1) if np.isfinite(ratio) else (float("nan"), 0)
+        _permutation(a, b, measure, n_perm, seed + 1) if np.isfinite(ratio) else (float("nan"), 0)
     )
     floor = independent_p_floor(len(a), len(b), n_perm, two_sided=False, swap_ties=True)
     return RatioResult(
@@ -273,6 +253,8 @@ def ratio_test(
         ci_low=low,
         ci_high=high,
         ci_withheld=withheld if np.isfinite(ratio) else "ratio undefined",
+        noise_a=_noise(a),
+        noise_b=_noise(b),
         se_log_ratio=se,
         mde_ratio=minimal_detectable_ratio(se, alpha=alpha) if np.isfinite(se) else float("nan"),
         p_value=p,
