@@ -221,7 +221,8 @@ def _critical_claims(summary: Summary, manifest: dict) -> list[dict]:
         null = (
             "the other single heads"
             if key.startswith("head/")
-            else "random head sets of the same size"
+            else "random head sets of the same size, scattered over the model: a component that beats them "
+            "is more harmful than as many scattered heads, which co-location alone can make it"
         )
         possible = (ablation.get("lone_critical_possible") or {}).get(key, True)
         out.append(
@@ -393,7 +394,8 @@ def validity(summary: Summary, manifest: dict) -> dict:
         ]
         if claim.get("underpowered"):
             here.append(
-                "underpowered: the smallest ratio this run could detect is larger than the paper's 1.084"
+                "underpowered: the smallest ratio this run could detect is larger than the paper's 1.084 "
+                "(a ratio of a measure the paper does not define: the scales may not match)"
             )
         if claim["status"] == "withheld":
             here.append("the test cannot reach significance at this n (or could not be run)")
