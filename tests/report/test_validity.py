@@ -295,3 +295,25 @@ def test_a_roles_claim_over_several_probes_is_corrected_across_them():
         (claim,) = _claims(validity(summary, _manifest()), "roles")
         assert claim["status"] == status, min_q
         assert "Bonferroni over the 3 probes tested" in claim["correction"]
+
+
+def test_a_complexity_claim_whose_datasets_differ_in_noise_says_so():
+    from diffcircuit.report.validity import NOISE_RATIO_THREAT
+
+    def claim(noise_a, noise_b):
+        row = {"timestep": 100, "value": 0.6, "p_value": 0.01, "q_value": 0.02, "can_reject": True}
+        summary = _summary(
+            complexity_ratio={
+                "measure": "ablation_participation_ratio",
+                "per_timestep": [row | {"noise_a": noise_a, "noise_b": noise_b}],
+            }
+        )
+        (found,) = _claims(validity(summary, _manifest()), "complexity")
+        return found
+
+    noisy = claim(0.38, 0.19)
+    assert noisy["effect_size"]["noise_a"] == 0.38 and "a 0.38, b 0.19" in noisy["test"]
+    assert any("dataset a's heads are 2x noisier" in t for t in noisy["threats"])
+    close = claim(0.2, 0.2 * NOISE_RATIO_THREAT * 0.99)
+    assert not any("noisier" in t for t in close["threats"])
+    assert not any("noisier" in t for t in claim(None, None)["threats"])  # an older run: unknown
