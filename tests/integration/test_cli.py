@@ -290,6 +290,11 @@ def test_run_writes_the_run_directory(tiny_run, small_model_dir):
             (heads.dataset == row.dataset) & (heads.timestep == row.timestep)
         ].entropy_norm.mean()
         assert row.value == pytest.approx(expected)
+    divergence = pd.read_parquet(out / "tables" / "divergence.parquet").set_index("timestep")
+    excess = seeds[(seeds.seed == 7) & (seeds.quantity == "wasserstein_excess_nats")]
+    assert len(excess) == 2
+    for row in excess.itertuples():  # the main seed's excess is the divergence table's own
+        assert row.value == pytest.approx(divergence.wasserstein_excess_nats[row.timestep])
     assert summary["pending"] == []
     circuit = json.loads((out / "circuits" / "a_t20.json").read_text())
     assert {

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from diffcircuit.metrics.attention import HEAD_METRICS
-from diffcircuit.protocol.analyses import derived_tables
+from diffcircuit.protocol.analyses import derived_tables, seed_quantities
 
 
 def _heads(n=30, seed=0):
@@ -229,3 +229,34 @@ def test_summary_intervals_and_ablation_tests_equal_scipy_on_the_same_seed():
         assert r.p_value == pytest.approx(ref.pvalue, rel=1e-12) and r.statistic == pytest.approx(
             ref.statistic
         )
+
+
+def test_seed_quantities_give_the_wasserstein_excess_over_its_permutation_null():
+    import itertools
+
+    from scipy.stats import wasserstein_distance
+
+    rng = np.random.default_rng(2)
+    rows = [
+        {"dataset": d, "image": i, "timestep": 500, "layer": "L", "head": h, "entropy_nats": v,
+         "entropy_norm": v / 4}
+        for d, shift in (("a", 0.0), ("b", 0.5))
+        for i in range(4)
+        for h, v in enumerate(rng.normal(2 + shift, 0.3, 2))
+    ]  # fmt: skip
+    found = seed_quantities(pd.DataFrame(rows), seed=3).set_index("quantity").value
+    x = pd.DataFrame(rows).pivot_table(
+        index=["dataset", "image"], columns="head", values="entropy_nats"
+    )
+    a, b = x.loc["a"].to_numpy(), x.loc["b"].to_numpy()
+
+    def w1(p, q):  # mean over heads of scipy's W1
+        return np.mean([wasserstein_distance(p[:, h], q[:, h]) for h in range(p.shape[1])])
+
+    pooled = np.concatenate([a, b])
+    null = [  # every split of the 8 images into 4 + 4 (70 of them): the exact permutation null
+        w1(pooled[list(s)], pooled[[i for i in range(8) if i not in s]])
+        for s in itertools.combinations(range(8), 4)
+    ]
+    assert found["wasserstein_nats"] == pytest.approx(w1(a, b))
+    assert found["wasserstein_excess_nats"] == pytest.approx(w1(a, b) - np.mean(null))
