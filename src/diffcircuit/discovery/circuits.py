@@ -449,6 +449,12 @@ def _left_out(pool: int, draw) -> np.ndarray:
     return np.setdiff1d(np.arange(pool), np.asarray(draw, dtype=np.int64))
 
 
+def _outside(loss, kept) -> frozenset:
+    """H ∖ C: every head of ``loss`` not in the circuit ``kept``."""
+    inside = set(kept)
+    return frozenset(a for a in loss.heads if a not in inside)
+
+
 def out_of_bag_requests(
     loss: CircuitLoss, draws: Sequence, circuits: Sequence, pool: int | None = None
 ) -> list[tuple[CircuitLoss, frozenset, np.ndarray]]:
@@ -461,7 +467,7 @@ def out_of_bag_requests(
     for draw, kept in zip(draws, circuits):
         out = _left_out(pool, draw)
         if out.size:
-            requests.append((loss, frozenset(a for a in loss.heads if a not in set(kept)), out))
+            requests.append((loss, _outside(loss, kept), out))
     return requests
 
 
@@ -487,9 +493,8 @@ def out_of_bag_faithfulness(
         out = _left_out(pool, draw)
         if not out.size:
             continue
-        inside = set(kept)
-        n_empty += not inside
-        here = empty[out] - loss.per_image([a for a in loss.heads if a not in inside], out)
+        n_empty += not kept
+        here = empty[out] - loss.per_image(_outside(loss, kept), out)
         recovered[out] += here
         times[out] += 1
         n_out.append(out.size)

@@ -302,19 +302,18 @@ NOISE_RATIO_THREAT = (
 )
 
 
-def _noise_threat(claim: dict) -> str | None:
-    """A complexity claim's threat when one dataset's per-image noise is well above the other's: the plug-in
-    measure grows with noise, and the permutation's null (equal distributions) is rejected by noise alone."""
-    effect = claim.get("effect_size") if claim["kind"] == "complexity" else None
-    a, b = (effect or {}).get("noise_a"), (effect or {}).get("noise_b")
+def _noise_threats(a: float | None, b: float | None) -> list[str]:
+    """A complexity claim's threat when one dataset's per-image noise (``a``, ``b``) is well above the other's:
+    the plug-in measure grows with noise, and the permutation's null (equal distributions) is rejected by noise
+    alone."""
     if not a or not b or max(a, b) / min(a, b) < NOISE_RATIO_THREAT:
-        return None
+        return []
     noisier, ratio = ("a", a / b) if a > b else ("b", b / a)
-    return (
+    return [
         f"per-image noise differs: dataset {noisier}'s heads are {ratio:.2g}x noisier (mean standard error of a "
         "head's mean); the plug-in measure grows with noise, so part or all of the ratio may be noise, not "
         "complexity"
-    )
+    ]
 
 
 def _complexity_claims(summary: Summary, informative: dict) -> list[dict]:
@@ -354,6 +353,9 @@ def _complexity_claims(summary: Summary, informative: dict) -> list[dict]:
                 ),
                 "underpowered": r.get("underpowered"),
                 "headline": informative.get(("a", t), True) and informative.get(("b", t), True),
+                "threats": _noise_threats(
+                    r.get("noise_a"), r.get("noise_b")
+                ),  # the loop adds the rest
             }
         )
     return out
@@ -417,9 +419,7 @@ def validity(summary: Summary, manifest: dict) -> dict:
                 "underpowered: the smallest ratio this run could detect is larger than the paper's 1.084 "
                 "(a ratio of a measure the paper does not define: the scales may not match)"
             )
-        noisier = _noise_threat(claim)
-        if noisier:
-            here.append(noisier)
+        here += claim.get("threats", [])  # what its own builder found
         if claim["status"] == "withheld":
             here.append("the test cannot reach significance at this n (or could not be run)")
         claim["threats"] = here

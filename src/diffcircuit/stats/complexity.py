@@ -144,11 +144,9 @@ class RatioResult:
 
 def _noise(rows: np.ndarray) -> float:
     """Mean over columns of the standard error of each column's mean (NaN ignored; NaN below 2 values)."""
-    from scipy.stats import sem
-
     with np.errstate(invalid="ignore", divide="ignore"):
         return (
-            float(np.nanmean(sem(rows, axis=0, nan_policy="omit")))
+            float(np.nanmean(stats.sem(rows, axis=0, nan_policy="omit")))
             if len(rows) > 1
             else float("nan")
         )

@@ -7,10 +7,10 @@ per head, at one timestep.
   (nats for entropy), with a percentile-bootstrap CI resampling images within each set and a
   two-sided label-permutation p of Welch's t (studentised, so that it tests equal means and stays
   valid when the sets' sizes and spreads differ, where permuting the raw difference over-rejects:
-  0.30 at α = 0.05 for n 20 vs 100 and sd 3 vs 1, simulated; ``scipy.stats.permutation_test``'s rule:
-  exact when every split of the images fits in the resamples, else randomized with
-  (count + 1)/(R + 1)); corrected over the heads. Averaged over heads — Δ̄ = mean_b(x̄_i) − mean_a(x̄_i) of each image's head mean x̄_i —
-  with its own CI and p.
+  ~0.25–0.30 at α = 0.05 for n 20 vs 100 and sd 3 vs 1, simulated; ``scipy.stats.permutation_test``'s
+  rule: exact when every split of the images fits in the resamples, else randomized with
+  (count + 1)/(R + 1)); corrected over the heads. Averaged over heads — Δ̄ = mean_b(x̄_i) − mean_a(x̄_i)
+  of each image's head mean x̄_i — with its own CI and p.
 - **Wasserstein-1 divergence** (bin-free): W_h = ∫ |F_a(x) − F_b(x)| dx between the two empirical
   distributions of head h (the ``scipy.stats.wasserstein_distance``; same units as the statistic;
   W_h ≥ |Δ_h|, and it also sees differences in spread and shape). The plug-in W is > 0 for two
